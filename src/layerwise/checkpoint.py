@@ -1,0 +1,154 @@
+"""A safetensors checkpoint directory, checked and read tensor by tensor without loading it.
+
+`inspect_checkpoint` reads only the shard headers (a few KB each): which shards the index
+lists, whether each exists, whether its size matches its header (a truncated download is
+caught before any weight is read), and whether the index and the headers agree on every
+tensor. `read_tensors` pulls selected tensors out of the shards, straight to a device, which
+is how a single decoder layer is loaded without the rest of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    directory: Path
+    shards: tuple[str, ...]  # file names, in index order
+    tensor_count: int
+    total_bytes: int  # sum of shard sizes
+    problems: tuple[str, ...] = field(default_factory=tuple)  # each one line: what and where
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
+    is not a safetensors file or is shorter than its header says (truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"shard {path} is truncated ({size} bytes): re-download it")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > 100_000_000:
+            raise UserError(f"shard {path} is truncated or not a safetensors file (header of {length} bytes, "
+                            f"file of {size}): re-download it")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"shard {path} has a corrupt header: re-download it") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + length + end > size:
+        raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
+    return header
+
+
+def weight_map(directory: Path) -> dict[str, str]:
+    """{tensor name: shard file name} from the index, or from the single model.safetensors."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            return dict(data["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index} is not a valid safetensors index (needs a weight_map): re-download it") from None
+    single = directory / SINGLE_NAME
+    if single.is_file():
+        return {name: SINGLE_NAME for name in read_header(single)}
+    raise UserError(f"{directory} holds no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
+
+
+def inspect_checkpoint(directory: Path) -> CheckpointReport:
+    """Check every shard the index lists, reading headers only. Problems are collected, not raised,
+    so `check` can print them all; `require_complete` turns them into a UserError."""
+    directory = Path(directory)
+    wmap = weight_map(directory)
+    shards = tuple(dict.fromkeys(wmap.values()))
+    problems: list[str] = []
+    total = 0
+    listed: dict[str, set[str]] = {}
+    for name, shard in wmap.items():
+        listed.setdefault(shard, set()).add(name)
+    for shard in shards:
+        path = directory / shard
+        if not path.is_file():
+            problems.append(f"shard {shard} is listed in the index but missing from {directory}")
+            continue
+        total += path.stat().st_size
+        try:
+            header = read_header(path)
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        missing = sorted(listed[shard] - set(header))
+        if missing:
+            problems.append(f"shard {shard} lacks {len(missing)} tensor(s) the index puts there (first: {missing[0]})")
+    return CheckpointReport(directory, shards, len(wmap), total, tuple(problems))
+
+
+def require_complete(directory: Path) -> CheckpointReport:
+    report = inspect_checkpoint(directory)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more problem(s); run layerwise check)" if len(report.problems) > 1 else ""
+        raise UserError(report.problems[0] + more)
+    return report
+
+
+def read_tensors(directory: Path, names: list[str], device: str = "cpu") -> dict:
+    """Read the named tensors from their shards onto `device`, one shard open at a time."""
+    from safetensors import safe_open
+
+    wmap = weight_map(Path(directory))
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        if name not in wmap:
+            raise UserError(f"tensor {name} is not in the checkpoint at {directory}")
+        by_shard.setdefault(wmap[name], []).append(name)
+    out = {}
+    for shard, shard_names in by_shard.items():
+        with safe_open(str(Path(directory) / shard), framework="pt", device=str(device)) as fh:
+            for name in shard_names:
+                out[name] = fh.get_tensor(name)
+    return out
+
+
+def index_gaps(wmap: dict[str, str]) -> list[str]:
+    """Tensors the index should list but does not, judged from its own structure: a decoder
+    layer whose tensor names are a strict subset of the commonest layer's (a tensor dropped from
+    the index), or layer numbers with a hole."""
+    import re
+    from collections import Counter
+
+    layer_key = re.compile(r"^(.*?layers)\.(\d+)\.(.+)$")
+    layers: dict[tuple[str, int], set[str]] = {}
+    for name in wmap:
+        match = layer_key.match(name)
+        if match:
+            layers.setdefault((match.group(1), int(match.group(2))), set()).add(match.group(3))
+    gaps = []
+    for prefix in sorted({p for p, _ in layers}):
+        indices = sorted(i for p, i in layers if p == prefix)
+        holes = sorted(set(range(indices[-1] + 1)) - set(indices))
+        if holes:
+            gaps.append(f"the index has no tensor for {prefix}.{holes[0]} ({len(holes)} layer(s) missing): re-download the index")
+        common = Counter(frozenset(layers[(prefix, i)]) for i in indices).most_common(1)[0][0]
+        for i in indices:
+            names = layers[(prefix, i)]
+            if names < common:
+                missing = sorted(common - names)
+                gaps.append(f"the index lacks {len(missing)} tensor(s) of {prefix}.{i} that other layers have "
+                            f"(first: {prefix}.{i}.{missing[0]}): re-download the index")
+    return gaps

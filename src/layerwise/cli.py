@@ -1,0 +1,159 @@
+"""The `layerwise` command: parse, call one library function, render, return an exit code.
+
+Exit codes: 0 pass / ready / fits, 1 diverged / not ready / does not fit, 2 usage or input error.
+A UserError becomes one line on stderr and exit 2; any other exception is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import UserError
+from .loading import LoadOptions
+from .readiness import CheckOptions
+from .zoo import BUILTINS, DEFAULT_MODEL
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_load_options(p: argparse.ArgumentParser, with_offload: bool = True) -> None:
+    d = LoadOptions()
+    g = p.add_argument_group("placement")
+    g.add_argument("--device-map", default=d.device_map,
+                   help="auto, balanced, balanced_low_0, sequential, cuda:N, cpu, or a JSON file "
+                        "{module: device} (default: %(default)s)")
+    g.add_argument("--max-memory", default=d.max_memory,
+                   help='per-device limit, weights plus forward pass: "40GB" (every GPU), "0:60GB,1:40GB", "cpu:200GB"')
+    g.add_argument("--dtype", default=d.dtype, help="compute dtype: bf16, fp16, fp32 (default: %(default)s)")
+    g.add_argument("--tokens", type=int, default=d.tokens,
+                   help="forward-pass size (batch x sequence) to leave GPU room for (default: %(default)s)")
+    if with_offload:
+        g.add_argument("--offload-folder", default=d.offload_folder, help="where weights that spill to disk go")
+        g.add_argument("--no-spill", action="store_true",
+                       help="refuse to load when any weight would land on cpu or disk")
+        g.add_argument("--attn-implementation", default=d.attn_implementation,
+                       help="eager, sdpa or flash_attention_2 (default: transformers' choice)")
+
+
+def _load_options(args) -> LoadOptions:
+    return LoadOptions(
+        device_map=args.device_map, max_memory=args.max_memory, dtype=args.dtype,
+        offload_folder=getattr(args, "offload_folder", None), allow_spill=not getattr(args, "no_spill", False),
+        attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
+    )
+
+
+def _emit_json(data, target: str | None) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if target in (None, "-"):
+        print(text)
+    else:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(target, text + "\n")
+
+
+def cmd_check(args) -> int:
+    from . import readiness, render
+
+    d = CheckOptions()
+    options = CheckOptions(model=args.model, cpu=args.cpu, max_memory=args.max_memory, dtype=args.dtype or d.dtype,
+                           tokens=args.tokens or d.tokens, out_dir=args.out or d.out_dir)
+    result = readiness.check_machine(options)
+    if args.json:
+        _emit_json(render.readiness_json(result), None)
+    else:
+        print(render.readiness_text(result))
+    return EXIT_OK if result.ready else EXIT_FAIL
+
+
+def cmd_plan(args) -> int:
+    from . import loading, models, render
+    from .sizes import parse_gpus
+
+    ref = models.resolve_model(args.model)
+    config = models.load_config(ref).config
+    gpu_bytes = parse_gpus(args.gpus) if args.gpus else None
+    plan = loading.plan_for(ref, config, _load_options(args), gpu_bytes=gpu_bytes)
+    if args.json:
+        _emit_json(render.plan_json(plan), None)
+    else:
+        print(render.plan_text(plan))
+    return EXIT_OK if plan.fits else EXIT_FAIL
+
+
+def cmd_load(args) -> int:
+    from . import loading, render
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    loaded = loading.load_model(args.model, _load_options(args), with_tokenizer=False)
+    rows = loading.placement_report(loaded)
+    if args.json:
+        _emit_json(render.placement_json(loaded, rows), None)
+    else:
+        print(render.placement_text(loaded, rows))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    builtins = ", ".join(f"builtin:{n}" for n in BUILTINS)
+    parser = _Parser(prog="layerwise", description="Layer-by-layer numerical testing of large language models. "
+                                                   f"A MODEL is a checkpoint directory, a .gguf file, or one of: {builtins}.")
+    parser.add_argument("--version", action="version", version=f"layerwise {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("check", help="is this machine ready? PASS/WARN/FAIL lines, exit 0 ready / 1 not ready")
+    p.add_argument("model", nargs="?", help="also check this model's files, known bugs and fit")
+    p.add_argument("--cpu", action="store_true", help="a CPU-only run is intended: no GPU is not a failure")
+    p.add_argument("--max-memory", default=None, help="per-device limit for the fit check")
+    p.add_argument("--dtype", default=None, help=f"compute dtype for the fit check (default: {CheckOptions.dtype})")
+    p.add_argument("--tokens", type=int, default=None, help=f"forward-pass size (default: {CheckOptions.tokens})")
+    p.add_argument("--out", default=None, help="where dumps will be written, for the disk check (default: .)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="where the weights would go, without weights or GPUs; exit 0 fits / 1 spills")
+    p.add_argument("model", help=f"MODEL (e.g. builtin:minimax-m2, default model {DEFAULT_MODEL})")
+    p.add_argument("--gpus", help="simulate a machine: 8x80GB or 0:80GB,1:141GB (default: the GPUs present)")
+    _add_load_options(p, with_offload=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("load", help="load a model over the GPUs and print where every layer went")
+    p.add_argument("model", help="MODEL")
+    _add_load_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return args.func(args)
+    except UserError as err:
+        print(f"layerwise: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

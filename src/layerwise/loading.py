@@ -1,0 +1,188 @@
+"""Loading a causal LM over GPUs: plan first, refuse or warn on spills, load exactly the plan.
+
+`load_model` is the seed's `load_model_gpu` done right: it plans the placement on the meta
+device (placement.py) with the GPUs present, refuses to start when the plan spills and
+`allow_spill` is off, loads with transformers' `from_pretrained` using the planned map, then
+checks that what was loaded is what was planned and that the numerics fixes held (router in
+fp32). `placement_report` says where every module went and how much each GPU really uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint, machine, models, placement
+from .anatomy import Anatomy, find_anatomy
+from .errors import UserError
+from .sizes import format_bytes, parse_max_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device_map: str = "auto"  # strategy, cuda:N, cpu, or a JSON file
+    max_memory: str | None = None  # "40GB", "0:60GB,1:40GB,cpu:200GB"
+    dtype: str = "bf16"
+    offload_folder: str | None = None
+    allow_spill: bool = True  # False: refuse to load when any weight would land on cpu/disk
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
+    tokens: int = 4096  # forward-pass size the placement leaves room for
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    ref: models.ModelRef
+    config_fixes: list[models.Fix]
+    plan: placement.Plan
+    anatomy: Anatomy
+    seconds: float
+    tokenizer: object = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_device(self) -> torch.device:
+        return input_device(self.model, self.anatomy)
+
+
+def input_device(model: torch.nn.Module, anatomy: Anatomy | None = None) -> torch.device:
+    """Where inputs must go: the embedding's device (accelerate's execution device when the
+    embedding is offloaded), never `next(model.parameters()).device`."""
+    anatomy = anatomy or find_anatomy(model)
+    embed = model.get_submodule(anatomy.embed_path)
+    hook = getattr(embed, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device if not isinstance(hook.execution_device, int)
+                            else f"cuda:{hook.execution_device}")
+    return embed.weight.device
+
+
+def gpu_capacities() -> list[int]:
+    """Free bytes of each GPU present (what loading can really use)."""
+    return [g.free_bytes for g in machine.gpus()]
+
+
+def plan_for(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None) -> placement.Plan:
+    """The placement loading would use, for the GPUs present (or `gpu_bytes`, simulated)."""
+    dtype = models.parse_dtype(options.dtype)
+    device_map = placement.parse_device_map(options.device_map)
+    gpu_bytes = gpu_capacities() if gpu_bytes is None else gpu_bytes
+    max_memory = parse_max_memory(options.max_memory, len(gpu_bytes)) if options.max_memory else None
+    if isinstance(device_map, str) and not gpu_bytes:
+        device_map = {"": "cpu"}  # no GPU: a strategy word means "run on the CPU"
+    meta = placement.meta_model(config, dtype)
+    return placement.plan_placement(
+        meta, gpu_bytes, device_map, max_memory, cpu_bytes=machine.host_memory_available(),
+        tokens=options.tokens, dtype=dtype, model_name=ref.spec,
+        attn_implementation=options.attn_implementation or "sdpa",
+    )
+
+
+def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True) -> LoadedModel:
+    ref = models.resolve_model(spec)
+    if not ref.has_weights:
+        raise UserError(f"{spec} is a configuration without weights: use it with plan/check, "
+                        "or load builtin:minimax-m2-tiny")
+    if ref.kind == "checkpoint":
+        checkpoint.require_complete(ref.path)
+    mc = models.load_config(ref)
+    plan = plan_for(ref, mc.config, options)
+    spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
+    notes = []
+    if spill and plan.gpu_count:
+        if not options.allow_spill:
+            raise UserError(f"refusing to load: {plan.verdict} (add GPUs, raise --max-memory, or allow spilling)")
+        notes.append("WARNING: " + plan.verdict)
+    if any(d.device == "disk" for d in plan.devices) and not options.offload_folder:
+        raise UserError(f"{format_bytes(sum(d.weight_bytes for d in spill if d.device == 'disk'))} of weights would be "
+                        "offloaded to disk: pass --offload-folder DIR (or more --max-memory)")
+    dtype = models.parse_dtype(options.dtype)
+    kwargs = dict(config=mc.config, dtype=dtype, device_map=plan.device_map)
+    if options.offload_folder:
+        kwargs["offload_folder"] = options.offload_folder
+    if options.attn_implementation:
+        kwargs["attn_implementation"] = options.attn_implementation
+    if ref.kind == "gguf":
+        kwargs["gguf_file"] = ref.path.name
+    cls = models.model_class(mc.config)
+    start = time.perf_counter()
+    with models.quiet_transformers():
+        model = cls.from_pretrained(str(ref.directory), **kwargs)
+    model.eval()
+    seconds = time.perf_counter() - start
+    _verify_router_dtypes(model)
+    anatomy = find_anatomy(model)
+    tokenizer = load_tokenizer(ref) if with_tokenizer else None
+    log.info("loaded %s in %.1f s", spec, seconds)
+    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes)
+
+
+def load_tokenizer(ref: models.ModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        if ref.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(ref.directory), gguf_file=ref.path.name)
+        return AutoTokenizer.from_pretrained(str(ref.path))
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, err)
+        return None
+
+
+def _verify_router_dtypes(model) -> None:
+    wrong = {n: d for n, d in models.fp32_router_tensors(model).items() if d != torch.float32}
+    if wrong:  # the subclass trick did not take on this transformers version: a bug, not bad input
+        name, dtype = next(iter(wrong.items()))
+        raise RuntimeError(f"router tensor {name} loaded as {dtype}, not float32: "
+                           "routing would differ from the reference")
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str  # "cuda:0", "cpu", "disk"
+    name: str  # GPU name, or "host RAM" / "offload folder"
+    weight_bytes: int  # bytes of parameters and buffers the loaded model keeps there
+    summary: str  # "embed_tokens + layers 0-7"
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    total_bytes: int | None = None
+
+
+def placement_report(loaded: LoadedModel) -> list[DeviceRow]:
+    """Where the loaded model's modules went, with live per-GPU memory."""
+    model = loaded.model
+    device_map = getattr(model, "hf_device_map", None) or loaded.plan.device_map
+    sizes = placement.module_sizes(model)  # numel x element size: right for offloaded (meta) weights too
+    gpus = {g.index: g for g in machine.gpus()}
+    live = {m.index: m for m in machine.gpu_memory()}
+    by_device: dict = {}
+    for name, device in device_map.items():
+        key = f"cuda:{device}" if isinstance(device, int) else str(device)
+        if key.isdigit():
+            key = f"cuda:{key}"
+        by_device.setdefault(key, []).append(name)
+    rows = []
+    for key in sorted(by_device, key=_device_order):
+        names = by_device[key]
+        weight = sum(sizes.get(n, 0) for n in names)
+        summary = placement.summarize_modules([n for n in names if sizes.get(n, 0) > 0], loaded.anatomy)
+        if key.startswith("cuda:"):
+            index = int(key[5:])
+            mem = live.get(index)
+            rows.append(DeviceRow(key, gpus[index].name if index in gpus else "?", weight, summary,
+                                  mem and mem.allocated_bytes, mem and mem.reserved_bytes, mem and mem.total_bytes))
+        else:
+            rows.append(DeviceRow(key, "host RAM" if key == "cpu" else "offload folder", weight, summary))
+    return rows
+
+
+def _device_order(key: str):
+    if key.startswith("cuda:"):
+        return (0, int(key[5:]))
+    return (1, {"cpu": 0, "disk": 1}.get(key, 2))
+

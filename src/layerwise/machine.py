@@ -1,0 +1,126 @@
+"""Facts about this machine: GPUs and their memory, peer links, driver, host RAM, disk.
+
+Read-only probes, each tolerant of what is absent (no GPU, no NVML): they return what they
+can and say what they could not. `check` turns these facts into verdicts; this module judges
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    capability: str  # "9.0"
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Live memory of one GPU: what torch holds and what the card has."""
+
+    index: int
+    allocated_bytes: int
+    reserved_bytes: int
+    total_bytes: int
+    free_bytes: int
+
+
+def gpus() -> list[Gpu]:
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        found.append(Gpu(i, props.name, total, free, f"{props.major}.{props.minor}"))
+    return found
+
+
+def gpu_memory() -> list[GpuMemory]:
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(GpuMemory(i, torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i), total, free))
+    return out
+
+
+def host_memory_available() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def host_memory_total() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def disk_free(path: str) -> int:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def peer_access() -> dict[tuple[int, int], bool]:
+    """For each ordered GPU pair, whether CUDA peer-to-peer access is possible."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {(a, b): torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b}
+
+
+@dataclass(frozen=True)
+class NvmlInfo:
+    driver: str | None
+    nvlink_links: dict[int, int]  # GPU index -> number of active NVLink links
+    error: str | None = None
+
+
+def nvml_info() -> NvmlInfo:
+    """Driver version and active NVLink links per GPU, through NVML (the `nvml` extra)."""
+    try:
+        import pynvml
+    except ImportError:
+        return NvmlInfo(None, {}, "nvidia-ml-py is not installed (pip install 'layerwise[nvml]')")
+    try:
+        pynvml.nvmlInit()
+    except Exception as err:  # NVML raises its own error types; any failure means "no NVML here"
+        return NvmlInfo(None, {}, f"NVML unavailable: {err}")
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        links: dict[int, int] = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            active = 0
+            for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+                try:
+                    if pynvml.nvmlDeviceGetNvLinkState(handle, link):
+                        active += 1
+                except Exception:  # link index past what this GPU has, or NVLink unsupported
+                    break
+            links[i] = active
+        return NvmlInfo(driver, links)
+    finally:
+        pynvml.nvmlShutdown()

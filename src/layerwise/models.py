@@ -1,0 +1,240 @@
+"""What a model argument names, its config, and the numerics fixes layerwise applies.
+
+A model argument is a local HF checkpoint directory, a `.gguf` file, or `builtin:NAME`
+(see zoo.py). `resolve_model` turns it into a `ModelRef` after checking the path; `load_config`
+reads the config and applies the fixes that keep MiniMax-M2 numerically right on every
+supported transformers version:
+
+- partial RoPE: transformers 5.0-5.17 drop MiniMax-M2's `rotary_dim` and rotate all 128 dims
+  (issue #48241, fixed in 5.18). We set `rope_parameters["partial_rotary_factor"]` ourselves.
+- router precision: with a bf16/fp16 compute dtype, transformers casts the fp32 router
+  (`mlp.gate.weight`, `mlp.e_score_correction_bias`) down, which merges close bias values and
+  changes expert choice. `model_class` returns a subclass that keeps them in fp32 at load time.
+
+This module does not load weights and knows nothing about devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import zoo
+from .errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+# Per model_type: parameter/buffer name patterns the reference keeps in fp32 (the router).
+FP32_ROUTER_PATTERNS = {
+    "minimax_m2": ("mlp.gate.weight", "mlp.e_score_correction_bias"),
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {text!r}: use one of bf16, fp16, fp32") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model argument."""
+
+    spec: str  # as the user wrote it
+    kind: str  # "config" (no weights) | "checkpoint" (a directory) | "gguf" (a file)
+    path: Path | None  # the checkpoint directory or the .gguf file; None for config-only built-ins
+    builtin: str | None = None
+
+    @property
+    def has_weights(self) -> bool:
+        return self.kind != "config"
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory handed to from_pretrained."""
+        if self.path is None:
+            return None
+        return self.path.parent if self.kind == "gguf" else self.path
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A numerics fix applied to a model, or a known bug that the versions at hand have."""
+
+    name: str
+    detail: str
+    applied: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """A config plus what we did to it."""
+
+    config: object  # transformers.PretrainedConfig
+    fixes: list[Fix] = field(default_factory=list)
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Check a model argument and say what it is; bad ones raise UserError."""
+    if spec is None or not str(spec).strip():
+        raise UserError("no model given: pass a checkpoint directory, a .gguf file or builtin:NAME "
+                        f"(built-ins: {', '.join(zoo.BUILTINS)})")
+    spec = str(spec).strip()
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        builtin = zoo.BUILTINS.get(name)
+        if builtin is None:
+            raise UserError(f"unknown built-in model {spec!r}: choose one of "
+                            + ", ".join(BUILTIN_PREFIX + n for n in zoo.BUILTINS))
+        if builtin.kind == "config":
+            return ModelRef(spec, "config", None, name)
+        if builtin.kind == "gguf":
+            return ModelRef(spec, "gguf", zoo.smollm2_gguf(), name)
+        return ModelRef(spec, "checkpoint", zoo.tiny_checkpoint(name), name)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model path {spec!r} does not exist: pass a checkpoint directory, a .gguf file or builtin:NAME")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"model file {spec!r} is not a .gguf file: pass a checkpoint directory or a .gguf file")
+        if path.stat().st_size == 0:
+            raise UserError(f"model file {spec!r} is empty")
+        return ModelRef(spec, "gguf", path.resolve())
+    if not (path / "config.json").is_file():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise UserError(f"model directory {spec!r} {what}: point at a Hugging Face checkpoint directory")
+    return ModelRef(spec, "checkpoint", path.resolve())
+
+
+def load_config(ref: ModelRef):
+    """The model's config with layerwise's numerics fixes applied. Returns ModelConfig."""
+    from transformers import AutoConfig
+
+    if ref.kind == "config":
+        raw = zoo.BUILTINS[ref.builtin].config()
+        model_type = raw.pop("model_type")
+        config = AutoConfig.for_model(model_type, **raw)
+    elif ref.kind == "gguf":
+        _require_gguf()
+        config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.path.name)
+    else:
+        _check_config_json(ref.path / "config.json")
+        try:
+            config = AutoConfig.from_pretrained(ref.path)
+        except (ValueError, KeyError, OSError) as err:
+            raise UserError(f"{ref.path / 'config.json'} cannot be read by transformers: {_first_line(err)}") from None
+    return ModelConfig(config, apply_config_fixes(config))
+
+
+def _check_config_json(path: Path) -> None:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): fix or re-download it") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise UserError(f"{path} has no model_type: it is not a transformers config (add e.g. \"model_type\": \"llama\")")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("reading .gguf files needs the gguf package: pip install 'layerwise[gguf]'") from None
+
+
+def transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def apply_config_fixes(config) -> list[Fix]:
+    """Fix what transformers gets wrong for this config, in place; say what was done."""
+    fixes: list[Fix] = []
+    rotary_dim = getattr(config, "rotary_dim", None)
+    if getattr(config, "model_type", None) == "minimax_m2" and rotary_dim:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        factor = rotary_dim / head_dim
+        params = config.rope_parameters
+        if params.get("partial_rotary_factor") != factor:
+            params["partial_rotary_factor"] = factor
+            fixes.append(Fix(
+                "partial-rope",
+                f"transformers {'.'.join(map(str, transformers_version()))} ignores rotary_dim={rotary_dim} "
+                f"(rotates all {head_dim} dims; issue #48241, fixed in 5.18): set partial_rotary_factor={factor}",
+            ))
+    if getattr(config, "model_type", None) in FP32_ROUTER_PATTERNS:
+        fixes.append(Fix("fp32-router", "router weight and e_score_correction_bias kept in float32 "
+                                        "whatever the compute dtype (bf16 merges close biases)"))
+    return fixes
+
+
+def model_class(config):
+    """The causal-LM class for `config`; for MoE models whose reference keeps the router in fp32,
+    a same-named subclass that tells transformers to load those tensors in fp32."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise UserError(f"model_type {config.model_type!r} is not a causal language model transformers "
+                        f"{AutoModelForCausalLM.__module__.split('.')[0]} can load") from None
+    patterns = FP32_ROUTER_PATTERNS.get(config.model_type)
+    if not patterns:
+        return cls
+    keep = set(getattr(cls, "_keep_in_fp32_modules_strict", None) or ()) | set(patterns)
+    return type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": sorted(keep), "__module__": cls.__module__})
+
+
+def fp32_router_tensors(model) -> dict[str, torch.dtype]:
+    """Router tensors that must be fp32, with the dtype they actually have."""
+    patterns = FP32_ROUTER_PATTERNS.get(getattr(model.config, "model_type", None), ())
+    found = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(name.endswith(p) for p in patterns):
+            found[name] = t.dtype
+    return found
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports, progress bars and accelerate's per-device warnings
+    (simulated GPUs are 'not available' by design); layerwise reports for itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    accel = logging.getLogger("accelerate.utils.modeling")
+    accel_level = accel.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    accel.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        accel.setLevel(accel_level)
+        if bars:
+            hf_logging.enable_progress_bar()

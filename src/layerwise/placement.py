@@ -1,0 +1,362 @@
+"""Planning where a model's weights go, without weights and without GPUs.
+
+The model is built on the meta device (sizes and dtypes, no storage), then transformers' own
+device-map routine (`_get_device_map`, what `from_pretrained(device_map="auto")` runs) places it
+under per-GPU budgets. The budgets leave room for what the forward pass needs beyond the weights
+(`forward_reserve`): activations for `tokens` tokens, the logits on the head's GPU, and CUDA's
+own context. Loading reuses the very map planned here, so what is loaded is what was planned.
+
+Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real GPUs
+(the caller passes their capacities) and never touches weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import models
+from .anatomy import Anatomy, find_anatomy
+from .errors import UserError
+from .sizes import format_bytes
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+# Per GPU, what CUDA and the caching allocator take beyond tensors (context, fragmentation).
+CUDA_OVERHEAD_BYTES = 1_000_000_000
+_SPILL_DEVICES = ("cpu", "disk")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: str  # "cuda:0", "cpu", "disk"
+    capacity_bytes: int | None  # what the device offers (None: unbounded, disk)
+    weight_bytes: int
+    reserve_bytes: int  # forward-pass working memory layerwise keeps free on this device
+    modules: tuple[str, ...]  # device-map keys placed here, in model order
+    summary: str  # "embed_tokens + layers 0-7"
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.reserve_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    dtype: str
+    strategy: str
+    tokens: int
+    devices: tuple[DevicePlan, ...]
+    device_map: dict  # module path -> int GPU index | "cpu" | "disk"
+    total_weight_bytes: int
+    spilled_bytes: int  # weights placed on cpu or disk
+    overflow_bytes: int  # what GPUs would need beyond their capacity (an explicit map can overfill)
+    num_layers: int
+    layers_on_gpu: int
+    gpu_count: int
+    gpus_needed: int | None  # GPUs of the first GPU's size that the whole model needs
+    shortfall_bytes: int  # weights + forward reserves beyond the GPUs' total capacity (0 if enough)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_count > 0 and self.spilled_bytes == 0 and self.overflow_bytes == 0
+
+    @property
+    def verdict(self) -> str:
+        if self.fits:
+            return (f"fits: all {self.num_layers} layers on {self.gpu_count} GPU(s), "
+                    f"{format_bytes(self.total_weight_bytes)} of {self.dtype} weights")
+        if self.gpu_count == 0:
+            return "no GPU present or simulated: everything would run from cpu/disk (pass --gpus to simulate a machine)"
+        need = f"; needs {self.gpus_needed} such GPUs" if self.gpus_needed else ""
+        if self.spilled_bytes == 0:
+            return (f"does NOT fit: the GPUs would need {format_bytes(self.overflow_bytes)} more than they have "
+                    f"(weights plus the forward pass of {self.tokens} tokens){need}")
+        short = (f"{format_bytes(self.shortfall_bytes)} short of what the model needs on GPUs; "
+                 if self.shortfall_bytes else "")
+        return (f"does NOT fit on the GPUs in {self.dtype}: {short}this placement spills {format_bytes(self.spilled_bytes)} "
+                f"of weights ({self.num_layers - self.layers_on_gpu} of {self.num_layers} layers) to cpu/disk{need}")
+
+
+@dataclass(frozen=True)
+class Reserve:
+    per_gpu_bytes: int  # activations of one layer's forward + CUDA overhead, on every GPU
+    head_bytes: int  # logits, on the GPU that holds the output head
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def forward_reserve(config, tokens: int, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                    overhead_bytes: int = CUDA_OVERHEAD_BYTES) -> Reserve:
+    """Bytes the forward pass of `tokens` tokens needs beyond the weights (an estimate).
+
+    One decoder layer runs at a time per GPU, so the working set is the largest of:
+    attention (q, k, v, output, plus the [heads, T, T] scores when attention is eager) and the
+    MLP (gate and up projections; for MoE the router logits and the expert mask too), plus a few
+    copies of the residual stream. The head's GPU also holds the logits [T, vocab].
+    """
+    size = _dtype_size(dtype)
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    residual = 4 * tokens * hidden * size  # input, normed, block output, sum
+    attn = tokens * (2 * heads + 2 * kv_heads) * head_dim * size
+    if attn_implementation == "eager":
+        attn += heads * tokens * tokens * (size + 4)  # scores, fp32 softmax
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    if experts:
+        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        top_k = getattr(config, "num_experts_per_tok", 1)
+        mlp = tokens * experts * 4 * 2  # fp32 router logits and scores
+        mlp += tokens * top_k * (experts + 1) * 8  # one-hot expert mask (int64)
+        mlp += tokens * top_k * 3 * inter * size  # gate/up/act of the routed tokens
+    else:
+        mlp = tokens * 3 * config.intermediate_size * size
+    per_gpu = residual + max(attn, mlp) + overhead_bytes
+    head = tokens * config.vocab_size * size
+    return Reserve(per_gpu_bytes=int(per_gpu), head_bytes=int(head))
+
+
+def meta_model(config, dtype: torch.dtype):
+    """The model built on the meta device with the dtypes loading would give it."""
+    cls = models.model_class(config)
+    with torch.device("meta"), models.quiet_transformers():
+        model = cls._from_config(config, dtype=dtype)
+    if dtype != torch.float32:  # what _keep_in_fp32_modules_strict does at load time
+        patterns = models.FP32_ROUTER_PATTERNS.get(config.model_type, ())
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if any(name.endswith(p) for p in patterns):
+                tensor.data = torch.empty(tensor.shape, dtype=torch.float32, device="meta")
+    return model
+
+
+def module_sizes(model) -> dict[str, int]:
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    sizes, _ = compute_module_sizes(model, None)
+    return dict(sizes)
+
+
+def read_device_map_file(path: str) -> dict:
+    """A JSON file {module path: device}; devices are GPU indices, "cuda:N", "cpu" or "disk"."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"device-map file {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"device-map file {path!r} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"device-map file {path!r} must hold a non-empty JSON object {{module: device}}")
+    return {str(k): normalize_device(v, f"device-map file {path!r}") for k, v in raw.items()}
+
+
+def normalize_device(value, where: str) -> int | str:
+    if isinstance(value, int) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text in _SPILL_DEVICES:
+        return text
+    match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
+    if match:
+        return int(match.group(1))
+    raise UserError(f"{where}: {value!r} is not a device (use a GPU index, cuda:N, cpu or disk)")
+
+
+def parse_device_map(text: str):
+    """--device-map: a strategy word, cuda:N / N / cpu, or a JSON file. Returns str or dict."""
+    text = text.strip()
+    if text in STRATEGIES:
+        return text
+    if text.endswith(".json") or Path(text).is_file():
+        return read_device_map_file(text)
+    if text == "cpu" or re.fullmatch(r"(cuda:)?\d+", text):
+        return {"": normalize_device(text, "--device-map")}
+    raise UserError(f"unknown --device-map {text!r}: use auto, balanced, balanced_low_0, sequential, "
+                    "cuda:N, cpu, or a JSON file mapping module names to devices")
+
+
+def plan_placement(
+    model,
+    gpu_bytes: list[int],
+    device_map="auto",
+    max_memory: dict | None = None,
+    cpu_bytes: int | None = None,
+    tokens: int = 4096,
+    dtype: torch.dtype = torch.bfloat16,
+    model_name: str = "",
+    attn_implementation: str = "sdpa",
+    overhead_bytes: int = CUDA_OVERHEAD_BYTES,
+) -> Plan:
+    """Place a meta `model` on GPUs of `gpu_bytes` capacity (then cpu, then disk).
+
+    `max_memory` (from parse_max_memory) caps what layerwise lets each device use in total,
+    weights and forward-pass reserve together; GPUs it does not name are left out.
+    """
+    config = model.config
+    anatomy = find_anatomy(model)
+    reserve = forward_reserve(config, tokens, dtype, attn_implementation, overhead_bytes)
+    sizes = module_sizes(model)
+    capacity = {i: b for i, b in enumerate(gpu_bytes)}
+    if max_memory:
+        named_gpus = [k for k in max_memory if isinstance(k, int)]
+        if named_gpus:
+            capacity = {i: min(capacity[i], max_memory[i]) for i in named_gpus}
+        if "cpu" in max_memory:
+            cpu_bytes = max_memory["cpu"]
+    if isinstance(device_map, dict):
+        for key, dev in device_map.items():
+            if isinstance(dev, int) and dev not in capacity:
+                raise UserError(f"device map puts {key or 'the model'!r} on GPU {dev}, "
+                                f"which is not present or simulated (GPUs: {sorted(capacity) or 'none'})")
+        final_map = _check_map_covers(device_map, model)
+    else:
+        final_map = _plan_strategy(model, device_map, capacity, cpu_bytes, reserve)
+    devices = _device_rows(final_map, sizes, capacity, cpu_bytes, reserve, anatomy)
+    overfull = [r for r in devices if r.device.startswith("cuda:") and r.total_bytes > (r.capacity_bytes or 0)]
+    notes = [f"{r.device} needs {format_bytes(r.total_bytes)} but has {format_bytes(r.capacity_bytes or 0)}" for r in overfull]
+    total = sizes[""]
+    spilled = sum(r.weight_bytes for r in devices if r.device in _SPILL_DEVICES)
+    layers_on_gpu = sum(1 for i in range(anatomy.num_layers)
+                        if _device_of(final_map, anatomy.layer(i)) not in _SPILL_DEVICES)
+    return Plan(
+        model=model_name, dtype=models.dtype_name(dtype), strategy=device_map if isinstance(device_map, str) else _describe_map(device_map),
+        tokens=tokens, devices=tuple(devices), device_map=final_map, total_weight_bytes=total,
+        spilled_bytes=spilled, overflow_bytes=sum(r.total_bytes - (r.capacity_bytes or 0) for r in overfull),
+        num_layers=anatomy.num_layers, layers_on_gpu=layers_on_gpu,
+        gpu_count=len(capacity), gpus_needed=_gpus_needed(total, gpu_bytes, reserve) if (spilled or overfull) else None,
+        shortfall_bytes=max(0, total + reserve.head_bytes + reserve.per_gpu_bytes * len(capacity) - sum(capacity.values())),
+        notes=tuple(notes),
+    )
+
+
+def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: int | None, reserve: Reserve) -> dict:
+    """Run transformers' placement with budgets shrunk by the reserve; shrink again where the
+    head's logits or a split layer overflow a GPU, until every GPU holds."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    budgets = {i: max(0, c - reserve.per_gpu_bytes) for i, c in capacity.items()}
+    sizes = module_sizes(model)
+    anatomy = find_anatomy(model)
+    device_map: dict = {}
+    for _ in range(8):
+        max_memory: dict = dict(budgets)
+        max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 0
+        with models.quiet_transformers():
+            device_map = dict(_get_device_map(model, strategy, max_memory, None))
+        used = _weights_per_device(device_map, sizes)
+        head_device = _device_of(device_map, anatomy.head_path)
+        over = False
+        for gpu, cap in capacity.items():
+            need = used.get(gpu, 0) + reserve.per_gpu_bytes + (reserve.head_bytes if gpu == head_device else 0)
+            if need > cap and budgets[gpu] > 0:
+                budgets[gpu] = max(0, budgets[gpu] - (need - cap))
+                over = True
+        if not over:
+            break
+    return device_map
+
+
+def _check_map_covers(device_map: dict, model) -> dict:
+    if "" in device_map:
+        return dict(device_map)
+    names = [n for n, _ in model.named_parameters()]
+    uncovered = [n for n in names if _device_of(device_map, n) is None]
+    if uncovered:
+        raise UserError(f"device map leaves {len(uncovered)} parameters unplaced (first: {uncovered[0]}): "
+                        "map every module, or add an entry for \"\"")
+    return dict(device_map)
+
+
+def _device_of(device_map: dict, name: str):
+    """The device a module path lands on: its own entry or its closest mapped ancestor."""
+    probe = name
+    while True:
+        if probe in device_map:
+            return device_map[probe]
+        if not probe:
+            return None
+        probe = probe.rpartition(".")[0]
+
+
+def _weights_per_device(device_map: dict, sizes: dict[str, int]) -> dict:
+    used: dict = {}
+    for name, device in device_map.items():
+        used[device] = used.get(device, 0) + sizes.get(name, 0)
+    return used
+
+
+def _device_rows(device_map, sizes, capacity, cpu_bytes, reserve: Reserve, anatomy: Anatomy) -> list[DevicePlan]:
+    by_device: dict = {}
+    for name, device in device_map.items():
+        by_device.setdefault(device, []).append(name)
+    head_device = _device_of(device_map, anatomy.head_path)
+    order = sorted(by_device, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else _SPILL_DEVICES.index(d)))
+    rows = []
+    for device in order:
+        names = by_device[device]
+        weight = sum(sizes.get(n, 0) for n in names)
+        if isinstance(device, int):
+            res = reserve.per_gpu_bytes + (reserve.head_bytes if device == head_device else 0)
+            label, cap = f"cuda:{device}", capacity.get(device)
+        else:
+            res, label, cap = 0, device, (cpu_bytes if device == "cpu" else None)
+        shown = [n for n in names if sizes.get(n, 0) > 0]
+        rows.append(DevicePlan(label, cap, weight, res, tuple(names), summarize_modules(shown, anatomy)))
+    return rows
+
+
+def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
+    """["model.embed_tokens", "model.layers.0", ..., "model.layers.7"] -> "embed_tokens + layers 0-7"."""
+    base = anatomy.base_path + "." if anatomy.base_path else ""
+    layer_prefix = anatomy.layers_path + "."
+    parts: list[str] = []
+    run: list[int] = []
+
+    def flush():
+        if run:
+            parts.append(f"layers {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}")
+            run.clear()
+
+    for name in names:
+        if name == "":
+            parts.append("whole model")
+            continue
+        rest = name[len(layer_prefix):] if name.startswith(layer_prefix) else None
+        if rest is not None and rest.isdigit():
+            index = int(rest)
+            if run and index != run[-1] + 1:
+                flush()
+            run.append(index)
+            continue
+        flush()
+        parts.append(name[len(base):] if base and name.startswith(base) else name)
+    flush()
+    return " + ".join(parts) if parts else "(nothing)"
+
+
+def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:
+    if not gpu_bytes:
+        return None
+    usable = gpu_bytes[0] - reserve.per_gpu_bytes
+    if usable <= 0:
+        return None
+    return math.ceil((total_weight + reserve.head_bytes) / usable)
+
+
+def _describe_map(device_map: dict) -> str:
+    if set(device_map) == {""}:
+        device = device_map[""]
+        return f"cuda:{device}" if isinstance(device, int) else str(device)
+    return "custom"

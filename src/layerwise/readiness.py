@@ -1,0 +1,204 @@
+"""Is this machine ready to run a model? PASS / WARN / FAIL verdicts, one per check.
+
+The seed's `check_gpu_readiness.py`, extended: GPUs and their memory, driver and CUDA,
+library versions against minimums, known numerics bugs for this model on these versions,
+the checkpoint's integrity (headers only), the placement verdict for the GPUs present, peer
+links, and host RAM and disk for offload and dumps. Probes come from machine.py; this module
+only judges. A machine is ready when no check FAILs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint, machine, models
+from .errors import UserError
+from .sizes import format_bytes
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+
+MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "5.0", "accelerate": "1.0", "safetensors": "0.4"}
+# transformers versions that drop MiniMax-M2's rotary_dim (issue #48241, fixed by PR #48486).
+ROPE_BUG_FIXED_IN = (5, 18)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # PASS | WARN | FAIL
+    detail: str
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    model: str | None = None
+    cpu: bool = False  # a CPU-only run is intended: no GPU is not a failure
+    max_memory: str | None = None
+    dtype: str = "bf16"
+    tokens: int = 4096
+    out_dir: str = "."  # where dumps will be written (disk-space check)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    @property
+    def ready(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def check_versions() -> list[Check]:
+    import importlib.metadata as md
+
+    out = []
+    for package, minimum in MINIMUM_VERSIONS.items():
+        try:
+            version = md.version(package)
+        except md.PackageNotFoundError:
+            out.append(Check(package, FAIL, f"not installed (need >= {minimum})"))
+            continue
+        ok = _version_tuple(version) >= _version_tuple(minimum)
+        out.append(Check(package, PASS if ok else FAIL, f"{version} (need >= {minimum})"))
+    return out
+
+
+def check_gpus(cpu: bool) -> tuple[list[Check], list[machine.Gpu]]:
+    found = machine.gpus()
+    if not found:
+        cuda = "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        if cpu:
+            return [Check("gpus", PASS, f"none ({cuda}); CPU-only run intended (--cpu)")], found
+        return [Check("gpus", FAIL, f"no GPU visible ({cuda}): run on a GPU machine, or pass --cpu for a CPU-only run")], found
+    names = {g.name for g in found}
+    detail = "; ".join(f"cuda:{g.index} {g.name} {format_bytes(g.total_bytes)} total, {format_bytes(g.free_bytes)} free"
+                       for g in found)
+    checks = [Check("gpus", PASS, f"{len(found)} GPU(s): {detail}")]
+    if len(names) > 1:
+        checks.append(Check("gpu-mix", WARN, f"mixed GPU models ({', '.join(sorted(names))}): "
+                                             "balanced placement assumes equal cards; pass --max-memory per GPU"))
+    return checks, found
+
+
+def check_driver(found: list[machine.Gpu]) -> list[Check]:
+    if not found:
+        return []
+    nvml = machine.nvml_info()
+    cuda = torch.version.cuda or "?"
+    if nvml.driver:
+        return [Check("driver", PASS, f"driver {nvml.driver}, torch built for CUDA {cuda}")]
+    return [Check("driver", WARN, f"torch built for CUDA {cuda}; driver version unknown: {nvml.error}")]
+
+
+def check_links(found: list[machine.Gpu]) -> list[Check]:
+    if len(found) < 2:
+        return []
+    peers = machine.peer_access()
+    missing = [f"{a}->{b}" for (a, b), ok in peers.items() if not ok]
+    nvml = machine.nvml_info()
+    links = ", ".join(f"cuda:{i} {n}" for i, n in sorted(nvml.nvlink_links.items())) if nvml.nvlink_links else None
+    nv = f"NVLink links: {links}" if links else f"NVLink unknown ({nvml.error})" if nvml.error else "no active NVLink"
+    if missing:
+        return [Check("peer-links", WARN, f"no peer access for {', '.join(missing[:6])}: activations between "
+                                          f"those GPUs go through host memory; {nv}")]
+    return [Check("peer-links", PASS, f"peer access between all {len(found)} GPUs; {nv}")]
+
+
+def check_known_bugs(config) -> list[Check]:
+    if config is None or getattr(config, "model_type", None) != "minimax_m2":
+        return []
+    version = models.transformers_version()
+    shown = ".".join(map(str, version))
+    checks = []
+    if version < ROPE_BUG_FIXED_IN:
+        checks.append(Check("rope-bug", WARN, f"transformers {shown} drops MiniMax-M2's rotary_dim (issue #48241): "
+                                               "layerwise loads with partial_rotary_factor set; other tools on this "
+                                               "install rotate all 128 dims (upgrade to >= 5.18)"))
+    else:
+        checks.append(Check("rope-bug", PASS, f"transformers {shown} keeps MiniMax-M2's partial RoPE"))
+    checks.append(Check("router-precision", PASS, "router weight and e_score_correction_bias are loaded in float32 "
+                                                  "by layerwise whatever --dtype (transformers alone casts them)"))
+    return checks
+
+
+def check_checkpoint(ref: models.ModelRef) -> list[Check]:
+    if ref.kind != "checkpoint":
+        what = "config only, no weights" if ref.kind == "config" else f"GGUF file {ref.path.name}"
+        return [Check("checkpoint", PASS, what)]
+    try:
+        report = checkpoint.inspect_checkpoint(ref.path)
+    except UserError as err:
+        return [Check("checkpoint", FAIL, str(err))]
+    if report.problems:
+        return [Check("checkpoint", FAIL, p) for p in report.problems]
+    gaps = checkpoint.index_gaps(checkpoint.weight_map(ref.path))
+    if gaps:
+        return [Check("checkpoint", FAIL, gap) for gap in gaps]
+    return [Check("checkpoint", PASS, f"{len(report.shards)} shard(s), {report.tensor_count} tensors, "
+                                      f"{format_bytes(report.total_bytes)}, headers consistent with the index")]
+
+
+def check_fit(ref: models.ModelRef, config, options: CheckOptions, found: list[machine.Gpu]) -> list[Check]:
+    from .loading import LoadOptions, plan_for
+
+    load = LoadOptions(max_memory=options.max_memory, dtype=options.dtype, tokens=options.tokens)
+    if not found:
+        plan = plan_for(ref, config, load, gpu_bytes=[])
+        ram = machine.host_memory_available()
+        ok = plan.total_weight_bytes < ram
+        status = PASS if ok else (WARN if options.cpu else FAIL)
+        return [Check("fit", status, f"no GPU: {format_bytes(plan.total_weight_bytes)} of {plan.dtype} weights vs "
+                                     f"{format_bytes(ram)} RAM available")]
+    plan = plan_for(ref, config, load)
+    return [Check("fit", PASS if plan.fits else FAIL, plan.verdict)]
+
+
+def check_host(options: CheckOptions, config) -> list[Check]:
+    ram = machine.host_memory_available()
+    total = machine.host_memory_total()
+    disk = machine.disk_free(options.out_dir)
+    checks = [Check("host-ram", PASS, f"{format_bytes(ram)} available of {format_bytes(total)}")]
+    if config is not None:
+        dump = dump_bytes_estimate(config, options.tokens, models.parse_dtype(options.dtype))
+        status = PASS if disk > 2 * dump else WARN
+        checks.append(Check("disk", status, f"{format_bytes(disk)} free at {options.out_dir}; one extract of "
+                                            f"{options.tokens} tokens (residual+router+logits) writes about {format_bytes(dump)}"))
+    else:
+        checks.append(Check("disk", PASS, f"{format_bytes(disk)} free at {options.out_dir}"))
+    return checks
+
+
+def dump_bytes_estimate(config, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a default extract: every layer's input and output, router logits, logits."""
+    size = torch.empty((), dtype=dtype).element_size()
+    layers = config.num_hidden_layers
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    per_token = 2 * layers * config.hidden_size * size + layers * experts * 4 + config.vocab_size * size
+    return tokens * per_token
+
+
+def check_machine(options: CheckOptions) -> Readiness:
+    checks: list[Check] = []
+    gpu_checks, found = check_gpus(options.cpu)
+    checks += gpu_checks + check_driver(found) + check_versions()
+    config = ref = None
+    if options.model:
+        ref = models.resolve_model(options.model)
+        try:
+            config = models.load_config(ref).config
+            checks.append(Check("config", PASS, f"{config.model_type}, {config.num_hidden_layers} layers, "
+                                                f"hidden {config.hidden_size}"))
+        except UserError as err:
+            checks.append(Check("config", FAIL, str(err)))
+        checks += check_known_bugs(config) + check_checkpoint(ref)
+        if config is not None:
+            checks += check_fit(ref, config, options, found)
+    checks += check_links(found) + check_host(options, config)
+    return Readiness(tuple(checks))
