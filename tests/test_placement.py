@@ -101,7 +101,7 @@ def test_explicit_map_overfilling_a_gpu_does_not_fit(tiny_meta):
 
 
 def test_tiny_split_over_two_gpus(tiny_meta):
-    plan = placement.plan_placement(tiny_meta, [450_000, 450_000], "sequential", cpu_bytes=GB, tokens=16,
+    plan = placement.plan_placement(tiny_meta, [600_000, 600_000], "sequential", cpu_bytes=GB, tokens=16,
                                     overhead_bytes=0)
     assert plan.fits, plan.verdict
     assert [d.device for d in plan.devices] == ["cuda:0", "cuda:1"]

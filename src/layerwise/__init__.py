@@ -12,9 +12,10 @@ from .loading import LoadedModel, LoadOptions, input_device, load_model, placeme
 from .models import ModelRef, load_config, resolve_model
 from .placement import Plan, plan_placement
 from .readiness import CheckOptions, Readiness, check_machine
+from .runs import Run, RunWriter, open_run
 
 __all__ = [
-    "Anatomy", "CheckOptions", "LoadOptions", "LoadedModel", "ModelRef", "Plan", "Readiness", "UserError",
+    "Anatomy", "CheckOptions", "LoadOptions", "LoadedModel", "ModelRef", "Plan", "Readiness", "Run", "RunWriter", "UserError",
     "check_machine", "find_anatomy", "input_device", "inspect_checkpoint", "load_config", "load_model",
-    "placement_report", "plan_placement", "resolve_model",
+    "open_run", "placement_report", "plan_placement", "resolve_model",
 ]

@@ -33,9 +33,10 @@ class CheckpointReport:
         return not self.problems
 
 
-def read_header(path: Path) -> dict:
+def read_header(path: Path, metadata: dict | None = None) -> dict:
     """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
-    is not a safetensors file or is shorter than its header says (truncated)."""
+    is not a safetensors file or is shorter than its header says (truncated). The header's
+    string metadata is copied into `metadata` when a dict is given."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -49,7 +50,9 @@ def read_header(path: Path) -> dict:
             header = json.loads(fh.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"shard {path} has a corrupt header: re-download it") from None
-    header.pop("__metadata__", None)
+    found = header.pop("__metadata__", None) or {}
+    if metadata is not None:
+        metadata.update(found)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + length + end > size:
         raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")

@@ -97,8 +97,7 @@ def cmd_plan(args) -> int:
 def cmd_load(args) -> int:
     from . import loading, render
 
-    print(f"loading {args.model} ...", file=sys.stderr)
-    loaded = loading.load_model(args.model, _load_options(args), with_tokenizer=False)
+    loaded = loading.load_model(args.model, _load_options(args), with_tokenizer=False, progress=sys.stderr.isatty())
     rows = loading.placement_report(loaded)
     if args.json:
         _emit_json(render.placement_json(loaded, rows), None)

@@ -83,7 +83,9 @@ def plan_for(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list
     )
 
 
-def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True,
+               progress: bool = False) -> LoadedModel:
+    """Plan, then load exactly the plan. `progress` shows transformers' weight-loading bar."""
     ref = models.resolve_model(spec)
     if not ref.has_weights:
         raise UserError(f"{spec} is a configuration without weights: use it with plan/check, "
@@ -111,7 +113,7 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
         kwargs["gguf_file"] = ref.path.name
     cls = models.model_class(mc.config)
     start = time.perf_counter()
-    with models.quiet_transformers():
+    with models.quiet_transformers(progress):
         model = cls.from_pretrained(str(ref.directory), **kwargs)
     model.eval()
     seconds = time.perf_counter() - start

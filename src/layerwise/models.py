@@ -219,9 +219,9 @@ def fp32_router_tensors(model) -> dict[str, torch.dtype]:
 
 
 @contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports, progress bars and accelerate's per-device warnings
-    (simulated GPUs are 'not available' by design); layerwise reports for itself."""
+def quiet_transformers(progress: bool = False):
+    """Silence transformers' load reports, progress bars (unless `progress`) and accelerate's
+    per-device warnings (simulated GPUs are 'not available' by design); layerwise reports for itself."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -229,12 +229,14 @@ def quiet_transformers():
     accel = logging.getLogger("accelerate.utils.modeling")
     accel_level = accel.level
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     accel.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         accel.setLevel(accel_level)
-        if bars:
-            hf_logging.enable_progress_bar()
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()

@@ -1,0 +1,409 @@
+"""The run directory: captured tensors on disk, an open format other engines can write too.
+
+    RUN/
+      intent.json                       what this run is (model, settings, prompts); written first
+      tensors/p00000/model.layers.7.safetensors   one file per (prompt, module group)
+      manifest.json                     written LAST: its presence means the run is complete
+
+Tensors are safetensors (no pickle), named `<module path>:<role>` (`model.layers.7:output`),
+stored per prompt without batch dimension or padding ([seq, hidden]). Every file is written to a
+temporary name and renamed, and carries each tensor's sha256 in its own header metadata, so a
+run killed at any point holds only whole files and no manifest, and a resumed run recomputes
+only what is missing. docs/FORMAT.md is the specification; test_runs.py pins it.
+
+`RunWriter` streams files from a background thread pool behind a bounded queue (backpressure,
+never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read.
+Nothing here knows about models or GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import write_text_atomic
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "layerwise-run"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INTENT = "intent.json"
+TENSOR_DIR = "tensors"
+ROLES = ("input", "output", "router_logits", "topk_ids", "topk_weights")
+_HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
+
+
+def tensor_name(module: str, role: str) -> str:
+    return f"{module}:{role}"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    module, _, role = name.rpartition(":")
+    return module, role
+
+
+def prompt_dir(prompt: int) -> str:
+    return f"{TENSOR_DIR}/p{prompt:05d}"
+
+
+def group_file(prompt: int, group: str) -> str:
+    """Relative path of the file holding one module group's tensors for one prompt."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group):
+        raise ValueError(f"group name {group!r} is not a safe file name")
+    return f"{prompt_dir(prompt)}/{group}.safetensors"
+
+
+# Roles in the order they happen inside a module; used to sort tensors into model order.
+_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_ids": 2, "topk_weights": 3, "output": 4}
+
+
+def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
+                    norm: str = "model.norm", head: str = "lm_head") -> tuple:
+    """Sort key placing tensors in the order the forward pass produces them:
+    embedding, each layer (input, attention, router, MLP, output), final norm, head."""
+    module, role = split_name(name)
+    match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.(.+))?$", module)
+    if module == embed or module.endswith("embed_tokens"):
+        stage = (0, 0, 0)
+    elif match:
+        sub = match.group(2) or ""
+        if role == "input" and not sub:
+            part = 0
+        elif not sub:
+            part = 9
+        elif "attn" in sub or "attention" in sub:
+            part = 2
+        elif sub.endswith(("gate", "router")):
+            part = 4
+        else:
+            part = 6
+        stage = (1, int(match.group(1)), part)
+    elif module == norm or module.endswith(("norm", "ln_f")):
+        stage = (2, 0, 0)
+    elif module == head or module.endswith("lm_head"):
+        stage = (3, 0, 0)
+    else:
+        stage = (4, 0, 0)
+    return (*stage, _ROLE_ORDER.get(role, 5), module, role)
+
+
+def sha256_of(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
+    t = tensor.detach().contiguous().reshape(-1)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for package in ("layerwise", "torch", "transformers", "accelerate", "safetensors"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def config_sha256(config) -> str:
+    """A stable hash of a model config (its JSON without volatile fields)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- writing
+
+class RunWriter:
+    """Streams tensor files into a run directory; `finish` writes the manifest last.
+
+    `intent` says what the run is; an existing directory with a different intent is refused
+    (unless `overwrite`), one with the same intent is resumed: `has(prompt, group)` says which
+    files already exist so the caller skips that work. `put` hands a group of CPU tensors to a
+    pool of writer threads through a queue of `queue_depth` groups: when the disk is slower
+    than the producer, `put` blocks (backpressure) instead of growing host memory.
+    """
+
+    def __init__(self, path: str | os.PathLike, intent: dict, overwrite: bool = False,
+                 threads: int = 4, queue_depth: int = 8):
+        self.path = Path(path)
+        self.intent = intent
+        self._prepare(overwrite)
+        self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._error: BaseException | None = None
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name=f"layerwise-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _prepare(self, overwrite: bool) -> None:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output path {path} is a file: pass a directory for the run")
+        if path.is_dir() and any(path.iterdir()):
+            old = path / INTENT
+            if overwrite:
+                if not old.is_file() and not (path / MANIFEST).is_file():
+                    raise UserError(f"{path} is not empty and not a layerwise run: refusing to delete it, "
+                                    "pick another --out")
+                shutil.rmtree(path)
+            elif not old.is_file():
+                raise UserError(f"{path} is not empty and not a layerwise run: pick another --out")
+            else:
+                previous = json.loads(old.read_text())
+                if _identity(previous) != _identity(self.intent):
+                    what = _first_difference(_identity(previous), _identity(self.intent))
+                    raise UserError(f"{path} holds a run with different {what}: pass --overwrite to replace "
+                                    "it, or pick another --out")
+                (path / MANIFEST).unlink(missing_ok=True)  # resuming: the run is incomplete until finish()
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
+
+    def has(self, prompt: int, group: str) -> bool:
+        return group_file(prompt, group) in self._existing
+
+    def put(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], on_written=None) -> None:
+        """Queue one file; blocks while `queue_depth` files wait. `on_written()` runs once the
+        tensors were written (the producer may then reuse their memory)."""
+        self._raise_if_failed()
+        self._queue.put((prompt, group, tensors, on_written))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                prompt, group, tensors, on_written = item
+                if self._error is None:
+                    written = self._write(prompt, group, tensors)
+                    with self._lock:
+                        self._bytes += written
+                if on_written is not None:
+                    on_written()
+            except BaseException as err:  # surfaced to the producer by put()/finish()
+                self._error = self._error or err
+            finally:
+                self._queue.task_done()
+
+    def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor]) -> int:
+        from safetensors.torch import save_file
+
+        rel = group_file(prompt, group)
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        contiguous = {name: t.contiguous() for name, t in tensors.items()}
+        metadata = {_HASH_KEY + name: sha256_of(t) for name, t in contiguous.items()}
+        metadata["prompt"] = str(prompt)
+        tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {target}: {err.strerror or err} (is the disk full?); "
+                            "the run is left incomplete, rerun the same command to resume") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return sum(t.numel() * t.element_size() for t in contiguous.values())
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._stop()
+            raise err
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    def wait(self) -> None:
+        """Block until every queued file is on disk."""
+        self._queue.join()
+        self._raise_if_failed()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._bytes
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Wait for the writers, index every file, write manifest.json last. Returns it."""
+        self.wait()
+        self._stop()
+        manifest = build_manifest(self.path, self.intent, extra or {})
+        write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
+        return manifest
+
+    def abort(self) -> None:
+        """Stop writing; whatever was written stays (for a resume), no manifest is written."""
+        if self._threads:
+            self._error = self._error or RuntimeError("aborted")
+            while True:  # drop queued work so the writers see the stop marks
+                try:
+                    self._queue.get_nowait()
+                    self._queue.task_done()
+                except queue.Empty:
+                    break
+            self._stop()
+
+
+def _identity(intent: dict) -> dict:
+    """The parts of an intent that must match for a run to be resumed."""
+    return {k: intent.get(k) for k in ("model", "settings", "prompts")}
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for key in a:
+        if a[key] != b[key]:
+            if isinstance(a[key], dict) and isinstance(b[key], dict):
+                for sub in sorted(set(a[key]) | set(b[key])):
+                    if a[key].get(sub) != b[key].get(sub):
+                        return f"{key} {sub}"
+            return key
+    return "settings"
+
+
+def read_file_index(path: Path) -> dict:
+    """Header of one tensor file: {name: (shape, dtype, sha256)}, read without the data."""
+    from .checkpoint import read_header
+
+    metadata: dict = {}
+    header = read_header(path, metadata)
+    return {name: (info["shape"], info["dtype"], metadata.get(_HASH_KEY + name)) for name, info in header.items()}
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
+    """Index every tensor file of a run (headers only) into the manifest."""
+    order_args = intent.get("anatomy", {}) or {}
+    entries = []
+    for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
+        prompt = int(file.parent.name[1:])
+        rel = str(file.relative_to(path))
+        for name, (shape, dtype, digest) in read_file_index(file).items():
+            module, role = split_name(name)
+            entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
+                            "dtype": _ST_DTYPES.get(dtype, dtype.lower()), "file": rel, "sha256": digest})
+    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], **order_args)))
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **intent, **extra, "tensors": entries,
+    }
+
+
+# ------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    module: str
+    role: str
+    prompt: int
+    shape: tuple[int, ...]
+    dtype: str
+    file: str
+    sha256: str | None
+
+
+class Run:
+    """A complete run, opened lazily: the manifest is read, tensors only when asked for."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._entries = {(e["name"], e["prompt"]): TensorEntry(
+            e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], e.get("sha256"))
+            for e in manifest["tensors"]}
+        names: dict[str, None] = {}
+        for e in manifest["tensors"]:
+            names.setdefault(e["name"], None)
+        self._names = list(names)
+
+    @property
+    def prompts(self) -> list[dict]:
+        return self.manifest.get("prompts", [])
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in model order."""
+        return list(self._names)
+
+    def entry(self, name: str, prompt: int) -> TensorEntry:
+        try:
+            return self._entries[(name, prompt)]
+        except KeyError:
+            raise UserError(f"run {self.path} has no tensor {name} for prompt {prompt}") from None
+
+    def has(self, name: str, prompt: int) -> bool:
+        return (name, prompt) in self._entries
+
+    def entries(self) -> list[TensorEntry]:
+        return list(self._entries.values())
+
+    def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
+        """One tensor, read without loading the rest of its file; sha256-checked when `verify`."""
+        from safetensors import safe_open
+
+        e = self.entry(name, prompt)
+        file = self.path / e.file
+        try:
+            with safe_open(str(file), framework="pt", device=device) as fh:
+                tensor = fh.get_tensor(name)
+        except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
+        if verify and e.sha256 and sha256_of(tensor) != e.sha256:
+            raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
+        return tensor
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a complete run; a directory that is not one, or not yet complete, is a UserError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a run directory" + (" (it does not exist)" if not path.exists() else ""))
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        if (path / INTENT).is_file():
+            raise UserError(f"run {path} is incomplete (no {MANIFEST}): rerun the command that made it to resume")
+        raise UserError(f"{path} is not a layerwise run (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{manifest_path} is not valid JSON ({err.msg}): the run is corrupt") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{manifest_path} is not a layerwise run manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"run {path} has format version {manifest['format_version']}; this layerwise reads "
+                        f"up to {FORMAT_VERSION}: upgrade layerwise")
+    return Run(path, manifest)

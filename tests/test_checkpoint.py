@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from layerwise import checkpoint
+from layerwise.errors import UserError
+
+from helpers import copy_checkpoint
+
+
+def test_tiny_checkpoint_is_consistent(tiny_minimax):
+    report = checkpoint.inspect_checkpoint(tiny_minimax.path)
+    assert report.ok, report.problems
+    assert len(report.shards) >= 2 and report.tensor_count > 50
+    assert checkpoint.index_gaps(checkpoint.weight_map(tiny_minimax.path)) == []
+
+
+def test_missing_shard(tiny_minimax, tmp_path):
+    ckpt = copy_checkpoint(tiny_minimax.path, tmp_path / "m")
+    shard = checkpoint.inspect_checkpoint(ckpt).shards[1]
+    (ckpt / shard).unlink()
+    with pytest.raises(UserError, match=f"shard {shard} is listed in the index but missing"):
+        checkpoint.require_complete(ckpt)
+
+
+def test_truncated_shard(tiny_minimax, tmp_path):
+    ckpt = copy_checkpoint(tiny_minimax.path, tmp_path / "m")
+    shard = ckpt / checkpoint.inspect_checkpoint(ckpt).shards[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match="is truncated"):
+        checkpoint.require_complete(ckpt)
+    shard.write_bytes(data[:4])
+    with pytest.raises(UserError, match="is truncated"):
+        checkpoint.require_complete(ckpt)
+
+
+def test_index_gap_detection(tiny_minimax):
+    wmap = checkpoint.weight_map(tiny_minimax.path)
+    dropped = "model.layers.2.self_attn.k_proj.weight"
+    gaps = checkpoint.index_gaps({k: v for k, v in wmap.items() if k != dropped})
+    assert len(gaps) == 1 and dropped in gaps[0]
+    hole = checkpoint.index_gaps({k: v for k, v in wmap.items() if not k.startswith("model.layers.1.")})
+    assert any("model.layers.1" in g and "missing" in g for g in hole)
+
+
+def test_shard_lacking_indexed_tensor(tiny_minimax, tmp_path):
+    ckpt = copy_checkpoint(tiny_minimax.path, tmp_path / "m")
+    index = json.loads((ckpt / checkpoint.INDEX_NAME).read_text())
+    first_shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model.layers.0.made_up.weight"] = first_shard
+    (ckpt / checkpoint.INDEX_NAME).write_text(json.dumps(index))
+    report = checkpoint.inspect_checkpoint(ckpt)
+    assert any("made_up" in p for p in report.problems)
+
+
+def test_read_tensors(tiny_minimax):
+    names = ["model.layers.3.self_attn.q_proj.weight", "model.norm.weight"]
+    tensors = checkpoint.read_tensors(tiny_minimax.path, names)
+    assert set(tensors) == set(names) and tensors[names[0]].shape == (64, 64)
+    with pytest.raises(UserError, match="not in the checkpoint"):
+        checkpoint.read_tensors(tiny_minimax.path, ["nope"])
