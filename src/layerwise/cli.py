@@ -132,9 +132,10 @@ def cmd_extract(args) -> int:
 
     d = ExtractOptions()
     options = ExtractOptions(
-        points=args.points, layers=args.layers, batch_size=args.batch_size or d.batch_size,
+        points=args.points, layers=args.layers,
+        batch_size=d.batch_size if args.batch_size is None else args.batch_size,
         max_tokens=args.max_tokens, chat_template=args.chat_template, overwrite=args.overwrite,
-        pinned_budget_gib=args.pinned_gib or d.pinned_budget_gib,
+        pinned_budget_gib=d.pinned_budget_gib if args.pinned_gib is None else args.pinned_gib,
     )
     items = gather_prompts(args.prompt, args.prompts)
     update, close = _progress_bar(len(items))
