@@ -131,19 +131,26 @@ def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | Non
 
 class PinnedPool:
     """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
-    is spent (that wait is the backpressure that keeps host memory bounded)."""
+    is spent (that wait is the backpressure that keeps host memory bounded).
 
-    def __init__(self, budget_bytes: int):
+    A file is written only once all its tensors are captured, so buffers of the group being
+    captured now cannot come back before the group's next tensor is taken: waiting for them
+    would deadlock. `take` therefore waits only while buffers of *other* groups are out (they
+    will come back without more hooks); otherwise it overdraws the budget for this group.
+    """
+
+    def __init__(self, budget_bytes: int, pin: bool = True):
         self.budget = budget_bytes
+        self.pin = pin
         self.used = 0  # bytes handed out
         self.held = 0  # bytes allocated (handed out + free lists)
         self.peak = 0
         self._free: dict[int, list[torch.Tensor]] = {}
         self._cond = threading.Condition()
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, open_group_bytes: int = 0) -> torch.Tensor:
         with self._cond:
-            while self.used > 0 and self.used + nbytes > self.budget:
+            while self.used + nbytes > self.budget and self.used > open_group_bytes:
                 self._cond.wait()
             self.used += nbytes
             free = self._free.get(nbytes)
@@ -153,7 +160,7 @@ class PinnedPool:
                 pass
             self.held += nbytes
             self.peak = max(self.peak, self.held)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def _evict_one(self) -> bool:
         for size, buffers in self._free.items():
@@ -197,6 +204,8 @@ class Collector:
         self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: queue.Queue = queue.Queue()
+        self._open_group: str | None = None  # the group the hooks are filling now
+        self._open_bytes = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
         self._thread.start()
@@ -206,6 +215,7 @@ class Collector:
     def start_batch(self, batch) -> None:
         if self._error is not None:
             raise self._error
+        self._open_group, self._open_bytes = None, 0
         self._pending.put(("batch", batch))
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
@@ -214,6 +224,8 @@ class Collector:
             if tensor is None:  # e.g. a router that returns logits only: the file holds what exists
                 self._pending.put(("missing", target.group, name, role, None))
             else:
+                if target.group != self._open_group:
+                    self._open_group, self._open_bytes = target.group, 0
                 self._pending.put(("tensor", target.group, name, role, self._copy(tensor)))
 
     def _copy(self, tensor: torch.Tensor):
@@ -227,7 +239,8 @@ class Collector:
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
         nbytes = tensor.numel() * tensor.element_size()
-        buffer = self.pool.take(nbytes)
+        buffer = self.pool.take(nbytes, self._open_bytes)
+        self._open_bytes += nbytes
         host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):

@@ -67,7 +67,7 @@ def group_file(prompt: int, group: str) -> str:
 
 
 # Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_ids": 2, "topk_weights": 3, "output": 4}
+_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_weights": 2, "topk_ids": 3, "output": 4}
 
 
 def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
