@@ -67,7 +67,7 @@ def group_file(prompt: int, group: str) -> str:
 
 
 # Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_ids": 2, "topk_weights": 3, "output": 4}
+_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_weights": 2, "topk_ids": 3, "output": 4}
 
 
 def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
@@ -108,6 +108,17 @@ def sha256_of(tensor: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
 
 
+def is_io_error(err: BaseException) -> bool:
+    """An OSError, or safetensors' own error wrapping one ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
+
+
+def io_reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).rpartition("I/O error: ")[2].strip() or str(err)
+
+
 def library_versions() -> dict:
     import importlib.metadata as md
     import platform
@@ -124,7 +135,8 @@ def library_versions() -> dict:
 def config_sha256(config) -> str:
     """A stable hash of a model config (its JSON without volatile fields)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"):
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
+                     "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -219,12 +231,11 @@ class RunWriter:
         try:
             save_file(contiguous, str(tmp), metadata=metadata)
             os.replace(tmp, target)
-        except OSError as err:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {target}: {err.strerror or err} (is the disk full?); "
-                            "the run is left incomplete, rerun the same command to resume") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            if is_io_error(err):
+                raise UserError(f"cannot write {target}: {io_reason(err)} (is the disk full?); "
+                                "the run is left incomplete, rerun the same command to resume") from None
             raise
         return sum(t.numel() * t.element_size() for t in contiguous.values())
 
