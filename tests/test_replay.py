@@ -140,7 +140,7 @@ def test_candidate_from_a_file(tmp_path):
 
 @pytest.mark.parametrize("body, fragment", [
     ("return torch.nn.Identity() if False else 7", "returned int for layer 0, not a torch.nn.Module"),
-    ("return Half()", "layer 0 returned (1, 11, 32) for an input of shape (1, 11, 64)"),
+    ("return Half()", "make: layer 0 returned (1, 11, 32) for an input of shape (1, 11, 64)"),
 ])
 def test_candidate_with_wrong_result(tmp_path, minimax_fp32_ref, monkeypatch, body, fragment):
     name = f"bad_layer_{len(body)}"  # a fresh module per case (imports are cached)

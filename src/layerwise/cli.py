@@ -159,6 +159,65 @@ def cmd_import(args) -> int:
     return EXIT_OK
 
 
+def cmd_test(args) -> int:
+    from .extract import ExtractOptions, gather_prompts
+    from .layer_test import TestOptions, run_layer_test
+    from .replay import ReplayOptions
+
+    t = TestOptions()
+    options = TestOptions(test_type=args.test_type, reference=args.reference, layer=args.layer or t.layer,
+                          layers=args.layers, out=args.out or t.out)
+    candidate = ReplayOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
+                              device=args.device or _single_device(args.device_map), candidate=args.candidate,
+                              allow_config_mismatch=args.allow_config_mismatch, overwrite=args.overwrite)
+    d, e = LoadOptions(), ExtractOptions()
+    load = LoadOptions(device_map=args.device_map, max_memory=args.max_memory, dtype=args.dtype or d.dtype,
+                       offload_folder=args.offload_folder, allow_spill=not args.no_spill,
+                       attn_implementation=args.attn_implementation, tokens=args.tokens)
+    extract_options = ExtractOptions(points=args.points, batch_size=args.batch_size or e.batch_size,
+                                     max_tokens=args.max_tokens, chat_template=args.chat_template,
+                                     overwrite=args.overwrite)
+    prompts = gather_prompts(args.prompt, args.prompts) if (args.prompt or args.prompts) else None
+    result = run_layer_test(args.model, options, candidate, load, extract_options, prompts)
+    print(_test_text(result))
+    return EXIT_OK
+
+
+def _single_device(device_map: str | None) -> str | None:
+    """--device-map cuda:1 (or 1, or cpu) also says where a single-layer test runs."""
+    if not device_map:
+        return None
+    if device_map.isdigit():
+        return f"cuda:{device_map}"
+    if device_map == "cpu" or device_map.startswith("cuda:"):
+        return device_map
+    return None
+
+
+def _test_text(result) -> str:
+    from .sizes import format_bytes
+
+    lines = []
+    if result.replay is not None:
+        r = result.replay
+        s = r.settings
+        span = f"{r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"{r.layers[0]}"
+        what = f"candidate {s['candidate']}" if s.get("candidate") else "transformers layers"
+        lines.append(f"{result.test_type}: layer{'s' if len(r.layers) > 1 else ''} {span} ({what}, {s['dtype']}, "
+                     f"{s.get('attn_implementation') or 'default attention'}, {s['device']}) "
+                     f"on reference {result.reference}")
+        lines.append(f"  read {format_bytes(r.bytes_read)} of layer weights in {r.load_seconds:.2f} s; "
+                     f"total {r.seconds:.2f} s")
+    elif result.extract is not None:
+        x = result.extract
+        lines.append(f"{result.test_type}: {x.prompts} prompt(s), {x.tensors} tensors, "
+                     f"{format_bytes(x.bytes)} in {x.seconds:.2f} s")
+    for kind, path in result.candidates.items():
+        lines.append(f"  {kind} run: {path}")
+    lines.extend(f"  note: {n}" for n in result.notes)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     builtins = ", ".join(f"builtin:{n}" for n in BUILTINS)
     parser = _Parser(prog="layerwise", description="Layer-by-layer numerical testing of large language models. "
@@ -218,7 +277,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="record this model spec in the run (optional)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_import)
+
+    _add_test_parser(sub)
     return parser
+
+
+def _add_test_parser(sub) -> None:
+    from .layer_test import TEST_TYPES, TestOptions
+
+    t = TestOptions()
+    p = sub.add_parser("test", help="test layers against a reference run: single (isolated), multi (a chain), "
+                                    "full (the whole model), extract-all (make a reference)")
+    p.add_argument("model", help="MODEL: the candidate checkpoint (often the reference's own)")
+    p.add_argument("--reference", help="the reference run (from layerwise extract); not needed for extract-all")
+    p.add_argument("--test-type", default=t.test_type, choices=TEST_TYPES, help="(default: %(default)s)")
+    p.add_argument("--layer", default=None, help=f"single: a layer number or all (default: {t.layer})")
+    p.add_argument("--layers", default=t.layers,
+                   help="multi: the range A-B chained from A's recorded input (default: every layer); "
+                        "full / extract-all: the layers to capture, e.g. 0-9,20")
+    p.add_argument("--out", default=None, help=f"directory for the candidate run(s) (default: {t.out})")
+    p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
+    g = p.add_argument_group("candidate settings (default: the reference's own)")
+    g.add_argument("--dtype", default=None, help="compute dtype: bf16, fp16, fp32")
+    g.add_argument("--attn-implementation", default=None, help="eager, sdpa or flash_attention_2")
+    g.add_argument("--device", default=None, help="single / multi: where the layers run (default: cuda:0, else cpu)")
+    g.add_argument("--candidate", default=None,
+                   help="package.module:factory (or file.py:factory) building your own decoder layer: "
+                        "factory(config, layer_index, weights) -> nn.Module with the HF layer's call signature")
+    g.add_argument("--allow-config-mismatch", action="store_true",
+                   help="the model is a variant of the reference's (quantized, converted): its config may differ")
+    d = LoadOptions()
+    g = p.add_argument_group("placement (full, extract-all)")
+    g.add_argument("--device-map", default=d.device_map, help="auto, balanced, sequential, cuda:N, cpu, or a JSON "
+                                                              "file (default: %(default)s)")
+    g.add_argument("--max-memory", default=d.max_memory, help='per-device limit: "40GB" or "0:60GB,1:40GB"')
+    g.add_argument("--offload-folder", default=d.offload_folder, help="where weights that spill to disk go")
+    g.add_argument("--no-spill", action="store_true", help="refuse to load when any weight would land on cpu or disk")
+    g.add_argument("--tokens", type=int, default=d.tokens, help="forward-pass size to leave GPU room for")
+    g = p.add_argument_group("prompts and capture (extract-all)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", action="append", help="a file: one prompt per line, or JSONL with text or token_ids")
+    g.add_argument("--points", default=None, help="what to capture, e.g. residual,attn,mlp,router,logits")
+    g.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass")
+    g.add_argument("--max-tokens", type=int, default=None, help="refuse prompts longer than this")
+    g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
+    p.set_defaults(func=cmd_test)
 
 
 def main(argv: list[str] | None = None) -> int:

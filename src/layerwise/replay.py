@@ -224,8 +224,9 @@ def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int
                 load_seconds += loaded.seconds
                 bytes_read += loaded.bytes_read
                 module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
+                who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
                 for track in tracks:
-                    _run_layer(run, source, loaded, module, track, first=index == layers[0])
+                    _run_layer(run, source, loaded, module, track, index == layers[0], who)
                 del loaded, module
         for track in tracks:
             track.writer.finish({"producer": "layerwise test", "notes": notes})
@@ -281,7 +282,7 @@ def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: Loaded
 
 
 def _run_layer(run: runs.Run, source: LayerSource, loaded: LoadedLayer, module: nn.Module, track: _Track,
-               first: bool) -> None:
+               first: bool, who: str) -> None:
     layer_path = source.anatomy.layer(loaded.index)
     dtype, device = source.dtype, source.device
     for prompt in run.prompts:
@@ -291,7 +292,7 @@ def _run_layer(run: runs.Run, source: LayerSource, loaded: LoadedLayer, module: 
         else:
             x = track.carry[p]
         wanted = [n for n in _hooked_names(source, loaded.index) if run.has(n, p)]
-        y, caught = _forward(loaded, module, x, source, wanted)
+        y, caught = _forward(loaded, module, x, source, wanted, who)
         if track.kind == "chained":
             track.carry[p] = y
         tensors = {f"{layer_path}:input": x[0], f"{layer_path}:output": y[0], **caught}
@@ -312,7 +313,7 @@ def _hooked_names(source: LayerSource, index: int) -> list[str]:
 
 
 def _forward(loaded: LoadedLayer, module: nn.Module, x: torch.Tensor, source: LayerSource,
-             wanted: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             wanted: list[str], who: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One layer on one prompt [1, T, H]: output [1, T, H] and the hooked tensors by name."""
     seq = x.shape[1]
     position_ids = torch.arange(seq, device=x.device)[None]  # [1, T]
@@ -328,7 +329,7 @@ def _forward(loaded: LoadedLayer, module: nn.Module, x: torch.Tensor, source: La
     y = out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
         what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise UserError(f"layer {loaded.index} returned {what} for an input of shape {tuple(x.shape)}: "
+        raise UserError(f"{who} returned {what} for an input of shape {tuple(x.shape)}: "
                         "a decoder layer must return its hidden states in the input's shape [batch, seq, hidden]")
     return y, caught
 

@@ -1,0 +1,132 @@
+"""`layerwise test` through main(argv): the runs it makes, and every bad input as one line + exit 2."""
+
+import json
+
+import pytest
+import torch
+
+from layerwise import open_run
+
+from helpers import assert_one_line_error, copy_checkpoint, run_cli
+
+MINIMAX = "builtin:minimax-m2-tiny"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A reference made by the real extract (batch 1: no padding, so replays can be bit-exact)."""
+    from layerwise.cli import main
+
+    path = tmp_path_factory.mktemp("ref") / "run"
+    code = main(["test", MINIMAX, "--test-type", "extract-all", "--out", str(path), "--prompt", "The capital of France is",
+                 "--prompt", "abc def", "--dtype", "fp32", "--device-map", "cpu", "--batch-size", "1",
+                 "--points", "residual,attn,mlp,router,norm,logits"])
+    assert code == 0
+    return open_run(path)
+
+
+def _max_output_error(reference, candidate) -> float:
+    worst = 0.0
+    for name in candidate.names:
+        for p in candidate.prompts:
+            if reference.has(name, p["index"]):
+                a, b = candidate.tensor(name, p["index"]).double(), reference.tensor(name, p["index"]).double()
+                worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def test_single_all_makes_isolated_and_chained_runs(capsys, tmp_path, reference):
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t")
+    assert code == 0, err
+    assert "single: layers 0-3 (transformers layers, float32, sdpa, cpu)" in out
+    isolated, chained = open_run(tmp_path / "t" / "isolated"), open_run(tmp_path / "t" / "chained")
+    assert _max_output_error(reference, isolated) == 0.0
+    assert _max_output_error(reference, chained) == 0.0
+    assert "model.layers.3.mlp.gate:topk_ids" in isolated.names
+
+
+def test_multi_and_full(capsys, tmp_path, reference):
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "m",
+                             "--test-type", "multi", "--layers", "1-2")
+    assert code == 0, err
+    assert "chained run" in out and _max_output_error(reference, open_run(tmp_path / "m" / "chained")) == 0.0
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "f",
+                             "--test-type", "full", "--device-map", "cpu")
+    assert code == 0, err
+    full = open_run(tmp_path / "f" / "full")
+    assert "lm_head:output" in full.names
+    assert [p["token_ids"] for p in full.prompts] == [p["token_ids"] for p in reference.prompts]
+    assert _max_output_error(reference, full) == 0.0
+
+
+def test_candidate_changes_settings(capsys, tmp_path, reference):
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "c",
+                             "--layer", "1", "--dtype", "bf16", "--attn-implementation", "eager")
+    assert code == 0, err
+    run = open_run(tmp_path / "c" / "isolated")
+    assert run.manifest["settings"]["dtype"] == "bfloat16" and run.manifest["settings"]["attn_implementation"] == "eager"
+    assert run.tensor("model.layers.1:output", 0).dtype == torch.bfloat16
+    assert 1e-4 < _max_output_error(reference, run) < 5e-2
+
+
+def test_seed_wrapper_translates_flags():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "test_layer_by_layer_gpu.py"
+    spec = importlib.util.spec_from_file_location("seed_wrapper", path)
+    wrapper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrapper)
+    assert wrapper.translate(["--test-type", "extract-all"])[:8] == [
+        "test", MINIMAX, "--test-type", "extract-all", "--device-map", "auto", "--out", "runs/reference"]
+    args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1", "--max-memory", "40GB"])
+    assert args == ["test", MINIMAX, "--test-type", "single", "--device-map", "cuda:1", "--reference", "runs/reference",
+                    "--out", "runs/test", "--layer", "3", "--max-memory", "40GB"]
+
+
+def _bad_layer_module(tmp_path, monkeypatch):
+    (tmp_path / "wide_layer.py").write_text(
+        "import torch\n"
+        "class Wide(torch.nn.Module):\n"
+        "    def forward(self, hidden_states, **kw):\n"
+        "        return torch.cat([hidden_states, hidden_states], -1)\n"
+        "def make(config, layer_index, weights):\n    return Wide()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--layer", "4"], "layer 4 is out of range: the model has layers 0-3"),
+    (["--layer", "x"], "--layer 'x' is not a layer number"),
+    (["--test-type", "multi", "--layers", "3-1"], "--layers 3-1 is reversed"),
+    (["--test-type", "multi", "--layers", "0-7"], "layer 7 is out of range"),
+    (["--test-type", "triple"], "invalid choice: 'triple'"),
+    (["--candidate", "no_such_pkg.layer:make"], "cannot import no_such_pkg.layer"),
+    (["--candidate", "wide_layer:make", "--layer", "0"], "--candidate wide_layer:make: layer 0 returned (1, 24, 128) for an input of shape (1, 24, 64)"),
+    (["--test-type", "full", "--candidate", "wide_layer:make"], "use it with --test-type single or multi"),
+    (["--dtype", "fp4"], "unknown dtype 'fp4'"),
+])
+def test_bad_input_is_one_line(capsys, tmp_path, monkeypatch, reference, extra, fragment):
+    _bad_layer_module(tmp_path, monkeypatch)
+    code, _, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t", *extra)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_reference_problems_are_one_line(capsys, tmp_path, tiny_minimax, reference):
+    code, _, err = run_cli(capsys, "test", MINIMAX, "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "needs --reference RUN")
+    code, _, err = run_cli(capsys, "test", MINIMAX, "--reference", tmp_path / "nothing", "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "is not a run directory")
+    code, _, err = run_cli(capsys, "test", "builtin:llama-tiny", "--reference", reference.path, "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "was made from a minimax_m2 model, not llama")
+    other = copy_checkpoint(tiny_minimax.path, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "test", other, "--reference", reference.path, "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "made from another model config")
+    partial = tmp_path / "partial"
+    code = run_cli(capsys, "test", MINIMAX, "--test-type", "extract-all", "--out", partial, "--prompt", "abc",
+                   "--dtype", "fp32", "--device-map", "cpu", "--layers", "0-1")[0]
+    assert code == 0
+    code, _, err = run_cli(capsys, "test", MINIMAX, "--reference", partial, "--out", tmp_path / "t", "--layer", "2")
+    assert_one_line_error(code, err, "has no model.layers.2:input for prompt 0")
