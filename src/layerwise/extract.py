@@ -32,7 +32,7 @@ class ExtractOptions:
     chat_template: bool = False
     overwrite: bool = False
     pinned_budget_gib: float = 4.0  # host memory for in-flight device-to-host copies
-    writer_threads: int = 4
+    writer_threads: int | None = None  # None: one per core, 2 to 8
     queue_depth: int = 16  # files waiting for the writer threads
 
 
