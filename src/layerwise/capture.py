@@ -337,16 +337,20 @@ class Collector:
 
 
 class Capture:
-    """Installs the hooks for `targets` on `model` for the duration of a `with` block."""
+    """Installs the hooks for `targets` on `model` for the duration of a `with` block.
 
-    def __init__(self, model: torch.nn.Module, targets: list[Target], collector: Collector):
-        self.model, self.targets, self.collector = model, targets, collector
+    `resolve(path) -> module` finds each target's module; by default `model.get_submodule`.
+    Streaming passes its own, since its modules (one layer, the embedding...) are not one model.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, targets: list[Target], collector: Collector, resolve=None):
+        self.targets, self.collector = targets, collector
+        self.resolve = resolve or model.get_submodule
         self._handles = []
 
     def __enter__(self):
         for target in self.targets:
-            module = self.model.get_submodule(target.module)
-            self._handles.append(self._register(module, target))
+            self._handles.append(self._register(self.resolve(target.module), target))
         return self
 
     def _register(self, module, target: Target):
