@@ -219,36 +219,40 @@ class Collector:
         self._pending.put(("batch", batch))
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        for name, tensor in zip(target.names, tensors):
-            role = name.rpartition(":")[2]
-            if tensor is None:  # e.g. a router that returns logits only: the file holds what exists
-                self._pending.put(("missing", target.group, name, role, None))
-            else:
-                if target.group != self._open_group:
-                    self._open_group, self._open_bytes = target.group, 0
-                self._pending.put(("tensor", target.group, name, role, self._copy(tensor)))
+        """Start the host copies of one hook's tensors; returns without waiting for the GPU."""
+        if target.group != self._open_group:
+            self._open_group, self._open_bytes = target.group, 0
+        present = [(name, t.detach()) for name, t in zip(target.names, tensors) if t is not None]
+        missing = [name for name, t in zip(target.names, tensors) if t is None]  # e.g. a logits-only router
+        hosts, buffers, event = self._copy([t for _, t in present])
+        items = [(name, host, buffer) for (name, _), host, buffer in zip(present, hosts, buffers)]
+        self._pending.put((target.group, items, missing, event))
 
-    def _copy(self, tensor: torch.Tensor):
-        tensor = tensor.detach()
-        if tensor.device.type != "cuda":
-            return (tensor.clone(), None, None)
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
-        device = tensor.device
+    def _copy(self, tensors: list[torch.Tensor]):
+        """Host copies of `tensors` (all on one device): one stream hand-off and one event per hook."""
+        if not tensors or tensors[0].device.type != "cuda":
+            return [t.clone() for t in tensors], [None] * len(tensors), None
+        device = tensors[0].device
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
-        nbytes = tensor.numel() * tensor.element_size()
-        buffer = self.pool.take(nbytes, self._open_bytes)
-        self._open_bytes += nbytes
-        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(torch.cuda.current_stream(device))  # copy after the kernels that made them
+        hosts, buffers = [], []
         with torch.cuda.stream(stream):
-            host.copy_(tensor, non_blocking=True)
+            for tensor in tensors:
+                if not tensor.is_contiguous():
+                    tensor = tensor.contiguous()
+                nbytes = tensor.numel() * tensor.element_size()
+                buffer = self.pool.take(nbytes, self._open_bytes)
+                self._open_bytes += nbytes
+                host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+                host.copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # the allocator keeps the GPU memory until the copy is done
+                hosts.append(host)
+                buffers.append(buffer)
             event = torch.cuda.Event()
             event.record(stream)
-        tensor.record_stream(stream)  # the allocator keeps the GPU memory until the copy is done
-        return (host, event, buffer)
+        return hosts, buffers, event
 
     # -- the completion thread -----------------------------------------------------------------
 
@@ -262,13 +266,18 @@ class Collector:
                 if self._error is not None:
                     self._drop(item)
                     continue
-                kind = item[0]
-                if kind == "batch":
+                if item[0] == "batch":
                     batch, parts = item[1], {}
                     continue
-                _, group, name, role, record = item
-                parts.setdefault(group, {})[name] = (role, record)
-                if len(parts[group]) == len(self.groups[group]):
+                group, items, missing, event = item
+                if event is not None:
+                    event.synchronize()  # releases the GIL while the copy engine works
+                got = parts.setdefault(group, {})
+                for name, host, buffer in items:
+                    got[name] = (host, buffer)
+                for name in missing:
+                    got[name] = None
+                if len(got) == len(self.groups[group]):
                     self._emit(batch, group, parts.pop(group))
             except BaseException as err:
                 self._error = err
@@ -277,19 +286,20 @@ class Collector:
                 self._pending.task_done()
 
     def _drop(self, item) -> None:
-        if item and item[0] == "tensor" and item[4][2] is not None and self.pool is not None:
-            self.pool.give(item[4][2])
+        if item and item[0] != "batch" and self.pool is not None:
+            for _, _, buffer in item[1]:
+                if buffer is not None:
+                    self.pool.give(buffer)
 
     def _emit(self, batch, group: str, parts: dict) -> None:
         shaped: dict[str, torch.Tensor] = {}
         owners = {}
         rows, width = batch.input_ids.shape
-        for name, (role, record) in parts.items():
+        for name, record in parts.items():
             if record is None:
                 continue
-            host, event, buffer = record
-            if event is not None:
-                event.synchronize()
+            host, buffer = record
+            role = name.rpartition(":")[2]
             t = host
             if t.dim() >= 1 and t.shape[0] == rows * width and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
@@ -327,16 +337,20 @@ class Collector:
 
 
 class Capture:
-    """Installs the hooks for `targets` on `model` for the duration of a `with` block."""
+    """Installs the hooks for `targets` on `model` for the duration of a `with` block.
 
-    def __init__(self, model: torch.nn.Module, targets: list[Target], collector: Collector):
-        self.model, self.targets, self.collector = model, targets, collector
+    `resolve(path) -> module` finds each target's module; by default `model.get_submodule`.
+    Streaming passes its own, since its modules (one layer, the embedding...) are not one model.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, targets: list[Target], collector: Collector, resolve=None):
+        self.targets, self.collector = targets, collector
+        self.resolve = resolve or model.get_submodule
         self._handles = []
 
     def __enter__(self):
         for target in self.targets:
-            module = self.model.get_submodule(target.module)
-            self._handles.append(self._register(module, target))
+            self._handles.append(self._register(self.resolve(target.module), target))
         return self
 
     def _register(self, module, target: Target):

@@ -140,7 +140,16 @@ def cmd_extract(args) -> int:
     items = gather_prompts(args.prompt, args.prompts)
     update, close = _progress_bar(len(items))
     try:
-        result = extract(args.model, args.out, items, options, _load_options(args), progress=update)
+        if args.stream:
+            from .streaming import StreamOptions, stream_extract
+
+            result, stats = stream_extract(args.model, args.out, items, options, StreamOptions(
+                device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation), progress=None)
+            print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
+                  f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
+                  f"{format_bytes(stats.peak_device_bytes)}")
+        else:
+            result = extract(args.model, args.out, items, options, _load_options(args), progress=update)
     finally:
         close()
     resumed = f", {result.resumed_batches} batch(es) already on disk" if result.resumed_batches else ""
@@ -267,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned-gib", type=float, default=None,
                    help=f"host memory for in-flight GPU->host copies (default: {d.pinned_budget_gib})")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.add_argument("--stream", action="store_true",
+                   help="one decoder layer at a time on one device, for models larger than the GPUs")
+    p.add_argument("--device", default=None, help="the device for --stream (default: cuda:0, else cpu)")
     _add_load_options(p)
     p.set_defaults(func=cmd_extract)
 

@@ -32,7 +32,7 @@ class ExtractOptions:
     chat_template: bool = False
     overwrite: bool = False
     pinned_budget_gib: float = 4.0  # host memory for in-flight device-to-host copies
-    writer_threads: int = 4
+    writer_threads: int | None = None  # None: one per core, 2 to 8
     queue_depth: int = 16  # files waiting for the writer threads
 
 
@@ -77,27 +77,36 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
     return extract_model(loaded, out, items, options, progress=progress, load=load)
 
 
-def _intent(loaded: LoadedModel, prompts, points, layers, options: ExtractOptions, load: LoadOptions) -> dict:
-    config = loaded.model.config
-    a = loaded.anatomy
+def run_intent(ref, config, architecture: str, anatomy, prompts, points, layers, options: ExtractOptions,
+               settings: dict, producer: str = "layerwise extract") -> dict:
+    """What an extracted run is: the model, the settings that shape its numbers, the prompts."""
     return {
-        "producer": "layerwise extract",
+        "producer": producer,
         "model": {
-            "spec": loaded.ref.spec, "path": str(loaded.ref.path) if loaded.ref.path else None,
-            "model_type": config.model_type, "architecture": type(loaded.model).__name__,
-            "config_sha256": runs.config_sha256(config), "num_layers": a.num_layers,
+            "spec": ref.spec, "path": str(ref.path) if ref.path else None,
+            "model_type": config.model_type, "architecture": architecture,
+            "config_sha256": runs.config_sha256(config), "num_layers": anatomy.num_layers,
             "hidden_size": config.hidden_size,
         },
         "settings": {
-            "dtype": loaded.plan.dtype, "points": list(points), "layers": list(layers),
-            "attn_implementation": getattr(config, "_attn_implementation", None),
-            "device_map": load.device_map, "chat_template": options.chat_template,
-            "max_tokens": options.max_tokens, "batch_size": options.batch_size,
+            "points": list(points), "layers": list(layers), "chat_template": options.chat_template,
+            "max_tokens": options.max_tokens, "batch_size": options.batch_size, **settings,
         },
-        "anatomy": {"layers_path": a.layers_path, "embed": a.embed_path, "norm": a.norm_path or "model.norm",
-                    "head": a.head_path},
+        "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path,
+                    "norm": anatomy.norm_path or "model.norm", "head": anatomy.head_path},
         "prompts": [{"index": p.index, "text": p.text, "token_ids": list(p.token_ids)} for p in prompts],
     }
+
+
+def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):
+    """Capture points, layers, tokenized prompts and their batches (the same for every way of running)."""
+    points = capture.parse_points(options.points)
+    layers = capture.parse_layers(options.layers, anatomy.num_layers)
+    context = getattr(config, "max_position_embeddings", None)
+    prompts = tokenize(items, tokenizer, chat_template=options.chat_template, max_tokens=options.max_tokens,
+                       context_length=context, vocab_size=config.vocab_size)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0
+    return points, layers, prompts, make_batches(prompts, options.batch_size, pad_id)
 
 
 def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
@@ -105,17 +114,14 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
                   load: LoadOptions = LoadOptions()) -> ExtractResult:
     """Run `items` through an already loaded model and write every captured tensor to `out`."""
     model, anatomy, config = loaded.model, loaded.anatomy, loaded.model.config
-    points = capture.parse_points(options.points)
-    layers = capture.parse_layers(options.layers, anatomy.num_layers)
-    context = getattr(config, "max_position_embeddings", None)
-    prompts = tokenize(items, loaded.tokenizer, chat_template=options.chat_template,
-                       max_tokens=options.max_tokens, context_length=context, vocab_size=config.vocab_size)
-    pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0
-    batches = make_batches(prompts, options.batch_size, pad_id)
+    points, layers, prompts, batches = prepare(loaded.tokenizer, config, anatomy, items, options)
     targets = capture.plan_targets(anatomy, points, layers)
     groups = capture.groups_of(targets)
-    writer = runs.RunWriter(out, _intent(loaded, prompts, points, layers, options, load), options.overwrite,
-                            threads=options.writer_threads, queue_depth=options.queue_depth)
+    settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(config, "_attn_implementation", None),
+                "device_map": load.device_map}
+    intent = run_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options, settings)
+    writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
+                            queue_depth=options.queue_depth)
     todo = [b for b in batches if not all(writer.has(p.index, g) for p in b.prompts for g in groups)]
     collector = capture.Collector(writer, targets, int(options.pinned_budget_gib * 2**30))
     device = loaded.input_device

@@ -329,7 +329,10 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
             parts.append(f"layers {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}")
             run.clear()
 
-    for name in names:
+    expanded = []
+    for name in names:  # a whole layer list on one device reads as its layer range
+        expanded.extend([f"{layer_prefix}{i}" for i in range(anatomy.num_layers)] if name == anatomy.layers_path else [name])
+    for name in sorted(expanded, key=lambda n: _summary_rank(n, anatomy)):
         if name == "":
             parts.append("whole model")
             continue
@@ -344,6 +347,17 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
         parts.append(name[len(base):] if base and name.startswith(base) else name)
     flush()
     return " + ".join(parts) if parts else "(nothing)"
+
+
+def _summary_rank(name: str, anatomy: Anatomy) -> tuple:
+    """Model order for a device's module list: embedding, layers by index, the rest as given."""
+    if name == anatomy.embed_path:
+        return (0, 0)
+    prefix = anatomy.layers_path + "."
+    if name.startswith(prefix):
+        index = name[len(prefix):].split(".")[0]
+        return (1, int(index) if index.isdigit() else 0)
+    return (2, 0)
 
 
 def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:
