@@ -112,6 +112,26 @@ def test_from_scratch_candidate_passes_within_fp32_tolerance(tmp_path, minimax_f
     assert open_run(result.isolated).manifest["settings"]["candidate"] == "reference_minimax:factory"
 
 
+def hf_layer(config, layer_index, weights):
+    """A candidate built from transformers' own layer class and the weights it is given."""
+    from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2DecoderLayer
+
+    with torch.device("meta"):
+        layer = MiniMaxM2DecoderLayer(config, layer_index)
+    layer.load_state_dict(weights, assign=True)
+    return layer
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_factory_gets_the_candidate_attention_implementation(tmp_path, attn):
+    """A factory building transformers' modules must run the chosen attention with its own mask
+    (eager given sdpa's None mask would attend to the future)."""
+    reference = make_reference_run(MINIMAX, tmp_path / "ref", "fp32", attn, PROMPTS[:1])
+    result = replay.replay(MINIMAX, reference.path, [0, 3], ReplayOptions(candidate="test_replay:hf_layer"),
+                           isolated=tmp_path / "iso")
+    assert output_errors(reference, open_run(result.isolated), [0, 3]) == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("factory, threshold", [("full_rope_factory", 1e-2), ("bf16_router_factory", 3e-5)])
 def test_wrong_candidates_fail_on_every_layer(tmp_path, minimax_fp32_ref, factory, threshold):
     result = replay.replay(MINIMAX, minimax_fp32_ref.path, list(range(4)),

@@ -274,7 +274,13 @@ def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int
 
 
 def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: LoadedLayer) -> nn.Module:
-    module = factory(source.config, loaded.index, loaded.weights())
+    import copy
+
+    # The full config, with the attention implementation the candidate settings chose (a factory
+    # building transformers' own modules must not fall back to another one, whose mask differs).
+    config = copy.deepcopy(source.config)
+    config._attn_implementation = loaded.config._attn_implementation
+    module = factory(config, loaded.index, loaded.weights())
     if not isinstance(module, nn.Module):
         raise UserError(f"--candidate {spec} returned {type(module).__name__} for layer {loaded.index}, "
                         "not a torch.nn.Module")
