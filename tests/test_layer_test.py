@@ -104,6 +104,7 @@ def _bad_layer_module(tmp_path, monkeypatch):
     (["--candidate", "wide_layer:make", "--layer", "0"], "--candidate wide_layer:make: layer 0 returned (1, 24, 128) for an input of shape (1, 24, 64)"),
     (["--test-type", "full", "--candidate", "wide_layer:make"], "use it with --test-type single or multi"),
     (["--dtype", "fp4"], "unknown dtype 'fp4'"),
+    (["--device", "tpu:9"], "--device tpu:9 is not usable here"),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, monkeypatch, reference, extra, fragment):
     _bad_layer_module(tmp_path, monkeypatch)
