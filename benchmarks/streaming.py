@@ -59,13 +59,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/lw-stream-ckpt")
+    ap.add_argument("--work", default="/tmp/lw-stream-work", help="where the runs are written (not $OUT: GBs)")
     ap.add_argument("--offload-gb", type=float, default=0, help="also time accelerate disk offload (0: skip)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--bench-md", default=None)
     args = ap.parse_args()
-    out, ckpt = Path(args.out), Path(args.dir)
+    out, ckpt, work = Path(args.out), Path(args.dir), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name(0) if device != "cpu" else "cpu"
     config = minimax_config(args.layers, tiny=args.tiny, experts=args.experts)
@@ -86,7 +88,7 @@ def main() -> None:
 
     drop_caches()
     t0 = time.perf_counter()
-    streamed, stats = stream_extract(str(ckpt), out / "stream-run", items, options, StreamOptions(device=device))
+    streamed, stats = stream_extract(str(ckpt), work / "stream-run", items, options, StreamOptions(device=device))
     stream_s = time.perf_counter() - t0
     print(f"stream: {stream_s:.2f} s; weights {stats.weights_read_bytes / 1e9:.2f} GB, read {stats.read_seconds:.2f} s, "
           f"waited {stats.wait_seconds:.2f} s, peak device {stats.peak_device_bytes / 1e9:.2f} GB", flush=True)
@@ -96,14 +98,14 @@ def main() -> None:
     loaded = loading.load_model(str(ckpt), loading.LoadOptions(device_map=device if device != "cpu" else "cpu",
                                                                tokens=args.tokens))
     load_s = time.perf_counter() - t0
-    full = extract_model(loaded, out / "full-run", items, options)
+    full = extract_model(loaded, work / "full-run", items, options)
     device_map_s = time.perf_counter() - t0
     peak_full = torch.cuda.max_memory_allocated(device) if device != "cpu" else 0
     compute_s = full.forward_seconds
     print(f"device_map: load {load_s:.2f} s + extract {full.seconds:.2f} s (forward {compute_s:.2f} s) = "
           f"{device_map_s:.2f} s; peak device {peak_full / 1e9:.2f} GB", flush=True)
 
-    a, b = runs.open_run(out / "stream-run"), runs.open_run(out / "full-run")
+    a, b = runs.open_run(work / "stream-run"), runs.open_run(work / "full-run")
     mismatched = [(n, p) for n in a.names for p in range(args.prompts) if not torch.equal(a.tensor(n, p), b.tensor(n, p))]
     print(f"streamed vs device_map: {len(a.names) * args.prompts} tensors, {len(mismatched)} differ", flush=True)
     del loaded
@@ -113,7 +115,7 @@ def main() -> None:
     offload = None
     if args.offload_gb and device != "cpu":
         drop_caches()
-        off_dir = out.parent / "offload-tmp"
+        off_dir = work / "offload"
         t0 = time.perf_counter()
         model = loading.load_model(str(ckpt), loading.LoadOptions(device_map="sequential", tokens=args.tokens,
                                    max_memory=f"0:{args.offload_gb}GB,cpu:1GB", offload_folder=str(off_dir)),
