@@ -1,6 +1,7 @@
 """Metric functions against values computed by hand, edge cases included."""
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -64,14 +65,17 @@ def test_sqnr_is_minus_20_log10_rel_l2():
     assert m.sqnr_db == pytest.approx(-20 * math.log10(m.rel_l2), rel=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
-def test_blocks_do_not_change_the_result(chunk):
-    """Block size is an implementation detail: tiny blocks (one row, odd sizes) agree with one block."""
+@pytest.mark.parametrize("chunk, parts", [(1, 1), (7, 1), (64, 1), (1 << 20, 1), (5, 3), (7, 40)])
+def test_blocks_and_threads_do_not_change_the_result(chunk, parts):
+    """Block size and parallel row ranges are implementation details: tiny blocks (one row, odd
+    sizes) measured by several threads agree with one block."""
     g = torch.Generator().manual_seed(1)
     a = torch.randn(33, 5, generator=g)
     b = a + 0.1 * torch.randn(33, 5, generator=g)
     b[20, 1] = nan
-    whole, blocked = tensor_metrics(a, b, chunk_elements=1 << 20), tensor_metrics(a, b, chunk_elements=chunk)
+    with ThreadPoolExecutor(3) as pool:
+        blocked = tensor_metrics(a, b, chunk_elements=chunk, map_fn=pool.map, parts=parts)
+    whole = tensor_metrics(a, b, chunk_elements=1 << 20)
     for field in ("max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db"):
         assert getattr(blocked, field) == pytest.approx(getattr(whole, field), rel=1e-12), field
     assert (blocked.nan, blocked.nonfinite_mismatch, blocked.worst_token) == ((0, 1), 1, 20)
@@ -194,6 +198,18 @@ def test_selection_not_topk_of_logits_means_a_hidden_bias():
     m = routing_metrics(T([[0]]), T([[0]]), T([[1.0, 2.0]]), T([[1.0, 2.0]]))
     assert (m.selection_not_topk, m.near_ties) == (1, None)
     assert m.flips_inconsistent == 0  # flips are still judged from both runs' logits
+
+
+def test_routing_blocks_do_not_change_the_result():
+    g = torch.Generator().manual_seed(3)
+    ref_logits = torch.randn(50, 6, generator=g)
+    cand_logits = ref_logits + 0.3 * torch.randn(50, 6, generator=g)
+    ref_ids, cand_ids = ref_logits.topk(2, dim=1).indices, cand_logits.topk(2, dim=1).indices
+    whole = routing_metrics(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold=0.05)
+    blocked = routing_metrics(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold=0.05, chunk_elements=7)
+    assert whole.flips > 3 and whole.flips_at_ties and whole.flips_moved and whole.near_ties
+    assert whole.flips_inconsistent == 0  # both chose the top-k of their own logits
+    assert blocked == whole
 
 
 def test_routing_empty():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ class CompareOptions:
     noise_factor: float = 2.0  # with a baseline: rel_l2 within this many noise floors passes
     verify: bool = True  # check every tensor's sha256 while reading it
     prefetch: bool = True  # read the next tensors while measuring the current ones
+    threads: int = 0  # threads measuring one tensor's rows in parallel; 0: one per core, at most 8
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ class _Context:
     options: CompareOptions
     head: str
     dtypes: tuple[str | None, str | None]
+    map_fn: Callable = map  # measures row ranges of one tensor, in parallel when a pool's map
+    parts: int = 1
     tolerances: dict = field(default_factory=dict)  # name -> (kind, Tolerance)
 
     def judge_for(self, name: str, prompt: int) -> tuple[str, Tolerance]:
@@ -219,9 +223,9 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
             experts = _num_experts(ids, logits)
             a, b = _dense(a, ids["ref"], experts), _dense(b, ids["cand"], experts)
             base = _dense(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
-        tm = tensor_metrics(a, b, tol.rtol, tol.atol)
+        tm = tensor_metrics(a, b, tol.rtol, tol.atol, map_fn=ctx.map_fn, parts=ctx.parts)
         lm = logits_metrics(a, b, ctx.options.logits_topk) if kind == "logits" else None
-        floor = tensor_metrics(a, base) if base is not None else None
+        floor = tensor_metrics(a, base, map_fn=ctx.map_fn, parts=ctx.parts) if base is not None else None
         out[name] = PromptResult(p, tm, lm, None, floor, _judge(tol, tm, lm, None, floor, ctx.options))
     return out
 
@@ -288,12 +292,16 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     ctx = _Context(ref, cand, baseline, options, anatomy.get("head") or "lm_head", (_compute_dtype(ref), _compute_dtype(cand)))
     results: dict[str, list[PromptResult]] = {name: [] for name in plan.names}
     done = 0
-    for p, unit, tensors in _stream({"ref": ref, "cand": cand, "base": baseline}, plan, options.verify, options.prefetch):
-        for name, result in _measure_unit(ctx, p, unit, tensors).items():
-            results[name].append(result)
-        done += sum(x.numel() * x.element_size() for x in tensors.values())
-        if progress is not None:
-            progress(done, plan.total_bytes)
+    threads = options.threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
+        ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
+        for p, unit, tensors in _stream({"ref": ref, "cand": cand, "base": baseline}, plan, options.verify,
+                                        options.prefetch):
+            for name, result in _measure_unit(ctx, p, unit, tensors).items():
+                results[name].append(result)
+            done += sum(x.numel() * x.element_size() for x in tensors.values())
+            if progress is not None:
+                progress(done, plan.total_bytes)
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
     rows = _with_growth(rows, anatomy.get("layers_path") or "model.layers", anatomy.get("embed") or "model.embed_tokens")
     first = next((r for r in rows if not r.passed), None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -52,65 +53,110 @@ def _block_rows(width: int, chunk_elements: int) -> int:
 
 
 def tensor_metrics(ref: torch.Tensor, cand: torch.Tensor, rtol: float | None = None,
-                   atol: float | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> TensorMetrics:
+                   atol: float | None = None, chunk_elements: int = CHUNK_ELEMENTS,
+                   map_fn: Callable = map, parts: int = 1) -> TensorMetrics:
     """Error metrics of `cand` against `ref` (same shape). `rtol`/`atol` also count allclose
     violations. Identical non-finite values (NaN and NaN, +Inf and +Inf) agree; any other
-    position holding a NaN or Inf is a `nonfinite_mismatch` and is left out of the error sums."""
+    position holding a NaN or Inf is a `nonfinite_mismatch` and is left out of the error sums.
+    The rows are measured in `parts` contiguous ranges through `map_fn` (an executor's `map`
+    measures them in parallel threads); the result does not depend on either."""
     if ref.shape != cand.shape:
         raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(cand.shape)}")
+    allclose = rtol is not None or atol is not None
     if ref.numel() == 0:
-        return TensorMetrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, (0, 0), (0, 0), 0, None,
-                             0 if (rtol is not None or atol is not None) else None)
+        return TensorMetrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, (0, 0), (0, 0), 0, None, 0 if allclose else None)
     a2, b2 = _rows(ref), _rows(cand)
     rows, width = a2.shape
     step = _block_rows(width, chunk_elements)
-    buf = torch.empty((min(step, rows), width), dtype=torch.float64)
-    x_buf, y_buf = buf, torch.empty_like(buf)
-    count = sum_abs = max_abs = saa = sbb = sdd = 0.0
-    nan_a = nan_b = inf_a = inf_b = mismatch = 0
-    violations = 0 if (rtol is not None or atol is not None) else None
+    parts = max(1, min(parts, -(-rows // step)))  # no range smaller than one block
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    total = _Sums(violations=0 if allclose else None)
+    for part in map_fn(lambda r: _accumulate(a2, b2, r[0], r[1], step, rtol, atol, allclose), ranges):
+        total.merge(part)
+    t = total
+    # <a, b> from the three sums of squares: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>.
+    sab = (t.saa + t.sbb - t.sdd) / 2.0
+    return TensorMetrics(
+        numel=ref.numel(), max_abs=t.max_abs, mean_abs=t.sum_abs / t.count if t.count else 0.0,
+        rel_l2=_ratio(math.sqrt(t.sdd), math.sqrt(t.saa)), cosine=_cosine(sab, t.saa, t.sbb, t.sdd),
+        sqnr_db=_sqnr_db(t.saa, t.sdd), nan=(t.nan_a, t.nan_b), inf=(t.inf_a, t.inf_b),
+        nonfinite_mismatch=t.mismatch, worst_token=t.first_mismatch if t.first_mismatch is not None else t.worst_row,
+        violations=t.violations,
+    )
+
+
+@dataclass
+class _Sums:
+    """Running sums over a range of rows; `merge` adds a later range."""
+    count: int = 0  # finite pairs
+    sum_abs: float = 0.0
+    max_abs: float = 0.0
+    saa: float = 0.0
+    sbb: float = 0.0
+    sdd: float = 0.0
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    mismatch: int = 0
     first_mismatch: int | None = None
-    worst_err, worst_row = 0.0, None
-    # Only elementwise and reduction kernels: BLAS calls (dot) on small blocks are slow when
-    # BLAS threads compete with other processes, and blocks below torch's parallel grain size
-    # keep every kernel single-threaded and in cache.
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
+    worst_err: float = 0.0  # largest per-token squared error
+    worst_row: int | None = None
+    violations: int | None = None
+
+    def merge(self, o: _Sums) -> None:
+        for name in ("count", "sum_abs", "saa", "sbb", "sdd", "nan_a", "nan_b", "inf_a", "inf_b", "mismatch"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        self.max_abs = max(self.max_abs, o.max_abs)
+        if self.first_mismatch is None:
+            self.first_mismatch = o.first_mismatch
+        if o.worst_err > self.worst_err:
+            self.worst_err, self.worst_row = o.worst_err, o.worst_row
+        if self.violations is not None:
+            self.violations += o.violations
+
+
+def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: int, rtol: float | None,
+                atol: float | None, allclose: bool) -> _Sums:
+    """Sums over rows [begin, end), converted to float64 `step` rows at a time. Only elementwise
+    and reduction kernels on blocks below torch's parallel grain size: each kernel runs serially
+    in cache (BLAS dot or OpenMP regions on small blocks cost more than they save, and stall
+    badly when other processes share the cores)."""
+    s = _Sums(violations=0 if allclose else None)
+    x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64)
+    y_buf = torch.empty_like(x_buf)
+    for start in range(begin, end, step):
+        n = min(step, end - start)
         x, y = x_buf[:n], y_buf[:n]
         x.copy_(a2[start:start + n])
         y.copy_(b2[start:start + n])
         xa, ya = _sum_squares(x), _sum_squares(y)
         if not (math.isfinite(xa) and math.isfinite(ya)):  # rare: count and mask non-finite values
             counts = _mask_nonfinite(x, y)
-            nan_a, nan_b, inf_a, inf_b = nan_a + counts[0], nan_b + counts[1], inf_a + counts[2], inf_b + counts[3]
-            mismatch += counts[4]
-            if counts[4] and first_mismatch is None:
-                first_mismatch = start + counts[5]
-            count += counts[6]
+            s.nan_a, s.nan_b, s.inf_a, s.inf_b = s.nan_a + counts[0], s.nan_b + counts[1], s.inf_a + counts[2], \
+                s.inf_b + counts[3]
+            s.mismatch += counts[4]
+            if counts[4] and s.first_mismatch is None:
+                s.first_mismatch = start + counts[5]
+            s.count += counts[6]
             xa, ya = _sum_squares(x), _sum_squares(y)
         else:
-            count += x.numel()
-        saa, sbb = saa + xa, sbb + ya
+            s.count += x.numel()
+        s.saa, s.sbb = s.saa + xa, s.sbb + ya
         d = y.sub_(x)  # b - a, in y's buffer
-        per_token = torch.linalg.vector_norm(d, 2, dim=1)  # [n] error norm per token
-        sdd += per_token.square().sum().item()
+        per_token = torch.linalg.vector_norm(d, 2, dim=1).square_()  # [n] squared error per token
+        s.sdd += per_token.sum().item()
         value, index = torch.max(per_token, dim=0)
-        if value.item() > worst_err:
-            worst_err, worst_row = value.item(), start + int(index)
+        if value.item() > s.worst_err:
+            s.worst_err, s.worst_row = value.item(), start + int(index)
         d.abs_()
-        max_abs = max(max_abs, d.max().item())
-        sum_abs += d.sum().item()
-        if violations is not None:
+        s.max_abs = max(s.max_abs, d.amax().item())  # amax: twice as fast as max() on CPU
+        s.sum_abs += d.sum().item()
+        if allclose:
             limit = x.abs_().mul_(rtol or 0.0).add_(atol or 0.0)
-            violations += int((d > limit).sum())
-    # <a, b> from the three sums of squares: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>.
-    sab = (saa + sbb - sdd) / 2.0
-    return TensorMetrics(
-        numel=ref.numel(), max_abs=max_abs, mean_abs=sum_abs / count if count else 0.0,
-        rel_l2=_ratio(math.sqrt(sdd), math.sqrt(saa)), cosine=_cosine(sab, saa, sbb, sdd),
-        sqnr_db=_sqnr_db(saa, sdd), nan=(nan_a, nan_b), inf=(inf_a, inf_b), nonfinite_mismatch=mismatch,
-        worst_token=first_mismatch if first_mismatch is not None else worst_row, violations=violations,
-    )
+            s.violations += int((d > limit).sum())
+    return s
 
 
 def _sum_squares(x: torch.Tensor) -> float:
@@ -216,7 +262,8 @@ class RoutingMetrics:
 
 
 def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
-                    cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3) -> RoutingMetrics:
+                    cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> RoutingMetrics:
     """Compare the expert choice of two runs. Scores are s = sigmoid(router logit): the
     selection score of sigmoid routers before their (unrecorded) correction bias, and a
     monotone map of softmax routers' logits, so top-k by s is top-k by logit.
@@ -237,36 +284,59 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
     tokens, k = ids_a.shape
     if tokens == 0 or k == 0:
         return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold)
-    inter = (ids_a.unsqueeze(2) == ids_b.unsqueeze(1)).any(dim=2).sum(dim=1)  # [n]
-    same = inter == k
-    flips = ~same
-    n_flips = int(flips.sum())
-    jaccard = (inter.double() / (2 * k - inter).double()).mean().item()
+    z_a = _rows(ref_logits) if ref_logits is not None else None
+    z_b = _rows(cand_logits) if cand_logits is not None and z_a is not None else None
+    width = max(k * k, z_a.shape[1] if z_a is not None else 1)
+    c = dict(same=0, flips=0, not_topk=0, near=0, ref_ties=0, bound_ties=0, inconsistent=0)
+    jaccard = 0.0
+    step = _block_rows(width, chunk_elements)
+    for start in range(0, tokens, step):  # blocks keep every kernel small and serial
+        a, b = ids_a[start:start + step], ids_b[start:start + step]
+        inter = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)  # [n]
+        flips = inter != k
+        c["same"] += int((~flips).sum())
+        c["flips"] += int(flips.sum())
+        jaccard += (inter.double() / (2 * k - inter).double()).sum().item()
+        if z_a is None:
+            continue
+        margin = _margin(z_a[start:start + step], a)
+        near = margin < tie_threshold
+        c["not_topk"] += int((margin < 0).sum())
+        c["near"] += int(near.sum())
+        c["ref_ties"] += int((flips & near).sum())
+        if z_b is not None and bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
+            rows = flips.nonzero().squeeze(1) + start
+            s_a, s_b = torch.sigmoid(z_a[rows].double()), torch.sigmoid(z_b[rows].double())
+            chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a[rows], True)
+            chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b[rows], True)
+            bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
+            c["inconsistent"] += int((bound <= 0).sum())
+            c["bound_ties"] += int(((bound > 0) & (bound < tie_threshold)).sum())
     not_topk = near = at_ties = moved = inconsistent = None
-    if ref_logits is not None:
-        s = torch.sigmoid(_rows(ref_logits).double())
-        chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids_a, True)
-        margin = _margin(s, chosen)
-        not_topk = int((margin < 0).sum())
-        if not_topk == 0:
-            near = int((margin < tie_threshold).sum())
-            at_ties = int((flips & (margin < tie_threshold)).sum())
-            moved = n_flips - at_ties
-        if cand_logits is not None:
-            s_b = torch.sigmoid(_rows(cand_logits).double())
-            chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b, True)
-            bound = _flip_bound(s - s_b, chosen & ~chosen_b, chosen_b & ~chosen)
-            inconsistent = int((flips & (bound <= 0)).sum())
-            at_ties = int((flips & (bound > 0) & (bound < tie_threshold)).sum())
-            moved = n_flips - at_ties - inconsistent
-    return RoutingMetrics(tokens, k, float(same.double().mean()), jaccard, n_flips, not_topk,
-                          near, at_ties, moved, inconsistent, tie_threshold)
+    if z_a is not None:
+        not_topk = c["not_topk"]
+        if not_topk == 0:  # the reference chose the top-k of its logits: its margins are exact
+            near, at_ties = c["near"], c["ref_ties"]
+        if z_b is not None:
+            at_ties, inconsistent = c["bound_ties"], c["inconsistent"]
+        if at_ties is not None:
+            moved = c["flips"] - at_ties - (inconsistent or 0)
+    return RoutingMetrics(tokens, k, c["same"] / tokens, jaccard / tokens, c["flips"], not_topk, near, at_ties,
+                          moved, inconsistent, tie_threshold)
 
 
-def _margin(s: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Per token: weakest chosen score minus strongest rejected score (inf if all are chosen)."""
-    weakest = torch.where(chosen, s, math.inf).min(dim=1).values
-    strongest = torch.where(chosen, -math.inf, s).max(dim=1).values
+def _margin(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per token: weakest chosen score minus strongest rejected score, s = sigmoid(logit)
+    (inf when every expert is chosen). The strongest rejected expert is always among the k+1
+    largest logits (k+1 experts, at most k of them chosen), so no pass over all experts is
+    needed beyond one top-k."""
+    k, experts = ids.shape[1], logits.shape[1]
+    weakest = torch.sigmoid(logits.gather(1, ids).double()).min(dim=1).values
+    if experts <= k:
+        return torch.full_like(weakest, math.inf)
+    values, index = logits.topk(k + 1, dim=1)
+    rejected = ~(index.unsqueeze(2) == ids.unsqueeze(1)).any(dim=2)  # [n, k+1]
+    strongest = torch.where(rejected, torch.sigmoid(values.double()), -math.inf).max(dim=1).values
     return weakest - strongest
 
 
