@@ -38,3 +38,12 @@ def tiny_llama():
     from layerwise.models import resolve_model
 
     return resolve_model("builtin:llama-tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    """The real SmolLM2 GGUF loaded once on the CPU in fp32 (sdpa): slow, shared by the tests that need it."""
+    from layerwise import loading
+
+    return loading.load_model("builtin:smollm2", loading.LoadOptions(device_map="cpu", dtype="fp32",
+                                                                     attn_implementation="sdpa"), with_tokenizer=False)

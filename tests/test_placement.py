@@ -113,6 +113,7 @@ def test_tiny_split_over_two_gpus(tiny_meta):
     (["model.layers.1", "model.layers.2", "model.layers.3.self_attn", "model.layers.5"],
      "layers 1-2 + layers.3.self_attn + layers 5"),
     ([""], "whole model"),
+    (["model.norm", "model.rotary_emb", "lm_head", "model.layers"], "layers 0-3 + norm + rotary_emb + lm_head"),
     ([], "(nothing)"),
 ])
 def test_summarize_modules(tiny_meta, names, expected):

@@ -110,11 +110,13 @@ def require_complete(directory: Path) -> CheckpointReport:
     return report
 
 
-def read_tensors(directory: Path, names: list[str], device: str = "cpu") -> dict:
-    """Read the named tensors from their shards onto `device`, one shard open at a time."""
+def read_tensors(directory: Path, names: list[str], device: str = "cpu", wmap: dict[str, str] | None = None) -> dict:
+    """Read the named tensors from their shards onto `device`, one shard open at a time.
+    `wmap` is the checkpoint's weight map when the caller already holds it (a large index takes
+    a while to parse)."""
     from safetensors import safe_open
 
-    wmap = weight_map(Path(directory))
+    wmap = weight_map(Path(directory)) if wmap is None else wmap
     by_shard: dict[str, list[str]] = {}
     for name in names:
         if name not in wmap:

@@ -106,6 +106,68 @@ def cmd_load(args) -> int:
     return EXIT_OK
 
 
+def _progress_bar(total_prompts: int):
+    """A live bar on stderr (prompts done, GB written, per-GPU memory); None when not a terminal."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    from . import machine
+
+    bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, leave=False)
+
+    def update(p):
+        bar.n = p.prompts_done
+        mem = " ".join(f"cuda:{m.index} {m.allocated_bytes / 1e9:.1f}/{m.total_bytes / 1e9:.0f}GB"
+                       for m in machine.gpu_memory())
+        bar.set_postfix_str(f"{p.bytes_written / 1e9:.2f} GB written {mem}".strip())
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_extract(args) -> int:
+    from .extract import ExtractOptions, extract, gather_prompts
+    from .sizes import format_bytes
+
+    d = ExtractOptions()
+    options = ExtractOptions(
+        points=args.points, layers=args.layers,
+        batch_size=d.batch_size if args.batch_size is None else args.batch_size,
+        max_tokens=args.max_tokens, chat_template=args.chat_template, overwrite=args.overwrite,
+        pinned_budget_gib=d.pinned_budget_gib if args.pinned_gib is None else args.pinned_gib,
+    )
+    items = gather_prompts(args.prompt, args.prompts)
+    update, close = _progress_bar(len(items))
+    try:
+        if args.stream:
+            from .streaming import StreamOptions, stream_extract
+
+            result, stats = stream_extract(args.model, args.out, items, options, StreamOptions(
+                device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation), progress=None)
+            print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
+                  f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
+                  f"{format_bytes(stats.peak_device_bytes)}")
+        else:
+            result = extract(args.model, args.out, items, options, _load_options(args), progress=update)
+    finally:
+        close()
+    resumed = f", {result.resumed_batches} batch(es) already on disk" if result.resumed_batches else ""
+    print(f"wrote run {result.path}: {result.prompts} prompt(s), {result.tensors} tensors, "
+          f"{format_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}; "
+          f"forward {result.forward_seconds:.2f} s; peak host RAM {format_bytes(result.peak_rss_bytes)}, "
+          f"pinned {format_bytes(result.pinned_peak_bytes)}")
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    from .importer import import_run
+
+    manifest = import_run(args.src, args.out, args.rename, args.overwrite, args.model)
+    print(f"wrote run {args.out}: {len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+    return EXIT_OK
+
+
 def _parse_prompts(text: str | None) -> tuple[int, ...] | None:
     """"0,2" or "0-3,7" -> (0, 2) / (0, 1, 2, 3, 7)."""
     if text is None:
@@ -223,6 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_load)
+
+    from .capture import DEFAULT_POINTS, POINTS
+    from .extract import ExtractOptions
+
+    d = ExtractOptions()
+    p = sub.add_parser("extract", help="capture every layer's activations for some prompts into a run directory")
+    p.add_argument("model", help="MODEL")
+    p.add_argument("--out", required=True, help="run directory to write (resumed if it holds the same run)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", action="append", help="a file: one prompt per line, or JSONL with text or token_ids")
+    p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="refuse prompts longer than this")
+    p.add_argument("--points", default=None,
+                   help=f"what to capture, comma list of {','.join(POINTS)} (default: {','.join(DEFAULT_POINTS)})")
+    p.add_argument("--layers", default=d.layers, help="restrict to these layers, e.g. 0-9,20 (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"prompts per forward pass (default: {d.batch_size})")
+    p.add_argument("--pinned-gib", type=float, default=None,
+                   help=f"host memory for in-flight GPU->host copies (default: {d.pinned_budget_gib})")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.add_argument("--stream", action="store_true",
+                   help="one decoder layer at a time on one device, for models larger than the GPUs")
+    p.add_argument("--device", default=None, help="the device for --stream (default: cuda:0, else cpu)")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("import", help="turn tensors from another engine (.npy/.pt/.safetensors) into a run")
+    p.add_argument("src", help="directory: 0/, 1/, ... with <module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--rename", action="append", help="REGEX=REPLACEMENT applied to tensor names (repeatable)")
+    p.add_argument("--model", default=None, help="record this model spec in the run (optional)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.set_defaults(func=cmd_import)
 
     _add_compare(sub)
     return parser

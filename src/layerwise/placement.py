@@ -229,7 +229,7 @@ def plan_placement(
     total = sizes[""]
     spilled = sum(r.weight_bytes for r in devices if r.device in _SPILL_DEVICES)
     layers_on_gpu = sum(1 for i in range(anatomy.num_layers)
-                        if _device_of(final_map, anatomy.layer(i)) not in _SPILL_DEVICES)
+                        if device_of(final_map, anatomy.layer(i)) not in _SPILL_DEVICES)
     return Plan(
         model=model_name, dtype=models.dtype_name(dtype), strategy=device_map if isinstance(device_map, str) else _describe_map(device_map),
         tokens=tokens, devices=tuple(devices), device_map=final_map, total_weight_bytes=total,
@@ -256,7 +256,7 @@ def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: in
         with models.quiet_transformers():
             device_map = dict(_get_device_map(model, strategy, max_memory, None))
         used = _weights_per_device(device_map, sizes)
-        head_device = _device_of(device_map, anatomy.head_path)
+        head_device = device_of(device_map, anatomy.head_path)
         over = False
         for gpu, cap in capacity.items():
             need = used.get(gpu, 0) + reserve.per_gpu_bytes + (reserve.head_bytes if gpu == head_device else 0)
@@ -272,14 +272,14 @@ def _check_map_covers(device_map: dict, model) -> dict:
     if "" in device_map:
         return dict(device_map)
     names = [n for n, _ in model.named_parameters()]
-    uncovered = [n for n in names if _device_of(device_map, n) is None]
+    uncovered = [n for n in names if device_of(device_map, n) is None]
     if uncovered:
         raise UserError(f"device map leaves {len(uncovered)} parameters unplaced (first: {uncovered[0]}): "
                         "map every module, or add an entry for \"\"")
     return dict(device_map)
 
 
-def _device_of(device_map: dict, name: str):
+def device_of(device_map: dict, name: str):
     """The device a module path lands on: its own entry or its closest mapped ancestor."""
     probe = name
     while True:
@@ -301,7 +301,7 @@ def _device_rows(device_map, sizes, capacity, cpu_bytes, reserve: Reserve, anato
     by_device: dict = {}
     for name, device in device_map.items():
         by_device.setdefault(device, []).append(name)
-    head_device = _device_of(device_map, anatomy.head_path)
+    head_device = device_of(device_map, anatomy.head_path)
     order = sorted(by_device, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else _SPILL_DEVICES.index(d)))
     rows = []
     for device in order:
@@ -329,7 +329,10 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
             parts.append(f"layers {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}")
             run.clear()
 
-    for name in names:
+    expanded = []
+    for name in names:  # a whole layer list on one device reads as its layer range
+        expanded.extend([f"{layer_prefix}{i}" for i in range(anatomy.num_layers)] if name == anatomy.layers_path else [name])
+    for name in sorted(expanded, key=lambda n: _summary_rank(n, anatomy)):
         if name == "":
             parts.append("whole model")
             continue
@@ -344,6 +347,17 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
         parts.append(name[len(base):] if base and name.startswith(base) else name)
     flush()
     return " + ".join(parts) if parts else "(nothing)"
+
+
+def _summary_rank(name: str, anatomy: Anatomy) -> tuple:
+    """Model order for a device's module list: embedding, layers by index, the rest as given."""
+    if name == anatomy.embed_path:
+        return (0, 0)
+    prefix = anatomy.layers_path + "."
+    if name.startswith(prefix):
+        index = name[len(prefix):].split(".")[0]
+        return (1, int(index) if index.isdigit() else 0)
+    return (2, 0)
 
 
 def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:

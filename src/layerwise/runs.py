@@ -67,7 +67,7 @@ def group_file(prompt: int, group: str) -> str:
 
 
 # Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_ids": 2, "topk_weights": 3, "output": 4}
+_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_weights": 2, "topk_ids": 3, "output": 4}
 
 
 def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
@@ -100,12 +100,59 @@ def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "
     return (*stage, _ROLE_ORDER.get(role, 5), module, role)
 
 
-def sha256_of(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
-    t = tensor.detach().contiguous().reshape(-1)
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU."""
+    t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def sha256_of(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
+    return hashlib.sha256(_raw_bytes(tensor)).hexdigest()
+
+
+_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
+    pass keeps running while files are written) and put each tensor's sha256 in the metadata.
+    Returns the bytes of tensor data written."""
+    views = {name: _raw_bytes(t) for name, t in tensors.items()}
+    meta = dict(metadata)
+    header: dict = {}
+    offset = 0
+    for name, t in tensors.items():
+        meta[_HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
+        size = views[name].nbytes
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for view in views.values():
+            fh.write(view)
+    return offset
+
+
+def is_io_error(err: BaseException) -> bool:
+    """An OSError, or safetensors' own error wrapping one ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
+
+
+def io_reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).rpartition("I/O error: ")[2].strip() or str(err)
 
 
 def library_versions() -> dict:
@@ -124,7 +171,8 @@ def library_versions() -> dict:
 def config_sha256(config) -> str:
     """A stable hash of a model config (its JSON without volatile fields)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"):
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
+                     "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -142,7 +190,8 @@ class RunWriter:
     """
 
     def __init__(self, path: str | os.PathLike, intent: dict, overwrite: bool = False,
-                 threads: int = 4, queue_depth: int = 8):
+                 threads: int | None = None, queue_depth: int = 16):
+        threads = threads or max(2, min(8, (os.cpu_count() or 2)))
         self.path = Path(path)
         self.intent = intent
         self._prepare(overwrite)
@@ -207,26 +256,20 @@ class RunWriter:
                 self._queue.task_done()
 
     def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor]) -> int:
-        from safetensors.torch import save_file
-
         rel = group_file(prompt, group)
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        contiguous = {name: t.contiguous() for name, t in tensors.items()}
-        metadata = {_HASH_KEY + name: sha256_of(t) for name, t in contiguous.items()}
-        metadata["prompt"] = str(prompt)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         try:
-            save_file(contiguous, str(tmp), metadata=metadata)
+            written = write_safetensors(tmp, tensors, {"prompt": str(prompt)})
             os.replace(tmp, target)
-        except OSError as err:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {target}: {err.strerror or err} (is the disk full?); "
-                            "the run is left incomplete, rerun the same command to resume") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            if is_io_error(err):
+                raise UserError(f"cannot write {target}: {io_reason(err)} (is the disk full?); "
+                                "the run is left incomplete, rerun the same command to resume") from None
             raise
-        return sum(t.numel() * t.element_size() for t in contiguous.values())
+        return written
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -155,7 +155,15 @@ def tiny_checkpoint(name: str) -> Path:
     log.info("writing built-in checkpoint %s to %s", name, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _write_tiny_checkpoint(builtin.config(), staging)
+        try:
+            _write_tiny_checkpoint(builtin.config(), staging)
+        except BaseException as err:
+            from .runs import io_reason, is_io_error
+
+            if is_io_error(err):
+                raise UserError(f"cannot write built-in checkpoint {name} to {target.parent}: {io_reason(err)} "
+                                "(set LAYERWISE_CACHE to a directory with room)") from None
+            raise
         os.chmod(staging, 0o755)
         try:
             os.rename(staging, target)  # atomic: the directory appears complete or not at all

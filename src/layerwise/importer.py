@@ -1,0 +1,144 @@
+"""`layerwise import`: tensors produced elsewhere (another engine, a custom port) into a run.
+
+SRC is either
+- one sub-directory per prompt (`0/`, `1/`, ...), each with one `.npy` or `.pt` file per tensor
+  named `<module path>.<role>.npy` and the prompt's token ids in `tokens.npy` (or `tokens.pt`), or
+- one `.safetensors` file per prompt (`0.safetensors`, ...) whose keys are `<module path>:<role>`
+  plus `tokens`.
+`--rename REGEX=REPLACEMENT` rewrites foreign tensor names (applied in order to the full
+`<module path>:<role>` name). Shapes `[seq, ...]` and `[1, seq, ...]` are both accepted; the
+sequence length must match the prompt's tokens. `.pt` files are read with `weights_only=True`
+(no code from the file is run).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runs
+from .errors import UserError
+
+_LAYER_GROUP = re.compile(r"^(.*?layers\.\d+)(?:\.|$)")
+
+
+def parse_renames(rules: list[str] | None) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for rule in rules or []:
+        if "=" not in rule:
+            raise UserError(f"--rename {rule!r} must read REGEX=REPLACEMENT")
+        pattern, replacement = rule.split("=", 1)
+        try:
+            out.append((re.compile(pattern), replacement))
+        except re.error as err:
+            raise UserError(f"--rename {rule!r}: bad regular expression ({err})") from None
+    return out
+
+
+def _rename(name: str, renames) -> str:
+    for pattern, replacement in renames:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def _load_array(path: Path) -> torch.Tensor:
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # numpy and torch raise many types for a bad file
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(value, torch.Tensor):
+        raise UserError(f"{path} holds a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict[str, Path]]]:
+    """[(prompt index, {raw name: tensor or file})], tokens under the name "tokens"."""
+    dirs = sorted((p for p in src.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    files = sorted((p for p in src.glob("*.safetensors") if p.stem.isdigit()), key=lambda p: int(p.stem))
+    if dirs and files:
+        raise UserError(f"{src} mixes per-prompt directories and .safetensors files: use one layout")
+    out: list = []
+    if dirs:
+        for d in dirs:
+            entries = {}
+            for f in sorted(d.iterdir()):
+                if f.suffix not in (".npy", ".pt"):
+                    continue
+                stem = f.name[: -len(f.suffix)]
+                if stem == "tokens":
+                    entries["tokens"] = f
+                    continue
+                module, _, role = stem.rpartition(".")
+                if role not in runs.ROLES or not module:
+                    raise UserError(f"{f} is not named <module path>.<role>{f.suffix} with a role in "
+                                    f"{', '.join(runs.ROLES)}")
+                entries[runs.tensor_name(module, role)] = f
+            out.append((int(d.name), entries))
+    elif files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                out.append((int(f.stem), {k: fh.get_tensor(k) for k in fh.keys()}))
+    else:
+        raise UserError(f"{src} holds neither per-prompt directories (0/, 1/, ...) nor 0.safetensors, 1.safetensors, ...")
+    indices = [i for i, _ in out]
+    if indices != list(range(len(indices))):
+        raise UserError(f"{src}: prompts must be numbered 0, 1, 2, ... without gaps (found {indices[:5]}...)")
+    return out
+
+
+def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: bool = False,
+               model: str | None = None) -> dict:
+    """Write a run from foreign tensors; returns its manifest."""
+    source = Path(src)
+    if not source.is_dir():
+        raise UserError(f"import source {src} is not a directory")
+    rules = parse_renames(renames)
+    prompts_data = _prompt_sources(source)
+    prompts = []
+    for index, entries in prompts_data:
+        if "tokens" not in entries:
+            raise UserError(f"prompt {index} in {src} has no tokens (tokens.npy or a 'tokens' key)")
+        tokens = entries["tokens"]
+        tokens = _load_array(tokens) if isinstance(tokens, Path) else tokens
+        prompts.append({"index": index, "text": None, "token_ids": [int(t) for t in tokens.reshape(-1).tolist()]})
+    intent = {
+        "producer": "layerwise import",
+        "model": {"spec": model or f"imported:{source.resolve()}", "model_type": None},
+        "settings": {"source": str(source.resolve()), "renames": list(renames or [])},
+        "prompts": prompts,
+    }
+    writer = runs.RunWriter(out, intent, overwrite)
+    try:
+        for (index, entries), prompt in zip(prompts_data, prompts):
+            seq = len(prompt["token_ids"])
+            groups: dict[str, dict[str, torch.Tensor]] = {}
+            for raw, value in entries.items():
+                if raw == "tokens":
+                    continue
+                name = _rename(raw, rules)
+                module, sep, role = name.rpartition(":")
+                if not sep or role not in runs.ROLES:
+                    raise UserError(f"tensor {raw!r} (renamed {name!r}) is not <module path>:<role> with a role in "
+                                    f"{', '.join(runs.ROLES)}")
+                tensor = _load_array(value) if isinstance(value, Path) else value
+                if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == seq:
+                    tensor = tensor[0]
+                if tensor.dim() == 0 or tensor.shape[0] != seq:
+                    raise UserError(f"tensor {raw} of prompt {index} has shape {list(tensor.shape)}; expected "
+                                    f"[{seq}, ...] or [1, {seq}, ...] for its {seq} tokens")
+                match = _LAYER_GROUP.match(module)
+                group = match.group(1) if match else module
+                groups.setdefault(group, {})[name] = tensor.contiguous()
+            for group, tensors in groups.items():
+                writer.put(index, group, tensors)
+        return writer.finish({"versions": runs.library_versions()})
+    except BaseException:
+        writer.abort()
+        raise

@@ -1,0 +1,122 @@
+"""Prompts: read them, tokenize them, and batch them deterministically.
+
+A prompt is text or a list of token ids. Files hold one prompt per line, or JSONL objects with
+`text` or `token_ids`. Batches are formed from the whole prompt list by length (longest first,
+so padding stays small) and never depend on what an interrupted run already wrote: the same
+prompts always give the same batches, hence the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    text: str | None
+    token_ids: tuple[int, ...]
+
+
+def read_prompt_file(path: str) -> list[str | list[int]]:
+    """Plain text (one prompt per non-empty line) or JSONL ({"text": ...} or {"token_ids": [...]})."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    jsonl = file.suffix.lower() in (".jsonl", ".json") or (lines and lines[0].lstrip().startswith("{"))
+    items: list[str | list[int]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            items.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {number} is not valid JSON ({err.msg}): each line must be "
+                            '{"text": ...} or {"token_ids": [...]}') from None
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            items.append(obj["text"])
+        elif isinstance(obj, dict) and isinstance(obj.get("token_ids"), list) and obj["token_ids"] \
+                and all(isinstance(t, int) and t >= 0 for t in obj["token_ids"]):
+            items.append([int(t) for t in obj["token_ids"]])
+        else:
+            raise UserError(f'{path} line {number} must be {{"text": "..."}} or {{"token_ids": [non-negative ints]}}')
+    if not items:
+        raise UserError(f"prompts file {path} holds no prompt")
+    return items
+
+
+def tokenize(items: list[str | list[int]], tokenizer, *, chat_template: bool = False,
+             max_tokens: int | None = None, context_length: int | None = None,
+             vocab_size: int | None = None) -> list[Prompt]:
+    """Turn texts into token ids (token-id prompts pass through) and check their length."""
+    if not items:
+        raise UserError("no prompt given: pass --prompt TEXT or --prompts FILE")
+    prompts = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if not item.strip():
+                raise UserError(f"prompt {index} is empty")
+            if tokenizer is None:
+                raise UserError("this model has no tokenizer: give prompts as token ids (JSONL with token_ids)")
+            if chat_template:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise UserError("--chat-template asked for, but the tokenizer has no chat template")
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], tokenize=True,
+                                                    add_generation_prompt=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = tokenizer(item)["input_ids"]
+            prompts.append(Prompt(index, item, tuple(int(t) for t in ids)))
+        else:
+            prompts.append(Prompt(index, None, tuple(item)))
+    for p in prompts:
+        if not p.token_ids:
+            raise UserError(f"prompt {p.index} has no tokens")
+        if max_tokens is not None and len(p.token_ids) > max_tokens:
+            raise UserError(f"prompt {p.index} has {len(p.token_ids)} tokens, more than --max-tokens {max_tokens}: "
+                            "shorten it or raise --max-tokens")
+        if context_length and len(p.token_ids) > context_length:
+            raise UserError(f"prompt {p.index} has {len(p.token_ids)} tokens, more than the model's context of "
+                            f"{context_length}")
+        if vocab_size is not None and max(p.token_ids) >= vocab_size:
+            raise UserError(f"prompt {p.index} has token id {max(p.token_ids)}, outside the vocabulary of {vocab_size}")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Batch:
+    prompts: tuple[Prompt, ...]  # in batch-row order
+    input_ids: torch.Tensor  # [B, S], right-padded
+    attention_mask: torch.Tensor  # [B, S], 1 on real tokens
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p.token_ids) for p in self.prompts]
+
+
+def make_batches(prompts: list[Prompt], batch_size: int, pad_id: int) -> list[Batch]:
+    """Longest first, `batch_size` per batch, right padding (real tokens keep positions 0..n-1)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    ordered = sorted(prompts, key=lambda p: (-len(p.token_ids), p.index))
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start:start + batch_size]
+        width = max(len(p.token_ids) for p in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, p in enumerate(group):
+            ids[row, :len(p.token_ids)] = torch.tensor(p.token_ids, dtype=torch.long)
+            mask[row, :len(p.token_ids)] = 1
+        batches.append(Batch(tuple(group), ids, mask))
+    return batches

@@ -1,0 +1,212 @@
+"""Streaming: run a model whose weights do not fit, one decoder layer at a time.
+
+`stream_extract` computes the same run as `extract`, on one device, without ever holding more
+than about two layers of weights: the embedding runs for every batch, then layer 0 for every
+batch, then layer 1, ... then the final norm and the head. Each layer is read straight from the
+safetensors shards onto the device (layer_loading.py); while layer K computes, a background
+thread reads layer K+1 (I/O only; building the module stays on this thread). The hidden states
+between layers stay on the device (or in pinned host memory when they would crowd it). Batches,
+masks, positions and rotary embeddings are those of the whole-model forward, so the tensors are
+bit-identical to `extract` on the same device and dtype (tested).
+
+The decoder loop assumed is transformers' standard one: embedding -> layers -> final norm ->
+head, nothing in between. Models that scale or mix between those steps are refused.
+Captures go through the same hooks and writer as `extract`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import capture, runs
+from .errors import UserError
+from .extract import ExtractOptions, ExtractResult, Progress, prepare, run_intent
+from .layer_loading import LayerOptions, open_layers
+from .loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Architectures whose forward does more than embed -> layers -> norm -> head (scaled embeddings,
+# per-layer inputs, ...): streaming them would silently differ from the real model.
+_NOT_STREAMABLE = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "falcon_h1", "granite", "granitemoe")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
+    dtype: str = "bf16"
+    attn_implementation: str | None = None
+    prefetch: bool = True  # read layer K+1 while layer K computes
+    activations_on_device_fraction: float = 0.25  # above this share of free device memory, keep them on the host
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    weights_read_bytes: int
+    read_seconds: float  # time spent in reads (overlapped with compute when prefetching)
+    wait_seconds: float  # time the compute thread waited for a layer's weights
+    peak_device_bytes: int
+
+
+def _default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _mask(config, layer_type: str, hidden: torch.Tensor, padding_mask: torch.Tensor, position_ids: torch.Tensor):
+    """The attention mask the whole model builds for this layer type (with the batch's padding)."""
+    from transformers import masking_utils
+
+    builder = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
+               "chunked_attention": "create_chunked_causal_mask"}.get(layer_type)
+    if builder is None:
+        raise UserError(f"streaming does not support {layer_type!r} layers: use extract without --stream")
+    # positional: the cache argument is `past_key_values` before transformers 5.2x and `cache` after
+    return getattr(masking_utils, builder)(config, hidden, padding_mask, None, position_ids)
+
+
+def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptions(),
+                   stream: StreamOptions = StreamOptions(), progress=None) -> tuple[ExtractResult, StreamStats]:
+    device = stream.device or _default_device()
+    source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=device,
+                                            attn_implementation=stream.attn_implementation))
+    config, anatomy = source.config, source.anatomy
+    if config.model_type in _NOT_STREAMABLE:
+        raise UserError(f"{config.model_type} models do more than embed -> layers -> norm -> head in their forward: "
+                        "streaming would not reproduce them; use extract without --stream")
+    tokenizer = load_tokenizer(source.ref)
+    points, layers, prompts, batches = prepare(tokenizer, config, anatomy, items, options)
+    targets = capture.plan_targets(anatomy, points, layers)
+    settings = {"dtype": str(source.dtype).removeprefix("torch."), "attn_implementation": stream.attn_implementation,
+                "device_map": device}
+    intent = run_intent(source.ref, config, type(source._meta).__name__, anatomy, prompts, points, layers, options,
+                        settings)
+    writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
+                            queue_depth=options.queue_depth)
+    collector = capture.Collector(writer, targets, int(options.pinned_budget_gib * 2**30))
+    by_module: dict[str, torch.nn.Module] = {}  # the modules the hooks of the current stage go on
+    by_stage: dict = {}
+    for t in targets:
+        by_stage.setdefault(_stage_of(t.module, anatomy), []).append(t)
+    start = time.perf_counter()
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    read_s = wait_s = 0.0
+    bytes_read = 0
+    try:
+        with torch.inference_mode():
+            # embedding
+            shared = source.load_shared(("embed",))
+            by_module[anatomy.embed_path] = shared["embed"]
+            hidden = []
+            with capture.Capture(None, by_stage.get("embed", []), collector, resolve=by_module.__getitem__):
+                for batch in batches:
+                    collector.start_batch(batch)
+                    hidden.append(shared["embed"](batch.input_ids.to(device)))
+            del shared, by_module[anatomy.embed_path]
+            hidden = _park(hidden, device, stream.activations_on_device_fraction)
+            # decoder layers, one at a time, the next one read in the background
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(source.read, 0)
+                for k in range(anatomy.num_layers):
+                    t0 = time.perf_counter()
+                    weights = pending.result()
+                    wait_s += time.perf_counter() - t0
+                    read_s += weights.seconds
+                    bytes_read += weights.bytes_read
+                    if stream.prefetch and k + 1 < anatomy.num_layers:
+                        pending = pool.submit(source.read, k + 1)
+                    layer = source.build(weights)
+                    del weights
+                    if not stream.prefetch and k + 1 < anatomy.num_layers:
+                        pending = pool.submit(source.read, k + 1)
+                    hidden = _run_layer(layer, k, anatomy, batches, hidden, collector, by_module,
+                                        by_stage.get(k, []), device)
+                    del layer
+                    if progress is not None:
+                        progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), writer.bytes_written,
+                                          time.perf_counter() - start))
+            # final norm and head
+            shared = source.load_shared(("norm", "head"))
+            norm, head = shared.get("norm"), shared["head"]
+            if norm is not None:
+                by_module[anatomy.norm_path] = norm
+            by_module[anatomy.head_path] = head
+            with capture.Capture(None, by_stage.get("final", []), collector, resolve=by_module.__getitem__):
+                for batch, h in zip(batches, hidden):
+                    collector.start_batch(batch)
+                    h = h.to(device, non_blocking=True)
+                    head(norm(h) if norm is not None else h)
+        collector.close()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
+        manifest = writer.finish({
+            "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes],
+            "versions": runs.library_versions(),
+            "stats": {"seconds": seconds, "bytes": writer.bytes_written, "streamed": True,
+                      "weights_read_bytes": bytes_read, "weights_read_seconds": read_s, "weights_wait_seconds": wait_s,
+                      "peak_device_bytes": peak},
+        })
+    except BaseException:
+        collector.abort()
+        writer.abort()
+        raise
+    finally:
+        source.close()
+    result = ExtractResult(
+        path=writer.path, prompts=len(prompts), tensors=len(manifest["tensors"]), bytes=writer.bytes_written,
+        seconds=seconds, forward_seconds=seconds - wait_s, resumed_batches=0,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        pinned_peak_bytes=collector.pinned_peak_bytes,
+    )
+    return result, StreamStats(bytes_read, read_s, wait_s, peak)
+
+
+def _stage_of(module: str, anatomy) -> str | int:
+    if module == anatomy.embed_path:
+        return "embed"
+    prefix = anatomy.layers_path + "."
+    if module.startswith(prefix):
+        return int(module[len(prefix):].split(".")[0])
+    return "final"
+
+
+def _park(hidden: list[torch.Tensor], device: str, fraction: float) -> list[torch.Tensor]:
+    """Keep the between-layer activations on the device unless they would take more than
+    `fraction` of its free memory; then in pinned host memory, moved per batch."""
+    if not device.startswith("cuda"):
+        return hidden
+    total = sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(device)
+    if total <= fraction * free:
+        return hidden
+    log.info("activations (%.1f GB) kept in host memory", total / 1e9)
+    return [h.to("cpu").pin_memory() for h in hidden]
+
+
+def _run_layer(layer, k, anatomy, batches, hidden, collector, by_module, targets, device):
+    """Layer k over every batch; returns the next hidden states (same placement as the input)."""
+    path = anatomy.layer(k)
+    by_module.clear()
+    by_module[path] = layer.module
+    for t in targets:
+        if t.module != path:
+            by_module[t.module] = layer.module.get_submodule(t.module[len(path) + 1:])
+    out = []
+    with capture.Capture(None, targets, collector, resolve=by_module.__getitem__):
+        for batch, h in zip(batches, hidden):
+            collector.start_batch(batch)
+            on_host = h.device.type == "cpu" and device != "cpu"
+            x = h.to(device, non_blocking=True)
+            position_ids = torch.arange(x.shape[1], device=x.device)[None]
+            mask = _mask(layer.config, layer.layer_type, x, batch.attention_mask.to(x.device), position_ids)
+            y = layer.module(x, attention_mask=mask, position_ids=position_ids,
+                             position_embeddings=layer.position_embeddings(x, position_ids))
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            out.append(y.to("cpu", non_blocking=True) if on_host else y)
+    return out

@@ -1,0 +1,103 @@
+"""import: foreign tensors become a run equal to what extract writes."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from layerwise import loading, runs
+from layerwise.extract import ExtractOptions, extract_model
+from layerwise.importer import import_run
+
+from helpers import assert_one_line_error, run_cli
+
+PROMPTS = ["The capital of France is", "Hello there"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return loading.load_model("builtin:llama-tiny", loading.LoadOptions(dtype="fp32"))
+
+
+def hf_hidden_states(loaded, text):
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = loaded.model(ids, output_hidden_states=True)
+    return ids[0], out
+
+
+def test_npy_import_equals_extract(tmp_path, llama):
+    """Another engine's dump (here transformers' output_hidden_states as .npy, in [1, seq, hidden]
+    and [seq, hidden] shapes) imports to exactly what extract captures."""
+    src = tmp_path / "src"
+    layers = llama.anatomy.num_layers
+    for p, text in enumerate(PROMPTS):
+        d = src / str(p)
+        d.mkdir(parents=True)
+        ids, out = hf_hidden_states(llama, text)
+        np.save(d / "tokens.npy", ids.numpy())
+        for k in range(layers - 1):
+            arr = out.hidden_states[k + 1].numpy()
+            np.save(d / f"model.layers.{k}.output.npy", arr if k % 2 else arr[0])
+        np.save(d / "model.layers.0.input.npy", out.hidden_states[0][0].numpy())
+        np.save(d / "model.norm.output.npy", out.hidden_states[layers][0].numpy())
+        np.save(d / "lm_head.output.npy", out.logits[0].numpy())
+    import_run(str(src), str(tmp_path / "imported"))
+    extract_model(llama, tmp_path / "extracted", PROMPTS, ExtractOptions(points="residual,norm,logits", batch_size=1))
+    imported, extracted = runs.open_run(tmp_path / "imported"), runs.open_run(tmp_path / "extracted")
+    assert imported.prompts[0]["token_ids"] == extracted.prompts[0]["token_ids"]
+    assert len(imported.names) == layers + 2
+    for name in imported.names:
+        for p in range(len(PROMPTS)):
+            assert torch.equal(imported.tensor(name, p), extracted.tensor(name, p)), (name, p)
+
+
+def test_safetensors_layout_with_renames(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    save_file({"tokens": torch.arange(5), "transformer.h.3.hidden:output": x,
+               "transformer.h.3.moe.router:topk_ids": torch.zeros(5, 2, dtype=torch.int32)}, str(src / "0.safetensors"))
+    code = import_run(str(src), str(tmp_path / "run"), renames=[r"^transformer\.h\.=model.layers.",
+                                                               r"\.hidden:=:", r"\.moe\.router:=.mlp.gate:"])
+    run = runs.open_run(tmp_path / "run")
+    assert set(run.names) == {"model.layers.3:output", "model.layers.3.mlp.gate:topk_ids"}
+    assert torch.equal(run.tensor("model.layers.3:output"), x)
+    assert code["producer"] == "layerwise import"
+
+
+def test_pt_files(tmp_path):
+    d = tmp_path / "src" / "0"
+    d.mkdir(parents=True)
+    torch.save(torch.tensor([1, 2, 3]), d / "tokens.pt")
+    torch.save(torch.ones(1, 3, 4, dtype=torch.bfloat16), d / "model.layers.0.output.pt")
+    import_run(str(tmp_path / "src"), str(tmp_path / "run"))
+    assert runs.open_run(tmp_path / "run").tensor("model.layers.0:output").shape == (3, 4)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    ("no_tokens", "has no tokens"),
+    ("bad_name", "is not named <module path>.<role>"),
+    ("bad_shape", "expected [3, ...] or [1, 3, ...]"),
+    ("gap", "numbered 0, 1, 2"),
+    ("empty", "holds neither"),
+])
+def test_import_errors(tmp_path, capsys, setup, fragment):
+    src = tmp_path / "src"
+    d = src / ("2" if setup == "gap" else "0")
+    d.mkdir(parents=True)
+    if setup != "no_tokens" and setup != "empty":
+        np.save(d / "tokens.npy", np.array([1, 2, 3]))
+    if setup == "bad_name":
+        np.save(d / "layer7.npy", np.zeros((3, 4), dtype=np.float32))
+    if setup == "bad_shape":
+        np.save(d / "model.layers.0.output.npy", np.zeros((4, 4), dtype=np.float32))
+    if setup == "empty":
+        d.rmdir()
+    code, _, err = run_cli(capsys, "import", src, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, fragment)
+
+
+def test_bad_rename_rule(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "([=x")
+    assert_one_line_error(code, err, "bad regular expression")

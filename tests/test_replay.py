@@ -1,0 +1,207 @@
+"""Layer replay against reference runs made by transformers' own forward (tests/reference_runs.py)."""
+
+import json
+
+import pytest
+import torch
+
+from layerwise import open_run, replay
+from layerwise.errors import UserError
+from layerwise.replay import ReplayOptions
+
+from helpers import copy_checkpoint
+from reference_runs import PROMPTS, make_reference_run
+
+MINIMAX = "builtin:minimax-m2-tiny"
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def output_errors(reference, candidate, layers) -> list[float]:
+    """Worst rel_l2 over prompts of each layer's output."""
+    return [max(rel_l2(candidate.tensor(f"model.layers.{k}:output", p["index"]),
+                       reference.tensor(f"model.layers.{k}:output", p["index"])) for p in reference.prompts)
+            for k in layers]
+
+
+def assert_identical(reference, candidate) -> None:
+    compared = 0
+    for name in candidate.names:
+        for p in reference.prompts:
+            if reference.has(name, p["index"]):
+                a, b = candidate.tensor(name, p["index"]), reference.tensor(name, p["index"])
+                assert a.dtype == b.dtype and torch.equal(a, b), \
+                    f"{name} prompt {p['index']}: {a.dtype} vs {b.dtype}, rel_l2 {rel_l2(a, b):.3g}"
+                compared += 1
+    assert compared >= len(reference.prompts) * 2
+
+
+@pytest.fixture(scope="module")
+def minimax_fp32_ref(tmp_path_factory):
+    return make_reference_run(MINIMAX, tmp_path_factory.mktemp("ref") / "fp32", "fp32", "sdpa")
+
+
+@pytest.mark.parametrize("dtype, attn", [("fp32", "sdpa"), ("bf16", "eager"), ("bf16", "sdpa")])
+def test_reference_settings_give_zero_error_on_every_layer(tmp_path, dtype, attn):
+    reference = make_reference_run(MINIMAX, tmp_path / "ref", dtype, attn)
+    result = replay.replay(MINIMAX, reference.path, list(range(4)), isolated=tmp_path / "iso",
+                           chained=tmp_path / "chain")
+    assert result.settings["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    assert result.settings["attn_implementation"] == attn
+    isolated, chained = open_run(result.isolated), open_run(result.chained)
+    # Every layer output, attention and MoE output, router logits, top-k ids and weights: bit-identical.
+    assert {"model.layers.2.self_attn:output", "model.layers.2.mlp:output", "model.layers.2.mlp.gate:topk_ids",
+            "model.layers.2.mlp.gate:router_logits", "model.layers.2.mlp.gate:topk_weights"} <= set(isolated.names)
+    assert_identical(reference, isolated)
+    assert_identical(reference, chained)
+    assert isolated.manifest["settings"]["replay"] == "isolated" and isolated.prompts == reference.prompts
+
+
+def test_multi_range_chains_from_first_layer(tmp_path, minimax_fp32_ref):
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, [1, 2], chained=tmp_path / "chain")
+    run = open_run(result.chained)
+    assert {n.split(":")[0] for n in run.names} >= {"model.layers.1", "model.layers.2"}
+    assert not any(n.startswith("model.layers.0") or n.startswith("model.layers.3") for n in run.names)
+    assert_identical(minimax_fp32_ref, run)
+
+
+@pytest.mark.slow
+def test_smollm2_every_layer_zero_error(tmp_path, smollm2_fp32):
+    prompts = [{"index": 0, "text": "The capital of France is", "token_ids": [504, 3575, 282, 4649, 314]}]
+    reference = make_reference_run("builtin:smollm2", tmp_path / "ref", "fp32", "sdpa", prompts, loaded=smollm2_fp32)
+    result = replay.replay("builtin:smollm2", reference.path, list(range(30)), isolated=tmp_path / "iso")
+    assert_identical(reference, open_run(result.isolated))
+
+
+def _perturb(src, dst, tensor: str, scale: float) -> str:
+    """A copy of a checkpoint with one tensor scaled: a 'broken port' of that layer."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = copy_checkpoint(src, dst)
+    shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+    with safe_open(str(shard), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    tensors[tensor] = (tensors[tensor].float() * scale).to(tensors[tensor].dtype)
+    save_file(tensors, str(shard), metadata=metadata)
+    return str(ckpt)
+
+
+def test_perturbed_layer_fails_alone_isolated_and_onward_propagated(tmp_path, tiny_minimax, minimax_fp32_ref):
+    broken = _perturb(tiny_minimax.path, tmp_path / "broken", "model.layers.2.self_attn.o_proj.weight", 1.05)
+    result = replay.replay(broken, minimax_fp32_ref.path, list(range(4)), isolated=tmp_path / "iso",
+                           chained=tmp_path / "chain")
+    isolated = output_errors(minimax_fp32_ref, open_run(result.isolated), range(4))
+    propagated = output_errors(minimax_fp32_ref, open_run(result.chained), range(4))
+    table = "\n".join(f"layer {k}: isolated {i:.2e} propagated {p:.2e}"
+                      for k, (i, p) in enumerate(zip(isolated, propagated)))
+    assert [k for k, e in enumerate(isolated) if e > 1e-6] == [2], table
+    assert [k for k, e in enumerate(propagated) if e > 1e-6] == [2, 3], table
+    assert isolated[2] > 1e-3, table
+
+
+def test_from_scratch_candidate_passes_within_fp32_tolerance(tmp_path, minimax_fp32_ref):
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, list(range(4)), ReplayOptions(candidate="reference_minimax:factory"),
+                           isolated=tmp_path / "iso")
+    errors = output_errors(minimax_fp32_ref, open_run(result.isolated), range(4))
+    assert max(errors) < 1e-6, errors
+    assert open_run(result.isolated).manifest["settings"]["candidate"] == "reference_minimax:factory"
+
+
+@pytest.mark.parametrize("factory, threshold", [("full_rope_factory", 1e-2), ("bf16_router_factory", 3e-5)])
+def test_wrong_candidates_fail_on_every_layer(tmp_path, minimax_fp32_ref, factory, threshold):
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, list(range(4)),
+                           ReplayOptions(candidate=f"reference_minimax:{factory}"), isolated=tmp_path / "iso")
+    errors = output_errors(minimax_fp32_ref, open_run(result.isolated), range(4))
+    assert min(errors) > threshold, errors
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("no_such_module_xyz:factory", "cannot import no_such_module_xyz (ModuleNotFoundError"),
+    ("reference_minimax:nothing", "reference_minimax has no attribute nothing"),
+    ("reference_minimax:math", "math is a module, not callable"),
+    ("reference_minimax", "must be package.module:factory"),
+    ("/no/such/file.py:f", "does not exist"),
+])
+def test_candidate_that_cannot_be_used(source, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        replay.load_candidate(source)
+
+
+def test_candidate_from_a_file(tmp_path):
+    path = tmp_path / "my_layer.py"
+    path.write_text("def make(config, layer_index, weights):\n    return layer_index\n")
+    assert replay.load_candidate(f"{path}:make")(None, 3, {}) == 3
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("return torch.nn.Identity() if False else 7", "returned int for layer 0, not a torch.nn.Module"),
+    ("return Half()", "layer 0 returned (1, 11, 32) for an input of shape (1, 11, 64)"),
+])
+def test_candidate_with_wrong_result(tmp_path, minimax_fp32_ref, monkeypatch, body, fragment):
+    name = f"bad_layer_{len(body)}"  # a fresh module per case (imports are cached)
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n"
+        "class Half(torch.nn.Module):\n"
+        "    def forward(self, hidden_states, **kw):\n"
+        "        return hidden_states[..., :32]\n"
+        f"def make(config, layer_index, weights):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        replay.replay(MINIMAX, minimax_fp32_ref.path, [0], ReplayOptions(candidate=f"{name}:make"),
+                      isolated=tmp_path / "iso")
+    assert not (tmp_path / "iso" / "manifest.json").exists()
+
+
+def test_reference_from_another_model(tmp_path, minimax_fp32_ref):
+    with pytest.raises(UserError, match="made from a minimax_m2 model, not llama"):
+        replay.replay("builtin:llama-tiny", minimax_fp32_ref.path, [0], isolated=tmp_path / "iso")
+
+
+def test_reference_with_another_config(tmp_path, tiny_minimax, minimax_fp32_ref):
+    ckpt = copy_checkpoint(tiny_minimax.path, tmp_path / "m")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="made from another model config .* --allow-config-mismatch"):
+        replay.replay(str(ckpt), minimax_fp32_ref.path, [0], isolated=tmp_path / "iso")
+    result = replay.replay(str(ckpt), minimax_fp32_ref.path, [0], ReplayOptions(allow_config_mismatch=True),
+                           isolated=tmp_path / "iso")
+    assert "allowed" in result.notes[0]
+
+
+def test_reference_without_the_layer_input(tmp_path):
+    reference = make_reference_run(MINIMAX, tmp_path / "ref", "fp32", "sdpa", PROMPTS[:1], internals=False)
+    manifest = json.loads((reference.path / "manifest.json").read_text())
+    manifest["tensors"] = [t for t in manifest["tensors"] if t["name"] != "model.layers.3:input"]
+    (reference.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="has no model.layers.3:input for prompt 0: re-extract"):
+        replay.replay(MINIMAX, reference.path, [3], isolated=tmp_path / "iso")
+    # A chain needs only its first layer's input.
+    replay.replay(MINIMAX, reference.path, [2, 3], chained=tmp_path / "chain")
+
+
+@pytest.mark.parametrize("text, expected", [("all", [0, 1, 2, 3]), ("0", [0]), (" 3 ", [3])])
+def test_parse_layer(text, expected):
+    assert replay.parse_layer(text, 4) == expected
+
+
+@pytest.mark.parametrize("text, expected", [("0-3", [0, 1, 2, 3]), ("2-2", [2]), ("1", [1]), (" 1 - 2 ", [1, 2])])
+def test_parse_layer_range(text, expected):
+    assert replay.parse_layer_range(text, 4) == expected
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: replay.parse_layer("4", 4), "layer 4 is out of range: the model has layers 0-3"),
+    (lambda: replay.parse_layer("-1", 4), "'-1' is not a layer number: use 0-3 or all"),
+    (lambda: replay.parse_layer_range("3-1", 4), "--layers 3-1 is reversed"),
+    (lambda: replay.parse_layer_range("0-9", 4), "layer 9 is out of range"),
+    (lambda: replay.parse_layer_range("a-b", 4), "is not a range"),
+])
+def test_bad_layer_arguments(call, fragment):
+    with pytest.raises(UserError, match=fragment):
+        call()

@@ -1,0 +1,148 @@
+"""The run format: pinned schema, atomic writes, resume rules, lazy verified reads."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from layerwise import runs
+from layerwise.errors import UserError
+
+INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
+          "prompts": [{"index": 0, "text": "ab", "token_ids": [1, 2]}, {"index": 1, "text": "c", "token_ids": [3]}]}
+
+
+def write_run(path, intent=INTENT, **kw):
+    w = runs.RunWriter(path, intent, **kw)
+    for p, n in ((0, 2), (1, 1)):
+        w.put(p, "model.layers.0", {"model.layers.0:input": torch.full((n, 4), float(p)),
+                                    "model.layers.0:output": torch.full((n, 4), p + 0.5)})
+        w.put(p, "lm_head", {"lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3)})
+        w.put(p, "model.embed_tokens", {"model.embed_tokens:output": torch.zeros(n, 4)})
+    return w.finish({"stats": {"seconds": 0}})
+
+
+def test_manifest_schema_is_pinned(tmp_path):
+    m = write_run(tmp_path / "run")
+    assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
+                       "tensors"]
+    assert m["format"] == "layerwise-run" and m["format_version"] == 1
+    first = m["tensors"][0]
+    assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256"]
+    assert first == {"name": "model.embed_tokens:output", "module": "model.embed_tokens", "role": "output", "prompt": 0,
+                     "shape": [2, 4], "dtype": "float32", "file": "tensors/p00000/model.embed_tokens.safetensors",
+                     "sha256": runs.sha256_of(torch.zeros(2, 4))}
+    assert [(t["name"], t["prompt"]) for t in m["tensors"]] == [
+        ("model.embed_tokens:output", 0), ("model.layers.0:input", 0), ("model.layers.0:output", 0),
+        ("lm_head:output", 0), ("model.embed_tokens:output", 1), ("model.layers.0:input", 1),
+        ("model.layers.0:output", 1), ("lm_head:output", 1)]
+    assert json.loads((tmp_path / "run" / runs.MANIFEST).read_text()) == m
+
+
+def test_tensor_files_are_standard_safetensors(tmp_path):
+    write_run(tmp_path / "run")
+    file = tmp_path / "run" / "tensors" / "p00001" / "lm_head.safetensors"
+    with safe_open(str(file), "pt") as fh:
+        assert fh.metadata()["prompt"] == "1"
+        t = fh.get_tensor("lm_head:output")
+        assert fh.metadata()["sha256:lm_head:output"] == runs.sha256_of(t)
+    assert t.dtype == torch.bfloat16 and t.tolist() == [[0, 1, 2]]
+    header_len = int.from_bytes(file.read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+
+
+def test_open_run_reads_lazily_and_verifies(tmp_path):
+    write_run(tmp_path / "run")
+    run = runs.open_run(tmp_path / "run")
+    assert run.names == ["model.embed_tokens:output", "model.layers.0:input", "model.layers.0:output", "lm_head:output"]
+    assert run.tensor("model.layers.0:output", 1).tolist() == [[1.5] * 4]
+    file = tmp_path / "run" / run.entry("model.layers.0:output", 1).file
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF  # flip a bit of the last tensor's data
+    file.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"p00001/model.layers.0.safetensors fails its sha256 check"):
+        runs.open_run(tmp_path / "run").tensor("model.layers.0:output", 1)
+    with pytest.raises(UserError, match="has no tensor nope for prompt 0"):
+        run.tensor("nope", 0)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    ("missing", "does not exist"), ("file", "is not a run directory"), ("empty", "not a layerwise run"),
+    ("incomplete", "is incomplete"), ("badjson", "not valid JSON"), ("foreign", "not a layerwise run manifest"),
+    ("future", "upgrade layerwise"),
+])
+def test_open_run_errors(tmp_path, setup, fragment):
+    path = tmp_path / "run"
+    if setup == "file":
+        path.write_text("x")
+    elif setup != "missing":
+        path.mkdir()
+    if setup == "incomplete":
+        (path / runs.INTENT).write_text("{}")
+    if setup == "badjson":
+        (path / runs.MANIFEST).write_text("{")
+    if setup == "foreign":
+        (path / runs.MANIFEST).write_text('{"format": "other"}')
+    if setup == "future":
+        (path / runs.MANIFEST).write_text('{"format": "layerwise-run", "format_version": 99}')
+    with pytest.raises(UserError, match=fragment):
+        runs.open_run(path)
+
+
+def test_resume_keeps_files_and_refuses_other_runs(tmp_path):
+    path = tmp_path / "run"
+    w = runs.RunWriter(path, INTENT)
+    w.put(0, "lm_head", {"lm_head:output": torch.ones(2, 3)})
+    w.wait()
+    w.abort()  # killed before finishing: no manifest
+    assert not (path / runs.MANIFEST).exists()
+    w2 = runs.RunWriter(path, INTENT)
+    assert w2.has(0, "lm_head") and not w2.has(1, "lm_head")
+    w2.abort()
+    other = dict(INTENT, settings={"dtype": "bfloat16"})
+    with pytest.raises(UserError, match="different settings dtype"):
+        runs.RunWriter(path, other)
+    runs.RunWriter(path, other, overwrite=True).finish()
+    assert not (path / "tensors" / "p00000" / "lm_head.safetensors").exists()
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a layerwise run"):
+        runs.RunWriter(tmp_path, INTENT)
+    with pytest.raises(UserError, match="refusing to delete it"):
+        runs.RunWriter(tmp_path, INTENT, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_put_blocks_when_the_queue_is_full(tmp_path):
+    """Backpressure: a slow disk makes put() wait instead of piling tensors up in memory."""
+    import threading
+    import time
+
+    w = runs.RunWriter(tmp_path / "run", INTENT, threads=1, queue_depth=1)
+    gate = threading.Event()
+    w.put(0, "a", {"a:output": torch.ones(1)}, on_written=gate.wait)  # the only writer now waits on the gate
+    w.put(0, "b", {"b:output": torch.ones(1)})  # fills the queue
+    done = threading.Event()
+    threading.Thread(target=lambda: (w.put(0, "c", {"c:output": torch.ones(1)}), done.set())).start()
+    time.sleep(0.2)
+    assert not done.is_set(), "put must block while the queue is full"
+    gate.set()
+    assert done.wait(5)
+    w.finish()
+
+
+@pytest.mark.parametrize("name, key", [
+    ("model.embed_tokens:output", (0, 0, 0)),
+    ("model.layers.3:input", (1, 3, 0)),
+    ("model.layers.3.self_attn:output", (1, 3, 2)),
+    ("model.layers.3.mlp.gate:router_logits", (1, 3, 4)),
+    ("model.layers.3.mlp:output", (1, 3, 6)),
+    ("model.layers.3:output", (1, 3, 9)),
+    ("model.norm:output", (2, 0, 0)),
+    ("lm_head:output", (3, 0, 0)),
+])
+def test_model_order_key(name, key):
+    assert runs.model_order_key(name)[:3] == key

@@ -1,0 +1,70 @@
+"""Streaming: one layer at a time, bit-identical to the whole-model extract, about two layers resident."""
+
+import weakref
+
+import pytest
+import torch
+
+from layerwise import layer_loading, loading, runs, streaming
+from layerwise.errors import UserError
+from layerwise.extract import ExtractOptions, extract_model
+
+from helpers import run_cli
+
+PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q", "Paris is"]
+ALL = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=3)
+
+
+@pytest.mark.parametrize("spec, dtype", [("builtin:minimax-m2-tiny", "fp32"), ("builtin:minimax-m2-tiny", "bf16"),
+                                         ("builtin:llama-tiny", "bf16"), ("builtin:qwen3-moe-tiny", "fp32")])
+def test_streamed_equals_whole_model_extract(tmp_path, spec, dtype):
+    loaded = loading.load_model(spec, loading.LoadOptions(dtype=dtype))
+    extract_model(loaded, tmp_path / "full", PROMPTS, ALL)
+    streaming.stream_extract(spec, tmp_path / "stream", PROMPTS, ALL, streaming.StreamOptions(dtype=dtype))
+    full, streamed = runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream")
+    assert full.names == streamed.names
+    for name in full.names:
+        for p in range(len(PROMPTS)):
+            assert torch.equal(full.tensor(name, p), streamed.tensor(name, p)), (name, p)
+    assert runs.open_run(tmp_path / "stream").manifest["stats"]["streamed"] is True
+
+
+def test_at_most_two_layers_of_weights_are_alive(tmp_path, monkeypatch):
+    """Layer K computes while K+1 is read: never more than two layers' weights exist at once."""
+    alive, peak = set(), [0]
+    real_read = layer_loading.LayerSource.read
+
+    def counting_read(self, index):
+        weights = real_read(self, index)
+        alive.add(index)
+        peak[0] = max(peak[0], len(alive))
+        for t in weights.tensors.values():
+            weakref.finalize(t, alive.discard, index)
+        return weights
+
+    monkeypatch.setattr(layer_loading.LayerSource, "read", counting_read)
+    real_build = layer_loading.LayerSource.build
+
+    def build(self, weights):
+        layer = real_build(self, weights)
+        alive.add(weights.index)
+        weakref.finalize(layer.module, alive.discard, weights.index)
+        return layer
+
+    monkeypatch.setattr(layer_loading.LayerSource, "build", build)
+    streaming.stream_extract("builtin:minimax-m2-tiny", tmp_path / "run", PROMPTS, ALL,
+                             streaming.StreamOptions(dtype="fp32"))
+    assert 1 <= peak[0] <= 2, f"{peak[0]} layers alive at once"
+
+
+def test_stream_cli(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "extract", "builtin:minimax-m2-tiny", "--out", tmp_path / "r", "--prompt", "abc",
+                           "--stream", "--dtype", "fp32")
+    assert code == 0 and "one layer at a time" in out
+    assert runs.open_run(tmp_path / "r").names[-1] == "lm_head:output"
+
+
+def test_unstreamable_architecture_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(streaming, "_NOT_STREAMABLE", ("minimax_m2",))
+    with pytest.raises(UserError, match="streaming would not reproduce them"):
+        streaming.stream_extract("builtin:minimax-m2-tiny", tmp_path / "r", ["x"])
