@@ -7,6 +7,8 @@ propagates to every later tensor the way it does in a real model:
   ("scale", k, f)   scale layer k's attention weight by f
   ("nan", k)        NaN in one element of layer k's MLP output
   ("router", k)     swap two columns of layer k's router weight (experts renumbered)
+  ("tie", k)        the token with the closest call at layer k's router picks the runner-up
+                    (its (k+1)-th logit lifted just past the k-th): a near-tie flip
 `dtype=torch.bfloat16` runs the whole model in bf16 (router in fp32); `stored_as` stores the
 result in another dtype and labels the run with it. `write_run` writes any tensors as a run,
 `corrupt_tensor` flips a bit inside one stored tensor.
@@ -53,6 +55,12 @@ def toy_forward(tokens: list[int], dtype: torch.dtype = torch.float32, fault: tu
         out[f"{p}.self_attn:output"] = attn
         h = x + attn
         logits = h.float() @ w[f"router{i}"]  # router in fp32, like MiniMax-M2
+        if kind == "tie" and layer == i:  # the closest call flips: runner-up lifted just past the k-th
+            top = logits.topk(TOP_K + 1, dim=-1)
+            gaps = top.values[:, TOP_K - 1] - top.values[:, TOP_K]
+            t = int(gaps.argmin())
+            logits = logits.clone()
+            logits[t, top.indices[t, TOP_K]] = top.values[t, TOP_K - 1] + 1e-4
         weights, ids = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         out[f"{p}.mlp.gate:router_logits"] = logits

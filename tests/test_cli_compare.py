@@ -11,7 +11,7 @@ from synthetic_runs import PROMPTS, corrupt_tensor, toy_run
 
 from layerwise.runs import INTENT, MANIFEST
 
-ROW_KEYS = {"module", "role", "name", "layer", "kind", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db",
+ROW_KEYS = {"module", "role", "name", "layer", "kind", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db", "excused_tokens",
             "nan", "inf", "nonfinite_mismatch", "worst_token", "pass", "tolerance", "failures", "growth",
             "noise_floor", "x_floor", "logits", "routing", "per_prompt"}
 TOP_KEYS = {"format", "version", "verdict", "first_divergence", "reference", "candidate", "baseline", "prompts",

@@ -87,6 +87,34 @@ def test_rules_change_the_verdict(ref, tmp_path):
     assert first.layer == 2 and "break allclose" in first.failures[0]
 
 
+def test_tokens_diverted_by_a_tie_flip_are_excused_downstream(ref, tmp_path):
+    """A near-tie flips one token's experts at layer 1: its MLP output, and everything after it
+    for that token, differ a lot. The router scores are within tolerance, the flip is consistent
+    with them, so later tensors are judged without that token (ok*) and the runs pass."""
+    options = CompareOptions(tolerances=build_tolerances(max_rel_l2=5e-2))
+    report = compare_runs(ref, toy_run(tmp_path / "tie", fault=("tie", 1)), options)
+    assert report.verdict == "pass", _stats(report)
+    routing = next(r for r in report.routing if r.layer == 1).routing
+    assert routing.flips >= 1 and routing.flips_inconsistent == 0
+    mlp = next(r for r in report.rows if r.name == "model.layers.1.mlp:output")
+    assert mlp.excused >= 1 and mlp.rel_l2 > 5e-2, "shown with every token, passed without the diverted ones"
+    assert any("pass only without the tokens" in n for n in report.notes)
+    strict = compare_runs(ref, toy_run(tmp_path / "tie2", fault=("tie", 1)))
+    assert strict.first_divergence.name == "model.layers.1.mlp.gate:router_logits", "fp32: the scores differ"
+
+
+def test_a_fault_after_a_tie_flip_is_still_found(ref, tmp_path):
+    tensors = toy_tensors(fault=("tie", 1))
+    later = toy_tensors(fault=("scale", 3, 1.5))
+    for p in tensors:  # layer 3 onwards from a faulty layer 3
+        for name in tensors[p]:
+            if name.startswith("model.layers.3") or name.startswith(("model.norm", "lm_head")):
+                tensors[p][name] = later[p][name]
+    options = CompareOptions(tolerances=build_tolerances(max_rel_l2=5e-2))
+    report = compare_runs(ref, write_run(tmp_path / "c", tensors), options)
+    assert report.first_divergence.layer == 3, _stats(report)
+
+
 def test_common_subset_and_skipped(ref, tmp_path):
     cand = toy_run(tmp_path / "cand", drop=("self_attn", "lm_head"), prompts=PROMPTS[:1])
     report = compare_runs(ref, cand)

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from layerwise.metrics import logits_metrics, routing_metrics, tensor_metrics
+from layerwise.metrics import (AT_TIE, INCONSISTENT, MOVED, SAME, UNJUDGED, logits_metrics, routing_flips,
+                               routing_metrics, tensor_metrics)
 
 nan, inf = float("nan"), float("inf")
 T = torch.tensor
@@ -188,9 +189,16 @@ def test_flip_causes():
                      [0.0, 3.0, -5.],  # the scores moved a lot: moved
                      [2.5, 0.5, -5.]])  # expert 0 gained, 1 lost, yet 1 was chosen: inconsistent
     ref_ids, cand_ids = T([[1], [0], [0]]), T([[0], [1], [1]])
-    m = routing_metrics(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold=1e-3)
+    m, classes = routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold=1e-3)
     assert (m.flips, m.flips_at_ties, m.flips_moved, m.flips_inconsistent) == (3, 1, 1, 1)
     assert m.near_ties == 1
+    assert classes.tolist() == [AT_TIE, MOVED, INCONSISTENT]
+    # with the reference's logits only, its exact margins decide
+    _, alone = routing_flips(ref_ids, cand_ids, ref_logits, tie_threshold=1e-3)
+    assert alone.tolist() == [AT_TIE, MOVED, MOVED]
+    _, unjudged = routing_flips(ref_ids, cand_ids)
+    assert unjudged.tolist() == [UNJUDGED] * 3
+    assert routing_flips(ref_ids, ref_ids.clone(), ref_logits, ref_logits)[1].tolist() == [SAME] * 3
 
 
 def test_selection_not_topk_of_logits_means_a_hidden_bias():

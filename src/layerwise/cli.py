@@ -243,7 +243,8 @@ def _add_compare(sub) -> None:
     g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
     p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
     p.add_argument("--tie-threshold", type=float, default=d.tie_threshold,
-                   help="router score (sigmoid of the logit) margin of a near-tie (default: %(default)g)")
+                   help="router score (sigmoid of the logit) margin of a near-tie (default: by dtype, 1e-4 for "
+                        "fp32 to 1e-2 for bf16)")
     p.add_argument("--noise-factor", type=float, default=d.noise_factor,
                    help="with --baseline, a tensor within this many noise floors passes (default: %(default)g)")
     p.add_argument("--logits-topk", type=int, default=d.logits_topk, help="k of the logits' top-k overlap "

@@ -261,10 +261,23 @@ class RoutingMetrics:
     tie_threshold: float
 
 
+# What happened to each token's expert set (routing_flips): unchanged, or a flip at a near-tie,
+# where the scores moved by at least the tie threshold, that no shared rule explains, or unjudged.
+SAME, AT_TIE, MOVED, INCONSISTENT, UNJUDGED = 0, 1, 2, 3, 4
+
+
 def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
                     cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
                     chunk_elements: int = CHUNK_ELEMENTS) -> RoutingMetrics:
-    """Compare the expert choice of two runs. Scores are s = sigmoid(router logit): the
+    """Compare the expert choice of two runs (see `routing_flips`)."""
+    return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements)[0]
+
+
+def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
+                  cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[RoutingMetrics, torch.Tensor]:
+    """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
+    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit): the
     selection score of sigmoid routers before their (unrecorded) correction bias, and a
     monotone map of softmax routers' logits, so top-k by s is top-k by logit.
 
@@ -282,8 +295,9 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
         raise ValueError(f"shapes differ: {tuple(ref_ids.shape)} vs {tuple(cand_ids.shape)}")
     ids_a, ids_b = _rows(ref_ids).long(), _rows(cand_ids).long()
     tokens, k = ids_a.shape
+    classes = torch.zeros(tokens, dtype=torch.int8)
     if tokens == 0 or k == 0:
-        return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold)
+        return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold), classes
     z_a = _rows(ref_logits) if ref_logits is not None else None
     z_b = _rows(cand_logits) if cand_logits is not None and z_a is not None else None
     width = max(k * k, z_a.shape[1] if z_a is not None else 1)
@@ -294,6 +308,8 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
         a, b = ids_a[start:start + step], ids_b[start:start + step]
         inter = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)  # [n]
         flips = inter != k
+        block = classes[start:start + step]
+        block[flips] = UNJUDGED
         c["same"] += int((~flips).sum())
         c["flips"] += int(flips.sum())
         jaccard += (inter.double() / (2 * k - inter).double()).sum().item()
@@ -304,14 +320,22 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
         c["not_topk"] += int((margin < 0).sum())
         c["near"] += int(near.sum())
         c["ref_ties"] += int((flips & near).sum())
-        if z_b is not None and bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
-            rows = flips.nonzero().squeeze(1) + start
+        if z_b is None:  # the reference's own margin decides, if it is exact (checked after the loop)
+            block[flips & near] = AT_TIE
+            block[flips & ~near] = MOVED
+        elif bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
+            local = flips.nonzero().squeeze(1)
+            rows = local + start
             s_a, s_b = torch.sigmoid(z_a[rows].double()), torch.sigmoid(z_b[rows].double())
             chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a[rows], True)
             chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b[rows], True)
             bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
-            c["inconsistent"] += int((bound <= 0).sum())
-            c["bound_ties"] += int(((bound > 0) & (bound < tie_threshold)).sum())
+            kind = torch.full_like(local, MOVED, dtype=torch.int8)
+            kind[(bound > 0) & (bound < tie_threshold)] = AT_TIE
+            kind[~(bound > 0)] = INCONSISTENT  # bound <= 0, or NaN scores
+            block[local] = kind
+            c["inconsistent"] += int((kind == INCONSISTENT).sum())
+            c["bound_ties"] += int((kind == AT_TIE).sum())
     not_topk = near = at_ties = moved = inconsistent = None
     if z_a is not None:
         not_topk = c["not_topk"]
@@ -321,8 +345,10 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
             at_ties, inconsistent = c["bound_ties"], c["inconsistent"]
         if at_ties is not None:
             moved = c["flips"] - at_ties - (inconsistent or 0)
+    if z_a is not None and z_b is None and not_topk:  # the reference's margins are not exact
+        classes[classes != SAME] = UNJUDGED
     return RoutingMetrics(tokens, k, c["same"] / tokens, jaccard / tokens, c["flips"], not_topk, near, at_ties,
-                          moved, inconsistent, tie_threshold)
+                          moved, inconsistent, tie_threshold), classes
 
 
 def _margin(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

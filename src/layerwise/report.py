@@ -75,7 +75,7 @@ def _routing_cell(routing: RoutingMetrics | None) -> str:
 def _first_failure(rows: list[Row]) -> str:
     bad = next((r for r in rows if not r.passed), None)
     if bad is None:
-        return "ok"
+        return "ok*" if any(r.excused for r in rows) else "ok"
     metric = bad.failures[0].split(": ", 1)[-1].split(" ")[0] if bad.failures else ""
     if metric.isdigit():
         metric = "NaN/Inf" if "NaN" in bad.failures[0] else "allclose"
@@ -115,6 +115,8 @@ def report_text(report: Report) -> str:
     lines += [line[:WIDTH] for line in _table(head, table, right={2, 3, 4, 5, 6} | ({7} if baseline else set()))]
     lines.append("rel_l2, 1-cos, max_abs: each layer's output, worst prompt (nan/inf: NaN or Inf in one run only)")
     lines.append("growth: output rel_l2 / input rel_l2; routing: tokens with the same expert set, flips (f)")
+    if any(r.excused for r in report.rows):
+        lines.append("ok*: passes only without the tokens whose experts flipped at a near-tie or by noise-level scores")
     lines += _divergence_lines(report)
     lines += _routing_lines(report)
     lines += _logits_lines(report)
@@ -159,7 +161,7 @@ def _divergence_lines(report: Report) -> list[str]:
     rows = [r for r in report.rows if first.layer is not None and r.layer == first.layer] or [first]
     detail = [[r.name, _sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", _sci(r.max_abs),
                _sci(r.mean_abs), "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}",
-               "ok" if r.passed else "FAIL"] for r in rows]
+               ("ok*" if r.excused else "ok") if r.passed else "FAIL"] for r in rows]
     out += ["  " + line for line in _table(["tensor", "rel_l2", "cosine", "max_abs", "mean_abs", "nan r/c", "check"],
                                            detail, right={1, 2, 3, 4, 5})]
     return out
@@ -238,13 +240,13 @@ def _row_json(row: Row) -> dict:
         "module": row.module, "role": row.role, "name": row.name, "layer": row.layer, "kind": row.kind,
         "dtype": _pair(row.dtypes), "max_abs": row.max_abs, "mean_abs": row.mean_abs, "rel_l2": row.rel_l2,
         "cosine": row.cosine, "sqnr_db": row.sqnr_db, "nan": _pair(row.nan), "inf": _pair(row.inf),
-        "nonfinite_mismatch": row.nonfinite_mismatch,
+        "nonfinite_mismatch": row.nonfinite_mismatch, "excused_tokens": row.excused,
         "worst_token": None if row.worst_token is None else {"prompt": row.worst_token[0], "token": row.worst_token[1]},
         "pass": row.passed, "tolerance": row.tolerance, "failures": list(row.failures),
         "growth": row.growth, "noise_floor": row.noise_floor, "x_floor": row.x_floor,
         "logits": None if row.logits is None else asdict(row.logits),
         "routing": None if row.routing is None else asdict(row.routing),
-        "per_prompt": [{"prompt": r.prompt, "pass": r.passed, "failures": list(r.failures),
+        "per_prompt": [{"prompt": r.prompt, "pass": r.passed, "failures": list(r.failures), "excused_tokens": r.excused,
                         "metrics": None if r.tensor is None else asdict(r.tensor),
                         "noise_floor": None if r.floor is None else r.floor.rel_l2,
                         "logits": None if r.logits is None else asdict(r.logits),
@@ -389,7 +391,8 @@ def report_html(report: Report) -> str:
                  _sci(r.mean_abs), "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}",
                  "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}", _growth(r.growth),
                  _times(r.x_floor),
-                 "ok" if r.passed else "FAIL: " + "; ".join(r.failures[:2])]
+                 (f"ok* (without {r.excused} diverted tokens)" if r.excused else "ok") if r.passed
+                 else "FAIL: " + "; ".join(r.failures[:2])]
         body.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>layerwise compare</title>"
             f"<style>{_CSS}</style></head><body><h1>layerwise compare</h1>{verdict}"
