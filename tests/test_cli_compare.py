@@ -12,7 +12,7 @@ from synthetic_runs import PROMPTS, corrupt_tensor, toy_run
 from layerwise.runs import INTENT, MANIFEST
 
 ROW_KEYS = {"module", "role", "name", "layer", "kind", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db", "excused_tokens",
-            "nan", "inf", "nonfinite_mismatch", "worst_token", "pass", "tolerance", "failures", "growth",
+            "nan", "inf", "nonfinite_mismatch", "worst_token", "pass", "tolerance", "failures", "growth", "judged_rel_l2",
             "noise_floor", "x_floor", "logits", "routing", "per_prompt"}
 TOP_KEYS = {"format", "version", "verdict", "first_divergence", "reference", "candidate", "baseline", "prompts",
             "dtype", "options", "rows", "logits", "routing", "skipped", "notes", "stats"}

@@ -56,6 +56,7 @@ class PromptResult:
     floor: TensorMetrics | None = None  # baseline against reference: the noise floor
     failures: tuple[str, ...] = ()
     excused: int = 0  # passes only without this many tokens diverted by benign routing flips
+    judged: TensorMetrics | None = None  # when excused: the metrics without the diverted tokens
 
     @property
     def passed(self) -> bool:
@@ -84,6 +85,7 @@ class Row:
     inf: tuple[int, int] | None = None
     nonfinite_mismatch: int | None = None  # positions where one run has NaN/Inf and the other not
     excused: int = 0  # passes only without this many tokens diverted by benign routing flips (max over prompts)
+    judged_rel_l2: float | None = None  # rel_l2 without the diverted tokens where they were excused
     worst_token: tuple[int, int] | None = None  # (prompt, token)
     rel_l2_limit: float | None = None  # the rel_l2 limit this tensor is judged by, if any
     growth: float | None = None  # layer outputs: rel_l2 out / rel_l2 in
@@ -115,6 +117,7 @@ class Report:
     prompts: tuple[int, ...]
     dtypes: tuple[str | None, str | None]  # the runs' compute dtypes
     options: CompareOptions
+    tie_threshold: float = 0.0  # the near-tie margin used (options.tie_threshold or the dtype default)
     bytes_read: int = 0
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
@@ -241,7 +244,7 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
             keep = torch.tensor(sorted(set(range(a.shape[0])) - set(diverted)))
             without = _measure(ctx, p, kind, tol, a[keep], b[keep], None if base is None else base[keep])
             if without.passed:
-                result = replace(result, failures=(), excused=len(diverted))
+                result = replace(result, failures=(), excused=len(diverted), judged=without.tensor)
         out[name] = result
     return out
 
@@ -339,7 +342,7 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
         logits=_logits_report(logits_rows[-1]) if logits_rows else None,
         routing=tuple(r for r in rows if r.kind == "routing"), skipped=plan.skipped,
         reference=str(ref.path), candidate=str(cand.path), baseline=str(baseline.path) if baseline else None,
-        prompts=plan.prompts, dtypes=ctx.dtypes, options=options, bytes_read=done, seconds=seconds,
+        prompts=plan.prompts, dtypes=ctx.dtypes, options=options, tie_threshold=tie, bytes_read=done, seconds=seconds,
         notes=_notes(rows),
     )
 
@@ -368,7 +371,9 @@ def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: b
     rel = max(m.rel_l2 for m in tms)
     floor = max(floors) if with_baseline and floors else None
     x_floor = None if floor is None or (floor == 0 and rel == 0) else (rel / floor if floor else math.inf)
+    judged = max((r.judged or r.tensor).rel_l2 for r in results)
     return Row(**base, max_abs=max(m.max_abs for m in tms), mean_abs=max(m.mean_abs for m in tms), rel_l2=rel,
+               judged_rel_l2=judged,
                cosine=min(m.cosine for m in tms), sqnr_db=min(m.sqnr_db for m in tms),
                nan=(sum(m.nan[0] for m in tms), sum(m.nan[1] for m in tms)),
                inf=(sum(m.inf[0] for m in tms), sum(m.inf[1] for m in tms)),

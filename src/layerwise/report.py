@@ -241,6 +241,7 @@ def _row_json(row: Row) -> dict:
         "dtype": _pair(row.dtypes), "max_abs": row.max_abs, "mean_abs": row.mean_abs, "rel_l2": row.rel_l2,
         "cosine": row.cosine, "sqnr_db": row.sqnr_db, "nan": _pair(row.nan), "inf": _pair(row.inf),
         "nonfinite_mismatch": row.nonfinite_mismatch, "excused_tokens": row.excused,
+        "judged_rel_l2": row.judged_rel_l2,
         "worst_token": None if row.worst_token is None else {"prompt": row.worst_token[0], "token": row.worst_token[1]},
         "pass": row.passed, "tolerance": row.tolerance, "failures": list(row.failures),
         "growth": row.growth, "noise_floor": row.noise_floor, "x_floor": row.x_floor,
@@ -249,6 +250,7 @@ def _row_json(row: Row) -> dict:
         "per_prompt": [{"prompt": r.prompt, "pass": r.passed, "failures": list(r.failures), "excused_tokens": r.excused,
                         "metrics": None if r.tensor is None else asdict(r.tensor),
                         "noise_floor": None if r.floor is None else r.floor.rel_l2,
+                        "judged_rel_l2": None if r.judged is None else r.judged.rel_l2,
                         "logits": None if r.logits is None else asdict(r.logits),
                         "routing": None if r.routing is None else asdict(r.routing)} for r in row.per_prompt],
     }
@@ -264,7 +266,7 @@ def report_json(report: Report) -> dict:
                                                          "name": first.name, "layer": first.layer},
         "reference": report.reference, "candidate": report.candidate, "baseline": report.baseline,
         "prompts": list(report.prompts), "dtype": _pair(report.dtypes),
-        "options": {"tie_threshold": report.options.tie_threshold, "logits_topk": report.options.logits_topk,
+        "options": {"tie_threshold": report.tie_threshold, "logits_topk": report.options.logits_topk,
                     "noise_factor": report.options.noise_factor, "verify": report.options.verify},
         "rows": [_row_json(r) for r in report.rows],
         "logits": None if logits is None else {
@@ -325,6 +327,11 @@ def plot_png(report: Report) -> bytes:
         xs, ys = _series(report, part, zero)
         if xs:
             ax.plot(xs, ys, style, markersize=3, label=f"{part} rel_l2")
+    excused = [(r.layer, max(r.judged_rel_l2, zero)) for r in report.rows
+               if r.layer is not None and r.excused and _part(r) == "output"]
+    if excused:
+        ax.plot([x for x, _ in excused], [y for _, y in excused], "s", color="tab:blue", fillstyle="none",
+                label="output rel_l2 without tokens diverted by routing flips")
     outputs = [r for r in report.rows if r.layer is not None and _part(r) == "output"]
     limits = [(r.layer, r.rel_l2_limit) for r in outputs if r.rel_l2_limit is not None]
     if limits:
@@ -359,7 +366,7 @@ def plot_png(report: Report) -> bytes:
     if first is not None and first.layer is not None:
         for a in axes:
             a.axvline(first.layer, color="tab:red", linewidth=1.2, alpha=0.7)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="best", framealpha=0.6)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
