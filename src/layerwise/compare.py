@@ -128,7 +128,7 @@ class Report:
 
 
 def compare_paths(reference: str, candidate: str, options: CompareOptions = CompareOptions(),
-            baseline: str | None = None, progress: Callable[[int, int], None] | None = None) -> Report:
+                  baseline: str | None = None, progress: Callable[[int, int], None] | None = None) -> Report:
     """Open the runs at these paths and compare them (what `layerwise compare` calls)."""
     ref, cand = open_run(reference), open_run(candidate)
     base = open_run(baseline) if baseline else None
