@@ -1,8 +1,8 @@
 """How fast does `compare` read two runs, against a raw read of the same files?
 
 Writes two MiniMax-M2-shaped runs with RunWriter (bf16 residual stream [tokens, 3072] in and out
-of each layer, fp32 router logits [tokens, 256], top-8 ids and weights), the candidate a
-bf16-noisy copy of the reference, then times, on the same files:
+of each layer, fp32 router logits [tokens, 256], top-8 ids and weights, bf16 logits
+[tokens, 200064]), the candidate a bf16-noisy copy of the reference, then times, on the same files:
   raw read     every file read once with large buffered reads (what the disk or page cache gives)
   read+sha256  the same, hashing every byte (what verification costs on one core)
   compare      compare_runs with sha256 verification (the default) and without it
@@ -40,9 +40,9 @@ HEADER = ("| machine | run size | raw read cold | raw read warm | read+sha256 wa
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def write_runs(root: Path, gb_per_run: float, tokens: int) -> tuple[Path, Path]:
+def write_runs(root: Path, gb_per_run: float, tokens: int, vocab: int) -> tuple[tuple[Path, Path], str]:
     layer_bytes = 2 * tokens * HIDDEN * 2 + tokens * EXPERTS * 4 + 2 * tokens * TOP_K * 4
-    layers = max(1, round(gb_per_run * 1e9 / layer_bytes))
+    layers = max(1, round((gb_per_run * 1e9 - tokens * vocab * 2) / layer_bytes))
     g = torch.Generator().manual_seed(0)
     intent = {"model": {"spec": "benchmark", "model_type": "minimax_m2", "num_layers": layers, "hidden_size": HIDDEN},
               "settings": {"dtype": "bfloat16"}, "anatomy": {"layers_path": "model.layers"},
@@ -62,9 +62,14 @@ def write_runs(root: Path, gb_per_run: float, tokens: int) -> tuple[Path, Path]:
                                  f"{name}.mlp.gate:router_logits": logits, f"{name}.mlp.gate:topk_ids": ids.int(),
                                  f"{name}.mlp.gate:topk_weights": weights})
         x = out
+    if vocab:  # the head's logits: the widest tensor of a run, and the slowest to measure (softmax, top-k)
+        logits = torch.randn(tokens, vocab, generator=g) * 3
+        noise = 1 + 2 ** -8 * torch.randn(tokens, vocab, generator=g)
+        for writer, scale in zip(writers, (1.0, noise)):
+            writer.put(0, "lm_head", {"lm_head:output": (logits * scale).to(torch.bfloat16)})
     for writer in writers:
         writer.finish()
-    return paths
+    return paths, f"{layers} layers x {tokens} tokens" + (" + logits" if vocab else "")
 
 
 def run_files(paths) -> list[Path]:
@@ -141,6 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of each run in GB (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, default=200064,
+                        help="width of the lm_head logits in each run, 0 for none (default: MiniMax-M2's %(default)s)")
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
@@ -148,7 +155,7 @@ def main() -> None:
     load = os.getloadavg()[0]  # other work on the machine slows every CPU-bound figure
     try:
         t = time.perf_counter()
-        paths = write_runs(root, args.gb, args.tokens)
+        paths, shape = write_runs(root, args.gb, args.tokens, args.vocab)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
         print(f"wrote 2 runs, {size / 1e9:.2f} GB in {len(files)} files, in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -172,7 +179,7 @@ def main() -> None:
     ratio = rate["compare cold"] / rate["raw read cold"]
     print(f"compare cold / raw read cold = {ratio:.2f}")
     key = machine()
-    row = (f"| {key} | {size / 1e9:.1f} GB | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
+    row = (f"| {key} | {size / 1e9:.1f} GB ({shape}) | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {time.strftime('%Y-%m-%d')} |")
     update_benchmarks_md(Path(args.out), row, key)
 

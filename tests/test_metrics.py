@@ -82,6 +82,22 @@ def test_blocks_and_threads_do_not_change_the_result(chunk, parts):
     assert (blocked.nan, blocked.nonfinite_mismatch, blocked.worst_token) == ((0, 1), 1, 20)
 
 
+@pytest.mark.parametrize("chunk", [4, 6, 25, 7])
+def test_tokens_wider_than_a_block(chunk):
+    """Logits rows (200k wide) are cut into equal pieces; the result is the same."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(9, 24, generator=g)
+    b = a + 0.1 * torch.randn(9, 24, generator=g)
+    b[6, 20] += 5.0  # token 6 is the worst
+    b[3, 17] = nan
+    whole, cut = tensor_metrics(a, b, chunk_elements=1 << 20), tensor_metrics(a, b, chunk_elements=chunk)
+    for field in ("max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db"):
+        assert getattr(cut, field) == pytest.approx(getattr(whole, field), rel=1e-12), field
+    assert (cut.worst_token, cut.nonfinite_mismatch) == (3, 1)
+    b[3, 17] = a[3, 17]
+    assert tensor_metrics(a, b, chunk_elements=chunk).worst_token == 6
+
+
 def test_worst_token_without_nonfinite_across_blocks():
     a = torch.zeros(10, 3)
     b = a.clone()
@@ -129,6 +145,21 @@ def test_logits_identical_and_masked_vocabulary():
     assert logits_metrics(T([[0., -inf]]), T([[0., 0.]])).kl_mean == pytest.approx(math.log(2))
     # the candidate gives 0 probability where the reference does not: KL is infinite
     assert logits_metrics(T([[0., 0.]]), T([[0., -inf]])).kl_mean == inf
+
+
+@pytest.mark.parametrize("chunk", [5, 7, 12])
+def test_logits_wide_vocabulary_in_pieces(chunk):
+    """Top-k found piece by piece and the two-pass KL agree with whole rows and log_softmax."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(6, 24, generator=g, dtype=torch.float64)
+    a_before = a.clone()
+    whole, cut = logits_metrics(a, b, k=3, chunk_elements=1 << 20), logits_metrics(a, b, k=3, chunk_elements=chunk)
+    assert (cut.top1, cut.topk, cut.kl_worst_token) == (whole.top1, whole.topk, whole.kl_worst_token)
+    assert cut.kl_mean == pytest.approx(whole.kl_mean, rel=1e-12)
+    lp, lq = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+    assert whole.kl_mean == pytest.approx((lp.exp() * (lp - lq)).sum(1).mean().item(), rel=1e-12)
+    assert torch.equal(a, a_before), "the inputs are not modified"
 
 
 def test_logits_empty_and_blocked():
