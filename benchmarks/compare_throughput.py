@@ -158,7 +158,8 @@ def main() -> None:
         paths, shape = write_runs(root, args.gb, args.tokens, args.vocab)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
-        print(f"wrote 2 runs, {size / 1e9:.2f} GB in {len(files)} files, in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(f"wrote 2 runs, {size / 1e9:.2f} GB in {len(files)} files, in {time.perf_counter() - t:.0f} s",
+              file=sys.stderr)
         results = {}
         evict(files)
         results["raw read cold"] = raw_read(files)
@@ -178,8 +179,8 @@ def main() -> None:
         print(f"{k:{width}}  {v:5.2f}  {results[k]:8.2f}")
     ratio = rate["compare cold"] / rate["raw read cold"]
     print(f"compare cold / raw read cold = {ratio:.2f}")
-    key = machine()
-    row = (f"| {key} | {size / 1e9:.1f} GB ({shape}) | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
+    key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
+    row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {time.strftime('%Y-%m-%d')} |")
     update_benchmarks_md(Path(args.out), row, key)
 

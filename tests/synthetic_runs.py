@@ -29,7 +29,8 @@ PROMPTS = [[5, 9, 2, 7, 1, 3, 8, 4], [11, 12, 13, 14, 15, 16]]
 
 def _weights(seed: int = 0, layers: int = LAYERS) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    w = {"embed": torch.randn(VOCAB, HIDDEN, generator=g), "head": torch.randn(HIDDEN, VOCAB, generator=g) / HIDDEN ** 0.5}
+    w = {"embed": torch.randn(VOCAB, HIDDEN, generator=g),
+         "head": torch.randn(HIDDEN, VOCAB, generator=g) / HIDDEN ** 0.5}
     for i in range(layers):
         w[f"attn{i}"] = torch.randn(HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5
         w[f"router{i}"] = torch.randn(HIDDEN, EXPERTS, generator=g) * 3 / HIDDEN ** 0.5
@@ -90,7 +91,8 @@ def write_run(path, tensors_by_prompt: dict[int, dict[str, torch.Tensor]], dtype
         "producer": "tests", "model": model or {"spec": "toy", "model_type": "toy_moe", "num_layers": layers,
                                                 "hidden_size": HIDDEN},
         "settings": {"dtype": dtype, "points": ["residual", "attn", "mlp", "router", "norm", "logits"]},
-        "anatomy": {"layers_path": "model.layers", "embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"},
+        "anatomy": {"layers_path": "model.layers", "embed": "model.embed_tokens", "norm": "model.norm",
+                    "head": "lm_head"},
         "prompts": [{"index": i, "text": f"prompt {i}", "token_ids": list(t)} for i, t in enumerate(prompts)],
     }
     writer = RunWriter(path, intent)

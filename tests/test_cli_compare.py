@@ -11,8 +11,9 @@ from synthetic_runs import PROMPTS, corrupt_tensor, toy_run
 
 from layerwise.runs import INTENT, MANIFEST
 
-ROW_KEYS = {"module", "role", "name", "layer", "kind", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db", "excused_tokens",
-            "nan", "inf", "nonfinite_mismatch", "worst_token", "pass", "tolerance", "failures", "growth", "judged_rel_l2",
+ROW_KEYS = {"module", "role", "name", "layer", "kind", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db",
+            "excused_tokens", "nan", "inf", "nonfinite_mismatch", "worst_token", "pass", "tolerance", "failures",
+            "growth", "judged_rel_l2",
             "noise_floor", "x_floor", "logits", "routing", "per_prompt"}
 TOP_KEYS = {"format", "version", "verdict", "first_divergence", "reference", "candidate", "baseline", "prompts",
             "dtype", "options", "rows", "logits", "routing", "skipped", "notes", "stats"}
@@ -140,7 +141,8 @@ def test_corrupt_expert_ids_without_verify(capsys, tmp_path, runs):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--tolerance", "model.layers.*:output=rel_l2>>1"], "cannot parse tolerance rule 'model.layers.*:output=rel_l2>>1'"),
+    (["--tolerance", "model.layers.*:output=rel_l2>>1"],
+     "cannot parse tolerance rule 'model.layers.*:output=rel_l2>>1'"),
     (["--tolerance", "rel_l2<0.1"], "cannot parse tolerance rule 'rel_l2<0.1'"),
     (["--rtol", "tiny"], "argument --rtol: invalid float value: 'tiny'"),
     (["--prompts", "0,x"], "--prompts '0,x': expected prompt indices"),

@@ -139,7 +139,8 @@ def test_prompt_selection(ref, tmp_path):
     (lambda d: toy_run(d, model={"model_type": "llama", "num_layers": LAYERS}),
      "different models (model_type toy_moe vs llama)"),
     (lambda d: toy_run(d, layers=2), "different models (num_layers 4 vs 2)"),
-    (lambda d: write_run(d, {0: {"model.norm:output": torch.zeros(8, 5)}}), "has shape [8, 32] in REF but [8, 5] in CAND"),
+    (lambda d: write_run(d, {0: {"model.norm:output": torch.zeros(8, 5)}}),
+     "has shape [8, 32] in REF but [8, 5] in CAND"),
     (lambda d: write_run(d, {0: {"other:output": torch.zeros(8, 5)}}), "no tensor in common"),
 ])
 def test_runs_that_cannot_be_compared(ref, tmp_path, make, fragment):

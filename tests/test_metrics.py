@@ -179,7 +179,8 @@ def _sig(x: float) -> float:
 
 def test_routing_identical():
     ids = T([[0, 1], [2, 3]])
-    m = routing_metrics(ids, ids.clone(), T([[5., 4., 0., 0.], [0., 0., 3., 2.]]), T([[5., 4., 0., 0.], [0., 0., 3., 2.]]))
+    logits = T([[5., 4., 0., 0.], [0., 0., 3., 2.]])
+    m = routing_metrics(ids, ids.clone(), logits, logits.clone())
     assert (m.same_set, m.jaccard, m.flips, m.flips_inconsistent, m.selection_not_topk) == (1.0, 1.0, 0, 0, 0)
 
 

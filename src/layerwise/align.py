@@ -153,5 +153,10 @@ def _group_names(names: list[str]) -> list[str]:
         match = re.search(r"\.(\d+)(?=[.:])", name)
         key = name if not match else name[:match.start(1)] + "{}" + name[match.end(1):]
         groups.setdefault(key, []).append(int(match.group(1)) if match else -1)
-    return [key if -1 in nums else key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + ranges(sorted(nums)) + "}")
-            for key, nums in groups.items()]
+    out = []
+    for key, nums in groups.items():
+        if -1 in nums:
+            out.append(key)
+        else:
+            out.append(key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + ranges(sorted(nums)) + "}"))
+    return out

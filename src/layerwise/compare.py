@@ -204,7 +204,8 @@ class _Context:
     def judge_for(self, name: str, prompt: int) -> tuple[str, Tolerance]:
         if name not in self.tolerances:
             module, role = split_name(name)
-            kind = "routing" if role == "topk_ids" else "logits" if (module == self.head and role == "output") else "tensor"
+            kind = ("routing" if role == "topk_ids" else
+                    "logits" if (module == self.head and role == "output") else "tensor")
             dtypes = (*self.dtypes, self.ref.entry(name, prompt).dtype, self.cand.entry(name, prompt).dtype)
             self.tolerances[name] = (kind, self.options.tolerances.resolve(name, kind, dtypes))
         return self.tolerances[name]
@@ -332,11 +333,13 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
             if progress is not None:
                 progress(done, plan.total_bytes)
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
-    rows = _with_growth(rows, anatomy.get("layers_path") or "model.layers", anatomy.get("embed") or "model.embed_tokens")
+    rows = _with_growth(rows, anatomy.get("layers_path") or "model.layers",
+                        anatomy.get("embed") or "model.embed_tokens")
     first = next((r for r in rows if not r.passed), None)
     logits_rows = [r for r in rows if r.kind == "logits"]
     seconds = time.perf_counter() - started
-    log.info("compared %d tensors over %d prompts: %.2f GB in %.2f s", len(rows), len(plan.prompts), done / 1e9, seconds)
+    log.info("compared %d tensors over %d prompts: %.2f GB in %.2f s", len(rows), len(plan.prompts), done / 1e9,
+             seconds)
     return Report(
         verdict="fail" if first else "pass", first_divergence=first, rows=tuple(rows),
         logits=_logits_report(logits_rows[-1]) if logits_rows else None,

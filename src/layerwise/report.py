@@ -89,7 +89,8 @@ def report_text(report: Report) -> str:
     the first divergence marked `>>`, then its details, routing, logits and what was skipped."""
     lines = [_header(report), ""]
     baseline = report.baseline is not None
-    head = ["", "layer", "rel_l2", "1-cos", "max_abs", "growth"] + (["x floor"] if baseline else []) + ["routing", "check"]
+    head = ["", "layer", "rel_l2", "1-cos", "max_abs", "growth"] + (["x floor"] if baseline else []) \
+        + ["routing", "check"]
     table = []
     first = report.first_divergence
     routing_by_layer = {r.layer: r.routing for r in report.routing}
@@ -130,7 +131,8 @@ def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
@@ -273,7 +275,8 @@ def report_json(report: Report) -> dict:
             "name": next(r.name for r in report.rows if r.kind == "logits"), **asdict(logits.overall),
             "worst": None if logits.worst is None else {"prompt": logits.worst[0], "token": logits.worst[1]},
             "per_prompt": [{"prompt": p, **asdict(m)} for p, m in logits.per_prompt]},
-        "routing": [{"module": r.module, "layer": r.layer, "pass": r.passed, **asdict(r.routing)} for r in report.routing],
+        "routing": [{"module": r.module, "layer": r.layer, "pass": r.passed, **asdict(r.routing)}
+                    for r in report.routing],
         "skipped": list(report.skipped), "notes": list(report.notes),
         "stats": {"bytes_read": report.bytes_read, "seconds": report.seconds,
                   "gb_per_s": report.bytes_read / report.seconds / 1e9 if report.seconds else None},

@@ -199,7 +199,8 @@ def _parse_checks(body: str, text: str) -> tuple[tuple[Check, ...], float | None
         direction = METRICS[metric][1]
         if op == "=" or (direction == "max") != (op in ("<", "<=")):
             want = "<" if direction == "max" else ">"
-            raise _bad(text, f"{metric} needs {'an upper' if direction == 'max' else 'a lower'} limit: {metric}{want}{raw}")
+            bound = "an upper" if direction == "max" else "a lower"
+            raise _bad(text, f"{metric} needs {bound} limit: {metric}{want}{raw}")
         checks.append(Check(metric, op, value))
     if rtol is not None or atol is not None:
         rtol, atol = rtol or 0.0, atol or 0.0
