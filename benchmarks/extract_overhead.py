@@ -208,7 +208,7 @@ def main() -> None:
 
         def captured():
             plain()
-            collector._pending.join()  # every copy landed on the host: inside the timed region
+            collector.flush()  # every copy landed on the host: inside the timed region
 
         t = interleaved({"plain": plain, "hidden": hidden, "seed": (seed_on, plain, hooks_off),
                          "lw": (lw_on, captured, lw_off), "plain_again": plain}, args.reps)

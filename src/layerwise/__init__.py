@@ -7,15 +7,24 @@ __version__ = "0.1.0"
 
 from .anatomy import Anatomy, find_anatomy
 from .checkpoint import inspect_checkpoint
+from .compare import CompareOptions, LogitsReport, PromptResult, Report, Row, compare_paths, compare_runs
 from .errors import UserError
 from .loading import LoadedModel, LoadOptions, input_device, load_model, placement_report
+from .metrics import LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_metrics, tensor_metrics
 from .models import ModelRef, load_config, resolve_model
 from .placement import Plan, plan_placement
 from .readiness import CheckOptions, Readiness, check_machine
+from .report import report_html, report_json, report_text, write_html, write_plot
 from .runs import Run, RunWriter, open_run
+from .tolerances import Tolerance, Tolerances, build_tolerances, load_tolerance_file, parse_rule
 
 __all__ = [
     "Anatomy", "CheckOptions", "LoadOptions", "LoadedModel", "ModelRef", "Plan", "Readiness", "Run", "RunWriter", "UserError",
     "check_machine", "find_anatomy", "input_device", "inspect_checkpoint", "load_config", "load_model",
     "open_run", "placement_report", "plan_placement", "resolve_model",
+    # compare
+    "CompareOptions", "LogitsMetrics", "LogitsReport", "PromptResult", "Report", "RoutingMetrics", "Row", "TensorMetrics",
+    "Tolerance", "Tolerances", "build_tolerances", "compare_paths", "compare_runs", "load_tolerance_file", "logits_metrics",
+    "parse_rule", "report_html", "report_json", "report_text", "routing_metrics", "tensor_metrics", "write_html",
+    "write_plot",
 ]

@@ -2,10 +2,12 @@
 
 Forward hooks (torch's own `register_forward_hook`, which work under accelerate's multi-GPU
 dispatch) see each captured module's output on that module's GPU. The hook never waits for the
-GPU: it starts an asynchronous device-to-host copy into a pinned host buffer on a per-device
-copy stream (ordered after the kernels that produced the tensor) and returns. A completion
-thread waits for each copy's event, cuts the batch into prompts (dropping padding) and hands
-whole files to the run writer. Host memory is bounded by a pinned-buffer budget: when the disk
+GPU and issues no copy: it records a CUDA event after the tensor's producer and queues the
+tensor. A copier thread issues the device-to-host copies into pinned host buffers on a
+per-device copy stream, ordered after that event on the GPU; a completion thread waits for each
+copy, cuts the batch into prompts (dropping padding) and hands whole files to the run writer.
+A forward pass that is bound by kernel launches (short prompts) thus pays only a few
+microseconds per hook. Host memory is bounded by a pinned-buffer budget: when the disk
 is slower than the GPU, the writer queue fills, buffers stop coming back and the next hook
 waits (backpressure), never an unbounded pile of tensors.
 
@@ -147,10 +149,13 @@ class PinnedPool:
         self.peak = 0
         self._free: dict[int, list[torch.Tensor]] = {}
         self._cond = threading.Condition()
+        self._closed = False
 
     def take(self, nbytes: int, open_group_bytes: int = 0) -> torch.Tensor:
         with self._cond:
             while self.used + nbytes > self.budget and self.used > open_group_bytes:
+                if self._closed:
+                    raise RuntimeError("capture aborted")
                 self._cond.wait()
             self.used += nbytes
             free = self._free.get(nbytes)
@@ -169,6 +174,12 @@ class PinnedPool:
                 self.held -= size
                 return True
         return False
+
+    def close(self) -> None:
+        """Wake and fail every waiting `take` (the capture is being aborted)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def give(self, buffer: torch.Tensor) -> None:
         with self._cond:
@@ -195,48 +206,84 @@ class _Shared:
 class Collector:
     """The sink behind the hooks: host copies, per-prompt slicing, whole files to the writer.
 
-    `writer.put(prompt, group, {name: tensor}, on_written)` receives one file at a time.
+    Three stages, each on its own thread, joined by queues:
+    - the hook (forward thread) records a CUDA event after the tensor's producer and queues the
+      tensor: a few microseconds, no copy is issued on the forward thread;
+    - the copier waits for that event on a per-device copy stream (on the GPU, not the host) and
+      issues the device-to-host copies into pinned buffers;
+    - the completion thread waits for each copy, cuts batches into prompts and hands whole files
+      to `writer.put(prompt, group, {name: tensor}, on_written)`.
+    The hook queue is bounded: when the copier is held back (pinned budget spent, disk slow), the
+    hooks wait, so neither GPU memory (tensors kept for copying) nor host memory grows unbounded.
     """
 
-    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30):
+    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30, hook_queue: int = 16):
         self.writer = writer
         self.groups = groups_of(targets)
         self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._to_copy: queue.Queue = queue.Queue(maxsize=hook_queue)
         self._pending: queue.Queue = queue.Queue()
-        self._open_group: str | None = None  # the group the hooks are filling now
+        self._open_group: str | None = None  # the group the copier is filling now
         self._open_bytes = 0
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._copier, name="layerwise-copy", daemon=True),
+                         threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     # -- called on the forward-pass thread ---------------------------------------------------
 
     def start_batch(self, batch) -> None:
         if self._error is not None:
             raise self._error
-        self._open_group, self._open_bytes = None, 0
-        self._pending.put(("batch", batch))
+        self._to_copy.put(("batch", batch))
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        """Start the host copies of one hook's tensors; returns without waiting for the GPU."""
-        if target.group != self._open_group:
-            self._open_group, self._open_bytes = target.group, 0
+        """Queue one hook's tensors for copying; returns without waiting for the GPU."""
         present = [(name, t.detach()) for name, t in zip(target.names, tensors) if t is not None]
         missing = [name for name, t in zip(target.names, tensors) if t is None]  # e.g. a logits-only router
-        hosts, buffers, event = self._copy([t for _, t in present])
-        items = [(name, host, buffer) for (name, _), host, buffer in zip(present, hosts, buffers)]
-        self._pending.put((target.group, items, missing, event))
+        if present and present[0][1].device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(present[0][1].device))
+        else:  # CPU tensors: copy now, the next op may reuse their memory
+            present, ready = [(name, t.clone()) for name, t in present], None
+        self._to_copy.put((target.group, present, missing, ready))
 
-    def _copy(self, tensors: list[torch.Tensor]):
-        """Host copies of `tensors` (all on one device): one stream hand-off and one event per hook."""
-        if not tensors or tensors[0].device.type != "cuda":
-            return [t.clone() for t in tensors], [None] * len(tensors), None
+    # -- the copier thread -----------------------------------------------------------------------
+
+    def _copier(self) -> None:
+        while True:
+            item = self._to_copy.get()
+            try:
+                if item is None:
+                    self._pending.put(None)
+                    return
+                if self._error is not None:
+                    continue
+                if item[0] in ("batch", "flush"):
+                    self._open_group, self._open_bytes = None, 0
+                    self._pending.put(item)
+                    continue
+                group, present, missing, ready = item
+                if ready is None:
+                    self._pending.put((group, [(name, t, None) for name, t in present], missing, None))
+                    continue
+                if group != self._open_group:
+                    self._open_group, self._open_bytes = group, 0
+                hosts, buffers, event = self._copy([t for _, t in present], ready)
+                items = [(name, host, buffer) for (name, _), host, buffer in zip(present, hosts, buffers)]
+                self._pending.put((group, items, missing, event))
+            except BaseException as err:
+                self._error = self._error or err
+
+    def _copy(self, tensors: list[torch.Tensor], ready):
+        """Host copies of `tensors` (one device), ordered after `ready` on the device's copy stream."""
         device = tensors[0].device
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))  # copy after the kernels that made them
+        stream.wait_event(ready)
         hosts, buffers = [], []
         with torch.cuda.stream(stream):
             for tensor in tensors:
@@ -269,6 +316,9 @@ class Collector:
                 if item[0] == "batch":
                     batch, parts = item[1], {}
                     continue
+                if item[0] == "flush":
+                    item[1].set()
+                    continue
                 group, items, missing, event = item
                 if event is not None:
                     event.synchronize()  # releases the GIL while the copy engine works
@@ -286,7 +336,7 @@ class Collector:
                 self._pending.task_done()
 
     def _drop(self, item) -> None:
-        if item and item[0] != "batch" and self.pool is not None:
+        if item and item[0] not in ("batch", "flush") and self.pool is not None:
             for _, _, buffer in item[1]:
                 if buffer is not None:
                     self.pool.give(buffer)
@@ -318,18 +368,33 @@ class Collector:
             n = len(prompt.token_ids)
             self.writer.put(prompt.index, group, {name: t[row, :n] for name, t in shaped.items()}, release)
 
+    def flush(self) -> None:
+        """Block until everything captured so far has reached the writer."""
+        done = threading.Event()
+        self._to_copy.put(("flush", done))
+        while not done.wait(0.5):
+            if self._error is not None:
+                raise self._error
+
     def close(self) -> None:
         """Wait until every captured tensor reached the writer; re-raise a capture error."""
-        self._pending.join()
-        self._pending.put(None)
-        self._thread.join()
+        self._to_copy.put(None)
+        for t in self._threads:
+            t.join()
         if self._error is not None:
             raise self._error
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("capture aborted")
+        if self.pool is not None:
+            self.pool.close()
+        try:
+            self._to_copy.put_nowait(None)
+        except queue.Full:
+            pass
         self._pending.put(None)
-        self._thread.join(timeout=60)
+        for t in self._threads:
+            t.join(timeout=60)
 
     @property
     def pinned_peak_bytes(self) -> int:

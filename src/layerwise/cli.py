@@ -226,6 +226,93 @@ def _test_text(result) -> str:
     lines.extend(f"  note: {n}" for n in result.notes)
     return "\n".join(lines)
 
+def _parse_prompts(text: str | None) -> tuple[int, ...] | None:
+    """"0,2" or "0-3,7" -> (0, 2) / (0, 1, 2, 3, 7)."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise UserError(f"--prompts {text!r}: expected prompt indices like 0,2 or 0-3") from None
+        if lo < 0 or hi < lo:
+            raise UserError(f"--prompts {text!r}: {part.strip()!r} is not a valid index or range")
+        out.extend(range(lo, hi + 1))
+    return tuple(dict.fromkeys(out))
+
+
+def _progress_line(done: int, total: int) -> None:
+    from .sizes import format_bytes
+
+    end = "\n" if done >= total else ""
+    print(f"\rcompare: {100 * done / max(total, 1):3.0f}% ({format_bytes(done)} of {format_bytes(total)})",
+          end=end, file=sys.stderr, flush=True)
+
+
+def cmd_compare(args) -> int:
+    from . import report
+    from .compare import CompareOptions, compare_paths
+    from .tolerances import build_tolerances
+
+    tolerances = build_tolerances(args.tolerance, args.tolerance_file, rtol=args.rtol, atol=args.atol,
+                                  max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, max_abs=args.max_abs,
+                                  max_kl=args.max_kl)
+    options = CompareOptions(tolerances=tolerances, prompts=_parse_prompts(args.prompts),
+                             tie_threshold=args.tie_threshold, logits_topk=args.logits_topk,
+                             noise_factor=args.noise_factor, verify=not args.no_verify)
+    if args.plot or args.html:
+        report.require_matplotlib()  # before reading gigabytes, not after
+    progress = _progress_line if sys.stderr.isatty() else None
+    result = compare_paths(args.reference, args.candidate, options, args.baseline, progress=progress)
+    if args.json:
+        _emit_json(report.report_json(result), args.json)
+    if args.json != "-":
+        print(report.report_text(result))
+    if args.plot:
+        report.write_plot(result, args.plot)
+    if args.html:
+        report.write_html(result, args.html)
+    return EXIT_OK if result.passed else EXIT_FAIL
+
+
+def _add_compare(sub) -> None:
+    from .compare import CompareOptions
+
+    d = CompareOptions()
+    p = sub.add_parser("compare", help="name the first tensor where two runs diverge; exit 0 pass / 1 diverged",
+                       description="Compare a candidate run with a reference run tensor by tensor, in model order, "
+                                   "and name the first that breaks its tolerance (docs/COMPARE.md).")
+    p.add_argument("reference", metavar="REF", help="the reference run directory")
+    p.add_argument("candidate", metavar="CAND", help="the candidate run directory")
+    p.add_argument("--baseline", metavar="RUN2", help="a second reference run (another batch size, kernel...): its "
+                                                      "distance to REF is the noise floor")
+    g = p.add_argument_group("tolerances (default: by dtype; a tensor uses the last matching --tolerance, else the "
+                             "file, else the global limits, else the dtype default)")
+    g.add_argument("--tolerance", action="append", default=[], metavar="PATTERN=CHECKS",
+                   help="e.g. 'model.layers.*:output=rel_l2<3e-2' or 'lm_head:output=kl<1e-3,top1>=0.99' (repeatable)")
+    g.add_argument("--tolerance-file", metavar="FILE", help="a .toml or .json file of rules and global limits")
+    g.add_argument("--rtol", type=float, help="allclose: every |ref - cand| <= atol + rtol |ref|")
+    g.add_argument("--atol", type=float, help="allclose absolute term (0 when only --rtol is given)")
+    g.add_argument("--max-rel-l2", type=float, help="largest ||ref - cand|| / ||ref||")
+    g.add_argument("--min-cosine", type=float, help="smallest cosine similarity")
+    g.add_argument("--max-abs", type=float, help="largest |ref - cand|")
+    g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
+    p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+    p.add_argument("--tie-threshold", type=float, default=d.tie_threshold,
+                   help="router score (sigmoid of the logit) margin of a near-tie (default: by dtype, 1e-4 for "
+                        "fp32 to 1e-2 for bf16)")
+    p.add_argument("--noise-factor", type=float, default=d.noise_factor,
+                   help="with --baseline, a tensor within this many noise floors passes (default: %(default)g)")
+    p.add_argument("--logits-topk", type=int, default=d.logits_topk, help="k of the logits' top-k overlap "
+                                                                           "(default: %(default)d)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
+    p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page (needs matplotlib)")
+    p.set_defaults(func=cmd_compare)
+
 
 def build_parser() -> argparse.ArgumentParser:
     builtins = ", ".join(f"builtin:{n}" for n in BUILTINS)
@@ -290,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_import)
 
+    _add_compare(sub)
     _add_test_parser(sub)
     return parser
 

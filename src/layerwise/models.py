@@ -193,14 +193,14 @@ def apply_config_fixes(config) -> list[Fix]:
 def model_class(config):
     """The causal-LM class for `config`; for MoE models whose reference keeps the router in fp32,
     a same-named subclass that tells transformers to load those tensors in fp32."""
-    from transformers import AutoModelForCausalLM
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
-        raise UserError(f"model_type {config.model_type!r} is not a causal language model transformers "
-                        f"{AutoModelForCausalLM.__module__.split('.')[0]} can load") from None
+        raise UserError(f"model_type {config.model_type!r} has no causal-LM class in transformers "
+                        f"{transformers.__version__}: layerwise tests decoder-only language models") from None
     patterns = FP32_ROUTER_PATTERNS.get(config.model_type)
     if not patterns:
         return cls

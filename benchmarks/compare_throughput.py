@@ -1,0 +1,189 @@
+"""How fast does `compare` read two runs, against a raw read of the same files?
+
+Writes two MiniMax-M2-shaped runs with RunWriter (bf16 residual stream [tokens, 3072] in and out
+of each layer, fp32 router logits [tokens, 256], top-8 ids and weights, bf16 logits
+[tokens, 200064]), the candidate a bf16-noisy copy of the reference, then times, on the same files:
+  raw read     every file read once with large buffered reads (what the disk or page cache gives)
+  read+sha256  the same, hashing every byte (what verification costs on one core)
+  compare      compare_runs with sha256 verification (the default) and without it
+Each timing runs cold (the runs' pages evicted from the page cache with posix_fadvise, so the
+disk is read; only these files are touched) and warm (from the page cache, best of two). Prints
+one table and updates this machine's row in the "compare throughput" section of BENCHMARKS.md,
+with the load average at the start (other work slows every CPU-bound figure).
+
+    python benchmarks/compare_throughput.py --gb 2          # two runs of ~2 GB each
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
+from layerwise.runs import RunWriter, open_run  # noqa: E402
+
+HIDDEN, EXPERTS, TOP_K = 3072, 256, 8
+SECTION = "## compare throughput"
+HEADER = ("| machine | run size | raw read cold | raw read warm | read+sha256 warm | compare cold | compare warm "
+          "| compare warm, no verify | compare / raw (cold) | load avg | date |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def write_runs(root: Path, gb_per_run: float, tokens: int, vocab: int) -> tuple[tuple[Path, Path], str]:
+    layer_bytes = 2 * tokens * HIDDEN * 2 + tokens * EXPERTS * 4 + 2 * tokens * TOP_K * 4
+    layers = max(1, round((gb_per_run * 1e9 - tokens * vocab * 2) / layer_bytes))
+    g = torch.Generator().manual_seed(0)
+    intent = {"model": {"spec": "benchmark", "model_type": "minimax_m2", "num_layers": layers, "hidden_size": HIDDEN},
+              "settings": {"dtype": "bfloat16"}, "anatomy": {"layers_path": "model.layers"},
+              "prompts": [{"index": 0, "text": "benchmark", "token_ids": list(range(tokens))}]}
+    paths = (root / "ref", root / "cand")
+    writers = [RunWriter(p, intent) for p in paths]
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    for i in range(layers):
+        out = x + 0.1 * torch.randn(tokens, HIDDEN, generator=g)
+        logits = torch.randn(tokens, EXPERTS, generator=g)
+        weights, ids = torch.softmax(logits, -1).topk(TOP_K, -1)
+        noise = 1 + 2 ** -8 * torch.randn(tokens, HIDDEN, generator=g)
+        for writer, scale in zip(writers, (1.0, noise)):
+            name = f"model.layers.{i}"
+            writer.put(0, name, {f"{name}:input": (x * scale).to(torch.bfloat16),
+                                 f"{name}:output": (out * scale).to(torch.bfloat16),
+                                 f"{name}.mlp.gate:router_logits": logits, f"{name}.mlp.gate:topk_ids": ids.int(),
+                                 f"{name}.mlp.gate:topk_weights": weights})
+        x = out
+    if vocab:  # the head's logits: the widest tensor of a run, and the slowest to measure (softmax, top-k)
+        logits = torch.randn(tokens, vocab, generator=g) * 3
+        noise = 1 + 2 ** -8 * torch.randn(tokens, vocab, generator=g)
+        for writer, scale in zip(writers, (1.0, noise)):
+            writer.put(0, "lm_head", {"lm_head:output": (logits * scale).to(torch.bfloat16)})
+    for writer in writers:
+        writer.finish()
+    return paths, f"{layers} layers x {tokens} tokens" + (" + logits" if vocab else "")
+
+
+def run_files(paths) -> list[Path]:
+    return sorted(f for p in paths for f in (p / "tensors").rglob("*.safetensors"))
+
+
+def evict(files) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files, hash_it: bool = False) -> float:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for f in files:
+        digest = hashlib.sha256() if hash_it else None
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                if digest:
+                    digest.update(view[:n])
+    return time.perf_counter() - start
+
+
+def timed_compare(paths, verify: bool) -> float:
+    ref, cand = open_run(paths[0]), open_run(paths[1])
+    start = time.perf_counter()
+    report = compare_runs(ref, cand, CompareOptions(verify=verify))
+    seconds = time.perf_counter() - start
+    assert report.rows, "nothing compared"
+    return seconds
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        mem = 0
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}"
+
+
+def update_benchmarks_md(path: Path, row: str, key: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip() + (f"\n\n{SECTION}\n\nWritten by `benchmarks/compare_throughput.py`: compare of two bf16 "
+                                "runs (MiniMax-M2 shapes) against a raw read of the same files. Cold = the files' "
+                                "pages evicted first.\n\n" + HEADER + "\n")
+    lines = text.splitlines()
+    start = lines.index(SECTION)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rows = [i for i in range(start, end) if lines[i].startswith(f"| {key} |")]
+    if rows:
+        lines[rows[0]] = row
+    else:
+        last = max(i for i in range(start, end) if lines[i].startswith("|"))
+        lines.insert(last + 1, row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="size of each run in GB (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, default=200064,
+                        help="width of the lm_head logits in each run, 0 for none (default: MiniMax-M2's %(default)s)")
+    parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="layerwise-bench-"))
+    load = os.getloadavg()[0]  # other work on the machine slows every CPU-bound figure
+    try:
+        t = time.perf_counter()
+        paths, shape = write_runs(root, args.gb, args.tokens, args.vocab)
+        files = run_files(paths)
+        size = sum(f.stat().st_size for f in files)
+        print(f"wrote 2 runs, {size / 1e9:.2f} GB in {len(files)} files, in {time.perf_counter() - t:.0f} s",
+              file=sys.stderr)
+        results = {}
+        evict(files)
+        results["raw read cold"] = raw_read(files)
+        results["raw read warm"] = min(raw_read(files) for _ in range(2))
+        results["read+sha256 warm"] = raw_read(files, hash_it=True)
+        evict(files)
+        results["compare cold"] = timed_compare(paths, verify=True)
+        results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
+        results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    rate = {k: size / v / 1e9 for k, v in results.items()}
+    width = max(map(len, rate))
+    print(f"{'what':{width}}  GB/s   seconds   ({size / 1e9:.2f} GB, {machine()})")
+    for k, v in rate.items():
+        print(f"{k:{width}}  {v:5.2f}  {results[k]:8.2f}")
+    ratio = rate["compare cold"] / rate["raw read cold"]
+    print(f"compare cold / raw read cold = {ratio:.2f}")
+    key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
+    row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
+           + f" | {ratio:.2f} | {load:.1f} | {time.strftime('%Y-%m-%d')} |")
+    update_benchmarks_md(Path(args.out), row, key)
+
+
+if __name__ == "__main__":
+    main()

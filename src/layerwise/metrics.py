@@ -1,0 +1,417 @@
+"""How far a candidate tensor is from a reference tensor: pure functions, float64, chunked.
+
+Three families, each a frozen dataclass (docs/COMPARE.md defines every field exactly):
+- `tensor_metrics`: max/mean absolute error, relative L2, cosine, SQNR, NaN/Inf counts per
+  side, the worst token. Any shape; dim 0 is the token axis.
+- `logits_metrics`: top-1 agreement, top-k overlap, KL(ref || cand) from log_softmax.
+- `routing_metrics`: identical expert sets, Jaccard overlap, near-ties and the cause of every
+  routing flip, from recorded top-k ids and router logits.
+
+Inputs are converted to float64 a block of rows at a time, so memory beyond the two inputs is a
+few blocks whatever the tensor size. Nothing here knows about runs, files or tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# float64 elements per block: 256 KiB per buffer, in cache, and below torch's parallel grain
+# size (32768), so kernels run serially: OpenMP regions on tiny blocks cost more than they save.
+CHUNK_ELEMENTS = 32767
+
+
+@dataclass(frozen=True)
+class TensorMetrics:
+    numel: int
+    max_abs: float  # max |a - b| over positions where both are finite
+    mean_abs: float  # mean |a - b| over the same positions
+    rel_l2: float  # ||a - b|| / ||a||   (0/0 = 0, x/0 = inf)
+    cosine: float  # <a, b> / (||a|| ||b||)   (both zero = 1, one zero = 0)
+    sqnr_db: float  # 10 log10(||a||^2 / ||a - b||^2)   (no error = inf)
+    nan: tuple[int, int]  # NaN count in (reference, candidate)
+    inf: tuple[int, int]  # +-Inf count in (reference, candidate)
+    nonfinite_mismatch: int  # positions where a and b are not the same non-finite value
+    worst_token: int | None  # token with the largest error (a mismatch first); None: no error
+    violations: int | None = None  # elements with |a - b| > atol + rtol |a|; None unless asked
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as [tokens, features]: dim 0 is the token axis; a scalar is one token."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.numel() == 0:
+        return t.new_empty((t.shape[0], 0))
+    return t.reshape(t.shape[0], -1)
+
+
+def _block_rows(width: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, width))
+
+
+def tensor_metrics(ref: torch.Tensor, cand: torch.Tensor, rtol: float | None = None,
+                   atol: float | None = None, chunk_elements: int = CHUNK_ELEMENTS,
+                   map_fn: Callable = map, parts: int = 1) -> TensorMetrics:
+    """Error metrics of `cand` against `ref` (same shape). `rtol`/`atol` also count allclose
+    violations. Identical non-finite values (NaN and NaN, +Inf and +Inf) agree; any other
+    position holding a NaN or Inf is a `nonfinite_mismatch` and is left out of the error sums.
+    The rows are measured in `parts` contiguous ranges through `map_fn` (an executor's `map`
+    measures them in parallel threads); the result does not depend on either."""
+    if ref.shape != cand.shape:
+        raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(cand.shape)}")
+    allclose = rtol is not None or atol is not None
+    if ref.numel() == 0:
+        return TensorMetrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, (0, 0), (0, 0), 0, None, 0 if allclose else None)
+    a2, b2 = _rows(ref), _rows(cand)
+    rows, width = a2.shape
+    split = _split(width, chunk_elements)  # a token wider than a block (logits) is measured in pieces
+    a2, b2 = a2.reshape(rows * split, width // split), b2.reshape(rows * split, width // split)
+    step = max(1, _block_rows(width // split, chunk_elements) // split) * split  # whole tokens per block
+    parts = max(1, min(parts, -(-rows * split // step)))  # no range smaller than one block
+    bounds = [rows * i // parts * split for i in range(parts + 1)]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    total = _Sums(violations=0 if allclose else None)
+    for part in map_fn(lambda r: _accumulate(a2, b2, r[0], r[1], step, split, rtol, atol, allclose), ranges):
+        total.merge(part)
+    t = total
+    # <a, b> from the three sums of squares: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>.
+    sab = (t.saa + t.sbb - t.sdd) / 2.0
+    return TensorMetrics(
+        numel=ref.numel(), max_abs=t.max_abs, mean_abs=t.sum_abs / t.count if t.count else 0.0,
+        rel_l2=_ratio(math.sqrt(t.sdd), math.sqrt(t.saa)), cosine=_cosine(sab, t.saa, t.sbb, t.sdd),
+        sqnr_db=_sqnr_db(t.saa, t.sdd), nan=(t.nan_a, t.nan_b), inf=(t.inf_a, t.inf_b),
+        nonfinite_mismatch=t.mismatch, worst_token=t.first_mismatch if t.first_mismatch is not None else t.worst_row,
+        violations=t.violations,
+    )
+
+
+@dataclass
+class _Sums:
+    """Running sums over a range of rows; `merge` adds a later range."""
+    count: int = 0  # finite pairs
+    sum_abs: float = 0.0
+    max_abs: float = 0.0
+    saa: float = 0.0
+    sbb: float = 0.0
+    sdd: float = 0.0
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    mismatch: int = 0
+    first_mismatch: int | None = None
+    worst_err: float = 0.0  # largest per-token squared error
+    worst_row: int | None = None
+    violations: int | None = None
+
+    def merge(self, o: _Sums) -> None:
+        for name in ("count", "sum_abs", "saa", "sbb", "sdd", "nan_a", "nan_b", "inf_a", "inf_b", "mismatch"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        self.max_abs = max(self.max_abs, o.max_abs)
+        if self.first_mismatch is None:
+            self.first_mismatch = o.first_mismatch
+        if o.worst_err > self.worst_err:
+            self.worst_err, self.worst_row = o.worst_err, o.worst_row
+        if self.violations is not None:
+            self.violations += o.violations
+
+
+def _split(width: int, chunk_elements: int) -> int:
+    """Into how many equal pieces to cut a token wider than a block (1: it fits; a width without
+    a small divisor is left whole)."""
+    pieces = -(-width // max(1, chunk_elements))
+    while pieces > 1 and width % pieces and pieces <= 64:
+        pieces += 1
+    return pieces if pieces > 1 and width % pieces == 0 else 1
+
+
+def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: int, split: int,
+                rtol: float | None, atol: float | None, allclose: bool) -> _Sums:
+    """Sums over rows [begin, end), `split` rows per token, converted to float64 `step` rows at
+    a time (whole tokens). Only elementwise
+    and reduction kernels on blocks below torch's parallel grain size: each kernel runs serially
+    in cache (BLAS dot or OpenMP regions on small blocks cost more than they save, and stall
+    badly when other processes share the cores)."""
+    s = _Sums(violations=0 if allclose else None)
+    x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64)
+    y_buf = torch.empty_like(x_buf)
+    for start in range(begin, end, step):
+        n = min(step, end - start)
+        x, y = x_buf[:n], y_buf[:n]
+        x.copy_(a2[start:start + n])
+        y.copy_(b2[start:start + n])
+        xa, ya = _sum_squares(x), _sum_squares(y)
+        if not (math.isfinite(xa) and math.isfinite(ya)):  # rare: count and mask non-finite values
+            counts = _mask_nonfinite(x, y)
+            s.nan_a, s.nan_b, s.inf_a, s.inf_b = s.nan_a + counts[0], s.nan_b + counts[1], s.inf_a + counts[2], \
+                s.inf_b + counts[3]
+            s.mismatch += counts[4]
+            if counts[4] and s.first_mismatch is None:
+                s.first_mismatch = (start + counts[5]) // split
+            s.count += counts[6]
+            xa, ya = _sum_squares(x), _sum_squares(y)
+        else:
+            s.count += x.numel()
+        s.saa, s.sbb = s.saa + xa, s.sbb + ya
+        d = y.sub_(x)  # b - a, in y's buffer
+        per_token = torch.linalg.vector_norm(d, 2, dim=1).square_()  # [n] squared error per row
+        if split > 1:
+            per_token = per_token.view(-1, split).sum(dim=1)  # per token
+        s.sdd += per_token.sum().item()
+        value, index = torch.max(per_token, dim=0)
+        if value.item() > s.worst_err:
+            s.worst_err, s.worst_row = value.item(), start // split + int(index)
+        d.abs_()
+        s.max_abs = max(s.max_abs, d.amax().item())  # amax: twice as fast as max() on CPU
+        s.sum_abs += d.sum().item()
+        if allclose:
+            limit = x.abs_().mul_(rtol or 0.0).add_(atol or 0.0)
+            s.violations += int((d > limit).sum())
+    return s
+
+
+def _sum_squares(x: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(x).item() ** 2
+
+
+def _mask_nonfinite(x: torch.Tensor, y: torch.Tensor) -> tuple[int, ...]:
+    """Count NaN/Inf on each side, zero every position that is not a finite pair (in place).
+    Returns (nan_a, nan_b, inf_a, inf_b, mismatches, first mismatching row, finite pairs)."""
+    nan_x, nan_y, inf_x, inf_y = torch.isnan(x), torch.isnan(y), torch.isinf(x), torch.isinf(y)
+    finite = ~(nan_x | inf_x) & ~(nan_y | inf_y)
+    same = (nan_x & nan_y) | (inf_x & inf_y & (x == y))
+    bad = ~finite & ~same
+    bad_rows = bad.any(dim=1).nonzero()
+    x.masked_fill_(~finite, 0.0)
+    y.masked_fill_(~finite, 0.0)
+    return (int(nan_x.sum()), int(nan_y.sum()), int(inf_x.sum()), int(inf_y.sum()), int(bad.sum()),
+            int(bad_rows[0]) if len(bad_rows) else 0, int(finite.sum()))
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _cosine(sab: float, saa: float, sbb: float, sdd: float) -> float:
+    if sdd == 0.0:  # identical (both zero included)
+        return 1.0
+    if saa == 0.0 or sbb == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, sab / math.sqrt(saa * sbb)))
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+# ------------------------------------------------------------------------------------- logits
+
+@dataclass(frozen=True)
+class LogitsMetrics:
+    tokens: int
+    k: int
+    top1: float  # share of tokens whose argmax agrees
+    topk: float  # mean |top-k(ref) & top-k(cand)| / k
+    kl_mean: float  # mean over tokens of KL(p_ref || p_cand), nats
+    kl_max: float
+    kl_worst_token: int | None
+
+
+def logits_metrics(ref: torch.Tensor, cand: torch.Tensor, k: int = 5,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> LogitsMetrics:
+    """Next-token agreement of two [tokens, vocab] logit tensors. KL(ref || cand) per token is
+    sum_v p_ref(v) (log p_ref(v) - log p_cand(v)) in float64; terms with p_ref = 0 count as 0;
+    rounding below 0 is reported as 0. No tokens: top1 = topk = 1, KL = 0."""
+    if ref.shape != cand.shape:
+        raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(cand.shape)}")
+    a2, b2 = _rows(ref), _rows(cand)
+    rows, vocab = a2.shape
+    if rows == 0 or vocab == 0:
+        return LogitsMetrics(rows, k, 1.0, 1.0, 0.0, 0.0, None)
+    k = max(1, min(k, vocab))
+    pieces = _split(vocab, chunk_elements)
+    agree = overlap = 0
+    kl_sum, kl_max, kl_worst = 0.0, 0.0, None
+    step = _block_rows(vocab, chunk_elements)
+    for start in range(0, rows, step):
+        x = a2[start:start + step].to(torch.float64, copy=True)  # _kl overwrites them
+        y = b2[start:start + step].to(torch.float64, copy=True)
+        (vx, ix), (vy, iy) = _topk(x, k, pieces), _topk(y, k, pieces)
+        agree += int((ix[:, 0] == iy[:, 0]).sum())
+        overlap += int((ix.unsqueeze(2) == iy.unsqueeze(1)).any(dim=2).sum())
+        kl = _kl(x, y, vx[:, :1], vy[:, :1])
+        if not bool(torch.isfinite(kl).all()):  # -inf logits (masked vocabulary), NaN, Inf: term by term
+            kl = _kl_careful(a2[start:start + step].to(torch.float64), b2[start:start + step].to(torch.float64))
+        kl_sum += kl.sum().item()
+        value, index = torch.max(torch.nan_to_num(kl, nan=math.inf), dim=0)
+        if kl_worst is None or value.item() > kl_max:
+            kl_max, kl_worst = value.item(), start + int(index)
+    return LogitsMetrics(rows, k, agree / rows, overlap / (rows * k), kl_sum / rows, kl_max, kl_worst)
+
+
+def _topk(x: torch.Tensor, k: int, pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, indices) of each row, largest first, found piece by piece: the k largest of
+    a row are among the k largest of its pieces (three times faster on a 200k vocabulary)."""
+    n, width = x.shape
+    if pieces == 1:
+        return x.topk(k, dim=1)
+    part = width // pieces
+    values, index = x.view(n, pieces, part).topk(min(k, part), dim=2)
+    index = index + (torch.arange(pieces) * part).view(1, pieces, 1)
+    values, order = values.reshape(n, -1).topk(k, dim=1)
+    return values, index.reshape(n, -1).gather(1, order)
+
+
+def _kl(x: torch.Tensor, y: torch.Tensor, max_x: torch.Tensor, max_y: torch.Tensor) -> torch.Tensor:
+    """KL(softmax x || softmax y) per row with two exp passes: with e = exp(x - max x),
+    KL = sum(e (x - y)) / sum(e) - (logsumexp x - logsumexp y). Overwrites x and y."""
+    d = x - y
+    ex = x.sub_(max_x).exp_()
+    sx = ex.sum(dim=1)
+    sy = y.sub_(max_y).exp_().sum(dim=1)
+    lse_diff = (max_x.squeeze(1) + sx.log()) - (max_y.squeeze(1) + sy.log())
+    return (ex.mul_(d).sum(dim=1) / sx - lse_diff).clamp_(min=0.0)
+
+
+def _kl_careful(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    lp, lq = torch.log_softmax(x, dim=1), torch.log_softmax(y, dim=1)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64)).sum(dim=1)
+
+
+# ------------------------------------------------------------------------------------ routing
+
+@dataclass(frozen=True)
+class RoutingMetrics:
+    tokens: int
+    k: int
+    same_set: float  # share of tokens whose top-k expert SET is identical
+    jaccard: float  # mean |A & B| / |A | B|
+    flips: int  # tokens whose set differs
+    selection_not_topk: int | None  # reference tokens whose ids are not the top-k of its logits
+    near_ties: int | None  # reference tokens with margin < tie_threshold (None: cannot be known)
+    flips_at_ties: int | None  # flips whose reference margin is provably < tie_threshold
+    flips_moved: int | None  # flips where the router scores moved by at least tie_threshold
+    flips_inconsistent: int | None  # flips that no shared selection rule explains (a routing bug)
+    tie_threshold: float
+
+
+# What happened to each token's expert set (routing_flips): unchanged, or a flip at a near-tie,
+# where the scores moved by at least the tie threshold, that no shared rule explains, or unjudged.
+SAME, AT_TIE, MOVED, INCONSISTENT, UNJUDGED = 0, 1, 2, 3, 4
+
+
+def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
+                    cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> RoutingMetrics:
+    """Compare the expert choice of two runs (see `routing_flips`)."""
+    return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements)[0]
+
+
+def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
+                  cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[RoutingMetrics, torch.Tensor]:
+    """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
+    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit): the
+    selection score of sigmoid routers before their (unrecorded) correction bias, and a
+    monotone map of softmax routers' logits, so top-k by s is top-k by logit.
+
+    - margin (reference, exact when its ids are the top-k of its logits): weakest chosen s
+      minus strongest rejected s; a near-tie is 0 <= margin < tie_threshold.
+    - a flip with both runs' logits is judged without knowing any bias: if both runs choose by
+      s + b with the same per-expert b, the reference margin is at most
+      bound = min over dropped a of (s_a - s'_a) - max over added c of (s_c - s'_c).
+      bound < tie_threshold with bound > 0: at a tie; bound >= tie_threshold: the scores moved;
+      bound <= 0: inconsistent (different bias, rule or expert numbering).
+    - with only the reference's logits, flips are judged by its exact margin when its ids are
+      the top-k of its logits (at a tie or moved), otherwise not judged (None).
+    """
+    if ref_ids.shape != cand_ids.shape:
+        raise ValueError(f"shapes differ: {tuple(ref_ids.shape)} vs {tuple(cand_ids.shape)}")
+    ids_a, ids_b = _rows(ref_ids).long(), _rows(cand_ids).long()
+    tokens, k = ids_a.shape
+    classes = torch.zeros(tokens, dtype=torch.int8)
+    if tokens == 0 or k == 0:
+        return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold), classes
+    z_a = _rows(ref_logits) if ref_logits is not None else None
+    z_b = _rows(cand_logits) if cand_logits is not None and z_a is not None else None
+    width = max(k * k, z_a.shape[1] if z_a is not None else 1)
+    c = dict(same=0, flips=0, not_topk=0, near=0, ref_ties=0, bound_ties=0, inconsistent=0)
+    jaccard = 0.0
+    step = _block_rows(width, chunk_elements)
+    for start in range(0, tokens, step):  # blocks keep every kernel small and serial
+        a, b = ids_a[start:start + step], ids_b[start:start + step]
+        inter = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)  # [n]
+        flips = inter != k
+        block = classes[start:start + step]
+        block[flips] = UNJUDGED
+        c["same"] += int((~flips).sum())
+        c["flips"] += int(flips.sum())
+        jaccard += (inter.double() / (2 * k - inter).double()).sum().item()
+        if z_a is None:
+            continue
+        margin = _margin(z_a[start:start + step], a)
+        near = margin < tie_threshold
+        c["not_topk"] += int((margin < 0).sum())
+        c["near"] += int(near.sum())
+        c["ref_ties"] += int((flips & near).sum())
+        if z_b is None:  # the reference's own margin decides, if it is exact (checked after the loop)
+            block[flips & near] = AT_TIE
+            block[flips & ~near] = MOVED
+        elif bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
+            local = flips.nonzero().squeeze(1)
+            rows = local + start
+            s_a, s_b = torch.sigmoid(z_a[rows].double()), torch.sigmoid(z_b[rows].double())
+            chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a[rows], True)
+            chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b[rows], True)
+            bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
+            kind = torch.full_like(local, MOVED, dtype=torch.int8)
+            kind[(bound > 0) & (bound < tie_threshold)] = AT_TIE
+            kind[~(bound > 0)] = INCONSISTENT  # bound <= 0, or NaN scores
+            block[local] = kind
+            c["inconsistent"] += int((kind == INCONSISTENT).sum())
+            c["bound_ties"] += int((kind == AT_TIE).sum())
+    not_topk = near = at_ties = moved = inconsistent = None
+    if z_a is not None:
+        not_topk = c["not_topk"]
+        if not_topk == 0:  # the reference chose the top-k of its logits: its margins are exact
+            near, at_ties = c["near"], c["ref_ties"]
+        if z_b is not None:
+            at_ties, inconsistent = c["bound_ties"], c["inconsistent"]
+        if at_ties is not None:
+            moved = c["flips"] - at_ties - (inconsistent or 0)
+    if z_a is not None and z_b is None and not_topk:  # the reference's margins are not exact
+        classes[classes != SAME] = UNJUDGED
+    return RoutingMetrics(tokens, k, c["same"] / tokens, jaccard / tokens, c["flips"], not_topk, near, at_ties,
+                          moved, inconsistent, tie_threshold), classes
+
+
+def _margin(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per token: weakest chosen score minus strongest rejected score, s = sigmoid(logit)
+    (inf when every expert is chosen). The strongest rejected expert is always among the k+1
+    largest logits (k+1 experts, at most k of them chosen), so no pass over all experts is
+    needed beyond one top-k."""
+    k, experts = ids.shape[1], logits.shape[1]
+    weakest = torch.sigmoid(logits.gather(1, ids).double()).min(dim=1).values
+    if experts <= k:
+        return torch.full_like(weakest, math.inf)
+    values, index = logits.topk(k + 1, dim=1)
+    rejected = ~(index.unsqueeze(2) == ids.unsqueeze(1)).any(dim=2)  # [n, k+1]
+    strongest = torch.where(rejected, torch.sigmoid(values.double()), -math.inf).max(dim=1).values
+    return weakest - strongest
+
+
+def _flip_bound(delta: torch.Tensor, dropped: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """Upper bound on the reference margin of a flipped token (inf where nothing flipped)."""
+    low = torch.where(dropped, delta, math.inf).min(dim=1).values
+    high = torch.where(added, delta, -math.inf).max(dim=1).values
+    return low - high
