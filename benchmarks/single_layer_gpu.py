@@ -16,8 +16,9 @@ written to --work. For each prompt length (--tokens, default 1024 and 4096 rando
 
 and prints one table: load time and read GB/s, compute time, peak GPU memory, rel_l2 of the layer,
 attention and MoE outputs, the share of tokens whose top-8 expert set differs from the reference's,
-and a verdict (bf16 tolerance rel_l2 <= 2e-2 on the layer output). Logs and JSON go to --out
-($OUT on the device machine). Dry run on a CPU in seconds: --tiny.
+and the verdict of layerwise's compare (default tolerances by dtype, routing-aware) with the first
+divergent tensor. Logs and JSON go to --out ($OUT on the device machine). Dry run on a CPU in
+seconds: --tiny.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config, write_checkpoint  # noqa: E402
 
 from layerwise import open_run  # noqa: E402
+from layerwise.compare import compare_runs  # noqa: E402
 from layerwise.extract import ExtractOptions, extract  # noqa: E402
 from layerwise.loading import LoadOptions  # noqa: E402
 from layerwise.replay import ReplayOptions, replay  # noqa: E402
 
-TOLERANCE_REL_L2 = 2e-2  # bf16 compute: a layer output further off than this is a failure
 CANDIDATES = {
     "same": ReplayOptions(),
     "eager": ReplayOptions(attn_implementation="eager"),
@@ -149,8 +150,13 @@ def main(argv=None) -> int:
             sync()
             wall = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device != "cpu" else 0
-            m = metrics(reference, open_run(result.isolated))
-            verdict = "exact" if m["layer"] == 0 else ("PASS" if m["layer"] <= TOLERANCE_REL_L2 else "FAIL")
+            candidate = open_run(result.isolated)
+            m = metrics(reference, candidate)
+            t1 = time.perf_counter()
+            judged = compare_runs(reference, candidate)
+            m["compare_s"] = time.perf_counter() - t1
+            first = judged.first_divergence
+            verdict = "exact" if m["layer"] == 0 else ("PASS" if judged.passed else f"FAIL at {first.name}")
             rows.append({"tokens": length, "candidate": name, "load_s": result.load_seconds,
                          "read_gb_s": result.bytes_read / result.load_seconds / 1e9 if result.load_seconds else 0,
                          "compute_s": wall - result.load_seconds, "peak_gpu_gb": peak / 1e9, **m, "verdict": verdict,
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
         say(f"{r['tokens']:>6} {r['candidate']:<12} {r['load_s']:>7.2f} {r['read_gb_s']:>6.2f} {r['compute_s']:>6.2f} "
             f"{r['peak_gpu_gb']:>8.2f} {r['layer']:>12.3e} {r.get('attn', float('nan')):>9.2e} "
             f"{r.get('moe', float('nan')):>9.2e} {r.get('routing_flips', float('nan')):>7.2%}  {r['verdict']}")
-    say(f"(verdict: layer-output rel_l2 <= {TOLERANCE_REL_L2:g}; weights read per load "
+    say(f"(verdict: layerwise compare with its default tolerances; weights read per load "
         f"{rows[0]['weights_gb']:.2f} GB; 'run s' = compute + writing the run)")
     (out / "single_layer_gpu.json").write_text(json.dumps({"rows": rows, "tiny": args.tiny}, indent=1))
     (out / "single_layer_gpu.log").write_text("\n".join(log_lines) + "\n")

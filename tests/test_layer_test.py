@@ -39,6 +39,7 @@ def test_single_all_makes_isolated_and_chained_runs(capsys, tmp_path, reference)
     code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t")
     assert code == 0, err
     assert "single: layers 0-3 (transformers layers, float32, sdpa, cpu)" in out
+    assert "PASS: every layer within tolerance on its own input" in out
     isolated, chained = open_run(tmp_path / "t" / "isolated"), open_run(tmp_path / "t" / "chained")
     assert _max_output_error(reference, isolated) == 0.0
     assert _max_output_error(reference, chained) == 0.0
@@ -67,6 +68,49 @@ def test_candidate_changes_settings(capsys, tmp_path, reference):
     assert run.manifest["settings"]["dtype"] == "bfloat16" and run.manifest["settings"]["attn_implementation"] == "eager"
     assert run.tensor("model.layers.1:output", 0).dtype == torch.bfloat16
     assert 1e-4 < _max_output_error(reference, run) < 5e-2
+
+
+def test_perturbed_layer_fails_alone_isolated_and_onward_propagated(capsys, tmp_path, tiny_minimax, reference):
+    from test_replay import _perturb
+
+    broken = _perturb(tiny_minimax.path, tmp_path / "broken", "model.layers.2.self_attn.o_proj.weight", 1.05)
+    code, out, err = run_cli(capsys, "test", broken, "--reference", reference.path, "--out", tmp_path / "t",
+                             "--json", tmp_path / "report.json")
+    assert code == 1, err
+    assert "FAIL: first divergence at model.layers.2.self_attn:output (layer 2)" in out
+    assert "wrong themselves: layer(s) 2; only inheriting: layer(s) 3" in out
+    assert "FAIL: layer(s) 2 outside tolerance on their own input" in out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["verdict"] == "fail" and data["decided_by"] == "isolated"
+    table = {r["layer"]: r for r in data["isolation"]}
+    assert [k for k in range(4) if not table[k]["isolated_passed"]] == [2], table
+    assert [k for k in range(4) if not table[k]["propagated_passed"]] == [2, 3], table
+    assert table[1]["isolated_rel_l2"] == 0 and table[3]["isolated_rel_l2"] == 0 and table[3]["propagated_rel_l2"] > 0
+    assert set(data["reports"]) == {"isolated", "chained"}
+
+
+@pytest.mark.parametrize("factory, code, fragment", [
+    ("factory", 0, "PASS: every layer within tolerance on its own input"),
+    ("full_rope_factory", 1, "FAIL: first divergence at model.layers.0:output (layer 0)"),
+    ("bf16_router_factory", 1, "FAIL: first divergence at model.layers.0:output (layer 0)"),
+])
+def test_candidate_factories_judged_with_the_layer_named(capsys, tmp_path, reference, factory, code, fragment):
+    got, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t",
+                            "--candidate", f"reference_minimax:{factory}")
+    assert got == code, err + out
+    assert fragment in out
+
+
+def test_report_files_and_json_to_stdout(capsys, tmp_path, reference):
+    pytest.importorskip("matplotlib")
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t",
+                             "--test-type", "multi", "--layers", "0-3", "--json", "-", "--plot", tmp_path / "p.png",
+                             "--html", tmp_path / "r.html")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["verdict"] == "pass" and data["decided_by"] == "chained" and data["isolation"] == []
+    assert data["reports"]["chained"]["verdict"] == "pass"
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and "<html" in (tmp_path / "r.html").read_text()
 
 
 def test_seed_wrapper_translates_flags():

@@ -169,8 +169,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_test(args) -> int:
+    from . import report
     from .extract import ExtractOptions, gather_prompts
-    from .layer_test import TestOptions, run_layer_test
+    from .layer_test import TestOptions, compare_layer_test, run_layer_test
     from .replay import ReplayOptions
 
     t = TestOptions()
@@ -187,9 +188,21 @@ def cmd_test(args) -> int:
                                      max_tokens=args.max_tokens, chat_template=args.chat_template,
                                      overwrite=args.overwrite)
     prompts = gather_prompts(args.prompt, args.prompts) if (args.prompt or args.prompts) else None
+    compare = _compare_options(args)
+    if args.plot or args.html:
+        report.require_matplotlib()  # before any work, not after
     result = run_layer_test(args.model, options, candidate, load, extract_options, prompts)
-    print(_test_text(result))
-    return EXIT_OK
+    tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None)
+    if args.json:
+        _emit_json(report.layer_test_json(tested), args.json)
+    if args.json != "-":
+        print(_test_text(tested))
+    main = tested.reports.get(tested.decides) if tested.decides else None
+    if main is not None and args.plot:
+        report.write_plot(main, args.plot)
+    if main is not None and args.html:
+        report.write_html(main, args.html)
+    return EXIT_OK if tested.passed else EXIT_FAIL
 
 
 def _single_device(device_map: str | None) -> str | None:
@@ -203,9 +216,13 @@ def _single_device(device_map: str | None) -> str | None:
     return None
 
 
-def _test_text(result) -> str:
+def _test_text(tested) -> str:
+    """What was run, then the comparison that decides the verdict (and for --layer all, the
+    isolated vs propagated table)."""
+    from . import report
     from .sizes import format_bytes
 
+    result = tested.result
     lines = []
     if result.replay is not None:
         r = result.replay
@@ -224,7 +241,16 @@ def _test_text(result) -> str:
     for kind, path in result.candidates.items():
         lines.append(f"  {kind} run: {path}")
     lines.extend(f"  note: {n}" for n in result.notes)
+    if tested.decides:
+        lines += ["", report.report_text(tested.reports[tested.decides])]
+    if tested.isolation:
+        lines += ["", report.isolation_text(tested.isolation)]
+        verdict = "PASS: every layer within tolerance on its own input" if tested.passed else \
+            "FAIL: layer(s) " + ",".join(str(r.layer) for r in tested.isolation if not r.isolated_passed) + \
+            " outside tolerance on their own input"
+        lines += ["", verdict]
     return "\n".join(lines)
+
 
 def _parse_prompts(text: str | None) -> tuple[int, ...] | None:
     """"0,2" or "0-3,7" -> (0, 2) / (0, 1, 2, 3, 7)."""
@@ -251,17 +277,23 @@ def _progress_line(done: int, total: int) -> None:
           end=end, file=sys.stderr, flush=True)
 
 
-def cmd_compare(args) -> int:
-    from . import report
-    from .compare import CompareOptions, compare_paths
+def _compare_options(args, prompts: str | None = None):
+    from .compare import CompareOptions
     from .tolerances import build_tolerances
 
     tolerances = build_tolerances(args.tolerance, args.tolerance_file, rtol=args.rtol, atol=args.atol,
                                   max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, max_abs=args.max_abs,
                                   max_kl=args.max_kl)
-    options = CompareOptions(tolerances=tolerances, prompts=_parse_prompts(args.prompts),
-                             tie_threshold=args.tie_threshold, logits_topk=args.logits_topk,
-                             noise_factor=args.noise_factor, verify=not args.no_verify)
+    return CompareOptions(tolerances=tolerances, prompts=_parse_prompts(prompts),
+                          tie_threshold=args.tie_threshold, logits_topk=args.logits_topk,
+                          noise_factor=args.noise_factor, verify=not args.no_verify)
+
+
+def cmd_compare(args) -> int:
+    from . import report
+    from .compare import compare_paths
+
+    options = _compare_options(args, args.prompts)
     if args.plot or args.html:
         report.require_matplotlib()  # before reading gigabytes, not after
     progress = _progress_line if sys.stderr.isatty() else None
@@ -278,9 +310,6 @@ def cmd_compare(args) -> int:
 
 
 def _add_compare(sub) -> None:
-    from .compare import CompareOptions
-
-    d = CompareOptions()
     p = sub.add_parser("compare", help="name the first tensor where two runs diverge; exit 0 pass / 1 diverged",
                        description="Compare a candidate run with a reference run tensor by tensor, in model order, "
                                    "and name the first that breaks its tolerance (docs/COMPARE.md).")
@@ -288,6 +317,15 @@ def _add_compare(sub) -> None:
     p.add_argument("candidate", metavar="CAND", help="the candidate run directory")
     p.add_argument("--baseline", metavar="RUN2", help="a second reference run (another batch size, kernel...): its "
                                                       "distance to REF is the noise floor")
+    _add_compare_options(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_compare_options(p, prompt_filter: bool = True) -> None:
+    """Tolerances and report options, shared by `compare` and `test` (which compares every prompt)."""
+    from .compare import CompareOptions
+
+    d = CompareOptions()
     g = p.add_argument_group("tolerances (default: by dtype; a tensor uses the last matching --tolerance, else the "
                              "file, else the global limits, else the dtype default)")
     g.add_argument("--tolerance", action="append", default=[], metavar="PATTERN=CHECKS",
@@ -299,7 +337,8 @@ def _add_compare(sub) -> None:
     g.add_argument("--min-cosine", type=float, help="smallest cosine similarity")
     g.add_argument("--max-abs", type=float, help="largest |ref - cand|")
     g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
-    p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+    if prompt_filter:
+        p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
     p.add_argument("--tie-threshold", type=float, default=d.tie_threshold,
                    help="router score (sigmoid of the logit) margin of a near-tie (default: by dtype, 1e-4 for "
                         "fp32 to 1e-2 for bf16)")
@@ -311,7 +350,6 @@ def _add_compare(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
     p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page (needs matplotlib)")
-    p.set_defaults(func=cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +459,7 @@ def _add_test_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass")
     g.add_argument("--max-tokens", type=int, default=None, help="refuse prompts longer than this")
     g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
+    _add_compare_options(p, prompt_filter=False)
     p.set_defaults(func=cmd_test)
 
 

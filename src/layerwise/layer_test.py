@@ -8,8 +8,9 @@
   with the reference's capture points, layers and batch size.
 - extract-all: `layerwise extract`, writing a reference.
 
-This module plans which runs to make and makes them; comparing them with the reference is
-compare.py's job.
+`run_layer_test` makes the candidate runs; `compare_layer_test` compares each with the
+reference (compare.py) and, for `single --layer all`, lines up each layer's isolated error with
+its propagated one (`isolation_table`, pure). Rendering is report.py's.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runs
+from .align import ranges
 from .errors import UserError
+from .compare import CompareOptions, Report, Row, compare_runs
 from .replay import ReplayOptions, ReplayResult, parse_layer, parse_layer_range, replay
 
 log = logging.getLogger(__name__)
 
 TEST_TYPES = ("single", "multi", "full", "extract-all")
+# Which candidate run decides a test's verdict.
+_DECIDES = {"single": "isolated", "multi": "chained", "full": "full"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
                    attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"))
     d = extract_options or ExtractOptions()
     points = ",".join(settings.get("points") or []) or d.points
-    layers = options.layers or _ranges(settings.get("layers") or [])
+    layers = options.layers or (ranges(list(settings["layers"])) if settings.get("layers") else None)
     extract_options = replace(d, points=points, layers=layers or d.layers,
                               batch_size=settings.get("batch_size") or d.batch_size, overwrite=candidate.overwrite)
     items = [p["token_ids"] for p in reference.prompts]
@@ -122,16 +127,66 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
     return TestResult("full", reference.path, {"full": result.path}, extract=result, notes=result.notes)
 
 
-def _ranges(layers: list[int]) -> str | None:
-    """[0, 1, 2, 5] -> "0-2,5" (extract's --layers syntax)."""
-    if not layers:
-        return None
-    parts, start, prev = [], layers[0], layers[0]
-    for i in list(layers[1:]) + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts)
+# ------------------------------------------------------------------------------ comparing
+
+@dataclass(frozen=True)
+class IsolationRow:
+    """One decoder layer: its own error (fed the reference's input) beside the error it has
+    when fed the candidate's previous layers (chained from layer 0's recorded input)."""
+
+    layer: int
+    isolated_rel_l2: float | None  # of the layer's output, worst prompt
+    propagated_rel_l2: float | None
+    isolated_passed: bool  # every tensor of the layer within tolerance
+    propagated_passed: bool | None
+    isolated_flips: int | None = None  # tokens whose expert set differs (MoE layers)
+    propagated_flips: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerTestReport:
+    result: TestResult
+    reports: dict[str, Report]  # candidate kind -> its comparison with the reference
+    decides: str | None  # which report gives the verdict (None: extract-all, nothing compared)
+    isolation: tuple[IsolationRow, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.decides is None or self.reports[self.decides].passed
+
+
+def compare_layer_test(result: TestResult, options: CompareOptions = CompareOptions(), progress=None) -> LayerTestReport:
+    """Compare each candidate run of `result` with its reference."""
+    decides = _DECIDES.get(result.test_type)
+    if decides is None or result.reference is None:
+        return LayerTestReport(result, {}, None)
+    reference = runs.open_run(result.reference)
+    reports = {kind: compare_runs(reference, runs.open_run(path), options, progress=progress)
+               for kind, path in result.candidates.items()}
+    table = ()
+    if "isolated" in reports and "chained" in reports:
+        layers_path = (reference.manifest.get("anatomy") or {}).get("layers_path", "model.layers")
+        table = isolation_table(reports["isolated"], reports["chained"], result.layers, layers_path)
+    return LayerTestReport(result, reports, decides, table)
+
+
+def isolation_table(isolated: Report, propagated: Report | None, layers: tuple[int, ...],
+                    layers_path: str = "model.layers") -> tuple[IsolationRow, ...]:
+    def by_layer(report: Report | None) -> dict[int, list[Row]]:
+        rows: dict[int, list[Row]] = {}
+        for row in report.rows if report else ():
+            if row.layer is not None:
+                rows.setdefault(row.layer, []).append(row)
+        return rows
+
+    def output(rows: list[Row], k: int) -> float | None:
+        return next((r.rel_l2 for r in rows if r.module == f"{layers_path}.{k}" and r.role == "output"), None)
+
+    def flips(report: Report | None, k: int) -> int | None:
+        return next((r.routing.flips for r in (report.routing if report else ()) if r.layer == k and r.routing), None)
+
+    iso, prop = by_layer(isolated), by_layer(propagated)
+    return tuple(IsolationRow(
+        k, output(iso.get(k, []), k), output(prop.get(k, []), k), all(r.passed for r in iso.get(k, [])),
+        all(r.passed for r in prop[k]) if k in prop else None, flips(isolated, k), flips(propagated, k))
+        for k in layers)

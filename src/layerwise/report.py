@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import asdict
 
+from .align import ranges
 from .atomic import write_bytes_atomic, write_text_atomic
 from .compare import Report, Row
 from .errors import UserError
@@ -282,6 +283,45 @@ def report_json(report: Report) -> dict:
                   "gb_per_s": report.bytes_read / report.seconds / 1e9 if report.seconds else None},
     }
     return _clean(data)
+
+
+# ------------------------------------------------------------------------------- layer tests
+
+def isolation_text(rows) -> str:
+    """`layerwise test --layer all`: each layer's own error beside its propagated error
+    (rows: layer_test.IsolationRow), and which layers are wrong themselves."""
+    def check(passed, flips):
+        if passed is None:
+            return "-"
+        return ("ok" if passed else "FAIL") + (f" {flips}f" if flips else "")
+
+    table = [[str(r.layer), _sci(r.isolated_rel_l2), _sci(r.propagated_rel_l2), check(r.isolated_passed, r.isolated_flips),
+              check(r.propagated_passed, r.propagated_flips)] for r in rows]
+    lines = ["isolated: each layer fed the reference's recorded input; propagated: the layers chained from "
+             "layer 0's", ""]
+    lines += _table(["layer", "isolated rel_l2", "propagated rel_l2", "isolated", "propagated"], table, right={1, 2})
+    own = [r.layer for r in rows if not r.isolated_passed]
+    inherit = [r.layer for r in rows if r.isolated_passed and r.propagated_passed is False]
+    lines.append("rel_l2 of each layer's output, worst prompt; Nf: tokens whose expert set flipped")
+    if own:
+        lines.append(f"wrong themselves: layer(s) {ranges(own)}" +
+                     (f"; only inheriting: layer(s) {ranges(inherit)}" if inherit else ""))
+    elif inherit:
+        lines.append(f"every layer is right on its own input; layer(s) {ranges(inherit)} fail only from what "
+                     "they inherit (accumulation)")
+    return "\n".join(lines)
+
+
+def layer_test_json(ltr) -> dict:
+    """`layerwise test --json`: the runs made, each comparison's report and the isolation table."""
+    result = ltr.result
+    return _clean({
+        "test_type": result.test_type, "verdict": "pass" if ltr.passed else "fail", "decided_by": ltr.decides,
+        "reference": None if result.reference is None else str(result.reference),
+        "runs": {k: str(v) for k, v in result.candidates.items()}, "layers": list(result.layers),
+        "reports": {k: report_json(r) for k, r in ltr.reports.items()},
+        "isolation": [asdict(r) for r in ltr.isolation], "notes": list(result.notes),
+    })
 
 
 # ---------------------------------------------------------------------------------- plot, HTML
