@@ -271,3 +271,15 @@ def test_chat_template(tmp_path, capsys):
                    "--chat-template")[0] == 0
     ids = runs.open_run(tmp_path / "r").prompts[0]["token_ids"]
     assert ids[0] == 256 and bytes(i for i in ids if i < 256).startswith(b"user: hi")
+
+
+def test_router_selection_bias_is_recorded(tmp_path, minimax_fp32):
+    extract_model(minimax_fp32, tmp_path / "run", PROMPTS[:2], ExtractOptions(points="router"))
+    run = runs.open_run(tmp_path / "run")
+    for k, layer in enumerate(minimax_fp32.model.model.layers):
+        for p in range(2):
+            bias = run.tensor(f"model.layers.{k}.mlp.gate:score_bias", p)
+            assert bias.dtype == torch.float32 and torch.equal(bias, layer.mlp.e_score_correction_bias)
+    qwen = loading.load_model("builtin:qwen3-moe-tiny", loading.LoadOptions(dtype="fp32"), with_tokenizer=False)
+    extract_model(qwen, tmp_path / "qwen", [[1, 2, 3]], ExtractOptions(points="router"))
+    assert not any(n.endswith(":score_bias") for n in runs.open_run(tmp_path / "qwen").names)

@@ -255,3 +255,24 @@ def test_routing_blocks_do_not_change_the_result():
 def test_routing_empty():
     m = routing_metrics(torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2, dtype=torch.int32))
     assert (m.tokens, m.same_set, m.flips) == (0, 1.0, 0)
+
+
+def test_routing_with_recorded_bias_has_exact_near_ties():
+    """A sigmoid router choosing by sigmoid(logit) + bias: without the bias the choice is not the
+    top-k of the logits (near-ties unknowable); with it, margins are exact."""
+    from layerwise.metrics import routing_metrics
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.1, 3.0, 2.0], [1.0, 1.02, -9.0, -9.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.9])
+    s = torch.sigmoid(logits.double()) + bias.double()
+    ids = s.topk(2, dim=1).indices  # row 0 picks experts 3 and 0, not the top-2 logits (0, 1)
+    blind = routing_metrics(ids, ids, logits, logits, tie_threshold=0.05)
+    assert blind.selection_not_topk >= 1 and blind.near_ties is None
+    exact = routing_metrics(ids, ids, logits, logits, tie_threshold=0.05, ref_bias=bias, cand_bias=bias)
+    assert exact.selection_not_topk == 0
+    # margins: row 0: min(s3, s0) - s1 = 0.8808 - 0.7311 = 0.15; row 1: s3 + .9 vs s2: both chosen, s1 rejected
+    # margins: 0.15, 0.43 and 0.004 (row 2: experts 3 (0.9 bias) and 1 chosen, 0 rejected by 0.004)
+    margins = [(s[r, ids[r]].min() - s[r][[i for i in range(4) if i not in ids[r].tolist()]].max()).item()
+               for r in range(3)]
+    assert [m < 0.05 for m in margins] == [False, False, True]
+    assert exact.near_ties == 1

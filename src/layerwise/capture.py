@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 POINTS = ("embed", "residual", "attn", "mlp", "router", "norm", "logits")
 DEFAULT_POINTS = ("residual", "router", "logits")
-ROUTER_ROLES = ("router_logits", "topk_weights", "topk_ids")  # order of a transformers 5 router's outputs
-_STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32}
+# A transformers 5 router returns (router_logits, topk_weights, topk_ids); sigmoid routers with a
+# selection bias (MiniMax-M2) get it as a forward argument, captured as `score_bias` [experts].
+ROUTER_ROLES = ("router_logits", "score_bias", "topk_weights", "topk_ids")
+_STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
+_WHOLE_ROLES = ("score_bias",)  # per model, not per token: stored whole for every prompt
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,20 @@ def groups_of(targets: list[Target]) -> dict[str, list[str]]:
     return groups
 
 
+def _router_tensors(args, output) -> list[torch.Tensor | None]:
+    """[router_logits, score_bias, topk_weights, topk_ids] from a router call (None where absent)."""
+    parts = list(output) if isinstance(output, (tuple, list)) else [output]
+    parts += [None] * (3 - len(parts))
+    bias = next((a for a in args[1:] if isinstance(a, torch.Tensor) and a.dim() == 1 and a.is_floating_point()), None)
+    return [parts[0], bias, parts[1], parts[2]]
+
+
 def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | None]:
     if target.when == "input":
         x = args[0] if args else kwargs.get("hidden_states")
         return [x]
+    if target.names[0].endswith(":router_logits"):
+        return _router_tensors(args, output)
     if isinstance(output, torch.Tensor):
         return [output] if len(target.names) == 1 else [output] + [None] * (len(target.names) - 1)
     if isinstance(output, (tuple, list)):
@@ -351,6 +364,11 @@ class Collector:
             host, buffer = record
             role = name.rpartition(":")[2]
             t = host
+            if role in _WHOLE_ROLES:
+                shaped[name] = t.to(_STORE_DTYPES[role]) if t.dtype != _STORE_DTYPES[role] else t
+                if buffer is not None:
+                    owners[id(buffer)] = buffer
+                continue
             if t.dim() >= 1 and t.shape[0] == rows * width and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
             if role in _STORE_DTYPES and t.dtype != _STORE_DTYPES[role]:
@@ -366,7 +384,8 @@ class Collector:
 
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            self.writer.put(prompt.index, group, {name: t[row, :n] for name, t in shaped.items()}, release)
+            self.writer.put(prompt.index, group, {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n]
+                                                  for name, t in shaped.items()}, release)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer."""

@@ -31,8 +31,8 @@ from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class
 
 log = logging.getLogger(__name__)
 
-ROUTER_ROLES = ("router_logits", "topk_ids", "topk_weights")
-_UNIT_ORDER = {"router_logits": 0, "topk_ids": 1, "topk_weights": 2}
+ROUTER_ROLES = ("router_logits", "score_bias", "topk_ids", "topk_weights")
+_UNIT_ORDER = {"router_logits": 0, "score_bias": 1, "topk_ids": 2, "topk_weights": 3}
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,7 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
     module = split_name(unit[0])[0]
     ids = {side: t.get((side, f"{module}:topk_ids")) for side in ("ref", "cand", "base")}
     logits = {side: t.get((side, f"{module}:router_logits")) for side in ("ref", "cand", "base")}
+    bias = {side: t.get((side, f"{module}:score_bias")) for side in ("ref", "cand")}
     out = {}
     # scores, then ids (routing decides which tokens are diverted), then weights: whatever the model order
     for name in sorted(unit, key=lambda n: _UNIT_ORDER.get(split_name(n)[1], 3)):
@@ -227,7 +228,8 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
         a, b, base = t[("ref", name)], t[("cand", name)], t.get(("base", name))
         if kind == "routing":
             _check_expert_ids(name, p, ids, logits)
-            rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold)
+            rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold,
+                                        ref_bias=bias["ref"], cand_bias=bias["cand"])
             out[name] = PromptResult(p, routing=rm, failures=_judge(tol, None, None, rm, None, ctx.options))
             scores = out.get(f"{module}:router_logits")
             if scores is not None and scores.passed:  # flips from noise-level scores divert these tokens

@@ -130,7 +130,7 @@ def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: 
                 tensor = _load_array(value) if isinstance(value, Path) else value
                 if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == seq:
                     tensor = tensor[0]
-                if tensor.dim() == 0 or tensor.shape[0] != seq:
+                if role != "score_bias" and (tensor.dim() == 0 or tensor.shape[0] != seq):
                     raise UserError(f"tensor {raw} of prompt {index} has shape {list(tensor.shape)}; expected "
                                     f"[{seq}, ...] or [1, {seq}, ...] for its {seq} tokens")
                 match = _LAYER_GROUP.match(module)

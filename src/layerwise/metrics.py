@@ -312,18 +312,22 @@ SAME, AT_TIE, MOVED, INCONSISTENT, UNJUDGED = 0, 1, 2, 3, 4
 
 def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
                     cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> RoutingMetrics:
+                    chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
+                    cand_bias: torch.Tensor | None = None) -> RoutingMetrics:
     """Compare the expert choice of two runs (see `routing_flips`)."""
-    return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements)[0]
+    return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements,
+                         ref_bias, cand_bias)[0]
 
 
 def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
                   cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[RoutingMetrics, torch.Tensor]:
+                  chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
+                  cand_bias: torch.Tensor | None = None) -> tuple[RoutingMetrics, torch.Tensor]:
     """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
-    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit): the
-    selection score of sigmoid routers before their (unrecorded) correction bias, and a
-    monotone map of softmax routers' logits, so top-k by s is top-k by logit.
+    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit) + bias:
+    the selection score of sigmoid routers when their correction bias was recorded
+    (`score_bias`, MiniMax-M2, DeepSeek-V3), else sigmoid alone, which for softmax routers is a
+    monotone map of the logits, so top-k by s is top-k by logit.
 
     - margin (reference, exact when its ids are the top-k of its logits): weakest chosen s
       minus strongest rejected s; a near-tie is 0 <= margin < tie_threshold.
@@ -359,7 +363,7 @@ def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: tor
         jaccard += (inter.double() / (2 * k - inter).double()).sum().item()
         if z_a is None:
             continue
-        margin = _margin(z_a[start:start + step], a)
+        margin = _margin(z_a[start:start + step], a, ref_bias)
         near = margin < tie_threshold
         c["not_topk"] += int((margin < 0).sum())
         c["near"] += int(near.sum())
@@ -370,7 +374,7 @@ def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: tor
         elif bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
             local = flips.nonzero().squeeze(1)
             rows = local + start
-            s_a, s_b = torch.sigmoid(z_a[rows].double()), torch.sigmoid(z_b[rows].double())
+            s_a, s_b = _scores(z_a[rows], ref_bias), _scores(z_b[rows], cand_bias)
             chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a[rows], True)
             chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b[rows], True)
             bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
@@ -395,18 +399,32 @@ def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: tor
                           moved, inconsistent, tie_threshold), classes
 
 
-def _margin(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per token: weakest chosen score minus strongest rejected score, s = sigmoid(logit)
-    (inf when every expert is chosen). The strongest rejected expert is always among the k+1
-    largest logits (k+1 experts, at most k of them chosen), so no pass over all experts is
-    needed beyond one top-k."""
+def _scores(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Selection scores in float64: sigmoid(logit), plus the router's correction bias if known."""
+    s = torch.sigmoid(logits.double())
+    return s + bias.double().reshape(1, -1) if bias is not None else s
+
+
+def _margin(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token: weakest chosen score minus strongest rejected score (inf when every expert is
+    chosen). Without a bias, s = sigmoid(logit) is monotone in the logit and the strongest
+    rejected expert is among the k+1 largest logits (at most k of them chosen), so one top-k
+    of the logits suffices; with a bias the top-k runs on the selection scores."""
     k, experts = ids.shape[1], logits.shape[1]
-    weakest = torch.sigmoid(logits.gather(1, ids).double()).min(dim=1).values
-    if experts <= k:
-        return torch.full_like(weakest, math.inf)
-    values, index = logits.topk(k + 1, dim=1)
+    if bias is not None:
+        scores = _scores(logits, bias)
+        weakest = scores.gather(1, ids).min(dim=1).values
+        if experts <= k:
+            return torch.full_like(weakest, math.inf)
+        values, index = scores.topk(k + 1, dim=1)
+    else:
+        weakest = torch.sigmoid(logits.gather(1, ids).double()).min(dim=1).values
+        if experts <= k:
+            return torch.full_like(weakest, math.inf)
+        values, index = logits.topk(k + 1, dim=1)
+        values = torch.sigmoid(values.double())
     rejected = ~(index.unsqueeze(2) == ids.unsqueeze(1)).any(dim=2)  # [n, k+1]
-    strongest = torch.where(rejected, torch.sigmoid(values.double()), -math.inf).max(dim=1).values
+    strongest = torch.where(rejected, values, -math.inf).max(dim=1).values
     return weakest - strongest
 
 

@@ -182,7 +182,7 @@ def _routing_lines(report: Report) -> list[str]:
     m = [r.routing for r in flipped]
     total = (f"  {sum(x.flips for x in m)} flips in {len(m)} layers: {_total(m, 'flips_at_ties')} at near-ties, "
              f"{_total(m, 'flips_moved')} where the scores moved, {_total(m, 'flips_inconsistent')} inconsistent")
-    return ["", f"routing flips (near-tie: margin of sigmoid(router logit) < {m[0].tie_threshold:g}; inconsistent:",
+    return ["", f"routing flips (near-tie: margin of sigmoid(router logit) + score_bias < {m[0].tie_threshold:g}; inconsistent:",
             "another selection rule, bias or expert numbering; ?: cannot be judged from what the runs hold):"] + \
         ["  " + line for line in _table(["layer", "same set", "jaccard", "flips", "at ties", "moved", "inconsistent",
                                           "REF near-ties"], rows, right=set(range(1, 8)))] + [total]

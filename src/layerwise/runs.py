@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
-ROLES = ("input", "output", "router_logits", "topk_ids", "topk_weights")
+ROLES = ("input", "output", "router_logits", "score_bias", "topk_ids", "topk_weights")
 _HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
 
 
@@ -67,7 +67,7 @@ def group_file(prompt: int, group: str) -> str:
 
 
 # Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "router_logits": 1, "topk_weights": 2, "topk_ids": 3, "output": 4}
+_ROLE_ORDER = {"input": 0, "router_logits": 1, "score_bias": 2, "topk_weights": 3, "topk_ids": 4, "output": 5}
 
 
 def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
@@ -97,7 +97,7 @@ def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "
         stage = (3, 0, 0)
     else:
         stage = (4, 0, 0)
-    return (*stage, _ROLE_ORDER.get(role, 5), module, role)
+    return (*stage, _ROLE_ORDER.get(role, 6), module, role)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
