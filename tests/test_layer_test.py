@@ -175,3 +175,17 @@ def test_reference_problems_are_one_line(capsys, tmp_path, tiny_minimax, referen
     assert code == 0
     code, _, err = run_cli(capsys, "test", MINIMAX, "--reference", partial, "--out", tmp_path / "t", "--layer", "2")
     assert_one_line_error(code, err, "has no model.layers.2:input for prompt 0")
+
+
+def test_replayed_router_tensors_match_extract(tmp_path, reference):
+    """The replay's hooks record what extract's capture records, score_bias included, bit for bit."""
+    from layerwise import replay
+
+    result = replay.replay(MINIMAX, reference.path, [1], isolated=tmp_path / "iso")
+    run = open_run(result.isolated)
+    names = {n for n in run.names if n.startswith("model.layers.1.mlp.gate:")}
+    assert names == {f"model.layers.1.mlp.gate:{r}" for r in ("router_logits", "score_bias", "topk_weights", "topk_ids")}
+    for name in names:
+        for p in (0, 1):
+            a, b = run.tensor(name, p), reference.tensor(name, p)
+            assert a.dtype == b.dtype and torch.equal(a, b), name

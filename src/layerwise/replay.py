@@ -314,7 +314,9 @@ def _hooked_names(source: LayerSource, index: int) -> list[str]:
         names.append(f"{layer}.{anatomy.mlp_name}:output")
     router = anatomy.router(index)
     if router:
-        names += [f"{router}:{role}" for role in ("router_logits", "topk_ids", "topk_weights")]
+        from .capture import ROUTER_ROLES
+
+        names += [f"{router}:{role}" for role in ROUTER_ROLES]
     return names
 
 
@@ -371,29 +373,29 @@ def _hooks(module: nn.Module, source: LayerSource, index: int, wanted: list[str]
             target = module.get_submodule(rel)
         except AttributeError:
             return  # a candidate without this submodule: only its output is compared
-        handles.append(target.register_forward_hook(lambda _m, _i, out: fn(out)))
+        handles.append(target.register_forward_hook(lambda _m, args, out: fn(args, out)))
 
     if f"{layer}.{anatomy.attn_name}:output" in wanted:
-        add(anatomy.attn_name, lambda out: caught.__setitem__(f"{layer}.{anatomy.attn_name}:output", first(out)[0]))
+        add(anatomy.attn_name, lambda _a, out: caught.__setitem__(f"{layer}.{anatomy.attn_name}:output", first(out)[0]))
     if f"{layer}.{anatomy.mlp_name}:output" in wanted:
-        add(anatomy.mlp_name, lambda out: caught.__setitem__(f"{layer}.{anatomy.mlp_name}:output", first(out)[0]))
+        add(anatomy.mlp_name, lambda _a, out: caught.__setitem__(f"{layer}.{anatomy.mlp_name}:output", first(out)[0]))
     router = anatomy.routers[index]
     if router and any(n.startswith(f"{layer}.{router}:") for n in wanted):
-        add(router, lambda out: caught.update({k: v for k, v in router_tensors(f"{layer}.{router}", out).items()
-                                               if k in wanted}))
+        add(router, lambda args, out: caught.update({k: v for k, v in router_tensors(f"{layer}.{router}", args, out).items()
+                                                     if k in wanted}))
     return handles
 
 
-def router_tensors(router_path: str, out) -> dict[str, torch.Tensor]:
-    """A router's output as FORMAT.md names it: `router_logits`, `topk_ids` (int32) and
-    `topk_weights` (float32), each [seq, ...] for one prompt. transformers' top-k routers return
-    (logits, weights, ids); a plain linear gate returns the logits only."""
-    parts = list(out) if isinstance(out, (tuple, list)) else [out]
-    tensors = [t for t in parts if isinstance(t, torch.Tensor)]
-    found = {f"{router_path}:router_logits": tensors[0]}
-    for t in tensors[1:]:
-        if t.is_floating_point():
-            found[f"{router_path}:topk_weights"] = t.float()
-        else:
-            found[f"{router_path}:topk_ids"] = t.to(torch.int32)
-    return {k: v.reshape(-1, v.shape[-1]) for k, v in found.items()}
+def router_tensors(router_path: str, args, out) -> dict[str, torch.Tensor]:
+    """A router call as FORMAT.md names it, the way capture.py reads it: `router_logits` [seq,
+    experts], `score_bias` [experts] (float32, where the router is given a selection bias),
+    `topk_weights` [seq, k] (float32) and `topk_ids` [seq, k] (int32), for one prompt."""
+    from .capture import ROUTER_ROLES, _STORE_DTYPES, _router_tensors
+
+    found = {}
+    for role, t in zip(ROUTER_ROLES, _router_tensors(args, out)):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.to(_STORE_DTYPES[role]) if role in _STORE_DTYPES else t
+        found[f"{router_path}:{role}"] = t if role == "score_bias" else t.reshape(-1, t.shape[-1])
+    return found
