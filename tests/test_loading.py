@@ -61,3 +61,27 @@ def test_load_over_gpus_balanced():
     rows = loading.placement_report(loaded)
     assert all(r.device.startswith("cuda") for r in rows)
     assert loaded.input_device.type == "cuda"
+
+
+def test_disk_offload_keeps_router_fp32_and_numerics(tmp_path):
+    """transformers indexes disk-offloaded weights in the compute dtype; layerwise re-indexes the
+    router in fp32, so an offloaded run is bit-identical to one held in memory."""
+    from layerwise import runs
+    from layerwise.extract import ExtractOptions, extract_model
+
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(device_map))
+    offloaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(
+        dtype="bf16", device_map=str(path), offload_folder=str(tmp_path / "offload")))
+    assert any("re-indexed as float32" in n for n in offloaded.notes)
+    assert offloaded.model.model.layers[1].mlp.gate.weight.device.type == "meta"
+    in_memory = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype="bf16", device_map="cpu"))
+    options = ExtractOptions(points="residual,router,logits")
+    extract_model(offloaded, tmp_path / "a", ["The capital of France is"], options)
+    extract_model(in_memory, tmp_path / "b", ["The capital of France is"], options)
+    a, b = runs.open_run(tmp_path / "a"), runs.open_run(tmp_path / "b")
+    for name in a.names:
+        assert torch.equal(a.tensor(name), b.tensor(name)), name

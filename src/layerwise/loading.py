@@ -117,6 +117,10 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
         model = cls.from_pretrained(str(ref.directory), **kwargs)
     model.eval()
     seconds = time.perf_counter() - start
+    repaired = _keep_offloaded_router_fp32(model)
+    if repaired:
+        notes.append(f"fix: {repaired} offloaded router tensor(s) re-indexed as float32 (transformers indexes "
+                     "disk-offloaded weights in the compute dtype)")
     _verify_router_dtypes(model)
     anatomy = find_anatomy(model)
     tokenizer = load_tokenizer(ref) if with_tokenizer else None
@@ -134,6 +138,34 @@ def load_tokenizer(ref: models.ModelRef):
     except (OSError, ValueError) as err:
         log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, err)
         return None
+
+
+def _keep_offloaded_router_fp32(model) -> int:
+    """transformers indexes disk-offloaded weights with the dtype of the meta model it built (bf16
+    for a bf16 load), so accelerate would cast MiniMax-M2's fp32 router to bf16 every time it pages
+    a layer in. Point those index entries, and the meta placeholders, back at float32 (the
+    checkpoint holds them in fp32, and accelerate reads them from there)."""
+    wanted = set(models.fp32_router_tensors(model))
+    fixed = set()
+    for module in model.modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        index = getattr(getattr(weights_map, "dataset", None), "index", None)
+        if not index:
+            continue
+        for name in wanted & set(index):
+            if index[name].get("dtype") not in (None, "float32"):
+                index[name]["dtype"] = "float32"
+            owner_path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            old = getattr(owner, leaf)
+            if old.device.type == "meta" and old.dtype != torch.float32:
+                placeholder = torch.empty(old.shape, dtype=torch.float32, device="meta")
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(placeholder, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = placeholder
+                fixed.add(name)
+    return len(fixed)
 
 
 def _verify_router_dtypes(model) -> None:
