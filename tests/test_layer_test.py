@@ -125,7 +125,7 @@ def test_seed_wrapper_translates_flags():
         "test", MINIMAX, "--test-type", "extract-all", "--device-map", "auto", "--out", "runs/reference"]
     args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1", "--max-memory", "40GB"])
     assert args == ["test", MINIMAX, "--test-type", "single", "--device-map", "cuda:1", "--reference", "runs/reference",
-                    "--out", "runs/test", "--layer", "3", "--max-memory", "40GB"]
+                    "--out", "runs/test-single", "--layer", "3", "--max-memory", "40GB"]
 
 
 def _bad_layer_module(tmp_path, monkeypatch):
