@@ -6,9 +6,10 @@
     python test_layer_by_layer_gpu.py --test-type multi --layers 0-7     # a chain of layers
     python test_layer_by_layer_gpu.py --test-type full --device-map balanced --max-memory 0:60GB,1:40GB
 
-Defaults are the seed's: --device-map auto, the reference in runs/reference (extract-all writes it
-there, the other tests read it), a few built-in prompts. Every other flag is `layerwise test`'s
-(see `layerwise test --help` and docs/LAYER_TESTS.md). Not a pytest file (conftest.py ignores it).
+Defaults are the seed's: --device-map auto, the reference in runs/reference (extract-all writes
+it there, the other tests read it and write runs/test-TYPE), a few built-in prompts. Every other
+flag is `layerwise test`'s (see `layerwise test --help` and docs/LAYER_TESTS.md). Not a pytest
+file (conftest.py ignores it).
 """
 
 import argparse
@@ -39,7 +40,7 @@ def translate(argv: list[str]) -> list[str]:
         for flag, value in prompts or [("--prompt", p) for p in DEFAULT_PROMPTS]:
             args += [flag, value]
     else:
-        args += ["--reference", known.reference, "--out", known.out or "runs/test"]
+        args += ["--reference", known.reference, "--out", known.out or f"runs/test-{known.test_type}"]
     return args + rest
 
 

@@ -76,7 +76,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def metrics(reference, candidate) -> dict:
     layer = "model.layers.0"
     out = {}
-    for key, name in (("layer", f"{layer}:output"), ("attn", f"{layer}.self_attn:output"), ("moe", f"{layer}.mlp:output")):
+    points = (("layer", f"{layer}:output"), ("attn", f"{layer}.self_attn:output"), ("moe", f"{layer}.mlp:output"))
+    for key, name in points:
         if candidate.has(name, 0):
             out[key] = rel_l2(candidate.tensor(name, 0), reference.tensor(name, 0))
     ids = f"{layer}.mlp.gate:topk_ids"

@@ -21,7 +21,8 @@ def assert_same_state(got: dict, want: dict, what: str) -> None:
     assert set(got) == set(want), f"{what}: names differ: {sorted(set(got) ^ set(want))}"
     for name in want:
         a, b = got[name], want[name]
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what} {name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{what} {name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
         assert torch.equal(a, b), f"{what} {name}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
 
 
@@ -131,7 +132,8 @@ def test_missing_layer_tensor_is_named(tmp_path, tiny_minimax):
     data = json.loads(index.read_text())
     del data["weight_map"]["model.layers.1.self_attn.k_norm.weight"]
     index.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) of layer 1 \(first: model.layers.1.self_attn.k_norm.weight\)"):
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) of layer 1 "
+                                        r"\(first: model.layers.1.self_attn.k_norm.weight\)"):
         open_layers(str(ckpt)).load(1)
 
 
@@ -183,8 +185,10 @@ def test_layer_dependent_configs_are_sliced(make, tmp_path):
         layer = source.load(index)
         want = full.get_submodule(source.anatomy.layer(index))
         assert_same_state(layer.module.state_dict(), want.state_dict(), f"{spec} layer {index}")
-        assert getattr(layer.module.self_attn, "sliding_window", None) == getattr(want.self_attn, "sliding_window", None)
-    assert [source.layer_type(i) for i in range(4)] == list(getattr(source.config, "layer_types", None) or ["full_attention"] * 4)
+        window = getattr(want.self_attn, "sliding_window", None)
+        assert getattr(layer.module.self_attn, "sliding_window", None) == window
+    types = getattr(source.config, "layer_types", None) or ["full_attention"] * 4
+    assert [source.layer_type(i) for i in range(4)] == list(types)
 
 
 @pytest.mark.slow

@@ -18,8 +18,9 @@ def reference(tmp_path_factory):
     from layerwise.cli import main
 
     path = tmp_path_factory.mktemp("ref") / "run"
-    code = main(["test", MINIMAX, "--test-type", "extract-all", "--out", str(path), "--prompt", "The capital of France is",
-                 "--prompt", "abc def", "--dtype", "fp32", "--device-map", "cpu", "--batch-size", "1",
+    code = main(["test", MINIMAX, "--test-type", "extract-all", "--out", str(path),
+                 "--prompt", "The capital of France is", "--prompt", "abc def", "--dtype", "fp32",
+                 "--device-map", "cpu", "--batch-size", "1",
                  "--points", "residual,attn,mlp,router,norm,logits"])
     assert code == 0
     return open_run(path)
@@ -65,7 +66,8 @@ def test_candidate_changes_settings(capsys, tmp_path, reference):
                              "--layer", "1", "--dtype", "bf16", "--attn-implementation", "eager")
     assert code == 0, err
     run = open_run(tmp_path / "c" / "isolated")
-    assert run.manifest["settings"]["dtype"] == "bfloat16" and run.manifest["settings"]["attn_implementation"] == "eager"
+    settings = run.manifest["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["attn_implementation"] == "eager"
     assert run.tensor("model.layers.1:output", 0).dtype == torch.bfloat16
     assert 1e-4 < _max_output_error(reference, run) < 5e-2
 
@@ -123,9 +125,10 @@ def test_seed_wrapper_translates_flags():
     spec.loader.exec_module(wrapper)
     assert wrapper.translate(["--test-type", "extract-all"])[:8] == [
         "test", MINIMAX, "--test-type", "extract-all", "--device-map", "auto", "--out", "runs/reference"]
-    args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1", "--max-memory", "40GB"])
+    args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1",
+                              "--max-memory", "40GB"])
     assert args == ["test", MINIMAX, "--test-type", "single", "--device-map", "cuda:1", "--reference", "runs/reference",
-                    "--out", "runs/test", "--layer", "3", "--max-memory", "40GB"]
+                    "--out", "runs/test-single", "--layer", "3", "--max-memory", "40GB"]
 
 
 def _bad_layer_module(tmp_path, monkeypatch):
@@ -145,7 +148,8 @@ def _bad_layer_module(tmp_path, monkeypatch):
     (["--test-type", "multi", "--layers", "0-7"], "layer 7 is out of range"),
     (["--test-type", "triple"], "invalid choice: 'triple'"),
     (["--candidate", "no_such_pkg.layer:make"], "cannot import no_such_pkg.layer"),
-    (["--candidate", "wide_layer:make", "--layer", "0"], "--candidate wide_layer:make: layer 0 returned (1, 24, 128) for an input of shape (1, 24, 64)"),
+    (["--candidate", "wide_layer:make", "--layer", "0"],
+     "--candidate wide_layer:make: layer 0 returned (1, 24, 128) for an input of shape (1, 24, 64)"),
     (["--test-type", "full", "--candidate", "wide_layer:make"], "use it with --test-type single or multi"),
     (["--dtype", "fp4"], "unknown dtype 'fp4'"),
     (["--device", "tpu:9"], "--device tpu:9 is not usable here"),
@@ -184,7 +188,8 @@ def test_replayed_router_tensors_match_extract(tmp_path, reference):
     result = replay.replay(MINIMAX, reference.path, [1], isolated=tmp_path / "iso")
     run = open_run(result.isolated)
     names = {n for n in run.names if n.startswith("model.layers.1.mlp.gate:")}
-    assert names == {f"model.layers.1.mlp.gate:{r}" for r in ("router_logits", "score_bias", "topk_weights", "topk_ids")}
+    roles = ("router_logits", "score_bias", "topk_weights", "topk_ids")
+    assert names == {f"model.layers.1.mlp.gate:{r}" for r in roles}
     for name in names:
         for p in (0, 1):
             a, b = run.tensor(name, p), reference.tensor(name, p)

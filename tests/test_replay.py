@@ -105,7 +105,8 @@ def test_perturbed_layer_fails_alone_isolated_and_onward_propagated(tmp_path, ti
 
 
 def test_from_scratch_candidate_passes_within_fp32_tolerance(tmp_path, minimax_fp32_ref):
-    result = replay.replay(MINIMAX, minimax_fp32_ref.path, list(range(4)), ReplayOptions(candidate="reference_minimax:factory"),
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, list(range(4)),
+                           ReplayOptions(candidate="reference_minimax:factory"),
                            isolated=tmp_path / "iso")
     errors = output_errors(minimax_fp32_ref, open_run(result.isolated), range(4))
     assert max(errors) < 1e-6, errors

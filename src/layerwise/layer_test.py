@@ -62,7 +62,8 @@ def run_layer_test(model: str, options: TestOptions, candidate: ReplayOptions = 
     if options.test_type == "extract-all":
         return _extract_all(model, options, out, load, extract_options, prompts, progress)
     if not options.reference:
-        raise UserError(f"--test-type {options.test_type} needs --reference RUN (make one with --test-type extract-all)")
+        raise UserError(f"--test-type {options.test_type} needs --reference RUN "
+                        "(make one with --test-type extract-all)")
     reference = runs.open_run(options.reference)
     if options.test_type == "full":
         return _full(model, reference, options, candidate, out, load, extract_options, progress)
@@ -155,7 +156,8 @@ class LayerTestReport:
         return self.decides is None or self.reports[self.decides].passed
 
 
-def compare_layer_test(result: TestResult, options: CompareOptions = CompareOptions(), progress=None) -> LayerTestReport:
+def compare_layer_test(result: TestResult, options: CompareOptions = CompareOptions(),
+                       progress=None) -> LayerTestReport:
     """Compare each candidate run of `result` with its reference."""
     decides = _DECIDES.get(result.test_type)
     if decides is None or result.reference is None:

@@ -90,7 +90,8 @@ def parse_layer_range(text: str, num_layers: int) -> list[int]:
 
 def _layer_number(text: str, num_layers: int, flag: str) -> int:
     if not re.fullmatch(r"\d+", text.strip()):
-        raise UserError(f"{flag} {text!r} is not a layer number: use 0-{num_layers - 1}" + (" or all" if flag == "--layer" else ""))
+        hint = " or all" if flag == "--layer" else ""
+        raise UserError(f"{flag} {text!r} is not a layer number: use 0-{num_layers - 1}{hint}")
     index = int(text)
     if index >= num_layers:
         raise UserError(f"layer {index} is out of range: the model has layers 0-{num_layers - 1}")
@@ -118,8 +119,9 @@ def load_candidate(spec: str) -> Callable:
     except UserError:
         raise
     except Exception as err:  # the user's module: ImportError, SyntaxError, anything it raises
-        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); check the module path and PYTHONPATH") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: {first}); "
+                        "check the module path and PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if factory is None:
         raise UserError(f"--candidate {spec}: {module_name} has no attribute {attr}")
@@ -381,8 +383,9 @@ def _hooks(module: nn.Module, source: LayerSource, index: int, wanted: list[str]
         add(anatomy.mlp_name, lambda _a, out: caught.__setitem__(f"{layer}.{anatomy.mlp_name}:output", first(out)[0]))
     router = anatomy.routers[index]
     if router and any(n.startswith(f"{layer}.{router}:") for n in wanted):
-        add(router, lambda args, out: caught.update({k: v for k, v in router_tensors(f"{layer}.{router}", args, out).items()
-                                                     if k in wanted}))
+        path = f"{layer}.{router}"
+        add(router, lambda args, out: caught.update(
+            {k: v for k, v in router_tensors(path, args, out).items() if k in wanted}))
     return handles
 
 

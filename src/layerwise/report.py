@@ -295,8 +295,9 @@ def isolation_text(rows) -> str:
             return "-"
         return ("ok" if passed else "FAIL") + (f" {flips}f" if flips else "")
 
-    table = [[str(r.layer), _sci(r.isolated_rel_l2), _sci(r.propagated_rel_l2), check(r.isolated_passed, r.isolated_flips),
-              check(r.propagated_passed, r.propagated_flips)] for r in rows]
+    table = [[str(r.layer), _sci(r.isolated_rel_l2), _sci(r.propagated_rel_l2),
+              check(r.isolated_passed, r.isolated_flips), check(r.propagated_passed, r.propagated_flips)]
+             for r in rows]
     lines = ["isolated: each layer fed the reference's recorded input; propagated: the layers chained from "
              "layer 0's", ""]
     lines += _table(["layer", "isolated rel_l2", "propagated rel_l2", "isolated", "propagated"], table, right={1, 2})
