@@ -136,7 +136,8 @@ def load_tokenizer(ref: models.ModelRef):
             return AutoTokenizer.from_pretrained(str(ref.directory), gguf_file=ref.path.name)
         return AutoTokenizer.from_pretrained(str(ref.path))
     except (OSError, ValueError) as err:
-        log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, err)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, reason)
         return None
 
 
