@@ -60,3 +60,36 @@ def test_read_tensors(tiny_minimax):
     assert set(tensors) == set(names) and tensors[names[0]].shape == (64, 64)
     with pytest.raises(UserError, match="not in the checkpoint"):
         checkpoint.read_tensors(tiny_minimax.path, ["nope"])
+
+
+def test_read_tensors_matches_safetensors_and_reads_only_their_span(tiny_minimax, monkeypatch):
+    """Merged sequential reads give exactly what safetensors gives, and never read bytes beyond
+    the first and last wanted tensor of a shard."""
+    import io
+
+    import torch
+    from safetensors import safe_open
+
+    wmap = checkpoint.weight_map(tiny_minimax.path)
+    names = [n for n in wmap if n.startswith("model.layers.2.")]
+    bytes_read = []
+    real_open = open
+
+    class Counting(io.FileIO):
+        def readinto(self, b):
+            n = super().readinto(b)
+            bytes_read.append(n)
+            return n
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", buffering=-1: Counting(path, "rb")
+                        if mode == "rb" and buffering == 0 else real_open(path, mode, buffering), raising=False)
+    got = checkpoint.read_tensors(tiny_minimax.path, names)
+    for name in names:
+        with safe_open(str(tiny_minimax.path / wmap[name]), "pt") as fh:
+            assert torch.equal(fh.get_tensor(name), got[name]), name
+    span = 0
+    for shard in {wmap[n] for n in names}:
+        header = checkpoint.read_header(tiny_minimax.path / shard)
+        offsets = [header[n]["data_offsets"] for n in names if wmap[n] == shard]
+        span += max(e for _, e in offsets) - min(b for b, _ in offsets)
+    assert 0 < sum(bytes_read) <= span + 8 * len({wmap[n] for n in names})

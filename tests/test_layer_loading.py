@@ -63,33 +63,18 @@ def test_rotary_matches_full_model():
 
 
 def _count_reads(monkeypatch) -> list[str]:
-    """Every tensor name read from any safetensors file, through safetensors.safe_open."""
-    import safetensors
+    """Every tensor name read from the checkpoint's shards (checkpoint.read_tensors is the only reader)."""
+    from layerwise import checkpoint
 
-    real = safetensors.safe_open
+    real = checkpoint.read_tensors
     read: list[str] = []
 
-    class Spy:
-        def __init__(self, *args, **kwargs):
-            self._inner = real(*args, **kwargs)
+    def spy(directory, names, *args, **kwargs):
+        read.extend(names)
+        return real(directory, names, *args, **kwargs)
 
-        def __enter__(self):
-            self._inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._inner.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self._inner.get_tensor(name)
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    monkeypatch.setattr(checkpoint, "read_tensors", spy)
     return read
-
 
 def test_loading_layer_k_reads_only_layer_k(monkeypatch, tiny_minimax):
     source = open_layers("builtin:minimax-m2-tiny", LayerOptions(dtype="bf16"))

@@ -4,7 +4,8 @@
 than about two layers of weights: the embedding runs for every batch, then layer 0 for every
 batch, then layer 1, ... then the final norm and the head. Each layer is read straight from the
 safetensors shards onto the device (layer_loading.py); while layer K computes, a background
-thread reads layer K+1 (I/O only; building the module stays on this thread). The hidden states
+thread reads layer K+1 (I/O only; building the module stays on this thread), so about two
+layers of weights are resident at a time. The hidden states
 between layers stay on the device (or in pinned host memory when they would crowd it). Batches,
 masks, positions and rotary embeddings are those of the whole-model forward, so the tensors are
 bit-identical to `extract` on the same device and dtype (tested).
@@ -119,15 +120,16 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
                     wait_s += time.perf_counter() - t0
                     read_s += weights.seconds
                     bytes_read += weights.bytes_read
-                    if stream.prefetch and k + 1 < anatomy.num_layers:
-                        pending = pool.submit(source.read, k + 1)
                     layer = source.build(weights)
-                    del weights
-                    if not stream.prefetch and k + 1 < anatomy.num_layers:
-                        pending = pool.submit(source.read, k + 1)
+                    del weights  # the raw tensors go before the next layer's arrive: ~2 layers resident
+                    last = k + 1 == anatomy.num_layers
+                    if stream.prefetch and not last:
+                        pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
                     hidden = _run_layer(layer, k, anatomy, batches, hidden, collector, by_module,
                                         by_stage.get(k, []), device)
                     del layer
+                    if not stream.prefetch and not last:
+                        pending = pool.submit(source.read, k + 1)
                     if progress is not None:
                         progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), writer.bytes_written,
                                           time.perf_counter() - start))
