@@ -161,6 +161,10 @@ def _read_spans(fh, data_start: int, spans: list, device) -> None:
 
     on_gpu = device.type == "cuda"
     stream = torch.cuda.Stream(device) if on_gpu else None
+    if on_gpu:
+        # The destinations may reuse memory just freed by another thread whose kernels still read it
+        # (a layer's raw weights, freed as its conversion is queued): copy only after that work.
+        stream.wait_stream(torch.cuda.current_stream(device))
     buffers = _staging_buffers(on_gpu)
     events = [None, None]
     turn = 0
