@@ -219,7 +219,7 @@ def _staging_buffers(pinned: bool):
 
     key = "pinned" if pinned else "plain"
     buffers = getattr(_staging, key, None)
-    if buffers is None:
+    if buffers is None or buffers[0].numel() < _CHUNK:
         buffers = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
         setattr(_staging, key, buffers)
     return buffers
