@@ -194,21 +194,23 @@ def _park(hidden: list[torch.Tensor], device: str, fraction: float) -> list[torc
 def _run_layer(layer, k, anatomy, batches, hidden, collector, by_module, targets, device):
     """Layer k over every batch; returns the next hidden states (same placement as the input)."""
     path = anatomy.layer(k)
-    by_module.clear()
     by_module[path] = layer.module
     for t in targets:
         if t.module != path:
             by_module[t.module] = layer.module.get_submodule(t.module[len(path) + 1:])
     out = []
-    with capture.Capture(None, targets, collector, resolve=by_module.__getitem__):
-        for batch, h in zip(batches, hidden):
-            collector.start_batch(batch)
-            on_host = h.device.type == "cpu" and device != "cpu"
-            x = h.to(device, non_blocking=True)
-            position_ids = torch.arange(x.shape[1], device=x.device)[None]
-            mask = _mask(layer.config, layer.layer_type, x, batch.attention_mask.to(x.device), position_ids)
-            y = layer.module(x, attention_mask=mask, position_ids=position_ids,
-                             position_embeddings=layer.position_embeddings(x, position_ids))
-            y = y[0] if isinstance(y, (tuple, list)) else y
-            out.append(y.to("cpu", non_blocking=True) if on_host else y)
+    try:
+        with capture.Capture(None, targets, collector, resolve=by_module.__getitem__):
+            for batch, h in zip(batches, hidden):
+                collector.start_batch(batch)
+                on_host = h.device.type == "cpu" and device != "cpu"
+                x = h.to(device, non_blocking=True)
+                position_ids = torch.arange(x.shape[1], device=x.device)[None]
+                mask = _mask(layer.config, layer.layer_type, x, batch.attention_mask.to(x.device), position_ids)
+                y = layer.module(x, attention_mask=mask, position_ids=position_ids,
+                                 position_embeddings=layer.position_embeddings(x, position_ids))
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                out.append(y.to("cpu", non_blocking=True) if on_host else y)
+    finally:
+        by_module.clear()  # no reference to this layer may outlive it: the next one is built next
     return out
