@@ -61,6 +61,16 @@ def test_multi_and_full(capsys, tmp_path, reference):
     assert _max_output_error(reference, full) == 0.0
 
 
+def test_full_streamed(capsys, tmp_path, reference):
+    """--stream runs the whole model one layer at a time and gives the very same run."""
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "s",
+                             "--test-type", "full", "--stream", "--device", "cpu")
+    assert code == 0, err
+    streamed = open_run(tmp_path / "s" / "full")
+    assert streamed.manifest["stats"]["streamed"] is True
+    assert _max_output_error(reference, streamed) == 0.0
+
+
 def test_candidate_changes_settings(capsys, tmp_path, reference):
     code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "c",
                              "--layer", "1", "--dtype", "bf16", "--attn-implementation", "eager")

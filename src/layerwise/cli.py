@@ -176,7 +176,7 @@ def cmd_test(args) -> int:
 
     t = TestOptions()
     options = TestOptions(test_type=args.test_type, reference=args.reference, layer=args.layer or t.layer,
-                          layers=args.layers, out=args.out or t.out)
+                          layers=args.layers, out=args.out or t.out, stream=args.stream)
     candidate = ReplayOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
                               device=args.device or _single_device(args.device_map), candidate=args.candidate,
                               allow_config_mismatch=args.allow_config_mismatch, overwrite=args.overwrite)
@@ -435,6 +435,9 @@ def _add_test_parser(sub) -> None:
                         "full / extract-all: the layers to capture, e.g. 0-9,20")
     p.add_argument("--out", default=None, help=f"directory for the candidate run(s) (default: {t.out})")
     p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
+    p.add_argument("--stream", action="store_true",
+                   help="full / extract-all: one decoder layer at a time on --device, for models larger than the "
+                        "GPUs (single and multi always load one layer at a time)")
     g = p.add_argument_group("candidate settings (default: the reference's own)")
     g.add_argument("--dtype", default=None, help="compute dtype: bf16, fp16, fp32")
     g.add_argument("--attn-implementation", default=None, help="eager, sdpa or flash_attention_2")

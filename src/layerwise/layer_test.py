@@ -39,6 +39,7 @@ class TestOptions:
     layer: str = "all"  # single: K or all
     layers: str | None = None  # multi: A-B (default: every layer); full / extract-all: which layers to capture
     out: str = "runs/test"  # directory for the candidate run(s)
+    stream: bool = False  # full / extract-all: one decoder layer at a time on one device (single and multi always are)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _num_layers(model: str) -> int:
 def _extract_all(model, options: TestOptions, out: Path, load, extract_options, prompts, progress) -> TestResult:
     from dataclasses import replace
 
-    from .extract import ExtractOptions, extract
+    from .extract import ExtractOptions
     from .loading import LoadOptions
 
     items = list(prompts or [])
@@ -100,8 +101,21 @@ def _extract_all(model, options: TestOptions, out: Path, load, extract_options, 
     extract_options = extract_options or ExtractOptions()
     if options.layers:
         extract_options = replace(extract_options, layers=options.layers)
-    result = extract(model, str(out), items, extract_options, load or LoadOptions(), progress=progress)
+    result = _run_extract(model, out, items, extract_options, load or LoadOptions(), options.stream, None, progress)
     return TestResult("extract-all", None, {"extract": result.path}, extract=result, notes=result.notes)
+
+
+def _run_extract(model, out: Path, items, extract_options, load, stream: bool, device: str | None, progress):
+    """The whole model over the prompts: loaded over the GPUs, or streamed one layer at a time."""
+    from .extract import extract
+
+    if not stream:
+        return extract(model, str(out), items, extract_options, load, progress=progress)
+    from .streaming import StreamOptions, stream_extract
+
+    result, _ = stream_extract(model, out, items, extract_options, StreamOptions(
+        device=device, dtype=load.dtype, attn_implementation=load.attn_implementation))
+    return result
 
 
 def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOptions, out: Path, load,
@@ -109,7 +123,7 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
     """The whole model under the candidate settings, captured like the reference was."""
     from dataclasses import replace
 
-    from .extract import ExtractOptions, extract
+    from .extract import ExtractOptions
     from .loading import LoadOptions
 
     if candidate.candidate:
@@ -124,7 +138,8 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
     extract_options = replace(d, points=points, layers=layers or d.layers,
                               batch_size=settings.get("batch_size") or d.batch_size, overwrite=candidate.overwrite)
     items = [p["token_ids"] for p in reference.prompts]
-    result = extract(model, str(out / "full"), items, extract_options, load, progress=progress)
+    result = _run_extract(model, out / "full", items, extract_options, load, options.stream, candidate.device,
+                          progress)
     return TestResult("full", reference.path, {"full": result.path}, extract=result, notes=result.notes)
 
 
