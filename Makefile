@@ -10,6 +10,8 @@ LW := $(VENV)/bin/layerwise
 TORCH ?= torch==2.13.0
 MODEL ?= builtin:minimax-m2-tiny
 RUNS ?= runs
+PROMPTS ?= examples/prompts.txt
+POINTS ?= embed,residual,attn,mlp,router,norm,logits
 
 .PHONY: demo test install clean
 
@@ -28,6 +30,12 @@ demo: install
 	$(LW) plan builtin:minimax-m2 --gpus 8x80GB
 	$(LW) plan $(MODEL) --gpus 2x2GB --device-map balanced
 	$(LW) load $(MODEL)
+	$(LW) extract $(MODEL) --out $(RUNS)/ref --prompts $(PROMPTS) --dtype fp32 --points $(POINTS) --batch-size 1 --overwrite
+	$(LW) extract $(MODEL) --out $(RUNS)/bf16 --prompts $(PROMPTS) --dtype bf16 --points $(POINTS) --batch-size 1 --overwrite
+	$(LW) compare $(RUNS)/ref $(RUNS)/bf16 --plot $(RUNS)/compare.png --html $(RUNS)/compare.html --json $(RUNS)/compare.json
+	$(LW) test $(MODEL) --reference $(RUNS)/ref --test-type single --layer all --out $(RUNS)/test --overwrite
+	$(LW) extract $(MODEL) --out $(RUNS)/streamed --prompts $(PROMPTS) --dtype fp32 --points $(POINTS) --batch-size 1 --stream --overwrite
+	$(LW) compare $(RUNS)/ref $(RUNS)/streamed --max-rel-l2 0
 
 test: install
 	$(PY) -m pytest -q

@@ -36,7 +36,7 @@ from layerwise.runs import RunWriter, open_run  # noqa: E402
 HIDDEN, EXPERTS, TOP_K = 3072, 256, 8
 SECTION = "## compare throughput"
 HEADER = ("| machine | run size | raw read cold | raw read warm | read+sha256 warm | compare cold | compare warm "
-          "| compare warm, no verify | compare / raw (cold) | load avg | date |\n"
+          "| compare warm, no verify | compare / raw (cold) | load avg | commit |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
@@ -124,6 +124,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}"
 
 
+def _commit() -> str:
+    """The code measured: the short commit hash, or the date outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return time.strftime("%Y-%m-%d")
+
+
 def update_benchmarks_md(path: Path, row: str, key: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if SECTION not in text:
@@ -181,7 +195,7 @@ def main() -> None:
     print(f"compare cold / raw read cold = {ratio:.2f}")
     key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
-           + f" | {ratio:.2f} | {load:.1f} | {time.strftime('%Y-%m-%d')} |")
+           + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")
     update_benchmarks_md(Path(args.out), row, key)
 
 

@@ -3,6 +3,7 @@
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ def test_guide_has_commands():
 def test_guide_command_runs(line, capsys):
     command = line.split("  #")[0].strip()
     if not command.startswith("layerwise "):
-        subprocess.run(["bash", "-c", command], check=True)
+        if command.startswith("python "):  # the repository's scripts, with this interpreter
+            command = shlex.quote(sys.executable) + command[len("python"):]
+        subprocess.run(["bash", "-c", command], check=True, cwd=GUIDE.parents[1])
         return
     code = main(shlex.split(command)[1:])
     out, err = capsys.readouterr()
