@@ -87,6 +87,21 @@ class LoadedLayer:
             return None
         return self.rotary(hidden_states, position_ids)
 
+    def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                       padding_mask: torch.Tensor | None = None):
+        """The mask transformers' own model builds for this layer's type and attention
+        implementation (no cache; `padding_mask` [batch, seq] marks real tokens when padded)."""
+        from transformers import masking_utils
+
+        builders = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
+                    "chunked_attention": "create_chunked_causal_mask"}
+        name = builders.get(self.layer_type)
+        if name is None or not hasattr(masking_utils, name):
+            raise UserError(f"layer {self.index} is a {self.layer_type!r} layer, which layerwise cannot run on its own "
+                            "yet: compare whole-model runs instead")
+        # positional: the cache argument is `past_key_values` before transformers 5.2x and `cache` after
+        return getattr(masking_utils, name)(self.config, hidden_states, padding_mask, None, position_ids)
+
     def weights(self) -> dict[str, torch.Tensor]:
         """The layer's parameters and persistent buffers by HF name relative to the layer."""
         return dict(self.module.state_dict())

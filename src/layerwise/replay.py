@@ -327,7 +327,7 @@ def _forward(loaded: LoadedLayer, module: nn.Module, x: torch.Tensor, source: La
     """One layer on one prompt [1, T, H]: output [1, T, H] and the hooked tensors by name."""
     seq = x.shape[1]
     position_ids = torch.arange(seq, device=x.device)[None]  # [1, T]
-    mask = attention_mask(loaded, x, position_ids)
+    mask = loaded.attention_mask(x, position_ids)
     position_embeddings = loaded.position_embeddings(x, position_ids)
     caught: dict[str, torch.Tensor] = {}
     handles = _hooks(module, source, loaded.index, wanted, caught)
@@ -342,21 +342,6 @@ def _forward(loaded: LoadedLayer, module: nn.Module, x: torch.Tensor, source: La
         raise UserError(f"{who} returned {what} for an input of shape {tuple(x.shape)}: "
                         "a decoder layer must return its hidden states in the input's shape [batch, seq, hidden]")
     return y, caught
-
-
-def attention_mask(loaded: LoadedLayer, x: torch.Tensor, position_ids: torch.Tensor):
-    """The mask transformers' own model builds for this layer type and attention implementation,
-    for one unpadded prompt (no cache)."""
-    from transformers import masking_utils
-
-    builders = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
-                "chunked_attention": "create_chunked_causal_mask"}
-    name = builders.get(loaded.layer_type)
-    if name is None or not hasattr(masking_utils, name):
-        raise UserError(f"layer {loaded.index} is a {loaded.layer_type!r} layer, which layer replay does not "
-                        "support yet: compare whole-model runs instead")
-    # Positional: the cache argument is `past_key_values` before transformers 5.2x, `cache` after.
-    return getattr(masking_utils, name)(loaded.config, x, None, None, position_ids)
 
 
 def _hooks(module: nn.Module, source: LayerSource, index: int, wanted: list[str], caught: dict) -> list:

@@ -59,18 +59,6 @@ def _default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def _mask(config, layer_type: str, hidden: torch.Tensor, padding_mask: torch.Tensor, position_ids: torch.Tensor):
-    """The attention mask the whole model builds for this layer type (with the batch's padding)."""
-    from transformers import masking_utils
-
-    builder = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
-               "chunked_attention": "create_chunked_causal_mask"}.get(layer_type)
-    if builder is None:
-        raise UserError(f"streaming does not support {layer_type!r} layers: use extract without --stream")
-    # positional: the cache argument is `past_key_values` before transformers 5.2x and `cache` after
-    return getattr(masking_utils, builder)(config, hidden, padding_mask, None, position_ids)
-
-
 def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptions(),
                    stream: StreamOptions = StreamOptions(), progress=None) -> tuple[ExtractResult, StreamStats]:
     device = stream.device or _default_device()
@@ -121,7 +109,8 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
                     read_s += weights.seconds
                     bytes_read += weights.bytes_read
                     layer = source.build(weights)
-                    del weights  # the raw tensors go before the next layer's arrive: ~2 layers resident
+                    weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
+                    del weights  # before the next layer's arrive: ~2 layers resident
                     last = k + 1 == anatomy.num_layers
                     if stream.prefetch and not last:
                         pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
@@ -206,7 +195,7 @@ def _run_layer(layer, k, anatomy, batches, hidden, collector, by_module, targets
                 on_host = h.device.type == "cpu" and device != "cpu"
                 x = h.to(device, non_blocking=True)
                 position_ids = torch.arange(x.shape[1], device=x.device)[None]
-                mask = _mask(layer.config, layer.layer_type, x, batch.attention_mask.to(x.device), position_ids)
+                mask = layer.attention_mask(x, position_ids, batch.attention_mask.to(x.device))
                 y = layer.module(x, attention_mask=mask, position_ids=position_ids,
                                  position_embeddings=layer.position_embeddings(x, position_ids))
                 y = y[0] if isinstance(y, (tuple, list)) else y
