@@ -146,3 +146,10 @@ def test_put_blocks_when_the_queue_is_full(tmp_path):
 ])
 def test_model_order_key(name, key):
     assert runs.model_order_key(name)[:3] == key
+
+
+def test_a_moved_checkpoint_still_resumes(tmp_path):
+    moved = dict(INTENT, model={**INTENT["model"], "path": "/elsewhere/m"})
+    w = runs.RunWriter(tmp_path / "run", dict(INTENT, model={**INTENT["model"], "path": "/here/m"}))
+    w.abort()
+    runs.RunWriter(tmp_path / "run", moved).abort()  # same model, same settings, same prompts: resumed

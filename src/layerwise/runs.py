@@ -315,8 +315,10 @@ class RunWriter:
 
 
 def _identity(intent: dict) -> dict:
-    """The parts of an intent that must match for a run to be resumed."""
-    return {k: intent.get(k) for k in ("model", "settings", "prompts")}
+    """The parts of an intent that must match for a run to be resumed: the model (by its config,
+    not by where its files happen to be), the settings and the prompts."""
+    model = {k: v for k, v in (intent.get("model") or {}).items() if k != "path"}
+    return {"model": model, "settings": intent.get("settings"), "prompts": intent.get("prompts")}
 
 
 def _first_difference(a: dict, b: dict) -> str:
