@@ -169,7 +169,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from . import report
+    from . import render, report
     from .extract import ExtractOptions, gather_prompts
     from .layer_test import TestOptions, compare_layer_test, run_layer_test
     from .replay import ReplayOptions
@@ -196,7 +196,7 @@ def cmd_test(args) -> int:
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
-        print(_test_text(tested))
+        print(render.layer_test_text(tested))
     main = tested.reports.get(tested.decides) if tested.decides else None
     if main is not None and args.plot:
         report.write_plot(main, args.plot)
@@ -214,42 +214,6 @@ def _single_device(device_map: str | None) -> str | None:
     if device_map == "cpu" or device_map.startswith("cuda:"):
         return device_map
     return None
-
-
-def _test_text(tested) -> str:
-    """What was run, then the comparison that decides the verdict (and for --layer all, the
-    isolated vs propagated table)."""
-    from . import report
-    from .sizes import format_bytes
-
-    result = tested.result
-    lines = []
-    if result.replay is not None:
-        r = result.replay
-        s = r.settings
-        span = f"{r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"{r.layers[0]}"
-        what = f"candidate {s['candidate']}" if s.get("candidate") else "transformers layers"
-        lines.append(f"{result.test_type}: layer{'s' if len(r.layers) > 1 else ''} {span} ({what}, {s['dtype']}, "
-                     f"{s.get('attn_implementation') or 'default attention'}, {s['device']}) "
-                     f"on reference {result.reference}")
-        lines.append(f"  read {format_bytes(r.bytes_read)} of layer weights in {r.load_seconds:.2f} s; "
-                     f"total {r.seconds:.2f} s")
-    elif result.extract is not None:
-        x = result.extract
-        lines.append(f"{result.test_type}: {x.prompts} prompt(s), {x.tensors} tensors, "
-                     f"{format_bytes(x.bytes)} in {x.seconds:.2f} s")
-    for kind, path in result.candidates.items():
-        lines.append(f"  {kind} run: {path}")
-    lines.extend(f"  note: {n}" for n in result.notes)
-    if tested.decides:
-        lines += ["", report.report_text(tested.reports[tested.decides])]
-    if tested.isolation:
-        lines += ["", report.isolation_text(tested.isolation)]
-        verdict = "PASS: every layer within tolerance on its own input" if tested.passed else \
-            "FAIL: layer(s) " + ",".join(str(r.layer) for r in tested.isolation if not r.isolated_passed) + \
-            " outside tolerance on their own input"
-        lines += ["", verdict]
-    return "\n".join(lines)
 
 
 def _parse_prompts(text: str | None) -> tuple[int, ...] | None:

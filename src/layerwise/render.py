@@ -1,4 +1,4 @@
-"""Text and JSON renderings of plans, readiness checks and placement reports.
+"""Text and JSON renderings of plans, readiness checks, placement reports and layer tests.
 
 Pure: dataclasses in, strings and dicts out. The CLI prints them; nothing here prints.
 """
@@ -91,3 +91,38 @@ def placement_json(loaded: LoadedModel, rows: list[DeviceRow]) -> dict:
         "fixes": [asdict(f) for f in loaded.config_fixes], "devices": [asdict(r) for r in rows],
         "device_map": {k: v for k, v in (getattr(loaded.model, "hf_device_map", None) or loaded.plan.device_map).items()},
     }
+
+
+def layer_test_text(tested) -> str:
+    """What was run, then the comparison that decides the verdict (and for --layer all, the
+    isolated vs propagated table)."""
+    from . import report
+
+    result = tested.result
+    lines = []
+    if result.replay is not None:
+        r = result.replay
+        s = r.settings
+        span = f"{r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"{r.layers[0]}"
+        what = f"candidate {s['candidate']}" if s.get("candidate") else "transformers layers"
+        lines.append(f"{result.test_type}: layer{'s' if len(r.layers) > 1 else ''} {span} ({what}, {s['dtype']}, "
+                     f"{s.get('attn_implementation') or 'default attention'}, {s['device']}) "
+                     f"on reference {result.reference}")
+        lines.append(f"  read {format_bytes(r.bytes_read)} of layer weights in {r.load_seconds:.2f} s; "
+                     f"total {r.seconds:.2f} s")
+    elif result.extract is not None:
+        x = result.extract
+        lines.append(f"{result.test_type}: {x.prompts} prompt(s), {x.tensors} tensors, "
+                     f"{format_bytes(x.bytes)} in {x.seconds:.2f} s")
+    for kind, path in result.candidates.items():
+        lines.append(f"  {kind} run: {path}")
+    lines.extend(f"  note: {n}" for n in result.notes)
+    if tested.decides:
+        lines += ["", report.report_text(tested.reports[tested.decides])]
+    if tested.isolation:
+        lines += ["", report.isolation_text(tested.isolation)]
+        verdict = "PASS: every layer within tolerance on its own input" if tested.passed else \
+            "FAIL: layer(s) " + ",".join(str(r.layer) for r in tested.isolation if not r.isolated_passed) + \
+            " outside tolerance on their own input"
+        lines += ["", verdict]
+    return "\n".join(lines)
