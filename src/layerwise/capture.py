@@ -37,7 +37,7 @@ DEFAULT_POINTS = ("residual", "router", "logits")
 # A transformers 5 router returns (router_logits, topk_weights, topk_ids); sigmoid routers with a
 # selection bias (MiniMax-M2) get it as a forward argument, captured as `score_bias` [experts].
 ROUTER_ROLES = ("router_logits", "score_bias", "topk_weights", "topk_ids")
-_STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
+STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
 _WHOLE_ROLES = ("score_bias",)  # per model, not per token: stored whole for every prompt
 
 
@@ -122,7 +122,7 @@ def groups_of(targets: list[Target]) -> dict[str, list[str]]:
     return groups
 
 
-def _router_tensors(args, output) -> list[torch.Tensor | None]:
+def router_outputs(args, output) -> list[torch.Tensor | None]:
     """[router_logits, score_bias, topk_weights, topk_ids] from a router call (None where absent)."""
     parts = list(output) if isinstance(output, (tuple, list)) else [output]
     parts += [None] * (3 - len(parts))
@@ -135,7 +135,7 @@ def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | Non
         x = args[0] if args else kwargs.get("hidden_states")
         return [x]
     if target.names[0].endswith(":router_logits"):
-        return _router_tensors(args, output)
+        return router_outputs(args, output)
     if isinstance(output, torch.Tensor):
         return [output] if len(target.names) == 1 else [output] + [None] * (len(target.names) - 1)
     if isinstance(output, (tuple, list)):
@@ -361,18 +361,13 @@ class Collector:
         for name, record in parts.items():
             if record is None:
                 continue
-            host, buffer = record
+            t, buffer = record
             role = name.rpartition(":")[2]
-            t = host
-            if role in _WHOLE_ROLES:
-                shaped[name] = t.to(_STORE_DTYPES[role]) if t.dtype != _STORE_DTYPES[role] else t
-                if buffer is not None:
-                    owners[id(buffer)] = buffer
-                continue
-            if t.dim() >= 1 and t.shape[0] == rows * width and (t.dim() == 1 or t.shape[:2] != (rows, width)):
+            if role in STORE_DTYPES and t.dtype != STORE_DTYPES[role]:
+                t = t.to(STORE_DTYPES[role])
+            if role not in _WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
+                    and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
-            if role in _STORE_DTYPES and t.dtype != _STORE_DTYPES[role]:
-                t = t.to(_STORE_DTYPES[role])
             shaped[name] = t
             if buffer is not None:
                 owners[id(buffer)] = buffer

@@ -9,6 +9,7 @@ is how a single decoder layer is loaded without the rest of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import threading
@@ -185,7 +186,7 @@ def _read_spans(fh, data_start: int, spans: list, device) -> None:
             got = fh.readinto(view)
             if got != size:
                 raise UserError(f"{fh.name} is truncated: re-download it")
-            with torch.cuda.stream(stream) if on_gpu else _nothing():
+            with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
                 for begin, end, dst in group:
                     a, b = max(begin, offset), min(end, offset + size)
                     if dst is not None and a < b:
@@ -203,14 +204,6 @@ def _read_spans(fh, data_start: int, spans: list, device) -> None:
     flush(group)
     if on_gpu:
         stream.synchronize()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _staging_buffers(pinned: bool):

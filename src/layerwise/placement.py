@@ -222,7 +222,7 @@ def plan_placement(
                                 f"which is not present or simulated (GPUs: {sorted(capacity) or 'none'})")
         final_map = _check_map_covers(device_map, model)
     else:
-        final_map = _plan_strategy(model, device_map, capacity, cpu_bytes, reserve)
+        final_map = _plan_strategy(model, device_map, capacity, cpu_bytes, reserve, sizes, anatomy)
     devices = _device_rows(final_map, sizes, capacity, cpu_bytes, reserve, anatomy)
     overfull = [r for r in devices if r.device.startswith("cuda:") and r.total_bytes > (r.capacity_bytes or 0)]
     notes = [f"{r.device} needs {format_bytes(r.total_bytes)} but has {format_bytes(r.capacity_bytes or 0)}" for r in overfull]
@@ -241,14 +241,13 @@ def plan_placement(
     )
 
 
-def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: int | None, reserve: Reserve) -> dict:
+def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: int | None, reserve: Reserve,
+                   sizes: dict[str, int], anatomy: Anatomy) -> dict:
     """Run transformers' placement with budgets shrunk by the reserve; shrink again where the
     head's logits or a split layer overflow a GPU, until every GPU holds."""
     from transformers.integrations.accelerate import _get_device_map
 
     budgets = {i: max(0, c - reserve.per_gpu_bytes) for i, c in capacity.items()}
-    sizes = module_sizes(model)
-    anatomy = find_anatomy(model)
     device_map: dict = {}
     for _ in range(8):
         max_memory: dict = dict(budgets)

@@ -378,12 +378,12 @@ def router_tensors(router_path: str, args, out) -> dict[str, torch.Tensor]:
     """A router call as FORMAT.md names it, the way capture.py reads it: `router_logits` [seq,
     experts], `score_bias` [experts] (float32, where the router is given a selection bias),
     `topk_weights` [seq, k] (float32) and `topk_ids` [seq, k] (int32), for one prompt."""
-    from .capture import ROUTER_ROLES, _STORE_DTYPES, _router_tensors
+    from .capture import ROUTER_ROLES, STORE_DTYPES, router_outputs
 
     found = {}
-    for role, t in zip(ROUTER_ROLES, _router_tensors(args, out)):
+    for role, t in zip(ROUTER_ROLES, router_outputs(args, out)):
         if not isinstance(t, torch.Tensor):
             continue
-        t = t.to(_STORE_DTYPES[role]) if role in _STORE_DTYPES else t
+        t = t.to(STORE_DTYPES[role]) if role in STORE_DTYPES else t
         found[f"{router_path}:{role}"] = t if role == "score_bias" else t.reshape(-1, t.shape[-1])
     return found
