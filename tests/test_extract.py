@@ -27,14 +27,20 @@ def minimax_fp32():
 
 
 def oracle(loaded, prompts):
-    """transformers' own output_hidden_states for the same right-padded batch."""
+    """transformers' own output_hidden_states for the same right-padded batch, rows in the extract's
+    order (longest first): a row's bits may depend on where it sits in the batch (CPU GEMM edge tiles),
+    so only the same batch is a fair oracle. Returned indexed by prompt, as the run is."""
     tok = loaded.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    enc = tok(prompts, padding=True, return_tensors="pt", padding_side="right")
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    enc = tok([prompts[i] for i in order], padding=True, return_tensors="pt", padding_side="right")
     with torch.inference_mode():
         out = loaded.model(**enc, output_hidden_states=True)
-    lengths = enc.attention_mask.sum(1).tolist()
+    back = torch.tensor([order.index(i) for i in range(len(prompts))])
+    out.hidden_states = tuple(h[back] for h in out.hidden_states)
+    out.logits = out.logits[back]
     return out, lengths
 
 

@@ -78,7 +78,7 @@ def _count_reads(monkeypatch) -> list[str]:
 
 def test_loading_layer_k_reads_only_layer_k(monkeypatch, tiny_minimax):
     source = open_layers("builtin:minimax-m2-tiny", LayerOptions(dtype="bf16"))
-    wmap = source._wmap
+    wmap = source.store.names()
     read = _count_reads(monkeypatch)
     layer = source.load(2)
     want = sorted(n for n in wmap if n.startswith("model.layers.2."))

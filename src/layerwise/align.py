@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import UserError
+from .capture import PAD_ROLE
 from .runs import Run, model_order_key
 
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
@@ -129,9 +130,11 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
 
 
 def _names_by_prompt(run: Run) -> dict[int, set[str]]:
+    """Tensor names per prompt, without the padding tails (kept for replays, never compared)."""
     out: dict[int, set[str]] = {}
     for e in run.entries():
-        out.setdefault(e.prompt, set()).add(e.name)
+        if e.role != PAD_ROLE:
+            out.setdefault(e.prompt, set()).add(e.name)
     return out
 
 

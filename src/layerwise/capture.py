@@ -39,6 +39,12 @@ DEFAULT_POINTS = ("residual", "router", "logits")
 ROUTER_ROLES = ("router_logits", "score_bias", "topk_weights", "topk_ids")
 STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
 _WHOLE_ROLES = ("score_bias",)  # per model, not per token: stored whole for every prompt
+PAD_ROLE = "input_padding"  # a decoder layer's input at its batch row's padding positions [width - seq, hidden]
+
+
+def pad_name(input_name: str) -> str:
+    """`model.layers.7:input` -> `model.layers.7:input_padding`."""
+    return input_name.rpartition(":")[0] + ":" + PAD_ROLE
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,7 @@ class Collector:
     def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30, hook_queue: int = 16):
         self.writer = writer
         self.groups = groups_of(targets)
+        self._padded = {t.names[0] for t in targets if t.when == "input"}  # decoder-layer inputs
         self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._to_copy: queue.Queue = queue.Queue(maxsize=hook_queue)
@@ -379,8 +386,10 @@ class Collector:
 
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            self.writer.put(prompt.index, group, {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n]
-                                                  for name, t in shaped.items()}, release)
+            tensors = {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
+            if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
+                tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
+            self.writer.put(prompt.index, group, tensors, release)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer."""

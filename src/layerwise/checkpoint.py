@@ -76,10 +76,12 @@ def weight_map(directory: Path) -> dict[str, str]:
     raise UserError(f"{directory} holds no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
 
 
-def inspect_checkpoint(directory: Path) -> CheckpointReport:
+def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
     """Check every shard the index lists, reading headers only. Problems are collected, not raised,
-    so `check` can print them all; `require_complete` turns them into a UserError."""
+    so `check` can print them all; `require_complete` turns them into a UserError. With an FP8
+    `scheme` (quant.QuantScheme), every e4m3 weight must have its scale, of the block grid's shape."""
     directory = Path(directory)
+    infos: dict[str, dict] = {}
     wmap = weight_map(directory)
     shards = tuple(dict.fromkeys(wmap.values()))
     problems: list[str] = []
@@ -101,11 +103,44 @@ def inspect_checkpoint(directory: Path) -> CheckpointReport:
         missing = sorted(listed[shard] - set(header))
         if missing:
             problems.append(f"shard {shard} lacks {len(missing)} tensor(s) the index puts there (first: {missing[0]})")
+        infos.update(header)
+    if scheme is not None:
+        problems += fp8_scale_problems(infos, scheme)
     return CheckpointReport(directory, shards, len(wmap), total, tuple(problems))
 
 
-def require_complete(directory: Path) -> CheckpointReport:
-    report = inspect_checkpoint(directory)
+def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
+    """Each F8_E4M3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
+    per tensor without blocks). One line per problem, naming the tensor."""
+    import math
+
+    from .quant import SCALE_NAMES
+
+    problems = []
+    for name, info in infos.items():
+        if info.get("dtype") != "F8_E4M3":
+            continue
+        base = name.removesuffix(".weight")
+        scale_name = next((f"{base}.{s}" for s in SCALE_NAMES if f"{base}.{s}" in infos), None)
+        if scale_name is None:
+            problems.append(f"FP8 weight {name} has no {base}.weight_scale_inv in the checkpoint: re-download it")
+            continue
+        shape, scale = info["shape"], infos[scale_name]
+        if scheme.block is None or len(shape) < 2:
+            want = None if math.prod(scale["shape"]) == 1 else "one value"
+        else:
+            grid = [math.ceil(shape[-2] / scheme.block[0]), math.ceil(shape[-1] / scheme.block[1])]
+            want = None if list(scale["shape"][-2:]) == grid and scale["shape"][:-2] == shape[:-2] else grid
+        if want is not None:
+            problems.append(f"FP8 scale {scale_name} has shape {scale['shape']}, expected {want} for the "
+                            f"{shape} weight in the quantization_config's blocks: re-download the checkpoint")
+        elif scale.get("dtype") not in ("F32", "BF16", "F16"):
+            problems.append(f"FP8 scale {scale_name} is {scale.get('dtype')}, not a float: re-download the checkpoint")
+    return problems
+
+
+def require_complete(directory: Path, scheme=None) -> CheckpointReport:
+    report = inspect_checkpoint(directory, scheme)
     if report.problems:
         more = f" (and {len(report.problems) - 1} more problem(s); run layerwise check)" if len(report.problems) > 1 else ""
         raise UserError(report.problems[0] + more)

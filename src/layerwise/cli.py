@@ -39,6 +39,7 @@ def _add_load_options(p: argparse.ArgumentParser, with_offload: bool = True) -> 
     g.add_argument("--dtype", default=d.dtype, help="compute dtype: bf16, fp16, fp32 (default: %(default)s)")
     g.add_argument("--tokens", type=int, default=d.tokens,
                    help="forward-pass size (batch x sequence) to leave GPU room for (default: %(default)s)")
+    _add_quant_option(g)
     if with_offload:
         g.add_argument("--offload-folder", default=d.offload_folder, help="where weights that spill to disk go")
         g.add_argument("--no-spill", action="store_true",
@@ -47,11 +48,25 @@ def _add_load_options(p: argparse.ArgumentParser, with_offload: bool = True) -> 
                        help="eager, sdpa or flash_attention_2 (default: transformers' choice)")
 
 
+def _add_quant_option(g, default_help: str = "dequantize") -> None:
+    from .quant import QUANT_MODES
+
+    g.add_argument("--quant", default=None, choices=QUANT_MODES,
+                   help="FP8 checkpoints: dequantize (weights e4m3 x scale in the compute dtype, the reference) or "
+                        "fp8 (W8A8 block FP8 as vLLM/SGLang compute it) (default: " + default_help + ")")
+
+
+def _add_fp8_backend_option(g) -> None:
+    g.add_argument("--fp8-backend", default="auto", choices=("auto", "scaled_mm", "emulate"),
+                   help="--quant fp8 arithmetic: torch's block-scaled scaled_mm (Hopper GPUs) or an exact float32 "
+                        "emulation (default: %(default)s, scaled_mm where it runs)")
+
+
 def _load_options(args) -> LoadOptions:
     return LoadOptions(
         device_map=args.device_map, max_memory=args.max_memory, dtype=args.dtype,
         offload_folder=getattr(args, "offload_folder", None), allow_spill=not getattr(args, "no_spill", False),
-        attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
+        attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens, quant=args.quant,
     )
 
 
@@ -70,7 +85,7 @@ def cmd_check(args) -> int:
 
     d = CheckOptions()
     options = CheckOptions(model=args.model, cpu=args.cpu, max_memory=args.max_memory, dtype=args.dtype or d.dtype,
-                           tokens=args.tokens or d.tokens, out_dir=args.out or d.out_dir)
+                           tokens=args.tokens or d.tokens, out_dir=args.out or d.out_dir, quant=args.quant)
     result = readiness.check_machine(options)
     if args.json:
         _emit_json(render.readiness_json(result), None)
@@ -144,7 +159,8 @@ def cmd_extract(args) -> int:
             from .streaming import StreamOptions, stream_extract
 
             result, stats = stream_extract(args.model, args.out, items, options, StreamOptions(
-                device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation), progress=None)
+                device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, quant=args.quant,
+                fp8_backend=args.fp8_backend), progress=None)
             print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
                   f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
                   f"{format_bytes(stats.peak_device_bytes)}")
@@ -179,11 +195,12 @@ def cmd_test(args) -> int:
                           layers=args.layers, out=args.out or t.out, stream=args.stream)
     candidate = ReplayOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
                               device=args.device or _single_device(args.device_map), candidate=args.candidate,
+                              quant=args.quant, fp8_backend=args.fp8_backend, deterministic=args.deterministic,
                               allow_config_mismatch=args.allow_config_mismatch, overwrite=args.overwrite)
     d, e = LoadOptions(), ExtractOptions()
     load = LoadOptions(device_map=args.device_map, max_memory=args.max_memory, dtype=args.dtype or d.dtype,
                        offload_folder=args.offload_folder, allow_spill=not args.no_spill,
-                       attn_implementation=args.attn_implementation, tokens=args.tokens)
+                       attn_implementation=args.attn_implementation, tokens=args.tokens, quant=args.quant)
     extract_options = ExtractOptions(points=args.points, batch_size=args.batch_size or e.batch_size,
                                      max_tokens=args.max_tokens, chat_template=args.chat_template,
                                      overwrite=args.overwrite)
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help=f"compute dtype for the fit check (default: {CheckOptions.dtype})")
     p.add_argument("--tokens", type=int, default=None, help=f"forward-pass size (default: {CheckOptions.tokens})")
     p.add_argument("--out", default=None, help="where dumps will be written, for the disk check (default: .)")
+    _add_quant_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(func=cmd_check)
 
@@ -369,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one decoder layer at a time on one device, for models larger than the GPUs")
     p.add_argument("--device", default=None, help="the device for --stream (default: cuda:0, else cpu)")
     _add_load_options(p)
+    _add_fp8_backend_option(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("import", help="turn tensors from another engine (.npy/.pt/.safetensors) into a run")
@@ -411,6 +430,10 @@ def _add_test_parser(sub) -> None:
                         "factory(config, layer_index, weights) -> nn.Module with the HF layer's call signature")
     g.add_argument("--allow-config-mismatch", action="store_true",
                    help="the model is a variant of the reference's (quantized, converted): its config may differ")
+    _add_quant_option(g, "the reference's")
+    _add_fp8_backend_option(g)
+    g.add_argument("--deterministic", action="store_true",
+                   help="single / multi: torch's deterministic kernels (when the first layer, run twice, differs)")
     d = LoadOptions()
     g = p.add_argument_group("placement (full, extract-all)")
     g.add_argument("--device-map", default=d.device_map, help="auto, balanced, sequential, cuda:N, cpu, or a JSON "

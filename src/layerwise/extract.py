@@ -118,7 +118,7 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
     targets = capture.plan_targets(anatomy, points, layers)
     groups = capture.groups_of(targets)
     settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(config, "_attn_implementation", None),
-                "device_map": load.device_map}
+                "device_map": load.device_map, "quant": loaded.quant_mode}
     intent = run_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options, settings)
     writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
                             queue_depth=options.queue_depth)

@@ -3,16 +3,20 @@
 `open_layers(spec, LayerOptions)` returns a `LayerSource` for one model. Loading a layer is two
 steps, so a streaming caller can overlap them with compute:
 
-- `read(K)`: pure I/O. Reads exactly decoder layer K's tensors from the safetensors shards named
-  by the index, straight onto the device (`safe_open(..., device=...)`), and nothing else.
-  Thread-safe: call it from a prefetch thread.
+- `read(K)`: pure I/O. Reads exactly decoder layer K's tensors from the store (weights.py: the
+  safetensors shards named by the index, or tensors in memory), straight onto the device, and
+  nothing else. An FP8 checkpoint is read as it is stored: e4m3 weights and their scales (half
+  the bytes of bf16). Thread-safe: call it from a prefetch thread.
 - `build(weights)`: assembles the layer. It calls the model class's own `from_pretrained` with a
   one-layer config (`num_hidden_layers=1`, `vocab_size=1`) and the layer's tensors renamed
   `model.layers.K.` -> `model.layers.0.`, so every checkpoint-key conversion a full load applies
   (MiniMax-M2's per-expert `w1/w2/w3` fused into `gate_up_proj/down_proj`), the fp32-router rule
   and the attention implementation are exactly those of a full load. Layer-index-dependent
   config fields are sliced to the one layer, and the result is checked against layer K of the
-  full model built on the meta device (names, shapes, dtypes, attention type).
+  full model built on the meta device (names, shapes, dtypes, attention type). FP8 weights are
+  dequantized on the device first (quant.py: e4m3 x scale in float32, cast to the compute dtype,
+  transformers' own rule); with `quant="fp8"` the built layer's quantized projections are then
+  replaced by FP8 ones that compute as serving engines do (fp8.py).
   `from_pretrained` sets torch's *process-wide* default dtype while it builds modules, so builds
   are serialised by a lock and belong on the compute thread; keep prefetch threads to `read`.
 - `load(K)` = `build(read(K))`.
@@ -30,6 +34,8 @@ This module knows nothing about runs, prompts or comparisons.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -38,9 +44,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import checkpoint, models
+from . import fp8, models, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .weights import CheckpointStore, MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class LayerOptions:
     dtype: str = "bf16"
     device: str = "cpu"  # "cuda:0", "cpu"
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
+    quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8" (W8A8 as serving engines)
+    fp8_backend: str = "auto"  # --quant fp8: "auto" (scaled_mm on Hopper, else emulation), "scaled_mm", "emulate"
 
 
 @dataclass
@@ -116,8 +125,11 @@ class LayerSource:
     fixes: list
     options: LayerOptions
     anatomy: Anatomy  # of the full model (meta)
+    architecture: str  # the causal-LM class name
+    scheme: quant.QuantScheme | None  # the checkpoint's quantization (None: plain)
+    quant_mode: str | None  # None, "dequantize" or "fp8"
     _meta: nn.Module = field(repr=False)
-    _wmap: dict | None = field(default=None, repr=False)
+    store: CheckpointStore | MemoryStore | None = field(default=None, repr=False)  # None: a .gguf file
     _cpu_model: nn.Module | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -132,6 +144,10 @@ class LayerSource:
     @property
     def device(self) -> torch.device:
         return torch.device(self.options.device)
+
+    def on(self, device: str) -> "LayerSource":
+        """The same source, building on another device (shares the store and the meta model)."""
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, device=str(device)))
 
     def check_index(self, index: int) -> None:
         if not 0 <= index < self.num_layers:
@@ -150,7 +166,7 @@ class LayerSource:
             tensors = self._from_cpu_model(index)
         else:
             names = self.checkpoint_names(index)
-            raw = checkpoint.read_tensors(self.ref.path, names, str(self.device), wmap=self._wmap)
+            raw = self.store.read(names, str(self.device))
             prefix, zero = self._checkpoint_prefix(index), self._checkpoint_prefix(0)
             tensors = {zero + name[len(prefix):]: t for name, t in raw.items()}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -159,16 +175,20 @@ class LayerSource:
     def checkpoint_names(self, index: int) -> list[str]:
         """The checkpoint tensors of decoder layer `index`, from the index alone."""
         prefix = self._checkpoint_prefix(index)
-        names = [n for n in self._wmap if n.startswith(prefix)]
+        names = [n for n in self._names if n.startswith(prefix)]
         if not names:
-            raise UserError(f"the checkpoint at {self.ref.path} has no tensor of layer {index} "
+            raise UserError(f"the checkpoint at {self.store.describe()} has no tensor of layer {index} "
                             f"(none named {prefix}*): re-download its index")
         return names
+
+    @functools.cached_property
+    def _names(self) -> list[str]:
+        return self.store.names() if self.store is not None else []
 
     def _checkpoint_prefix(self, index: int) -> str:
         """`model.layers.K.`, or the checkpoint's own spelling when it was saved without the base prefix."""
         full = f"{self.anatomy.layers_path}.{index}."
-        if self._wmap is None or any(n.startswith(f"{self.anatomy.layers_path}.") for n in self._wmap):
+        if self.store is None or any(n.startswith(f"{self.anatomy.layers_path}.") for n in self._names):
             return full
         return full.split(".", 1)[1] if "." in self.anatomy.layers_path else full
 
@@ -191,7 +211,10 @@ class LayerSource:
         start = time.perf_counter()
         index = weights.index
         config = one_layer_config(self.config, index)
-        kwargs = dict(config=config, state_dict=weights.tensors, dtype=self.dtype,
+        tensors = weights.tensors
+        if self.scheme is not None:
+            tensors = fp8.dequantize_tensors(tensors, self.scheme, self.dtype)
+        kwargs = dict(config=config, state_dict=tensors, dtype=self.dtype,
                       device_map={"": str(self.device)}, output_loading_info=True)
         if self.options.attn_implementation:
             kwargs["attn_implementation"] = self.options.attn_implementation
@@ -211,6 +234,9 @@ class LayerSource:
         if unexpected:
             log.warning("layer %d: %d checkpoint tensor(s) unused by transformers (first: %s)",
                         index, len(unexpected), unexpected[0])
+        del tensors
+        if self.quant_mode == "fp8":
+            fp8.to_fp8(layer, weights.tensors, layer_path + ".", self.scheme, self.options.fp8_backend)
         rotary = model.get_submodule(self.anatomy.rotary_path) if self.anatomy.rotary_path else None
         seconds = weights.seconds + time.perf_counter() - start
         # model.config, not `config`: from_pretrained works on its own copy (attention implementation set there)
@@ -266,12 +292,17 @@ class LayerSource:
         tied = getattr(self.config, "tie_word_embeddings", False)
         sources = {}
         for full, rel in names.items():
-            if full not in self._wmap and tied and path == self.anatomy.head_path:
+            if full not in self.store and tied and path == self.anatomy.head_path:
                 full = f"{self.anatomy.embed_path}.{rel}"
-            if full not in self._wmap:
-                raise UserError(f"the checkpoint at {self.ref.path} has no tensor {full}: load the whole model instead")
+            if full not in self.store:
+                raise UserError(f"the checkpoint at {self.store.describe()} has no tensor {full}: "
+                                "load the whole model instead")
             sources[full] = rel
-        tensors = checkpoint.read_tensors(self.ref.path, list(sources), str(self.device), wmap=self._wmap)
+        wanted = list(sources) + [f"{n.removesuffix('.weight')}.{s}" for n in sources for s in quant.SCALE_NAMES
+                                  if f"{n.removesuffix('.weight')}.{s}" in self.store]
+        tensors = self.store.read(wanted, str(self.device))
+        if self.scheme is not None:  # a quantized head or embedding is dequantized (transformers' rule)
+            tensors = fp8.dequantize_tensors(tensors, self.scheme, self.dtype)
         state = {rel: tensors[full].to(self.dtype) if tensors[full].is_floating_point() else tensors[full]
                  for full, rel in sources.items()}
         module.load_state_dict(state, assign=True)
@@ -283,20 +314,26 @@ class LayerSource:
             self._cpu_model = None
 
 
-def open_layers(spec: str, options: LayerOptions = LayerOptions()) -> LayerSource:
-    """A source of model `spec`'s decoder layers; reads only headers and the config."""
+def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: MemoryStore | None = None) -> LayerSource:
+    """A source of model `spec`'s decoder layers; reads only headers and the config. `store`:
+    tensors already in memory, by checkpoint name (then `spec` only gives the config)."""
     from .placement import meta_model
 
     ref = models.resolve_model(spec)
-    if not ref.has_weights:
+    if store is None and not ref.has_weights:
         raise UserError(f"{spec} is a configuration without weights: layer tests need a checkpoint "
                         "(e.g. builtin:minimax-m2-tiny)")
     dtype = models.parse_dtype(options.dtype)
     mc = models.load_config(ref)
-    wmap = checkpoint.weight_map(ref.path) if ref.kind == "checkpoint" else None
+    mode = quant.resolve_mode(mc.quant, options.quant)
+    if ref.kind == "gguf" and store is None:
+        source_store = None
+    else:
+        source_store = store if store is not None else CheckpointStore(ref.path)
     meta = meta_model(copy.deepcopy(mc.config), dtype)  # building sets dtype etc. on the config it gets
     anatomy = find_anatomy(meta)
-    return LayerSource(ref, mc.config, mc.fixes, options, anatomy, meta, wmap)
+    return LayerSource(ref, mc.config, mc.fixes, options, anatomy, type(meta).__name__, mc.quant, mode, meta,
+                       source_store)
 
 
 def one_layer_config(config, index: int):
@@ -319,6 +356,8 @@ def one_layer_config(config, index: int):
         cfg.max_window_layers = 0 if index >= config.max_window_layers else 1
     cfg.num_hidden_layers = 1
     cfg.vocab_size = 1
+    if hasattr(cfg, "quantization_config"):  # the layer is built from dequantized tensors
+        del cfg.quantization_config
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(cfg, key, None), int):
             setattr(cfg, key, None)

@@ -105,7 +105,8 @@ def _extract_all(model, options: TestOptions, out: Path, load, extract_options, 
     return TestResult("extract-all", None, {"extract": result.path}, extract=result, notes=result.notes)
 
 
-def _run_extract(model, out: Path, items, extract_options, load, stream: bool, device: str | None, progress):
+def _run_extract(model, out: Path, items, extract_options, load, stream: bool, device: str | None, progress,
+                 fp8_backend: str = "auto"):
     """The whole model over the prompts: loaded over the GPUs, or streamed one layer at a time."""
     from .extract import extract
 
@@ -114,7 +115,8 @@ def _run_extract(model, out: Path, items, extract_options, load, stream: bool, d
     from .streaming import StreamOptions, stream_extract
 
     result, _ = stream_extract(model, out, items, extract_options, StreamOptions(
-        device=device, dtype=load.dtype, attn_implementation=load.attn_implementation))
+        device=device, dtype=load.dtype, attn_implementation=load.attn_implementation, quant=load.quant,
+        fp8_backend=fp8_backend))
     return result
 
 
@@ -131,7 +133,8 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
     settings = reference.manifest.get("settings", {}) or {}
     load = load or LoadOptions()
     load = replace(load, dtype=candidate.dtype or settings.get("dtype") or load.dtype,
-                   attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"))
+                   attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"),
+                   quant=candidate.quant or settings.get("quant"))
     d = extract_options or ExtractOptions()
     points = ",".join(settings.get("points") or []) or d.points
     layers = options.layers or (ranges(list(settings["layers"])) if settings.get("layers") else None)
@@ -139,7 +142,7 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
                               batch_size=settings.get("batch_size") or d.batch_size, overwrite=candidate.overwrite)
     items = [p["token_ids"] for p in reference.prompts]
     result = _run_extract(model, out / "full", items, extract_options, load, options.stream, candidate.device,
-                          progress)
+                          progress, candidate.fp8_backend)
     return TestResult("full", reference.path, {"full": result.path}, extract=result, notes=result.notes)
 
 

@@ -5,6 +5,12 @@ device (placement.py) with the GPUs present, refuses to start when the plan spil
 `allow_spill` is off, loads with transformers' `from_pretrained` using the planned map, then
 checks that what was loaded is what was planned and that the numerics fixes held (router in
 fp32). `placement_report` says where every module went and how much each GPU really uses.
+
+FP8 checkpoints (quant.py) load two ways. `quant="dequantize"` (the default, the reference):
+transformers' own `FineGrainedFP8Config(dequantize=True)` path, every weight e4m3 x scale cast to
+the compute dtype. `quant="fp8"` (what serving engines compute): the model is assembled layer by
+layer on the planned devices (layer_loading.py builds each layer, fp8.py swaps in W8A8
+projections), so only the FP8 bytes stay resident; the plan sizes it that way.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, machine, models, placement
+from . import checkpoint, machine, models, placement, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
 from .sizes import format_bytes, parse_max_memory
@@ -32,6 +38,7 @@ class LoadOptions:
     allow_spill: bool = True  # False: refuse to load when any weight would land on cpu/disk
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     tokens: int = 4096  # forward-pass size the placement leaves room for
+    quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"; plain checkpoints: None
 
 
 @dataclass
@@ -44,6 +51,7 @@ class LoadedModel:
     seconds: float
     tokenizer: object = None
     notes: list[str] = field(default_factory=list)
+    quant_mode: str | None = None  # how an FP8 checkpoint runs: "dequantize" or "fp8"
 
     @property
     def input_device(self) -> torch.device:
@@ -70,17 +78,32 @@ def gpu_capacities() -> list[int]:
 def plan_for(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None) -> placement.Plan:
     """The placement loading would use, for the GPUs present (or `gpu_bytes`, simulated)."""
     dtype = models.parse_dtype(options.dtype)
+    mode = quant.resolve_mode(quant.scheme_of(config), options.quant)
     device_map = placement.parse_device_map(options.device_map)
     gpu_bytes = gpu_capacities() if gpu_bytes is None else gpu_bytes
     max_memory = parse_max_memory(options.max_memory, len(gpu_bytes)) if options.max_memory else None
     if isinstance(device_map, str) and not gpu_bytes:
         device_map = {"": "cpu"}  # no GPU: a strategy word means "run on the CPU"
-    meta = placement.meta_model(config, dtype)
+    meta = placement.meta_model(config, dtype, mode)
     return placement.plan_placement(
         meta, gpu_bytes, device_map, max_memory, cpu_bytes=machine.host_memory_available(),
         tokens=options.tokens, dtype=dtype, model_name=ref.spec,
-        attn_implementation=options.attn_implementation or "sdpa",
+        attn_implementation=options.attn_implementation or "sdpa", quant_mode=mode,
+        load_working_bytes=_fp8_build_bytes(meta, dtype) if mode == "fp8" else 0,
     )
+
+
+def _fp8_build_bytes(meta, dtype: torch.dtype) -> int:
+    """Memory an FP8 layer needs while it is built (`--quant fp8`): its FP8 bytes read, and the
+    same weights dequantized to the compute dtype, before the FP8 projections replace them."""
+    anatomy = find_anatomy(meta)
+    size = torch.empty((), dtype=dtype).element_size()
+    worst = 0
+    for i in range(anatomy.num_layers):
+        layer = meta.get_submodule(anatomy.layer(i))
+        fp8_elements = sum(t.numel() for t in layer.parameters() if t.dtype == quant.FP8_DTYPE)
+        worst = max(worst, fp8_elements * (1 + size))
+    return worst
 
 
 def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True,
@@ -90,42 +113,107 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     if not ref.has_weights:
         raise UserError(f"{spec} is a configuration without weights: use it with plan/check, "
                         "or load builtin:minimax-m2-tiny")
-    if ref.kind == "checkpoint":
-        checkpoint.require_complete(ref.path)
     mc = models.load_config(ref)
+    mode = quant.resolve_mode(mc.quant, options.quant)
+    if ref.kind == "checkpoint":
+        checkpoint.require_complete(ref.path, mc.quant)
     plan = plan_for(ref, mc.config, options)
     spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
     notes = []
     if spill and plan.gpu_count:
         if not options.allow_spill:
             raise UserError(f"refusing to load: {plan.verdict} (add GPUs, raise --max-memory, or allow spilling)")
+        if mode == "fp8":
+            raise UserError(f"--quant fp8 keeps every layer on a GPU, and {plan.verdict}: add GPUs, or run it "
+                            "one layer at a time (extract --stream, test)")
         notes.append("WARNING: " + plan.verdict)
     if any(d.device == "disk" for d in plan.devices) and not options.offload_folder:
         raise UserError(f"{format_bytes(sum(d.weight_bytes for d in spill if d.device == 'disk'))} of weights would be "
                         "offloaded to disk: pass --offload-folder DIR (or more --max-memory)")
-    dtype = models.parse_dtype(options.dtype)
-    kwargs = dict(config=mc.config, dtype=dtype, device_map=plan.device_map)
+    start = time.perf_counter()
+    if mode == "fp8":
+        model = _assemble_fp8(ref, mc, plan, options)
+    else:
+        model = _from_pretrained(ref, mc, plan, options, mode, progress)
+    model.eval()
+    seconds = time.perf_counter() - start
+    _verify_router_dtypes(model)
+    anatomy = find_anatomy(model)
+    tokenizer = load_tokenizer(ref) if with_tokenizer else None
+    log.info("loaded %s in %.1f s", spec, seconds)
+    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes, mode)
+
+
+def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, progress: bool):
+    """transformers' own loading of exactly the planned map; FP8 weights dequantized by transformers."""
+    config = mc.config
+    if mode == "dequantize":
+        import copy
+
+        config = copy.deepcopy(config)
+        raw = config.quantization_config
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+        config.quantization_config = {**raw, "dequantize": True}
+    kwargs = dict(config=config, dtype=models.parse_dtype(options.dtype), device_map=plan.device_map)
     if options.offload_folder:
         kwargs["offload_folder"] = options.offload_folder
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
     if ref.kind == "gguf":
         kwargs["gguf_file"] = ref.path.name
-    cls = models.model_class(mc.config)
-    start = time.perf_counter()
+    cls = models.model_class(config)
     with models.quiet_transformers(progress):
-        model = cls.from_pretrained(str(ref.directory), **kwargs)
-    model.eval()
-    seconds = time.perf_counter() - start
-    repaired = _keep_offloaded_router_fp32(model)
-    if repaired:
-        notes.append(f"fix: {repaired} offloaded router tensor(s) re-indexed as float32 (transformers indexes "
-                     "disk-offloaded weights in the compute dtype)")
-    _verify_router_dtypes(model)
+        return cls.from_pretrained(str(ref.directory), **kwargs)
+
+
+def _assemble_fp8(ref, mc, plan, options: LoadOptions):
+    """`--quant fp8`: the FP8 meta model of the plan, filled layer by layer on the planned devices
+    (each layer read as FP8, built by transformers from its dequantized weights, its projections
+    swapped for FP8 ones, the dequantized copy dropped), then dispatched like from_pretrained does."""
+    from .layer_loading import LayerOptions, open_layers
+
+    dtype = models.parse_dtype(options.dtype)
+    source = open_layers(ref.spec, LayerOptions(dtype=options.dtype, device="cpu",
+                                                attn_implementation=options.attn_implementation, quant="fp8"))
+    model = placement.meta_model(mc.config, dtype, "fp8")
     anatomy = find_anatomy(model)
-    tokenizer = load_tokenizer(ref) if with_tokenizer else None
-    log.info("loaded %s in %.1f s", spec, seconds)
-    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes)
+    layers = model.get_submodule(anatomy.layers_path)
+    rotary = None
+    for i in range(anatomy.num_layers):
+        built = source.on(_device_name(placement.device_of(plan.device_map, anatomy.layer(i)))).load(i)
+        for module in built.module.modules():  # built as layer 0 of a one-layer model: the KV cache indexes by it
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = i
+        layers[i] = built.module
+        rotary = rotary or built.rotary
+        model.config._attn_implementation = built.config._attn_implementation
+    for part, path in (("embed", anatomy.embed_path), ("norm", anatomy.norm_path), ("head", anatomy.head_path)):
+        if path:
+            device = _device_name(placement.device_of(plan.device_map, path))
+            _set_submodule(model, path, source.on(device).load_shared((part,))[part])
+    if anatomy.rotary_path and rotary is not None:
+        device = _device_name(placement.device_of(plan.device_map, anatomy.rotary_path))
+        _set_submodule(model, anatomy.rotary_path, rotary.to(device))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise UserError(f"--quant fp8 cannot assemble {type(model).__name__} ({left[0]} has no weights after every "
+                        "layer, the embedding, the norm and the head were loaded): use extract --stream")
+    devices = {_device_name(d) for d in plan.device_map.values()}
+    if len(devices) > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=plan.device_map)
+    model.hf_device_map = dict(plan.device_map)
+    return model
+
+
+def _device_name(device) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def _set_submodule(model, path: str, module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def load_tokenizer(ref: models.ModelRef):
@@ -139,34 +227,6 @@ def load_tokenizer(ref: models.ModelRef):
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, reason)
         return None
-
-
-def _keep_offloaded_router_fp32(model) -> int:
-    """transformers indexes disk-offloaded weights with the dtype of the meta model it built (bf16
-    for a bf16 load), so accelerate would cast MiniMax-M2's fp32 router to bf16 every time it pages
-    a layer in. Point those index entries, and the meta placeholders, back at float32 (the
-    checkpoint holds them in fp32, and accelerate reads them from there)."""
-    wanted = set(models.fp32_router_tensors(model))
-    fixed = set()
-    for module in model.modules():
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        index = getattr(getattr(weights_map, "dataset", None), "index", None)
-        if not index:
-            continue
-        for name in wanted & set(index):
-            if index[name].get("dtype") not in (None, "float32"):
-                index[name]["dtype"] = "float32"
-            owner_path, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            old = getattr(owner, leaf)
-            if old.device.type == "meta" and old.dtype != torch.float32:
-                placeholder = torch.empty(old.shape, dtype=torch.float32, device="meta")
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = torch.nn.Parameter(placeholder, requires_grad=False)
-                else:
-                    owner._buffers[leaf] = placeholder
-                fixed.add(name)
-    return len(fixed)
 
 
 def _verify_router_dtypes(model) -> None:

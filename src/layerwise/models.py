@@ -9,7 +9,10 @@ supported transformers version:
   (issue #48241, fixed in 5.18). We set `rope_parameters["partial_rotary_factor"]` ourselves.
 - router precision: with a bf16/fp16 compute dtype, transformers casts the fp32 router
   (`mlp.gate.weight`, `mlp.e_score_correction_bias`) down, which merges close bias values and
-  changes expert choice. `model_class` returns a subclass that keeps them in fp32 at load time.
+  changes expert choice. `model_class` returns a subclass that builds them in fp32, so every
+  loader fills them as fp32: a plain load, the FP8 dequantize path (which casts each tensor to
+  the parameter it fills, ignoring `_keep_in_fp32_modules_strict`) and disk offload (which
+  indexes offloaded tensors in the parameter's dtype).
 
 This module does not load weights and knows nothing about devices.
 """
@@ -26,6 +29,7 @@ import torch
 
 from . import zoo
 from .errors import UserError
+from .quant import QuantScheme, scheme_of
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -88,6 +92,7 @@ class ModelConfig:
 
     config: object  # transformers.PretrainedConfig
     fixes: list[Fix] = field(default_factory=list)
+    quant: QuantScheme | None = None  # the checkpoint's quantization (None: plain weights)
 
 
 def resolve_model(spec: str) -> ModelRef:
@@ -122,8 +127,9 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, "checkpoint", path.resolve())
 
 
-def load_config(ref: ModelRef):
-    """The model's config with layerwise's numerics fixes applied. Returns ModelConfig."""
+def load_config(ref: ModelRef, check_quant: bool = True):
+    """The model's config with layerwise's numerics fixes applied. Returns ModelConfig. A
+    quantization layerwise cannot run is a UserError unless `check_quant` is off (`check` reports it)."""
     from transformers import AutoConfig
 
     if ref.kind == "config":
@@ -139,7 +145,7 @@ def load_config(ref: ModelRef):
             config = AutoConfig.from_pretrained(ref.path)
         except (ValueError, KeyError, OSError) as err:
             raise UserError(f"{ref.path / 'config.json'} cannot be read by transformers: {_first_line(err)}") from None
-    return ModelConfig(config, apply_config_fixes(config))
+    return ModelConfig(config, apply_config_fixes(config), scheme_of(config) if check_quant else None)
 
 
 def _check_config_json(path: Path) -> None:
@@ -205,7 +211,24 @@ def model_class(config):
     if not patterns:
         return cls
     keep = set(getattr(cls, "_keep_in_fp32_modules_strict", None) or ()) | set(patterns)
-    return type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": sorted(keep), "__module__": cls.__module__})
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        # Built in fp32 from the start, not only loaded so: a quantized checkpoint's loader casts the
+        # unquantized tensors it loads to the dtype of the parameter it fills (transformers' FP8
+        # dequantize path ignores _keep_in_fp32_modules_strict).
+        keep_router_fp32(self)
+
+    return type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": sorted(keep), "__module__": cls.__module__,
+                                       "__init__": __init__})
+
+
+def keep_router_fp32(model) -> None:
+    """Make the fp32-router tensors of `model` float32, wherever they are (meta included)."""
+    patterns = FP32_ROUTER_PATTERNS.get(getattr(model.config, "model_type", None), ())
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(name.endswith(p) for p in patterns) and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.to(torch.float32)
 
 
 def fp32_router_tensors(model) -> dict[str, torch.dtype]:

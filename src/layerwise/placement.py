@@ -12,6 +12,7 @@ Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import fp8, models, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
 from .sizes import format_bytes
@@ -65,6 +66,12 @@ class Plan:
     gpus_needed: int | None  # GPUs of the first GPU's size that the whole model needs
     shortfall_bytes: int  # weights + forward reserves beyond the GPUs' total capacity (0 if enough)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    quant: str | None = None  # an FP8 checkpoint held as "fp8" (e4m3 + scales) or "dequantize" (the dtype)
+
+    @property
+    def weights_label(self) -> str:
+        """What the weights are held as: "bfloat16", "FP8 (e4m3 + scales, rest bfloat16)"."""
+        return f"FP8 (e4m3 + scales, rest {self.dtype})" if self.quant == "fp8" else self.dtype
 
     @property
     def fits(self) -> bool:
@@ -74,7 +81,7 @@ class Plan:
     def verdict(self) -> str:
         if self.fits:
             return (f"fits: all {self.num_layers} layers on {self.gpu_count} GPU(s), "
-                    f"{format_bytes(self.total_weight_bytes)} of {self.dtype} weights")
+                    f"{format_bytes(self.total_weight_bytes)} of {self.weights_label} weights")
         if self.gpu_count == 0:
             return "no GPU present or simulated: everything would run from cpu/disk (pass --gpus to simulate a machine)"
         need = f"; needs {self.gpus_needed} such GPUs" if self.gpus_needed else ""
@@ -83,7 +90,7 @@ class Plan:
                     f"(weights plus the forward pass of {self.tokens} tokens){need}")
         short = (f"{format_bytes(self.shortfall_bytes)} short of what the model needs on GPUs; "
                  if self.shortfall_bytes else "")
-        return (f"does NOT fit on the GPUs in {self.dtype}: {short}this placement spills {format_bytes(self.spilled_bytes)} "
+        return (f"does NOT fit on the GPUs in {self.weights_label}: {short}this placement spills {format_bytes(self.spilled_bytes)} "
                 f"of weights ({self.num_layers - self.layers_on_gpu} of {self.num_layers} layers) to cpu/disk{need}")
 
 
@@ -129,16 +136,21 @@ def forward_reserve(config, tokens: int, dtype: torch.dtype, attn_implementation
     return Reserve(per_gpu_bytes=int(per_gpu), head_bytes=int(head))
 
 
-def meta_model(config, dtype: torch.dtype):
-    """The model built on the meta device with the dtypes loading would give it."""
+def meta_model(config, dtype: torch.dtype, quant_mode: str | None = None):
+    """The model built on the meta device with the dtypes loading would give it: the compute
+    dtype, the fp32 router where the reference keeps one, and with `quant_mode="fp8"` the
+    checkpoint's FP8 projections and scales (as `--quant fp8` holds them)."""
+    scheme = quant.scheme_of(config)
+    if getattr(config, "quantization_config", None) is not None:  # built dequantized; FP8 modules put in below
+        config = copy.deepcopy(config)
+        del config.quantization_config
     cls = models.model_class(config)
     with torch.device("meta"), models.quiet_transformers():
         model = cls._from_config(config, dtype=dtype)
-    if dtype != torch.float32:  # what _keep_in_fp32_modules_strict does at load time
-        patterns = models.FP32_ROUTER_PATTERNS.get(config.model_type, ())
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if any(name.endswith(p) for p in patterns):
-                tensor.data = torch.empty(tensor.shape, dtype=torch.float32, device="meta")
+    if quant_mode == "fp8":
+        anatomy = find_anatomy(model)
+        for i in range(anatomy.num_layers):
+            fp8.to_fp8_meta(model.get_submodule(anatomy.layer(i)), scheme)
     return model
 
 
@@ -198,15 +210,21 @@ def plan_placement(
     model_name: str = "",
     attn_implementation: str = "sdpa",
     overhead_bytes: int = CUDA_OVERHEAD_BYTES,
+    quant_mode: str | None = None,
+    load_working_bytes: int = 0,
 ) -> Plan:
     """Place a meta `model` on GPUs of `gpu_bytes` capacity (then cpu, then disk).
 
     `max_memory` (from parse_max_memory) caps what layerwise lets each device use in total,
     weights and forward-pass reserve together; GPUs it does not name are left out.
+    `load_working_bytes`: memory loading itself needs on a GPU at a time (an FP8 layer being
+    built); each GPU keeps the larger of it and the forward pass's working set free.
     """
     config = model.config
     anatomy = find_anatomy(model)
     reserve = forward_reserve(config, tokens, dtype, attn_implementation, overhead_bytes)
+    if load_working_bytes + overhead_bytes > reserve.per_gpu_bytes:
+        reserve = Reserve(load_working_bytes + overhead_bytes, reserve.head_bytes)
     sizes = module_sizes(model)
     capacity = {i: b for i, b in enumerate(gpu_bytes)}
     if max_memory:
@@ -237,7 +255,7 @@ def plan_placement(
         num_layers=anatomy.num_layers, layers_on_gpu=layers_on_gpu,
         gpu_count=len(capacity), gpus_needed=_gpus_needed(total, gpu_bytes, reserve) if (spilled or overfull) else None,
         shortfall_bytes=max(0, total + reserve.head_bytes + reserve.per_gpu_bytes * len(capacity) - sum(capacity.values())),
-        notes=tuple(notes),
+        notes=tuple(notes), quant=quant_mode,
     )
 
 

