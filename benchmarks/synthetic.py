@@ -80,3 +80,95 @@ def build_on_devices(config, device_map: dict, dtype=torch.bfloat16, seed: int =
 def write_checkpoint(model, directory: Path, shard: str = "5GB") -> None:
     with models.quiet_transformers():
         model.save_pretrained(directory, max_shard_size=shard)
+
+
+# ------------------------------------------------------------------------------ FP8, by checkpoint name
+
+def minimax_layer_shapes(config, index: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Decoder layer `index` of a MiniMax-M2 checkpoint as the release stores it: {name: (shape,
+    kind)}, kind "fp8" (an e4m3 projection, with a `_scale_inv` beside it), "fp32" (router) or
+    "bf16" (norms)."""
+    h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    p = f"model.layers.{index}."
+    shapes = {
+        p + "input_layernorm.weight": ((h,), "bf16"), p + "post_attention_layernorm.weight": ((h,), "bf16"),
+        p + "self_attn.q_proj.weight": ((q, h), "fp8"), p + "self_attn.k_proj.weight": ((kv, h), "fp8"),
+        p + "self_attn.v_proj.weight": ((kv, h), "fp8"), p + "self_attn.o_proj.weight": ((h, q), "fp8"),
+        p + "self_attn.q_norm.weight": ((q,), "bf16"), p + "self_attn.k_norm.weight": ((kv,), "bf16"),
+        p + "block_sparse_moe.gate.weight": ((e, h), "fp32"),
+        p + "block_sparse_moe.e_score_correction_bias": ((e,), "fp32"),
+    }
+    for x in range(e):
+        shapes[f"{p}block_sparse_moe.experts.{x}.w1.weight"] = ((i, h), "fp8")
+        shapes[f"{p}block_sparse_moe.experts.{x}.w3.weight"] = ((i, h), "fp8")
+        shapes[f"{p}block_sparse_moe.experts.{x}.w2.weight"] = ((h, i), "fp8")
+    return shapes
+
+
+def shared_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
+    h, v = config.hidden_size, config.vocab_size
+    return {"model.embed_tokens.weight": ((v, h), "bf16"), "model.norm.weight": ((h,), "bf16"),
+            "lm_head.weight": ((v, h), "bf16")}
+
+
+def fp8_tensors(shapes: dict, device: str, block: tuple[int, int], generator: torch.Generator) -> dict:
+    """Seeded random tensors of `shapes`, made on `device`; "fp8" ones quantized there in `block`s
+    (absmax / 448 per block, as the release's quantizer), with their `weight_scale_inv`."""
+    from layerwise.quant import quantize_weight
+
+    out = {}
+    for name, (shape, kind) in shapes.items():
+        if "e_score_correction_bias" in name:
+            value = torch.randn(shape, device=device, generator=generator) * 0.05
+        elif len(shape) == 1:
+            value = 1.0 + 0.1 * torch.randn(shape, device=device, generator=generator)
+        elif "embed_tokens" in name:
+            value = torch.randn(shape, device=device, generator=generator, dtype=torch.bfloat16)
+        elif name.endswith("gate.weight"):
+            value = torch.randn(shape, device=device, generator=generator) * (3.0 / math.sqrt(shape[-1]))
+        else:
+            value = torch.randn(shape, device=device, generator=generator, dtype=torch.bfloat16) / math.sqrt(shape[-1])
+        if kind == "fp8":
+            q, scale = quantize_weight(value, block)
+            out[name], out[name.removesuffix(".weight") + ".weight_scale_inv"] = q, scale
+        else:
+            out[name] = value.to(torch.float32 if kind == "fp32" else torch.bfloat16)
+        del value
+    return out
+
+
+def write_fp8_checkpoint(config, directory: Path, device: str, block=(128, 128), seed: int = 0) -> int:
+    """A MiniMax-M2 block-FP8 checkpoint in the release's layout (config.json with its
+    quantization_config, one shard per layer plus one for the rest, the index), generated layer by
+    layer on `device`. Returns its bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = [("shared", shared_shapes(config))] + [(f"layer{k:03d}", minimax_layer_shapes(config, k))
+                                                  for k in range(config.num_hidden_layers)]
+    weight_map, total = {}, 0
+    for number, (label, shapes) in enumerate(parts):
+        tensors = fp8_tensors(shapes, device, block, generator)
+        shard = f"model-{number + 1:05d}-of-{len(parts):05d}.safetensors"
+        save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(directory / shard),
+                  metadata={"format": "pt"})
+        for n, t in tensors.items():
+            weight_map[n] = shard
+            total += t.numel() * t.element_size()
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    raw = {k: v for k, v in zoo.MINIMAX_M2_CONFIG.items()}
+    raw.update(num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+               intermediate_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
+               num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, rotary_dim=config.rotary_dim,
+               num_local_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok,
+               vocab_size=config.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+               quantization_config={**zoo.MINIMAX_M2_FP8, "weight_block_size": list(block)})
+    (directory / "config.json").write_text(json.dumps(raw, indent=1))
+    return total

@@ -113,11 +113,11 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
                   options: ExtractOptions = ExtractOptions(), progress=None,
                   load: LoadOptions = LoadOptions()) -> ExtractResult:
     """Run `items` through an already loaded model and write every captured tensor to `out`."""
-    model, anatomy, config = loaded.model, loaded.anatomy, loaded.model.config
+    model, anatomy, config = loaded.model, loaded.anatomy, loaded.config or loaded.model.config
     points, layers, prompts, batches = prepare(loaded.tokenizer, config, anatomy, items, options)
     targets = capture.plan_targets(anatomy, points, layers)
     groups = capture.groups_of(targets)
-    settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(config, "_attn_implementation", None),
+    settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(model.config, "_attn_implementation", None),
                 "device_map": load.device_map, "quant": loaded.quant_mode}
     intent = run_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options, settings)
     writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,

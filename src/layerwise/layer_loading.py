@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fp8, models, quant
+from . import checkpoint, fp8, models, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
 from .weights import CheckpointStore, MemoryStore
@@ -213,7 +213,10 @@ class LayerSource:
         config = one_layer_config(self.config, index)
         tensors = weights.tensors
         if self.scheme is not None:
-            tensors = fp8.dequantize_tensors(tensors, self.scheme, self.dtype)
+            try:
+                tensors = fp8.dequantize_tensors(tensors, self.scheme, self.dtype)
+            except UserError as err:  # name the tensor as the checkpoint does, not as renamed to layer 0
+                raise UserError(str(err).replace(self._checkpoint_prefix(0), self._checkpoint_prefix(index))) from None
         kwargs = dict(config=config, state_dict=tensors, dtype=self.dtype,
                       device_map={"": str(self.device)}, output_loading_info=True)
         if self.options.attn_implementation:
@@ -329,6 +332,8 @@ def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: Memory
     if ref.kind == "gguf" and store is None:
         source_store = None
     else:
+        if store is None:
+            checkpoint.require_complete(ref.path, mc.quant)  # headers only: a broken file fails here, in one line
         source_store = store if store is not None else CheckpointStore(ref.path)
     meta = meta_model(copy.deepcopy(mc.config), dtype)  # building sets dtype etc. on the config it gets
     anatomy = find_anatomy(meta)

@@ -52,6 +52,7 @@ class LoadedModel:
     tokenizer: object = None
     notes: list[str] = field(default_factory=list)
     quant_mode: str | None = None  # how an FP8 checkpoint runs: "dequantize" or "fp8"
+    config: object = None  # the checkpoint's config, fixes applied (model.config may lack its quantization_config)
 
     @property
     def input_device(self) -> torch.device:
@@ -141,7 +142,7 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     anatomy = find_anatomy(model)
     tokenizer = load_tokenizer(ref) if with_tokenizer else None
     log.info("loaded %s in %.1f s", spec, seconds)
-    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes, mode)
+    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes, mode, mc.config)
 
 
 def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, progress: bool):

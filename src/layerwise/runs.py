@@ -175,6 +175,10 @@ def config_sha256(config) -> str:
     for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
                      "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
         data.pop(volatile, None)
+    quant = data.get("quantization_config")
+    if isinstance(quant, dict):  # what the checkpoint stores, not how a loader was told to run it
+        data["quantization_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in quant.items()
+                                       if k in ("quant_method", "activation_scheme", "weight_block_size")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
