@@ -55,7 +55,7 @@ def test_builtin_is_written_in_the_release_layout(fp8_dir):
 
 def test_dequantized_load_is_transformers_own_fp8_path(fp8_dir):
     """Every weight bit-identical to transformers' FineGrainedFP8Config(dequantize=True) load, and
-    the router exactly the checkpoint's float32 (transformers alone rounds it to bf16)."""
+    the router exactly the checkpoint's float32 (transformers 5.2x alone rounds it to bf16)."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     ours = loading.load_model(FP8, loading.LoadOptions(dtype="bf16", device_map="cpu")).model
@@ -67,7 +67,9 @@ def test_dequantized_load_is_transformers_own_fp8_path(fp8_dir):
     for name in mine:
         if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
             assert mine[name].dtype == torch.float32
-            assert other[name].dtype == torch.bfloat16  # the transformers bug layerwise avoids
+            # transformers 5.2x rounds them to bf16 on this path (5.17 keeps them): never layerwise
+            if other[name].dtype == torch.float32:
+                assert torch.equal(mine[name], other[name]), name
             if name.startswith("model.layers.0."):
                 ckpt = name.replace("mlp.gate", "block_sparse_moe.gate").replace("mlp.e_score", "block_sparse_moe.e_score")
                 assert torch.equal(mine[name], raw[ckpt])
