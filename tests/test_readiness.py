@@ -35,9 +35,9 @@ def test_rope_bug_reported_for_old_transformers(monkeypatch):
 
     config = models.load_config(models.resolve_model("builtin:minimax-m2")).config
     monkeypatch.setattr(readiness.models, "transformers_version", lambda: (5, 17))
-    assert by_name_list(readiness.check_known_bugs(config))["rope-bug"].status == "WARN"
+    assert by_name_list(readiness.check_known_bugs(config, "bf16"))["rope-bug"].status == "WARN"
     monkeypatch.setattr(readiness.models, "transformers_version", lambda: (5, 18))
-    assert by_name_list(readiness.check_known_bugs(config))["rope-bug"].status == "PASS"
+    assert by_name_list(readiness.check_known_bugs(config, "bf16"))["rope-bug"].status == "PASS"
 
 
 def by_name_list(checks):

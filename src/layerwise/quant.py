@@ -31,6 +31,7 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 AMAX_EPS = 1e-10  # vLLM/SGLang clamp a group's absmax to this before dividing (an all-zero group)
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")  # per-block (DeepSeek/MiniMax) or per-tensor; both multiply
 QUANT_MODES = ("dequantize", "fp8")
+SCALED_MM_ROWS = 16  # block-scaled scaled_mm takes activations in whole groups of this many rows (padded)
 
 
 @dataclass(frozen=True)
@@ -223,9 +224,15 @@ def scaled_mm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_s
     1x128 groups; the weight's [N/128, K/128] scales passed transposed, [K/128, N/128] with strides
     (1, K/128), in 128x128 blocks."""
     scaling = F.ScalingType
+    m = xq.shape[0]
+    pad = -m % SCALED_MM_ROWS
+    if pad:  # cuBLAS finds no algorithm for other row counts: zero rows (scale eps/448) cost nothing
+        xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+        x_scale = torch.cat([x_scale, x_scale.new_full((pad, x_scale.shape[1]), AMAX_EPS / FP8_MAX)])
     a_scale = x_scale.t().contiguous().t()
-    return F.scaled_mm(xq, wq.t(), a_scale, scaling.BlockWise1x128, w_scale.t(), scaling.BlockWise128x128,
-                       output_dtype=out_dtype)
+    out = F.scaled_mm(xq, wq.t(), a_scale, scaling.BlockWise1x128, w_scale.t(), scaling.BlockWise128x128,
+                      output_dtype=out_dtype)
+    return out[:m] if pad else out
 
 
 def fp8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int] | None,

@@ -1,7 +1,7 @@
-"""Every command as a user runs it: a fresh process on a GPU machine (CUDA not yet initialised),
-exit code as documented, never a traceback."""
+"""Every command that touches the GPU, as a user runs it: a fresh process on a GPU machine (CUDA
+not yet initialised), exit code as documented, never a traceback. (The same commands' bad-input
+paths are tested on the CPU; each fresh process costs seconds of start-up here.)"""
 
-import json
 import os
 import subprocess
 import sys
@@ -36,27 +36,11 @@ def test_every_command_in_a_fresh_process(tmp_path):
     assert "peak device memory" in out
     lw("compare", tmp_path / "ref", tmp_path / "stream", "--max-rel-l2", "0")
     lw("test", TINY, "--reference", tmp_path / "ref", "--layer", "all", "--out", tmp_path / "t1", "--max-rel-l2", "0")
-    lw("test", TINY, "--reference", tmp_path / "ref", "--test-type", "multi", "--layers", "1-3", "--out", tmp_path / "t2",
-       "--max-rel-l2", "0")
-    lw("test", TINY, "--reference", tmp_path / "ref", "--test-type", "full", "--out", tmp_path / "t3",
-       "--device-map", "cuda:0", "--max-rel-l2", "0")
     lw("test", TINY, "--reference", tmp_path / "ref", "--test-type", "full", "--stream", "--out", tmp_path / "t4",
        "--max-rel-l2", "0")
-    lw("test", TINY, "--test-type", "extract-all", "--prompts", prompts, "--out", tmp_path / "t5", "--stream")
-    src = tmp_path / "engine" / "0"
-    src.mkdir(parents=True)
-    manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
-    ids = manifest["prompts"][0]["token_ids"]
-    torch.save(torch.tensor(ids), src / "tokens.pt")
-    from layerwise import open_run
-
-    torch.save(open_run(tmp_path / "ref").tensor("model.layers.0:output", 0), src / "model.layers.0.output.pt")
-    lw("import", tmp_path / "engine", "--out", tmp_path / "imported")
     # FP8: the reference dequantized, the candidate in W8A8 (scaled_mm cannot take the tiny 16x16 blocks: emulation)
     lw("check", FP8)
     lw("extract", FP8, "--out", tmp_path / "fp8ref", "--prompts", prompts, "--points", "residual,router", "--stream")
-    lw("extract", FP8, "--out", tmp_path / "fp8whole", "--prompts", prompts, "--points", "residual,router",
-       "--quant", "fp8", "--device-map", "cuda:0")
     # 0 or 1 are both right for the FP8 candidate (its error against the bf16 tolerances); 2 or a crash are not
     out = lw("test", FP8, "--reference", tmp_path / "fp8ref", "--layer", "all", "--quant", "fp8", "--out", tmp_path / "t6",
              codes=(0, 1))
