@@ -18,6 +18,7 @@ Capture pushes tensors to a sink (`RunWriter.put`) and never opens a file itself
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -154,10 +155,10 @@ class PinnedPool:
     """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
     is spent (that wait is the backpressure that keeps host memory bounded).
 
-    A file is written only once all its tensors are captured, so buffers of the group being
-    captured now cannot come back before the group's next tensor is taken: waiting for them
-    would deadlock. `take` therefore waits only while buffers of *other* groups are out (they
-    will come back without more hooks); otherwise it overdraws the budget for this group.
+    A file is written only once all its tensors have arrived, so buffers held by files still
+    waiting for a tensor cannot come back before more copies are issued: waiting for them would
+    deadlock. `take` therefore waits only while more is out than those files hold (`blocked`
+    bytes, kept up to date by the collector); otherwise it overdraws the budget.
     """
 
     def __init__(self, budget_bytes: int, pin: bool = True):
@@ -166,13 +167,17 @@ class PinnedPool:
         self.used = 0  # bytes handed out
         self.held = 0  # bytes allocated (handed out + free lists)
         self.peak = 0
+        self.blocked = 0  # bytes handed out that wait in files missing a tensor
         self._free: dict[int, list[torch.Tensor]] = {}
         self._cond = threading.Condition()
         self._closed = False
 
-    def take(self, nbytes: int, open_group_bytes: int = 0) -> torch.Tensor:
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
+        are reused across prompt lengths: allocating pinned memory is slow and synchronising)."""
+        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
         with self._cond:
-            while self.used + nbytes > self.budget and self.used > open_group_bytes:
+            while self.used + nbytes > self.budget and self.used > self.blocked:
                 if self._closed:
                     raise RuntimeError("capture aborted")
                 self._cond.wait()
@@ -194,6 +199,11 @@ class PinnedPool:
                 return True
         return False
 
+    def set_blocked(self, nbytes: int) -> None:
+        with self._cond:
+            self.blocked = nbytes
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Wake and fail every waiting `take` (the capture is being aborted)."""
         with self._cond:
@@ -207,168 +217,209 @@ class PinnedPool:
             self._cond.notify_all()
 
 
-class _Shared:
-    """A host copy shared by the prompt slices cut from it; recycled when the last is written."""
+class _Buffer:
+    """A pinned host copy and who still needs it: one reference per file being written from it,
+    plus one while records of its flush still wait for their file's other tensors."""
 
-    def __init__(self, buffer, pool, count):
-        self.buffer, self.pool, self.count = buffer, pool, count
+    def __init__(self, buffer: torch.Tensor, pool: PinnedPool, records: int):
+        self.buffer, self.pool = buffer, pool
+        self.refs, self.records_left = 1, records
         self.lock = threading.Lock()
 
-    def release(self):
+    def acquire(self, n: int) -> None:
         with self.lock:
-            self.count -= 1
-            last = self.count == 0
-        if last and self.pool is not None:
+            self.refs += n
+
+    def release(self) -> None:
+        with self.lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last:
             self.pool.give(self.buffer)
+
+    def record_done(self) -> None:
+        with self.lock:
+            self.records_left -= 1
+            last = self.records_left == 0
+        if last:
+            self.release()
+
+
+@dataclass
+class _Flush:
+    """What one flush hands the completion thread: host copies of the tensors held so far."""
+
+    batch: object
+    records: list  # (group, name, host tensor, key) in capture order; key: the shared copy, None if absent
+    buffers: dict  # key -> pinned buffer (None on the CPU: the host tensor is the captured one)
+    done: list  # CUDA events, one per device, recorded after that device's copies
+    keep: list  # the device tensors, alive until their copies are done
 
 
 class Collector:
     """The sink behind the hooks: host copies, per-prompt slicing, whole files to the writer.
 
-    Three stages, each on its own thread, joined by queues:
-    - the hook (forward thread) records a CUDA event after the tensor's producer and queues the
-      tensor: a few microseconds, no copy is issued on the forward thread;
-    - the copier waits for that event on a per-device copy stream (on the GPU, not the host) and
-      issues the device-to-host copies into pinned buffers;
-    - the completion thread waits for each copy, cuts batches into prompts and hands whole files
-      to `writer.put(prompt, group, {name: tensor}, on_written)`.
-    The hook queue is bounded: when the copier is held back (pinned budget spent, disk slow), the
-    hooks wait, so neither GPU memory (tensors kept for copying) nor host memory grows unbounded.
+    The forward pass is bound by kernel launches for short prompts, and every microsecond of
+    Python another thread runs while it launches is taken from it (the GIL). So:
+    - a hook (forward thread) only keeps a reference to what it sees: no copy, no event, no
+      lock, no wake-up. transformers' own output_hidden_states relies on the same fact: a
+      module's output is never modified in place afterwards. The same tensor seen twice (layer
+      K's output is layer K+1's input) is kept once.
+    - `end_batch()` (forward thread, once the forward pass is launched; `start_batch` and
+      `close` call it) records one event per device on the compute stream and issues every
+      device-to-host copy of the batch on that device's copy stream, ordered after the event,
+      into pinned buffers; then wakes the completion thread once. When the references held on
+      a device pass `device_budget_bytes`, a hook flushes them the same way (GPU memory stays
+      bounded for long prompts and large batches).
+    - the completion thread waits for a flush's copies (GIL released), cuts the batch into
+      prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
+    Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
+    writer queue fills, buffers stop coming back and the next flush waits (backpressure).
+    On the CPU the captured tensors themselves are written (no copy).
     """
 
-    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30, hook_queue: int = 16):
+    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30,
+                 device_budget_bytes: int = 2 * 2**30, copy_host_tensors: bool = False):
         self.writer = writer
         self.groups = groups_of(targets)
         self._padded = {t.names[0] for t in targets if t.when == "input"}  # decoder-layer inputs
-        self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
+        gpu = torch.cuda.is_available()
+        # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
+        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
+        self._copy_host = copy_host_tensors
+        self.device_budget = device_budget_bytes
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._to_copy: queue.Queue = queue.Queue(maxsize=hook_queue)
-        self._pending: queue.Queue = queue.Queue()
-        self._open_group: str | None = None  # the group the copier is filling now
-        self._open_bytes = 0
+        self._batch = None
+        self._held: list = []  # (group, name, tensor or None) in capture order
+        self._held_bytes: dict[torch.device, int] = {}
+        self._pending: queue.Queue = queue.Queue(maxsize=64)
         self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._copier, name="layerwise-copy", daemon=True),
-                         threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
+        self._thread.start()
 
     # -- called on the forward-pass thread ---------------------------------------------------
 
     def start_batch(self, batch) -> None:
+        self.end_batch()
         if self._error is not None:
             raise self._error
-        self._to_copy.put(("batch", batch))
+        self._batch = batch
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        """Queue one hook's tensors for copying; returns without waiting for the GPU."""
-        present = [(name, t.detach()) for name, t in zip(target.names, tensors) if t is not None]
-        missing = [name for name, t in zip(target.names, tensors) if t is None]  # e.g. a logits-only router
-        if present and present[0][1].device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(present[0][1].device))
-        else:  # CPU tensors: copy now, the next op may reuse their memory
-            present, ready = [(name, t.clone()) for name, t in present], None
-        self._to_copy.put((target.group, present, missing, ready))
+        """Keep one hook's tensors until the batch is flushed; returns at once."""
+        for name, t in zip(target.names, tensors):
+            self._held.append((target.group, name, t))
+            if t is not None:
+                size = t.numel() * t.element_size()
+                total = self._held_bytes.get(t.device, 0) + size
+                self._held_bytes[t.device] = total
+                if (t.device.type == "cuda" or self._copy_host) and total > self.device_budget:
+                    self.end_batch(keep_batch=True)
 
-    # -- the copier thread -----------------------------------------------------------------------
+    def end_batch(self, keep_batch: bool = False) -> None:
+        """Issue the host copies of everything held and hand them to the completion thread."""
+        if not self._held:
+            if not keep_batch:
+                self._batch = None
+            return
+        held, self._held, self._held_bytes = self._held, [], {}
+        records, buffers, done, keep = self._copy(held)
+        self._pending.put(_Flush(self._batch, records, buffers, done, keep))
+        if not keep_batch:
+            self._batch = None
 
-    def _copier(self) -> None:
-        while True:
-            item = self._to_copy.get()
-            try:
-                if item is None:
-                    self._pending.put(None)
-                    return
-                if self._error is not None:
-                    continue
-                if item[0] in ("batch", "flush"):
-                    self._open_group, self._open_bytes = None, 0
-                    self._pending.put(item)
-                    continue
-                group, present, missing, ready = item
-                if ready is None:
-                    self._pending.put((group, [(name, t, None) for name, t in present], missing, None))
-                    continue
-                if group != self._open_group:
-                    self._open_group, self._open_bytes = group, 0
-                hosts, buffers, event = self._copy([t for _, t in present], ready)
-                items = [(name, host, buffer) for (name, _), host, buffer in zip(present, hosts, buffers)]
-                self._pending.put((group, items, missing, event))
-            except BaseException as err:
-                self._error = self._error or err
-
-    def _copy(self, tensors: list[torch.Tensor], ready):
-        """Host copies of `tensors` (one device), ordered after `ready` on the device's copy stream."""
-        device = tensors[0].device
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
-        stream.wait_event(ready)
-        hosts, buffers = [], []
-        with torch.cuda.stream(stream):
-            for tensor in tensors:
-                if not tensor.is_contiguous():
-                    tensor = tensor.contiguous()
-                nbytes = tensor.numel() * tensor.element_size()
-                buffer = self.pool.take(nbytes, self._open_bytes)
-                self._open_bytes += nbytes
-                host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
-                host.copy_(tensor, non_blocking=True)
-                tensor.record_stream(stream)  # the allocator keeps the GPU memory until the copy is done
-                hosts.append(host)
-                buffers.append(buffer)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return hosts, buffers, event
+    def _copy(self, held: list):
+        """Host copies of the held tensors, each distinct tensor once, per device after one event."""
+        seen: dict[tuple, int] = {}
+        records, buffers, keep = [], {}, []
+        by_device: dict[torch.device, list] = {}
+        for group, name, t in held:
+            if t is None:
+                records.append((group, name, None, None))
+                continue
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if key not in seen:
+                seen[key] = len(seen)
+                by_device.setdefault(t.device, []).append((seen[key], t))
+            records.append((group, name, None, seen[key]))
+        hosts: dict[int, torch.Tensor] = {}
+        done = []
+        for device, items in by_device.items():
+            if device.type != "cuda" and not self._copy_host:
+                hosts.update({k: t for k, t in items})  # the CPU tensor itself: it is never written to again
+                continue
+            stream = None
+            if device.type == "cuda":
+                stream = self._streams.get(device)
+                if stream is None:
+                    stream = self._streams[device] = torch.cuda.Stream(device=device)
+                stream.wait_stream(torch.cuda.current_stream(device))  # after everything launched so far
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for k, t in items:
+                    if not t.is_contiguous():
+                        t = t.contiguous()
+                    nbytes = t.numel() * t.element_size()
+                    buffer = self.pool.take(nbytes)
+                    host = buffer[:nbytes].view(t.dtype).view(t.shape)
+                    host.copy_(t, non_blocking=stream is not None)
+                    hosts[k], buffers[k] = host, buffer
+                    keep.append(t)
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    done.append(event)
+        records = [(g, n, hosts[k] if k is not None else None, k) for g, n, _, k in records]
+        return records, buffers, done, keep
 
     # -- the completion thread -----------------------------------------------------------------
 
     def _complete(self) -> None:
-        batch, parts = None, {}
+        parts: dict[str, dict] = {}  # group -> {name: (host tensor, _Buffer or None)} until the file is whole
         while True:
             item = self._pending.get()
             try:
                 if item is None:
                     return
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
                 if self._error is not None:
                     self._drop(item)
                     continue
-                if item[0] == "batch":
-                    batch, parts = item[1], {}
-                    continue
-                if item[0] == "flush":
-                    item[1].set()
-                    continue
-                group, items, missing, event = item
-                if event is not None:
-                    event.synchronize()  # releases the GIL while the copy engine works
-                got = parts.setdefault(group, {})
-                for name, host, buffer in items:
-                    got[name] = (host, buffer)
-                for name in missing:
-                    got[name] = None
-                if len(got) == len(self.groups[group]):
-                    self._emit(batch, group, parts.pop(group))
+                for event in item.done:
+                    event.synchronize()  # releases the GIL while the copy engines work
+                item.keep.clear()  # the device tensors may go back to the allocator now
+                self._assemble(item, parts)
             except BaseException as err:
-                self._error = err
+                self._error = self._error or err
                 self._drop(item)
-            finally:
-                self._pending.task_done()
+
+    def _assemble(self, item: _Flush, parts: dict) -> None:
+        counts: dict = {}
+        for _, _, _, key in item.records:
+            if key is not None and key in item.buffers:
+                counts[key] = counts.get(key, 0) + 1
+        owned = {k: _Buffer(b, self.pool, counts[k]) for k, b in item.buffers.items() if k in counts}
+        for group, name, host, key in item.records:
+            got = parts.setdefault(group, {})
+            got[name] = (host, owned.get(key))
+            if len(got) == len(self.groups[group]):
+                self._emit(item.batch, group, parts.pop(group))
+        if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
+            blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b in got.values() if b is not None}
+            self.pool.set_blocked(sum(blocked.values()))
 
     def _drop(self, item) -> None:
-        if item and item[0] not in ("batch", "flush") and self.pool is not None:
-            for _, _, buffer in item[1]:
-                if buffer is not None:
-                    self.pool.give(buffer)
+        if isinstance(item, _Flush) and self.pool is not None:
+            for buffer in item.buffers.values():
+                self.pool.give(buffer)
 
     def _emit(self, batch, group: str, parts: dict) -> None:
         shaped: dict[str, torch.Tensor] = {}
-        owners = {}
         rows, width = batch.input_ids.shape
-        for name, record in parts.items():
-            if record is None:
+        for name, (t, _) in parts.items():
+            if t is None:
                 continue
-            t, buffer = record
             role = name.rpartition(":")[2]
             if role in STORE_DTYPES and t.dtype != STORE_DTYPES[role]:
                 t = t.to(STORE_DTYPES[role])
@@ -376,48 +427,51 @@ class Collector:
                     and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
             shaped[name] = t
-            if buffer is not None:
-                owners[id(buffer)] = buffer
-        shared = [_Shared(b, self.pool, len(batch.prompts)) for b in owners.values()]
+        buffers = list({id(b): b for _, b in parts.values() if b is not None}.values())
+        for b in buffers:
+            b.acquire(len(batch.prompts))
+        for _, b in parts.values():
+            if b is not None:
+                b.record_done()
 
         def release():
-            for s in shared:
-                s.release()
+            for b in buffers:
+                b.release()
 
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            tensors = {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
+            tensors = {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n]
+                       for name, t in shaped.items()}
             if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
             self.writer.put(prompt.index, group, tensors, release)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer."""
+        self.end_batch(keep_batch=True)
         done = threading.Event()
-        self._to_copy.put(("flush", done))
+        self._pending.put(done)
         while not done.wait(0.5):
             if self._error is not None:
                 raise self._error
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
-        """Wait until every captured tensor reached the writer; re-raise a capture error."""
-        self._to_copy.put(None)
-        for t in self._threads:
-            t.join()
+        """Flush, wait until every captured tensor reached the writer; re-raise a capture error."""
+        self.end_batch()
+        self._pending.put(None)
+        self._thread.join()
         if self._error is not None:
             raise self._error
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("capture aborted")
+        self._held, self._held_bytes = [], {}
         if self.pool is not None:
             self.pool.close()
-        try:
-            self._to_copy.put_nowait(None)
-        except queue.Full:
-            pass
         self._pending.put(None)
-        for t in self._threads:
-            t.join(timeout=60)
+        self._thread.join(timeout=60)
 
     @property
     def pinned_peak_bytes(self) -> int:
