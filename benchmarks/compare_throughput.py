@@ -156,7 +156,7 @@ def update_benchmarks_md(path: Path, row: str, key: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of each run in GB (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the one prompt (default: %(default)s)")
@@ -164,7 +164,7 @@ def main() -> None:
                         help="width of the lm_head logits in each run, 0 for none (default: MiniMax-M2's %(default)s)")
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="layerwise-bench-"))
     load = os.getloadavg()[0]  # other work on the machine slows every CPU-bound figure
     try:
@@ -197,7 +197,8 @@ def main() -> None:
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")
     update_benchmarks_md(Path(args.out), row, key)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

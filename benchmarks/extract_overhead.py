@@ -1,26 +1,37 @@
-"""What capturing every layer costs the forward pass, side by side, in one run.
+"""What capturing every layer costs the forward pass, and what extract costs end to end, in one run.
 
 A MiniMax-M2-shaped model (real hidden/head/expert dimensions, --layers layers, seeded random
-bf16 weights, fp32 router) is built straight onto the GPUs with a balanced device map over
---gpus GPUs. For each prompt length it times, median of --reps after warm-up:
+bf16 weights, fp32 router) is built straight onto --gpus GPUs (balanced device map). For every
+batch size (--batches) and prompt length (--tokens) it times, in interleaved rounds (A B C D A B
+C D ...; --reps rounds after two warm-up rounds), the median and the spread:
 
-  plain       model(ids)                                    the baseline
-  hidden      model(ids, output_hidden_states=True)         transformers' own capture (on GPU)
-  seed_cpu    a hook doing output.detach().cpu() per layer  what the seed script did
-  lw_forward  layerwise capture hooks (residual,router), async copies into pinned buffers,
-              writer discarding: the forward-pass cost of capture
-and end to end: `layerwise extract` of --prompts prompts to disk (residual,router), against the
-floor max(plain forward time, bytes / disk write bandwidth measured in the same run).
+  plain    model(ids, attention_mask)                        the baseline
+  hidden   the same with output_hidden_states=True           transformers' own capture (stays on GPU)
+  seed     a forward hook doing output.detach().cpu()         what the seed script did
+  lw       layerwise capture (residual + router) with every   the forward-pass cost of capture
+           copy on the host, writer discarding
 
-Prints one table; with --bench-md appends it to BENCHMARKS.md. Dry run on a CPU: --tiny.
+Ratios are per round (lw_i / plain_i), reported as median (min-max). Where the time goes: for
+--profile BxT, cProfile of the forward thread (seconds per forward in layerwise code), the CPU
+seconds per forward of the capture's completion thread (from /proc), and a torch.profiler trace
+(chrome JSON, gzipped) of one plain and one captured forward with the GPU's idle share.
+
+End to end (--e2e, e.g. 16x256,16x4096): `extract` to disk (residual + router) against the
+floor max(bare forward loop, bytes / page-cache write bandwidth measured in the same run), and
+the same extract with a writer that drops everything.
+
+Prints tables; JSON and markdown to --out. Dry run on a CPU: --tiny.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gzip
 import json
 import os
 import platform
+import pstats
 import shutil
 import statistics
 import sys
@@ -32,11 +43,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
 from layerwise import capture, loading, models, placement, runs  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
+from layerwise.prompts import Prompt, make_batches  # noqa: E402
 
 
 def sync():
@@ -44,17 +57,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per variant, timed in interleaved rounds (A B C A B C ...) so that drift
-    (clocks, caches, allocator state) hits every variant alike. A variant is a callable, or a
-    (setup, call, teardown) triple for hooks that must be off while the others run."""
-    def parts(v):
-        return v if isinstance(v, tuple) else (None, v, None)
-
+def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per round of each variant, rounds interleaved (A B C A B C ...) so that drift hits
+    every variant alike. A variant is a callable or a (setup, call, teardown) triple."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + reps):
         for name, variant in variants.items():
-            setup, call, teardown = parts(variant)
+            setup, call, teardown = variant if isinstance(variant, tuple) else (None, variant, None)
             state = setup() if setup else None
             sync()
             t0 = time.perf_counter()
@@ -65,28 +74,11 @@ def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, float]:
                 teardown(state)
             if round_ >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-class NullRunWriter:
-    """RunWriter's interface, writing nothing: extract's cost without the disk."""
-
-    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16):
-        self.path, self.bytes_written = Path(path), 0
-
-    def has(self, prompt, group):
-        return False
-
-    def put(self, prompt, group, tensors, on_written=None):
-        self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
-        if on_written:
-            on_written()
-
-    def finish(self, extra=None):
-        return {"tensors": []}
-
-    def abort(self):
-        pass
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 class NullWriter:
@@ -101,219 +93,315 @@ class NullWriter:
             on_written()
 
 
-def disk_write_bandwidth(directory: Path, total_bytes: int, file_bytes: int, threads: int = 4) -> tuple[float, float]:
-    """GB/s writing `total_bytes` in files of `file_bytes` from `threads` threads: (page cache, fsync'd)."""
+class NullRunWriter(NullWriter):
+    """RunWriter's interface, writing nothing: extract's cost without the disk."""
+
+    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16):
+        super().__init__()
+        self.path = Path(path)
+
+    bytes_written = property(lambda self: self.bytes)
+
+    def has(self, prompt, group):
+        return False
+
+    def finish(self, extra=None):
+        return {"tensors": []}
+
+    def abort(self):
+        pass
+
+
+def page_cache_write_gbps(directory: Path, total_bytes: int, file_bytes: int, threads: int = 4) -> float:
+    """GB/s writing `total_bytes` in files of `file_bytes` from `threads` threads (page cache)."""
     payload = os.urandom(min(file_bytes, 64 << 20))
     count = max(1, total_bytes // file_bytes)
+    directory.mkdir(parents=True, exist_ok=True)
+    todo, lock = list(range(count)), threading.Lock()
 
-    def run(fsync: bool) -> float:
-        target = directory / ("fsync" if fsync else "cache")
-        target.mkdir(parents=True, exist_ok=True)
-        todo = list(range(count))
-        lock = threading.Lock()
+    def work():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            with open(directory / f"f{i}", "wb") as fh:
+                left = file_bytes
+                while left > 0:
+                    fh.write(payload[:min(left, len(payload))])
+                    left -= min(left, len(payload))
 
-        def work():
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop()
-                with open(target / f"f{i}", "wb") as fh:
-                    left = file_bytes
-                    while left > 0:
-                        chunk = payload[: min(left, len(payload))]
-                        fh.write(chunk)
-                        left -= len(chunk)
-                    if fsync:
-                        fh.flush()
-                        os.fsync(fh.fileno())
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(directory)
+    return count * file_bytes / seconds / 1e9
 
+
+def thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds (user + system) a thread of this process has used, from /proc."""
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+class Bench:
+    def __init__(self, model, anatomy, config, input_device):
+        self.model, self.anatomy, self.config, self.device = model, anatomy, config, input_device
+        self.layers = list(range(anatomy.num_layers))
+        self.targets = capture.plan_targets(anatomy, ("residual", "router"), tuple(self.layers))
+
+    def inputs(self, batch: int, tokens: int):
+        g = torch.Generator().manual_seed(batch * 100003 + tokens)
+        prompts = [Prompt(i, None, tuple(torch.randint(0, self.config.vocab_size, (tokens,), generator=g).tolist()))
+                   for i in range(batch)]
+        b = make_batches(prompts, batch, 0)[0]
+        return b, b.input_ids.to(self.device), b.attention_mask.to(self.device)
+
+    def variants(self, batch, ids, mask, sink):
+        model, anatomy = self.model, self.anatomy
+
+        def plain():
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        def hidden():
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+
+        store = {}
+
+        def seed_on():
+            def hook(name):
+                def run(module, inputs, output):
+                    store[name] = (output[0] if isinstance(output, tuple) else output).detach().cpu()
+                return run
+            return [model.get_submodule(anatomy.layer(i)).register_forward_hook(hook(i)) for i in self.layers]
+
+        def off(handles):
+            for h in handles:
+                h.remove()
+
+        collector = capture.Collector(sink, self.targets)
+        hooks = capture.Capture(model, self.targets, collector)
+
+        def lw_on():
+            hooks.__enter__()
+
+        def captured():
+            collector.start_batch(batch)
+            plain()
+            collector.flush()  # every copy landed on the host: inside the timed region
+
+        return {"plain": plain, "hidden": hidden, "seed": (seed_on, plain, off),
+                "lw": (lw_on, captured, lambda _: hooks.__exit__(None, None, None))}, collector, store, captured, hooks
+
+    def overhead(self, batch_size: int, tokens: int, reps: int) -> dict:
+        batch, ids, mask = self.inputs(batch_size, tokens)
+        sink = NullWriter()
+        variants, collector, store, _, _ = self.variants(batch, ids, mask, sink)
+        times = interleaved(variants, reps)
+        collector.close()
+        row = {"batch": batch_size, "tokens": tokens}
+        for name, values in times.items():
+            row[f"{name}_ms"] = spread([v * 1e3 for v in values])
+            if name != "plain":
+                row[f"{name}_x"] = spread([v / p for v, p in zip(values, times["plain"])])
+        row["lw_bytes"] = sink.bytes // (reps + 2)
+        row["seed_bytes"] = sum(v.numel() * v.element_size() for v in store.values())
+        return row
+
+    def where_time_goes(self, batch_size: int, tokens: int, out: Path, forwards: int = 20) -> dict:
+        """cProfile of the forward thread, the completion thread's CPU, a torch.profiler trace."""
+        batch, ids, mask = self.inputs(batch_size, tokens)
+        sink = NullWriter()
+        variants, collector, _, captured, hooks = self.variants(batch, ids, mask, sink)
+        plain = variants["plain"]
+        hooks.__enter__()
+        for _ in range(3):
+            captured()
+        cpu0 = thread_cpu_seconds(collector._thread.native_id)
+        profiler = cProfile.Profile()
+        sync()
         t0 = time.perf_counter()
-        pool = [threading.Thread(target=work) for _ in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        seconds = time.perf_counter() - t0
-        shutil.rmtree(target)
-        return count * file_bytes / seconds / 1e9
+        profiler.enable()
+        for _ in range(forwards):
+            captured()
+        profiler.disable()
+        wall = (time.perf_counter() - t0) / forwards
+        completion_cpu = (thread_cpu_seconds(collector._thread.native_id) - cpu0) / forwards
+        stats = pstats.Stats(profiler)
+        ours = {}
+        for (file, line, func), (_, _, tottime, cumtime, _) in stats.stats.items():
+            if "layerwise" in file and func in ("hook", "pre_hook", "take", "end_batch", "_copy", "start_batch",
+                                                 "flush", "_tensors_of"):
+                ours[f"{Path(file).name}:{func}"] = {"tottime_ms_per_forward": tottime / forwards * 1e3,
+                                                      "cumtime_ms_per_forward": cumtime / forwards * 1e3}
+        hooks.__exit__(None, None, None)
+        traces = {}
+        if torch.cuda.is_available():
+            from torch.profiler import ProfilerActivity, profile
 
-    return run(False), run(True)
+            for name, call in (("plain", plain), ("lw", captured)):
+                if name == "lw":
+                    hooks.__enter__()
+                call()
+                sync()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    call()
+                    sync()
+                if name == "lw":
+                    hooks.__exit__(None, None, None)
+                path = out / f"trace_{name}_b{batch_size}_t{tokens}.json"
+                prof.export_chrome_trace(str(path))
+                traces[name] = gpu_idle(json.loads(path.read_text()))
+                with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                path.unlink()
+        collector.close()
+        return {"batch": batch_size, "tokens": tokens, "forward_wall_ms": wall * 1e3, "layerwise_functions": ours,
+                "completion_thread_cpu_ms_per_forward": completion_cpu * 1e3, "gpu_timeline": traces}
+
+    def end_to_end(self, loaded, prompts: int, tokens: int, work: Path) -> dict:
+        g = torch.Generator().manual_seed(prompts * 7 + tokens)
+        items = [torch.randint(0, self.config.vocab_size, (tokens,), generator=g).tolist() for _ in range(prompts)]
+        options = ExtractOptions(points="residual,router", batch_size=prompts, overwrite=True)
+        batch = make_batches([Prompt(i, None, tuple(x)) for i, x in enumerate(items)], prompts, 0)[0]
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+
+        def loop():
+            with torch.inference_mode():
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        loop()
+        sync()
+        t0 = time.perf_counter()
+        loop()
+        sync()
+        loop_s = time.perf_counter() - t0
+        import importlib
+
+        extract_module = importlib.import_module("layerwise.extract")  # the module, not the function
+        real = extract_module.runs.RunWriter
+        extract_module.runs.RunWriter = NullRunWriter
+        try:
+            null = extract_model(loaded, work / "null", items, options)
+        finally:
+            extract_module.runs.RunWriter = real
+        e2e = extract_model(loaded, work / "run", items, options)
+        per_file = max(1, e2e.bytes // max(1, prompts * len(self.layers)))
+        cache_gbps = page_cache_write_gbps(work / "disk", e2e.bytes, per_file)
+        shutil.rmtree(work / "run", ignore_errors=True)
+        floor = max(loop_s, e2e.bytes / (cache_gbps * 1e9))
+        return {"prompts": prompts, "tokens": tokens, "bytes": e2e.bytes, "seconds": e2e.seconds,
+                "forward_loop_s": loop_s, "null_writer_s": null.seconds, "page_cache_gbps": cache_gbps,
+                "floor_s": floor, "ratio": e2e.seconds / floor, "peak_rss_gb": e2e.peak_rss_bytes / 1e9,
+                "pinned_peak_gb": e2e.pinned_peak_bytes / 1e9}
 
 
-def main() -> None:
+def gpu_idle(trace: dict) -> dict:
+    """From a chrome trace: the span of GPU kernels and the share of it no kernel ran."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace.get("traceEvents", [])
+                   if e.get("cat") in ("kernel", "gpu_memcpy") and "ts" in e)
+    if not spans:
+        return {}
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    total = spans[-1][1] - spans[0][0] if spans else 0
+    total = max(end - spans[0][0], total)
+    return {"kernels": len(spans), "span_ms": total / 1e3, "gpu_idle_share": 1 - busy / total if total else 0.0}
+
+
+def table(rows: list[dict], card: str, gpus: int) -> str:
+    lines = [f"capture overhead, {card} x{gpus}: median (min-max) of paired rounds",
+             "batch  tokens   plain ms   output_hidden_states   seed .cpu() hook      layerwise (residual+router)"]
+    for r in rows:
+        def x(name):
+            s = r[f"{name}_x"]
+            return f"{s['median']:.3f}x ({s['min']:.3f}-{s['max']:.3f})"
+        lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r['plain_ms']['median']:>9.2f}   {x('hidden'):>20}  "
+                     f"{x('seed'):>20}  {x('lw'):>26}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--tokens", default="1024,4096")
-    ap.add_argument("--prompts", type=int, default=8, help="prompts in the end-to-end extract")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--tokens", default="128,256,512,1024,2048,4096")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--max-batch-tokens", type=int, default=65536, help="skip batch x tokens above this")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--profile", default="1x512", help="BxT for the where-the-time-goes part ('' to skip)")
+    ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--work", default=None, help="where the end-to-end run is written (default: a temp dir)")
+    ap.add_argument("--work", default=None, help="where end-to-end runs are written (default: a temp dir)")
     ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
-    ap.add_argument("--bench-md", default=None, help="append the table to this BENCHMARKS.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-
     config = minimax_config(args.layers, tiny=args.tiny)
     dtype = torch.bfloat16
     meta = placement.meta_model(config, dtype)
-    if torch.cuda.is_available():
-        gpus = [torch.cuda.mem_get_info(i)[0] for i in range(min(args.gpus, torch.cuda.device_count()))]
-        plan = placement.plan_placement(meta, gpus, "balanced", cpu_bytes=0, tokens=max(map(int, args.tokens.split(","))),
-                                        dtype=dtype)
-        device_map = plan.device_map
-        card = torch.cuda.get_device_name(0)
+    if torch.cuda.is_available() and not args.tiny:
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(min(args.gpus, torch.cuda.device_count()))]
+        plan = placement.plan_placement(meta, free, "balanced", cpu_bytes=0, tokens=args.max_batch_tokens, dtype=dtype)
+        device_map, card = plan.device_map, torch.cuda.get_device_name(0)
     else:
         plan = placement.plan_placement(meta, [], {"": "cpu"}, cpu_bytes=10**12, dtype=dtype)
-        device_map = {"": "cpu"}
-        card = platform.processor() or "cpu"
+        device_map, card = {"": "cpu"}, platform.processor() or "cpu"
     t0 = time.perf_counter()
     model = build_on_devices(config, device_map, dtype)
     build_s = time.perf_counter() - t0
     anatomy = find_anatomy(model)
-    input_device = loading.input_device(model, anatomy)
-    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    device = loading.input_device(model, anatomy)
     devices = sorted({str(p.device) for p in model.parameters()})
-    log = {"card": card, "gpus": len(devices), "devices": devices, "layers": args.layers, "weights_gb": weights_gb,
-           "build_s": build_s, "versions": runs.library_versions(),
-           "experts_implementation": getattr(config, "_experts_implementation", None),
-           "placement": {k: str(v) for k, v in device_map.items()}, "rows": []}
-    print(f"model: {args.layers} layers, {weights_gb:.1f} GB bf16 on {devices}; built in {build_s:.1f} s; card {card}",
-          flush=True)
-
-    layers_list = list(range(anatomy.num_layers))
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    print(f"model: {args.layers} layers, {weights_gb:.1f} GB bf16 on {devices}; card {card}", flush=True)
+    bench = Bench(model, anatomy, config, device)
     rows = []
-    for tokens in map(int, args.tokens.split(",")):
-        ids = torch.randint(0, config.vocab_size, (1, tokens), device=input_device)
-
-        def plain():
-            with torch.inference_mode():
-                model(input_ids=ids, use_cache=False)
-
-        def hidden():
-            with torch.inference_mode():
-                model(input_ids=ids, use_cache=False, output_hidden_states=True)
-
-        seed_store = {}
-
-        def seed_hook(name):
-            def hook(module, inputs, output):
-                hs = output[0] if isinstance(output, tuple) else output
-                seed_store[name] = hs.detach().cpu()
-            return hook
-
-        def seed_on():
-            return [model.get_submodule(anatomy.layer(i)).register_forward_hook(seed_hook(i)) for i in layers_list]
-
-        def hooks_off(handles):
-            for h in handles:
-                h.remove()
-
-        from layerwise.prompts import Prompt, make_batches
-
-        targets = capture.plan_targets(anatomy, ("residual", "router"), tuple(layers_list))
-        sink = NullWriter()
-        collector = capture.Collector(sink, targets)
-        batch = make_batches([Prompt(0, None, tuple(ids[0].tolist()))], 1, 0)[0]
-        hooks = capture.Capture(model, targets, collector)
-
-        def lw_on():
-            hooks.__enter__()
-            collector.start_batch(batch)
-
-        def lw_off(_):
-            hooks.__exit__(None, None, None)
-
-        def captured():
-            plain()
-            collector.flush()  # every copy landed on the host: inside the timed region
-
-        t = interleaved({"plain": plain, "hidden": hidden, "seed": (seed_on, plain, hooks_off),
-                         "lw": (lw_on, captured, lw_off), "plain_again": plain}, args.reps)
-        collector.close()
-        seed_bytes = sum(v.numel() * v.element_size() for v in seed_store.values())
-        lw_bytes = sink.bytes // (args.reps + 2)
-        row = {"tokens": tokens, "plain_ms": t["plain"] * 1e3, "plain_again_ms": t["plain_again"] * 1e3,
-               "hidden_ms": t["hidden"] * 1e3, "seed_cpu_ms": t["seed"] * 1e3, "lw_forward_ms": t["lw"] * 1e3,
-               "seed_bytes": seed_bytes, "lw_bytes": lw_bytes}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    # End to end: extract --prompts prompts of the longest length to disk, residual + router.
-    tokens = max(map(int, args.tokens.split(",")))
-    work = Path(args.work or tempfile.mkdtemp(prefix="lw-bench-"))
-    items = [torch.randint(0, config.vocab_size, (tokens,)).tolist() for _ in range(args.prompts)]
+    for b in map(int, args.batches.split(",")):
+        for t in map(int, args.tokens.split(",")):
+            if b * t <= args.max_batch_tokens:
+                rows.append(bench.overhead(b, t, args.reps))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k.endswith("_x") or k in ("batch", "tokens")}),
+                      flush=True)
+    profile = None
+    if args.profile:
+        b, t = map(int, args.profile.split("x"))
+        profile = bench.where_time_goes(b, t, out)
+        print(json.dumps(profile), flush=True)
     loaded = loading.LoadedModel(model, models.ModelRef("synthetic:minimax-m2", "checkpoint", None), [], plan,
                                  anatomy, build_s)
-    e2e_options = ExtractOptions(points="residual,router", batch_size=1, overwrite=True)
-    # where the end-to-end time goes: the bare forward loop extract runs (with its attention masks),
-    # then extract with a writer that drops everything, then the real extract to disk
-    ids_list = [torch.tensor([x], device=input_device) for x in items]
-    mask = torch.ones_like(ids_list[0])
-
-    def forward_loop():
-        with torch.inference_mode():
-            for ids in ids_list:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-    forward_loop()
-    sync()
-    t0 = time.perf_counter()
-    forward_loop()
-    sync()
-    loop_s = time.perf_counter() - t0
-    import layerwise.extract as extract_module
-
-    real_writer = extract_module.runs.RunWriter
-    extract_module.runs.RunWriter = NullRunWriter
-    try:
-        null_e2e = extract_model(loaded, work / "null", items, e2e_options)
-    finally:
-        extract_module.runs.RunWriter = real_writer
-    e2e = extract_model(loaded, work / "run", items, e2e_options)
-    per_file = max(1, e2e.bytes // max(1, args.prompts * args.layers))
-    cache_bw, fsync_bw = disk_write_bandwidth(work / "disk", e2e.bytes, per_file)
-    shutil.rmtree(work / "run", ignore_errors=True)
-    floor_cache = max(loop_s, e2e.bytes / (cache_bw * 1e9))
-    floor_fsync = max(loop_s, e2e.bytes / (fsync_bw * 1e9))
-    end = {"prompts": args.prompts, "tokens": tokens, "bytes": e2e.bytes, "seconds": e2e.seconds,
-           "forward_loop_s": loop_s, "null_writer_s": null_e2e.seconds, "null_writer_forward_s": null_e2e.forward_seconds,
-           "forward_seconds": e2e.forward_seconds, "gb_per_s": e2e.gb_per_s, "disk_cache_gb_s": cache_bw,
-           "disk_fsync_gb_s": fsync_bw, "floor_cache_s": floor_cache, "floor_fsync_s": floor_fsync,
-           "ratio_vs_cache_floor": e2e.seconds / floor_cache, "ratio_vs_fsync_floor": e2e.seconds / floor_fsync,
-           "peak_rss_gb": e2e.peak_rss_bytes / 1e9, "pinned_peak_gb": e2e.pinned_peak_bytes / 1e9}
-    print(json.dumps(end), flush=True)
-    log["rows"], log["end_to_end"] = rows, end
-    (out / "extract_overhead.json").write_text(json.dumps(log, indent=1))
-
-    v = log["versions"]
-    lines = [f"### extract overhead: {card} x{len(devices)}, MiniMax-M2 dims, {args.layers} layers "
-             f"({weights_gb:.1f} GB bf16), torch {v['torch']}, transformers {v['transformers']}",
-             "", "| tokens | plain ms | plain again ms | output_hidden_states | seed .cpu() hook | layerwise capture "
-             "(residual+router) | bytes seed / layerwise |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        p = r["plain_ms"]
-        lines.append(f"| {r['tokens']} | {p:.1f} | {r['plain_again_ms']:.1f} | {r['hidden_ms']:.1f} ({r['hidden_ms'] / p:.3f}x) "
-                     f"| {r['seed_cpu_ms']:.1f} ({r['seed_cpu_ms'] / p:.2f}x) | {r['lw_forward_ms']:.1f} "
-                     f"({r['lw_forward_ms'] / p:.3f}x) | {r['seed_bytes'] / 1e6:.0f} MB / {r['lw_bytes'] / 1e6:.0f} MB |")
-    lines += ["", f"Where end-to-end time goes ({args.prompts} x {tokens} tokens): bare forward loop {loop_s:.2f} s, "
-              f"extract with a writer that drops everything {null_e2e.seconds:.2f} s, to disk {e2e.seconds:.2f} s."]
-    lines += ["", f"End to end, `extract` of {args.prompts} x {tokens} tokens (residual+router) to local disk: "
-              f"{end['bytes'] / 1e9:.2f} GB in {end['seconds']:.2f} s ({end['gb_per_s']:.2f} GB/s); disk write "
-              f"measured in the same run {cache_bw:.2f} GB/s to page cache, {fsync_bw:.2f} GB/s fsync'd; "
-              f"floor max(forward loop {loop_s:.2f} s, bytes/disk) = {floor_cache:.2f} s (cache) / "
-              f"{floor_fsync:.2f} s (fsync): ratio {end['ratio_vs_cache_floor']:.2f}x / {end['ratio_vs_fsync_floor']:.2f}x; "
-              f"peak host RSS {end['peak_rss_gb']:.1f} GB, pinned {end['pinned_peak_gb']:.1f} GB.", ""]
-    table = "\n".join(lines)
-    print(table)
-    (out / "extract_overhead.md").write_text(table + "\n")
-    if args.bench_md:
-        with open(args.bench_md, "a") as fh:
-            fh.write("\n" + table + "\n")
+    work = Path(args.work or tempfile.mkdtemp(prefix="lw-bench-"))
+    ends = []
+    for spec in filter(None, args.e2e.split(",")):
+        p, t = map(int, spec.split("x"))
+        ends.append(bench.end_to_end(loaded, p, t, work))
+        print(json.dumps(ends[-1]), flush=True)
+    text = table(rows, card, len(devices))
+    for e in ends:
+        text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk: {e['bytes'] / 1e9:.2f} GB in "
+                 f"{e['seconds']:.2f} s; floor max(forward loop {e['forward_loop_s']:.2f} s, bytes / page cache "
+                 f"{e['page_cache_gbps']:.1f} GB/s) = {e['floor_s']:.2f} s: {e['ratio']:.2f}x; writer dropping "
+                 f"everything {e['null_writer_s']:.2f} s")
+    print(text)
+    log = {"card": card, "gpus": len(devices), "devices": devices, "layers": args.layers, "weights_gb": weights_gb,
+           "versions": runs.library_versions(), "rows": rows, "profile": profile, "end_to_end": ends}
+    name = f"extract_overhead_{len(devices)}gpu"
+    (out / f"{name}.json").write_text(json.dumps(log, indent=1))
+    (out / f"{name}.md").write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -44,7 +44,7 @@ def sh(*argv) -> str:
     return proc.stdout + proc.stderr
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=62)
     ap.add_argument("--tokens", default="1024,4096")
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/lw-full")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,7 @@ def main() -> None:
         t = interleaved({"plain": plain, "lw": (on, captured, lambda _: hooks.__exit__(None, None, None)),
                          "plain_again": plain}, args.reps)
         collector.close()
+        t = {k: statistics.median(v) for k, v in t.items()}
         row = {"tokens": tokens, "plain_ms": t["plain"] * 1e3, "plain_again_ms": t["plain_again"] * 1e3,
                "lw_ms": t["lw"] * 1e3, "ratio": t["lw"] / t["plain"]}
         overhead.append(row)
@@ -154,7 +155,8 @@ def main() -> None:
     print(text, flush=True)
     (out / "compare.txt").write_text(text)
     (out / "full_depth.json").write_text(json.dumps(log, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -52,7 +52,7 @@ def read_all(directory: Path) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=None, help="fewer experts than 256 (smaller checkpoint)")
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--bench-md", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out, ckpt, work = Path(args.out), Path(args.dir), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,8 @@ def main() -> None:
     if args.bench_md:
         with open(args.bench_md, "a") as fh:
             fh.write("\n" + table + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""The GPU benchmark scripts run end to end on the CPU (--tiny), so a GPU session is not spent on a crash."""
+"""Every script in benchmarks/ runs end to end on the CPU (--tiny or small sizes), so a refactor
+that breaks a benchmark fails here, not in a GPU session."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,35 +10,79 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def bench(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop(name, None)
+    return __import__(name)
+
+
+def test_every_script_has_a_dry_run_here():
+    scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
+    covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth"}
+    assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
+
+
 @pytest.mark.slow
 def test_single_layer_gpu_dry_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import single_layer_gpu
-
-    code = single_layer_gpu.main(["--tiny", "--tokens", "24", "--candidates", "same,eager,bf16-router,scratch",
-                                  "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    code = bench(monkeypatch, "single_layer_gpu").main(
+        ["--tiny", "--tokens", "24", "--candidates", "same,eager,bf16-router,scratch",
+         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "    24 same" in out and "exact" in out
     assert (tmp_path / "out" / "single_layer_gpu.json").is_file()
-    sys.modules.pop("single_layer_gpu", None)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("part", ["layer", "full-depth", "stream"])
 def test_fp8_dry_run(tmp_path, monkeypatch, capsys, part):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import fp8_minimax as bench
-
-    code = bench.main([part, "--tiny", "--layers", "3", "--tokens", "24", "--work", str(tmp_path / "work"),
-                       "--out", str(tmp_path / "out"), "--disk-probe-gib", "0.06"])
+    code = bench(monkeypatch, "fp8_minimax").main(
+        [part, "--tiny", "--layers", "3", "--tokens", "24", "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--disk-probe-gib", "0.06"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert (tmp_path / "out" / f"fp8_{part}.json").is_file()
-    data = __import__("json").loads((tmp_path / "out" / f"fp8_{part}.json").read_text())
+    data = json.loads((tmp_path / "out" / f"fp8_{part}.json").read_text())
     if part == "full-depth":
         assert [r["layer"] for r in data["rows"]] == [0, 1, 2]
         assert all(r["isolated"] and r["isolated"] > 1e-3 for r in data["rows"]), data["rows"]  # FP8 error, not 0
     if part == "layer":
         assert data["rows"][0]["output"] > 1e-3 and data["rows"][0]["deterministic"] is True
-    sys.modules.pop("fp8_minimax", None)
+
+
+@pytest.mark.slow
+def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "extract_overhead").main(
+        ["--tiny", "--layers", "2", "--tokens", "16,32", "--batches", "1,2", "--reps", "1", "--profile", "1x16",
+         "--e2e", "2x32", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "extract_overhead_1gpu.json").read_text())
+    assert [(r["batch"], r["tokens"]) for r in data["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    assert data["rows"][0]["lw_bytes"] > 0 and data["end_to_end"][0]["bytes"] > 0
+    assert data["profile"]["layerwise_functions"], "the profile found no layerwise function"
+
+
+@pytest.mark.slow
+def test_streaming_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "streaming").main(
+        ["--tiny", "--layers", "2", "--tokens", "24", "--prompts", "2", "--dir", str(tmp_path / "ckpt"),
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_throughput_dry_run(tmp_path, monkeypatch, capsys):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    code = bench(monkeypatch, "compare_throughput").main(
+        ["--gb", "0.01", "--tokens", "64", "--vocab", "512", "--dir", str(tmp_path / "runs"), "--out", str(md)])
+    assert code == 0, capsys.readouterr().out
+    assert "compare cold" in capsys.readouterr().out or md.read_text() != "# Benchmarks\n"
+
+
+@pytest.mark.slow
+def test_full_depth_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "full_depth").main(
+        ["--tiny", "--layers", "2", "--tokens", "16", "--prompts", "1", "--reps", "1", "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().out
