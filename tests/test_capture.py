@@ -44,7 +44,8 @@ def test_parse_layers():
 
 
 def test_targets_in_model_order():
-    from layerwise import models, placement, runs
+    from layerwise import models, placement
+    from layerwise.names import model_order_key
 
     meta = placement.meta_model(models.load_config(models.resolve_model("builtin:minimax-m2")).config, __import__("torch").bfloat16)
     anatomy = find_anatomy(meta)
@@ -52,5 +53,5 @@ def test_targets_in_model_order():
     names = [n for t in targets for n in t.names]
     assert names[:3] == ["model.embed_tokens:output", "model.layers.0:input", "model.layers.0.self_attn:output"]
     assert names[-2:] == ["model.norm:output", "lm_head:output"]
-    assert names == sorted(names, key=runs.model_order_key)
+    assert names == sorted(names, key=model_order_key)
     assert capture.groups_of(targets)["model.layers.61"][-1] == "model.layers.61:output"

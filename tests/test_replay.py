@@ -206,28 +206,6 @@ def test_reference_without_the_layer_input(tmp_path):
     replay.replay(MINIMAX, reference.path, [2, 3], chained=tmp_path / "chain")
 
 
-@pytest.mark.parametrize("text, expected", [("all", [0, 1, 2, 3]), ("0", [0]), (" 3 ", [3])])
-def test_parse_layer(text, expected):
-    assert replay.parse_layer(text, 4) == expected
-
-
-@pytest.mark.parametrize("text, expected", [("0-3", [0, 1, 2, 3]), ("2-2", [2]), ("1", [1]), (" 1 - 2 ", [1, 2])])
-def test_parse_layer_range(text, expected):
-    assert replay.parse_layer_range(text, 4) == expected
-
-
-@pytest.mark.parametrize("call, fragment", [
-    (lambda: replay.parse_layer("4", 4), "layer 4 is out of range: the model has layers 0-3"),
-    (lambda: replay.parse_layer("-1", 4), "'-1' is not a layer number: use 0-3 or all"),
-    (lambda: replay.parse_layer_range("3-1", 4), "--layers 3-1 is reversed"),
-    (lambda: replay.parse_layer_range("0-9", 4), "layer 9 is out of range"),
-    (lambda: replay.parse_layer_range("a-b", 4), "is not a range"),
-])
-def test_bad_layer_arguments(call, fragment):
-    with pytest.raises(UserError, match=fragment):
-        call()
-
-
 # Prompts of different lengths: batches of 3 pad their shorter rows, and MoE layers route the
 # padding positions too (which changes expert group sizes, and on the CPU the bits of real rows).
 UNEVEN = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t", "Paris is a city",

@@ -134,20 +134,6 @@ def test_put_blocks_when_the_queue_is_full(tmp_path):
     w.finish()
 
 
-@pytest.mark.parametrize("name, key", [
-    ("model.embed_tokens:output", (0, 0, 0)),
-    ("model.layers.3:input", (1, 3, 0)),
-    ("model.layers.3.self_attn:output", (1, 3, 2)),
-    ("model.layers.3.mlp.gate:router_logits", (1, 3, 4)),
-    ("model.layers.3.mlp:output", (1, 3, 6)),
-    ("model.layers.3:output", (1, 3, 9)),
-    ("model.norm:output", (2, 0, 0)),
-    ("lm_head:output", (3, 0, 0)),
-])
-def test_model_order_key(name, key):
-    assert runs.model_order_key(name)[:3] == key
-
-
 def test_a_moved_checkpoint_still_resumes(tmp_path):
     moved = dict(INTENT, model={**INTENT["model"], "path": "/elsewhere/m"})
     w = runs.RunWriter(tmp_path / "run", dict(INTENT, model={**INTENT["model"], "path": "/here/m"}))

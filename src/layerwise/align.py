@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import UserError
-from .capture import PAD_ROLE
-from .runs import Run, model_order_key
+from .names import PAD_ROLE, Layout, format_ranges, model_order_key
+from .runs import Run
 
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
                 "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
@@ -60,9 +60,8 @@ def _check_same_prompt(index: int, a: dict, b: dict, what: str) -> None:
 
 
 def _order_key(run: Run) -> Callable[[str], tuple]:
-    anatomy = run.manifest.get("anatomy") or {}
-    args = {k: anatomy[k] for k in ("layers_path", "embed", "norm", "head") if anatomy.get(k)}
-    return lambda name: model_order_key(name, **args)
+    layout = Layout.of(run.manifest.get("anatomy"))
+    return lambda name: model_order_key(name, layout.layers_path, layout.embed, layout.norm, layout.head)
 
 
 def _nbytes(entry) -> int:
@@ -80,16 +79,16 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
             for run, pm, label in ((ref, rp, "REF"), (cand, cp, "CAND")):
                 if p not in pm:
                     raise UserError(f"--prompts {p}: {label} ({run.path}) has no prompt {p} "
-                                    f"(it has {ranges(sorted(pm))})")
+                                    f"(it has {format_ranges(sorted(pm))})")
         prompts = tuple(prompts)
     else:
         prompts = tuple(sorted(set(rp) & set(cp)))
         for label, only in (("REF", set(rp) - set(cp)), ("CAND", set(cp) - set(rp))):
             if only:
-                skipped.append(f"prompts {ranges(sorted(only))}: only in {label}")
+                skipped.append(f"prompts {format_ranges(sorted(only))}: only in {label}")
     if not prompts:
-        raise UserError(f"REF and CAND have no prompt in common (REF: {ranges(sorted(rp))}, "
-                        f"CAND: {ranges(sorted(cp))}): compare runs made from the same prompts")
+        raise UserError(f"REF and CAND have no prompt in common (REF: {format_ranges(sorted(rp))}, "
+                        f"CAND: {format_ranges(sorted(cp))}): compare runs made from the same prompts")
     for p in prompts:
         _check_same_prompt(p, rp[p], cp[p], "CAND")
     if baseline is not None:
@@ -138,17 +137,6 @@ def _names_by_prompt(run: Run) -> dict[int, set[str]]:
     return out
 
 
-def ranges(values: list[int]) -> str:
-    out, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(out) or "none"
-
-
 def _group_names(names: list[str]) -> list[str]:
     """model.layers.0:input ... model.layers.9:input -> model.layers.{0-9}:input (one line)."""
     groups: dict[str, list[int]] = {}
@@ -161,5 +149,5 @@ def _group_names(names: list[str]) -> list[str]:
         if -1 in nums:
             out.append(key)
         else:
-            out.append(key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + ranges(sorted(nums)) + "}"))
+            out.append(key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + format_ranges(sorted(nums)) + "}"))
     return out

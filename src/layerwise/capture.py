@@ -28,23 +28,14 @@ import torch
 
 from .anatomy import Anatomy
 from .errors import UserError
-from .runs import tensor_name
+from .names import (INPUT, OUTPUT, ROUTER_ROLES, STORED_DTYPES, WHOLE_ROLES, BadSelection, pad_name,
+                    parse_indices, split_name, tensor_name)
 
 log = logging.getLogger(__name__)
 
 POINTS = ("embed", "residual", "attn", "mlp", "router", "norm", "logits")
 DEFAULT_POINTS = ("residual", "router", "logits")
-# A transformers 5 router returns (router_logits, topk_weights, topk_ids); sigmoid routers with a
-# selection bias (MiniMax-M2) get it as a forward argument, captured as `score_bias` [experts].
-ROUTER_ROLES = ("router_logits", "score_bias", "topk_weights", "topk_ids")
-STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
-_WHOLE_ROLES = ("score_bias",)  # per model, not per token: stored whole for every prompt
-PAD_ROLE = "input_padding"  # a decoder layer's input at its batch row's padding positions [width - seq, hidden]
-
-
-def pad_name(input_name: str) -> str:
-    """`model.layers.7:input` -> `model.layers.7:input_padding`."""
-    return input_name.rpartition(":")[0] + ":" + PAD_ROLE
+_STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -52,7 +43,7 @@ class Target:
     """One hook: which module, before or after it runs, which tensors it yields, into which file."""
 
     module: str
-    when: str  # "input" (forward pre-hook) | "output" (forward hook)
+    when: str  # INPUT (a forward pre-hook sees the input) | OUTPUT (a forward hook sees the output)
     names: tuple[str, ...]
     group: str
 
@@ -68,54 +59,48 @@ def parse_points(text: str | None) -> tuple[str, ...]:
 
 
 def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
-    """"0-9,20" -> (0, ..., 9, 20); None -> every layer."""
+    """`--layers "0-9,20"` -> (0, ..., 9, 20); None -> every layer."""
     if not text:
         return tuple(range(num_layers))
-    chosen: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise UserError(f"layer range {part!r} is reversed: write {hi}-{lo}")
-                chosen.update(range(lo, hi + 1))
-            else:
-                chosen.add(int(part))
-        except ValueError:
-            raise UserError(f"--layers part {part!r} is not a layer number or range (e.g. 0-9,20)") from None
-    outside = sorted(i for i in chosen if i < 0 or i >= num_layers)
+    try:
+        chosen = sorted(parse_indices(text))
+    except BadSelection as err:
+        if err.reversed_range:
+            lo, hi = err.reversed_range
+            raise UserError(f"layer range {err.part!r} is reversed: write {hi}-{lo}") from None
+        raise UserError(f"--layers part {err.part!r} is not a layer number or range (e.g. 0-9,20)") from None
+    outside = [i for i in chosen if i >= num_layers]
     if outside:
         raise UserError(f"--layers names layer {outside[0]}, but the model has layers 0-{num_layers - 1}")
-    return tuple(sorted(chosen))
+    return tuple(chosen)
 
 
 def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...]) -> list[Target]:
     """The hooks for these capture points, in model order."""
     targets = []
     if "embed" in points:
-        targets.append(Target(anatomy.embed_path, "output", (tensor_name(anatomy.embed_path, "output"),),
+        targets.append(Target(anatomy.embed_path, OUTPUT, (tensor_name(anatomy.embed_path, OUTPUT),),
                               anatomy.embed_path))
     for i in layers:
         layer = anatomy.layer(i)
         if "residual" in points:
-            targets.append(Target(layer, "input", (tensor_name(layer, "input"),), layer))
+            targets.append(Target(layer, INPUT, (tensor_name(layer, INPUT),), layer))
         if "attn" in points and anatomy.attn_name:
             attn = f"{layer}.{anatomy.attn_name}"
-            targets.append(Target(attn, "output", (tensor_name(attn, "output"),), layer))
+            targets.append(Target(attn, OUTPUT, (tensor_name(attn, OUTPUT),), layer))
         router = anatomy.router(i)
         if "router" in points and router:
-            targets.append(Target(router, "output", tuple(tensor_name(router, r) for r in ROUTER_ROLES), layer))
+            targets.append(Target(router, OUTPUT, tuple(tensor_name(router, r) for r in ROUTER_ROLES), layer))
         if "mlp" in points and anatomy.mlp_name:
             mlp = f"{layer}.{anatomy.mlp_name}"
-            targets.append(Target(mlp, "output", (tensor_name(mlp, "output"),), layer))
+            targets.append(Target(mlp, OUTPUT, (tensor_name(mlp, OUTPUT),), layer))
         if "residual" in points:
-            targets.append(Target(layer, "output", (tensor_name(layer, "output"),), layer))
+            targets.append(Target(layer, OUTPUT, (tensor_name(layer, OUTPUT),), layer))
     if "norm" in points and anatomy.norm_path:
-        targets.append(Target(anatomy.norm_path, "output", (tensor_name(anatomy.norm_path, "output"),),
+        targets.append(Target(anatomy.norm_path, OUTPUT, (tensor_name(anatomy.norm_path, OUTPUT),),
                               anatomy.norm_path))
     if "logits" in points:
-        targets.append(Target(anatomy.head_path, "output", (tensor_name(anatomy.head_path, "output"),),
+        targets.append(Target(anatomy.head_path, OUTPUT, (tensor_name(anatomy.head_path, OUTPUT),),
                               anatomy.head_path))
     return targets
 
@@ -137,10 +122,10 @@ def router_outputs(args, output) -> list[torch.Tensor | None]:
 
 
 def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | None]:
-    if target.when == "input":
+    if target.when == INPUT:
         x = args[0] if args else kwargs.get("hidden_states")
         return [x]
-    if target.names[0].endswith(":router_logits"):
+    if split_name(target.names[0])[1] == ROUTER_ROLES[0]:
         return router_outputs(args, output)
     if isinstance(output, torch.Tensor):
         return [output] if len(target.names) == 1 else [output] + [None] * (len(target.names) - 1)
@@ -239,7 +224,7 @@ class Collector:
     def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30, hook_queue: int = 16):
         self.writer = writer
         self.groups = groups_of(targets)
-        self._padded = {t.names[0] for t in targets if t.when == "input"}  # decoder-layer inputs
+        self._padded = {t.names[0] for t in targets if t.when == INPUT}  # decoder-layer inputs
         self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._to_copy: queue.Queue = queue.Queue(maxsize=hook_queue)
@@ -369,10 +354,10 @@ class Collector:
             if record is None:
                 continue
             t, buffer = record
-            role = name.rpartition(":")[2]
-            if role in STORE_DTYPES and t.dtype != STORE_DTYPES[role]:
-                t = t.to(STORE_DTYPES[role])
-            if role not in _WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
+            role = split_name(name)[1]
+            if role in _STORED and t.dtype != _STORED[role]:
+                t = t.to(_STORED[role])
+            if role not in WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
                     and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
             shaped[name] = t
@@ -386,7 +371,7 @@ class Collector:
 
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            tensors = {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
+            tensors = {name: t if split_name(name)[1] in WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
             if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
             self.writer.put(prompt.index, group, tensors, release)
@@ -443,7 +428,7 @@ class Capture:
 
     def _register(self, module, target: Target):
         collector = self.collector
-        if target.when == "input":
+        if target.when == INPUT:
             def pre_hook(mod, args, kwargs):
                 collector.take(target, _tensors_of(target, args, kwargs, None))
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .names import layer_parts
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -257,15 +258,13 @@ def index_gaps(wmap: dict[str, str]) -> list[str]:
     """Tensors the index should list but does not, judged from its own structure: a decoder
     layer whose tensor names are a strict subset of the commonest layer's (a tensor dropped from
     the index), or layer numbers with a hole."""
-    import re
     from collections import Counter
 
-    layer_key = re.compile(r"^(.*?layers)\.(\d+)\.(.+)$")
     layers: dict[tuple[str, int], set[str]] = {}
     for name in wmap:
-        match = layer_key.match(name)
-        if match:
-            layers.setdefault((match.group(1), int(match.group(2))), set()).add(match.group(3))
+        parts = layer_parts(name)
+        if parts and parts[2]:
+            layers.setdefault(parts[:2], set()).add(parts[2])
     gaps = []
     for prefix in sorted({p for p, _ in layers}):
         indices = sorted(i for p, i in layers if p == prefix)

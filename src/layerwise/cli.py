@@ -15,6 +15,7 @@ import sys
 from . import __version__
 from .errors import UserError
 from .loading import LoadOptions
+from .names import BadSelection, parse_indices
 from .readiness import CheckOptions
 from .zoo import BUILTINS, DEFAULT_MODEL
 
@@ -237,17 +238,12 @@ def _parse_prompts(text: str | None) -> tuple[int, ...] | None:
     """"0,2" or "0-3,7" -> (0, 2) / (0, 1, 2, 3, 7)."""
     if text is None:
         return None
-    out: list[int] = []
-    for part in text.split(","):
-        first, sep, last = part.strip().partition("-")
-        try:
-            lo, hi = int(first), int(last) if sep else int(first)
-        except ValueError:
-            raise UserError(f"--prompts {text!r}: expected prompt indices like 0,2 or 0-3") from None
-        if lo < 0 or hi < lo:
-            raise UserError(f"--prompts {text!r}: {part.strip()!r} is not a valid index or range")
-        out.extend(range(lo, hi + 1))
-    return tuple(dict.fromkeys(out))
+    try:
+        return parse_indices(text)
+    except BadSelection as err:
+        if err.reversed_range:
+            raise UserError(f"--prompts {text!r}: {err.part!r} is not a valid index or range") from None
+        raise UserError(f"--prompts {text!r}: expected prompt indices like 0,2 or 0-3") from None
 
 
 def _progress_line(done: int, total: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -22,17 +21,18 @@ from typing import Callable
 
 import torch
 
-from .align import Alignment, align_runs, ranges
+from .align import Alignment, align_runs
 from .errors import UserError
 from .metrics import (AT_TIE, MOVED, LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_flips,
                       tensor_metrics)
-from .runs import Run, open_run, split_name
+from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
+                    Layout, format_ranges, layer_of, split_name, tensor_name)
+from .runs import Run, open_run
 from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class
 
 log = logging.getLogger(__name__)
 
-ROUTER_ROLES = ("router_logits", "score_bias", "topk_ids", "topk_weights")
-_UNIT_ORDER = {"router_logits": 0, "score_bias": 1, "topk_ids": 2, "topk_weights": 3}
+_JUDGING_RANK = {role: rank for rank, role in enumerate(JUDGING_ORDER)}
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class _Context:
     cand: Run
     baseline: Run | None
     options: CompareOptions
-    head: str
+    layout: Layout
     dtypes: tuple[str | None, str | None]
     tie_threshold: float
     map_fn: Callable = map  # measures row ranges of one tensor, in parallel when a pool's map
@@ -204,8 +204,8 @@ class _Context:
     def judge_for(self, name: str, prompt: int) -> tuple[str, Tolerance]:
         if name not in self.tolerances:
             module, role = split_name(name)
-            kind = ("routing" if role == "topk_ids" else
-                    "logits" if (module == self.head and role == "output") else "tensor")
+            kind = ("routing" if role == TOPK_IDS else
+                    "logits" if (module == self.layout.head and role == OUTPUT) else "tensor")
             dtypes = (*self.dtypes, self.ref.entry(name, prompt).dtype, self.cand.entry(name, prompt).dtype)
             self.tolerances[name] = (kind, self.options.tolerances.resolve(name, kind, dtypes))
         return self.tolerances[name]
@@ -218,12 +218,12 @@ def _compute_dtype(run: Run) -> str | None:
 
 def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict[str, PromptResult]:
     module = split_name(unit[0])[0]
-    ids = {side: t.get((side, f"{module}:topk_ids")) for side in ("ref", "cand", "base")}
-    logits = {side: t.get((side, f"{module}:router_logits")) for side in ("ref", "cand", "base")}
-    bias = {side: t.get((side, f"{module}:score_bias")) for side in ("ref", "cand")}
+    ids = {side: t.get((side, tensor_name(module, TOPK_IDS))) for side in ("ref", "cand", "base")}
+    logits = {side: t.get((side, tensor_name(module, ROUTER_LOGITS))) for side in ("ref", "cand", "base")}
+    bias = {side: t.get((side, tensor_name(module, SCORE_BIAS))) for side in ("ref", "cand")}
     out = {}
     # scores, then ids (routing decides which tokens are diverted), then weights: whatever the model order
-    for name in sorted(unit, key=lambda n: _UNIT_ORDER.get(split_name(n)[1], 3)):
+    for name in sorted(unit, key=lambda n: _JUDGING_RANK.get(split_name(n)[1], len(JUDGING_ORDER))):
         kind, tol = ctx.judge_for(name, p)
         a, b, base = t[("ref", name)], t[("cand", name)], t.get(("base", name))
         if kind == "routing":
@@ -231,12 +231,12 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
             rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold,
                                         ref_bias=bias["ref"], cand_bias=bias["cand"])
             out[name] = PromptResult(p, routing=rm, failures=_judge(tol, None, None, rm, None, ctx.options))
-            scores = out.get(f"{module}:router_logits")
+            scores = out.get(tensor_name(module, ROUTER_LOGITS))
             if scores is not None and scores.passed:  # flips from noise-level scores divert these tokens
                 benign = ((classes == AT_TIE) | (classes == MOVED)).nonzero().squeeze(1).tolist()
                 ctx.diverted.setdefault(p, set()).update(benign)
             continue
-        if split_name(name)[1] == "topk_weights" and ids["ref"] is not None and ids["cand"] is not None:
+        if split_name(name)[1] == TOPK_WEIGHTS and ids["ref"] is not None and ids["cand"] is not None:
             # Weights sit in the order of their ids, which need not agree: compare per expert.
             experts = _num_experts(ids, logits)
             a, b = _dense(a, ids["ref"], experts), _dense(b, ids["cand"], experts)
@@ -318,10 +318,10 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     Raises UserError when the runs cannot be compared; `progress(bytes_done, bytes_total)`."""
     started = time.perf_counter()
     plan = align_runs(ref, cand, baseline, options.prompts)
-    anatomy = ref.manifest.get("anatomy") or {}
+    layout = Layout.of(ref.manifest.get("anatomy"))
     dtypes = (_compute_dtype(ref), _compute_dtype(cand))
     tie = options.tie_threshold if options.tie_threshold is not None else DEFAULT_TIE[dtype_class(dtypes)]
-    ctx = _Context(ref, cand, baseline, options, anatomy.get("head") or "lm_head", dtypes, tie)
+    ctx = _Context(ref, cand, baseline, options, layout, dtypes, tie)
     results: dict[str, list[PromptResult]] = {name: [] for name in plan.names}
     done = 0
     threads = options.threads or min(8, os.cpu_count() or 1)
@@ -335,8 +335,7 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
             if progress is not None:
                 progress(done, plan.total_bytes)
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
-    rows = _with_growth(rows, anatomy.get("layers_path") or "model.layers",
-                        anatomy.get("embed") or "model.embed_tokens")
+    rows = _with_growth(rows, layout.layers_path, layout.embed)
     first = next((r for r in rows if not r.passed), None)
     logits_rows = [r for r in rows if r.kind == "logits"]
     seconds = time.perf_counter() - started
@@ -352,18 +351,13 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     )
 
 
-def _layer_of(module: str, layers_path: str = "model.layers") -> int | None:
-    match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.|$)", module)
-    return int(match.group(1)) if match else None
-
-
 def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:
     module, role = split_name(name)
     kind, tol = ctx.tolerances[name]
     p0 = results[0].prompt
     limit = next((c.limit for c in tol.checks if c.metric == "rel_l2"), None)
     base = dict(name=name, module=module, role=role, kind=kind, tolerance=str(tol), rel_l2_limit=limit,
-                layer=_layer_of(module, (ctx.ref.manifest.get("anatomy") or {}).get("layers_path") or "model.layers"),
+                layer=layer_of(module, ctx.layout.layers_path),
                 dtypes=(ctx.ref.entry(name, p0).dtype, ctx.cand.entry(name, p0).dtype),
                 passed=all(r.passed for r in results), per_prompt=tuple(results),
                 excused=max(r.excused for r in results),
@@ -400,9 +394,10 @@ def _with_growth(rows: list[Row], layers_path: str, embed: str) -> list[Row]:
     by_name = {r.name: r for r in rows}
     out = []
     for r in rows:
-        if r.role == "output" and r.layer is not None and r.module == f"{layers_path}.{r.layer}":
-            source = by_name.get(f"{r.module}:input") or by_name.get(f"{layers_path}.{r.layer - 1}:output") \
-                or (by_name.get(f"{embed}:output") if r.layer == 0 else None)
+        if r.role == OUTPUT and r.layer is not None and r.module == f"{layers_path}.{r.layer}":
+            source = by_name.get(tensor_name(r.module, INPUT)) \
+                or by_name.get(tensor_name(f"{layers_path}.{r.layer - 1}", OUTPUT)) \
+                or (by_name.get(tensor_name(embed, OUTPUT)) if r.layer == 0 else None)
             r = replace(r, growth=_growth(r.rel_l2, source.rel_l2 if source else None))
         out.append(r)
     return out
@@ -444,7 +439,7 @@ def _notes(rows: list[Row]) -> tuple[str, ...]:
     notes = []
     biased = [r.layer for r in rows if r.routing is not None and r.routing.selection_not_topk]
     if biased:
-        notes.append(f"routers of layers {ranges(sorted(x for x in biased if x is not None))} do not choose the "
+        notes.append(f"routers of layers {format_ranges(sorted(x for x in biased if x is not None))} do not choose the "
                      "top-k of their recorded logits (a score bias the run does not hold, as in MiniMax-M2): "
                      "near-ties cannot be counted there; flips are still judged from both runs' logits")
     excused = [r for r in rows if r.excused]

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runs
-from .align import ranges
 from .errors import UserError
 from .compare import CompareOptions, Report, Row, compare_runs
-from .replay import ReplayOptions, ReplayResult, parse_layer, parse_layer_range, replay
+from .names import OUTPUT, BadSelection, Layout, format_ranges, parse_indices
+from .replay import ReplayOptions, ReplayResult, replay
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,42 @@ def run_layer_test(model: str, options: TestOptions, candidate: ReplayOptions = 
         result = replay(model, reference, layers, candidate, chained=out / "chained")
     candidates = {k: v for k, v in (("isolated", result.isolated), ("chained", result.chained)) if v is not None}
     return TestResult(options.test_type, reference.path, candidates, result.layers, replay=result, notes=result.notes)
+
+
+def parse_layer(text: str, num_layers: int) -> list[int]:
+    """`--layer K` or `--layer all`."""
+    text = str(text).strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    try:
+        chosen = parse_indices(text)
+    except BadSelection:
+        chosen = ()
+    if len(chosen) != 1 or not text.isdigit():
+        raise UserError(f"--layer {text!r} is not a layer number: use 0-{num_layers - 1} or all")
+    return [_in_range(chosen[0], num_layers)]
+
+
+def parse_layer_range(text: str, num_layers: int) -> list[int]:
+    """`--layers A-B` (inclusive) or a single `K`."""
+    bounds = None
+    try:
+        chosen = parse_indices(text) if "," not in str(text) else ()
+        bounds = (chosen[0], chosen[-1]) if chosen else None
+    except BadSelection as err:
+        bounds = err.reversed_range
+    if bounds is None:
+        raise UserError(f"--layers {text!r} is not a range: write A-B, e.g. 0-3")
+    first, last = (_in_range(i, num_layers) for i in bounds)
+    if last < first:
+        raise UserError(f"--layers {text} is reversed: write the first layer first ({last}-{first})")
+    return list(range(first, last + 1))
+
+
+def _in_range(index: int, num_layers: int) -> int:
+    if index >= num_layers:
+        raise UserError(f"layer {index} is out of range: the model has layers 0-{num_layers - 1}")
+    return index
 
 
 def _num_layers(model: str) -> int:
@@ -137,7 +173,7 @@ def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOpt
                    quant=candidate.quant or settings.get("quant"))
     d = extract_options or ExtractOptions()
     points = ",".join(settings.get("points") or []) or d.points
-    layers = options.layers or (ranges(list(settings["layers"])) if settings.get("layers") else None)
+    layers = options.layers or (format_ranges(list(settings["layers"])) if settings.get("layers") else None)
     extract_options = replace(d, points=points, layers=layers or d.layers,
                               batch_size=settings.get("batch_size") or d.batch_size, overwrite=candidate.overwrite)
     items = [p["token_ids"] for p in reference.prompts]
@@ -185,7 +221,7 @@ def compare_layer_test(result: TestResult, options: CompareOptions = CompareOpti
                for kind, path in result.candidates.items()}
     table = ()
     if "isolated" in reports and "chained" in reports:
-        layers_path = (reference.manifest.get("anatomy") or {}).get("layers_path", "model.layers")
+        layers_path = Layout.of(reference.manifest.get("anatomy")).layers_path
         table = isolation_table(reports["isolated"], reports["chained"], result.layers, layers_path)
     return LayerTestReport(result, reports, decides, table)
 
@@ -200,7 +236,7 @@ def isolation_table(isolated: Report, propagated: Report | None, layers: tuple[i
         return rows
 
     def output(rows: list[Row], k: int) -> float | None:
-        return next((r.rel_l2 for r in rows if r.module == f"{layers_path}.{k}" and r.role == "output"), None)
+        return next((r.rel_l2 for r in rows if r.module == f"{layers_path}.{k}" and r.role == OUTPUT), None)
 
     def flips(report: Report | None, k: int) -> int | None:
         return next((r.routing.flips for r in (report.routing if report else ()) if r.layer == k and r.routing), None)

@@ -25,6 +25,7 @@ import torch
 from . import fp8, models, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .names import stage_of
 from .sizes import format_bytes
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,8 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
     expanded = []
     for name in names:  # a whole layer list on one device reads as its layer range
         expanded.extend([f"{layer_prefix}{i}" for i in range(anatomy.num_layers)] if name == anatomy.layers_path else [name])
-    for name in sorted(expanded, key=lambda n: _summary_rank(n, anatomy)):
+    layout = anatomy.layout
+    for name in sorted(expanded, key=lambda n: _summary_rank(stage_of(n, layout))):
         if name == "":
             parts.append("whole model")
             continue
@@ -366,15 +368,9 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
     return " + ".join(parts) if parts else "(nothing)"
 
 
-def _summary_rank(name: str, anatomy: Anatomy) -> tuple:
+def _summary_rank(stage: str | int) -> tuple[int, int]:
     """Model order for a device's module list: embedding, layers by index, the rest as given."""
-    if name == anatomy.embed_path:
-        return (0, 0)
-    prefix = anatomy.layers_path + "."
-    if name.startswith(prefix):
-        index = name[len(prefix):].split(".")[0]
-        return (1, int(index) if index.isdigit() else 0)
-    return (2, 0)
+    return (0, 0) if stage == "embed" else (2, 0) if stage == "final" else (1, stage)
 
 
 def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:

@@ -31,7 +31,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from torch import nn
 from . import capture, models, runs
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
+from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
 from .streaming import forward_layer, run_layer
 
@@ -78,37 +78,7 @@ class ReplayResult:
     floor_rel_l2: float = 0.0  # when not: rel_l2 between the two identical runs
 
 
-# ------------------------------------------------------------------------------ arguments
-
-def parse_layer(text: str, num_layers: int) -> list[int]:
-    """`--layer K` or `--layer all`."""
-    text = str(text).strip().lower()
-    if text == "all":
-        return list(range(num_layers))
-    return [_layer_number(text, num_layers, "--layer")]
-
-
-def parse_layer_range(text: str, num_layers: int) -> list[int]:
-    """`--layers A-B` (inclusive) or a single `K`."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
-    if not match:
-        raise UserError(f"--layers {text!r} is not a range: write A-B, e.g. 0-3")
-    first = _layer_number(match.group(1), num_layers, "--layers")
-    last = _layer_number(match.group(2) or match.group(1), num_layers, "--layers")
-    if last < first:
-        raise UserError(f"--layers {text} is reversed: write the first layer first ({last}-{first})")
-    return list(range(first, last + 1))
-
-
-def _layer_number(text: str, num_layers: int, flag: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
-        hint = " or all" if flag == "--layer" else ""
-        raise UserError(f"{flag} {text!r} is not a layer number: use 0-{num_layers - 1}{hint}")
-    index = int(text)
-    if index >= num_layers:
-        raise UserError(f"layer {index} is out of range: the model has layers 0-{num_layers - 1}")
-    return index
-
+# ------------------------------------------------------------------------------ the candidate
 
 def load_candidate(spec: str) -> Callable:
     """Import `package.module:factory` (or `path/to/file.py:factory`); the current directory is
@@ -179,7 +149,7 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
     needed = [layers[0]] if chained else layers
     for index in needed:
         for prompt in run.prompts:
-            name = f"{source.anatomy.layer(index)}:input"
+            name = tensor_name(source.anatomy.layer(index), INPUT)
             if not run.has(name, prompt["index"]):
                 raise UserError(f"{where} has no {name} for prompt {prompt['index']}: re-extract it with the "
                                 "residual stream of every layer")
@@ -297,9 +267,9 @@ def recorded_points(run: runs.Run, source: LayerSource, layers: list[int]) -> tu
     anatomy, names = source.anatomy, set(run.names)
     points = ["residual"]
     for point, sub in (("attn", anatomy.attn_name), ("mlp", anatomy.mlp_name)):
-        if sub and any(f"{anatomy.layer(k)}.{sub}:output" in names for k in layers):
+        if sub and any(tensor_name(f"{anatomy.layer(k)}.{sub}", OUTPUT) in names for k in layers):
             points.append(point)
-    if any(anatomy.router(k) and f"{anatomy.router(k)}:topk_ids" in names for k in layers):
+    if any(anatomy.router(k) and tensor_name(anatomy.router(k), TOPK_IDS) in names for k in layers):
         points.append("router")
     return tuple(points)
 
@@ -313,10 +283,10 @@ def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], boo
     for p in run.prompts:
         ids = p.get("token_ids")
         if not ids:  # an imported run without token ids: lengths from the recorded inputs
-            ids = [0] * run.entry(f"{first_layer}:input", p["index"]).shape[0]
+            ids = [0] * run.entry(tensor_name(first_layer, INPUT), p["index"]).shape[0]
         prompts.append(Prompt(p["index"], p.get("text"), tuple(ids)))
     batches = make_batches(prompts, int(batch_size), 0)
-    padded = all(run.has(capture.pad_name(f"{first_layer}:input"), p.index)
+    padded = all(run.has(pad_name(tensor_name(first_layer, INPUT)), p.index)
                  for b in batches for p in b.prompts if len(p.token_ids) < b.input_ids.shape[1])
     return batches, padded
 
@@ -328,10 +298,10 @@ def recorded_input(run: runs.Run, layer_path: str, batch: Batch, dtype: torch.dt
     rows = []
     width = batch.input_ids.shape[1]
     for p in batch.prompts:
-        x = run.tensor(f"{layer_path}:input", p.index)  # [n, H]
+        x = run.tensor(tensor_name(layer_path, INPUT), p.index)  # [n, H]
         if x.shape[0] < width:
-            pad_name = capture.pad_name(f"{layer_path}:input")
-            pad = run.tensor(pad_name, p.index) if run.has(pad_name, p.index) else \
+            tail = pad_name(tensor_name(layer_path, INPUT))
+            pad = run.tensor(tail, p.index) if run.has(tail, p.index) else \
                 torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
             x = torch.cat([x, pad])
         rows.append(x)

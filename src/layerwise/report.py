@@ -11,19 +11,17 @@ import base64
 import html
 import io
 import math
-import re
 from dataclasses import asdict
 
-from .align import ranges
 from .atomic import write_bytes_atomic, write_text_atomic
 from .compare import Report, Row
 from .errors import UserError
 from .metrics import RoutingMetrics
+from .names import format_ranges, part_in_layer
 from .sizes import format_bytes
 
 WIDTH = 100
 REPORT_FORMAT, REPORT_VERSION = "layerwise-compare-report", 1
-_SHORT_ROLE = {"router_logits": "logits", "topk_ids": "ids", "topk_weights": "weights", "output": ""}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -54,10 +52,7 @@ def _times(value: float | None) -> str:
 
 def _part(row: Row) -> str:
     """A tensor's name inside its layer: "self_attn", "mlp.gate:logits", "input", "output"."""
-    match = re.match(rf"^.*?\.{row.layer}(?:\.|$)", row.module) if row.layer is not None else None
-    sub = row.module[match.end():] if match else ""
-    role = _SHORT_ROLE.get(row.role, row.role)
-    return (sub + (":" + role if role else "")) if sub else (role or "output")
+    return part_in_layer(row.module, row.role, row.layer)
 
 
 def _main_row(rows: list[Row]) -> Row:
@@ -305,10 +300,10 @@ def isolation_text(rows) -> str:
     inherit = [r.layer for r in rows if r.isolated_passed and r.propagated_passed is False]
     lines.append("rel_l2 of each layer's output, worst prompt; Nf: tokens whose expert set flipped")
     if own:
-        lines.append(f"wrong themselves: layer(s) {ranges(own)}" +
-                     (f"; only inheriting: layer(s) {ranges(inherit)}" if inherit else ""))
+        lines.append(f"wrong themselves: layer(s) {format_ranges(own)}" +
+                     (f"; only inheriting: layer(s) {format_ranges(inherit)}" if inherit else ""))
     elif inherit:
-        lines.append(f"every layer is right on its own input; layer(s) {ranges(inherit)} fail only from what "
+        lines.append(f"every layer is right on its own input; layer(s) {format_ranges(inherit)} fail only from what "
                      "they inherit (accumulation)")
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ import torch
 
 from .atomic import write_text_atomic
 from .errors import UserError
+from .names import Layout, model_order_key, split_name
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
-ROLES = ("input", "output", "router_logits", "score_bias", "topk_ids", "topk_weights", "input_padding")
 _HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
-
-
-def tensor_name(module: str, role: str) -> str:
-    return f"{module}:{role}"
-
-
-def split_name(name: str) -> tuple[str, str]:
-    module, _, role = name.rpartition(":")
-    return module, role
 
 
 def prompt_dir(prompt: int) -> str:
@@ -64,41 +55,6 @@ def group_file(prompt: int, group: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group):
         raise ValueError(f"group name {group!r} is not a safe file name")
     return f"{prompt_dir(prompt)}/{group}.safetensors"
-
-
-# Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "input_padding": 0.5, "router_logits": 1, "score_bias": 2, "topk_weights": 3, "topk_ids": 4,
-               "output": 5}
-
-
-def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
-                    norm: str = "model.norm", head: str = "lm_head") -> tuple:
-    """Sort key placing tensors in the order the forward pass produces them:
-    embedding, each layer (input, attention, router, MLP, output), final norm, head."""
-    module, role = split_name(name)
-    match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.(.+))?$", module)
-    if module == embed or module.endswith("embed_tokens"):
-        stage = (0, 0, 0)
-    elif match:
-        sub = match.group(2) or ""
-        if role == "input" and not sub:
-            part = 0
-        elif not sub:
-            part = 9
-        elif "attn" in sub or "attention" in sub:
-            part = 2
-        elif sub.endswith(("gate", "router")):
-            part = 4
-        else:
-            part = 6
-        stage = (1, int(match.group(1)), part)
-    elif module == norm or module.endswith(("norm", "ln_f")):
-        stage = (2, 0, 0)
-    elif module == head or module.endswith("lm_head"):
-        stage = (3, 0, 0)
-    else:
-        stage = (4, 0, 0)
-    return (*stage, _ROLE_ORDER.get(role, 6), module, role)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -349,7 +305,7 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
     """Index every tensor file of a run (headers only) into the manifest."""
-    order_args = intent.get("anatomy", {}) or {}
+    layout = Layout.of(intent.get("anatomy"))
     entries = []
     for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
         prompt = int(file.parent.name[1:])
@@ -358,7 +314,7 @@ def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
             module, role = split_name(name)
             entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
                             "dtype": _ST_DTYPES.get(dtype, dtype.lower()), "file": rel, "sha256": digest})
-    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], **order_args)))
+    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm, layout.head)))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -30,6 +30,7 @@ from .errors import UserError
 from .extract import ExtractOptions, ExtractResult, Progress, prepare, run_intent
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
+from .names import stage_of
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
     by_module: dict[str, torch.nn.Module] = {}  # the modules the hooks of the embedding and head go on
     by_stage: dict = {}
     for t in targets:
-        by_stage.setdefault(_stage_of(t.module, anatomy), []).append(t)
+        by_stage.setdefault(stage_of(t.module, anatomy.layout), []).append(t)
     start = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
@@ -165,15 +166,6 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
         pinned_peak_bytes=collector.pinned_peak_bytes,
     )
     return result, StreamStats(bytes_read, read_s, wait_s, peak)
-
-
-def _stage_of(module: str, anatomy) -> str | int:
-    if module == anatomy.embed_path:
-        return "embed"
-    prefix = anatomy.layers_path + "."
-    if module.startswith(prefix):
-        return int(module[len(prefix):].split(".")[0])
-    return "final"
 
 
 def _park(hidden: list[torch.Tensor], device: str, fraction: float) -> list[torch.Tensor]:
