@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerwise import loading, runs
+from layerwise import loading, runs, tensorfile
 from layerwise.extract import ExtractOptions, extract_model
 
 from helpers import assert_one_line_error, run_cli
@@ -148,7 +148,7 @@ def _snapshot(run_dir: Path) -> dict:
     for path in sorted(run_dir.rglob("*.safetensors")):
         with safe_open(str(path), "pt") as fh:
             for name in fh.keys():
-                out[(str(path.relative_to(run_dir)), name)] = runs.sha256_of(fh.get_tensor(name))
+                out[(str(path.relative_to(run_dir)), name)] = tensorfile.sha256_of(fh.get_tensor(name))
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from layerwise import runs
+from layerwise import runs, tensorfile
 from layerwise.errors import UserError
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
@@ -32,7 +32,7 @@ def test_manifest_schema_is_pinned(tmp_path):
     assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256"]
     assert first == {"name": "model.embed_tokens:output", "module": "model.embed_tokens", "role": "output", "prompt": 0,
                      "shape": [2, 4], "dtype": "float32", "file": "tensors/p00000/model.embed_tokens.safetensors",
-                     "sha256": runs.sha256_of(torch.zeros(2, 4))}
+                     "sha256": tensorfile.sha256_of(torch.zeros(2, 4))}
     assert [(t["name"], t["prompt"]) for t in m["tensors"]] == [
         ("model.embed_tokens:output", 0), ("model.layers.0:input", 0), ("model.layers.0:output", 0),
         ("lm_head:output", 0), ("model.embed_tokens:output", 1), ("model.layers.0:input", 1),
@@ -46,7 +46,7 @@ def test_tensor_files_are_standard_safetensors(tmp_path):
     with safe_open(str(file), "pt") as fh:
         assert fh.metadata()["prompt"] == "1"
         t = fh.get_tensor("lm_head:output")
-        assert fh.metadata()["sha256:lm_head:output"] == runs.sha256_of(t)
+        assert fh.metadata()["sha256:lm_head:output"] == tensorfile.sha256_of(t)
     assert t.dtype == torch.bfloat16 and t.tolist() == [[0, 1, 2]]
     header_len = int.from_bytes(file.read_bytes()[:8], "little")
     assert header_len % 8 == 0

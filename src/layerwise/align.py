@@ -8,7 +8,6 @@ comparison is for. What only one run holds is listed as skipped, grouped per lay
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -16,10 +15,6 @@ from typing import Callable
 from .errors import UserError
 from .names import PAD_ROLE, Layout, format_ranges, model_order_key
 from .runs import Run
-
-_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-                "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
-
 
 @dataclass(frozen=True)
 class Alignment:
@@ -62,10 +57,6 @@ def _check_same_prompt(index: int, a: dict, b: dict, what: str) -> None:
 def _order_key(run: Run) -> Callable[[str], tuple]:
     layout = Layout.of(run.manifest.get("anatomy"))
     return lambda name: model_order_key(name, layout.layers_path, layout.embed, layout.norm, layout.head)
-
-
-def _nbytes(entry) -> int:
-    return math.prod(entry.shape) * _DTYPE_BYTES.get(entry.dtype, 4)
 
 
 def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[int, ...] | None = None) -> Alignment:
@@ -111,13 +102,13 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
             if er.shape != ec.shape:
                 raise UserError(f"{name} (prompt {p}) has shape {list(er.shape)} in REF but {list(ec.shape)} "
                                 "in CAND: the runs cannot be compared tensor by tensor")
-            total += _nbytes(er) + _nbytes(ec)
+            total += er.nbytes + ec.nbytes
             if baseline is not None and baseline.has(name, p):
                 eb = baseline.entry(name, p)
                 if eb.shape != er.shape:
                     raise UserError(f"{name} (prompt {p}) has shape {list(eb.shape)} in the baseline but "
                                     f"{list(er.shape)} in REF")
-                total += _nbytes(eb)
+                total += eb.nbytes
         pairs[p] = common
     names = tuple(sorted(set().union(*pairs.values()), key=_order_key(ref)))
     if not names:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text_atomic
+from . import tensorfile
+from .atomic import io_reason, is_io_error, write_text_atomic
 from .errors import UserError
 from .names import Layout, model_order_key, split_name
 
@@ -43,9 +44,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
-_HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
-
-
 def prompt_dir(prompt: int) -> str:
     return f"{TENSOR_DIR}/p{prompt:05d}"
 
@@ -55,61 +53,6 @@ def group_file(prompt: int, group: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group):
         raise ValueError(f"group name {group!r} is not a safe file name")
     return f"{prompt_dir(prompt)}/{group}.safetensors"
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def sha256_of(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
-    return hashlib.sha256(_raw_bytes(tensor)).hexdigest()
-
-
-_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
-    """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
-    pass keeps running while files are written) and put each tensor's sha256 in the metadata.
-    Returns the bytes of tensor data written."""
-    views = {name: _raw_bytes(t) for name, t in tensors.items()}
-    meta = dict(metadata)
-    header: dict = {}
-    offset = 0
-    for name, t in tensors.items():
-        meta[_HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
-        size = views[name].nbytes
-        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for view in views.values():
-            fh.write(view)
-    return offset
-
-
-def is_io_error(err: BaseException) -> bool:
-    """An OSError, or safetensors' own error wrapping one ("I/O error: No space left on device")."""
-    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
-
-
-def io_reason(err: BaseException) -> str:
-    if isinstance(err, OSError):
-        return err.strerror or str(err)
-    return str(err).rpartition("I/O error: ")[2].strip() or str(err)
 
 
 def library_versions() -> dict:
@@ -218,7 +161,7 @@ class RunWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         try:
-            written = write_safetensors(tmp, tensors, {"prompt": str(prompt)})
+            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)})
             os.replace(tmp, target)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
@@ -289,20 +232,6 @@ def _first_difference(a: dict, b: dict) -> str:
     return "settings"
 
 
-def read_file_index(path: Path) -> dict:
-    """Header of one tensor file: {name: (shape, dtype, sha256)}, read without the data."""
-    from .checkpoint import read_header
-
-    metadata: dict = {}
-    header = read_header(path, metadata)
-    return {name: (info["shape"], info["dtype"], metadata.get(_HASH_KEY + name)) for name, info in header.items()}
-
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
     """Index every tensor file of a run (headers only) into the manifest."""
     layout = Layout.of(intent.get("anatomy"))
@@ -310,10 +239,10 @@ def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
     for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
         prompt = int(file.parent.name[1:])
         rel = str(file.relative_to(path))
-        for name, (shape, dtype, digest) in read_file_index(file).items():
+        for name, (shape, dtype, digest) in tensorfile.read_index(file).items():
             module, role = split_name(name)
             entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
-                            "dtype": _ST_DTYPES.get(dtype, dtype.lower()), "file": rel, "sha256": digest})
+                            "dtype": tensorfile.dtype_name(dtype), "file": rel, "sha256": digest})
     entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm, layout.head)))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -334,6 +263,10 @@ class TensorEntry:
     dtype: str
     file: str
     sha256: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return tensorfile.nbytes(self.shape, self.dtype)
 
 
 class Run:
@@ -373,18 +306,15 @@ class Run:
 
     def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
         """One tensor, read without loading the rest of its file; sha256-checked when `verify`."""
-        from safetensors import safe_open
-
         e = self.entry(name, prompt)
         file = self.path / e.file
         try:
-            with safe_open(str(file), framework="pt", device=device) as fh:
-                tensor = fh.get_tensor(name)
+            tensor = tensorfile.read_tensor(file, name, device)
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
-        if verify and e.sha256 and sha256_of(tensor) != e.sha256:
+        if verify and e.sha256 and tensorfile.sha256_of(tensor) != e.sha256:
             raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
         return tensor
 

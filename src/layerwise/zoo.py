@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from .atomic import io_reason, is_io_error
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,6 @@ def tiny_checkpoint(name: str) -> Path:
             else:
                 _write_tiny_checkpoint(builtin.config(), staging)
         except BaseException as err:
-            from .runs import io_reason, is_io_error
-
             if is_io_error(err):
                 raise UserError(f"cannot write built-in checkpoint {name} to {target.parent}: {io_reason(err)} "
                                 "(set LAYERWISE_CACHE to a directory with room)") from None

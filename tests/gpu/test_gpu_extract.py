@@ -53,10 +53,10 @@ def test_streamed_extract_on_gpu_equals_whole_model(tmp_path, monkeypatch):
     (and its raw weights are freed): the result must still be bit-identical. Small chunks force
     many staged copies per layer."""
     need_gpus(1)
-    from layerwise import checkpoint
+    from layerwise import tensorfile
     from layerwise.streaming import StreamOptions, stream_extract
 
-    monkeypatch.setattr(checkpoint, "_CHUNK", 4096)
+    monkeypatch.setattr(tensorfile, "_CHUNK", 4096)
     options = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=3)
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype="bf16", device_map="cuda:0",
                                                                                 tokens=512))
