@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from layerwise import models, placement, zoo  # noqa: E402
+from layerwise.quiet import quiet_transformers  # noqa: E402
 
 
 def minimax_config(layers: int, tiny: bool = False, experts: int | None = None):
@@ -78,5 +79,5 @@ def build_on_devices(config, device_map: dict, dtype=torch.bfloat16, seed: int =
 
 
 def write_checkpoint(model, directory: Path, shard: str = "5GB") -> None:
-    with models.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(directory, max_shard_size=shard)

@@ -11,12 +11,17 @@ is tensorfile.py's.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from . import tensorfile
 from .errors import UserError
 from .names import layer_parts
+from .quant import SCALE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -86,10 +91,6 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
 def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
     """Each F8_E4M3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
     per tensor without blocks). One line per problem, naming the tensor."""
-    import math
-
-    from .quant import SCALE_NAMES
-
     problems = []
     for name, info in infos.items():
         if info.get("dtype") != "F8_E4M3":
@@ -125,8 +126,6 @@ def read_tensors(directory: Path, names: list[str], device: str = "cpu", wmap: d
     """Read the named tensors from their shards onto `device` (tensorfile.read_tensors: large
     sequential reads, asynchronous copies to a GPU), thread-safe. `wmap` is the checkpoint's
     weight map when the caller already holds it (a large index takes a while to parse)."""
-    import torch
-
     wmap = weight_map(Path(directory)) if wmap is None else wmap
     by_shard: dict[str, list[str]] = {}
     for name in names:
@@ -143,8 +142,6 @@ def index_gaps(wmap: dict[str, str]) -> list[str]:
     """Tensors the index should list but does not, judged from its own structure: a decoder
     layer whose tensor names are a strict subset of the commonest layer's (a tensor dropped from
     the index), or layer numbers with a hole."""
-    from collections import Counter
-
     layers: dict[tuple[str, int], set[str]] = {}
     for name in wmap:
         parts = layer_parts(name)

@@ -15,6 +15,7 @@ projections), so only the FP8 bytes stay resident; the plan sizes it that way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import torch
 from . import checkpoint, machine, models, placement, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .layer_loading import LayerOptions, open_layers
+from .quiet import quiet_transformers
 from .sizes import format_bytes, parse_max_memory
 
 log = logging.getLogger(__name__)
@@ -148,8 +151,6 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
     """transformers' own loading of exactly the planned map; FP8 weights dequantized by transformers."""
     config = mc.config
     if mode == "dequantize":
-        import copy
-
         config = copy.deepcopy(config)
         raw = config.quantization_config
         raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
@@ -162,7 +163,7 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
     if ref.kind == "gguf":
         kwargs["gguf_file"] = ref.path.name
     cls = models.model_class(config)
-    with models.quiet_transformers(progress):
+    with quiet_transformers(progress):
         return cls.from_pretrained(str(ref.directory), **kwargs)
 
 
@@ -170,8 +171,6 @@ def _assemble_fp8(ref, mc, plan, options: LoadOptions):
     """`--quant fp8`: the FP8 meta model of the plan, filled layer by layer on the planned devices
     (each layer read as FP8, built by transformers from its dequantized weights, its projections
     swapped for FP8 ones, the dequantized copy dropped), then dispatched like from_pretrained does."""
-    from .layer_loading import LayerOptions, open_layers
-
     dtype = models.parse_dtype(options.dtype)
     source = open_layers(ref.spec, LayerOptions(dtype=options.dtype, device="cpu",
                                                 attn_implementation=options.attn_implementation, quant="fp8"))

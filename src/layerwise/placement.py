@@ -25,6 +25,7 @@ import torch
 from . import fp8, models, quant
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .quiet import quiet_transformers
 from .names import stage_of
 from .sizes import format_bytes
 
@@ -146,7 +147,7 @@ def meta_model(config, dtype: torch.dtype, quant_mode: str | None = None):
         config = copy.deepcopy(config)
         del config.quantization_config
     cls = models.model_class(config)
-    with torch.device("meta"), models.quiet_transformers():
+    with torch.device("meta"), quiet_transformers():
         model = cls._from_config(config, dtype=dtype)
     if quant_mode == "fp8":
         anatomy = find_anatomy(model)
@@ -271,7 +272,7 @@ def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: in
     for _ in range(8):
         max_memory: dict = dict(budgets)
         max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 0
-        with models.quiet_transformers():
+        with quiet_transformers():
             device_map = dict(_get_device_map(model, strategy, max_memory, None))
         used = _weights_per_device(device_map, sizes)
         head_device = device_of(device_map, anatomy.head_path)

@@ -27,6 +27,7 @@ or reports.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import logging
@@ -159,8 +160,6 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
 def config_hashes(source: LayerSource) -> set[str]:
     """config_sha256 of the model's config as layerwise loads it, with and without the numerics
     fixes (a run may have been hashed either way)."""
-    import copy
-
     hashes = {runs.config_sha256(source.config)}
     raw = copy.deepcopy(source.config)
     params = getattr(raw, "rope_parameters", None)
@@ -373,8 +372,6 @@ def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int
 
 
 def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: LoadedLayer) -> nn.Module:
-    import copy
-
     # The full config, with the attention implementation the candidate settings chose (a factory
     # building transformers' own modules must not fall back to another one, whose mask differs).
     config = copy.deepcopy(source.config)

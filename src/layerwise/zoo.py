@@ -32,6 +32,8 @@ import torch
 
 from .atomic import io_reason, is_io_error
 from .errors import UserError
+from .quant import quantize_weight
+from .quiet import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +232,6 @@ def _router_names(model: torch.nn.Module) -> set[str]:
 def _write_tiny_checkpoint(config_dict: dict, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import quiet_transformers
-
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
@@ -266,8 +266,6 @@ def _write_fp8_checkpoint(source: Path, out: Path, block: list[int]) -> None:
     quantization_config, and without partial_rotary_factor (as MiniMax-M2 ships it)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from .quant import quantize_weight
 
     index = json.loads((source / "model.safetensors.index.json").read_text())
     shards: dict[str, list[str]] = {}
