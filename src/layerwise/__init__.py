@@ -14,7 +14,8 @@ from .importer import import_run
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .layer_test import TestOptions, TestResult, compare_layer_test, run_layer_test
 from .loading import LoadedModel, LoadOptions, input_device, load_model, placement_report
-from .metrics import LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_metrics, tensor_metrics
+from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, tensor_metrics
+from .routing import RoutingMetrics, routing_metrics
 from .models import ModelRef, load_config, resolve_model
 from .placement import Plan, plan_placement
 from .readiness import CheckOptions, Readiness, check_machine

@@ -23,10 +23,10 @@ import torch
 
 from .align import Alignment, align_runs
 from .errors import UserError
-from .metrics import (AT_TIE, MOVED, LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_flips,
-                      tensor_metrics)
+from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, pool_logits, tensor_metrics
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
                     Layout, format_ranges, layer_of, split_name, tensor_name)
+from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
 from .runs import Run, open_run
 from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class
 
@@ -363,7 +363,7 @@ def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: b
                 excused=max(r.excused for r in results),
                 failures=tuple(f"prompt {r.prompt}: {f}" for r in results for f in r.failures))
     if kind == "routing":
-        return Row(**base, routing=_pool_routing([r.routing for r in results]))
+        return Row(**base, routing=pool_routing([r.routing for r in results]))
     tms = [r.tensor for r in results]
     worst = max(results, key=lambda r: (r.tensor.nonfinite_mismatch > 0, r.tensor.rel_l2))
     floors = [r.floor.rel_l2 for r in results if r.floor is not None]
@@ -379,7 +379,7 @@ def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: b
                nonfinite_mismatch=sum(m.nonfinite_mismatch for m in tms),
                worst_token=None if worst.tensor.worst_token is None else (worst.prompt, worst.tensor.worst_token),
                noise_floor=floor, x_floor=x_floor,
-               logits=_pool_logits([(r.prompt, r.logits) for r in results])[0] if kind == "logits" else None)
+               logits=pool_logits([(r.prompt, r.logits) for r in results])[0] if kind == "logits" else None)
 
 
 def _growth(out_err: float | None, in_err: float | None) -> float | None:
@@ -403,35 +403,9 @@ def _with_growth(rows: list[Row], layers_path: str, embed: str) -> list[Row]:
     return out
 
 
-def _pool_routing(ms: list[RoutingMetrics]) -> RoutingMetrics:
-    tokens = sum(m.tokens for m in ms)
-
-    def total(attr: str) -> int | None:
-        values = [getattr(m, attr) for m in ms]
-        return None if any(v is None for v in values) else sum(values)
-
-    same = sum(round(m.same_set * m.tokens) for m in ms) / tokens if tokens else 1.0
-    jaccard = sum(m.jaccard * m.tokens for m in ms) / tokens if tokens else 1.0
-    return RoutingMetrics(tokens, ms[0].k, same, jaccard, total("flips"), total("selection_not_topk"),
-                          total("near_ties"), total("flips_at_ties"), total("flips_moved"),
-                          total("flips_inconsistent"), ms[0].tie_threshold)
-
-
-def _pool_logits(per_prompt: list[tuple[int, LogitsMetrics]]) -> tuple[LogitsMetrics, tuple[int, int] | None]:
-    tokens = sum(m.tokens for _, m in per_prompt)
-    worst_p, worst_m = max(per_prompt, key=lambda pm: pm[1].kl_max)
-
-    def mean(attr: str, empty: float) -> float:
-        return sum(getattr(m, attr) * m.tokens for _, m in per_prompt) / tokens if tokens else empty
-
-    pooled = LogitsMetrics(tokens, per_prompt[0][1].k, mean("top1", 1.0), mean("topk", 1.0), mean("kl_mean", 0.0),
-                           worst_m.kl_max, worst_m.kl_worst_token)
-    return pooled, None if worst_m.kl_worst_token is None else (worst_p, worst_m.kl_worst_token)
-
-
 def _logits_report(row: Row) -> LogitsReport:
     per_prompt = [(r.prompt, r.logits) for r in row.per_prompt]
-    overall, worst = _pool_logits(per_prompt)
+    overall, worst = pool_logits(per_prompt)
     return LogitsReport(overall, tuple(per_prompt), worst)
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from .atomic import write_bytes_atomic, write_text_atomic
 from .compare import Report, Row
 from .errors import UserError
-from .metrics import RoutingMetrics
+from .routing import RoutingMetrics
 from .names import format_ranges, part_in_layer
 from .sizes import format_bytes
 
