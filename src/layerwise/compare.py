@@ -27,8 +27,8 @@ from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, pool_logits, 
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
                     Layout, format_ranges, layer_of, split_name, tensor_name)
 from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
-from .runs import Run, open_run
-from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class
+from .runs import Run, open_run, read_units
+from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class, judge
 
 log = logging.getLogger(__name__)
 
@@ -155,34 +155,6 @@ def _units(plan: Alignment):
             yield p, tuple(unit)
 
 
-def _stream(runs: dict[str, Run | None], plan: Alignment, verify: bool, prefetch: bool):
-    """Yield (prompt, names, {(side, name): tensor}); with `prefetch`, the next unit is read
-    and verified by worker threads while the caller measures the current one."""
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="layerwise-compare")
-
-    def submit(p: int, unit: tuple[str, ...]) -> dict:
-        return {(side, name): pool.submit(run.tensor, name, p, verify)
-                for name in unit for side, run in runs.items() if run is not None and run.has(name, p)}
-
-    try:
-        units = _units(plan)
-        following = next(units, None)
-        pending = submit(*following) if following else {}
-        while following is not None:
-            p, unit = following
-            current, following = pending, next(units, None)
-            if prefetch and following:
-                pending = submit(*following)
-            tensors = {key: future.result() for key, future in current.items()}
-            current.clear()  # the futures hold the tensors too
-            yield p, unit, tensors
-            tensors.clear()  # release this unit before the next one is read
-            if not prefetch and following:
-                pending = submit(*following)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ---------------------------------------------------------------------------------- measuring
 
 @dataclass
@@ -230,7 +202,7 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
             _check_expert_ids(name, p, ids, logits)
             rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold,
                                         ref_bias=bias["ref"], cand_bias=bias["cand"])
-            out[name] = PromptResult(p, routing=rm, failures=_judge(tol, None, None, rm, None, ctx.options))
+            out[name] = PromptResult(p, routing=rm, failures=judge(tol, None, None, rm, None, ctx.options.noise_factor))
             scores = out.get(tensor_name(module, ROUTER_LOGITS))
             if scores is not None and scores.passed:  # flips from noise-level scores divert these tokens
                 benign = ((classes == AT_TIE) | (classes == MOVED)).nonzero().squeeze(1).tolist()
@@ -257,7 +229,7 @@ def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, 
     tm = tensor_metrics(a, b, tol.rtol, tol.atol, map_fn=ctx.map_fn, parts=ctx.parts)
     lm = logits_metrics(a, b, ctx.options.logits_topk) if kind == "logits" else None
     floor = tensor_metrics(a, base, map_fn=ctx.map_fn, parts=ctx.parts) if base is not None else None
-    return PromptResult(p, tm, lm, None, floor, _judge(tol, tm, lm, None, floor, ctx.options))
+    return PromptResult(p, tm, lm, None, floor, judge(tol, tm, lm, None, floor, ctx.options.noise_factor))
 
 
 def _check_expert_ids(name: str, prompt: int, ids: dict, logits: dict) -> None:
@@ -283,33 +255,6 @@ def _dense(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tens
     return out.scatter_(1, ids.long().reshape(ids.shape[0], -1), weights.double().reshape(ids.shape[0], -1))
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _judge(tol: Tolerance, tm: TensorMetrics | None, lm: LogitsMetrics | None, rm: RoutingMetrics | None,
-           floor: TensorMetrics | None, options: CompareOptions) -> tuple[str, ...]:
-    """The reasons one prompt's tensor fails (empty: it passes)."""
-    values: dict[str, float | None] = {}
-    if tm is not None:
-        values.update(max_abs=tm.max_abs, mean_abs=tm.mean_abs, rel_l2=tm.rel_l2, cosine=tm.cosine, sqnr_db=tm.sqnr_db)
-    if lm is not None:
-        values.update(kl=lm.kl_mean, kl_max=lm.kl_max, top1=lm.top1, topk=lm.topk)
-    if rm is not None:
-        values.update(same_set=rm.same_set, jaccard=rm.jaccard, flips=rm.flips, flips_moved=rm.flips_moved,
-                      flips_inconsistent=rm.flips_inconsistent)
-    broken = [f"{c.metric} {_fmt(values[c.metric])} breaks {c}" for c in tol.checks
-              if values.get(c.metric) is not None and not c.holds(values[c.metric])]
-    if tm is not None and tm.violations:
-        broken.append(f"{tm.violations} elements break allclose(rtol={tol.rtol:g},atol={tol.atol:g})")
-    if broken and tm is not None and floor is not None and floor.rel_l2 > 0 \
-            and tm.rel_l2 <= options.noise_factor * floor.rel_l2:
-        broken = []  # no worse than the reference against itself: within the noise floor
-    if tm is not None and tm.nonfinite_mismatch:  # never forgiven
-        broken.insert(0, f"{tm.nonfinite_mismatch} NaN/Inf where the other run differs")
-    return tuple(broken)
-
-
 # ---------------------------------------------------------------------------------- reporting
 
 def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions(), baseline: Run | None = None,
@@ -327,8 +272,8 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     threads = options.threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
         ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
-        for p, unit, tensors in _stream({"ref": ref, "cand": cand, "base": baseline}, plan, options.verify,
-                                        options.prefetch):
+        for p, unit, tensors in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan),
+                                           options.verify, options.prefetch):
             for name, result in _measure_unit(ctx, p, unit, tensors).items():
                 results[name].append(result)
             done += sum(x.numel() * x.element_size() for x in tensors.values())

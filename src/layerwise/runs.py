@@ -12,7 +12,8 @@ run killed at any point holds only whole files and no manifest, and a resumed ru
 only what is missing. docs/FORMAT.md is the specification; test_runs.py pins it.
 
 `RunWriter` streams files from a background thread pool behind a bounded queue (backpressure,
-never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read.
+never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read;
+`read_units` reads several runs side by side, the next tensors while the current ones are used.
 Nothing here knows about models or GPUs.
 """
 
@@ -27,6 +28,8 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,6 +320,36 @@ class Run:
         if verify and e.sha256 and tensorfile.sha256_of(tensor) != e.sha256:
             raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
         return tensor
+
+
+def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str, ...]]], verify: bool = True,
+               prefetch: bool = True) -> Iterator[tuple[int, tuple[str, ...], dict]]:
+    """Read several runs unit by unit: for each (prompt, names) of `units`, yield (prompt, names,
+    {(side, name): tensor}) with the tensors of every run (by side) that holds them. With
+    `prefetch`, worker threads read and verify the next unit while the caller works on this
+    one, so at most two units are in memory; a unit is released before the next is read."""
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="layerwise-compare")
+
+    def submit(p: int, unit: tuple[str, ...]) -> dict:
+        return {(side, name): pool.submit(run.tensor, name, p, verify)
+                for name in unit for side, run in runs.items() if run is not None and run.has(name, p)}
+
+    try:
+        following = next(units, None)
+        pending = submit(*following) if following else {}
+        while following is not None:
+            p, unit = following
+            current, following = pending, next(units, None)
+            if prefetch and following:
+                pending = submit(*following)
+            tensors = {key: future.result() for key, future in current.items()}
+            current.clear()  # the futures hold the tensors too
+            yield p, unit, tensors
+            tensors.clear()  # release this unit before the next one is read
+            if not prefetch and following:
+                pending = submit(*following)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_run(path: str | os.PathLike) -> Run:
