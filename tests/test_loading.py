@@ -7,10 +7,10 @@ from layerwise import loading
 from layerwise.errors import UserError
 
 
-def test_load_tiny_on_cpu_with_placement_report():
+def test_load_tiny_on_cpu_with_placement_rows():
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="cpu"))
     assert loaded.input_device == torch.device("cpu")
-    rows = loading.placement_report(loaded)
+    rows = loading.placement_rows(loaded)
     assert [r.device for r in rows] == ["cpu"]
     assert rows[0].weight_bytes == sum(p.numel() * p.element_size() for p in loaded.model.parameters()) + sum(
         b.numel() * b.element_size() for b in loaded.model.buffers())
@@ -58,7 +58,7 @@ def test_load_over_gpus_balanced():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="balanced", tokens=64))
-    rows = loading.placement_report(loaded)
+    rows = loading.placement_rows(loaded)
     assert all(r.device.startswith("cuda") for r in rows)
     assert loaded.input_device.type == "cuda"
 

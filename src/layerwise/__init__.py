@@ -13,13 +13,14 @@ from .extract import ExtractOptions, ExtractResult, extract, extract_model
 from .importer import import_run
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .layer_test import TestOptions, TestResult, compare_layer_test, run_layer_test
-from .loading import LoadedModel, LoadOptions, input_device, load_model, placement_report
+from .loading import LoadedModel, LoadOptions, input_device, load_model, placement_rows
 from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, tensor_metrics
 from .routing import RoutingMetrics, routing_metrics
 from .models import ModelRef, load_config, resolve_model
 from .placement import Plan, plan_placement
 from .readiness import CheckOptions, Readiness, check_machine
-from .report import report_html, report_json, report_text, write_html, write_plot
+from .plot import report_html, write_html, write_plot
+from .report import report_json, report_text
 from .replay import ReplayOptions, ReplayResult, load_candidate
 from .runs import Run, RunWriter, open_run
 from .streaming import StreamOptions, stream_extract
@@ -28,7 +29,7 @@ from .tolerances import Tolerance, Tolerances, build_tolerances, load_tolerance_
 __all__ = [
     "Anatomy", "CheckOptions", "LoadOptions", "LoadedModel", "ModelRef", "Plan", "Readiness", "Run", "RunWriter", "UserError",
     "check_machine", "find_anatomy", "input_device", "inspect_checkpoint", "load_config", "load_model",
-    "open_run", "placement_report", "plan_placement", "resolve_model",
+    "open_run", "placement_rows", "plan_placement", "resolve_model",
     # compare
     "CompareOptions", "LogitsMetrics", "LogitsReport", "PromptResult", "Report", "RoutingMetrics", "Row", "TensorMetrics",
     "Tolerance", "Tolerances", "build_tolerances", "compare_paths", "compare_runs", "load_tolerance_file", "logits_metrics",

@@ -28,7 +28,7 @@ SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
-class CheckpointReport:
+class CheckpointCheck:
     directory: Path
     shards: tuple[str, ...]  # file names, in index order
     tensor_count: int
@@ -55,7 +55,7 @@ def weight_map(directory: Path) -> dict[str, str]:
     raise UserError(f"{directory} holds no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
 
 
-def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
+def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
     """Check every shard the index lists, reading headers only. Problems are collected, not raised,
     so `check` can print them all; `require_complete` turns them into a UserError. With an FP8
     `scheme` (quant.QuantScheme), every e4m3 weight must have its scale, of the block grid's shape."""
@@ -85,7 +85,7 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
         infos.update(header)
     if scheme is not None:
         problems += fp8_scale_problems(infos, scheme)
-    return CheckpointReport(directory, shards, len(wmap), total, tuple(problems))
+    return CheckpointCheck(directory, shards, len(wmap), total, tuple(problems))
 
 
 def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
@@ -114,7 +114,7 @@ def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
     return problems
 
 
-def require_complete(directory: Path, scheme=None) -> CheckpointReport:
+def require_complete(directory: Path, scheme=None) -> CheckpointCheck:
     report = inspect_checkpoint(directory, scheme)
     if report.problems:
         more = f" (and {len(report.problems) - 1} more problem(s); run layerwise check)" if len(report.problems) > 1 else ""

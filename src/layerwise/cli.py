@@ -82,21 +82,21 @@ def _emit_json(data, target: str | None) -> None:
 
 
 def cmd_check(args) -> int:
-    from . import readiness, render
+    from . import readiness, report
 
     d = CheckOptions()
     options = CheckOptions(model=args.model, cpu=args.cpu, max_memory=args.max_memory, dtype=args.dtype or d.dtype,
                            tokens=args.tokens or d.tokens, out_dir=args.out or d.out_dir, quant=args.quant)
     result = readiness.check_machine(options)
     if args.json:
-        _emit_json(render.readiness_json(result), None)
+        _emit_json(report.readiness_json(result), None)
     else:
-        print(render.readiness_text(result))
+        print(report.readiness_text(result))
     return EXIT_OK if result.ready else EXIT_FAIL
 
 
 def cmd_plan(args) -> int:
-    from . import loading, models, render
+    from . import loading, models, report
     from .sizes import parse_gpus
 
     ref = models.resolve_model(args.model)
@@ -104,21 +104,21 @@ def cmd_plan(args) -> int:
     gpu_bytes = parse_gpus(args.gpus) if args.gpus else None
     plan = loading.plan_for(ref, config, _load_options(args), gpu_bytes=gpu_bytes)
     if args.json:
-        _emit_json(render.plan_json(plan), None)
+        _emit_json(report.plan_json(plan), None)
     else:
-        print(render.plan_text(plan))
+        print(report.plan_text(plan))
     return EXIT_OK if plan.fits else EXIT_FAIL
 
 
 def cmd_load(args) -> int:
-    from . import loading, render
+    from . import loading, report
 
     loaded = loading.load_model(args.model, _load_options(args), with_tokenizer=False, progress=sys.stderr.isatty())
-    rows = loading.placement_report(loaded)
+    rows = loading.placement_rows(loaded)
     if args.json:
-        _emit_json(render.placement_json(loaded, rows), None)
+        _emit_json(report.placement_json(loaded, rows), None)
     else:
-        print(render.placement_text(loaded, rows))
+        print(report.placement_text(loaded, rows))
     return EXIT_OK
 
 
@@ -186,7 +186,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from . import render, report
+    from . import plot, report
     from .extract import ExtractOptions, gather_prompts
     from .layer_test import TestOptions, compare_layer_test, run_layer_test
     from .replay import ReplayOptions
@@ -208,18 +208,18 @@ def cmd_test(args) -> int:
     prompts = gather_prompts(args.prompt, args.prompts) if (args.prompt or args.prompts) else None
     compare = _compare_options(args)
     if args.plot or args.html:
-        report.require_matplotlib()  # before any work, not after
+        plot.require_matplotlib()  # before any work, not after
     result = run_layer_test(args.model, options, candidate, load, extract_options, prompts)
     tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None)
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
-        print(render.layer_test_text(tested))
+        print(report.layer_test_text(tested))
     main = tested.reports.get(tested.decides) if tested.decides else None
     if main is not None and args.plot:
-        report.write_plot(main, args.plot)
+        plot.write_plot(main, args.plot)
     if main is not None and args.html:
-        report.write_html(main, args.html)
+        plot.write_html(main, args.html)
     return EXIT_OK if tested.passed else EXIT_FAIL
 
 
@@ -267,12 +267,12 @@ def _compare_options(args, prompts: str | None = None):
 
 
 def cmd_compare(args) -> int:
-    from . import report
+    from . import plot, report
     from .compare import compare_paths
 
     options = _compare_options(args, args.prompts)
     if args.plot or args.html:
-        report.require_matplotlib()  # before reading gigabytes, not after
+        plot.require_matplotlib()  # before reading gigabytes, not after
     progress = _progress_line if sys.stderr.isatty() else None
     result = compare_paths(args.reference, args.candidate, options, args.baseline, progress=progress)
     if args.json:
@@ -280,9 +280,9 @@ def cmd_compare(args) -> int:
     if args.json != "-":
         print(report.report_text(result))
     if args.plot:
-        report.write_plot(result, args.plot)
+        plot.write_plot(result, args.plot)
     if args.html:
-        report.write_html(result, args.html)
+        plot.write_html(result, args.html)
     return EXIT_OK if result.passed else EXIT_FAIL
 
 

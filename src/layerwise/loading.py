@@ -4,7 +4,7 @@
 device (placement.py) with the GPUs present, refuses to start when the plan spills and
 `allow_spill` is off, loads with transformers' `from_pretrained` using the planned map, then
 checks that what was loaded is what was planned and that the numerics fixes held (router in
-fp32). `placement_report` says where every module went and how much each GPU really uses.
+fp32). `placement_rows` says where every module went and how much each GPU really uses.
 
 FP8 checkpoints (quant.py) load two ways. `quant="dequantize"` (the default, the reference):
 transformers' own `FineGrainedFP8Config(dequantize=True)` path, every weight e4m3 x scale cast to
@@ -247,7 +247,7 @@ class DeviceRow:
     total_bytes: int | None = None
 
 
-def placement_report(loaded: LoadedModel) -> list[DeviceRow]:
+def placement_rows(loaded: LoadedModel) -> list[DeviceRow]:
     """Where the loaded model's modules went, with live per-GPU memory."""
     model = loaded.model
     device_map = getattr(model, "hf_device_map", None) or loaded.plan.device_map

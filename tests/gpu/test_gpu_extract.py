@@ -40,11 +40,11 @@ def test_capture_over_gpus_matches_output_hidden_states(tmp_path, device_map, bu
         assert torch.equal(run.tensor("lm_head:output", p), out.logits[p, :n].cpu())
 
 
-def test_placement_report_has_live_memory():
+def test_placement_rows_have_live_memory():
     need_gpus(1)
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="cuda:0", tokens=64),
                                 with_tokenizer=False)
-    row = loading.placement_report(loaded)[0]
+    row = loading.placement_rows(loaded)[0]
     assert row.device == "cuda:0" and row.allocated_bytes >= row.weight_bytes and row.total_bytes > 10**9
 
 
