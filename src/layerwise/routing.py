@@ -5,6 +5,20 @@ overlap) and judges every flip from the router logits: at a near-tie (a noise-le
 difference decided it), moved (the scores really moved), or inconsistent (no selection rule both
 runs share explains it: a routing bug). `pool_routing` pools the metrics over prompts. Nothing
 here knows about runs, files or tolerances.
+
+Scores are s = sigmoid(router logit) + bias: the selection score of sigmoid routers when their
+correction bias was recorded (`score_bias`, MiniMax-M2, DeepSeek-V3), else sigmoid alone, which
+for softmax routers is a monotone map of the logits, so top-k by s is top-k by logit.
+
+- margin (reference, exact when its ids are the top-k of its logits): weakest chosen s minus
+  strongest rejected s; a near-tie is 0 <= margin < tie_threshold.
+- a flip with both runs' logits is judged without knowing any bias: if both runs choose by
+  s + b with the same per-expert b, the reference margin is at most
+  bound = min over dropped a of (s_a - s'_a) - max over added c of (s_c - s'_c).
+  bound < tie_threshold with bound > 0: at a tie; bound >= tie_threshold: the scores moved;
+  bound <= 0: inconsistent (different bias, rule or expert numbering).
+- with only the reference's logits, flips are judged by its exact margin when its ids are the
+  top-k of its logits (at a tie or moved), otherwise not judged (None).
 """
 
 from __future__ import annotations
@@ -51,21 +65,7 @@ def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: tor
                   chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
                   cand_bias: torch.Tensor | None = None) -> tuple[RoutingMetrics, torch.Tensor]:
     """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
-    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit) + bias:
-    the selection score of sigmoid routers when their correction bias was recorded
-    (`score_bias`, MiniMax-M2, DeepSeek-V3), else sigmoid alone, which for softmax routers is a
-    monotone map of the logits, so top-k by s is top-k by logit.
-
-    - margin (reference, exact when its ids are the top-k of its logits): weakest chosen s
-      minus strongest rejected s; a near-tie is 0 <= margin < tie_threshold.
-    - a flip with both runs' logits is judged without knowing any bias: if both runs choose by
-      s + b with the same per-expert b, the reference margin is at most
-      bound = min over dropped a of (s_a - s'_a) - max over added c of (s_c - s'_c).
-      bound < tie_threshold with bound > 0: at a tie; bound >= tie_threshold: the scores moved;
-      bound <= 0: inconsistent (different bias, rule or expert numbering).
-    - with only the reference's logits, flips are judged by its exact margin when its ids are
-      the top-k of its logits (at a tie or moved), otherwise not judged (None).
-    """
+    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED (how: the module docstring)."""
     if ref_ids.shape != cand_ids.shape:
         raise ValueError(f"shapes differ: {tuple(ref_ids.shape)} vs {tuple(cand_ids.shape)}")
     ids_a, ids_b = as_rows(ref_ids).long(), as_rows(cand_ids).long()
