@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, models, placement, runs  # noqa: E402
+from layerwise import capture, loading, models, placement, recording, runs  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
+from layerwise.collector import Collector  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, float]:
 class NullRunWriter:
     """RunWriter's interface, writing nothing: extract's cost without the disk."""
 
-    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16):
+    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=runs.QUEUE_DEPTH):
         self.path, self.bytes_written = Path(path), 0
 
     def has(self, prompt, group):
@@ -216,7 +217,7 @@ def main() -> None:
 
         targets = capture.plan_targets(anatomy, ("residual", "router"), tuple(layers_list))
         sink = NullWriter()
-        collector = capture.Collector(sink, targets)
+        collector = Collector(sink, targets)
         batch = make_batches([Prompt(0, None, tuple(ids[0].tolist()))], 1, 0)[0]
         hooks = capture.Capture(model, targets, collector)
 
@@ -265,14 +266,12 @@ def main() -> None:
     forward_loop()
     sync()
     loop_s = time.perf_counter() - t0
-    import layerwise.extract as extract_module
-
-    real_writer = extract_module.runs.RunWriter
-    extract_module.runs.RunWriter = NullRunWriter
+    real_writer = recording.RunWriter  # what every producer's Recording writes through
+    recording.RunWriter = NullRunWriter
     try:
         null_e2e = extract_model(loaded, work / "null", items, e2e_options)
     finally:
-        extract_module.runs.RunWriter = real_writer
+        recording.RunWriter = real_writer
     e2e = extract_model(loaded, work / "run", items, e2e_options)
     per_file = max(1, e2e.bytes // max(1, args.prompts * args.layers))
     cache_bw, fsync_bw = disk_write_bandwidth(work / "disk", e2e.bytes, per_file)

@@ -35,6 +35,7 @@ from synthetic import build_on_devices, minimax_config  # noqa: E402
 
 from layerwise import capture, loading, models, placement, report, runs  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
+from layerwise.collector import Collector  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
 
@@ -111,7 +112,7 @@ def main() -> None:
             with torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
 
-        collector = capture.Collector(NullWriter(), targets)
+        collector = Collector(NullWriter(), targets)
         hooks = capture.Capture(model, targets, collector)
         batch = make_batches([Prompt(0, None, tuple(ids[0].tolist()))], 1, 0)[0]
 

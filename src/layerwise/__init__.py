@@ -9,7 +9,8 @@ from .anatomy import Anatomy, find_anatomy
 from .checkpoint import inspect_checkpoint
 from .compare import CompareOptions, LogitsReport, PromptResult, Report, Row, compare_paths, compare_runs
 from .errors import UserError
-from .extract import ExtractOptions, ExtractResult, extract, extract_model
+from .extract import ExtractOptions, extract, extract_model
+from .recording import ExtractResult
 from .importer import import_run
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .layer_test import TestOptions, TestResult, compare_layer_test, run_layer_test

@@ -34,18 +34,21 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import capture, models, runs
+from . import capture, models
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
+from .machine import default_device
 from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
+from .recording import Recording, config_sha256, model_record
+from .runs import Intent, Run, library_versions, open_run
 from .streaming import forward_layer, run_layer
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,7 @@ def load_candidate(spec: str) -> Callable:
 
 # ------------------------------------------------------------------------------ checks
 
-def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chained: bool,
+def check_reference(run: Run, source: LayerSource, layers: list[int], chained: bool,
                     allow_config_mismatch: bool = False) -> list[str]:
     """Refuse a reference run from another model or without the inputs the replay needs.
     Returns notes (e.g. a config hash that differs only because transformers versions differ)."""
@@ -160,12 +163,12 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
 def config_hashes(source: LayerSource) -> set[str]:
     """config_sha256 of the model's config as layerwise loads it, with and without the numerics
     fixes (a run may have been hashed either way)."""
-    hashes = {runs.config_sha256(source.config)}
+    hashes = {config_sha256(source.config)}
     raw = copy.deepcopy(source.config)
     params = getattr(raw, "rope_parameters", None)
     if any(f.name == "partial-rope" for f in source.fixes) and isinstance(params, dict):
         params.pop("partial_rotary_factor", None)
-        hashes.add(runs.config_sha256(raw))
+        hashes.add(config_sha256(raw))
     return hashes
 
 
@@ -176,12 +179,11 @@ class _Track:
     """One output run: where its layer inputs come from and where its tensors go."""
 
     kind: str  # "isolated" | "chained"
-    writer: runs.RunWriter
-    collector: capture.Collector | None = None
+    recording: Recording
     carry: list[torch.Tensor] = field(default_factory=list)  # chained: the previous layer's output per batch
 
 
-def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int],
+def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
            options: ReplayOptions = ReplayOptions(), isolated: str | os.PathLike | None = None,
            chained: str | os.PathLike | None = None, source: LayerSource | None = None) -> ReplayResult:
     """Run `layers` on the reference's recorded inputs and write the isolated and/or chained runs.
@@ -191,7 +193,7 @@ def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int
     layers = list(layers)
     if chained is not None and layers != list(range(layers[0], layers[-1] + 1)):
         raise UserError("chained layers must be a contiguous range A-B")
-    run = reference if isinstance(reference, runs.Run) else runs.open_run(reference)
+    run = reference if isinstance(reference, Run) else open_run(reference)
     factory = load_candidate(options.candidate) if options.candidate else None
     if source is None:
         settings = resolve_settings(run, options)
@@ -201,66 +203,75 @@ def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int
     else:
         settings = {"dtype": models.dtype_name(source.dtype), "attn_implementation": source.options.attn_implementation,
                     "device": str(source.device), "candidate": options.candidate, "quant": source.quant_mode}
+    try:
+        outputs = {kind: path for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None}
+        return _replay(run, source, settings, layers, options, factory, outputs)
+    finally:
+        source.close()
+
+
+def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], options: ReplayOptions,
+            factory: Callable | None, outputs: dict) -> ReplayResult:
     for index in layers:
         source.check_index(index)
-    notes = check_reference(run, source, layers, chained is not None, options.allow_config_mismatch)
+    notes = check_reference(run, source, layers, "chained" in outputs, options.allow_config_mismatch)
     batches, padded = reference_batches(run, source.anatomy.layer(layers[0]))
     if not padded:
         notes.append("the reference has no padding tails (made before layerwise recorded them, or imported): "
-                      "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
-                      "from the reference by rounding")
+                     "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
+                     "from the reference by rounding")
     targets = capture.plan_targets(source.anatomy, recorded_points(run, source, layers), tuple(layers))
-    tracks = [_Track(kind, runs.RunWriter(path, _intent(run, source, settings, layers, kind), options.overwrite))
-              for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None]
     start = time.perf_counter()
-    load_seconds, bytes_read = 0.0, 0
-    determinism: tuple[bool | None, float] = (None, 0.0)
-    try:
-        for track in tracks:
-            track.collector = capture.Collector(track.writer, targets)
+    with contextlib.ExitStack() as stack:
+        tracks = [_Track(kind, stack.enter_context(Recording(path, _intent(run, source, settings, layers, kind),
+                                                               targets, options.overwrite)))
+                  for kind, path in outputs.items()]
         with _deterministic(options.deterministic), torch.inference_mode():
-            for index in layers:
-                loaded = source.load(index)
-                load_seconds += loaded.seconds
-                bytes_read += loaded.bytes_read
-                module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
-                who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
-                path = source.anatomy.layer(index)
-                mine = [t for t in targets if t.group == path]
-                if index == layers[0] and options.check_determinism:
-                    determinism = _determinism(run, loaded, module, path, batches[0], source, who)
-                for track in tracks:
-                    if track.kind == "isolated" or index == layers[0]:
-                        hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
-                    else:
-                        hidden = track.carry
-                    out = run_layer(loaded, module, path, batches, hidden, track.collector, mine,
-                                    str(source.device), who)
-                    if track.kind == "chained":
-                        track.carry = out
-                del loaded, module
+            load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
+                                                                options, factory)
         for track in tracks:
-            track.collector.close()
-            track.writer.finish({"producer": "layerwise test", "notes": notes,
-                                 "determinism": {"checked": determinism[0] is not None,
-                                                 "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
-    except BaseException:
-        for track in tracks:
-            if track.collector is not None:
-                track.collector.abort()
-            track.writer.abort()
-        raise
-    finally:
-        source.close()
+            track.recording.close_capture()
+            track.recording.finish({"producer": "layerwise test", "notes": notes,
+                                    "determinism": {"checked": determinism[0] is not None,
+                                                    "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
     if determinism[0] is False:
         notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
                      f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
-    return ReplayResult(tuple(layers), Path(isolated) if isolated else None, Path(chained) if chained else None,
-                        settings, time.perf_counter() - start, load_seconds, bytes_read, tuple(notes),
-                        determinism[0], determinism[1])
+    paths = {kind: Path(path) for kind, path in outputs.items()}
+    return ReplayResult(tuple(layers), paths.get("isolated"), paths.get("chained"), settings,
+                        time.perf_counter() - start, load_seconds, bytes_read, tuple(notes), *determinism)
 
 
-def recorded_points(run: runs.Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
+def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, tracks: list[_Track], targets,
+                options: ReplayOptions, factory: Callable | None) -> tuple[float, int, tuple[bool | None, float]]:
+    """Each layer once, loaded alone, over every batch of every track. Returns the seconds spent
+    loading, the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
+    load_seconds, bytes_read = 0.0, 0
+    determinism: tuple[bool | None, float] = (None, 0.0)
+    for index in layers:
+        loaded = source.load(index)
+        load_seconds += loaded.seconds
+        bytes_read += loaded.bytes_read
+        module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
+        who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
+        path = source.anatomy.layer(index)
+        mine = [t for t in targets if t.group == path]
+        if index == layers[0] and options.check_determinism:
+            determinism = _determinism(run, loaded, module, path, batches[0], source, who)
+        for track in tracks:
+            if track.kind == "isolated" or index == layers[0]:
+                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+            else:
+                hidden = track.carry
+            out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
+                            str(source.device), who)
+            if track.kind == "chained":
+                track.carry = out
+        del loaded, module
+    return load_seconds, bytes_read, determinism
+
+
+def recorded_points(run: Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
     """The capture points inside decoder layers that the reference recorded for these layers
     (the replay records the same; the residual stream always)."""
     anatomy, names = source.anatomy, set(run.names)
@@ -273,7 +284,7 @@ def recorded_points(run: runs.Run, source: LayerSource, layers: list[int]) -> tu
     return tuple(points)
 
 
-def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], bool]:
+def reference_batches(run: Run, first_layer: str) -> tuple[list[Batch], bool]:
     """The reference's batches (its prompts, grouped by its batch size, longest first: the
     batching of extract), and whether its padded rows carry recorded padding tails."""
     settings = run.manifest.get("settings") or {}
@@ -290,7 +301,7 @@ def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], boo
     return batches, padded
 
 
-def recorded_input(run: runs.Run, layer_path: str, batch: Batch, dtype: torch.dtype,
+def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
     input, its padding positions' recorded values after it (zeros where the run has none)."""
@@ -337,12 +348,12 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
+def resolve_settings(run: Run, options: ReplayOptions) -> dict:
     """The candidate settings: what the user gave, else the reference's own."""
     ref = run.manifest.get("settings", {}) or {}
     dtype = options.dtype or ref.get("dtype") or "bf16"
     models.parse_dtype(dtype)
-    device = options.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = options.device or default_device()
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
@@ -352,23 +363,18 @@ def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
 
 
-def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> dict:
-    anatomy = source.anatomy
-    return {
-        "producer": "layerwise test",
-        "model": {"spec": source.ref.spec, "path": str(source.ref.path), "model_type": source.config.model_type,
-                  "architecture": source.architecture,
-                  "config_sha256": runs.config_sha256(source.config), "num_layers": anatomy.num_layers,
-                  "hidden_size": source.config.hidden_size},
-        "settings": {**settings, "replay": kind, "layers": layers,
-                     "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
-        "reference": {"path": str(run.path), "created": run.manifest.get("created")},
-        "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path,
-                    "norm": anatomy.norm_path or "model.norm", "head": anatomy.head_path},
-        "prompts": run.prompts,
-        "fixes": [vars(f) for f in source.fixes],
-        "versions": runs.library_versions(),
-    }
+def _intent(run: Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> Intent:
+    return Intent(
+        producer="layerwise test",
+        model=model_record(source.ref, source.config, source.architecture, source.anatomy.num_layers),
+        settings={**settings, "replay": kind, "layers": layers,
+                  "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
+        reference={"path": str(run.path), "created": run.manifest.get("created")},
+        anatomy=asdict(source.anatomy.layout),
+        prompts=run.prompts,
+        fixes=[vars(f) for f in source.fixes],
+        versions=library_versions(),
+    )
 
 
 def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: LoadedLayer) -> nn.Module:

@@ -19,7 +19,6 @@ Nothing here knows about models or GPUs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
+QUEUE_DEPTH = 16  # files waiting for the writer threads; a full queue makes `put` wait
 def prompt_dir(prompt: int) -> str:
     return f"{TENSOR_DIR}/p{prompt:05d}"
 
@@ -71,16 +71,29 @@ def library_versions() -> dict:
     return out
 
 
-def config_sha256(config) -> str:
-    """A stable hash of a model config (its JSON without volatile fields)."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
-                     "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
-        data.pop(volatile, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------- writing
+
+@dataclass(frozen=True)
+class Intent:
+    """What a run is (intent.json, written first): its producer, model, settings and prompts, and
+    for some producers the reference it replays, the model's layout ("anatomy"), the numerics
+    fixes and library versions. Only model (less its path), settings and prompts decide whether
+    an existing run is the same one (resumed) or another (refused)."""
+
+    producer: str
+    model: dict
+    settings: dict
+    prompts: list
+    reference: dict | None = None
+    anatomy: dict | None = None
+    fixes: list | None = None
+    versions: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON object, keys in the order the format shows them; absent parts left out."""
+        keys = ("producer", "model", "settings", "reference", "anatomy", "prompts", "fixes", "versions")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
 
 class RunWriter:
     """Streams tensor files into a run directory; `finish` writes the manifest last.
@@ -92,11 +105,11 @@ class RunWriter:
     than the producer, `put` blocks (backpressure) instead of growing host memory.
     """
 
-    def __init__(self, path: str | os.PathLike, intent: dict, overwrite: bool = False,
-                 threads: int | None = None, queue_depth: int = 16):
+    def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
+                 threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
         threads = threads or max(2, min(8, (os.cpu_count() or 2)))
         self.path = Path(path)
-        self.intent = intent
+        self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
         self._prepare(overwrite)
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
