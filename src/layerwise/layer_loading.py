@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from . import fp8, models, quant
+from .quant import DEFAULT_FP8_BACKEND
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
 from .placement import meta_model
@@ -63,11 +64,11 @@ SHARED_PARTS = ("embed", "norm", "head")
 
 @dataclass(frozen=True)
 class LayerOptions:
-    dtype: str = "bf16"
+    dtype: str = models.DEFAULT_DTYPE
     device: str = "cpu"  # "cuda:0", "cpu"
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8" (W8A8 as serving engines)
-    fp8_backend: str = "auto"  # --quant fp8: "auto" (scaled_mm on Hopper, else emulation), "scaled_mm", "emulate"
+    fp8_backend: str = DEFAULT_FP8_BACKEND  # --quant fp8: quant.FP8_BACKENDS
 
 
 @dataclass

@@ -36,6 +36,7 @@ FP32_ROUTER_PATTERNS = {
     "minimax_m2": ("mlp.gate.weight", "mlp.e_score_correction_bias"),
 }
 
+DEFAULT_DTYPE = "bf16"  # the compute dtype unless told (--dtype)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

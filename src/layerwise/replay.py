@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from . import capture, models
+from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
 from .machine import default_device
@@ -61,7 +62,7 @@ class ReplayOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
     candidate: str | None = None  # "package.module:factory" or "path/file.py:factory"
     quant: str | None = None  # FP8 checkpoints: "dequantize" or "fp8" (None: the reference's)
-    fp8_backend: str = "auto"
+    fp8_backend: str = DEFAULT_FP8_BACKEND
     allow_config_mismatch: bool = False  # the model is a variant of the reference's (quantized, converted)
     overwrite: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for the replay
@@ -351,7 +352,7 @@ def _deterministic(on: bool):
 def resolve_settings(run: Run, options: ReplayOptions) -> dict:
     """The candidate settings: what the user gave, else the reference's own."""
     ref = run.manifest.get("settings", {}) or {}
-    dtype = options.dtype or ref.get("dtype") or "bf16"
+    dtype = options.dtype or ref.get("dtype") or models.DEFAULT_DTYPE
     models.parse_dtype(dtype)
     device = options.device or default_device()
     try:

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import capture
+from . import capture, models
+from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .extract import ExtractOptions, extract_intent, prepare, record
 from .layer_loading import LayerOptions, LayerSource, open_layers
@@ -44,10 +45,10 @@ _NOT_STREAMABLE = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "falco
 @dataclass(frozen=True)
 class StreamOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
-    dtype: str = "bf16"
+    dtype: str = models.DEFAULT_DTYPE
     attn_implementation: str | None = None
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"
-    fp8_backend: str = "auto"
+    fp8_backend: str = DEFAULT_FP8_BACKEND
     prefetch: bool = True  # read layer K+1 while layer K computes
     activations_on_device_fraction: float = 0.25  # above this share of free device memory, keep them on the host
 
