@@ -3,18 +3,21 @@
 Prompts are matched by index and must hold the same token ids; tensors by name and must have
 the same shape; the runs must be of the same model (model type, architecture, layer count and
 hidden size, where both manifests say). Dtypes and settings may differ: that is what a
-comparison is for. What only one run holds is listed as skipped, grouped per layer range.
+comparison is for. What only one run holds is listed as skipped, grouped per layer range. Pure:
+it reads the manifests of runs already open, never a tensor or a file.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 from .names import PAD_ROLE, Layout, format_ranges, model_order_key
-from .runs import Run
+
+if TYPE_CHECKING:
+    from .runs import Run
 
 @dataclass(frozen=True)
 class Alignment:
