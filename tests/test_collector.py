@@ -89,7 +89,8 @@ def test_batches_are_cut_into_prompts_with_padding_tails_and_stored_dtypes():
     _in_thread(collector.close)
     files = {p: t for p, _, t in writer.files}
     assert torch.equal(files[0][f"{layer}:input"], x[0]) and f"{layer}:input_padding" not in files[0]
-    assert torch.equal(files[1][f"{layer}:input"], x[1, :1]) and torch.equal(files[1][f"{layer}:input_padding"], x[1, 1:])
+    assert torch.equal(files[1][f"{layer}:input"], x[1, :1])
+    assert torch.equal(files[1][f"{layer}:input_padding"], x[1, 1:])
     assert torch.equal(files[1][f"{router}:router_logits"], logits.reshape(2, 3, 4)[1, :1])
     assert files[1][f"{router}:topk_ids"].dtype == torch.int32 and files[1][f"{router}:topk_ids"].shape == (1, 2)
     assert files[0][f"{router}:topk_weights"].dtype == torch.float32

@@ -15,10 +15,9 @@ import torch
 from layerwise import loading, runs, tensorfile
 from layerwise.extract import ExtractOptions, extract_model
 
-from helpers import assert_one_line_error, run_cli
+from helpers import PROMPTS, assert_one_line_error, run_cli
 
 ALL_POINTS = "embed,residual,attn,mlp,router,norm,logits"
-PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q", "Paris is a city in"]
 
 
 @pytest.fixture(scope="module")

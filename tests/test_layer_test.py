@@ -8,7 +8,7 @@ import torch
 from layerwise import layer_test, open_run
 from layerwise.errors import UserError
 
-from helpers import assert_one_line_error, copy_checkpoint, run_cli
+from helpers import assert_one_line_error, assert_runs_equal, copy_checkpoint, run_cli
 
 MINIMAX = "builtin:minimax-m2-tiny"
 
@@ -201,10 +201,7 @@ def test_replayed_router_tensors_match_extract(tmp_path, reference):
     names = {n for n in run.names if n.startswith("model.layers.1.mlp.gate:")}
     roles = ("router_logits", "score_bias", "topk_weights", "topk_ids")
     assert names == {f"model.layers.1.mlp.gate:{r}" for r in roles}
-    for name in names:
-        for p in (0, 1):
-            a, b = run.tensor(name, p), reference.tensor(name, p)
-            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert assert_runs_equal(run, reference, names=names) == len(names) * 2
 
 
 @pytest.mark.parametrize("text, expected", [("all", [0, 1, 2, 3]), ("0", [0]), (" 3 ", [3])])

@@ -6,6 +6,8 @@ import torch
 from layerwise import loading
 from layerwise.errors import UserError
 
+from helpers import assert_runs_equal
+
 
 def test_load_tiny_on_cpu_with_placement_rows():
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="cpu"))
@@ -85,6 +87,4 @@ def test_disk_offload_keeps_router_fp32_and_numerics(tmp_path):
     options = ExtractOptions(points="residual,router,logits")
     extract_model(offloaded, tmp_path / "a", ["The capital of France is"], options)
     extract_model(in_memory, tmp_path / "b", ["The capital of France is"], options)
-    a, b = runs.open_run(tmp_path / "a"), runs.open_run(tmp_path / "b")
-    for name in a.names:
-        assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert_runs_equal(runs.open_run(tmp_path / "a"), runs.open_run(tmp_path / "b"))

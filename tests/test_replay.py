@@ -9,15 +9,10 @@ from layerwise import open_run, replay
 from layerwise.errors import UserError
 from layerwise.replay import ReplayOptions
 
-from helpers import copy_checkpoint
+from helpers import assert_runs_equal, copy_checkpoint, rel_l2
 from reference_runs import PROMPTS, make_reference_run
 
 MINIMAX = "builtin:minimax-m2-tiny"
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def output_errors(reference, candidate, layers) -> list[float]:
@@ -28,15 +23,9 @@ def output_errors(reference, candidate, layers) -> list[float]:
 
 
 def assert_identical(reference, candidate) -> None:
-    compared = 0
-    for name in candidate.names:
-        for p in reference.prompts:
-            if reference.has(name, p["index"]):
-                a, b = candidate.tensor(name, p["index"]), reference.tensor(name, p["index"])
-                assert a.dtype == b.dtype and torch.equal(a, b), \
-                    f"{name} prompt {p['index']}: {a.dtype} vs {b.dtype}, rel_l2 {rel_l2(a, b):.3g}"
-                compared += 1
-    assert compared >= len(reference.prompts) * 2
+    """Every tensor the candidate holds that the reference holds too is bit-identical."""
+    common = set(candidate.names) & set(reference.names)
+    assert assert_runs_equal(candidate, reference, names=common) >= len(reference.prompts) * 2
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +211,6 @@ def test_self_test_is_exact_for_every_extract_mode(tmp_path, spec, dtype, batch_
     from layerwise.extract import ExtractOptions, extract_model
     from layerwise.streaming import StreamOptions, stream_extract
 
-    from helpers import assert_runs_equal
-
     options = ExtractOptions(points="residual,attn,mlp,router", batch_size=batch_size)
     if stream:
         stream_extract(spec, tmp_path / "ref", UNEVEN, options, StreamOptions(dtype=dtype))
@@ -236,12 +223,7 @@ def test_self_test_is_exact_for_every_extract_mode(tmp_path, spec, dtype, batch_
         run = open_run(tmp_path / kind)
         missing = [n for n in run.names if n not in reference.names]
         assert not missing, missing
-        compared = 0
-        for e in run.entries():
-            a, b = run.tensor(e.name, e.prompt), reference.tensor(e.name, e.prompt)
-            assert a.dtype == b.dtype and torch.equal(a, b), f"{kind} {e.name} prompt {e.prompt}: rel_l2 {rel_l2(a, b):.3g}"
-            compared += 1
-        assert compared > 4 * len(UNEVEN) * 2
+        assert assert_runs_equal(run, reference, names=run.names) > 4 * len(UNEVEN) * 2, kind
 
 
 def test_reference_without_padding_tails_says_so(tmp_path):

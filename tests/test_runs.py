@@ -9,22 +9,22 @@ from safetensors import safe_open
 from layerwise import runs, tensorfile
 from layerwise.errors import UserError
 
+from helpers import write_run
+
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
           "prompts": [{"index": 0, "text": "ab", "token_ids": [1, 2]}, {"index": 1, "text": "c", "token_ids": [3]}]}
 
 
-def write_run(path, intent=INTENT, **kw):
-    w = runs.RunWriter(path, intent, **kw)
-    for p, n in ((0, 2), (1, 1)):
-        w.put(p, "model.layers.0", {"model.layers.0:input": torch.full((n, 4), float(p)),
-                                    "model.layers.0:output": torch.full((n, 4), p + 0.5)})
-        w.put(p, "lm_head", {"lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3)})
-        w.put(p, "model.embed_tokens", {"model.embed_tokens:output": torch.zeros(n, 4)})
-    return w.finish({"stats": {"seconds": 0}})
+def write_small_run(path, intent=INTENT, **kw):
+    tensors = {p: {"model.layers.0:input": torch.full((n, 4), float(p)),
+                   "model.layers.0:output": torch.full((n, 4), p + 0.5),
+                   "lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3),
+                   "model.embed_tokens:output": torch.zeros(n, 4)} for p, n in ((0, 2), (1, 1))}
+    return write_run(path, intent, tensors, {"stats": {"seconds": 0}}, **kw)
 
 
 def test_manifest_schema_is_pinned(tmp_path):
-    m = write_run(tmp_path / "run")
+    m = write_small_run(tmp_path / "run")
     assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
                        "tensors"]
     assert m["format"] == "layerwise-run" and m["format_version"] == 1
@@ -41,7 +41,7 @@ def test_manifest_schema_is_pinned(tmp_path):
 
 
 def test_tensor_files_are_standard_safetensors(tmp_path):
-    write_run(tmp_path / "run")
+    write_small_run(tmp_path / "run")
     file = tmp_path / "run" / "tensors" / "p00001" / "lm_head.safetensors"
     with safe_open(str(file), "pt") as fh:
         assert fh.metadata()["prompt"] == "1"
@@ -53,7 +53,7 @@ def test_tensor_files_are_standard_safetensors(tmp_path):
 
 
 def test_open_run_reads_lazily_and_verifies(tmp_path):
-    write_run(tmp_path / "run")
+    write_small_run(tmp_path / "run")
     run = runs.open_run(tmp_path / "run")
     assert run.names == ["model.embed_tokens:output", "model.layers.0:input", "model.layers.0:output", "lm_head:output"]
     assert run.tensor("model.layers.0:output", 1).tolist() == [[1.5] * 4]

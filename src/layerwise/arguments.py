@@ -105,7 +105,8 @@ def _tolerances(p, prompt_filter: bool = True) -> None:
                                                        "(default: by dtype, 1e-4 for fp32 to 1e-2 for bf16)")
     p.add_argument("--noise-factor", type=float, help="with --baseline, a tensor within this many noise floors passes "
                                                       f"(default: {CompareOptions.noise_factor:g})")
-    p.add_argument("--logits-topk", type=int, help=f"k of the logits' top-k overlap (default: {CompareOptions.logits_topk})")
+    p.add_argument("--logits-topk", type=int,
+                   help=f"k of the logits' top-k overlap (default: {CompareOptions.logits_topk})")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
@@ -116,8 +117,8 @@ def _tolerances(p, prompt_filter: bool = True) -> None:
 
 def build_parser() -> Parser:
     builtins = ", ".join(f"builtin:{n}" for n in BUILTINS)
-    parser = Parser(prog="layerwise", description="Layer-by-layer numerical testing of large language models. "
-                                                  f"A MODEL is a checkpoint directory, a .gguf file, or one of: {builtins}.")
+    parser = Parser(prog="layerwise", description="Layer-by-layer numerical testing of large language models. A "
+                                                  f"MODEL is a checkpoint directory, a .gguf file, or one of: {builtins}.")
     parser.add_argument("--version", action="version", version=f"layerwise {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)

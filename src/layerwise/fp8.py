@@ -61,7 +61,8 @@ class Fp8Experts(nn.Module):
     with e4m3 weights: per expert, gate_up -> act(gate) * up -> down, each matmul in W8A8 FP8."""
 
     def __init__(self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
-                 down_scale: torch.Tensor, block: tuple[int, int] | None, act_fn, backend: str = quant.DEFAULT_FP8_BACKEND):
+                 down_scale: torch.Tensor, block: tuple[int, int] | None, act_fn,
+                 backend: str = quant.DEFAULT_FP8_BACKEND):
         super().__init__()
         self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # e4m3 [E, 2I, H]
         self.gate_up_proj_scale_inv = nn.Parameter(gate_up_scale, requires_grad=False)

@@ -45,7 +45,7 @@ class TestOptions:
     layers: str | None = None  # multi: A-B (default: every layer); full / extract-all: which layers to capture
     out: str = "runs/test"  # directory for the candidate run(s)
     stream: bool = False  # full / extract-all: one decoder layer at a time on one device (single and multi always are)
-    candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings under test (default: the reference's)
+    candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings tested (default: the reference's)
     load: LoadOptions = field(default_factory=LoadOptions)  # full / extract-all: loading the whole model
     extract: ExtractOptions = field(default_factory=ExtractOptions)  # extract-all: capture; full: its batch defaults
 

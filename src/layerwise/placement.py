@@ -162,7 +162,8 @@ def module_sizes(model) -> dict[str, int]:
 
 
 def plan_for(model_name: str, config, gpu_bytes: list[int], cpu_bytes: int, *, device_map: str,
-             max_memory: str | None, dtype: str, tokens: int, attn_implementation: str | None, quant: str | None) -> Plan:
+             max_memory: str | None, dtype: str, tokens: int, attn_implementation: str | None,
+             quant: str | None) -> Plan:
     """The placement of a model of `config` on GPUs of `gpu_bytes` free bytes each (present or
     simulated) and `cpu_bytes` of host RAM, for these settings as the command line gives them
     (`--device-map`, `--max-memory`, `--dtype`, `--tokens`, `--attn-implementation`, `--quant`)."""

@@ -259,7 +259,8 @@ def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
             module, role = split_name(name)
             entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
                             "dtype": tensorfile.dtype_name(dtype), "file": rel, "sha256": digest})
-    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm, layout.head)))
+    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed,
+                                                             layout.norm, layout.head)))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+import helpers
 from layerwise import loading, runs
 from layerwise.extract import ExtractOptions, extract_model
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]
+PROMPTS = helpers.PROMPTS[:2] + ["a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]  # one long prompt
 
 
 def need_gpus(n):
@@ -63,7 +64,4 @@ def test_streamed_extract_on_gpu_equals_whole_model(tmp_path, monkeypatch):
     extract_model(loaded, tmp_path / "full", PROMPTS, options)
     stream_extract("builtin:minimax-m2-tiny", tmp_path / "stream", PROMPTS, options,
                    StreamOptions(device="cuda:0", dtype="bf16"))
-    full, streamed = runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream")
-    for name in full.names:
-        for p in range(len(PROMPTS)):
-            assert torch.equal(full.tensor(name, p), streamed.tensor(name, p)), (name, p)
+    helpers.assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))
