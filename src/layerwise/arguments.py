@@ -189,7 +189,7 @@ def _import(sub) -> None:
 def _compare(sub) -> None:
     p = sub.add_parser("compare", help="name the first tensor where two runs diverge; exit 0 pass / 1 diverged",
                        description="Compare a candidate run with a reference run tensor by tensor, in model order, "
-                                   "and name the first that breaks its tolerance (docs/CompareOptions.md).")
+                                   "and name the first that breaks its tolerance (docs/COMPARE.md).")
     p.add_argument("reference", metavar="REF", help="the reference run directory")
     p.add_argument("candidate", metavar="CAND", help="the candidate run directory")
     p.add_argument("--baseline", metavar="RUN2", help="a second reference run (another batch size, kernel...): its "
