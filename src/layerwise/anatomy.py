@@ -89,7 +89,7 @@ def _child_named(module: nn.Module, candidates: tuple[str, ...]) -> str | None:
 
 def router_class_name(model: nn.Module) -> str | None:
     """The router class transformers itself records router logits from, if it says."""
-    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")  # transformers' own key
     target = getattr(recorder, "target_class", None)
     return getattr(target, "__name__", None)
 

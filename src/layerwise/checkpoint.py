@@ -21,10 +21,11 @@ import torch
 from . import tensorfile
 from .errors import UserError
 from .names import layer_parts
-from .quant import SCALE_NAMES
+from .quant import FP8_DTYPE, SCALE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+_FLOAT_SCALES = {tensorfile.code(t) for t in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
 
 
 def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
-    """Each F8_E4M3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
+    """Each e4m3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
     per tensor without blocks). One line per problem, naming the tensor."""
     problems = []
     for name, info in infos.items():
-        if info.get("dtype") != "F8_E4M3":
+        if info.get("dtype") != tensorfile.code(FP8_DTYPE):
             continue
         base = name.removesuffix(".weight")
         scale_name = next((f"{base}.{s}" for s in SCALE_NAMES if f"{base}.{s}" in infos), None)
@@ -109,7 +110,7 @@ def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
         if want is not None:
             problems.append(f"FP8 scale {scale_name} has shape {scale['shape']}, expected {want} for the "
                             f"{shape} weight in the quantization_config's blocks: re-download the checkpoint")
-        elif scale.get("dtype") not in ("F32", "BF16", "F16"):
+        elif scale.get("dtype") not in _FLOAT_SCALES:
             problems.append(f"FP8 scale {scale_name} is {scale.get('dtype')}, not a float: re-download the checkpoint")
     return problems
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import UserError
 from .formatting import growth, sci, times
-from .names import part_in_layer
+from .names import OUTPUT, part_in_layer
 from .report import report_text
 
 if TYPE_CHECKING:
@@ -68,16 +68,16 @@ def plot_png(report: Report) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     ax, zero = axes[0], _zero_level(report)
-    for part, style in (("output", "-o"), ("self_attn", "--"), ("mlp", ":")):
+    for part, style in ((OUTPUT, "-o"), ("self_attn", "--"), ("mlp", ":")):
         xs, ys = _series(report, part, zero)
         if xs:
             ax.plot(xs, ys, style, markersize=3, label=f"{part} rel_l2")
     excused = [(r.layer, max(r.judged_rel_l2, zero)) for r in report.rows
-               if r.layer is not None and r.excused and _part(r) == "output"]
+               if r.layer is not None and r.excused and _part(r) == OUTPUT]
     if excused:
         ax.plot([x for x, _ in excused], [y for _, y in excused], "s", color="tab:blue", fillstyle="none",
                 label="output rel_l2 without tokens diverted by routing flips")
-    outputs = [r for r in report.rows if r.layer is not None and _part(r) == "output"]
+    outputs = [r for r in report.rows if r.layer is not None and _part(r) == OUTPUT]
     limits = [(r.layer, r.rel_l2_limit) for r in outputs if r.rel_l2_limit is not None]
     if limits:
         ax.step([x for x, _ in limits], [y for _, y in limits], "r--", where="mid", linewidth=1, label="tolerance")

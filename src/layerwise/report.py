@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from .formatting import growth, json_safe, sci, table, times
-from .names import format_ranges, part_in_layer
+from .names import OUTPUT, format_ranges, part_in_layer
 from .sizes import format_bytes
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def _part(row: Row) -> str:
 
 def _main_row(rows: list[Row]) -> Row:
     """The row that stands for a layer: its output, else its last tensor."""
-    return next((r for r in rows if r.layer is not None and _part(r) == "output"), rows[-1])
+    return next((r for r in rows if r.layer is not None and _part(r) == OUTPUT), rows[-1])
 
 
 def _routing_cell(routing: RoutingMetrics | None) -> str:

@@ -39,6 +39,11 @@ _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per
 _staging = threading.local()
 
 
+def code(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "BF16"."""
+    return _CODES[dtype]
+
+
 def dtype_name(code: str) -> str:
     """"BF16" -> "bfloat16" (an unknown code: lower case)."""
     return DTYPES[code][0] if code in DTYPES else code.lower()
@@ -203,7 +208,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     for name, t in tensors.items():
         meta[HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
         size = views[name].nbytes
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
