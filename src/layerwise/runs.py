@@ -19,9 +19,11 @@ Nothing here knows about models or GPUs.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import logging
 import os
+import platform
 import queue
 import re
 import shutil
@@ -59,9 +61,7 @@ def group_file(prompt: int, group: str) -> str:
 
 
 def library_versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
+    """The versions of Python and the libraries that shape a run's numbers (recorded beside it)."""
     out = {"python": platform.python_version()}
     for package in ("layerwise", "torch", "transformers", "accelerate", "safetensors"):
         try:
