@@ -3,9 +3,9 @@
 `compare_runs(ref, cand, options, baseline)` aligns the runs (align.py: same prompts and tokens,
 same model, same shapes; what only one run holds is skipped and listed), then streams: for each
 prompt, for each tensor in model order, it reads the reference and candidate tensors (and the
-baseline's), verifies their sha256, measures them (metrics.py) and judges them (tolerances.py).
-At most two groups of tensors are in memory: the one being measured and the next one being
-read by a background thread. Rows, verdict and first divergence come back as a frozen `Report`;
+baseline's) through runs.read_units, which verifies their sha256 and keeps at most two groups in
+memory (the one being measured and the next one being read), measures them (metrics.py,
+routing.py) and judges them (tolerances.judge). Rows, verdict and first divergence come back as a frozen `Report`;
 report.py renders it. Nothing here prints or writes files.
 """
 

@@ -1,7 +1,7 @@
 """Loading a causal LM over GPUs: plan first, refuse or warn on spills, load exactly the plan.
 
 `load_model` is the seed's `load_model_gpu` done right: it plans the placement on the meta
-device (placement.py) with the GPUs present, refuses to start when the plan spills and
+device (placement.py) with the GPUs present (`plan_load`), refuses to start when the plan spills and
 `allow_spill` is off, loads with transformers' `from_pretrained` using the planned map, then
 checks that what was loaded is what was planned and that the numerics fixes held (router in
 fp32). `placement_rows` says where every module went and how much each GPU really uses.

@@ -6,8 +6,9 @@ under per-GPU budgets. The budgets leave room for what the forward pass needs be
 (`forward_reserve`): activations for `tokens` tokens, the logits on the head's GPU, and CUDA's
 own context. Loading reuses the very map planned here, so what is loaded is what was planned.
 
-Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real GPUs
-(the caller passes their capacities) and never touches weights.
+`plan_for` plans from a config and the command line's settings, `plan_placement` from a meta
+model. Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real
+GPUs (the caller passes their capacities: loading.plan_load, readiness) and never touches weights.
 """
 
 from __future__ import annotations
