@@ -10,7 +10,6 @@ it. A usage error is a UserError (one line, exit 2), not argparse's usage block.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from . import __version__
 from .capture import DEFAULT_POINTS, POINTS
@@ -36,8 +35,7 @@ class Parser(argparse.ArgumentParser):
 
 def options(cls, **values):
     """`cls(**values)` without the values not given (None): those take the dataclass default."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if v is not None and k in names})
+    return cls(**{k: v for k, v in values.items() if v is not None})
 
 
 # --------------------------------------------------------------------------------- option groups
