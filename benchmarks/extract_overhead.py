@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
 from layerwise import capture, loading, models, placement, runs  # noqa: E402
+from layerwise.collector import Collector  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
@@ -188,7 +189,7 @@ class Bench:
             for h in handles:
                 h.remove()
 
-        collector = capture.Collector(sink, self.targets)
+        collector = Collector(sink, self.targets)
         hooks = capture.Capture(model, self.targets, collector)
 
         def lw_on():
@@ -285,15 +286,14 @@ class Bench:
         loop()
         sync()
         loop_s = time.perf_counter() - t0
-        import importlib
+        from layerwise import recording
 
-        extract_module = importlib.import_module("layerwise.extract")  # the module, not the function
-        real = extract_module.runs.RunWriter
-        extract_module.runs.RunWriter = NullRunWriter
+        real = recording.RunWriter  # the writer a Recording opens
+        recording.RunWriter = NullRunWriter
         try:
             null = extract_model(loaded, work / "null", items, options)
         finally:
-            extract_module.runs.RunWriter = real
+            recording.RunWriter = real
         e2e = extract_model(loaded, work / "run", items, options)
         per_file = max(1, e2e.bytes // max(1, prompts * len(self.layers)))
         cache_gbps = page_cache_write_gbps(work / "disk", e2e.bytes, per_file)

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_overhead import interleaved, NullWriter  # noqa: E402
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, models, placement, render, runs  # noqa: E402
+from layerwise import capture, loading, models, placement, report, runs  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
+from layerwise.collector import Collector  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     plan = placement.plan_placement(meta, gpus, "auto", cpu_bytes=0, tokens=max_tokens, dtype=dtype) if gpus else \
         placement.plan_placement(meta, [], {"": "cpu"}, cpu_bytes=10**13, dtype=dtype)
-    print(render.plan_text(plan), flush=True)
+    print(report.plan_text(plan), flush=True)
     if gpus and not plan.fits:
         raise SystemExit(f"the model does not fit on these GPUs: {plan.verdict}")
     t0 = time.perf_counter()
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     device = loading.input_device(model, anatomy)
     loaded = loading.LoadedModel(model, models.ModelRef("synthetic:minimax-m2", "checkpoint", None), [], plan,
                                  anatomy, build_s)
-    rows = loading.placement_report(loaded)
-    print(render.placement_text(loaded, rows), flush=True)
+    rows = loading.placement_rows(loaded)
+    print(report.placement_text(loaded, rows), flush=True)
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
 
-        collector = capture.Collector(NullWriter(), targets)
+        collector = Collector(NullWriter(), targets)
         hooks = capture.Capture(model, targets, collector)
         batch = make_batches([Prompt(0, None, tuple(ids[0].tolist()))], 1, 0)[0]
 

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from layerwise import models, placement, zoo  # noqa: E402
+from layerwise import devicemap, models, placement, zoo  # noqa: E402
+from layerwise.quiet import quiet_transformers  # noqa: E402
 
 
 def minimax_config(layers: int, tiny: bool = False, experts: int | None = None):
@@ -51,7 +52,7 @@ def build_on_devices(config, device_map: dict, dtype=torch.bfloat16, seed: int =
     model = placement.meta_model(config, dtype)
     generators: dict[str, torch.Generator] = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        device = placement.device_of(device_map, name)
+        device = devicemap.device_of(device_map, name)
         device = f"cuda:{device}" if isinstance(device, int) else (device or "cpu")
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -66,7 +67,7 @@ def build_on_devices(config, device_map: dict, dtype=torch.bfloat16, seed: int =
         else:
             module._buffers[leaf] = value
     rotary_path = [n for n, _ in model.named_modules() if n.endswith("rotary_emb")][0]
-    rotary_device = placement.device_of(device_map, rotary_path)
+    rotary_device = devicemap.device_of(device_map, rotary_path)
     rotary_device = f"cuda:{rotary_device}" if isinstance(rotary_device, int) else rotary_device
     parent, _, leaf = rotary_path.rpartition(".")
     rotary_cls = type(model.get_submodule(rotary_path))
@@ -78,7 +79,7 @@ def build_on_devices(config, device_map: dict, dtype=torch.bfloat16, seed: int =
 
 
 def write_checkpoint(model, directory: Path, shard: str = "5GB") -> None:
-    with models.quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(directory, max_shard_size=shard)
 
 

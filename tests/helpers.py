@@ -1,11 +1,19 @@
-"""Test helpers: copies of the tiny checkpoint to break on purpose, CLI runner."""
+"""Test helpers shared by the test files: prompts, copies of the tiny checkpoint to break on
+purpose, the CLI runner, run writing, and assertions whose messages carry diff statistics."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import torch
+
 from layerwise.cli import main
+from layerwise.names import file_group
+from layerwise.runs import RunWriter
+
+# Text prompts of uneven lengths (batches of several pad their shorter rows).
+PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q", "Paris is a city in"]
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -27,13 +35,37 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
-def assert_runs_equal(a, b, exclude_roles: tuple[str, ...] = ()) -> int:
-    """Two runs hold the same tensors (name, prompt, shape, dtype) with the same bits. The message
-    names the first difference with its statistics. Returns how many tensors were compared."""
-    import torch
+def write_run(path, intent: dict, tensors_by_prompt: dict[int, dict[str, torch.Tensor]], extra: dict | None = None,
+              **writer_options) -> dict:
+    """Write tensors as a run, grouped into files as extract groups them (`extra` beside the intent
+    in the manifest); returns the manifest."""
+    writer = RunWriter(path, intent, **writer_options)
+    for prompt, tensors in tensors_by_prompt.items():
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            groups.setdefault(file_group(name.rpartition(":")[0]), {})[name] = t
+        for group, items in groups.items():
+            writer.put(prompt, group, items)
+    return writer.finish(extra)
 
-    keys_a = {(e.name, e.prompt) for e in a.entries() if e.role not in exclude_roles}
-    keys_b = {(e.name, e.prompt) for e in b.entries() if e.role not in exclude_roles}
+
+def rel_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """||candidate - reference|| / ||reference|| in float64."""
+    a, b = candidate.double(), reference.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_runs_equal(a, b, names=None, exclude_roles: tuple[str, ...] = ()) -> int:
+    """Two runs hold the same tensors (name, prompt, shape, dtype) with the same bits; with `names`,
+    only those names are compared (both runs must hold them for the same prompts). The message
+    names the first difference with its statistics. Returns how many tensors were compared."""
+    wanted = None if names is None else set(names)
+
+    def keys(run):
+        return {(e.name, e.prompt) for e in run.entries()
+                if e.role not in exclude_roles and (wanted is None or e.name in wanted)}
+
+    keys_a, keys_b = keys(a), keys(b)
     assert keys_a == keys_b, (f"tensors differ: only in A {sorted(keys_a - keys_b)[:3]}, "
                               f"only in B {sorted(keys_b - keys_a)[:3]}")
     differ = []
@@ -42,9 +74,7 @@ def assert_runs_equal(a, b, exclude_roles: tuple[str, ...] = ()) -> int:
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
             stats = ""
             if x.shape == y.shape and x.is_floating_point():
-                d = (x.double() - y.double())
-                stats = (f": max |diff| {d.abs().max().item():.3e}, "
-                         f"rel_l2 {(d.norm() / x.double().norm().clamp_min(1e-300)).item():.3e}")
+                stats = f": max |diff| {(x.double() - y.double()).abs().max().item():.3e}, rel_l2 {rel_l2(y, x):.3e}"
             differ.append(f"{name} prompt {prompt} ({x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}){stats}")
     assert not differ, f"{len(differ)} of {len(keys_a)} tensors differ; first: {differ[0]}"
     return len(keys_a)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from layerwise import loading, runs
+from layerwise import loading, models, recording, runs
 
 PROMPTS = [
     {"index": 0, "text": "The capital of France is", "token_ids": [84, 104, 101, 32, 99, 97, 112, 105, 116, 97, 108]},
@@ -27,7 +27,7 @@ def make_reference_run(spec: str, path, dtype: str = "fp32", attn: str = "sdpa",
         "producer": "test oracle",
         "model": {"spec": spec, "model_type": model.config.model_type, "num_layers": n,
                   "hidden_size": model.config.hidden_size,
-                  "config_sha256": runs.config_sha256(__import__("layerwise").load_config(loaded.ref).config)},
+                  "config_sha256": recording.config_sha256(models.load_config(loaded.ref).config)},
         "settings": {"dtype": dtype, "attn_implementation": attn},
         "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path, "norm": anatomy.norm_path,
                     "head": anatomy.head_path},

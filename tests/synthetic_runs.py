@@ -10,7 +10,7 @@ propagates to every later tensor the way it does in a real model:
   ("tie", k)        the token with the closest call at layer k's router picks the runner-up
                     (its (k+1)-th logit lifted just past the k-th): a near-tie flip
 `dtype=torch.bfloat16` runs the whole model in bf16 (router in fp32); `stored_as` stores the
-result in another dtype and labels the run with it. `write_run` writes any tensors as a run,
+result in another dtype and labels the run with it. `write_toy_run` writes any tensors as a run of the toy model,
 `corrupt_tensor` flips a bit inside one stored tensor.
 """
 
@@ -21,7 +21,8 @@ import struct
 
 import torch
 
-from layerwise.runs import RunWriter, open_run
+import helpers
+from layerwise.runs import open_run
 
 LAYERS, HIDDEN, EXPERTS, TOP_K, VOCAB = 4, 32, 8, 2, 64
 PROMPTS = [[5, 9, 2, 7, 1, 3, 8, 4], [11, 12, 13, 14, 15, 16]]
@@ -83,7 +84,7 @@ def toy_forward(tokens: list[int], dtype: torch.dtype = torch.float32, fault: tu
     return out
 
 
-def write_run(path, tensors_by_prompt: dict[int, dict[str, torch.Tensor]], dtype: str = "float32",
+def write_toy_run(path, tensors_by_prompt: dict[int, dict[str, torch.Tensor]], dtype: str = "float32",
               prompts: list[list[int]] | None = None, model: dict | None = None, layers: int = LAYERS):
     """Write any tensors as a run (grouped by layer like extract does); returns the opened Run."""
     prompts = prompts if prompts is not None else PROMPTS[:len(tensors_by_prompt)]
@@ -95,16 +96,7 @@ def write_run(path, tensors_by_prompt: dict[int, dict[str, torch.Tensor]], dtype
                     "head": "lm_head"},
         "prompts": [{"index": i, "text": f"prompt {i}", "token_ids": list(t)} for i, t in enumerate(prompts)],
     }
-    writer = RunWriter(path, intent)
-    for i, tensors in tensors_by_prompt.items():
-        groups: dict[str, dict] = {}
-        for name, t in tensors.items():
-            module = name.split(":")[0]
-            group = ".".join(module.split(".")[:3]) if module.startswith("model.layers.") else module
-            groups.setdefault(group, {})[name] = t
-        for group, items in groups.items():
-            writer.put(i, group, items)
-    writer.finish()
+    helpers.write_run(path, intent, tensors_by_prompt)
     return open_run(path)
 
 
@@ -130,7 +122,7 @@ def toy_run(path, dtype: torch.dtype = torch.float32, fault: tuple | None = None
     `stored_as` (if given) else `dtype`."""
     tensors = toy_tensors(dtype, fault, prompts, drop, seed, layers, stored_as)
     label = str(stored_as or dtype).removeprefix("torch.")
-    return write_run(path, tensors, label, prompts, model, layers)
+    return write_toy_run(path, tensors, label, prompts, model, layers)
 
 
 def corrupt_tensor(run, name: str, prompt: int = 0):

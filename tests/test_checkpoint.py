@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from layerwise import checkpoint
+from layerwise import checkpoint, tensorfile
 from layerwise.errors import UserError
 
 from helpers import copy_checkpoint
@@ -81,7 +81,7 @@ def test_read_tensors_matches_safetensors_and_reads_only_their_span(tiny_minimax
             bytes_read.append(n)
             return n
 
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", buffering=-1: Counting(path, "rb")
+    monkeypatch.setattr(tensorfile, "open", lambda path, mode="r", buffering=-1: Counting(path, "rb")
                         if mode == "rb" and buffering == 0 else real_open(path, mode, buffering), raising=False)
     got = checkpoint.read_tensors(tiny_minimax.path, names)
     for name in names:
@@ -89,7 +89,7 @@ def test_read_tensors_matches_safetensors_and_reads_only_their_span(tiny_minimax
             assert torch.equal(fh.get_tensor(name), got[name]), name
     span = 0
     for shard in {wmap[n] for n in names}:
-        header = checkpoint.read_header(tiny_minimax.path / shard)
+        header = tensorfile.read_header(tiny_minimax.path / shard)
         offsets = [header[n]["data_offsets"] for n in names if wmap[n] == shard]
         span += max(e for _, e in offsets) - min(b for b, _ in offsets)
     assert 0 < sum(bytes_read) <= span + 8 * len({wmap[n] for n in names})

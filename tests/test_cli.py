@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from layerwise.cli import main
+
 from helpers import assert_one_line_error, copy_checkpoint, run_cli
 
 
@@ -70,3 +72,41 @@ def test_python_m_entry_point():
 
     proc = subprocess.run([sys.executable, "-m", "layerwise", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("layerwise ")
+
+
+def test_flags_not_given_take_the_dataclass_defaults():
+    """argparse defaults are None: every option object built from bare arguments is the default one."""
+    from layerwise import arguments
+    from layerwise.compare import CompareOptions
+    from layerwise.extract import ExtractOptions
+    from layerwise.layer_test import TestOptions
+    from layerwise.loading import LoadOptions
+    from layerwise.readiness import CheckOptions
+    from layerwise.streaming import StreamOptions
+
+    parse = arguments.build_parser().parse_args
+    assert arguments.load_options(parse(["load", "m"])) == LoadOptions()
+    assert arguments.load_options(parse(["plan", "m"])) == LoadOptions()
+    assert arguments.check_options(parse(["check"])) == CheckOptions()
+    extract = parse(["extract", "m", "--out", "x"])
+    assert arguments.extract_options(extract) == ExtractOptions()
+    assert arguments.stream_options(extract) == StreamOptions()
+    assert arguments.test_options(parse(["test", "m"])) == TestOptions()
+    assert arguments.compare_options(parse(["compare", "a", "b"])) == CompareOptions()
+    given = arguments.test_options(parse(["test", "m", "--dtype", "fp32", "--batch-size", "2", "--device-map", "cpu"]))
+    assert (given.candidate.dtype, given.load.dtype, given.extract.batch_size) == ("fp32", "fp32", 2)
+    assert (given.candidate.device, given.load.device_map) == ("cpu", "cpu")
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("extract", ["(default: 8)", "(default: residual,router,logits)", "(default: 4.0)", "(default: auto)"]),
+    ("plan", ["(default: bf16)", "(default: 4096)"]),
+    ("compare", ["docs/COMPARE.md", "(default: 2)", "(default: 5)"]),
+    ("test", ["(default: single)", "(default: all)", "(default: runs/test)", "(default: the reference's)"]),
+])
+def test_help_shows_the_dataclass_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    missing = [s for s in shown if s not in out]
+    assert not missing, missing

@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 import torch
-from synthetic_runs import LAYERS, PROMPTS, corrupt_tensor, toy_run, toy_tensors, write_run
+from synthetic_runs import LAYERS, PROMPTS, corrupt_tensor, toy_run, toy_tensors, write_toy_run
 
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.errors import UserError
@@ -111,7 +111,7 @@ def test_a_fault_after_a_tie_flip_is_still_found(ref, tmp_path):
             if name.startswith("model.layers.3") or name.startswith(("model.norm", "lm_head")):
                 tensors[p][name] = later[p][name]
     options = CompareOptions(tolerances=build_tolerances(max_rel_l2=5e-2))
-    report = compare_runs(ref, write_run(tmp_path / "c", tensors), options)
+    report = compare_runs(ref, write_toy_run(tmp_path / "c", tensors), options)
     assert report.first_divergence.layer == 3, _stats(report)
 
 
@@ -139,9 +139,9 @@ def test_prompt_selection(ref, tmp_path):
     (lambda d: toy_run(d, model={"model_type": "llama", "num_layers": LAYERS}),
      "different models (model_type toy_moe vs llama)"),
     (lambda d: toy_run(d, layers=2), "different models (num_layers 4 vs 2)"),
-    (lambda d: write_run(d, {0: {"model.norm:output": torch.zeros(8, 5)}}),
+    (lambda d: write_toy_run(d, {0: {"model.norm:output": torch.zeros(8, 5)}}),
      "has shape [8, 32] in REF but [8, 5] in CAND"),
-    (lambda d: write_run(d, {0: {"other:output": torch.zeros(8, 5)}}), "no tensor in common"),
+    (lambda d: write_toy_run(d, {0: {"other:output": torch.zeros(8, 5)}}), "no tensor in common"),
 ])
 def test_runs_that_cannot_be_compared(ref, tmp_path, make, fragment):
     with pytest.raises(UserError) as info:
@@ -150,7 +150,7 @@ def test_runs_that_cannot_be_compared(ref, tmp_path, make, fragment):
 
 
 def test_no_common_prompt(ref, tmp_path):
-    cand = write_run(tmp_path / "c", {}, prompts=[])
+    cand = write_toy_run(tmp_path / "c", {}, prompts=[])
     with pytest.raises(UserError, match="no prompt in common"):
         compare_runs(ref, cand)
 
@@ -177,7 +177,7 @@ def test_expert_weights_compared_per_expert_not_per_slot(ref, tmp_path):
     for p in tensors:
         for name in ("model.layers.1.mlp.gate:topk_ids", "model.layers.1.mlp.gate:topk_weights"):
             tensors[p][name] = tensors[p][name].flip(-1).contiguous()
-    report = compare_runs(ref, write_run(tmp_path / "c", tensors))
+    report = compare_runs(ref, write_toy_run(tmp_path / "c", tensors))
     assert report.verdict == "pass", _stats(report)
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerwise import loading, runs
+from layerwise import loading, runs, tensorfile
 from layerwise.extract import ExtractOptions, extract_model
 
-from helpers import assert_one_line_error, run_cli
+from helpers import PROMPTS, assert_one_line_error, run_cli
 
 ALL_POINTS = "embed,residual,attn,mlp,router,norm,logits"
-PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q", "Paris is a city in"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def _snapshot(run_dir: Path) -> dict:
     for path in sorted(run_dir.rglob("*.safetensors")):
         with safe_open(str(path), "pt") as fh:
             for name in fh.keys():
-                out[(str(path.relative_to(run_dir)), name)] = runs.sha256_of(fh.get_tensor(name))
+                out[(str(path.relative_to(run_dir)), name)] = tensorfile.sha256_of(fh.get_tensor(name))
     return out
 
 

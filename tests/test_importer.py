@@ -9,9 +9,9 @@ from layerwise import loading, runs
 from layerwise.extract import ExtractOptions, extract_model
 from layerwise.importer import import_run
 
-from helpers import assert_one_line_error, run_cli
+from helpers import PROMPTS, assert_one_line_error, assert_runs_equal, run_cli
 
-PROMPTS = ["The capital of France is", "Hello there"]
+TEXTS = PROMPTS[:2]  # one long and one short prompt
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_npy_import_equals_extract(tmp_path, llama):
     and [seq, hidden] shapes) imports to exactly what extract captures."""
     src = tmp_path / "src"
     layers = llama.anatomy.num_layers
-    for p, text in enumerate(PROMPTS):
+    for p, text in enumerate(TEXTS):
         d = src / str(p)
         d.mkdir(parents=True)
         ids, out = hf_hidden_states(llama, text)
@@ -43,13 +43,11 @@ def test_npy_import_equals_extract(tmp_path, llama):
         np.save(d / "model.norm.output.npy", out.hidden_states[layers][0].numpy())
         np.save(d / "lm_head.output.npy", out.logits[0].numpy())
     import_run(str(src), str(tmp_path / "imported"))
-    extract_model(llama, tmp_path / "extracted", PROMPTS, ExtractOptions(points="residual,norm,logits", batch_size=1))
+    extract_model(llama, tmp_path / "extracted", TEXTS, ExtractOptions(points="residual,norm,logits", batch_size=1))
     imported, extracted = runs.open_run(tmp_path / "imported"), runs.open_run(tmp_path / "extracted")
     assert imported.prompts[0]["token_ids"] == extracted.prompts[0]["token_ids"]
     assert len(imported.names) == layers + 2
-    for name in imported.names:
-        for p in range(len(PROMPTS)):
-            assert torch.equal(imported.tensor(name, p), extracted.tensor(name, p)), (name, p)
+    assert assert_runs_equal(imported, extracted, names=imported.names) == len(imported.names) * len(TEXTS)
 
 
 def test_safetensors_layout_with_renames(tmp_path):

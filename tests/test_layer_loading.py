@@ -179,8 +179,8 @@ def test_layer_dependent_configs_are_sliced(make, tmp_path):
 @pytest.mark.slow
 def test_gguf_falls_back_to_one_cpu_load(monkeypatch, smollm2_fp32):
     calls = []
-    real = loading.load_model
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = layer_loading.load_whole_on_cpu
+    monkeypatch.setattr(layer_loading, "load_whole_on_cpu", lambda *a, **k: calls.append(a) or real(*a, **k))
     source = open_layers("builtin:smollm2", LayerOptions(dtype="fp32"))
     first, last = source.load(0), source.load(29)
     shared = source.load_shared(("norm",))

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from layerwise import open_run
+from layerwise import layer_test, open_run
+from layerwise.errors import UserError
 
-from helpers import assert_one_line_error, copy_checkpoint, run_cli
+from helpers import assert_one_line_error, assert_runs_equal, copy_checkpoint, run_cli
 
 MINIMAX = "builtin:minimax-m2-tiny"
 
@@ -200,7 +201,29 @@ def test_replayed_router_tensors_match_extract(tmp_path, reference):
     names = {n for n in run.names if n.startswith("model.layers.1.mlp.gate:")}
     roles = ("router_logits", "score_bias", "topk_weights", "topk_ids")
     assert names == {f"model.layers.1.mlp.gate:{r}" for r in roles}
-    for name in names:
-        for p in (0, 1):
-            a, b = run.tensor(name, p), reference.tensor(name, p)
-            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert assert_runs_equal(run, reference, names=names) == len(names) * 2
+
+
+@pytest.mark.parametrize("text, expected", [("all", [0, 1, 2, 3]), ("0", [0]), (" 3 ", [3])])
+def test_parse_layer(text, expected):
+    assert layer_test.parse_layer(text, 4) == expected
+
+
+@pytest.mark.parametrize("text, expected", [("0-3", [0, 1, 2, 3]), ("2-2", [2]), ("1", [1]), (" 1 - 2 ", [1, 2])])
+def test_parse_layer_range(text, expected):
+    assert layer_test.parse_layer_range(text, 4) == expected
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: layer_test.parse_layer("4", 4), "layer 4 is out of range: the model has layers 0-3"),
+    (lambda: layer_test.parse_layer("-1", 4), "'-1' is not a layer number: use 0-3 or all"),
+    (lambda: layer_test.parse_layer_range("3-1", 4), "--layers 3-1 is reversed"),
+    (lambda: layer_test.parse_layer_range("0-9", 4), "layer 9 is out of range"),
+    (lambda: layer_test.parse_layer_range("a-b", 4), "is not a range"),
+    (lambda: layer_test.parse_layer_range("9-1", 4), "layer 9 is out of range"),
+    (lambda: layer_test.parse_layer_range("0-1,3", 4), "is not a range"),
+    (lambda: layer_test.parse_layer("1,2", 4), "is not a layer number"),
+])
+def test_bad_layer_arguments(call, fragment):
+    with pytest.raises(UserError, match=fragment):
+        call()

@@ -6,11 +6,13 @@ import torch
 from layerwise import loading
 from layerwise.errors import UserError
 
+from helpers import assert_runs_equal
 
-def test_load_tiny_on_cpu_with_placement_report():
+
+def test_load_tiny_on_cpu_with_placement_rows():
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="cpu"))
     assert loaded.input_device == torch.device("cpu")
-    rows = loading.placement_report(loaded)
+    rows = loading.placement_rows(loaded)
     assert [r.device for r in rows] == ["cpu"]
     assert rows[0].weight_bytes == sum(p.numel() * p.element_size() for p in loaded.model.parameters()) + sum(
         b.numel() * b.element_size() for b in loaded.model.buffers())
@@ -58,7 +60,7 @@ def test_load_over_gpus_balanced():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="balanced", tokens=64))
-    rows = loading.placement_report(loaded)
+    rows = loading.placement_rows(loaded)
     assert all(r.device.startswith("cuda") for r in rows)
     assert loaded.input_device.type == "cuda"
 
@@ -85,6 +87,4 @@ def test_disk_offload_keeps_router_fp32_and_numerics(tmp_path):
     options = ExtractOptions(points="residual,router,logits")
     extract_model(offloaded, tmp_path / "a", ["The capital of France is"], options)
     extract_model(in_memory, tmp_path / "b", ["The capital of France is"], options)
-    a, b = runs.open_run(tmp_path / "a"), runs.open_run(tmp_path / "b")
-    for name in a.names:
-        assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert_runs_equal(runs.open_run(tmp_path / "a"), runs.open_run(tmp_path / "b"))

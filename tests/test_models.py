@@ -6,6 +6,7 @@ import torch
 from layerwise import models
 from layerwise.errors import UserError
 from layerwise.loading import LoadOptions, load_model
+from layerwise.quiet import quiet_transformers
 
 from reference_minimax import ReferenceLayer
 
@@ -114,7 +115,7 @@ def test_router_kept_fp32_in_bf16(tiny_minimax):
     assert stored.dtype == torch.float32
     assert torch.equal(mlp.e_score_correction_bias, stored), "bias values must be bit-exact"
     # The oracle: plain transformers casts them down, which is what the fix prevents.
-    with models.quiet_transformers():
+    with quiet_transformers():
         plain = AutoModelForCausalLM.from_pretrained(tiny_minimax.path, dtype=torch.bfloat16)
     assert plain.model.layers[1].mlp.e_score_correction_bias.dtype == torch.bfloat16
     assert not torch.equal(plain.model.layers[1].mlp.e_score_correction_bias.float(), stored)
@@ -133,6 +134,6 @@ def test_plain_transformers_has_the_rope_bug(tiny_minimax):
     """On 5.0-5.17 a plain load rotates all 16 dims (8 frequencies); layerwise's load rotates 8 (4)."""
     from transformers import AutoModelForCausalLM
 
-    with models.quiet_transformers():
+    with quiet_transformers():
         plain = AutoModelForCausalLM.from_pretrained(tiny_minimax.path, dtype=torch.float32)
     assert plain.model.rotary_emb.inv_freq.numel() == 8

@@ -21,13 +21,31 @@ def test_cpu_only_machine_is_not_ready_without_cpu_flag(monkeypatch):
 
 
 def test_model_checks(tiny_minimax, monkeypatch):
+    from layerwise import models
+
     monkeypatch.setattr(readiness.machine, "gpus", lambda: [])
     checks = by_name(readiness.check_machine(CheckOptions(model="builtin:minimax-m2-tiny", cpu=True)))
     assert checks["config"].status == "PASS" and "minimax_m2" in checks["config"].detail
     assert checks["checkpoint"].status == "PASS"
     assert checks["router-precision"].status == "PASS"
-    assert checks["rope-bug"].status in ("PASS", "WARN")
+    fixed = models.transformers_version() >= readiness.ROPE_BUG_FIXED_IN
+    assert checks["rope-bug"].status == ("PASS" if fixed else "WARN")
     assert checks["fit"].status == "PASS"
+
+
+def test_router_precision_reads_the_built_dtypes(monkeypatch):
+    """The check builds the model as loading does: if the router were built in bf16 it FAILs."""
+    from layerwise import models
+
+    config = models.load_config(models.resolve_model("builtin:minimax-m2-tiny")).config
+    assert [c.status for c in readiness.check_router_precision(config, "bf16")] == ["PASS"]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    monkeypatch.setattr(models, "model_class", lambda c: MODEL_FOR_CAUSAL_LM_MAPPING[type(c)])  # transformers alone
+    broken = readiness.check_router_precision(config, "bf16")
+    assert [c.status for c in broken] == ["FAIL"] and "mlp.gate.weight would be bfloat16" in broken[0].detail
+    llama = models.load_config(models.resolve_model("builtin:llama-tiny")).config
+    assert readiness.check_router_precision(llama, "bf16") == []
 
 
 def test_rope_bug_reported_for_old_transformers(monkeypatch):
@@ -35,9 +53,9 @@ def test_rope_bug_reported_for_old_transformers(monkeypatch):
 
     config = models.load_config(models.resolve_model("builtin:minimax-m2")).config
     monkeypatch.setattr(readiness.models, "transformers_version", lambda: (5, 17))
-    assert by_name_list(readiness.check_known_bugs(config, "bf16"))["rope-bug"].status == "WARN"
+    assert by_name_list(readiness.check_known_bugs(config))["rope-bug"].status == "WARN"
     monkeypatch.setattr(readiness.models, "transformers_version", lambda: (5, 18))
-    assert by_name_list(readiness.check_known_bugs(config, "bf16"))["rope-bug"].status == "PASS"
+    assert by_name_list(readiness.check_known_bugs(config))["rope-bug"].status == "PASS"
 
 
 def by_name_list(checks):

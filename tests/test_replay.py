@@ -9,15 +9,10 @@ from layerwise import open_run, replay
 from layerwise.errors import UserError
 from layerwise.replay import ReplayOptions
 
-from helpers import copy_checkpoint
+from helpers import assert_runs_equal, copy_checkpoint, rel_l2
 from reference_runs import PROMPTS, make_reference_run
 
 MINIMAX = "builtin:minimax-m2-tiny"
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def output_errors(reference, candidate, layers) -> list[float]:
@@ -28,15 +23,9 @@ def output_errors(reference, candidate, layers) -> list[float]:
 
 
 def assert_identical(reference, candidate) -> None:
-    compared = 0
-    for name in candidate.names:
-        for p in reference.prompts:
-            if reference.has(name, p["index"]):
-                a, b = candidate.tensor(name, p["index"]), reference.tensor(name, p["index"])
-                assert a.dtype == b.dtype and torch.equal(a, b), \
-                    f"{name} prompt {p['index']}: {a.dtype} vs {b.dtype}, rel_l2 {rel_l2(a, b):.3g}"
-                compared += 1
-    assert compared >= len(reference.prompts) * 2
+    """Every tensor the candidate holds that the reference holds too is bit-identical."""
+    common = set(candidate.names) & set(reference.names)
+    assert assert_runs_equal(candidate, reference, names=common) >= len(reference.prompts) * 2
 
 
 @pytest.fixture(scope="module")
@@ -206,28 +195,6 @@ def test_reference_without_the_layer_input(tmp_path):
     replay.replay(MINIMAX, reference.path, [2, 3], chained=tmp_path / "chain")
 
 
-@pytest.mark.parametrize("text, expected", [("all", [0, 1, 2, 3]), ("0", [0]), (" 3 ", [3])])
-def test_parse_layer(text, expected):
-    assert replay.parse_layer(text, 4) == expected
-
-
-@pytest.mark.parametrize("text, expected", [("0-3", [0, 1, 2, 3]), ("2-2", [2]), ("1", [1]), (" 1 - 2 ", [1, 2])])
-def test_parse_layer_range(text, expected):
-    assert replay.parse_layer_range(text, 4) == expected
-
-
-@pytest.mark.parametrize("call, fragment", [
-    (lambda: replay.parse_layer("4", 4), "layer 4 is out of range: the model has layers 0-3"),
-    (lambda: replay.parse_layer("-1", 4), "'-1' is not a layer number: use 0-3 or all"),
-    (lambda: replay.parse_layer_range("3-1", 4), "--layers 3-1 is reversed"),
-    (lambda: replay.parse_layer_range("0-9", 4), "layer 9 is out of range"),
-    (lambda: replay.parse_layer_range("a-b", 4), "is not a range"),
-])
-def test_bad_layer_arguments(call, fragment):
-    with pytest.raises(UserError, match=fragment):
-        call()
-
-
 # Prompts of different lengths: batches of 3 pad their shorter rows, and MoE layers route the
 # padding positions too (which changes expert group sizes, and on the CPU the bits of real rows).
 UNEVEN = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t", "Paris is a city",
@@ -244,8 +211,6 @@ def test_self_test_is_exact_for_every_extract_mode(tmp_path, spec, dtype, batch_
     from layerwise.extract import ExtractOptions, extract_model
     from layerwise.streaming import StreamOptions, stream_extract
 
-    from helpers import assert_runs_equal
-
     options = ExtractOptions(points="residual,attn,mlp,router", batch_size=batch_size)
     if stream:
         stream_extract(spec, tmp_path / "ref", UNEVEN, options, StreamOptions(dtype=dtype))
@@ -258,12 +223,7 @@ def test_self_test_is_exact_for_every_extract_mode(tmp_path, spec, dtype, batch_
         run = open_run(tmp_path / kind)
         missing = [n for n in run.names if n not in reference.names]
         assert not missing, missing
-        compared = 0
-        for e in run.entries():
-            a, b = run.tensor(e.name, e.prompt), reference.tensor(e.name, e.prompt)
-            assert a.dtype == b.dtype and torch.equal(a, b), f"{kind} {e.name} prompt {e.prompt}: rel_l2 {rel_l2(a, b):.3g}"
-            compared += 1
-        assert compared > 4 * len(UNEVEN) * 2
+        assert assert_runs_equal(run, reference, names=run.names) > 4 * len(UNEVEN) * 2, kind
 
 
 def test_reference_without_padding_tails_says_so(tmp_path):

@@ -6,25 +6,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from layerwise import runs
+from layerwise import runs, tensorfile
 from layerwise.errors import UserError
+
+from helpers import write_run
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
           "prompts": [{"index": 0, "text": "ab", "token_ids": [1, 2]}, {"index": 1, "text": "c", "token_ids": [3]}]}
 
 
-def write_run(path, intent=INTENT, **kw):
-    w = runs.RunWriter(path, intent, **kw)
-    for p, n in ((0, 2), (1, 1)):
-        w.put(p, "model.layers.0", {"model.layers.0:input": torch.full((n, 4), float(p)),
-                                    "model.layers.0:output": torch.full((n, 4), p + 0.5)})
-        w.put(p, "lm_head", {"lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3)})
-        w.put(p, "model.embed_tokens", {"model.embed_tokens:output": torch.zeros(n, 4)})
-    return w.finish({"stats": {"seconds": 0}})
+def write_small_run(path, intent=INTENT, **kw):
+    tensors = {p: {"model.layers.0:input": torch.full((n, 4), float(p)),
+                   "model.layers.0:output": torch.full((n, 4), p + 0.5),
+                   "lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3),
+                   "model.embed_tokens:output": torch.zeros(n, 4)} for p, n in ((0, 2), (1, 1))}
+    return write_run(path, intent, tensors, {"stats": {"seconds": 0}}, **kw)
 
 
 def test_manifest_schema_is_pinned(tmp_path):
-    m = write_run(tmp_path / "run")
+    m = write_small_run(tmp_path / "run")
     assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
                        "tensors"]
     assert m["format"] == "layerwise-run" and m["format_version"] == 1
@@ -32,7 +32,7 @@ def test_manifest_schema_is_pinned(tmp_path):
     assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256"]
     assert first == {"name": "model.embed_tokens:output", "module": "model.embed_tokens", "role": "output", "prompt": 0,
                      "shape": [2, 4], "dtype": "float32", "file": "tensors/p00000/model.embed_tokens.safetensors",
-                     "sha256": runs.sha256_of(torch.zeros(2, 4))}
+                     "sha256": tensorfile.sha256_of(torch.zeros(2, 4))}
     assert [(t["name"], t["prompt"]) for t in m["tensors"]] == [
         ("model.embed_tokens:output", 0), ("model.layers.0:input", 0), ("model.layers.0:output", 0),
         ("lm_head:output", 0), ("model.embed_tokens:output", 1), ("model.layers.0:input", 1),
@@ -41,19 +41,19 @@ def test_manifest_schema_is_pinned(tmp_path):
 
 
 def test_tensor_files_are_standard_safetensors(tmp_path):
-    write_run(tmp_path / "run")
+    write_small_run(tmp_path / "run")
     file = tmp_path / "run" / "tensors" / "p00001" / "lm_head.safetensors"
     with safe_open(str(file), "pt") as fh:
         assert fh.metadata()["prompt"] == "1"
         t = fh.get_tensor("lm_head:output")
-        assert fh.metadata()["sha256:lm_head:output"] == runs.sha256_of(t)
+        assert fh.metadata()["sha256:lm_head:output"] == tensorfile.sha256_of(t)
     assert t.dtype == torch.bfloat16 and t.tolist() == [[0, 1, 2]]
     header_len = int.from_bytes(file.read_bytes()[:8], "little")
     assert header_len % 8 == 0
 
 
 def test_open_run_reads_lazily_and_verifies(tmp_path):
-    write_run(tmp_path / "run")
+    write_small_run(tmp_path / "run")
     run = runs.open_run(tmp_path / "run")
     assert run.names == ["model.embed_tokens:output", "model.layers.0:input", "model.layers.0:output", "lm_head:output"]
     assert run.tensor("model.layers.0:output", 1).tolist() == [[1.5] * 4]
@@ -132,20 +132,6 @@ def test_put_blocks_when_the_queue_is_full(tmp_path):
     gate.set()
     assert done.wait(5)
     w.finish()
-
-
-@pytest.mark.parametrize("name, key", [
-    ("model.embed_tokens:output", (0, 0, 0)),
-    ("model.layers.3:input", (1, 3, 0)),
-    ("model.layers.3.self_attn:output", (1, 3, 2)),
-    ("model.layers.3.mlp.gate:router_logits", (1, 3, 4)),
-    ("model.layers.3.mlp:output", (1, 3, 6)),
-    ("model.layers.3:output", (1, 3, 9)),
-    ("model.norm:output", (2, 0, 0)),
-    ("lm_head:output", (3, 0, 0)),
-])
-def test_model_order_key(name, key):
-    assert runs.model_order_key(name)[:3] == key
 
 
 def test_a_moved_checkpoint_still_resumes(tmp_path):

@@ -3,15 +3,13 @@
 import weakref
 
 import pytest
-import torch
 
 from layerwise import layer_loading, loading, runs, streaming
 from layerwise.errors import UserError
 from layerwise.extract import ExtractOptions, extract_model
 
-from helpers import assert_runs_equal, run_cli
+from helpers import PROMPTS, assert_runs_equal, run_cli
 
-PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q", "Paris is"]
 ALL = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=3)
 
 

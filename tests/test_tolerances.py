@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from layerwise.errors import UserError
-from layerwise.tolerances import (DEFAULT_REL_L2, Check, build_tolerances, default_tolerance, dtype_class,
+from layerwise.metrics import tensor_metrics
+from layerwise.tolerances import (DEFAULT_REL_L2, Check, build_tolerances, default_tolerance, dtype_class, judge,
                                   load_tolerance_file, parse_rule)
 
 
@@ -145,3 +146,26 @@ def test_missing_file_and_negative_limit(tmp_path):
         load_tolerance_file(tmp_path / "nope.json")
     with pytest.raises(UserError, match="--max-rel-l2 cannot be negative"):
         build_tolerances(max_rel_l2=-1.0)
+
+
+def _tm(ref, cand, **kw):
+    import torch
+
+    return tensor_metrics(torch.tensor(ref), torch.tensor(cand), **kw)
+
+
+@pytest.mark.parametrize("rule, ref, cand, floor, reasons", [
+    ("x=rel_l2<0.5", [[3.0, 4.0]], [[3.0, 4.0]], None, []),
+    ("x=rel_l2<0.5", [[3.0, 4.0]], [[3.0, 0.0]], None, ["rel_l2 0.8 breaks rel_l2<0.5"]),
+    ("x=rel_l2<0.5", [[3.0, 4.0]], [[3.0, 0.0]], ([[3.0, 4.0]], [[3.0, 1.0]]), []),  # 0.8 <= 2 x floor 0.6
+    ("x=rel_l2<0.5", [[3.0, 4.0]], [[3.0, 0.0]], ([[3.0, 4.0]], [[3.0, 3.9]]), ["rel_l2 0.8 breaks rel_l2<0.5"]),
+    ("x=atol=0.5", [[3.0, 4.0]], [[3.0, 3.0]], None, ["1 elements break allclose(rtol=0,atol=0.5)"]),
+    ("x=cosine>0.9,max_abs<1", [[3.0, 4.0]], [[3.0, 0.0]], None,
+     ["cosine 0.6 breaks cosine>0.9", "max_abs 4 breaks max_abs<1"]),
+    ("x=rel_l2<10", [[3.0, 4.0]], [[3.0, float("nan")]], ([[3.0, 4.0]], [[3.0, 0.0]]),
+     ["1 NaN/Inf where the other run differs"]),  # never forgiven, not even by the noise floor
+])
+def test_judge_gives_every_reason(rule, ref, cand, floor, reasons):
+    tol = parse_rule(rule).tolerance
+    tm = _tm(ref, cand, rtol=tol.rtol, atol=tol.atol)
+    assert list(judge(tol, tm, None, None, None if floor is None else _tm(*floor), 2.0)) == reasons

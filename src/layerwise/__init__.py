@@ -1,40 +1,37 @@
 """layerwise: layer-by-layer numerical testing of very large language models.
 
-The public API; everything here is re-exported from the modules that define it.
+The public API: the names a program needs to do what the command line does (load, extract,
+compare, test layers, check the machine), each re-exported from the module that defines it.
+Everything else is reached through its module (`layerwise.placement.plan_placement`,
+`layerwise.loading.input_device`, ...). No name here is also a module's name: `layerwise.extract`
+is the module, `layerwise.extract_model` the function. docs/ARCHITECTURE.md maps the modules.
 """
 
 __version__ = "0.1.0"
 
-from .anatomy import Anatomy, find_anatomy
-from .checkpoint import inspect_checkpoint
-from .compare import CompareOptions, LogitsReport, PromptResult, Report, Row, compare_paths, compare_runs
+from .compare import CompareOptions, Report, compare_paths, compare_runs
 from .errors import UserError
-from .extract import ExtractOptions, ExtractResult, extract, extract_model
-from .importer import import_run
-from .layer_loading import LayerOptions, LayerSource, open_layers
-from .layer_test import TestOptions, TestResult, compare_layer_test, run_layer_test
-from .loading import LoadedModel, LoadOptions, input_device, load_model, placement_report
-from .metrics import LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_metrics, tensor_metrics
-from .models import ModelRef, load_config, resolve_model
-from .placement import Plan, plan_placement
-from .readiness import CheckOptions, Readiness, check_machine
-from .report import report_html, report_json, report_text, write_html, write_plot
-from .replay import ReplayOptions, ReplayResult, load_candidate
-from .runs import Run, RunWriter, open_run
+from .extract import ExtractOptions, extract_model
+from .layer_test import TestOptions, compare_layer_test, run_layer_test
+from .loading import LoadedModel, LoadOptions, load_model
+from .metrics import logits_metrics, tensor_metrics
+from .readiness import CheckOptions, check_machine
+from .recording import ExtractResult
+from .replay import ReplayOptions
+from .report import report_json, report_text
+from .routing import routing_metrics
+from .runs import Run, open_run
 from .streaming import StreamOptions, stream_extract
-from .tolerances import Tolerance, Tolerances, build_tolerances, load_tolerance_file, parse_rule
+from .tolerances import build_tolerances
 
 __all__ = [
-    "Anatomy", "CheckOptions", "LoadOptions", "LoadedModel", "ModelRef", "Plan", "Readiness", "Run", "RunWriter", "UserError",
-    "check_machine", "find_anatomy", "input_device", "inspect_checkpoint", "load_config", "load_model",
-    "open_run", "placement_report", "plan_placement", "resolve_model",
-    # compare
-    "CompareOptions", "LogitsMetrics", "LogitsReport", "PromptResult", "Report", "RoutingMetrics", "Row", "TensorMetrics",
-    "Tolerance", "Tolerances", "build_tolerances", "compare_paths", "compare_runs", "load_tolerance_file", "logits_metrics",
-    "parse_rule", "report_html", "report_json", "report_text", "routing_metrics", "tensor_metrics", "write_html",
-    "write_plot",
-    # extract, import, layer tests, streaming
-    "ExtractOptions", "ExtractResult", "LayerOptions", "LayerSource", "ReplayOptions", "ReplayResult", "StreamOptions",
-    "TestOptions", "TestResult", "compare_layer_test", "extract", "extract_model", "import_run", "load_candidate",
-    "open_layers", "run_layer_test", "stream_extract",
+    "UserError",
+    # loading and extracting
+    "LoadOptions", "LoadedModel", "load_model", "ExtractOptions", "ExtractResult", "extract_model",
+    "StreamOptions", "stream_extract", "Run", "open_run",
+    # comparing
+    "CompareOptions", "Report", "build_tolerances", "compare_paths", "compare_runs", "report_json", "report_text",
+    "logits_metrics", "routing_metrics", "tensor_metrics",
+    # layer tests and the machine
+    "ReplayOptions", "TestOptions", "compare_layer_test", "run_layer_test", "CheckOptions", "check_machine",
 ]

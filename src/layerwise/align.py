@@ -3,23 +3,21 @@
 Prompts are matched by index and must hold the same token ids; tensors by name and must have
 the same shape; the runs must be of the same model (model type, architecture, layer count and
 hidden size, where both manifests say). Dtypes and settings may differ: that is what a
-comparison is for. What only one run holds is listed as skipped, grouped per layer range.
+comparison is for. What only one run holds is listed as skipped, grouped per layer range. Pure:
+it reads the manifests of runs already open, never a tensor or a file.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
-from .capture import PAD_ROLE
-from .runs import Run, model_order_key
+from .names import PAD_ROLE, Layout, format_ranges, model_order_key
 
-_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-                "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
-
+if TYPE_CHECKING:
+    from .runs import Run
 
 @dataclass(frozen=True)
 class Alignment:
@@ -60,13 +58,8 @@ def _check_same_prompt(index: int, a: dict, b: dict, what: str) -> None:
 
 
 def _order_key(run: Run) -> Callable[[str], tuple]:
-    anatomy = run.manifest.get("anatomy") or {}
-    args = {k: anatomy[k] for k in ("layers_path", "embed", "norm", "head") if anatomy.get(k)}
-    return lambda name: model_order_key(name, **args)
-
-
-def _nbytes(entry) -> int:
-    return math.prod(entry.shape) * _DTYPE_BYTES.get(entry.dtype, 4)
+    layout = Layout.of(run.manifest.get("anatomy"))
+    return lambda name: model_order_key(name, layout.layers_path, layout.embed, layout.norm, layout.head)
 
 
 def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[int, ...] | None = None) -> Alignment:
@@ -80,16 +73,16 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
             for run, pm, label in ((ref, rp, "REF"), (cand, cp, "CAND")):
                 if p not in pm:
                     raise UserError(f"--prompts {p}: {label} ({run.path}) has no prompt {p} "
-                                    f"(it has {ranges(sorted(pm))})")
+                                    f"(it has {format_ranges(sorted(pm))})")
         prompts = tuple(prompts)
     else:
         prompts = tuple(sorted(set(rp) & set(cp)))
         for label, only in (("REF", set(rp) - set(cp)), ("CAND", set(cp) - set(rp))):
             if only:
-                skipped.append(f"prompts {ranges(sorted(only))}: only in {label}")
+                skipped.append(f"prompts {format_ranges(sorted(only))}: only in {label}")
     if not prompts:
-        raise UserError(f"REF and CAND have no prompt in common (REF: {ranges(sorted(rp))}, "
-                        f"CAND: {ranges(sorted(cp))}): compare runs made from the same prompts")
+        raise UserError(f"REF and CAND have no prompt in common (REF: {format_ranges(sorted(rp))}, "
+                        f"CAND: {format_ranges(sorted(cp))}): compare runs made from the same prompts")
     for p in prompts:
         _check_same_prompt(p, rp[p], cp[p], "CAND")
     if baseline is not None:
@@ -112,13 +105,13 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
             if er.shape != ec.shape:
                 raise UserError(f"{name} (prompt {p}) has shape {list(er.shape)} in REF but {list(ec.shape)} "
                                 "in CAND: the runs cannot be compared tensor by tensor")
-            total += _nbytes(er) + _nbytes(ec)
+            total += er.nbytes + ec.nbytes
             if baseline is not None and baseline.has(name, p):
                 eb = baseline.entry(name, p)
                 if eb.shape != er.shape:
                     raise UserError(f"{name} (prompt {p}) has shape {list(eb.shape)} in the baseline but "
                                     f"{list(er.shape)} in REF")
-                total += _nbytes(eb)
+                total += eb.nbytes
         pairs[p] = common
     names = tuple(sorted(set().union(*pairs.values()), key=_order_key(ref)))
     if not names:
@@ -138,17 +131,6 @@ def _names_by_prompt(run: Run) -> dict[int, set[str]]:
     return out
 
 
-def ranges(values: list[int]) -> str:
-    out, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(out) or "none"
-
-
 def _group_names(names: list[str]) -> list[str]:
     """model.layers.0:input ... model.layers.9:input -> model.layers.{0-9}:input (one line)."""
     groups: dict[str, list[int]] = {}
@@ -161,5 +143,5 @@ def _group_names(names: list[str]) -> list[str]:
         if -1 in nums:
             out.append(key)
         else:
-            out.append(key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + ranges(sorted(nums)) + "}"))
+            out.append(key.replace("{}", str(nums[0]) if len(nums) == 1 else "{" + format_ranges(sorted(nums)) + "}"))
     return out

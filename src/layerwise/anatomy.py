@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .names import Layout
+
 _ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
 _ROUTER_NAMES = ("gate", "router")
@@ -41,6 +43,12 @@ class Anatomy:
     @property
     def is_moe(self) -> bool:
         return any(self.routers)
+
+    @property
+    def layout(self) -> Layout:
+        """The paths a run records ("anatomy" in its manifest); a model without a final norm
+        records transformers' usual spelling."""
+        return Layout(self.layers_path, self.embed_path, self.norm_path or Layout.norm, self.head_path)
 
     @property
     def base_path(self) -> str:
@@ -81,7 +89,7 @@ def _child_named(module: nn.Module, candidates: tuple[str, ...]) -> str | None:
 
 def router_class_name(model: nn.Module) -> str | None:
     """The router class transformers itself records router logits from, if it says."""
-    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")  # transformers' own key
     target = getattr(recorder, "target_class", None)
     return getattr(target, "__name__", None)
 

@@ -1,6 +1,7 @@
 """Writes that are all-or-nothing: a temporary name in the same directory, fsync, rename.
 
 A reader never sees a half-written file: it sees the old file, no file, or the whole new one.
+`is_io_error` / `io_reason` tell a failed write (a full disk) from a bug, for the one-line error.
 """
 
 from __future__ import annotations
@@ -29,3 +30,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True)
 
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
+
+
+def is_io_error(err: BaseException) -> bool:
+    """An OSError, or safetensors' own error wrapping one ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
+
+
+def io_reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).rpartition("I/O error: ")[2].strip() or str(err)

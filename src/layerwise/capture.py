@@ -1,27 +1,15 @@
-"""Capturing activations during the forward pass, without slowing it down.
+"""What to capture during the forward pass, and the hooks that capture it.
 
-Forward hooks (torch's own `register_forward_hook`, which work under accelerate's multi-GPU
-dispatch) see each captured module's output on that module's GPU. The hook never waits for the
-GPU and issues no copy: it records a CUDA event after the tensor's producer and queues the
-tensor. A copier thread issues the device-to-host copies into pinned host buffers on a
-per-device copy stream, ordered after that event on the GPU; a completion thread waits for each
-copy, cuts the batch into prompts (dropping padding) and hands whole files to the run writer.
-A forward pass that is bound by kernel launches (short prompts) thus pays only a few
-microseconds per hook. Host memory is bounded by a pinned-buffer budget: when the disk
-is slower than the GPU, the writer queue fills, buffers stop coming back and the next hook
-waits (backpressure), never an unbounded pile of tensors.
-
-On the CPU, captures are plain clones.
-
-Capture pushes tensors to a sink (`RunWriter.put`) and never opens a file itself.
+`plan_targets` turns capture points ("residual", "router", ...) and layers into `Target`s: which
+module, before or after it runs, which tensors it yields (named by names.py), into which file.
+`Capture` installs them as torch's own forward hooks (`register_forward_hook`, which work under
+accelerate's multi-GPU dispatch: a hook sees each module's output on that module's GPU) for the
+duration of a `with` block. A hook hands its tensors to a sink, collector.py's `Collector`, and
+returns at once: it never waits for the GPU, issues no copy and never opens a file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import queue
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,23 +17,10 @@ import torch
 
 from .anatomy import Anatomy
 from .errors import UserError
-from .runs import tensor_name
-
-log = logging.getLogger(__name__)
+from .names import INPUT, OUTPUT, ROUTER_ROLES, BadSelection, parse_indices, split_name, tensor_name
 
 POINTS = ("embed", "residual", "attn", "mlp", "router", "norm", "logits")
 DEFAULT_POINTS = ("residual", "router", "logits")
-# A transformers 5 router returns (router_logits, topk_weights, topk_ids); sigmoid routers with a
-# selection bias (MiniMax-M2) get it as a forward argument, captured as `score_bias` [experts].
-ROUTER_ROLES = ("router_logits", "score_bias", "topk_weights", "topk_ids")
-STORE_DTYPES = {"topk_ids": torch.int32, "topk_weights": torch.float32, "score_bias": torch.float32}
-_WHOLE_ROLES = ("score_bias",)  # per model, not per token: stored whole for every prompt
-PAD_ROLE = "input_padding"  # a decoder layer's input at its batch row's padding positions [width - seq, hidden]
-
-
-def pad_name(input_name: str) -> str:
-    """`model.layers.7:input` -> `model.layers.7:input_padding`."""
-    return input_name.rpartition(":")[0] + ":" + PAD_ROLE
 
 
 @dataclass(frozen=True)
@@ -53,7 +28,7 @@ class Target:
     """One hook: which module, before or after it runs, which tensors it yields, into which file."""
 
     module: str
-    when: str  # "input" (forward pre-hook) | "output" (forward hook)
+    when: str  # INPUT (a forward pre-hook sees the input) | OUTPUT (a forward hook sees the output)
     names: tuple[str, ...]
     group: str
 
@@ -69,54 +44,48 @@ def parse_points(text: str | None) -> tuple[str, ...]:
 
 
 def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
-    """"0-9,20" -> (0, ..., 9, 20); None -> every layer."""
+    """`--layers "0-9,20"` -> (0, ..., 9, 20); None -> every layer."""
     if not text:
         return tuple(range(num_layers))
-    chosen: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise UserError(f"layer range {part!r} is reversed: write {hi}-{lo}")
-                chosen.update(range(lo, hi + 1))
-            else:
-                chosen.add(int(part))
-        except ValueError:
-            raise UserError(f"--layers part {part!r} is not a layer number or range (e.g. 0-9,20)") from None
-    outside = sorted(i for i in chosen if i < 0 or i >= num_layers)
+    try:
+        chosen = sorted(parse_indices(text))
+    except BadSelection as err:
+        if err.reversed_range:
+            lo, hi = err.reversed_range
+            raise UserError(f"layer range {err.part!r} is reversed: write {hi}-{lo}") from None
+        raise UserError(f"--layers part {err.part!r} is not a layer number or range (e.g. 0-9,20)") from None
+    outside = [i for i in chosen if i >= num_layers]
     if outside:
         raise UserError(f"--layers names layer {outside[0]}, but the model has layers 0-{num_layers - 1}")
-    return tuple(sorted(chosen))
+    return tuple(chosen)
 
 
 def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...]) -> list[Target]:
     """The hooks for these capture points, in model order."""
     targets = []
     if "embed" in points:
-        targets.append(Target(anatomy.embed_path, "output", (tensor_name(anatomy.embed_path, "output"),),
+        targets.append(Target(anatomy.embed_path, OUTPUT, (tensor_name(anatomy.embed_path, OUTPUT),),
                               anatomy.embed_path))
     for i in layers:
         layer = anatomy.layer(i)
         if "residual" in points:
-            targets.append(Target(layer, "input", (tensor_name(layer, "input"),), layer))
+            targets.append(Target(layer, INPUT, (tensor_name(layer, INPUT),), layer))
         if "attn" in points and anatomy.attn_name:
             attn = f"{layer}.{anatomy.attn_name}"
-            targets.append(Target(attn, "output", (tensor_name(attn, "output"),), layer))
+            targets.append(Target(attn, OUTPUT, (tensor_name(attn, OUTPUT),), layer))
         router = anatomy.router(i)
         if "router" in points and router:
-            targets.append(Target(router, "output", tuple(tensor_name(router, r) for r in ROUTER_ROLES), layer))
+            targets.append(Target(router, OUTPUT, tuple(tensor_name(router, r) for r in ROUTER_ROLES), layer))
         if "mlp" in points and anatomy.mlp_name:
             mlp = f"{layer}.{anatomy.mlp_name}"
-            targets.append(Target(mlp, "output", (tensor_name(mlp, "output"),), layer))
+            targets.append(Target(mlp, OUTPUT, (tensor_name(mlp, OUTPUT),), layer))
         if "residual" in points:
-            targets.append(Target(layer, "output", (tensor_name(layer, "output"),), layer))
+            targets.append(Target(layer, OUTPUT, (tensor_name(layer, OUTPUT),), layer))
     if "norm" in points and anatomy.norm_path:
-        targets.append(Target(anatomy.norm_path, "output", (tensor_name(anatomy.norm_path, "output"),),
+        targets.append(Target(anatomy.norm_path, OUTPUT, (tensor_name(anatomy.norm_path, OUTPUT),),
                               anatomy.norm_path))
     if "logits" in points:
-        targets.append(Target(anatomy.head_path, "output", (tensor_name(anatomy.head_path, "output"),),
+        targets.append(Target(anatomy.head_path, OUTPUT, (tensor_name(anatomy.head_path, OUTPUT),),
                               anatomy.head_path))
     return targets
 
@@ -138,10 +107,10 @@ def router_outputs(args, output) -> list[torch.Tensor | None]:
 
 
 def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | None]:
-    if target.when == "input":
+    if target.when == INPUT:
         x = args[0] if args else kwargs.get("hidden_states")
         return [x]
-    if target.names[0].endswith(":router_logits"):
+    if split_name(target.names[0])[1] == ROUTER_ROLES[0]:
         return router_outputs(args, output)
     if isinstance(output, torch.Tensor):
         return [output] if len(target.names) == 1 else [output] + [None] * (len(target.names) - 1)
@@ -151,333 +120,6 @@ def _tensors_of(target: Target, args, kwargs, output) -> list[torch.Tensor | Non
     return [getattr(output, "last_hidden_state", None)]
 
 
-class PinnedPool:
-    """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
-    is spent (that wait is the backpressure that keeps host memory bounded).
-
-    A file is written only once all its tensors have arrived, so buffers held by files still
-    waiting for a tensor cannot come back before more copies are issued: waiting for them would
-    deadlock. `take` therefore waits only while more is out than those files hold (`blocked`
-    bytes, kept up to date by the collector); otherwise it overdraws the budget.
-    """
-
-    def __init__(self, budget_bytes: int, pin: bool = True):
-        self.budget = budget_bytes
-        self.pin = pin
-        self.used = 0  # bytes handed out
-        self.held = 0  # bytes allocated (handed out + free lists)
-        self.peak = 0
-        self.blocked = 0  # bytes handed out that wait in files missing a tensor
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
-        are reused across prompt lengths: allocating pinned memory is slow and synchronising)."""
-        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
-        with self._cond:
-            while self.used + nbytes > self.budget and self.used > self.blocked:
-                if self._closed:
-                    raise RuntimeError("capture aborted")
-                self._cond.wait()
-            self.used += nbytes
-            free = self._free.get(nbytes)
-            if free:
-                return free.pop()
-            while self.held + nbytes > self.budget and self._evict_one():
-                pass
-            self.held += nbytes
-            self.peak = max(self.peak, self.held)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-
-    def _evict_one(self) -> bool:
-        for size, buffers in self._free.items():
-            if buffers:
-                buffers.pop()
-                self.held -= size
-                return True
-        return False
-
-    def set_blocked(self, nbytes: int) -> None:
-        with self._cond:
-            self.blocked = nbytes
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Wake and fail every waiting `take` (the capture is being aborted)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._cond:
-            self.used -= buffer.numel()
-            self._free.setdefault(buffer.numel(), []).append(buffer)
-            self._cond.notify_all()
-
-
-class _Buffer:
-    """A pinned host copy and who still needs it: one reference per file being written from it,
-    plus one while records of its flush still wait for their file's other tensors."""
-
-    def __init__(self, buffer: torch.Tensor, pool: PinnedPool, records: int):
-        self.buffer, self.pool = buffer, pool
-        self.refs, self.records_left = 1, records
-        self.lock = threading.Lock()
-
-    def acquire(self, n: int) -> None:
-        with self.lock:
-            self.refs += n
-
-    def release(self) -> None:
-        with self.lock:
-            self.refs -= 1
-            last = self.refs == 0
-        if last:
-            self.pool.give(self.buffer)
-
-    def record_done(self) -> None:
-        with self.lock:
-            self.records_left -= 1
-            last = self.records_left == 0
-        if last:
-            self.release()
-
-
-@dataclass
-class _Flush:
-    """What one flush hands the completion thread: host copies of the tensors held so far."""
-
-    batch: object
-    records: list  # (group, name, host tensor, key) in capture order; key: the shared copy, None if absent
-    buffers: dict  # key -> pinned buffer (None on the CPU: the host tensor is the captured one)
-    done: list  # CUDA events, one per device, recorded after that device's copies
-    keep: list  # the device tensors, alive until their copies are done
-
-
-class Collector:
-    """The sink behind the hooks: host copies, per-prompt slicing, whole files to the writer.
-
-    The forward pass is bound by kernel launches for short prompts, and every microsecond of
-    Python another thread runs while it launches is taken from it (the GIL). So:
-    - a hook (forward thread) only keeps a reference to what it sees: no copy, no event, no
-      lock, no wake-up. transformers' own output_hidden_states relies on the same fact: a
-      module's output is never modified in place afterwards. The same tensor seen twice (layer
-      K's output is layer K+1's input) is kept once.
-    - `end_batch()` (forward thread, once the forward pass is launched; `start_batch` and
-      `close` call it) records one event per device on the compute stream and issues every
-      device-to-host copy of the batch on that device's copy stream, ordered after the event,
-      into pinned buffers; then wakes the completion thread once. When the references held on
-      a device pass `device_budget_bytes`, a hook flushes them the same way (GPU memory stays
-      bounded for long prompts and large batches).
-    - the completion thread waits for a flush's copies (GIL released), cuts the batch into
-      prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
-    Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
-    writer queue fills, buffers stop coming back and the next flush waits (backpressure).
-    On the CPU the captured tensors themselves are written (no copy).
-    """
-
-    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30,
-                 device_budget_bytes: int = 2 * 2**30, copy_host_tensors: bool = False):
-        self.writer = writer
-        self.groups = groups_of(targets)
-        self._padded = {t.names[0] for t in targets if t.when == "input"}  # decoder-layer inputs
-        gpu = torch.cuda.is_available()
-        # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
-        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
-        self._copy_host = copy_host_tensors
-        self.device_budget = device_budget_bytes
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._batch = None
-        self._held: list = []  # (group, name, tensor or None) in capture order
-        self._held_bytes: dict[torch.device, int] = {}
-        self._pending: queue.Queue = queue.Queue(maxsize=64)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
-        self._thread.start()
-
-    # -- called on the forward-pass thread ---------------------------------------------------
-
-    def start_batch(self, batch) -> None:
-        self.end_batch()
-        if self._error is not None:
-            raise self._error
-        self._batch = batch
-
-    def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        """Keep one hook's tensors until the batch is flushed; returns at once."""
-        for name, t in zip(target.names, tensors):
-            self._held.append((target.group, name, t))
-            if t is not None:
-                size = t.numel() * t.element_size()
-                total = self._held_bytes.get(t.device, 0) + size
-                self._held_bytes[t.device] = total
-                if (t.device.type == "cuda" or self._copy_host) and total > self.device_budget:
-                    self.end_batch(keep_batch=True)
-
-    def end_batch(self, keep_batch: bool = False) -> None:
-        """Issue the host copies of everything held and hand them to the completion thread."""
-        if not self._held:
-            if not keep_batch:
-                self._batch = None
-            return
-        held, self._held, self._held_bytes = self._held, [], {}
-        records, buffers, done, keep = self._copy(held)
-        self._pending.put(_Flush(self._batch, records, buffers, done, keep))
-        if not keep_batch:
-            self._batch = None
-
-    def _copy(self, held: list):
-        """Host copies of the held tensors, each distinct tensor once, per device after one event."""
-        seen: dict[tuple, int] = {}
-        records, buffers, keep = [], {}, []
-        by_device: dict[torch.device, list] = {}
-        for group, name, t in held:
-            if t is None:
-                records.append((group, name, None, None))
-                continue
-            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-            if key not in seen:
-                seen[key] = len(seen)
-                by_device.setdefault(t.device, []).append((seen[key], t))
-            records.append((group, name, None, seen[key]))
-        hosts: dict[int, torch.Tensor] = {}
-        done = []
-        for device, items in by_device.items():
-            if device.type != "cuda" and not self._copy_host:
-                hosts.update({k: t for k, t in items})  # the CPU tensor itself: it is never written to again
-                continue
-            stream = None
-            if device.type == "cuda":
-                stream = self._streams.get(device)
-                if stream is None:
-                    stream = self._streams[device] = torch.cuda.Stream(device=device)
-                stream.wait_stream(torch.cuda.current_stream(device))  # after everything launched so far
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for k, t in items:
-                    if not t.is_contiguous():
-                        t = t.contiguous()
-                    nbytes = t.numel() * t.element_size()
-                    buffer = self.pool.take(nbytes)
-                    host = buffer[:nbytes].view(t.dtype).view(t.shape)
-                    host.copy_(t, non_blocking=stream is not None)
-                    hosts[k], buffers[k] = host, buffer
-                    keep.append(t)
-                if stream is not None:
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    done.append(event)
-        records = [(g, n, hosts[k] if k is not None else None, k) for g, n, _, k in records]
-        return records, buffers, done, keep
-
-    # -- the completion thread -----------------------------------------------------------------
-
-    def _complete(self) -> None:
-        parts: dict[str, dict] = {}  # group -> {name: (host tensor, _Buffer or None)} until the file is whole
-        while True:
-            item = self._pending.get()
-            try:
-                if item is None:
-                    return
-                if isinstance(item, threading.Event):
-                    item.set()
-                    continue
-                if self._error is not None:
-                    self._drop(item)
-                    continue
-                for event in item.done:
-                    event.synchronize()  # releases the GIL while the copy engines work
-                item.keep.clear()  # the device tensors may go back to the allocator now
-                self._assemble(item, parts)
-            except BaseException as err:
-                self._error = self._error or err
-                self._drop(item)
-
-    def _assemble(self, item: _Flush, parts: dict) -> None:
-        counts: dict = {}
-        for _, _, _, key in item.records:
-            if key is not None and key in item.buffers:
-                counts[key] = counts.get(key, 0) + 1
-        owned = {k: _Buffer(b, self.pool, counts[k]) for k, b in item.buffers.items() if k in counts}
-        for group, name, host, key in item.records:
-            got = parts.setdefault(group, {})
-            got[name] = (host, owned.get(key))
-            if len(got) == len(self.groups[group]):
-                self._emit(item.batch, group, parts.pop(group))
-        if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
-            blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b in got.values() if b is not None}
-            self.pool.set_blocked(sum(blocked.values()))
-
-    def _drop(self, item) -> None:
-        if isinstance(item, _Flush) and self.pool is not None:
-            for buffer in item.buffers.values():
-                self.pool.give(buffer)
-
-    def _emit(self, batch, group: str, parts: dict) -> None:
-        shaped: dict[str, torch.Tensor] = {}
-        rows, width = batch.input_ids.shape
-        for name, (t, _) in parts.items():
-            if t is None:
-                continue
-            role = name.rpartition(":")[2]
-            if role in STORE_DTYPES and t.dtype != STORE_DTYPES[role]:
-                t = t.to(STORE_DTYPES[role])
-            if role not in _WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
-                    and (t.dim() == 1 or t.shape[:2] != (rows, width)):
-                t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
-            shaped[name] = t
-        buffers = list({id(b): b for _, b in parts.values() if b is not None}.values())
-        for b in buffers:
-            b.acquire(len(batch.prompts))
-        for _, b in parts.values():
-            if b is not None:
-                b.record_done()
-
-        def release():
-            for b in buffers:
-                b.release()
-
-        for row, prompt in enumerate(batch.prompts):
-            n = len(prompt.token_ids)
-            tensors = {name: t if name.rpartition(":")[2] in _WHOLE_ROLES else t[row, :n]
-                       for name, t in shaped.items()}
-            if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
-                tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
-            self.writer.put(prompt.index, group, tensors, release)
-
-    def flush(self) -> None:
-        """Block until everything captured so far has reached the writer."""
-        self.end_batch(keep_batch=True)
-        done = threading.Event()
-        self._pending.put(done)
-        while not done.wait(0.5):
-            if self._error is not None:
-                raise self._error
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        """Flush, wait until every captured tensor reached the writer; re-raise a capture error."""
-        self.end_batch()
-        self._pending.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def abort(self) -> None:
-        self._error = self._error or RuntimeError("capture aborted")
-        self._held, self._held_bytes = [], {}
-        if self.pool is not None:
-            self.pool.close()
-        self._pending.put(None)
-        self._thread.join(timeout=60)
-
-    @property
-    def pinned_peak_bytes(self) -> int:
-        return self.pool.peak if self.pool else 0
-
-
 class Capture:
     """Installs the hooks for `targets` on `model` for the duration of a `with` block.
 
@@ -485,7 +127,7 @@ class Capture:
     Streaming passes its own, since its modules (one layer, the embedding...) are not one model.
     """
 
-    def __init__(self, model: torch.nn.Module | None, targets: list[Target], collector: Collector, resolve=None):
+    def __init__(self, model: torch.nn.Module | None, targets: list[Target], collector, resolve=None):
         self.targets, self.collector = targets, collector
         self.resolve = resolve or model.get_submodule
         self._handles = []
@@ -497,7 +139,7 @@ class Capture:
 
     def _register(self, module, target: Target):
         collector = self.collector
-        if target.when == "input":
+        if target.when == INPUT:
             def pre_hook(mod, args, kwargs):
                 collector.take(target, _tensors_of(target, args, kwargs, None))
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)

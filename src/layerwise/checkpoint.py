@@ -4,26 +4,32 @@
 lists, whether each exists, whether its size matches its header (a truncated download is
 caught before any weight is read), and whether the index and the headers agree on every
 tensor. `read_tensors` pulls selected tensors out of the shards, straight to a device, which
-is how a single decoder layer is loaded without the rest of the model.
+is how a single decoder layer is loaded without the rest of the model. The file format itself
+is tensorfile.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import struct
-import threading
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from . import tensorfile
 from .errors import UserError
+from .names import layer_parts
+from .quant import FP8_DTYPE, SCALE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+_FLOAT_SCALES = {tensorfile.code(t) for t in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 @dataclass(frozen=True)
-class CheckpointReport:
+class CheckpointCheck:
     directory: Path
     shards: tuple[str, ...]  # file names, in index order
     tensor_count: int
@@ -33,32 +39,6 @@ class CheckpointReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def read_header(path: Path, metadata: dict | None = None) -> dict:
-    """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
-    is not a safetensors file or is shorter than its header says (truncated). The header's
-    string metadata is copied into `metadata` when a dict is given."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise UserError(f"shard {path} is truncated ({size} bytes): re-download it")
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8 or length > 100_000_000:
-            raise UserError(f"shard {path} is truncated or not a safetensors file (header of {length} bytes, "
-                            f"file of {size}): re-download it")
-        try:
-            header = json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"shard {path} has a corrupt header: re-download it") from None
-    found = header.pop("__metadata__", None) or {}
-    if metadata is not None:
-        metadata.update(found)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + length + end > size:
-        raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
-    return header
 
 
 def weight_map(directory: Path) -> dict[str, str]:
@@ -72,11 +52,11 @@ def weight_map(directory: Path) -> dict[str, str]:
             raise UserError(f"{index} is not a valid safetensors index (needs a weight_map): re-download it") from None
     single = directory / SINGLE_NAME
     if single.is_file():
-        return {name: SINGLE_NAME for name in read_header(single)}
+        return {name: SINGLE_NAME for name in tensorfile.read_header(single)}
     raise UserError(f"{directory} holds no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
 
 
-def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
+def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
     """Check every shard the index lists, reading headers only. Problems are collected, not raised,
     so `check` can print them all; `require_complete` turns them into a UserError. With an FP8
     `scheme` (quant.QuantScheme), every e4m3 weight must have its scale, of the block grid's shape."""
@@ -96,7 +76,7 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
             continue
         total += path.stat().st_size
         try:
-            header = read_header(path)
+            header = tensorfile.read_header(path)
         except UserError as err:
             problems.append(str(err))
             continue
@@ -106,19 +86,15 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointReport:
         infos.update(header)
     if scheme is not None:
         problems += fp8_scale_problems(infos, scheme)
-    return CheckpointReport(directory, shards, len(wmap), total, tuple(problems))
+    return CheckpointCheck(directory, shards, len(wmap), total, tuple(problems))
 
 
 def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
-    """Each F8_E4M3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
+    """Each e4m3 weight's scale: present, float, and [ceil(rows/b0), ceil(cols/b1)] (one value
     per tensor without blocks). One line per problem, naming the tensor."""
-    import math
-
-    from .quant import SCALE_NAMES
-
     problems = []
     for name, info in infos.items():
-        if info.get("dtype") != "F8_E4M3":
+        if info.get("dtype") != tensorfile.code(FP8_DTYPE):
             continue
         base = name.removesuffix(".weight")
         scale_name = next((f"{base}.{s}" for s in SCALE_NAMES if f"{base}.{s}" in infos), None)
@@ -134,12 +110,12 @@ def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
         if want is not None:
             problems.append(f"FP8 scale {scale_name} has shape {scale['shape']}, expected {want} for the "
                             f"{shape} weight in the quantization_config's blocks: re-download the checkpoint")
-        elif scale.get("dtype") not in ("F32", "BF16", "F16"):
+        elif scale.get("dtype") not in _FLOAT_SCALES:
             problems.append(f"FP8 scale {scale_name} is {scale.get('dtype')}, not a float: re-download the checkpoint")
     return problems
 
 
-def require_complete(directory: Path, scheme=None) -> CheckpointReport:
+def require_complete(directory: Path, scheme=None) -> CheckpointCheck:
     report = inspect_checkpoint(directory, scheme)
     if report.problems:
         more = f" (and {len(report.problems) - 1} more problem(s); run layerwise check)" if len(report.problems) > 1 else ""
@@ -147,125 +123,31 @@ def require_complete(directory: Path, scheme=None) -> CheckpointReport:
     return report
 
 
-_ST_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_MERGE_GAP = 16 << 20  # tensors closer than this in a shard are read in one pass (a read beats a seek)
-_CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
-_staging = threading.local()
-
-
 def read_tensors(directory: Path, names: list[str], device: str = "cpu", wmap: dict[str, str] | None = None) -> dict:
-    """Read the named tensors from their shards onto `device`, thread-safe.
-
-    Disk bandwidth is the floor when a layer is streamed, so reads are large and sequential: the
-    byte ranges of the wanted tensors in each shard are merged (small gaps read through) and read
-    in 64 MB chunks into pinned staging buffers, from which asynchronous host-to-device copies
-    fill each tensor while the next chunk is read. Every tensor gets its own storage, so a tensor
-    that loading converts (fused experts) frees its source at once. `wmap` is the checkpoint's
+    """Read the named tensors from their shards onto `device` (tensorfile.read_tensors: large
+    sequential reads, asynchronous copies to a GPU), thread-safe. `wmap` is the checkpoint's
     weight map when the caller already holds it (a large index takes a while to parse)."""
-    import torch
-
     wmap = weight_map(Path(directory)) if wmap is None else wmap
     by_shard: dict[str, list[str]] = {}
     for name in names:
         if name not in wmap:
             raise UserError(f"tensor {name} is not in the checkpoint at {directory}")
         by_shard.setdefault(wmap[name], []).append(name)
-    device = torch.device(device)
     out = {}
     for shard, shard_names in by_shard.items():
-        path = Path(directory) / shard
-        header = read_header(path)
-        with open(path, "rb", buffering=0) as fh:
-            data_start = 8 + int.from_bytes(fh.read(8), "little")
-            spans = []
-            for name in shard_names:
-                info = header[name]
-                begin, end = info["data_offsets"]
-                dtype = getattr(torch, _ST_TORCH_DTYPES[info["dtype"]])
-                tensor = torch.empty(info["shape"], dtype=dtype, device=device)
-                out[name] = tensor
-                spans.append((begin, end, tensor.view(-1).view(torch.uint8) if tensor.numel() else None))
-            _read_spans(fh, data_start, sorted(spans, key=lambda s: s[0]), device)
+        out.update(tensorfile.read_tensors(Path(directory) / shard, shard_names, torch.device(device)))
     return out
-
-
-def _read_spans(fh, data_start: int, spans: list, device) -> None:
-    """Fill each span's destination bytes from the file, in merged sequential chunked reads."""
-    import torch
-
-    on_gpu = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if on_gpu else None
-    if on_gpu:
-        # The destinations may reuse memory just freed by another thread whose kernels still read it
-        # (a layer's raw weights, freed as its conversion is queued): copy only after that work.
-        stream.wait_stream(torch.cuda.current_stream(device))
-    buffers = _staging_buffers(on_gpu)
-    events = [None, None]
-    turn = 0
-    group: list = []
-
-    def flush(group):
-        nonlocal turn
-        if not group:
-            return
-        lo, hi = group[0][0], max(s[1] for s in group)
-        fh.seek(data_start + lo)
-        for offset in range(lo, hi, _CHUNK):
-            size = min(_CHUNK, hi - offset)
-            staging = buffers[turn]
-            if events[turn] is not None:
-                events[turn].synchronize()  # the copies out of this buffer are done
-            view = memoryview(staging.numpy())[:size]
-            got = fh.readinto(view)
-            if got != size:
-                raise UserError(f"{fh.name} is truncated: re-download it")
-            with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
-                for begin, end, dst in group:
-                    a, b = max(begin, offset), min(end, offset + size)
-                    if dst is not None and a < b:
-                        dst[a - begin:b - begin].copy_(staging[a - offset:b - offset], non_blocking=on_gpu)
-                if on_gpu:
-                    events[turn] = torch.cuda.Event()
-                    events[turn].record(stream)
-            turn ^= 1
-
-    for span in spans:
-        if group and span[0] - max(s[1] for s in group) > _MERGE_GAP:
-            flush(group)
-            group = []
-        group.append(span)
-    flush(group)
-    if on_gpu:
-        stream.synchronize()
-
-
-def _staging_buffers(pinned: bool):
-    """Two reusable staging buffers per thread (pinned when the destination is a GPU)."""
-    import torch
-
-    key = "pinned" if pinned else "plain"
-    buffers = getattr(_staging, key, None)
-    if buffers is None or buffers[0].numel() < _CHUNK:
-        buffers = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
-        setattr(_staging, key, buffers)
-    return buffers
 
 
 def index_gaps(wmap: dict[str, str]) -> list[str]:
     """Tensors the index should list but does not, judged from its own structure: a decoder
     layer whose tensor names are a strict subset of the commonest layer's (a tensor dropped from
     the index), or layer numbers with a hole."""
-    import re
-    from collections import Counter
-
-    layer_key = re.compile(r"^(.*?layers)\.(\d+)\.(.+)$")
     layers: dict[tuple[str, int], set[str]] = {}
     for name in wmap:
-        match = layer_key.match(name)
-        if match:
-            layers.setdefault((match.group(1), int(match.group(2))), set()).add(match.group(3))
+        parts = layer_parts(name)
+        if parts and parts[2]:
+            layers.setdefault(parts[:2], set()).add(parts[2])
     gaps = []
     for prefix in sorted({p for p, _ in layers}):
         indices = sorted(i for p, i in layers if p == prefix)

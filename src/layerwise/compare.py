@@ -3,9 +3,9 @@
 `compare_runs(ref, cand, options, baseline)` aligns the runs (align.py: same prompts and tokens,
 same model, same shapes; what only one run holds is skipped and listed), then streams: for each
 prompt, for each tensor in model order, it reads the reference and candidate tensors (and the
-baseline's), verifies their sha256, measures them (metrics.py) and judges them (tolerances.py).
-At most two groups of tensors are in memory: the one being measured and the next one being
-read by a background thread. Rows, verdict and first divergence come back as a frozen `Report`;
+baseline's) through runs.read_units, which verifies their sha256 and keeps at most two groups in
+memory (the one being measured and the next one being read), measures them (metrics.py,
+routing.py) and judges them (tolerances.judge). Rows, verdict and first divergence come back as a frozen `Report`;
 report.py renders it. Nothing here prints or writes files.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -22,17 +21,18 @@ from typing import Callable
 
 import torch
 
-from .align import Alignment, align_runs, ranges
+from .align import Alignment, align_runs
 from .errors import UserError
-from .metrics import (AT_TIE, MOVED, LogitsMetrics, RoutingMetrics, TensorMetrics, logits_metrics, routing_flips,
-                      tensor_metrics)
-from .runs import Run, open_run, split_name
-from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class
+from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, pool_logits, tensor_metrics
+from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
+                    Layout, format_ranges, layer_of, split_name, tensor_name)
+from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
+from .runs import Run, open_run, read_units
+from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class, judge
 
 log = logging.getLogger(__name__)
 
-ROUTER_ROLES = ("router_logits", "score_bias", "topk_ids", "topk_weights")
-_UNIT_ORDER = {"router_logits": 0, "score_bias": 1, "topk_ids": 2, "topk_weights": 3}
+_JUDGING_RANK = {role: rank for rank, role in enumerate(JUDGING_ORDER)}
 
 
 @dataclass(frozen=True)
@@ -155,34 +155,6 @@ def _units(plan: Alignment):
             yield p, tuple(unit)
 
 
-def _stream(runs: dict[str, Run | None], plan: Alignment, verify: bool, prefetch: bool):
-    """Yield (prompt, names, {(side, name): tensor}); with `prefetch`, the next unit is read
-    and verified by worker threads while the caller measures the current one."""
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="layerwise-compare")
-
-    def submit(p: int, unit: tuple[str, ...]) -> dict:
-        return {(side, name): pool.submit(run.tensor, name, p, verify)
-                for name in unit for side, run in runs.items() if run is not None and run.has(name, p)}
-
-    try:
-        units = _units(plan)
-        following = next(units, None)
-        pending = submit(*following) if following else {}
-        while following is not None:
-            p, unit = following
-            current, following = pending, next(units, None)
-            if prefetch and following:
-                pending = submit(*following)
-            tensors = {key: future.result() for key, future in current.items()}
-            current.clear()  # the futures hold the tensors too
-            yield p, unit, tensors
-            tensors.clear()  # release this unit before the next one is read
-            if not prefetch and following:
-                pending = submit(*following)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ---------------------------------------------------------------------------------- measuring
 
 @dataclass
@@ -191,7 +163,7 @@ class _Context:
     cand: Run
     baseline: Run | None
     options: CompareOptions
-    head: str
+    layout: Layout
     dtypes: tuple[str | None, str | None]
     tie_threshold: float
     map_fn: Callable = map  # measures row ranges of one tensor, in parallel when a pool's map
@@ -204,8 +176,8 @@ class _Context:
     def judge_for(self, name: str, prompt: int) -> tuple[str, Tolerance]:
         if name not in self.tolerances:
             module, role = split_name(name)
-            kind = ("routing" if role == "topk_ids" else
-                    "logits" if (module == self.head and role == "output") else "tensor")
+            kind = ("routing" if role == TOPK_IDS else
+                    "logits" if (module == self.layout.head and role == OUTPUT) else "tensor")
             dtypes = (*self.dtypes, self.ref.entry(name, prompt).dtype, self.cand.entry(name, prompt).dtype)
             self.tolerances[name] = (kind, self.options.tolerances.resolve(name, kind, dtypes))
         return self.tolerances[name]
@@ -218,25 +190,25 @@ def _compute_dtype(run: Run) -> str | None:
 
 def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict[str, PromptResult]:
     module = split_name(unit[0])[0]
-    ids = {side: t.get((side, f"{module}:topk_ids")) for side in ("ref", "cand", "base")}
-    logits = {side: t.get((side, f"{module}:router_logits")) for side in ("ref", "cand", "base")}
-    bias = {side: t.get((side, f"{module}:score_bias")) for side in ("ref", "cand")}
+    ids = {side: t.get((side, tensor_name(module, TOPK_IDS))) for side in ("ref", "cand", "base")}
+    logits = {side: t.get((side, tensor_name(module, ROUTER_LOGITS))) for side in ("ref", "cand", "base")}
+    bias = {side: t.get((side, tensor_name(module, SCORE_BIAS))) for side in ("ref", "cand")}
     out = {}
     # scores, then ids (routing decides which tokens are diverted), then weights: whatever the model order
-    for name in sorted(unit, key=lambda n: _UNIT_ORDER.get(split_name(n)[1], 3)):
+    for name in sorted(unit, key=lambda n: _JUDGING_RANK.get(split_name(n)[1], len(JUDGING_ORDER))):
         kind, tol = ctx.judge_for(name, p)
         a, b, base = t[("ref", name)], t[("cand", name)], t.get(("base", name))
         if kind == "routing":
             _check_expert_ids(name, p, ids, logits)
             rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold,
                                         ref_bias=bias["ref"], cand_bias=bias["cand"])
-            out[name] = PromptResult(p, routing=rm, failures=_judge(tol, None, None, rm, None, ctx.options))
-            scores = out.get(f"{module}:router_logits")
+            out[name] = PromptResult(p, routing=rm, failures=judge(tol, None, None, rm, None, ctx.options.noise_factor))
+            scores = out.get(tensor_name(module, ROUTER_LOGITS))
             if scores is not None and scores.passed:  # flips from noise-level scores divert these tokens
                 benign = ((classes == AT_TIE) | (classes == MOVED)).nonzero().squeeze(1).tolist()
                 ctx.diverted.setdefault(p, set()).update(benign)
             continue
-        if split_name(name)[1] == "topk_weights" and ids["ref"] is not None and ids["cand"] is not None:
+        if split_name(name)[1] == TOPK_WEIGHTS and ids["ref"] is not None and ids["cand"] is not None:
             # Weights sit in the order of their ids, which need not agree: compare per expert.
             experts = _num_experts(ids, logits)
             a, b = _dense(a, ids["ref"], experts), _dense(b, ids["cand"], experts)
@@ -257,7 +229,7 @@ def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, 
     tm = tensor_metrics(a, b, tol.rtol, tol.atol, map_fn=ctx.map_fn, parts=ctx.parts)
     lm = logits_metrics(a, b, ctx.options.logits_topk) if kind == "logits" else None
     floor = tensor_metrics(a, base, map_fn=ctx.map_fn, parts=ctx.parts) if base is not None else None
-    return PromptResult(p, tm, lm, None, floor, _judge(tol, tm, lm, None, floor, ctx.options))
+    return PromptResult(p, tm, lm, None, floor, judge(tol, tm, lm, None, floor, ctx.options.noise_factor))
 
 
 def _check_expert_ids(name: str, prompt: int, ids: dict, logits: dict) -> None:
@@ -283,33 +255,6 @@ def _dense(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tens
     return out.scatter_(1, ids.long().reshape(ids.shape[0], -1), weights.double().reshape(ids.shape[0], -1))
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _judge(tol: Tolerance, tm: TensorMetrics | None, lm: LogitsMetrics | None, rm: RoutingMetrics | None,
-           floor: TensorMetrics | None, options: CompareOptions) -> tuple[str, ...]:
-    """The reasons one prompt's tensor fails (empty: it passes)."""
-    values: dict[str, float | None] = {}
-    if tm is not None:
-        values.update(max_abs=tm.max_abs, mean_abs=tm.mean_abs, rel_l2=tm.rel_l2, cosine=tm.cosine, sqnr_db=tm.sqnr_db)
-    if lm is not None:
-        values.update(kl=lm.kl_mean, kl_max=lm.kl_max, top1=lm.top1, topk=lm.topk)
-    if rm is not None:
-        values.update(same_set=rm.same_set, jaccard=rm.jaccard, flips=rm.flips, flips_moved=rm.flips_moved,
-                      flips_inconsistent=rm.flips_inconsistent)
-    broken = [f"{c.metric} {_fmt(values[c.metric])} breaks {c}" for c in tol.checks
-              if values.get(c.metric) is not None and not c.holds(values[c.metric])]
-    if tm is not None and tm.violations:
-        broken.append(f"{tm.violations} elements break allclose(rtol={tol.rtol:g},atol={tol.atol:g})")
-    if broken and tm is not None and floor is not None and floor.rel_l2 > 0 \
-            and tm.rel_l2 <= options.noise_factor * floor.rel_l2:
-        broken = []  # no worse than the reference against itself: within the noise floor
-    if tm is not None and tm.nonfinite_mismatch:  # never forgiven
-        broken.insert(0, f"{tm.nonfinite_mismatch} NaN/Inf where the other run differs")
-    return tuple(broken)
-
-
 # ---------------------------------------------------------------------------------- reporting
 
 def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions(), baseline: Run | None = None,
@@ -318,25 +263,24 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     Raises UserError when the runs cannot be compared; `progress(bytes_done, bytes_total)`."""
     started = time.perf_counter()
     plan = align_runs(ref, cand, baseline, options.prompts)
-    anatomy = ref.manifest.get("anatomy") or {}
+    layout = Layout.of(ref.manifest.get("anatomy"))
     dtypes = (_compute_dtype(ref), _compute_dtype(cand))
     tie = options.tie_threshold if options.tie_threshold is not None else DEFAULT_TIE[dtype_class(dtypes)]
-    ctx = _Context(ref, cand, baseline, options, anatomy.get("head") or "lm_head", dtypes, tie)
+    ctx = _Context(ref, cand, baseline, options, layout, dtypes, tie)
     results: dict[str, list[PromptResult]] = {name: [] for name in plan.names}
     done = 0
     threads = options.threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
         ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
-        for p, unit, tensors in _stream({"ref": ref, "cand": cand, "base": baseline}, plan, options.verify,
-                                        options.prefetch):
+        for p, unit, tensors in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan),
+                                           options.verify, options.prefetch):
             for name, result in _measure_unit(ctx, p, unit, tensors).items():
                 results[name].append(result)
             done += sum(x.numel() * x.element_size() for x in tensors.values())
             if progress is not None:
                 progress(done, plan.total_bytes)
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
-    rows = _with_growth(rows, anatomy.get("layers_path") or "model.layers",
-                        anatomy.get("embed") or "model.embed_tokens")
+    rows = _with_growth(rows, layout.layers_path, layout.embed)
     first = next((r for r in rows if not r.passed), None)
     logits_rows = [r for r in rows if r.kind == "logits"]
     seconds = time.perf_counter() - started
@@ -352,24 +296,19 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     )
 
 
-def _layer_of(module: str, layers_path: str = "model.layers") -> int | None:
-    match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.|$)", module)
-    return int(match.group(1)) if match else None
-
-
 def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:
     module, role = split_name(name)
     kind, tol = ctx.tolerances[name]
     p0 = results[0].prompt
     limit = next((c.limit for c in tol.checks if c.metric == "rel_l2"), None)
     base = dict(name=name, module=module, role=role, kind=kind, tolerance=str(tol), rel_l2_limit=limit,
-                layer=_layer_of(module, (ctx.ref.manifest.get("anatomy") or {}).get("layers_path") or "model.layers"),
+                layer=layer_of(module, ctx.layout.layers_path),
                 dtypes=(ctx.ref.entry(name, p0).dtype, ctx.cand.entry(name, p0).dtype),
                 passed=all(r.passed for r in results), per_prompt=tuple(results),
                 excused=max(r.excused for r in results),
                 failures=tuple(f"prompt {r.prompt}: {f}" for r in results for f in r.failures))
     if kind == "routing":
-        return Row(**base, routing=_pool_routing([r.routing for r in results]))
+        return Row(**base, routing=pool_routing([r.routing for r in results]))
     tms = [r.tensor for r in results]
     worst = max(results, key=lambda r: (r.tensor.nonfinite_mismatch > 0, r.tensor.rel_l2))
     floors = [r.floor.rel_l2 for r in results if r.floor is not None]
@@ -385,7 +324,7 @@ def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: b
                nonfinite_mismatch=sum(m.nonfinite_mismatch for m in tms),
                worst_token=None if worst.tensor.worst_token is None else (worst.prompt, worst.tensor.worst_token),
                noise_floor=floor, x_floor=x_floor,
-               logits=_pool_logits([(r.prompt, r.logits) for r in results])[0] if kind == "logits" else None)
+               logits=pool_logits([(r.prompt, r.logits) for r in results])[0] if kind == "logits" else None)
 
 
 def _growth(out_err: float | None, in_err: float | None) -> float | None:
@@ -400,43 +339,18 @@ def _with_growth(rows: list[Row], layers_path: str, embed: str) -> list[Row]:
     by_name = {r.name: r for r in rows}
     out = []
     for r in rows:
-        if r.role == "output" and r.layer is not None and r.module == f"{layers_path}.{r.layer}":
-            source = by_name.get(f"{r.module}:input") or by_name.get(f"{layers_path}.{r.layer - 1}:output") \
-                or (by_name.get(f"{embed}:output") if r.layer == 0 else None)
+        if r.role == OUTPUT and r.layer is not None and r.module == f"{layers_path}.{r.layer}":
+            source = by_name.get(tensor_name(r.module, INPUT)) \
+                or by_name.get(tensor_name(f"{layers_path}.{r.layer - 1}", OUTPUT)) \
+                or (by_name.get(tensor_name(embed, OUTPUT)) if r.layer == 0 else None)
             r = replace(r, growth=_growth(r.rel_l2, source.rel_l2 if source else None))
         out.append(r)
     return out
 
 
-def _pool_routing(ms: list[RoutingMetrics]) -> RoutingMetrics:
-    tokens = sum(m.tokens for m in ms)
-
-    def total(attr: str) -> int | None:
-        values = [getattr(m, attr) for m in ms]
-        return None if any(v is None for v in values) else sum(values)
-
-    same = sum(round(m.same_set * m.tokens) for m in ms) / tokens if tokens else 1.0
-    jaccard = sum(m.jaccard * m.tokens for m in ms) / tokens if tokens else 1.0
-    return RoutingMetrics(tokens, ms[0].k, same, jaccard, total("flips"), total("selection_not_topk"),
-                          total("near_ties"), total("flips_at_ties"), total("flips_moved"),
-                          total("flips_inconsistent"), ms[0].tie_threshold)
-
-
-def _pool_logits(per_prompt: list[tuple[int, LogitsMetrics]]) -> tuple[LogitsMetrics, tuple[int, int] | None]:
-    tokens = sum(m.tokens for _, m in per_prompt)
-    worst_p, worst_m = max(per_prompt, key=lambda pm: pm[1].kl_max)
-
-    def mean(attr: str, empty: float) -> float:
-        return sum(getattr(m, attr) * m.tokens for _, m in per_prompt) / tokens if tokens else empty
-
-    pooled = LogitsMetrics(tokens, per_prompt[0][1].k, mean("top1", 1.0), mean("topk", 1.0), mean("kl_mean", 0.0),
-                           worst_m.kl_max, worst_m.kl_worst_token)
-    return pooled, None if worst_m.kl_worst_token is None else (worst_p, worst_m.kl_worst_token)
-
-
 def _logits_report(row: Row) -> LogitsReport:
     per_prompt = [(r.prompt, r.logits) for r in row.per_prompt]
-    overall, worst = _pool_logits(per_prompt)
+    overall, worst = pool_logits(per_prompt)
     return LogitsReport(overall, tuple(per_prompt), worst)
 
 
@@ -444,7 +358,7 @@ def _notes(rows: list[Row]) -> tuple[str, ...]:
     notes = []
     biased = [r.layer for r in rows if r.routing is not None and r.routing.selection_not_topk]
     if biased:
-        notes.append(f"routers of layers {ranges(sorted(x for x in biased if x is not None))} do not choose the "
+        notes.append(f"routers of layers {format_ranges(sorted(x for x in biased if x is not None))} do not choose the "
                      "top-k of their recorded logits (a score bias the run does not hold, as in MiniMax-M2): "
                      "near-ties cannot be counted there; flips are still judged from both runs' logits")
     excused = [r for r in rows if r.excused]

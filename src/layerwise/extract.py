@@ -1,24 +1,27 @@
 """`layerwise extract`: every layer's activations for a set of prompts, into a run directory.
 
 Loads the model (loading.py), tokenizes and batches the prompts (prompts.py), installs the
-capture hooks (capture.py) and streams the tensors into a run (runs.py). Resumable: an
-interrupted extract leaves whole files and no manifest; rerunning the same command computes
-only the batches that are not complete and writes the manifest last.
+capture hooks (capture.py) and records the tensors into a run (recording.py, runs.py).
+Resumable: an interrupted extract leaves whole files and no manifest; rerunning the same command
+computes only the batches that are not complete and writes the manifest last. `prepare`,
+`extract_intent` and `record` are shared with the streamed extract (streaming.py), which brings
+only its own way of running the forward pass.
 """
 
 from __future__ import annotations
 
 import logging
-import resource
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import capture, runs
+from . import capture
+from .collector import PINNED_BUDGET_BYTES
 from .loading import LoadedModel, LoadOptions, load_model
 from .prompts import make_batches, read_prompt_file, tokenize
+from .recording import ExtractResult, Progress, Recording, model_record
+from .runs import QUEUE_DEPTH, Intent, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +34,9 @@ class ExtractOptions:
     max_tokens: int | None = None
     chat_template: bool = False
     overwrite: bool = False
-    pinned_budget_gib: float = 4.0  # host memory for in-flight device-to-host copies
+    pinned_budget_gib: float = PINNED_BUDGET_BYTES / 2**30  # host memory for in-flight device-to-host copies
     writer_threads: int | None = None  # None: one per core, 2 to 8
-    queue_depth: int = 16  # files waiting for the writer threads
-
-
-@dataclass(frozen=True)
-class Progress:
-    batch: int
-    batches: int
-    prompts_done: int
-    prompts: int
-    bytes_written: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    path: Path
-    prompts: int
-    tensors: int
-    bytes: int  # written by this call (a resumed run skips what was already on disk)
-    seconds: float
-    forward_seconds: float  # time inside model forward calls (hooks included)
-    resumed_batches: int  # batches found complete on disk and skipped
-    peak_rss_bytes: int
-    pinned_peak_bytes: int
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+    queue_depth: int = QUEUE_DEPTH  # files waiting for the writer threads
 
 
 def gather_prompts(texts: list[str] | None, files: list[str] | None) -> list[str | list[int]]:
@@ -77,27 +52,6 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
     return extract_model(loaded, out, items, options, progress=progress, load=load)
 
 
-def run_intent(ref, config, architecture: str, anatomy, prompts, points, layers, options: ExtractOptions,
-               settings: dict, producer: str = "layerwise extract") -> dict:
-    """What an extracted run is: the model, the settings that shape its numbers, the prompts."""
-    return {
-        "producer": producer,
-        "model": {
-            "spec": ref.spec, "path": str(ref.path) if ref.path else None,
-            "model_type": config.model_type, "architecture": architecture,
-            "config_sha256": runs.config_sha256(config), "num_layers": anatomy.num_layers,
-            "hidden_size": config.hidden_size,
-        },
-        "settings": {
-            "points": list(points), "layers": list(layers), "chat_template": options.chat_template,
-            "max_tokens": options.max_tokens, "batch_size": options.batch_size, **settings,
-        },
-        "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path,
-                    "norm": anatomy.norm_path or "model.norm", "head": anatomy.head_path},
-        "prompts": [{"index": p.index, "text": p.text, "token_ids": list(p.token_ids)} for p in prompts],
-    }
-
-
 def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):
     """Capture points, layers, tokenized prompts and their batches (the same for every way of running)."""
     points = capture.parse_points(options.points)
@@ -107,6 +61,25 @@ def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):
                        context_length=context, vocab_size=config.vocab_size)
     pad_id = getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0
     return points, layers, prompts, make_batches(prompts, options.batch_size, pad_id)
+
+
+def extract_intent(ref, config, architecture: str, anatomy, prompts, points, layers, options: ExtractOptions,
+                   settings: dict) -> Intent:
+    """What an extracted run is: the model, the settings that shape its numbers, the prompts."""
+    return Intent(
+        producer="layerwise extract",
+        model=model_record(ref, config, architecture, anatomy.num_layers),
+        settings={"points": list(points), "layers": list(layers), "chat_template": options.chat_template,
+                  "max_tokens": options.max_tokens, "batch_size": options.batch_size, **settings},
+        anatomy=asdict(anatomy.layout),
+        prompts=[{"index": p.index, "text": p.text, "token_ids": list(p.token_ids)} for p in prompts],
+    )
+
+
+def record(out, intent: Intent, targets, options: ExtractOptions) -> Recording:
+    """The recording of an extract, sized by its options."""
+    return Recording(out, intent, targets, options.overwrite, writer_threads=options.writer_threads,
+                     queue_depth=options.queue_depth, pinned_budget_bytes=int(options.pinned_budget_gib * 2**30))
 
 
 def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
@@ -119,43 +92,28 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
     groups = capture.groups_of(targets)
     settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(model.config, "_attn_implementation", None),
                 "device_map": load.device_map, "quant": loaded.quant_mode}
-    intent = run_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options, settings)
-    writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
-                            queue_depth=options.queue_depth)
-    todo = [b for b in batches if not all(writer.has(p.index, g) for p in b.prompts for g in groups)]
-    collector = capture.Collector(writer, targets, int(options.pinned_budget_gib * 2**30))
-    device = loaded.input_device
-    start = time.perf_counter()
-    forward = 0.0
-    try:
-        with capture.Capture(model, targets, collector), torch.inference_mode():
+    intent = extract_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options,
+                            settings)
+    with record(out, intent, targets, options) as run:
+        todo = [b for b in batches if not all(run.writer.has(p.index, g) for p in b.prompts for g in groups)]
+        device = loaded.input_device
+        forward = 0.0
+        with capture.Capture(model, targets, run.collector), torch.inference_mode():
             for number, batch in enumerate(todo, start=1):
-                collector.start_batch(batch)
+                run.collector.start_batch(batch)
                 t0 = time.perf_counter()
                 model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                       use_cache=False)
                 forward += time.perf_counter() - t0
                 if progress is not None:
                     done = sum(len(b.prompts) for b in todo[:number])
-                    progress(Progress(number, len(todo), done, len(prompts), writer.bytes_written,
-                                      time.perf_counter() - start))
-        collector.close()
-        seconds = time.perf_counter() - start
-        manifest = writer.finish({
+                    progress(Progress(number, len(todo), done, len(prompts), run.writer.bytes_written, run.elapsed()))
+        seconds = run.close_capture()
+        run.finish({
             "placement": dict(getattr(model, "hf_device_map", None) or loaded.plan.device_map),
             "fixes": [asdict(f) for f in loaded.config_fixes],
-            "versions": runs.library_versions(),
-            "stats": {"seconds": seconds, "forward_seconds": forward, "bytes": writer.bytes_written,
+            "versions": library_versions(),
+            "stats": {"seconds": seconds, "forward_seconds": forward, "bytes": run.writer.bytes_written,
                       "batches": len(batches), "batches_computed": len(todo)},
         })
-    except BaseException:
-        collector.abort()
-        writer.abort()
-        raise
-    return ExtractResult(
-        path=Path(out), prompts=len(prompts), tensors=len(manifest["tensors"]), bytes=writer.bytes_written,
-        seconds=seconds, forward_seconds=forward, resumed_batches=len(batches) - len(todo),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        pinned_peak_bytes=collector.pinned_peak_bytes,
-    )
-
+    return run.result(len(prompts), forward, resumed_batches=len(batches) - len(todo))

@@ -37,7 +37,7 @@ class Fp8Linear(nn.Module):
     """y = x @ W.T (+ b) with W kept in e4m3 and the product computed in W8A8 FP8."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
-                 bias: torch.Tensor | None = None, backend: str = "auto"):
+                 bias: torch.Tensor | None = None, backend: str = quant.DEFAULT_FP8_BACKEND):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # e4m3 [N, K]
         self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)  # float32 [N/bn, K/bk] or []
@@ -61,7 +61,8 @@ class Fp8Experts(nn.Module):
     with e4m3 weights: per expert, gate_up -> act(gate) * up -> down, each matmul in W8A8 FP8."""
 
     def __init__(self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
-                 down_scale: torch.Tensor, block: tuple[int, int] | None, act_fn, backend: str = "auto"):
+                 down_scale: torch.Tensor, block: tuple[int, int] | None, act_fn,
+                 backend: str = quant.DEFAULT_FP8_BACKEND):
         super().__init__()
         self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # e4m3 [E, 2I, H]
         self.gate_up_proj_scale_inv = nn.Parameter(gate_up_scale, requires_grad=False)
@@ -122,7 +123,7 @@ def dequantize_tensors(raw: dict[str, torch.Tensor], scheme: quant.QuantScheme, 
 
 
 def to_fp8(layer: nn.Module, raw: dict[str, torch.Tensor], prefix: str, scheme: quant.QuantScheme,
-           backend: str = "auto") -> list[str]:
+           backend: str = quant.DEFAULT_FP8_BACKEND) -> list[str]:
     """Replace `layer`'s quantized projections with FP8 ones built from `raw` (the layer's
     checkpoint tensors, names starting with `prefix`, e.g. "model.layers.0."). Returns the module
     paths replaced. Every FP8 tensor of `raw` must find its module; each replacement must

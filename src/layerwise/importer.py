@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runs
 from .errors import UserError
-
-_LAYER_GROUP = re.compile(r"^(.*?layers\.\d+)(?:\.|$)")
-
+from .names import ROLES, WHOLE_ROLES, file_group, tensor_name
+from .recording import Recording
+from .runs import Intent, library_versions
 
 def parse_renames(rules: list[str] | None) -> list[tuple[re.Pattern, str]]:
     out = []
@@ -74,10 +73,10 @@ def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict
                     entries["tokens"] = f
                     continue
                 module, _, role = stem.rpartition(".")
-                if role not in runs.ROLES or not module:
+                if role not in ROLES or not module:
                     raise UserError(f"{f} is not named <module path>.<role>{f.suffix} with a role in "
-                                    f"{', '.join(runs.ROLES)}")
-                entries[runs.tensor_name(module, role)] = f
+                                    f"{', '.join(ROLES)}")
+                entries[tensor_name(module, role)] = f
             out.append((int(d.name), entries))
     elif files:
         from safetensors import safe_open
@@ -108,37 +107,32 @@ def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: 
         tokens = entries["tokens"]
         tokens = _load_array(tokens) if isinstance(tokens, Path) else tokens
         prompts.append({"index": index, "text": None, "token_ids": [int(t) for t in tokens.reshape(-1).tolist()]})
-    intent = {
-        "producer": "layerwise import",
-        "model": {"spec": model or f"imported:{source.resolve()}", "model_type": None},
-        "settings": {"source": str(source.resolve()), "renames": list(renames or [])},
-        "prompts": prompts,
-    }
-    writer = runs.RunWriter(out, intent, overwrite)
-    try:
+    intent = Intent(producer="layerwise import",
+                    model={"spec": model or f"imported:{source.resolve()}", "model_type": None},
+                    settings={"source": str(source.resolve()), "renames": list(renames or [])}, prompts=prompts)
+    with Recording(out, intent, None, overwrite) as run:
         for (index, entries), prompt in zip(prompts_data, prompts):
-            seq = len(prompt["token_ids"])
-            groups: dict[str, dict[str, torch.Tensor]] = {}
-            for raw, value in entries.items():
-                if raw == "tokens":
-                    continue
-                name = _rename(raw, rules)
-                module, sep, role = name.rpartition(":")
-                if not sep or role not in runs.ROLES:
-                    raise UserError(f"tensor {raw!r} (renamed {name!r}) is not <module path>:<role> with a role in "
-                                    f"{', '.join(runs.ROLES)}")
-                tensor = _load_array(value) if isinstance(value, Path) else value
-                if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == seq:
-                    tensor = tensor[0]
-                if role != "score_bias" and (tensor.dim() == 0 or tensor.shape[0] != seq):
-                    raise UserError(f"tensor {raw} of prompt {index} has shape {list(tensor.shape)}; expected "
-                                    f"[{seq}, ...] or [1, {seq}, ...] for its {seq} tokens")
-                match = _LAYER_GROUP.match(module)
-                group = match.group(1) if match else module
-                groups.setdefault(group, {})[name] = tensor.contiguous()
-            for group, tensors in groups.items():
-                writer.put(index, group, tensors)
-        return writer.finish({"versions": runs.library_versions()})
-    except BaseException:
-        writer.abort()
-        raise
+            for group, tensors in _groups(entries, rules, index, len(prompt["token_ids"])).items():
+                run.writer.put(index, group, tensors)
+        return run.finish({"versions": library_versions()})
+
+
+def _groups(entries: dict, rules, index: int, seq: int) -> dict[str, dict[str, torch.Tensor]]:
+    """One prompt's foreign tensors, renamed, checked and grouped into run files."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for raw, value in entries.items():
+        if raw == "tokens":
+            continue
+        name = _rename(raw, rules)
+        module, sep, role = name.rpartition(":")
+        if not sep or role not in ROLES:
+            raise UserError(f"tensor {raw!r} (renamed {name!r}) is not <module path>:<role> with a role in "
+                            f"{', '.join(ROLES)}")
+        tensor = _load_array(value) if isinstance(value, Path) else value
+        if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == seq:
+            tensor = tensor[0]
+        if role not in WHOLE_ROLES and (tensor.dim() == 0 or tensor.shape[0] != seq):
+            raise UserError(f"tensor {raw} of prompt {index} has shape {list(tensor.shape)}; expected "
+                            f"[{seq}, ...] or [1, {seq}, ...] for its {seq} tokens")
+        groups.setdefault(file_group(module), {})[name] = tensor.contiguous()
+    return groups

@@ -45,8 +45,11 @@ import torch
 from torch import nn
 
 from . import checkpoint, fp8, models, quant
+from .quant import DEFAULT_FP8_BACKEND
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .placement import meta_model
+from .quiet import quiet_transformers
 from .weights import CheckpointStore, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -61,11 +64,11 @@ SHARED_PARTS = ("embed", "norm", "head")
 
 @dataclass(frozen=True)
 class LayerOptions:
-    dtype: str = "bf16"
+    dtype: str = models.DEFAULT_DTYPE
     device: str = "cpu"  # "cuda:0", "cpu"
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8" (W8A8 as serving engines)
-    fp8_backend: str = "auto"  # --quant fp8: "auto" (scaled_mm on Hopper, else emulation), "scaled_mm", "emulate"
+    fp8_backend: str = DEFAULT_FP8_BACKEND  # --quant fp8: quant.FP8_BACKENDS
 
 
 @dataclass
@@ -195,12 +198,8 @@ class LayerSource:
     def _from_cpu_model(self, index: int) -> dict[str, torch.Tensor]:
         with self._lock:
             if self._cpu_model is None:
-                from .loading import LoadOptions, load_model
-
                 log.info("%s has no per-tensor index: loading it on the CPU once", self.ref.spec)
-                loaded = load_model(self.ref.spec, LoadOptions(device_map="cpu", dtype=self.options.dtype),
-                                    with_tokenizer=False)
-                self._cpu_model = loaded.model
+                self._cpu_model = load_whole_on_cpu(self.ref, self.dtype)
         layer = self._cpu_model.get_submodule(self.anatomy.layer(index))
         zero = f"{self.anatomy.layers_path}.0."
         return {zero + n: t.detach().to(self.device, copy=True) for n, t in layer.state_dict().items()}
@@ -222,7 +221,7 @@ class LayerSource:
         if self.options.attn_implementation:
             kwargs["attn_implementation"] = self.options.attn_implementation
         cls = models.model_class(config)
-        with _BUILD_LOCK, models.quiet_transformers():
+        with _BUILD_LOCK, quiet_transformers():
             model, info = cls.from_pretrained(None, **kwargs)
         model.eval()
         layer_path = f"{self.anatomy.layers_path}.0"
@@ -320,8 +319,6 @@ class LayerSource:
 def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: MemoryStore | None = None) -> LayerSource:
     """A source of model `spec`'s decoder layers; reads only headers and the config. `store`:
     tensors already in memory, by checkpoint name (then `spec` only gives the config)."""
-    from .placement import meta_model
-
     ref = models.resolve_model(spec)
     if store is None and not ref.has_weights:
         raise UserError(f"{spec} is a configuration without weights: layer tests need a checkpoint "
@@ -339,6 +336,15 @@ def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: Memory
     anatomy = find_anatomy(meta)
     return LayerSource(ref, mc.config, mc.fixes, options, anatomy, type(meta).__name__, mc.quant, mode, meta,
                        source_store)
+
+
+def load_whole_on_cpu(ref: models.ModelRef, dtype: torch.dtype) -> nn.Module:
+    """A model without a per-tensor index (a .gguf file), loaded whole on the CPU by transformers."""
+    config = models.load_config(ref).config
+    with quiet_transformers():
+        model = models.model_class(config).from_pretrained(str(ref.directory), config=config, dtype=dtype,
+                                                           device_map={"": "cpu"}, gguf_file=ref.path.name)
+    return model.eval()
 
 
 def one_layer_config(config, index: int):

@@ -16,14 +16,19 @@ its propagated one (`isolation_table`, pure). Rendering is report.py's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import runs
-from .align import ranges
-from .errors import UserError
+from . import models
 from .compare import CompareOptions, Report, Row, compare_runs
-from .replay import ReplayOptions, ReplayResult, parse_layer, parse_layer_range, replay
+from .errors import UserError
+from .extract import ExtractOptions, extract
+from .loading import LoadOptions
+from .names import OUTPUT, BadSelection, Layout, format_ranges, parse_indices
+from .recording import ExtractResult
+from .replay import ReplayOptions, ReplayResult, replay
+from .runs import Run, open_run
+from .streaming import StreamOptions, stream_extract
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ class TestOptions:
     layers: str | None = None  # multi: A-B (default: every layer); full / extract-all: which layers to capture
     out: str = "runs/test"  # directory for the candidate run(s)
     stream: bool = False  # full / extract-all: one decoder layer at a time on one device (single and multi always are)
+    candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings tested (default: the reference's)
+    load: LoadOptions = field(default_factory=LoadOptions)  # full / extract-all: loading the whole model
+    extract: ExtractOptions = field(default_factory=ExtractOptions)  # extract-all: capture; full: its batch defaults
 
 
 @dataclass(frozen=True)
@@ -49,100 +57,111 @@ class TestResult:
     candidates: dict[str, Path]  # "isolated" / "chained" / "full" / "extract" -> run directory
     layers: tuple[int, ...] = ()
     replay: ReplayResult | None = None
-    extract: object | None = None  # extract.ExtractResult
+    extract: ExtractResult | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def run_layer_test(model: str, options: TestOptions, candidate: ReplayOptions = ReplayOptions(),
-                   load=None, extract_options=None, prompts: list | None = None, progress=None) -> TestResult:
-    """Make the candidate run(s) of one `layerwise test`. `load` / `extract_options` /
-    `prompts` serve full and extract-all (loading.LoadOptions, extract.ExtractOptions, prompt items)."""
+def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: list | None = None,
+                   progress=None) -> TestResult:
+    """Make the candidate run(s) of one `layerwise test`; `prompts` (prompt items) serve
+    extract-all, which otherwise takes the reference's."""
     if options.test_type not in TEST_TYPES:
         raise UserError(f"unknown --test-type {options.test_type!r}: choose from {', '.join(TEST_TYPES)}")
     out = Path(options.out)
     if options.test_type == "extract-all":
-        return _extract_all(model, options, out, load, extract_options, prompts, progress)
+        return _extract_all(model, options, out, prompts, progress)
     if not options.reference:
         raise UserError(f"--test-type {options.test_type} needs --reference RUN "
                         "(make one with --test-type extract-all)")
-    reference = runs.open_run(options.reference)
+    reference = open_run(options.reference)
     if options.test_type == "full":
-        return _full(model, reference, options, candidate, out, load, extract_options, progress)
-    num_layers = _num_layers(model)
+        return _full(model, reference, options, out, progress)
+    num_layers = models.load_config(models.resolve_model(model)).config.num_hidden_layers  # cheap: the config
     if options.test_type == "single":
         layers = parse_layer(options.layer, num_layers)
         every = len(layers) == num_layers and num_layers > 1
-        result = replay(model, reference, layers, candidate, isolated=out / "isolated",
+        result = replay(model, reference, layers, options.candidate, isolated=out / "isolated",
                         chained=out / "chained" if every else None)
     else:
         layers = parse_layer_range(options.layers or f"0-{num_layers - 1}", num_layers)
-        result = replay(model, reference, layers, candidate, chained=out / "chained")
+        result = replay(model, reference, layers, options.candidate, chained=out / "chained")
     candidates = {k: v for k, v in (("isolated", result.isolated), ("chained", result.chained)) if v is not None}
     return TestResult(options.test_type, reference.path, candidates, result.layers, replay=result, notes=result.notes)
 
 
-def _num_layers(model: str) -> int:
-    """The model's layer count, from its config (cheap), for parsing --layer before any loading."""
-    from . import models
+def parse_layer(text: str, num_layers: int) -> list[int]:
+    """`--layer K` or `--layer all`."""
+    text = str(text).strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    try:
+        chosen = parse_indices(text)
+    except BadSelection:
+        chosen = ()
+    if len(chosen) != 1 or not text.isdigit():
+        raise UserError(f"--layer {text!r} is not a layer number: use 0-{num_layers - 1} or all")
+    return [_in_range(chosen[0], num_layers)]
 
-    ref = models.resolve_model(model)
-    return models.load_config(ref).config.num_hidden_layers
+
+def parse_layer_range(text: str, num_layers: int) -> list[int]:
+    """`--layers A-B` (inclusive) or a single `K`."""
+    bounds = None
+    try:
+        chosen = parse_indices(text) if "," not in str(text) else ()
+        bounds = (chosen[0], chosen[-1]) if chosen else None
+    except BadSelection as err:
+        bounds = err.reversed_range
+    if bounds is None:
+        raise UserError(f"--layers {text!r} is not a range: write A-B, e.g. 0-3")
+    first, last = (_in_range(i, num_layers) for i in bounds)
+    if last < first:
+        raise UserError(f"--layers {text} is reversed: write the first layer first ({last}-{first})")
+    return list(range(first, last + 1))
 
 
-def _extract_all(model, options: TestOptions, out: Path, load, extract_options, prompts, progress) -> TestResult:
-    from dataclasses import replace
+def _in_range(index: int, num_layers: int) -> int:
+    if index >= num_layers:
+        raise UserError(f"layer {index} is out of range: the model has layers 0-{num_layers - 1}")
+    return index
 
-    from .extract import ExtractOptions
-    from .loading import LoadOptions
 
+def _extract_all(model, options: TestOptions, out: Path, prompts, progress) -> TestResult:
     items = list(prompts or [])
     if not items and options.reference:
-        items = [p["token_ids"] for p in runs.open_run(options.reference).prompts]
-    extract_options = extract_options or ExtractOptions()
-    if options.layers:
-        extract_options = replace(extract_options, layers=options.layers)
-    result = _run_extract(model, out, items, extract_options, load or LoadOptions(), options.stream, None, progress)
+        items = [p["token_ids"] for p in open_run(options.reference).prompts]
+    extract_options = replace(options.extract, layers=options.layers) if options.layers else options.extract
+    result = _run_extract(model, out, items, extract_options, options.load, options.stream, None, progress)
     return TestResult("extract-all", None, {"extract": result.path}, extract=result, notes=result.notes)
 
 
-def _run_extract(model, out: Path, items, extract_options, load, stream: bool, device: str | None, progress,
-                 fp8_backend: str = "auto"):
-    """The whole model over the prompts: loaded over the GPUs, or streamed one layer at a time."""
-    from .extract import extract
-
+def _run_extract(model, out: Path, items, extract_options: ExtractOptions, load: LoadOptions, stream: bool,
+                 candidate: ReplayOptions | None, progress) -> ExtractResult:
+    """The whole model over the prompts: loaded over the GPUs, or streamed one layer at a time
+    (on the candidate's device and FP8 backend, if given)."""
     if not stream:
         return extract(model, str(out), items, extract_options, load, progress=progress)
-    from .streaming import StreamOptions, stream_extract
-
+    where = {} if candidate is None else {"device": candidate.device, "fp8_backend": candidate.fp8_backend}
     result, _ = stream_extract(model, out, items, extract_options, StreamOptions(
-        device=device, dtype=load.dtype, attn_implementation=load.attn_implementation, quant=load.quant,
-        fp8_backend=fp8_backend))
+        dtype=load.dtype, attn_implementation=load.attn_implementation, quant=load.quant, **where))
     return result
 
 
-def _full(model, reference: runs.Run, options: TestOptions, candidate: ReplayOptions, out: Path, load,
-          extract_options, progress) -> TestResult:
+def _full(model, reference: Run, options: TestOptions, out: Path, progress) -> TestResult:
     """The whole model under the candidate settings, captured like the reference was."""
-    from dataclasses import replace
-
-    from .extract import ExtractOptions
-    from .loading import LoadOptions
-
+    candidate = options.candidate
     if candidate.candidate:
         raise UserError("--candidate replaces one decoder layer: use it with --test-type single or multi")
     settings = reference.manifest.get("settings", {}) or {}
-    load = load or LoadOptions()
-    load = replace(load, dtype=candidate.dtype or settings.get("dtype") or load.dtype,
+    load = replace(options.load, dtype=candidate.dtype or settings.get("dtype") or options.load.dtype,
                    attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"),
                    quant=candidate.quant or settings.get("quant"))
-    d = extract_options or ExtractOptions()
+    d = options.extract
     points = ",".join(settings.get("points") or []) or d.points
-    layers = options.layers or (ranges(list(settings["layers"])) if settings.get("layers") else None)
+    layers = options.layers or (format_ranges(list(settings["layers"])) if settings.get("layers") else None)
     extract_options = replace(d, points=points, layers=layers or d.layers,
                               batch_size=settings.get("batch_size") or d.batch_size, overwrite=candidate.overwrite)
     items = [p["token_ids"] for p in reference.prompts]
-    result = _run_extract(model, out / "full", items, extract_options, load, options.stream, candidate.device,
-                          progress, candidate.fp8_backend)
+    result = _run_extract(model, out / "full", items, extract_options, load, options.stream, candidate, progress)
     return TestResult("full", reference.path, {"full": result.path}, extract=result, notes=result.notes)
 
 
@@ -180,12 +199,12 @@ def compare_layer_test(result: TestResult, options: CompareOptions = CompareOpti
     decides = _DECIDES.get(result.test_type)
     if decides is None or result.reference is None:
         return LayerTestReport(result, {}, None)
-    reference = runs.open_run(result.reference)
-    reports = {kind: compare_runs(reference, runs.open_run(path), options, progress=progress)
+    reference = open_run(result.reference)
+    reports = {kind: compare_runs(reference, open_run(path), options, progress=progress)
                for kind, path in result.candidates.items()}
     table = ()
     if "isolated" in reports and "chained" in reports:
-        layers_path = (reference.manifest.get("anatomy") or {}).get("layers_path", "model.layers")
+        layers_path = Layout.of(reference.manifest.get("anatomy")).layers_path
         table = isolation_table(reports["isolated"], reports["chained"], result.layers, layers_path)
     return LayerTestReport(result, reports, decides, table)
 
@@ -200,7 +219,7 @@ def isolation_table(isolated: Report, propagated: Report | None, layers: tuple[i
         return rows
 
     def output(rows: list[Row], k: int) -> float | None:
-        return next((r.rel_l2 for r in rows if r.module == f"{layers_path}.{k}" and r.role == "output"), None)
+        return next((r.rel_l2 for r in rows if r.module == f"{layers_path}.{k}" and r.role == OUTPUT), None)
 
     def flips(report: Report | None, k: int) -> int | None:
         return next((r.routing.flips for r in (report.routing if report else ()) if r.layer == k and r.routing), None)

@@ -1,10 +1,10 @@
 """Loading a causal LM over GPUs: plan first, refuse or warn on spills, load exactly the plan.
 
 `load_model` is the seed's `load_model_gpu` done right: it plans the placement on the meta
-device (placement.py) with the GPUs present, refuses to start when the plan spills and
+device (placement.py) with the GPUs present (`plan_load`), refuses to start when the plan spills and
 `allow_spill` is off, loads with transformers' `from_pretrained` using the planned map, then
 checks that what was loaded is what was planned and that the numerics fixes held (router in
-fp32). `placement_report` says where every module went and how much each GPU really uses.
+fp32). `placement_rows` says where every module went and how much each GPU really uses.
 
 FP8 checkpoints (quant.py) load two ways. `quant="dequantize"` (the default, the reference):
 transformers' own `FineGrainedFP8Config(dequantize=True)` path, every weight e4m3 x scale cast to
@@ -15,6 +15,7 @@ projections), so only the FP8 bytes stay resident; the plan sizes it that way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,22 +24,31 @@ import torch
 
 from . import checkpoint, machine, models, placement, quant
 from .anatomy import Anatomy, find_anatomy
+from .devicemap import DEFAULT_DEVICE_MAP, device_name, device_of
 from .errors import UserError
-from .sizes import format_bytes, parse_max_memory
+from .layer_loading import LayerOptions, open_layers
+from .placement import Plan
+from .quiet import quiet_transformers
+from .sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    device_map: str = "auto"  # strategy, cuda:N, cpu, or a JSON file
+    device_map: str = DEFAULT_DEVICE_MAP  # strategy, cuda:N, cpu, or a JSON file
     max_memory: str | None = None  # "40GB", "0:60GB,1:40GB,cpu:200GB"
-    dtype: str = "bf16"
+    dtype: str = models.DEFAULT_DTYPE
     offload_folder: str | None = None
     allow_spill: bool = True  # False: refuse to load when any weight would land on cpu/disk
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
-    tokens: int = 4096  # forward-pass size the placement leaves room for
+    tokens: int = placement.DEFAULT_TOKENS  # forward-pass size (batch x sequence) the placement leaves room for
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"; plain checkpoints: None
+
+    def plan_settings(self) -> dict:
+        """What a placement plan depends on (placement.plan_for's settings)."""
+        return {"device_map": self.device_map, "max_memory": self.max_memory, "dtype": self.dtype,
+                "tokens": self.tokens, "attn_implementation": self.attn_implementation, "quant": self.quant}
 
 
 @dataclass
@@ -46,7 +56,7 @@ class LoadedModel:
     model: torch.nn.Module
     ref: models.ModelRef
     config_fixes: list[models.Fix]
-    plan: placement.Plan
+    plan: Plan
     anatomy: Anatomy
     seconds: float
     tokenizer: object = None
@@ -76,35 +86,10 @@ def gpu_capacities() -> list[int]:
     return [g.free_bytes for g in machine.gpus()]
 
 
-def plan_for(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None) -> placement.Plan:
+def plan_load(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None) -> Plan:
     """The placement loading would use, for the GPUs present (or `gpu_bytes`, simulated)."""
-    dtype = models.parse_dtype(options.dtype)
-    mode = quant.resolve_mode(quant.scheme_of(config), options.quant)
-    device_map = placement.parse_device_map(options.device_map)
-    gpu_bytes = gpu_capacities() if gpu_bytes is None else gpu_bytes
-    max_memory = parse_max_memory(options.max_memory, len(gpu_bytes)) if options.max_memory else None
-    if isinstance(device_map, str) and not gpu_bytes:
-        device_map = {"": "cpu"}  # no GPU: a strategy word means "run on the CPU"
-    meta = placement.meta_model(config, dtype, mode)
-    return placement.plan_placement(
-        meta, gpu_bytes, device_map, max_memory, cpu_bytes=machine.host_memory_available(),
-        tokens=options.tokens, dtype=dtype, model_name=ref.spec,
-        attn_implementation=options.attn_implementation or "sdpa", quant_mode=mode,
-        load_working_bytes=_fp8_build_bytes(meta, dtype) if mode == "fp8" else 0,
-    )
-
-
-def _fp8_build_bytes(meta, dtype: torch.dtype) -> int:
-    """Memory an FP8 layer needs while it is built (`--quant fp8`): its FP8 bytes read, and the
-    same weights dequantized to the compute dtype, before the FP8 projections replace them."""
-    anatomy = find_anatomy(meta)
-    size = torch.empty((), dtype=dtype).element_size()
-    worst = 0
-    for i in range(anatomy.num_layers):
-        layer = meta.get_submodule(anatomy.layer(i))
-        fp8_elements = sum(t.numel() for t in layer.parameters() if t.dtype == quant.FP8_DTYPE)
-        worst = max(worst, fp8_elements * (1 + size))
-    return worst
+    return placement.plan_for(ref.spec, config, gpu_capacities() if gpu_bytes is None else gpu_bytes,
+                              machine.host_memory_available(), **options.plan_settings())
 
 
 def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True,
@@ -118,7 +103,7 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     mode = quant.resolve_mode(mc.quant, options.quant)
     if ref.kind == "checkpoint":
         checkpoint.require_complete(ref.path, mc.quant)
-    plan = plan_for(ref, mc.config, options)
+    plan = plan_load(ref, mc.config, options)
     spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
     notes = []
     if spill and plan.gpu_count:
@@ -149,8 +134,6 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
     """transformers' own loading of exactly the planned map; FP8 weights dequantized by transformers."""
     config = mc.config
     if mode == "dequantize":
-        import copy
-
         config = copy.deepcopy(config)
         raw = config.quantization_config
         raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
@@ -163,7 +146,7 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
     if ref.kind == "gguf":
         kwargs["gguf_file"] = ref.path.name
     cls = models.model_class(config)
-    with models.quiet_transformers(progress):
+    with quiet_transformers(progress):
         return cls.from_pretrained(str(ref.directory), **kwargs)
 
 
@@ -171,8 +154,6 @@ def _assemble_fp8(ref, mc, plan, options: LoadOptions):
     """`--quant fp8`: the FP8 meta model of the plan, filled layer by layer on the planned devices
     (each layer read as FP8, built by transformers from its dequantized weights, its projections
     swapped for FP8 ones, the dequantized copy dropped), then dispatched like from_pretrained does."""
-    from .layer_loading import LayerOptions, open_layers
-
     dtype = models.parse_dtype(options.dtype)
     source = open_layers(ref.spec, LayerOptions(dtype=options.dtype, device="cpu",
                                                 attn_implementation=options.attn_implementation, quant="fp8"))
@@ -181,7 +162,7 @@ def _assemble_fp8(ref, mc, plan, options: LoadOptions):
     layers = model.get_submodule(anatomy.layers_path)
     rotary = None
     for i in range(anatomy.num_layers):
-        built = source.on(_device_name(placement.device_of(plan.device_map, anatomy.layer(i)))).load(i)
+        built = source.on(device_name(device_of(plan.device_map, anatomy.layer(i)))).load(i)
         for module in built.module.modules():  # built as layer 0 of a one-layer model: the KV cache indexes by it
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
@@ -190,26 +171,22 @@ def _assemble_fp8(ref, mc, plan, options: LoadOptions):
         model.config._attn_implementation = built.config._attn_implementation
     for part, path in (("embed", anatomy.embed_path), ("norm", anatomy.norm_path), ("head", anatomy.head_path)):
         if path:
-            device = _device_name(placement.device_of(plan.device_map, path))
+            device = device_name(device_of(plan.device_map, path))
             _set_submodule(model, path, source.on(device).load_shared((part,))[part])
     if anatomy.rotary_path and rotary is not None:
-        device = _device_name(placement.device_of(plan.device_map, anatomy.rotary_path))
+        device = device_name(device_of(plan.device_map, anatomy.rotary_path))
         _set_submodule(model, anatomy.rotary_path, rotary.to(device))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise UserError(f"--quant fp8 cannot assemble {type(model).__name__} ({left[0]} has no weights after every "
                         "layer, the embedding, the norm and the head were loaded): use extract --stream")
-    devices = {_device_name(d) for d in plan.device_map.values()}
+    devices = {device_name(d) for d in plan.device_map.values()}
     if len(devices) > 1:
         from accelerate import dispatch_model
 
         model = dispatch_model(model, device_map=plan.device_map)
     model.hf_device_map = dict(plan.device_map)
     return model
-
-
-def _device_name(device) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
 def _set_submodule(model, path: str, module) -> None:
@@ -249,7 +226,7 @@ class DeviceRow:
     total_bytes: int | None = None
 
 
-def placement_report(loaded: LoadedModel) -> list[DeviceRow]:
+def placement_rows(loaded: LoadedModel) -> list[DeviceRow]:
     """Where the loaded model's modules went, with live per-GPU memory."""
     model = loaded.model
     device_map = getattr(model, "hf_device_map", None) or loaded.plan.device_map

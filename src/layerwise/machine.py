@@ -45,6 +45,11 @@ def gpus() -> list[Gpu]:
     return found
 
 
+def default_device() -> str:
+    """Where one device's work runs unless told: cuda:0 when a GPU is present, else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def gpu_memory() -> list[GpuMemory]:
     if not torch.cuda.is_available():
         return []

@@ -1,11 +1,11 @@
 """How far a candidate tensor is from a reference tensor: pure functions, float64, chunked.
 
-Three families, each a frozen dataclass (docs/COMPARE.md defines every field exactly):
+Two families here, each a frozen dataclass (docs/COMPARE.md defines every field exactly); the
+third, routing agreement, is routing.py's:
 - `tensor_metrics`: max/mean absolute error, relative L2, cosine, SQNR, NaN/Inf counts per
   side, the worst token. Any shape; dim 0 is the token axis.
-- `logits_metrics`: top-1 agreement, top-k overlap, KL(ref || cand) from log_softmax.
-- `routing_metrics`: identical expert sets, Jaccard overlap, near-ties and the cause of every
-  routing flip, from recorded top-k ids and router logits.
+- `logits_metrics`: top-1 agreement, top-k overlap, KL(ref || cand) from log_softmax;
+  `pool_logits` pools them over prompts.
 
 Inputs are converted to float64 a block of rows at a time, so memory beyond the two inputs is a
 few blocks whatever the tensor size. Nothing here knows about runs, files or tolerances.
@@ -39,7 +39,7 @@ class TensorMetrics:
     violations: int | None = None  # elements with |a - b| > atol + rtol |a|; None unless asked
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
     """View as [tokens, features]: dim 0 is the token axis; a scalar is one token."""
     if t.dim() == 0:
         return t.reshape(1, 1)
@@ -48,7 +48,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _block_rows(width: int, chunk_elements: int) -> int:
+def block_rows(width: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(1, width))
 
 
@@ -65,11 +65,11 @@ def tensor_metrics(ref: torch.Tensor, cand: torch.Tensor, rtol: float | None = N
     allclose = rtol is not None or atol is not None
     if ref.numel() == 0:
         return TensorMetrics(0, 0.0, 0.0, 0.0, 1.0, math.inf, (0, 0), (0, 0), 0, None, 0 if allclose else None)
-    a2, b2 = _rows(ref), _rows(cand)
+    a2, b2 = as_rows(ref), as_rows(cand)
     rows, width = a2.shape
     split = _split(width, chunk_elements)  # a token wider than a block (logits) is measured in pieces
     a2, b2 = a2.reshape(rows * split, width // split), b2.reshape(rows * split, width // split)
-    step = max(1, _block_rows(width // split, chunk_elements) // split) * split  # whole tokens per block
+    step = max(1, block_rows(width // split, chunk_elements) // split) * split  # whole tokens per block
     parts = max(1, min(parts, -(-rows * split // step)))  # no range smaller than one block
     bounds = [rows * i // parts * split for i in range(parts + 1)]
     ranges = list(zip(bounds[:-1], bounds[1:]))
@@ -233,7 +233,7 @@ def logits_metrics(ref: torch.Tensor, cand: torch.Tensor, k: int = 5,
     rounding below 0 is reported as 0. No tokens: top1 = topk = 1, KL = 0."""
     if ref.shape != cand.shape:
         raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(cand.shape)}")
-    a2, b2 = _rows(ref), _rows(cand)
+    a2, b2 = as_rows(ref), as_rows(cand)
     rows, vocab = a2.shape
     if rows == 0 or vocab == 0:
         return LogitsMetrics(rows, k, 1.0, 1.0, 0.0, 0.0, None)
@@ -241,7 +241,7 @@ def logits_metrics(ref: torch.Tensor, cand: torch.Tensor, k: int = 5,
     pieces = _split(vocab, chunk_elements)
     agree = overlap = 0
     kl_sum, kl_max, kl_worst = 0.0, 0.0, None
-    step = _block_rows(vocab, chunk_elements)
+    step = block_rows(vocab, chunk_elements)
     for start in range(0, rows, step):
         # top-k on float32 (exact for bf16/fp16/fp32 logits, and several times faster than float64)
         (vx, ix), (vy, iy) = (_topk(t[start:start + step].float(), k, pieces) for t in (a2, b2))
@@ -290,148 +290,15 @@ def _kl_careful(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64)).sum(dim=1)
 
 
-# ------------------------------------------------------------------------------------ routing
+def pool_logits(per_prompt: list[tuple[int, LogitsMetrics]]) -> tuple[LogitsMetrics, tuple[int, int] | None]:
+    """[(prompt, metrics)] pooled: token-weighted means, the worst KL over all; also (prompt,
+    token) of that worst KL."""
+    tokens = sum(m.tokens for _, m in per_prompt)
+    worst_p, worst_m = max(per_prompt, key=lambda pm: pm[1].kl_max)
 
-@dataclass(frozen=True)
-class RoutingMetrics:
-    tokens: int
-    k: int
-    same_set: float  # share of tokens whose top-k expert SET is identical
-    jaccard: float  # mean |A & B| / |A | B|
-    flips: int  # tokens whose set differs
-    selection_not_topk: int | None  # reference tokens whose ids are not the top-k of its logits
-    near_ties: int | None  # reference tokens with margin < tie_threshold (None: cannot be known)
-    flips_at_ties: int | None  # flips whose reference margin is provably < tie_threshold
-    flips_moved: int | None  # flips where the router scores moved by at least tie_threshold
-    flips_inconsistent: int | None  # flips that no shared selection rule explains (a routing bug)
-    tie_threshold: float
+    def mean(attr: str, empty: float) -> float:
+        return sum(getattr(m, attr) * m.tokens for _, m in per_prompt) / tokens if tokens else empty
 
-
-# What happened to each token's expert set (routing_flips): unchanged, or a flip at a near-tie,
-# where the scores moved by at least the tie threshold, that no shared rule explains, or unjudged.
-SAME, AT_TIE, MOVED, INCONSISTENT, UNJUDGED = 0, 1, 2, 3, 4
-
-
-def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
-                    cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                    chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
-                    cand_bias: torch.Tensor | None = None) -> RoutingMetrics:
-    """Compare the expert choice of two runs (see `routing_flips`)."""
-    return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements,
-                         ref_bias, cand_bias)[0]
-
-
-def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
-                  cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                  chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
-                  cand_bias: torch.Tensor | None = None) -> tuple[RoutingMetrics, torch.Tensor]:
-    """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
-    SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED. Scores are s = sigmoid(router logit) + bias:
-    the selection score of sigmoid routers when their correction bias was recorded
-    (`score_bias`, MiniMax-M2, DeepSeek-V3), else sigmoid alone, which for softmax routers is a
-    monotone map of the logits, so top-k by s is top-k by logit.
-
-    - margin (reference, exact when its ids are the top-k of its logits): weakest chosen s
-      minus strongest rejected s; a near-tie is 0 <= margin < tie_threshold.
-    - a flip with both runs' logits is judged without knowing any bias: if both runs choose by
-      s + b with the same per-expert b, the reference margin is at most
-      bound = min over dropped a of (s_a - s'_a) - max over added c of (s_c - s'_c).
-      bound < tie_threshold with bound > 0: at a tie; bound >= tie_threshold: the scores moved;
-      bound <= 0: inconsistent (different bias, rule or expert numbering).
-    - with only the reference's logits, flips are judged by its exact margin when its ids are
-      the top-k of its logits (at a tie or moved), otherwise not judged (None).
-    """
-    if ref_ids.shape != cand_ids.shape:
-        raise ValueError(f"shapes differ: {tuple(ref_ids.shape)} vs {tuple(cand_ids.shape)}")
-    ids_a, ids_b = _rows(ref_ids).long(), _rows(cand_ids).long()
-    tokens, k = ids_a.shape
-    classes = torch.zeros(tokens, dtype=torch.int8)
-    if tokens == 0 or k == 0:
-        return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold), classes
-    z_a = _rows(ref_logits) if ref_logits is not None else None
-    z_b = _rows(cand_logits) if cand_logits is not None and z_a is not None else None
-    width = max(k * k, z_a.shape[1] if z_a is not None else 1)
-    c = dict(same=0, flips=0, not_topk=0, near=0, ref_ties=0, bound_ties=0, inconsistent=0)
-    jaccard = 0.0
-    step = _block_rows(width, chunk_elements)
-    for start in range(0, tokens, step):  # blocks keep every kernel small and serial
-        a, b = ids_a[start:start + step], ids_b[start:start + step]
-        inter = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)  # [n]
-        flips = inter != k
-        block = classes[start:start + step]
-        block[flips] = UNJUDGED
-        c["same"] += int((~flips).sum())
-        c["flips"] += int(flips.sum())
-        jaccard += (inter.double() / (2 * k - inter).double()).sum().item()
-        if z_a is None:
-            continue
-        margin = _margin(z_a[start:start + step], a, ref_bias)
-        near = margin < tie_threshold
-        c["not_topk"] += int((margin < 0).sum())
-        c["near"] += int(near.sum())
-        c["ref_ties"] += int((flips & near).sum())
-        if z_b is None:  # the reference's own margin decides, if it is exact (checked after the loop)
-            block[flips & near] = AT_TIE
-            block[flips & ~near] = MOVED
-        elif bool(flips.any()):  # judge each flip from both runs' scores, flipped tokens only
-            local = flips.nonzero().squeeze(1)
-            rows = local + start
-            s_a, s_b = _scores(z_a[rows], ref_bias), _scores(z_b[rows], cand_bias)
-            chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a[rows], True)
-            chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b[rows], True)
-            bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
-            kind = torch.full_like(local, MOVED, dtype=torch.int8)
-            kind[(bound > 0) & (bound < tie_threshold)] = AT_TIE
-            kind[~(bound > 0)] = INCONSISTENT  # bound <= 0, or NaN scores
-            block[local] = kind
-            c["inconsistent"] += int((kind == INCONSISTENT).sum())
-            c["bound_ties"] += int((kind == AT_TIE).sum())
-    not_topk = near = at_ties = moved = inconsistent = None
-    if z_a is not None:
-        not_topk = c["not_topk"]
-        if not_topk == 0:  # the reference chose the top-k of its logits: its margins are exact
-            near, at_ties = c["near"], c["ref_ties"]
-        if z_b is not None:
-            at_ties, inconsistent = c["bound_ties"], c["inconsistent"]
-        if at_ties is not None:
-            moved = c["flips"] - at_ties - (inconsistent or 0)
-    if z_a is not None and z_b is None and not_topk:  # the reference's margins are not exact
-        classes[classes != SAME] = UNJUDGED
-    return RoutingMetrics(tokens, k, c["same"] / tokens, jaccard / tokens, c["flips"], not_topk, near, at_ties,
-                          moved, inconsistent, tie_threshold), classes
-
-
-def _scores(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Selection scores in float64: sigmoid(logit), plus the router's correction bias if known."""
-    s = torch.sigmoid(logits.double())
-    return s + bias.double().reshape(1, -1) if bias is not None else s
-
-
-def _margin(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per token: weakest chosen score minus strongest rejected score (inf when every expert is
-    chosen). Without a bias, s = sigmoid(logit) is monotone in the logit and the strongest
-    rejected expert is among the k+1 largest logits (at most k of them chosen), so one top-k
-    of the logits suffices; with a bias the top-k runs on the selection scores."""
-    k, experts = ids.shape[1], logits.shape[1]
-    if bias is not None:
-        scores = _scores(logits, bias)
-        weakest = scores.gather(1, ids).min(dim=1).values
-        if experts <= k:
-            return torch.full_like(weakest, math.inf)
-        values, index = scores.topk(k + 1, dim=1)
-    else:
-        weakest = torch.sigmoid(logits.gather(1, ids).double()).min(dim=1).values
-        if experts <= k:
-            return torch.full_like(weakest, math.inf)
-        values, index = logits.topk(k + 1, dim=1)
-        values = torch.sigmoid(values.double())
-    rejected = ~(index.unsqueeze(2) == ids.unsqueeze(1)).any(dim=2)  # [n, k+1]
-    strongest = torch.where(rejected, values, -math.inf).max(dim=1).values
-    return weakest - strongest
-
-
-def _flip_bound(delta: torch.Tensor, dropped: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
-    """Upper bound on the reference margin of a flipped token (inf where nothing flipped)."""
-    low = torch.where(dropped, delta, math.inf).min(dim=1).values
-    high = torch.where(added, delta, -math.inf).max(dim=1).values
-    return low - high
+    pooled = LogitsMetrics(tokens, per_prompt[0][1].k, mean("top1", 1.0), mean("topk", 1.0), mean("kl_mean", 0.0),
+                           worst_m.kl_max, worst_m.kl_worst_token)
+    return pooled, None if worst_m.kl_worst_token is None else (worst_p, worst_m.kl_worst_token)

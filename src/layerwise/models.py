@@ -19,9 +19,7 @@ This module does not load weights and knows nothing about devices.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,7 @@ FP32_ROUTER_PATTERNS = {
     "minimax_m2": ("mlp.gate.weight", "mlp.e_score_correction_bias"),
 }
 
+DEFAULT_DTYPE = "bf16"  # the compute dtype unless told (--dtype)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -239,27 +238,3 @@ def fp32_router_tensors(model) -> dict[str, torch.dtype]:
         if any(name.endswith(p) for p in patterns):
             found[name] = t.dtype
     return found
-
-
-@contextlib.contextmanager
-def quiet_transformers(progress: bool = False):
-    """Silence transformers' load reports, progress bars (unless `progress`) and accelerate's
-    per-device warnings (simulated GPUs are 'not available' by design); layerwise reports for itself."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    accel = logging.getLogger("accelerate.utils.modeling")
-    accel_level = accel.level
-    hf_logging.set_verbosity_error()
-    if progress:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
-    accel.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        accel.setLevel(accel_level)
-        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()

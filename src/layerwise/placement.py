@@ -6,33 +6,34 @@ under per-GPU budgets. The budgets leave room for what the forward pass needs be
 (`forward_reserve`): activations for `tokens` tokens, the logits on the head's GPU, and CUDA's
 own context. Loading reuses the very map planned here, so what is loaded is what was planned.
 
-Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real GPUs
-(the caller passes their capacities) and never touches weights.
+`plan_for` plans from a config and the command line's settings, `plan_placement` from a meta
+model. Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real
+GPUs (the caller passes their capacities: loading.plan_load, readiness) and never touches weights.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from . import fp8, models, quant
+from . import fp8, models
 from .anatomy import Anatomy, find_anatomy
+from .devicemap import DEFAULT_DEVICE_MAP, SPILL_DEVICES, describe_map, device_of, parse_device_map
 from .errors import UserError
-from .sizes import format_bytes
+from .quiet import quiet_transformers
+from .names import stage_of
+from .quant import FP8_DTYPE, resolve_mode, scheme_of
+from .sizes import format_bytes, parse_max_memory
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEFAULT_TOKENS = 4096  # the forward-pass size (batch x sequence) a plan leaves room for, unless told
 # Per GPU, what CUDA and the caching allocator take beyond tensors (context, fragmentation).
 CUDA_OVERHEAD_BYTES = 1_000_000_000
-_SPILL_DEVICES = ("cpu", "disk")
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,12 @@ def meta_model(config, dtype: torch.dtype, quant_mode: str | None = None):
     """The model built on the meta device with the dtypes loading would give it: the compute
     dtype, the fp32 router where the reference keeps one, and with `quant_mode="fp8"` the
     checkpoint's FP8 projections and scales (as `--quant fp8` holds them)."""
-    scheme = quant.scheme_of(config)
+    scheme = scheme_of(config)
     if getattr(config, "quantization_config", None) is not None:  # built dequantized; FP8 modules put in below
         config = copy.deepcopy(config)
         del config.quantization_config
     cls = models.model_class(config)
-    with torch.device("meta"), models.quiet_transformers():
+    with torch.device("meta"), quiet_transformers():
         model = cls._from_config(config, dtype=dtype)
     if quant_mode == "fp8":
         anatomy = find_anatomy(model)
@@ -161,52 +162,47 @@ def module_sizes(model) -> dict[str, int]:
     return dict(sizes)
 
 
-def read_device_map_file(path: str) -> dict:
-    """A JSON file {module path: device}; devices are GPU indices, "cuda:N", "cpu" or "disk"."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"device-map file {path!r} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"device-map file {path!r} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"device-map file {path!r} must hold a non-empty JSON object {{module: device}}")
-    return {str(k): normalize_device(v, f"device-map file {path!r}") for k, v in raw.items()}
+def plan_for(model_name: str, config, gpu_bytes: list[int], cpu_bytes: int, *, device_map: str,
+             max_memory: str | None, dtype: str, tokens: int, attn_implementation: str | None,
+             quant: str | None) -> Plan:
+    """The placement of a model of `config` on GPUs of `gpu_bytes` free bytes each (present or
+    simulated) and `cpu_bytes` of host RAM, for these settings as the command line gives them
+    (`--device-map`, `--max-memory`, `--dtype`, `--tokens`, `--attn-implementation`, `--quant`)."""
+    torch_dtype = models.parse_dtype(dtype)
+    mode = resolve_mode(scheme_of(config), quant)
+    parsed = parse_device_map(device_map)
+    limits = parse_max_memory(max_memory, len(gpu_bytes)) if max_memory else None
+    if isinstance(parsed, str) and not gpu_bytes:
+        parsed = {"": "cpu"}  # no GPU: a strategy word means "run on the CPU"
+    meta = meta_model(config, torch_dtype, mode)
+    return plan_placement(
+        meta, gpu_bytes, parsed, limits, cpu_bytes=cpu_bytes, tokens=tokens, dtype=torch_dtype,
+        model_name=model_name, attn_implementation=attn_implementation or "sdpa", quant_mode=mode,
+        load_working_bytes=_fp8_build_bytes(meta, torch_dtype) if mode == "fp8" else 0,
+    )
 
 
-def normalize_device(value, where: str) -> int | str:
-    if isinstance(value, int) and value >= 0:
-        return value
-    text = str(value).strip().lower()
-    if text in _SPILL_DEVICES:
-        return text
-    match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
-    if match:
-        return int(match.group(1))
-    raise UserError(f"{where}: {value!r} is not a device (use a GPU index, cuda:N, cpu or disk)")
-
-
-def parse_device_map(text: str):
-    """--device-map: a strategy word, cuda:N / N / cpu, or a JSON file. Returns str or dict."""
-    text = text.strip()
-    if text in STRATEGIES:
-        return text
-    if text.endswith(".json") or Path(text).is_file():
-        return read_device_map_file(text)
-    if text == "cpu" or re.fullmatch(r"(cuda:)?\d+", text):
-        return {"": normalize_device(text, "--device-map")}
-    raise UserError(f"unknown --device-map {text!r}: use auto, balanced, balanced_low_0, sequential, "
-                    "cuda:N, cpu, or a JSON file mapping module names to devices")
+def _fp8_build_bytes(meta, dtype: torch.dtype) -> int:
+    """Memory an FP8 layer needs while it is built (`--quant fp8`): its FP8 bytes read, and the
+    same weights dequantized to the compute dtype, before the FP8 projections replace them."""
+    anatomy = find_anatomy(meta)
+    size = _dtype_size(dtype)
+    worst = 0
+    for i in range(anatomy.num_layers):
+        layer = meta.get_submodule(anatomy.layer(i))
+        fp8_elements = sum(t.numel() for t in layer.parameters() if t.dtype == FP8_DTYPE)
+        worst = max(worst, fp8_elements * (1 + size))
+    return worst
 
 
 def plan_placement(
     model,
     gpu_bytes: list[int],
-    device_map="auto",
+    device_map=DEFAULT_DEVICE_MAP,
     max_memory: dict | None = None,
     cpu_bytes: int | None = None,
-    tokens: int = 4096,
-    dtype: torch.dtype = torch.bfloat16,
+    tokens: int = DEFAULT_TOKENS,
+    dtype: torch.dtype = models.DTYPES[models.DEFAULT_DTYPE],
     model_name: str = "",
     attn_implementation: str = "sdpa",
     overhead_bytes: int = CUDA_OVERHEAD_BYTES,
@@ -245,11 +241,11 @@ def plan_placement(
     overfull = [r for r in devices if r.device.startswith("cuda:") and r.total_bytes > (r.capacity_bytes or 0)]
     notes = [f"{r.device} needs {format_bytes(r.total_bytes)} but has {format_bytes(r.capacity_bytes or 0)}" for r in overfull]
     total = sizes[""]
-    spilled = sum(r.weight_bytes for r in devices if r.device in _SPILL_DEVICES)
+    spilled = sum(r.weight_bytes for r in devices if r.device in SPILL_DEVICES)
     layers_on_gpu = sum(1 for i in range(anatomy.num_layers)
-                        if device_of(final_map, anatomy.layer(i)) not in _SPILL_DEVICES)
+                        if device_of(final_map, anatomy.layer(i)) not in SPILL_DEVICES)
     return Plan(
-        model=model_name, dtype=models.dtype_name(dtype), strategy=device_map if isinstance(device_map, str) else _describe_map(device_map),
+        model=model_name, dtype=models.dtype_name(dtype), strategy=device_map if isinstance(device_map, str) else describe_map(device_map),
         tokens=tokens, devices=tuple(devices), device_map=final_map, total_weight_bytes=total,
         spilled_bytes=spilled, overflow_bytes=sum(r.total_bytes - (r.capacity_bytes or 0) for r in overfull),
         num_layers=anatomy.num_layers, layers_on_gpu=layers_on_gpu,
@@ -270,7 +266,7 @@ def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: in
     for _ in range(8):
         max_memory: dict = dict(budgets)
         max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 0
-        with models.quiet_transformers():
+        with quiet_transformers():
             device_map = dict(_get_device_map(model, strategy, max_memory, None))
         used = _weights_per_device(device_map, sizes)
         head_device = device_of(device_map, anatomy.head_path)
@@ -296,17 +292,6 @@ def _check_map_covers(device_map: dict, model) -> dict:
     return dict(device_map)
 
 
-def device_of(device_map: dict, name: str):
-    """The device a module path lands on: its own entry or its closest mapped ancestor."""
-    probe = name
-    while True:
-        if probe in device_map:
-            return device_map[probe]
-        if not probe:
-            return None
-        probe = probe.rpartition(".")[0]
-
-
 def _weights_per_device(device_map: dict, sizes: dict[str, int]) -> dict:
     used: dict = {}
     for name, device in device_map.items():
@@ -319,7 +304,7 @@ def _device_rows(device_map, sizes, capacity, cpu_bytes, reserve: Reserve, anato
     for name, device in device_map.items():
         by_device.setdefault(device, []).append(name)
     head_device = device_of(device_map, anatomy.head_path)
-    order = sorted(by_device, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else _SPILL_DEVICES.index(d)))
+    order = sorted(by_device, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else SPILL_DEVICES.index(d)))
     rows = []
     for device in order:
         names = by_device[device]
@@ -349,7 +334,8 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
     expanded = []
     for name in names:  # a whole layer list on one device reads as its layer range
         expanded.extend([f"{layer_prefix}{i}" for i in range(anatomy.num_layers)] if name == anatomy.layers_path else [name])
-    for name in sorted(expanded, key=lambda n: _summary_rank(n, anatomy)):
+    layout = anatomy.layout
+    for name in sorted(expanded, key=lambda n: _summary_rank(stage_of(n, layout))):
         if name == "":
             parts.append("whole model")
             continue
@@ -366,15 +352,9 @@ def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
     return " + ".join(parts) if parts else "(nothing)"
 
 
-def _summary_rank(name: str, anatomy: Anatomy) -> tuple:
+def _summary_rank(stage: str | int) -> tuple[int, int]:
     """Model order for a device's module list: embedding, layers by index, the rest as given."""
-    if name == anatomy.embed_path:
-        return (0, 0)
-    prefix = anatomy.layers_path + "."
-    if name.startswith(prefix):
-        index = name[len(prefix):].split(".")[0]
-        return (1, int(index) if index.isdigit() else 0)
-    return (2, 0)
+    return (0, 0) if stage == "embed" else (2, 0) if stage == "final" else (1, stage)
 
 
 def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:
@@ -384,10 +364,3 @@ def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> i
     if usable <= 0:
         return None
     return math.ceil((total_weight + reserve.head_bytes) / usable)
-
-
-def _describe_map(device_map: dict) -> str:
-    if set(device_map) == {""}:
-        device = device_map[""]
-        return f"cuda:{device}" if isinstance(device, int) else str(device)
-    return "custom"

@@ -32,6 +32,9 @@ AMAX_EPS = 1e-10  # vLLM/SGLang clamp a group's absmax to this before dividing (
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")  # per-block (DeepSeek/MiniMax) or per-tensor; both multiply
 QUANT_MODES = ("dequantize", "fp8")
 SCALED_MM_ROWS = 16  # block-scaled scaled_mm takes activations in whole groups of this many rows (padded)
+# --fp8-backend: scaled_mm where it runs else the exact emulation; torch's scaled_mm; the emulation
+FP8_BACKENDS = ("auto", "scaled_mm", "emulate")
+DEFAULT_FP8_BACKEND = "auto"
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def scaled_mm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_s
 
 
 def fp8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int] | None,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = DEFAULT_FP8_BACKEND) -> torch.Tensor:
     """x [M, K] @ dequant(w)[N, K].T as serving engines compute it: x quantized dynamically (per
     token and group of block[1] along K; per tensor for per-tensor weights), then a W8A8 FP8
     matmul with float32 accumulation; output in x's dtype. `backend`: "auto" (scaled_mm where it

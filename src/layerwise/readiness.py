@@ -9,13 +9,16 @@ only judges. A machine is ready when no check FAILs.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import checkpoint, machine, models, quant
 from .errors import UserError
+from .loading import LoadOptions
+from .placement import meta_model, plan_for
 from .sizes import format_bytes
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -36,11 +39,8 @@ class Check:
 class CheckOptions:
     model: str | None = None
     cpu: bool = False  # a CPU-only run is intended: no GPU is not a failure
-    max_memory: str | None = None
-    dtype: str = "bf16"
-    tokens: int = 4096
     out_dir: str = "."  # where dumps will be written (disk-space check)
-    quant: str | None = None  # FP8 checkpoints: the --quant to judge the fit for (default dequantize)
+    load: LoadOptions = field(default_factory=LoadOptions)  # the loading to judge: dtype, tokens, --max-memory, --quant
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,6 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def check_versions() -> list[Check]:
-    import importlib.metadata as md
-
     out = []
     for package, minimum in MINIMUM_VERSIONS.items():
         try:
@@ -112,35 +110,34 @@ def check_links(found: list[machine.Gpu]) -> list[Check]:
     return [Check("peer-links", PASS, f"peer access between all {len(found)} GPUs; {nv}")]
 
 
-def check_known_bugs(config, dtype: str) -> list[Check]:
+def check_known_bugs(config) -> list[Check]:
+    """Numerics bugs of the installed versions for this model."""
     if config is None or getattr(config, "model_type", None) != "minimax_m2":
         return []
     version = models.transformers_version()
     shown = ".".join(map(str, version))
-    checks = []
     if version < ROPE_BUG_FIXED_IN:
-        checks.append(Check("rope-bug", WARN, f"transformers {shown} drops MiniMax-M2's rotary_dim (issue #48241): "
-                                               "layerwise loads with partial_rotary_factor set; other tools on this "
-                                               "install rotate all 128 dims (upgrade to >= 5.18)"))
-    else:
-        checks.append(Check("rope-bug", PASS, f"transformers {shown} keeps MiniMax-M2's partial RoPE"))
-    return checks + [check_router_precision(config, dtype)]
+        return [Check("rope-bug", WARN, f"transformers {shown} drops MiniMax-M2's rotary_dim (issue #48241): "
+                                        "layerwise loads with partial_rotary_factor set; other tools on this "
+                                        "install rotate all 128 dims (upgrade to >= 5.18)")]
+    return [Check("rope-bug", PASS, f"transformers {shown} keeps MiniMax-M2's partial RoPE")]
 
 
-def check_router_precision(config, dtype: str) -> Check:
-    """The router dtypes the model is built with for this compute dtype (on the meta device), as
-    loading, streaming and layer tests build it: float32, or a FAIL naming the tensor."""
-    from .placement import meta_model
-
+def check_router_precision(config, dtype: str) -> list[Check]:
+    """For a model whose reference keeps its router in fp32: the router dtypes the model is built
+    with for this compute dtype (on the meta device), as loading, streaming and layer tests build
+    it: float32, or a FAIL naming the tensor."""
+    if config is None or getattr(config, "model_type", None) not in models.FP32_ROUTER_PATTERNS:
+        return []
     meta = meta_model(config, models.parse_dtype(dtype))
     found = models.fp32_router_tensors(meta)
     wrong = {n: d for n, d in found.items() if d != torch.float32}
     if wrong:
         name, got = next(iter(wrong.items()))
-        return Check("router-precision", FAIL, f"{name} would be {models.dtype_name(got)} with --dtype {dtype}: "
-                                               "routing would differ from the reference (a layerwise bug; report it)")
-    return Check("router-precision", PASS, f"{len(found)} router tensors (gate weight, e_score_correction_bias) "
-                                           f"built in float32 with --dtype {dtype} (transformers alone casts them)")
+        return [Check("router-precision", FAIL, f"{name} would be {models.dtype_name(got)} with --dtype {dtype}: "
+                                                "routing would differ from the reference (a layerwise bug; report it)")]
+    return [Check("router-precision", PASS, f"{len(found)} router tensors (gate weight, e_score_correction_bias) "
+                                            f"built in float32 with --dtype {dtype} (transformers alone casts them)")]
 
 
 def check_quantization(config, found: list[machine.Gpu]) -> list[Check]:
@@ -184,22 +181,19 @@ def check_checkpoint(ref: models.ModelRef, scheme=None) -> list[Check]:
 
 
 def check_fit(ref: models.ModelRef, config, options: CheckOptions, found: list[machine.Gpu]) -> list[Check]:
-    from .loading import LoadOptions, plan_for
-
-    load = LoadOptions(max_memory=options.max_memory, dtype=options.dtype, tokens=options.tokens, quant=options.quant)
+    load = options.load
+    ram = machine.host_memory_available()
+    gpu_bytes = [g.free_bytes for g in found]
     checks = []
-    if found and options.quant is None and quant.scheme_of(config) is not None:
-        fp8 = plan_for(ref, config, LoadOptions(max_memory=options.max_memory, dtype=options.dtype,
-                                                tokens=options.tokens, quant="fp8"))
+    if found and load.quant is None and quant.scheme_of(config) is not None:
+        fp8 = plan_for(ref.spec, config, gpu_bytes, ram, **replace(load, quant="fp8").plan_settings())
         checks.append(Check("fit-fp8", PASS if fp8.fits else WARN, f"with --quant fp8: {fp8.verdict}"))
+    plan = plan_for(ref.spec, config, gpu_bytes, ram, **load.plan_settings())
     if not found:
-        plan = plan_for(ref, config, load, gpu_bytes=[])
-        ram = machine.host_memory_available()
         ok = plan.total_weight_bytes < ram
         status = PASS if ok else (WARN if options.cpu else FAIL)
         return [Check("fit", status, f"no GPU: {format_bytes(plan.total_weight_bytes)} of {plan.dtype} weights vs "
                                      f"{format_bytes(ram)} RAM available")]
-    plan = plan_for(ref, config, load)
     label = f" (--quant {plan.quant})" if plan.quant else ""
     return [Check("fit", PASS if plan.fits else FAIL, plan.verdict + label)] + checks
 
@@ -210,10 +204,11 @@ def check_host(options: CheckOptions, config) -> list[Check]:
     disk = machine.disk_free(options.out_dir)
     checks = [Check("host-ram", PASS, f"{format_bytes(ram)} available of {format_bytes(total)}")]
     if config is not None:
-        dump = dump_bytes_estimate(config, options.tokens, models.parse_dtype(options.dtype))
+        tokens = options.load.tokens
+        dump = dump_bytes_estimate(config, tokens, models.parse_dtype(options.load.dtype))
         status = PASS if disk > 2 * dump else WARN
         checks.append(Check("disk", status, f"{format_bytes(disk)} free at {options.out_dir}; one extract of "
-                                            f"{options.tokens} tokens (residual+router+logits) writes about {format_bytes(dump)}"))
+                                            f"{tokens} tokens (residual+router+logits) writes about {format_bytes(dump)}"))
     else:
         checks.append(Check("disk", PASS, f"{format_bytes(disk)} free at {options.out_dir}"))
     return checks
@@ -249,7 +244,8 @@ def check_machine(options: CheckOptions) -> Readiness:
                 scheme = quant.scheme_of(config)
             except UserError:
                 pass  # reported by check_quantization
-        checks += check_known_bugs(config, options.dtype) + check_checkpoint(ref, scheme)
+        checks += check_known_bugs(config) + check_router_precision(config, options.load.dtype)
+        checks += check_checkpoint(ref, scheme)
         if config is not None and not any(c.name == "quantization" and c.status == FAIL for c in checks):
             checks += check_fit(ref, config, options, found)
     checks += check_links(found) + check_host(options, config)

@@ -27,24 +27,29 @@ or reports.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import logging
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import capture, models, runs
+from . import capture, models
+from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
+from .machine import default_device
+from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
+from .recording import Recording, config_sha256, model_record
+from .runs import Intent, Run, library_versions, open_run
 from .streaming import forward_layer, run_layer
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,7 @@ class ReplayOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
     candidate: str | None = None  # "package.module:factory" or "path/file.py:factory"
     quant: str | None = None  # FP8 checkpoints: "dequantize" or "fp8" (None: the reference's)
-    fp8_backend: str = "auto"
+    fp8_backend: str = DEFAULT_FP8_BACKEND
     allow_config_mismatch: bool = False  # the model is a variant of the reference's (quantized, converted)
     overwrite: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for the replay
@@ -78,37 +83,7 @@ class ReplayResult:
     floor_rel_l2: float = 0.0  # when not: rel_l2 between the two identical runs
 
 
-# ------------------------------------------------------------------------------ arguments
-
-def parse_layer(text: str, num_layers: int) -> list[int]:
-    """`--layer K` or `--layer all`."""
-    text = str(text).strip().lower()
-    if text == "all":
-        return list(range(num_layers))
-    return [_layer_number(text, num_layers, "--layer")]
-
-
-def parse_layer_range(text: str, num_layers: int) -> list[int]:
-    """`--layers A-B` (inclusive) or a single `K`."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
-    if not match:
-        raise UserError(f"--layers {text!r} is not a range: write A-B, e.g. 0-3")
-    first = _layer_number(match.group(1), num_layers, "--layers")
-    last = _layer_number(match.group(2) or match.group(1), num_layers, "--layers")
-    if last < first:
-        raise UserError(f"--layers {text} is reversed: write the first layer first ({last}-{first})")
-    return list(range(first, last + 1))
-
-
-def _layer_number(text: str, num_layers: int, flag: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
-        hint = " or all" if flag == "--layer" else ""
-        raise UserError(f"{flag} {text!r} is not a layer number: use 0-{num_layers - 1}{hint}")
-    index = int(text)
-    if index >= num_layers:
-        raise UserError(f"layer {index} is out of range: the model has layers 0-{num_layers - 1}")
-    return index
-
+# ------------------------------------------------------------------------------ the candidate
 
 def load_candidate(spec: str) -> Callable:
     """Import `package.module:factory` (or `path/to/file.py:factory`); the current directory is
@@ -145,7 +120,7 @@ def load_candidate(spec: str) -> Callable:
 
 # ------------------------------------------------------------------------------ checks
 
-def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chained: bool,
+def check_reference(run: Run, source: LayerSource, layers: list[int], chained: bool,
                     allow_config_mismatch: bool = False) -> list[str]:
     """Refuse a reference run from another model or without the inputs the replay needs.
     Returns notes (e.g. a config hash that differs only because transformers versions differ)."""
@@ -179,7 +154,7 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
     needed = [layers[0]] if chained else layers
     for index in needed:
         for prompt in run.prompts:
-            name = f"{source.anatomy.layer(index)}:input"
+            name = tensor_name(source.anatomy.layer(index), INPUT)
             if not run.has(name, prompt["index"]):
                 raise UserError(f"{where} has no {name} for prompt {prompt['index']}: re-extract it with the "
                                 "residual stream of every layer")
@@ -189,14 +164,12 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
 def config_hashes(source: LayerSource) -> set[str]:
     """config_sha256 of the model's config as layerwise loads it, with and without the numerics
     fixes (a run may have been hashed either way)."""
-    import copy
-
-    hashes = {runs.config_sha256(source.config)}
+    hashes = {config_sha256(source.config)}
     raw = copy.deepcopy(source.config)
     params = getattr(raw, "rope_parameters", None)
     if any(f.name == "partial-rope" for f in source.fixes) and isinstance(params, dict):
         params.pop("partial_rotary_factor", None)
-        hashes.add(runs.config_sha256(raw))
+        hashes.add(config_sha256(raw))
     return hashes
 
 
@@ -207,12 +180,11 @@ class _Track:
     """One output run: where its layer inputs come from and where its tensors go."""
 
     kind: str  # "isolated" | "chained"
-    writer: runs.RunWriter
-    collector: capture.Collector | None = None
+    recording: Recording
     carry: list[torch.Tensor] = field(default_factory=list)  # chained: the previous layer's output per batch
 
 
-def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int],
+def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
            options: ReplayOptions = ReplayOptions(), isolated: str | os.PathLike | None = None,
            chained: str | os.PathLike | None = None, source: LayerSource | None = None) -> ReplayResult:
     """Run `layers` on the reference's recorded inputs and write the isolated and/or chained runs.
@@ -222,7 +194,7 @@ def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int
     layers = list(layers)
     if chained is not None and layers != list(range(layers[0], layers[-1] + 1)):
         raise UserError("chained layers must be a contiguous range A-B")
-    run = reference if isinstance(reference, runs.Run) else runs.open_run(reference)
+    run = reference if isinstance(reference, Run) else open_run(reference)
     factory = load_candidate(options.candidate) if options.candidate else None
     if source is None:
         settings = resolve_settings(run, options)
@@ -232,79 +204,88 @@ def replay(model: str, reference: str | os.PathLike | runs.Run, layers: list[int
     else:
         settings = {"dtype": models.dtype_name(source.dtype), "attn_implementation": source.options.attn_implementation,
                     "device": str(source.device), "candidate": options.candidate, "quant": source.quant_mode}
+    try:
+        outputs = {kind: path for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None}
+        return _replay(run, source, settings, layers, options, factory, outputs)
+    finally:
+        source.close()
+
+
+def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], options: ReplayOptions,
+            factory: Callable | None, outputs: dict) -> ReplayResult:
     for index in layers:
         source.check_index(index)
-    notes = check_reference(run, source, layers, chained is not None, options.allow_config_mismatch)
+    notes = check_reference(run, source, layers, "chained" in outputs, options.allow_config_mismatch)
     batches, padded = reference_batches(run, source.anatomy.layer(layers[0]))
     if not padded:
         notes.append("the reference has no padding tails (made before layerwise recorded them, or imported): "
-                      "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
-                      "from the reference by rounding")
+                     "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
+                     "from the reference by rounding")
     targets = capture.plan_targets(source.anatomy, recorded_points(run, source, layers), tuple(layers))
-    tracks = [_Track(kind, runs.RunWriter(path, _intent(run, source, settings, layers, kind), options.overwrite))
-              for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None]
     start = time.perf_counter()
-    load_seconds, bytes_read = 0.0, 0
-    determinism: tuple[bool | None, float] = (None, 0.0)
-    try:
-        for track in tracks:
-            track.collector = capture.Collector(track.writer, targets)
+    with contextlib.ExitStack() as stack:
+        tracks = [_Track(kind, stack.enter_context(Recording(path, _intent(run, source, settings, layers, kind),
+                                                               targets, options.overwrite)))
+                  for kind, path in outputs.items()]
         with _deterministic(options.deterministic), torch.inference_mode():
-            for index in layers:
-                loaded = source.load(index)
-                load_seconds += loaded.seconds
-                bytes_read += loaded.bytes_read
-                module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
-                who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
-                path = source.anatomy.layer(index)
-                mine = [t for t in targets if t.group == path]
-                if index == layers[0] and options.check_determinism:
-                    determinism = _determinism(run, loaded, module, path, batches[0], source, who)
-                for track in tracks:
-                    if track.kind == "isolated" or index == layers[0]:
-                        hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
-                    else:
-                        hidden = track.carry
-                    out = run_layer(loaded, module, path, batches, hidden, track.collector, mine,
-                                    str(source.device), who)
-                    if track.kind == "chained":
-                        track.carry = out
-                del loaded, module
+            load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
+                                                                options, factory)
         for track in tracks:
-            track.collector.close()
-            track.writer.finish({"producer": "layerwise test", "notes": notes,
-                                 "determinism": {"checked": determinism[0] is not None,
-                                                 "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
-    except BaseException:
-        for track in tracks:
-            if track.collector is not None:
-                track.collector.abort()
-            track.writer.abort()
-        raise
-    finally:
-        source.close()
+            track.recording.close_capture()
+            track.recording.finish({"producer": "layerwise test", "notes": notes,
+                                    "determinism": {"checked": determinism[0] is not None,
+                                                    "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
     if determinism[0] is False:
         notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
                      f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
-    return ReplayResult(tuple(layers), Path(isolated) if isolated else None, Path(chained) if chained else None,
-                        settings, time.perf_counter() - start, load_seconds, bytes_read, tuple(notes),
-                        determinism[0], determinism[1])
+    paths = {kind: Path(path) for kind, path in outputs.items()}
+    return ReplayResult(tuple(layers), paths.get("isolated"), paths.get("chained"), settings,
+                        time.perf_counter() - start, load_seconds, bytes_read, tuple(notes), *determinism)
 
 
-def recorded_points(run: runs.Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
+def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, tracks: list[_Track], targets,
+                options: ReplayOptions, factory: Callable | None) -> tuple[float, int, tuple[bool | None, float]]:
+    """Each layer once, loaded alone, over every batch of every track. Returns the seconds spent
+    loading, the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
+    load_seconds, bytes_read = 0.0, 0
+    determinism: tuple[bool | None, float] = (None, 0.0)
+    for index in layers:
+        loaded = source.load(index)
+        load_seconds += loaded.seconds
+        bytes_read += loaded.bytes_read
+        module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
+        who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
+        path = source.anatomy.layer(index)
+        mine = [t for t in targets if t.group == path]
+        if index == layers[0] and options.check_determinism:
+            determinism = _determinism(run, loaded, module, path, batches[0], source, who)
+        for track in tracks:
+            if track.kind == "isolated" or index == layers[0]:
+                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+            else:
+                hidden = track.carry
+            out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
+                            str(source.device), who)
+            if track.kind == "chained":
+                track.carry = out
+        del loaded, module
+    return load_seconds, bytes_read, determinism
+
+
+def recorded_points(run: Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
     """The capture points inside decoder layers that the reference recorded for these layers
     (the replay records the same; the residual stream always)."""
     anatomy, names = source.anatomy, set(run.names)
     points = ["residual"]
     for point, sub in (("attn", anatomy.attn_name), ("mlp", anatomy.mlp_name)):
-        if sub and any(f"{anatomy.layer(k)}.{sub}:output" in names for k in layers):
+        if sub and any(tensor_name(f"{anatomy.layer(k)}.{sub}", OUTPUT) in names for k in layers):
             points.append(point)
-    if any(anatomy.router(k) and f"{anatomy.router(k)}:topk_ids" in names for k in layers):
+    if any(anatomy.router(k) and tensor_name(anatomy.router(k), TOPK_IDS) in names for k in layers):
         points.append("router")
     return tuple(points)
 
 
-def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], bool]:
+def reference_batches(run: Run, first_layer: str) -> tuple[list[Batch], bool]:
     """The reference's batches (its prompts, grouped by its batch size, longest first: the
     batching of extract), and whether its padded rows carry recorded padding tails."""
     settings = run.manifest.get("settings") or {}
@@ -313,25 +294,25 @@ def reference_batches(run: runs.Run, first_layer: str) -> tuple[list[Batch], boo
     for p in run.prompts:
         ids = p.get("token_ids")
         if not ids:  # an imported run without token ids: lengths from the recorded inputs
-            ids = [0] * run.entry(f"{first_layer}:input", p["index"]).shape[0]
+            ids = [0] * run.entry(tensor_name(first_layer, INPUT), p["index"]).shape[0]
         prompts.append(Prompt(p["index"], p.get("text"), tuple(ids)))
     batches = make_batches(prompts, int(batch_size), 0)
-    padded = all(run.has(capture.pad_name(f"{first_layer}:input"), p.index)
+    padded = all(run.has(pad_name(tensor_name(first_layer, INPUT)), p.index)
                  for b in batches for p in b.prompts if len(p.token_ids) < b.input_ids.shape[1])
     return batches, padded
 
 
-def recorded_input(run: runs.Run, layer_path: str, batch: Batch, dtype: torch.dtype,
+def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
     input, its padding positions' recorded values after it (zeros where the run has none)."""
     rows = []
     width = batch.input_ids.shape[1]
     for p in batch.prompts:
-        x = run.tensor(f"{layer_path}:input", p.index)  # [n, H]
+        x = run.tensor(tensor_name(layer_path, INPUT), p.index)  # [n, H]
         if x.shape[0] < width:
-            pad_name = capture.pad_name(f"{layer_path}:input")
-            pad = run.tensor(pad_name, p.index) if run.has(pad_name, p.index) else \
+            tail = pad_name(tensor_name(layer_path, INPUT))
+            pad = run.tensor(tail, p.index) if run.has(tail, p.index) else \
                 torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
             x = torch.cat([x, pad])
         rows.append(x)
@@ -368,12 +349,12 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
+def resolve_settings(run: Run, options: ReplayOptions) -> dict:
     """The candidate settings: what the user gave, else the reference's own."""
     ref = run.manifest.get("settings", {}) or {}
-    dtype = options.dtype or ref.get("dtype") or "bf16"
+    dtype = options.dtype or ref.get("dtype") or models.DEFAULT_DTYPE
     models.parse_dtype(dtype)
-    device = options.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = options.device or default_device()
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
@@ -383,28 +364,21 @@ def resolve_settings(run: runs.Run, options: ReplayOptions) -> dict:
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
 
 
-def _intent(run: runs.Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> dict:
-    anatomy = source.anatomy
-    return {
-        "producer": "layerwise test",
-        "model": {"spec": source.ref.spec, "path": str(source.ref.path), "model_type": source.config.model_type,
-                  "architecture": source.architecture,
-                  "config_sha256": runs.config_sha256(source.config), "num_layers": anatomy.num_layers,
-                  "hidden_size": source.config.hidden_size},
-        "settings": {**settings, "replay": kind, "layers": layers,
-                     "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
-        "reference": {"path": str(run.path), "created": run.manifest.get("created")},
-        "anatomy": {"layers_path": anatomy.layers_path, "embed": anatomy.embed_path,
-                    "norm": anatomy.norm_path or "model.norm", "head": anatomy.head_path},
-        "prompts": run.prompts,
-        "fixes": [vars(f) for f in source.fixes],
-        "versions": runs.library_versions(),
-    }
+def _intent(run: Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> Intent:
+    return Intent(
+        producer="layerwise test",
+        model=model_record(source.ref, source.config, source.architecture, source.anatomy.num_layers),
+        settings={**settings, "replay": kind, "layers": layers,
+                  "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
+        reference={"path": str(run.path), "created": run.manifest.get("created")},
+        anatomy=asdict(source.anatomy.layout),
+        prompts=run.prompts,
+        fixes=[vars(f) for f in source.fixes],
+        versions=library_versions(),
+    )
 
 
 def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: LoadedLayer) -> nn.Module:
-    import copy
-
     # The full config, with the attention implementation the candidate settings chose (a factory
     # building transformers' own modules must not fall back to another one, whose mask differs).
     config = copy.deepcopy(source.config)

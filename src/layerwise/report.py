@@ -1,68 +1,41 @@
-"""Renderings of a compare Report: terminal text, JSON, a PNG plot and one self-contained HTML page.
+"""Every text and JSON rendering: compare reports, layer tests, plans, readiness, placements.
 
-`report_text` and `report_json` are pure (Report in, str / dict out). `write_plot` and
-`write_html` write one file each, atomically; they need matplotlib (the `plot` extra) and say so
-when it is missing. docs/COMPARE.md documents the JSON schema that `report_json` returns.
+Pure: dataclasses in, strings and JSON-ready dicts out; the CLI prints them, nothing here prints
+or writes. docs/COMPARE.md documents the JSON schema that `report_json` returns. Pictures (PNG,
+HTML) are plot.py's; numbers and tables are formatted by formatting.py.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import math
-import re
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from .align import ranges
-from .atomic import write_bytes_atomic, write_text_atomic
-from .compare import Report, Row
-from .errors import UserError
-from .metrics import RoutingMetrics
+from .formatting import growth, json_safe, sci, table, times
+from .names import OUTPUT, format_ranges, part_in_layer
 from .sizes import format_bytes
+
+if TYPE_CHECKING:
+    from .compare import Report, Row
+    from .layer_test import IsolationRow, LayerTestReport
+    from .loading import DeviceRow, LoadedModel
+    from .placement import Plan
+    from .readiness import Readiness
+    from .routing import RoutingMetrics
 
 WIDTH = 100
 REPORT_FORMAT, REPORT_VERSION = "layerwise-compare-report", 1
-_SHORT_ROLE = {"router_logits": "logits", "topk_ids": "ids", "topk_weights": "weights", "output": ""}
 
 
 # ----------------------------------------------------------------------------------- helpers
 
-def _sci(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if math.isinf(value) or math.isnan(value):
-        return str(value)
-    return f"{value:.1e}"
-
-
-def _growth(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value) or math.isnan(value):
-        return str(value)
-    return f"{value:.2f}" if value < 1000 else f"{value:.0e}"
-
-
-def _times(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}x" if math.isfinite(value) else str(value)
-
-
 def _part(row: Row) -> str:
     """A tensor's name inside its layer: "self_attn", "mlp.gate:logits", "input", "output"."""
-    match = re.match(rf"^.*?\.{row.layer}(?:\.|$)", row.module) if row.layer is not None else None
-    sub = row.module[match.end():] if match else ""
-    role = _SHORT_ROLE.get(row.role, row.role)
-    return (sub + (":" + role if role else "")) if sub else (role or "output")
+    return part_in_layer(row.module, row.role, row.layer)
 
 
 def _main_row(rows: list[Row]) -> Row:
     """The row that stands for a layer: its output, else its last tensor."""
-    return next((r for r in rows if r.layer is not None and _part(r) == "output"), rows[-1])
+    return next((r for r in rows if r.layer is not None and _part(r) == OUTPUT), rows[-1])
 
 
 def _routing_cell(routing: RoutingMetrics | None) -> str:
@@ -92,7 +65,7 @@ def report_text(report: Report) -> str:
     baseline = report.baseline is not None
     head = ["", "layer", "rel_l2", "1-cos", "max_abs", "growth"] + (["x floor"] if baseline else []) \
         + ["routing", "check"]
-    table = []
+    body = []
     first = report.first_divergence
     routing_by_layer = {r.layer: r.routing for r in report.routing}
     entries: list[tuple[str, list[Row]]] = []  # (label, rows) in model order
@@ -106,15 +79,15 @@ def report_text(report: Report) -> str:
     for label, rows in entries:
         main = _main_row(rows)
         mark = ">>" if first is not None and first in rows else ""
-        rel = "nan/inf" if main.nonfinite_mismatch else _sci(main.rel_l2)
-        cells = [mark, label, rel, _sci(None if main.cosine is None else 1 - main.cosine),
-                 _sci(main.max_abs), _growth(main.growth)]
+        rel = "nan/inf" if main.nonfinite_mismatch else sci(main.rel_l2)
+        cells = [mark, label, rel, sci(None if main.cosine is None else 1 - main.cosine),
+                 sci(main.max_abs), growth(main.growth)]
         if baseline:
-            cells.append(_times(main.x_floor))
+            cells.append(times(main.x_floor))
         cells += [_routing_cell(routing_by_layer.get(rows[0].layer)) if rows[0].layer is not None else "",
                   _first_failure(rows)]
-        table.append(cells)
-    lines += [line[:WIDTH] for line in _table(head, table, right={2, 3, 4, 5, 6} | ({7} if baseline else set()))]
+        body.append(cells)
+    lines += [line[:WIDTH] for line in table(head, body, right={2, 3, 4, 5, 6} | ({7} if baseline else set()))]
     lines.append("rel_l2, 1-cos, max_abs: each layer's output, worst prompt (nan/inf: NaN or Inf in one run only)")
     lines.append("growth: output rel_l2 / input rel_l2; routing: tokens with the same expert set, flips (f)")
     if any(r.excused for r in report.rows):
@@ -126,16 +99,6 @@ def report_text(report: Report) -> str:
     lines += [f"note: {n}" for n in report.notes]
     lines.append(_verdict_line(report))
     return "\n".join(lines)
-
-
-def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
 def _header(report: Report) -> str:
@@ -162,10 +125,10 @@ def _divergence_lines(report: Report) -> list[str]:
     if first.worst_token is not None:
         out.append(f"  worst token: prompt {first.worst_token[0]}, position {first.worst_token[1]}")
     rows = [r for r in report.rows if first.layer is not None and r.layer == first.layer] or [first]
-    detail = [[r.name, _sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", _sci(r.max_abs),
-               _sci(r.mean_abs), "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}",
+    detail = [[r.name, sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", sci(r.max_abs),
+               sci(r.mean_abs), "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}",
                ("ok*" if r.excused else "ok") if r.passed else "FAIL"] for r in rows]
-    out += ["  " + line for line in _table(["tensor", "rel_l2", "cosine", "max_abs", "mean_abs", "nan r/c", "check"],
+    out += ["  " + line for line in table(["tensor", "rel_l2", "cosine", "max_abs", "mean_abs", "nan r/c", "check"],
                                            detail, right={1, 2, 3, 4, 5})]
     return out
 
@@ -184,7 +147,7 @@ def _routing_lines(report: Report) -> list[str]:
              f"{_total(m, 'flips_moved')} where the scores moved, {_total(m, 'flips_inconsistent')} inconsistent")
     return ["", f"routing flips (near-tie: margin of sigmoid(router logit) + score_bias < {m[0].tie_threshold:g}; inconsistent:",
             "another selection rule, bias or expert numbering; ?: cannot be judged from what the runs hold):"] + \
-        ["  " + line for line in _table(["layer", "same set", "jaccard", "flips", "at ties", "moved", "inconsistent",
+        ["  " + line for line in table(["layer", "same set", "jaccard", "flips", "at ties", "moved", "inconsistent",
                                           "REF near-ties"], rows, right=set(range(1, 8)))] + [total]
 
 
@@ -203,8 +166,8 @@ def _logits_lines(report: Report) -> list[str]:
     m = report.logits.overall
     worst = f" (prompt {report.logits.worst[0]}, token {report.logits.worst[1]})" if report.logits.worst else ""
     return [f"\nlogits: top-1 agreement {100 * m.top1:.1f}%, top-{m.k} overlap {100 * m.topk:.1f}%,",
-            f"  KL(ref||cand) mean {_sci(m.kl_mean)}, max {_sci(m.kl_max)} nats{worst}"] + \
-        ([f"  prompt {p}: top-1 {100 * x.top1:.1f}%, top-{x.k} {100 * x.topk:.1f}%, KL mean {_sci(x.kl_mean)}"
+            f"  KL(ref||cand) mean {sci(m.kl_mean)}, max {sci(m.kl_max)} nats{worst}"] + \
+        ([f"  prompt {p}: top-1 {100 * x.top1:.1f}%, top-{x.k} {100 * x.topk:.1f}%, KL mean {sci(x.kl_mean)}"
           for p, x in report.logits.per_prompt] if len(report.logits.per_prompt) > 1 else [])
 
 
@@ -218,21 +181,6 @@ def _verdict_line(report: Report) -> str:
 
 
 # -------------------------------------------------------------------------------------- JSON
-
-def _num(value):
-    """JSON has no Inf or NaN: they become the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def _clean(data):
-    if isinstance(data, dict):
-        return {k: _clean(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_clean(v) for v in data]
-    return _num(data)
-
 
 def _pair(value: tuple | None) -> dict | None:
     return None if value is None else {"reference": value[0], "candidate": value[1]}
@@ -282,12 +230,12 @@ def report_json(report: Report) -> dict:
         "stats": {"bytes_read": report.bytes_read, "seconds": report.seconds,
                   "gb_per_s": report.bytes_read / report.seconds / 1e9 if report.seconds else None},
     }
-    return _clean(data)
+    return json_safe(data)
 
 
 # ------------------------------------------------------------------------------- layer tests
 
-def isolation_text(rows) -> str:
+def isolation_text(rows: tuple[IsolationRow, ...]) -> str:
     """`layerwise test --layer all`: each layer's own error beside its propagated error
     (rows: layer_test.IsolationRow), and which layers are wrong themselves."""
     def check(passed, flips):
@@ -295,28 +243,61 @@ def isolation_text(rows) -> str:
             return "-"
         return ("ok" if passed else "FAIL") + (f" {flips}f" if flips else "")
 
-    table = [[str(r.layer), _sci(r.isolated_rel_l2), _sci(r.propagated_rel_l2),
+    body = [[str(r.layer), sci(r.isolated_rel_l2), sci(r.propagated_rel_l2),
               check(r.isolated_passed, r.isolated_flips), check(r.propagated_passed, r.propagated_flips)]
              for r in rows]
     lines = ["isolated: each layer fed the reference's recorded input; propagated: the layers chained from "
              "layer 0's", ""]
-    lines += _table(["layer", "isolated rel_l2", "propagated rel_l2", "isolated", "propagated"], table, right={1, 2})
+    lines += table(["layer", "isolated rel_l2", "propagated rel_l2", "isolated", "propagated"], body, right={1, 2})
     own = [r.layer for r in rows if not r.isolated_passed]
     inherit = [r.layer for r in rows if r.isolated_passed and r.propagated_passed is False]
     lines.append("rel_l2 of each layer's output, worst prompt; Nf: tokens whose expert set flipped")
     if own:
-        lines.append(f"wrong themselves: layer(s) {ranges(own)}" +
-                     (f"; only inheriting: layer(s) {ranges(inherit)}" if inherit else ""))
+        lines.append(f"wrong themselves: layer(s) {format_ranges(own)}" +
+                     (f"; only inheriting: layer(s) {format_ranges(inherit)}" if inherit else ""))
     elif inherit:
-        lines.append(f"every layer is right on its own input; layer(s) {ranges(inherit)} fail only from what "
+        lines.append(f"every layer is right on its own input; layer(s) {format_ranges(inherit)} fail only from what "
                      "they inherit (accumulation)")
     return "\n".join(lines)
 
 
-def layer_test_json(ltr) -> dict:
+def layer_test_text(tested: LayerTestReport) -> str:
+    """What was run, then the comparison that decides the verdict (and for --layer all, the
+    isolated vs propagated table)."""
+    result = tested.result
+    lines = []
+    if result.replay is not None:
+        r = result.replay
+        s = r.settings
+        span = f"{r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"{r.layers[0]}"
+        what = f"candidate {s['candidate']}" if s.get("candidate") else "transformers layers"
+        lines.append(f"{result.test_type}: layer{'s' if len(r.layers) > 1 else ''} {span} ({what}, {s['dtype']}, "
+                     f"{s.get('attn_implementation') or 'default attention'}, {s['device']}) "
+                     f"on reference {result.reference}")
+        lines.append(f"  read {format_bytes(r.bytes_read)} of layer weights in {r.load_seconds:.2f} s; "
+                     f"total {r.seconds:.2f} s")
+    elif result.extract is not None:
+        x = result.extract
+        lines.append(f"{result.test_type}: {x.prompts} prompt(s), {x.tensors} tensors, "
+                     f"{format_bytes(x.bytes)} in {x.seconds:.2f} s")
+    for kind, path in result.candidates.items():
+        lines.append(f"  {kind} run: {path}")
+    lines.extend(f"  note: {n}" for n in result.notes)
+    if tested.decides:
+        lines += ["", report_text(tested.reports[tested.decides])]
+    if tested.isolation:
+        lines += ["", isolation_text(tested.isolation)]
+        verdict = "PASS: every layer within tolerance on its own input" if tested.passed else \
+            "FAIL: layer(s) " + ",".join(str(r.layer) for r in tested.isolation if not r.isolated_passed) + \
+            " outside tolerance on their own input"
+        lines += ["", verdict]
+    return "\n".join(lines)
+
+
+def layer_test_json(ltr: LayerTestReport) -> dict:
     """`layerwise test --json`: the runs made, each comparison's report and the isolation table."""
     result = ltr.result
-    return _clean({
+    return json_safe({
         "test_type": result.test_type, "verdict": "pass" if ltr.passed else "fail", "decided_by": ltr.decides,
         "reference": None if result.reference is None else str(result.reference),
         "runs": {k: str(v) for k, v in result.candidates.items()}, "layers": list(result.layers),
@@ -325,132 +306,78 @@ def layer_test_json(ltr) -> dict:
     })
 
 
-# ---------------------------------------------------------------------------------- plot, HTML
+# ------------------------------------------------------------------ plans, readiness, placement
 
-def require_matplotlib() -> None:
-    """Raise the UserError that says how to install the plot extra, if it is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("plots need matplotlib, which is not installed: pip install 'layerwise[plot]'") from None
+def _gb(num: int | None) -> str:
+    return "-" if num is None else format_bytes(num)
 
 
-def _pyplot():
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window; safe before pyplot is imported
-    import matplotlib.pyplot as plt
-
-    return plt
+def _weights(plan: Plan) -> str:
+    if plan.quant == "dequantize":
+        return f"{plan.dtype} (FP8 checkpoint dequantized)"
+    return plan.weights_label
 
 
-def _zero_level(report: Report) -> float:
-    """Where an exact zero is drawn on the log axis: a decade below the smallest error."""
-    positive = [r.rel_l2 for r in report.rows if r.rel_l2 and math.isfinite(r.rel_l2)]
-    return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-16
+def plan_text(plan: Plan) -> str:
+    head = (f"plan for {plan.model}: {_weights(plan)}, device map {plan.strategy}, "
+            f"room for a forward pass of {plan.tokens} tokens")
+    rows = [[d.device, _gb(d.weight_bytes), _gb(d.reserve_bytes) if d.device.startswith("cuda") else "-",
+             f"{_gb(d.total_bytes)} / {_gb(d.capacity_bytes)}" if d.capacity_bytes else _gb(d.total_bytes),
+             d.summary] for d in plan.devices]
+    lines = [head, *table(["device", "weights", "forward", "used / capacity", "modules"], rows, right={1, 2, 3})]
+    spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
+    if spill and plan.gpu_count:
+        lines.append("SPILL: " + "; ".join(f"{format_bytes(d.weight_bytes)} to {d.device} ({d.summary})" for d in spill))
+    lines.extend("NOTE: " + n for n in plan.notes)
+    lines.append("verdict: " + plan.verdict)
+    return "\n".join(lines)
 
 
-def _series(report: Report, part: str, zero: float) -> tuple[list[int], list[float]]:
-    points = [(r.layer, r.rel_l2) for r in report.rows
-              if r.layer is not None and r.rel_l2 is not None and _part(r) == part]
-    return [x for x, _ in points], [max(y, zero) if math.isfinite(y) else float("nan") for _, y in points]
+def plan_json(plan: Plan) -> dict:
+    data = asdict(plan)
+    data["fits"] = plan.fits
+    data["verdict"] = plan.verdict
+    data["device_map"] = {k: v for k, v in plan.device_map.items()}
+    return data
 
 
-def plot_png(report: Report) -> bytes:
-    """Metrics against layer index as PNG bytes: rel_l2 of each layer's output, attention and MLP
-    (log scale) with the tolerance and the baseline's noise floor; error growth; routing."""
-    plt = _pyplot()
-    has_routing = bool(report.routing)
-    fig, axes = plt.subplots(3 if has_routing else 2, 1, figsize=(10, 8.5 if has_routing else 6.5), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 1.5, 1.2] if has_routing else [3, 1.5]})
-    from matplotlib.ticker import MaxNLocator
-
-    ax, zero = axes[0], _zero_level(report)
-    for part, style in (("output", "-o"), ("self_attn", "--"), ("mlp", ":")):
-        xs, ys = _series(report, part, zero)
-        if xs:
-            ax.plot(xs, ys, style, markersize=3, label=f"{part} rel_l2")
-    excused = [(r.layer, max(r.judged_rel_l2, zero)) for r in report.rows
-               if r.layer is not None and r.excused and _part(r) == "output"]
-    if excused:
-        ax.plot([x for x, _ in excused], [y for _, y in excused], "s", color="tab:blue", fillstyle="none",
-                label="output rel_l2 without tokens diverted by routing flips")
-    outputs = [r for r in report.rows if r.layer is not None and _part(r) == "output"]
-    limits = [(r.layer, r.rel_l2_limit) for r in outputs if r.rel_l2_limit is not None]
-    if limits:
-        ax.step([x for x, _ in limits], [y for _, y in limits], "r--", where="mid", linewidth=1, label="tolerance")
-    floors = [(r.layer, max(r.noise_floor, zero)) for r in outputs if r.noise_floor is not None]
-    if floors:
-        ax.plot([x for x, _ in floors], [y for _, y in floors], color="gray", linewidth=2, alpha=0.6,
-                label="noise floor (baseline)")
-    ax.set_yscale("log")
-    ax.set_ylabel(f"rel_l2 (0 drawn at {zero:g})")
-    first = report.first_divergence
-    title = "PASS" if report.passed else f"FAIL: first divergence {first.name}"
-    ax.set_title(f"{title}\nREF {report.reference}  vs  CAND {report.candidate}", fontsize=9)
-    growth = [(r.layer, r.growth) for r in outputs if r.growth is not None]
-    finite = [g for _, g in growth if math.isfinite(g) and g > 0] + [1.0]
-    axes[1].plot([x for x, _ in growth], [g if math.isfinite(g) and g > 0 else float("nan") for _, g in growth], "-o",
-                 markersize=3, color="tab:purple")
-    for x, g in growth:
-        if math.isinf(g):  # no error in, error out: where an error starts
-            axes[1].annotate("inf", (x, 1.0), ha="center", va="bottom", fontsize=9, color="tab:red")
-    axes[1].axhline(1.0, color="gray", linewidth=0.8)
-    axes[1].set_yscale("log")
-    axes[1].set_ylim(min(finite) / 3, max(finite) * 3)
-    axes[1].set_ylabel("error growth")
-    if has_routing:
-        rows = [r for r in report.routing if r.layer is not None]
-        axes[2].plot([r.layer for r in rows], [r.routing.same_set for r in rows], "-o", markersize=3, color="tab:green")
-        axes[2].set_ylim(-0.05, 1.05)
-        axes[2].set_ylabel("same expert set")
-    axes[-1].set_xlabel("layer")
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    if first is not None and first.layer is not None:
-        for a in axes:
-            a.axvline(first.layer, color="tab:red", linewidth=1.2, alpha=0.7)
-    ax.legend(fontsize=8, loc="best", framealpha=0.6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+def readiness_text(result: Readiness) -> str:
+    width = max((len(c.name) for c in result.checks), default=0)
+    lines = [f"{c.status}  {c.name.ljust(width)}  {c.detail}" for c in result.checks]
+    fails = sum(c.status == "FAIL" for c in result.checks)
+    warns = sum(c.status == "WARN" for c in result.checks)
+    lines.append(f"{'READY' if result.ready else 'NOT READY'}: {fails} fail, {warns} warn, "
+                 f"{len(result.checks) - fails - warns} pass")
+    return "\n".join(lines)
 
 
-def write_plot(report: Report, path) -> None:
-    write_bytes_atomic(path, plot_png(report))
+def readiness_json(result: Readiness) -> dict:
+    return {"ready": result.ready, "checks": [asdict(c) for c in result.checks]}
 
 
-_CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
-        "{text-align:left}tr.fail{background:#fff3f3}tr.first{background:#ffd6d6;font-weight:bold}"
-        ".pass{color:#176917}.fail-v{color:#b00020}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+def placement_text(loaded: LoadedModel, rows: list[DeviceRow]) -> str:
+    lines = [f"loaded {loaded.ref.spec} in {loaded.seconds:.1f} s ({_weights(loaded.plan)}, device map "
+             f"{loaded.plan.strategy}); inputs go to {loaded.input_device}"]
+    for fix in loaded.config_fixes:
+        lines.append(f"fix: {fix.detail}")
+    for row in rows:
+        where = f"{row.device} ({row.name})"
+        mem = ""
+        if row.total_bytes:
+            mem = (f"   [allocated {_gb(row.allocated_bytes)} / reserved {_gb(row.reserved_bytes)} / "
+                   f"total {_gb(row.total_bytes)}]")
+        lines.append(f"{where}: {format_bytes(row.weight_bytes)}  {row.summary}{mem}")
+    spill = [r for r in rows if r.device in ("cpu", "disk")]
+    if spill and any(r.device.startswith("cuda") for r in rows):
+        lines.append("WARNING: weights spilled to " + " and ".join(r.device for r in spill)
+                     + ": those layers run at host/disk speed (see docs/MULTI_GPU_GUIDE.md)")
+    lines.extend(loaded.notes)
+    return "\n".join(lines)
 
 
-def report_html(report: Report) -> str:
-    """One self-contained page: verdict, plot (inline PNG), the text report and every tensor."""
-    png = base64.b64encode(plot_png(report)).decode("ascii")
-    first = report.first_divergence
-    verdict = ("<p class='pass'>PASS</p>" if report.passed else
-               f"<p class='fail-v'>FAIL: first divergence at {html.escape(first.name)}</p>")
-    head = ["tensor", "rel_l2", "cosine", "max_abs", "mean_abs", "sqnr_db", "nan r/c", "growth", "x floor", "check"]
-    body = []
-    for r in report.rows:
-        cls = "first" if r is first else ("fail" if not r.passed else "")
-        cells = [r.name, _sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", _sci(r.max_abs),
-                 _sci(r.mean_abs), "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}",
-                 "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}", _growth(r.growth),
-                 _times(r.x_floor),
-                 (f"ok* (without {r.excused} diverted tokens)" if r.excused else "ok") if r.passed
-                 else "FAIL: " + "; ".join(r.failures[:2])]
-        body.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>layerwise compare</title>"
-            f"<style>{_CSS}</style></head><body><h1>layerwise compare</h1>{verdict}"
-            f"<img alt='metrics by layer' src='data:image/png;base64,{png}'>"
-            f"<pre>{html.escape(report_text(report))}</pre><h2>Every tensor</h2><table><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table></body></html>\n")
-
-
-def write_html(report: Report, path) -> None:
-    write_text_atomic(path, report_html(report))
+def placement_json(loaded: LoadedModel, rows: list[DeviceRow]) -> dict:
+    return {
+        "model": loaded.ref.spec, "seconds": loaded.seconds, "input_device": str(loaded.input_device),
+        "fixes": [asdict(f) for f in loaded.config_fixes], "devices": [asdict(r) for r in rows],
+        "device_map": {k: v for k, v in (getattr(loaded.model, "hf_device_map", None) or loaded.plan.device_map).items()},
+    }

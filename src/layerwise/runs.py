@@ -12,28 +12,34 @@ run killed at any point holds only whole files and no manifest, and a resumed ru
 only what is missing. docs/FORMAT.md is the specification; test_runs.py pins it.
 
 `RunWriter` streams files from a background thread pool behind a bounded queue (backpressure,
-never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read.
+never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read;
+`read_units` reads several runs side by side, the next tensors while the current ones are used.
 Nothing here knows about models or GPUs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata as md
 import json
 import logging
 import os
+import platform
 import queue
 import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import write_text_atomic
+from . import tensorfile
+from .atomic import io_reason, is_io_error, write_text_atomic
 from .errors import UserError
+from .names import Layout, model_order_key, split_name
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +48,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
-ROLES = ("input", "output", "router_logits", "score_bias", "topk_ids", "topk_weights", "input_padding")
-_HASH_KEY = "sha256:"  # safetensors metadata key prefix: "sha256:<tensor name>" -> hex digest
-
-
-def tensor_name(module: str, role: str) -> str:
-    return f"{module}:{role}"
-
-
-def split_name(name: str) -> tuple[str, str]:
-    module, _, role = name.rpartition(":")
-    return module, role
-
-
+QUEUE_DEPTH = 16  # files waiting for the writer threads; a full queue makes `put` wait
 def prompt_dir(prompt: int) -> str:
     return f"{TENSOR_DIR}/p{prompt:05d}"
 
@@ -66,100 +60,8 @@ def group_file(prompt: int, group: str) -> str:
     return f"{prompt_dir(prompt)}/{group}.safetensors"
 
 
-# Roles in the order they happen inside a module; used to sort tensors into model order.
-_ROLE_ORDER = {"input": 0, "input_padding": 0.5, "router_logits": 1, "score_bias": 2, "topk_weights": 3, "topk_ids": 4,
-               "output": 5}
-
-
-def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "model.embed_tokens",
-                    norm: str = "model.norm", head: str = "lm_head") -> tuple:
-    """Sort key placing tensors in the order the forward pass produces them:
-    embedding, each layer (input, attention, router, MLP, output), final norm, head."""
-    module, role = split_name(name)
-    match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.(.+))?$", module)
-    if module == embed or module.endswith("embed_tokens"):
-        stage = (0, 0, 0)
-    elif match:
-        sub = match.group(2) or ""
-        if role == "input" and not sub:
-            part = 0
-        elif not sub:
-            part = 9
-        elif "attn" in sub or "attention" in sub:
-            part = 2
-        elif sub.endswith(("gate", "router")):
-            part = 4
-        else:
-            part = 6
-        stage = (1, int(match.group(1)), part)
-    elif module == norm or module.endswith(("norm", "ln_f")):
-        stage = (2, 0, 0)
-    elif module == head or module.endswith("lm_head"):
-        stage = (3, 0, 0)
-    else:
-        stage = (4, 0, 0)
-    return (*stage, _ROLE_ORDER.get(role, 6), module, role)
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def sha256_of(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
-    return hashlib.sha256(_raw_bytes(tensor)).hexdigest()
-
-
-_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
-    """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
-    pass keeps running while files are written) and put each tensor's sha256 in the metadata.
-    Returns the bytes of tensor data written."""
-    views = {name: _raw_bytes(t) for name, t in tensors.items()}
-    meta = dict(metadata)
-    header: dict = {}
-    offset = 0
-    for name, t in tensors.items():
-        meta[_HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
-        size = views[name].nbytes
-        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for view in views.values():
-            fh.write(view)
-    return offset
-
-
-def is_io_error(err: BaseException) -> bool:
-    """An OSError, or safetensors' own error wrapping one ("I/O error: No space left on device")."""
-    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
-
-
-def io_reason(err: BaseException) -> str:
-    if isinstance(err, OSError):
-        return err.strerror or str(err)
-    return str(err).rpartition("I/O error: ")[2].strip() or str(err)
-
-
 def library_versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
+    """The versions of Python and the libraries that shape a run's numbers (recorded beside it)."""
     out = {"python": platform.python_version()}
     for package in ("layerwise", "torch", "transformers", "accelerate", "safetensors"):
         try:
@@ -169,20 +71,29 @@ def library_versions() -> dict:
     return out
 
 
-def config_sha256(config) -> str:
-    """A stable hash of a model config (its JSON without volatile fields)."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
-                     "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
-        data.pop(volatile, None)
-    quant = data.get("quantization_config")
-    if isinstance(quant, dict):  # what the checkpoint stores, not how a loader was told to run it
-        data["quantization_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in quant.items()
-                                       if k in ("quant_method", "activation_scheme", "weight_block_size")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------- writing
+
+@dataclass(frozen=True)
+class Intent:
+    """What a run is (intent.json, written first): its producer, model, settings and prompts, and
+    for some producers the reference it replays, the model's layout ("anatomy"), the numerics
+    fixes and library versions. Only model (less its path), settings and prompts decide whether
+    an existing run is the same one (resumed) or another (refused)."""
+
+    producer: str
+    model: dict
+    settings: dict
+    prompts: list
+    reference: dict | None = None
+    anatomy: dict | None = None
+    fixes: list | None = None
+    versions: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON object, keys in the order the format shows them; absent parts left out."""
+        keys = ("producer", "model", "settings", "reference", "anatomy", "prompts", "fixes", "versions")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
 
 class RunWriter:
     """Streams tensor files into a run directory; `finish` writes the manifest last.
@@ -194,11 +105,11 @@ class RunWriter:
     than the producer, `put` blocks (backpressure) instead of growing host memory.
     """
 
-    def __init__(self, path: str | os.PathLike, intent: dict, overwrite: bool = False,
-                 threads: int | None = None, queue_depth: int = 16):
+    def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
+                 threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
         threads = threads or max(2, min(8, (os.cpu_count() or 2)))
         self.path = Path(path)
-        self.intent = intent
+        self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
         self._prepare(overwrite)
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -266,7 +177,7 @@ class RunWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         try:
-            written = write_safetensors(tmp, tensors, {"prompt": str(prompt)})
+            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)})
             os.replace(tmp, target)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
@@ -337,32 +248,19 @@ def _first_difference(a: dict, b: dict) -> str:
     return "settings"
 
 
-def read_file_index(path: Path) -> dict:
-    """Header of one tensor file: {name: (shape, dtype, sha256)}, read without the data."""
-    from .checkpoint import read_header
-
-    metadata: dict = {}
-    header = read_header(path, metadata)
-    return {name: (info["shape"], info["dtype"], metadata.get(_HASH_KEY + name)) for name, info in header.items()}
-
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
     """Index every tensor file of a run (headers only) into the manifest."""
-    order_args = intent.get("anatomy", {}) or {}
+    layout = Layout.of(intent.get("anatomy"))
     entries = []
     for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
         prompt = int(file.parent.name[1:])
         rel = str(file.relative_to(path))
-        for name, (shape, dtype, digest) in read_file_index(file).items():
+        for name, (shape, dtype, digest) in tensorfile.read_index(file).items():
             module, role = split_name(name)
             entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
-                            "dtype": _ST_DTYPES.get(dtype, dtype.lower()), "file": rel, "sha256": digest})
-    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], **order_args)))
+                            "dtype": tensorfile.dtype_name(dtype), "file": rel, "sha256": digest})
+    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed,
+                                                             layout.norm, layout.head)))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -382,6 +280,10 @@ class TensorEntry:
     dtype: str
     file: str
     sha256: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return tensorfile.nbytes(self.shape, self.dtype)
 
 
 class Run:
@@ -421,20 +323,47 @@ class Run:
 
     def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
         """One tensor, read without loading the rest of its file; sha256-checked when `verify`."""
-        from safetensors import safe_open
-
         e = self.entry(name, prompt)
         file = self.path / e.file
         try:
-            with safe_open(str(file), framework="pt", device=device) as fh:
-                tensor = fh.get_tensor(name)
+            tensor = tensorfile.read_tensor(file, name, device)
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
-        if verify and e.sha256 and sha256_of(tensor) != e.sha256:
+        if verify and e.sha256 and tensorfile.sha256_of(tensor) != e.sha256:
             raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
         return tensor
+
+
+def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str, ...]]], verify: bool = True,
+               prefetch: bool = True) -> Iterator[tuple[int, tuple[str, ...], dict]]:
+    """Read several runs unit by unit: for each (prompt, names) of `units`, yield (prompt, names,
+    {(side, name): tensor}) with the tensors of every run (by side) that holds them. With
+    `prefetch`, worker threads read and verify the next unit while the caller works on this
+    one, so at most two units are in memory; a unit is released before the next is read."""
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="layerwise-compare")
+
+    def submit(p: int, unit: tuple[str, ...]) -> dict:
+        return {(side, name): pool.submit(run.tensor, name, p, verify)
+                for name in unit for side, run in runs.items() if run is not None and run.has(name, p)}
+
+    try:
+        following = next(units, None)
+        pending = submit(*following) if following else {}
+        while following is not None:
+            p, unit = following
+            current, following = pending, next(units, None)
+            if prefetch and following:
+                pending = submit(*following)
+            tensors = {key: future.result() for key, future in current.items()}
+            current.clear()  # the futures hold the tensors too
+            yield p, unit, tensors
+            tensors.clear()  # release this unit before the next one is read
+            if not prefetch and following:
+                pending = submit(*following)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_run(path: str | os.PathLike) -> Run:

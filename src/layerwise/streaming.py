@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import capture, runs
+from . import capture, models
+from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
-from .extract import ExtractOptions, ExtractResult, Progress, prepare, run_intent
+from .extract import ExtractOptions, extract_intent, prepare, record
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
+from .machine import default_device
+from .names import stage_of
+from .recording import ExtractResult, Progress
+from .runs import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,10 @@ _NOT_STREAMABLE = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "falco
 @dataclass(frozen=True)
 class StreamOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
-    dtype: str = "bf16"
+    dtype: str = models.DEFAULT_DTYPE
     attn_implementation: str | None = None
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"
-    fp8_backend: str = "auto"
+    fp8_backend: str = DEFAULT_FP8_BACKEND
     prefetch: bool = True  # read layer K+1 while layer K computes
     activations_on_device_fraction: float = 0.25  # above this share of free device memory, keep them on the host
 
@@ -57,123 +61,125 @@ class StreamStats:
     peak_device_bytes: int
 
 
-def _default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptions(),
                    stream: StreamOptions = StreamOptions(), progress=None,
                    source: LayerSource | None = None) -> tuple[ExtractResult, StreamStats]:
     """`source`: layers from somewhere else than `spec`'s checkpoint (tensors in memory); its
     device and dtype win over `stream`'s."""
     if source is None:
-        source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=stream.device or _default_device(),
+        source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=stream.device or default_device(),
                                                 attn_implementation=stream.attn_implementation, quant=stream.quant,
                                                 fp8_backend=stream.fp8_backend))
+    try:
+        return _stream(source, out, items, options, stream, progress)
+    finally:
+        source.close()
+
+
+@dataclass
+class _Reads:
+    """The weights read so far, and how long the compute thread waited for them."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
+def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: StreamOptions,
+            progress) -> tuple[ExtractResult, StreamStats]:
     device = str(source.device)
     config, anatomy = source.config, source.anatomy
     if config.model_type in _NOT_STREAMABLE:
         raise UserError(f"{config.model_type} models do more than embed -> layers -> norm -> head in their forward: "
                         "streaming would not reproduce them; use extract without --stream")
-    tokenizer = load_tokenizer(source.ref)
-    points, layers, prompts, batches = prepare(tokenizer, config, anatomy, items, options)
+    points, layers, prompts, batches = prepare(load_tokenizer(source.ref), config, anatomy, items, options)
     targets = capture.plan_targets(anatomy, points, layers)
     settings = {"dtype": str(source.dtype).removeprefix("torch."),
                 "attn_implementation": source.options.attn_implementation, "device_map": device,
                 "quant": source.quant_mode}
-    intent = run_intent(source.ref, config, source.architecture, anatomy, prompts, points, layers, options,
-                        settings)
-    writer = runs.RunWriter(out, intent, options.overwrite, threads=options.writer_threads,
-                            queue_depth=options.queue_depth)
-    collector = capture.Collector(writer, targets, int(options.pinned_budget_gib * 2**30))
-    by_module: dict[str, torch.nn.Module] = {}  # the modules the hooks of the embedding and head go on
+    intent = extract_intent(source.ref, config, source.architecture, anatomy, prompts, points, layers, options,
+                            settings)
     by_stage: dict = {}
     for t in targets:
-        by_stage.setdefault(_stage_of(t.module, anatomy), []).append(t)
-    start = time.perf_counter()
-    if device.startswith("cuda"):
-        torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
-    read_s = wait_s = 0.0
-    bytes_read = 0
-    try:
+        by_stage.setdefault(stage_of(t.module, anatomy.layout), []).append(t)
+    reads = _Reads()
+
+    def layer_done(k: int) -> None:
+        if progress is not None:
+            progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), run.writer.bytes_written, run.elapsed()))
+
+    with record(out, intent, targets, options) as run:
+        if device.startswith("cuda"):
+            torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
         with torch.inference_mode():
-            # embedding
-            shared = source.load_shared(("embed",))
-            by_module[anatomy.embed_path] = shared["embed"]
-            hidden = []
-            with capture.Capture(None, by_stage.get("embed", []), collector, resolve=by_module.__getitem__):
-                for batch in batches:
-                    collector.start_batch(batch)
-                    hidden.append(shared["embed"](batch.input_ids.to(device)))
-            del shared, by_module[anatomy.embed_path]
-            hidden = _park(hidden, device, stream.activations_on_device_fraction)
-            # decoder layers, one at a time, the next one read in the background
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(source.read, 0)
-                for k in range(anatomy.num_layers):
-                    t0 = time.perf_counter()
-                    weights = pending.result()
-                    wait_s += time.perf_counter() - t0
-                    read_s += weights.seconds
-                    bytes_read += weights.bytes_read
-                    layer = source.build(weights)
-                    weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
-                    del weights  # before the next layer's arrive: ~2 layers resident
-                    last = k + 1 == anatomy.num_layers
-                    if stream.prefetch and not last:
-                        pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
-                    hidden = run_layer(layer, layer.module, anatomy.layer(k), batches, hidden, collector,
-                                       by_stage.get(k, []), device)
-                    del layer
-                    if not stream.prefetch and not last:
-                        pending = pool.submit(source.read, k + 1)
-                    if progress is not None:
-                        progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), writer.bytes_written,
-                                          time.perf_counter() - start))
-            # final norm and head
-            shared = source.load_shared(("norm", "head"))
-            norm, head = shared.get("norm"), shared["head"]
-            if norm is not None:
-                by_module[anatomy.norm_path] = norm
-            by_module[anatomy.head_path] = head
-            with capture.Capture(None, by_stage.get("final", []), collector, resolve=by_module.__getitem__):
-                for batch, h in zip(batches, hidden):
-                    collector.start_batch(batch)
-                    h = h.to(device, non_blocking=True)
-                    head(norm(h) if norm is not None else h)
-        collector.close()
-        seconds = time.perf_counter() - start
+            hidden = _embed(source, batches, run.collector, by_stage.get("embed", []), stream)
+            hidden = _decoder_layers(source, batches, hidden, run, by_stage, stream, reads, layer_done)
+            _norm_and_head(source, batches, hidden, run.collector, by_stage.get("final", []))
+        seconds = run.close_capture()
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
-        manifest = writer.finish({
-            "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes],
-            "versions": runs.library_versions(),
-            "stats": {"seconds": seconds, "bytes": writer.bytes_written, "streamed": True,
-                      "weights_read_bytes": bytes_read, "weights_read_seconds": read_s, "weights_wait_seconds": wait_s,
-                      "peak_device_bytes": peak},
+        run.finish({
+            "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes], "versions": library_versions(),
+            "stats": {"seconds": seconds, "bytes": run.writer.bytes_written, "streamed": True,
+                      "weights_read_bytes": reads.bytes, "weights_read_seconds": reads.seconds,
+                      "weights_wait_seconds": reads.wait_seconds, "peak_device_bytes": peak},
         })
-    except BaseException:
-        collector.abort()
-        writer.abort()
-        raise
-    finally:
-        source.close()
-    result = ExtractResult(
-        path=writer.path, prompts=len(prompts), tensors=len(manifest["tensors"]), bytes=writer.bytes_written,
-        seconds=seconds, forward_seconds=seconds - wait_s, resumed_batches=0,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        pinned_peak_bytes=collector.pinned_peak_bytes,
-    )
-    return result, StreamStats(bytes_read, read_s, wait_s, peak)
+    return (run.result(len(prompts), seconds - reads.wait_seconds),
+            StreamStats(reads.bytes, reads.seconds, reads.wait_seconds, peak))
 
 
-def _stage_of(module: str, anatomy) -> str | int:
-    if module == anatomy.embed_path:
-        return "embed"
-    prefix = anatomy.layers_path + "."
-    if module.startswith(prefix):
-        return int(module[len(prefix):].split(".")[0])
-    return "final"
+def _embed(source: LayerSource, batches, collector, targets, stream: StreamOptions) -> list[torch.Tensor]:
+    """The embedding of every batch, captured; parked where the decoder layers will read it."""
+    device = str(source.device)
+    embed = source.load_shared(("embed",))["embed"]
+    hidden = []
+    with capture.Capture(None, targets, collector, resolve={source.anatomy.embed_path: embed}.__getitem__):
+        for batch in batches:
+            collector.start_batch(batch)
+            hidden.append(embed(batch.input_ids.to(device)))
+    return _park(hidden, device, stream.activations_on_device_fraction)
+
+
+def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, stream: StreamOptions,
+                    reads: _Reads, done) -> list[torch.Tensor]:
+    """Every decoder layer over every batch, one layer at a time; the next one is read in the
+    background while this one computes (with `stream.prefetch`). `done(k)` after layer k."""
+    anatomy, device = source.anatomy, str(source.device)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(source.read, 0)
+        for k in range(anatomy.num_layers):
+            t0 = time.perf_counter()
+            weights = pending.result()
+            reads.wait_seconds += time.perf_counter() - t0
+            reads.seconds += weights.seconds
+            reads.bytes += weights.bytes_read
+            layer = source.build(weights)
+            weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
+            del weights  # before the next layer's arrive: ~2 layers resident
+            last = k + 1 == anatomy.num_layers
+            if stream.prefetch and not last:
+                pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
+            hidden = run_layer(layer, layer.module, anatomy.layer(k), batches, hidden, run.collector,
+                               by_stage.get(k, []), device)
+            del layer
+            if not stream.prefetch and not last:
+                pending = pool.submit(source.read, k + 1)
+            done(k)
+    return hidden
+
+
+def _norm_and_head(source: LayerSource, batches, hidden, collector, targets) -> None:
+    """The final norm (if the model has one) and the head over every batch, captured."""
+    shared = source.load_shared(("norm", "head"))
+    norm, head = shared.get("norm"), shared["head"]
+    by_module = {source.anatomy.head_path: head}
+    if norm is not None:
+        by_module[source.anatomy.norm_path] = norm
+    with capture.Capture(None, targets, collector, resolve=by_module.__getitem__):
+        for batch, h in zip(batches, hidden):
+            collector.start_batch(batch)
+            h = h.to(source.device, non_blocking=True)
+            head(norm(h) if norm is not None else h)
 
 
 def _park(hidden: list[torch.Tensor], device: str, fraction: float) -> list[torch.Tensor]:

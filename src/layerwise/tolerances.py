@@ -8,7 +8,8 @@ A tensor is judged by ONE set of checks, the first that exists of:
   4. else the default of the looser dtype involved (DEFAULT_REL_L2 below).
 A check on a metric the tensor does not have is skipped: expert ids have no rel_l2, hidden
 states no routing agreement, only logits have KL. Rules that name none of a tensor's metrics do
-not match it. Pure, except `load_tolerance_file`. docs/COMPARE.md explains the defaults.
+not match it. `judge` says why one prompt's tensor breaks its checks. Pure, except
+`load_tolerance_file`. docs/COMPARE.md explains the defaults.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .metrics import LogitsMetrics, TensorMetrics
+    from .routing import RoutingMetrics
 
 # Largest relative L2 error (||a - b|| / ||a||) accepted by default, per dtype class. Mixed
 # comparisons take the looser class of the two runs' compute dtypes and the tensors' dtypes.
@@ -159,6 +165,37 @@ def _restrict(tol: Tolerance, kind: str) -> Tolerance:
     checks = tuple(c for c in tol.checks if METRICS[c.metric][0] in families)
     keep_allclose = "tensor" in families
     return Tolerance(checks, tol.rtol if keep_allclose else None, tol.atol if keep_allclose else None, tol.source)
+
+
+# -------------------------------------------------------------------------------------- judging
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def judge(tol: Tolerance, tm: TensorMetrics | None, lm: LogitsMetrics | None, rm: RoutingMetrics | None,
+          floor: TensorMetrics | None, noise_factor: float) -> tuple[str, ...]:
+    """The reasons one prompt's tensor breaks `tol` (empty: it passes). `floor` is the baseline's
+    metrics against the reference: a tensor within `noise_factor` noise floors passes, unless
+    NaN/Inf differ (never forgiven)."""
+    values: dict[str, float | None] = {}
+    if tm is not None:
+        values.update(max_abs=tm.max_abs, mean_abs=tm.mean_abs, rel_l2=tm.rel_l2, cosine=tm.cosine, sqnr_db=tm.sqnr_db)
+    if lm is not None:
+        values.update(kl=lm.kl_mean, kl_max=lm.kl_max, top1=lm.top1, topk=lm.topk)
+    if rm is not None:
+        values.update(same_set=rm.same_set, jaccard=rm.jaccard, flips=rm.flips, flips_moved=rm.flips_moved,
+                      flips_inconsistent=rm.flips_inconsistent)
+    broken = [f"{c.metric} {_fmt(values[c.metric])} breaks {c}" for c in tol.checks
+              if values.get(c.metric) is not None and not c.holds(values[c.metric])]
+    if tm is not None and tm.violations:
+        broken.append(f"{tm.violations} elements break allclose(rtol={tol.rtol:g},atol={tol.atol:g})")
+    if broken and tm is not None and floor is not None and floor.rel_l2 > 0 \
+            and tm.rel_l2 <= noise_factor * floor.rel_l2:
+        broken = []  # no worse than the reference against itself: within the noise floor
+    if tm is not None and tm.nonfinite_mismatch:  # never forgiven
+        broken.insert(0, f"{tm.nonfinite_mismatch} NaN/Inf where the other run differs")
+    return tuple(broken)
 
 
 # -------------------------------------------------------------------------------------- parsing

@@ -30,7 +30,10 @@ from typing import Callable
 
 import torch
 
+from .atomic import io_reason, is_io_error
 from .errors import UserError
+from .quant import quantize_weight
+from .quiet import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +181,6 @@ def tiny_checkpoint(name: str) -> Path:
             else:
                 _write_tiny_checkpoint(builtin.config(), staging)
         except BaseException as err:
-            from .runs import io_reason, is_io_error
-
             if is_io_error(err):
                 raise UserError(f"cannot write built-in checkpoint {name} to {target.parent}: {io_reason(err)} "
                                 "(set LAYERWISE_CACHE to a directory with room)") from None
@@ -231,8 +232,6 @@ def _router_names(model: torch.nn.Module) -> set[str]:
 def _write_tiny_checkpoint(config_dict: dict, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import quiet_transformers
-
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
@@ -267,8 +266,6 @@ def _write_fp8_checkpoint(source: Path, out: Path, block: list[int]) -> None:
     quantization_config, and without partial_rotary_factor (as MiniMax-M2 ships it)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from .quant import quantize_weight
 
     index = json.loads((source / "model.safetensors.index.json").read_text())
     shards: dict[str, list[str]] = {}

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+import helpers
 from layerwise import loading, runs
 from layerwise.extract import ExtractOptions, extract_model
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]
+PROMPTS = helpers.PROMPTS[:2] + ["a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]  # one long prompt
 
 
 def need_gpus(n):
@@ -40,11 +41,11 @@ def test_capture_over_gpus_matches_output_hidden_states(tmp_path, device_map, bu
         assert torch.equal(run.tensor("lm_head:output", p), out.logits[p, :n].cpu())
 
 
-def test_placement_report_has_live_memory():
+def test_placement_rows_have_live_memory():
     need_gpus(1)
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(device_map="cuda:0", tokens=64),
                                 with_tokenizer=False)
-    row = loading.placement_report(loaded)[0]
+    row = loading.placement_rows(loaded)[0]
     assert row.device == "cuda:0" and row.allocated_bytes >= row.weight_bytes and row.total_bytes > 10**9
 
 
@@ -53,16 +54,14 @@ def test_streamed_extract_on_gpu_equals_whole_model(tmp_path, monkeypatch):
     (and its raw weights are freed): the result must still be bit-identical. Small chunks force
     many staged copies per layer."""
     need_gpus(1)
-    from layerwise import checkpoint
+    from layerwise import tensorfile
     from layerwise.streaming import StreamOptions, stream_extract
 
-    monkeypatch.setattr(checkpoint, "_CHUNK", 4096)
+    monkeypatch.setattr(tensorfile, "_CHUNK", 4096)
     options = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=3)
     loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype="bf16", device_map="cuda:0",
                                                                                 tokens=512))
     extract_model(loaded, tmp_path / "full", PROMPTS, options)
     stream_extract("builtin:minimax-m2-tiny", tmp_path / "stream", PROMPTS, options,
                    StreamOptions(device="cuda:0", dtype="bf16"))
-    from helpers import assert_runs_equal
-
-    assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))
+    helpers.assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))

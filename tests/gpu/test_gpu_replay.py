@@ -9,6 +9,8 @@ from layerwise.layer_loading import LayerOptions, open_layers
 from layerwise.loading import LoadOptions
 from layerwise.replay import ReplayOptions
 
+from helpers import assert_runs_equal
+
 pytestmark = pytest.mark.gpu
 MINIMAX = "builtin:minimax-m2-tiny"
 
@@ -32,10 +34,7 @@ def test_single_all_on_gpu_is_exact(tmp_path, attn):
                            isolated=tmp_path / "iso", chained=tmp_path / "chain")
     for path in (result.isolated, result.chained):
         run = open_run(path)
-        for name in run.names:
-            for p in (0, 1):
-                if reference.has(name, p):
-                    assert torch.equal(run.tensor(name, p), reference.tensor(name, p)), (path.name, name, p)
+        assert_runs_equal(run, reference, names=set(run.names) & set(reference.names))
 
 
 def _medium(tmp_path_factory):

@@ -1,0 +1,295 @@
+"""The command line's grammar: every subcommand's flags, the option groups they share, and
+parsed arguments turned into the library's option objects.
+
+Defaults live on the option dataclasses (loading.LoadOptions, extract.ExtractOptions, ...), never
+here: a flag's argparse default is None, meaning "the dataclass default", which its help text
+shows. `options(cls, **values)` builds a dataclass from the values given and leaves the rest to
+it. A usage error is a UserError (one line, exit 2), not argparse's usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import __version__
+from .capture import DEFAULT_POINTS, POINTS
+from .compare import CompareOptions
+from .errors import UserError
+from .extract import ExtractOptions
+from .layer_test import TEST_TYPES, TestOptions
+from .loading import LoadOptions
+from .names import BadSelection, parse_indices
+from .quant import FP8_BACKENDS, QUANT_MODES, DEFAULT_FP8_BACKEND
+from .readiness import CheckOptions
+from .replay import ReplayOptions
+from .streaming import StreamOptions
+from .tolerances import build_tolerances
+from .zoo import BUILTINS, DEFAULT_MODEL
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def options(cls, **values):
+    """`cls(**values)` without the values not given (None): those take the dataclass default."""
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------- option groups
+
+def _placement(g, offload: bool = True) -> None:
+    g.add_argument("--device-map", help="auto, balanced, balanced_low_0, sequential, cuda:N, cpu, or a JSON file "
+                                        f"{{module: device}} (default: {LoadOptions.device_map})")
+    g.add_argument("--max-memory", help='per-device limit, weights plus forward pass: "40GB" (every GPU), '
+                                        '"0:60GB,1:40GB", "cpu:200GB"')
+    g.add_argument("--tokens", type=int, help="forward-pass size (batch x sequence) to leave GPU room for "
+                                              f"(default: {LoadOptions.tokens})")
+    if offload:
+        g.add_argument("--offload-folder", help="where weights that spill to disk go")
+        g.add_argument("--no-spill", action="store_true",
+                       help="refuse to load when any weight would land on cpu or disk")
+
+
+def _compute(g, default: str | None = None, attn: bool = True) -> None:
+    """--dtype, --attn-implementation, --quant; `default` names where unset ones come from."""
+    g.add_argument("--dtype", help=f"compute dtype: bf16, fp16, fp32 (default: {default or LoadOptions.dtype})")
+    if attn:
+        chosen = default or "transformers' choice"
+        g.add_argument("--attn-implementation", help=f"eager, sdpa or flash_attention_2 (default: {chosen})")
+    _quant(g, default or "dequantize")
+
+
+def _quant(g, default: str) -> None:
+    g.add_argument("--quant", choices=QUANT_MODES,
+                   help="FP8 checkpoints: dequantize (weights e4m3 x scale in the compute dtype, the reference) or "
+                        f"fp8 (W8A8 block FP8 as vLLM/SGLang compute it) (default: {default})")
+
+
+def _fp8_backend(g) -> None:
+    g.add_argument("--fp8-backend", choices=FP8_BACKENDS,
+                   help="--quant fp8 arithmetic: torch's block-scaled scaled_mm (Hopper GPUs) or an exact float32 "
+                        f"emulation (default: {DEFAULT_FP8_BACKEND}, scaled_mm where it runs)")
+
+
+def _prompts(g) -> None:
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", action="append", help="a file: one prompt per line, or JSONL with text or token_ids")
+    g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    g.add_argument("--max-tokens", type=int, help="refuse prompts longer than this")
+    g.add_argument("--points", help=f"what to capture, comma list of {','.join(POINTS)} "
+                                    f"(default: {','.join(DEFAULT_POINTS)})")
+    g.add_argument("--batch-size", type=int, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
+
+
+def _tolerances(p, prompt_filter: bool = True) -> None:
+    """Tolerances and report options, shared by `compare` and `test` (which compares every prompt)."""
+    g = p.add_argument_group("tolerances (default: by dtype; a tensor uses the last matching --tolerance, else the "
+                             "file, else the global limits, else the dtype default)")
+    g.add_argument("--tolerance", action="append", default=[], metavar="PATTERN=CHECKS",
+                   help="e.g. 'model.layers.*:output=rel_l2<3e-2' or 'lm_head:output=kl<1e-3,top1>=0.99' (repeatable)")
+    g.add_argument("--tolerance-file", metavar="FILE", help="a .toml or .json file of rules and global limits")
+    g.add_argument("--rtol", type=float, help="allclose: every |ref - cand| <= atol + rtol |ref|")
+    g.add_argument("--atol", type=float, help="allclose absolute term (0 when only --rtol is given)")
+    g.add_argument("--max-rel-l2", type=float, help="largest ||ref - cand|| / ||ref||")
+    g.add_argument("--min-cosine", type=float, help="smallest cosine similarity")
+    g.add_argument("--max-abs", type=float, help="largest |ref - cand|")
+    g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
+    if prompt_filter:
+        p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+    p.add_argument("--tie-threshold", type=float, help="router score (sigmoid of the logit) margin of a near-tie "
+                                                       "(default: by dtype, 1e-4 for fp32 to 1e-2 for bf16)")
+    p.add_argument("--noise-factor", type=float, help="with --baseline, a tensor within this many noise floors passes "
+                                                      f"(default: {CompareOptions.noise_factor:g})")
+    p.add_argument("--logits-topk", type=int,
+                   help=f"k of the logits' top-k overlap (default: {CompareOptions.logits_topk})")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
+    p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page (needs matplotlib)")
+
+
+# -------------------------------------------------------------------------------------- commands
+
+def build_parser() -> Parser:
+    builtins = ", ".join(f"builtin:{n}" for n in BUILTINS)
+    parser = Parser(prog="layerwise", description="Layer-by-layer numerical testing of large language models. A "
+                                                  f"MODEL is a checkpoint directory, a .gguf file, or one of: {builtins}.")
+    parser.add_argument("--version", action="version", version=f"layerwise {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (_check, _plan, _load, _extract, _import, _compare, _test):
+        add(sub)
+    return parser
+
+
+def _check(sub) -> None:
+    p = sub.add_parser("check", help="is this machine ready? PASS/WARN/FAIL lines, exit 0 ready / 1 not ready")
+    p.add_argument("model", nargs="?", help="also check this model's files, known bugs and fit")
+    p.add_argument("--cpu", action="store_true", help="a CPU-only run is intended: no GPU is not a failure")
+    p.add_argument("--max-memory", help="per-device limit for the fit check")
+    p.add_argument("--dtype", help=f"compute dtype for the fit check (default: {LoadOptions.dtype})")
+    p.add_argument("--tokens", type=int, help=f"forward-pass size (default: {LoadOptions.tokens})")
+    p.add_argument("--out", help=f"where dumps will be written, for the disk check (default: {CheckOptions.out_dir})")
+    _quant(p, "dequantize")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+
+
+def _plan(sub) -> None:
+    p = sub.add_parser("plan", help="where the weights would go, without weights or GPUs; exit 0 fits / 1 spills")
+    p.add_argument("model", help=f"MODEL (e.g. builtin:minimax-m2, default model {DEFAULT_MODEL})")
+    p.add_argument("--gpus", help="simulate a machine: 8x80GB or 0:80GB,1:141GB (default: the GPUs present)")
+    g = p.add_argument_group("placement")
+    _placement(g, offload=False)
+    _compute(g, attn=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _load(sub) -> None:
+    p = sub.add_parser("load", help="load a model over the GPUs and print where every layer went")
+    p.add_argument("model", help="MODEL")
+    g = p.add_argument_group("placement")
+    _placement(g)
+    _compute(g)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _extract(sub) -> None:
+    p = sub.add_parser("extract", help="capture every layer's activations for some prompts into a run directory")
+    p.add_argument("model", help="MODEL")
+    p.add_argument("--out", required=True, help="run directory to write (resumed if it holds the same run)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    g = p.add_argument_group("prompts and capture")
+    _prompts(g)
+    g.add_argument("--layers", help="restrict to these layers, e.g. 0-9,20 (default: all)")
+    g.add_argument("--pinned-gib", type=float,
+                   help=f"host memory for in-flight GPU->host copies (default: {ExtractOptions.pinned_budget_gib})")
+    g = p.add_argument_group("placement")
+    _placement(g)
+    _compute(g)
+    _fp8_backend(g)
+    g.add_argument("--stream", action="store_true",
+                   help="one decoder layer at a time on one device, for models larger than the GPUs")
+    g.add_argument("--device", help="the device for --stream (default: cuda:0, else cpu)")
+
+
+def _import(sub) -> None:
+    p = sub.add_parser("import", help="turn tensors from another engine (.npy/.pt/.safetensors) into a run")
+    p.add_argument("src", help="directory: 0/, 1/, ... with <module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--rename", action="append", help="REGEX=REPLACEMENT applied to tensor names (repeatable)")
+    p.add_argument("--model", help="record this model spec in the run (optional)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+
+
+def _compare(sub) -> None:
+    p = sub.add_parser("compare", help="name the first tensor where two runs diverge; exit 0 pass / 1 diverged",
+                       description="Compare a candidate run with a reference run tensor by tensor, in model order, "
+                                   "and name the first that breaks its tolerance (docs/COMPARE.md).")
+    p.add_argument("reference", metavar="REF", help="the reference run directory")
+    p.add_argument("candidate", metavar="CAND", help="the candidate run directory")
+    p.add_argument("--baseline", metavar="RUN2", help="a second reference run (another batch size, kernel...): its "
+                                                      "distance to REF is the noise floor")
+    _tolerances(p)
+
+
+def _test(sub) -> None:
+    p = sub.add_parser("test", help="test layers against a reference run: single (isolated), multi (a chain), "
+                                    "full (the whole model), extract-all (make a reference)")
+    p.add_argument("model", help="MODEL: the candidate checkpoint (often the reference's own)")
+    p.add_argument("--reference", help="the reference run (from layerwise extract); not needed for extract-all")
+    p.add_argument("--test-type", choices=TEST_TYPES, help=f"(default: {TestOptions.test_type})")
+    p.add_argument("--layer", help=f"single: a layer number or all (default: {TestOptions.layer})")
+    p.add_argument("--layers", help="multi: the range A-B chained from A's recorded input (default: every layer); "
+                                    "full / extract-all: the layers to capture, e.g. 0-9,20")
+    p.add_argument("--out", help=f"directory for the candidate run(s) (default: {TestOptions.out})")
+    p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
+    p.add_argument("--stream", action="store_true",
+                   help="full / extract-all: one decoder layer at a time on --device, for models larger than the "
+                        "GPUs (single and multi always load one layer at a time)")
+    g = p.add_argument_group("candidate settings (default: the reference's own)")
+    _compute(g, default="the reference's")
+    g.add_argument("--device", help="single / multi: where the layers run (default: cuda:0, else cpu)")
+    g.add_argument("--candidate", help="package.module:factory (or file.py:factory) building your own decoder layer: "
+                                       "factory(config, layer_index, weights) -> nn.Module with the HF layer's call "
+                                       "signature")
+    g.add_argument("--allow-config-mismatch", action="store_true",
+                   help="the model is a variant of the reference's (quantized, converted): its config may differ")
+    _fp8_backend(g)
+    g.add_argument("--deterministic", action="store_true",
+                   help="single / multi: torch's deterministic kernels (when the first layer, run twice, differs)")
+    _placement(p.add_argument_group("placement (full, extract-all)"))
+    _prompts(p.add_argument_group("prompts and capture (extract-all)"))
+    _tolerances(p, prompt_filter=False)
+
+
+# ------------------------------------------------------------------------------ args -> options
+
+def load_options(args) -> LoadOptions:
+    return options(LoadOptions, device_map=args.device_map, max_memory=args.max_memory, dtype=args.dtype,
+                   offload_folder=getattr(args, "offload_folder", None),
+                   allow_spill=not getattr(args, "no_spill", False),
+                   attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
+                   quant=args.quant)
+
+
+def check_options(args) -> CheckOptions:
+    load = options(LoadOptions, max_memory=args.max_memory, dtype=args.dtype, tokens=args.tokens, quant=args.quant)
+    return options(CheckOptions, model=args.model, cpu=args.cpu, out_dir=args.out, load=load)
+
+
+def extract_options(args) -> ExtractOptions:
+    return options(ExtractOptions, points=args.points, layers=getattr(args, "layers", None), batch_size=args.batch_size,
+                   max_tokens=args.max_tokens, chat_template=args.chat_template, overwrite=args.overwrite,
+                   pinned_budget_gib=getattr(args, "pinned_gib", None))
+
+
+def stream_options(args) -> StreamOptions:
+    return options(StreamOptions, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                   quant=args.quant, fp8_backend=args.fp8_backend)
+
+
+def test_options(args) -> TestOptions:
+    candidate = options(ReplayOptions, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                        device=args.device or single_device(args.device_map), candidate=args.candidate,
+                        quant=args.quant, fp8_backend=args.fp8_backend, deterministic=args.deterministic,
+                        allow_config_mismatch=args.allow_config_mismatch, overwrite=args.overwrite)
+    extract = options(ExtractOptions, points=args.points, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                      chat_template=args.chat_template, overwrite=args.overwrite)
+    return options(TestOptions, test_type=args.test_type, reference=args.reference, layer=args.layer,
+                   layers=args.layers, out=args.out, stream=args.stream, candidate=candidate,
+                   load=load_options(args), extract=extract)
+
+
+def compare_options(args, prompts: str | None = None) -> CompareOptions:
+    tolerances = build_tolerances(args.tolerance, args.tolerance_file, rtol=args.rtol, atol=args.atol,
+                                  max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, max_abs=args.max_abs,
+                                  max_kl=args.max_kl)
+    return options(CompareOptions, tolerances=tolerances, prompts=prompt_indices(prompts),
+                   tie_threshold=args.tie_threshold, logits_topk=args.logits_topk, noise_factor=args.noise_factor,
+                   verify=not args.no_verify)
+
+
+def single_device(device_map: str | None) -> str | None:
+    """--device-map cuda:1 (or 1, or cpu) also says where a single-layer test runs."""
+    if not device_map:
+        return None
+    if device_map.isdigit():
+        return f"cuda:{device_map}"
+    if device_map == "cpu" or device_map.startswith("cuda:"):
+        return device_map
+    return None
+
+
+def prompt_indices(text: str | None) -> tuple[int, ...] | None:
+    """`--prompts "0,2"` or `"0-3,7"` -> (0, 2) / (0, 1, 2, 3, 7)."""
+    if text is None:
+        return None
+    try:
+        return parse_indices(text)
+    except BadSelection as err:
+        if err.reversed_range:
+            raise UserError(f"--prompts {text!r}: {err.part!r} is not a valid index or range") from None
+        raise UserError(f"--prompts {text!r}: expected prompt indices like 0,2 or 0-3") from None

@@ -1,0 +1,355 @@
+"""The sink behind the capture hooks: host copies, per-prompt slicing, whole files to the writer.
+
+The forward pass is bound by kernel launches for short prompts, and every microsecond of Python
+another thread runs while it launches is taken from it (the GIL): a hook only keeps a reference
+to what it sees; once per batch (or when a device's references pass a budget) the forward thread
+issues every device-to-host copy on a per-device copy stream after one event, and wakes the
+completion thread once; that thread waits for the copies, cuts the batch into prompts (dropping
+padding, keeping decoder-layer inputs' padding tails under their own name) and hands whole files
+to the run writer. Host memory is bounded by a pinned-buffer budget (backpressure, never an
+unbounded pile of tensors). On the CPU the captured tensors themselves are written.
+
+The sink pushes tensors to a writer (`RunWriter.put`) and never opens a file itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .capture import Target, groups_of
+from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
+
+PINNED_BUDGET_BYTES = 4 * 2**30  # host memory for in-flight device-to-host copies
+DEVICE_BUDGET_BYTES = 2 * 2**30  # device memory held by captured references before a mid-batch flush
+_STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
+
+
+class PinnedPool:
+    """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
+    is spent (that wait is the backpressure that keeps host memory bounded).
+
+    A file is written only once all its tensors have arrived, so buffers held by files still
+    waiting for a tensor cannot come back before more copies are issued: waiting for them would
+    deadlock. `take` therefore waits only while more is out than those files hold (`blocked`
+    bytes, kept up to date by the collector); otherwise it overdraws the budget.
+    """
+
+    def __init__(self, budget_bytes: int, pin: bool = True):
+        self.budget = budget_bytes
+        self.pin = pin
+        self.used = 0  # bytes handed out
+        self.held = 0  # bytes allocated (handed out + free lists)
+        self.peak = 0
+        self.blocked = 0  # bytes handed out that wait in files missing a tensor
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
+        are reused across prompt lengths: allocating pinned memory is slow and synchronising)."""
+        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+        with self._cond:
+            while self.used + nbytes > self.budget and self.used > self.blocked:
+                if self._closed:
+                    raise RuntimeError("capture aborted")
+                self._cond.wait()
+            self.used += nbytes
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+            while self.held + nbytes > self.budget and self._evict_one():
+                pass
+            self.held += nbytes
+            self.peak = max(self.peak, self.held)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _evict_one(self) -> bool:
+        for size, buffers in self._free.items():
+            if buffers:
+                buffers.pop()
+                self.held -= size
+                return True
+        return False
+
+    def set_blocked(self, nbytes: int) -> None:
+        with self._cond:
+            self.blocked = nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake and fail every waiting `take` (the capture is being aborted)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._cond:
+            self.used -= buffer.numel()
+            self._free.setdefault(buffer.numel(), []).append(buffer)
+            self._cond.notify_all()
+
+
+class _Buffer:
+    """A pinned host copy and who still needs it: one reference per file being written from it,
+    plus one while records of its flush still wait for their file's other tensors."""
+
+    def __init__(self, buffer: torch.Tensor, pool: PinnedPool, records: int):
+        self.buffer, self.pool = buffer, pool
+        self.refs, self.records_left = 1, records
+        self.lock = threading.Lock()
+
+    def acquire(self, n: int) -> None:
+        with self.lock:
+            self.refs += n
+
+    def release(self) -> None:
+        with self.lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last:
+            self.pool.give(self.buffer)
+
+    def record_done(self) -> None:
+        with self.lock:
+            self.records_left -= 1
+            last = self.records_left == 0
+        if last:
+            self.release()
+
+
+@dataclass
+class _Flush:
+    """What one flush hands the completion thread: host copies of the tensors held so far."""
+
+    batch: object
+    records: list  # (group, name, host tensor, key) in capture order; key: the shared copy, None if absent
+    buffers: dict  # key -> pinned buffer (None on the CPU: the host tensor is the captured one)
+    done: list  # CUDA events, one per device, recorded after that device's copies
+    keep: list  # the device tensors, alive until their copies are done
+
+
+class Collector:
+    """The sink behind the hooks: host copies, per-prompt slicing, whole files to the writer.
+
+    The forward pass is bound by kernel launches for short prompts, and every microsecond of
+    Python another thread runs while it launches is taken from it (the GIL). So:
+    - a hook (forward thread) only keeps a reference to what it sees: no copy, no event, no
+      lock, no wake-up. transformers' own output_hidden_states relies on the same fact: a
+      module's output is never modified in place afterwards. The same tensor seen twice (layer
+      K's output is layer K+1's input) is kept once.
+    - `end_batch()` (forward thread, once the forward pass is launched; `start_batch` and
+      `close` call it) records one event per device on the compute stream and issues every
+      device-to-host copy of the batch on that device's copy stream, ordered after the event,
+      into pinned buffers; then wakes the completion thread once. When the references held on
+      a device pass `device_budget_bytes`, a hook flushes them the same way (GPU memory stays
+      bounded for long prompts and large batches).
+    - the completion thread waits for a flush's copies (GIL released), cuts the batch into
+      prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
+    Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
+    writer queue fills, buffers stop coming back and the next flush waits (backpressure).
+    On the CPU the captured tensors themselves are written (no copy).
+    """
+
+    def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = PINNED_BUDGET_BYTES,
+                 device_budget_bytes: int = DEVICE_BUDGET_BYTES, copy_host_tensors: bool = False):
+        self.writer = writer
+        self.groups = groups_of(targets)
+        self._padded = {t.names[0] for t in targets if t.when == INPUT}  # decoder-layer inputs
+        gpu = torch.cuda.is_available()
+        # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
+        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
+        self._copy_host = copy_host_tensors
+        self.device_budget = device_budget_bytes
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._batch = None
+        self._held: list = []  # (group, name, tensor or None) in capture order
+        self._held_bytes: dict[torch.device, int] = {}
+        self._pending: queue.Queue = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
+        self._thread.start()
+
+    # -- called on the forward-pass thread ---------------------------------------------------
+
+    def start_batch(self, batch) -> None:
+        self.end_batch()
+        if self._error is not None:
+            raise self._error
+        self._batch = batch
+
+    def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
+        """Keep one hook's tensors until the batch is flushed; returns at once."""
+        for name, t in zip(target.names, tensors):
+            self._held.append((target.group, name, t))
+            if t is not None:
+                size = t.numel() * t.element_size()
+                total = self._held_bytes.get(t.device, 0) + size
+                self._held_bytes[t.device] = total
+                if (t.device.type == "cuda" or self._copy_host) and total > self.device_budget:
+                    self.end_batch(keep_batch=True)
+
+    def end_batch(self, keep_batch: bool = False) -> None:
+        """Issue the host copies of everything held and hand them to the completion thread."""
+        if not self._held:
+            if not keep_batch:
+                self._batch = None
+            return
+        held, self._held, self._held_bytes = self._held, [], {}
+        records, buffers, done, keep = self._copy(held)
+        self._pending.put(_Flush(self._batch, records, buffers, done, keep))
+        if not keep_batch:
+            self._batch = None
+
+    def _copy(self, held: list):
+        """Host copies of the held tensors, each distinct tensor once, per device after one event."""
+        seen: dict[tuple, int] = {}
+        records, buffers, keep = [], {}, []
+        by_device: dict[torch.device, list] = {}
+        for group, name, t in held:
+            if t is None:
+                records.append((group, name, None, None))
+                continue
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if key not in seen:
+                seen[key] = len(seen)
+                by_device.setdefault(t.device, []).append((seen[key], t))
+            records.append((group, name, None, seen[key]))
+        hosts: dict[int, torch.Tensor] = {}
+        done = []
+        for device, items in by_device.items():
+            if device.type != "cuda" and not self._copy_host:
+                hosts.update({k: t for k, t in items})  # the CPU tensor itself: it is never written to again
+                continue
+            stream = None
+            if device.type == "cuda":
+                stream = self._streams.get(device)
+                if stream is None:
+                    stream = self._streams[device] = torch.cuda.Stream(device=device)
+                stream.wait_stream(torch.cuda.current_stream(device))  # after everything launched so far
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for k, t in items:
+                    if not t.is_contiguous():
+                        t = t.contiguous()
+                    nbytes = t.numel() * t.element_size()
+                    buffer = self.pool.take(nbytes)
+                    host = buffer[:nbytes].view(t.dtype).view(t.shape)
+                    host.copy_(t, non_blocking=stream is not None)
+                    hosts[k], buffers[k] = host, buffer
+                    keep.append(t)
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    done.append(event)
+        records = [(g, n, hosts[k] if k is not None else None, k) for g, n, _, k in records]
+        return records, buffers, done, keep
+
+    # -- the completion thread -----------------------------------------------------------------
+
+    def _complete(self) -> None:
+        parts: dict[str, dict] = {}  # group -> {name: (host tensor, _Buffer or None)} until the file is whole
+        while True:
+            item = self._pending.get()
+            try:
+                if item is None:
+                    return
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
+                if self._error is not None:
+                    self._drop(item)
+                    continue
+                for event in item.done:
+                    event.synchronize()  # releases the GIL while the copy engines work
+                item.keep.clear()  # the device tensors may go back to the allocator now
+                self._assemble(item, parts)
+            except BaseException as err:
+                self._error = self._error or err
+                self._drop(item)
+
+    def _assemble(self, item: _Flush, parts: dict) -> None:
+        counts: dict = {}
+        for _, _, _, key in item.records:
+            if key is not None and key in item.buffers:
+                counts[key] = counts.get(key, 0) + 1
+        owned = {k: _Buffer(b, self.pool, counts[k]) for k, b in item.buffers.items() if k in counts}
+        for group, name, host, key in item.records:
+            got = parts.setdefault(group, {})
+            got[name] = (host, owned.get(key))
+            if len(got) == len(self.groups[group]):
+                self._emit(item.batch, group, parts.pop(group))
+        if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
+            blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b in got.values() if b is not None}
+            self.pool.set_blocked(sum(blocked.values()))
+
+    def _drop(self, item) -> None:
+        if isinstance(item, _Flush) and self.pool is not None:
+            for buffer in item.buffers.values():
+                self.pool.give(buffer)
+
+    def _emit(self, batch, group: str, parts: dict) -> None:
+        shaped: dict[str, torch.Tensor] = {}
+        rows, width = batch.input_ids.shape
+        for name, (t, _) in parts.items():
+            if t is None:
+                continue
+            role = split_name(name)[1]
+            if role in _STORED and t.dtype != _STORED[role]:
+                t = t.to(_STORED[role])
+            if role not in WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
+                    and (t.dim() == 1 or t.shape[:2] != (rows, width)):
+                t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
+            shaped[name] = t
+        buffers = list({id(b): b for _, b in parts.values() if b is not None}.values())
+        for b in buffers:
+            b.acquire(len(batch.prompts))
+        for _, b in parts.values():
+            if b is not None:
+                b.record_done()
+
+        def release():
+            for b in buffers:
+                b.release()
+
+        for row, prompt in enumerate(batch.prompts):
+            n = len(prompt.token_ids)
+            tensors = {name: t if split_name(name)[1] in WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
+            if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
+                tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
+            self.writer.put(prompt.index, group, tensors, release)
+
+    def flush(self) -> None:
+        """Block until everything captured so far has reached the writer."""
+        self.end_batch(keep_batch=True)
+        done = threading.Event()
+        self._pending.put(done)
+        while not done.wait(0.5):
+            if self._error is not None:
+                raise self._error
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Flush, wait until every captured tensor reached the writer; re-raise a capture error."""
+        self.end_batch()
+        self._pending.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("capture aborted")
+        self._held, self._held_bytes = [], {}
+        if self.pool is not None:
+            self.pool.close()
+        self._pending.put(None)
+        self._thread.join(timeout=60)
+
+    @property
+    def pinned_peak_bytes(self) -> int:
+        return self.pool.peak if self.pool else 0

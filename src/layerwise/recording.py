@@ -1,0 +1,127 @@
+"""One run being recorded, from its intent to its manifest: the lifecycle every producer shares.
+
+`Recording(out, intent, targets)` opens the run's writer (runs.RunWriter: intent.json first, an
+existing run of the same intent resumed) and, for capture `targets`, the sink behind the hooks
+(collector.Collector). The producer (extract, streaming, replay, import) runs its forward passes
+inside `with recording:`, then calls `close_capture()` (every captured tensor reaches the writer)
+and `finish(extra)`, which writes the manifest last. An exception leaving the block stops the
+sink and the writer: the files already written stay, no manifest is written, and rerunning the
+same command resumes. `model_record` and `config_sha256` say which model a run is of.
+
+Knows nothing about how the forward passes run: the producers bring those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .capture import Target
+from .collector import PINNED_BUDGET_BYTES, Collector
+from .runs import QUEUE_DEPTH, Intent, RunWriter
+
+
+@dataclass(frozen=True)
+class Progress:
+    batch: int
+    batches: int
+    prompts_done: int
+    prompts: int
+    bytes_written: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    path: Path
+    prompts: int
+    tensors: int
+    bytes: int  # written by this call (a resumed run skips what was already on disk)
+    seconds: float
+    forward_seconds: float  # time inside model forward calls (hooks included)
+    resumed_batches: int  # batches found complete on disk and skipped
+    peak_rss_bytes: int
+    pinned_peak_bytes: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def config_sha256(config) -> str:
+    """A stable hash of a model config (its JSON without volatile fields)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset",
+                     "dtype", "torch_dtype", "_attn_implementation", "attn_implementation"):
+        data.pop(volatile, None)
+    quant = data.get("quantization_config")
+    if isinstance(quant, dict):  # what the checkpoint stores, not how a loader was told to run it
+        data["quantization_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in quant.items()
+                                       if k in ("quant_method", "activation_scheme", "weight_block_size")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_record(ref, config, architecture: str, num_layers: int) -> dict:
+    """The "model" of an intent: what the run is of (its config, not where its files are)."""
+    return {"spec": ref.spec, "path": str(ref.path) if ref.path else None, "model_type": config.model_type,
+            "architecture": architecture, "config_sha256": config_sha256(config), "num_layers": num_layers,
+            "hidden_size": config.hidden_size}
+
+
+class Recording:
+    """A run being written: its writer, the capture sink (with `targets`), abort on error.
+
+    `overwrite` replaces a different run in `out`; `writer_threads` / `queue_depth` size the
+    writer, `pinned_budget_bytes` the sink's host buffers (runs.py, collector.py)."""
+
+    def __init__(self, out: str | os.PathLike, intent: Intent | dict, targets: list[Target] | None,
+                 overwrite: bool = False, writer_threads: int | None = None, queue_depth: int = QUEUE_DEPTH,
+                 pinned_budget_bytes: int = PINNED_BUDGET_BYTES):
+        self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth)
+        try:
+            self.collector = Collector(self.writer, targets, pinned_budget_bytes) if targets is not None else None
+        except BaseException:
+            self.writer.abort()
+            raise
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self.manifest: dict | None = None
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            if self.collector is not None:
+                self.collector.abort()
+            self.writer.abort()
+        return False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close_capture(self) -> float:
+        """Wait until every captured tensor reached the writer; returns the seconds since the start."""
+        if self.collector is not None:
+            self.collector.close()
+        self.seconds = self.elapsed()
+        return self.seconds
+
+    def finish(self, extra: dict) -> dict:
+        """Write the manifest last (with `extra` beside the intent); returns it."""
+        self.manifest = self.writer.finish(extra)
+        return self.manifest
+
+    def result(self, prompts: int, forward_seconds: float, resumed_batches: int = 0) -> ExtractResult:
+        return ExtractResult(
+            path=self.writer.path, prompts=prompts, tensors=len(self.manifest["tensors"]),
+            bytes=self.writer.bytes_written, seconds=self.seconds, forward_seconds=forward_seconds,
+            resumed_batches=resumed_batches, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            pinned_peak_bytes=self.collector.pinned_peak_bytes if self.collector is not None else 0,
+        )

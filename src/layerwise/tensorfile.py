@@ -1,0 +1,220 @@
+"""The safetensors format, in one module: headers, span reads, the GIL-free writer, sha256.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}} with an optional "__metadata__" of strings, then the tensors' raw bytes in C order.
+`read_header` checks a file against its own header (a truncated download is caught before any
+data is read); `read_tensors` pulls named tensors out of one file straight onto a device in large
+sequential reads; `read_tensor` reads one tensor with safetensors' own reader; `write_file` writes
+one file with plain buffered writes and each tensor's sha256 in the metadata. `DTYPES` is the one
+table of the format's dtype codes.
+
+Knows nothing about checkpoints, runs or models: a file, names, bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import struct
+import threading
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+_CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}
+_ITEMSIZE = dict(DTYPES.values())
+HASH_KEY = "sha256:"  # metadata key prefix: "sha256:<tensor name>" -> hex digest of its bytes
+_MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
+_CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
+_staging = threading.local()
+
+
+def code(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "BF16"."""
+    return _CODES[dtype]
+
+
+def dtype_name(code: str) -> str:
+    """"BF16" -> "bfloat16" (an unknown code: lower case)."""
+    return DTYPES[code][0] if code in DTYPES else code.lower()
+
+
+def nbytes(shape, dtype: str, unknown_itemsize: int = 4) -> int:
+    """Bytes of a tensor of `shape` and torch dtype name `dtype`."""
+    return math.prod(shape) * _ITEMSIZE.get(dtype, unknown_itemsize)
+
+
+# -------------------------------------------------------------------------------------- reading
+
+def read_header(path: Path, metadata: dict | None = None) -> dict:
+    """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
+    is not a safetensors file or is shorter than its header says (truncated). The header's
+    string metadata is copied into `metadata` when a dict is given."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"shard {path} is truncated ({size} bytes): re-download it")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > 100_000_000:
+            raise UserError(f"shard {path} is truncated or not a safetensors file (header of {length} bytes, "
+                            f"file of {size}): re-download it")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"shard {path} has a corrupt header: re-download it") from None
+    found = header.pop("__metadata__", None) or {}
+    if metadata is not None:
+        metadata.update(found)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + length + end > size:
+        raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
+    return header
+
+
+def read_index(path: Path) -> dict:
+    """{name: (shape, dtype code, sha256 from the metadata or None)}, read without the data."""
+    metadata: dict = {}
+    header = read_header(path, metadata)
+    return {name: (info["shape"], info["dtype"], metadata.get(HASH_KEY + name)) for name, info in header.items()}
+
+
+def read_tensor(path: Path, name: str, device: str = "cpu") -> torch.Tensor:
+    """One tensor, read with safetensors' own reader (the rest of the file is not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as fh:
+        return fh.get_tensor(name)
+
+
+def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The named tensors of one file on `device`, thread-safe.
+
+    Disk bandwidth is the floor when a layer is streamed, so reads are large and sequential: the
+    byte ranges of the wanted tensors are merged (small gaps read through) and read in 64 MB
+    chunks into pinned staging buffers, from which asynchronous host-to-device copies fill each
+    tensor while the next chunk is read. Every tensor gets its own storage, so a tensor that
+    loading converts (fused experts) frees its source at once."""
+    header = read_header(path)
+    out = {}
+    with open(path, "rb", buffering=0) as fh:
+        data_start = 8 + int.from_bytes(fh.read(8), "little")
+        spans = []
+        for name in names:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=getattr(torch, dtype_name(info["dtype"])), device=device)
+            out[name] = tensor
+            spans.append((begin, end, tensor.view(-1).view(torch.uint8) if tensor.numel() else None))
+        _read_spans(fh, data_start, sorted(spans, key=lambda s: s[0]), device)
+    return out
+
+
+def _read_spans(fh, data_start: int, spans: list, device) -> None:
+    """Fill each span's destination bytes from the file, in merged sequential chunked reads."""
+    on_gpu = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if on_gpu else None
+    if on_gpu:
+        # The destinations may reuse memory just freed by another thread whose kernels still read it
+        # (a layer's raw weights, freed as its conversion is queued): copy only after that work.
+        stream.wait_stream(torch.cuda.current_stream(device))
+    buffers = _staging_buffers(on_gpu)
+    events = [None, None]
+    turn = 0
+    group: list = []
+
+    def flush(group):
+        nonlocal turn
+        if not group:
+            return
+        lo, hi = group[0][0], max(s[1] for s in group)
+        fh.seek(data_start + lo)
+        for offset in range(lo, hi, _CHUNK):
+            size = min(_CHUNK, hi - offset)
+            staging = buffers[turn]
+            if events[turn] is not None:
+                events[turn].synchronize()  # the copies out of this buffer are done
+            view = memoryview(staging.numpy())[:size]
+            got = fh.readinto(view)
+            if got != size:
+                raise UserError(f"{fh.name} is truncated: re-download it")
+            with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
+                for begin, end, dst in group:
+                    a, b = max(begin, offset), min(end, offset + size)
+                    if dst is not None and a < b:
+                        dst[a - begin:b - begin].copy_(staging[a - offset:b - offset], non_blocking=on_gpu)
+                if on_gpu:
+                    events[turn] = torch.cuda.Event()
+                    events[turn].record(stream)
+            turn ^= 1
+
+    for span in spans:
+        if group and span[0] - max(s[1] for s in group) > _MERGE_GAP:
+            flush(group)
+            group = []
+        group.append(span)
+    flush(group)
+    if on_gpu:
+        stream.synchronize()
+
+
+def _staging_buffers(pinned: bool):
+    """Two reusable staging buffers per thread (pinned when the destination is a GPU)."""
+    key = "pinned" if pinned else "plain"
+    buffers = getattr(_staging, key, None)
+    if buffers is None or buffers[0].numel() < _CHUNK:
+        buffers = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        setattr(_staging, key, buffers)
+    return buffers
+
+
+
+# -------------------------------------------------------------------------------------- writing
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def sha256_of(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
+    return hashlib.sha256(raw_bytes(tensor)).hexdigest()
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
+    pass keeps running while files are written) and put each tensor's sha256 in the metadata.
+    Returns the bytes of tensor data written."""
+    views = {name: raw_bytes(t) for name, t in tensors.items()}
+    meta = dict(metadata)
+    header: dict = {}
+    offset = 0
+    for name, t in tensors.items():
+        meta[HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
+        size = views[name].nbytes
+        header[name] = {"dtype": code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for view in views.values():
+            fh.write(view)
+    return offset

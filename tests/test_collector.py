@@ -1,0 +1,185 @@
+"""The capture sink: its pinned-buffer pool (backpressure without deadlock) and what it hands the writer."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from layerwise.capture import Target, plan_targets
+from layerwise.collector import Collector, PinnedPool
+from layerwise.prompts import Prompt, make_batches
+
+
+def _in_thread(fn, timeout: float = 5.0):
+    """Run fn in a thread; fail (not hang) if it has not returned within `timeout` seconds."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), f"still blocked after {timeout} s"
+    return out[0]
+
+
+def test_closing_the_pool_fails_a_waiting_take():
+    pool = PinnedPool(budget_bytes=100 << 16, pin=False)
+    pool.take(80 << 16)
+    errors = []
+
+    def take():
+        try:
+            pool.take(80 << 16)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    time.sleep(0.1)
+    pool.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and errors == ["capture aborted"]
+
+
+def test_batches_are_cut_into_prompts_with_padding_tails_and_stored_dtypes():
+    """Rows without padding, a decoder layer's input with its padding tail apart, router ids and
+    weights in their stored dtypes, the score bias whole for every prompt."""
+    layer, router = "model.layers.0", "model.layers.0.mlp.gate"
+    targets = [Target(layer, "input", (f"{layer}:input",), layer),
+               Target(router, "output", tuple(f"{router}:{r}" for r in
+                                              ("router_logits", "score_bias", "topk_weights", "topk_ids")), layer)]
+    batch = make_batches([Prompt(0, None, (1, 2, 3)), Prompt(1, None, (4,))], 2, 0)[0]
+    writer = ListWriter()
+    collector = Collector(writer, targets)
+    collector.start_batch(batch)
+    x = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    collector.take(targets[0], [x])
+    logits = torch.randn(6, 4)
+    collector.take(targets[1], [logits, torch.ones(4, dtype=torch.bfloat16), torch.rand(6, 2, dtype=torch.bfloat16),
+                                torch.zeros(6, 2, dtype=torch.int64)])
+    _in_thread(collector.close)
+    files = {p: t for (p, _), t in writer.files.items()}
+    assert torch.equal(files[0][f"{layer}:input"], x[0]) and f"{layer}:input_padding" not in files[0]
+    assert torch.equal(files[1][f"{layer}:input"], x[1, :1])
+    assert torch.equal(files[1][f"{layer}:input_padding"], x[1, 1:])
+    assert torch.equal(files[1][f"{router}:router_logits"], logits.reshape(2, 3, 4)[1, :1])
+    assert files[1][f"{router}:topk_ids"].dtype == torch.int32 and files[1][f"{router}:topk_ids"].shape == (1, 2)
+    assert files[0][f"{router}:topk_weights"].dtype == torch.float32
+    assert files[0][f"{router}:score_bias"].shape == files[1][f"{router}:score_bias"].shape == (4,)
+
+
+def test_pool_overdraws_for_files_still_waiting_instead_of_deadlocking():
+    pool = PinnedPool(budget_bytes=100 << 16, pin=False)
+    pool.take(80 << 16)  # sizes round up to powers of two: 128 << 16
+    pool.set_blocked(128 << 16)  # those bytes wait in a file missing a tensor: they cannot come back first
+    pool.take(80 << 16)
+    assert pool.used == 256 << 16
+
+
+def test_pool_waits_for_buffers_that_will_come_back_then_reuses_them():
+    pool = PinnedPool(budget_bytes=200 << 16, pin=False)
+    first = pool.take(80 << 16)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.take(100 << 16)), daemon=True)
+    waiter.start()
+    time.sleep(0.2)
+    assert not got, "while buffers that will come back are out, a take beyond the budget waits (backpressure)"
+    pool.give(first)
+    waiter.join(5)
+    assert not waiter.is_alive(), "the waiting take never woke up"
+    assert got and got[0] is first, "the returned buffer is reused (same size class), not reallocated"
+    assert pool.held == 128 << 16
+
+
+class ListWriter:
+    """Collects what a Collector writes, releasing its buffers at once (or never, when held)."""
+
+    def __init__(self, hold: bool = False):
+        self.files, self.hold, self.pending = {}, hold, []
+
+    def put(self, prompt, group, tensors, on_written=None):
+        self.files[(prompt, group)] = {n: t.clone() for n, t in tensors.items()}
+        if on_written:
+            (self.pending.append if self.hold else lambda f: f())(on_written)
+
+
+def _targets(layers):
+    from layerwise.anatomy import Anatomy
+
+    anatomy = Anatomy(layers_path="model.layers", num_layers=layers, embed_path="model.embed_tokens",
+                      norm_path="model.norm", head_path="lm_head", rotary_path=None, attn_name="self_attn",
+                      mlp_name="mlp", routers=(None,) * layers)
+    return plan_targets(anatomy, ("residual",), tuple(range(layers)))
+
+
+def _batch(lengths, width):
+    import torch
+
+    from layerwise.prompts import Batch, Prompt
+
+    prompts = tuple(Prompt(i, None, tuple(range(n))) for i, n in enumerate(lengths))
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return Batch(prompts, torch.zeros(len(lengths), width, dtype=torch.long), mask)
+
+
+@pytest.mark.parametrize("device_budget", [1 << 30, 1])
+def test_collector_copies_each_tensor_once_and_cuts_prompts(device_budget):
+    """Layer K's output is layer K+1's input: one copy, two files; prompts cut without their
+    padding, which is kept as the layer's input_padding. A tiny device budget flushes at every
+    hook (files then span flushes, and a tensor seen twice is copied twice) with the same files."""
+    import torch
+
+    writer = ListWriter()
+    targets = _targets(3)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, device_budget_bytes=device_budget,
+                                  copy_host_tensors=True)
+    batch = _batch([5, 3], 5)
+    states = [torch.randn(2, 5, 4) for _ in range(4)]
+    collector.start_batch(batch)
+    for k in range(3):
+        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
+        collector.take(inp, [states[k]])
+        collector.take(out, [states[k + 1]])
+    collector.close()
+    for k in range(3):
+        got = writer.files[(1, f"model.layers.{k}")]
+        assert torch.equal(got[f"model.layers.{k}:input"], states[k][1, :3])
+        assert torch.equal(got[f"model.layers.{k}:output"], states[k + 1][1, :3])
+        assert torch.equal(got[f"model.layers.{k}:input_padding"], states[k][1, 3:])
+        assert f"model.layers.{k}:input_padding" not in writer.files[(0, f"model.layers.{k}")]
+    assert collector.pool.used == 0, "every buffer came back"
+    if device_budget > 1:  # one flush per batch: each distinct tensor copied once (4 of them, not 6)
+        assert collector.pool.peak == 4 * (1 << 16)  # 4 buffers of the smallest size class
+
+
+def test_collector_backpressure_waits_for_the_writer():
+    """With the budget spent and the writer holding its buffers, the next batch waits; once the
+    writer lets go, it proceeds."""
+    import torch
+
+    writer = ListWriter(hold=True)
+    targets = _targets(1)
+    collector = Collector(writer, targets, pinned_budget_bytes=2 << 16, copy_host_tensors=True)
+    inp, out = targets
+    collector.start_batch(_batch([5, 5], 5))
+    collector.take(inp, [torch.randn(2, 5, 4)])
+    collector.take(out, [torch.randn(2, 5, 4)])
+    collector.flush()
+    done = threading.Event()
+
+    def second():
+        collector.start_batch(_batch([5, 5], 5))
+        collector.take(inp, [torch.randn(2, 5, 4)])
+        collector.take(out, [torch.randn(2, 5, 4)])
+        collector.end_batch()
+        done.set()
+
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    assert not done.wait(0.3), "the second batch must wait while the writer holds the budget"
+    for release in writer.pending:
+        release()
+    assert done.wait(5), "the second batch never proceeded"
+    thread.join(5)
+    collector.abort()
