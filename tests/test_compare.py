@@ -190,9 +190,13 @@ def test_sha256_mismatch_names_the_file(tmp_path):
     assert compare_runs(ref, cand, CompareOptions(verify=False)).verdict == "fail"
 
 
-@pytest.mark.parametrize("prefetch, limit", [(False, 1), (True, 2)])
-def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, prefetch, limit):
-    """Memory: at most `limit` reading units (one tensor, or one router's three) per run alive."""
+@pytest.mark.parametrize("prefetch, ahead, limit", [(False, 1 << 30, 1), (True, 1, 2), (True, 1 << 30, 10**6)])
+def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, prefetch, ahead, limit):
+    """Memory: without prefetch one reading unit (one tensor, or one router's three) per run is
+    alive; with it, the units read ahead stop at the byte window (1 byte: one unit ahead)."""
+    from layerwise import runs as runs_module
+
+    monkeypatch.setattr(runs_module, "READ_AHEAD_BYTES", ahead)
     cand = toy_run(tmp_path / "cand")
     alive, peak = [0], [0]
     read = Run.tensor

@@ -99,6 +99,8 @@ def _tolerances(p, prompt_filter: bool = True) -> None:
     g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
     if prompt_filter:
         p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+        p.add_argument("--metrics-device", help="where the metrics are computed (default: cuda:0 when a GPU is "
+                                                "present, else cpu)")
     p.add_argument("--tie-threshold", type=float, help="router score (sigmoid of the logit) margin of a near-tie "
                                                        "(default: by dtype, 1e-4 for fp32 to 1e-2 for bf16)")
     p.add_argument("--noise-factor", type=float, help="with --baseline, a tensor within this many noise floors passes "
@@ -269,7 +271,7 @@ def compare_options(args, prompts: str | None = None) -> CompareOptions:
                                   max_kl=args.max_kl)
     return options(CompareOptions, tolerances=tolerances, prompts=prompt_indices(prompts),
                    tie_threshold=args.tie_threshold, logits_topk=args.logits_topk, noise_factor=args.noise_factor,
-                   verify=not args.no_verify)
+                   verify=not args.no_verify, device=getattr(args, "metrics_device", None))
 
 
 def single_device(device_map: str | None) -> str | None:

@@ -23,7 +23,8 @@ import torch
 
 from .align import Alignment, align_runs
 from .errors import UserError
-from .metrics import LogitsMetrics, TensorMetrics, logits_metrics, pool_logits, tensor_metrics
+from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorMetrics, logits_metrics, pool_logits,
+                      tensor_metrics)
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
                     Layout, format_ranges, layer_of, split_name, tensor_name)
 from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
@@ -45,6 +46,7 @@ class CompareOptions:
     verify: bool = True  # check every tensor's sha256 while reading it
     prefetch: bool = True  # read the next tensors while measuring the current ones
     threads: int = 0  # threads measuring one tensor's rows in parallel; 0: one per core, at most 8
+    device: str | None = None  # where tensor and logits metrics run; None: cuda:0 when a GPU is present, else cpu
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class _Context:
     tie_threshold: float
     map_fn: Callable = map  # measures row ranges of one tensor, in parallel when a pool's map
     parts: int = 1
+    device: torch.device = torch.device("cpu")  # where tensor and logits metrics run
     tolerances: dict = field(default_factory=dict)  # name -> (kind, Tolerance)
     # prompt -> token positions whose expert set flipped at a near-tie or by noise-level score
     # changes: later tensors that fail only because of them are excused (PromptResult.excused)
@@ -226,9 +229,16 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict) -> dict
 
 def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, b: torch.Tensor,
              base: torch.Tensor | None) -> PromptResult:
-    tm = tensor_metrics(a, b, tol.rtol, tol.atol, map_fn=ctx.map_fn, parts=ctx.parts)
-    lm = logits_metrics(a, b, ctx.options.logits_topk) if kind == "logits" else None
-    floor = tensor_metrics(a, base, map_fn=ctx.map_fn, parts=ctx.parts) if base is not None else None
+    if ctx.device.type == "cuda":  # the GPU measures in float64 at HBM speed; the bytes pass by anyway
+        a, b = a.to(ctx.device), b.to(ctx.device)
+        base = base.to(ctx.device) if base is not None else None
+        sizing = dict(chunk_elements=GPU_CHUNK_ELEMENTS)
+    else:
+        sizing = dict(map_fn=ctx.map_fn, parts=ctx.parts)
+    tm = tensor_metrics(a, b, tol.rtol, tol.atol, **sizing)
+    lm = logits_metrics(a, b, ctx.options.logits_topk, chunk_elements=sizing.get("chunk_elements", CHUNK_ELEMENTS)) \
+        if kind == "logits" else None
+    floor = tensor_metrics(a, base, **sizing) if base is not None else None
     return PromptResult(p, tm, lm, None, floor, judge(tol, tm, lm, None, floor, ctx.options.noise_factor))
 
 
@@ -266,7 +276,7 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     layout = Layout.of(ref.manifest.get("anatomy"))
     dtypes = (_compute_dtype(ref), _compute_dtype(cand))
     tie = options.tie_threshold if options.tie_threshold is not None else DEFAULT_TIE[dtype_class(dtypes)]
-    ctx = _Context(ref, cand, baseline, options, layout, dtypes, tie)
+    ctx = _Context(ref, cand, baseline, options, layout, dtypes, tie, device=metrics_device(options.device))
     results: dict[str, list[PromptResult]] = {name: [] for name in plan.names}
     done = 0
     threads = options.threads or min(8, os.cpu_count() or 1)
@@ -294,6 +304,17 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
         prompts=plan.prompts, dtypes=ctx.dtypes, options=options, tie_threshold=tie, bytes_read=done, seconds=seconds,
         notes=_notes(rows),
     )
+
+
+def metrics_device(device: str | None) -> torch.device:
+    """Where metrics run: the device asked for, else cuda:0 when a GPU is present, else the CPU."""
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
+    return torch.device(device)
 
 
 def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:

@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
-# float64 elements per block: 256 KiB per buffer, in cache, and below torch's parallel grain
-# size (32768), so kernels run serially: OpenMP regions on tiny blocks cost more than they save.
+# float64 elements per block on the CPU: a few MiB per buffer, measured in parallel threads.
 CHUNK_ELEMENTS = 1 << 22
+# On a GPU one block of 256 MiB per buffer: each block costs a few host syncs, not cache misses.
+GPU_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: 
     in cache (BLAS dot or OpenMP regions on small blocks cost more than they save, and stall
     badly when other processes share the cores)."""
     s = _Sums(violations=0 if allclose else None)
-    x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64)
+    x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64, device=a2.device)
     y_buf = torch.empty_like(x_buf)
     for start in range(begin, end, step):
         n = min(step, end - start)
@@ -268,7 +269,7 @@ def _topk(x: torch.Tensor, k: int, pieces: int) -> tuple[torch.Tensor, torch.Ten
         return x.topk(k, dim=1)
     part = width // pieces
     values, index = x.view(n, pieces, part).topk(min(k, part), dim=2)
-    index = index + (torch.arange(pieces) * part).view(1, pieces, 1)
+    index = index + (torch.arange(pieces, device=x.device) * part).view(1, pieces, 1)
     values, order = values.reshape(n, -1).topk(k, dim=1)
     return values, index.reshape(n, -1).gather(1, order)
 
@@ -287,7 +288,7 @@ def _kl(x: torch.Tensor, y: torch.Tensor, max_x: torch.Tensor, max_y: torch.Tens
 def _kl_careful(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     lp, lq = torch.log_softmax(x, dim=1), torch.log_softmax(y, dim=1)
     p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64)).sum(dim=1)
+    return torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64, device=x.device)).sum(dim=1)
 
 
 def pool_logits(per_prompt: list[tuple[int, LogitsMetrics]]) -> tuple[LogitsMetrics, tuple[int, int] | None]:

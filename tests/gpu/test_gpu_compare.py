@@ -1,0 +1,30 @@
+"""compare's metrics on the GPU agree with the CPU's (both float64), verdicts identical."""
+
+import math
+
+import pytest
+
+from layerwise import loading
+from layerwise.compare import CompareOptions, compare_runs
+from layerwise.extract import ExtractOptions, extract_model
+from layerwise.runs import open_run
+
+pytestmark = pytest.mark.gpu
+PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]
+
+
+def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path):
+    options = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=2)
+    for dtype in ("fp32", "bf16"):
+        loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype=dtype, device_map="cpu"))
+        extract_model(loaded, tmp_path / dtype, PROMPTS, options)
+    ref, cand = open_run(tmp_path / "fp32"), open_run(tmp_path / "bf16")
+    cpu = compare_runs(ref, cand, CompareOptions(device="cpu"))
+    gpu = compare_runs(ref, cand, CompareOptions(device="cuda:0"))
+    assert cpu.verdict == gpu.verdict
+    for a, b in zip(cpu.rows, gpu.rows):
+        assert a.name == b.name and a.passed == b.passed
+        if a.rel_l2 is not None:
+            assert math.isclose(a.rel_l2, b.rel_l2, rel_tol=1e-9, abs_tol=1e-15), (a.name, a.rel_l2, b.rel_l2)
+            assert math.isclose(a.max_abs, b.max_abs, rel_tol=1e-12), a.name
+    assert math.isclose(cpu.logits.overall.kl_mean, gpu.logits.overall.kl_mean, rel_tol=1e-9)
