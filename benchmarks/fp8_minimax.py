@@ -40,7 +40,8 @@ from layerwise import compare, open_run, replay, runs, zoo  # noqa: E402
 from layerwise.extract import ExtractOptions  # noqa: E402
 from layerwise.layer_loading import LayerOptions, open_layers  # noqa: E402
 from layerwise.layer_test import isolation_table  # noqa: E402
-from layerwise.replay import ReplayOptions, recorded_input, reference_batches  # noqa: E402
+from layerwise.rebatch import recorded_input, reference_batches  # noqa: E402
+from layerwise.replay import ReplayOptions  # noqa: E402
 from layerwise.streaming import StreamOptions, forward_layer, stream_extract  # noqa: E402
 from layerwise.weights import MemoryStore  # noqa: E402
 

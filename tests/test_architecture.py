@@ -19,9 +19,9 @@ MODULES = sorted([m.name for m in pkgutil.iter_modules([str(PACKAGE)])] + ["__in
 FLOORS = {
     1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap",
     2: "tensorfile atomic machine quiet",
-    3: "runs weights checkpoint placement fp8 models zoo prompts",
+    3: "runs readahead weights checkpoint placement fp8 models zoo prompts",
     4: "recording collector capture loading layer_loading",
-    5: "layer_test replay streaming extract importer compare readiness",
+    5: "layer_test replay rebatch streaming extract importer compare readiness",
     6: "cli arguments plot report __main__ __init__",
 }
 FLOOR = {module: floor for floor, names in FLOORS.items() for module in names.split()}

@@ -194,9 +194,9 @@ def test_sha256_mismatch_names_the_file(tmp_path):
 def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, prefetch, ahead, limit):
     """Memory: without prefetch one reading unit (one tensor, or one router's three) per run is
     alive; with it, the units read ahead stop at the byte window (1 byte: one unit ahead)."""
-    from layerwise import runs as runs_module
+    from layerwise import readahead
 
-    monkeypatch.setattr(runs_module, "READ_AHEAD_BYTES", ahead)
+    monkeypatch.setattr(readahead, "READ_AHEAD_BYTES", ahead)
     cand = toy_run(tmp_path / "cand")
     alive, peak = [0], [0]
     read = Run.tensor

@@ -3,7 +3,7 @@
 `compare_runs(ref, cand, options, baseline)` aligns the runs (align.py: same prompts and tokens,
 same model, same shapes; what only one run holds is skipped and listed), then streams: for each
 prompt, for each tensor in model order, it reads the reference and candidate tensors (and the
-baseline's) through runs.read_units, which verifies their sha256 and keeps at most two groups in
+baseline's) through readahead.read_units, which verifies their sha256 and keeps at most two groups in
 memory (the one being measured and the next one being read), measures them (metrics.py,
 routing.py) and judges them (tolerances.judge). Rows, verdict and first divergence come back as a frozen `Report`;
 report.py renders it. Nothing here prints or writes files.
@@ -28,7 +28,8 @@ from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorM
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
                     Layout, format_ranges, layer_of, split_name, tensor_name)
 from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
-from .runs import Run, open_run, read_units
+from .readahead import read_units
+from .runs import Run, open_run
 from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class, judge
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,15 +43,15 @@ import torch
 from torch import nn
 
 from . import capture, models
-from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
 from .machine import default_device
-from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
-from .prompts import Batch, Prompt, make_batches
+from .names import INPUT, tensor_name
+from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record
 from .runs import Intent, Run, library_versions, open_run
-from .streaming import forward_layer, run_layer
+from .rebatch import deterministic, determinism, recorded_input, recorded_points, reference_batches
+from .streaming import run_layer
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
         tracks = [_Track(kind, stack.enter_context(Recording(path, _intent(run, source, settings, layers, kind),
                                                                targets, options.overwrite)))
                   for kind, path in outputs.items()]
-        with _deterministic(options.deterministic), torch.inference_mode():
+        with deterministic(options.deterministic), torch.inference_mode():
             load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
                                                                 options, factory)
         for track in tracks:
@@ -245,108 +246,48 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
 
 def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, tracks: list[_Track], targets,
                 options: ReplayOptions, factory: Callable | None) -> tuple[float, int, tuple[bool | None, float]]:
-    """Each layer once, loaded alone, over every batch of every track. Returns the seconds spent
-    loading, the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
+    """Each layer once, loaded alone, over every batch of every track; layer K+1 is read while
+    layer K computes. Returns the seconds spent reading and building layers (overlapped with
+    compute), the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
     load_seconds, bytes_read = 0.0, 0
     determinism: tuple[bool | None, float] = (None, 0.0)
-    for index in layers:
-        loaded = source.load(index)
-        load_seconds += loaded.seconds
-        bytes_read += loaded.bytes_read
-        module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
-        who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
-        path = source.anatomy.layer(index)
-        mine = [t for t in targets if t.group == path]
-        if index == layers[0] and options.check_determinism:
-            determinism = _determinism(run, loaded, module, path, batches[0], source, who)
-        for track in tracks:
-            if track.kind == "isolated" or index == layers[0]:
-                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
-            else:
-                hidden = track.carry
-            out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
-                            str(source.device), who)
-            if track.kind == "chained":
-                track.carry = out
-        del loaded, module
+    with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
+        pending = reader.submit(source.read, layers[0])
+        for i, index in enumerate(layers):
+            weights = pending.result()
+            loaded = source.build(weights)
+            weights.tensors.clear()  # the raw tensors go now: ~2 layers resident (built K, raw K+1 being read)
+            del weights
+            if i + 1 < len(layers):
+                pending = reader.submit(source.read, layers[i + 1])
+            load_seconds += loaded.seconds
+            bytes_read += loaded.bytes_read
+            checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks, targets,
+                                  options, factory)
+            determinism = checked or determinism
+            del loaded
     return load_seconds, bytes_read, determinism
 
 
-def recorded_points(run: Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
-    """The capture points inside decoder layers that the reference recorded for these layers
-    (the replay records the same; the residual stream always)."""
-    anatomy, names = source.anatomy, set(run.names)
-    points = ["residual"]
-    for point, sub in (("attn", anatomy.attn_name), ("mlp", anatomy.mlp_name)):
-        if sub and any(tensor_name(f"{anatomy.layer(k)}.{sub}", OUTPUT) in names for k in layers):
-            points.append(point)
-    if any(anatomy.router(k) and tensor_name(anatomy.router(k), TOPK_IDS) in names for k in layers):
-        points.append("router")
-    return tuple(points)
-
-
-def reference_batches(run: Run, first_layer: str) -> tuple[list[Batch], bool]:
-    """The reference's batches (its prompts, grouped by its batch size, longest first: the
-    batching of extract), and whether its padded rows carry recorded padding tails."""
-    settings = run.manifest.get("settings") or {}
-    batch_size = settings.get("batch_size") or 1
-    prompts = []
-    for p in run.prompts:
-        ids = p.get("token_ids")
-        if not ids:  # an imported run without token ids: lengths from the recorded inputs
-            ids = [0] * run.entry(tensor_name(first_layer, INPUT), p["index"]).shape[0]
-        prompts.append(Prompt(p["index"], p.get("text"), tuple(ids)))
-    batches = make_batches(prompts, int(batch_size), 0)
-    padded = all(run.has(pad_name(tensor_name(first_layer, INPUT)), p.index)
-                 for b in batches for p in b.prompts if len(p.token_ids) < b.input_ids.shape[1])
-    return batches, padded
-
-
-def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-    """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
-    input, its padding positions' recorded values after it (zeros where the run has none)."""
-    rows = []
-    width = batch.input_ids.shape[1]
-    for p in batch.prompts:
-        x = run.tensor(tensor_name(layer_path, INPUT), p.index)  # [n, H]
-        if x.shape[0] < width:
-            tail = pad_name(tensor_name(layer_path, INPUT))
-            pad = run.tensor(tail, p.index) if run.has(tail, p.index) else \
-                torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
-            x = torch.cat([x, pad])
-        rows.append(x)
-    return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-def _determinism(run, loaded, module, path, batch, source, who) -> tuple[bool, float]:
-    """Run the layer twice on the same batch: bit-identical, or the rel_l2 between the two."""
-    x = recorded_input(run, path, batch, source.dtype, source.device)
-    a = forward_layer(loaded, module, x, batch.attention_mask, who)
-    b = forward_layer(loaded, module, x, batch.attention_mask, who)
-    if torch.equal(a, b):
-        return True, 0.0
-    a, b = a.double(), b.double()
-    return False, float((a - b).norm() / a.norm().clamp_min(1e-300))
-
-
-@contextlib.contextmanager
-def _deterministic(on: bool):
-    """torch's deterministic kernels for the duration (cuBLAS needs its workspace setting first)."""
-    if not on:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    except RuntimeError as err:
-        if "deterministic" in str(err):
-            raise UserError(f"--deterministic: {str(err).splitlines()[0]}") from None
-        raise
-    finally:
-        torch.use_deterministic_algorithms(before)
+def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool, batches, tracks: list[_Track],
+                targets, options: ReplayOptions, factory: Callable | None) -> tuple[bool, float] | None:
+    """One built layer (or the candidate made of it) on every track; with `check`, run twice on
+    the first batch first and return (bit-identical, floor rel_l2)."""
+    index = loaded.index
+    module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
+    who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
+    path = source.anatomy.layer(index)
+    mine = [t for t in targets if t.group == path]
+    twice = determinism(run, loaded, module, path, batches[0], source, who) if check else None
+    for track in tracks:
+        if track.kind == "isolated" or not track.carry:
+            hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+        else:
+            hidden = track.carry
+        out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine, str(source.device), who)
+        if track.kind == "chained":
+            track.carry = out
+    return twice
 
 
 def resolve_settings(run: Run, options: ReplayOptions) -> dict:

@@ -1,0 +1,99 @@
+"""A reference run's own batches, rebuilt for a replay: which points it recorded, its batches
+(extract's batching of its prompts), and a batch's input to a layer with the padding tails put
+back; and whether a layer's kernels give the same bits twice.
+
+Reads runs; knows nothing about candidates, tracks or reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .errors import UserError
+from .layer_loading import LayerSource
+from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
+from .prompts import Batch, Prompt, make_batches
+from .runs import Run
+from .streaming import forward_layer
+
+
+def recorded_points(run: Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
+    """The capture points inside decoder layers that the reference recorded for these layers
+    (the replay records the same; the residual stream always)."""
+    anatomy, names = source.anatomy, set(run.names)
+    points = ["residual"]
+    for point, sub in (("attn", anatomy.attn_name), ("mlp", anatomy.mlp_name)):
+        if sub and any(tensor_name(f"{anatomy.layer(k)}.{sub}", OUTPUT) in names for k in layers):
+            points.append(point)
+    if any(anatomy.router(k) and tensor_name(anatomy.router(k), TOPK_IDS) in names for k in layers):
+        points.append("router")
+    return tuple(points)
+
+
+def reference_batches(run: Run, first_layer: str) -> tuple[list[Batch], bool]:
+    """The reference's batches (its prompts, grouped by its batch size, longest first: the
+    batching of extract), and whether its padded rows carry recorded padding tails."""
+    settings = run.manifest.get("settings") or {}
+    batch_size = settings.get("batch_size") or 1
+    prompts = []
+    for p in run.prompts:
+        ids = p.get("token_ids")
+        if not ids:  # an imported run without token ids: lengths from the recorded inputs
+            ids = [0] * run.entry(tensor_name(first_layer, INPUT), p["index"]).shape[0]
+        prompts.append(Prompt(p["index"], p.get("text"), tuple(ids)))
+    batches = make_batches(prompts, int(batch_size), 0)
+    padded = all(run.has(pad_name(tensor_name(first_layer, INPUT)), p.index)
+                 for b in batches for p in b.prompts if len(p.token_ids) < b.input_ids.shape[1])
+    return batches, padded
+
+
+def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
+    input, its padding positions' recorded values after it (zeros where the run has none)."""
+    rows = []
+    width = batch.input_ids.shape[1]
+    for p in batch.prompts:
+        x = run.tensor(tensor_name(layer_path, INPUT), p.index)  # [n, H]
+        if x.shape[0] < width:
+            tail = pad_name(tensor_name(layer_path, INPUT))
+            pad = run.tensor(tail, p.index) if run.has(tail, p.index) else \
+                torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
+            x = torch.cat([x, pad])
+        rows.append(x)
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str) -> tuple[bool, float]:
+    """Run the layer twice on the same batch: bit-identical, or the rel_l2 between the two."""
+    x = recorded_input(run, path, batch, source.dtype, source.device)
+    a = forward_layer(loaded, module, x, batch.attention_mask, who)
+    b = forward_layer(loaded, module, x, batch.attention_mask, who)
+    if torch.equal(a, b):
+        return True, 0.0
+    a, b = a.double(), b.double()
+    return False, float((a - b).norm() / a.norm().clamp_min(1e-300))
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """torch's deterministic kernels for the duration (cuBLAS needs its workspace setting first)."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    except RuntimeError as err:
+        if "deterministic" in str(err):
+            raise UserError(f"--deterministic: {str(err).splitlines()[0]}") from None
+        raise
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
