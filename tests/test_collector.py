@@ -132,7 +132,7 @@ def test_collector_copies_each_tensor_once_and_cuts_prompts():
     collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
     requested = []
     take = collector.pool.take
-    collector.pool.take = lambda n: requested.append(n) or take(n)
+    collector.pool.take = lambda n, own=0: requested.append(n) or take(n, own)
     batch = _batch([5, 3], 5)
     states = [torch.randn(2, 5, 4) for _ in range(4)]
     collector.start_batch(batch)
@@ -181,3 +181,12 @@ def test_collector_backpressure_waits_for_the_writer():
     assert done.wait(5), "the second batch never proceeded"
     thread.join(5)
     collector.abort()
+
+
+def test_a_flush_over_two_devices_never_waits_for_its_own_buffers():
+    """A flush takes one buffer per device; with the budget spent by its first, the second must
+    overdraw (nothing else will come back), not wait forever."""
+    pool = PinnedPool(budget_bytes=1 << 16, pin=False)
+    first = pool.take(1 << 16)
+    second = _in_thread(lambda: pool.take(1 << 16, own=first.numel()))
+    assert pool.used == 2 << 16 and second.numel() == 1 << 16

@@ -33,9 +33,10 @@ class PinnedPool:
     is spent (that wait is the backpressure that keeps host memory bounded).
 
     A file is written only once all its tensors have arrived, so buffers held by files still
-    waiting for a tensor cannot come back before more copies are issued: waiting for them would
-    deadlock. `take` therefore waits only while more is out than those files hold (`blocked`
-    bytes, kept up to date by the collector); otherwise it overdraws the budget.
+    waiting for a tensor cannot come back before more copies are issued, nor can the buffers of
+    the flush being built: waiting for them would deadlock. `take` therefore waits only while
+    more is out than those hold (`blocked` bytes, kept up to date by the collector, and the
+    caller's `own`); otherwise it overdraws the budget.
     """
 
     def __init__(self, budget_bytes: int, pin: bool = True):
@@ -49,12 +50,13 @@ class PinnedPool:
         self._cond = threading.Condition()
         self._closed = False
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
         """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
-        are reused across prompt lengths: allocating pinned memory is slow and synchronising)."""
+        are reused across prompt lengths: allocating pinned memory is slow and synchronising).
+        `own`: bytes the caller took already for the same flush; they cannot come back first."""
         nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
         with self._cond:
-            while self.used + nbytes > self.budget and self.used > self.blocked:
+            while self.used + nbytes > self.budget and self.used > self.blocked + own:
                 if self._closed:
                     raise RuntimeError("capture aborted")
                 self._cond.wait()
@@ -230,7 +232,7 @@ class Collector:
         flat = [t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8) for t in items]
         packed = torch.cat(flat) if len(flat) > 1 else flat[0]
         total = packed.numel()
-        buffer = self.pool.take(total)
+        buffer = self.pool.take(total, sum(b.numel() for b in buffers))  # this flush's other devices' buffers
         buffers.append(buffer)
         event = None
         if device.type == "cuda":
