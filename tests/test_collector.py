@@ -190,3 +190,22 @@ def test_a_flush_over_two_devices_never_waits_for_its_own_buffers():
     first = pool.take(1 << 16)
     second = _in_thread(lambda: pool.take(1 << 16, own=first.numel()))
     assert pool.used == 2 << 16 and second.numel() == 1 << 16
+
+
+def test_buffers_taken_in_inference_mode_are_reused_outside_it():
+    """A forward pass runs under torch.inference_mode, a later flush (close) may not: a pooled
+    buffer made inside must still take copies outside (an inference tensor would refuse)."""
+    writer = ListWriter()
+    targets = _targets(1)
+    inp, out = targets
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    with torch.inference_mode():
+        collector.start_batch(_batch([5], 5))
+        collector.take(inp, [torch.randn(1, 5, 4)])
+        collector.take(out, [torch.randn(1, 5, 4)])
+        collector.flush()  # the buffer, made in inference mode, is written and back in the pool
+    collector.start_batch(_batch([5], 5))
+    collector.take(inp, [torch.randn(1, 5, 4)])
+    collector.take(out, [torch.randn(1, 5, 4)])
+    collector.close()  # outside inference mode, reusing that buffer
+    assert len(writer.files) == 1 and collector.pool.held == 1 << 16

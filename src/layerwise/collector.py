@@ -68,7 +68,8 @@ class PinnedPool:
                 pass
             self.held += nbytes
             self.peak = max(self.peak, self.held)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def _evict_one(self) -> bool:
         for size, buffers in self._free.items():
