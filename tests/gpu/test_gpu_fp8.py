@@ -63,9 +63,13 @@ def test_fp8_layer_on_gpu_uses_scaled_mm_and_agrees_with_the_emulation(medium_fp
     with torch.inference_mode():
         pairs = [(fast.module.self_attn.q_proj(x), slow.module.self_attn.q_proj(x)),
                  (fast.module.mlp.experts(x, ids, weights), slow.module.mlp.experts(x, ids, weights))]
-    for a, b in pairs:
+    # q_proj: the same products, only the float32 summation order and the bf16 rounding differ. The
+    # experts re-quantize their intermediate to e4m3: a 1-ulp bf16 difference there can move a
+    # value to the next e4m3 step (6 %), so the chain differs by more, still far below FP8's own
+    # error against bf16 (2e-2 to 1e-1 on this layer).
+    for (a, b), limit in zip(pairs, (5e-3, 1.5e-2)):
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert rel < 5e-3, rel
+        assert rel < limit, rel
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
