@@ -148,6 +148,21 @@ def test_model_order_key(name, key):
     assert runs.model_order_key(name)[:3] == key
 
 
+def test_model_order_inside_a_layer():
+    """A module's input, then its submodules' tensors, then its output: the order they are computed in."""
+    names = ["model.layers.1.input_layernorm:output", "model.layers.1:input", "model.layers.1:output",
+             "model.layers.1.mlp:output", "model.layers.1.self_attn:output", "model.layers.1.self_attn.q_proj:output",
+             "model.layers.1.mlp.down_proj:input", "model.layers.1.post_attention_layernorm:output",
+             "model.layers.1.mlp.down_proj:output", "model.layers.1.self_attn:input",
+             "model.layers.1.mlp.gate:topk_ids", "model.layers.1.mlp.gate:router_logits"]
+    assert sorted(names, key=runs.model_order_key) == [
+        "model.layers.1:input", "model.layers.1.input_layernorm:output", "model.layers.1.self_attn:input",
+        "model.layers.1.self_attn.q_proj:output", "model.layers.1.self_attn:output",
+        "model.layers.1.post_attention_layernorm:output", "model.layers.1.mlp.gate:router_logits",
+        "model.layers.1.mlp.gate:topk_ids", "model.layers.1.mlp.down_proj:input",
+        "model.layers.1.mlp.down_proj:output", "model.layers.1.mlp:output", "model.layers.1:output"]
+
+
 def test_a_moved_checkpoint_still_resumes(tmp_path):
     moved = dict(INTENT, model={**INTENT["model"], "path": "/elsewhere/m"})
     w = runs.RunWriter(tmp_path / "run", dict(INTENT, model={**INTENT["model"], "path": "/here/m"}))

@@ -32,7 +32,9 @@ from .runs import tensor_name
 
 log = logging.getLogger(__name__)
 
-POINTS = ("embed", "residual", "attn", "mlp", "router", "norm", "logits")
+# `output` is the residual stream's outputs only (`model.layers.N:output`): half the bytes of
+# `residual`, enough to compare, not enough to replay a layer (that needs each layer's input).
+POINTS = ("embed", "residual", "output", "attn", "mlp", "router", "norm", "logits")
 DEFAULT_POINTS = ("residual", "router", "logits")
 # A transformers 5 router returns (router_logits, topk_weights, topk_ids); sigmoid routers with a
 # selection bias (MiniMax-M2) get it as a forward argument, captured as `score_bias` [experts].
@@ -55,6 +57,7 @@ class Target:
     when: str  # "input" (forward pre-hook) | "output" (forward hook)
     names: tuple[str, ...]
     group: str
+    extra: bool = False  # asked for by --modules: its shape is checked, no padding tail is kept
 
 
 def parse_points(text: str | None) -> tuple[str, ...]:
@@ -90,8 +93,9 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
-def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...]) -> list[Target]:
-    """The hooks for these capture points, in model order."""
+def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...],
+                 modules: list[Target] = ()) -> list[Target]:
+    """The hooks for these capture points, in model order, then `modules` (module_points.py)."""
     targets = []
     if "embed" in points:
         targets.append(Target(anatomy.embed_path, "output", (tensor_name(anatomy.embed_path, "output"),),
@@ -109,7 +113,7 @@ def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, .
         if "mlp" in points and anatomy.mlp_name:
             mlp = f"{layer}.{anatomy.mlp_name}"
             targets.append(Target(mlp, "output", (tensor_name(mlp, "output"),), layer))
-        if "residual" in points:
+        if "residual" in points or "output" in points:
             targets.append(Target(layer, "output", (tensor_name(layer, "output"),), layer))
     if "norm" in points and anatomy.norm_path:
         targets.append(Target(anatomy.norm_path, "output", (tensor_name(anatomy.norm_path, "output"),),
@@ -117,7 +121,8 @@ def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, .
     if "logits" in points:
         targets.append(Target(anatomy.head_path, "output", (tensor_name(anatomy.head_path, "output"),),
                               anatomy.head_path))
-    return targets
+    taken = {n for t in targets for n in t.names}
+    return targets + [t for t in modules if t.names[0] not in taken]
 
 
 def groups_of(targets: list[Target]) -> dict[str, list[str]]:
@@ -239,7 +244,8 @@ class Collector:
     def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = 4 * 2**30, hook_queue: int = 16):
         self.writer = writer
         self.groups = groups_of(targets)
-        self._padded = {t.names[0] for t in targets if t.when == "input"}  # decoder-layer inputs
+        self._padded = {t.names[0] for t in targets if t.when == "input" and not t.extra}  # decoder-layer inputs
+        self._extra = {t.names[0] for t in targets if t.extra}
         self.pool = PinnedPool(pinned_budget_bytes) if torch.cuda.is_available() else None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._to_copy: queue.Queue = queue.Queue(maxsize=hook_queue)
@@ -329,11 +335,14 @@ class Collector:
             item = self._pending.get()
             try:
                 if item is None:
+                    if self._error is None:
+                        self._emit_unfinished(batch, parts)
                     return
                 if self._error is not None:
                     self._drop(item)
                     continue
                 if item[0] == "batch":
+                    self._emit_unfinished(batch, parts)
                     batch, parts = item[1], {}
                     continue
                 if item[0] == "flush":
@@ -355,6 +364,16 @@ class Collector:
             finally:
                 self._pending.task_done()
 
+    def _emit_unfinished(self, batch, parts: dict) -> None:
+        """A batch is over: files whose modules did not all run (a --modules module the forward
+        pass skipped, such as an expert no token chose) are written with what did run."""
+        for group in list(parts):
+            got = parts.pop(group)
+            absent = sorted(set(self.groups[group]) - set(got))
+            log.warning("%s did not run in this batch: not captured", ", ".join(absent))
+            if any(record is not None for record in got.values()):
+                self._emit(batch, group, got)
+
     def _drop(self, item) -> None:
         if item and item[0] not in ("batch", "flush") and self.pool is not None:
             for _, _, buffer in item[1]:
@@ -375,6 +394,9 @@ class Collector:
             if role not in _WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
                     and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
+            if name in self._extra and (t.dim() < 2 or t.shape[:2] != (rows, width)):
+                raise UserError(f"{name} has shape {list(t.shape)}, not [batch {rows}, tokens {width}, ...] "
+                                "(nor [tokens, ...]): it cannot be stored per prompt; capture another module")
             shaped[name] = t
             if buffer is not None:
                 owners[id(buffer)] = buffer

@@ -147,7 +147,7 @@ def cmd_extract(args) -> int:
 
     d = ExtractOptions()
     options = ExtractOptions(
-        points=args.points, layers=args.layers,
+        points=args.points, layers=args.layers, modules=tuple(args.modules or ()),
         batch_size=d.batch_size if args.batch_size is None else args.batch_size,
         max_tokens=args.max_tokens, chat_template=args.chat_template, overwrite=args.overwrite,
         pinned_budget_gib=d.pinned_budget_gib if args.pinned_gib is None else args.pinned_gib,
@@ -379,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", default=None,
                    help=f"what to capture, comma list of {','.join(POINTS)} (default: {','.join(DEFAULT_POINTS)})")
     p.add_argument("--layers", default=d.layers, help="restrict to these layers, e.g. 0-9,20 (default: all)")
+    p.add_argument("--modules", action="append", metavar="REGEX[:ROLE]",
+                   help="also capture every module whose named_modules() path the regex matches in full: its "
+                        "output (default), :input or :input,output (repeatable), e.g. "
+                        "'model\\.layers\\.\\d+\\.self_attn\\.q_proj'")
     p.add_argument("--batch-size", type=int, default=None, help=f"prompts per forward pass (default: {d.batch_size})")
     p.add_argument("--pinned-gib", type=float, default=None,
                    help=f"host memory for in-flight GPU->host copies (default: {d.pinned_budget_gib})")

@@ -181,8 +181,11 @@ def check_reference(run: runs.Run, source: LayerSource, layers: list[int], chain
         for prompt in run.prompts:
             name = f"{source.anatomy.layer(index)}:input"
             if not run.has(name, prompt["index"]):
-                raise UserError(f"{where} has no {name} for prompt {prompt['index']}: re-extract it with the "
-                                "residual stream of every layer")
+                points = (run.manifest.get("settings") or {}).get("points") or []
+                why = (" (--points output keeps layer outputs only; a layer test needs each layer's input)"
+                       if "output" in points and "residual" not in points else "")
+                raise UserError(f"{where} has no {name} for prompt {prompt['index']}{why}: re-extract it with "
+                                "--points residual (the residual stream of every layer: inputs and outputs)")
     return notes
 
 

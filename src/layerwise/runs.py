@@ -85,6 +85,10 @@ def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "
             part = 0
         elif not sub:
             part = 9
+        elif sub.startswith("input_layernorm"):
+            part = 1
+        elif sub.startswith("post_attention"):
+            part = 3
         elif "attn" in sub or "attention" in sub:
             part = 2
         elif sub.endswith(("gate", "router")):
@@ -98,7 +102,10 @@ def model_order_key(name: str, layers_path: str = "model.layers", embed: str = "
         stage = (3, 0, 0)
     else:
         stage = (4, 0, 0)
-    return (*stage, _ROLE_ORDER.get(role, 6), module, role)
+    # Inside a part, a module's input comes before its submodules' tensors, its output after them
+    # (`self_attn.q_proj:output` before `self_attn:output`); siblings in name order.
+    terminal = (-1, 0) if role in ("input", "input_padding") else (1, _ROLE_ORDER.get(role, 6))
+    return (*stage, *((0, c) for c in module.split(".")), terminal, role)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
