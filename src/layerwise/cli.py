@@ -179,8 +179,22 @@ def cmd_extract(args) -> int:
 def cmd_import(args) -> int:
     from .importer import import_run
 
-    manifest = import_run(args.src, args.out, args.rename, args.overwrite, args.model)
-    print(f"wrote run {args.out}: {len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+    if args.show_map:
+        from .engines import namemap
+
+        default = namemap.sglang_default() if args.source_format in (None, "sglang") else None
+        print(namemap.to_toml(namemap.load_map(args.map, default)), end="")
+        return EXIT_OK
+    if not args.src or not args.out:
+        raise UserError("layerwise import: give SRC and --out RUN (see layerwise import --help)")
+    manifest = import_run(args.src, args.out, args.rename, args.overwrite, args.model,
+                          source_format=args.source_format, map_file=args.map, decode=args.decode,
+                          layer_ids=args.layers)
+    settings = manifest["settings"]
+    print(f"wrote run {args.out} from {settings['format']} ({settings.get('dtype') or 'no activations'}): "
+          f"{len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+    for note in manifest.get("notes") or []:
+        print(f"note: {note}")
     return EXIT_OK
 
 
@@ -394,10 +408,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fp8_backend_option(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("import", help="turn tensors from another engine (.npy/.pt/.safetensors) into a run")
-    p.add_argument("src", help="directory: 0/, 1/, ... with <module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--rename", action="append", help="REGEX=REPLACEMENT applied to tensor names (repeatable)")
+    from .importer import FORMATS
+
+    p = sub.add_parser("import", help="turn tensors from another engine (SGLang or vLLM dumps, .npy/.pt/.safetensors) "
+                                      "into a run",
+                       description="Import foreign tensors into a run (docs/FORMAT.md, Importing).")
+    p.add_argument("src", nargs="?", help="an SGLang dump directory, vLLM hidden-states files, 0/, 1/, ... with "
+                                          "<module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--from", dest="source_format", choices=FORMATS,
+                   help="the layout of SRC (default: detected when unmistakable)")
+    p.add_argument("--map", metavar="FILE", help="name map (.toml or .json): foreign names -> <module path>:<role>, "
+                                                  "and for SGLang how TP ranks combine (see --show-map)")
+    p.add_argument("--show-map", action="store_true", help="print the name map in force as TOML and exit")
+    p.add_argument("--rename", action="append", metavar="s|REGEX|REPLACEMENT|",
+                   help="rewrite tensor names after the map (repeatable): s|REGEX|REPLACEMENT| with any punctuation "
+                        "that neither side holds as the separator, or REGEX=REPLACEMENT")
+    p.add_argument("--decode", choices=("skip", "include"), default="skip",
+                   help="SGLang: decode steps after the prefill are skipped, or imported as further positions "
+                        "(default: %(default)s)")
+    p.add_argument("--layers", help="vLLM: the layer ids the hidden states hold (eagle_aux_hidden_state_layer_ids), "
+                                    "e.g. 2,16,32")
     p.add_argument("--model", default=None, help="record this model spec in the run (optional)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_import)
