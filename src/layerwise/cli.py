@@ -240,7 +240,9 @@ def cmd_test(args) -> int:
     if main is not None and args.plot:
         report.write_plot(main, args.plot)
     if main is not None and args.html:
-        report.write_html(main, args.html)
+        from .tokenmap import token_map
+
+        report.write_html(main, args.html, token_map(main))
     return EXIT_OK if tested.passed else EXIT_FAIL
 
 
@@ -308,7 +310,9 @@ def cmd_compare(args) -> int:
     if args.plot:
         report.write_plot(result, args.plot)
     if args.html:
-        report.write_html(result, args.html)
+        from .tokenmap import token_map
+
+        report.write_html(result, args.html, token_map(result))
     return EXIT_OK if result.passed else EXIT_FAIL
 
 
@@ -352,7 +356,9 @@ def _add_compare_options(p, prompt_filter: bool = True) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
-    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page (needs matplotlib)")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page: plots, a per-token error map of "
+                                                  "the first divergent and the worst layers, every tensor (needs "
+                                                  "matplotlib)")
 
 
 def build_parser() -> argparse.ArgumentParser:

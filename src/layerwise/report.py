@@ -428,8 +428,9 @@ _CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collap
         ".pass{color:#176917}.fail-v{color:#b00020}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
 
 
-def report_html(report: Report) -> str:
-    """One self-contained page: verdict, plot (inline PNG), the text report and every tensor."""
+def report_html(report: Report, token_map=None) -> str:
+    """One self-contained page: verdict, plot (inline PNG), the per-token map (tokenmap.py, when
+    given), the text report and every tensor."""
     png = base64.b64encode(plot_png(report)).decode("ascii")
     first = report.first_divergence
     verdict = ("<p class='pass'>PASS</p>" if report.passed else
@@ -448,9 +449,17 @@ def report_html(report: Report) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>layerwise compare</title>"
             f"<style>{_CSS}</style></head><body><h1>layerwise compare</h1>{verdict}"
             f"<img alt='metrics by layer' src='data:image/png;base64,{png}'>"
-            f"<pre>{html.escape(report_text(report))}</pre><h2>Every tensor</h2><table><tr>"
+            f"{_token_section(token_map)}<pre>{html.escape(report_text(report))}</pre><h2>Every tensor</h2><table><tr>"
             + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table></body></html>\n")
 
 
-def write_html(report: Report, path) -> None:
-    write_text_atomic(path, report_html(report))
+def _token_section(token_map) -> str:
+    if token_map is None:
+        return ""
+    from .tokenmap import section_html
+
+    return section_html(token_map)
+
+
+def write_html(report: Report, path, token_map=None) -> None:
+    write_text_atomic(path, report_html(report, token_map))
