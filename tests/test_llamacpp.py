@@ -1,8 +1,11 @@
 """extract --engine llama.cpp: llama.cpp itself runs the real SmolLM2 GGUF (llama-cpp-python, the
-llamacpp extra that `make install` builds) and the run compares with transformers' extract of
+llamacpp extra that `make test` builds) and the run compares with transformers' extract of
 the same file: per-layer cosine > 0.999 (mean over tokens), top-1 agreement >= 0.95."""
 
+import re
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +15,6 @@ from layerwise import models, placement, runs
 from layerwise.anatomy import find_anatomy
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.engines import llamacpp
-from layerwise.extract import ExtractOptions, extract_model
-from layerwise.loading import load_tokenizer
 
 from helpers import assert_one_line_error, run_cli
 
@@ -25,7 +26,7 @@ PROMPTS = [
     "residents, it is the centre of the Ile-de-France region. The city is known for the Louvre, the "
     "largest art museum in the world, and for the Eiffel Tower, built for the 1889 World's Fair. The "
     "Seine runs through the city, dividing it into the Left Bank and the Right Bank.",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # the naive recursion",
     "Question: what is 12 times 7? Answer:",
 ]
 POINTS = "embed,residual,attn,mlp,norm,logits"
@@ -89,35 +90,42 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
-def test_smollm2_llamacpp_against_transformers(tmp_path, capsys, smollm2_fp32):
-    """Two commands: extract with llama.cpp, compare with transformers' extract of the same GGUF."""
-    assert llamacpp.library_version(), "llama-cpp-python is missing: `make install` builds it (the llamacpp extra)"
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(__import__("json").dumps({"text": p}) + "\n" for p in PROMPTS))
-    code, out, err = run_cli(capsys, "extract", "builtin:smollm2", "--engine", "llama.cpp", "--out", tmp_path / "lcp",
-                             "--prompts", prompts, "--points", POINTS)
-    assert code == 0, err
-    lcp = runs.open_run(tmp_path / "lcp")
-    ids = [p["token_ids"] for p in lcp.prompts]
-    tokenizer = load_tokenizer(models.resolve_model("builtin:smollm2"))
-    assert ids == [tokenizer(p)["input_ids"] for p in PROMPTS]  # llama.cpp tokenizes as transformers does
-    extract_model(smollm2_fp32, tmp_path / "hf", ids, ExtractOptions(points=POINTS, batch_size=1))
-    hf = runs.open_run(tmp_path / "hf")
+def doc_commands() -> list[str]:
+    """The llama.cpp worked example of docs/FORMAT.md, continuation lines joined."""
+    text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    block = re.search(r"### llama.cpp\n.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_smollm2_llamacpp_against_transformers(tmp_path, capsys, monkeypatch):
+    """docs/FORMAT.md's two commands (and the reference's): llama.cpp on the real SmolLM2 GGUF against
+    transformers on the same file: every layer's mean cosine over tokens > 0.999, top-1 >= 0.95."""
+    assert llamacpp.library_version(), "llama-cpp-python is missing: `make llamacpp` (or `make test`) builds it"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    commands = doc_commands()
+    assert [c.split()[:2] for c in commands] == [["layerwise", "extract"]] * 2 + [["layerwise", "compare"]]
+    for command in commands:
+        code, out, err = run_cli(capsys, *shlex.split(command)[1:])
+        assert code == 0, f"{command}: exit {code}\n{out}{err}"
+    hf, lcp = runs.open_run(tmp_path / "runs/ref"), runs.open_run(tmp_path / "runs/llamacpp")
     assert lcp.manifest["settings"]["engine"] == "llama.cpp" and lcp.manifest["model"]["num_layers"] == 30
-    assert sorted(lcp.names) == sorted(hf.names) and len(hf.names) == 123
-    worst = {}
-    for name in hf.names:
-        means = [_cosines(hf.tensor(name, p), lcp.tensor(name, p)).mean().item() for p in range(len(PROMPTS))]
-        worst[name] = min(means)
+    assert [p["token_ids"] for p in lcp.prompts] == [p["token_ids"] for p in hf.prompts]  # both tokenizers agree
+    names = [n for n in hf.names if not n.endswith(":input_padding")]  # extract batches 8 prompts, padded
+    assert sorted(lcp.names) == sorted(names) and len(names) == 123
+    worst, per_prompt = {}, {}  # the mean over every token of every prompt; the worst prompt's mean
+    for name in names:
+        cos = [_cosines(hf.tensor(name, p), lcp.tensor(name, p)) for p in range(len(PROMPTS))]
+        worst[name] = torch.cat(cos).mean().item()
+        per_prompt[name] = min(c.mean().item() for c in cos)
     layers = {n: c for n, c in worst.items() if n.endswith(":output") and n.count(".") == 2}
     assert len(layers) == 30 and min(layers.values()) > 0.999, sorted(layers.items(), key=lambda x: x[1])[:3]
     assert worst["model.norm:output"] > 0.999 and worst["lm_head:output"] > 0.99
     assert worst["model.embed_tokens:output"] == 1.0  # the same dequantized rows
     assert min(c for n, c in worst.items() if "self_attn" in n or ".mlp" in n) > 0.99
-    code, out, err = run_cli(capsys, "compare", tmp_path / "hf", tmp_path / "lcp", "--min-cosine", "0.995")
-    assert code == 0, out + err
     report = compare_runs(hf, lcp, CompareOptions())
     assert report.logits.overall.top1 >= 0.95, report.logits.overall
     print(f"llama.cpp vs transformers, SmolLM2 Q4_1, {sum(len(p['token_ids']) for p in hf.prompts)} tokens: "
-          f"worst layer mean cosine {min(layers.values()):.5f}, norm {worst['model.norm:output']:.5f}, "
+          f"worst layer mean cosine {min(layers.values()):.5f} (worst prompt's mean "
+          f"{min(per_prompt[n] for n in layers):.5f}), norm {worst['model.norm:output']:.5f}, "
           f"logits {worst['lm_head:output']:.5f}, top-1 {report.logits.overall.top1:.3f}")

@@ -338,3 +338,37 @@ def test_dump_problems_are_one_line(tmp_path, llama, capsys):
     d.dump("layer_output", torch.zeros(4, 8), layer_id=0)
     code, _, err = run_cli(capsys, "import", tmp_path / "c", "--out", tmp_path / "r3")
     assert_one_line_error(code, err, "has shape [4, 8], but the step has 3 tokens")
+
+
+def test_the_documented_name_map(tmp_path):
+    """docs/FORMAT.md's name map example reads and maps as the page says."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    block = re.search(r"### The name map\n.*?```toml\n(.*?)```", text, flags=re.S).group(1)
+    (tmp_path / "map.toml").write_text(block)
+    m = namemap.load_map(tmp_path / "map.toml", namemap.sglang_default())
+    name, rule = m.lookup("q", {"layer_id": "3"})
+    assert (name, rule.dims) == ("model.layers.3.self_attn.q_proj:output", "t h[tp]")
+    assert m.lookup("o_partial", {"layer_id": "0"})[1].dims == "t h[tp:partial]"
+    name, rule = m.lookup("non_intrusive__model.layers.12.output.1")
+    assert (name, rule.combine) == ("model.layers.12:output", "sum")
+    assert m.lookup("layer_output", {"layer_id": "5"})[0] == "model.layers.5:output"  # extend_default = true
+    assert m.tokens == {r: r for r in namemap.TOKEN_ROLES}
+
+
+def test_a_value_missing_from_a_step_is_noted(tmp_path):
+    """A chunked prefill over two steps whose layer_output was dumped in the first step only (a
+    DUMPER_FILTER, say): the prompt keeps what every step has, the note says what it lacks."""
+    d = Dumper(tmp_path / "d", "0.5.10")
+    for step, positions in enumerate(([0, 1, 2], [3, 4])):
+        sglang_step(d, [7] * len(positions), positions, [positions[-1] + 1], ["r"], [0])
+        d.dump("layer_input", torch.ones(len(positions), 4), layer_id=0)
+        if step == 0:
+            d.dump("layer_output", torch.ones(3, 4), layer_id=0)
+        d.step()
+    manifest = import_run(str(tmp_path / "d"), str(tmp_path / "run"))
+    assert [e["name"] for e in manifest["tensors"]] == ["model.layers.0:input"]
+    assert manifest["prompts"][0]["token_ids"] == [7] * 5
+    assert "model.layers.0:output was not dumped in every step of prompt(s) 0: not imported for them" in manifest["notes"]

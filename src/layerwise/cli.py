@@ -427,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fp8_backend_option(p)
     p.set_defaults(func=cmd_extract)
 
+    _add_import_parser(sub)
+
+    _add_compare(sub)
+    _add_test_parser(sub)
+    return parser
+
+
+def _add_import_parser(sub) -> None:
     from .importer import FORMATS
 
     p = sub.add_parser("import", help="turn tensors from another engine (SGLang or vLLM dumps, .npy/.pt/.safetensors) "
@@ -451,10 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="record this model spec in the run (optional)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_import)
-
-    _add_compare(sub)
-    _add_test_parser(sub)
-    return parser
 
 
 def _add_test_parser(sub) -> None:

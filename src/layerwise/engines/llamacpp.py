@@ -300,6 +300,16 @@ def node_pattern(names) -> str:
     return ", ".join(sorted({re.sub(r"-\d+$", "-N", n) for n in names}))
 
 
+def _checked_tokens(path: Path, items: list, max_tokens: int | None) -> tuple[list[list[int]], str]:
+    token_lists, n_vocab, desc = tokenize_all(path, items)
+    for i, ids in enumerate(token_lists):
+        if not ids or max(ids) >= n_vocab or min(ids) < 0:
+            raise UserError(f"prompt {i} has no tokens or a token id outside the vocabulary of {n_vocab}")
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise UserError(f"prompt {i} has {len(ids)} tokens, more than --max-tokens {max_tokens}")
+    return token_lists, desc
+
+
 def extract_gguf(spec: str, out: str, items: list, options, device: str = "cpu", threads: int | None = None):
     """`layerwise extract MODEL.gguf --engine llama.cpp`: every prompt through llama.cpp, its
     nodes recorded into a run named as transformers names the same GGUF. Returns ExtractResult."""
@@ -327,12 +337,7 @@ def extract_gguf(spec: str, out: str, items: list, options, device: str = "cpu",
     layers = capture.parse_layers(options.layers, anatomy.num_layers)
     notes = ["routers are not recorded from llama.cpp"] if "router" in points else []
     plan = plan_names(anatomy, points, layers)
-    token_lists, n_vocab, desc = tokenize_all(ref.path, items)
-    for i, ids in enumerate(token_lists):
-        if not ids or max(ids) >= n_vocab or min(ids) < 0:
-            raise UserError(f"prompt {i} has no tokens or a token id outside the vocabulary of {n_vocab}")
-        if options.max_tokens is not None and len(ids) > options.max_tokens:
-            raise UserError(f"prompt {i} has {len(ids)} tokens, more than --max-tokens {options.max_tokens}")
+    token_lists, desc = _checked_tokens(ref.path, items, options.max_tokens)
     prompts = [Prompt(i, x if isinstance(x, str) else None, tuple(ids)) for i, (x, ids) in enumerate(zip(items, token_lists))]
     settings = {"dtype": "float32", "engine": "llama.cpp", "device": device, "weights": desc,
                 "llama_cpp_python": library_version(), "kv_cache": "f16", "attn_implementation": None,

@@ -211,11 +211,15 @@ def read_dump(src: Path, name_map: NameMap, rename, decode: str = "skip") -> Imp
             for name in names:
                 per_step = {s: _step_tensor(name, s, bundles, len(steps[s].input_ids))
                             for s, bundles in targets[name].items()}
+                partial = []
                 for index, plan in enumerate(plans):
                     if all(s in per_step for s, _, _ in plan.pieces):
                         unit.setdefault(index, {})[name] = torch.cat([per_step[s][b:e] for s, b, e in plan.pieces])
                     else:
-                        notes.append(f"{name} is not in every step of prompt {index}: not imported for it")
+                        partial.append(index)
+                if partial:
+                    notes.append(f"{name} was not dumped in every step of prompt(s) {', '.join(map(str, partial))}: "
+                                 "not imported for them")
             yield unit
 
     settings = {"decode": decode, "name_map": name_map.source, "steps": len(steps),
