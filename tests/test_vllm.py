@@ -163,3 +163,18 @@ def test_other_tp_ranks_record_nothing(tmp_path, llama, monkeypatch):
     model = vllm_like.from_hf(llama.model)
     assert vllm_hook.install(model, str(tmp_path / "run")) == 0
     assert vllm_hook.finish(model) is None and not (tmp_path / "run").exists()
+
+
+def test_the_decoder_layers_not_a_bigger_list_of_experts(tmp_path):
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Module()
+            self.mlp.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList(Layer() for _ in range(2))
+    assert vllm_hook.install(model, str(tmp_path / "run"), points="output") == 2 + 2
+    assert model._layerwise_recorder.layers_path == "model.layers"
+    vllm_hook.finish(model)

@@ -93,8 +93,9 @@ class Recorder:
         unknown = set(self.points) - set(POINTS)
         if unknown:
             raise ValueError(f"vllm_hook records {', '.join(POINTS)}, not {', '.join(sorted(unknown))}")
-        self.layers_path, layers = max(((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
-                                        and len(m)), key=lambda nm: len(nm[1]))
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        named = [nm for nm in lists if nm[0].rsplit(".", 1)[-1] == "layers"]  # not a list of experts
+        self.layers_path, layers = max(named or lists, key=lambda nm: len(nm[1]))
         base = self.layers_path.rpartition(".")[0]
         self.paths = {"embed": f"{base}.embed_tokens", "norm": f"{base}.norm", "head": "lm_head"}
         self.num_layers = len(layers)
