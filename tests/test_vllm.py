@@ -12,9 +12,8 @@ from layerwise import loading, runs
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.engines import vllm_hook
 from layerwise.extract import ExtractOptions, extract_model
-from layerwise.importer import import_run
 
-from helpers import assert_one_line_error, assert_runs_equal, run_cli
+from helpers import assert_one_line_error, run_cli
 import vllm_like
 
 PROMPTS = ["The capital of France is", "Hello there", "a b c d e f g h i j k l m n o p q r"]

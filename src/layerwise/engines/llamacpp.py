@@ -32,7 +32,6 @@ import ctypes
 import glob
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,11 +292,6 @@ def decode_all(path: Path, token_lists: list[list[int]], plan: dict[str, list[st
             yield i, tensors, missing
     finally:
         session.close()
-
-
-def node_pattern(names) -> str:
-    """For messages: `l_out-0 ... l_out-29` -> `l_out-N`."""
-    return ", ".join(sorted({re.sub(r"-\d+$", "-N", n) for n in names}))
 
 
 def _checked_tokens(path: Path, items: list, max_tokens: int | None) -> tuple[list[list[int]], str]:
