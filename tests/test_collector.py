@@ -123,17 +123,16 @@ def _batch(lengths, width):
     return Batch(prompts, torch.zeros(len(lengths), width, dtype=torch.long), mask)
 
 
-@pytest.mark.parametrize("device_budget", [1 << 30, 1])
-def test_collector_copies_each_tensor_once_and_cuts_prompts(device_budget):
-    """Layer K's output is layer K+1's input: one copy, two files; prompts cut without their
-    padding, which is kept as the layer's input_padding. A tiny device budget flushes at every
-    hook (files then span flushes, and a tensor seen twice is copied twice) with the same files."""
-    import torch
-
+def test_collector_copies_each_tensor_once_and_cuts_prompts():
+    """Each decoder layer's input flushes what came before: layer K's output and layer K+1's
+    input are one tensor, copied once (4 distinct tensors for 3 layers, in 3 packed copies);
+    prompts are cut without their padding, which is kept as the layer's input_padding."""
     writer = ListWriter()
     targets = _targets(3)
-    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, device_budget_bytes=device_budget,
-                                  copy_host_tensors=True)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    requested = []
+    take = collector.pool.take
+    collector.pool.take = lambda n, own=0: requested.append(n) or take(n, own)
     batch = _batch([5, 3], 5)
     states = [torch.randn(2, 5, 4) for _ in range(4)]
     collector.start_batch(batch)
@@ -148,9 +147,8 @@ def test_collector_copies_each_tensor_once_and_cuts_prompts(device_budget):
         assert torch.equal(got[f"model.layers.{k}:output"], states[k + 1][1, :3])
         assert torch.equal(got[f"model.layers.{k}:input_padding"], states[k][1, 3:])
         assert f"model.layers.{k}:input_padding" not in writer.files[(0, f"model.layers.{k}")]
+    assert requested == [2 * 160, 160, 160], requested  # packed bytes per flush: 4 tensors of 160 bytes, once each
     assert collector.pool.used == 0, "every buffer came back"
-    if device_budget > 1:  # one flush per batch: each distinct tensor copied once (4 of them, not 6)
-        assert collector.pool.peak == 4 * (1 << 16)  # 4 buffers of the smallest size class
 
 
 def test_collector_backpressure_waits_for_the_writer():
@@ -160,7 +158,7 @@ def test_collector_backpressure_waits_for_the_writer():
 
     writer = ListWriter(hold=True)
     targets = _targets(1)
-    collector = Collector(writer, targets, pinned_budget_bytes=2 << 16, copy_host_tensors=True)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 16, copy_host_tensors=True)  # one packed buffer
     inp, out = targets
     collector.start_batch(_batch([5, 5], 5))
     collector.take(inp, [torch.randn(2, 5, 4)])
@@ -183,3 +181,31 @@ def test_collector_backpressure_waits_for_the_writer():
     assert done.wait(5), "the second batch never proceeded"
     thread.join(5)
     collector.abort()
+
+
+def test_a_flush_over_two_devices_never_waits_for_its_own_buffers():
+    """A flush takes one buffer per device; with the budget spent by its first, the second must
+    overdraw (nothing else will come back), not wait forever."""
+    pool = PinnedPool(budget_bytes=1 << 16, pin=False)
+    first = pool.take(1 << 16)
+    second = _in_thread(lambda: pool.take(1 << 16, own=first.numel()))
+    assert pool.used == 2 << 16 and second.numel() == 1 << 16
+
+
+def test_buffers_taken_in_inference_mode_are_reused_outside_it():
+    """A forward pass runs under torch.inference_mode, a later flush (close) may not: a pooled
+    buffer made inside must still take copies outside (an inference tensor would refuse)."""
+    writer = ListWriter()
+    targets = _targets(1)
+    inp, out = targets
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    with torch.inference_mode():
+        collector.start_batch(_batch([5], 5))
+        collector.take(inp, [torch.randn(1, 5, 4)])
+        collector.take(out, [torch.randn(1, 5, 4)])
+        collector.flush()  # the buffer, made in inference mode, is written and back in the pool
+    collector.start_batch(_batch([5], 5))
+    collector.take(inp, [torch.randn(1, 5, 4)])
+    collector.take(out, [torch.randn(1, 5, 4)])
+    collector.close()  # outside inference mode, reusing that buffer
+    assert len(writer.files) == 1 and collector.pool.held == 1 << 16

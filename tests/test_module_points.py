@@ -141,3 +141,27 @@ def test_outputs_only_point(tmp_path, llama, capsys):
     code, _, err = run_cli(capsys, "test", "builtin:llama-tiny", "--reference", tmp_path / "out", "--test-type",
                            "single", "--layer", "1", "--out", tmp_path / "t")
     assert_one_line_error(code, err, "--points output keeps layer outputs only")
+
+
+def test_a_modules_input_neither_flushes_nor_keeps_a_padding_tail():
+    """Only a decoder layer's input flushes what came before it (one packed copy per layer); a
+    --modules input inside the layer waits for the layer's flush and is cut like an output."""
+    layer_in = capture.Target("model.layers.0", "input", ("model.layers.0:input",), "model.layers.0")
+    down_in = capture.Target("model.layers.0.mlp.down_proj", "input", ("model.layers.0.mlp.down_proj:input",),
+                             "model.layers.0", extra=True)
+    layer_out = capture.Target("model.layers.0", "output", ("model.layers.0:output",), "model.layers.0")
+    sink = _Sink()
+    collector = Collector(sink, [layer_in, down_in, layer_out], pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    requested = []
+    take = collector.pool.take
+    collector.pool.take = lambda n, own=0: requested.append(n) or take(n, own)
+    collector.start_batch(_batch())
+    x, h, y = (torch.randn(2, 4, 3) for _ in range(3))
+    for target, t in ((layer_in, x), (down_in, h), (layer_out, y)):
+        collector.take(target, [t])
+    collector.close()
+    assert requested == [3 * 2 * 4 * 3 * 4], requested  # one packed copy of the three tensors
+    short = sink.files[(1, "model.layers.0")]
+    assert set(short) == {"model.layers.0:input", "model.layers.0:input_padding", "model.layers.0.mlp.down_proj:input",
+                          "model.layers.0:output"}
+    assert torch.equal(short["model.layers.0.mlp.down_proj:input"], h[1, :2])

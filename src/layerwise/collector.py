@@ -29,7 +29,6 @@ from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
 log = logging.getLogger(__name__)
 
 PINNED_BUDGET_BYTES = 4 * 2**30  # host memory for in-flight device-to-host copies
-DEVICE_BUDGET_BYTES = 2 * 2**30  # device memory held by captured references before a mid-batch flush
 _STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
 
 
@@ -38,9 +37,10 @@ class PinnedPool:
     is spent (that wait is the backpressure that keeps host memory bounded).
 
     A file is written only once all its tensors have arrived, so buffers held by files still
-    waiting for a tensor cannot come back before more copies are issued: waiting for them would
-    deadlock. `take` therefore waits only while more is out than those files hold (`blocked`
-    bytes, kept up to date by the collector); otherwise it overdraws the budget.
+    waiting for a tensor cannot come back before more copies are issued, nor can the buffers of
+    the flush being built: waiting for them would deadlock. `take` therefore waits only while
+    more is out than those hold (`blocked` bytes, kept up to date by the collector, and the
+    caller's `own`); otherwise it overdraws the budget.
     """
 
     def __init__(self, budget_bytes: int, pin: bool = True):
@@ -54,12 +54,13 @@ class PinnedPool:
         self._cond = threading.Condition()
         self._closed = False
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
         """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
-        are reused across prompt lengths: allocating pinned memory is slow and synchronising)."""
+        are reused across prompt lengths: allocating pinned memory is slow and synchronising).
+        `own`: bytes the caller took already for the same flush; they cannot come back first."""
         nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
         with self._cond:
-            while self.used + nbytes > self.budget and self.used > self.blocked:
+            while self.used + nbytes > self.budget and self.used > self.blocked + own:
                 if self._closed:
                     raise RuntimeError("capture aborted")
                 self._cond.wait()
@@ -71,7 +72,8 @@ class PinnedPool:
                 pass
             self.held += nbytes
             self.peak = max(self.peak, self.held)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def _evict_one(self) -> bool:
         for size, buffers in self._free.items():
@@ -132,9 +134,9 @@ class _Flush:
     """What one flush hands the completion thread: host copies of the tensors held so far."""
 
     batch: object
-    records: list  # (group, name, host tensor, key) in capture order; key: the shared copy, None if absent
-    buffers: dict  # key -> pinned buffer (None on the CPU: the host tensor is the captured one)
-    done: list  # CUDA events, one per device, recorded after that device's copies
+    records: list  # (group, name, host tensor or None, buffer slot or None) in capture order
+    buffers: list  # pinned buffers, one per device copied (empty on the CPU: the tensors themselves)
+    done: list  # CUDA events, one per device, recorded after that device's copy
     keep: list  # the device tensors, alive until their copies are done
 
 
@@ -145,23 +147,23 @@ class Collector:
     Python another thread runs while it launches is taken from it (the GIL). So:
     - a hook (forward thread) only keeps a reference to what it sees: no copy, no event, no
       lock, no wake-up. transformers' own output_hidden_states relies on the same fact: a
-      module's output is never modified in place afterwards. The same tensor seen twice (layer
-      K's output is layer K+1's input) is kept once.
-    - `end_batch()` (forward thread, once the forward pass is launched; `start_batch` and
-      `close` call it) records one event per device on the compute stream and issues every
-      device-to-host copy of the batch on that device's copy stream, ordered after the event,
-      into pinned buffers; then wakes the completion thread once. When the references held on
-      a device pass `device_budget_bytes`, a hook flushes them the same way (GPU memory stays
-      bounded for long prompts and large batches).
-    - the completion thread waits for a flush's copies (GIL released), cuts the batch into
-      prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
+      module's output is never modified in place afterwards.
+    - when a decoder layer's input arrives (its forward pre-hook), everything held so far is
+      flushed: the previous layer's tensors and this input, which is the previous layer's
+      output (one tensor, copied once). A flush packs the distinct tensors of each device into
+      one buffer with one `cat` on the compute stream (after their producers) and issues one
+      device-to-host copy of it on that device's copy stream into a pinned buffer: a handful of
+      launches per layer, and the copies overlap the next layers' compute. `end_batch()`
+      (`start_batch`, `flush` and `close` call it) flushes the rest.
+    - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
+      into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
     Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
     writer queue fills, buffers stop coming back and the next flush waits (backpressure).
     On the CPU the captured tensors themselves are written (no copy).
     """
 
     def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = PINNED_BUDGET_BYTES,
-                 device_budget_bytes: int = DEVICE_BUDGET_BYTES, copy_host_tensors: bool = False):
+                 copy_host_tensors: bool = False):
         self.writer = writer
         self.groups = groups_of(targets)
         self._padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
@@ -170,12 +172,10 @@ class Collector:
         # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
         self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
         self._copy_host = copy_host_tensors
-        self.device_budget = device_budget_bytes
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._batch = None
         self._held: list = []  # (group, name, tensor or None) in capture order
-        self._held_bytes: dict[torch.device, int] = {}
-        self._pending: queue.Queue = queue.Queue(maxsize=64)
+        self._pending: queue.Queue = queue.Queue(maxsize=256)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
         self._thread.start()
@@ -189,70 +189,75 @@ class Collector:
         self._batch = batch
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        """Keep one hook's tensors until the batch is flushed; returns at once."""
-        for name, t in zip(target.names, tensors):
-            self._held.append((target.group, name, t))
-            if t is not None:
-                size = t.numel() * t.element_size()
-                total = self._held_bytes.get(t.device, 0) + size
-                self._held_bytes[t.device] = total
-                if (t.device.type == "cuda" or self._copy_host) and total > self.device_budget:
-                    self.end_batch(keep_batch=True)
+        """Keep one hook's tensors; a decoder layer's input flushes what came before it."""
+        before = len(self._held)
+        self._held.extend((target.group, name, t) for name, t in zip(target.names, tensors))
+        if before and target.when == INPUT and not target.extra:  # a decoder layer's, not a --modules input
+            self.end_batch(keep_batch=True)
 
     def end_batch(self, keep_batch: bool = False) -> None:
         """Issue the host copies of everything held and hand them to the completion thread."""
-        if not self._held:
-            if not keep_batch:
-                self._batch = None
-            return
-        held, self._held, self._held_bytes = self._held, [], {}
-        records, buffers, done, keep = self._copy(held)
-        self._pending.put(_Flush(self._batch, records, buffers, done, keep))
+        if self._held:
+            held, self._held = self._held, []
+            self._pending.put(self._copy(held))
         if not keep_batch:
             self._batch = None
 
-    def _copy(self, held: list):
-        """Host copies of the held tensors, each distinct tensor once, per device after one event."""
-        seen: dict[tuple, int] = {}
-        records, buffers, keep = [], {}, []
+    def _copy(self, held: list) -> _Flush:
+        """One packed host copy per device of the held tensors, each distinct tensor once."""
+        slots: dict[tuple, tuple] = {}  # tensor key -> (device, index among that device's tensors)
         by_device: dict[torch.device, list] = {}
-        for group, name, t in held:
-            if t is None:
-                records.append((group, name, None, None))
-                continue
-            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-            if key not in seen:
-                seen[key] = len(seen)
-                by_device.setdefault(t.device, []).append((seen[key], t))
-            records.append((group, name, None, seen[key]))
-        hosts: dict[int, torch.Tensor] = {}
-        done = []
+        for _, _, t in held:
+            if t is not None:
+                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+                if key not in slots:
+                    items = by_device.setdefault(t.device, [])
+                    slots[key] = (t.device, len(items))
+                    items.append(t)
+        hosts: dict[tuple, tuple] = {}  # (device, index) -> (host tensor, buffer slot)
+        buffers, done, keep = [], [], []
         for device, items in by_device.items():
             if device.type != "cuda" and not self._copy_host:
-                hosts.update({k: t for k, t in items})  # the CPU tensor itself: it is never written to again
+                hosts.update({(device, i): (t, None) for i, t in enumerate(items)})  # never written to again
                 continue
-            stream = None
-            if device.type == "cuda":
-                stream = self._streams.get(device)
-                if stream is None:
-                    stream = self._streams[device] = torch.cuda.Stream(device=device)
-                stream.wait_stream(torch.cuda.current_stream(device))  # after everything launched so far
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for k, t in items:
-                    if not t.is_contiguous():
-                        t = t.contiguous()
-                    nbytes = t.numel() * t.element_size()
-                    buffer = self.pool.take(nbytes)
-                    host = buffer[:nbytes].view(t.dtype).view(t.shape)
-                    host.copy_(t, non_blocking=stream is not None)
-                    hosts[k], buffers[k] = host, buffer
-                    keep.append(t)
-                if stream is not None:
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    done.append(event)
-        records = [(g, n, hosts[k] if k is not None else None, k) for g, n, _, k in records]
-        return records, buffers, done, keep
+            views, event = self._pack(device, items, buffers, keep)
+            hosts.update({(device, i): (v, len(buffers) - 1) for i, v in enumerate(views)})
+            if event is not None:
+                done.append(event)
+        records = []
+        for group, name, t in held:
+            slot = slots[(t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))] if t is not None else None
+            host, buf = hosts[slot] if slot is not None else (None, None)
+            records.append((group, name, host, buf))
+        return _Flush(self._batch, records, buffers, done, keep)
+
+    def _pack(self, device: torch.device, items: list, buffers: list, keep: list):
+        """The device's tensors as bytes in one buffer (a `cat` on the compute stream, after their
+        producers), copied to one pinned buffer on the copy stream. Returns the typed host views
+        and the copy's event (None on the CPU)."""
+        flat = [t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8) for t in items]
+        packed = torch.cat(flat) if len(flat) > 1 else flat[0]
+        total = packed.numel()
+        buffer = self.pool.take(total, sum(b.numel() for b in buffers))  # this flush's other devices' buffers
+        buffers.append(buffer)
+        event = None
+        if device.type == "cuda":
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # after the cat
+            with torch.cuda.stream(stream):
+                buffer[:total].copy_(packed, non_blocking=True)
+                event = torch.cuda.Event(blocking=True)  # the completion thread sleeps, not spins
+                event.record(stream)
+            keep.append(packed)
+        else:
+            buffer[:total].copy_(packed)
+        views, offset = [], 0
+        for t, f in zip(items, flat):
+            views.append(buffer[offset:offset + f.numel()].view(t.dtype).view(t.shape))
+            offset += f.numel()
+        return views, event
 
     # -- the completion thread -----------------------------------------------------------------
 
@@ -276,7 +281,7 @@ class Collector:
                     self._emit_unfinished(batch, parts)
                     batch = item.batch
                 for event in item.done:
-                    event.synchronize()  # releases the GIL while the copy engines work
+                    event.synchronize()  # sleeps with the GIL released while the copy engines work
                 item.keep.clear()  # the device tensors may go back to the allocator now
                 self._assemble(item, parts)
             except BaseException as err:
@@ -284,14 +289,17 @@ class Collector:
                 self._drop(item)
 
     def _assemble(self, item: _Flush, parts: dict) -> None:
-        counts: dict = {}
-        for _, _, _, key in item.records:
-            if key is not None and key in item.buffers:
-                counts[key] = counts.get(key, 0) + 1
-        owned = {k: _Buffer(b, self.pool, counts[k]) for k, b in item.buffers.items() if k in counts}
-        for group, name, host, key in item.records:
+        counts = [0] * len(item.buffers)
+        for *_, buf in item.records:
+            if buf is not None:
+                counts[buf] += 1
+        owned = [_Buffer(b, self.pool, n) if n else None for b, n in zip(item.buffers, counts)]
+        for b, n in zip(item.buffers, counts):
+            if not n:  # cannot happen (a buffer holds the flush's tensors), but never leak one
+                self.pool.give(b)
+        for group, name, host, buf in item.records:
             got = parts.setdefault(group, {})
-            got[name] = (host, owned.get(key))
+            got[name] = (host, owned[buf] if buf is not None else None)
             if len(got) == len(self.groups[group]):
                 self._emit(item.batch, group, parts.pop(group))
         if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
@@ -310,7 +318,7 @@ class Collector:
 
     def _drop(self, item) -> None:
         if isinstance(item, _Flush) and self.pool is not None:
-            for buffer in item.buffers.values():
+            for buffer in item.buffers:
                 self.pool.give(buffer)
 
     def _emit(self, batch, group: str, parts: dict) -> None:

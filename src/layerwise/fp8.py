@@ -29,6 +29,7 @@ from .errors import UserError
 
 # Checkpoint spellings of a module path's parent, beside its transformers name.
 _PARENT_ALIASES = {"mlp": ("mlp", "block_sparse_moe", "feed_forward", "moe")}
+ALIGN = quant.SCALED_MM_ROWS  # rows of each expert's segment are a multiple of this
 # Per expert: the checkpoint's names of the gate, up and down projections.
 _EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
@@ -58,7 +59,10 @@ class Fp8Linear(nn.Module):
 
 class Fp8Experts(nn.Module):
     """transformers' fused experts (same call: hidden [N, H], top-k ids [N, k], weights [N, k])
-    with e4m3 weights: per expert, gate_up -> act(gate) * up -> down, each matmul in W8A8 FP8."""
+    with e4m3 weights, as serving engines' fused MoE computes them: the tokens sorted by expert,
+    activations quantized once per projection (per token and group of 128), per expert gate_up ->
+    act(gate) * up -> down in W8A8 FP8 (one scaled_mm each), the k expert outputs weighted and
+    summed per token in float32."""
 
     def __init__(self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
                  down_scale: torch.Tensor, block: tuple[int, int] | None, act_fn,
@@ -73,18 +77,40 @@ class Fp8Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, N]
-        for expert in mask.sum(dim=(-1, -2)).nonzero()[:, 0].tolist():
-            top_k_pos, token_idx = torch.where(mask[expert])
-            x = hidden_states[token_idx]
-            gate_up = quant.fp8_matmul(x, self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert],
-                                       self.block, self.backend)
-            gate, up = gate_up.chunk(2, dim=-1)
-            y = quant.fp8_matmul(self.act_fn(gate) * up, self.down_proj[expert], self.down_proj_scale_inv[expert],
-                                 self.block, self.backend)
-            y = y * top_k_weights[token_idx, top_k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        n, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # the (token, slot) pairs grouped by expert, in token order
+        counts_t = torch.bincount(flat, minlength=self.num_experts)
+        counts = counts_t.tolist()  # the loop's bounds: one host sync per MoE block
+        # each expert's rows start at a multiple of 16 (scaled_mm's row granularity): no per-expert padding copies
+        padded_t = (counts_t + ALIGN - 1) // ALIGN * ALIGN
+        first = torch.cumsum(counts_t, 0) - counts_t
+        start = torch.cumsum(padded_t, 0) - padded_t
+        expert = flat[order]
+        dest = start[expert] + torch.arange(n * k, device=flat.device) - first[expert]
+        rows = sum(-(-c // ALIGN) * ALIGN for c in counts)
+        x = hidden_states.new_zeros(rows, hidden_states.shape[1])
+        x[dest] = hidden_states[order // k]
+        gate, up = self._per_expert(x, counts, self.gate_up_proj, self.gate_up_proj_scale_inv).chunk(2, dim=-1)
+        y = self._per_expert(self.act_fn(gate) * up, counts, self.down_proj, self.down_proj_scale_inv)
+        # weighted by the router and summed over the k experts of each token in float32, rounded once
+        contrib = y[dest].float() * top_k_weights.reshape(-1)[order, None].float()
+        out = torch.empty(n * k, y.shape[1], dtype=torch.float32, device=y.device)
+        out[order] = contrib
+        return out.view(n, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _per_expert(self, x: torch.Tensor, counts: list[int], weight: torch.Tensor, scale: torch.Tensor):
+        """Rows of each expert's aligned segment times that expert's FP8 weight; the activations
+        are quantized once for all rows (per row and group: the same as expert by expert)."""
+        xq, xs = quant.quantize_activation(x, self.block[1] if self.block else None)
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        begin = 0
+        for e, c in enumerate(counts):
+            if c:
+                end = begin + -(-c // ALIGN) * ALIGN
+                out[begin:end] = quant.quantized_matmul(xq[begin:end], xs[begin:end] if xs.dim() else xs, weight[e],
+                                                        scale[e], self.block, x.dtype, self.backend)
+                begin = end
         return out
 
 

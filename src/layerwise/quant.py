@@ -244,13 +244,21 @@ def fp8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, block: 
     token and group of block[1] along K; per tensor for per-tensor weights), then a W8A8 FP8
     matmul with float32 accumulation; output in x's dtype. `backend`: "auto" (scaled_mm where it
     runs, else the emulation), "scaled_mm" or "emulate"."""
-    m, k = x.shape
-    n = wq.shape[0]
     xq, xs = quantize_activation(x, block[1] if block else None)
-    runs_mm = scaled_mm_supported(x.device, block, k, n)
+    return quantized_matmul(xq, xs, wq, w_scale, block, x.dtype, backend)
+
+
+def quantized_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                     block: tuple[int, int] | None, out_dtype: torch.dtype,
+                     backend: str = DEFAULT_FP8_BACKEND) -> torch.Tensor:
+    """The W8A8 matmul of already quantized activations (`quantize_activation`'s output): torch's
+    block-scaled scaled_mm where it runs (or `backend` says), else the exact emulation."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    runs_mm = scaled_mm_supported(xq.device, block, k, n)
     if backend == "scaled_mm" and not runs_mm:
         raise UserError(f"FP8 scaled_mm cannot run a [{m}, {k}] x [{n}, {k}] matmul with blocks {block} on "
-                        f"{x.device}: use the emulation")
+                        f"{xq.device}: use the emulation")
     if backend != "emulate" and runs_mm:
-        return scaled_mm_fp8(xq, xs, wq, w_scale, x.dtype)
-    return emulated_fp8_matmul(xq, xs, wq, w_scale, block, x.dtype)
+        return scaled_mm_fp8(xq, xs, wq, w_scale, out_dtype)
+    return emulated_fp8_matmul(xq, xs, wq, w_scale, block, out_dtype)

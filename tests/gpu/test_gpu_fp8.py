@@ -49,20 +49,23 @@ def medium_fp8(tmp_path_factory):
 
 
 def test_fp8_layer_on_gpu_uses_scaled_mm_and_agrees_with_the_emulation(medium_fp8):
+    """The same FP8 projections through scaled_mm and through the emulation: the attention block
+    and the experts (fed the same routing, so no near-tie can flip) agree to bf16 rounding."""
     hopper()
     fast = open_layers(str(medium_fp8), LayerOptions(dtype="bf16", device="cuda:0", quant="fp8")).load(1)
     slow = open_layers(str(medium_fp8), LayerOptions(dtype="bf16", device="cuda:0", quant="fp8",
                                                      fp8_backend="emulate")).load(1)
     assert isinstance(fast.module.self_attn.q_proj, Fp8Linear) and isinstance(fast.module.mlp.experts, Fp8Experts)
-    x = torch.randn(2, 300, 1024, device="cuda:0").to(torch.bfloat16)
-    pos = torch.arange(300, device="cuda:0")[None]
-    outs = []
-    for layer in (fast, slow):
-        with torch.inference_mode():
-            outs.append(layer.module(x, attention_mask=layer.attention_mask(x, pos), position_ids=pos,
-                                     position_embeddings=layer.position_embeddings(x, pos)))
-    rel = ((outs[0].double() - outs[1].double()).norm() / outs[1].double().norm()).item()
-    assert rel < 1e-2, rel
+    g = torch.Generator(device="cuda:0").manual_seed(0)
+    x = torch.randn(600, 1024, device="cuda:0", generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, 16, (600, 4), device="cuda:0", generator=g)
+    weights = torch.rand(600, 4, device="cuda:0", generator=g)
+    with torch.inference_mode():
+        pairs = [(fast.module.self_attn.q_proj(x), slow.module.self_attn.q_proj(x)),
+                 (fast.module.mlp.experts(x, ids, weights), slow.module.mlp.experts(x, ids, weights))]
+    for a, b in pairs:
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel < 5e-3, rel
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
