@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make demo   install, then run the main job on the built-in default model
-#   make test   install, then run the test suite (what .ci/run calls)
+#   make test   install (with llama-cpp-python, built from source), then run the test suite (what .ci/run calls)
 # A fresh virtual environment is made in $(VENV). torch is installed only if the venv lacks it:
 # on a GPU machine use a CUDA build, e.g. `make demo TORCH=torch` or VENV=/path/to/your/venv.
 
@@ -12,8 +12,15 @@ MODEL ?= builtin:minimax-m2-tiny
 RUNS ?= runs
 PROMPTS ?= examples/prompts.txt
 POINTS ?= embed,residual,attn,mlp,router,norm,logits
+# llama-cpp-python (the llamacpp extra) is built from source: portable x86-64 code with AVX2 at
+# most (its default -march=native and AVX-512/AMX builds crash on other CPUs), no multimodal
+# library. About 7 minutes on 2 cores; pip caches the wheel it builds.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+	-DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_BLAS=OFF \
+	-DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: demo test install clean
+.PHONY: demo test install llamacpp clean
 
 install: $(VENV)/.installed
 
@@ -37,7 +44,15 @@ demo: install
 	$(LW) extract $(MODEL) --out $(RUNS)/streamed --prompts $(PROMPTS) --dtype fp32 --points $(POINTS) --batch-size 1 --stream --overwrite
 	$(LW) compare $(RUNS)/ref $(RUNS)/streamed --max-rel-l2 0
 
-test: install
+# The llamacpp extra, for `extract --engine llama.cpp` and its test (kept out of `install`, so
+# `make demo` stays quick); skipped when the venv has llama-cpp-python already (say, a CUDA build).
+llamacpp: $(VENV)/.llamacpp
+
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q "$(LLAMA_CPP)"
+	touch $@
+
+test: install llamacpp
 	$(PY) -m pytest -q
 
 clean:

@@ -93,14 +93,17 @@ def test_flags_not_given_take_the_dataclass_defaults():
     assert arguments.stream_options(extract) == StreamOptions()
     assert arguments.test_options(parse(["test", "m"])) == TestOptions()
     assert arguments.compare_options(parse(["compare", "a", "b"])) == CompareOptions()
+    assert arguments.import_options(parse(["import", "src", "--out", "x"])) == {"overwrite": False}  # import_run's own
     given = arguments.test_options(parse(["test", "m", "--dtype", "fp32", "--batch-size", "2", "--device-map", "cpu"]))
     assert (given.candidate.dtype, given.load.dtype, given.extract.batch_size) == ("fp32", "fp32", 2)
     assert (given.candidate.device, given.load.device_map) == ("cpu", "cpu")
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("extract", ["(default: 8)", "(default: residual,router,logits)", "(default: 4.0)", "(default: auto)"]),
+    ("extract", ["(default: 8)", "(default: residual,router,logits)", "(default: 4.0)", "(default: auto)",
+                 "(default: transformers)"]),
     ("plan", ["(default: bf16)", "(default: 4096)"]),
+    ("import", ["(default: skip)", "(default: detected when unmistakable)"]),
     ("compare", ["docs/COMPARE.md", "(default: 2)", "(default: 5)"]),
     ("test", ["(default: single)", "(default: all)", "(default: runs/test)", "(default: the reference's)"]),
 ])

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from layerwise import loading, runs
 from layerwise.extract import ExtractOptions, extract_model
-from layerwise.importer import import_run
+from layerwise.importer import import_run, parse_renames
 
 from helpers import PROMPTS, assert_one_line_error, assert_runs_equal, run_cli
 
@@ -75,7 +75,7 @@ def test_pt_files(tmp_path):
 
 @pytest.mark.parametrize("setup, fragment", [
     ("no_tokens", "has no tokens"),
-    ("bad_name", "is not named <module path>.<role>"),
+    ("bad_name", "'layer7' is not named <module path>:<role>"),
     ("bad_shape", "expected [3, ...] or [1, 3, ...]"),
     ("gap", "numbered 0, 1, 2"),
     ("empty", "holds neither"),
@@ -99,3 +99,52 @@ def test_import_errors(tmp_path, capsys, setup, fragment):
 def test_bad_rename_rule(tmp_path, capsys):
     code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "([=x")
     assert_one_line_error(code, err, "bad regular expression")
+
+
+@pytest.mark.parametrize("rule, pattern, replacement", [
+    ("s|^step=0___name=(.*)$|\\1|", "^step=0___name=(.*)$", "\\1"),
+    ("s#a|b#c#", "a|b", "c"),
+    (r"^transformer\.h\.=model.layers.", r"^transformer\.h\.", "model.layers."),
+    ("s.x=y", "s.x", "y"),  # not three dots: the old REGEX=REPLACEMENT form
+])
+def test_rename_rules(rule, pattern, replacement):
+    (compiled, repl), = parse_renames([rule])
+    assert (compiled.pattern, repl) == (pattern, replacement)
+
+
+def test_bad_sed_rule(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "s|a|b")
+    assert_one_line_error(code, err, "must read s|REGEX|REPLACEMENT|")
+
+
+def test_foreign_file_names_renamed_before_they_are_checked(tmp_path, capsys):
+    """The issue's case: SGLang files (`=` in their names, {"value", "meta"} inside) put into a
+    per-prompt directory; a sed-style rule renames them, and the run records their dtype."""
+    d = tmp_path / "src" / "0"
+    d.mkdir(parents=True)
+    torch.save({"value": torch.tensor([1, 2, 3]), "meta": {"name": "input_ids"}}, d / "tokens.pt")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    for layer in range(2):
+        torch.save({"value": x + layer, "meta": {"layer_id": layer}},
+                   d / f"step=0___rank=0___dump_index={layer + 2}___name=layer_output___layer_id={layer}.pt")
+    code, out, err = run_cli(capsys, "import", tmp_path / "src", "--out", tmp_path / "run", "--rename",
+                             r"s|^step=0___rank=0___dump_index=\d+___name=layer_output___layer_id=(\d+)$|"
+                             r"model.layers.\1:output|")
+    assert code == 0, err
+    assert "from dirs (bfloat16): 1 prompt(s), 2 tensors" in out
+    run = runs.open_run(tmp_path / "run")
+    assert torch.equal(run.tensor("model.layers.1:output"), x + 1)
+    code, out, _ = run_cli(capsys, "compare", tmp_path / "run", tmp_path / "run")
+    assert code == 0 and f"REF  {tmp_path / 'run'} (bfloat16)" in out
+
+
+def test_a_map_file_renames_and_sums(tmp_path):
+    d = tmp_path / "src" / "0"
+    d.mkdir(parents=True)
+    np.save(d / "tokens.npy", np.array([4, 5]))
+    np.save(d / "h3_a.npy", np.ones((2, 4), dtype=np.float32))
+    np.save(d / "h3_b.npy", np.full((2, 4), 2, dtype=np.float32))
+    (tmp_path / "map.toml").write_text("[[rules]]\nmatch = 'h(\\d+)_[ab]'\nname = 'model.layers.\\1:output'\n"
+                                       "combine = 'sum'\n")
+    import_run(str(tmp_path / "src"), str(tmp_path / "run"), map_file=str(tmp_path / "map.toml"))
+    assert torch.equal(runs.open_run(tmp_path / "run").tensor("model.layers.3:output"), torch.full((2, 4), 3.0))

@@ -31,6 +31,21 @@ def test_model_order_key_orders_roles_and_follows_the_layout():
     assert sorted(reversed(order), key=lambda n: names.model_order_key(n, **gpt)) == order
 
 
+def test_model_order_inside_a_layer():
+    """A module's input, then its submodules' tensors, then its output: the order they are computed in."""
+    found = ["model.layers.1.input_layernorm:output", "model.layers.1:input", "model.layers.1:output",
+             "model.layers.1.mlp:output", "model.layers.1.self_attn:output", "model.layers.1.self_attn.q_proj:output",
+             "model.layers.1.mlp.down_proj:input", "model.layers.1.post_attention_layernorm:output",
+             "model.layers.1.mlp.down_proj:output", "model.layers.1.self_attn:input",
+             "model.layers.1.mlp.gate:topk_ids", "model.layers.1.mlp.gate:router_logits"]
+    assert sorted(found, key=names.model_order_key) == [
+        "model.layers.1:input", "model.layers.1.input_layernorm:output", "model.layers.1.self_attn:input",
+        "model.layers.1.self_attn.q_proj:output", "model.layers.1.self_attn:output",
+        "model.layers.1.post_attention_layernorm:output", "model.layers.1.mlp.gate:router_logits",
+        "model.layers.1.mlp.gate:topk_ids", "model.layers.1.mlp.down_proj:input",
+        "model.layers.1.mlp.down_proj:output", "model.layers.1.mlp:output", "model.layers.1:output"]
+
+
 @pytest.mark.parametrize("name, module, role", [
     ("model.layers.7:input", "model.layers.7", "input"),
     ("model.layers.7.mlp.gate:topk_ids", "model.layers.7.mlp.gate", "topk_ids"),

@@ -16,6 +16,7 @@ from .capture import DEFAULT_POINTS, POINTS
 from .compare import CompareOptions
 from .errors import UserError
 from .extract import ExtractOptions
+from .importer import DECODES, FORMATS
 from .layer_test import TEST_TYPES, TestOptions
 from .loading import LoadOptions
 from .names import BadSelection, parse_indices
@@ -110,7 +111,9 @@ def _tolerances(p, prompt_filter: bool = True) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
-    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page (needs matplotlib)")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page: plots, a per-token error map of "
+                                                  "the first divergent and the worst layers, every tensor (needs "
+                                                  "matplotlib)")
 
 
 # -------------------------------------------------------------------------------------- commands
@@ -166,6 +169,10 @@ def _extract(sub) -> None:
     g = p.add_argument_group("prompts and capture")
     _prompts(g)
     g.add_argument("--layers", help="restrict to these layers, e.g. 0-9,20 (default: all)")
+    g.add_argument("--modules", action="append", metavar="REGEX[:ROLE]",
+                   help="also capture every module whose named_modules() path the regex matches in full: its "
+                        "output (default), :input or :input,output (repeatable), e.g. "
+                        "'model\\.layers\\.\\d+\\.self_attn\\.q_proj'")
     g.add_argument("--pinned-gib", type=float,
                    help=f"host memory for in-flight GPU->host copies (default: {ExtractOptions.pinned_budget_gib})")
     g = p.add_argument_group("placement")
@@ -174,14 +181,34 @@ def _extract(sub) -> None:
     _fp8_backend(g)
     g.add_argument("--stream", action="store_true",
                    help="one decoder layer at a time on one device, for models larger than the GPUs")
-    g.add_argument("--device", help="the device for --stream (default: cuda:0, else cpu)")
+    g.add_argument("--device", help="the device for --stream (default: cuda:0, else cpu); --engine llama.cpp: cpu "
+                                    "(default) or gpu")
+    g.add_argument("--engine", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="who computes: transformers (the reference), or llama.cpp itself for a .gguf MODEL through "
+                        "llama-cpp-python (the llamacpp extra), recorded under the transformers names of the same "
+                        "GGUF (default: %(default)s)")
 
 
 def _import(sub) -> None:
-    p = sub.add_parser("import", help="turn tensors from another engine (.npy/.pt/.safetensors) into a run")
-    p.add_argument("src", help="directory: 0/, 1/, ... with <module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--rename", action="append", help="REGEX=REPLACEMENT applied to tensor names (repeatable)")
+    p = sub.add_parser("import", help="turn tensors from another engine (SGLang or vLLM dumps, .npy/.pt/.safetensors) "
+                                      "into a run",
+                       description="Import foreign tensors into a run (docs/FORMAT.md, Importing).")
+    p.add_argument("src", nargs="?", help="an SGLang dump directory, vLLM hidden-states files, 0/, 1/, ... with "
+                                          "<module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--from", dest="source_format", choices=FORMATS,
+                   help="the layout of SRC (default: detected when unmistakable)")
+    p.add_argument("--map", metavar="FILE", help="name map (.toml or .json): foreign names -> <module path>:<role>, "
+                                                  "and for SGLang how TP ranks combine (see --show-map)")
+    p.add_argument("--show-map", action="store_true", help="print the name map in force as TOML and exit")
+    p.add_argument("--rename", action="append", metavar="s|REGEX|REPLACEMENT|",
+                   help="rewrite tensor names after the map (repeatable): s|REGEX|REPLACEMENT| with any punctuation "
+                        "that neither side holds as the separator, or REGEX=REPLACEMENT")
+    p.add_argument("--decode", choices=DECODES,
+                   help="SGLang: decode steps after the prefill are skipped, or imported as further positions "
+                        f"(default: {DECODES[0]})")
+    p.add_argument("--layers", help="vLLM: the layer ids the hidden states hold (eagle_aux_hidden_state_layer_ids), "
+                                    "e.g. 2,16,32")
     p.add_argument("--model", help="record this model spec in the run (optional)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
 
@@ -243,9 +270,17 @@ def check_options(args) -> CheckOptions:
 
 
 def extract_options(args) -> ExtractOptions:
+    modules = getattr(args, "modules", None)
     return options(ExtractOptions, points=args.points, layers=getattr(args, "layers", None), batch_size=args.batch_size,
                    max_tokens=args.max_tokens, chat_template=args.chat_template, overwrite=args.overwrite,
-                   pinned_budget_gib=getattr(args, "pinned_gib", None))
+                   pinned_budget_gib=getattr(args, "pinned_gib", None), modules=tuple(modules) if modules else None)
+
+
+def import_options(args) -> dict:
+    """import_run's keyword arguments from `layerwise import`; those not given take its defaults."""
+    return {k: v for k, v in dict(renames=args.rename, overwrite=args.overwrite, model=args.model,
+                                  source_format=args.source_format, map_file=args.map, decode=args.decode,
+                                  layer_ids=args.layers).items() if v is not None}
 
 
 def stream_options(args) -> StreamOptions:

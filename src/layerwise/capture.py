@@ -19,7 +19,9 @@ from .anatomy import Anatomy
 from .errors import UserError
 from .names import INPUT, OUTPUT, ROUTER_ROLES, BadSelection, parse_indices, split_name, tensor_name
 
-POINTS = ("embed", "residual", "attn", "mlp", "router", "norm", "logits")
+# `output` is the residual stream's outputs only (`model.layers.N:output`): half the bytes of
+# `residual`, enough to compare, not enough to replay a layer (that needs each layer's input).
+POINTS = ("embed", "residual", "output", "attn", "mlp", "router", "norm", "logits")
 DEFAULT_POINTS = ("residual", "router", "logits")
 
 
@@ -31,6 +33,7 @@ class Target:
     when: str  # INPUT (a forward pre-hook sees the input) | OUTPUT (a forward hook sees the output)
     names: tuple[str, ...]
     group: str
+    extra: bool = False  # asked for by --modules: its shape is checked, no padding tail is kept
 
 
 def parse_points(text: str | None) -> tuple[str, ...]:
@@ -60,8 +63,9 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
     return tuple(chosen)
 
 
-def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...]) -> list[Target]:
-    """The hooks for these capture points, in model order."""
+def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, ...],
+                 modules: list[Target] = ()) -> list[Target]:
+    """The hooks for these capture points, in model order, then `modules` (module_points.py)."""
     targets = []
     if "embed" in points:
         targets.append(Target(anatomy.embed_path, OUTPUT, (tensor_name(anatomy.embed_path, OUTPUT),),
@@ -79,7 +83,7 @@ def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, .
         if "mlp" in points and anatomy.mlp_name:
             mlp = f"{layer}.{anatomy.mlp_name}"
             targets.append(Target(mlp, OUTPUT, (tensor_name(mlp, OUTPUT),), layer))
-        if "residual" in points:
+        if "residual" in points or "output" in points:
             targets.append(Target(layer, OUTPUT, (tensor_name(layer, OUTPUT),), layer))
     if "norm" in points and anatomy.norm_path:
         targets.append(Target(anatomy.norm_path, OUTPUT, (tensor_name(anatomy.norm_path, OUTPUT),),
@@ -87,7 +91,8 @@ def plan_targets(anatomy: Anatomy, points: tuple[str, ...], layers: tuple[int, .
     if "logits" in points:
         targets.append(Target(anatomy.head_path, OUTPUT, (tensor_name(anatomy.head_path, OUTPUT),),
                               anatomy.head_path))
-    return targets
+    taken = {n for t in targets for n in t.names}
+    return targets + [t for t in modules if t.names[0] not in taken]
 
 
 def groups_of(targets: list[Target]) -> dict[str, list[str]]:

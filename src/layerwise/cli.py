@@ -16,10 +16,12 @@ from .atomic import write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
 from .extract import extract, gather_prompts
-from .importer import import_run
+from .engines.namemap import to_toml
+from .importer import import_map, import_run
 from .layer_test import compare_layer_test, run_layer_test
 from .sizes import format_bytes, parse_gpus
 from .streaming import stream_extract
+from .tokenmap import token_map
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -87,7 +89,13 @@ def cmd_extract(args) -> int:
     items = gather_prompts(args.prompt, args.prompts)
     update, close = _progress_bar(len(items))
     try:
-        if args.stream:
+        if args.engine == "llama.cpp":
+            from .engines.llamacpp import extract_gguf  # llama-cpp-python, an optional extra
+
+            if args.stream:
+                raise UserError("--stream is for --engine transformers; llama.cpp runs the whole GGUF itself")
+            result = extract_gguf(args.model, args.out, items, options, device=args.device or "cpu")
+        elif args.stream:
             result, stats = stream_extract(args.model, args.out, items, options, arguments.stream_options(args))
             print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
                   f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
@@ -101,12 +109,23 @@ def cmd_extract(args) -> int:
           f"{format_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}; "
           f"forward {result.forward_seconds:.2f} s; peak host RAM {format_bytes(result.peak_rss_bytes)}, "
           f"pinned {format_bytes(result.pinned_peak_bytes)}")
+    for note in result.notes:
+        print(f"note: {note}")
     return EXIT_OK
 
 
 def cmd_import(args) -> int:
-    manifest = import_run(args.src, args.out, args.rename, args.overwrite, args.model)
-    print(f"wrote run {args.out}: {len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+    if args.show_map:
+        print(to_toml(import_map(args.map, args.source_format)), end="")
+        return EXIT_OK
+    if not args.src or not args.out:
+        raise UserError("layerwise import: give SRC and --out RUN (see layerwise import --help)")
+    manifest = import_run(args.src, args.out, **arguments.import_options(args))
+    settings = manifest["settings"]
+    print(f"wrote run {args.out} from {settings['format']} ({settings.get('dtype') or 'no activations'}): "
+          f"{len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+    for note in manifest.get("notes") or []:
+        print(f"note: {note}")
     return EXIT_OK
 
 
@@ -120,7 +139,7 @@ def _write_pictures(result, args) -> None:
     if args.plot:
         plot.write_plot(result, args.plot)
     if args.html:
-        plot.write_html(result, args.html)
+        plot.write_html(result, args.html, token_map(result))
 
 
 def cmd_test(args) -> int:

@@ -15,6 +15,7 @@ The sink pushes tensors to a writer (`RunWriter.put`) and never opens a file its
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .capture import Target, groups_of
+from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
+
+log = logging.getLogger(__name__)
 
 PINNED_BUDGET_BYTES = 4 * 2**30  # host memory for in-flight device-to-host copies
 _STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
@@ -162,7 +166,8 @@ class Collector:
                  copy_host_tensors: bool = False):
         self.writer = writer
         self.groups = groups_of(targets)
-        self._padded = {t.names[0] for t in targets if t.when == INPUT}  # decoder-layer inputs
+        self._padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
+        self._extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
         gpu = torch.cuda.is_available()
         # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
         self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
@@ -187,7 +192,7 @@ class Collector:
         """Keep one hook's tensors; a decoder layer's input flushes what came before it."""
         before = len(self._held)
         self._held.extend((target.group, name, t) for name, t in zip(target.names, tensors))
-        if before and target.when == INPUT:
+        if before and target.when == INPUT and not target.extra:  # a decoder layer's, not a --modules input
             self.end_batch(keep_batch=True)
 
     def end_batch(self, keep_batch: bool = False) -> None:
@@ -258,10 +263,13 @@ class Collector:
 
     def _complete(self) -> None:
         parts: dict[str, dict] = {}  # group -> {name: (host tensor, _Buffer or None)} until the file is whole
+        batch = None  # the batch `parts` belong to
         while True:
             item = self._pending.get()
             try:
                 if item is None:
+                    if self._error is None:
+                        self._emit_unfinished(batch, parts)
                     return
                 if isinstance(item, threading.Event):
                     item.set()
@@ -269,6 +277,9 @@ class Collector:
                 if self._error is not None:
                     self._drop(item)
                     continue
+                if item.batch is not batch:
+                    self._emit_unfinished(batch, parts)
+                    batch = item.batch
                 for event in item.done:
                     event.synchronize()  # sleeps with the GIL released while the copy engines work
                 item.keep.clear()  # the device tensors may go back to the allocator now
@@ -295,6 +306,16 @@ class Collector:
             blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b in got.values() if b is not None}
             self.pool.set_blocked(sum(blocked.values()))
 
+    def _emit_unfinished(self, batch, parts: dict) -> None:
+        """A batch is over: files whose modules did not all run (a --modules module the forward
+        pass skipped, such as an expert no token chose) are written with what did run."""
+        for group in list(parts):
+            got = parts.pop(group)
+            absent = sorted(set(self.groups[group]) - set(got))
+            log.warning("%s did not run in this batch: not captured", ", ".join(absent))
+            if any(host is not None for host, _ in got.values()):
+                self._emit(batch, group, got)
+
     def _drop(self, item) -> None:
         if isinstance(item, _Flush) and self.pool is not None:
             for buffer in item.buffers:
@@ -312,6 +333,9 @@ class Collector:
             if role not in WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
                     and (t.dim() == 1 or t.shape[:2] != (rows, width)):
                 t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
+            if name in self._extra and (t.dim() < 2 or t.shape[:2] != (rows, width)):
+                raise UserError(f"{name} has shape {list(t.shape)}, not [batch {rows}, tokens {width}, ...] "
+                                "(nor [tokens, ...]): it cannot be stored per prompt; capture another module")
             shaped[name] = t
         buffers = list({id(b): b for _, b in parts.values() if b is not None}.values())
         for b in buffers:

@@ -19,6 +19,7 @@ import torch
 from . import capture
 from .collector import PINNED_BUDGET_BYTES
 from .loading import LoadedModel, LoadOptions, load_model
+from .module_points import module_targets, parse_modules
 from .prompts import make_batches, read_prompt_file, tokenize
 from .recording import ExtractResult, Progress, Recording, model_record
 from .runs import QUEUE_DEPTH, Intent, library_versions
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 class ExtractOptions:
     points: str | None = None  # comma list; None = capture.DEFAULT_POINTS
     layers: str | None = None  # "0-9,20"; None = every layer
+    modules: tuple[str, ...] = ()  # --modules REGEX[:ROLE]: any named module, besides the points
     batch_size: int = 8
     max_tokens: int | None = None
     chat_template: bool = False
@@ -70,7 +72,8 @@ def extract_intent(ref, config, architecture: str, anatomy, prompts, points, lay
         producer="layerwise extract",
         model=model_record(ref, config, architecture, anatomy.num_layers),
         settings={"points": list(points), "layers": list(layers), "chat_template": options.chat_template,
-                  "max_tokens": options.max_tokens, "batch_size": options.batch_size, **settings},
+                  "max_tokens": options.max_tokens, "batch_size": options.batch_size, **settings,
+                  **({"modules": list(options.modules)} if options.modules else {})},
         anatomy=asdict(anatomy.layout),
         prompts=[{"index": p.index, "text": p.text, "token_ids": list(p.token_ids)} for p in prompts],
     )
@@ -88,7 +91,9 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
     """Run `items` through an already loaded model and write every captured tensor to `out`."""
     model, anatomy, config = loaded.model, loaded.anatomy, loaded.config or loaded.model.config
     points, layers, prompts, batches = prepare(loaded.tokenizer, config, anatomy, items, options)
-    targets = capture.plan_targets(anatomy, points, layers)
+    extra = module_targets([name for name, _ in model.named_modules()], parse_modules(options.modules), anatomy,
+                           layers)
+    targets = capture.plan_targets(anatomy, points, layers, extra)
     groups = capture.groups_of(targets)
     settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(model.config, "_attn_implementation", None),
                 "device_map": load.device_map, "quant": loaded.quant_mode}

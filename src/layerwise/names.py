@@ -111,8 +111,9 @@ def part_in_layer(module: str, role: str, layer: int | None) -> str:
 def model_order_key(name: str, layers_path: str = Layout.layers_path, embed: str = Layout.embed,
                     norm: str = Layout.norm, head: str = Layout.head) -> tuple:
     """Sort key placing tensors in the order the forward pass produces them: embedding, each
-    layer (input, attention, router, MLP, output), final norm, head. Modules a model spells
-    differently fall back on their last name (`embed_tokens`, `norm`/`ln_f`, `lm_head`)."""
+    layer (input, attention, router, MLP, output; a module's submodules between its input and
+    its output), final norm, head. Modules a model spells differently fall back on their last
+    name (`embed_tokens`, `norm`/`ln_f`, `lm_head`)."""
     module, role = split_name(name)
     match = re.match(rf"^{re.escape(layers_path)}\.(\d+)(?:\.(.+))?$", module)
     if module == embed or module.endswith("embed_tokens"):
@@ -125,13 +126,21 @@ def model_order_key(name: str, layers_path: str = Layout.layers_path, embed: str
         stage = (3, 0, 0)
     else:
         stage = (4, 0, 0)
-    return (*stage, _ROLE_ORDER.get(role, 6), module, role)
+    # Inside a part, a module's input comes before its submodules' tensors, its output after them
+    # (`self_attn.q_proj:output` before `self_attn:output`); siblings in name order.
+    terminal = (-1, 0) if role in (INPUT, PAD_ROLE) else (1, _ROLE_ORDER.get(role, 6))
+    return (*stage, *((0, c) for c in module.split(".")), terminal, role)
 
 
 def _part_rank(sub: str, role: str) -> int:
-    """Inside a decoder layer: its input, attention, router, MLP, its output."""
+    """Inside a decoder layer: its input, the input norm, attention, the post-attention norm,
+    router, MLP, its output."""
     if not sub:
         return 0 if role == INPUT else 9
+    if sub.startswith("input_layernorm"):
+        return 1
+    if sub.startswith("post_attention"):
+        return 3
     if "attn" in sub or "attention" in sub:
         return 2
     if sub.endswith(("gate", "router")):

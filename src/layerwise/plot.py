@@ -1,7 +1,8 @@
 """Pictures of a compare Report: a PNG plot of the metrics by layer and one self-contained HTML page.
 
 `plot_png` and `report_html` render (Report in, bytes / str out); `write_plot` and `write_html`
-write one file each, atomically. They need matplotlib (the `plot` extra), imported only here, and
+write one file each, atomically. The page carries the per-token heat map of a tokenmap.TokenMap
+when given one (`heatmap_png`, `token_map_html`: the picture and the numbers behind it). They need matplotlib (the `plot` extra), imported only here, and
 `require_matplotlib` says how to install it before any work starts. The text of a report is
 report.py's; the page embeds it.
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import UserError
 from .formatting import growth, sci, times
-from .names import OUTPUT, part_in_layer
+from .names import OUTPUT, part_in_layer, split_name
 from .report import report_text
 
 if TYPE_CHECKING:
     from .compare import Report, Row
+    from .tokenmap import TokenMap
 
 
 def _part(row: Row) -> str:
@@ -129,8 +133,9 @@ _CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collap
         ".pass{color:#176917}.fail-v{color:#b00020}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
 
 
-def report_html(report: Report) -> str:
-    """One self-contained page: verdict, plot (inline PNG), the text report and every tensor."""
+def report_html(report: Report, token_map: TokenMap | None = None) -> str:
+    """One self-contained page: verdict, plot (inline PNG), the per-token map (when given), the
+    text report and every tensor."""
     png = base64.b64encode(plot_png(report)).decode("ascii")
     first = report.first_divergence
     verdict = ("<p class='pass'>PASS</p>" if report.passed else
@@ -149,9 +154,68 @@ def report_html(report: Report) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>layerwise compare</title>"
             f"<style>{_CSS}</style></head><body><h1>layerwise compare</h1>{verdict}"
             f"<img alt='metrics by layer' src='data:image/png;base64,{png}'>"
-            f"<pre>{html.escape(report_text(report))}</pre><h2>Every tensor</h2><table><tr>"
+            f"{token_map_html(token_map) if token_map is not None else ''}<pre>{html.escape(report_text(report))}</pre><h2>Every tensor</h2><table><tr>"
             + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table></body></html>\n")
 
 
-def write_html(report: Report, path) -> None:
-    write_text_atomic(path, report_html(report))
+def write_html(report: Report, path, token_map: TokenMap | None = None) -> None:
+    write_text_atomic(path, report_html(report, token_map))
+
+
+# ------------------------------------------------------------------------------ per-token map
+
+def _label(name: str, layer: int | None) -> str:
+    """A row's label: `3 self_attn`, `3` (a layer's output), `norm`; other roles than output named."""
+    module, role = split_name(name)
+    suffix = "" if role == OUTPUT else f":{role}"
+    if layer is None:
+        return module.rsplit(".", 1)[-1] + suffix
+    sub = module.split(f".{layer}", 1)[1].lstrip(".")
+    return f"{layer}" + (f" {sub}" if sub else "") + suffix
+
+
+def heatmap_png(tm: TokenMap) -> bytes:
+    """The map as PNG bytes: tokens across, rows down, log colour scale (grey 0, red NaN/Inf or x/0)."""
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    data = np.array(tm.values, dtype=float)
+    finite = data[np.isfinite(data) & (data > 0)]
+    low = finite.min() if finite.size else 1e-8
+    high = max(finite.max() if finite.size else 1.0, low * 10)
+    shown = np.where(np.isinf(data), high * 10, np.where(data > 0, data, low / 10))
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.28 * len(tm.rows)))
+    cmap = plt.get_cmap("viridis").with_extremes(under="#f2f2f2", over="#d60000")
+    edges = [b for b, _ in tm.columns] + [tm.columns[-1][1]]
+    image = ax.pcolormesh(edges, np.arange(len(tm.rows) + 1), shown, cmap=cmap, norm=LogNorm(low, high), shading="flat")
+    labels = [(">> " if n == tm.first else "") + _label(n, l) for n, l in zip(tm.rows, tm.layers)]
+    ax.set_yticks(np.arange(len(tm.rows)) + 0.5, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"token of prompt {tm.prompt} ({tm.tokens} tokens" +
+                  (f", {tm.columns[0][1] - tm.columns[0][0]} per column, the largest shown)" if len(tm.columns) < tm.tokens
+                   else ")"))
+    first = f"; first divergence {tm.first}" if tm.first else ""
+    ax.set_title(f"per-token rel_l2 (grey: 0, red: NaN/Inf or x/0){first}", fontsize=9)
+    fig.colorbar(image, ax=ax, extend="both", pad=0.01)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _json_number(value: float):
+    return value if math.isfinite(value) else "inf"
+
+
+def token_map_html(tm: TokenMap) -> str:
+    """The HTML report's per-token block: the picture and the numbers behind it."""
+    png = base64.b64encode(heatmap_png(tm)).decode("ascii")
+    data = {**asdict(tm), "values": [[_json_number(v) for v in row] for row in tm.values]}
+    blob = html.escape(json.dumps(data, separators=(",", ":")), quote=False)
+    return (f"<h2>Per-token error</h2><p>prompt {tm.prompt}, {tm.tokens} tokens: the first divergent layer and the "
+            f"{len(tm.rows)} rows with the largest error ({html.escape(', '.join(tm.rows[:3]))}...)</p>"
+            f"<img alt='per-token error by layer' src='data:image/png;base64,{png}'>"
+            f"<pre hidden id='layerwise-token-map'>{blob}</pre>")
+

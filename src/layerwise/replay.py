@@ -157,8 +157,11 @@ def check_reference(run: Run, source: LayerSource, layers: list[int], chained: b
         for prompt in run.prompts:
             name = tensor_name(source.anatomy.layer(index), INPUT)
             if not run.has(name, prompt["index"]):
-                raise UserError(f"{where} has no {name} for prompt {prompt['index']}: re-extract it with the "
-                                "residual stream of every layer")
+                points = (run.manifest.get("settings") or {}).get("points") or []
+                why = (" (--points output keeps layer outputs only; a layer test needs each layer's input)"
+                       if "output" in points and "residual" not in points else "")
+                raise UserError(f"{where} has no {name} for prompt {prompt['index']}{why}: re-extract it with "
+                                "--points residual (the residual stream of every layer: inputs and outputs)")
     return notes
 
 

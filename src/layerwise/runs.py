@@ -141,6 +141,12 @@ class RunWriter:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
 
+    def restate(self, intent: Intent | dict) -> None:
+        """Rewrite intent.json: for a producer that learns part of what the run is while recording
+        (the vLLM hook learns the prompts as requests arrive). Before `finish`."""
+        self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
+        write_text_atomic(self.path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
+
     def has(self, prompt: int, group: str) -> bool:
         return group_file(prompt, group) in self._existing
 

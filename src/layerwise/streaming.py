@@ -66,6 +66,8 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
                    source: LayerSource | None = None) -> tuple[ExtractResult, StreamStats]:
     """`source`: layers from somewhere else than `spec`'s checkpoint (tensors in memory); its
     device and dtype win over `stream`'s."""
+    if options.modules:
+        raise UserError("--modules is not available with --stream: extract without --stream to capture any module")
     if source is None:
         source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=stream.device or default_device(),
                                                 attn_implementation=stream.attn_implementation, quant=stream.quant,
