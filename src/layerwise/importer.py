@@ -13,6 +13,7 @@ sequence length must match the prompt's tokens. `.pt` files are read with `weigh
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .paths import listed_inside
+from .schema import token_ids
 from .names import ROLES, WHOLE_ROLES, file_group, tensor_name
 from .recording import Recording
 from .runs import Intent, library_versions
@@ -43,22 +46,68 @@ def _rename(name: str, renames) -> str:
     return name
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_array(path: Path) -> torch.Tensor:
+    """A .npy or .pt file holding one tensor; anything else is one line naming the file."""
+    if path.suffix == ".npy":
+        with open(path, "rb") as fh:
+            if fh.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                raise UserError(f"{path} is not a .npy file (it does not start with numpy's header): "
+                                "save it with numpy.save")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            if "pickle" in str(err):
+                raise UserError(f"{path} holds Python objects, not numbers; layerwise loads tensors only: "
+                                "save a numeric array") from None
+            raise UserError(f"cannot read {path}: {_first(err)}") from None
+        if array.dtype.kind not in "biuf":
+            raise UserError(f"{path} holds {array.dtype} data, not numbers: save a numeric array")
+        return torch.from_numpy(array)
     try:
-        if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
         value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # numpy and torch raise many types for a bad file
-        raise UserError(f"cannot read {path}: {err}") from None
+    except pickle.UnpicklingError as err:
+        if _global(err):  # a pickle that names a callable: code, refused unrun
+            raise UserError(f"{path} holds code (a pickle that calls {_global(err)}); layerwise loads tensors only "
+                            "and ran none of it: save plain tensors (torch.save(tensor)) or .npy") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise UserError(f"{path} is not a torch tensor file ({detail.group(1) if detail else _first(err)}): "
+                        "save it with torch.save(tensor)") from None
+    except Exception as err:  # torch raises many types for a file that is not its format
+        raise UserError(f"{path} is not a torch tensor file ({_first(err)}): save it with torch.save(tensor)") from None
     if not isinstance(value, torch.Tensor):
         raise UserError(f"{path} holds a {type(value).__name__}, not a tensor")
     return value
 
 
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _global(err: BaseException) -> str | None:
+    """The callable a refused pickle names ("GLOBAL posix.system was not an allowed global"), if any."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else None
+
+
+def _token_ids(value: torch.Tensor, where: str) -> list[int]:
+    """A prompt's token ids: a 1-D (or [1, seq]) tensor of non-negative integers."""
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise UserError(f"{where} holds {str(value.dtype).removeprefix('torch.')} values, not integer token ids")
+    if value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1):
+        raise UserError(f"{where} has shape {list(value.shape)}: token ids are [seq] or [1, seq]")
+    return token_ids(value.reshape(-1).tolist(), where)
+
+
 def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict[str, Path]]]:
     """[(prompt index, {raw name: tensor or file})], tokens under the name "tokens"."""
-    dirs = sorted((p for p in src.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    files = sorted((p for p in src.glob("*.safetensors") if p.stem.isdigit()), key=lambda p: int(p.stem))
+    where = f"import source {src}"
+    dirs = sorted((listed_inside(src, p, where) for p in src.iterdir() if p.is_dir() and p.name.isdigit()),
+                  key=lambda p: int(p.name))
+    files = sorted((listed_inside(src, p, where) for p in src.glob("*.safetensors") if p.stem.isdigit()),
+                   key=lambda p: int(p.stem))
     if dirs and files:
         raise UserError(f"{src} mixes per-prompt directories and .safetensors files: use one layout")
     out: list = []
@@ -68,6 +117,7 @@ def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict
             for f in sorted(d.iterdir()):
                 if f.suffix not in (".npy", ".pt"):
                     continue
+                listed_inside(src, f, where)
                 stem = f.name[: -len(f.suffix)]
                 if stem == "tokens":
                     entries["tokens"] = f
@@ -82,8 +132,11 @@ def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict
         from safetensors import safe_open
 
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                out.append((int(f.stem), {k: fh.get_tensor(k) for k in fh.keys()}))
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    out.append((int(f.stem), {k: fh.get_tensor(k) for k in fh.keys()}))
+            except Exception as err:  # safetensors raises its own error type for a file not in its format
+                raise UserError(f"{f} is not a safetensors file ({_first(err)})") from None
     else:
         raise UserError(f"{src} holds neither per-prompt directories (0/, 1/, ...) nor 0.safetensors, 1.safetensors, ...")
     indices = [i for i, _ in out]
@@ -106,7 +159,7 @@ def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: 
             raise UserError(f"prompt {index} in {src} has no tokens (tokens.npy or a 'tokens' key)")
         tokens = entries["tokens"]
         tokens = _load_array(tokens) if isinstance(tokens, Path) else tokens
-        prompts.append({"index": index, "text": None, "token_ids": [int(t) for t in tokens.reshape(-1).tolist()]})
+        prompts.append({"index": index, "text": None, "token_ids": _token_ids(tokens, f"prompt {index}'s tokens")})
     intent = Intent(producer="layerwise import",
                     model={"spec": model or f"imported:{source.resolve()}", "model_type": None},
                     settings={"source": str(source.resolve()), "renames": list(renames or [])}, prompts=prompts)
