@@ -43,12 +43,12 @@ from torch import nn
 
 from . import capture, models
 from .quant import DEFAULT_FP8_BACKEND
-from .errors import UserError
+from .errors import CandidateError, UserError, origin, user_code
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
 from .machine import default_device
 from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
-from .recording import Recording, config_sha256, model_record
+from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
 from .streaming import forward_layer, run_layer
 
@@ -107,7 +107,8 @@ def load_candidate(spec: str) -> Callable:
         raise
     except Exception as err:  # the user's module: ImportError, SyntaxError, anything it raises
         first = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: {first}); "
+        where = f" at {origin(err)}" if not isinstance(err, (ImportError, SyntaxError)) else ""
+        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: {first}{where}); "
                         "check the module path and PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if factory is None:
@@ -230,11 +231,14 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
         with _deterministic(options.deterministic), torch.inference_mode():
             load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
                                                                 options, factory)
+        found = []  # NaN/Inf the layers produced, per output run
         for track in tracks:
             track.recording.close_capture()
             track.recording.finish({"producer": "layerwise test", "notes": notes,
                                     "determinism": {"checked": determinism[0] is not None,
                                                     "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
+            found += [f"{track.kind} run: {n}" for n in nonfinite_notes(track.recording.manifest)]
+    notes += found
     if determinism[0] is False:
         notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
                      f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
@@ -257,17 +261,19 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
         who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
         path = source.anatomy.layer(index)
         mine = [t for t in targets if t.group == path]
-        if index == layers[0] and options.check_determinism:
-            determinism = _determinism(run, loaded, module, path, batches[0], source, who)
-        for track in tracks:
-            if track.kind == "isolated" or index == layers[0]:
-                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
-            else:
-                hidden = track.carry
-            out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
-                            str(source.device), who)
-            if track.kind == "chained":
-                track.carry = out
+        # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
+        with user_code(f"{who} raised", CandidateError) if factory else contextlib.nullcontext():
+            if index == layers[0] and options.check_determinism:
+                determinism = _determinism(run, loaded, module, path, batches[0], source, who)
+            for track in tracks:
+                if track.kind == "isolated" or index == layers[0]:
+                    hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+                else:
+                    hidden = track.carry
+                out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
+                                str(source.device), who)
+                if track.kind == "chained":
+                    track.carry = out
         del loaded, module
     return load_seconds, bytes_read, determinism
 
@@ -385,7 +391,8 @@ def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: Loaded
     config._attn_implementation = loaded.config._attn_implementation
     if hasattr(loaded.config, "_experts_implementation"):  # transformers >= 5.2x picks a fused MoE kernel
         config._experts_implementation = loaded.config._experts_implementation
-    module = factory(config, loaded.index, loaded.weights())
+    with user_code(f"--candidate {spec}: the factory raised building layer {loaded.index}"):
+        module = factory(config, loaded.index, loaded.weights())
     if not isinstance(module, nn.Module):
         raise UserError(f"--candidate {spec} returned {type(module).__name__} for layer {loaded.index}, "
                         "not a torch.nn.Module")
