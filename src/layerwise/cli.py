@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone away (| head) shows here, not at interpreter exit
+        return code
     except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
         print(f"layerwise: error: {err}", file=sys.stderr)
         return err.exit_code
