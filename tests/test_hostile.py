@@ -285,6 +285,9 @@ TRACEBACKS = [
         "--out", lab.new("r")], "outside the run's directory"),
     Case("import a garbage .safetensors", lambda lab: ["import", lab.source({"0.safetensors": b"\x10" * 64}),
                                                        "--out", lab.new("r")], "is not a safetensors file"),
+    Case("extract --stream on a device that is not there", lambda lab: [
+        "extract", MODEL, "--out", lab.new("r"), "--prompt", "hi", "--stream", "--device", "cuda:99"],
+        "--device cuda:99 is not usable here"),
     Case("config.json not UTF-8", lambda lab: ["plan", lab.checkpoint(
         lambda p: (p / "config.json").write_bytes(b'{"model_type": "\xff"}'))], "not UTF-8"),
 ]
@@ -378,6 +381,13 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
          "vocab_size is True"),
     Case("device map true", lambda lab: ["plan", MODEL, "--device-map", lab.file("m.json", '{"": true}')],
          "is not a device"),
+    Case("import a tensor twice (.npy and .pt)", lambda lab: ["import", lab.source({
+        "0/tokens.npy": np.array([1, 2]), "0/model.layers.0.output.npy": np.zeros((2, 4), np.float32),
+        "0/model.layers.0.output.pt": torch.zeros(2, 4)}), "--out", lab.new("r")], "holds model.layers.0:output twice"),
+    Case("import --rename maps two tensors together", lambda lab: ["import", lab.source({
+        "0/tokens.npy": np.array([1, 2]), "0/model.layers.0.output.npy": np.zeros((2, 4), np.float32),
+        "0/model.layers.1.output.npy": np.zeros((2, 4), np.float32)}), "--out", lab.new("r"),
+        "--rename", r"layers\.\d=layers.0"], "two tensors become model.layers.0:output"),
     Case("index weight_map value a number", lambda lab: ["load", lab.checkpoint(_index_edit(
         lambda m: {**m, sorted(m)[0]: 5}))], "not a valid safetensors index"),
 ]
@@ -434,6 +444,8 @@ MESSAGES = [  # (case, words the line must not hold)
         lambda p: [f.unlink() for f in p.glob("tokenizer*")]), "--out", lab.new("r"), "--prompt", "hi"],
         "has no tokenizer"), _no("WARNING")),
     (Case("compare --prompts (renamed)", _flag("compare", "--prompts", "0"), "is now --prompt-index"), ()),
+    (Case("unknown attention implementation", _flag("load", "--attn-implementation", "bogus"),
+          "choose another --attn-implementation"), _no("checks its files")),
 ]
 
 
@@ -584,6 +596,12 @@ def _shard_outside(mode: str):
     return edit
 
 
+def _config_outside(path: Path):
+    away = path.parent / f"away-{path.name}.json"
+    shutil.move(path / "config.json", away)
+    (path / "config.json").symlink_to(away)
+
+
 def _import_link(kind: str):
     def argv(lab):
         src = lab.source({"0/tokens.npy": np.array([1, 2])})
@@ -610,6 +628,7 @@ CONTAINMENT = [
     Case("index weight_map absolute", lambda lab: ["load", lab.checkpoint(_shard_outside("absolute"))],
          "points outside"),
     Case("shard a symlink out", lambda lab: ["load", lab.checkpoint(_shard_outside("link"))], "outside"),
+    Case("config.json a symlink out", lambda lab: ["plan", lab.checkpoint(_config_outside)], "outside"),
     Case("import file a symlink out", _import_link("file"), "outside"),
     Case("import prompt directory a symlink out", _import_link("dir"), "outside"),
 ]

@@ -119,14 +119,14 @@ def _prompt_sources(src: Path) -> list[tuple[int, dict[str, torch.Tensor] | dict
                     continue
                 listed_inside(src, f, where)
                 stem = f.name[: -len(f.suffix)]
-                if stem == "tokens":
-                    entries["tokens"] = f
-                    continue
                 module, _, role = stem.rpartition(".")
-                if role not in ROLES or not module:
+                if stem != "tokens" and (role not in ROLES or not module):
                     raise UserError(f"{f} is not named <module path>.<role>{f.suffix} with a role in "
                                     f"{', '.join(ROLES)}")
-                entries[tensor_name(module, role)] = f
+                key = "tokens" if stem == "tokens" else tensor_name(module, role)
+                if key in entries:
+                    raise UserError(f"{d} holds {key} twice ({entries[key].name} and {f.name}): keep one")
+                entries[key] = f
             out.append((int(d.name), entries))
     elif files:
         from safetensors import safe_open
@@ -187,5 +187,9 @@ def _groups(entries: dict, rules, index: int, seq: int) -> dict[str, dict[str, t
         if role not in WHOLE_ROLES and (tensor.dim() == 0 or tensor.shape[0] != seq):
             raise UserError(f"tensor {raw} of prompt {index} has shape {list(tensor.shape)}; expected "
                             f"[{seq}, ...] or [1, {seq}, ...] for its {seq} tokens")
-        groups.setdefault(file_group(module), {})[name] = tensor.contiguous()
+        group = groups.setdefault(file_group(module), {})
+        if name in group:
+            raise UserError(f"prompt {index}: two tensors become {name} (--rename maps them together): "
+                            "rename them apart")
+        group[name] = tensor.contiguous()
     return groups

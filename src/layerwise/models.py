@@ -28,6 +28,7 @@ import torch
 from . import zoo
 from .errors import UserError
 from .quant import QuantScheme, scheme_of
+from .paths import hf_cache_root, inside
 from .quiet import loading_errors, quiet_transformers
 from .schema import is_int
 
@@ -126,6 +127,7 @@ def resolve_model(spec: str) -> ModelRef:
     if not (path / "config.json").is_file():
         what = "is empty" if not any(path.iterdir()) else "has no config.json"
         raise UserError(f"model directory {spec!r} {what}: point at a Hugging Face checkpoint directory")
+    inside(path, "config.json", f"model directory {spec!r}", also=hf_cache_root(path))  # a link out is refused
     return ModelRef(spec, "checkpoint", path.resolve())
 
 

@@ -55,5 +55,7 @@ def loading_errors(what: str, hint: str | None = None):
             raise
         text = one_line(err).split(". ")[0].replace(" For details look at the above report!", "")
         mismatch = "its tensor shapes do not fit its config.json; " if "mismatched_sizes" in text else ""
+        if "attn_implementation" in text:
+            hint = "choose another --attn-implementation"
         hint = hint or f"layerwise check {what} checks its files; re-download or fix them"
         raise UserError(f"cannot load {what}: {mismatch}{text} ({hint})") from None

@@ -45,7 +45,7 @@ from . import capture, models
 from .quant import DEFAULT_FP8_BACKEND
 from .errors import CandidateError, UserError, origin, user_code
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
-from .machine import default_device
+from .machine import usable_device
 from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
@@ -360,11 +360,7 @@ def resolve_settings(run: Run, options: ReplayOptions) -> dict:
     ref = run.manifest.get("settings", {}) or {}
     dtype = options.dtype or ref.get("dtype") or models.DEFAULT_DTYPE
     models.parse_dtype(dtype)
-    device = options.device or default_device()
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
+    device = usable_device(options.device)
     return {"dtype": models.dtype_name(models.parse_dtype(dtype)),
             "attn_implementation": options.attn_implementation or ref.get("attn_implementation"),
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
