@@ -99,7 +99,7 @@ class NullRunWriter(NullWriter):
 
     def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16):
         super().__init__()
-        self.path = Path(path)
+        self.path = self.target = Path(path)
 
     bytes_written = property(lambda self: self.bytes)
 

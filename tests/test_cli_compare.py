@@ -144,12 +144,13 @@ def test_corrupt_expert_ids_without_verify(capsys, tmp_path, runs):
     (["--tolerance", "model.layers.*:output=rel_l2>>1"],
      "cannot parse tolerance rule 'model.layers.*:output=rel_l2>>1'"),
     (["--tolerance", "rel_l2<0.1"], "cannot parse tolerance rule 'rel_l2<0.1'"),
-    (["--rtol", "tiny"], "argument --rtol: invalid float value: 'tiny'"),
-    (["--prompts", "0,x"], "--prompts '0,x': expected prompt indices"),
-    (["--prompts", "3-1"], "'3-1' is not a valid index or range"),
-    (["--prompts", "7"], "has no prompt 7"),
+    (["--rtol", "tiny"], "argument --rtol: 'tiny' is not a number"),
+    (["--prompt-index", "0,x"], "--prompt-index '0,x': expected prompt indices"),
+    (["--prompt-index", "3-1"], "'3-1' is not a valid index or range"),
+    (["--prompt-index", "7"], "has no prompt 7"),
+    (["--prompts", "0"], "--prompts is now --prompt-index"),
     (["--tolerance-file", "/no/such.toml"], "cannot read tolerance file"),
-    (["--max-rel-l2", "-1"], "--max-rel-l2 cannot be negative"),
+    (["--max-rel-l2", "-1"], "argument --max-rel-l2: -1 is negative"),
 ])
 def test_bad_options(capsys, runs, args, fragment):
     code, _, err = run_cli(capsys, "compare", runs["ref"], runs["same"], *args)

@@ -3,7 +3,6 @@
 import threading
 import time
 
-import pytest
 import torch
 
 from layerwise.capture import Target, plan_targets

@@ -3,15 +3,13 @@ dequantized reference against transformers' own FP8 path and an offline-dequanti
 single-layer and streamed loading, the W8A8 candidate, and every bad input."""
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from layerwise import fp8, loading, open_run, quant, replay, runs
-from layerwise.errors import UserError
+from layerwise import fp8, loading, open_run, quant, replay
 from layerwise.extract import ExtractOptions, extract_model
 from layerwise.layer_loading import LayerOptions, open_layers
 from layerwise.models import resolve_model

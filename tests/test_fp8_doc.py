@@ -26,8 +26,10 @@ def test_walk_through_prints_what_the_doc_shows(tmp_path, monkeypatch, capsys):
         assert code == 0, (argv, out)
         outputs.append(out)
     check, _, test = outputs
-    for line in re.findall(r"^(?:PASS|WARN)  quant.*$|^PASS  router-precision.*$", DOC, re.M):
-        assert line in check, line
+    shown = re.findall(r"^(?:(?:PASS|WARN)  quant|PASS  router-precision).*(?:\n {24}.*)*", DOC, re.M)
+    assert len(shown) == 4
+    for block in shown:  # each check's line with its continuation lines, within 100 columns
+        assert block in check, block
     shown = re.search(r"layer  isolated rel_l2.*?\n(.*?)every layer", DOC, re.S).group(0).splitlines()
     for line in shown:
         assert line in test, f"{line!r} not printed"

@@ -131,7 +131,7 @@ def test_foreign_file_names_renamed_before_they_are_checked(tmp_path, capsys):
                              r"s|^step=0___rank=0___dump_index=\d+___name=layer_output___layer_id=(\d+)$|"
                              r"model.layers.\1:output|")
     assert code == 0, err
-    assert "from dirs (bfloat16): 1 prompt(s), 2 tensors" in out
+    assert "from dirs (bfloat16): 1 prompt, 2 tensors" in out
     run = runs.open_run(tmp_path / "run")
     assert torch.equal(run.tensor("model.layers.1:output"), x + 1)
     code, out, _ = run_cli(capsys, "compare", tmp_path / "run", tmp_path / "run")

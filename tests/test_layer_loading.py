@@ -115,7 +115,14 @@ def test_missing_layer_tensor_is_named(tmp_path, tiny_minimax):
     ckpt = copy_checkpoint(tiny_minimax.path, tmp_path / "m")
     index = ckpt / "model.safetensors.index.json"
     data = json.loads(index.read_text())
-    del data["weight_map"]["model.layers.1.self_attn.k_norm.weight"]
+    wmap = data["weight_map"]
+    del wmap["model.layers.1.self_attn.k_norm.weight"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"the index lacks 1 tensor\(s\) of model.layers.1 that other layers have "
+                                        r"\(first: model.layers.1.self_attn.k_norm.weight\)"):
+        open_layers(str(ckpt))  # before any layer is read: the other layers have it
+    for k in [k for k in wmap if k.endswith("self_attn.k_norm.weight")]:
+        del wmap[k]  # missing from every layer: only building the layer finds it
     index.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) of layer 1 "
                                         r"\(first: model.layers.1.self_attn.k_norm.weight\)"):

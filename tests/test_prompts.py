@@ -23,7 +23,7 @@ def test_jsonl_file_with_texts_and_token_ids(tmp_path):
 
 @pytest.mark.parametrize("content, fragment", [
     (None, "does not exist"), ("", "holds no prompt"), ('{"text": "a"}\n{oops', "line 2 is not valid JSON"),
-    ('{"token_ids": [1, -2]}', 'must be {"text": "..."} or {"token_ids": [non-negative ints]}'),
+    ('{"token_ids": [1, -2]}', 'token id 1 is -2, not a non-negative integer'),
     ('{"other": 1}', "line 1 must be"),
 ])
 def test_bad_prompt_files(tmp_path, content, fragment):

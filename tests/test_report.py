@@ -63,7 +63,8 @@ def test_report_json_is_strict_json(runs):
     assert data["format"] == report.REPORT_FORMAT and data["version"] == report.REPORT_VERSION
     assert data["verdict"] == "fail" and data["first_divergence"]["layer"] == 2
     assert len(data["rows"]) == 31 and {"reference", "candidate"} == set(data["dtype"])
-    assert '"growth": "inf"' in text  # a layer that adds error to an exact input
+    assert '"sqnr_db": "inf"' in text  # an exact tensor: no error, infinite SQNR
+    assert '"growth": null' in text  # a layer that adds error to an exact input: no growth to show
 
 
 def test_isolation_text_names_who_is_wrong():

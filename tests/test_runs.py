@@ -26,7 +26,8 @@ def write_small_run(path, intent=INTENT, **kw):
 def test_manifest_schema_is_pinned(tmp_path):
     m = write_small_run(tmp_path / "run")
     assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
-                       "tensors"]
+                       "nonfinite", "tensors"]
+    assert m["nonfinite"] == []
     assert m["format"] == "layerwise-run" and m["format_version"] == 1
     first = m["tensors"][0]
     assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256"]

@@ -151,7 +151,7 @@ def test_non_intrusive_dumps_and_decode_steps(tmp_path, llama, capsys):
     ids, generated = engine_run(llama, lambda rank: Dumper(tmp_path / "dumps", "0.5.10", rank), style="all")
     code, out, err = run_cli(capsys, "import", tmp_path / "dumps", "--out", tmp_path / "imported")
     assert code == 0, err
-    assert "from sglang (float32): 3 prompt(s)" in out and "not imported (no name map rule)" in out
+    assert "from sglang (float32): 3 prompts" in out and "not imported (no name map rule)" in out
     assert "non_intrusive__model.layers.0.self_attn.o_proj.output" in out
     extract_model(llama, tmp_path / "extracted", PROMPTS,
                   ExtractOptions(points="embed,residual,attn,mlp,norm", batch_size=1))

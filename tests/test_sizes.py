@@ -32,7 +32,7 @@ def test_max_memory_per_device():
 @pytest.mark.parametrize("text, gpus, fragment", [
     ("0:60GB,3:40GB", 2, "names GPU 3 but only 2"),
     ("2:40GB", 0, "no GPU is present"),
-    ("40GB", 0, "no GPU is present or simulated"),
+    ("40GB", 0, "no GPU is present"),
     ("0:60XB", 1, "unknown unit"),
     ("0:0GB", 1, "larger than zero"),
     ("gpu0:60GB", 1, "not a GPU index"),

@@ -57,7 +57,7 @@ def test_extract_hidden_states_import(tmp_path, llama, reference, capsys):
     write_connector_files(llama, tmp_path / "hs", [0, 2, 4], ["req-9", "req-10", "req-11"])
     code, out, err = run_cli(capsys, "import", tmp_path / "hs", "--out", tmp_path / "run", "--layers", "4,0,2")
     assert code == 0, err
-    assert "from vllm (float32): 3 prompt(s), 9 tensors" in out
+    assert "from vllm (float32): 3 prompts, 9 tensors" in out
     run = runs.open_run(tmp_path / "run")
     assert [p["source_id"] for p in run.prompts] == ["req-9", "req-10", "req-11"]  # natural order
     assert run.names == ["model.layers.0:input", "model.layers.1:output", "model.layers.3:output"]

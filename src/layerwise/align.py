@@ -72,7 +72,7 @@ def align_runs(ref: Run, cand: Run, baseline: Run | None = None, prompts: tuple[
         for p in prompts:
             for run, pm, label in ((ref, rp, "REF"), (cand, cp, "CAND")):
                 if p not in pm:
-                    raise UserError(f"--prompts {p}: {label} ({run.path}) has no prompt {p} "
+                    raise UserError(f"--prompt-index {p}: {label} ({run.path}) has no prompt {p} "
                                     f"(it has {format_ranges(sorted(pm))})")
         prompts = tuple(prompts)
     else:

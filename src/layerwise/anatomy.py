@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
 from .names import Layout
 
 _ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
@@ -75,7 +76,9 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or score > best[0]:
             best = (score, name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers")
+        raise UserError(f"{type(model).__name__} has no list of decoder layers (num_hidden_layers "
+                        f"{getattr(getattr(model, 'config', None), 'num_hidden_layers', '?')}): layerwise tests "
+                        "decoder-only language models")
     return best[1], best[2]
 
 

@@ -39,6 +39,62 @@ def options(cls, **values):
     return cls(**{k: v for k, v in values.items() if v is not None})
 
 
+# ------------------------------------------------------------------------------ numeric flags
+
+def _parse_number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (NaN)")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 1 (tokens, prompts per batch, k)."""
+    value = _parse_number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number of at least 1")
+    return value
+
+
+def limit(text: str) -> float:
+    """A non-negative number (a tolerance, a margin, a factor); inf means no limit."""
+    value = _parse_number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give a number >= 0")
+    return value
+
+
+def amount(text: str) -> float:
+    """A finite number > 0 (a size)."""
+    value = _parse_number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity limit: -1 to 1."""
+    value = _parse_number(text, float)
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a cosine: give a number from -1 to 1")
+    return value
+
+
+class _Renamed(argparse.Action):
+    """A flag renamed: using it is an error naming the new flag."""
+
+    def __init__(self, option_strings, dest, new: str = "", why: str = "", **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(f"{parser.prog} {option_string} is now {self.new} ({self.why}): "
+                        f"write {self.new} {values}")
+
+
 # --------------------------------------------------------------------------------- option groups
 
 def _placement(g, offload: bool = True) -> None:
@@ -46,7 +102,7 @@ def _placement(g, offload: bool = True) -> None:
                                         f"{{module: device}} (default: {LoadOptions.device_map})")
     g.add_argument("--max-memory", help='per-device limit, weights plus forward pass: "40GB" (every GPU), '
                                         '"0:60GB,1:40GB", "cpu:200GB"')
-    g.add_argument("--tokens", type=int, help="forward-pass size (batch x sequence) to leave GPU room for "
+    g.add_argument("--tokens", type=count, help="forward-pass size (batch x sequence) to leave GPU room for "
                                               f"(default: {LoadOptions.tokens})")
     if offload:
         g.add_argument("--offload-folder", help="where weights that spill to disk go")
@@ -79,35 +135,39 @@ def _prompts(g) -> None:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", action="append", help="a file: one prompt per line, or JSONL with text or token_ids")
     g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    g.add_argument("--max-tokens", type=int, help="refuse prompts longer than this")
+    g.add_argument("--max-tokens", type=count, help="refuse prompts longer than this")
     g.add_argument("--points", help=f"what to capture, comma list of {','.join(POINTS)} "
                                     f"(default: {','.join(DEFAULT_POINTS)})")
-    g.add_argument("--batch-size", type=int, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
+    g.add_argument("--batch-size", type=count, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
 
 
-def _tolerances(p, prompt_filter: bool = True) -> None:
+def _tolerances(p, compare: bool = True) -> None:
     """Tolerances and report options, shared by `compare` and `test` (which compares every prompt)."""
     g = p.add_argument_group("tolerances (default: by dtype; a tensor uses the last matching --tolerance, else the "
                              "file, else the global limits, else the dtype default)")
     g.add_argument("--tolerance", action="append", default=[], metavar="PATTERN=CHECKS",
                    help="e.g. 'model.layers.*:output=rel_l2<3e-2' or 'lm_head:output=kl<1e-3,top1>=0.99' (repeatable)")
     g.add_argument("--tolerance-file", metavar="FILE", help="a .toml or .json file of rules and global limits")
-    g.add_argument("--rtol", type=float, help="allclose: every |ref - cand| <= atol + rtol |ref|")
-    g.add_argument("--atol", type=float, help="allclose absolute term (0 when only --rtol is given)")
-    g.add_argument("--max-rel-l2", type=float, help="largest ||ref - cand|| / ||ref||")
-    g.add_argument("--min-cosine", type=float, help="smallest cosine similarity")
-    g.add_argument("--max-abs", type=float, help="largest |ref - cand|")
-    g.add_argument("--max-kl", type=float, help="largest mean KL(ref || cand) of the logits, in nats")
-    if prompt_filter:
-        p.add_argument("--prompts", help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+    g.add_argument("--rtol", type=limit, help="allclose: every |ref - cand| <= atol + rtol |ref|")
+    g.add_argument("--atol", type=limit, help="allclose absolute term (0 when only --rtol is given)")
+    g.add_argument("--max-rel-l2", type=limit, help="largest ||ref - cand|| / ||ref||")
+    g.add_argument("--min-cosine", type=cosine, help="smallest cosine similarity")
+    g.add_argument("--max-abs", type=limit, help="largest |ref - cand|")
+    g.add_argument("--max-kl", type=limit, help="largest mean KL(ref || cand) of the logits, in nats")
+    if compare:  # test compares every prompt it ran, with no baseline
+        p.add_argument("--prompt-index", metavar="INDICES",
+                       help="compare only these prompt indices: 0,2 or 0-3 (default: all)")
+        p.add_argument("--prompts", action=_Renamed, new="--prompt-index",
+                       why="--prompts names a prompt file, in extract and test")
         p.add_argument("--metrics-device", help="where the metrics are computed (default: cuda:0 when a GPU is "
                                                 "present, else cpu)")
-    p.add_argument("--tie-threshold", type=float, help="router score (sigmoid of the logit) margin of a near-tie "
+        p.add_argument("--noise-factor", type=limit, help="with --baseline, a tensor within this many noise floors "
+                                                          f"passes (default: {CompareOptions.noise_factor:g})")
+    p.add_argument("--tie-threshold", type=limit, help="router score (sigmoid of the logit) margin of a near-tie "
                                                        "(default: by dtype, 1e-4 for fp32 to 1e-2 for bf16)")
-    p.add_argument("--noise-factor", type=float, help="with --baseline, a tensor within this many noise floors passes "
-                                                      f"(default: {CompareOptions.noise_factor:g})")
-    p.add_argument("--logits-topk", type=int,
+    p.add_argument("--logits-topk", type=count,
                    help=f"k of the logits' top-k overlap (default: {CompareOptions.logits_topk})")
+    p.add_argument("--per-prompt", action="store_true", help="print every prompt's logits line (default: a summary)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
@@ -136,7 +196,7 @@ def _check(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="a CPU-only run is intended: no GPU is not a failure")
     p.add_argument("--max-memory", help="per-device limit for the fit check")
     p.add_argument("--dtype", help=f"compute dtype for the fit check (default: {LoadOptions.dtype})")
-    p.add_argument("--tokens", type=int, help=f"forward-pass size (default: {LoadOptions.tokens})")
+    p.add_argument("--tokens", type=count, help=f"forward-pass size (default: {LoadOptions.tokens})")
     p.add_argument("--out", help=f"where dumps will be written, for the disk check (default: {CheckOptions.out_dir})")
     _quant(p, "dequantize")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
@@ -173,7 +233,7 @@ def _extract(sub) -> None:
                    help="also capture every module whose named_modules() path the regex matches in full: its "
                         "output (default), :input or :input,output (repeatable), e.g. "
                         "'model\\.layers\\.\\d+\\.self_attn\\.q_proj'")
-    g.add_argument("--pinned-gib", type=float,
+    g.add_argument("--pinned-gib", type=amount,
                    help=f"host memory for in-flight GPU->host copies (default: {ExtractOptions.pinned_budget_gib})")
     g = p.add_argument_group("placement")
     _placement(g)
@@ -192,7 +252,12 @@ def _extract(sub) -> None:
 def _import(sub) -> None:
     p = sub.add_parser("import", help="turn tensors from another engine (SGLang or vLLM dumps, .npy/.pt/.safetensors) "
                                       "into a run",
-                       description="Import foreign tensors into a run (docs/FORMAT.md, Importing).")
+                       description="Write a run (docs/FORMAT.md, Importing) from tensors another engine or a custom port "
+                                   "produced, so that compare can measure it against a layerwise run. SRC is an SGLang "
+                                   "dump, vLLM hidden-states files, one directory per prompt (0/, 1/, ...) of "
+                                   "<module path>.<role>.npy or .pt files and tokens.npy, or one .safetensors file "
+                                   "per prompt keyed <module path>:<role> and tokens. .pt files are read as tensors "
+                                   "only (no code runs).")
     p.add_argument("src", nargs="?", help="an SGLang dump directory, vLLM hidden-states files, 0/, 1/, ... with "
                                           "<module>.<role>.npy and tokens.npy, or 0.safetensors, ...")
     p.add_argument("--out", help="run directory to write")
@@ -251,7 +316,7 @@ def _test(sub) -> None:
                    help="single / multi: torch's deterministic kernels (when the first layer, run twice, differs)")
     _placement(p.add_argument_group("placement (full, extract-all)"))
     _prompts(p.add_argument_group("prompts and capture (extract-all)"))
-    _tolerances(p, prompt_filter=False)
+    _tolerances(p, compare=False)
 
 
 # ------------------------------------------------------------------------------ args -> options
@@ -305,8 +370,9 @@ def compare_options(args, prompts: str | None = None) -> CompareOptions:
                                   max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, max_abs=args.max_abs,
                                   max_kl=args.max_kl)
     return options(CompareOptions, tolerances=tolerances, prompts=prompt_indices(prompts),
-                   tie_threshold=args.tie_threshold, logits_topk=args.logits_topk, noise_factor=args.noise_factor,
-                   verify=not args.no_verify, device=getattr(args, "metrics_device", None))
+                   tie_threshold=args.tie_threshold, logits_topk=args.logits_topk,
+                   noise_factor=getattr(args, "noise_factor", None), verify=not args.no_verify,
+                   device=getattr(args, "metrics_device", None))
 
 
 def single_device(device_map: str | None) -> str | None:
@@ -321,12 +387,12 @@ def single_device(device_map: str | None) -> str | None:
 
 
 def prompt_indices(text: str | None) -> tuple[int, ...] | None:
-    """`--prompts "0,2"` or `"0-3,7"` -> (0, 2) / (0, 1, 2, 3, 7)."""
+    """`--prompt-index "0,2"` or `"0-3,7"` -> (0, 2) / (0, 1, 2, 3, 7)."""
     if text is None:
         return None
     try:
         return parse_indices(text)
     except BadSelection as err:
         if err.reversed_range:
-            raise UserError(f"--prompts {text!r}: {err.part!r} is not a valid index or range") from None
-        raise UserError(f"--prompts {text!r}: expected prompt indices like 0,2 or 0-3") from None
+            raise UserError(f"--prompt-index {text!r}: {err.part!r} is not a valid index or range") from None
+        raise UserError(f"--prompt-index {text!r}: expected prompt indices like 0,2 or 0-3") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,12 @@ import torch
 from . import tensorfile
 from .errors import UserError
 from .names import layer_parts
+from .paths import hf_cache_root, inside
 from .quant import FP8_DTYPE, SCALE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+_SHARD = re.compile(r"(.+)-\d+-of-(\d+)\.safetensors")
 _FLOAT_SCALES = {tensorfile.code(t) for t in (torch.float32, torch.bfloat16, torch.float16)}
 
 
@@ -42,18 +45,31 @@ class CheckpointCheck:
 
 
 def weight_map(directory: Path) -> dict[str, str]:
-    """{tensor name: shard file name} from the index, or from the single model.safetensors."""
+    """{tensor name: shard file name} from the index, or from the single model.safetensors.
+    Every shard must lie inside the checkpoint (paths.inside; a Hugging Face cache snapshot's
+    links into its repository's blobs/ are inside)."""
     index = directory / INDEX_NAME
     if index.is_file():
         try:
-            data = json.loads(index.read_text())
-            return dict(data["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index} is not a valid safetensors index (needs a weight_map): re-download it") from None
-    single = directory / SINGLE_NAME
+            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            wmap = None
+        if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            raise UserError(f"{index} is not a valid safetensors index (needs a weight_map of tensor name to shard "
+                            "file): re-download it")
+        for shard in set(wmap.values()):
+            member(directory, shard, f"{index} weight_map")
+        return wmap
+    single = member(directory, SINGLE_NAME, f"checkpoint {directory}")
     if single.is_file():
         return {name: SINGLE_NAME for name in tensorfile.read_header(single)}
     raise UserError(f"{directory} holds no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
+
+
+def member(directory: Path, name: str, where: str) -> Path:
+    """A file of the checkpoint, refused unless it resolves inside it (or, for a Hugging Face cache
+    snapshot, inside its repository, where the snapshot's links point)."""
+    return inside(directory, name, where, also=hf_cache_root(directory))
 
 
 def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
@@ -70,7 +86,7 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
     for name, shard in wmap.items():
         listed.setdefault(shard, set()).add(name)
     for shard in shards:
-        path = directory / shard
+        path = member(directory, shard, f"{directory / INDEX_NAME} weight_map")
         if not path.is_file():
             problems.append(f"shard {shard} is listed in the index but missing from {directory}")
             continue
@@ -84,6 +100,10 @@ def inspect_checkpoint(directory: Path, scheme=None) -> CheckpointCheck:
         if missing:
             problems.append(f"shard {shard} lacks {len(missing)} tensor(s) the index puts there (first: {missing[0]})")
         infos.update(header)
+    unlisted = _unlisted_shards(directory, set(listed))
+    if unlisted:
+        problems.append(f"shard {unlisted[0]} is in {directory} but the index lists none of its tensors "
+                        f"({len(unlisted)} such shard(s)): re-download the index")
     if scheme is not None:
         problems += fp8_scale_problems(infos, scheme)
     return CheckpointCheck(directory, shards, len(wmap), total, tuple(problems))
@@ -115,11 +135,21 @@ def fp8_scale_problems(infos: dict[str, dict], scheme) -> list[str]:
     return problems
 
 
+def _unlisted_shards(directory: Path, listed: set[str]) -> list[str]:
+    """Shards of the index's own series (`model-00004-of-00004.safetensors`) that it lists no
+    tensor of: the index dropped their entries. Other files (Mistral's consolidated.safetensors)
+    are not the index's business."""
+    series = {m.group(1, 2) for m in map(_SHARD.fullmatch, listed) if m}
+    return sorted(p.name for p in directory.glob("*.safetensors")
+                  if p.name not in listed and (m := _SHARD.fullmatch(p.name)) and m.group(1, 2) in series)
+
+
 def require_complete(directory: Path, scheme=None) -> CheckpointCheck:
     report = inspect_checkpoint(directory, scheme)
-    if report.problems:
-        more = f" (and {len(report.problems) - 1} more problem(s); run layerwise check)" if len(report.problems) > 1 else ""
-        raise UserError(report.problems[0] + more)
+    problems = list(report.problems) or index_gaps(weight_map(Path(directory)))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run layerwise check)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
     return report
 
 
@@ -135,7 +165,8 @@ def read_tensors(directory: Path, names: list[str], device: str = "cpu", wmap: d
         by_shard.setdefault(wmap[name], []).append(name)
     out = {}
     for shard, shard_names in by_shard.items():
-        out.update(tensorfile.read_tensors(Path(directory) / shard, shard_names, torch.device(device)))
+        path = member(Path(directory), shard, f"checkpoint {directory}")
+        out.update(tensorfile.read_tensors(path, shard_names, torch.device(device)))
     return out
 
 

@@ -7,19 +7,24 @@ traceback. The flags and their defaults are arguments.py's; the renderings repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from . import arguments, loading, machine, models, plot, readiness, report
-from .atomic import write_text_atomic
+from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
+from .formatting import plural, wrap
 from .extract import extract, gather_prompts
 from .engines.namemap import to_toml
 from .importer import import_map, import_run
+from .recording import nonfinite_notes
 from .layer_test import compare_layer_test, run_layer_test
-from .sizes import format_bytes, parse_gpus
+from .sizes import NoGpu, format_bytes, parse_gpus
 from .streaming import stream_extract
 from .tokenmap import token_map
 
@@ -31,7 +36,41 @@ def _emit_json(data, target: str | None) -> None:
     if target in (None, "-"):
         print(text)
     else:
-        write_text_atomic(target, text + "\n")
+        with _writing(target, "--json"):
+            write_text_atomic(target, text + "\n")
+
+
+@contextlib.contextmanager
+def _writing(path: str, flag: str):
+    """A report file that cannot be written is one line (exit 2), not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write {flag} {path}: {io_reason(err)}") from None
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    """Before any work: an output file's directory must exist and take files."""
+    if path in (None, "-"):
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "does not exist" if not parent.exists() else ("is not a directory" if not parent.is_dir()
+                                                             else "is not writable")
+        raise UserError(f"cannot write {flag} {path}: {parent} {why}")
+
+
+def _print(line: str, file=None) -> None:
+    """A line of output, wrapped to 100 columns."""
+    print("\n".join(wrap(line)), file=file or sys.stdout)
+
+
+def _warn(notes) -> None:
+    for note in notes:
+        print(f"layerwise: warning: {note}", file=sys.stderr)
 
 
 def cmd_check(args) -> int:
@@ -47,7 +86,10 @@ def cmd_plan(args) -> int:
     ref = models.resolve_model(args.model)
     config = models.load_config(ref).config
     gpu_bytes = parse_gpus(args.gpus) if args.gpus else None
-    plan = loading.plan_load(ref, config, arguments.load_options(args), gpu_bytes=gpu_bytes)
+    try:
+        plan = loading.plan_load(ref, config, arguments.load_options(args), gpu_bytes=gpu_bytes)
+    except NoGpu as err:
+        raise UserError(f"{err}, or simulate a machine with --gpus (e.g. --gpus 8x80GB)") from None
     if args.json:
         _emit_json(report.plan_json(plan), None)
     else:
@@ -97,20 +139,20 @@ def cmd_extract(args) -> int:
             result = extract_gguf(args.model, args.out, items, options, device=args.device or "cpu")
         elif args.stream:
             result, stats = stream_extract(args.model, args.out, items, options, arguments.stream_options(args))
-            print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
-                  f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
-                  f"{format_bytes(stats.peak_device_bytes)}")
+            _print(f"streamed {format_bytes(stats.weights_read_bytes)} of weights, one layer at a time "
+                   f"(reading {stats.read_seconds:.2f} s, waiting {stats.wait_seconds:.2f} s); peak device memory "
+                   f"{format_bytes(stats.peak_device_bytes)}")
         else:
             result = extract(args.model, args.out, items, options, arguments.load_options(args), progress=update)
     finally:
         close()
-    resumed = f", {result.resumed_batches} batch(es) already on disk" if result.resumed_batches else ""
-    print(f"wrote run {result.path}: {result.prompts} prompt(s), {result.tensors} tensors, "
-          f"{format_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}; "
-          f"forward {result.forward_seconds:.2f} s; peak host RAM {format_bytes(result.peak_rss_bytes)}, "
-          f"pinned {format_bytes(result.pinned_peak_bytes)}")
-    for note in result.notes:
-        print(f"note: {note}")
+    resumed = f", {plural(result.resumed_batches, 'batch', 'batches')} already on disk" \
+        if result.resumed_batches else ""
+    _print(f"wrote run {result.path}: {plural(result.prompts, 'prompt')}, {plural(result.tensors, 'tensor')}, "
+           f"{format_bytes(result.bytes)}{resumed}")
+    print(f"  {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s), forward {result.forward_seconds:.2f} s; "
+          f"peak host RAM {format_bytes(result.peak_rss_bytes)}, pinned {format_bytes(result.pinned_peak_bytes)}")
+    _warn(result.notes)
     return EXIT_OK
 
 
@@ -123,9 +165,10 @@ def cmd_import(args) -> int:
     manifest = import_run(args.src, args.out, **arguments.import_options(args))
     settings = manifest["settings"]
     print(f"wrote run {args.out} from {settings['format']} ({settings.get('dtype') or 'no activations'}): "
-          f"{len(manifest['prompts'])} prompt(s), {len(manifest['tensors'])} tensors")
+          f"{plural(len(manifest['prompts']), 'prompt')}, {plural(len(manifest['tensors']), 'tensor')}")
     for note in manifest.get("notes") or []:
         print(f"note: {note}")
+    _warn(nonfinite_notes(manifest))
     return EXIT_OK
 
 
@@ -137,23 +180,32 @@ def _progress_line(done: int, total: int) -> None:
 
 def _write_pictures(result, args) -> None:
     if args.plot:
-        plot.write_plot(result, args.plot)
+        with _writing(args.plot, "--plot"):
+            plot.write_plot(result, args.plot)
     if args.html:
-        plot.write_html(result, args.html, token_map(result))
+        with _writing(args.html, "--html"):
+            plot.write_html(result, args.html, token_map(result))
+
+
+def _check_outputs(args) -> None:
+    """Before reading gigabytes: matplotlib for pictures, and every output file writable."""
+    if args.plot or args.html:
+        plot.require_matplotlib()
+    for flag in ("json", "plot", "html"):
+        _check_writable(getattr(args, flag), f"--{flag}")
 
 
 def cmd_test(args) -> int:
     options = arguments.test_options(args)
     prompts = gather_prompts(args.prompt, args.prompts) if (args.prompt or args.prompts) else None
     compare = arguments.compare_options(args)
-    if args.plot or args.html:
-        plot.require_matplotlib()  # before any work, not after
+    _check_outputs(args)
     result = run_layer_test(args.model, options, prompts)
     tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None)
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
-        print(report.layer_test_text(tested))
+        print(report.layer_test_text(tested, per_prompt=args.per_prompt))
     main_report = tested.reports.get(tested.decides) if tested.decides else None
     if main_report is not None:
         _write_pictures(main_report, args)
@@ -161,15 +213,14 @@ def cmd_test(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    options = arguments.compare_options(args, args.prompts)
-    if args.plot or args.html:
-        plot.require_matplotlib()  # before reading gigabytes, not after
+    options = arguments.compare_options(args, args.prompt_index)
+    _check_outputs(args)
     progress = _progress_line if sys.stderr.isatty() else None
     result = compare_paths(args.reference, args.candidate, options, args.baseline, progress=progress)
     if args.json:
         _emit_json(report.report_json(result), args.json)
     if args.json != "-":
-        print(report.report_text(result))
+        print(report.report_text(result, per_prompt=args.per_prompt))
     _write_pictures(result, args)
     return EXIT_OK if result.passed else EXIT_FAIL
 
@@ -184,13 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return COMMANDS[args.command](args)
-    except UserError as err:
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone away (| head) shows here, not at interpreter exit
+        return code
+    except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
         print(f"layerwise: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
     except KeyboardInterrupt:
         print("layerwise: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

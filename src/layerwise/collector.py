@@ -14,7 +14,6 @@ The sink pushes tensors to a writer (`RunWriter.put`) and never opens a file its
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading

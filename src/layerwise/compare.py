@@ -23,6 +23,7 @@ import torch
 
 from .align import Alignment, align_runs
 from .errors import UserError
+from .formatting import plural
 from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorMetrics, logits_metrics, pool_logits,
                       tensor_metrics)
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
@@ -350,9 +351,11 @@ def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: b
 
 
 def _growth(out_err: float | None, in_err: float | None) -> float | None:
-    if out_err is None or in_err is None or (out_err == 0 and in_err == 0):
+    """rel_l2 out / rel_l2 in; None where there is no input error to grow (the first layer, an
+    isolated test, an exact input) or no measure."""
+    if out_err is None or in_err is None or not in_err:
         return None
-    return out_err / in_err if in_err else math.inf
+    return out_err / in_err
 
 
 def _with_growth(rows: list[Row], layers_path: str, embed: str) -> list[Row]:
@@ -385,6 +388,6 @@ def _notes(rows: list[Row]) -> tuple[str, ...]:
                      "near-ties cannot be counted there; flips are still judged from both runs' logits")
     excused = [r for r in rows if r.excused]
     if excused:
-        notes.append(f"{len(excused)} tensors (first {excused[0].name}) pass only without the tokens whose expert "
+        notes.append(f"{plural(len(excused), 'tensor')} (first {excused[0].name}) pass{'es' if len(excused) == 1 else ''} only without the tokens whose expert "
                      "set flipped at a near-tie or by noise-level router scores (ok* in the table)")
     return tuple(notes)

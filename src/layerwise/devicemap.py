@@ -21,9 +21,11 @@ SPILL_DEVICES = ("cpu", "disk")
 def read_device_map_file(path: str) -> dict:
     """A JSON file {module path: device}; devices are GPU indices, "cuda:N", "cpu" or "disk"."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"device-map file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read device-map file {path!r}: {getattr(err, 'strerror', None) or err}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"device-map file {path!r} is not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(raw, dict) or not raw:
@@ -32,6 +34,8 @@ def read_device_map_file(path: str) -> dict:
 
 
 def normalize_device(value, where: str) -> int | str:
+    if isinstance(value, bool):  # JSON true is not GPU 1
+        raise UserError(f"{where}: {value!r} is not a device (use a GPU index, cuda:N, cpu or disk)")
     if isinstance(value, int) and value >= 0:
         return value
     text = str(value).strip().lower()

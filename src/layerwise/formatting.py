@@ -8,6 +8,21 @@ hold.
 from __future__ import annotations
 
 import math
+import textwrap
+
+WIDTH = 100  # terminal output lines are at most this long
+
+
+def wrap(line: str, indent: int | str = 2, width: int = WIDTH) -> list[str]:
+    """One logical line as lines of at most `width` columns; continuation lines indented by
+    `indent` spaces (or the string given). Words longer than a line (paths) are not broken."""
+    pad = indent if isinstance(indent, str) else " " * indent
+    return textwrap.wrap(line, width, subsequent_indent=pad, break_long_words=False, break_on_hyphens=False) or [""]
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 prompt`, `2 prompts`, `0 prompts` (`words`: an irregular plural)."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
 
 
 def sci(value: float | None) -> str:
@@ -18,6 +33,14 @@ def sci(value: float | None) -> str:
     if math.isinf(value) or math.isnan(value):
         return str(value)
     return f"{value:.1e}"
+
+
+def error_cells(rel_l2: float | None, cosine: float | None, nonfinite_mismatch: int | None) -> tuple[str, str]:
+    """rel_l2 and cosine as shown: "nan" where NaN/Inf sit in one run only (the sums leave those
+    positions out, so the numbers would describe only what is left)."""
+    if nonfinite_mismatch:
+        return "nan", "nan"
+    return sci(rel_l2), "-" if cosine is None else f"{cosine:.6f}"
 
 
 def growth(value: float | None) -> str:

@@ -20,14 +20,16 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .engines import namemap, sglang, vllm
 from .engines.namemap import NameMap, combine_into, load_map
 from .engines.source import ImportSource
 from .errors import UserError
+from .engines.files import first_line, load_array
 from .names import INPUT, OUTPUT, ROLES, WHOLE_ROLES, file_group, split_name, tensor_name
+from .paths import listed_inside
+from .schema import token_ids
 from .recording import Recording
 from .runs import Intent, library_versions
 
@@ -64,21 +66,6 @@ def renamer(rules: list[tuple[re.Pattern, str]]):
     return rename
 
 
-def load_array(path: Path) -> torch.Tensor:
-    """A tensor from .npy or .pt (a bare tensor, or SGLang's {"value": tensor, "meta": ...})."""
-    try:
-        if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # numpy and torch raise many types for a bad file
-        raise UserError(f"cannot read {path}: {err}") from None
-    if isinstance(value, dict) and "value" in value:
-        value = value["value"]
-    if not isinstance(value, torch.Tensor):
-        raise UserError(f"{path} holds a {type(value).__name__}, not a tensor")
-    return value
-
-
 # ------------------------------------------------------------------------------- detection
 
 def detect_format(src: Path) -> str:
@@ -107,19 +94,33 @@ def _raw_name(stem: str) -> str:
 
 def _local_source(src: Path, fmt: str, name_map: NameMap, rename) -> ImportSource:
     """`dirs` and `safetensors`: {prompt: {raw name: file or tensor}}, one unit per prompt."""
+    where = f"import source {src}"
     entries: list[tuple[int, dict]] = []
     if fmt == "dirs":
-        for d in sorted((p for p in src.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-            files = {f.name[: -len(f.suffix)]: f for f in sorted(d.iterdir()) if f.suffix in (".npy", ".pt")}
-            entries.append((int(d.name), {("tokens" if s == "tokens" else _raw_name(s)): f for s, f in files.items()}))
+        for d in sorted((listed_inside(src, p, where) for p in src.iterdir() if p.is_dir() and p.name.isdigit()),
+                        key=lambda p: int(p.name)):
+            found: dict = {}
+            for f in sorted(d.iterdir()):
+                if f.suffix not in (".npy", ".pt"):
+                    continue
+                stem = f.name[: -len(f.suffix)]
+                key = "tokens" if stem == "tokens" else _raw_name(stem)
+                if key in found:
+                    raise UserError(f"{d} holds {key} twice ({found[key].name} and {f.name}): keep one")
+                found[key] = listed_inside(src, f, where)
+            entries.append((int(d.name), found))
     else:
         if any(p.is_dir() and p.name.isdigit() for p in src.iterdir()):
             raise UserError(f"{src} mixes per-prompt directories and .safetensors files: use one layout")
         from safetensors import safe_open
 
-        for f in sorted((p for p in src.glob("*.safetensors") if p.stem.isdigit()), key=lambda p: int(p.stem)):
-            with safe_open(str(f), framework="pt") as fh:
-                entries.append((int(f.stem), {k: fh.get_tensor(k) for k in fh.keys()}))
+        for f in sorted((listed_inside(src, p, where) for p in src.glob("*.safetensors") if p.stem.isdigit()),
+                        key=lambda p: int(p.stem)):
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    entries.append((int(f.stem), {k: fh.get_tensor(k) for k in fh.keys()}))
+            except Exception as err:  # safetensors raises its own error type for a file not in its format
+                raise UserError(f"{f} is not a safetensors file ({first_line(err)})") from None
     if not entries:
         raise UserError(f"{src} holds no {'per-prompt directories' if fmt == 'dirs' else '0.safetensors, ...'}")
     indices = [i for i, _ in entries]
@@ -131,7 +132,7 @@ def _local_source(src: Path, fmt: str, name_map: NameMap, rename) -> ImportSourc
             raise UserError(f"prompt {index} in {src} has no tokens (tokens.npy or a 'tokens' key)")
         tokens = found["tokens"]
         tokens = load_array(tokens) if isinstance(tokens, Path) else tokens
-        prompts.append({"index": index, "text": None, "token_ids": [int(t) for t in tokens.reshape(-1).tolist()]})
+        prompts.append({"index": index, "text": None, "token_ids": _token_ids(tokens, f"prompt {index}'s tokens")})
 
     def units():
         for index, found in entries:
@@ -146,6 +147,15 @@ def _local_source(src: Path, fmt: str, name_map: NameMap, rename) -> ImportSourc
             yield {index: tensors}
 
     return ImportSource(fmt, prompts, units)
+
+
+def _token_ids(value: torch.Tensor, where: str) -> list[int]:
+    """A prompt's token ids: a 1-D (or [1, seq]) tensor of non-negative integers."""
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise UserError(f"{where} holds {str(value.dtype).removeprefix('torch.')} values, not integer token ids")
+    if value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1):
+        raise UserError(f"{where} has shape {list(value.shape)}: token ids are [seq] or [1, seq]")
+    return token_ids(value.reshape(-1).tolist(), where)
 
 
 def open_source(src: Path, fmt: str | None, map_file: str | None, rename, decode: str,

@@ -49,7 +49,7 @@ from .quant import DEFAULT_FP8_BACKEND
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
 from .placement import meta_model
-from .quiet import quiet_transformers
+from .quiet import loading_errors, quiet_transformers
 from .weights import CheckpointStore, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class LayerSource:
         if self.options.attn_implementation:
             kwargs["attn_implementation"] = self.options.attn_implementation
         cls = models.model_class(config)
-        with _BUILD_LOCK, quiet_transformers():
+        with _BUILD_LOCK, loading_errors(self.ref.spec), quiet_transformers():
             model, info = cls.from_pretrained(None, **kwargs)
         model.eval()
         layer_path = f"{self.anatomy.layers_path}.0"
@@ -341,7 +341,7 @@ def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: Memory
 def load_whole_on_cpu(ref: models.ModelRef, dtype: torch.dtype) -> nn.Module:
     """A model without a per-tensor index (a .gguf file), loaded whole on the CPU by transformers."""
     config = models.load_config(ref).config
-    with quiet_transformers():
+    with loading_errors(ref.spec, models.GGUF_HINT), quiet_transformers():
         model = models.model_class(config).from_pretrained(str(ref.directory), config=config, dtype=dtype,
                                                            device_map={"": "cpu"}, gguf_file=ref.path.name)
     return model.eval()

@@ -28,7 +28,7 @@ from .devicemap import DEFAULT_DEVICE_MAP, device_name, device_of
 from .errors import UserError
 from .layer_loading import LayerOptions, open_layers
 from .placement import Plan
-from .quiet import quiet_transformers
+from .quiet import loading_errors, quiet_transformers
 from .sizes import format_bytes
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,13 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
     if ref.kind == "gguf":
         kwargs["gguf_file"] = ref.path.name
     cls = models.model_class(config)
-    with quiet_transformers(progress):
-        return cls.from_pretrained(str(ref.directory), **kwargs)
+    with loading_errors(ref.spec, models.GGUF_HINT if ref.kind == "gguf" else None), quiet_transformers(progress):
+        model, info = cls.from_pretrained(str(ref.directory), output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with fresh random values, and say so only in a silenced log
+        raise UserError(f"{ref.spec} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]}): "
+                        "re-download it, or fix its index")
+    return model
 
 
 def _assemble_fp8(ref, mc, plan, options: LoadOptions):
@@ -198,12 +203,14 @@ def load_tokenizer(ref: models.ModelRef):
     from transformers import AutoTokenizer
 
     try:
-        if ref.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(ref.directory), gguf_file=ref.path.name)
-        return AutoTokenizer.from_pretrained(str(ref.path))
-    except (OSError, ValueError) as err:
+        with quiet_transformers():
+            if ref.kind == "gguf":
+                return AutoTokenizer.from_pretrained(str(ref.directory), gguf_file=ref.path.name)
+            return AutoTokenizer.from_pretrained(str(ref.path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        log.warning("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, reason)
+        # not a warning: prompts given as token ids need none, and text prompts fail saying so
+        log.info("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, reason)
         return None
 
 

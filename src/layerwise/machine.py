@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -48,6 +50,16 @@ def gpus() -> list[Gpu]:
 def default_device() -> str:
     """Where one device's work runs unless told: cuda:0 when a GPU is present, else the CPU."""
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def usable_device(device: str | None) -> str:
+    """`device` (default: default_device()) if torch can put a tensor there, else a UserError."""
+    device = device or default_device()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
+    return device
 
 
 def gpu_memory() -> list[GpuMemory]:

@@ -28,8 +28,12 @@ import torch
 from . import zoo
 from .errors import UserError
 from .quant import QuantScheme, scheme_of
+from .paths import hf_cache_root, inside
+from .quiet import loading_errors, quiet_transformers
+from .schema import is_int
 
 BUILTIN_PREFIX = "builtin:"
+GGUF_HINT = "a truncated download or not a GGUF file: re-download it"
 
 # Per model_type: parameter/buffer name patterns the reference keeps in fp32 (the router).
 FP32_ROUTER_PATTERNS = {
@@ -123,6 +127,7 @@ def resolve_model(spec: str) -> ModelRef:
     if not (path / "config.json").is_file():
         what = "is empty" if not any(path.iterdir()) else "has no config.json"
         raise UserError(f"model directory {spec!r} {what}: point at a Hugging Face checkpoint directory")
+    inside(path, "config.json", f"model directory {spec!r}", also=hf_cache_root(path))  # a link out is refused
     return ModelRef(spec, "checkpoint", path.resolve())
 
 
@@ -137,23 +142,35 @@ def load_config(ref: ModelRef, check_quant: bool = True):
         config = AutoConfig.for_model(model_type, **raw)
     elif ref.kind == "gguf":
         _require_gguf()
-        config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.path.name)
+        with loading_errors(ref.spec, GGUF_HINT), quiet_transformers():
+            config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.path.name)
     else:
         _check_config_json(ref.path / "config.json")
         try:
-            config = AutoConfig.from_pretrained(ref.path)
-        except (ValueError, KeyError, OSError) as err:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(ref.path)
+        except (ValueError, KeyError, OSError, TypeError) as err:
             raise UserError(f"{ref.path / 'config.json'} cannot be read by transformers: {_first_line(err)}") from None
     return ModelConfig(config, apply_config_fixes(config), scheme_of(config) if check_quant else None)
 
 
+# Sizes a config must give as whole numbers >= 1 where it gives them (a 0, a string or `true`
+# would build a model without layers or fail deep inside transformers).
+_SIZES = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size", "head_dim", "max_position_embeddings", "num_local_experts", "num_experts_per_tok")
+
+
 def _check_config_json(path: Path) -> None:
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): fix or re-download it") from None
-    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise UserError(f"{path} is not valid JSON ({why}): fix or re-download it") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str) or not raw["model_type"]:
         raise UserError(f"{path} has no model_type: it is not a transformers config (add e.g. \"model_type\": \"llama\")")
+    for key in _SIZES:
+        if raw.get(key) is not None and not (is_int(raw[key]) and raw[key] >= 1):
+            raise UserError(f"{path}: {key} is {raw[key]!r}, not a whole number >= 1: fix or re-download it")
 
 
 def _first_line(err: Exception) -> str:

@@ -159,6 +159,9 @@ class BadSelection(ValueError):
         self.reversed_range = reversed_range  # (first, last) of a range written backwards
 
 
+MAX_SPAN = 1_000_000  # a range wider than this is a typo, not a selection (it would fill memory)
+
+
 def parse_indices(text: str) -> tuple[int, ...]:
     """`"0-3,7"` -> (0, 1, 2, 3, 7): non-negative indices and inclusive ranges, comma separated,
     in the order written, each once. A part that is neither raises BadSelection, whose
@@ -172,7 +175,7 @@ def parse_indices(text: str) -> tuple[int, ...]:
             lo, hi = int(first), int(last) if sep else int(first)
         except ValueError:
             raise BadSelection(part) from None
-        if lo < 0:
+        if lo < 0 or hi - lo > MAX_SPAN or not (first.strip().isdigit() and (not sep or last.strip().isdigit())):
             raise BadSelection(part)
         if hi < lo:
             raise BadSelection(part, reversed_range=(lo, hi))

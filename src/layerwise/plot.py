@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import UserError
-from .formatting import growth, sci, times
+from .formatting import error_cells, growth, plural, sci, times
 from .names import OUTPUT, part_in_layer, split_name
 from .report import report_text
 
@@ -56,10 +56,36 @@ def _zero_level(report: Report) -> float:
     return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-16
 
 
-def _series(report: Report, part: str, zero: float) -> tuple[list[int], list[float]]:
-    points = [(r.layer, r.rel_l2) for r in report.rows
+def _series(report: Report, part: str, zero: float, judged: bool = False) -> tuple[list[int], list[float]]:
+    """rel_l2 by layer of one part (as judged: without the excused diverted tokens, if `judged`);
+    NaN/Inf in one run only is a gap (marked apart), an exact zero sits at `zero`."""
+    points = [(r.layer, float("nan") if r.nonfinite_mismatch else
+               (r.judged_rel_l2 if judged and r.excused else r.rel_l2)) for r in report.rows
               if r.layer is not None and r.rel_l2 is not None and _part(r) == part]
     return [x for x, _ in points], [max(y, zero) if math.isfinite(y) else float("nan") for _, y in points]
+
+
+def _draw_errors(ax, report: Report, zero: float) -> None:
+    """rel_l2 of each layer's output, attention and MLP as judged. Where tokens diverted by
+    routing flips were excused, the output line leaves them out (the legend says so) and the
+    error over every token is drawn faintly beside it."""
+    excused = [r for r in report.rows if r.layer is not None and r.excused and _part(r) == OUTPUT]
+    for part, style in ((OUTPUT, "-o"), ("self_attn", "--"), ("mlp", ":")):
+        xs, ys = _series(report, part, zero, judged=True)
+        if xs:
+            label = f"{part} rel_l2"
+            if part == OUTPUT and excused:
+                label += f" as judged: without tokens diverted by routing flips ({plural(len(excused), 'layer')})"
+            elif any(r.excused and _part(r) == part for r in report.rows if r.layer is not None):
+                label += " as judged"
+            ax.plot(xs, ys, style, markersize=3, label=label)
+    if excused:
+        xs, ys = _series(report, OUTPUT, zero)
+        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.3, linewidth=1, label="output rel_l2 over every token")
+    bad = [r.layer for r in report.rows if r.layer is not None and r.nonfinite_mismatch]
+    for x in sorted(set(bad)):
+        ax.annotate("NaN/Inf", (x, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=8,
+                    color="tab:red")
 
 
 def plot_png(report: Report) -> bytes:
@@ -72,15 +98,7 @@ def plot_png(report: Report) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     ax, zero = axes[0], _zero_level(report)
-    for part, style in ((OUTPUT, "-o"), ("self_attn", "--"), ("mlp", ":")):
-        xs, ys = _series(report, part, zero)
-        if xs:
-            ax.plot(xs, ys, style, markersize=3, label=f"{part} rel_l2")
-    excused = [(r.layer, max(r.judged_rel_l2, zero)) for r in report.rows
-               if r.layer is not None and r.excused and _part(r) == OUTPUT]
-    if excused:
-        ax.plot([x for x, _ in excused], [y for _, y in excused], "s", color="tab:blue", fillstyle="none",
-                label="output rel_l2 without tokens diverted by routing flips")
+    _draw_errors(ax, report, zero)
     outputs = [r for r in report.rows if r.layer is not None and _part(r) == OUTPUT]
     limits = [(r.layer, r.rel_l2_limit) for r in outputs if r.rel_l2_limit is not None]
     if limits:
@@ -98,9 +116,6 @@ def plot_png(report: Report) -> bytes:
     finite = [g for _, g in growth if math.isfinite(g) and g > 0] + [1.0]
     axes[1].plot([x for x, _ in growth], [g if math.isfinite(g) and g > 0 else float("nan") for _, g in growth], "-o",
                  markersize=3, color="tab:purple")
-    for x, g in growth:
-        if math.isinf(g):  # no error in, error out: where an error starts
-            axes[1].annotate("inf", (x, 1.0), ha="center", va="bottom", fontsize=9, color="tab:red")
     axes[1].axhline(1.0, color="gray", linewidth=0.8)
     axes[1].set_yscale("log")
     axes[1].set_ylim(min(finite) / 3, max(finite) * 3)
@@ -144,11 +159,11 @@ def report_html(report: Report, token_map: TokenMap | None = None) -> str:
     body = []
     for r in report.rows:
         cls = "first" if r is first else ("fail" if not r.passed else "")
-        cells = [r.name, sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", sci(r.max_abs),
+        cells = [r.name, *error_cells(r.rel_l2, r.cosine, r.nonfinite_mismatch), sci(r.max_abs),
                  sci(r.mean_abs), "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}",
                  "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}", growth(r.growth),
                  times(r.x_floor),
-                 (f"ok* (without {r.excused} diverted tokens)" if r.excused else "ok") if r.passed
+                 (f"ok* (without {plural(r.excused, 'diverted token')})" if r.excused else "ok") if r.passed
                  else "FAIL: " + "; ".join(r.failures[:2])]
         body.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>layerwise compare</title>"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .schema import token_ids
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,15 @@ def read_prompt_file(path: str) -> list[str | list[int]]:
     """Plain text (one prompt per non-empty line) or JSONL ({"text": ...} or {"token_ids": [...]})."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    lines = file.read_text(encoding="utf-8").splitlines()
+        raise UserError(f"prompts file {path} " + ("is not a file" if file.exists() else "does not exist"))
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[:err.start].count(b"\n") + 1
+        raise UserError(f"prompts file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} on line {line}): "
+                        "save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read prompts file {path}: {err.strerror or err}") from None
     jsonl = file.suffix.lower() in (".jsonl", ".json") or (lines and lines[0].lstrip().startswith("{"))
     items: list[str | list[int]] = []
     for number, line in enumerate(lines, start=1):
@@ -45,9 +53,8 @@ def read_prompt_file(path: str) -> list[str | list[int]]:
                             '{"text": ...} or {"token_ids": [...]}') from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             items.append(obj["text"])
-        elif isinstance(obj, dict) and isinstance(obj.get("token_ids"), list) and obj["token_ids"] \
-                and all(isinstance(t, int) and t >= 0 for t in obj["token_ids"]):
-            items.append([int(t) for t in obj["token_ids"]])
+        elif isinstance(obj, dict) and "token_ids" in obj:
+            items.append(token_ids(obj["token_ids"], f"{path} line {number}"))
         else:
             raise UserError(f'{path} line {number} must be {{"text": "..."}} or {{"token_ids": [non-negative ints]}}')
     if not items:

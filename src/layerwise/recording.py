@@ -23,6 +23,8 @@ from pathlib import Path
 
 from .capture import Target
 from .collector import PINNED_BUDGET_BYTES, Collector
+from .formatting import plural
+from .names import Layout, layer_of, model_order_key, split_name
 from .runs import QUEUE_DEPTH, Intent, RunWriter
 
 
@@ -120,8 +122,26 @@ class Recording:
 
     def result(self, prompts: int, forward_seconds: float, resumed_batches: int = 0) -> ExtractResult:
         return ExtractResult(
-            path=self.writer.path, prompts=prompts, tensors=len(self.manifest["tensors"]),
+            path=self.writer.target, prompts=prompts, tensors=len(self.manifest["tensors"]),
             bytes=self.writer.bytes_written, seconds=self.seconds, forward_seconds=forward_seconds,
             resumed_batches=resumed_batches, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             pinned_peak_bytes=self.collector.pinned_peak_bytes if self.collector is not None else 0,
+            notes=tuple(nonfinite_notes(self.manifest)),
         )
+
+
+def nonfinite_notes(manifest: dict) -> list[str]:
+    """What a run's manifest says of the NaN/Inf the model produced: where they first appear
+    (tensor, layer, prompt) and how many tensors hold any; [] when none."""
+    found = manifest.get("nonfinite") or []
+    if not found:
+        return []
+    layout = Layout.of(manifest.get("anatomy"))
+    first = min(found, key=lambda e: (model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm,
+                                                      layout.head), e["prompt"]))
+    layer = layer_of(split_name(first["name"])[0], layout.layers_path)
+    where = f" (layer {layer})" if layer is not None else ""
+    prompts = len({e["prompt"] for e in found})
+    return [f"the model produced NaN/Inf: first at {first['name']}{where}, prompt {first['prompt']} "
+            f"({first['nan']} NaN, {first['inf']} Inf); {plural(len(found), 'tensor')} in "
+            f"{plural(prompts, 'prompt')} hold NaN/Inf (listed under \"nonfinite\" in manifest.json)"]

@@ -43,12 +43,12 @@ import torch
 from torch import nn
 
 from . import capture, models
-from .errors import UserError
+from .errors import CandidateError, UserError, origin, user_code
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
-from .machine import default_device
+from .machine import usable_device
 from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
-from .recording import Recording, config_sha256, model_record
+from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
 from .rebatch import deterministic, determinism, recorded_input, recorded_points, reference_batches
 from .streaming import run_layer
@@ -108,7 +108,8 @@ def load_candidate(spec: str) -> Callable:
         raise
     except Exception as err:  # the user's module: ImportError, SyntaxError, anything it raises
         first = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: {first}); "
+        where = f" at {origin(err)}" if not isinstance(err, (ImportError, SyntaxError)) else ""
+        raise UserError(f"--candidate {spec}: cannot import {module_name} ({type(err).__name__}: {first}{where}); "
                         "check the module path and PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if factory is None:
@@ -234,11 +235,14 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
         with deterministic(options.deterministic), torch.inference_mode():
             load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
                                                                 options, factory)
+        found = []  # NaN/Inf the layers produced, per output run
         for track in tracks:
             track.recording.close_capture()
             track.recording.finish({"producer": "layerwise test", "notes": notes,
                                     "determinism": {"checked": determinism[0] is not None,
                                                     "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
+            found += [f"{track.kind} run: {n}" for n in nonfinite_notes(track.recording.manifest)]
+    notes += found
     if determinism[0] is False:
         notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
                      f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
@@ -281,15 +285,18 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
     who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
     path = source.anatomy.layer(index)
     mine = [t for t in targets if t.group == path]
-    twice = determinism(run, loaded, module, path, batches[0], source, who) if check else None
-    for track in tracks:
-        if track.kind == "isolated" or not track.carry:
-            hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
-        else:
-            hidden = track.carry
-        out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine, str(source.device), who)
-        if track.kind == "chained":
-            track.carry = out
+    # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
+    with user_code(f"{who} raised", CandidateError) if factory else contextlib.nullcontext():
+        twice = determinism(run, loaded, module, path, batches[0], source, who) if check else None
+        for track in tracks:
+            if track.kind == "isolated" or not track.carry:
+                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+            else:
+                hidden = track.carry
+            out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
+                            str(source.device), who)
+            if track.kind == "chained":
+                track.carry = out
     return twice
 
 
@@ -298,11 +305,7 @@ def resolve_settings(run: Run, options: ReplayOptions) -> dict:
     ref = run.manifest.get("settings", {}) or {}
     dtype = options.dtype or ref.get("dtype") or models.DEFAULT_DTYPE
     models.parse_dtype(dtype)
-    device = options.device or default_device()
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
+    device = usable_device(options.device)
     return {"dtype": models.dtype_name(models.parse_dtype(dtype)),
             "attn_implementation": options.attn_implementation or ref.get("attn_implementation"),
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
@@ -329,7 +332,8 @@ def _candidate(factory: Callable, spec: str, source: LayerSource, loaded: Loaded
     config._attn_implementation = loaded.config._attn_implementation
     if hasattr(loaded.config, "_experts_implementation"):  # transformers >= 5.2x picks a fused MoE kernel
         config._experts_implementation = loaded.config._experts_implementation
-    module = factory(config, loaded.index, loaded.weights())
+    with user_code(f"--candidate {spec}: the factory raised building layer {loaded.index}"):
+        module = factory(config, loaded.index, loaded.weights())
     if not isinstance(module, nn.Module):
         raise UserError(f"--candidate {spec} returned {type(module).__name__} for layer {loaded.index}, "
                         "not a torch.nn.Module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .formatting import growth, json_safe, sci, table, times
+from .formatting import WIDTH, error_cells, growth, json_safe, plural, sci, table, times, wrap
 from .names import OUTPUT, format_ranges, part_in_layer
 from .sizes import format_bytes
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .readiness import Readiness
     from .routing import RoutingMetrics
 
-WIDTH = 100
 REPORT_FORMAT, REPORT_VERSION = "layerwise-compare-report", 1
 
 
@@ -58,9 +57,10 @@ def _first_failure(rows: list[Row]) -> str:
 
 # -------------------------------------------------------------------------------------- text
 
-def report_text(report: Report) -> str:
+def report_text(report: Report, per_prompt: bool = False) -> str:
     """The terminal report: one row per decoder layer and per extra point (fits 100 columns),
-    the first divergence marked `>>`, then its details, routing, logits and what was skipped."""
+    the first divergence marked `>>`, then its details, routing, logits (each prompt's line
+    with `per_prompt`, else a summary) and what was skipped."""
     lines = [_header(report), ""]
     baseline = report.baseline is not None
     head = ["", "layer", "rel_l2", "1-cos", "max_abs", "growth"] + (["x floor"] if baseline else []) \
@@ -80,7 +80,8 @@ def report_text(report: Report) -> str:
         main = _main_row(rows)
         mark = ">>" if first is not None and first in rows else ""
         rel = "nan/inf" if main.nonfinite_mismatch else sci(main.rel_l2)
-        cells = [mark, label, rel, sci(None if main.cosine is None else 1 - main.cosine),
+        one_minus_cos = "nan" if main.nonfinite_mismatch else sci(None if main.cosine is None else 1 - main.cosine)
+        cells = [mark, label, rel, one_minus_cos,
                  sci(main.max_abs), growth(main.growth)]
         if baseline:
             cells.append(times(main.x_floor))
@@ -94,9 +95,9 @@ def report_text(report: Report) -> str:
         lines.append("ok*: passes only without the tokens whose experts flipped at a near-tie or by noise-level scores")
     lines += _divergence_lines(report)
     lines += _routing_lines(report)
-    lines += _logits_lines(report)
+    lines += _logits_lines(report, per_prompt)
     lines += [f"skipped: {s}" for s in report.skipped]
-    lines += [f"note: {n}" for n in report.notes]
+    lines += [line for n in report.notes for line in wrap(f"note: {n}")]
     lines.append(_verdict_line(report))
     return "\n".join(lines)
 
@@ -108,7 +109,8 @@ def _header(report: Report) -> str:
     if report.baseline:
         lines.append(f"BASE {report.baseline} (noise floor, {report.options.noise_factor:g}x allowed)")
     verified = " and verified" if report.options.verify else ""
-    lines.append(f"{len(report.rows)} tensors x {len(report.prompts)} prompts: {format_bytes(report.bytes_read)} read"
+    lines.append(f"{plural(len(report.rows), 'tensor')} x {plural(len(report.prompts), 'prompt')}: "
+                 f"{format_bytes(report.bytes_read)} read"
                  f"{verified} in {report.seconds:.2f} s ({format_bytes(rate)}/s)")
     return "\n".join(lines)
 
@@ -121,11 +123,11 @@ def _divergence_lines(report: Report) -> list[str]:
     out = ["", f"first divergence: {first.name}{where}, judged by {first.tolerance}"]
     out += [f"  {f}" for f in first.failures[:4]]
     if len(first.failures) > 4:
-        out.append(f"  ... and {len(first.failures) - 4} more prompts")
+        out.append(f"  ... and {plural(len(first.failures) - 4, 'more failure')}")
     if first.worst_token is not None:
         out.append(f"  worst token: prompt {first.worst_token[0]}, position {first.worst_token[1]}")
     rows = [r for r in report.rows if first.layer is not None and r.layer == first.layer] or [first]
-    detail = [[r.name, sci(r.rel_l2), "-" if r.cosine is None else f"{r.cosine:.6f}", sci(r.max_abs),
+    detail = [[r.name, *error_cells(r.rel_l2, r.cosine, r.nonfinite_mismatch), sci(r.max_abs),
                sci(r.mean_abs), "-" if r.nan is None else f"{r.nan[0]}/{r.nan[1]}",
                ("ok*" if r.excused else "ok") if r.passed else "FAIL"] for r in rows]
     out += ["  " + line for line in table(["tensor", "rel_l2", "cosine", "max_abs", "mean_abs", "nan r/c", "check"],
@@ -143,7 +145,8 @@ def _routing_lines(report: Report) -> list[str]:
              _none(r.routing.flips_moved), _none(r.routing.flips_inconsistent), _none(r.routing.near_ties)]
             for r in flipped]
     m = [r.routing for r in flipped]
-    total = (f"  {sum(x.flips for x in m)} flips in {len(m)} layers: {_total(m, 'flips_at_ties')} at near-ties, "
+    total = (f"  {plural(sum(x.flips for x in m), 'flip')} in {plural(len(m), 'layer')}: "
+             f"{_total(m, 'flips_at_ties')} at near-ties, "
              f"{_total(m, 'flips_moved')} where the scores moved, {_total(m, 'flips_inconsistent')} inconsistent")
     return ["", f"routing flips (near-tie: margin of sigmoid(router logit) + score_bias < {m[0].tie_threshold:g}; inconsistent:",
             "another selection rule, bias or expert numbering; ?: cannot be judged from what the runs hold):"] + \
@@ -160,24 +163,32 @@ def _none(value) -> str:
     return "?" if value is None else str(value)
 
 
-def _logits_lines(report: Report) -> list[str]:
+def _logits_lines(report: Report, per_prompt: bool = False) -> list[str]:
     if report.logits is None:
         return []
     m = report.logits.overall
     worst = f" (prompt {report.logits.worst[0]}, token {report.logits.worst[1]})" if report.logits.worst else ""
-    return [f"\nlogits: top-1 agreement {100 * m.top1:.1f}%, top-{m.k} overlap {100 * m.topk:.1f}%,",
-            f"  KL(ref||cand) mean {sci(m.kl_mean)}, max {sci(m.kl_max)} nats{worst}"] + \
-        ([f"  prompt {p}: top-1 {100 * x.top1:.1f}%, top-{x.k} {100 * x.topk:.1f}%, KL mean {sci(x.kl_mean)}"
-          for p, x in report.logits.per_prompt] if len(report.logits.per_prompt) > 1 else [])
+    lines = [f"\nlogits: top-1 agreement {100 * m.top1:.1f}%, top-{m.k} overlap {100 * m.topk:.1f}%,",
+             f"  KL(ref||cand) mean {sci(m.kl_mean)}, max {sci(m.kl_max)} nats{worst}"]
+    prompts = report.logits.per_prompt
+    if len(prompts) < 2:
+        return lines
+    if per_prompt:
+        return lines + [f"  prompt {p}: top-1 {100 * x.top1:.1f}%, top-{x.k} {100 * x.topk:.1f}%, "
+                        f"KL mean {sci(x.kl_mean)}" for p, x in prompts]
+    low, high = min(prompts, key=lambda px: px[1].top1), max(prompts, key=lambda px: px[1].kl_mean)
+    return lines + [f"  {len(prompts)} prompts: lowest top-1 {100 * low[1].top1:.1f}% (prompt {low[0]}), "
+                    f"highest KL mean {sci(high[1].kl_mean)} (prompt {high[0]}); each: --per-prompt"]
 
 
 def _verdict_line(report: Report) -> str:
     if report.passed:
-        return f"\nPASS: all {len(report.rows)} compared tensors within tolerance"
+        return f"\nPASS: all {plural(len(report.rows), 'compared tensor')} within tolerance"
     first = report.first_divergence
     failing = sum(not r.passed for r in report.rows)
     layer = f" (layer {first.layer})" if first.layer is not None else ""
-    return f"\nFAIL: first divergence at {first.name}{layer}; {failing} of {len(report.rows)} tensors fail"
+    return (f"\nFAIL: first divergence at {first.name}{layer}; {failing} of {plural(len(report.rows), 'tensor')} "
+            f"fail{'s' if failing == 1 else ''}")
 
 
 # -------------------------------------------------------------------------------------- JSON
@@ -261,7 +272,7 @@ def isolation_text(rows: tuple[IsolationRow, ...]) -> str:
     return "\n".join(lines)
 
 
-def layer_test_text(tested: LayerTestReport) -> str:
+def layer_test_text(tested: LayerTestReport, per_prompt: bool = False) -> str:
     """What was run, then the comparison that decides the verdict (and for --layer all, the
     isolated vs propagated table)."""
     result = tested.result
@@ -278,13 +289,13 @@ def layer_test_text(tested: LayerTestReport) -> str:
                      f"total {r.seconds:.2f} s")
     elif result.extract is not None:
         x = result.extract
-        lines.append(f"{result.test_type}: {x.prompts} prompt(s), {x.tensors} tensors, "
+        lines.append(f"{result.test_type}: {plural(x.prompts, 'prompt')}, {plural(x.tensors, 'tensor')}, "
                      f"{format_bytes(x.bytes)} in {x.seconds:.2f} s")
     for kind, path in result.candidates.items():
         lines.append(f"  {kind} run: {path}")
     lines.extend(f"  note: {n}" for n in result.notes)
     if tested.decides:
-        lines += ["", report_text(tested.reports[tested.decides])]
+        lines += ["", report_text(tested.reports[tested.decides], per_prompt)]
     if tested.isolation:
         lines += ["", isolation_text(tested.isolation)]
         verdict = "PASS: every layer within tolerance on its own input" if tested.passed else \
@@ -324,12 +335,14 @@ def plan_text(plan: Plan) -> str:
     rows = [[d.device, _gb(d.weight_bytes), _gb(d.reserve_bytes) if d.device.startswith("cuda") else "-",
              f"{_gb(d.total_bytes)} / {_gb(d.capacity_bytes)}" if d.capacity_bytes else _gb(d.total_bytes),
              d.summary] for d in plan.devices]
-    lines = [head, *table(["device", "weights", "forward", "used / capacity", "modules"], rows, right={1, 2, 3})]
+    lines = [*wrap(head), *table(["device", "weights", "forward", "used / capacity", "modules"], rows, right={1, 2, 3})]
     spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
     if spill and plan.gpu_count:
-        lines.append("SPILL: " + "; ".join(f"{format_bytes(d.weight_bytes)} to {d.device} ({d.summary})" for d in spill))
-    lines.extend("NOTE: " + n for n in plan.notes)
-    lines.append("verdict: " + plan.verdict)
+        lines += wrap("SPILL: " + "; ".join(f"{format_bytes(d.weight_bytes)} to {d.device} ({d.summary})"
+                                            for d in spill))
+    for note in plan.notes:
+        lines += wrap("NOTE: " + note)
+    lines += wrap("verdict: " + plan.verdict)
     return "\n".join(lines)
 
 
@@ -343,7 +356,8 @@ def plan_json(plan: Plan) -> dict:
 
 def readiness_text(result: Readiness) -> str:
     width = max((len(c.name) for c in result.checks), default=0)
-    lines = [f"{c.status}  {c.name.ljust(width)}  {c.detail}" for c in result.checks]
+    lines = [line for c in result.checks
+             for line in wrap(f"{c.status}  {c.name.ljust(width)}  {c.detail}", " " * (width + 8))]
     fails = sum(c.status == "FAIL" for c in result.checks)
     warns = sum(c.status == "WARN" for c in result.checks)
     lines.append(f"{'READY' if result.ready else 'NOT READY'}: {fails} fail, {warns} warn, "

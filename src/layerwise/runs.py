@@ -18,79 +18,44 @@ Nothing here knows about models or GPUs.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import logging
 import os
-import platform
 import queue
 import re
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import tensorfile
-from .atomic import io_reason, is_io_error, write_text_atomic
+from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
-from .names import Layout, model_order_key, split_name
+from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
+                       build_manifest, first_difference, identity, library_versions, read_json)
+from .paths import inside
+from .schema import check_manifest
 
 log = logging.getLogger(__name__)
 
-FORMAT = "layerwise-run"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INTENT = "intent.json"
-TENSOR_DIR = "tensors"
 QUEUE_DEPTH = 16  # files waiting for the writer threads; a full queue makes `put` wait
+
+
 def prompt_dir(prompt: int) -> str:
     return f"{TENSOR_DIR}/p{prompt:05d}"
 
 
 def group_file(prompt: int, group: str) -> str:
     """Relative path of the file holding one module group's tensors for one prompt."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group):
-        raise ValueError(f"group name {group!r} is not a safe file name")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group) or group.strip(".") == "":
+        raise UserError(f"tensors of module {group!r} would go to a file outside the run's directory "
+                        "(a module path holds only letters, digits, '_', '-' and '.'): rename them (--rename)")
     return f"{prompt_dir(prompt)}/{group}.safetensors"
 
 
-def library_versions() -> dict:
-    """The versions of Python and the libraries that shape a run's numbers (recorded beside it)."""
-    out = {"python": platform.python_version()}
-    for package in ("layerwise", "torch", "transformers", "accelerate", "safetensors"):
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
 # ------------------------------------------------------------------------------------- writing
-
-@dataclass(frozen=True)
-class Intent:
-    """What a run is (intent.json, written first): its producer, model, settings and prompts, and
-    for some producers the reference it replays, the model's layout ("anatomy"), the numerics
-    fixes and library versions. Only model (less its path), settings and prompts decide whether
-    an existing run is the same one (resumed) or another (refused)."""
-
-    producer: str
-    model: dict
-    settings: dict
-    prompts: list
-    reference: dict | None = None
-    anatomy: dict | None = None
-    fixes: list | None = None
-    versions: dict | None = None
-
-    def as_dict(self) -> dict:
-        """The JSON object, keys in the order the format shows them; absent parts left out."""
-        keys = ("producer", "model", "settings", "reference", "anatomy", "prompts", "fixes", "versions")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-
 
 class RunWriter:
     """Streams tensor files into a run directory; `finish` writes the manifest last.
@@ -105,9 +70,14 @@ class RunWriter:
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
                  threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
         threads = threads or max(2, min(8, (os.cpu_count() or 2)))
-        self.path = Path(path)
+        self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run
+        self._replaced: Path | None = None  # the old run's directory, when the new one is written beside it
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
-        self._prepare(overwrite)
+        try:
+            self._prepare(overwrite)
+        except OSError as err:
+            raise UserError(f"cannot write the run {self.target}: {io_reason(err)} ({err.filename or self.path}); "
+                            "pick a writable --out") from None
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
@@ -128,13 +98,13 @@ class RunWriter:
                 if not old.is_file() and not (path / MANIFEST).is_file():
                     raise UserError(f"{path} is not empty and not a layerwise run: refusing to delete it, "
                                     "pick another --out")
-                shutil.rmtree(path)
+                self.path = path = self._staging()  # the old run stays whole until the new one is
             elif not old.is_file():
                 raise UserError(f"{path} is not empty and not a layerwise run: pick another --out")
             else:
-                previous = json.loads(old.read_text())
-                if _identity(previous) != _identity(self.intent):
-                    what = _first_difference(_identity(previous), _identity(self.intent))
+                previous = read_json(old)
+                if identity(previous) != identity(self.intent):
+                    what = first_difference(identity(previous), identity(self.intent))
                     raise UserError(f"{path} holds a run with different {what}: pass --overwrite to replace "
                                     "it, or pick another --out")
                 (path / MANIFEST).unlink(missing_ok=True)  # resuming: the run is incomplete until finish()
@@ -146,6 +116,21 @@ class RunWriter:
         (the vLLM hook learns the prompts as requests arrive). Before `finish`."""
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
         write_text_atomic(self.path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
+
+    def _staging(self) -> Path:
+        """Where a run replacing another is written: beside it, resumed when a killed replacement
+        of the same intent left it there, else emptied."""
+        self._replaced = self.target.resolve()  # a link to a run: replace the run, keep the link
+        staging = self._replaced.with_name(f".{self._replaced.name}.replacing")
+        if staging.is_dir() and any(staging.iterdir()):
+            if not (staging / INTENT).is_file():
+                raise UserError(f"{staging} is in the way of replacing {self.target} and is not a layerwise run: "
+                                "remove it")
+            if identity(read_json(staging / INTENT)) != identity(self.intent):
+                shutil.rmtree(staging)
+            else:
+                (staging / MANIFEST).unlink(missing_ok=True)
+        return staging
 
     def has(self, prompt: int, group: str) -> bool:
         return group_file(prompt, group) in self._existing
@@ -179,8 +164,13 @@ class RunWriter:
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
+        metadata = {"prompt": str(prompt)}
+        for name, t in tensors.items():
+            counts = tensorfile.nonfinite_counts(t)
+            if counts is not None:  # the model's own NaN/Inf: recorded, reported, never hidden
+                metadata[tensorfile.NONFINITE_KEY + name] = f"{counts[0]},{counts[1]}"
         try:
-            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)})
+            written = tensorfile.write_file(tmp, tensors, metadata)
             os.replace(tmp, target)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
@@ -218,7 +208,23 @@ class RunWriter:
         self._stop()
         manifest = build_manifest(self.path, self.intent, extra or {})
         write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
+        if self._replaced is not None:
+            self._replace_target()
         return manifest
+
+    def _replace_target(self) -> None:
+        """The new run is complete beside the old one: swap them, then remove the old one."""
+        try:
+            swap_directories(self.path, self._replaced)
+        except OSError as err:
+            raise UserError(f"the new run is complete in {self.path} but cannot replace {self.target}: "
+                            f"{io_reason(err)}; move it there by hand") from None
+        old, self.path = self.path, self._replaced
+        try:
+            shutil.rmtree(old)
+        except OSError as err:
+            raise UserError(f"the new run is complete in {self.target}, but the old one, moved to {old}, cannot be "
+                            f"removed ({io_reason(err)}): remove it by hand") from None
 
     def abort(self) -> None:
         """Stop writing; whatever was written stays (for a resume), no manifest is written."""
@@ -231,44 +237,6 @@ class RunWriter:
                 except queue.Empty:
                     break
             self._stop()
-
-
-def _identity(intent: dict) -> dict:
-    """The parts of an intent that must match for a run to be resumed: the model (by its config,
-    not by where its files happen to be), the settings and the prompts."""
-    model = {k: v for k, v in (intent.get("model") or {}).items() if k != "path"}
-    return {"model": model, "settings": intent.get("settings"), "prompts": intent.get("prompts")}
-
-
-def _first_difference(a: dict, b: dict) -> str:
-    for key in a:
-        if a[key] != b[key]:
-            if isinstance(a[key], dict) and isinstance(b[key], dict):
-                for sub in sorted(set(a[key]) | set(b[key])):
-                    if a[key].get(sub) != b[key].get(sub):
-                        return f"{key} {sub}"
-            return key
-    return "settings"
-
-
-def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
-    """Index every tensor file of a run (headers only) into the manifest."""
-    layout = Layout.of(intent.get("anatomy"))
-    entries = []
-    for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
-        prompt = int(file.parent.name[1:])
-        rel = str(file.relative_to(path))
-        for name, (shape, dtype, digest) in tensorfile.read_index(file).items():
-            module, role = split_name(name)
-            entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
-                            "dtype": tensorfile.dtype_name(dtype), "file": rel, "sha256": digest})
-    entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed,
-                                                             layout.norm, layout.head)))
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **intent, **extra, "tensors": entries,
-    }
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -295,6 +263,7 @@ class Run:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
+        self._files: dict[str, Path] = {}
         self._entries = {(e["name"], e["prompt"]): TensorEntry(
             e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], e.get("sha256"))
             for e in manifest["tensors"]}
@@ -324,18 +293,32 @@ class Run:
     def entries(self) -> list[TensorEntry]:
         return list(self._entries.values())
 
+    def file(self, rel: str) -> Path:
+        """A file the manifest names, refused unless it resolves inside the run (symlinks too)."""
+        path = self._files.get(rel)
+        if path is None:
+            path = self._files[rel] = inside(self.path, rel, f"run {self.path}")
+        return path
+
     def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
-        """One tensor, read without loading the rest of its file; sha256-checked when `verify`."""
+        """One tensor, read without loading the rest of its file. With `verify`, its sha256 must
+        match the manifest's and its own file header's (a checksum deleted from one still leaves
+        the other; a tensor with neither is refused)."""
         e = self.entry(name, prompt)
-        file = self.path / e.file
+        file = self.file(e.file)
         try:
-            tensor = tensorfile.read_tensor(file, name, device)
+            tensor, stored = tensorfile.read_tensor_and_digest(file, name, device)
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
-        if verify and e.sha256 and tensorfile.sha256_of(tensor) != e.sha256:
-            raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
+        if verify:
+            expected = {d for d in (e.sha256, stored) if d}
+            if not expected:
+                raise UserError(f"tensor {name} in {file} has no sha256 in the manifest or in its file: it cannot "
+                                "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
+            if len(expected) > 1 or tensorfile.sha256_of(tensor) not in expected:
+                raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
         return tensor
 
 
@@ -350,12 +333,10 @@ def open_run(path: str | os.PathLike) -> Run:
             raise UserError(f"run {path} is incomplete (no {MANIFEST}): rerun the command that made it to resume")
         raise UserError(f"{path} is not a layerwise run (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{manifest_path} is not valid JSON ({err.msg}): the run is corrupt") from None
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise UserError(f"{manifest_path} is not valid JSON ({why}): the run is corrupt") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not a layerwise run manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"run {path} has format version {manifest['format_version']}; this layerwise reads "
-                        f"up to {FORMAT_VERSION}: upgrade layerwise")
-    return Run(path, manifest)
+    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION))

@@ -19,6 +19,10 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 
 
+class NoGpu(UserError):
+    """A GPU limit with no GPU to apply it to (`plan` adds: or simulate some with --gpus)."""
+
+
 def parse_size(text: str, what: str = "size") -> int:
     """"40GB" -> 40_000_000_000. Zero, negative or unit-less sizes are refused."""
     match = _SIZE.match(text)
@@ -69,10 +73,8 @@ def parse_max_memory(text: str, gpu_count: int) -> dict[int | str, int]:
     if ":" not in text:
         size = parse_size(text, "--max-memory")
         if gpu_count == 0:
-            raise UserError(
-                f"--max-memory {text!r} limits every GPU, but no GPU is present or simulated: "
-                "name devices instead (e.g. cpu:200GB) or pass --gpus"
-            )
+            raise NoGpu(f"--max-memory {text!r} limits every GPU, but no GPU is present: name devices instead "
+                        "(e.g. cpu:200GB)")
         return {index: size for index in range(gpu_count)}
     limits: dict[int | str, int] = {}
     for part in text.split(","):
@@ -81,11 +83,10 @@ def parse_max_memory(text: str, gpu_count: int) -> dict[int | str, int]:
         device_text, size_text = part.rsplit(":", 1)
         device = _device_key(device_text, "--max-memory")
         if isinstance(device, int) and device >= gpu_count:
-            raise UserError(
-                f"--max-memory names GPU {device} but only {gpu_count} GPU(s) are present or simulated "
-                f"(indices 0-{gpu_count - 1})" if gpu_count else
-                f"--max-memory names GPU {device} but no GPU is present or simulated: pass --gpus or drop it"
-            )
+            if not gpu_count:
+                raise NoGpu(f"--max-memory names GPU {device} but no GPU is present: drop it")
+            raise UserError(f"--max-memory names GPU {device} but only {gpu_count} GPU(s) are present "
+                            f"(indices 0-{gpu_count - 1})")
         if device in limits:
             raise UserError(f"--max-memory names device {device_text.strip()!r} twice")
         limits[device] = parse_size(size_text, f"--max-memory for {device_text.strip()}")
@@ -107,6 +108,8 @@ def parse_gpus(text: str) -> list[int]:
             index_text, _, size_text = part.partition(":")
             if not index_text.strip().isdigit():
                 raise UserError(f"--gpus part {part!r} must read INDEX:SIZE, e.g. 0:80GB")
+            if int(index_text) in sizes:
+                raise UserError(f"--gpus {text!r} names GPU {int(index_text)} twice: give each GPU once")
             sizes[int(index_text)] = parse_size(size_text, "--gpus")
         if sorted(sizes) != list(range(len(sizes))):
             raise UserError(f"--gpus {text!r} must number GPUs 0, 1, 2, ... without gaps")

@@ -30,7 +30,7 @@ from .errors import UserError
 from .extract import ExtractOptions, extract_intent, prepare, record
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
-from .machine import default_device
+from .machine import usable_device
 from .names import stage_of
 from .recording import ExtractResult, Progress
 from .runs import library_versions
@@ -69,7 +69,7 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
     if options.modules:
         raise UserError("--modules is not available with --stream: extract without --stream to capture any module")
     if source is None:
-        source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=stream.device or default_device(),
+        source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=usable_device(stream.device),
                                                 attn_implementation=stream.attn_implementation, quant=stream.quant,
                                                 fp8_backend=stream.fp8_backend))
     try:

@@ -34,6 +34,7 @@ DTYPES = {
 _CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}
 _ITEMSIZE = dict(DTYPES.values())
 HASH_KEY = "sha256:"  # metadata key prefix: "sha256:<tensor name>" -> hex digest of its bytes
+NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
@@ -73,13 +74,36 @@ def read_header(path: Path, metadata: dict | None = None) -> dict:
             header = json.loads(fh.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"shard {path} has a corrupt header: re-download it") from None
-    found = header.pop("__metadata__", None) or {}
+    found = header.pop("__metadata__", None) or {} if isinstance(header, dict) else None
+    if not isinstance(found, dict) or not all(_entry_ok(t) for t in header.values()):
+        raise UserError(f"{path} has a corrupt safetensors header (not {{name: {{dtype, shape, data_offsets}}}}): "
+                        "re-download or re-extract it")
     if metadata is not None:
         metadata.update(found)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + length + end > size:
         raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
     return header
+
+
+def _entry_ok(info) -> bool:
+    """A header entry as the format defines it: dtype code, shape, [begin, end] offsets."""
+    def ints(xs):
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape"))
+            and ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+            and info["data_offsets"][0] <= info["data_offsets"][1])
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, +-Inf count) of a floating tensor holding any; None when all is finite. A
+    NaN or Inf survives a sum, so a finite sum (one fast pass, far cheaper than the sha256)
+    proves the tensor finite; only a non-finite sum (or one that overflowed) is counted exactly."""
+    if not tensor.is_floating_point() or tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return None
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    return (nan, inf) if nan or inf else None
 
 
 def read_index(path: Path) -> dict:
@@ -91,10 +115,16 @@ def read_index(path: Path) -> dict:
 
 def read_tensor(path: Path, name: str, device: str = "cpu") -> torch.Tensor:
     """One tensor, read with safetensors' own reader (the rest of the file is not read)."""
+    return read_tensor_and_digest(path, name, device)[0]
+
+
+def read_tensor_and_digest(path: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, str | None]:
+    """One tensor and the sha256 its own file's header metadata holds for it (None: none)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=device) as fh:
-        return fh.get_tensor(name)
+        digest = (fh.metadata() or {}).get(HASH_KEY + name)
+        return fh.get_tensor(name), digest
 
 
 def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:

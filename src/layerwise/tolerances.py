@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .schema import is_number
 
 if TYPE_CHECKING:
     from .metrics import LogitsMetrics, TensorMetrics
@@ -56,6 +57,7 @@ METRICS = {
 KIND_FAMILIES = {"tensor": {"tensor"}, "logits": {"tensor", "logits"}, "routing": {"routing"}}
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _CHECK = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>|=)\s*([^\s,]+)\s*$")
+_SIGNED = ("cosine", "sqnr_db")  # the metrics that can be negative
 _EXAMPLE = "e.g. 'model.layers.*:output=rel_l2<3e-2' or 'lm_head:output=kl<1e-3,top1>=0.99'"
 
 
@@ -234,6 +236,8 @@ def _parse_checks(body: str, text: str) -> tuple[tuple[Check, ...], float | None
             known = ", ".join(list(METRICS) + ["rtol", "atol"])
             raise _bad(text, f"unknown metric {metric!r} (known: {known})")
         direction = METRICS[metric][1]
+        if value < 0 and metric not in _SIGNED:
+            raise _bad(text, f"{metric} is never negative: a limit of {raw} cannot hold")
         if op == "=" or (direction == "max") != (op in ("<", "<=")):
             want = "<" if direction == "max" else ">"
             bound = "an upper" if direction == "max" else "a lower"
@@ -271,9 +275,11 @@ def load_tolerance_file(path: str | Path) -> tuple[dict, tuple[Rule, ...]]:
     Returns (global limits, rules)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot read tolerance file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"tolerance file {path} is not UTF-8 text: save it as UTF-8") from None
     if path.suffix.lower() == ".toml":
         try:
             import tomllib
@@ -298,8 +304,8 @@ def load_tolerance_file(path: str | Path) -> tuple[dict, tuple[Rule, ...]]:
     limits = {}
     for key in _GLOBAL_KEYS:
         if key in data:
-            if not isinstance(data[key], (int, float)) or isinstance(data[key], bool):
-                raise UserError(f"{path}: {key} must be a number, not {data[key]!r}")
+            if not is_number(data[key]):
+                raise UserError(f"{path}: {key} must be a finite number, not {data[key]!r}")
             limits[key] = float(data[key])
     rules = data.get("rules", {})
     if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
@@ -314,6 +320,11 @@ def build_tolerances(rules: list[str] | tuple[str, ...] = (), file: str | Path |
     for key, value in merged.items():
         if key not in _GLOBAL_KEYS:
             raise TypeError(f"unknown limit {key}")
+        flag = f"--{key.replace('_', '-')}"
+        if math.isnan(value):
+            raise UserError(f"{flag} cannot be NaN (a NaN limit fails every tensor, the reference's own too)")
         if value < 0 and key != "min_cosine":
-            raise UserError(f"--{key.replace('_', '-')} cannot be negative (got {value:g})")
+            raise UserError(f"{flag} cannot be negative (got {value:g})")
+        if key == "min_cosine" and not -1 <= value <= 1:
+            raise UserError(f"{flag} {value:g} is not a cosine: give a number from -1 to 1")
     return Tolerances(rules=tuple(parse_rule(r) for r in rules), file_rules=file_rules, **merged)

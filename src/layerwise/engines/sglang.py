@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..names import file_group, split_name
+from .files import load_torch
 from .namemap import NameMap, Rule, combine_into
 from .packing import StepTokens, plan_prompts
 from .shards import AXES, parse_dims, tokens_first, unshard
@@ -103,11 +104,7 @@ def looks_like_sglang(src: Path) -> bool:
 
 def load_value(f: DumpFile):
     """(value, meta): a bare value (<= 0.5.8) or the {"value", "meta"} dict (>= 0.5.9)."""
-    try:
-        obj = torch.load(f.path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {f.path} as a tensor file (loaded with weights_only=True): {first}") from None
+    obj = load_torch(f.path)  # weights_only: a pickle that would call code is refused
     if isinstance(obj, dict) and "value" in obj:
         return obj["value"], obj.get("meta") or {}
     return obj, {}

@@ -1,0 +1,123 @@
+"""What a run says about itself: its intent (intent.json) and its manifest (manifest.json).
+
+`Intent` is what a run is, written first; `identity` is the part of it that decides whether an
+existing run is the same one (resumed) or another (refused). `build_manifest` indexes every
+tensor file of a finished run from the files' own headers: each tensor's sha256 and, where the
+model produced any, its NaN/Inf counts (`nonfinite`). docs/FORMAT.md is the specification; the
+manifest's shape is checked on reading by schema.check_manifest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import tensorfile
+from .errors import UserError
+from .names import Layout, model_order_key, split_name
+
+FORMAT = "layerwise-run"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INTENT = "intent.json"
+TENSOR_DIR = "tensors"
+
+
+def library_versions() -> dict:
+    """The versions of Python and the libraries that shape a run's numbers (recorded beside it)."""
+    out = {"python": platform.python_version()}
+    for package in ("layerwise", "torch", "transformers", "accelerate", "safetensors"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What a run is (intent.json, written first): its producer, model, settings and prompts, and
+    for some producers the reference it replays, the model's layout ("anatomy"), the numerics
+    fixes and library versions. Only model (less its path), settings and prompts decide whether
+    an existing run is the same one (resumed) or another (refused)."""
+
+    producer: str
+    model: dict
+    settings: dict
+    prompts: list
+    reference: dict | None = None
+    anatomy: dict | None = None
+    fixes: list | None = None
+    versions: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON object, keys in the order the format shows them; absent parts left out."""
+        keys = ("producer", "model", "settings", "reference", "anatomy", "prompts", "fixes", "versions")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def read_json(path: Path) -> dict:
+    """A run's intent.json (an object), or one line saying it is corrupt."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+    if not isinstance(data, dict):
+        why = data if isinstance(data, str) else f"a JSON {type(data).__name__}, not an object"
+        raise UserError(f"{path} is not a run's intent ({why}): the run is corrupt; pass --overwrite to "
+                        "replace it") from None
+    return data
+
+
+def identity(intent: dict) -> dict:
+    """The parts of an intent that must match for a run to be resumed: the model (by its config,
+    not by where its files happen to be), the settings and the prompts."""
+    model = intent.get("model")
+    model = {k: v for k, v in model.items() if k != "path"} if isinstance(model, dict) else model
+    return {"model": model, "settings": intent.get("settings"), "prompts": intent.get("prompts")}
+
+
+def first_difference(a: dict, b: dict) -> str:
+    for key in a:
+        if a[key] != b[key]:
+            if isinstance(a[key], dict) and isinstance(b[key], dict):
+                for sub in sorted(set(a[key]) | set(b[key])):
+                    if a[key].get(sub) != b[key].get(sub):
+                        return f"{key} {sub}"
+            return key
+    return "settings"
+
+
+def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
+    """Index every tensor file of a run (headers only) into the manifest."""
+    layout = Layout.of(intent.get("anatomy"))
+    entries, nonfinite = [], []
+
+    def order(e: dict) -> tuple:
+        return e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm, layout.head)
+
+    for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
+        if not file.parent.name[1:].isdigit():
+            continue
+        prompt = int(file.parent.name[1:])
+        rel = str(file.relative_to(path))
+        metadata: dict = {}
+        for name, info in tensorfile.read_header(file, metadata).items():
+            module, role = split_name(name)
+            entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": info["shape"],
+                            "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
+                            "sha256": metadata.get(tensorfile.HASH_KEY + name)})
+            counts = metadata.get(tensorfile.NONFINITE_KEY + name)
+            if counts:
+                nan, inf = (int(x) for x in counts.split(","))
+                nonfinite.append({"name": name, "prompt": prompt, "nan": nan, "inf": inf})
+    entries.sort(key=order)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **intent, **extra, "nonfinite": sorted(nonfinite, key=order), "tensors": entries,
+    }

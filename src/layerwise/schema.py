@@ -1,0 +1,138 @@
+"""The shape of what layerwise reads from files: a run's manifest, prompt records, token ids.
+
+A file may be edited by hand, written by another engine or tampered with; what it holds is
+checked before it is used, so a missing key, a wrong type (a string version, a list where an
+object belongs, `true` as a token id: JSON booleans are not integers) or a path that leaves its
+directory is one UserError naming the key, never a traceback or a silent conversion. Pure:
+dicts in, the same dicts out (a manifest entry's `module` and `role` filled in from its name).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import PurePosixPath
+
+from .errors import UserError
+from .names import split_name
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_int(value) -> bool:
+    """An integer, and not a boolean (`isinstance(True, int)` holds in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite int or float, not a boolean."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def token_ids(value, where: str) -> list[int]:
+    """A non-empty list of non-negative integer token ids (booleans and floats refused)."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: token_ids must be a non-empty list of non-negative integers")
+    for i, t in enumerate(value):
+        if not is_int(t) or t < 0:
+            raise UserError(f"{where}: token id {i} is {t!r}, not a non-negative integer (JSON true/false "
+                            "and fractions are not token ids)")
+    return list(value)
+
+
+def relative_path(text, where: str) -> str:
+    """A relative path that stays inside its directory as written: no absolute path, no `..`
+    part, no backslash or NUL. (paths.inside also follows symlinks on disk.)"""
+    if not isinstance(text, str) or not text or "\\" in text or "\0" in text:
+        raise UserError(f"{where}: {text!r} is not a relative file path")
+    path = PurePosixPath(text)
+    if path.is_absolute() or ".." in path.parts:
+        raise UserError(f"{where}: {text!r} points outside its directory; refusing to read it")
+    return text
+
+
+# ---------------------------------------------------------------------------------- manifests
+
+def _manifest_error(where: str, problem: str) -> UserError:
+    return UserError(f"{where}: {problem}: the run is corrupt (re-extract it), or its producer does not "
+                     "write docs/FORMAT.md")
+
+
+def _optional(data: dict, key: str, kind: type, where: str) -> None:
+    if data.get(key) is not None and not isinstance(data[key], kind):
+        raise _manifest_error(where, f"{key} is a {type(data[key]).__name__}, not a {kind.__name__}")
+
+
+def check_manifest(manifest, where: str, newest_version: int) -> dict:
+    """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file."""
+    if not isinstance(manifest, dict):
+        raise _manifest_error(where, f"the manifest is a JSON {type(manifest).__name__}, not an object")
+    version = manifest.get("format_version")
+    if not is_int(version) or version < 1:
+        raise _manifest_error(where, f"format_version is {version!r}, not a version number")
+    if version > newest_version:
+        raise UserError(f"{where} has format version {version}; this layerwise reads up to {newest_version}: "
+                        "upgrade layerwise")
+    for key in ("model", "settings", "anatomy", "reference"):
+        _optional(manifest, key, dict, where)
+    _optional(manifest, "prompts", list, where)
+    _check_settings(manifest.get("settings") or {}, where)
+    for i, prompt in enumerate(manifest.get("prompts") or []):
+        _check_prompt(prompt, f"{where} prompts[{i}]")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, list):
+        problem = "it has no tensors list" if tensors is None else f"tensors is a {type(tensors).__name__}"
+        raise _manifest_error(where, problem)
+    seen: set = set()
+    for i, entry in enumerate(tensors):
+        key = _check_entry(entry, f"{where} tensors[{i}]")
+        if key in seen:
+            raise _manifest_error(where, f"tensor {key[0]} of prompt {key[1]} is listed twice")
+        seen.add(key)
+    return manifest
+
+
+def _check_settings(settings: dict, where: str) -> None:
+    for key, ok in (("batch_size", lambda v: is_int(v) and v >= 1), ("dtype", lambda v: isinstance(v, str)),
+                    ("points", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)),
+                    ("layers", lambda v: isinstance(v, list) and all(is_int(x) and x >= 0 for x in v))):
+        if settings.get(key) is not None and not ok(settings[key]):
+            raise _manifest_error(where, f"settings.{key} is {settings[key]!r}")
+
+
+def _check_prompt(prompt, where: str) -> None:
+    if not isinstance(prompt, dict):
+        raise _manifest_error(where, f"a prompt is a {type(prompt).__name__}, not an object")
+    if not is_int(prompt.get("index")) or prompt["index"] < 0:
+        raise _manifest_error(where, f"index is {prompt.get('index')!r}, not a prompt index")
+    if prompt.get("token_ids") is not None:
+        token_ids(prompt["token_ids"], where)
+    if prompt.get("text") is not None and not isinstance(prompt["text"], str):
+        raise _manifest_error(where, "text is not a string")
+
+
+def _check_entry(entry, where: str) -> tuple[str, int]:
+    if not isinstance(entry, dict):
+        raise _manifest_error(where, f"an entry is a {type(entry).__name__}, not an object")
+    for key in ("name", "prompt", "shape", "dtype", "file"):
+        if key not in entry:
+            raise _manifest_error(where, f"the entry has no {key!r}")
+    name = entry["name"]
+    if not isinstance(name, str) or ":" not in name:
+        raise _manifest_error(where, f"name {name!r} is not <module path>:<role>")
+    if not is_int(entry["prompt"]) or entry["prompt"] < 0:
+        raise _manifest_error(where, f"prompt is {entry['prompt']!r}, not a prompt index")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
+        raise _manifest_error(where, f"shape {shape!r} is not a list of sizes")
+    if not isinstance(entry["dtype"], str):
+        raise _manifest_error(where, f"dtype {entry['dtype']!r} is not a dtype name")
+    digest = entry.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        raise _manifest_error(where, f"sha256 {digest!r} is not a hex digest")
+    relative_path(entry["file"], where)
+    module, role = split_name(name)
+    for key, value in (("module", module), ("role", role)):
+        if entry.setdefault(key, value) != value:
+            raise _manifest_error(where, f"{key} {entry[key]!r} does not match the name {name!r}")
+    return name, entry["prompt"]
