@@ -17,11 +17,11 @@ MODULES = sorted([m.name for m in pkgutil.iter_modules([str(PACKAGE)])] + ["__in
 # The floors of docs/ARCHITECTURE.md: a module imports its own floor and those below, at run time
 # (type-only imports aside). Floor 1, the pure core, imports nothing of layerwise but itself.
 FLOORS = {
-    1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap",
-    2: "tensorfile atomic machine quiet",
+    1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap sharding",
+    2: "tensorfile atomic machine quiet distributed",
     3: "runs weights checkpoint placement fp8 models zoo prompts",
     4: "recording collector capture loading layer_loading",
-    5: "layer_test replay streaming extract importer compare readiness",
+    5: "layer_test replay streaming extract importer compare readiness pipeline",
     6: "cli arguments plot report __main__ __init__",
 }
 FLOOR = {module: floor for floor, names in FLOORS.items() for module in names.split()}

@@ -10,10 +10,12 @@ it. A usage error is a UserError (one line, exit 2), not argparse's usage block.
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import __version__
 from .capture import DEFAULT_POINTS, POINTS
 from .compare import CompareOptions
+from .distributed import DistOptions
 from .errors import UserError
 from .extract import ExtractOptions
 from .layer_test import TEST_TYPES, TestOptions
@@ -84,6 +86,26 @@ def _prompts(g) -> None:
     g.add_argument("--batch-size", type=int, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
 
 
+def _torchrun(p, gpus: bool = True, tp: bool = False, layers: bool = False) -> None:
+    """Flags that matter when torchrun starts several ranks (docs/MULTI_GPU_GUIDE.md)."""
+    g = p.add_argument_group("under torchrun (several ranks, one node or many)")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="the longest a rank waits for the others (joining, every exchange) before failing "
+                        f"(default: {DistOptions.timeout_s:g})")
+    if gpus:
+        g.add_argument("--gpus-per-rank", type=int, metavar="K",
+                       help="GPUs of each rank's replica (default: the node's GPUs divided by its ranks)")
+    if tp:
+        g.add_argument("--tp", action="store_true",
+                       help="tensor parallel: the ranks share one model, split by transformers' tp_plan='auto' "
+                            "(one GPU each), compute every batch together, and rank 0 writes the run "
+                            "(default: each rank a whole replica computing its share of the batches)")
+    if layers:
+        g.add_argument("--resident-layers", type=int, metavar="N",
+                       help="single / multi: how many of a rank's layers stay loaded at a time (default: as many "
+                            "as fit in 60%% of the free memory)")
+
+
 def _tolerances(p, prompt_filter: bool = True) -> None:
     """Tolerances and report options, shared by `compare` and `test` (which compares every prompt)."""
     g = p.add_argument_group("tolerances (default: by dtype; a tensor uses the last matching --tolerance, else the "
@@ -135,6 +157,7 @@ def _check(sub) -> None:
     p.add_argument("--out", help=f"where dumps will be written, for the disk check (default: {CheckOptions.out_dir})")
     _quant(p, "dequantize")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    _torchrun(p, gpus=False)
 
 
 def _plan(sub) -> None:
@@ -173,6 +196,7 @@ def _extract(sub) -> None:
     g.add_argument("--stream", action="store_true",
                    help="one decoder layer at a time on one device, for models larger than the GPUs")
     g.add_argument("--device", help="the device for --stream (default: cuda:0, else cpu)")
+    _torchrun(p, tp=True)
 
 
 def _import(sub) -> None:
@@ -223,6 +247,7 @@ def _test(sub) -> None:
     _placement(p.add_argument_group("placement (full, extract-all)"))
     _prompts(p.add_argument_group("prompts and capture (extract-all)"))
     _tolerances(p, prompt_filter=False)
+    _torchrun(p, layers=True)
 
 
 # ------------------------------------------------------------------------------ args -> options
@@ -232,7 +257,26 @@ def load_options(args) -> LoadOptions:
                    offload_folder=getattr(args, "offload_folder", None),
                    allow_spill=not getattr(args, "no_spill", False),
                    attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
-                   quant=args.quant)
+                   quant=args.quant, tensor_parallel=getattr(args, "tp", None))
+
+
+def distributed_options(args) -> DistOptions:
+    return options(DistOptions, timeout_s=args.dist_timeout, gpus_per_rank=getattr(args, "gpus_per_rank", None),
+                   tensor_parallel=getattr(args, "tp", None), keep_gpus=args.command == "check" or None)
+
+
+def fingerprint(args) -> dict:
+    """The parsed command as every rank must hold it, by flag; relative paths made absolute
+    (ranks started in other directories would name other files)."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in _PATHS and value and value != "-" and not str(value).startswith("builtin:"):
+            value = [os.path.abspath(v) for v in value] if isinstance(value, list) else os.path.abspath(value)
+        out[key if key in ("command", "model") else f"--{key.replace('_', '-')}"] = value
+    return out
+
+
+_PATHS = ("model", "out", "reference", "prompts", "json", "plot", "html", "tolerance_file", "offload_folder")
 
 
 def check_options(args) -> CheckOptions:
@@ -260,7 +304,7 @@ def test_options(args) -> TestOptions:
                       chat_template=args.chat_template, overwrite=args.overwrite)
     return options(TestOptions, test_type=args.test_type, reference=args.reference, layer=args.layer,
                    layers=args.layers, out=args.out, stream=args.stream, candidate=candidate,
-                   load=load_options(args), extract=extract)
+                   load=load_options(args), extract=extract, resident_layers=args.resident_layers)
 
 
 def compare_options(args, prompts: str | None = None) -> CompareOptions:

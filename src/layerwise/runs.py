@@ -29,7 +29,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,7 @@ class RunWriter:
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
         self._prepare(overwrite)
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
+        self.written: set[str] = set()  # files this writer wrote (relative paths)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes = 0
@@ -179,6 +180,7 @@ class RunWriter:
         try:
             written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)})
             os.replace(tmp, target)
+            self.written.add(rel)  # one call under the GIL: safe from several writer threads
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if is_io_error(err):
@@ -209,11 +211,15 @@ class RunWriter:
     def bytes_written(self) -> int:
         return self._bytes
 
-    def finish(self, extra: dict | None = None) -> dict:
-        """Wait for the writers, index every file, write manifest.json last. Returns it."""
+    def close(self) -> None:
+        """Wait until every queued file is on disk and stop the writers, without a manifest."""
         self.wait()
         self._stop()
-        manifest = build_manifest(self.path, self.intent, extra or {})
+
+    def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
+        """Wait for the writers, index the files (or take `entries`), write manifest.json last."""
+        self.close()
+        manifest = build_manifest(self.path, self.intent, extra or {}, entries)
         write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
         return manifest
 
@@ -248,17 +254,23 @@ def _first_difference(a: dict, b: dict) -> str:
     return "settings"
 
 
-def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
-    """Index every tensor file of a run (headers only) into the manifest."""
-    layout = Layout.of(intent.get("anatomy"))
+def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
+    """Manifest entries (headers only) of a run's tensor files: `files` (relative paths), else all."""
     entries = []
-    for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
-        prompt = int(file.parent.name[1:])
-        rel = str(file.relative_to(path))
-        for name, (shape, dtype, digest) in tensorfile.read_index(file).items():
+    every = (str(f.relative_to(path)) for f in (path / TENSOR_DIR).glob("p*/*.safetensors"))
+    for rel in sorted(every if files is None else files):
+        prompt = int(Path(rel).parent.name[1:])
+        for name, (shape, dtype, digest) in tensorfile.read_index(path / rel).items():
             module, role = split_name(name)
             entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": shape,
                             "dtype": tensorfile.dtype_name(dtype), "file": rel, "sha256": digest})
+    return entries
+
+
+def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:
+    """The manifest of a run: `entries` (default: every tensor file indexed, headers only) in model order."""
+    layout = Layout.of(intent.get("anatomy"))
+    entries = index_files(path) if entries is None else list(entries)
     entries.sort(key=lambda e: (e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed,
                                                              layout.norm, layout.head)))
     return {
