@@ -222,9 +222,11 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
             raise UserError(f"layerwise {args.command} runs as one process: start it without torchrun")
     except UserError as err:
         problem = str(err)
+    hint = "; a run being written keeps no manifest: rerun the same command to resume" \
+        if args is not None and args.command in ("extract", "test") else ""
     try:
         ranks, layout = distributed.start(env, arguments.distributed_options(args) if problem is None
-                                          else distributed.DistOptions(), on_failure=_print_error)
+                                          else distributed.DistOptions(), on_failure=lambda line: _print_error(line + hint))
     except distributed.RankFailed as err:
         return _print_error(str(err)) if env.rank == 0 else EXIT_FAIL
     try:
@@ -232,13 +234,13 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
     except UserError as err:
         return _failed(ranks, str(err), EXIT_USAGE)
     except distributed.RankFailed as err:
-        return _failed(ranks, str(err), EXIT_FAIL)
+        return _failed(ranks, str(err) + hint, EXIT_FAIL)
     except KeyboardInterrupt:
         return _failed(ranks, f"{env.where()} interrupted", 130)
     except Exception as err:  # a bug: its traceback on the rank that hit it, one line on rank 0
         traceback.print_exc()
-        return _failed(ranks, f"{env.where()} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                       EXIT_FAIL)
+        first = str(err).splitlines()[0] if str(err) else ""
+        return _failed(ranks, f"{env.where()} failed: {type(err).__name__}: {first}{hint}", EXIT_FAIL)
     finally:
         distributed.stop()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
@@ -128,9 +129,10 @@ class Session:
             found = self.failure()
             if found is not None:
                 raise RankFailed(f"{found[0]} failed: {found[1]}") from None
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise RankFailed(f"{what}: another rank died, hangs or cannot be reached ({first[:200]}); ranks wait "
-                             f"at most --dist-timeout {self.timeout_s:g} s for each other") from None
+            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
+            raise RankFailed(f"{self.env.where()}, {what}: another rank died, hangs or cannot be reached "
+                             f"({first.split('. ')[0][:160]}); ranks wait at most --dist-timeout {self.timeout_s:g} s "
+                             "for each other") from None
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
@@ -149,7 +151,7 @@ class Session:
         import torch.distributed as dist
 
         out = [None] * self.world
-        with self._guard("waiting for every rank"):
+        with self._guard("exchanging with every rank"):
             dist.all_gather_object(out, obj)
         return out
 
@@ -160,7 +162,7 @@ class Session:
         import torch.distributed as dist
 
         out = [None] * self.world if self.is_main else None
-        with self._guard("rank 0 waiting for every rank's results"):
+        with self._guard("gathering every rank's results"):
             dist.gather_object(obj, out, dst=0)
         return out
 
@@ -295,6 +297,7 @@ class Session:
                 if self._claim() and self.on_failure is not None:
                     self.on_failure(f"{found[0]} failed: {found[1]}")
                 self._mark_reported()
+                self._stopping.wait(1.0)  # the failed rank exits first: torchrun names it as the root cause
             else:
                 self._wait_reported()
             os._exit(1)
