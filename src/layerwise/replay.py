@@ -236,7 +236,9 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
                                                                 options, factory)
         for track in tracks:
             track.recording.close_capture()
-            track.recording.finish({"producer": "layerwise test", "notes": notes,
+            track.recording.finish({"producer": "layerwise test", "notes": notes, "stats": {
+                                    "seconds": time.perf_counter() - start, "load_seconds": load_seconds,
+                                    "bytes_read": bytes_read},
                                     "determinism": {"checked": determinism[0] is not None,
                                                     "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
     if determinism[0] is False:
