@@ -3,6 +3,10 @@
 Exit codes: 0 pass / ready / fits, 1 diverged / not ready / does not fit, 2 usage or input error.
 A UserError becomes one line on stderr and exit 2; any other exception is a bug and keeps its
 traceback. The flags and their defaults are arguments.py's; the renderings report.py's and plot.py's.
+
+Under torchrun (several ranks: `check`, `extract`, `test`) every rank parses the command, joins
+the job (distributed.py), agrees with the others on the command and the model, and runs it; rank
+0 alone prints, and any rank's failure is one line on rank 0 (exit 2 usage, 1 a rank failed).
 """
 
 from __future__ import annotations
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_error(message: str, code: int = EXIT_FAIL) -> int:
+    sys.stdout.flush()
     print(f"layerwise: error: {message}", file=sys.stderr, flush=True)
     return code
 

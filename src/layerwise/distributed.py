@@ -45,7 +45,7 @@ REPORT_WAIT_S = 10.0  # a failed rank waits at most this long for rank 0 to have
 _FAILURES, _REPORTED = "failures", "reported"
 
 
-class RankFailed(RuntimeError):
+class RankFailed(Exception):
     """A rank failed, died or stopped answering: the job cannot finish (exit 1, not a usage error)."""
 
 
@@ -352,7 +352,7 @@ def start(env: Env, options: DistOptions = DistOptions(), on_failure=None) -> tu
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=options.timeout_s),
                                 rank=env.rank, world_size=env.world_size)
-    except RuntimeError as err:  # the store or a rank did not answer in time
+    except (RuntimeError, ValueError) as err:  # the store or a rank did not answer in time, or no address
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise RankFailed(f"{env.where()} could not join the other ranks at {env.master} within --dist-timeout "
                          f"{options.timeout_s:g} s ({first[:200]})") from None
