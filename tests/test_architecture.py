@@ -31,12 +31,12 @@ PACKAGES = {m for m in MODULES if (PACKAGE / m.replace(".", "/")).is_dir()}
 # The floors of docs/ARCHITECTURE.md: a module imports its own floor and those below, at run time
 # (type-only imports aside). Floor 1, the pure core, imports nothing of layerwise but itself.
 FLOORS = {
-    1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap schema "
-       "engines engines.namemap engines.packing engines.shards engines.source",
-    2: "tensorfile atomic machine quiet paths engines.files",
+    1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap schema sharding "
+       "flagtypes engines engines.namemap engines.packing engines.shards engines.source",
+    2: "tensorfile atomic machine quiet paths distributed engines.files",
     3: "runs manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
     4: "recording collector capture module_points loading layer_loading",
-    5: "layer_test replay rebatch streaming extract importer compare tokenmap readiness engines.llamacpp "
+    5: "layer_test replay rebatch pipeline streaming extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook",
     6: "cli arguments plot report __main__ __init__",
 }

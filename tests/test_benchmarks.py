@@ -18,7 +18,8 @@ def bench(monkeypatch, name):
 
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
-    covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth"}
+    covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
+               "distributed"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -86,3 +87,22 @@ def test_full_depth_dry_run(tmp_path, monkeypatch, capsys):
         ["--tiny", "--layers", "2", "--tokens", "16", "--prompts", "1", "--reps", "1", "--work", str(tmp_path / "work"),
          "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
+    """The commands of the GPU session, on the CPU: torchrun with gloo, 2 ranks, the tiny dimensions."""
+    code = bench(monkeypatch, "distributed").main(
+        ["--tiny", "--layers", "4", "--prompts", "4", "--tokens", "16", "--batch-size", "1", "--ranks", "2",
+         "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+         "--dist-timeout", "60"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "distributed.json").read_text())
+    assert data["parts"]["extract"]["bit_identical"] and data["parts"]["test"]["bit_identical"], data["parts"]
+    assert data["parts"]["extract"]["speedup"] > 0 and data["parts"]["test"]["runs"]["testN"]["seconds"] > 0
+    rows = data["parts"]["tp"]["layers"]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["attn_rel_l2"] is not None and r["moe_rel_l2"] is not None and "flips" in r for r in rows)
+    assert "TP=2 candidate vs the one-process (device_map) reference" in out
+    assert not (tmp_path / "work" / "dp").exists()  # runs deleted once measured

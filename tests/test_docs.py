@@ -1,7 +1,7 @@
 """Every command in docs/MULTI_GPU_GUIDE.md runs as written, with the exit code it states, on a
-machine without GPUs (those marked `# GPU` need GPUs and are left out). The commands run in a
-private directory: the guide's `/tmp/...` paths and relative outputs land there, not in /tmp or
-the repository."""
+machine without GPUs (those marked `# GPU` need GPUs and are left out; `torchrun` is this
+interpreter's `python -m torch.distributed.run`). The commands run in a private directory: the
+guide's `/tmp/...` paths and relative outputs land there, not in /tmp or the repository."""
 
 import re
 import shlex
@@ -49,6 +49,8 @@ def test_guide_command_runs(line, capsys, monkeypatch, workdir):
         if command.startswith("python "):  # the repository's scripts, with this interpreter
             script, _, rest = command[len("python "):].partition(" ")
             command = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / script))} {rest}"
+        if command.startswith("torchrun "):  # torchrun of this interpreter
+            command = f"{shlex.quote(sys.executable)} -m torch.distributed.run {command[len('torchrun '):]}"
         done = subprocess.run(["bash", "-c", command], cwd=workdir, capture_output=True, text=True)
         assert done.returncode == expected, f"{command!r} exited {done.returncode}: {done.stderr[-2000:]}"
         return

@@ -10,12 +10,15 @@ it. A usage error is a UserError (one line, exit 2), not argparse's usage block.
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import __version__
 from .capture import DEFAULT_POINTS, POINTS
 from .compare import CompareOptions
+from .distributed import DistOptions
 from .errors import UserError
 from .extract import ExtractOptions
+from .flagtypes import amount, cosine, count, limit
 from .importer import DECODES, FORMATS
 from .layer_test import TEST_TYPES, TestOptions
 from .loading import LoadOptions
@@ -37,50 +40,6 @@ class Parser(argparse.ArgumentParser):
 def options(cls, **values):
     """`cls(**values)` without the values not given (None): those take the dataclass default."""
     return cls(**{k: v for k, v in values.items() if v is not None})
-
-
-# ------------------------------------------------------------------------------ numeric flags
-
-def _parse_number(text: str, kind: type):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if value != value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (NaN)")
-    return value
-
-
-def count(text: str) -> int:
-    """A whole number >= 1 (tokens, prompts per batch, k)."""
-    value = _parse_number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number of at least 1")
-    return value
-
-
-def limit(text: str) -> float:
-    """A non-negative number (a tolerance, a margin, a factor); inf means no limit."""
-    value = _parse_number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative: give a number >= 0")
-    return value
-
-
-def amount(text: str) -> float:
-    """A finite number > 0 (a size)."""
-    value = _parse_number(text, float)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
-    return value
-
-
-def cosine(text: str) -> float:
-    """A cosine similarity limit: -1 to 1."""
-    value = _parse_number(text, float)
-    if not -1 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a cosine: give a number from -1 to 1")
-    return value
 
 
 class _Renamed(argparse.Action):
@@ -139,6 +98,26 @@ def _prompts(g) -> None:
     g.add_argument("--points", help=f"what to capture, comma list of {','.join(POINTS)} "
                                     f"(default: {','.join(DEFAULT_POINTS)})")
     g.add_argument("--batch-size", type=count, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
+
+
+def _torchrun(p, gpus: bool = True, tp: bool = False, layers: bool = False) -> None:
+    """Flags that matter when torchrun starts several ranks (docs/MULTI_GPU_GUIDE.md)."""
+    g = p.add_argument_group("under torchrun (several ranks, one node or many)")
+    g.add_argument("--dist-timeout", type=amount, metavar="SECONDS",
+                   help="the longest a rank waits for the others (joining, every exchange) before failing "
+                        f"(default: {DistOptions.timeout_s:g})")
+    if gpus:
+        g.add_argument("--gpus-per-rank", type=count, metavar="K",
+                       help="GPUs of each rank's replica (default: the node's GPUs divided by its ranks)")
+    if tp:
+        g.add_argument("--tp", action="store_true",
+                       help="tensor parallel: the ranks share one model, split by transformers' tp_plan='auto' "
+                            "(one GPU each), compute every batch together, and rank 0 writes the run "
+                            "(default: each rank a whole replica computing its share of the batches)")
+    if layers:
+        g.add_argument("--resident-layers", type=count, metavar="N",
+                       help="single / multi: how many of a rank's layers stay loaded at a time (default: as many "
+                            "as fit in 60%% of the free memory)")
 
 
 def _tolerances(p, compare: bool = True) -> None:
@@ -200,6 +179,7 @@ def _check(sub) -> None:
     p.add_argument("--out", help=f"where dumps will be written, for the disk check (default: {CheckOptions.out_dir})")
     _quant(p, "dequantize")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    _torchrun(p, gpus=False)
 
 
 def _plan(sub) -> None:
@@ -247,6 +227,7 @@ def _extract(sub) -> None:
                    help="who computes: transformers (the reference), or llama.cpp itself for a .gguf MODEL through "
                         "llama-cpp-python (the llamacpp extra), recorded under the transformers names of the same "
                         "GGUF (default: %(default)s)")
+    _torchrun(p, tp=True)
 
 
 def _import(sub) -> None:
@@ -317,6 +298,7 @@ def _test(sub) -> None:
     _placement(p.add_argument_group("placement (full, extract-all)"))
     _prompts(p.add_argument_group("prompts and capture (extract-all)"))
     _tolerances(p, compare=False)
+    _torchrun(p, layers=True)
 
 
 # ------------------------------------------------------------------------------ args -> options
@@ -326,7 +308,26 @@ def load_options(args) -> LoadOptions:
                    offload_folder=getattr(args, "offload_folder", None),
                    allow_spill=not getattr(args, "no_spill", False),
                    attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
-                   quant=args.quant)
+                   quant=args.quant, tensor_parallel=getattr(args, "tp", None))
+
+
+def distributed_options(args) -> DistOptions:
+    return options(DistOptions, timeout_s=args.dist_timeout, gpus_per_rank=getattr(args, "gpus_per_rank", None),
+                   tensor_parallel=getattr(args, "tp", None), keep_gpus=args.command == "check" or None)
+
+
+def fingerprint(args) -> dict:
+    """The parsed command as every rank must hold it, by flag; relative paths made absolute
+    (ranks started in other directories would name other files)."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in _PATHS and value and value != "-" and not str(value).startswith("builtin:"):
+            value = [os.path.abspath(v) for v in value] if isinstance(value, list) else os.path.abspath(value)
+        out[key if key in ("command", "model") else f"--{key.replace('_', '-')}"] = value
+    return out
+
+
+_PATHS = ("model", "out", "reference", "prompts", "json", "plot", "html", "tolerance_file", "offload_folder")
 
 
 def check_options(args) -> CheckOptions:
@@ -362,7 +363,7 @@ def test_options(args) -> TestOptions:
                       chat_template=args.chat_template, overwrite=args.overwrite)
     return options(TestOptions, test_type=args.test_type, reference=args.reference, layer=args.layer,
                    layers=args.layers, out=args.out, stream=args.stream, candidate=candidate,
-                   load=load_options(args), extract=extract)
+                   load=load_options(args), extract=extract, resident_layers=args.resident_layers)
 
 
 def compare_options(args, prompts: str | None = None) -> CompareOptions:

@@ -3,18 +3,25 @@
 Exit codes: 0 pass / ready / fits, 1 diverged / not ready / does not fit, 2 usage or input error.
 A UserError becomes one line on stderr and exit 2; any other exception is a bug and keeps its
 traceback. The flags and their defaults are arguments.py's; the renderings report.py's and plot.py's.
+
+Under torchrun (several ranks: `check`, `extract`, `test`) every rank parses the command, joins
+the job (distributed.py), agrees with the others on the command and the model, and runs it; rank
+0 alone prints, and any rank's failure is one line on rank 0 (exit 2 usage, 1 a rank failed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
-from . import arguments, loading, machine, models, plot, readiness, report
+from . import arguments, distributed, loading, machine, models, plot, readiness, recording, report
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
@@ -24,6 +31,7 @@ from .engines.namemap import to_toml
 from .importer import import_map, import_run
 from .recording import nonfinite_notes
 from .layer_test import compare_layer_test, run_layer_test
+from .runs import MANIFEST
 from .sizes import NoGpu, format_bytes, parse_gpus
 from .streaming import stream_extract
 from .tokenmap import token_map
@@ -75,6 +83,8 @@ def _warn(notes) -> None:
 
 def cmd_check(args) -> int:
     result = readiness.check_machine(arguments.check_options(args))
+    if distributed.session().world > 1:  # under torchrun: the job's ranks, backend and links too
+        result = readiness.with_distributed(result, distributed.session(), getattr(args, "layout_problem", None))
     if args.json:
         _emit_json(report.readiness_json(result), None)
     else:
@@ -129,6 +139,9 @@ def _progress_bar(total_prompts: int):
 def cmd_extract(args) -> int:
     options = arguments.extract_options(args)
     items = gather_prompts(args.prompt, args.prompts)
+    if args.tp and args.stream:
+        raise UserError("--tp and --stream: a streamed model runs one layer at a time on one device, a "
+                        "tensor-parallel one over the ranks at once; pick one")
     update, close = _progress_bar(len(items))
     try:
         if args.engine == "llama.cpp":
@@ -151,9 +164,16 @@ def cmd_extract(args) -> int:
     _print(f"wrote run {result.path}: {plural(result.prompts, 'prompt')}, {plural(result.tensors, 'tensor')}, "
            f"{format_bytes(result.bytes)}{resumed}")
     print(f"  {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s), forward {result.forward_seconds:.2f} s; "
-          f"peak host RAM {format_bytes(result.peak_rss_bytes)}, pinned {format_bytes(result.pinned_peak_bytes)}")
+          f"peak host RAM {format_bytes(result.peak_rss_bytes)}, pinned {format_bytes(result.pinned_peak_bytes)}{_ranks_note(args)}")
     _warn(result.notes)
     return EXIT_OK
+
+
+def _ranks_note(args) -> str:
+    world = distributed.session().world
+    if world == 1:
+        return ""
+    return f"; {world} ranks, tensor parallel" if args.tp else f"; {world} ranks, each its share of the batches"
 
 
 def cmd_import(args) -> int:
@@ -201,6 +221,8 @@ def cmd_test(args) -> int:
     compare = arguments.compare_options(args)
     _check_outputs(args)
     result = run_layer_test(args.model, options, prompts)
+    if not distributed.session().is_main:
+        return EXIT_OK  # under torchrun rank 0 compares and reports
     tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None)
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
@@ -230,6 +252,12 @@ COMMANDS = {"check": cmd_check, "plan": cmd_plan, "load": cmd_load, "extract": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        env = distributed.detect()
+    except UserError as err:
+        return _print_error(str(err), EXIT_USAGE)
+    if env is not None:
+        return _main_ranked(argv, env)
     parser = arguments.build_parser()
     try:
         args = parser.parse_args(argv)
@@ -239,14 +267,101 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone away (| head) shows here, not at interpreter exit
         return code
     except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
-        print(f"layerwise: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _print_error(str(err), err.exit_code)
     except KeyboardInterrupt:
         print("layerwise: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _print_error(message: str, code: int = EXIT_FAIL) -> int:
+    with contextlib.suppress(OSError, ValueError):  # what was printed goes first, unless its reader is gone
+        sys.stdout.flush()
+    print(f"layerwise: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+RANKED = ("check", "extract", "test")  # the commands torchrun can start on several ranks
+
+
+def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
+    """Under torchrun: every rank parses, joins the job, agrees with the others on the command and
+    the model, and runs it; rank 0 alone prints. Any rank's failure is one line on rank 0 and
+    exit 2 (usage) or 1 (a rank failed) on every rank, never a hang (docs/MULTI_GPU_GUIDE.md)."""
+    if env.rank != 0:
+        _silence()
+    args, problem = None, None
+    try:
+        args = arguments.build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose and env.rank == 0 else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command not in RANKED:
+            raise UserError(f"layerwise {args.command} runs as one process: start it without torchrun")
+    except UserError as err:
+        problem = str(err)
+    hint = "; a run being written keeps no manifest: rerun the same command to resume" \
+        if args is not None and args.command in ("extract", "test") else ""
+    try:
+        ranks, layout = distributed.start(env, arguments.distributed_options(args) if problem is None
+                                          else distributed.DistOptions(), on_failure=lambda line: _print_error(line + hint))
+    except distributed.RankFailed as err:
+        return _print_error(str(err)) if env.rank == 0 else EXIT_FAIL
+    try:
+        return _run_ranked(ranks, args, problem, layout)
+    except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
+        return _failed(ranks, str(err), err.exit_code)
+    except distributed.RankFailed as err:
+        return _failed(ranks, str(err) + hint, EXIT_FAIL)
+    except KeyboardInterrupt:
+        return _failed(ranks, f"{env.where()} interrupted", 130)
+    except Exception as err:  # a bug: its traceback on the rank that hit it, one line on rank 0
+        traceback.print_exc()
+        first = str(err).splitlines()[0] if str(err) else ""
+        return _failed(ranks, f"{env.where()} failed: {type(err).__name__}: {first}{hint}", EXIT_FAIL)
+    finally:
+        distributed.stop()
+
+
+def _run_ranked(ranks: distributed.Session, args, problem: str | None, layout: str | None) -> int:
+    facts = None
+    if args is not None and args.command == "check":
+        args.layout_problem, layout = layout, None  # a FAIL line of the report, not a usage error
+    if problem is None and layout is None:
+        try:
+            facts = {"command": arguments.fingerprint(args), "model": _model_identity(args)}
+        except UserError as err:
+            problem = str(err)
+    ranks.settle(problem or layout)
+    ranks.agree("the command", facts["command"])
+    ranks.agree("the model", facts["model"])
+    code = COMMANDS[args.command](args)
+    sys.stdout.flush()
+    return code
+
+
+def _model_identity(args) -> dict:
+    """What every rank must see alike: the model's config and weight files, the reference run."""
+    identity = recording.model_identity(args.model) if getattr(args, "model", None) else {}
+    manifest = Path(getattr(args, "reference", None) or "") / MANIFEST
+    if getattr(args, "reference", None) and manifest.is_file():
+        identity["reference"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    return identity
+
+
+def _failed(ranks: distributed.Session, message: str, code: int) -> int:
+    if ranks.report_failure(message):
+        _print_error(message)
+    return code
+
+
+def _silence() -> None:
+    """A rank other than 0 prints nothing: rank 0 reports for the job."""
+    sys.stdout = open(os.devnull, "w")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
 
 
 if __name__ == "__main__":

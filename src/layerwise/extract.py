@@ -4,20 +4,31 @@ Loads the model (loading.py), tokenizes and batches the prompts (prompts.py), in
 capture hooks (capture.py) and records the tensors into a run (recording.py, runs.py).
 Resumable: an interrupted extract leaves whole files and no manifest; rerunning the same command
 computes only the batches that are not complete and writes the manifest last. `prepare`,
-`extract_intent` and `record` are shared with the streamed extract (streaming.py), which brings
-only its own way of running the forward pass.
+`extract_intent`, `record` and `todo_batches` are shared with the streamed extract
+(streaming.py), which brings only its own way of running the forward pass.
+
+Under torchrun (distributed.py) each rank holds a replica and computes its share of the whole
+batches (`todo_batches`: the batches one process would form, never re-batched, so every tensor
+is bit-identical to one process's on the same device, dtype and thread count) into the same run;
+rank 0 writes the manifest once every rank's files are in place (recording.py). With
+`--tp` the ranks instead share one model (transformers' `tp_plan="auto"`), compute every batch
+together, and rank 0 records (its hooks see the full tensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from . import capture
+from . import capture, distributed
 from .collector import PINNED_BUDGET_BYTES
+from .distributed import Session
 from .loading import LoadedModel, LoadOptions, load_model
 from .module_points import module_targets, parse_modules
 from .prompts import make_batches, read_prompt_file, tokenize
@@ -79,46 +90,84 @@ def extract_intent(ref, config, architecture: str, anatomy, prompts, points, lay
     )
 
 
-def record(out, intent: Intent, targets, options: ExtractOptions) -> Recording:
-    """The recording of an extract, sized by its options."""
+def record(out, intent: Intent, targets, options: ExtractOptions, ranks: Session | None = None) -> Recording:
+    """The recording of an extract, sized by its options (`ranks`: every rank records into `out`)."""
     return Recording(out, intent, targets, options.overwrite, writer_threads=options.writer_threads,
-                     queue_depth=options.queue_depth, pinned_budget_bytes=int(options.pinned_budget_gib * 2**30))
+                     queue_depth=options.queue_depth, pinned_budget_bytes=int(options.pinned_budget_gib * 2**30),
+                     ranks=ranks)
+
+
+def todo_batches(run: Recording, batches: list, ranks: Session, split: bool = True) -> tuple[list, list]:
+    """The batches not complete on disk (as rank 0 sees them, for every rank) and this rank's
+    share of them (`split`; else all of them): whole batches, balanced by their tokens."""
+    todo = [i for i, b in enumerate(batches)
+            if not all(run.writer.has(p.index, g) for p in b.prompts for g in run.groups)]
+    todo = ranks.broadcast(todo)
+    mine = [todo[i] for i in ranks.share([batches[i].input_ids.numel() for i in todo])] if split else todo
+    return [batches[i] for i in todo], [batches[i] for i in mine]
 
 
 def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
                   options: ExtractOptions = ExtractOptions(), progress=None,
                   load: LoadOptions = LoadOptions()) -> ExtractResult:
-    """Run `items` through an already loaded model and write every captured tensor to `out`."""
+    """Run `items` through an already loaded model and write every captured tensor to `out`.
+    Under torchrun the ranks share the batches (each holds a replica), or, tensor-parallel, all
+    compute every batch together and rank 0 records."""
     model, anatomy, config = loaded.model, loaded.anatomy, loaded.config or loaded.model.config
     points, layers, prompts, batches = prepare(loaded.tokenizer, config, anatomy, items, options)
     extra = module_targets([name for name, _ in model.named_modules()], parse_modules(options.modules), anatomy,
                            layers)
     targets = capture.plan_targets(anatomy, points, layers, extra)
-    groups = capture.groups_of(targets)
+    ranks, tp = distributed.session(), loaded.tensor_parallel > 1
     settings = {"dtype": loaded.plan.dtype, "attn_implementation": getattr(model.config, "_attn_implementation", None),
-                "device_map": load.device_map, "quant": loaded.quant_mode}
+                "device_map": "tp_plan=auto" if tp else load.device_map, "quant": loaded.quant_mode}
+    if tp:
+        settings["tensor_parallel"] = loaded.tensor_parallel
     intent = extract_intent(loaded.ref, config, type(model).__name__, anatomy, prompts, points, layers, options,
                             settings)
-    with record(out, intent, targets, options) as run:
-        todo = [b for b in batches if not all(run.writer.has(p.index, g) for p in b.prompts for g in groups)]
-        device = loaded.input_device
-        forward = 0.0
-        with capture.Capture(model, targets, run.collector), torch.inference_mode():
-            for number, batch in enumerate(todo, start=1):
-                run.collector.start_batch(batch)
-                t0 = time.perf_counter()
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                      use_cache=False)
-                forward += time.perf_counter() - t0
-                if progress is not None:
-                    done = sum(len(b.prompts) for b in todo[:number])
-                    progress(Progress(number, len(todo), done, len(prompts), run.writer.bytes_written, run.elapsed()))
+    if tp and not ranks.is_main:  # rank 0 records; this rank computes its part of the same forward passes
+        todo = [batches[i] for i in ranks.broadcast(None)]
+        return _follower_result(out, prompts, _forward(loaded, todo, None, []))
+    with record(out, intent, targets, options, None if tp else ranks) as run:
+        todo, mine = todo_batches(run, batches, ranks, split=not tp)
+
+        def done(number: int) -> None:
+            if progress is not None:
+                prompts_done = sum(len(b.prompts) for b in mine[:number])
+                progress(Progress(number, len(mine), prompts_done, len(prompts), run.writer.bytes_written,
+                                  run.elapsed()))
+
+        forward = _forward(loaded, mine, run.collector, targets, done)
         seconds = run.close_capture()
+        placement = {"": f"tensor parallel over {loaded.tensor_parallel} ranks"} if tp else \
+            dict(getattr(model, "hf_device_map", None) or loaded.plan.device_map)
         run.finish({
-            "placement": dict(getattr(model, "hf_device_map", None) or loaded.plan.device_map),
-            "fixes": [asdict(f) for f in loaded.config_fixes],
-            "versions": library_versions(),
+            "placement": placement, "fixes": [asdict(f) for f in loaded.config_fixes], "versions": library_versions(),
             "stats": {"seconds": seconds, "forward_seconds": forward, "bytes": run.writer.bytes_written,
                       "batches": len(batches), "batches_computed": len(todo)},
         })
     return run.result(len(prompts), forward, resumed_batches=len(batches) - len(todo))
+
+
+def _forward(loaded: LoadedModel, batches: list, collector, targets, done=None) -> float:
+    """The whole model over `batches`, captured into `collector` (None: not captured); the seconds
+    spent in forward calls."""
+    device, forward = loaded.input_device, 0.0
+    hooks = capture.Capture(loaded.model, targets, collector) if collector is not None else contextlib.nullcontext()
+    with hooks, torch.inference_mode():
+        for number, batch in enumerate(batches, start=1):
+            if collector is not None:
+                collector.start_batch(batch)
+            t0 = time.perf_counter()
+            loaded.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                         use_cache=False)
+            forward += time.perf_counter() - t0
+            if done is not None:
+                done(number)
+    return forward
+
+
+def _follower_result(out, prompts, forward: float) -> ExtractResult:
+    """What a tensor-parallel rank other than 0 did: forward passes, nothing written."""
+    return ExtractResult(Path(out), len(prompts), 0, 0, forward, forward, 0,
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 0)

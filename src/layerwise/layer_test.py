@@ -8,6 +8,10 @@
   with the reference's capture points, layers and batch size.
 - extract-all: `layerwise extract`, writing a reference.
 
+Under torchrun the ranks share the work: single and multi split the layers (pipeline.py: each
+rank loads only its own, the chain pipelined from rank to rank), full and extract-all the
+batches (extract.py); rank 0 alone compares and reports (cli.py).
+
 `run_layer_test` makes the candidate runs; `compare_layer_test` compares each with the
 reference (compare.py) and, for `single --layer all`, lines up each layer's isolated error with
 its propagated one (`isolation_table`, pure). Rendering is report.py's.
@@ -19,12 +23,13 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import models
+from . import distributed, models
 from .compare import CompareOptions, Report, Row, compare_runs
 from .errors import UserError
 from .extract import ExtractOptions, extract
 from .loading import LoadOptions
 from .names import OUTPUT, BadSelection, Layout, format_ranges, parse_indices
+from .pipeline import Pipeline
 from .recording import ExtractResult
 from .replay import ReplayOptions, ReplayResult, replay
 from .runs import Run, open_run
@@ -48,6 +53,7 @@ class TestOptions:
     candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings tested (default: the reference's)
     load: LoadOptions = field(default_factory=LoadOptions)  # full / extract-all: loading the whole model
     extract: ExtractOptions = field(default_factory=ExtractOptions)  # extract-all: capture; full: its batch defaults
+    resident_layers: int | None = None  # under torchrun: a rank's layers kept loaded at a time (None: what fits)
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,19 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
         layers = parse_layer(options.layer, num_layers)
         every = len(layers) == num_layers and num_layers > 1
         result = replay(model, reference, layers, options.candidate, isolated=out / "isolated",
-                        chained=out / "chained" if every else None)
+                        chained=out / "chained" if every else None, schedule=_schedule(options))
     else:
         layers = parse_layer_range(options.layers or f"0-{num_layers - 1}", num_layers)
-        result = replay(model, reference, layers, options.candidate, chained=out / "chained")
+        result = replay(model, reference, layers, options.candidate, chained=out / "chained",
+                        schedule=_schedule(options))
     candidates = {k: v for k, v in (("isolated", result.isolated), ("chained", result.chained)) if v is not None}
     return TestResult(options.test_type, reference.path, candidates, result.layers, replay=result, notes=result.notes)
+
+
+def _schedule(options: TestOptions) -> Pipeline | None:
+    """Under torchrun, the layers split over the ranks (pipeline.py); else replay's own loop."""
+    ranks = distributed.session()
+    return Pipeline(ranks, options.resident_layers) if ranks.world > 1 else None
 
 
 def parse_layer(text: str, num_layers: int) -> list[int]:

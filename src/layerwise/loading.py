@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, machine, models, placement, quant
+from . import checkpoint, distributed, machine, models, placement, quant
 from .anatomy import Anatomy, find_anatomy
 from .devicemap import DEFAULT_DEVICE_MAP, device_name, device_of
 from .errors import UserError
@@ -44,6 +44,7 @@ class LoadOptions:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     tokens: int = placement.DEFAULT_TOKENS  # forward-pass size (batch x sequence) the placement leaves room for
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"; plain checkpoints: None
+    tensor_parallel: bool = False  # under torchrun: the ranks share the model (transformers' tp_plan="auto")
 
     def plan_settings(self) -> dict:
         """What a placement plan depends on (placement.plan_for's settings)."""
@@ -63,6 +64,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     quant_mode: str | None = None  # how an FP8 checkpoint runs: "dequantize" or "fp8"
     config: object = None  # the checkpoint's config, fixes applied (model.config may lack its quantization_config)
+    tensor_parallel: int = 1  # ranks sharing the model (tp_plan="auto"); 1: a whole model in this process
 
     @property
     def input_device(self) -> torch.device:
@@ -116,6 +118,7 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     if any(d.device == "disk" for d in plan.devices) and not options.offload_folder:
         raise UserError(f"{format_bytes(sum(d.weight_bytes for d in spill if d.device == 'disk'))} of weights would be "
                         "offloaded to disk: pass --offload-folder DIR (or more --max-memory)")
+    tp = check_tensor_parallel(mc.config, mode) if options.tensor_parallel else 1
     start = time.perf_counter()
     if mode == "fp8":
         model = _assemble_fp8(ref, mc, plan, options)
@@ -127,7 +130,29 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     anatomy = find_anatomy(model)
     tokenizer = load_tokenizer(ref) if with_tokenizer else None
     log.info("loaded %s in %.1f s", spec, seconds)
-    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes, mode, mc.config)
+    return LoadedModel(model, ref, mc.fixes, plan, anatomy, seconds, tokenizer, notes, mode, mc.config, tp)
+
+
+def check_tensor_parallel(config, mode: str | None) -> int:
+    """The ranks that will share a model of `config` under --tp; a model or a job they cannot
+    split is a UserError."""
+    ranks = distributed.session().world
+    if ranks < 2:
+        raise UserError("--tp splits the model over the ranks of a torchrun job: launch it with torchrun "
+                        "--nproc-per-node N (N >= 2) -m layerwise extract ... --tp")
+    if not getattr(config, "base_model_tp_plan", None):
+        raise UserError(f"transformers {'.'.join(map(str, models.transformers_version()))} has no tensor-parallel "
+                        f"plan for {config.model_type} models: --tp cannot split them; run without --tp (each rank "
+                        "then holds a whole model and computes its share of the batches)")
+    if mode == "fp8":
+        raise UserError("--tp with --quant fp8: the FP8 candidate assembles its own layers, which transformers' "
+                        "tensor-parallel plan does not split; use --quant dequantize, or --quant fp8 without --tp")
+    heads = {"query": config.num_attention_heads, "key/value": getattr(config, "num_key_value_heads", None)}
+    uneven = {k: v for k, v in heads.items() if v and v % ranks}
+    if uneven:
+        raise UserError(f"--tp over {ranks} ranks: the attention heads ({', '.join(f'{v} {k}' for k, v in heads.items() if v)}"
+                        ") do not split evenly over them: start a number of ranks that divides them")
+    return ranks
 
 
 def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, progress: bool):
@@ -139,6 +164,14 @@ def _from_pretrained(ref, mc, plan, options: LoadOptions, mode: str | None, prog
         raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
         config.quantization_config = {**raw, "dequantize": True}
     kwargs = dict(config=config, dtype=models.parse_dtype(options.dtype), device_map=plan.device_map)
+    if options.tensor_parallel:  # transformers' own split over the ranks, instead of a device map
+        del kwargs["device_map"]
+        try:
+            from transformers import DistributedConfig
+
+            kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
+        except ImportError:  # transformers before DistributedConfig
+            kwargs["tp_plan"] = "auto"
     if options.offload_folder:
         kwargs["offload_folder"] = options.offload_folder
     if options.attn_implementation:

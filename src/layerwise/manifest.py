@@ -13,6 +13,7 @@ import importlib.metadata as md
 import json
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,29 +93,41 @@ def first_difference(a: dict, b: dict) -> str:
     return "settings"
 
 
-def build_manifest(path: Path, intent: dict, extra: dict) -> dict:
-    """Index every tensor file of a run (headers only) into the manifest."""
+def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
+    """Manifest entries (headers only) of a run's tensor files: `files` (paths relative to the
+    run), else every one; the entry of a tensor that holds NaN/Inf carries "nonfinite": [nan, inf]."""
+    every = (str(f.relative_to(path)) for f in (path / TENSOR_DIR).glob("p*/*.safetensors")
+             if f.parent.name[1:].isdigit())
+    entries = []
+    for rel in sorted(every if files is None else files):
+        prompt = int(Path(rel).parent.name[1:])
+        metadata: dict = {}
+        for name, info in tensorfile.read_header(path / rel, metadata).items():
+            module, role = split_name(name)
+            entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": info["shape"],
+                     "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
+                     "sha256": metadata.get(tensorfile.HASH_KEY + name)}
+            counts = metadata.get(tensorfile.NONFINITE_KEY + name)
+            if counts:
+                entry["nonfinite"] = [int(x) for x in counts.split(",")]
+            entries.append(entry)
+    return entries
+
+
+def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:
+    """The manifest of a run: `entries` (default: every tensor file indexed, headers only) in
+    model order, and the tensors that hold NaN/Inf."""
     layout = Layout.of(intent.get("anatomy"))
-    entries, nonfinite = [], []
 
     def order(e: dict) -> tuple:
         return e["prompt"], model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm, layout.head)
 
-    for file in sorted((path / TENSOR_DIR).glob("p*/*.safetensors")):
-        if not file.parent.name[1:].isdigit():
-            continue
-        prompt = int(file.parent.name[1:])
-        rel = str(file.relative_to(path))
-        metadata: dict = {}
-        for name, info in tensorfile.read_header(file, metadata).items():
-            module, role = split_name(name)
-            entries.append({"name": name, "module": module, "role": role, "prompt": prompt, "shape": info["shape"],
-                            "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
-                            "sha256": metadata.get(tensorfile.HASH_KEY + name)})
-            counts = metadata.get(tensorfile.NONFINITE_KEY + name)
-            if counts:
-                nan, inf = (int(x) for x in counts.split(","))
-                nonfinite.append({"name": name, "prompt": prompt, "nan": nan, "inf": inf})
+    entries = [dict(e) for e in (index_files(path) if entries is None else entries)]
+    nonfinite = []
+    for e in entries:
+        counts = e.pop("nonfinite", None)
+        if counts:
+            nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
     entries.sort(key=order)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,

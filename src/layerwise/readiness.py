@@ -3,22 +3,28 @@
 The seed's `check_gpu_readiness.py`, extended: GPUs and their memory, driver and CUDA,
 library versions against minimums, known numerics bugs for this model on these versions,
 the checkpoint's integrity (headers only), the placement verdict for the GPUs present, peer
-links, and host RAM and disk for offload and dumps. Probes come from machine.py; this module
+links, and host RAM and disk for offload and dumps; under torchrun also the job (ranks per
+node, an exchange and an NCCL all-reduce timed: `with_distributed`). Probes come from machine.py; this module
 only judges. A machine is ready when no check FAILs.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import checkpoint, machine, models, quant
+from .distributed import Session
 from .errors import UserError
 from .loading import LoadOptions
 from .placement import meta_model, plan_for
+from .names import format_ranges
 from .sizes import format_bytes
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -250,3 +256,58 @@ def check_machine(options: CheckOptions) -> Readiness:
             checks += check_fit(ref, config, options, found)
     checks += check_links(found) + check_host(options, config)
     return Readiness(tuple(checks))
+
+
+def with_distributed(result: Readiness, ranks: Session, layout_problem: str | None = None) -> Readiness:
+    """`result` and the checks of the torchrun job this rank is part of (every rank calls it)."""
+    return replace(result, checks=result.checks + tuple(check_distributed(ranks, layout_problem)))
+
+
+def check_distributed(ranks: Session, layout_problem: str | None = None) -> list[Check]:
+    """The job as its ranks see it: how many on which nodes, an exchange timed, each rank's GPUs,
+    and with GPUs an NCCL all-reduce timed (NVLink or PCIe shows in its bandwidth)."""
+    t0 = time.perf_counter()
+    facts = ranks.all_gather({"host": socket.gethostname(), "gpus": torch.cuda.device_count(), "problem": layout_problem})
+    ms = (time.perf_counter() - t0) * 1e3
+    hosts: dict[str, list[int]] = {}
+    for r, f in enumerate(facts):
+        hosts.setdefault(f["host"], []).append(r)
+    nodes = "; ".join(f"{h}: {len(rs)} rank(s) ({format_ranges(rs)})" for h, rs in hosts.items())
+    checks = [Check("distributed", PASS, f"{ranks.world} ranks on {len(hosts)} node(s) answered in {ms:.0f} ms, "
+                                         f"backend {ranks.backend}, --dist-timeout {ranks.timeout_s:g} s: {nodes}")]
+    odd = next(((r, f["problem"]) for r, f in enumerate(facts) if f["problem"]), None)
+    if odd is not None:
+        checks.append(Check("rank-gpus", FAIL, f"{ranks.env.where(odd[0])}: {odd[1]}"))
+    elif any(f["gpus"] for f in facts):
+        per_node = ", ".join(f"{h}: {facts[rs[0]]['gpus']} GPU(s) for {len(rs)} rank(s)" for h, rs in hosts.items())
+        checks.append(Check("rank-gpus", PASS, f"each rank a replica on its node's share of GPUs ({per_node})"))
+    if "nccl" in (ranks.backend or ""):
+        checks.append(check_nccl(ranks))
+    return checks
+
+
+def check_nccl(ranks: Session, megabytes: int = 64, reps: int = 5) -> Check:
+    """An all-reduce over every rank's GPU through NCCL, timed (bus bandwidth, as nccl-tests count it)."""
+    import torch.distributed as dist
+
+    version = ".".join(map(str, torch.cuda.nccl.version()))
+    x = torch.ones(megabytes << 18, device="cuda")  # float32: 4 bytes each
+    try:
+        dist.all_reduce(x)  # warm-up: NCCL connects here
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(x)
+        torch.cuda.synchronize()
+    except RuntimeError as err:
+        return Check("nccl", FAIL, f"NCCL {version}: an all-reduce over {ranks.world} ranks failed: "
+                                   f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    seconds = (time.perf_counter() - t0) / reps
+    bus = 2 * (ranks.world - 1) / ranks.world * x.numel() * 4 / seconds / 1e9
+    nvml = machine.nvml_info()
+    links = (f"NVLink links on this node: {', '.join(f'{i}:{n}' for i, n in sorted(nvml.nvlink_links.items()))}"
+             if nvml.nvlink_links else f"NVLink unknown ({nvml.error})" if nvml.error else "no active NVLink")
+    forced = ", ".join(f"{k}={os.environ[k]}" for k in ("NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL", "NCCL_IB_DISABLE")
+                       if k in os.environ)
+    return Check("nccl", PASS, f"NCCL {version}: all-reduce of {megabytes} MiB over {ranks.world} ranks at "
+                               f"{bus:.1f} GB/s bus bandwidth; {links}" + (f"; {forced}" if forced else ""))

@@ -8,6 +8,12 @@ and `finish(extra)`, which writes the manifest last. An exception leaving the bl
 sink and the writer: the files already written stay, no manifest is written, and rerunning the
 same command resumes. `model_record` and `config_sha256` say which model a run is of.
 
+Under torchrun (`ranks`, distributed.py) every rank records into the same run directory: the
+ranks first agree on the intent, rank 0 opens the run (replacing or resuming it) before the
+others join it, and `finish` is collective: each rank drains its writer (its files renamed into
+place), rank 0 gathers every rank's index, checks that no file is missing and writes the one
+manifest. A rank that fails never reaches that point, so the run keeps no manifest and resumes.
+
 Knows nothing about how the forward passes run: the producers bring those.
 """
 
@@ -21,11 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .capture import Target
+from . import models
+from .capture import Target, groups_of
 from .collector import PINNED_BUDGET_BYTES, Collector
+from .distributed import Session
 from .formatting import plural
+from .manifest import index_files
 from .names import Layout, layer_of, model_order_key, split_name
-from .runs import QUEUE_DEPTH, Intent, RunWriter
+from .runs import QUEUE_DEPTH, Intent, RunWriter, group_file
 
 
 @dataclass(frozen=True)
@@ -76,16 +85,44 @@ def model_record(ref, config, architecture: str, num_layers: int) -> dict:
             "hidden_size": config.hidden_size}
 
 
+def model_identity(spec: str) -> dict:
+    """What every rank of a job must see alike of a model: its config (hash) and its weight files
+    (names and sizes)."""
+    ref = models.resolve_model(spec)
+    if ref.path is None:
+        files = {}
+    elif ref.kind == "gguf":
+        files = {ref.path.name: ref.path.stat().st_size}
+    else:
+        files = {f.name: f.stat().st_size for f in sorted(ref.path.glob("*.safetensors"))}
+    return {"config_sha256": config_sha256(models.load_config(ref, check_quant=False).config), "weights": files}
+
+
 class Recording:
     """A run being written: its writer, the capture sink (with `targets`), abort on error.
 
     `overwrite` replaces a different run in `out`; `writer_threads` / `queue_depth` size the
-    writer, `pinned_budget_bytes` the sink's host buffers (runs.py, collector.py)."""
+    writer, `pinned_budget_bytes` the sink's host buffers (runs.py, collector.py); `ranks`: every
+    rank of this torchrun job writes into `out` (data parallel)."""
 
     def __init__(self, out: str | os.PathLike, intent: Intent | dict, targets: list[Target] | None,
                  overwrite: bool = False, writer_threads: int | None = None, queue_depth: int = QUEUE_DEPTH,
-                 pinned_budget_bytes: int = PINNED_BUDGET_BYTES):
-        self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth)
+                 pinned_budget_bytes: int = PINNED_BUDGET_BYTES, ranks: Session | None = None):
+        self.ranks = ranks if ranks is not None and ranks.world > 1 else None
+        intent = intent.as_dict() if isinstance(intent, Intent) else intent
+        self.groups = list(groups_of(targets or []))
+        if self.ranks is None:
+            self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth)
+        else:
+            model = {k: v for k, v in (intent.get("model") or {}).items() if k != "path"}
+            self.ranks.agree("the run to write", {"model": model, "settings": intent.get("settings"),
+                                                  "prompts": intent.get("prompts")})
+            # rank 0 opens the run (replacing one is done beside it); the others write where it writes
+            self.writer = self.ranks.main_first(lambda first: RunWriter(
+                out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth) if first else None)
+            where = self.ranks.broadcast(str(self.writer.path) if self.ranks.is_main else None)
+            if not self.ranks.is_main:
+                self.writer = RunWriter(where, intent, False, threads=writer_threads, queue_depth=queue_depth)
         try:
             self.collector = Collector(self.writer, targets, pinned_budget_bytes) if targets is not None else None
         except BaseException:
@@ -93,7 +130,9 @@ class Recording:
             raise
         self.started = time.perf_counter()
         self.seconds = 0.0
-        self.manifest: dict | None = None
+        self.manifest: dict | None = None  # on rank 0 only, when several ranks record
+        self.tensors = 0
+        self.bytes = 0  # written by this call, every rank's
 
     def __enter__(self) -> Recording:
         return self
@@ -115,25 +154,50 @@ class Recording:
         self.seconds = self.elapsed()
         return self.seconds
 
-    def finish(self, extra: dict) -> dict:
-        """Write the manifest last (with `extra` beside the intent); returns it."""
-        self.manifest = self.writer.finish(extra)
+    def finish(self, extra: dict) -> dict | None:
+        """Write the manifest last (with `extra` beside the intent); returns it (None on ranks
+        other than 0). Collective when several ranks record."""
+        if self.ranks is None:
+            self.manifest = self.writer.finish(extra)
+            self.tensors, self.bytes = len(self.manifest["tensors"]), self.writer.bytes_written
+            return self.manifest
+        self.writer.close()  # this rank's files are all renamed into place
+        mine = index_files(self.writer.path, None if self.ranks.is_main else self.writer.written)
+        stats = {"rank": self.ranks.rank, "files": len(self.writer.written), "bytes": self.writer.bytes_written,
+                 "seconds": self.seconds}
+        gathered = self.ranks.gather((mine, stats))
+        summary = None
+        if self.ranks.is_main:
+            entries = {(e["file"], e["name"]): e for part, _ in gathered for e in part}
+            files = {file for file, _ in entries}
+            missing = [group_file(p["index"], g) for p in self.writer.intent["prompts"] for g in self.groups
+                       if group_file(p["index"], g) not in files]
+            if missing:  # a bug, not bad input: never a manifest over a partial run
+                raise RuntimeError(f"{len(missing)} tensor file(s) missing after every rank finished "
+                                   f"(first: {missing[0]}): no manifest written")
+            per_rank = [s for _, s in gathered]
+            extra = {**extra, "stats": {**(extra.get("stats") or {}), "ranks": per_rank,
+                                        "bytes": sum(s["bytes"] for s in per_rank)}}
+            self.manifest = self.writer.finish(extra, list(entries.values()))
+            summary = (len(self.manifest["tensors"]), extra["stats"]["bytes"])
+        self.tensors, self.bytes = self.ranks.broadcast(summary)
         return self.manifest
 
     def result(self, prompts: int, forward_seconds: float, resumed_batches: int = 0) -> ExtractResult:
         return ExtractResult(
-            path=self.writer.target, prompts=prompts, tensors=len(self.manifest["tensors"]),
-            bytes=self.writer.bytes_written, seconds=self.seconds, forward_seconds=forward_seconds,
+            path=self.writer.target, prompts=prompts, tensors=self.tensors,
+            bytes=self.bytes, seconds=self.seconds, forward_seconds=forward_seconds,
             resumed_batches=resumed_batches, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             pinned_peak_bytes=self.collector.pinned_peak_bytes if self.collector is not None else 0,
             notes=tuple(nonfinite_notes(self.manifest)),
         )
 
 
-def nonfinite_notes(manifest: dict) -> list[str]:
+def nonfinite_notes(manifest: dict | None) -> list[str]:
     """What a run's manifest says of the NaN/Inf the model produced: where they first appear
-    (tensor, layer, prompt) and how many tensors hold any; [] when none."""
-    found = manifest.get("nonfinite") or []
+    (tensor, layer, prompt) and how many tensors hold any; [] when none (or no manifest: a rank
+    other than 0)."""
+    found = (manifest or {}).get("nonfinite") or []
     if not found:
         return []
     layout = Layout.of(manifest.get("anatomy"))

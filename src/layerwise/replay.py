@@ -191,9 +191,12 @@ class _Track:
 
 def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
            options: ReplayOptions = ReplayOptions(), isolated: str | os.PathLike | None = None,
-           chained: str | os.PathLike | None = None, source: LayerSource | None = None) -> ReplayResult:
+           chained: str | os.PathLike | None = None, source: LayerSource | None = None,
+           schedule=None) -> ReplayResult:
     """Run `layers` on the reference's recorded inputs and write the isolated and/or chained runs.
-    `source`: layers from somewhere else than `model`'s checkpoint (tensors in memory)."""
+    `source`: layers from somewhere else than `model`'s checkpoint (tensors in memory). `schedule`:
+    runs the layers instead of `_run_layers` (pipeline.Pipeline: over the ranks of a torchrun job,
+    its `ranks` then recording the runs together)."""
     if isolated is None and chained is None:
         raise ValueError("replay needs an isolated and/or a chained output directory")
     layers = list(layers)
@@ -211,13 +214,13 @@ def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
                     "device": str(source.device), "candidate": options.candidate, "quant": source.quant_mode}
     try:
         outputs = {kind: path for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None}
-        return _replay(run, source, settings, layers, options, factory, outputs)
+        return _replay(run, source, settings, layers, options, factory, outputs, schedule or _run_layers)
     finally:
         source.close()
 
 
 def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], options: ReplayOptions,
-            factory: Callable | None, outputs: dict) -> ReplayResult:
+            factory: Callable | None, outputs: dict, schedule: Callable) -> ReplayResult:
     for index in layers:
         source.check_index(index)
     notes = check_reference(run, source, layers, "chained" in outputs, options.allow_config_mismatch)
@@ -230,15 +233,18 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tracks = [_Track(kind, stack.enter_context(Recording(path, _intent(run, source, settings, layers, kind),
-                                                               targets, options.overwrite)))
+                                                               targets, options.overwrite,
+                                                               ranks=getattr(schedule, "ranks", None))))
                   for kind, path in outputs.items()]
         with deterministic(options.deterministic), torch.inference_mode():
-            load_seconds, bytes_read, determinism = _run_layers(run, source, layers, batches, tracks, targets,
+            load_seconds, bytes_read, determinism = schedule(run, source, layers, batches, tracks, targets,
                                                                 options, factory)
         found = []  # NaN/Inf the layers produced, per output run
         for track in tracks:
             track.recording.close_capture()
-            track.recording.finish({"producer": "layerwise test", "notes": notes,
+            track.recording.finish({"producer": "layerwise test", "notes": notes, "stats": {
+                                    "seconds": time.perf_counter() - start, "load_seconds": load_seconds,
+                                    "bytes_read": bytes_read},
                                     "determinism": {"checked": determinism[0] is not None,
                                                     "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
             found += [f"{track.kind} run: {n}" for n in nonfinite_notes(track.recording.manifest)]

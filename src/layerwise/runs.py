@@ -79,6 +79,7 @@ class RunWriter:
             raise UserError(f"cannot write the run {self.target}: {io_reason(err)} ({err.filename or self.path}); "
                             "pick a writable --out") from None
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
+        self.written: set[str] = set()  # files this writer wrote (relative paths)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes = 0
@@ -172,6 +173,7 @@ class RunWriter:
         try:
             written = tensorfile.write_file(tmp, tensors, metadata)
             os.replace(tmp, target)
+            self.written.add(rel)  # one call under the GIL: safe from several writer threads
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if is_io_error(err):
@@ -202,11 +204,15 @@ class RunWriter:
     def bytes_written(self) -> int:
         return self._bytes
 
-    def finish(self, extra: dict | None = None) -> dict:
-        """Wait for the writers, index every file, write manifest.json last. Returns it."""
+    def close(self) -> None:
+        """Wait until every queued file is on disk and stop the writers, without a manifest."""
         self.wait()
         self._stop()
-        manifest = build_manifest(self.path, self.intent, extra or {})
+
+    def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
+        """Wait for the writers, index the files (or take `entries`), write manifest.json last."""
+        self.close()
+        manifest = build_manifest(self.path, self.intent, extra or {}, entries)
         write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
         if self._replaced is not None:
             self._replace_target()

@@ -8,7 +8,9 @@ thread reads layer K+1 (I/O only; building the module stays on this thread), so 
 layers of weights are resident at a time. The hidden states
 between layers stay on the device (or in pinned host memory when they would crowd it). Batches,
 masks, positions and rotary embeddings are those of the whole-model forward, so the tensors are
-bit-identical to `extract` on the same device and dtype (tested).
+bit-identical to `extract` on the same device and dtype (tested). Like `extract`, a rerun
+computes only the batches not complete on disk, and under torchrun each rank streams the whole
+model over its share of the batches (extract.todo_batches).
 
 The decoder loop assumed is transformers' standard one: embedding -> layers -> final norm ->
 head, nothing in between. Models that scale or mix between those steps are refused.
@@ -24,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import capture, models
+from . import capture, distributed, models
 from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
-from .extract import ExtractOptions, extract_intent, prepare, record
+from .extract import ExtractOptions, extract_intent, prepare, record, todo_batches
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
 from .machine import usable_device
@@ -110,23 +112,26 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         if progress is not None:
             progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), run.writer.bytes_written, run.elapsed()))
 
-    with record(out, intent, targets, options) as run:
+    with record(out, intent, targets, options, distributed.session()) as run:
+        todo, mine = todo_batches(run, batches, distributed.session())  # under torchrun: this rank's share
         if device.startswith("cuda"):
             torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
             torch.cuda.reset_peak_memory_stats(torch.device(device))
         with torch.inference_mode():
-            hidden = _embed(source, batches, run.collector, by_stage.get("embed", []), stream)
-            hidden = _decoder_layers(source, batches, hidden, run, by_stage, stream, reads, layer_done)
-            _norm_and_head(source, batches, hidden, run.collector, by_stage.get("final", []))
+            if mine:
+                hidden = _embed(source, mine, run.collector, by_stage.get("embed", []), stream)
+                hidden = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done)
+                _norm_and_head(source, mine, hidden, run.collector, by_stage.get("final", []))
         seconds = run.close_capture()
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
         run.finish({
             "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes], "versions": library_versions(),
             "stats": {"seconds": seconds, "bytes": run.writer.bytes_written, "streamed": True,
+                      "batches": len(batches), "batches_computed": len(todo),
                       "weights_read_bytes": reads.bytes, "weights_read_seconds": reads.seconds,
                       "weights_wait_seconds": reads.wait_seconds, "peak_device_bytes": peak},
         })
-    return (run.result(len(prompts), seconds - reads.wait_seconds),
+    return (run.result(len(prompts), seconds - reads.wait_seconds, resumed_batches=len(batches) - len(todo)),
             StreamStats(reads.bytes, reads.seconds, reads.wait_seconds, peak))
 
 

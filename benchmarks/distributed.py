@@ -1,0 +1,273 @@
+"""Scale-out under torchrun on one node: data-parallel extract and layer tests against one
+process, and the tensor-parallel candidate against the one-process (device_map) reference.
+
+A MiniMax-M2-shaped checkpoint (real dimensions, --layers layers of 256 experts, seeded random
+bf16 weights, fp32 router) is written once to --dir, and --prompts prompts of --tokens random
+token ids. Everything then runs through the real command line: `layerwise ...` for one process
+(on GPU 0 alone), `torchrun --standalone --nproc-per-node N -m layerwise ...` for N ranks:
+
+  extract  one process vs N ranks, each a whole replica computing its share of the batches: the
+           seconds of the recording (after loading: manifest stats, the slowest rank), the
+           speed-up (goal >= 0.95 N), and whether the runs are bit-identical (every tensor's sha256)
+  test     `test --test-type single --layer all` against the one-process run: one process vs N
+           ranks (each its chunk of layers, the chain pipelined): the seconds of the replay
+           (manifest stats, the slowest rank), the speed-up, both runs bit-identical
+  tp       `extract --tp` over the N ranks (transformers' tp_plan="auto") against the one-process
+           run: per layer the attention output's rel_l2, the MoE output's rel_l2 and the routing
+           flips (`layerwise compare --json`)
+
+Prints one table; JSON to --out/distributed.json, rewritten after every part (a session cut short
+keeps what it measured). A part that fails is recorded with its error and the others still run.
+Runs are deleted once measured (--keep to keep them); the checkpoint stays for a rerun.
+Dry run on a CPU: --tiny (gloo, tiny dimensions, the same commands; OMP_NUM_THREADS=1 on every
+process, so one process and the ranks compute with the same kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import build_on_devices, minimax_config, write_checkpoint  # noqa: E402
+
+from layerwise import runs  # noqa: E402
+
+POINTS = "residual,attn,mlp,router"  # no logits: 0.4 MB per token of MiniMax-M2
+GOAL = 0.95  # of N: the speed-up goal on N ranks (1.9x on 2)
+
+
+class Failure(Exception):
+    """A command failed: its line and the end of its stderr."""
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work, self.ckpt = Path(args.work), Path(args.dir)
+        self.ranks = args.ranks
+        self.gpu = torch.cuda.is_available() and not args.tiny
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+
+    # ---------------------------------------------------------------------------- running
+    def layerwise(self, ranks: int, *argv, ok=(0,)) -> float:
+        """`layerwise ARGV` on one process (GPU 0 only) or N ranks; returns the wall seconds."""
+        argv = [str(a) for a in argv]
+        if ranks == 1:
+            cmd, env = [sys.executable, "-m", "layerwise", *argv], {**self.env, "CUDA_VISIBLE_DEVICES": "0"}
+            if not self.gpu:
+                env.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   "-m", "layerwise", *argv]
+            env = self.env
+        print(f"$ {'torchrun x%d ' % ranks if ranks > 1 else ''}layerwise {' '.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.args.command_timeout)
+        wall = time.perf_counter() - t0
+        if done.returncode not in ok:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise Failure(f"layerwise {argv[0]} on {ranks} rank(s) exited {done.returncode} after {wall:.0f} s:\n{tail}")
+        print(f"  {wall:.1f} s", flush=True)
+        return wall
+
+    def extract(self, ranks: int, out: Path, *extra) -> float:
+        return self.layerwise(ranks, "extract", self.ckpt, "--out", out, "--prompts", self.work / "prompts.jsonl",
+                              "--points", POINTS, "--batch-size", self.args.batch_size, "--dtype", "bf16",
+                              "--overwrite", "--dist-timeout", self.args.dist_timeout, *extra)
+
+    def drop(self, *paths: Path) -> None:
+        if not self.args.keep:
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- set-up
+    def setup(self) -> dict:
+        """The checkpoint (written once) and the prompts; what they are."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        config = minimax_config(self.args.layers, tiny=self.args.tiny)
+        if not (self.ckpt / "config.json").exists():
+            t0 = time.perf_counter()
+            model = build_on_devices(config, {"": "cuda:0" if self.gpu else "cpu"}, torch.bfloat16)
+            write_checkpoint(model, self.ckpt, shard="4GB")
+            del model
+            if self.gpu:
+                torch.cuda.empty_cache()
+            print(f"wrote {self.ckpt} in {time.perf_counter() - t0:.0f} s", flush=True)
+        generator = torch.Generator().manual_seed(0)
+        with open(self.work / "prompts.jsonl", "w") as fh:
+            for _ in range(self.args.prompts):
+                ids = torch.randint(0, config.vocab_size, (self.args.tokens,), generator=generator).tolist()
+                fh.write(json.dumps({"token_ids": ids}) + "\n")
+        gb = sum(f.stat().st_size for f in self.ckpt.glob("*.safetensors")) / 1e9
+        card = torch.cuda.get_device_name(0) if self.gpu else platform.processor() or "cpu"
+        return {"layers": self.args.layers, "experts": config.num_local_experts, "hidden": config.hidden_size,
+                "checkpoint_gb": gb, "prompts": self.args.prompts, "tokens": self.args.tokens,
+                "batch_size": self.args.batch_size, "ranks": self.ranks, "card": card,
+                "gpus": torch.cuda.device_count() if self.gpu else 0, "versions": runs.library_versions()}
+
+    def reference(self) -> dict:
+        """The one-process extract: the 1-rank time and every other part's reference."""
+        wall = self.extract(1, self.work / "one")
+        return {"wall_s": wall, "seconds": manifest(self.work / "one")["stats"]["seconds"]}
+
+    # ---------------------------------------------------------------------------- parts
+    def part_extract(self, one: dict) -> dict:
+        wall = self.extract(self.ranks, self.work / "dp")
+        ranks = manifest(self.work / "dp")["stats"]["ranks"]
+        seconds = max(r["seconds"] for r in ranks)
+        same = equal_runs(self.work / "one", self.work / "dp")
+        self.drop(self.work / "dp")
+        return {"one_s": one["seconds"], "ranks_s": seconds, "speedup": one["seconds"] / seconds,
+                "one_wall_s": one["wall_s"], "ranks_wall_s": wall, "per_rank": ranks, **same}
+
+    def part_test(self, one: dict) -> dict:
+        out = {}
+        for n, name in ((1, "test1"), (self.ranks, "testN")):
+            wall = self.layerwise(n, "test", self.ckpt, "--reference", self.work / "one", "--test-type", "single",
+                                  "--layer", "all", "--out", self.work / name, "--overwrite",
+                                  "--json", self.work / f"{name}.json", "--dist-timeout", self.args.dist_timeout,
+                                  ok=(0, 1))
+            isolated = manifest(self.work / name / "isolated")
+            stats = isolated["stats"]
+            seconds = max(r["seconds"] for r in stats["ranks"]) if "ranks" in stats else stats["seconds"]
+            out[name] = {"seconds": seconds, "wall_s": wall, "load_s": stats.get("load_seconds"),
+                         "determinism": isolated.get("determinism")}
+        same = {kind: equal_runs(self.work / "test1" / kind, self.work / "testN" / kind) for kind in ("isolated", "chained")}
+        self.drop(self.work / "test1", self.work / "testN")
+        return {"one_s": out["test1"]["seconds"], "ranks_s": out["testN"]["seconds"],
+                "speedup": out["test1"]["seconds"] / out["testN"]["seconds"], "runs": out, "equal": same,
+                "bit_identical": all(s["bit_identical"] for s in same.values())}
+
+    def part_tp(self, one: dict) -> dict:
+        wall = self.extract(self.ranks, self.work / "tp", "--tp")
+        self.layerwise(1, "compare", self.work / "one", self.work / "tp", "--json", self.work / "tp.json", ok=(0, 1))
+        report = json.loads((self.work / "tp.json").read_text())
+        seconds = manifest(self.work / "tp")["stats"]["seconds"]
+        self.drop(self.work / "tp")
+        return {"wall_s": wall, "seconds": seconds, "layers": tp_rows(report),
+                "logits": {k: v for k, v in (report.get("logits") or {}).items() if k != "per_prompt"}}
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def equal_runs(a: Path, b: Path) -> dict:
+    """Bit for bit, from the manifests' sha256 of every tensor."""
+    x = {(e["name"], e["prompt"]): e["sha256"] for e in manifest(a)["tensors"]}
+    y = {(e["name"], e["prompt"]): e["sha256"] for e in manifest(b)["tensors"]}
+    differ = sorted(k for k in x if y.get(k) != x[k])
+    return {"tensors": len(x), "bit_identical": x == y, "differ": len(differ) + len(set(y) - set(x)),
+            "first_differing": list(differ[0]) if differ else None}
+
+
+def tp_rows(report: dict) -> list[dict]:
+    """Per layer: the attention and MoE outputs' rel_l2 and the routing flips, from a compare report."""
+    rows: dict[int, dict] = {}
+    for r in report["rows"]:
+        if r["layer"] is None or r["role"] != "output":
+            continue
+        part = r["module"].rsplit(".", 1)[-1]
+        key = "attn_rel_l2" if "attn" in part else "moe_rel_l2" if part in ("mlp", "block_sparse_moe", "moe") else None
+        if key:
+            rows.setdefault(r["layer"], {"layer": r["layer"]})[key] = r["rel_l2"]
+    for r in report["routing"]:
+        rows.setdefault(r["layer"], {"layer": r["layer"]}).update(flips=r["flips"], tokens=r["tokens"],
+                                                                  same_set=r["same_set"])
+    return [rows[k] for k in sorted(rows)]
+
+
+def table(results: dict) -> str:
+    s = results["setup"]
+    head = (f"distributed: {s['layers']} MiniMax-M2 layers ({s['experts']} experts, {s['checkpoint_gb']:.1f} GB bf16), "
+            f"{s['prompts']} prompts x {s['tokens']} tokens, batch {s['batch_size']}, {s['ranks']} ranks; {s['card']}")
+    lines = [head, "", f"{'':28} {'1 rank':>9} {str(s['ranks']) + ' ranks':>9} {'speed-up':>9} {'goal':>6}  equal"]
+    goal = GOAL * s["ranks"]
+    for name, label in (("extract", "extract (record s)"), ("test", "test --layer all (replay s)")):
+        p = results["parts"].get(name)
+        if p is None:
+            continue
+        if "error" in p:
+            lines.append(f"{label:28} FAILED: {p['error'].splitlines()[0]}")
+            continue
+        equal = "bit-identical" if p["bit_identical"] else "DIFFER"
+        lines.append(f"{label:28} {p['one_s']:9.2f} {p['ranks_s']:9.2f} {p['speedup']:8.2f}x {goal:5.2f}x  {equal}"
+                     + ("" if p["speedup"] >= goal else "  (below goal)"))
+    tp = results["parts"].get("tp")
+    if tp is not None:
+        lines += ["", f"TP={s['ranks']} candidate vs the one-process (device_map) reference:"]
+        if "error" in tp:
+            lines.append(f"  FAILED: {tp['error'].splitlines()[0]}")
+        else:
+            lines.append(f"{'layer':>6} {'attn rel_l2':>12} {'MoE rel_l2':>11} {'routing flips':>14}")
+            for r in tp["layers"]:
+                lines.append(f"{r['layer']:>6} {_sci(r.get('attn_rel_l2')):>12} {_sci(r.get('moe_rel_l2')):>11} "
+                             f"{r.get('flips', '-')!s:>6} / {r.get('tokens', '-')!s:<7}")
+    return "\n".join(lines)
+
+
+def _sci(x) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=max(2, torch.cuda.device_count()))
+    ap.add_argument("--parts", default="extract,test,tp", help="which parts, comma list of extract,test,tp")
+    ap.add_argument("--dir", default="/tmp/lw-dist-ckpt", help="the synthetic checkpoint (kept for a rerun)")
+    ap.add_argument("--work", default="/tmp/lw-dist-work", help="prompts and runs (GBs; not $OUT)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--dist-timeout", type=float, default=900)
+    ap.add_argument("--command-timeout", type=float, default=1800, help="seconds one command may take")
+    ap.add_argument("--keep", action="store_true", help="keep the runs (else deleted once measured)")
+    ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    results: dict = {"parts": {}}
+
+    def save() -> None:
+        (out / "distributed.json").write_text(json.dumps(results, indent=1, default=str))
+
+    results["setup"] = bench.setup()
+    save()
+    try:
+        one = results["reference"] = bench.reference()
+    except Failure as err:
+        print(err, flush=True)
+        results["reference"] = {"error": str(err)}
+        save()
+        return 1
+    for part in filter(None, args.parts.split(",")):
+        try:
+            results["parts"][part] = getattr(bench, f"part_{part}")(one)
+        except (Failure, OSError, KeyError, ValueError) as err:
+            print(f"{part}: {err}", flush=True)
+            results["parts"][part] = {"error": f"{type(err).__name__}: {err}"}
+        save()
+    bench.drop(bench.work / "one")
+    text = table(results)
+    print(text, flush=True)
+    (out / "distributed.md").write_text(text + "\n")
+    return 1 if any("error" in p for p in results["parts"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The numeric types of the command line's flags: a value that cannot mean anything (a negative
+tolerance, zero tokens, NaN, a cosine above 1) is refused by argparse with what to give instead."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _parse_number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (NaN)")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 1 (tokens, prompts per batch, k)."""
+    value = _parse_number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number of at least 1")
+    return value
+
+
+def limit(text: str) -> float:
+    """A non-negative number (a tolerance, a margin, a factor); inf means no limit."""
+    value = _parse_number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give a number >= 0")
+    return value
+
+
+def amount(text: str) -> float:
+    """A finite number > 0 (a size)."""
+    value = _parse_number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity limit: -1 to 1."""
+    value = _parse_number(text, float)
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a cosine: give a number from -1 to 1")
+    return value

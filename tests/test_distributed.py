@@ -1,0 +1,223 @@
+"""layerwise under torchrun, with real processes (gloo on the CPU): data-parallel extract and
+layer tests equal to one process, tensor for tensor; 2 "nodes" on localhost; the tensor-parallel
+candidate; `check`; and the bad input: a layout that does not divide the GPUs, ranks given
+different commands, a rank that dies or hangs (one line on rank 0, never a hang, nothing that
+looks complete, a rerun resumes).
+
+One process is compared at one thread: torch's CPU kernels give other bits with other thread
+counts, and torchrun starts each rank with OMP_NUM_THREADS=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerwise.cli import main
+from layerwise.runs import open_run
+
+from helpers import PROMPTS, assert_runs_equal
+
+MODEL = "builtin:minimax-m2-tiny"
+HOOKS = Path(__file__).resolve().parent / "torchrun_hooks"
+TIMEOUT = "60"  # --dist-timeout: the tests that wait for it pass their own, shorter one
+EXTRACT = ["--batch-size", "2", "--dtype", "fp32"]
+
+
+def torchrun(cwd: Path, *args, nproc: int = 2, env: dict | None = None, timeout: int = 300):
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m layerwise ARGS`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "layerwise", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def two_nodes(cwd: Path, args0, args1, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Two torchrun "nodes" of one rank each on localhost (static rendezvous over loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "layerwise", *map(str, args)], cwd=cwd, env=_env(None), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for node, args in enumerate((args0, args1))]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def _env(extra: dict | None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("layerwise: error")]
+
+
+def one_thread(argv: list) -> int:
+    """`layerwise ARGV` in this process at one thread, as each torchrun rank computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sha256s(run: Path) -> dict:
+    return {(e["name"], e["prompt"]): e["sha256"] for e in open_run(run).manifest["tensors"]}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_minimax):
+    """Prompts of uneven lengths (5 prompts, batches of 2: 3 batches) and one process's runs."""
+    work = tmp_path_factory.mktemp("torchrun")
+    (work / "prompts.txt").write_text("\n".join(PROMPTS + ["x y"]) + "\n")
+    assert one_thread(["extract", MODEL, "--out", work / "ref", "--prompts", work / "prompts.txt", *EXTRACT]) == 0
+    assert one_thread(["test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
+                       "--dtype", "bf16", "--out", work / "test1", "--json", work / "test1.json"]) in (0, 1)
+    return work
+
+
+def test_data_parallel_extract_equals_one_process(work, tmp_path):
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
+                    "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote run dp: 5 prompt(s)") == 1 and "2 ranks" in done.stdout  # rank 0 alone reports
+    assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
+    assert_runs_equal(open_run(work / "ref"), open_run(tmp_path / "dp"))
+    ranks = open_run(tmp_path / "dp").manifest["stats"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["files"] > 0 for r in ranks)  # both computed batches
+
+
+def test_streamed_extract_on_four_ranks_one_idle(work, tmp_path):
+    """3 batches over 4 ranks: one rank computes nothing and still joins the run; --stream on
+    every rank gives the very tensors of a whole-model extract."""
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
+                    "--stream", "--device", "cpu", "--dist-timeout", TIMEOUT, nproc=4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
+    files = [r["files"] for r in open_run(tmp_path / "dp").manifest["stats"]["ranks"]]
+    assert sorted(files)[0] == 0 and sum(files) == len({e["file"] for e in open_run(work / "ref").manifest["tensors"]})
+
+
+def _isolation(path: Path) -> list:
+    return json.loads(path.read_text())["isolation"]
+
+
+def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
+    """4 layers over 3 ranks (2, 1, 1), one layer resident at a time: rank 0 runs its chunk in
+    two windows, the chain crosses both rank boundaries batch by batch. bf16 candidates, so the
+    errors compared are not all zero."""
+    done = torchrun(tmp_path, "test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
+                    "--dtype", "bf16", "--out", "dp", "--json", "dp.json", "--resident-layers", "1",
+                    "--dist-timeout", TIMEOUT, nproc=3)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    for kind in ("isolated", "chained"):
+        assert sha256s(tmp_path / "dp" / kind) == sha256s(work / "test1" / kind), kind
+    assert _isolation(tmp_path / "dp.json") == _isolation(work / "test1.json")
+    assert any(row["isolated_rel_l2"] for row in _isolation(work / "test1.json"))
+    assert done.stdout.count("isolated: each layer fed the reference's recorded input") == 1
+
+
+def test_two_nodes_on_localhost(work, tmp_path):
+    """`--nnodes 2 --node-rank 0/1` over loopback, one rank each, one shared run directory: the
+    layer tests (each node one half of the layers, the chain crossing nodes) equal one process."""
+    args = ["test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all", "--dtype", "bf16",
+            "--out", tmp_path / "dp", "--json", tmp_path / "dp.json", "--dist-timeout", TIMEOUT]
+    node0, node1 = two_nodes(tmp_path, args, args)
+    assert node0.returncode in (0, 1) and node1.returncode == 0, node0.stderr[-2000:] + node1.stderr[-2000:]
+    for kind in ("isolated", "chained"):
+        assert sha256s(tmp_path / "dp" / kind) == sha256s(work / "test1" / kind), kind
+    assert _isolation(tmp_path / "dp.json") == _isolation(work / "test1.json")
+    assert node1.stdout == ""  # rank 0 reports
+
+
+def test_tensor_parallel_candidate(work, tmp_path):
+    """--tp: the ranks share one model (transformers' tp_plan="auto", gloo); rank 0 writes a run
+    that compares with the one-process run like any candidate: other reduction orders, so close
+    (fp32), not equal."""
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "tp", "--prompts", work / "prompts.txt", *EXTRACT, "--tp",
+                    "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks, tensor parallel" in done.stdout
+    run = open_run(tmp_path / "tp")
+    assert run.manifest["settings"]["tensor_parallel"] == 2
+    assert set(sha256s(tmp_path / "tp")) == set(sha256s(work / "ref"))
+    code = main(["compare", str(work / "ref"), str(tmp_path / "tp"), "--max-rel-l2", "1e-5", "--json",
+                 str(tmp_path / "c.json")])
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert code == 0 and all(r["flips"] == 0 for r in report["routing"] if "flips" in r), report["routing"][:2]
+
+
+def test_check_reports_the_job(tmp_path):
+    done = torchrun(tmp_path, "check", "--cpu", "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if "distributed" in line)
+    assert "PASS" in line and "2 ranks on 1 node(s)" in line and "backend gloo" in line
+    assert done.stdout.count("distributed") == 1
+
+
+def test_a_layout_that_does_not_divide_the_gpus(tmp_path):
+    """2 ranks on a node that shows 3 GPUs: exit 2 on every rank, one line on rank 0, nothing written."""
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "r", "--prompt", "hi", "--dist-timeout", TIMEOUT,
+                    env={"LAYERWISE_TEST_GPUS": "3"})
+    assert done.returncode != 0
+    assert error_lines(done.stderr) == ["layerwise: error: 2 ranks per node do not divide this node's 3 GPUs: "
+                                        "start 1, 3 ranks per node (torchrun --nproc-per-node), or give each rank "
+                                        "--gpus-per-rank K GPUs with 2 x K <= 3"]
+    assert "exitcode  : 2" in done.stderr and not (tmp_path / "r").exists()
+
+
+def test_ranks_given_different_commands(work, tmp_path):
+    args = ["extract", MODEL, "--out", tmp_path / "r", "--prompts", work / "prompts.txt", "--dist-timeout", TIMEOUT]
+    node0, node1 = two_nodes(tmp_path, [*args, "--batch-size", "1"], [*args, "--batch-size", "2"])
+    assert node0.returncode != 0 and node1.returncode != 0
+    assert error_lines(node0.stderr) == ["layerwise: error: ranks disagree on the command: rank 1 (node 1) has "
+                                         "--batch-size 2 vs 1 (rank 0's last): start every rank with the same "
+                                         "command, model and files"]
+    assert error_lines(node1.stderr) == [] and not (tmp_path / "r").exists()
+
+
+def test_a_rank_that_dies_leaves_nothing_complete_and_a_rerun_resumes(work, tmp_path):
+    args = ["extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT, "--dist-timeout", TIMEOUT]
+    done = torchrun(tmp_path, *args, env={"LAYERWISE_TEST_FAULT": "die", "LAYERWISE_TEST_RANK": "1"})
+    assert done.returncode != 0
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert not (tmp_path / "dp" / "manifest.json").exists() and (tmp_path / "dp" / "intent.json").exists()
+    again = torchrun(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already on disk" in again.stdout
+    assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
+
+
+def test_a_rank_that_fails_is_reported_by_rank_0(work, tmp_path):
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
+                    "--dist-timeout", TIMEOUT, env={"LAYERWISE_TEST_FAULT": "fail", "LAYERWISE_TEST_RANK": "1"})
+    assert done.returncode != 0
+    assert error_lines(done.stderr) == ["layerwise: error: rank 1 failed: cannot write tensors/p00001: No space left "
+                                        "on device (test); a run being written keeps no manifest: rerun the same "
+                                        "command to resume"], done.stderr[-3000:]
+    assert not (tmp_path / "dp" / "manifest.json").exists()
+
+
+def test_a_rank_that_hangs_is_given_up_after_the_timeout(work, tmp_path):
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
+                    "--dist-timeout", "5", env={"LAYERWISE_TEST_FAULT": "hang", "LAYERWISE_TEST_RANK": "1"},
+                    timeout=120)
+    assert done.returncode != 0
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "another rank died, hangs or cannot be reached" in lines[0], done.stderr[-3000:]
+    assert "--dist-timeout 5 s" in lines[0]
+    assert not (tmp_path / "dp" / "manifest.json").exists()

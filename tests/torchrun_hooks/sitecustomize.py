@@ -1,0 +1,31 @@
+"""Faults for the torchrun tests (tests/test_distributed.py), loaded by every process of a job
+through PYTHONPATH; nothing here runs unless a test sets these variables:
+
+- LAYERWISE_TEST_FAULT=die|hang|fail with LAYERWISE_TEST_RANK=R: rank R, once its batches are
+  computed, kills itself (SIGKILL: no chance to report), hangs (to be ended by the timeout) or
+  fails with a UserError of its own (a full disk, say).
+- LAYERWISE_TEST_GPUS=N: torch.cuda.device_count() says N (a node whose GPUs the ranks do not divide).
+"""
+
+import os
+
+if os.environ.get("LAYERWISE_TEST_FAULT") and os.environ.get("RANK") == os.environ.get("LAYERWISE_TEST_RANK"):
+    from layerwise import recording
+
+    def _fault(self):
+        if os.environ["LAYERWISE_TEST_FAULT"] == "die":
+            os.kill(os.getpid(), 9)
+        if os.environ["LAYERWISE_TEST_FAULT"] == "fail":
+            from layerwise.errors import UserError
+
+            raise UserError("cannot write tensors/p00001: No space left on device (test)")
+        import time
+
+        time.sleep(3600)
+
+    recording.Recording.close_capture = _fault
+
+if os.environ.get("LAYERWISE_TEST_GPUS"):
+    import torch
+
+    torch.cuda.device_count = lambda: int(os.environ["LAYERWISE_TEST_GPUS"])
