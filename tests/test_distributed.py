@@ -93,7 +93,7 @@ def test_data_parallel_extract_equals_one_process(work, tmp_path):
     done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
                     "--dist-timeout", TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("wrote run dp: 5 prompt(s)") == 1 and "2 ranks" in done.stdout  # rank 0 alone reports
+    assert done.stdout.count("wrote run dp: 5 prompts") == 1 and "2 ranks" in done.stdout  # rank 0 alone reports
     assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
     assert_runs_equal(open_run(work / "ref"), open_run(tmp_path / "dp"))
     ranks = open_run(tmp_path / "dp").manifest["stats"]["ranks"]
