@@ -13,7 +13,8 @@ the layers split into contiguous chunks, one per rank (sharding.chunks):
   on batch j+1. With B batches over R ranks the chain takes about (B + R - 1) / B chunk-times
   instead of R: the isolated and chained tracks both speed up about R times.
 
-A pipeline stage keeps its layers loaded while the batches flow through it: as many of them as
+Each rank reads its layer K+1 while layer K is built and runs the isolated track over every
+batch (as one process does), so reading overlaps computing. A pipeline stage keeps its layers loaded while the batches flow through it: as many of them as
 fit in `resident_layers` (default: 60 % of the device's free memory, measured on the first layer
 loaded). A chunk that does not fit runs in windows of layers, each over every batch before the
 next window is loaded; the rank then receives during its first window and sends during its last,
@@ -24,6 +25,8 @@ shared with every rank; the weights read are summed over the ranks.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -78,20 +81,33 @@ class _Stage:
         self.load_seconds, self.bytes_read = 0.0, 0
 
     def run(self, mine: list[int]) -> None:
+        """Layer K+1 is read while layer K is built and runs the isolated track over every batch;
+        the chained track goes through each window once it is loaded."""
         free = _free_bytes(str(self.source.device))
         carry, start, limit = None, 0, self.resident_layers
-        while start < len(mine):
-            window = [self._load(mine[start])]
-            if limit is None:  # as many as fit, judged by the first layer's size
-                limit = max(1, int(RESIDENT_FRACTION * free // max(_module_bytes(window[0][1]), 1)))
-            window += [self._load(k) for k in mine[start + 1:start + limit]]
-            last = start + len(window) >= len(mine)
-            carry = self._through(window, first=start == 0, last=last, carry=carry)
-            start += len(window)
-            del window
+        with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
+            pending = reader.submit(self.source.read, mine[0])
+            while start < len(mine):
+                window = []
+                while start + len(window) < len(mine) and (limit is None or len(window) < limit):
+                    k = start + len(window)
+                    weights = pending.result()
+                    window.append(self._build(weights))
+                    del weights
+                    if k + 1 < len(mine):
+                        pending = reader.submit(self.source.read, mine[k + 1])
+                    if limit is None:  # as many as fit, judged by the first layer's size
+                        limit = max(1, int(RESIDENT_FRACTION * free // max(_module_bytes(window[0][1]), 1)))
+                    self._isolated(window[-1])
+                last = start + len(window) >= len(mine)
+                carry = self._through(window, first=start == 0, last=last, carry=carry)
+                start += len(window)
+                del window
 
-    def _load(self, index: int):
-        loaded = self.source.load(index)
+    def _build(self, weights):
+        loaded = self.source.build(weights)
+        weights.tensors.clear()  # the raw tensors go now (the next layer's are being read)
+        index = loaded.index
         self.load_seconds += loaded.seconds
         self.bytes_read += loaded.bytes_read
         module = _candidate(self.factory, self.options.candidate, self.source, loaded) if self.factory \
@@ -103,10 +119,22 @@ class _Stage:
             self.check_determinism = False
         return loaded, module, path, who
 
+    def _isolated(self, item) -> None:
+        """One layer over every batch on the reference's recorded inputs (needs no other rank)."""
+        if self.isolated is None:
+            return
+        loaded, module, path, who = item
+        device, dtype = self.source.device, self.source.dtype
+        mine = [t for t in self.targets if t.group == path]
+        for batch in self.batches:
+            recorded = recorded_input(self.run_, path, batch, dtype, device)
+            run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
+                      str(device), who)
+
     def _through(self, window, first: bool, last: bool, carry) -> list[torch.Tensor]:
-        """Every batch through the window's layers: isolated from the recorded inputs, chained from
-        the previous rank (first window), the recorded input (the chain's start) or `carry`.
-        Returns the chained outputs kept for the next window."""
+        """The chained track: every batch through the window's layers, from the previous rank (first
+        window), the recorded input (the chain's start) or `carry`. Returns the chained outputs
+        kept for the next window."""
         device, dtype = self.source.device, self.source.dtype
         kept = []
         for j, batch in enumerate(self.batches):
@@ -118,15 +146,12 @@ class _Stage:
                     x = recorded_input(self.run_, window[0][2], batch, dtype, device)
                 else:
                     x = self.ranks.recv(self.previous, device)
+            if self.chained is None:
+                continue
             for loaded, module, path, who in window:
                 mine = [t for t in self.targets if t.group == path]
-                if self.isolated is not None:
-                    recorded = recorded_input(self.run_, path, batch, dtype, device)
-                    run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
-                              str(device), who)
-                if self.chained is not None:
-                    x = run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
-                                  str(device), who)[0]
+                x = run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
+                              str(device), who)[0]
             if self.chained is not None:
                 if last and self.following is not None:
                     self.ranks.send(x, self.following)
