@@ -116,11 +116,11 @@ def _isolation(path: Path) -> list:
 
 
 def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
-    """4 layers over 3 ranks (2, 1, 1), one layer resident at a time: rank 0 runs its chunk in
-    two windows, the chain crosses both rank boundaries batch by batch. bf16 candidates, so the
+    """4 layers dealt over 3 ranks (0 and 3 to rank 0, 1 to rank 1, 2 to rank 2): the chain
+    crosses a rank boundary at every layer and comes back to rank 0. bf16 candidates, so the
     errors compared are not all zero."""
     done = torchrun(tmp_path, "test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
-                    "--dtype", "bf16", "--out", "dp", "--json", "dp.json", "--resident-layers", "1",
+                    "--dtype", "bf16", "--out", "dp", "--json", "dp.json",
                     "--dist-timeout", TIMEOUT, nproc=3)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     for kind in ("isolated", "chained"):
@@ -132,7 +132,7 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
 
 def test_two_nodes_on_localhost(work, tmp_path):
     """`--nnodes 2 --node-rank 0/1` over loopback, one rank each, one shared run directory: the
-    layer tests (each node one half of the layers, the chain crossing nodes) equal one process."""
+    layer tests (each node every other layer, the chain crossing nodes at every layer) equal one process."""
     args = ["test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all", "--dtype", "bf16",
             "--out", tmp_path / "dp", "--json", tmp_path / "dp.json", "--dist-timeout", TIMEOUT]
     node0, node1 = two_nodes(tmp_path, args, args)

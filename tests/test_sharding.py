@@ -9,7 +9,7 @@ from layerwise import distributed, loading, recording
 from layerwise.arguments import build_parser, fingerprint
 from layerwise.distributed import Env, Session
 from layerwise.errors import UserError
-from layerwise.sharding import assign, chunks, first_difference, rank_gpus
+from layerwise.sharding import assign, deal, first_difference, rank_gpus
 
 from helpers import assert_one_line_error, run_cli
 
@@ -46,10 +46,11 @@ def test_assign_balances_whole_batches_and_keeps_their_order():
     assert assign([5, 5], 4) == [[0], [1], [], []]  # more ranks than batches: some idle
 
 
-def test_chunks_are_contiguous_and_even():
-    assert chunks(4, 3) == [range(0, 2), range(2, 3), range(3, 4)]
-    assert chunks(62, 8)[0] == range(0, 8) and chunks(62, 8)[-1] == range(55, 62)
-    assert chunks(2, 4) == [range(0, 1), range(1, 2), range(2, 2), range(2, 2)]
+def test_layers_are_dealt_round_robin():
+    assert deal(4, 3) == [[0, 3], [1], [2]]
+    assert deal(62, 8)[0] == [0, 8, 16, 24, 32, 40, 48, 56] and deal(62, 8)[7] == [7, 15, 23, 31, 39, 47, 55]
+    assert deal(2, 4) == [[0], [1], [], []]  # more ranks than layers: some idle
+    assert sorted(i for part in deal(62, 8) for i in part) == list(range(62))
 
 
 def test_first_difference_names_the_key():
@@ -71,7 +72,7 @@ def test_one_rank_session_is_the_identity():
     ranks = distributed.session()
     assert ranks.world == 1 and ranks.is_main
     assert ranks.broadcast(3) == 3 and ranks.all_gather("x") == ["x"] and ranks.gather(1) == [1]
-    assert ranks.share([3, 2, 1]) == [0, 1, 2] and ranks.chunk(4) == range(4)
+    assert ranks.share([3, 2, 1]) == [0, 1, 2]
     assert ranks.main_first(lambda first: first) is True
     ranks.agree("anything", {"a": 1})
     ranks.settle(None)

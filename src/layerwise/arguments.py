@@ -100,7 +100,7 @@ def _prompts(g) -> None:
     g.add_argument("--batch-size", type=count, help=f"prompts per forward pass (default: {ExtractOptions.batch_size})")
 
 
-def _torchrun(p, gpus: bool = True, tp: bool = False, layers: bool = False) -> None:
+def _torchrun(p, gpus: bool = True, tp: bool = False) -> None:
     """Flags that matter when torchrun starts several ranks (docs/MULTI_GPU_GUIDE.md)."""
     g = p.add_argument_group("under torchrun (several ranks, one node or many)")
     g.add_argument("--dist-timeout", type=amount, metavar="SECONDS",
@@ -114,10 +114,6 @@ def _torchrun(p, gpus: bool = True, tp: bool = False, layers: bool = False) -> N
                        help="tensor parallel: the ranks share one model, split by transformers' tp_plan='auto' "
                             "(one GPU each), compute every batch together, and rank 0 writes the run "
                             "(default: each rank a whole replica computing its share of the batches)")
-    if layers:
-        g.add_argument("--resident-layers", type=count, metavar="N",
-                       help="single / multi: how many of a rank's layers stay loaded at a time (default: as many "
-                            "as fit in 60%% of the free memory)")
 
 
 def _tolerances(p, compare: bool = True) -> None:
@@ -298,7 +294,7 @@ def _test(sub) -> None:
     _placement(p.add_argument_group("placement (full, extract-all)"))
     _prompts(p.add_argument_group("prompts and capture (extract-all)"))
     _tolerances(p, compare=False)
-    _torchrun(p, layers=True)
+    _torchrun(p)
 
 
 # ------------------------------------------------------------------------------ args -> options
@@ -363,7 +359,7 @@ def test_options(args) -> TestOptions:
                       chat_template=args.chat_template, overwrite=args.overwrite)
     return options(TestOptions, test_type=args.test_type, reference=args.reference, layer=args.layer,
                    layers=args.layers, out=args.out, stream=args.stream, candidate=candidate,
-                   load=load_options(args), extract=extract, resident_layers=args.resident_layers)
+                   load=load_options(args), extract=extract)
 
 
 def compare_options(args, prompts: str | None = None) -> CompareOptions:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .sharding import assign, chunks, digest, first_difference, rank_gpus
+from .sharding import assign, digest, first_difference, rank_gpus
 
 DEFAULT_TIMEOUT_S = 1800.0  # the longest any rank waits for another (joining, every collective)
 POLL_S = 0.2  # how often the watchdog looks for failures
@@ -208,10 +208,6 @@ class Session:
     def share(self, weights: list[float]) -> list[int]:
         """The items (by index) this rank computes, the work balanced by `weights`."""
         return assign(weights, self.world)[self.rank]
-
-    def chunk(self, n: int) -> range:
-        """This rank's contiguous share of n ordered items (layers)."""
-        return chunks(n, self.world)[self.rank]
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """A tensor to rank `dst`, bit for bit (its dtype and shape go first)."""

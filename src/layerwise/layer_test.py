@@ -53,7 +53,6 @@ class TestOptions:
     candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings tested (default: the reference's)
     load: LoadOptions = field(default_factory=LoadOptions)  # full / extract-all: loading the whole model
     extract: ExtractOptions = field(default_factory=ExtractOptions)  # extract-all: capture; full: its batch defaults
-    resident_layers: int | None = None  # under torchrun: a rank's layers kept loaded at a time (None: what fits)
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
 def _schedule(options: TestOptions) -> Pipeline | None:
     """Under torchrun, the layers split over the ranks (pipeline.py); else replay's own loop."""
     ranks = distributed.session()
-    return Pipeline(ranks, options.resident_layers) if ranks.world > 1 else None
+    return Pipeline(ranks) if ranks.world > 1 else None
 
 
 def parse_layer(text: str, num_layers: int) -> list[int]:

@@ -1,27 +1,26 @@
-"""Layer tests over the ranks of a torchrun job: each rank loads only its own layers, and the
-chained track flows from rank to rank batch by batch (a pipeline).
+"""Layer tests over the ranks of a torchrun job: the layers dealt out round-robin (layer i of the
+test to rank i mod N), each rank reading and building only its own, and the chained track handed
+from rank to rank, layer by layer.
 
 `Pipeline(ranks)` is replay.replay's `schedule`: it makes the same runs as one process (the same
-intents, every tensor bit for bit, each layer being the same computation on the same input) with
-the layers split into contiguous chunks, one per rank (sharding.chunks):
+intents, every tensor bit for bit, each layer being the same computation on the same input):
 
-- isolated: every layer on the reference's recorded input. Each rank runs its own layers; no
-  rank waits for another.
-- chained: layer K+1 needs layer K's output, so the chain is a pipeline. Rank r runs its chunk on
-  batch j as soon as rank r-1 has sent it that batch's output of the previous layer (send/recv,
-  bit for bit), and sends its own last layer's output on to rank r+1; meanwhile rank r-1 works
-  on batch j+1. With B batches over R ranks the chain takes about (B + R - 1) / B chunk-times
-  instead of R: the isolated and chained tracks both speed up about R times.
+- isolated: every layer on the reference's recorded input. A rank runs each of its layers over
+  every batch as soon as the layer is built, while its next layer is being read.
+- chained: layer i needs layer i-1's output. The rank of layer i receives that output for every
+  batch from the rank of layer i-1, runs layer i on it and sends its own output on to the rank of
+  layer i+1. Dealt round-robin, the N ranks read N consecutive layers at the same time, so the
+  chain keeps pace with the reads: a test takes about the time of reading 1/N of the layers, plus
+  the last layer's computation, where a chain of contiguous chunks would wait for whole chunks.
 
-Each rank reads its layer K+1 while layer K is built and runs the isolated track over every
-batch (as one process does), so reading overlaps computing. A pipeline stage keeps its layers loaded while the batches flow through it: as many of them as
-fit in `resident_layers` (default: 60 % of the device's free memory, measured on the first layer
-loaded). A chunk that does not fit runs in windows of layers, each over every batch before the
-next window is loaded; the rank then receives during its first window and sends during its last,
-which leaves every result unchanged but lets the pipeline drain between windows.
+A rank receives all of a layer's chained inputs before it sends any of its outputs, and every
+rank takes its layers in order: each send is met by the receiving rank's next layer, which
+waits on nothing later, so no two ranks can wait on each other (blocking sends, gloo or NCCL).
+A rank holds about two layers at a time (one built, the next being read), as one process does,
+and the chained activations of every batch (as one process does).
 
 Determinism (the first layer run twice) is checked by rank 0, which owns the first layer, and
-shared with every rank; the weights read are summed over the ranks.
+shared with every rank; the weights read and the seconds spent reading are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -30,79 +29,65 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import machine
 from .distributed import Session
 from .layer_loading import LayerSource
 from .rebatch import determinism, recorded_input
 from .replay import _candidate
-from .sharding import chunks
+from .sharding import deal
 from .streaming import run_layer
-
-RESIDENT_FRACTION = 0.6  # of the free device (or host) memory a rank's resident layers may take
 
 
 class Pipeline:
     """replay's schedule over the ranks of a torchrun job (see the module's docstring)."""
 
-    def __init__(self, ranks: Session, resident_layers: int | None = None):
+    def __init__(self, ranks: Session):
         self.ranks = ranks
-        self.resident_layers = resident_layers
 
     def __call__(self, run, source: LayerSource, layers: list[int], batches, tracks, targets, options,
                  factory) -> tuple[float, int, tuple[bool | None, float]]:
         """This rank's layers over every batch of every track. Returns the seconds spent loading
         and the bytes read (of every rank) and rank 0's determinism check."""
-        owner = {layers[i]: r for r, part in enumerate(chunks(len(layers), self.ranks.world)) for i in part}
-        mine = [layers[i] for i in self.ranks.chunk(len(layers))]
-        stage = _Stage(self, run, source, batches, tracks, targets, options, factory)
-        if mine:
-            stage.previous = owner[mine[0] - 1] if mine[0] != layers[0] else None
-            stage.following = owner.get(mine[-1] + 1)
-            stage.check_determinism = options.check_determinism and mine[0] == layers[0]
-            stage.run(mine)
-        determinism = self.ranks.broadcast(stage.determinism)
+        owner = {layers[i]: r for r, dealt in enumerate(deal(len(layers), self.ranks.world)) for i in dealt}
+        stage = _Stage(self.ranks, run, source, batches, tracks, targets, options, factory)
+        stage.check_determinism = options.check_determinism and owner[layers[0]] == self.ranks.rank
+        stage.run(layers, owner)
+        checked = self.ranks.broadcast(stage.determinism)
         totals = self.ranks.all_gather((stage.load_seconds, stage.bytes_read))
-        return sum(t[0] for t in totals), sum(t[1] for t in totals), determinism
+        return sum(t[0] for t in totals), sum(t[1] for t in totals), checked
 
 
 class _Stage:
-    """One rank's chunk of layers: loaded a window at a time, every batch through each window."""
+    """One rank's layers, read one ahead, each over every batch of every track."""
 
-    def __init__(self, pipeline: Pipeline, run, source: LayerSource, batches, tracks, targets, options, factory):
-        self.ranks, self.resident_layers = pipeline.ranks, pipeline.resident_layers
+    def __init__(self, ranks: Session, run, source: LayerSource, batches, tracks, targets, options, factory):
+        self.ranks = ranks
         self.run_, self.source, self.batches, self.targets = run, source, batches, targets
         self.options, self.factory = options, factory
         self.isolated = next((t for t in tracks if t.kind == "isolated"), None)
         self.chained = next((t for t in tracks if t.kind == "chained"), None)
-        self.previous: int | None = None  # the rank sending this chunk's chained input (None: recorded)
-        self.following: int | None = None  # the rank this chunk's chained output goes to (None: kept)
         self.check_determinism = False
         self.determinism: tuple[bool | None, float] = (None, 0.0)
         self.load_seconds, self.bytes_read = 0.0, 0
+        self.carry: list[torch.Tensor] = []  # chained outputs kept here when the next layer is this rank's too
 
-    def run(self, mine: list[int]) -> None:
-        """Layer K+1 is read while layer K is built and runs the isolated track over every batch;
-        the chained track goes through each window once it is loaded."""
-        free = _free_bytes(str(self.source.device))
-        carry, start, limit = None, 0, self.resident_layers
+    def run(self, layers: list[int], owner: dict[int, int]) -> None:
+        mine = [k for k in layers if owner[k] == self.ranks.rank]
+        if not mine:
+            return
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
             pending = reader.submit(self.source.read, mine[0])
-            while start < len(mine):
-                window = []
-                while start + len(window) < len(mine) and (limit is None or len(window) < limit):
-                    k = start + len(window)
-                    weights = pending.result()
-                    window.append(self._build(weights))
-                    del weights
-                    if k + 1 < len(mine):
-                        pending = reader.submit(self.source.read, mine[k + 1])
-                    if limit is None:  # as many as fit, judged by the first layer's size
-                        limit = max(1, int(RESIDENT_FRACTION * free // max(_module_bytes(window[0][1]), 1)))
-                    self._isolated(window[-1])
-                last = start + len(window) >= len(mine)
-                carry = self._through(window, first=start == 0, last=last, carry=carry)
-                start += len(window)
-                del window
+            for n, index in enumerate(mine):
+                weights = pending.result()
+                item = self._build(weights)
+                del weights
+                if n + 1 < len(mine):
+                    pending = reader.submit(self.source.read, mine[n + 1])
+                self._isolated(item)
+                if self.chained is not None:
+                    i = layers.index(index)
+                    self._chained(item, owner[layers[i - 1]] if i else None,
+                                  owner[layers[i + 1]] if i + 1 < len(layers) else None)
+                del item
 
     def _build(self, weights):
         loaded = self.source.build(weights)
@@ -131,40 +116,23 @@ class _Stage:
             run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
                       str(device), who)
 
-    def _through(self, window, first: bool, last: bool, carry) -> list[torch.Tensor]:
-        """The chained track: every batch through the window's layers, from the previous rank (first
-        window), the recorded input (the chain's start) or `carry`. Returns the chained outputs
-        kept for the next window."""
+    def _chained(self, item, source: int | None, destination: int | None) -> None:
+        """One layer of the chain: its input for every batch (recorded at the chain's start, else
+        from the previous layer's rank), then its outputs, sent on to the next layer's rank."""
+        loaded, module, path, who = item
         device, dtype = self.source.device, self.source.dtype
-        kept = []
-        for j, batch in enumerate(self.batches):
-            x = None
-            if self.chained is not None:
-                if not first:
-                    x = carry[j]
-                elif self.previous is None:
-                    x = recorded_input(self.run_, window[0][2], batch, dtype, device)
-                else:
-                    x = self.ranks.recv(self.previous, device)
-            if self.chained is None:
-                continue
-            for loaded, module, path, who in window:
-                mine = [t for t in self.targets if t.group == path]
-                x = run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
-                              str(device), who)[0]
-            if self.chained is not None:
-                if last and self.following is not None:
-                    self.ranks.send(x, self.following)
-                else:
-                    kept.append(x)
-        return kept
-
-
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
-def _free_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    return machine.host_memory_available()
+        if source is None:
+            inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
+        elif source == self.ranks.rank:
+            inputs, self.carry = self.carry, []
+        else:
+            inputs = [self.ranks.recv(source, device) for _ in self.batches]
+        mine = [t for t in self.targets if t.group == path]
+        outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
+                             str(device), who)[0] for batch, x in zip(self.batches, inputs)]
+        del inputs
+        if destination == self.ranks.rank:
+            self.carry = outputs
+        elif destination is not None:
+            for y in outputs:
+                self.ranks.send(y, destination)

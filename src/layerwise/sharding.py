@@ -5,7 +5,7 @@
 - `assign`: whole batches to ranks, balanced by their size (tokens), heaviest first to the least
   loaded rank. Work is split, never re-batched: a rank computes the very batches one process
   would, so its tensors are bit-identical to one process's (same kernels, same threads).
-- `chunks`: ordered items (decoder layers) in contiguous chunks, one per rank.
+- `deal`: ordered items (decoder layers) dealt round-robin, item i to rank i mod N.
 - `first_difference` / `digest`: how ranks compare what they were given, and say where it differs.
 
 Every rank computes the same answers from the same numbers: no communication is needed to agree.
@@ -55,16 +55,9 @@ def assign(weights: list[float], ranks: int) -> list[list[int]]:
     return [sorted(o) for o in out]
 
 
-def chunks(n: int, ranks: int) -> list[range]:
-    """0..n-1 in `ranks` contiguous chunks, sizes differing by at most one (the first ones larger;
-    ranks beyond n get none)."""
-    size, extra = divmod(n, ranks)
-    out, start = [], 0
-    for r in range(ranks):
-        stop = start + size + (1 if r < extra else 0)
-        out.append(range(start, stop))
-        start = stop
-    return out
+def deal(n: int, ranks: int) -> list[list[int]]:
+    """0..n-1 dealt round-robin: item i to rank i mod `ranks` (ranks beyond n get none)."""
+    return [list(range(r, n, ranks)) for r in range(ranks)]
 
 
 def first_difference(a, b) -> str:
