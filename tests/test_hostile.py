@@ -227,6 +227,13 @@ TRACEBACKS = [
     Case("garbage .gguf", lambda lab: ["plan", _gguf(lab, None)], "not a GGUF file"),
     Case("truncated .gguf (plan)", lambda lab: ["plan", _gguf(lab, 3_000_000)], "re-download it"),
     Case("truncated .gguf (load)", lambda lab: ["load", _gguf(lab, 3_000_000)], "re-download it"),
+    Case("compare --metrics-device not there", lambda lab: ["compare", lab.ref, lab.ref,
+                                                             "--metrics-device", "cuda:99"],
+         "--metrics-device cuda:99 is not usable here"),
+    Case(".gguf cut inside its header", lambda lab: ["plan", lab.file("short.gguf", b"GGUF\x03\x00\x00\x00")],
+         "re-download it"),
+    Case("extract --engine llama.cpp of a garbage .gguf", lambda lab: [
+        "extract", _gguf(lab, None), "--engine", "llama.cpp", "--out", lab.new("r"), "--prompt", "hi"], "GGUF"),
     Case("index drops a shard's entries (load)", lambda lab: ["load", lab.checkpoint(_index_edit(_drop_shard))],
          "the index lists none of its tensors"),
     Case("index drops a shard's entries (test)", lambda lab: _test(

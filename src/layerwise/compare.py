@@ -24,6 +24,7 @@ import torch
 from .align import Alignment, align_runs
 from .errors import UserError
 from .formatting import plural
+from .machine import usable_device
 from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorMetrics, logits_metrics, pool_logits,
                       tensor_metrics)
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
@@ -312,11 +313,7 @@ def metrics_device(device: str | None) -> torch.device:
     """Where metrics run: the device asked for, else cuda:0 when a GPU is present, else the CPU."""
     if device is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
-    return torch.device(device)
+    return torch.device(usable_device(device, "--metrics-device"))
 
 
 def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:

@@ -52,13 +52,14 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def usable_device(device: str | None) -> str:
-    """`device` (default: default_device()) if torch can put a tensor there, else a UserError."""
+def usable_device(device: str | None, flag: str = "--device") -> str:
+    """`device` (default: default_device()) if torch can put a tensor there, else a UserError
+    naming `flag`."""
     device = device or default_device()
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as err:
-        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{flag} {device} is not usable here ({str(err).splitlines()[0]})") from None
     return device
 
 

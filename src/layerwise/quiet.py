@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import traceback
 
 from .errors import UserError, one_line
@@ -49,7 +50,7 @@ def loading_errors(what: str, hint: str | None = None):
         yield
     except UserError:
         raise
-    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as err:
+    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error) as err:
         frames = traceback.extract_tb(err.__traceback__)
         if not any(reader in f.filename for f in frames for reader in _READERS):
             raise
