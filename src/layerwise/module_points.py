@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .anatomy import Anatomy
 from .capture import Target
 from .errors import UserError
-from .names import tensor_name
+from .names import INPUT, OUTPUT, tensor_name
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ModuleSpec:
     roles: tuple[str, ...]
 
 
-_MODULE_ROLES = ("input", "output")
+_MODULE_ROLES = (INPUT, OUTPUT)  # a module's two points (names.py)
 
 
 def parse_modules(texts: list[str] | tuple[str, ...] | None) -> tuple[ModuleSpec, ...]:
