@@ -121,7 +121,7 @@ def test_toml_needs_python_311(tmp_path, monkeypatch):
     file = tmp_path / "tol.toml"
     file.write_text("rtol = 1e-3\n")
     monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10
-    with pytest.raises(UserError, match="need Python 3.11 or newer; write the same keys as JSON"):
+    with pytest.raises(UserError, match="needs Python 3.11 or newer; write the same keys as JSON"):
         load_tolerance_file(file)
 
 

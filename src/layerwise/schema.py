@@ -9,9 +9,10 @@ dicts in, the same dicts out (a manifest entry's `module` and `role` filled in f
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from .errors import UserError
 from .names import split_name
@@ -136,3 +137,30 @@ def _check_entry(entry, where: str) -> tuple[str, int]:
         if entry.setdefault(key, value) != value:
             raise _manifest_error(where, f"{key} {entry[key]!r} does not match the name {name!r}")
     return name, entry["prompt"]
+
+
+def read_table_file(path: str | Path, what: str):
+    """A user's settings file (`what`: "tolerance file", "name map"): .toml (Python 3.11+) or
+    else JSON, read as UTF-8; what it holds is the caller's to check. Each failure is one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text: save it as UTF-8") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise UserError(f"{path}: a TOML {what} needs Python 3.11 or newer; write the same keys as JSON "
+                            "(a .json file) instead") from None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"{path} is not valid TOML: {err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); a {what} is .json or "
+                        ".toml") from None

@@ -15,7 +15,6 @@ not match it. `judge` says why one prompt's tensor breaks its checks. Pure, exce
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import operator
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .schema import is_number
+from .schema import is_number, read_table_file
 
 if TYPE_CHECKING:
     from .metrics import LogitsMetrics, TensorMetrics
@@ -274,28 +273,7 @@ def load_tolerance_file(path: str | Path) -> tuple[dict, tuple[Rule, ...]]:
     JSON: {"max_rel_l2": 1e-2, "rules": {"model.layers.*:output": "rel_l2<3e-2"}}.
     Returns (global limits, rules)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read tolerance file {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"tolerance file {path} is not UTF-8 text: save it as UTF-8") from None
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:
-            raise UserError(f"{path}: TOML tolerance files need Python 3.11 or newer; write the same "
-                            "keys as JSON (a .json file) instead") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"{path} is not valid TOML: {err}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); "
-                            "tolerance files are .json or .toml") from None
+    data = read_table_file(path, "tolerance file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a table of global limits and [rules]")
     unknown = sorted(set(data) - set(_GLOBAL_KEYS) - {"rules"})

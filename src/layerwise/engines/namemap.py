@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..schema import read_table_file
 
 TOKEN_ROLES = ("input_ids", "positions", "seq_lens", "rids", "req_pool_indices")
 COMBINE = ("sum",)
@@ -103,25 +104,7 @@ def load_map(path: str | Path | None, default: NameMap | None = None) -> NameMap
     if path is None:
         return base
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read name map {path}: {err.strerror or err}") from None
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:
-            raise UserError(f"{path}: TOML name maps need Python 3.11 or newer; write it as JSON") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"{path} is not valid TOML: {err}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); name maps are "
-                            ".toml or .json") from None
+    data = read_table_file(path, "name map")
     return parse_map(data, str(path), base)
 
 
