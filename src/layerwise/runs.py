@@ -312,13 +312,9 @@ class Run:
         the other; a tensor with neither is refused)."""
         e = self.entry(name, prompt)
         file = self.file(e.file)
-        hashed = verify and e.nbytes >= tensorfile.HASHED_READ_BYTES  # hashed while it is read
         try:
-            if hashed:
-                tensor, actual, stored = tensorfile.read_tensor_hashed(file, name)
-            else:
-                tensor, stored = tensorfile.read_tensor_and_digest(file, name, device)
-        except (OSError, ValueError, KeyError, Exception) as err:  # safetensors raises its own error type
+            tensor, stored = tensorfile.read_tensor_and_digest(file, name, device)
+        except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
@@ -327,11 +323,9 @@ class Run:
             if not expected:
                 raise UserError(f"tensor {name} in {file} has no sha256 in the manifest or in its file: it cannot "
                                 "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
-            if not hashed:
-                actual = tensorfile.sha256_of(tensor)
-            if len(expected) > 1 or actual not in expected:
+            if len(expected) > 1 or tensorfile.sha256_of(tensor) not in expected:
                 raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
-        return tensor.to(device) if hashed and device != "cpu" else tensor
+        return tensor
 
 
 def open_run(path: str | os.PathLike) -> Run:

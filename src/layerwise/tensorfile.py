@@ -19,7 +19,6 @@ import json
 import math
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -126,41 +125,6 @@ def read_tensor_and_digest(path: Path, name: str, device: str = "cpu") -> tuple[
     with safe_open(str(path), framework="pt", device=device) as fh:
         digest = (fh.metadata() or {}).get(HASH_KEY + name)
         return fh.get_tensor(name), digest
-
-
-HASHED_READ_BYTES = 64 << 20  # tensors from this size up are hashed while they are read
-
-
-def read_tensor_hashed(path: Path, name: str) -> tuple[torch.Tensor, str, str | None]:
-    """One tensor into host memory, (tensor, sha256 of its bytes, the sha256 its file's header
-    holds or None), hashing each chunk while the next is read: the time is the longer of the
-    read and the hash, not their sum (SHA-256 is one sequential stream of about 1 GB/s per
-    core, as fast as a disk; both release the GIL)."""
-    metadata: dict = {}
-    info = read_header(path, metadata)[name]
-    begin, end = info["data_offsets"]
-    tensor = torch.empty(info["shape"], dtype=getattr(torch, dtype_name(info["dtype"])))
-    out = raw_bytes(tensor)
-    if len(out) != end - begin:
-        raise UserError(f"{path}: {name} holds {end - begin} bytes, its shape and dtype need {len(out)}: re-extract it")
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(1, thread_name_prefix="layerwise-hash") as hasher:
-        fh.seek(8 + int.from_bytes(fh.read(8), "little") + begin)
-        hashing = None
-        for at in range(0, len(out), _CHUNK):
-            chunk = out[at:at + _CHUNK]
-            filled = 0
-            while filled < len(chunk):
-                got = fh.readinto(chunk[filled:])
-                if not got:
-                    raise UserError(f"{path} is truncated inside {name}: re-extract it")
-                filled += got
-            if hashing is not None:
-                hashing.result()
-            hashing = hasher.submit(digest.update, chunk)
-        if hashing is not None:
-            hashing.result()
-    return tensor, digest.hexdigest(), metadata.get(HASH_KEY + name)
 
 
 def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
