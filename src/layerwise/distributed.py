@@ -18,7 +18,7 @@ MASTER_ADDR and MASTER_PORT; `detect()` reads them (None: one process, nothing t
   others exit quietly. SIGTERM (torchrun stopping the job) raises `RankFailed` in the main thread.
 
 `Session` is what the producers see (`session()`: the started one, else a one-rank session on
-which every collective is the identity): `share` / `chunk` assign work, `broadcast`, `gather`,
+which every collective is the identity): `share` assigns batches, `broadcast`, `gather`,
 `all_gather`, `agree`, `settle`, `main_first`, `send` / `recv`. Work is split, never re-batched:
 a rank computes whole batches (or whole layers) exactly as one process would.
 """
