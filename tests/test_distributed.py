@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -221,3 +222,21 @@ def test_a_rank_that_hangs_is_given_up_after_the_timeout(work, tmp_path):
     assert len(lines) == 1 and "another rank died, hangs or cannot be reached" in lines[0], done.stderr[-3000:]
     assert "--dist-timeout 5 s" in lines[0]
     assert not (tmp_path / "dp" / "manifest.json").exists()
+
+
+def test_a_candidate_that_raises_is_one_line_on_rank_0(work, tmp_path):
+    """A --candidate whose forward raises on rank 1's layer 1 (rank 0's layer 0 runs, then waits
+    for it): exit 1, one line on rank 0 naming the candidate's own error and where it came from, no
+    layerwise traceback (torchrun's traceback of its own ChildFailedError comes after)."""
+    factory = tmp_path / "broken.py"
+    factory.write_text("from torch import nn\n\n\nclass Same(nn.Module):\n    def forward(self, hidden_states, **kw):\n"
+                       "        return hidden_states\n\n\nclass Broken(nn.Module):\n"
+                       "    def forward(self, hidden_states, **kw):\n        raise RuntimeError('my forward is broken')\n\n\n"
+                       "def build(config, index, weights):\n    return Broken() if index == 1 else Same()\n")
+    done = torchrun(tmp_path, "test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
+                    "--out", "dp", "--candidate", f"{factory}:build", "--dist-timeout", TIMEOUT)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "layer 1 raised: RuntimeError: my forward is broken (at " in lines[0], done.stderr[-3000:]
+    assert not re.search(r'File "[^"]*layerwise/[\w/]+\.py"', done.stderr), done.stderr[-3000:]
+    assert not (tmp_path / "dp" / "isolated" / "manifest.json").exists()

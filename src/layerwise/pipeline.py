@@ -25,11 +25,13 @@ shared with every rank; the weights read and the seconds spent reading are summe
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .distributed import Session
+from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
 from .rebatch import determinism, recorded_input
 from .replay import _candidate
@@ -82,11 +84,14 @@ class _Stage:
                 del weights
                 if n + 1 < len(mine):
                     pending = reader.submit(self.source.read, mine[n + 1])
-                self._isolated(item)
-                if self.chained is not None:
-                    i = layers.index(index)
-                    self._chained(item, owner[layers[i - 1]] if i else None,
-                                  owner[layers[i + 1]] if i + 1 < len(layers) else None)
+                # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
+                with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
+                    self._first_twice(item)
+                    self._isolated(item)
+                    if self.chained is not None:
+                        i = layers.index(index)
+                        self._chained(item, owner[layers[i - 1]] if i else None,
+                                      owner[layers[i + 1]] if i + 1 < len(layers) else None)
                 del item
 
     def _build(self, weights):
@@ -98,11 +103,14 @@ class _Stage:
         module = _candidate(self.factory, self.options.candidate, self.source, loaded) if self.factory \
             else loaded.module
         who = f"--candidate {self.options.candidate}: layer {index}" if self.factory else f"layer {index}"
-        path = self.source.anatomy.layer(index)
+        return loaded, module, self.source.anatomy.layer(index), who
+
+    def _first_twice(self, item) -> None:
+        """The determinism check, on the first layer of the test only (rank 0's)."""
         if self.check_determinism:
+            loaded, module, path, who = item
             self.determinism = determinism(self.run_, loaded, module, path, self.batches[0], self.source, who)
             self.check_determinism = False
-        return loaded, module, path, who
 
     def _isolated(self, item) -> None:
         """One layer over every batch on the reference's recorded inputs (needs no other rank)."""
