@@ -112,6 +112,20 @@ def test_streamed_extract_on_four_ranks_one_idle(work, tmp_path):
     assert sorted(files)[0] == 0 and sum(files) == len({e["file"] for e in open_run(work / "ref").manifest["tensors"]})
 
 
+def test_overwrite_under_torchrun_keeps_the_old_run_until_the_new_one_is_whole(work, tmp_path):
+    """--overwrite of a different run by 2 ranks: both write beside the old run (rank 0 prepared
+    the place and told rank 1), rank 0 swaps it in after the manifest; the result is the one-process
+    run, and nothing is left beside it."""
+    old = tmp_path / "dp"
+    assert one_thread(["extract", MODEL, "--out", old, "--prompt", "something else", *EXTRACT]) == 0
+    done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
+                    "--overwrite", "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sha256s(old) == sha256s(work / "ref")
+    assert all(r["files"] > 0 for r in open_run(old).manifest["stats"]["ranks"])  # both ranks wrote into it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp"]  # no staging directory left
+
+
 def _isolation(path: Path) -> list:
     return json.loads(path.read_text())["isolation"]
 
