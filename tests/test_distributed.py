@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from layerwise.cli import main
 from layerwise.runs import open_run
@@ -124,6 +126,25 @@ def test_overwrite_under_torchrun_keeps_the_old_run_until_the_new_one_is_whole(w
     assert sha256s(old) == sha256s(work / "ref")
     assert all(r["files"] > 0 for r in open_run(old).manifest["stats"]["ranks"])  # both ranks wrote into it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dp"]  # no staging directory left
+
+
+def test_nan_from_every_rank_reaches_the_manifest(tiny_minimax, tmp_path):
+    """A model that produces NaN, one prompt per rank: the manifest lists the NaN of both ranks'
+    prompts, and rank 0 alone says so, once (rank 1 prints nothing)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_minimax.path, ckpt)
+    name = "model.layers.2.self_attn.o_proj.weight"
+    shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    done = torchrun(tmp_path, "extract", ckpt, "--out", "dp", "--prompt", "hello there", "--prompt", "Hi",
+                    "--batch-size", "1", "--dtype", "fp32", "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = open_run(tmp_path / "dp").manifest["nonfinite"]
+    assert {e["prompt"] for e in found} == {0, 1} and found[0]["name"].startswith("model.layers.2.")
+    warnings = [line for line in done.stderr.splitlines() if "NaN/Inf" in line]
+    assert len(warnings) == 1 and f"first at {found[0]['name']} (layer 2), prompt 0" in warnings[0], done.stderr
 
 
 def _isolation(path: Path) -> list:
