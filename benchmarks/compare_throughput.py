@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import RunWriter, open_run  # noqa: E402
+from synthetic import drop_page_cache  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 3072, 256, 8
 SECTION = "## compare throughput"
@@ -74,16 +76,6 @@ def write_runs(root: Path, gb_per_run: float, tokens: int, vocab: int) -> tuple[
 
 def run_files(paths) -> list[Path]:
     return sorted(f for p in paths for f in (p / "tensors").rglob("*.safetensors"))
-
-
-def evict(files) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def raw_read(files, hash_it: bool = False) -> float:
@@ -175,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote 2 runs, {size / 1e9:.2f} GB in {len(files)} files, in {time.perf_counter() - t:.0f} s",
               file=sys.stderr)
         results = {}
-        evict(files)
+        drop_page_cache(files)
         results["raw read cold"] = raw_read(files)
         results["raw read warm"] = min(raw_read(files) for _ in range(2))
         results["read+sha256 warm"] = raw_read(files, hash_it=True)
-        evict(files)
+        drop_page_cache(files)
         results["compare cold"] = timed_compare(paths, verify=True)
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
         results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))

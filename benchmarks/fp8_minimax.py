@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from synthetic import fp8_tensors, minimax_config, minimax_layer_shapes, shared_shapes, write_fp8_checkpoint  # noqa: E402
+from synthetic import drop_page_cache, fp8_tensors, minimax_config, minimax_layer_shapes, shared_shapes, write_fp8_checkpoint  # noqa: E402
 
 from layerwise import compare, open_run, replay, runs, zoo  # noqa: E402
 from layerwise.extract import ExtractOptions  # noqa: E402
@@ -49,16 +49,8 @@ POINTS = "residual,attn,mlp,router"
 
 
 def uncache(directory: Path) -> None:
-    """Drop a directory's files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next
-    read comes from the disk. Needs no root, unlike /proc/sys/vm/drop_caches."""
-    for f in sorted(directory.rglob("*")):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Drop a directory's files from the page cache: the next read comes from the disk."""
+    drop_page_cache(f for f in sorted(directory.rglob("*")) if f.is_file())
 
 
 def cold_read_gbps(directory: Path) -> tuple[float, int]:
@@ -261,7 +253,7 @@ def part_full_depth(args, devices: list[str], block) -> dict:
 def part_stream(args, device: str, block) -> dict:
     config = minimax_config(args.layers, tiny=args.tiny)
     ckpt = args.work / "fp8-stream"
-    nbytes = write_fp8_checkpoint(config, ckpt, device, block)
+    write_fp8_checkpoint(config, ckpt, device, block)
     gbps, read_bytes = cold_read_gbps(ckpt)
     floor_s = read_bytes / (gbps * 1e9)
     prompts = prompts_of(args.tokens[0], args.prompts, config.vocab_size, 11)

@@ -10,6 +10,7 @@ saves a model as a real sharded safetensors checkpoint in the hub layout.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -173,3 +174,15 @@ def write_fp8_checkpoint(config, directory: Path, device: str, block=(128, 128),
                quantization_config={**zoo.MINIMAX_M2_FP8, "weight_block_size": list(block)})
     (directory / "config.json").write_text(json.dumps(raw, indent=1))
     return total
+
+
+def drop_page_cache(files) -> None:
+    """Drop these files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes
+    from the disk. Needs no root, unlike /proc/sys/vm/drop_caches."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
