@@ -21,6 +21,21 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def write_medium_minimax(path: Path, layers: int, experts: int, top_k: int) -> Path:
+    """A MiniMax-M2 checkpoint with dimensions that take 128x128 FP8 blocks and real head sizes
+    (hidden 1024, head_dim 128, rotary_dim 64), seeded random bf16 weights, written to `path`."""
+    from layerwise import zoo
+
+    config = {**zoo.MINIMAX_M2_CONFIG, "hidden_size": 1024, "intermediate_size": 512, "num_hidden_layers": layers,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "rotary_dim": 64,
+              "num_local_experts": experts, "num_experts_per_tok": top_k, "vocab_size": 512,
+              "max_position_embeddings": 4096, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
+              "num_mtp_modules": 0}
+    path.mkdir(parents=True, exist_ok=True)
+    zoo._write_tiny_checkpoint(config, path)
+    return path
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

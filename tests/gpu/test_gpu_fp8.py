@@ -10,6 +10,8 @@ from layerwise.fp8 import Fp8Experts, Fp8Linear
 from layerwise.layer_loading import LayerOptions, open_layers
 from layerwise.streaming import StreamOptions, stream_extract
 
+from helpers import write_medium_minimax
+
 pytestmark = pytest.mark.gpu
 
 
@@ -37,12 +39,7 @@ def test_scaled_mm_matches_the_emulation(m, n, k):
 def medium_fp8(tmp_path_factory):
     """MiniMax-M2 with dimensions that take 128x128 blocks (hidden 1024, 16 experts, 2 layers), FP8."""
     root = tmp_path_factory.mktemp("medium")
-    config = {**zoo.MINIMAX_M2_CONFIG, "hidden_size": 1024, "intermediate_size": 512, "num_hidden_layers": 2,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "rotary_dim": 64,
-              "num_local_experts": 16, "num_experts_per_tok": 4, "vocab_size": 512, "max_position_embeddings": 4096,
-              "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258, "num_mtp_modules": 0}
-    (root / "bf16").mkdir()
-    zoo._write_tiny_checkpoint(config, root / "bf16")
+    write_medium_minimax(root / "bf16", layers=2, experts=16, top_k=4)
     (root / "fp8").mkdir()
     zoo._write_fp8_checkpoint(root / "bf16", root / "fp8", [128, 128])
     return root / "fp8"

@@ -9,7 +9,7 @@ from layerwise.layer_loading import LayerOptions, open_layers
 from layerwise.loading import LoadOptions
 from layerwise.replay import ReplayOptions
 
-from helpers import assert_runs_equal
+from helpers import assert_runs_equal, write_medium_minimax
 
 pytestmark = pytest.mark.gpu
 MINIMAX = "builtin:minimax-m2-tiny"
@@ -37,21 +37,9 @@ def test_single_all_on_gpu_is_exact(tmp_path, attn):
         assert_runs_equal(run, reference, names=set(run.names) & set(reference.names))
 
 
-def _medium(tmp_path_factory):
-    from layerwise import zoo
-
-    root = tmp_path_factory.mktemp("medium-bf16")
-    config = {**zoo.MINIMAX_M2_CONFIG, "hidden_size": 1024, "intermediate_size": 512, "num_hidden_layers": 3,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "rotary_dim": 64,
-              "num_local_experts": 32, "num_experts_per_tok": 8, "vocab_size": 512, "max_position_embeddings": 4096,
-              "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258, "num_mtp_modules": 0}
-    zoo._write_tiny_checkpoint(config, root)
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def medium(tmp_path_factory):
-    return _medium(tmp_path_factory)
+    return str(write_medium_minimax(tmp_path_factory.mktemp("medium-bf16"), layers=3, experts=32, top_k=8))
 
 
 @pytest.mark.parametrize("mode", ["cuda:0", "balanced", "stream"])
