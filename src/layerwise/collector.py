@@ -375,7 +375,7 @@ class Collector:
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("capture aborted")
-        self._held, self._held_bytes = [], {}
+        self._held = []
         if self.pool is not None:
             self.pool.close()
         self._pending.put(None)

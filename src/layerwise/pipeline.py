@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
@@ -43,6 +41,8 @@ class Pipeline:
     """replay's schedule over the ranks of a torchrun job (see the module's docstring)."""
 
     def __init__(self, ranks: Session):
+        if ranks.world < 2:
+            raise ValueError("Pipeline is for 2 or more ranks; one process replays with replay._run_layers")
         self.ranks = ranks
 
     def __call__(self, run, source: LayerSource, layers: list[int], batches, tracks, targets, options,
@@ -70,7 +70,6 @@ class _Stage:
         self.check_determinism = False
         self.determinism: tuple[bool | None, float] = (None, 0.0)
         self.load_seconds, self.bytes_read = 0.0, 0
-        self.carry: list[torch.Tensor] = []  # chained outputs kept here when the next layer is this rank's too
 
     def run(self, layers: list[int], owner: dict[int, int]) -> None:
         mine = [k for k in layers if owner[k] == self.ranks.rank]
@@ -126,21 +125,18 @@ class _Stage:
 
     def _chained(self, item, source: int | None, destination: int | None) -> None:
         """One layer of the chain: its input for every batch (recorded at the chain's start, else
-        from the previous layer's rank), then its outputs, sent on to the next layer's rank."""
+        from the previous layer's rank), then its outputs, sent on to the next layer's rank. Dealt
+        round-robin over 2 or more ranks, consecutive layers are never on the same rank."""
         loaded, module, path, who = item
         device, dtype = self.source.device, self.source.dtype
         if source is None:
             inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
-        elif source == self.ranks.rank:
-            inputs, self.carry = self.carry, []
         else:
             inputs = [self.ranks.recv(source, device) for _ in self.batches]
         mine = [t for t in self.targets if t.group == path]
         outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
                              str(device), who)[0] for batch, x in zip(self.batches, inputs)]
         del inputs
-        if destination == self.ranks.rank:
-            self.carry = outputs
-        elif destination is not None:
+        if destination is not None:
             for y in outputs:
                 self.ranks.send(y, destination)

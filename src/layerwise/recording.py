@@ -32,7 +32,7 @@ from .capture import Target, groups_of
 from .collector import PINNED_BUDGET_BYTES, Collector
 from .distributed import Session
 from .formatting import plural
-from .manifest import index_files
+from .manifest import identity, index_files
 from .names import Layout, layer_of, model_order_key, split_name
 from .runs import QUEUE_DEPTH, Intent, RunWriter, group_file
 
@@ -114,9 +114,7 @@ class Recording:
         if self.ranks is None:
             self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth)
         else:
-            model = {k: v for k, v in (intent.get("model") or {}).items() if k != "path"}
-            self.ranks.agree("the run to write", {"model": model, "settings": intent.get("settings"),
-                                                  "prompts": intent.get("prompts")})
+            self.ranks.agree("the run to write", identity(intent))  # what decides resume vs refuse
             # rank 0 opens the run (replacing one is done beside it); the others write where it writes
             self.writer = self.ranks.main_first(lambda first: RunWriter(
                 out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth) if first else None)
