@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +40,9 @@ NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf c
 _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
+READ_THREADS = 4  # threads reading the parts of one large read side by side
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def code(dtype: torch.dtype) -> str:
@@ -133,69 +138,116 @@ def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str
     Disk bandwidth is the floor when a layer is streamed, so reads are large and sequential: the
     byte ranges of the wanted tensors are merged (small gaps read through) and read in 64 MB
     chunks into pinned staging buffers, from which asynchronous host-to-device copies fill each
-    tensor while the next chunk is read. Every tensor gets its own storage, so a tensor that
-    loading converts (fused experts) frees its source at once."""
+    tensor while the next chunk is read. One thread copies from the page cache at about 4 GB/s,
+    far below what the host and the GPU's link carry, so a large read is cut into READ_THREADS
+    contiguous parts read side by side (each part sequential; a disk sees a few nearby streams).
+    Every tensor gets its own storage, so a tensor that loading converts (fused experts) frees
+    its source at once."""
     header = read_header(path)
     out = {}
     with open(path, "rb", buffering=0) as fh:
         data_start = 8 + int.from_bytes(fh.read(8), "little")
-        spans = []
-        for name in names:
-            info = header[name]
-            begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=getattr(torch, dtype_name(info["dtype"])), device=device)
-            out[name] = tensor
-            spans.append((begin, end, tensor.view(-1).view(torch.uint8) if tensor.numel() else None))
-        _read_spans(fh, data_start, sorted(spans, key=lambda s: s[0]), device)
+    spans = []
+    for name in names:
+        info = header[name]
+        begin, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=getattr(torch, dtype_name(info["dtype"])), device=device)
+        out[name] = tensor
+        if tensor.numel():
+            spans.append((data_start + begin, data_start + end, tensor.view(-1).view(torch.uint8)))
+    pieces = _pieces(sorted(spans, key=lambda s: s[0]))
+    parts = _split(pieces, READ_THREADS)
+    # The destinations may reuse memory just freed by another thread whose kernels still read it
+    # (a layer's raw weights, freed as its conversion is queued): copy only after that work.
+    after = None
+    if device.type == "cuda":
+        after = torch.cuda.Event()
+        after.record(torch.cuda.current_stream(device))
+    if len(parts) <= 1:
+        for part in parts:
+            _read_part(str(path), part, device, after)
+    else:
+        futures = [_pool().submit(_read_part, str(path), part, device, after) for part in parts]
+        for future in futures:
+            future.result()
     return out
 
 
-def _read_spans(fh, data_start: int, spans: list, device) -> None:
-    """Fill each span's destination bytes from the file, in merged sequential chunked reads."""
+def _pieces(spans: list) -> list[tuple[int, int, list]]:
+    """Sorted (begin, end, destination) spans as reads of at most _CHUNK bytes: (offset, size, the
+    spans it fills). Spans closer than _MERGE_GAP share reads (the gap is read through)."""
+    groups: list[list] = []
+    for span in spans:
+        if groups and span[0] - max(s[1] for s in groups[-1]) <= _MERGE_GAP:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    pieces = []
+    for group in groups:
+        lo, hi = group[0][0], max(s[1] for s in group)
+        for offset in range(lo, hi, _CHUNK):
+            size = min(_CHUNK, hi - offset)
+            pieces.append((offset, size, [s for s in group if s[0] < offset + size and s[1] > offset]))
+    return pieces
+
+
+def _split(pieces: list, parts: int) -> list[list]:
+    """`pieces` in at most `parts` contiguous runs of about equal bytes (one when it is small)."""
+    total = sum(p[1] for p in pieces)
+    parts = max(1, min(parts, len(pieces), total // (2 * _CHUNK)))
+    out: list[list] = [[] for _ in range(parts)]
+    done = 0
+    for piece in pieces:
+        out[min(parts - 1, done * parts // max(total, 1))].append(piece)
+        done += piece[1]
+    return [o for o in out if o]
+
+
+def _read_part(path: str, pieces: list, device: torch.device, after) -> None:
+    """Read `pieces` in order through this thread's two staging buffers, copying each into its
+    destinations (asynchronously on a side stream when they are on a GPU)."""
     on_gpu = device.type == "cuda"
     stream = torch.cuda.Stream(device) if on_gpu else None
-    if on_gpu:
-        # The destinations may reuse memory just freed by another thread whose kernels still read it
-        # (a layer's raw weights, freed as its conversion is queued): copy only after that work.
-        stream.wait_stream(torch.cuda.current_stream(device))
+    if after is not None:
+        stream.wait_event(after)
     buffers = _staging_buffers(on_gpu)
     events = [None, None]
     turn = 0
-    group: list = []
-
-    def flush(group):
-        nonlocal turn
-        if not group:
-            return
-        lo, hi = group[0][0], max(s[1] for s in group)
-        fh.seek(data_start + lo)
-        for offset in range(lo, hi, _CHUNK):
-            size = min(_CHUNK, hi - offset)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, size, spans in pieces:
             staging = buffers[turn]
             if events[turn] is not None:
                 events[turn].synchronize()  # the copies out of this buffer are done
             view = memoryview(staging.numpy())[:size]
-            got = fh.readinto(view)
+            got = 0
+            while got < size:  # reads may come back short; 0 bytes is the end of the file
+                more = os.preadv(fd, [view[got:]], offset + got)
+                if more <= 0:
+                    break
+                got += more
             if got != size:
-                raise UserError(f"{fh.name} is truncated: re-download it")
+                raise UserError(f"{path} is truncated: re-download it")
             with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
-                for begin, end, dst in group:
+                for begin, end, dst in spans:
                     a, b = max(begin, offset), min(end, offset + size)
-                    if dst is not None and a < b:
-                        dst[a - begin:b - begin].copy_(staging[a - offset:b - offset], non_blocking=on_gpu)
+                    dst[a - begin:b - begin].copy_(staging[a - offset:b - offset], non_blocking=on_gpu)
                 if on_gpu:
                     events[turn] = torch.cuda.Event()
                     events[turn].record(stream)
             turn ^= 1
+        if on_gpu:
+            stream.synchronize()
+    finally:
+        os.close(fd)
 
-    for span in spans:
-        if group and span[0] - max(s[1] for s in group) > _MERGE_GAP:
-            flush(group)
-            group = []
-        group.append(span)
-    flush(group)
-    if on_gpu:
-        stream.synchronize()
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="layerwise-read-part")
+        return _POOL
 
 
 def _staging_buffers(pinned: bool):
@@ -206,7 +258,6 @@ def _staging_buffers(pinned: bool):
         buffers = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
         setattr(_staging, key, buffers)
     return buffers
-
 
 
 # -------------------------------------------------------------------------------------- writing
