@@ -16,8 +16,9 @@ intents, every tensor bit for bit, each layer being the same computation on the 
 A rank receives all of a layer's chained inputs before it sends any of its outputs, and every
 rank takes its layers in order: each send is met by the receiving rank's next layer, which
 waits on nothing later, so no two ranks can wait on each other (blocking sends, gloo or NCCL).
-A rank holds about two layers at a time (one built, the next being read), as one process does,
-and the chained activations of every batch (as one process does).
+A rank holds at most about three layers at a time (the raw and the built weights of the one being
+built and run, the next being read), as one process does, and the chained activations of every
+batch (as one process does).
 
 Determinism (the first layer run twice) is checked by rank 0, which owns the first layer, and
 shared with every rank; the weights read and the seconds spent reading are summed over the ranks.
@@ -79,10 +80,10 @@ class _Stage:
             pending = reader.submit(self.source.read, mine[0])
             for n, index in enumerate(mine):
                 weights = pending.result()
+                if n + 1 < len(mine):  # read while this one is built and run
+                    pending = reader.submit(self.source.read, mine[n + 1])
                 item = self._build(weights)
                 del weights
-                if n + 1 < len(mine):
-                    pending = reader.submit(self.source.read, mine[n + 1])
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
                 with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
                     self._first_twice(item)

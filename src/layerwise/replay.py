@@ -260,7 +260,7 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
 def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, tracks: list[_Track], targets,
                 options: ReplayOptions, factory: Callable | None) -> tuple[float, int, tuple[bool | None, float]]:
     """Each layer once, loaded alone, over every batch of every track; layer K+1 is read while
-    layer K computes. Returns the seconds spent reading and building layers (overlapped with
+    layer K is built and computes. Returns the seconds spent reading and building layers (overlapped with
     compute), the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
     load_seconds, bytes_read = 0.0, 0
     determinism: tuple[bool | None, float] = (None, 0.0)
@@ -268,11 +268,11 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
         pending = reader.submit(source.read, layers[0])
         for i, index in enumerate(layers):
             weights = pending.result()
-            loaded = source.build(weights)
-            weights.tensors.clear()  # the raw tensors go now: ~2 layers resident (built K, raw K+1 being read)
-            del weights
-            if i + 1 < len(layers):
+            if i + 1 < len(layers):  # layer K+1 is read while K is built and run: at most ~3 layers resident
                 pending = reader.submit(source.read, layers[i + 1])
+            loaded = source.build(weights)
+            weights.tensors.clear()  # the raw tensors go now (built K, raw K+1 being read)
+            del weights
             load_seconds += loaded.seconds
             bytes_read += loaded.bytes_read
             checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks, targets,
