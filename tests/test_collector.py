@@ -3,10 +3,12 @@
 import threading
 import time
 
+import pytest
 import torch
 
 from layerwise.capture import Target, plan_targets
-from layerwise.collector import Collector, PinnedPool
+from layerwise.collector import Collector
+from layerwise.pinned import PinnedPool
 from layerwise.prompts import Prompt, make_batches
 
 
@@ -122,13 +124,16 @@ def _batch(lengths, width):
     return Batch(prompts, torch.zeros(len(lengths), width, dtype=torch.long), mask)
 
 
-def test_collector_copies_each_tensor_once_and_cuts_prompts():
-    """Each decoder layer's input flushes what came before: layer K's output and layer K+1's
-    input are one tensor, copied once (4 distinct tensors for 3 layers, in 3 packed copies);
-    prompts are cut without their padding, which is kept as the layer's input_padding."""
+@pytest.mark.parametrize("flush_bytes, packed", [(0, [2 * 160, 160, 160]), (400, [2 * 160, 2 * 160])])
+def test_collector_copies_each_tensor_once_and_cuts_prompts(flush_bytes, packed):
+    """A decoder layer's input flushes what came before once that is `flush_bytes`: layer K's
+    output and layer K+1's input are one tensor, copied once (4 distinct tensors for 3 layers:
+    3 packed copies when every layer flushes, 2 when a flush waits for 400 bytes); prompts are
+    cut without their padding, which is kept as the layer's input_padding."""
     writer = ListWriter()
     targets = _targets(3)
-    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True,
+                          flush_bytes=flush_bytes)
     requested = []
     take = collector.pool.take
     collector.pool.take = lambda n, own=0: requested.append(n) or take(n, own)
@@ -146,7 +151,7 @@ def test_collector_copies_each_tensor_once_and_cuts_prompts():
         assert torch.equal(got[f"model.layers.{k}:output"], states[k + 1][1, :3])
         assert torch.equal(got[f"model.layers.{k}:input_padding"], states[k][1, 3:])
         assert f"model.layers.{k}:input_padding" not in writer.files[(0, f"model.layers.{k}")]
-    assert requested == [2 * 160, 160, 160], requested  # packed bytes per flush: 4 tensors of 160 bytes, once each
+    assert requested == packed, requested  # packed bytes per flush: 4 tensors of 160 bytes, once each
     assert collector.pool.used == 0, "every buffer came back"
 
 
@@ -179,6 +184,9 @@ def test_collector_backpressure_waits_for_the_writer():
         release()
     assert done.wait(5), "the second batch never proceeded"
     thread.join(5)
+    stats = collector.stats()
+    assert stats["capture_wait_seconds"] >= 0.25, stats  # the wait is counted: the manifest says the disk was the bound
+    assert stats["pinned_peak_bytes"] == 1 << 16 and "pinned_alloc_seconds" in stats, stats
     collector.abort()
 
 

@@ -2,9 +2,9 @@
 
 The forward pass is bound by kernel launches for short prompts, and every microsecond of Python
 another thread runs while it launches is taken from it (the GIL): a hook only keeps a reference
-to what it sees; once per batch (or when a device's references pass a budget) the forward thread
-issues every device-to-host copy on a per-device copy stream after one event, and wakes the
-completion thread once; that thread waits for the copies, cuts the batch into prompts (dropping
+to what it sees; at a decoder layer's input once what it holds reaches FLUSH_BYTES, and at the end
+of a batch, the forward thread packs it into one device-to-host copy per device on a copy stream
+and wakes the completion thread once; that thread waits for the copies, cuts the batch into prompts (dropping
 padding, keeping decoder-layer inputs' padding tails under their own name) and hands whole files
 to the run writer. Host memory is bounded by a pinned-buffer budget (backpressure, never an
 unbounded pile of tensors). On the CPU the captured tensors themselves are written.
@@ -24,108 +24,13 @@ import torch
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
+from .pinned import PinnedPool, SharedBuffer
 
 log = logging.getLogger(__name__)
 
 PINNED_BUDGET_BYTES = 4 * 2**30  # host memory for in-flight device-to-host copies
+FLUSH_BYTES = 16 * 2**20  # a flush waits for this much: short prompts flush a few times per batch, not per layer
 _STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
-
-
-class PinnedPool:
-    """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
-    is spent (that wait is the backpressure that keeps host memory bounded).
-
-    A file is written only once all its tensors have arrived, so buffers held by files still
-    waiting for a tensor cannot come back before more copies are issued, nor can the buffers of
-    the flush being built: waiting for them would deadlock. `take` therefore waits only while
-    more is out than those hold (`blocked` bytes, kept up to date by the collector, and the
-    caller's `own`); otherwise it overdraws the budget.
-    """
-
-    def __init__(self, budget_bytes: int, pin: bool = True):
-        self.budget = budget_bytes
-        self.pin = pin
-        self.used = 0  # bytes handed out
-        self.held = 0  # bytes allocated (handed out + free lists)
-        self.peak = 0
-        self.blocked = 0  # bytes handed out that wait in files missing a tensor
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
-        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
-        are reused across prompt lengths: allocating pinned memory is slow and synchronising).
-        `own`: bytes the caller took already for the same flush; they cannot come back first."""
-        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
-        with self._cond:
-            while self.used + nbytes > self.budget and self.used > self.blocked + own:
-                if self._closed:
-                    raise RuntimeError("capture aborted")
-                self._cond.wait()
-            self.used += nbytes
-            free = self._free.get(nbytes)
-            if free:
-                return free.pop()
-            while self.held + nbytes > self.budget and self._evict_one():
-                pass
-            self.held += nbytes
-            self.peak = max(self.peak, self.held)
-        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-
-    def _evict_one(self) -> bool:
-        for size, buffers in self._free.items():
-            if buffers:
-                buffers.pop()
-                self.held -= size
-                return True
-        return False
-
-    def set_blocked(self, nbytes: int) -> None:
-        with self._cond:
-            self.blocked = nbytes
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Wake and fail every waiting `take` (the capture is being aborted)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._cond:
-            self.used -= buffer.numel()
-            self._free.setdefault(buffer.numel(), []).append(buffer)
-            self._cond.notify_all()
-
-
-class _Buffer:
-    """A pinned host copy and who still needs it: one reference per file being written from it,
-    plus one while records of its flush still wait for their file's other tensors."""
-
-    def __init__(self, buffer: torch.Tensor, pool: PinnedPool, records: int):
-        self.buffer, self.pool = buffer, pool
-        self.refs, self.records_left = 1, records
-        self.lock = threading.Lock()
-
-    def acquire(self, n: int) -> None:
-        with self.lock:
-            self.refs += n
-
-    def release(self) -> None:
-        with self.lock:
-            self.refs -= 1
-            last = self.refs == 0
-        if last:
-            self.pool.give(self.buffer)
-
-    def record_done(self) -> None:
-        with self.lock:
-            self.records_left -= 1
-            last = self.records_left == 0
-        if last:
-            self.release()
 
 
 @dataclass
@@ -147,9 +52,12 @@ class Collector:
     - a hook (forward thread) only keeps a reference to what it sees: no copy, no event, no
       lock, no wake-up. transformers' own output_hidden_states relies on the same fact: a
       module's output is never modified in place afterwards.
-    - when a decoder layer's input arrives (its forward pre-hook), everything held so far is
-      flushed: the previous layer's tensors and this input, which is the previous layer's
-      output (one tensor, copied once). A flush packs the distinct tensors of each device into
+    - when a decoder layer's input arrives (its forward pre-hook) and what is held has reached
+      `flush_bytes`, everything held so far is flushed: the previous layers' tensors and this
+      input, which is the previous layer's output (one tensor, copied once). With long prompts
+      that is every layer or two, so the copies overlap the next layers; short prompts' copies
+      are small and wait for a few layers (fewer launches and wake-ups while the forward pass
+      is bound by launches). A flush packs the distinct tensors of each device into
       one buffer with one `cat` on the compute stream (after their producers) and issues one
       device-to-host copy of it on that device's copy stream into a pinned buffer: a handful of
       launches per layer, and the copies overlap the next layers' compute. `end_batch()`
@@ -162,7 +70,7 @@ class Collector:
     """
 
     def __init__(self, writer, targets: list[Target], pinned_budget_bytes: int = PINNED_BUDGET_BYTES,
-                 copy_host_tensors: bool = False):
+                 copy_host_tensors: bool = False, flush_bytes: int = FLUSH_BYTES):
         self.writer = writer
         self.groups = groups_of(targets)
         self._padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
@@ -174,6 +82,8 @@ class Collector:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._batch = None
         self._held: list = []  # (group, name, tensor or None) in capture order
+        self._held_bytes = 0  # their bytes (a tensor seen twice counts twice)
+        self.flush_bytes = flush_bytes
         self._pending: queue.Queue = queue.Queue(maxsize=256)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
@@ -188,16 +98,20 @@ class Collector:
         self._batch = batch
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
-        """Keep one hook's tensors; a decoder layer's input flushes what came before it."""
+        """Keep one hook's tensors; a decoder layer's input flushes what came before it once that
+        is `flush_bytes` or more."""
         before = len(self._held)
         self._held.extend((target.group, name, t) for name, t in zip(target.names, tensors))
-        if before and target.when == INPUT and not target.extra:  # a decoder layer's, not a --modules input
-            self.end_batch(keep_batch=True)
+        for t in tensors:
+            if t is not None:
+                self._held_bytes += t.numel() * t.element_size()
+        if before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
+            self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
     def end_batch(self, keep_batch: bool = False) -> None:
         """Issue the host copies of everything held and hand them to the completion thread."""
         if self._held:
-            held, self._held = self._held, []
+            held, self._held, self._held_bytes = self._held, [], 0
             self._pending.put(self._copy(held))
         if not keep_batch:
             self._batch = None
@@ -261,7 +175,7 @@ class Collector:
     # -- the completion thread -----------------------------------------------------------------
 
     def _complete(self) -> None:
-        parts: dict[str, dict] = {}  # group -> {name: (host tensor, _Buffer or None)} until the file is whole
+        parts: dict[str, dict] = {}  # group -> {name: (host tensor, SharedBuffer or None)} until the file is whole
         batch = None  # the batch `parts` belong to
         while True:
             item = self._pending.get()
@@ -292,7 +206,7 @@ class Collector:
         for *_, buf in item.records:
             if buf is not None:
                 counts[buf] += 1
-        owned = [_Buffer(b, self.pool, n) if n else None for b, n in zip(item.buffers, counts)]
+        owned = [SharedBuffer(b, self.pool, n) if n else None for b, n in zip(item.buffers, counts)]
         for b, n in zip(item.buffers, counts):
             if not n:  # cannot happen (a buffer holds the flush's tensors), but never leak one
                 self.pool.give(b)
@@ -375,7 +289,7 @@ class Collector:
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("capture aborted")
-        self._held = []
+        self._held, self._held_bytes = [], 0
         if self.pool is not None:
             self.pool.close()
         self._pending.put(None)
@@ -384,3 +298,11 @@ class Collector:
     @property
     def pinned_peak_bytes(self) -> int:
         return self.pool.peak if self.pool else 0
+
+    def stats(self) -> dict:
+        """What the capture cost the forward thread: seconds allocating pinned host memory and
+        seconds waiting for the writer (backpressure), and the pinned peak."""
+        if self.pool is None:
+            return {}
+        return {"pinned_alloc_seconds": round(self.pool.alloc_seconds, 4),
+                "capture_wait_seconds": round(self.pool.wait_seconds, 4), "pinned_peak_bytes": self.pool.peak}

@@ -155,14 +155,17 @@ class Recording:
     def finish(self, extra: dict) -> dict | None:
         """Write the manifest last (with `extra` beside the intent); returns it (None on ranks
         other than 0). Collective when several ranks record."""
+        capture = self.collector.stats() if self.collector is not None else {}
         if self.ranks is None:
+            if capture:
+                extra = {**extra, "stats": {**(extra.get("stats") or {}), **capture}}
             self.manifest = self.writer.finish(extra)
             self.tensors, self.bytes = len(self.manifest["tensors"]), self.writer.bytes_written
             return self.manifest
         self.writer.close()  # this rank's files are all renamed into place
         mine = index_files(self.writer.path, None if self.ranks.is_main else self.writer.written)
         stats = {"rank": self.ranks.rank, "files": len(self.writer.written), "bytes": self.writer.bytes_written,
-                 "seconds": self.seconds}
+                 "seconds": self.seconds, **capture}
         gathered = self.ranks.gather((mine, stats))
         summary = None
         if self.ranks.is_main:

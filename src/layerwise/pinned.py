@@ -1,0 +1,123 @@
+"""Pinned host buffers for device-to-host copies: recycled by size within a byte budget, and
+shared by the files cut from one copy until the last is written.
+
+`PinnedPool.take` waits while the budget is spent (the backpressure that keeps host memory
+bounded when the disk is slower than the GPU) but never for buffers that cannot come back first
+(no deadlock); it counts the seconds spent waiting and allocating. `SharedBuffer` returns a buffer
+to its pool once every file written from it, and every record still waiting for its file, is done.
+
+Knows nothing of captures, runs or models: bytes, a budget, reference counts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+
+class PinnedPool:
+    """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
+    is spent (that wait is the backpressure that keeps host memory bounded).
+
+    A file is written only once all its tensors have arrived, so buffers held by files still
+    waiting for a tensor cannot come back before more copies are issued, nor can the buffers of
+    the flush being built: waiting for them would deadlock. `take` therefore waits only while
+    more is out than those hold (`blocked` bytes, kept up to date by the collector, and the
+    caller's `own`); otherwise it overdraws the budget.
+    """
+
+    def __init__(self, budget_bytes: int, pin: bool = True):
+        self.budget = budget_bytes
+        self.pin = pin
+        self.used = 0  # bytes handed out
+        self.held = 0  # bytes allocated (handed out + free lists)
+        self.peak = 0
+        self.blocked = 0  # bytes handed out that wait in files missing a tensor
+        self.wait_seconds = 0.0  # spent waiting for buffers to come back (the writer is behind)
+        self.alloc_seconds = 0.0  # spent allocating pinned memory (slow: it maps and locks pages)
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
+        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
+        are reused across prompt lengths: allocating pinned memory is slow and synchronising).
+        `own`: bytes the caller took already for the same flush; they cannot come back first."""
+        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+        with self._cond:
+            waited = None
+            while self.used + nbytes > self.budget and self.used > self.blocked + own:
+                if self._closed:
+                    raise RuntimeError("capture aborted")
+                waited = waited or time.perf_counter()
+                self._cond.wait()
+            if waited is not None:
+                self.wait_seconds += time.perf_counter() - waited
+            self.used += nbytes
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+            while self.held + nbytes > self.budget and self._evict_one():
+                pass
+            self.held += nbytes
+            self.peak = max(self.peak, self.held)
+        start = time.perf_counter()
+        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        self.alloc_seconds += time.perf_counter() - start  # the forward thread's only caller: no lock needed
+        return buffer
+
+    def _evict_one(self) -> bool:
+        for size, buffers in self._free.items():
+            if buffers:
+                buffers.pop()
+                self.held -= size
+                return True
+        return False
+
+    def set_blocked(self, nbytes: int) -> None:
+        with self._cond:
+            self.blocked = nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake and fail every waiting `take` (the capture is being aborted)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._cond:
+            self.used -= buffer.numel()
+            self._free.setdefault(buffer.numel(), []).append(buffer)
+            self._cond.notify_all()
+
+
+class SharedBuffer:
+    """A pinned host copy and who still needs it: one reference per file being written from it,
+    plus one while records of its flush still wait for their file's other tensors."""
+
+    def __init__(self, buffer: torch.Tensor, pool: PinnedPool, records: int):
+        self.buffer, self.pool = buffer, pool
+        self.refs, self.records_left = 1, records
+        self.lock = threading.Lock()
+
+    def acquire(self, n: int) -> None:
+        with self.lock:
+            self.refs += n
+
+    def release(self) -> None:
+        with self.lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last:
+            self.pool.give(self.buffer)
+
+    def record_done(self) -> None:
+        with self.lock:
+            self.records_left -= 1
+            last = self.records_left == 0
+        if last:
+            self.release()
