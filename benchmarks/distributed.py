@@ -12,11 +12,14 @@ token ids. Everything then runs through the real command line: `layerwise ...` f
   test     `test --test-type single --layer all` against the one-process run: one process vs N
            ranks (each its chunk of layers, the chain pipelined): the seconds of the replay
            (manifest stats, the slowest rank), the speed-up, both runs bit-identical
+  read     every layer's weights from the page cache onto GPU 0 with 1, 4 and 8 reading
+           threads (what the layer test reads): GB/s
   tp       `extract --tp` over the N ranks (transformers' tp_plan="auto") against the one-process
            run: per layer the attention output's rel_l2, the MoE output's rel_l2 and the routing
            flips (`layerwise compare --json`)
 
-Prints one table; JSON to --out/distributed.json, rewritten after every part (a session cut short
+--repeat N measures extract and test N times, each round against a one-process run made just
+before it, and shows the spread of the speed-up. Prints one table; JSON to --out/distributed.json, rewritten after every part (a session cut short
 keeps what it measured). A part that fails is recorded with its error and the others still run.
 Runs are deleted once measured (--keep to keep them); the checkpoint stays for a rerun.
 Dry run on a CPU: --tiny (gloo, tiny dimensions, the same commands; OMP_NUM_THREADS=1 on every
@@ -120,7 +123,8 @@ class Bench:
     def reference(self) -> dict:
         """The one-process extract: the 1-rank time and every other part's reference."""
         wall = self.extract(1, self.work / "one")
-        return {"wall_s": wall, "seconds": manifest(self.work / "one")["stats"]["seconds"]}
+        stats = manifest(self.work / "one")["stats"]
+        return {"wall_s": wall, "seconds": stats["seconds"], "stats": stats}
 
     # ---------------------------------------------------------------------------- parts
     def part_extract(self, one: dict) -> dict:
@@ -130,7 +134,8 @@ class Bench:
         same = equal_runs(self.work / "one", self.work / "dp")
         self.drop(self.work / "dp")
         return {"one_s": one["seconds"], "ranks_s": seconds, "speedup": one["seconds"] / seconds,
-                "one_wall_s": one["wall_s"], "ranks_wall_s": wall, "per_rank": ranks, **same}
+                "one_wall_s": one["wall_s"], "ranks_wall_s": wall, "one_stats": one["stats"], "per_rank": ranks,
+                **same}
 
     def part_test(self, one: dict) -> dict:
         out = {}
@@ -150,6 +155,29 @@ class Bench:
                 "speedup": out["test1"]["seconds"] / out["testN"]["seconds"], "runs": out, "equal": same,
                 "bit_identical": all(s["bit_identical"] for s in same.values())}
 
+    def part_read(self, one: dict) -> dict:
+        """Every layer's weights from the page cache onto GPU 0 (the layer test's reads), with
+        1, 4 and 8 reading threads: GB/s."""
+        from layerwise import checkpoint, tensorfile
+
+        device = "cuda:0" if self.gpu else "cpu"
+        wmap = checkpoint.weight_map(self.ckpt)
+        layers = [[n for n in wmap if n.startswith(f"model.layers.{i}.")] for i in range(self.args.layers)]
+        before, best = tensorfile.READ_THREADS, {}
+        try:
+            for threads in (1, 4, 8):
+                tensorfile.READ_THREADS, tensorfile._POOL = threads, None
+                t0, size = time.perf_counter(), 0
+                for names in layers:
+                    got = checkpoint.read_tensors(self.ckpt, names, device, wmap=wmap)
+                    size += sum(t.numel() * t.element_size() for t in got.values())
+                    del got
+                best[threads] = gbps = size / (time.perf_counter() - t0) / 1e9
+                print(f"  read {size / 1e9:.1f} GB with {threads} thread(s): {gbps:.2f} GB/s", flush=True)
+        finally:
+            tensorfile.READ_THREADS, tensorfile._POOL = before, None
+        return {"gb": size / 1e9, "gbps_by_threads": best, "default_threads": before}
+
     def part_tp(self, one: dict) -> dict:
         wall = self.extract(self.ranks, self.work / "tp", "--tp")
         self.layerwise(1, "compare", self.work / "one", self.work / "tp", "--json", self.work / "tp.json", ok=(0, 1))
@@ -158,6 +186,23 @@ class Bench:
         self.drop(self.work / "tp")
         return {"wall_s": wall, "seconds": seconds, "layers": tp_rows(report),
                 "logits": {k: v for k, v in (report.get("logits") or {}).items() if k != "per_prompt"}}
+
+
+REPEATED = ("extract", "test")  # the parts --repeat measures again (tp's numerics do not vary)
+
+
+def summary(rounds: list[dict]) -> dict:
+    """A part over its rounds: the round of median speed-up, with every round and the spread
+    (min / median / max) of the speed-up; the first error if any round failed."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return {**failed[0], "rounds": rounds}
+    if "speedup" not in rounds[0]:
+        return rounds[0]
+    ups = sorted(r["speedup"] for r in rounds)
+    median = sorted(rounds, key=lambda r: r["speedup"])[(len(rounds) - 1) // 2]
+    return {**median, "rounds": rounds, "bit_identical": all(r["bit_identical"] for r in rounds),
+            "speedup_spread": {"min": ups[0], "median": median["speedup"], "max": ups[-1]}}
 
 
 def manifest(run: Path) -> dict:
@@ -205,6 +250,16 @@ def table(results: dict) -> str:
         equal = "bit-identical" if p["bit_identical"] else "DIFFER"
         lines.append(f"{label:28} {p['one_s']:9.2f} {p['ranks_s']:9.2f} {p['speedup']:8.2f}x {goal:5.2f}x  {equal}"
                      + ("" if p["speedup"] >= goal else "  (below goal)"))
+        if len(p.get("rounds", [])) > 1:
+            each = " / ".join(f"{r['one_s']:.2f} vs {r['ranks_s']:.2f} s" for r in p["rounds"])
+            spread = p["speedup_spread"]
+            lines.append(f"{'':28} {len(p['rounds'])} rounds: {each}; speed-up min / median / max "
+                         f"{spread['min']:.2f}x / {spread['median']:.2f}x / {spread['max']:.2f}x")
+    read = results["parts"].get("read")
+    if read is not None and "error" not in read:
+        speeds = ", ".join(f"{n} thread(s) {v:.2f}" for n, v in read["gbps_by_threads"].items())
+        lines += ["", f"layer weights from the page cache to one GPU ({read['gb']:.1f} GB), GB/s: {speeds} "
+                  f"(default {read['default_threads']})"]
     tp = results["parts"].get("tp")
     if tp is not None:
         lines += ["", f"TP={s['ranks']} candidate vs the one-process (device_map) reference:"]
@@ -229,13 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--ranks", type=int, default=max(2, torch.cuda.device_count()))
-    ap.add_argument("--parts", default="extract,test,tp", help="which parts, comma list of extract,test,tp")
+    ap.add_argument("--parts", default="extract,test,tp", help="which parts, comma list of extract,test,tp,read")
     ap.add_argument("--dir", default="/tmp/lw-dist-ckpt", help="the synthetic checkpoint (kept for a rerun)")
     ap.add_argument("--work", default="/tmp/lw-dist-work", help="prompts and runs (GBs; not $OUT)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--dist-timeout", type=float, default=900)
     ap.add_argument("--command-timeout", type=float, default=1800, help="seconds one command may take")
     ap.add_argument("--keep", action="store_true", help="keep the runs (else deleted once measured)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of extract and test, each with its own "
+                    "one-process run (the table shows the spread)")
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -255,13 +312,25 @@ def main(argv: list[str] | None = None) -> int:
         results["reference"] = {"error": str(err)}
         save()
         return 1
-    for part in filter(None, args.parts.split(",")):
-        try:
-            results["parts"][part] = getattr(bench, f"part_{part}")(one)
-        except (Failure, OSError, KeyError, ValueError) as err:
-            print(f"{part}: {err}", flush=True)
-            results["parts"][part] = {"error": f"{type(err).__name__}: {err}"}
-        save()
+    rounds: dict[str, list] = {}
+    for number in range(args.repeat):
+        if number:  # every round against its own one-process run, measured just before it
+            bench.drop(bench.work / "one")
+            try:
+                one = bench.reference()
+            except Failure as err:
+                print(err, flush=True)
+                break
+        for part in filter(None, args.parts.split(",")):
+            if number and part not in REPEATED:
+                continue
+            try:
+                rounds.setdefault(part, []).append(getattr(bench, f"part_{part}")(one))
+            except (Failure, OSError, KeyError, ValueError) as err:
+                print(f"{part}: {err}", flush=True)
+                rounds.setdefault(part, []).append({"error": f"{type(err).__name__}: {err}"})
+            results["parts"][part] = summary(rounds[part])
+            save()
     bench.drop(bench.work / "one")
     text = table(results)
     print(text, flush=True)

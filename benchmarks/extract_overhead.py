@@ -200,8 +200,20 @@ class Bench:
             plain()
             collector.flush()  # every copy landed on the host: inside the timed region
 
-        return {"plain": plain, "hidden": hidden, "seed": (seed_on, plain, off),
-                "lw": (lw_on, captured, lambda _: hooks.__exit__(None, None, None))}, collector, store, captured, hooks
+        # the same capture with a flush at every layer (flush_bytes=0, the design before FLUSH_BYTES), side by side
+        each = Collector(NullWriter(), self.targets, flush_bytes=0)
+        each_hooks = capture.Capture(model, self.targets, each)
+
+        def each_captured():
+            each.start_batch(batch)
+            plain()
+            each.flush()
+
+        variants = {"plain": plain, "hidden": hidden, "seed": (seed_on, plain, off),
+                    "lw": (lw_on, captured, lambda _: hooks.__exit__(None, None, None)),
+                    "lw_each": (each_hooks.__enter__, each_captured, lambda _: each_hooks.__exit__(None, None, None))}
+        self._each = each
+        return variants, collector, store, captured, hooks
 
     def overhead(self, batch_size: int, tokens: int, reps: int) -> dict:
         batch, ids, mask = self.inputs(batch_size, tokens)
@@ -209,6 +221,7 @@ class Bench:
         variants, collector, store, _, _ = self.variants(batch, ids, mask, sink)
         times = interleaved(variants, reps)
         collector.close()
+        self._each.close()
         row = {"batch": batch_size, "tokens": tokens}
         for name, values in times.items():
             row[f"{name}_ms"] = spread([v * 1e3 for v in values])
@@ -323,13 +336,14 @@ def gpu_idle(trace: dict) -> dict:
 
 def table(rows: list[dict], card: str, gpus: int) -> str:
     lines = [f"capture overhead, {card} x{gpus}: median (min-max) of paired rounds",
-             "batch  tokens   plain ms   output_hidden_states   seed .cpu() hook      layerwise (residual+router)"]
+             "batch  tokens   plain ms   output_hidden_states   seed .cpu() hook      layerwise (residual+router)"
+             "   flush at every layer"]
     for r in rows:
         def x(name):
             s = r[f"{name}_x"]
             return f"{s['median']:.3f}x ({s['min']:.3f}-{s['max']:.3f})"
         lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r['plain_ms']['median']:>9.2f}   {x('hidden'):>20}  "
-                     f"{x('seed'):>20}  {x('lw'):>26}")
+                     f"{x('seed'):>20}  {x('lw'):>26}  {x('lw_each'):>22}")
     return "\n".join(lines)
 
 

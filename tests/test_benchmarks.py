@@ -19,7 +19,7 @@ def bench(monkeypatch, name):
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
-               "distributed"}
+               "distributed", "isolated_profile"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -95,10 +95,13 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "distributed").main(
         ["--tiny", "--layers", "4", "--prompts", "4", "--tokens", "16", "--batch-size", "1", "--ranks", "2",
          "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-         "--dist-timeout", "60"])
+         "--dist-timeout", "60", "--repeat", "2", "--parts", "extract,test,tp,read"])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "distributed.json").read_text())
+    assert len(data["parts"]["extract"]["rounds"]) == 2 and len(data["parts"]["test"]["rounds"]) == 2
+    assert set(data["parts"]["read"]["gbps_by_threads"]) == {"1", "4", "8"}, data["parts"]["read"]
+    assert "2 rounds:" in out and "tp" not in [k for k in data["parts"] if len(data["parts"][k].get("rounds", [])) > 1]
     assert data["parts"]["extract"]["bit_identical"] and data["parts"]["test"]["bit_identical"], data["parts"]
     assert data["parts"]["extract"]["speedup"] > 0 and data["parts"]["test"]["runs"]["testN"]["seconds"] > 0
     rows = data["parts"]["tp"]["layers"]
@@ -106,3 +109,17 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     assert all(r["attn_rel_l2"] is not None and r["moe_rel_l2"] is not None and "flips" in r for r in rows)
     assert "TP=2 candidate vs the one-process (device_map) reference" in out
     assert not (tmp_path / "work" / "dp").exists()  # runs deleted once measured
+
+
+@pytest.mark.slow
+def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
+    """The headline path's commands (streamed extract, every layer tested alone), fresh processes."""
+    code = bench(monkeypatch, "isolated_profile").main(
+        ["--tiny", "--layers", "2", "--tokens", "16", "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--profile"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "isolated_profile.json").read_text())
+    assert data["cold_read_s"] > 0 and data["extract_s"] > data["startup_s"] > 0 and data["ratio"] > 0, data
+    assert any("layerwise" in line for line in data["test_profile"]), data["test_profile"]
+    assert "(extract + test) / cold read" in out

@@ -1,0 +1,173 @@
+"""The isolated profile end to end, as a user runs it: a streamed reference, then every layer
+tested alone, each command a fresh process on a cold page cache, against reading the checkpoint once.
+
+A MiniMax-M2-shaped checkpoint (real dimensions, --layers layers, seeded random bf16 weights) is
+written to --dir once, and --prompts prompts of --tokens random ids. With the checkpoint's pages
+dropped before each step (POSIX_FADV_DONTNEED, no root needed), it times:
+
+  cold_read  every shard read once (the floor: the bytes every step must read at least once)
+  startup    `python -c "import layerwise.cli; torch.cuda.init()"`: imports and CUDA, no work
+  extract    `layerwise extract CKPT --stream` (process wall time; its own recording seconds)
+  test       `layerwise test CKPT --reference REF --test-type single --layer all`
+
+and the goal's ratio (extract + test) / cold_read (< 2). With --profile, each command runs once
+more under cProfile (not timed) and the functions with the most cumulative time are listed:
+where the time beyond the reads goes. Prints a table; JSON to --out/isolated_profile.json.
+Dry run on a CPU: --tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import build_on_devices, drop_page_cache, minimax_config, write_checkpoint  # noqa: E402
+
+from layerwise import runs  # noqa: E402
+
+GOAL = 2.0  # (extract + test) / cold read
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.ckpt, self.work = Path(args.dir), Path(args.work)
+        self.gpu = torch.cuda.is_available() and not args.tiny
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        if self.gpu:
+            self.env["CUDA_VISIBLE_DEVICES"] = "0"
+
+    def shards(self) -> list[Path]:
+        return sorted(self.ckpt.glob("*.safetensors"))
+
+    def setup(self) -> dict:
+        self.work.mkdir(parents=True, exist_ok=True)
+        config = minimax_config(self.args.layers, tiny=self.args.tiny)
+        if not (self.ckpt / "config.json").exists():
+            model = build_on_devices(config, {"": "cuda:0" if self.gpu else "cpu"}, torch.bfloat16)
+            write_checkpoint(model, self.ckpt, shard="4GB")
+            del model
+            if self.gpu:
+                torch.cuda.empty_cache()
+        generator = torch.Generator().manual_seed(0)
+        with open(self.work / "prompts.jsonl", "w") as fh:
+            for _ in range(self.args.prompts):
+                ids = torch.randint(0, config.vocab_size, (self.args.tokens,), generator=generator).tolist()
+                fh.write(json.dumps({"token_ids": ids}) + "\n")
+        size = sum(f.stat().st_size for f in self.shards())
+        card = torch.cuda.get_device_name(0) if self.gpu else platform.processor() or "cpu"
+        return {"layers": self.args.layers, "checkpoint_gb": size / 1e9, "prompts": self.args.prompts,
+                "tokens": self.args.tokens, "card": card, "cores": os.cpu_count(), "versions": runs.library_versions()}
+
+    def cold_read(self) -> float:
+        drop_page_cache(self.shards())
+        start = time.perf_counter()
+        for f in self.shards():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+        return time.perf_counter() - start
+
+    def timed(self, argv: list, profile: Path | None = None) -> float:
+        """One fresh process on a cold page cache; its wall seconds (exit 0 required)."""
+        drop_page_cache(self.shards())
+        head = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+        start = time.perf_counter()
+        done = subprocess.run(head + [str(a) for a in argv], env=self.env, capture_output=True, text=True,
+                              timeout=self.args.command_timeout)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
+            raise RuntimeError(f"{' '.join(map(str, argv[:3]))} exited {done.returncode}:\n{tail}")
+        return wall
+
+    def commands(self) -> dict[str, list]:
+        device = ["--device", "cuda:0"] if self.gpu else []
+        ref, test = self.work / "ref", self.work / "test"
+        return {
+            "startup": ["-c", "import torch, layerwise.cli; torch.cuda.init() if torch.cuda.is_available() else None"],
+            "extract": ["-m", "layerwise", "extract", self.ckpt, "--stream", *device, "--dtype", "bf16",
+                        "--prompts", self.work / "prompts.jsonl", "--out", ref, "--overwrite"],
+            "test": ["-m", "layerwise", "test", self.ckpt, "--reference", ref, "--test-type", "single", "--layer", "all",
+                     "--dtype", "bf16", *device, "--out", test, "--overwrite"],
+        }
+
+
+def top(profile: Path, n: int = 12) -> list[str]:
+    """The `n` functions of most cumulative time in a cProfile dump (layerwise's, torch's, ...)."""
+    stats = pstats.Stats(str(profile))
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])
+    out = []
+    for (file, line, name), (_, calls, _, cumulative, _) in rows:
+        if name.startswith("<") and name != "<module>":
+            continue
+        where = "/".join(Path(file).parts[-2:])
+        out.append(f"{cumulative:8.2f} s  {calls:>7}  {where}:{line}({name})")
+        if len(out) == n:
+            break
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--dir", default="/tmp/lw-isolated-ckpt", help="the synthetic checkpoint (kept for a rerun)")
+    ap.add_argument("--work", default="/tmp/lw-isolated-work")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--profile", action="store_true", help="run extract and test once more under cProfile")
+    ap.add_argument("--command-timeout", type=float, default=600)
+    ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    results = {"setup": bench.setup()}
+    commands = bench.commands()
+    results["cold_read_s"] = bench.cold_read()
+    for name, command in commands.items():
+        results[f"{name}_s"] = bench.timed(command)
+        print(f"{name}: {results[f'{name}_s']:.2f} s", flush=True)
+    manifest = json.loads((bench.work / "ref" / "manifest.json").read_text())
+    results["extract_recording_s"] = manifest["stats"].get("seconds")
+    tested = json.loads((bench.work / "test" / "isolated" / "manifest.json").read_text())["stats"]
+    results["test_replay_s"], results["test_load_s"] = tested.get("seconds"), tested.get("load_seconds")
+    results["ratio"] = (results["extract_s"] + results["test_s"]) / results["cold_read_s"]
+    if args.profile:
+        for name in ("extract", "test"):
+            dump = out / f"{name}.prof"
+            bench.timed(commands[name], dump)
+            results[f"{name}_profile"] = top(dump)
+    (out / "isolated_profile.json").write_text(json.dumps(results, indent=1, default=str))
+    s = results["setup"]
+    lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
+             f"prompts x {s['tokens']} tokens; {s['card']}",
+             f"cold read {results['cold_read_s']:.2f} s; start-up (imports + CUDA) {results['startup_s']:.2f} s",
+             f"extract --stream {results['extract_s']:.2f} s (recording {results['extract_recording_s']:.2f} s); "
+             f"test single all {results['test_s']:.2f} s (replay {results['test_replay_s']:.2f} s, "
+             f"reading and building {results['test_load_s']:.2f} s)",
+             f"(extract + test) / cold read = {results['ratio']:.2f}x (goal < {GOAL:.0f}x)"]
+    for name in ("extract", "test"):
+        if f"{name}_profile" in results:
+            lines += [f"", f"{name} under cProfile, most cumulative time:"] + results[f"{name}_profile"]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out / "isolated_profile.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
