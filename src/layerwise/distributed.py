@@ -110,6 +110,7 @@ class Session:
         self._store = store
         self._lock = threading.Lock()
         self._claimed = False
+        self._sent: list = []  # (destination, works, tensors) of sends not yet known to have arrived
         self._failing, self._stopping = threading.Event(), threading.Event()
         self._watchdog: threading.Thread | None = None
         self._previous_sigterm = None
@@ -210,15 +211,26 @@ class Session:
         return assign(weights, self.world)[self.rank]
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """A tensor to rank `dst`, bit for bit (its dtype and shape go first)."""
+        """A tensor to rank `dst`, bit for bit (its dtype and shape go first). It returns at once:
+        the sender goes on with its next work while `dst` is still busy with its own (a blocking
+        send would hold both ranks in step); `wait_sent` waits until everything sent has arrived."""
         import torch.distributed as dist
 
-        data = tensor.detach().contiguous()
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         header = torch.zeros(8, dtype=torch.int64)
-        header[:2 + data.dim()] = torch.tensor([_DTYPES.index(data.dtype), data.dim(), *data.shape])
+        header[:2 + tensor.dim()] = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape])
         with self._guard(f"sending activations to {self.env.where(dst)}"):
-            dist.send(header, dst)
-            dist.send(data.reshape(-1).view(torch.uint8), dst)
+            self._sent.append((dst, [dist.isend(header, dst), dist.isend(data, dst)], (header, data)))
+
+    def wait_sent(self) -> None:
+        """Block until every tensor `send` handed over has reached its rank (the tensors stay
+        alive until then)."""
+        while self._sent:
+            dst, works, _ = self._sent[0]
+            with self._guard(f"sending activations to {self.env.where(dst)}"):
+                for work in works:
+                    work.wait()
+            self._sent.pop(0)
 
     def recv(self, src: int, device) -> torch.Tensor:
         import torch.distributed as dist

@@ -9,16 +9,20 @@ intents, every tensor bit for bit, each layer being the same computation on the 
   every batch as soon as the layer is built, while its next layer is being read.
 - chained: layer i needs layer i-1's output. The rank of layer i receives that output for every
   batch from the rank of layer i-1, runs layer i on it and sends its own output on to the rank of
-  layer i+1. Dealt round-robin, the N ranks read N consecutive layers at the same time, so the
-  chain keeps pace with the reads: a test takes about the time of reading 1/N of the layers, plus
-  the last layer's computation, where a chain of contiguous chunks would wait for whole chunks.
+  layer i+1, before it runs the layer's isolated batches (the next rank waits for the chain, not
+  for those). Dealt round-robin, the N ranks read and build N consecutive layers at the same time,
+  so the chain keeps pace with them: a test takes about the time of reading and building 1/N of
+  the layers, plus the last layer's computation.
 
-A rank receives all of a layer's chained inputs before it sends any of its outputs, and every
-rank takes its layers in order: each send is met by the receiving rank's next layer, which
-waits on nothing later, so no two ranks can wait on each other (blocking sends, gloo or NCCL).
+Sends do not block: a rank hands its outputs over and goes on building its next layer while the
+receiver is still busy with its own (blocking sends held neighbouring ranks in step, so their
+builds took turns). Before sending a layer's outputs a rank waits until its previous layer's have
+arrived: one layer's outputs in flight at most. A rank receives all of a layer's chained inputs
+before it sends any of its outputs, and every rank takes its layers in order, so the earliest
+unfinished layer of the chain can always go on: no two ranks wait on each other (gloo or NCCL).
 A rank holds at most about three layers at a time (the raw and the built weights of the one being
 built and run, the next being read), as one process does, and the chained activations of every
-batch (as one process does).
+batch (as one process does), plus the outputs in flight.
 
 Determinism (the first layer run twice) is checked by rank 0, which owns the first layer, and
 shared with every rank; the weights read and the seconds spent reading are summed over the ranks.
@@ -87,12 +91,13 @@ class _Stage:
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
                 with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
                     self._first_twice(item)
-                    self._isolated(item)
-                    if self.chained is not None:
+                    if self.chained is not None:  # first: the next layer's rank waits for it
                         i = layers.index(index)
                         self._chained(item, owner[layers[i - 1]] if i else None,
                                       owner[layers[i + 1]] if i + 1 < len(layers) else None)
+                    self._isolated(item)
                 del item
+        self.ranks.wait_sent()
 
     def _build(self, weights):
         loaded = self.source.build(weights)
@@ -139,5 +144,6 @@ class _Stage:
                              str(device), who)[0] for batch, x in zip(self.batches, inputs)]
         del inputs
         if destination is not None:
+            self.ranks.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
             for y in outputs:
                 self.ranks.send(y, destination)
