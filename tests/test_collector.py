@@ -216,3 +216,43 @@ def test_buffers_taken_in_inference_mode_are_reused_outside_it():
     collector.take(out, [torch.randn(1, 5, 4)])
     collector.close()  # outside inference mode, reusing that buffer
     assert len(writer.files) == 1 and collector.pool.held == 1 << 16
+
+
+def test_a_flush_packs_into_slabs_and_a_larger_tensor_gets_its_own_buffer():
+    """The pool hands out one size class up to a slab (a sixteenth of the budget: 1 MiB here), so a
+    flush packs its tensors into slab-sized copies; a tensor larger than a slab is copied alone
+    into a power of two. The files are the tensors, whatever the packing."""
+    writer = ListWriter()
+    targets = _targets(3)
+    collector = Collector(writer, targets, pinned_budget_bytes=16 << 20, copy_host_tensors=True)
+    taken = []
+    take = collector.pool.take
+    collector.pool.take = lambda n, own=0: taken.append(collector.pool.size_class(n)) or take(n, own)
+    states = [torch.randn(1, 2, 50_000) for _ in range(3)] + [torch.randn(1, 2, 200_000)]  # 400 KB x 3, 1.6 MB
+    collector.start_batch(_batch([2], 2))
+    for k in range(3):
+        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
+        collector.take(inp, [states[k]])
+        collector.take(out, [states[k + 1]])
+    collector.close()
+    for k in range(3):
+        got = writer.files[(0, f"model.layers.{k}")]
+        assert torch.equal(got[f"model.layers.{k}:input"], states[k][0]) and \
+            torch.equal(got[f"model.layers.{k}:output"], states[k + 1][0])
+    assert sorted(taken) == [1 << 20] * 2 + [1 << 21], taken  # 2 x 400 KB share a slab; 1.6 MB alone
+    assert collector.pool.used == 0
+
+
+def test_the_pool_takes_slabs_pinned_ahead_before_pinning_more(monkeypatch):
+    """Slabs `reserve` pinned while the model loaded are handed out first: no pinning on the
+    forward thread (on a CPU there is nothing to pin: `reserve` starts nothing)."""
+    from layerwise import pinned
+
+    ahead = [torch.empty(pinned.SLAB_BYTES, dtype=torch.uint8) for _ in range(2)]
+    monkeypatch.setattr(pinned, "_RESERVE", list(ahead))
+    pool = PinnedPool(budget_bytes=4 * pinned.SLAB_BYTES, pin=True, slab_bytes=pinned.SLAB_BYTES)
+    first, second = pool.take(10), pool.take(pinned.SLAB_BYTES)
+    assert {id(first), id(second)} == {id(t) for t in ahead} and pinned._RESERVE == []
+    assert pool.alloc_seconds == 0 and pool.held == 2 * pinned.SLAB_BYTES
+    if not torch.cuda.is_available():
+        assert pinned.reserve() is None

@@ -24,7 +24,7 @@ import torch
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
-from .pinned import PinnedPool, SharedBuffer
+from .pinned import MIN_BYTES, SLAB_BYTES, PinnedPool, SharedBuffer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class Collector:
         self._extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
         gpu = torch.cuda.is_available()
         # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
-        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu) if gpu or copy_host_tensors else None
+        slab = min(SLAB_BYTES, pinned_budget_bytes // 16)  # 64 MiB of the default 4 GiB
+        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu, slab_bytes=slab if slab >= MIN_BYTES else 0) \
+            if gpu or copy_host_tensors else None
         self._copy_host = copy_host_tensors
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._batch = None
@@ -133,16 +135,33 @@ class Collector:
             if device.type != "cuda" and not self._copy_host:
                 hosts.update({(device, i): (t, None) for i, t in enumerate(items)})  # never written to again
                 continue
-            views, event = self._pack(device, items, buffers, keep)
-            hosts.update({(device, i): (v, len(buffers) - 1) for i, v in enumerate(views)})
-            if event is not None:
-                done.append(event)
+            for indices in self._bins(items):  # slabs: buffers the pool reuses (and pins ahead)
+                views, event = self._pack(device, [items[i] for i in indices], buffers, keep)
+                hosts.update({(device, i): (v, len(buffers) - 1) for i, v in zip(indices, views)})
+                if event is not None:
+                    done.append(event)
         records = []
         for group, name, t in held:
             slot = slots[(t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))] if t is not None else None
             host, buf = hosts[slot] if slot is not None else (None, None)
             records.append((group, name, host, buf))
         return _Flush(self._batch, records, buffers, done, keep)
+
+    def _bins(self, items: list) -> list[list[int]]:
+        """The items (by index) in groups of at most one slab of bytes, first fit, largest first;
+        an item larger than a slab alone (a pool without slabs: all in one)."""
+        slab = self.pool.slab if self.pool is not None else 0
+        if not slab:  # no slabs: one buffer
+            return [list(range(len(items)))]
+        bins: list[tuple[int, list[int]]] = []
+        for i in sorted(range(len(items)), key=lambda i: -items[i].numel() * items[i].element_size()):
+            size = items[i].numel() * items[i].element_size()
+            at = next((b for b, (used, _) in enumerate(bins) if used + size <= slab), None)
+            if at is None:
+                bins.append((size, [i]))
+            else:
+                bins[at] = (bins[at][0] + size, bins[at][1] + [i])
+        return [sorted(indices) for _, indices in bins]
 
     def _pack(self, device: torch.device, items: list, buffers: list, keep: list):
         """The device's tensors as bytes in one buffer (a `cat` on the compute stream, after their

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import capture, distributed
+from . import capture, distributed, pinned
 from .collector import PINNED_BUDGET_BYTES
 from .distributed import Session
 from .loading import LoadedModel, LoadOptions, load_model
@@ -61,8 +61,14 @@ def gather_prompts(texts: list[str] | None, files: list[str] | None) -> list[str
 
 def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractOptions = ExtractOptions(),
             load: LoadOptions = LoadOptions(), progress=None) -> ExtractResult:
+    pin_ahead(options)
     loaded = load_model(spec, load)
     return extract_model(loaded, out, items, options, progress=progress, load=load)
+
+
+def pin_ahead(options: ExtractOptions) -> None:
+    """Pin the capture's first host buffers in the background while the model loads (a GPU only)."""
+    pinned.reserve(min(pinned.RESERVE_BYTES, int(options.pinned_budget_gib * 2**30)))
 
 
 def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):

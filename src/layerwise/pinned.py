@@ -1,9 +1,11 @@
 """Pinned host buffers for device-to-host copies: recycled by size within a byte budget, and
 shared by the files cut from one copy until the last is written.
 
-`PinnedPool.take` waits while the budget is spent (the backpressure that keeps host memory
-bounded when the disk is slower than the GPU) but never for buffers that cannot come back first
-(no deadlock); it counts the seconds spent waiting and allocating. `SharedBuffer` returns a buffer
+`PinnedPool.take` hands out slabs (64 MiB; larger tensors get a power of two), from its free
+ones, else from slabs `reserve` pinned ahead (while a model loads), else newly pinned. It waits
+while the budget is spent (the backpressure that keeps host memory bounded when the disk is
+slower than the GPU) but never for buffers that cannot come back first (no deadlock); it counts
+the seconds spent waiting and allocating. `SharedBuffer` returns a buffer
 to its pool once every file written from it, and every record still waiting for its file, is done.
 
 Knows nothing of captures, runs or models: bytes, a budget, reference counts.
@@ -17,6 +19,36 @@ import time
 import torch
 
 
+SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
+MIN_BYTES = 1 << 16
+RESERVE_BYTES = 2**30  # pinned ahead, while a model loads, by `reserve`
+_RESERVE: list[torch.Tensor] = []  # slabs pinned ahead, taken by the next pool that needs one
+_RESERVE_LOCK = threading.Lock()
+
+
+def reserve(total_bytes: int = RESERVE_BYTES) -> threading.Thread | None:
+    """Pin slabs in the background until the process holds `total_bytes` of them (None: there is
+    no GPU, nothing to pin). Pinning costs about a second per GB, which a capture would otherwise
+    pay on the forward thread at its first flushes; started before a model loads, it is paid
+    while the loading waits for the disk."""
+    if not torch.cuda.is_available():
+        return None
+
+    def work():
+        with torch.inference_mode(False):
+            while True:
+                with _RESERVE_LOCK:
+                    if len(_RESERVE) * SLAB_BYTES >= total_bytes:
+                        return
+                slab = torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=True)
+                with _RESERVE_LOCK:
+                    _RESERVE.append(slab)
+
+    thread = threading.Thread(target=work, name="layerwise-pin", daemon=True)
+    thread.start()
+    return thread
+
+
 class PinnedPool:
     """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
     is spent (that wait is the backpressure that keeps host memory bounded).
@@ -28,9 +60,10 @@ class PinnedPool:
     caller's `own`); otherwise it overdraws the budget.
     """
 
-    def __init__(self, budget_bytes: int, pin: bool = True):
+    def __init__(self, budget_bytes: int, pin: bool = True, slab_bytes: int = 0):
         self.budget = budget_bytes
         self.pin = pin
+        self.slab = slab_bytes  # the one size class of everything up to it (0: powers of two only)
         self.used = 0  # bytes handed out
         self.held = 0  # bytes allocated (handed out + free lists)
         self.peak = 0
@@ -41,11 +74,16 @@ class PinnedPool:
         self._cond = threading.Condition()
         self._closed = False
 
+    def size_class(self, nbytes: int) -> int:
+        """What `take(nbytes)` hands out: one slab up to its size, else a power of two from 64 KiB,
+        so buffers are reused across prompt lengths (allocating pinned memory is slow)."""
+        return self.slab if nbytes <= self.slab else max(MIN_BYTES, 1 << (max(nbytes, 1) - 1).bit_length())
+
     def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
-        """A buffer of at least `nbytes` (sizes round up to a power of two from 64 KiB, so buffers
-        are reused across prompt lengths: allocating pinned memory is slow and synchronising).
-        `own`: bytes the caller took already for the same flush; they cannot come back first."""
-        nbytes = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+        """A buffer of at least `nbytes` (`size_class`), from the free ones, else from the
+        process's reserve (pinned ahead by `reserve`), else newly pinned. `own`: bytes the caller
+        took already for the same flush; they cannot come back first."""
+        nbytes = self.size_class(nbytes)
         with self._cond:
             waited = None
             while self.used + nbytes > self.budget and self.used > self.blocked + own:
@@ -63,6 +101,10 @@ class PinnedPool:
                 pass
             self.held += nbytes
             self.peak = max(self.peak, self.held)
+        if self.pin and nbytes == SLAB_BYTES:
+            with _RESERVE_LOCK:
+                if _RESERVE:
+                    return _RESERVE.pop()
         start = time.perf_counter()
         with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)

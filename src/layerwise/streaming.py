@@ -29,7 +29,7 @@ import torch
 from . import capture, distributed, models
 from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
-from .extract import ExtractOptions, extract_intent, prepare, record, todo_batches
+from .extract import ExtractOptions, extract_intent, pin_ahead, prepare, record, todo_batches
 from .layer_loading import LayerOptions, LayerSource, open_layers
 from .loading import load_tokenizer
 from .machine import usable_device
@@ -74,6 +74,8 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
         source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=usable_device(stream.device),
                                                 attn_implementation=stream.attn_implementation, quant=stream.quant,
                                                 fp8_backend=stream.fp8_backend))
+    if source.device.type == "cuda":
+        pin_ahead(options)
     try:
         return _stream(source, out, items, options, stream, progress)
     finally:
