@@ -136,11 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
     results = {"setup": bench.setup()}
+
+    def save() -> None:  # after every step: a session cut short keeps what it measured
+        (out / "isolated_profile.json").write_text(json.dumps(results, indent=1, default=str))
+
     commands = bench.commands()
     results["cold_read_s"] = bench.cold_read()
+    print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
     for name, command in commands.items():
         results[f"{name}_s"] = bench.timed(command)
         print(f"{name}: {results[f'{name}_s']:.2f} s", flush=True)
+        save()
     manifest = json.loads((bench.work / "ref" / "manifest.json").read_text())
     results["extract_recording_s"] = manifest["stats"].get("seconds")
     tested = json.loads((bench.work / "test" / "isolated" / "manifest.json").read_text())["stats"]
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             dump = out / f"{name}.prof"
             bench.timed(commands[name], dump)
             results[f"{name}_profile"] = top(dump)
-    (out / "isolated_profile.json").write_text(json.dumps(results, indent=1, default=str))
+            save()
+    save()
     s = results["setup"]
     lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
              f"prompts x {s['tokens']} tokens; {s['card']}",
