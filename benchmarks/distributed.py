@@ -210,9 +210,9 @@ def manifest(run: Path) -> dict:
 
 
 def equal_runs(a: Path, b: Path) -> dict:
-    """Bit for bit, from the manifests' sha256 of every tensor."""
-    x = {(e["name"], e["prompt"]): e["sha256"] for e in manifest(a)["tensors"]}
-    y = {(e["name"], e["prompt"]): e["sha256"] for e in manifest(b)["tensors"]}
+    """Bit for bit, from the manifests' digest of every tensor."""
+    x = {(e.name, e.prompt): e.digests for e in runs.open_run(a).entries()}
+    y = {(e.name, e.prompt): e.digests for e in runs.open_run(b).entries()}
     differ = sorted(k for k in x if y.get(k) != x[k])
     return {"tensors": len(x), "bit_identical": x == y, "differ": len(differ) + len(set(y) - set(x)),
             "first_differing": list(differ[0]) if differ else None}

@@ -78,7 +78,7 @@ def one_thread(argv: list) -> int:
 
 
 def sha256s(run: Path) -> dict:
-    return {(e["name"], e["prompt"]): e["sha256"] for e in open_run(run).manifest["tensors"]}
+    return {(e.name, e.prompt): e.digests for e in open_run(run).entries()}
 
 
 @pytest.fixture(scope="module")

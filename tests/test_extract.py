@@ -147,7 +147,7 @@ def _snapshot(run_dir: Path) -> dict:
     for path in sorted(run_dir.rglob("*.safetensors")):
         with safe_open(str(path), "pt") as fh:
             for name in fh.keys():
-                out[(str(path.relative_to(run_dir)), name)] = tensorfile.sha256_of(fh.get_tensor(name))
+                out[(str(path.relative_to(run_dir)), name)] = tensorfile.digest(fh.get_tensor(name))
     return out
 
 

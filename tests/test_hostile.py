@@ -375,7 +375,8 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     Case("manifest token_ids [true]", _compare(_set("prompts.0.token_ids", [True])), "not a non-negative integer"),
     Case("manifest shape [true]", _compare(_set("tensors.0.shape", [True, 2])), "is not a list of sizes"),
     Case("manifest batch_size 0", _compare(_set("settings.batch_size", 0)), "settings.batch_size is 0"),
-    Case("manifest sha256 not hex", _compare(_set("tensors.0.sha256", "xyz")), "is not a hex digest"),
+    Case("manifest sha256 not hex", _compare(_set("tensors.0.sha256", "xyz")), "sha256 'xyz' is not a hex digest"),
+    Case("manifest sha256_tree short", _compare(_set("tensors.0.sha256_tree", "ab" * 31)), "is not a hex digest"),
     Case("manifest format_version true", _compare(_set("format_version", True)), "format_version is True"),
     Case("import tokens booleans", _tokens(np.array([True, False])), "not integer token ids"),
     Case("import tokens floats", _tokens(np.array([1.5, 2.0])), "not integer token ids"),
@@ -482,16 +483,16 @@ def _flip(run_dir: Path, name: str = "model.layers.1:output") -> Path:
 
 def _null_sha(manifest, path):
     for e in manifest["tensors"]:
-        e["sha256"] = None
+        e[tensorfile.DIGEST] = None
 
 
 def _drop_sha(manifest, path):
     for e in manifest["tensors"]:
-        del e["sha256"]
+        del e[tensorfile.DIGEST]
 
 
 def _strip_header_hashes(path: Path):
-    """Rewrite every tensor file of a run without the sha256 in its header."""
+    """Rewrite every tensor file of a run without the digests in its header."""
     for file in path.glob("tensors/*/*.safetensors"):
         tensors = load_file(file)
         save_file(tensors, file, metadata={"prompt": "0"})
@@ -507,10 +508,10 @@ def _integrity(edit, files: Callable[[Path], object] | None = None, *extra):
 
 
 INTEGRITY = [
-    Case("manifest sha256 null, bytes flipped", _integrity(_null_sha, _flip), "fails its sha256 check"),
-    Case("manifest sha256 deleted, bytes flipped", _integrity(_drop_sha, _flip), "fails its sha256 check"),
+    Case("manifest sha256_tree null, bytes flipped", _integrity(_null_sha, _flip), "fails its sha256 check"),
+    Case("manifest sha256_tree deleted, bytes flipped", _integrity(_drop_sha, _flip), "fails its sha256 check"),
     Case("no checksum anywhere", _integrity(_null_sha, _strip_header_hashes), "has no sha256"),
-    Case("manifest sha256 forged to the flipped bytes", _integrity(None, lambda p: _forge(p)), "fails its sha256"),
+    Case("manifest sha256_tree forged to the flipped bytes", _integrity(None, lambda p: _forge(p)), "fails its sha256"),
 ]
 
 
@@ -524,7 +525,7 @@ def _forge(path: Path):
     manifest = json.loads((path / MANIFEST).read_text())
     for e in manifest["tensors"]:
         if e["name"] == name and e["prompt"] == 0:
-            e["sha256"] = tensorfile.sha256_of(flipped)
+            e[tensorfile.DIGEST] = tensorfile.digest(flipped)
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -44,7 +44,7 @@ def _state(run_dir):
     run = runs.open_run(run_dir)
     for e in run.entries():
         run.tensor(e.name, e.prompt)
-    return tuple((e["name"], e["prompt"], e["sha256"]) for e in run.manifest["tensors"])
+    return tuple((e.name, e.prompt, e.digests) for e in run.entries())
 
 
 def _kill_during(cmd, staging, trigger: tuple) -> bool:

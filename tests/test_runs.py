@@ -1,5 +1,6 @@
 """The run format: pinned schema, atomic writes, resume rules, lazy verified reads."""
 
+import hashlib
 import json
 
 import pytest
@@ -28,12 +29,12 @@ def test_manifest_schema_is_pinned(tmp_path):
     assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
                        "nonfinite", "tensors"]
     assert m["nonfinite"] == []
-    assert m["format"] == "layerwise-run" and m["format_version"] == 1
+    assert m["format"] == "layerwise-run" and m["format_version"] == 2
     first = m["tensors"][0]
-    assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256"]
+    assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256_tree"]
     assert first == {"name": "model.embed_tokens:output", "module": "model.embed_tokens", "role": "output", "prompt": 0,
                      "shape": [2, 4], "dtype": "float32", "file": "tensors/p00000/model.embed_tokens.safetensors",
-                     "sha256": tensorfile.sha256_of(torch.zeros(2, 4))}
+                     "sha256_tree": hashlib.sha256(bytes(32)).hexdigest()}  # one chunk: the plain sha256
     assert [(t["name"], t["prompt"]) for t in m["tensors"]] == [
         ("model.embed_tokens:output", 0), ("model.layers.0:input", 0), ("model.layers.0:output", 0),
         ("lm_head:output", 0), ("model.embed_tokens:output", 1), ("model.layers.0:input", 1),
@@ -47,7 +48,7 @@ def test_tensor_files_are_standard_safetensors(tmp_path):
     with safe_open(str(file), "pt") as fh:
         assert fh.metadata()["prompt"] == "1"
         t = fh.get_tensor("lm_head:output")
-        assert fh.metadata()["sha256:lm_head:output"] == tensorfile.sha256_of(t)
+        assert fh.metadata()["sha256_tree:lm_head:output"] == tensorfile.digest(t)
     assert t.dtype == torch.bfloat16 and t.tolist() == [[0, 1, 2]]
     header_len = int.from_bytes(file.read_bytes()[:8], "little")
     assert header_len % 8 == 0

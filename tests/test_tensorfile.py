@@ -13,17 +13,61 @@ from layerwise.errors import UserError
 
 
 def test_written_bytes_are_pinned(tmp_path):
-    """Header length, compact JSON header padded to 8 bytes, data in C order, sha256 in the metadata."""
+    """Header length, compact JSON header padded to 8 bytes, data in C order, the digest in the
+    metadata (one chunk: the sha256_tree is the plain sha256)."""
     t = torch.arange(3, dtype=torch.int32)
     path = tmp_path / "a.safetensors"
     assert tensorfile.write_file(path, {"x:output": t}, {"prompt": "0"}) == 12
     data = path.read_bytes()
     digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()
-    header = (f'{{"__metadata__":{{"prompt":"0","sha256:x:output":"{digest}"}},'
+    header = (f'{{"__metadata__":{{"prompt":"0","sha256_tree:x:output":"{digest}"}},'
               '"x:output":{"dtype":"I32","shape":[3],"data_offsets":[0,12]}}').encode()
     header += b" " * (-len(header) % 8)
     assert data == len(header).to_bytes(8, "little") + header + t.numpy().tobytes()
-    assert tensorfile.sha256_of(t) == digest
+    assert tensorfile.digest(t) == tensorfile.digest(t, "sha256") == digest
+
+
+def _tree(data: bytes, chunk: int) -> str:
+    """The sha256_tree of FORMAT.md, written out: the sha256 of the chunks' raw sha256 digests."""
+    leaves = b"".join(hashlib.sha256(data[i:i + chunk]).digest() for i in range(0, len(data), chunk))
+    return hashlib.sha256(leaves).hexdigest()
+
+
+@pytest.mark.parametrize("size, chunks", [(0, 0), (1, 1), (16, 1), (17, 2), (32, 2), (40, 3), (1000, 63)])
+def test_sha256_tree_hashes_the_chunks_digests(monkeypatch, size, chunks):
+    """Bytes of one chunk or less: their plain sha256; more: the sha256 of the chunks' digests, the
+    last chunk shorter. Plain "sha256" (format version 1) is one stream, whatever the size."""
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", 16)
+    t = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    data = t.numpy().tobytes()
+    plain = hashlib.sha256(data).hexdigest()
+    assert tensorfile.digest(t, "sha256") == plain
+    assert tensorfile.digest(t) == (plain if chunks <= 1 else _tree(data, 16)), f"{chunks} chunks"
+    assert -(-size // 16) == chunks
+
+
+def test_digests_are_of_the_bytes_in_c_order(monkeypatch):
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", 8)
+    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    assert tensorfile.digest(t.t()) == _tree(t.t().contiguous().numpy().tobytes(), 8) != tensorfile.digest(t)
+    bf16 = t.to(torch.bfloat16)
+    assert tensorfile.digest(bf16) == _tree(bf16.view(torch.int16).numpy().tobytes(), 8)
+
+
+def test_write_file_stores_the_tree_digest_and_claims_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", 64)
+    t = torch.randn(100, generator=torch.Generator().manual_seed(0))  # 400 bytes: 7 chunks
+    path = tmp_path / "a.safetensors"
+    tensorfile.write_file(path, {"t": t}, {})
+    read, stored = tensorfile.read_tensor_and_digests(path, "t")
+    assert stored == {"sha256_tree": _tree(t.numpy().tobytes(), 64)}
+    assert tensorfile.digests_hold(read, stored.items())
+    plain = ("sha256", hashlib.sha256(t.numpy().tobytes()).hexdigest())
+    assert tensorfile.digests_hold(read, [plain, *stored.items()])
+    assert not tensorfile.digests_hold(read, [("sha256_tree", plain[1])])
+    assert not tensorfile.digests_hold(read, [*stored.items(), ("sha256_tree", "0" * 64)])
+    read[99] += 1  # a changed byte in the last, shorter chunk
+    assert not tensorfile.digests_hold(read, stored.items())
 
 
 @pytest.mark.parametrize("code", sorted(tensorfile.DTYPES))
@@ -48,7 +92,7 @@ def test_read_index_gives_shapes_dtypes_and_digests(tmp_path):
     path = tmp_path / "a.safetensors"
     tensorfile.write_file(path, {"a": torch.zeros(2, 4), "b": torch.ones(1, dtype=torch.bfloat16)}, {})
     index = tensorfile.read_index(path)
-    assert index["a"] == ([2, 4], "F32", tensorfile.sha256_of(torch.zeros(2, 4)))
+    assert index["a"] == ([2, 4], "F32", {"sha256_tree": tensorfile.digest(torch.zeros(2, 4))})
     assert index["b"][:2] == ([1], "BF16")
 
 

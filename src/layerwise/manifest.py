@@ -2,9 +2,10 @@
 
 `Intent` is what a run is, written first; `identity` is the part of it that decides whether an
 existing run is the same one (resumed) or another (refused). `build_manifest` indexes every
-tensor file of a finished run from the files' own headers: each tensor's sha256 and, where the
-model produced any, its NaN/Inf counts (`nonfinite`). docs/FORMAT.md is the specification; the
-manifest's shape is checked on reading by schema.check_manifest.
+tensor file of a finished run from the files' own headers: each tensor's digest (`sha256_tree`,
+or a version 1 file's `sha256`) and, where the model produced any, its NaN/Inf counts
+(`nonfinite`). docs/FORMAT.md is the specification; the manifest's shape is checked on reading
+by schema.check_manifest.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import UserError
 from .names import Layout, model_order_key, split_name
 
 FORMAT = "layerwise-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors carry "sha256_tree" digests (1: plain "sha256"); both are read
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
@@ -95,7 +96,8 @@ def first_difference(a: dict, b: dict) -> str:
 
 def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
     """Manifest entries (headers only) of a run's tensor files: `files` (paths relative to the
-    run), else every one; the entry of a tensor that holds NaN/Inf carries "nonfinite": [nan, inf]."""
+    run), else every one; the entry of a tensor that holds NaN/Inf carries "nonfinite": [nan, inf].
+    Each digest keeps its algorithm's name as its field; a file without one gets "sha256_tree": null."""
     every = (str(f.relative_to(path)) for f in (path / TENSOR_DIR).glob("p*/*.safetensors")
              if f.parent.name[1:].isdigit())
     entries = []
@@ -106,12 +108,18 @@ def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
             module, role = split_name(name)
             entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": info["shape"],
                      "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
-                     "sha256": metadata.get(tensorfile.HASH_KEY + name)}
+                     **(tensorfile.stored_digests(metadata, name) or {tensorfile.DIGEST: None})}
             counts = metadata.get(tensorfile.NONFINITE_KEY + name)
             if counts:
                 entry["nonfinite"] = [int(x) for x in counts.split(",")]
             entries.append(entry)
     return entries
+
+
+def entry_digests(entry: dict) -> tuple[tuple[str, str], ...]:
+    """The (algorithm, hex digest) pairs a manifest entry holds: ("sha256_tree", "…") in a run of
+    this version, ("sha256", "…") in one of version 1; () when it holds none."""
+    return tuple((a, entry[a]) for a in tensorfile.DIGESTS if entry.get(a))
 
 
 def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:

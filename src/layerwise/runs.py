@@ -7,7 +7,7 @@
 
 Tensors are safetensors (no pickle), named `<module path>:<role>` (`model.layers.7:output`),
 stored per prompt without batch dimension or padding ([seq, hidden]). Every file is written to a
-temporary name and renamed, and carries each tensor's sha256 in its own header metadata, so a
+temporary name and renamed, and carries each tensor's digest in its own header metadata, so a
 run killed at any point holds only whole files and no manifest, and a resumed run recomputes
 only what is missing. docs/FORMAT.md is the specification; test_runs.py pins it.
 
@@ -34,7 +34,7 @@ from . import tensorfile
 from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
-                       build_manifest, first_difference, identity, library_versions, read_json)
+                       build_manifest, entry_digests, first_difference, identity, library_versions, read_json)
 from .paths import inside
 from .schema import check_manifest
 
@@ -256,7 +256,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: str
     file: str
-    sha256: str | None
+    digests: tuple[tuple[str, str], ...]  # (algorithm, hex digest): ("sha256_tree", "…"), FORMAT.md
 
     @property
     def nbytes(self) -> int:
@@ -271,7 +271,7 @@ class Run:
         self.manifest = manifest
         self._files: dict[str, Path] = {}
         self._entries = {(e["name"], e["prompt"]): TensorEntry(
-            e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], e.get("sha256"))
+            e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], entry_digests(e))
             for e in manifest["tensors"]}
         names: dict[str, None] = {}
         for e in manifest["tensors"]:
@@ -307,23 +307,24 @@ class Run:
         return path
 
     def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
-        """One tensor, read without loading the rest of its file. With `verify`, its sha256 must
+        """One tensor, read without loading the rest of its file. With `verify`, its digest must
         match the manifest's and its own file header's (a checksum deleted from one still leaves
-        the other; a tensor with neither is refused)."""
+        the other; a tensor with neither is refused). A big tensor's sha256_tree is hashed on
+        several threads."""
         e = self.entry(name, prompt)
         file = self.file(e.file)
         try:
-            tensor, stored = tensorfile.read_tensor_and_digest(file, name, device)
+            tensor, stored = tensorfile.read_tensor_and_digests(file, name, device)
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
         if verify:
-            expected = {d for d in (e.sha256, stored) if d}
-            if not expected:
+            claims = e.digests + tuple(stored.items())
+            if not claims:
                 raise UserError(f"tensor {name} in {file} has no sha256 in the manifest or in its file: it cannot "
                                 "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
-            if len(expected) > 1 or tensorfile.sha256_of(tensor) not in expected:
+            if not tensorfile.digests_hold(tensor, claims):
                 raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
         return tensor
 
@@ -345,4 +346,4 @@ def open_run(path: str | os.PathLike) -> Run:
         raise UserError(f"{manifest_path} is not valid JSON ({why}): the run is corrupt") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not a layerwise run manifest")
-    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION))
+    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION, tensorfile.DIGESTS))

@@ -64,8 +64,9 @@ def _optional(data: dict, key: str, kind: type, where: str) -> None:
         raise _manifest_error(where, f"{key} is a {type(data[key]).__name__}, not a {kind.__name__}")
 
 
-def check_manifest(manifest, where: str, newest_version: int) -> dict:
-    """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file."""
+def check_manifest(manifest, where: str, newest_version: int, digests: tuple[str, ...]) -> dict:
+    """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file and
+    `digests` the entries' digest fields (tensorfile.DIGESTS), each a hex sha256 or null."""
     if not isinstance(manifest, dict):
         raise _manifest_error(where, f"the manifest is a JSON {type(manifest).__name__}, not an object")
     version = manifest.get("format_version")
@@ -86,7 +87,7 @@ def check_manifest(manifest, where: str, newest_version: int) -> dict:
         raise _manifest_error(where, problem)
     seen: set = set()
     for i, entry in enumerate(tensors):
-        key = _check_entry(entry, f"{where} tensors[{i}]")
+        key = _check_entry(entry, f"{where} tensors[{i}]", digests)
         if key in seen:
             raise _manifest_error(where, f"tensor {key[0]} of prompt {key[1]} is listed twice")
         seen.add(key)
@@ -112,7 +113,7 @@ def _check_prompt(prompt, where: str) -> None:
         raise _manifest_error(where, "text is not a string")
 
 
-def _check_entry(entry, where: str) -> tuple[str, int]:
+def _check_entry(entry, where: str, digests: tuple[str, ...]) -> tuple[str, int]:
     if not isinstance(entry, dict):
         raise _manifest_error(where, f"an entry is a {type(entry).__name__}, not an object")
     for key in ("name", "prompt", "shape", "dtype", "file"):
@@ -128,9 +129,10 @@ def _check_entry(entry, where: str) -> tuple[str, int]:
         raise _manifest_error(where, f"shape {shape!r} is not a list of sizes")
     if not isinstance(entry["dtype"], str):
         raise _manifest_error(where, f"dtype {entry['dtype']!r} is not a dtype name")
-    digest = entry.get("sha256")
-    if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
-        raise _manifest_error(where, f"sha256 {digest!r} is not a hex digest")
+    for field in digests:
+        digest = entry.get(field)
+        if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+            raise _manifest_error(where, f"{field} {digest!r} is not a hex digest")
     relative_path(entry["file"], where)
     module, role = split_name(name)
     for key, value in (("module", module), ("role", role)):

@@ -1,12 +1,14 @@
-"""The safetensors format, in one module: headers, span reads, the GIL-free writer, sha256.
+"""The safetensors format, in one module: headers, span reads, the GIL-free writer, digests.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}} with an optional "__metadata__" of strings, then the tensors' raw bytes in C order.
 `read_header` checks a file against its own header (a truncated download is caught before any
 data is read); `read_tensors` pulls named tensors out of one file straight onto a device in large
 sequential reads; `read_tensor` reads one tensor with safetensors' own reader; `write_file` writes
-one file with plain buffered writes and each tensor's sha256 in the metadata. `DTYPES` is the one
-table of the format's dtype codes.
+one file with plain buffered writes and each tensor's digest in the metadata. `DTYPES` is the one
+table of the format's dtype codes. `digest` is the one home of the digests a run's tensors carry:
+"sha256_tree" (written), the sha256 of the sha256s of 64 MiB chunks, hashed on several threads
+(one tensor of a GB is not one sequential stream), and plain "sha256" (format version 1).
 
 Knows nothing about checkpoints, runs or models: a file, names, bytes.
 """
@@ -20,6 +22,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +38,8 @@ DTYPES = {
 }
 _CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}
 _ITEMSIZE = dict(DTYPES.values())
-HASH_KEY = "sha256:"  # metadata key prefix: "sha256:<tensor name>" -> hex digest of its bytes
+HASH_CHUNK = 64 << 20  # bytes per leaf of the sha256 tree (FORMAT.md); a tensor of one chunk or less: plain sha256
+HASH_WORKERS = min(8, os.cpu_count() or 1)  # threads hashing the chunks of big tensors, shared by every caller
 NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
@@ -43,6 +47,8 @@ _staging = threading.local()
 READ_THREADS = 4  # threads reading the parts of one large read side by side
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_HASH_POOL: ThreadPoolExecutor | None = None  # HASH_WORKERS threads, made on first use
+_HASH_POOL_LOCK = threading.Lock()
 
 
 def code(dtype: torch.dtype) -> str:
@@ -112,24 +118,23 @@ def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
 
 
 def read_index(path: Path) -> dict:
-    """{name: (shape, dtype code, sha256 from the metadata or None)}, read without the data."""
+    """{name: (shape, dtype code, {algorithm: hex digest} from the metadata)}, read without the data."""
     metadata: dict = {}
     header = read_header(path, metadata)
-    return {name: (info["shape"], info["dtype"], metadata.get(HASH_KEY + name)) for name, info in header.items()}
+    return {name: (info["shape"], info["dtype"], stored_digests(metadata, name)) for name, info in header.items()}
 
 
 def read_tensor(path: Path, name: str, device: str = "cpu") -> torch.Tensor:
     """One tensor, read with safetensors' own reader (the rest of the file is not read)."""
-    return read_tensor_and_digest(path, name, device)[0]
+    return read_tensor_and_digests(path, name, device)[0]
 
 
-def read_tensor_and_digest(path: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, str | None]:
-    """One tensor and the sha256 its own file's header metadata holds for it (None: none)."""
+def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, dict[str, str]]:
+    """One tensor and the digests its own file's header metadata holds for it ({}: none)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=device) as fh:
-        digest = (fh.metadata() or {}).get(HASH_KEY + name)
-        return fh.get_tensor(name), digest
+        return fh.get_tensor(name), stored_digests(fh.metadata() or {}, name)
 
 
 def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -273,21 +278,16 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def sha256_of(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes in C order (what safetensors stores)."""
-    return hashlib.sha256(raw_bytes(tensor)).hexdigest()
-
-
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
-    pass keeps running while files are written) and put each tensor's sha256 in the metadata.
-    Returns the bytes of tensor data written."""
+    pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
+    metadata. Returns the bytes of tensor data written."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
     meta = dict(metadata)
     header: dict = {}
     offset = 0
     for name, t in tensors.items():
-        meta[HASH_KEY + name] = hashlib.sha256(views[name]).hexdigest()
+        meta[digest_key(DIGEST, name)] = digest(views[name])
         size = views[name].nbytes
         header[name] = {"dtype": code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -299,3 +299,71 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         for view in views.values():
             fh.write(view)
     return offset
+
+
+# -------------------------------------------------------------------------------------- digests
+
+def _sha256(view: memoryview) -> str:
+    return hashlib.sha256(view).hexdigest()
+
+
+def _sha256_tree(view: memoryview) -> str:
+    """sha256 of the concatenated raw sha256 digests of the HASH_CHUNK-byte chunks of `view`
+    (the last one shorter); at most one chunk: the plain sha256 of the bytes. The chunks are
+    hashed on the shared pool (hashlib releases the GIL), as slices of `view`: no copy."""
+    if view.nbytes <= HASH_CHUNK:
+        return _sha256(view)
+    chunks = [view[i:i + HASH_CHUNK] for i in range(0, view.nbytes, HASH_CHUNK)]
+    leaves = _hash_pool().map(lambda chunk: hashlib.sha256(chunk).digest(), chunks)
+    return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _HASH_POOL
+    with _HASH_POOL_LOCK:
+        if _HASH_POOL is None:
+            _HASH_POOL = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="layerwise-hash")
+        return _HASH_POOL
+
+
+def _forget_hash_pool() -> None:
+    """In a forked child, which has none of the pool's threads (nor a lock another thread held)."""
+    global _HASH_POOL, _HASH_POOL_LOCK
+    _HASH_POOL, _HASH_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hash_pool)
+
+
+# The digests a reader knows, by algorithm name: the name is also the manifest entry's field and,
+# with ":<tensor name>", the file metadata's key. DIGEST is the one written; "sha256", one
+# sequential stream, is what format version 1 wrote.
+_ALGORITHMS = {"sha256_tree": _sha256_tree, "sha256": _sha256}
+DIGESTS = tuple(_ALGORITHMS)
+DIGEST = "sha256_tree"
+
+
+def digest(data: torch.Tensor | memoryview, algorithm: str = DIGEST) -> str:
+    """Hex digest of a tensor's raw bytes in C order (what safetensors stores), or of a byte view."""
+    return _ALGORITHMS[algorithm](raw_bytes(data) if isinstance(data, torch.Tensor) else data)
+
+
+def digest_key(algorithm: str, name: str) -> str:
+    """The header metadata key of tensor `name`'s digest: "sha256_tree:model.layers.7:output"."""
+    return f"{algorithm}:{name}"
+
+
+def stored_digests(metadata: dict, name: str) -> dict[str, str]:
+    """{algorithm: hex digest} a file's header metadata holds for tensor `name` ({}: none)."""
+    return {a: metadata[digest_key(a, name)] for a in DIGESTS if metadata.get(digest_key(a, name))}
+
+
+def digests_hold(tensor: torch.Tensor, claims: Iterable[tuple[str, str]]) -> bool:
+    """Whether every (algorithm, hex digest) claimed for a tensor holds for its bytes, each
+    algorithm computed once; two different digests claimed under one algorithm never hold."""
+    wanted: dict[str, str] = {}
+    for algorithm, hexdigest in claims:
+        if wanted.setdefault(algorithm, hexdigest) != hexdigest:
+            return False
+    view = raw_bytes(tensor)
+    return all(digest(view, algorithm) == hexdigest for algorithm, hexdigest in wanted.items())
