@@ -11,18 +11,20 @@ propagates to every later tensor the way it does in a real model:
                     (its (k+1)-th logit lifted just past the k-th): a near-tie flip
 `dtype=torch.bfloat16` runs the whole model in bf16 (router in fp32); `stored_as` stores the
 result in another dtype and labels the run with it. `write_toy_run` writes any tensors as a run of the toy model,
-`corrupt_tensor` flips a bit inside one stored tensor.
+`corrupt_tensor` flips a bit inside one stored tensor, `as_version_1` rewrites a run as format
+version 1 wrote it (plain sha256 digests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
 import torch
 
 import helpers
-from layerwise.runs import open_run
+from layerwise.runs import Run, open_run
 
 LAYERS, HIDDEN, EXPERTS, TOP_K, VOCAB = 4, 32, 8, 2, 64
 PROMPTS = [[5, 9, 2, 7, 1, 3, 8, 4], [11, 12, 13, 14, 15, 16]]
@@ -134,3 +136,28 @@ def corrupt_tensor(run, name: str, prompt: int = 0):
     data[8 + header_size + start + 1] ^= 0x40
     path.write_bytes(bytes(data))
     return path
+
+
+def as_version_1(run) -> Run:
+    """Rewrite a run as format version 1 wrote it, by hand: every file's header and every manifest
+    entry carry the plain sha256 of the tensor's bytes ("sha256:<name>", "sha256"), whatever its size."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    plain = {}
+    for path in sorted(run.path.glob("tensors/*/*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            metadata = {k: v for k, v in fh.metadata().items() if not k.startswith("sha256_tree:")}
+        for name, t in tensors.items():
+            plain[(str(path.relative_to(run.path)), name)] = digest = hashlib.sha256(
+                t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            metadata[f"sha256:{name}"] = digest
+        save_file(tensors, str(path), metadata=metadata)
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for e in manifest["tensors"]:
+        del e["sha256_tree"]
+        e["sha256"] = plain[(e["file"], e["name"])]
+    (run.path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return open_run(run.path)

@@ -5,8 +5,9 @@ import weakref
 
 import pytest
 import torch
-from synthetic_runs import LAYERS, PROMPTS, corrupt_tensor, toy_run, toy_tensors, write_toy_run
+from synthetic_runs import LAYERS, PROMPTS, as_version_1, corrupt_tensor, toy_run, toy_tensors, write_toy_run
 
+from layerwise import tensorfile
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.errors import UserError
 from layerwise.runs import Run
@@ -188,6 +189,21 @@ def test_sha256_mismatch_names_the_file(tmp_path):
     with pytest.raises(UserError, match=f"in {path} fails its sha256 check"):
         compare_runs(ref, cand)
     assert compare_runs(ref, cand, CompareOptions(verify=False)).verdict == "fail"
+
+
+def test_a_version_1_run_compares_as_before(tmp_path, monkeypatch):
+    """A run of format version 1 (plain sha256 of every tensor, whatever its size) against one
+    whose tensors span several chunks of the sha256 tree: verified, equal, and a flipped bit caught."""
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", 64)  # the toy tensors span up to 64 chunks
+    new = toy_run(tmp_path / "new")
+    old = as_version_1(toy_run(tmp_path / "old"))
+    assert {e.digests[0][0] for e in new.entries()} == {"sha256_tree"} and old.manifest["format_version"] == 1
+    for report in (compare_runs(new, old), compare_runs(old, new)):
+        assert report.verdict == "pass" and all(r.rel_l2 == 0 for r in report.rows if r.kind != "routing"), \
+            _stats(report)
+    path = corrupt_tensor(old, "model.layers.2:output", 1)
+    with pytest.raises(UserError, match=f"in {path} fails its sha256 check"):
+        compare_runs(new, old)
 
 
 @pytest.mark.parametrize("prefetch, ahead, limit", [(False, 1 << 30, 1), (True, 1, 2), (True, 1 << 30, 10**6)])

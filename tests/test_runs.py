@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from layerwise import runs, tensorfile
 from layerwise.errors import UserError
 
 from helpers import write_run
+from synthetic_runs import as_version_1, corrupt_tensor
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
           "prompts": [{"index": 0, "text": "ab", "token_ids": [1, 2]}, {"index": 1, "text": "c", "token_ids": [3]}]}
@@ -67,6 +69,82 @@ def test_open_run_reads_lazily_and_verifies(tmp_path):
         runs.open_run(tmp_path / "run").tensor("model.layers.0:output", 1)
     with pytest.raises(UserError, match="has no tensor nope for prompt 0"):
         run.tensor("nope", 0)
+
+
+def write_big_run(path, monkeypatch, chunk: int = 64):
+    """A run whose float tensors span several HASH_CHUNKs (made tiny: `chunk` bytes)."""
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    tensors = {p: {"model.layers.0:output": torch.randn(n, 40, generator=g),  # n * 160 bytes
+                   "lm_head:output": torch.randn(n, 50, generator=g).to(torch.bfloat16)} for p, n in ((0, 3), (1, 2))}
+    write_run(path, INTENT, tensors)
+    return runs.open_run(path), tensors
+
+
+@pytest.mark.parametrize("where", [0, 100, 479])  # a byte in the first, a middle and the last 64-byte chunk
+def test_a_changed_byte_in_any_chunk_fails_the_check(tmp_path, monkeypatch, where):
+    run, tensors = write_big_run(tmp_path / "run", monkeypatch)
+    e = run.entry("model.layers.0:output", 0)
+    assert e.digests == (("sha256_tree", tensorfile.digest(tensors[0]["model.layers.0:output"])),)
+    assert e.digests[0][1] != tensorfile.digest(tensors[0]["model.layers.0:output"], "sha256")  # 8 chunks: a tree
+    assert torch.equal(run.tensor(e.name, 0), tensors[0][e.name])
+    file = run.path / e.file
+    data = bytearray(file.read_bytes())
+    begin = 8 + int.from_bytes(data[:8], "little") + json.loads(data[8:8 + int.from_bytes(data[:8], "little")])[
+        e.name]["data_offsets"][0]
+    data[begin + where] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"tensor model.layers.0:output in .*p00000/model.layers.0.safetensors "
+                                        r"fails its sha256 check: the file is corrupt, re-extract it$"):
+        run.tensor(e.name, 0)
+
+
+def test_a_manifest_digest_unlike_the_header_is_refused(tmp_path, monkeypatch):
+    """Both the manifest's and the header's digest hold the true bytes' digest, or the read fails."""
+    run, tensors = write_big_run(tmp_path / "run", monkeypatch)
+    manifest = json.loads((run.path / runs.MANIFEST).read_text())
+    other = tensorfile.digest(tensors[1]["model.layers.0:output"])
+    for e in manifest["tensors"]:
+        if (e["name"], e["prompt"]) == ("model.layers.0:output", 0):
+            e["sha256_tree"] = other
+        if (e["name"], e["prompt"]) == ("lm_head:output", 0):  # the plain sha256 of the true bytes, beside
+            e["sha256"] = tensorfile.digest(tensors[0]["lm_head:output"], "sha256")
+    (run.path / runs.MANIFEST).write_text(json.dumps(manifest))
+    run = runs.open_run(run.path)
+    with pytest.raises(UserError, match="fails its sha256 check"):
+        run.tensor("model.layers.0:output", 0)
+    assert torch.equal(run.tensor("lm_head:output", 0), tensors[0]["lm_head:output"])
+    assert len(run.entry("lm_head:output", 0).digests) == 2
+
+
+def test_a_version_1_run_opens_and_verifies(tmp_path, monkeypatch):
+    """Plain sha256 of every tensor, in the headers and the manifest, as version 1 wrote them:
+    read, verified, and a flipped bit still caught."""
+    run, tensors = write_big_run(tmp_path / "run", monkeypatch)
+    old = as_version_1(run)
+    assert old.manifest["format_version"] == 1
+    e = old.entry("model.layers.0:output", 0)
+    assert e.digests == (("sha256", tensorfile.digest(tensors[0][e.name], "sha256")),)
+    assert all(torch.equal(old.tensor(e.name, e.prompt), tensors[e.prompt][e.name]) for e in old.entries())
+    path = corrupt_tensor(old, e.name)
+    with pytest.raises(UserError, match=f"in {re.escape(str(path))} fails its sha256 check"):
+        old.tensor(e.name, 0)
+
+
+def test_resuming_a_version_1_run_keeps_its_digests(tmp_path, monkeypatch):
+    """A run begun by version 1 and finished by version 2: the old files' entries carry "sha256"."""
+    run, tensors = write_big_run(tmp_path / "run", monkeypatch)
+    as_version_1(run)
+    (run.path / runs.MANIFEST).unlink()  # killed before the manifest
+    (run.path / "tensors/p00001/lm_head.safetensors").unlink()
+    w = runs.RunWriter(run.path, INTENT)
+    w.put(1, "lm_head", {"lm_head:output": tensors[1]["lm_head:output"]})
+    m = w.finish()
+    fields = {(e["name"], e["prompt"]): e.keys() - {"name", "module", "role", "prompt", "shape", "dtype", "file"}
+              for e in m["tensors"]}
+    assert fields[("lm_head:output", 1)] == {"sha256_tree"} and fields[("lm_head:output", 0)] == {"sha256"}
+    new = runs.open_run(run.path)
+    assert all(torch.equal(new.tensor(e.name, e.prompt), tensors[e.prompt][e.name]) for e in new.entries())
 
 
 @pytest.mark.parametrize("setup, fragment", [
