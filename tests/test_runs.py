@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,21 @@ def test_resuming_a_version_1_run_keeps_its_digests(tmp_path, monkeypatch):
     assert fields[("lm_head:output", 1)] == {"sha256_tree"} and fields[("lm_head:output", 0)] == {"sha256"}
     new = runs.open_run(run.path)
     assert all(torch.equal(new.tensor(e.name, e.prompt), tensors[e.prompt][e.name]) for e in new.entries())
+
+
+def test_format_md_verifier_checks_a_written_run(tmp_path, monkeypatch):
+    """The ten lines of docs/FORMAT.md verify every file of a run, and catch a flipped bit."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def sha256_tree" in b)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    assert namespace["CHUNK"] == tensorfile.HASH_CHUNK == 64 << 20
+    run, _ = write_big_run(tmp_path / "run", monkeypatch)
+    namespace["CHUNK"] = tensorfile.HASH_CHUNK  # 64 bytes: every float tensor spans several chunks
+    files = sorted(run.path.glob("tensors/*/*.safetensors"))
+    assert len(files) == 4 and all(namespace["bad_tensors"](f) == [] for f in files)
+    corrupt_tensor(run, "lm_head:output", 1)
+    assert namespace["bad_tensors"](run.path / "tensors/p00001/lm_head.safetensors") == ["lm_head:output"]
 
 
 @pytest.mark.parametrize("setup, fragment", [
