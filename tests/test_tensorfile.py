@@ -127,3 +127,20 @@ def test_metadata_is_returned_on_request(tmp_path):
     metadata: dict = {}
     header = tensorfile.read_header(path, metadata)
     assert set(header) == {"a"} and metadata["prompt"] == "3" and json.dumps(metadata)
+
+
+def test_a_forked_child_reads_with_pools_of_its_own(tmp_path, monkeypatch):
+    """The reading and hashing pools' threads are not in a forked child: it makes its own."""
+    import os
+
+    monkeypatch.setattr(tensorfile, "_CHUNK", 64)
+    tensors = {"t": torch.arange(1000, dtype=torch.float32)}
+    path = tmp_path / "a.safetensors"
+    tensorfile.write_file(path, tensors, {})
+    assert torch.equal(tensorfile.read_tensors(path, ["t"], torch.device("cpu"))["t"], tensors["t"])  # pools made
+    pid = os.fork()
+    if pid == 0:
+        ok = torch.equal(tensorfile.read_tensors(path, ["t"], torch.device("cpu"))["t"], tensors["t"])
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -326,13 +326,13 @@ def _hash_pool() -> ThreadPoolExecutor:
         return _HASH_POOL
 
 
-def _forget_hash_pool() -> None:
-    """In a forked child, which has none of the pool's threads (nor a lock another thread held)."""
-    global _HASH_POOL, _HASH_POOL_LOCK
-    _HASH_POOL, _HASH_POOL_LOCK = None, threading.Lock()
+def _forget_pools() -> None:
+    """In a forked child, which has none of the pools' threads (nor a lock another thread held)."""
+    global _HASH_POOL, _HASH_POOL_LOCK, _POOL, _POOL_LOCK
+    _HASH_POOL, _HASH_POOL_LOCK, _POOL, _POOL_LOCK = None, threading.Lock(), None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_hash_pool)
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 # The digests a reader knows, by algorithm name: the name is also the manifest entry's field and,
