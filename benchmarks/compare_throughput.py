@@ -132,12 +132,12 @@ def _commit() -> str:
 
 def update_benchmarks_md(path: Path, row: str, key: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
+    if not any(line.startswith(SECTION) for line in text.splitlines()):
         text = text.rstrip() + (f"\n\n{SECTION}\n\nWritten by `benchmarks/compare_throughput.py`: compare of two bf16 "
                                 "runs (MiniMax-M2 shapes) against a raw read of the same files. Cold = the files' "
                                 "pages evicted first.\n\n" + HEADER + "\n")
     lines = text.splitlines()
-    start = lines.index(SECTION)
+    start = next(i for i, line in enumerate(lines) if line.startswith(SECTION))  # the heading may name the script
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     rows = [i for i in range(start, end) if lines[i].startswith(f"| {key} |")]
     if rows:

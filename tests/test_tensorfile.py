@@ -144,3 +144,16 @@ def test_a_forked_child_reads_with_pools_of_its_own(tmp_path, monkeypatch):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_parallel_reads_fill_tensors_made_in_inference_mode_or_not(tmp_path, monkeypatch, inference):
+    """Inference mode is per thread: the reading threads copy under the caller's mode, or copying
+    into a tensor made under torch.inference_mode raises (as streaming's layers are read)."""
+    monkeypatch.setattr(tensorfile, "_CHUNK", 64)
+    tensors = {f"t{i}": torch.randn(100 + i, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    path = tmp_path / "a.safetensors"
+    tensorfile.write_file(path, tensors, {})
+    with torch.inference_mode(inference):
+        got = tensorfile.read_tensors(path, list(tensors), torch.device("cpu"))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items()) and got["t0"].is_inference() == inference

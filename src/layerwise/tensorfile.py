@@ -168,11 +168,12 @@ def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str
     if device.type == "cuda":
         after = torch.cuda.Event()
         after.record(torch.cuda.current_stream(device))
+    inference = torch.is_inference_mode_enabled()  # the destinations' kind; the readers copy under the same mode
     if len(parts) <= 1:
         for part in parts:
-            _read_part(str(path), part, device, after)
+            _read_part(str(path), part, device, after, inference)
     else:
-        futures = [_pool().submit(_read_part, str(path), part, device, after) for part in parts]
+        futures = [_pool().submit(_read_part, str(path), part, device, after, inference) for part in parts]
         for future in futures:
             future.result()
     return out
@@ -208,9 +209,15 @@ def _split(pieces: list, parts: int) -> list[list]:
     return [o for o in out if o]
 
 
-def _read_part(path: str, pieces: list, device: torch.device, after) -> None:
+def _read_part(path: str, pieces: list, device: torch.device, after, inference: bool) -> None:
     """Read `pieces` in order through this thread's two staging buffers, copying each into its
-    destinations (asynchronously on a side stream when they are on a GPU)."""
+    destinations (asynchronously on a side stream when they are on a GPU). `inference`: the
+    destinations were made under torch.inference_mode (thread-local), so the copies are too."""
+    with torch.inference_mode(inference):
+        _read_pieces(path, pieces, device, after)
+
+
+def _read_pieces(path: str, pieces: list, device: torch.device, after) -> None:
     on_gpu = device.type == "cuda"
     stream = torch.cuda.Stream(device) if on_gpu else None
     if after is not None:
