@@ -163,6 +163,9 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
         assert sha256s(tmp_path / "dp" / kind) == sha256s(work / "test1" / kind), kind
     assert _isolation(tmp_path / "dp.json") == _isolation(work / "test1.json")
     assert any(row["isolated_rel_l2"] for row in _isolation(work / "test1.json"))
+    ranks = json.loads((tmp_path / "dp" / "isolated" / "manifest.json").read_text())["stats"]["ranks"]
+    assert all(r["build_seconds"] > 0 and r["compute_seconds"] > 0 and "read_wait_seconds" in r for r in ranks), ranks
+    assert all("chain_wait_seconds" in r for r in ranks[1:]), ranks  # ranks 1 and 2 receive the chain
     assert done.stdout.count("isolated: each layer fed the reference's recorded input") == 1
 
 

@@ -55,6 +55,8 @@ def test_multi_range_chains_from_first_layer(tmp_path, minimax_fp32_ref):
     assert {n.split(":")[0] for n in run.names} >= {"model.layers.1", "model.layers.2"}
     assert not any(n.startswith("model.layers.0") or n.startswith("model.layers.3") for n in run.names)
     assert_identical(minimax_fp32_ref, run)
+    stats = run.manifest["stats"]  # where the time went, by phase of the schedule's thread
+    assert stats["build_seconds"] > 0 and stats["compute_seconds"] > 0 and stats["read_wait_seconds"] >= 0, stats
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
 from .rebatch import determinism, recorded_input
-from .replay import _candidate
+from .replay import Timings, _candidate
 from .sharding import deal
 from .streaming import run_layer
 
@@ -58,6 +58,7 @@ class Pipeline:
         stage = _Stage(self.ranks, run, source, batches, tracks, targets, options, factory)
         stage.check_determinism = options.check_determinism and owner[layers[0]] == self.ranks.rank
         stage.run(layers, owner)
+        stage.clock.into(tracks)
         checked = self.ranks.broadcast(stage.determinism)
         totals = self.ranks.all_gather((stage.load_seconds, stage.bytes_read))
         return sum(t[0] for t in totals), sum(t[1] for t in totals), checked
@@ -75,6 +76,7 @@ class _Stage:
         self.check_determinism = False
         self.determinism: tuple[bool | None, float] = (None, 0.0)
         self.load_seconds, self.bytes_read = 0.0, 0
+        self.clock = Timings()  # read_wait, build, compute, chain_wait (receiving), send_wait
 
     def run(self, layers: list[int], owner: dict[int, int]) -> None:
         mine = [k for k in layers if owner[k] == self.ranks.rank]
@@ -83,10 +85,12 @@ class _Stage:
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
             pending = reader.submit(self.source.read, mine[0])
             for n, index in enumerate(mine):
-                weights = pending.result()
+                with self.clock("read_wait"):
+                    weights = pending.result()
                 if n + 1 < len(mine):  # read while this one is built and run
                     pending = reader.submit(self.source.read, mine[n + 1])
-                item = self._build(weights)
+                with self.clock("build"):
+                    item = self._build(weights)
                 del weights
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
                 with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
@@ -95,9 +99,11 @@ class _Stage:
                         i = layers.index(index)
                         self._chained(item, owner[layers[i - 1]] if i else None,
                                       owner[layers[i + 1]] if i + 1 < len(layers) else None)
-                    self._isolated(item)
+                    with self.clock("compute"):
+                        self._isolated(item)
                 del item
-        self.ranks.wait_sent()
+        with self.clock("send_wait"):
+            self.ranks.wait_sent()
 
     def _build(self, weights):
         loaded = self.source.build(weights)
@@ -138,12 +144,15 @@ class _Stage:
         if source is None:
             inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
         else:
-            inputs = [self.ranks.recv(source, device) for _ in self.batches]
+            with self.clock("chain_wait"):
+                inputs = [self.ranks.recv(source, device) for _ in self.batches]
         mine = [t for t in self.targets if t.group == path]
-        outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
-                             str(device), who)[0] for batch, x in zip(self.batches, inputs)]
+        with self.clock("compute"):
+            outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
+                                 str(device), who)[0] for batch, x in zip(self.batches, inputs)]
         del inputs
         if destination is not None:
-            self.ranks.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
+            with self.clock("send_wait"):
+                self.ranks.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
             for y in outputs:
                 self.ranks.send(y, destination)

@@ -129,6 +129,7 @@ class Recording:
         self.started = time.perf_counter()
         self.seconds = 0.0
         self.manifest: dict | None = None  # on rank 0 only, when several ranks record
+        self.timings: dict[str, float] = {}  # where the producer's time went (this rank's), into the stats
         self.tensors = 0
         self.bytes = 0  # written by this call, every rank's
 
@@ -155,7 +156,7 @@ class Recording:
     def finish(self, extra: dict) -> dict | None:
         """Write the manifest last (with `extra` beside the intent); returns it (None on ranks
         other than 0). Collective when several ranks record."""
-        capture = self.collector.stats() if self.collector is not None else {}
+        capture = {**(self.collector.stats() if self.collector is not None else {}), **self.timings}
         if self.ranks is None:
             if capture:
                 extra = {**extra, "stats": {**(extra.get("stats") or {}), **capture}}

@@ -264,21 +264,26 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     compute), the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
     load_seconds, bytes_read = 0.0, 0
     determinism: tuple[bool | None, float] = (None, 0.0)
+    clock = Timings()
     with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
         pending = reader.submit(source.read, layers[0])
         for i, index in enumerate(layers):
-            weights = pending.result()
+            with clock("read_wait"):
+                weights = pending.result()
             if i + 1 < len(layers):  # layer K+1 is read while K is built and run: at most ~3 layers resident
                 pending = reader.submit(source.read, layers[i + 1])
-            loaded = source.build(weights)
+            with clock("build"):
+                loaded = source.build(weights)
             weights.tensors.clear()  # the raw tensors go now (built K, raw K+1 being read)
             del weights
             load_seconds += loaded.seconds
             bytes_read += loaded.bytes_read
-            checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks, targets,
-                                  options, factory)
+            with clock("compute"):
+                checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks,
+                                      targets, options, factory)
             determinism = checked or determinism
             del loaded
+    clock.into(tracks)
     return load_seconds, bytes_read, determinism
 
 
@@ -304,6 +309,26 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
             if track.kind == "chained":
                 track.carry = out
     return twice
+
+
+class Timings:
+    """Seconds the schedule's own thread spent per phase (`with clock("build"): ...`), written into
+    every track's manifest stats as `<phase>_seconds`: where a layer test's time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def into(self, tracks) -> None:
+        for track in tracks:
+            track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
 
 
 def resolve_settings(run: Run, options: ReplayOptions) -> dict:
