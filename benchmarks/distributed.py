@@ -168,7 +168,8 @@ class Bench:
         before, best = tensorfile.READ_THREADS, {}
         try:
             for threads in (1, 4, 8):
-                tensorfile.READ_THREADS, tensorfile._POOL = threads, None
+                tensorfile.READ_THREADS = threads
+                tensorfile._POOLS.pop("read", None)
                 t0, size = time.perf_counter(), 0
                 for names in layers:
                     got = checkpoint.read_tensors(self.ckpt, names, device, wmap=wmap)
@@ -177,7 +178,8 @@ class Bench:
                 best[threads] = gbps = size / (time.perf_counter() - t0) / 1e9
                 print(f"  read {size / 1e9:.1f} GB with {threads} thread(s): {gbps:.2f} GB/s", flush=True)
         finally:
-            tensorfile.READ_THREADS, tensorfile._POOL = before, None
+            tensorfile.READ_THREADS = before
+            tensorfile._POOLS.pop("read", None)
         return {"gb": size / 1e9, "gbps_by_threads": best, "default_threads": before}
 
     def part_tp(self, one: dict) -> dict:

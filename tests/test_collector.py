@@ -124,6 +124,16 @@ def _batch(lengths, width):
     return Batch(prompts, torch.zeros(len(lengths), width, dtype=torch.long), mask)
 
 
+def _three_layers(collector, targets, batch, states) -> None:
+    """One batch through 3 layers' hooks: layer k's input is states[k], its output states[k + 1]."""
+    collector.start_batch(batch)
+    for k in range(3):
+        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
+        collector.take(inp, [states[k]])
+        collector.take(out, [states[k + 1]])
+    collector.close()
+
+
 @pytest.mark.parametrize("flush_bytes, packed", [(0, [2 * 160, 160, 160]), (400, [2 * 160, 2 * 160])])
 def test_collector_copies_each_tensor_once_and_cuts_prompts(flush_bytes, packed):
     """A decoder layer's input flushes what came before once that is `flush_bytes`: layer K's
@@ -137,14 +147,8 @@ def test_collector_copies_each_tensor_once_and_cuts_prompts(flush_bytes, packed)
     requested = []
     take = collector.pool.take
     collector.pool.take = lambda n, own=0: requested.append(n) or take(n, own)
-    batch = _batch([5, 3], 5)
     states = [torch.randn(2, 5, 4) for _ in range(4)]
-    collector.start_batch(batch)
-    for k in range(3):
-        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
-        collector.take(inp, [states[k]])
-        collector.take(out, [states[k + 1]])
-    collector.close()
+    _three_layers(collector, targets, _batch([5, 3], 5), states)
     for k in range(3):
         got = writer.files[(1, f"model.layers.{k}")]
         assert torch.equal(got[f"model.layers.{k}:input"], states[k][1, :3])
@@ -229,12 +233,7 @@ def test_a_flush_packs_into_slabs_and_a_larger_tensor_gets_its_own_buffer():
     take = collector.pool.take
     collector.pool.take = lambda n, own=0: taken.append(collector.pool.size_class(n)) or take(n, own)
     states = [torch.randn(1, 2, 50_000) for _ in range(3)] + [torch.randn(1, 2, 200_000)]  # 400 KB x 3, 1.6 MB
-    collector.start_batch(_batch([2], 2))
-    for k in range(3):
-        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
-        collector.take(inp, [states[k]])
-        collector.take(out, [states[k + 1]])
-    collector.close()
+    _three_layers(collector, targets, _batch([2], 2), states)
     for k in range(3):
         got = writer.files[(0, f"model.layers.{k}")]
         assert torch.equal(got[f"model.layers.{k}:input"], states[k][0]) and \

@@ -45,10 +45,8 @@ _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
 READ_THREADS = 4  # threads reading the parts of one large read side by side
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_HASH_POOL: ThreadPoolExecutor | None = None  # HASH_WORKERS threads, made on first use
-_HASH_POOL_LOCK = threading.Lock()
+_POOLS: dict[str, ThreadPoolExecutor] = {}  # the shared "read" and "hash" pools, made on first use
+_POOLS_LOCK = threading.Lock()
 
 
 def code(dtype: torch.dtype) -> str:
@@ -173,7 +171,7 @@ def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str
         for part in parts:
             _read_part(str(path), part, device, after, inference)
     else:
-        futures = [_pool().submit(_read_part, str(path), part, device, after, inference) for part in parts]
+        futures = [_shared_pool("read", READ_THREADS).submit(_read_part, str(path), part, device, after, inference) for part in parts]
         for future in futures:
             future.result()
     return out
@@ -254,12 +252,13 @@ def _read_pieces(path: str, pieces: list, device: torch.device, after) -> None:
         os.close(fd)
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="layerwise-read-part")
-        return _POOL
+def _shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's pool `name` ("read", "hash"), made with `workers` threads on first use."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(name)
+        if pool is None:
+            pool = _POOLS[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"layerwise-{name}")
+        return pool
 
 
 def _staging_buffers(pinned: bool):
@@ -321,22 +320,14 @@ def _sha256_tree(view: memoryview) -> str:
     if view.nbytes <= HASH_CHUNK:
         return _sha256(view)
     chunks = [view[i:i + HASH_CHUNK] for i in range(0, view.nbytes, HASH_CHUNK)]
-    leaves = _hash_pool().map(lambda chunk: hashlib.sha256(chunk).digest(), chunks)
+    leaves = _shared_pool("hash", HASH_WORKERS).map(lambda chunk: hashlib.sha256(chunk).digest(), chunks)
     return hashlib.sha256(b"".join(leaves)).hexdigest()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _HASH_POOL
-    with _HASH_POOL_LOCK:
-        if _HASH_POOL is None:
-            _HASH_POOL = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="layerwise-hash")
-        return _HASH_POOL
 
 
 def _forget_pools() -> None:
     """In a forked child, which has none of the pools' threads (nor a lock another thread held)."""
-    global _HASH_POOL, _HASH_POOL_LOCK, _POOL, _POOL_LOCK
-    _HASH_POOL, _HASH_POOL_LOCK, _POOL, _POOL_LOCK = None, threading.Lock(), None, threading.Lock()
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pools)
