@@ -169,7 +169,6 @@ class Bench:
         try:
             for threads in (1, 4, 8):
                 tensorfile.READ_THREADS = threads
-                tensorfile._POOLS.pop("read", None)
                 t0, size = time.perf_counter(), 0
                 for names in layers:
                     got = checkpoint.read_tensors(self.ckpt, names, device, wmap=wmap)
@@ -179,7 +178,6 @@ class Bench:
                 print(f"  read {size / 1e9:.1f} GB with {threads} thread(s): {gbps:.2f} GB/s", flush=True)
         finally:
             tensorfile.READ_THREADS = before
-            tensorfile._POOLS.pop("read", None)
         return {"gb": size / 1e9, "gbps_by_threads": best, "default_threads": before}
 
     def part_tp(self, one: dict) -> dict:

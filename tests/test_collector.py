@@ -254,4 +254,19 @@ def test_the_pool_takes_slabs_pinned_ahead_before_pinning_more(monkeypatch):
     assert {id(first), id(second)} == {id(t) for t in ahead} and pinned._RESERVE == []
     assert pool.alloc_seconds == 0 and pool.held == 2 * pinned.SLAB_BYTES
     if not torch.cuda.is_available():
-        assert pinned.reserve() is None
+        assert pinned.reserve(4 << 30) is None
+
+
+def test_reserve_pins_a_fixed_count_and_only_slabs_a_pool_will_take(monkeypatch):
+    """`reserve` tops the process up to RESERVE_BYTES once (slabs a pool takes meanwhile are not
+    pinned again) and pins nothing for a budget whose pool would use smaller slabs."""
+    from layerwise import pinned
+
+    monkeypatch.setattr(pinned.torch.cuda, "is_available", lambda: True)
+    assert pinned.slab_for(16 << 20) == 1 << 20 and pinned.reserve(16 << 20) is None
+    monkeypatch.setattr(pinned, "_RESERVE", [None] * 14)
+    made, real_empty = [], torch.empty
+    monkeypatch.setattr(pinned.torch, "empty",
+                        lambda n, dtype, pin_memory: made.append((n, pin_memory)) or real_empty(1, dtype=dtype))
+    pinned.reserve(4 << 30).join()
+    assert made == [(pinned.SLAB_BYTES, True)] * 2 and len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES

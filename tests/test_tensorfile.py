@@ -157,3 +157,14 @@ def test_parallel_reads_fill_tensors_made_in_inference_mode_or_not(tmp_path, mon
     with torch.inference_mode(inference):
         got = tensorfile.read_tensors(path, list(tensors), torch.device("cpu"))
     assert all(torch.equal(got[n], t) for n, t in tensors.items()) and got["t0"].is_inference() == inference
+
+
+def test_a_changed_read_threads_reads_with_a_pool_of_that_size(tmp_path, monkeypatch):
+    """READ_THREADS is read at every read: set it, and the parts go to a pool of that many threads."""
+    monkeypatch.setattr(tensorfile, "_CHUNK", 64)
+    monkeypatch.setattr(tensorfile, "READ_THREADS", 3)
+    t = torch.arange(2000, dtype=torch.float32)
+    path = tmp_path / "a.safetensors"
+    tensorfile.write_file(path, {"t": t}, {})
+    assert torch.equal(tensorfile.read_tensors(path, ["t"], torch.device("cpu"))["t"], t)
+    assert tensorfile._POOLS[("read", 3)]._max_workers == 3

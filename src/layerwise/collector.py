@@ -24,7 +24,7 @@ import torch
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
-from .pinned import MIN_BYTES, SLAB_BYTES, PinnedPool, SharedBuffer
+from .pinned import PinnedPool, SharedBuffer, slab_for
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class Collector:
         self._extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
         gpu = torch.cuda.is_available()
         # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
-        slab = min(SLAB_BYTES, pinned_budget_bytes // 16)  # 64 MiB of the default 4 GiB
-        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu, slab_bytes=slab if slab >= MIN_BYTES else 0) \
+        self.pool = PinnedPool(pinned_budget_bytes, pin=gpu, slab_bytes=slab_for(pinned_budget_bytes)) \
             if gpu or copy_host_tensors else None
         self._copy_host = copy_host_tensors
         self._streams: dict[torch.device, torch.cuda.Stream] = {}

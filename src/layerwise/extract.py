@@ -68,7 +68,7 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
 
 def pin_ahead(options: ExtractOptions) -> None:
     """Pin the capture's first host buffers in the background while the model loads (a GPU only)."""
-    pinned.reserve(min(pinned.RESERVE_BYTES, int(options.pinned_budget_gib * 2**30)))
+    pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 
 def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):

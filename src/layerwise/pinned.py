@@ -26,20 +26,29 @@ _RESERVE: list[torch.Tensor] = []  # slabs pinned ahead, taken by the next pool 
 _RESERVE_LOCK = threading.Lock()
 
 
-def reserve(total_bytes: int = RESERVE_BYTES) -> threading.Thread | None:
-    """Pin slabs in the background until the process holds `total_bytes` of them (None: there is
-    no GPU, nothing to pin). Pinning costs about a second per GB, which a capture would otherwise
-    pay on the forward thread at its first flushes; started before a model loads, it is paid
-    while the loading waits for the disk."""
-    if not torch.cuda.is_available():
+def slab_for(budget_bytes: int) -> int:
+    """The slab size of a pool of `budget_bytes`: a sixteenth of it, at most SLAB_BYTES (64 MiB of
+    the default 4 GiB); 0 (powers of two only) when that is under MIN_BYTES."""
+    slab = min(SLAB_BYTES, budget_bytes // 16)
+    return slab if slab >= MIN_BYTES else 0
+
+
+def reserve(budget_bytes: int) -> threading.Thread | None:
+    """Pin SLAB_BYTES slabs in the background, for the pool of a capture of `budget_bytes`, until
+    the process holds min(RESERVE_BYTES, budget) of them. None: nothing to pin (no GPU, or a
+    budget whose pool would not use slabs of that size). Pinning costs about a second per GB,
+    which a capture would otherwise pay on the forward thread at its first flushes; started
+    before a model loads, it is paid while the loading waits for the disk."""
+    if not torch.cuda.is_available() or slab_for(budget_bytes) != SLAB_BYTES:
+        return None
+    with _RESERVE_LOCK:
+        missing = min(RESERVE_BYTES, budget_bytes) // SLAB_BYTES - len(_RESERVE)
+    if missing <= 0:
         return None
 
-    def work():
+    def work():  # a fixed count: slabs taken meanwhile by a pool are not pinned again
         with torch.inference_mode(False):
-            while True:
-                with _RESERVE_LOCK:
-                    if len(_RESERVE) * SLAB_BYTES >= total_bytes:
-                        return
+            for _ in range(missing):
                 slab = torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=True)
                 with _RESERVE_LOCK:
                     _RESERVE.append(slab)

@@ -260,8 +260,9 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
 def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, tracks: list[_Track], targets,
                 options: ReplayOptions, factory: Callable | None) -> tuple[float, int, tuple[bool | None, float]]:
     """Each layer once, loaded alone, over every batch of every track; layer K+1 is read while
-    layer K is built and computes. Returns the seconds spent reading and building layers (overlapped with
-    compute), the bytes read and (bit-identical, floor rel_l2) of the determinism check."""
+    layer K is built and computes. Returns the seconds spent reading and building layers
+    (overlapped with compute), the bytes read and (bit-identical, floor rel_l2) of the
+    determinism check; the phases' seconds go into the tracks' stats (Timings)."""
     load_seconds, bytes_read = 0.0, 0
     determinism: tuple[bool | None, float] = (None, 0.0)
     clock = Timings()

@@ -45,7 +45,7 @@ _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
 READ_THREADS = 4  # threads reading the parts of one large read side by side
-_POOLS: dict[str, ThreadPoolExecutor] = {}  # the shared "read" and "hash" pools, made on first use
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}  # the shared "read" and "hash" pools, by size
 _POOLS_LOCK = threading.Lock()
 
 
@@ -171,7 +171,8 @@ def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str
         for part in parts:
             _read_part(str(path), part, device, after, inference)
     else:
-        futures = [_shared_pool("read", READ_THREADS).submit(_read_part, str(path), part, device, after, inference) for part in parts]
+        pool = _shared_pool("read", READ_THREADS)
+        futures = [pool.submit(_read_part, str(path), part, device, after, inference) for part in parts]
         for future in futures:
             future.result()
     return out
@@ -253,11 +254,12 @@ def _read_pieces(path: str, pieces: list, device: torch.device, after) -> None:
 
 
 def _shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
-    """The process's pool `name` ("read", "hash"), made with `workers` threads on first use."""
+    """The process's pool `name` ("read", "hash") of `workers` threads, made on first use (a
+    changed READ_THREADS or HASH_WORKERS gets a pool of its own size)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(name)
+        pool = _POOLS.get((name, workers))
         if pool is None:
-            pool = _POOLS[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"layerwise-{name}")
+            pool = _POOLS[name, workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"layerwise-{name}")
         return pool
 
 
