@@ -147,10 +147,11 @@ class Bench:
             isolated = manifest(self.work / name / "isolated")
             stats = isolated["stats"]
             seconds = max(r["seconds"] for r in stats["ranks"]) if "ranks" in stats else stats["seconds"]
-            phases = ("read_wait_seconds", "build_seconds", "compute_seconds", "chain_wait_seconds", "send_wait_seconds")
+            kept = ("rank", "seconds", "timeline", "timeline_origin_unix")  # and every phase's *_seconds
             out[name] = {"seconds": seconds, "wall_s": wall, "load_s": stats.get("load_seconds"),
                          "determinism": isolated.get("determinism"),
-                         "phases": [{k: r.get(k) for k in phases} for r in stats.get("ranks", [stats])]}
+                         "phases": [{k: v for k, v in r.items() if k in kept or k.endswith("_seconds")}
+                                    for r in stats.get("ranks", [stats])]}
         same = {kind: equal_runs(self.work / "test1" / kind, self.work / "testN" / kind) for kind in ("isolated", "chained")}
         self.drop(self.work / "test1", self.work / "testN")
         return {"one_s": out["test1"]["seconds"], "ranks_s": out["testN"]["seconds"],

@@ -166,6 +166,13 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     ranks = json.loads((tmp_path / "dp" / "isolated" / "manifest.json").read_text())["stats"]["ranks"]
     assert all(r["build_seconds"] > 0 and r["compute_seconds"] > 0 and "read_wait_seconds" in r for r in ranks), ranks
     assert all("chain_wait_seconds" in r for r in ranks[1:]), ranks  # ranks 1 and 2 receive the chain
+    dealt = [{layer for phase, layer, _, _ in r["timeline"] if phase == "build"} for r in ranks]
+    assert dealt == [{0, 3}, {1}, {2}], dealt  # each rank's timeline names its own layers
+    # on one clock (the ranks' unix origins), the chain runs layer after layer across the ranks
+    chain = sorted((r["timeline_origin_unix"] + start, r["timeline_origin_unix"] + end, layer)
+                   for r in ranks for phase, layer, start, end in r["timeline"] if phase == "chain")
+    assert [layer for _, _, layer in chain] == [0, 1, 2, 3], chain
+    assert all(later[0] > earlier[1] - 0.01 for earlier, later in zip(chain, chain[1:])), chain
     assert done.stdout.count("isolated: each layer fed the reference's recorded input") == 1
 
 

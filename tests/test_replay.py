@@ -57,6 +57,14 @@ def test_multi_range_chains_from_first_layer(tmp_path, minimax_fp32_ref):
     assert_identical(minimax_fp32_ref, run)
     stats = run.manifest["stats"]  # where the time went, by phase of the schedule's thread
     assert stats["build_seconds"] > 0 and stats["compute_seconds"] > 0 and stats["read_wait_seconds"] >= 0, stats
+    # and when, per layer: every layer read (on the reader thread), waited for, built and computed
+    timeline = stats["timeline"]
+    assert {(phase, layer) for phase, layer, _, _ in timeline} == {
+        (phase, layer) for phase in ("read", "read_wait", "build", "compute") for layer in (1, 2)}, timeline
+    assert all(0 <= start <= end for _, _, start, end in timeline) and stats["timeline_origin_unix"] > 1.7e9
+    spans = {(phase, layer): (start, end) for phase, layer, start, end in timeline}
+    assert spans[("read", 1)][1] <= spans[("build", 1)][0] and spans[("build", 1)][1] <= spans[("compute", 1)][0]
+    assert spans[("read", 2)][0] <= spans[("build", 1)][1]  # layer 2's read began before layer 1 was built
 
 
 @pytest.mark.slow

@@ -76,20 +76,20 @@ class _Stage:
         self.check_determinism = False
         self.determinism: tuple[bool | None, float] = (None, 0.0)
         self.load_seconds, self.bytes_read = 0.0, 0
-        self.clock = Timings()  # read_wait, build, compute, chain_wait (receiving), send_wait
+        self.clock = Timings()  # read_wait, build, compute, chain (computing it), chain_wait (receiving), send_wait
 
     def run(self, layers: list[int], owner: dict[int, int]) -> None:
         mine = [k for k in layers if owner[k] == self.ranks.rank]
         if not mine:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-            pending = reader.submit(self.source.read, mine[0])
+            pending = reader.submit(self.clock.timed, "read", mine[0], self.source.read, mine[0])
             for n, index in enumerate(mine):
-                with self.clock("read_wait"):
+                with self.clock("read_wait", index):
                     weights = pending.result()
                 if n + 1 < len(mine):  # read while this one is built and run
-                    pending = reader.submit(self.source.read, mine[n + 1])
-                with self.clock("build"):
+                    pending = reader.submit(self.clock.timed, "read", mine[n + 1], self.source.read, mine[n + 1])
+                with self.clock("build", index):
                     item = self._build(weights)
                 del weights
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
@@ -99,7 +99,7 @@ class _Stage:
                         i = layers.index(index)
                         self._chained(item, owner[layers[i - 1]] if i else None,
                                       owner[layers[i + 1]] if i + 1 < len(layers) else None)
-                    with self.clock("compute"):
+                    with self.clock("compute", index):
                         self._isolated(item)
                 del item
         with self.clock("send_wait"):
@@ -120,7 +120,9 @@ class _Stage:
         """The determinism check, on the first layer of the test only (rank 0's)."""
         if self.check_determinism:
             loaded, module, path, who = item
-            self.determinism = determinism(self.run_, loaded, module, path, self.batches[0], self.source, who)
+            with self.clock("determinism", loaded.index):
+                self.determinism = determinism(self.run_, loaded, module, path, self.batches[0], self.source,
+                                               who)
             self.check_determinism = False
 
     def _isolated(self, item) -> None:
@@ -144,15 +146,15 @@ class _Stage:
         if source is None:
             inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
         else:
-            with self.clock("chain_wait"):
+            with self.clock("chain_wait", loaded.index):
                 inputs = [self.ranks.recv(source, device) for _ in self.batches]
         mine = [t for t in self.targets if t.group == path]
-        with self.clock("compute"):
+        with self.clock("chain", loaded.index):
             outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
                                  str(device), who)[0] for batch, x in zip(self.batches, inputs)]
         del inputs
         if destination is not None:
-            with self.clock("send_wait"):
+            with self.clock("send_wait", loaded.index):
                 self.ranks.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
             for y in outputs:
                 self.ranks.send(y, destination)

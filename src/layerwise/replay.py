@@ -267,19 +267,19 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     determinism: tuple[bool | None, float] = (None, 0.0)
     clock = Timings()
     with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-        pending = reader.submit(source.read, layers[0])
+        pending = reader.submit(clock.timed, "read", layers[0], source.read, layers[0])
         for i, index in enumerate(layers):
-            with clock("read_wait"):
+            with clock("read_wait", index):
                 weights = pending.result()
             if i + 1 < len(layers):  # layer K+1 is read while K is built and run: at most ~3 layers resident
-                pending = reader.submit(source.read, layers[i + 1])
-            with clock("build"):
+                pending = reader.submit(clock.timed, "read", layers[i + 1], source.read, layers[i + 1])
+            with clock("build", index):
                 loaded = source.build(weights)
             weights.tensors.clear()  # the raw tensors go now (built K, raw K+1 being read)
             del weights
             load_seconds += loaded.seconds
             bytes_read += loaded.bytes_read
-            with clock("compute"):
+            with clock("compute", index):
                 checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks,
                                       targets, options, factory)
             determinism = checked or determinism
@@ -313,23 +313,43 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
 
 
 class Timings:
-    """Seconds the schedule's own thread spent per phase (`with clock("build"): ...`), written into
-    every track's manifest stats as `<phase>_seconds`: where a layer test's time went."""
+    """Seconds the schedule spent per phase (`with clock("build", layer): ...`), written into every
+    track's manifest stats as `<phase>_seconds`: where a layer test's time went. With the layer,
+    each interval also goes into the stats' `timeline` as [phase, layer, start, end] (seconds
+    since the schedule began, at `timeline_origin_unix`): which layer waited on what, and when. `timed` runs a call on
+    another thread (the layer reader) into the timeline, not into the phase totals."""
 
     def __init__(self):
+        self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
         self.seconds: dict[str, float] = {}
+        self.timeline: list[list] = []
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str, layer: int | None = None):
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            end = time.perf_counter()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
+            self._mark(phase, layer, start, end)
+
+    def timed(self, phase: str, layer: int, call, *args):
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._mark(phase, layer, start, time.perf_counter())
+
+    def _mark(self, phase: str, layer: int | None, start: float, end: float) -> None:
+        if layer is not None:  # list.append: one call under the GIL, safe from the reader thread
+            self.timeline.append([phase, layer, round(start - self.origin, 4), round(end - self.origin, 4)])
 
     def into(self, tracks) -> None:
         for track in tracks:
             track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
+            track.recording.timings["timeline"] = sorted(self.timeline, key=lambda e: e[2])
+            track.recording.timings["timeline_origin_unix"] = round(self.origin_unix, 4)
 
 
 def resolve_settings(run: Run, options: ReplayOptions) -> dict:
