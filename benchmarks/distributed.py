@@ -14,6 +14,9 @@ token ids. Everything then runs through the real command line: `layerwise ...` f
            (manifest stats, the slowest rank), the speed-up, both runs bit-identical
   read     every layer's weights from the page cache onto GPU 0 with 1, 4 and 8 reading
            threads (what the layer test reads): GB/s
+  write    the one-process extract's bytes written to the page cache by 1 process, then by N side
+           by side (layerwise's file writer and digests): GB/s, the floor of the data-parallel
+           extract on this machine
   tp       `extract --tp` over the N ranks (transformers' tp_plan="auto") against the one-process
            run: per layer the attention output's rel_l2, the MoE output's rel_l2 and the routing
            flips (`layerwise compare --json`)
@@ -181,6 +184,27 @@ class Bench:
             tensorfile.READ_THREADS = before
         return {"gb": size / 1e9, "gbps_by_threads": best, "default_threads": before}
 
+    def part_write(self, one: dict) -> dict:
+        """The extract's bytes written to the page cache by 1 process, then by N side by side (each
+        its share, in files of the extract's size, through layerwise's writer and digests): GB/s
+        of all together, the floor of a data-parallel extract on this machine."""
+        total, size = one["stats"]["bytes"], one["stats"]["bytes"] // (self.args.prompts * self.args.layers)
+        out = {"gb": total / 1e9, "file_mb": size / 1e6}
+        for procs in (1, self.ranks):
+            start = time.time() + (4 if self.args.tiny else 15)  # every process has imported torch by then
+            spans = []
+            workers = [subprocess.Popen([sys.executable, __file__, "--write-worker",
+                                         f"{total // procs},{size},{self.work / f'write{p}'},{start}"],
+                                        env=self.env, stdout=subprocess.PIPE, text=True) for p in range(procs)]
+            for w in workers:
+                spans.append(json.loads(w.communicate(timeout=self.args.command_timeout)[0].strip().splitlines()[-1]))
+            seconds = max(s["end"] for s in spans) - min(s["start"] for s in spans)
+            out[f"gbps_{procs}"] = sum(s["bytes"] for s in spans) / seconds / 1e9
+            for p in range(procs):
+                shutil.rmtree(self.work / f"write{p}", ignore_errors=True)
+            print(f"  written by {procs} process(es): {out[f'gbps_{procs}']:.2f} GB/s", flush=True)
+        return out
+
     def part_tp(self, one: dict) -> dict:
         wall = self.extract(self.ranks, self.work / "tp", "--tp")
         self.layerwise(1, "compare", self.work / "one", self.work / "tp", "--json", self.work / "tp.json", ok=(0, 1))
@@ -192,6 +216,29 @@ class Bench:
 
 
 REPEATED = ("extract", "test")  # the parts --repeat measures again (tp's numerics do not vary)
+
+
+def write_worker(spec: str) -> None:
+    """One process of the write part: BYTES in files of SIZE into DIR from unix time START, on
+    the writer's thread count; prints its start, end and bytes as JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from layerwise import tensorfile
+
+    total, size, where, start = spec.split(",")
+    data, where = torch.randint(0, 256, (int(size),), dtype=torch.uint8), Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> None:
+        tmp = where / f".{i}.tmp"
+        tensorfile.write_file(tmp, {"x": data}, {})
+        os.replace(tmp, where / f"{i}.safetensors")
+
+    time.sleep(max(0.0, float(start) - time.time()))
+    t0, files = time.time(), max(1, int(total) // int(size))
+    with ThreadPoolExecutor(runs.writer_threads()) as pool:
+        list(pool.map(write, range(files)))
+    print(json.dumps({"start": t0, "end": time.time(), "bytes": files * int(size)}), flush=True)
 
 
 def summary(rounds: list[dict]) -> dict:
@@ -258,6 +305,11 @@ def table(results: dict) -> str:
             spread = p["speedup_spread"]
             lines.append(f"{'':28} {len(p['rounds'])} rounds: {each}; speed-up min / median / max "
                          f"{spread['min']:.2f}x / {spread['median']:.2f}x / {spread['max']:.2f}x")
+    write = results["parts"].get("write")
+    if write is not None and "error" not in write:
+        both = write["gbps_%d" % s["ranks"]]
+        lines += ["", f"the extract's {write['gb']:.1f} GB to the page cache ({write['file_mb']:.0f} MB files), GB/s: "
+                  f"1 process {write['gbps_1']:.2f}, {s['ranks']} side by side {both:.2f}"]
     read = results["parts"].get("read")
     if read is not None and "error" not in read:
         speeds = ", ".join(f"{n} thread(s) {v:.2f}" for n, v in read["gbps_by_threads"].items())
@@ -281,13 +333,16 @@ def _sci(x) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--write-worker"]:
+        write_worker(sys.argv[2])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--ranks", type=int, default=max(2, torch.cuda.device_count()))
-    ap.add_argument("--parts", default="extract,test,tp", help="which parts, comma list of extract,test,tp,read")
+    ap.add_argument("--parts", default="extract,test,tp", help="which parts, comma list of extract,test,tp,read,write")
     ap.add_argument("--dir", default="/tmp/lw-dist-ckpt", help="the synthetic checkpoint (kept for a rerun)")
     ap.add_argument("--work", default="/tmp/lw-dist-work", help="prompts and runs (GBs; not $OUT)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))

@@ -100,12 +100,14 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "distributed").main(
         ["--tiny", "--layers", "4", "--prompts", "4", "--tokens", "16", "--batch-size", "1", "--ranks", "2",
          "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-         "--dist-timeout", "60", "--repeat", "2", "--parts", "extract,test,tp,read"])
+         "--dist-timeout", "60", "--repeat", "2", "--parts", "extract,test,tp,read,write"])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "distributed.json").read_text())
     assert len(data["parts"]["extract"]["rounds"]) == 2 and len(data["parts"]["test"]["rounds"]) == 2
     assert set(data["parts"]["read"]["gbps_by_threads"]) == {"1", "4", "8"}, data["parts"]["read"]
+    assert data["parts"]["write"]["gbps_1"] > 0 and data["parts"]["write"]["gbps_2"] > 0, data["parts"]["write"]
+    assert "2 side by side" in out and not list((tmp_path / "work").glob("write*"))
     assert "2 rounds:" in out and "tp" not in [k for k in data["parts"] if len(data["parts"][k].get("rounds", [])) > 1]
     assert data["parts"]["extract"]["bit_identical"] and data["parts"]["test"]["bit_identical"], data["parts"]
     assert data["parts"]["extract"]["speedup"] > 0 and data["parts"]["test"]["runs"]["testN"]["seconds"] > 0

@@ -154,10 +154,11 @@ def _isolation(path: Path) -> list:
 def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     """4 layers dealt over 3 ranks (0 and 3 to rank 0, 1 to rank 1, 2 to rank 2): the chain
     crosses a rank boundary at every layer and comes back to rank 0. bf16 candidates, so the
-    errors compared are not all zero."""
+    errors compared are not all zero. Rank 0 posts its first layer's outputs late, so rank 1 runs
+    isolated batches of its layer before its chain, and still every tensor is the same."""
     done = torchrun(tmp_path, "test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
                     "--dtype", "bf16", "--out", "dp", "--json", "dp.json",
-                    "--dist-timeout", TIMEOUT, nproc=3)
+                    "--dist-timeout", TIMEOUT, nproc=3, env={"LAYERWISE_TEST_LATE_POST": "0:2"})
     assert done.returncode in (0, 1), done.stderr[-3000:]
     for kind in ("isolated", "chained"):
         assert sha256s(tmp_path / "dp" / kind) == sha256s(work / "test1" / kind), kind
@@ -173,6 +174,11 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
                    for r in ranks for phase, layer, start, end in r["timeline"] if phase == "chain")
     assert [layer for _, _, layer in chain] == [0, 1, 2, 3], chain
     assert all(later[0] > earlier[1] - 0.01 for earlier, later in zip(chain, chain[1:])), chain
+    one = {(phase, layer): start for phase, layer, start, _ in ranks[1]["timeline"][::-1]}  # the first of each
+    assert one[("compute", 1)] < one[("chain", 1)], ranks[1]["timeline"]  # isolated work while the chain was late
+    assert [p for p, layer, _, _ in ranks[0]["timeline"] if layer == 0 and p in ("chain", "determinism")] == \
+        ["chain", "determinism"]  # rank 0 checks determinism after sending the chain on
+    assert all(any(p == "connect" for p, _, _, _ in r["timeline"]) for r in ranks)
     assert done.stdout.count("isolated: each layer fed the reference's recorded input") == 1
 
 

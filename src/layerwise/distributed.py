@@ -19,7 +19,7 @@ MASTER_ADDR and MASTER_PORT; `detect()` reads them (None: one process, nothing t
 
 `Session` is what the producers see (`session()`: the started one, else a one-rank session on
 which every collective is the identity): `share` assigns batches, `broadcast`, `gather`,
-`all_gather`, `agree`, `settle`, `main_first`, `send` / `recv`. Work is split, never re-batched:
+`all_gather`, `agree`, `settle`, `main_first` (chain.py carries tensors from rank to rank). Work is split, never re-batched:
 a rank computes whole batches (or whole layers) exactly as one process would.
 """
 
@@ -92,10 +92,6 @@ class DistOptions:
     keep_gpus: bool = False  # every rank sees every GPU of its node, bound to cuda:LOCAL_RANK (check)
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8,
-           torch.bool, torch.float8_e4m3fn)
-
-
 class Session:
     """The ranks of one job, as the producers use them. Without torchrun it is one rank, and every
     collective is the identity. Collectives raise RankFailed when another rank fails or does not
@@ -110,7 +106,6 @@ class Session:
         self._store = store
         self._lock = threading.Lock()
         self._claimed = False
-        self._sent: list = []  # (destination, works, tensors) of sends not yet known to have arrived
         self._failing, self._stopping = threading.Event(), threading.Event()
         self._watchdog: threading.Thread | None = None
         self._previous_sigterm = None
@@ -119,9 +114,16 @@ class Session:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def store(self):
+        """torchrun's key-value store, under layerwise's prefix (None on one rank)."""
+        return self._store
+
     # ---------------------------------------------------------------------------- collectives
     @contextmanager
-    def _guard(self, what: str):
+    def guard(self, what: str):
+        """torch.distributed's errors inside become RankFailed: one line naming the failed rank, or
+        what this rank was doing when another stopped answering."""
         try:
             yield
         except RankFailed:
@@ -142,7 +144,7 @@ class Session:
         import torch.distributed as dist
 
         box = [obj]
-        with self._guard("waiting for rank 0"):
+        with self.guard("waiting for rank 0"):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -152,7 +154,7 @@ class Session:
         import torch.distributed as dist
 
         out = [None] * self.world
-        with self._guard("exchanging with every rank"):
+        with self.guard("exchanging with every rank"):
             dist.all_gather_object(out, obj)
         return out
 
@@ -163,7 +165,7 @@ class Session:
         import torch.distributed as dist
 
         out = [None] * self.world if self.is_main else None
-        with self._guard("gathering every rank's results"):
+        with self.guard("gathering every rank's results"):
             dist.gather_object(obj, out, dst=0)
         return out
 
@@ -209,39 +211,6 @@ class Session:
     def share(self, weights: list[float]) -> list[int]:
         """The items (by index) this rank computes, the work balanced by `weights`."""
         return assign(weights, self.world)[self.rank]
-
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """A tensor to rank `dst`, bit for bit (its dtype and shape go first). It returns at once:
-        the sender goes on with its next work while `dst` is still busy with its own (a blocking
-        send would hold both ranks in step); `wait_sent` waits until everything sent has arrived."""
-        import torch.distributed as dist
-
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        header = torch.zeros(8, dtype=torch.int64)
-        header[:2 + tensor.dim()] = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape])
-        with self._guard(f"sending activations to {self.env.where(dst)}"):
-            self._sent.append((dst, [dist.isend(header, dst), dist.isend(data, dst)], (header, data)))
-
-    def wait_sent(self) -> None:
-        """Block until every tensor `send` handed over has reached its rank (the tensors stay
-        alive until then)."""
-        while self._sent:
-            dst, works, _ = self._sent[0]
-            with self._guard(f"sending activations to {self.env.where(dst)}"):
-                for work in works:
-                    work.wait()
-            self._sent.pop(0)
-
-    def recv(self, src: int, device) -> torch.Tensor:
-        import torch.distributed as dist
-
-        header = torch.empty(8, dtype=torch.int64)
-        with self._guard(f"waiting for activations from {self.env.where(src)}"):
-            dist.recv(header, src)
-            shape = header[2:2 + int(header[1])].tolist()
-            out = torch.empty(shape, dtype=_DTYPES[int(header[0])], device=device)
-            dist.recv(out.reshape(-1).view(torch.uint8), src)
-        return out
 
     # ---------------------------------------------------------------------------- failures
     def report_failure(self, message: str) -> bool:

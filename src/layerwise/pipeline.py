@@ -9,10 +9,15 @@ intents, every tensor bit for bit, each layer being the same computation on the 
   every batch as soon as the layer is built, while its next layer is being read.
 - chained: layer i needs layer i-1's output. The rank of layer i receives that output for every
   batch from the rank of layer i-1, runs layer i on it and sends its own output on to the rank of
-  layer i+1, before it runs the layer's isolated batches (the next rank waits for the chain, not
-  for those). Dealt round-robin, the N ranks read and build N consecutive layers at the same time,
-  so the chain keeps pace with them: a test takes about the time of reading and building 1/N of
-  the layers, plus the last layer's computation.
+  layer i+1 (chain.Link). Until that input is on its way the rank runs the layer's isolated
+  batches, one at a time; once it is, the chain goes first (the next rank waits for it), then the
+  isolated batches left. Dealt round-robin, the N ranks read and build N consecutive layers at
+  the same time, so the chain keeps pace with them: a test takes about the time of reading,
+  building and running 1/N of the layers.
+
+What one process pays once is kept off the chain's path: the connections between the ranks are
+opened while the first layer is read, and rank 0 checks determinism after it has sent the first
+layer's outputs on.
 
 Sends do not block: a rank hands its outputs over and goes on building its next layer while the
 receiver is still busy with its own (blocking sends held neighbouring ranks in step, so their
@@ -33,13 +38,15 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
+from .chain import Link
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
 from .rebatch import determinism, recorded_input
-from .replay import Timings, _candidate
+from .replay import _candidate
 from .sharding import deal
 from .streaming import run_layer
+from .timings import Timings, warm_device
 
 
 class Pipeline:
@@ -55,7 +62,9 @@ class Pipeline:
         """This rank's layers over every batch of every track. Returns the seconds spent loading
         and the bytes read (of every rank) and rank 0's determinism check."""
         owner = {layers[i]: r for r, dealt in enumerate(deal(len(layers), self.ranks.world)) for i in dealt}
-        stage = _Stage(self.ranks, run, source, batches, tracks, targets, options, factory)
+        chained = any(t.kind == "chained" for t in tracks)
+        link = Link(self.ranks, [(owner[a], owner[b]) for a, b in zip(layers, layers[1:])] if chained else [])
+        stage = _Stage(self.ranks, link, run, source, batches, tracks, targets, options, factory)
         stage.check_determinism = options.check_determinism and owner[layers[0]] == self.ranks.rank
         stage.run(layers, owner)
         stage.clock.into(tracks)
@@ -67,8 +76,9 @@ class Pipeline:
 class _Stage:
     """One rank's layers, read one ahead, each over every batch of every track."""
 
-    def __init__(self, ranks: Session, run, source: LayerSource, batches, tracks, targets, options, factory):
-        self.ranks = ranks
+    def __init__(self, ranks: Session, link: Link, run, source: LayerSource, batches, tracks, targets, options,
+                 factory):
+        self.ranks, self.link = ranks, link
         self.run_, self.source, self.batches, self.targets = run, source, batches, targets
         self.options, self.factory = options, factory
         self.isolated = next((t for t in tracks if t.kind == "isolated"), None)
@@ -84,6 +94,10 @@ class _Stage:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
             pending = reader.submit(self.clock.timed, "read", mine[0], self.source.read, mine[0])
+            with self.clock("connect", mine[0]):  # while the first layer is read
+                self.link.warm(self.source.device)
+            with self.clock("warm", mine[0]):
+                warm_device(self.source.device, self.source.dtype)
             for n, index in enumerate(mine):
                 with self.clock("read_wait", index):
                     weights = pending.result()
@@ -94,16 +108,26 @@ class _Stage:
                 del weights
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
                 with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
-                    self._first_twice(item)
-                    if self.chained is not None:  # first: the next layer's rank waits for it
-                        i = layers.index(index)
-                        self._chained(item, owner[layers[i - 1]] if i else None,
-                                      owner[layers[i + 1]] if i + 1 < len(layers) else None)
-                    with self.clock("compute", index):
-                        self._isolated(item)
+                    self._layer(item, layers, owner)
                 del item
         with self.clock("send_wait"):
-            self.ranks.wait_sent()
+            self.link.wait_sent()
+
+    def _layer(self, item, layers: list[int], owner: dict[int, int]) -> None:
+        """One built layer on both tracks: isolated batches until the chain's input is on its way,
+        then the chain (the next layer's rank waits for it), then the isolated batches left."""
+        index = item[0].index
+        todo = list(self.batches) if self.isolated is not None else []
+        if self.chained is not None:
+            i = layers.index(index)
+            source = owner[layers[i - 1]] if i else None
+            while source is not None and todo and not self.link.posted(layers[i - 1]):
+                with self.clock("compute", index):
+                    self._isolated(item, [todo.pop(0)])
+            self._chained(item, source, owner[layers[i + 1]] if i + 1 < len(layers) else None)
+        self._first_twice(item)
+        with self.clock("compute", index):
+            self._isolated(item, todo)
 
     def _build(self, weights):
         loaded = self.source.build(weights)
@@ -125,14 +149,12 @@ class _Stage:
                                                who)
             self.check_determinism = False
 
-    def _isolated(self, item) -> None:
-        """One layer over every batch on the reference's recorded inputs (needs no other rank)."""
-        if self.isolated is None:
-            return
+    def _isolated(self, item, batches) -> None:
+        """One layer over `batches` on the reference's recorded inputs (needs no other rank)."""
         loaded, module, path, who = item
         device, dtype = self.source.device, self.source.dtype
         mine = [t for t in self.targets if t.group == path]
-        for batch in self.batches:
+        for batch in batches:
             recorded = recorded_input(self.run_, path, batch, dtype, device)
             run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
                       str(device), who)
@@ -147,7 +169,7 @@ class _Stage:
             inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
         else:
             with self.clock("chain_wait", loaded.index):
-                inputs = [self.ranks.recv(source, device) for _ in self.batches]
+                inputs = [self.link.recv(source, device) for _ in self.batches]
         mine = [t for t in self.targets if t.group == path]
         with self.clock("chain", loaded.index):
             outputs = [run_layer(loaded, module, path, [batch], [x], self.chained.recording.collector, mine,
@@ -155,6 +177,7 @@ class _Stage:
         del inputs
         if destination is not None:
             with self.clock("send_wait", loaded.index):
-                self.ranks.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
+                self.link.wait_sent()  # the previous layer's outputs have arrived: one layer's in flight
             for y in outputs:
-                self.ranks.send(y, destination)
+                self.link.send(y, destination)
+            self.link.post(loaded.index)

@@ -52,6 +52,7 @@ from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
 from .rebatch import deterministic, determinism, recorded_input, recorded_points, reference_batches
 from .streaming import run_layer
+from .timings import Timings, warm_device
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,8 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     clock = Timings()
     with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
         pending = reader.submit(clock.timed, "read", layers[0], source.read, layers[0])
+        with clock("warm", layers[0]):  # while the first layer is read
+            warm_device(source.device, source.dtype)
         for i, index in enumerate(layers):
             with clock("read_wait", index):
                 weights = pending.result()
@@ -310,46 +313,6 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
             if track.kind == "chained":
                 track.carry = out
     return twice
-
-
-class Timings:
-    """Seconds the schedule spent per phase (`with clock("build", layer): ...`), written into every
-    track's manifest stats as `<phase>_seconds`: where a layer test's time went. With the layer,
-    each interval also goes into the stats' `timeline` as [phase, layer, start, end] (seconds
-    since the schedule began, at `timeline_origin_unix`): which layer waited on what, and when. `timed` runs a call on
-    another thread (the layer reader) into the timeline, not into the phase totals."""
-
-    def __init__(self):
-        self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
-        self.seconds: dict[str, float] = {}
-        self.timeline: list[list] = []
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str, layer: int | None = None):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            end = time.perf_counter()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
-            self._mark(phase, layer, start, end)
-
-    def timed(self, phase: str, layer: int, call, *args):
-        start = time.perf_counter()
-        try:
-            return call(*args)
-        finally:
-            self._mark(phase, layer, start, time.perf_counter())
-
-    def _mark(self, phase: str, layer: int | None, start: float, end: float) -> None:
-        if layer is not None:  # list.append: one call under the GIL, safe from the reader thread
-            self.timeline.append([phase, layer, round(start - self.origin, 4), round(end - self.origin, 4)])
-
-    def into(self, tracks) -> None:
-        for track in tracks:
-            track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
-            track.recording.timings["timeline"] = sorted(self.timeline, key=lambda e: e[2])
-            track.recording.timings["timeline_origin_unix"] = round(self.origin_unix, 4)
 
 
 def resolve_settings(run: Run, options: ReplayOptions) -> dict:

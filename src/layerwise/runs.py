@@ -57,6 +57,11 @@ def group_file(prompt: int, group: str) -> str:
 
 # ------------------------------------------------------------------------------------- writing
 
+def writer_threads() -> int:
+    """A run writer's default thread count: one per core, 2 to 8."""
+    return max(2, min(8, (os.cpu_count() or 2)))
+
+
 class RunWriter:
     """Streams tensor files into a run directory; `finish` writes the manifest last.
 
@@ -69,7 +74,7 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
                  threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
-        threads = threads or max(2, min(8, (os.cpu_count() or 2)))
+        threads = threads or writer_threads()
         self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run
         self._replaced: Path | None = None  # the old run's directory, when the new one is written beside it
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent

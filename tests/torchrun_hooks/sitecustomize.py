@@ -5,6 +5,8 @@ through PYTHONPATH; nothing here runs unless a test sets these variables:
   computed, kills itself (SIGKILL: no chance to report), hangs (to be ended by the timeout) or
   fails with a UserError of its own (a full disk, say).
 - LAYERWISE_TEST_GPUS=N: torch.cuda.device_count() says N (a node whose GPUs the ranks do not divide).
+- LAYERWISE_TEST_LATE_POST=R:S: rank R posts that a layer's chained outputs are on their way S
+  seconds after sending them (the next rank meanwhile runs its isolated batches).
 """
 
 import os
@@ -29,3 +31,16 @@ if os.environ.get("LAYERWISE_TEST_GPUS"):
     import torch
 
     torch.cuda.device_count = lambda: int(os.environ["LAYERWISE_TEST_GPUS"])
+
+if os.environ.get("LAYERWISE_TEST_LATE_POST", ":").split(":")[0] == os.environ.get("RANK"):
+    import time
+
+    from layerwise import chain
+
+    _post = chain.Link.post
+
+    def _late_post(self, layer):
+        time.sleep(float(os.environ["LAYERWISE_TEST_LATE_POST"].split(":")[1]))
+        _post(self, layer)
+
+    chain.Link.post = _late_post

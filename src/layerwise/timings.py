@@ -1,0 +1,67 @@
+"""Where a layer test's time goes, and what a process pays once on a GPU, paid early.
+
+`Timings` is a layer test's clock (replay._run_layers, pipeline._Stage): seconds per phase, and
+per layer a timeline, into the runs' manifest stats. `warm_device` makes what the first forward
+pass on a GPU would otherwise make on the test's path (cuBLAS's handle and workspace, the capture's
+first pinned host buffers) while the first layer is still being read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from . import pinned
+from .collector import PINNED_BUDGET_BYTES
+
+
+class Timings:
+    """Seconds the schedule spent per phase (`with clock("build", layer): ...`), written into every
+    track's manifest stats as `<phase>_seconds`: where a layer test's time went. With the layer,
+    each interval also goes into the stats' `timeline` as [phase, layer, start, end] (seconds
+    since the schedule began, at `timeline_origin_unix`): which layer waited on what, and when.
+    `timed` runs a call on another thread (the layer reader) into the timeline only."""
+
+    def __init__(self):
+        self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
+        self.seconds: dict[str, float] = {}
+        self.timeline: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str, layer: int | None = None):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
+            self._mark(phase, layer, start, end)
+
+    def timed(self, phase: str, layer: int, call, *args):
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._mark(phase, layer, start, time.perf_counter())
+
+    def _mark(self, phase: str, layer: int | None, start: float, end: float) -> None:
+        if layer is not None:  # list.append: one call under the GIL, safe from the reader thread
+            self.timeline.append([phase, layer, round(start - self.origin, 4), round(end - self.origin, 4)])
+
+    def into(self, tracks) -> None:
+        for track in tracks:
+            track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
+            track.recording.timings["timeline"] = sorted(self.timeline, key=lambda e: e[2])
+            track.recording.timings["timeline_origin_unix"] = round(self.origin_unix, 4)
+
+
+def warm_device(device: torch.device, dtype: torch.dtype) -> None:
+    """On a GPU: pin the capture's first host buffers in the background (pinned.reserve) and run
+    one small matrix product (cuBLAS's handle and workspace are made on the first one)."""
+    if device.type != "cuda":
+        return
+    pinned.reserve(PINNED_BUDGET_BYTES)
+    square = torch.ones(256, 256, device=device, dtype=dtype)
+    torch.matmul(square, square).sum().item()
