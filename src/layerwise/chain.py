@@ -9,9 +9,10 @@ bit, from the rank that computed them to the rank of the next layer (pipeline.py
 - `post(layer)` after sending a layer's outputs, `posted(layer)` on the receiver: a mark in
   torchrun's store that never blocks, so a rank waiting for the chain can do other work until its
   input is on the way (a gloo receive cannot be polled: it completes only inside `wait`).
-- `warm(device)` opens every pair's connection (NCCL makes one per pair on its first send, which
-  takes about half a second) while the first layer is still being read, instead of on the chain's
-  path. The pairs are taken in one global order, so no two ranks wait on each other.
+- `warm(device)` opens every pair's connection, both ways, while the first layer is still being
+  read, instead of on the chain's path: on 2 H200s NCCL took 0.6-1.1 s to connect a pair on its
+  first send, and 0.9 s more for the first send back. The pairs are taken in one global order,
+  so no two ranks wait on each other.
 
 Every wait is under the session's timeout: a rank that dies makes the others fail, never hang.
 """
@@ -40,19 +41,22 @@ class Link:
         self._sent: list = []  # (destination, works, tensors) of sends not yet known to have arrived
 
     def warm(self, device) -> None:
-        """One tiny message over every pair this rank is in (the lower rank sends), in the pairs'
-        global order: the smallest unfinished pair always has both its ranks at it."""
+        """A tiny message each way over every pair this rank is in (NCCL connects each direction
+        on its first use), in the pairs' global order: the smallest unfinished pair always has
+        both its ranks at it. The lower rank sends first."""
         import torch.distributed as dist
 
         for low, high in self.pairs:
             if self.ranks.rank not in (low, high):
                 continue
+            other = high if self.ranks.rank == low else low
             probe = torch.zeros(1, dtype=torch.uint8, device=device)
-            with self.ranks.guard(f"connecting to {self.ranks.env.where(high if self.ranks.rank == low else low)}"):
-                if self.ranks.rank == low:
-                    dist.isend(probe, high).wait()
-                else:
-                    dist.recv(probe, low)
+            with self.ranks.guard(f"connecting to {self.ranks.env.where(other)}"):
+                for sender in (low, high):
+                    if self.ranks.rank == sender:
+                        dist.isend(probe, other).wait()
+                    else:
+                        dist.recv(probe, other)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """A tensor to rank `dst`, bit for bit. It returns at once: the sender goes on with its next

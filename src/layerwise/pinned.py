@@ -21,7 +21,8 @@ import torch
 
 SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
 MIN_BYTES = 1 << 16
-RESERVE_BYTES = 2**30  # pinned ahead, while a model loads, by `reserve`
+RESERVE_BYTES = 4 * 2**30  # pinned ahead by `reserve`: all of the default budget (1 GiB left 0.3-0.6 s of
+# pinning on the forward thread of a 6 GB recording on an H200, where the pool's peak was 1.5-2.6 GB)
 _RESERVE: list[torch.Tensor] = []  # slabs pinned ahead, taken by the next pool that needs one
 _RESERVE_LOCK = threading.Lock()
 
