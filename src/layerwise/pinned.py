@@ -21,8 +21,10 @@ import torch
 
 SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
 MIN_BYTES = 1 << 16
-RESERVE_BYTES = 4 * 2**30  # pinned ahead by `reserve`: all of the default budget (1 GiB left 0.3-0.6 s of
-# pinning on the forward thread of a 6 GB recording on an H200, where the pool's peak was 1.5-2.6 GB)
+# Pinned ahead by `reserve`. The whole default budget (4 GiB) was tried on 2 H200s: it took the
+# 0.2-0.6 s of pinning off the forward thread of a 6 GB recording, but the recordings were no
+# faster (the pool then filled its budget and waited for the writer), so 1 GiB it stays.
+RESERVE_BYTES = 2**30
 _RESERVE: list[torch.Tensor] = []  # slabs pinned ahead, taken by the next pool that needs one
 _RESERVE_LOCK = threading.Lock()
 
