@@ -254,6 +254,21 @@ def test_a_rank_that_dies_leaves_nothing_complete_and_a_rerun_resumes(work, tmp_
     assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
 
 
+def test_a_rank_that_dies_in_the_chain_of_a_layer_test(work, tmp_path):
+    """Rank 1 is killed as it hands layer 1 on; rank 0, waiting for that layer's outputs (or
+    polling for them between isolated batches), ends in one line, exit 1, no hang, no manifest."""
+    done = torchrun(tmp_path, "test", MODEL, "--reference", work / "ref", "--test-type", "single", "--layer", "all",
+                    "--out", "dp", "--dist-timeout", TIMEOUT, timeout=150,
+                    env={"LAYERWISE_TEST_FAULT": "die", "LAYERWISE_TEST_RANK": "1", "LAYERWISE_TEST_FAULT_AT": "chain"})
+    assert done.returncode != 0
+    lines = error_lines(done.stderr)
+    # rank 0 names rank 1, or (when torchrun's SIGTERM comes first) says so, and torchrun's own report
+    # names rank 1 as the root cause
+    assert len(lines) == 1 and ("rank 1" in lines[0] or "stopped by SIGTERM" in lines[0]), done.stderr[-3000:]
+    assert "rank      : 1" in done.stderr or "rank 1" in lines[0]
+    assert not any((tmp_path / "dp" / kind / "manifest.json").exists() for kind in ("isolated", "chained"))
+
+
 def test_a_rank_that_fails_is_reported_by_rank_0(work, tmp_path):
     done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
                     "--dist-timeout", TIMEOUT, env={"LAYERWISE_TEST_FAULT": "fail", "LAYERWISE_TEST_RANK": "1"})

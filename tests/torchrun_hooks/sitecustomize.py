@@ -3,7 +3,8 @@ through PYTHONPATH; nothing here runs unless a test sets these variables:
 
 - LAYERWISE_TEST_FAULT=die|hang|fail with LAYERWISE_TEST_RANK=R: rank R, once its batches are
   computed, kills itself (SIGKILL: no chance to report), hangs (to be ended by the timeout) or
-  fails with a UserError of its own (a full disk, say).
+  fails with a UserError of its own (a full disk, say). With LAYERWISE_TEST_FAULT_AT=chain it
+  does so in a layer test, when it marks its first chained outputs as sent.
 - LAYERWISE_TEST_GPUS=N: torch.cuda.device_count() says N (a node whose GPUs the ranks do not divide).
 - LAYERWISE_TEST_LATE_POST=R:S: rank R posts that a layer's chained outputs are on their way S
   seconds after sending them (the next rank meanwhile runs its isolated batches).
@@ -25,7 +26,12 @@ if os.environ.get("LAYERWISE_TEST_FAULT") and os.environ.get("RANK") == os.envir
 
         time.sleep(3600)
 
-    recording.Recording.close_capture = _fault
+    if os.environ.get("LAYERWISE_TEST_FAULT_AT") == "chain":  # a layer test, as it hands its first layer on
+        from layerwise import chain
+
+        chain.Link.post = lambda self, layer: _fault(self)
+    else:
+        recording.Recording.close_capture = _fault
 
 if os.environ.get("LAYERWISE_TEST_GPUS"):
     import torch
