@@ -305,6 +305,8 @@ def table(results: dict) -> str:
             spread = p["speedup_spread"]
             lines.append(f"{'':28} {len(p['rounds'])} rounds: {each}; speed-up min / median / max "
                          f"{spread['min']:.2f}x / {spread['median']:.2f}x / {spread['max']:.2f}x")
+        if name == "test":
+            lines += phase_lines(p)
     write = results["parts"].get("write")
     if write is not None and "error" not in write:
         both = write["gbps_%d" % s["ranks"]]
@@ -326,6 +328,20 @@ def table(results: dict) -> str:
                 lines.append(f"{r['layer']:>6} {_sci(r.get('attn_rel_l2')):>12} {_sci(r.get('moe_rel_l2')):>11} "
                              f"{r.get('flips', '-')!s:>6} / {r.get('tokens', '-')!s:<7}")
     return "\n".join(lines)
+
+
+def phase_lines(part: dict) -> list[str]:
+    """The median round's layer tests, per process: seconds per phase and, on ranks, when the
+    first chained outputs were out (from the manifests' timelines)."""
+    lines = []
+    for name in ("test1", "testN"):
+        for r in part["runs"][name].get("phases", []):
+            chain = [end for phase, _, _, end in r.get("timeline", []) if phase == "chain"]
+            spent = ", ".join(f"{k.removesuffix('_seconds')} {v:.2f}" for k, v in sorted(r.items())
+                              if k.endswith("_seconds"))
+            first = f"; first chain out at {min(chain):.2f} s" if chain else ""
+            lines.append(f"{'':28} {name} rank {r.get('rank') or 0}: {spent}{first}")
+    return lines
 
 
 def _sci(x) -> str:

@@ -2,6 +2,7 @@
 that breaks a benchmark fails here, not in a GPU session."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     assert set(data["parts"]["read"]["gbps_by_threads"]) == {"1", "4", "8"}, data["parts"]["read"]
     assert data["parts"]["write"]["gbps_1"] > 0 and data["parts"]["write"]["gbps_2"] > 0, data["parts"]["write"]
     assert "2 side by side" in out and not list((tmp_path / "work").glob("write*"))
+    assert re.search(r"testN rank 1: .*build \d.*chain_wait \d.*; first chain out at \d", out), out
     assert "2 rounds:" in out and "tp" not in [k for k in data["parts"] if len(data["parts"][k].get("rounds", [])) > 1]
     assert data["parts"]["extract"]["bit_identical"] and data["parts"]["test"]["bit_identical"], data["parts"]
     assert data["parts"]["extract"]["speedup"] > 0 and data["parts"]["test"]["runs"]["testN"]["seconds"] > 0
