@@ -7,6 +7,7 @@
 import sys
 
 from layerwise.cli import main
+from layerwise.distributed import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(["check", *sys.argv[1:]]))
+    exit_process(main(["check", *sys.argv[1:]]))

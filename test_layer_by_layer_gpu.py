@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from layerwise.cli import main
+from layerwise.distributed import exit_process
 from layerwise.zoo import DEFAULT_MODEL
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "混合专家模型的路由器"]
@@ -45,4 +46,4 @@ def translate(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(translate(sys.argv[1:])))
+    exit_process(main(translate(sys.argv[1:])))

@@ -93,9 +93,18 @@ def work(tmp_path_factory, tiny_minimax):
 
 
 def test_data_parallel_extract_equals_one_process(work, tmp_path):
+    """2 ranks write the one-process run, tensor for tensor, and each leaves the job for real: no
+    gloo thread is left as its process exits (the model's imports, after the process group
+    started, once kept the group alive, and a rank sometimes aborted in the interpreter's teardown
+    after a complete run)."""
+    threads = tmp_path / "threads"
+    threads.mkdir()
     done = torchrun(tmp_path, "extract", MODEL, "--out", "dp", "--prompts", work / "prompts.txt", *EXTRACT,
-                    "--dist-timeout", TIMEOUT)
+                    "--dist-timeout", TIMEOUT, env={"LAYERWISE_TEST_THREADS_AT_EXIT": str(threads)})
     assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        names = (threads / f"rank{rank}.txt").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], names
     assert done.stdout.count("wrote run dp: 5 prompts") == 1 and "2 ranks" in done.stdout  # rank 0 alone reports
     assert sha256s(tmp_path / "dp") == sha256s(work / "ref")
     assert_runs_equal(open_run(work / "ref"), open_run(tmp_path / "dp"))

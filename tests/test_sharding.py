@@ -133,3 +133,40 @@ def test_a_job_whose_other_ranks_never_come_fails_in_one_line(monkeypatch, capsy
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("layerwise: error: rank 0 could not join the other ranks at 127.0.0.1:") and "2 s" in err
     assert not (tmp_path / "r").exists()
+
+
+_EXIT_PROBE = """
+import atexit, concurrent.futures, sys, threading, time
+from layerwise import distributed
+
+out = sys.argv[1]
+distributed._joined = sys.argv[2] == "joined"
+concurrent.futures.ThreadPoolExecutor(1).submit(lambda: None).result()  # an idle worker, as the readers leave
+threading.Thread(target=lambda: (time.sleep(0.3), open(out + "/thread", "w").write("done"))).start()
+atexit.register(lambda: open(out + "/atexit", "w").write("ran"))
+
+
+class Teardown:
+    def __del__(self, open=open, path=out + "/teardown"):  # the builtins may be gone by then
+        open(path, "w").write("ran")
+
+
+mark = Teardown()  # freed only by the interpreter's teardown
+sys.stdout.write("buffered")  # no newline: still in the pipe's buffer
+distributed.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_exit_process_of_a_rank_skips_only_the_interpreters_teardown(tmp_path, joined):
+    """A process that joined a job ends as the interpreter's exit would (its threads joined, idle
+    executors included, the atexit functions run, the output flushed, the code kept), but without
+    the teardown in which a process group's thread can abort it; one that never joined exits as usual."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path), "joined" if joined else "single"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "buffered"), done.stderr
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "teardown").exists() is not joined

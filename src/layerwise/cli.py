@@ -251,6 +251,11 @@ COMMANDS = {"check": cmd_check, "plan": cmd_plan, "load": cmd_load, "extract": c
             "compare": cmd_compare, "test": cmd_test}
 
 
+def entry() -> None:
+    """The `layerwise` program (and `python -m layerwise`): main's code is the process's exit code."""
+    distributed.exit_process(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         env = distributed.detect()
@@ -365,4 +370,4 @@ def _silence() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -25,13 +25,16 @@ a rank computes whole batches (or whole layers) exactly as one process would.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
 import signal
+import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -300,6 +303,7 @@ class Session:
 
 _SINGLE = Session()
 _current: Session | None = None
+_joined = False  # this process joined a job's process group (start), at some time
 
 
 def session() -> Session:
@@ -312,7 +316,7 @@ def start(env: Env, options: DistOptions = DistOptions(), on_failure=None) -> tu
     this rank's layout problem (a message for `Session.settle`), or None. Call it before CUDA starts."""
     import torch.distributed as dist
 
-    global _current
+    global _current, _joined
     problem, gpus, visible = None, (), torch.cuda.device_count()  # NVML's count: CUDA does not start here
     try:
         gpus = rank_gpus(env.local_rank, env.local_world_size, visible, options.gpus_per_rank,
@@ -326,6 +330,7 @@ def start(env: Env, options: DistOptions = DistOptions(), on_failure=None) -> tu
     if cuda:
         torch.cuda.set_device(0 if narrow else env.local_rank % visible)
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    _import_world_binders()
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=options.timeout_s),
                                 rank=env.rank, world_size=env.world_size)
@@ -333,6 +338,7 @@ def start(env: Env, options: DistOptions = DistOptions(), on_failure=None) -> tu
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise RankFailed(f"{env.where()} could not join the other ranks at {env.master} within --dist-timeout "
                          f"{options.timeout_s:g} s ({first[:200]})") from None
+    _joined = True
     store = dist.PrefixStore("layerwise/", dist.distributed_c10d._get_default_store())
     _current = Session(env, options.timeout_s, store, backend, gpus)
     _current.on_failure = on_failure
@@ -350,6 +356,34 @@ def stop() -> None:
         _current = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """The program's exit with `code`. A process that joined a job (a torchrun rank) does what the
+    interpreter's exit does (wait for non-daemon threads, run the atexit functions, flush the
+    output) without the interpreter's teardown: torch's caches can keep process groups alive past
+    `destroy_process_group` (DTensor's sharding caches hold a tensor-parallel run's meshes), and
+    a gloo or NCCL thread that frees a tensor while the interpreter is torn down aborts the rank
+    after a complete run ("terminate called without an active exception")."""
+    if not _joined:
+        sys.exit(code)
+    try:
+        threading._shutdown()  # as the interpreter's exit does: executors stop their workers, threads are joined
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+
+def _import_world_binders() -> None:
+    """Import, before the process group exists, the torch modules whose functions take
+    `group=group.WORLD` as a default: imported later (transformers' model code imports them through
+    FSDP), those defaults hold the default group past `destroy_process_group`. Its gloo threads
+    then outlive it, and one that frees a finished collective's tensors while the interpreter
+    exits aborts the rank ("terminate called without an active exception"), after a complete run."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def _narrow(gpus: tuple[int, ...]) -> None:

@@ -8,6 +8,8 @@ through PYTHONPATH; nothing here runs unless a test sets these variables:
 - LAYERWISE_TEST_GPUS=N: torch.cuda.device_count() says N (a node whose GPUs the ranks do not divide).
 - LAYERWISE_TEST_LATE_POST=R:S: rank R posts that a layer's chained outputs are on their way S
   seconds after sending them (the next rank meanwhile runs its isolated batches).
+- LAYERWISE_TEST_THREADS_AT_EXIT=DIR: each rank writes the names of its native threads, as its
+  atexit functions run, to DIR/rank<R>.txt (a process group left alive shows as gloo threads).
 """
 
 import os
@@ -50,3 +52,14 @@ if os.environ.get("LAYERWISE_TEST_LATE_POST", ":").split(":")[0] == os.environ.g
         _post(self, layer)
 
     chain.Link.post = _late_post
+
+if os.environ.get("LAYERWISE_TEST_THREADS_AT_EXIT") and os.environ.get("RANK"):
+    import atexit
+
+    def _threads_at_exit():
+        tasks = f"/proc/{os.getpid()}/task"
+        names = sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+        with open(os.path.join(os.environ["LAYERWISE_TEST_THREADS_AT_EXIT"], f"rank{os.environ['RANK']}.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
+
+    atexit.register(_threads_at_exit)
