@@ -17,6 +17,9 @@ MASTER_ADDR and MASTER_PORT; `detect()` reads them (None: one process, nothing t
   rank 0 prints it (through the `on_failure` callback: one line, whichever rank failed), the
   others exit quietly. SIGTERM (torchrun stopping the job) raises `RankFailed` in the main thread.
 
+`stop()` leaves the job (its process groups destroyed) and `exit_process(code)` ends the
+rank's process without the interpreter's teardown, in which a surviving group's thread can abort it.
+
 `Session` is what the producers see (`session()`: the started one, else a one-rank session on
 which every collective is the identity): `share` assigns batches, `broadcast`, `gather`,
 `all_gather`, `agree`, `settle`, `main_first` (chain.py carries tensors from rank to rank). Work is split, never re-batched:
