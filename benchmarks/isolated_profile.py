@@ -10,9 +10,13 @@ dropped before each step (POSIX_FADV_DONTNEED, no root needed), it times:
   extract    `layerwise extract CKPT --stream` (process wall time; its own recording seconds)
   test       `layerwise test CKPT --reference REF --test-type single --layer all`
 
-and the goal's ratio (extract + test) / cold_read (< 2). With --profile, each command runs once
-more under cProfile (not timed) and the functions with the most cumulative time are listed:
-where the time beyond the reads goes. Prints a table; JSON to --out/isolated_profile.json.
+and the goal's ratio (extract + test) / cold_read (< 2). The start-up step also reports how many
+of the modules it imported had no usable cached bytecode (compiled from source, as `layerwise
+check` reports it). With --bytecode-cache the three commands run again with a bytecode cache
+(PYTHONPYCACHEPREFIX in --work, PYTHONDONTWRITEBYTECODE unset), filled by one untimed extract
+first. With --profile, each command runs once more under cProfile (not timed) and the functions
+with the most cumulative time are listed: where the time beyond the reads goes. Prints a table;
+JSON to --out/isolated_profile.json.
 Dry run on a CPU: --tiny.
 """
 
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import pstats
+import shutil
 import subprocess
 import sys
 import time
@@ -80,24 +85,32 @@ class Bench:
                     pass
         return time.perf_counter() - start
 
-    def timed(self, argv: list, profile: Path | None = None) -> float:
-        """One fresh process on a cold page cache; its wall seconds (exit 0 required)."""
+    def timed(self, argv: list, profile: Path | None = None, env: dict | None = None) -> tuple[float, str]:
+        """One fresh process on a cold page cache; its wall seconds and output (exit 0 required)."""
         drop_page_cache(self.shards())
         head = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
         start = time.perf_counter()
-        done = subprocess.run(head + [str(a) for a in argv], env=self.env, capture_output=True, text=True,
+        done = subprocess.run(head + [str(a) for a in argv], env=env or self.env, capture_output=True, text=True,
                               timeout=self.args.command_timeout)
         wall = time.perf_counter() - start
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
             raise RuntimeError(f"{' '.join(map(str, argv[:3]))} exited {done.returncode}:\n{tail}")
-        return wall
+        return wall, done.stdout
+
+    def cached_env(self) -> dict:
+        """The environment with a bytecode cache of its own (emptied first)."""
+        cache = self.work / "pycache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {k: v for k, v in self.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        return {**env, "PYTHONPYCACHEPREFIX": str(cache)}
 
     def commands(self) -> dict[str, list]:
         device = ["--device", "cuda:0"] if self.gpu else []
         ref, test = self.work / "ref", self.work / "test"
         return {
-            "startup": ["-c", "import torch, layerwise.cli; torch.cuda.init() if torch.cuda.is_available() else None"],
+            "startup": ["-c", "import torch, layerwise.cli; torch.cuda.init() if torch.cuda.is_available() else None; "
+                        "import json; from layerwise import machine; print(json.dumps(machine.bytecode().__dict__))"],
             "extract": ["-m", "layerwise", "extract", self.ckpt, "--stream", *device, "--dtype", "bf16",
                         "--prompts", self.work / "prompts.jsonl", "--out", ref, "--overwrite"],
             "test": ["-m", "layerwise", "test", self.ckpt, "--reference", ref, "--test-type", "single", "--layer", "all",
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/lw-isolated-work")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--profile", action="store_true", help="run extract and test once more under cProfile")
+    ap.add_argument("--bytecode-cache", action="store_true",
+                    help="run the commands again with a bytecode cache of their own (PYTHONPYCACHEPREFIX)")
     ap.add_argument("--command-timeout", type=float, default=600)
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
     args = ap.parse_args(argv)
@@ -143,15 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = bench.commands()
     results["cold_read_s"] = bench.cold_read()
     print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
-    for name, command in commands.items():
-        results[f"{name}_s"] = bench.timed(command)
-        print(f"{name}: {results[f'{name}_s']:.2f} s", flush=True)
-        save()
-    manifest = json.loads((bench.work / "ref" / "manifest.json").read_text())
-    results["extract_recording_s"] = manifest["stats"].get("seconds")
-    tested = json.loads((bench.work / "test" / "isolated" / "manifest.json").read_text())["stats"]
-    results["test_replay_s"], results["test_load_s"] = tested.get("seconds"), tested.get("load_seconds")
-    results["ratio"] = (results["extract_s"] + results["test_s"]) / results["cold_read_s"]
+    def steps(prefix: str, env: dict | None = None) -> None:
+        for name, command in commands.items():
+            results[f"{prefix}{name}_s"], printed = bench.timed(command, env=env)
+            if name == "startup":
+                results[f"{prefix}startup_bytecode"] = json.loads(printed.strip().splitlines()[-1])
+            print(f"{prefix}{name}: {results[f'{prefix}{name}_s']:.2f} s", flush=True)
+            save()
+        manifest = json.loads((bench.work / "ref" / "manifest.json").read_text())
+        results[f"{prefix}extract_recording_s"] = manifest["stats"].get("seconds")
+        tested = json.loads((bench.work / "test" / "isolated" / "manifest.json").read_text())["stats"]
+        results[f"{prefix}test_replay_s"], results[f"{prefix}test_load_s"] = tested.get("seconds"), tested.get("load_seconds")
+        results[f"{prefix}ratio"] = (results[f"{prefix}extract_s"] + results[f"{prefix}test_s"]) / results["cold_read_s"]
+
+    steps("")
+    if args.bytecode_cache:
+        env = bench.cached_env()
+        results["cached_fill_s"] = bench.timed(commands["extract"], env=env)[0]  # fills the cache, untimed in the ratio
+        steps("cached_", env)
     if args.profile:
         for name in ("extract", "test"):
             dump = out / f"{name}.prof"
@@ -161,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     save()
     s = results["setup"]
     lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
-             f"prompts x {s['tokens']} tokens; {s['card']}",
-             f"cold read {results['cold_read_s']:.2f} s; start-up (imports + CUDA) {results['startup_s']:.2f} s",
-             f"extract --stream {results['extract_s']:.2f} s (recording {results['extract_recording_s']:.2f} s); "
-             f"test single all {results['test_s']:.2f} s (replay {results['test_replay_s']:.2f} s, "
-             f"reading and building {results['test_load_s']:.2f} s)",
-             f"(extract + test) / cold read = {results['ratio']:.2f}x (goal < {GOAL:.0f}x)"]
+             f"prompts x {s['tokens']} tokens; {s['card']}; cold read {results['cold_read_s']:.2f} s"]
+    for prefix, what in (("", "as the environment runs"), ("cached_", "with a bytecode cache")):
+        if f"{prefix}ratio" not in results:
+            continue
+        r, code = (lambda k: results[prefix + k]), results[f"{prefix}startup_bytecode"]
+        lines += [f"{what}: start-up (imports + CUDA) {r('startup_s'):.2f} s, {code['compiled']} of "
+                  f"{code['modules']} modules compiled from source",
+                  f"  extract --stream {r('extract_s'):.2f} s (recording {r('extract_recording_s'):.2f} s); "
+                  f"test single all {r('test_s'):.2f} s (replay {r('test_replay_s'):.2f} s, "
+                  f"reading and building {r('test_load_s'):.2f} s)",
+                  f"  (extract + test) / cold read = {r('ratio'):.2f}x (goal < {GOAL:.0f}x)"]
     for name in ("extract", "test"):
         if f"{name}_profile" in results:
             lines += [f"", f"{name} under cProfile, most cumulative time:"] + results[f"{name}_profile"]

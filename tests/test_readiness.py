@@ -103,3 +103,76 @@ def test_root_wrapper_script(monkeypatch, capsys):
         runpy.run_path(str(Path(__file__).parents[1] / "check_gpu_readiness.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert "READY" in capsys.readouterr().out
+
+
+def test_pyc_valid_follows_pythons_own_rules(tmp_path):
+    """A timestamp .pyc is valid for its source's mtime and size; an unchecked hash-based one
+    always; a checked one for its source's bytes; a wrong magic number never."""
+    import os
+    import py_compile
+
+    from layerwise.machine import pyc_valid
+
+    source = tmp_path / "mod.py"
+    source.write_text("x = 1\n")
+    stamp, checked, unchecked = (str(tmp_path / f"{n}.pyc") for n in ("stamp", "checked", "unchecked"))
+    py_compile.compile(str(source), stamp, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    py_compile.compile(str(source), checked, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    py_compile.compile(str(source), unchecked, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    assert all(pyc_valid(str(source), p) for p in (stamp, checked, unchecked))
+    assert not pyc_valid(str(source), str(tmp_path / "absent.pyc"))
+    source.write_text("x = 22\n")  # another size and content
+    os.utime(source, (1, 1))
+    assert not pyc_valid(str(source), stamp) and not pyc_valid(str(source), checked)
+    assert pyc_valid(str(source), unchecked)
+    broken = tmp_path / "broken.pyc"
+    broken.write_bytes(b"\0\0\0\0" + open(unchecked, "rb").read()[4:])
+    assert not pyc_valid(str(source), str(broken))
+
+
+def test_bytecode_counts_the_modules_compiled_at_every_start(tmp_path, monkeypatch):
+    """Modules imported where Python may not write bytecode (and finds none) count as compiled;
+    modules whose bytecode Python wrote as it imported them do not."""
+    import importlib
+    import sys
+
+    from layerwise import machine
+
+    for name in ("lw_probe_a", "lw_probe_b", "lw_probe_c"):
+        (tmp_path / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))
+    before = machine.bytecode()
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    importlib.import_module("lw_probe_a")
+    importlib.import_module("lw_probe_b")
+    found = machine.bytecode()
+    assert (found.modules - before.modules, found.compiled - before.compiled) == (2, 2)
+    assert found.compiled_bytes - before.compiled_bytes == 2 * len("NAME = 'lw_probe_a'\n")
+    assert not found.writes and found.prefix == str(tmp_path / "pycache")
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    importlib.import_module("lw_probe_c")  # Python writes its bytecode under the prefix
+    after = machine.bytecode()
+    assert (after.modules - found.modules, after.compiled - found.compiled) == (1, 0)
+    for name in ("lw_probe_a", "lw_probe_b", "lw_probe_c"):
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.mark.parametrize("writes, prefix, cause", [
+    (False, None, "PYTHONDONTWRITEBYTECODE is set, so Python does not cache them"),
+    (True, "/ro/pycache", "Python cannot write them to PYTHONPYCACHEPREFIX /ro/pycache"),
+    (True, None, "Python cannot write them to their __pycache__ directories"),
+])
+def test_check_warns_when_every_process_compiles_its_modules(monkeypatch, capsys, writes, prefix, cause):
+    from layerwise.machine import Bytecode
+
+    monkeypatch.setattr(readiness.machine, "gpus", lambda: [])
+    monkeypatch.setattr(readiness.machine, "bytecode", lambda: Bytecode(2400, 2356, 40_000_000, writes, prefix))
+    code, out, _ = run_cli(capsys, "check", "--cpu", "--json")
+    line = {c["name"]: c for c in json.loads(out)["checks"]}["bytecode"]
+    assert code == 0 and line["status"] == "WARN"  # slow to start, not unable to run
+    assert line["detail"].startswith("2356 of 2400 imported modules (40.0 MB of source) have no usable cached bytecode")
+    assert cause in line["detail"] and "export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache" in line["detail"]
+    monkeypatch.setattr(readiness.machine, "bytecode", lambda: Bytecode(2400, 62, 600_000, writes, prefix))
+    assert readiness.check_bytecode().detail == ("2338 of 2400 imported modules load from cached bytecode; "
+                                                 "62 are compiled from source at every start")

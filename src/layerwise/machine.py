@@ -1,4 +1,5 @@
-"""Facts about this machine: GPUs and their memory, peer links, driver, host RAM, disk.
+"""Facts about this machine: GPUs and their memory, peer links, driver, host RAM, disk, and
+how this process's Python modules load (cached bytecode or compiled from source).
 
 Read-only probes, each tolerant of what is absent (no GPU, no NVML): they return what they
 can and say what they could not. `check` turns these facts into verdicts; this module judges
@@ -7,8 +8,10 @@ nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -142,3 +145,57 @@ def nvml_info() -> NvmlInfo:
         return NvmlInfo(driver, links)
     finally:
         pynvml.nvmlShutdown()
+
+
+@dataclass(frozen=True)
+class Bytecode:
+    """How the modules this process imported load."""
+
+    modules: int  # imported modules with a Python source file
+    compiled: int  # of them, those without a usable cached bytecode file (.pyc): compiled from source
+    compiled_bytes: int  # their sources' bytes
+    writes: bool  # Python may write bytecode (PYTHONDONTWRITEBYTECODE not set)
+    prefix: str | None  # sys.pycache_prefix (PYTHONPYCACHEPREFIX): where bytecode is looked for and written
+
+
+def bytecode() -> Bytecode:
+    """Which imported modules have a cached bytecode file that Python accepts (magic number, and
+    the source's mtime and size or its hash). Looked at after the imports: bytecode Python could
+    write is there by now, so what is still missing is compiled again by every new process."""
+    modules = compiled = size = 0
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        origin, cached = getattr(spec, "origin", None), getattr(spec, "cached", None)
+        if not isinstance(origin, str) or not origin.endswith(".py") or not cached:
+            continue
+        modules += 1
+        if not pyc_valid(origin, cached):
+            compiled += 1
+            try:
+                size += os.stat(origin).st_size
+            except OSError:
+                pass
+    return Bytecode(modules, compiled, size, not sys.dont_write_bytecode, sys.pycache_prefix)
+
+
+def pyc_valid(source: str, pyc: str) -> bool:
+    """Would Python load `pyc` for `source` rather than compile it (PEP 552's two kinds)?"""
+    try:
+        with open(pyc, "rb") as f:
+            head = f.read(16)
+        stat = os.stat(source)
+    except OSError:
+        return False
+    if len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags = int.from_bytes(head[4:8], "little")
+    if flags == 0:  # by timestamp: the source's mtime and size, as recorded
+        return head[8:12] == (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") and \
+            head[12:16] == (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    if not flags & 0b10:  # by hash, unchecked: loaded as it is
+        return True
+    try:
+        with open(source, "rb") as f:
+            return head[8:16] == importlib.util.source_hash(f.read())
+    except OSError:
+        return False

@@ -3,7 +3,8 @@
 The seed's `check_gpu_readiness.py`, extended: GPUs and their memory, driver and CUDA,
 library versions against minimums, known numerics bugs for this model on these versions,
 the checkpoint's integrity (headers only), the placement verdict for the GPUs present, peer
-links, and host RAM and disk for offload and dumps; under torchrun also the job (ranks per
+links, host RAM and disk for offload and dumps, and whether each process must compile its Python
+modules again (no usable cached bytecode); under torchrun also the job (ranks per
 node, an exchange and an NCCL all-reduce timed: `with_distributed`). Probes come from machine.py; this module
 only judges. A machine is ready when no check FAILs.
 """
@@ -30,6 +31,7 @@ from .sizes import format_bytes
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
 MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "5.0", "accelerate": "1.0", "safetensors": "0.4"}
+BYTECODE_WARN_MODULES = 200  # modules compiled at every start worth a WARN (about a second on a 2-core machine)
 # transformers versions that drop MiniMax-M2's rotary_dim (issue #48241, fixed by PR #48486).
 ROPE_BUG_FIXED_IN = (5, 18)
 
@@ -220,6 +222,23 @@ def check_host(options: CheckOptions, config) -> list[Check]:
     return checks
 
 
+def check_bytecode() -> Check:
+    """Does every new process compile its modules from source again? Judged after the check's
+    own imports (torch, transformers and, with a model, its modeling code: what a run imports)."""
+    found = machine.bytecode()
+    if found.compiled < BYTECODE_WARN_MODULES:
+        extra = f"; {found.compiled} are compiled from source at every start" if found.compiled else ""
+        return Check("bytecode", PASS, f"{found.modules - found.compiled} of {found.modules} imported modules load "
+                                       f"from cached bytecode{extra}")
+    where = f"PYTHONPYCACHEPREFIX {found.prefix}" if found.prefix else "their __pycache__ directories"
+    cause = "PYTHONDONTWRITEBYTECODE is set, so Python does not cache them" if not found.writes \
+        else f"Python cannot write them to {where}"
+    return Check("bytecode", WARN, f"{found.compiled} of {found.modules} imported modules "
+                                   f"({format_bytes(found.compiled_bytes)} of source) have no usable cached bytecode: "
+                                   f"{cause}, and every process compiles them again as it starts (seconds each time); "
+                                   "export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache and unset PYTHONDONTWRITEBYTECODE")
+
+
 def dump_bytes_estimate(config, tokens: int, dtype: torch.dtype) -> int:
     """Bytes of a default extract: every layer's input and output, router logits, logits."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -254,7 +273,7 @@ def check_machine(options: CheckOptions) -> Readiness:
         checks += check_checkpoint(ref, scheme)
         if config is not None and not any(c.name == "quantization" and c.status == FAIL for c in checks):
             checks += check_fit(ref, config, options, found)
-    checks += check_links(found) + check_host(options, config)
+    checks += check_links(found) + check_host(options, config) + [check_bytecode()]
     return Readiness(tuple(checks))
 
 
