@@ -164,8 +164,11 @@ def bytecode() -> Bytecode:
     write is there by now, so what is still missing is compiled again by every new process."""
     modules = compiled = size = 0
     for module in list(sys.modules.values()):
-        spec = getattr(module, "__spec__", None)
-        origin, cached = getattr(spec, "origin", None), getattr(spec, "cached", None)
+        try:  # some entries are lazy objects whose attribute lookups import (and may fail)
+            spec = getattr(module, "__spec__", None)
+            origin, cached = getattr(spec, "origin", None), getattr(spec, "cached", None)
+        except Exception:
+            continue
         if not isinstance(origin, str) or not origin.endswith(".py") or not cached:
             continue
         modules += 1
