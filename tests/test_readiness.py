@@ -157,6 +157,14 @@ def test_bytecode_counts_the_modules_compiled_at_every_start(tmp_path, monkeypat
     for name in ("lw_probe_a", "lw_probe_b", "lw_probe_c"):
         monkeypatch.delitem(sys.modules, name)
 
+    class Lazy:  # a lazy loader's entry: looking at it imports, and that fails
+        @property
+        def __spec__(self):
+            raise ImportError("no module named 'absent'")
+
+    monkeypatch.setitem(sys.modules, "lw_probe_lazy", Lazy())
+    assert machine.bytecode().modules == after.modules - 3
+
 
 @pytest.mark.parametrize("writes, prefix, cause", [
     (False, None, "PYTHONDONTWRITEBYTECODE is set, so Python does not cache them"),
