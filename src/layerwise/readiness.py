@@ -31,7 +31,7 @@ from .sizes import format_bytes
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
 MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "5.0", "accelerate": "1.0", "safetensors": "0.4"}
-BYTECODE_WARN_MODULES = 200  # modules compiled at every start worth a WARN (about a second on a 2-core machine)
+BYTECODE_WARN_MODULES = 200  # modules compiled at every start worth a WARN (about 0.7 s on a 2-core machine)
 # transformers versions that drop MiniMax-M2's rotary_dim (issue #48241, fixed by PR #48486).
 ROPE_BUG_FIXED_IN = (5, 18)
 
