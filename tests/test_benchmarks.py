@@ -20,7 +20,7 @@ def bench(monkeypatch, name):
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
-               "distributed", "isolated_profile"}
+               "distributed", "isolated_profile", "manifest_cost"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -135,3 +135,12 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
     startup, cached = data["startup_bytecode"], data["cached_startup_bytecode"]
     assert startup["modules"] > 500 and cached["compiled"] == 0 and cached["writes"], (startup, cached)
     assert data["cached_ratio"] > 0 and any((tmp_path / "work" / "pycache").rglob("*.pyc"))
+
+
+def test_manifest_cost_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "manifest_cost").main(["--tiny", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "manifest_cost.json").read_text())
+    assert data["files"] == 4 and data["tensors"] == 20 and data["writer_entries"]["median_ms"] > 0, data
+    assert "from the writer's entries" in out

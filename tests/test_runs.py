@@ -203,6 +203,30 @@ def test_resume_keeps_files_and_refuses_other_runs(tmp_path):
     assert not (path / "tensors" / "p00000" / "lm_head.safetensors").exists()
 
 
+def test_the_manifest_a_writer_keeps_equals_its_files_read_back(tmp_path):
+    """A writer builds the manifest from what it wrote, not by reading every file back: the
+    entries (digests, dtypes, shapes, NaN/Inf counts) equal those indexed from the files' headers,
+    with the files of an earlier, killed writer of the same run among them (read back)."""
+    path = tmp_path / "run"
+    first = runs.RunWriter(path, INTENT)
+    first.put(0, "model.layers.0", {"model.layers.0:input": torch.randn(2, 4),
+                                    "model.layers.0:output": torch.tensor([[1.0, float("nan")], [float("inf"), 0]])})
+    first.wait()
+    first.abort()  # killed: its file stays, no manifest
+    second = runs.RunWriter(path, INTENT, threads=3)
+    for prompt, n in ((0, 2), (1, 1)):
+        second.put(prompt, "lm_head", {"lm_head:output": torch.arange(n * 3, dtype=torch.bfloat16).reshape(n, 3)})
+        second.put(prompt, "model.layers.1", {"model.layers.1:output": torch.randn(n, 4, dtype=torch.float16),
+                                              "model.layers.1:router_logits": torch.randn(n, 8)})
+    manifest = second.finish({"stats": {"seconds": 0}})
+    assert len(second.written) == 4 and "tensors/p00000/model.layers.0.safetensors" not in second.written
+    read_back = runs.build_manifest(path, INTENT, {}, None)  # every file's header, as a reader sees it
+    assert manifest["tensors"] == read_back["tensors"] and len(manifest["tensors"]) == 8
+    assert manifest["nonfinite"] == read_back["nonfinite"] == [
+        {"name": "model.layers.0:output", "prompt": 0, "nan": 1, "inf": 1}]
+    assert second.entries(every=False) == [e for e in runs.index_files(path, sorted(second.written))]
+
+
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a layerwise run"):

@@ -98,21 +98,33 @@ def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
     """Manifest entries (headers only) of a run's tensor files: `files` (paths relative to the
     run), else every one; the entry of a tensor that holds NaN/Inf carries "nonfinite": [nan, inf].
     Each digest keeps its algorithm's name as its field; a file without one gets "sha256_tree": null."""
-    every = (str(f.relative_to(path)) for f in (path / TENSOR_DIR).glob("p*/*.safetensors")
-             if f.parent.name[1:].isdigit())
     entries = []
-    for rel in sorted(every if files is None else files):
-        prompt = int(Path(rel).parent.name[1:])
+    for rel in sorted(tensor_files(path) if files is None else files):
         metadata: dict = {}
-        for name, info in tensorfile.read_header(path / rel, metadata).items():
-            module, role = split_name(name)
-            entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": info["shape"],
-                     "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
-                     **(tensorfile.stored_digests(metadata, name) or {tensorfile.DIGEST: None})}
-            counts = metadata.get(tensorfile.NONFINITE_KEY + name)
-            if counts:
-                entry["nonfinite"] = [int(x) for x in counts.split(",")]
-            entries.append(entry)
+        entries += file_entries(rel, tensorfile.read_header(path / rel, metadata), metadata)
+    return entries
+
+
+def tensor_files(path: Path) -> list[str]:
+    """A run's tensor files, relative to the run."""
+    return [str(f.relative_to(path)) for f in (path / TENSOR_DIR).glob("p*/*.safetensors")
+            if f.parent.name[1:].isdigit()]
+
+
+def file_entries(rel: str, header: dict, metadata: dict) -> list[dict]:
+    """The manifest entries of the tensor file `rel`, from its header ({name: {dtype, shape, ...}})
+    and its header's metadata: what `index_files` reads back, and what a writer knows as it writes."""
+    prompt = int(Path(rel).parent.name[1:])
+    entries = []
+    for name, info in header.items():
+        module, role = split_name(name)
+        entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": list(info["shape"]),
+                 "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
+                 **(tensorfile.stored_digests(metadata, name) or {tensorfile.DIGEST: None})}
+        counts = metadata.get(tensorfile.NONFINITE_KEY + name)
+        if counts:
+            entry["nonfinite"] = [int(x) for x in counts.split(",")]
+        entries.append(entry)
     return entries
 
 

@@ -32,7 +32,7 @@ from .capture import Target, groups_of
 from .collector import PINNED_BUDGET_BYTES, Collector
 from .distributed import Session
 from .formatting import plural
-from .manifest import identity, index_files
+from .manifest import identity
 from .names import Layout, layer_of, model_order_key, split_name
 from .runs import QUEUE_DEPTH, Intent, RunWriter, group_file
 
@@ -164,7 +164,7 @@ class Recording:
             self.tensors, self.bytes = len(self.manifest["tensors"]), self.writer.bytes_written
             return self.manifest
         self.writer.close()  # this rank's files are all renamed into place
-        mine = index_files(self.writer.path, None if self.ranks.is_main else self.writer.written)
+        mine = self.writer.entries(every=self.ranks.is_main)  # rank 0 also lists what a killed run left
         stats = {"rank": self.ranks.rank, "files": len(self.writer.written), "bytes": self.writer.bytes_written,
                  "seconds": self.seconds, **capture}
         gathered = self.ranks.gather((mine, stats))

@@ -34,7 +34,8 @@ from . import tensorfile
 from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
-                       build_manifest, entry_digests, first_difference, identity, library_versions, read_json)
+                       build_manifest, entry_digests, file_entries, first_difference, identity, index_files,
+                       library_versions, read_json, tensor_files)
 from .paths import inside
 from .schema import check_manifest
 
@@ -85,6 +86,7 @@ class RunWriter:
                             "pick a writable --out") from None
         self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
         self.written: set[str] = set()  # files this writer wrote (relative paths)
+        self._entries: dict[str, list[dict]] = {}  # their manifest entries, as written (no reading back)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes = 0
@@ -175,10 +177,13 @@ class RunWriter:
             counts = tensorfile.nonfinite_counts(t)
             if counts is not None:  # the model's own NaN/Inf: recorded, reported, never hidden
                 metadata[tensorfile.NONFINITE_KEY + name] = f"{counts[0]},{counts[1]}"
+        header: dict = {}
         try:
-            written = tensorfile.write_file(tmp, tensors, metadata)
+            written = tensorfile.write_file(tmp, tensors, metadata, header)
             os.replace(tmp, target)
-            self.written.add(rel)  # one call under the GIL: safe from several writer threads
+            meta = header.pop("__metadata__")
+            self._entries[rel] = file_entries(rel, header, meta)  # one call under the GIL each: safe
+            self.written.add(rel)  # from several writer threads
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if is_io_error(err):
@@ -214,10 +219,16 @@ class RunWriter:
         self.wait()
         self._stop()
 
+    def entries(self, every: bool = True) -> list[dict]:
+        """The manifest entries of the files this writer wrote, as it wrote them, and (`every`)
+        those of the run's other files (a resumed run's), read from their headers; after `close`."""
+        others = sorted(set(tensor_files(self.path)) - self._entries.keys()) if every else []
+        return [e for rel in sorted(self._entries) for e in self._entries[rel]] + index_files(self.path, others)
+
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
-        """Wait for the writers, index the files (or take `entries`), write manifest.json last."""
+        """Wait for the writers, take the files' entries (or `entries`), write manifest.json last."""
         self.close()
-        manifest = build_manifest(self.path, self.intent, extra or {}, entries)
+        manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
         write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
         if self._replaced is not None:
             self._replace_target()

@@ -286,10 +286,12 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+               header_out: dict | None = None) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
     pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
-    metadata. Returns the bytes of tensor data written."""
+    metadata. Returns the bytes of tensor data written; `header_out` receives the header written
+    (as `read_header` returns it) and "__metadata__", its metadata."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
     meta = dict(metadata)
     header: dict = {}
@@ -306,6 +308,8 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         fh.write(blob)
         for view in views.values():
             fh.write(view)
+    if header_out is not None:
+        header_out.update(header, __metadata__=meta)
     return offset
 
 
