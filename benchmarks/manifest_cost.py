@@ -1,5 +1,5 @@
-"""What a run's manifest costs at the end of an extract: built from the writer's own entries
-(what it wrote, kept as it wrote it) against reading every file's header back (the way before
+"""What a run's manifest costs at the end of an extract: built from the headers the writer wrote
+(kept as it wrote each file) against reading every file's header back (the way before
 commit "runs: the manifest from the writer's own entries").
 
 Writes one run with RunWriter: --prompts prompts x --files files (a layer each: input, output,

@@ -84,9 +84,8 @@ class RunWriter:
         except OSError as err:
             raise UserError(f"cannot write the run {self.target}: {io_reason(err)} ({err.filename or self.path}); "
                             "pick a writable --out") from None
-        self._existing = {str(p.relative_to(self.path)) for p in (self.path / TENSOR_DIR).glob("p*/*.safetensors")}
-        self.written: set[str] = set()  # files this writer wrote (relative paths)
-        self._entries: dict[str, list[dict]] = {}  # their manifest entries, as written (no reading back)
+        self._existing = set(tensor_files(self.path))
+        self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes = 0
@@ -181,9 +180,7 @@ class RunWriter:
         try:
             written = tensorfile.write_file(tmp, tensors, metadata, header)
             os.replace(tmp, target)
-            meta = header.pop("__metadata__")
-            self._entries[rel] = file_entries(rel, header, meta)  # one call under the GIL each: safe
-            self.written.add(rel)  # from several writer threads
+            self._headers[rel] = header  # one call under the GIL: safe from several writer threads
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if is_io_error(err):
@@ -219,11 +216,21 @@ class RunWriter:
         self.wait()
         self._stop()
 
+    @property
+    def written(self) -> set[str]:
+        """The files this writer wrote (relative paths)."""
+        return set(self._headers)
+
     def entries(self, every: bool = True) -> list[dict]:
-        """The manifest entries of the files this writer wrote, as it wrote them, and (`every`)
-        those of the run's other files (a resumed run's), read from their headers; after `close`."""
-        others = sorted(set(tensor_files(self.path)) - self._entries.keys()) if every else []
-        return [e for rel in sorted(self._entries) for e in self._entries[rel]] + index_files(self.path, others)
+        """The manifest entries of the files this writer wrote, from the headers it wrote (built
+        here, off the writer threads), and (`every`) those of the run's other files (a resumed
+        run's), read from their headers; after `close`."""
+        entries = []
+        for rel, written in sorted(self._headers.items()):
+            header = dict(written)
+            entries += file_entries(rel, header, header.pop("__metadata__"))
+        others = sorted(set(tensor_files(self.path)) - self._headers.keys()) if every else []
+        return entries + index_files(self.path, others)
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
         """Wait for the writers, take the files' entries (or `entries`), write manifest.json last."""
