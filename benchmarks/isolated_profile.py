@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = bench.commands()
     results["cold_read_s"] = bench.cold_read()
     print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
+
     def steps(prefix: str, env: dict | None = None) -> None:
         for name, command in commands.items():
             results[f"{prefix}{name}_s"], printed = bench.timed(command, env=env)
