@@ -20,7 +20,7 @@ def bench(monkeypatch, name):
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
-               "distributed", "isolated_profile", "manifest_cost"}
+               "distributed", "isolated_profile", "manifest_cost", "first_forward"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -144,3 +144,15 @@ def test_manifest_cost_dry_run(tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / "out" / "manifest_cost.json").read_text())
     assert data["files"] == 4 and data["tensors"] == 20 and data["writer_entries"]["median_ms"] > 0, data
     assert "from the writer's entries" in out
+
+
+def test_first_forward_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "first_forward").main(["--tiny", "--rounds", "1", "--batch", "2", "--tokens", "8",
+                                                       "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "first_forward.json").read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert rows["rehearsed"]["rehearsed"] is True and rows["plain"]["rehearsed"] is None, rows
+    assert all(len(r["passes_s"]) == 3 and r["outputs_equal"] for r in data["rows"])
+    assert "| rehearsed |" in out

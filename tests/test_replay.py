@@ -60,7 +60,7 @@ def test_multi_range_chains_from_first_layer(tmp_path, minimax_fp32_ref):
     # and when, per layer: every layer read (on the reader thread), waited for, built and computed
     timeline = stats["timeline"]
     assert {(phase, layer) for phase, layer, _, _ in timeline} == {
-        (phase, layer) for phase in ("read", "read_wait", "build", "compute") for layer in (1, 2)} | {("warm", 1)}, \
+        (phase, layer) for phase in ("read", "read_wait", "build", "compute") for layer in (1, 2)} | {("warm", 1), ("rehearse", 1)}, \
         timeline
     assert all(0 <= start <= end for _, _, start, end in timeline) and stats["timeline_origin_unix"] > 1.7e9
     spans = {(phase, layer): (start, end) for phase, layer, start, end in timeline}
@@ -253,3 +253,53 @@ def test_reference_without_padding_tails_says_so(tmp_path):
     assert any("padding tails" in n for n in result.notes), result.notes
     errors = output_errors(open_run(tmp_path / "ref"), open_run(result.isolated), [1])
     assert errors[0] < 1e-5, errors
+
+
+@pytest.mark.parametrize("spec", [MINIMAX, "builtin:llama-tiny", "builtin:qwen3-moe-tiny",
+                                  "builtin:minimax-m2-tiny-fp8"])
+def test_the_rehearsal_runs_a_miniature_of_the_layer_and_leaves_the_random_state(spec):
+    """streaming.miniature_pass: the layer's own class over a batch's shape, with no more experts
+    than a token routes to, on its own random generator."""
+    from layerwise.layer_loading import LayerOptions, open_layers
+    from layerwise.streaming import miniature_pass
+
+    source = open_layers(spec, LayerOptions(dtype="fp32"))
+    real = source.load(1).module
+    before = torch.get_rng_state()
+    y, module = miniature_pass(source, 1, (2, 7))
+    assert torch.equal(before, torch.get_rng_state())
+    assert tuple(y.shape) == (2, 7, source.config.hidden_size) and torch.isfinite(y).all()
+    assert type(module) is type(real)
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    experts = getattr(source.config, "num_local_experts", None) or getattr(source.config, "num_experts", None)
+    if experts and experts > source.config.num_experts_per_tok:
+        assert size(module) < size(real)
+    else:
+        assert size(module) == size(real)
+
+
+def test_the_rehearsal_never_fails_the_test_and_never_changes_its_numbers(tmp_path, minimax_fp32_ref, monkeypatch):
+    """Rehearsed (forced on the CPU), a layer test is bit-identical to the reference; a rehearsal
+    that raises is only skipped, and off a GPU none runs."""
+    from layerwise import streaming
+
+    from layerwise.layer_loading import open_layers
+
+    assert streaming.rehearse(open_layers(MINIMAX), 0, (1, 4)) is False  # a CPU: nothing to warm
+    monkeypatch.setattr(streaming, "REHEARSE_ON", ("cuda", "cpu"))
+    calls = []
+    real_pass = streaming.miniature_pass
+    monkeypatch.setattr(streaming, "miniature_pass", lambda *a: calls.append(a) or real_pass(*a))
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, [0, 1, 2], isolated=tmp_path / "iso",
+                           chained=tmp_path / "chain")
+    widest = max(len(p["token_ids"]) for p in minimax_fp32_ref.prompts)
+    assert [(c[1], c[2][1]) for c in calls] == [(0, widest)]  # once, layer 0, the first batch's shape
+    assert_identical(minimax_fp32_ref, open_run(result.isolated))
+    assert_identical(minimax_fp32_ref, open_run(result.chained))
+
+    def broken(*_):
+        raise RuntimeError("no miniature for this model")
+
+    monkeypatch.setattr(streaming, "miniature_pass", broken)
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, [0, 1], isolated=tmp_path / "iso2")
+    assert_identical(minimax_fp32_ref, open_run(result.isolated))

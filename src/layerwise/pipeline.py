@@ -45,7 +45,7 @@ from .layer_loading import LayerSource
 from .rebatch import determinism, recorded_input
 from .replay import _candidate
 from .sharding import deal
-from .streaming import run_layer
+from .streaming import rehearse, run_layer
 from .timings import Timings, warm_device
 
 
@@ -98,6 +98,8 @@ class _Stage:
                 self.link.warm(self.source.device)
             with self.clock("warm", mine[0]):
                 warm_device(self.source.device, self.source.dtype)
+            with self.clock("rehearse", mine[0]):
+                rehearse(self.source, mine[0], tuple(self.batches[0].attention_mask.shape))
             for n, index in enumerate(mine):
                 with self.clock("read_wait", index):
                     weights = pending.result()

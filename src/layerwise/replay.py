@@ -51,7 +51,7 @@ from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
 from .rebatch import deterministic, determinism, recorded_input, recorded_points, reference_batches
-from .streaming import run_layer
+from .streaming import rehearse, run_layer
 from .timings import Timings, warm_device
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,8 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
         pending = reader.submit(clock.timed, "read", layers[0], source.read, layers[0])
         with clock("warm", layers[0]):  # while the first layer is read
             warm_device(source.device, source.dtype)
+        with clock("rehearse", layers[0]):
+            rehearse(source, layers[0], tuple(batches[0].attention_mask.shape))
         for i, index in enumerate(layers):
             with clock("read_wait", index):
                 weights = pending.result()

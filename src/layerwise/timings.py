@@ -3,7 +3,8 @@
 `Timings` is a layer test's clock (replay._run_layers, pipeline._Stage): seconds per phase, and
 per layer a timeline, into the runs' manifest stats. `warm_device` makes what the first forward
 pass on a GPU would otherwise make on the test's path (cuBLAS's handle and workspace, the capture's
-first pinned host buffers) while the first layer is still being read.
+first pinned host buffers) while the first layer is still being read (and streaming.rehearse
+the kernels of the layer's own first forward pass).
 """
 
 from __future__ import annotations
@@ -67,3 +68,4 @@ def warm_device(device: torch.device, dtype: torch.dtype) -> None:
     pinned.reserve(PINNED_BUDGET_BYTES)
     square = torch.ones(256, 256, device=device, dtype=dtype)
     torch.matmul(square, square).sum().item()
+
