@@ -59,9 +59,11 @@ def test_multi_range_chains_from_first_layer(tmp_path, minimax_fp32_ref):
     assert stats["build_seconds"] > 0 and stats["compute_seconds"] > 0 and stats["read_wait_seconds"] >= 0, stats
     # and when, per layer: every layer read (on the reader thread), waited for, built and computed
     timeline = stats["timeline"]
+    # the warm-up and rehearsal on a thread of their own; the chain's first inputs read ahead (layer 1's
+    # only: a chained test replays later layers on their predecessors' outputs)
     assert {(phase, layer) for phase, layer, _, _ in timeline} == {
-        (phase, layer) for phase in ("read", "read_wait", "build", "compute") for layer in (1, 2)} | {("warm", 1), ("rehearse", 1)}, \
-        timeline
+        (phase, layer) for phase in ("read", "read_wait", "build", "compute") for layer in (1, 2)} | {
+        ("warm", 1), ("rehearse", 1), ("warm_wait", 1), ("read_inputs", 1)}, timeline
     assert all(0 <= start <= end for _, _, start, end in timeline) and stats["timeline_origin_unix"] > 1.7e9
     spans = {(phase, layer): (start, end) for phase, layer, start, end in timeline}
     assert spans[("read", 1)][1] <= spans[("build", 1)][0] and spans[("build", 1)][1] <= spans[("compute", 1)][0]

@@ -42,11 +42,11 @@ from .chain import Link
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
-from .rebatch import determinism, recorded_input
+from .rebatch import determinism, head_start, placed, read_ahead, recorded_input
 from .replay import _candidate
 from .sharding import deal
-from .streaming import rehearse, run_layer
-from .timings import Timings, warm_device
+from .streaming import run_layer
+from .timings import Timings
 
 
 class Pipeline:
@@ -92,22 +92,27 @@ class _Stage:
         mine = [k for k in layers if owner[k] == self.ranks.rank]
         if not mine:
             return
+        first = layers[0]  # the chain's first layer starts from the reference's inputs
+        inputs = lambda index: self.isolated is not None or index == first  # noqa: E731
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-            pending = reader.submit(self.clock.timed, "read", mine[0], self.source.read, mine[0])
-            with self.clock("connect", mine[0]):  # while the first layer is read
-                self.link.warm(self.source.device)
-            with self.clock("warm", mine[0]):
-                warm_device(self.source.device, self.source.dtype)
-            with self.clock("rehearse", mine[0]):
-                rehearse(self.source, mine[0], tuple(self.batches[0].attention_mask.shape))
+            pending = reader.submit(read_ahead, self.clock, self.source, self.run_, mine[0], self.batches,
+                                    inputs(mine[0]))
+            with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer:
+                warming = warmer.submit(head_start, self.clock, self.source, mine[0],
+                                        tuple(self.batches[0].attention_mask.shape))
+                with self.clock("connect", mine[0]):  # while the first layer is read and the GPU warms
+                    self.link.warm(self.source.device)
+                with self.clock("warm_wait", mine[0]):
+                    warming.result()
             for n, index in enumerate(mine):
                 with self.clock("read_wait", index):
-                    weights = pending.result()
+                    weights, stacked = pending.result()
                 if n + 1 < len(mine):  # read while this one is built and run
-                    pending = reader.submit(self.clock.timed, "read", mine[n + 1], self.source.read, mine[n + 1])
+                    pending = reader.submit(read_ahead, self.clock, self.source, self.run_, mine[n + 1],
+                                            self.batches, inputs(mine[n + 1]))
                 with self.clock("build", index):
-                    item = self._build(weights)
-                del weights
+                    item = self._build(weights) + (stacked,)
+                del weights, stacked
                 # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
                 with user_code(f"{item[3]} raised", CandidateError) if self.factory else contextlib.nullcontext():
                     self._layer(item, layers, owner)
@@ -145,19 +150,20 @@ class _Stage:
     def _first_twice(self, item) -> None:
         """The determinism check, on the first layer of the test only (rank 0's)."""
         if self.check_determinism:
-            loaded, module, path, who = item
+            loaded, module, path, who, stacked = item
             with self.clock("determinism", loaded.index):
                 self.determinism = determinism(self.run_, loaded, module, path, self.batches[0], self.source,
-                                               who)
+                                               who, stacked.get(id(self.batches[0])))
             self.check_determinism = False
 
     def _isolated(self, item, batches) -> None:
         """One layer over `batches` on the reference's recorded inputs (needs no other rank)."""
-        loaded, module, path, who = item
+        loaded, module, path, who, stacked = item
         device, dtype = self.source.device, self.source.dtype
         mine = [t for t in self.targets if t.group == path]
         for batch in batches:
-            recorded = recorded_input(self.run_, path, batch, dtype, device)
+            recorded = placed(stacked[id(batch)], dtype, device) if stacked else \
+                recorded_input(self.run_, path, batch, dtype, device)
             run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
                       str(device), who)
 
@@ -165,10 +171,11 @@ class _Stage:
         """One layer of the chain: its input for every batch (recorded at the chain's start, else
         from the previous layer's rank), then its outputs, sent on to the next layer's rank. Dealt
         round-robin over 2 or more ranks, consecutive layers are never on the same rank."""
-        loaded, module, path, who = item
+        loaded, module, path, who, stacked = item
         device, dtype = self.source.device, self.source.dtype
         if source is None:
-            inputs = [recorded_input(self.run_, path, batch, dtype, device) for batch in self.batches]
+            inputs = [placed(stacked[id(b)], dtype, device) if stacked else
+                      recorded_input(self.run_, path, b, dtype, device) for b in self.batches]
         else:
             with self.clock("chain_wait", loaded.index):
                 inputs = [self.link.recv(source, device) for _ in self.batches]

@@ -17,7 +17,8 @@ from .layer_loading import LayerSource
 from .names import INPUT, OUTPUT, TOPK_IDS, pad_name, tensor_name
 from .prompts import Batch, Prompt, make_batches
 from .runs import Run
-from .streaming import forward_layer
+from .streaming import forward_layer, rehearse
+from .timings import warm_device
 
 
 def recorded_points(run: Run, source: LayerSource, layers: list[int]) -> tuple[str, ...]:
@@ -54,6 +55,16 @@ def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """The batch's input to a layer [B, T, H] as the reference computed it: each prompt's recorded
     input, its padding positions' recorded values after it (zeros where the run has none)."""
+    return placed(stacked_input(run, layer_path, batch), dtype, device)
+
+
+def placed(stacked: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A `stacked_input` on the device in the test's dtype (the one conversion recorded_input makes)."""
+    return stacked.to(device=device, dtype=dtype)
+
+
+def stacked_input(run: Run, layer_path: str, batch: Batch) -> torch.Tensor:
+    """recorded_input on the host, as stored: what the layer reader's thread reads ahead."""
     rows = []
     width = batch.input_ids.shape[1]
     for p in batch.prompts:
@@ -64,12 +75,37 @@ def recorded_input(run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
                 torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype)
             x = torch.cat([x, pad])
         rows.append(x)
-    return torch.stack(rows).to(device=device, dtype=dtype)
+    return torch.stack(rows)
 
 
-def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str) -> tuple[bool, float]:
-    """Run the layer twice on the same batch: bit-identical, or the rel_l2 between the two."""
-    x = recorded_input(run, path, batch, source.dtype, source.device)
+def head_start(clock, source, index: int, shape: tuple[int, int]) -> None:
+    """What a process pays once on its first forward pass, paid on a thread of its own while
+    layer `index` is read (and, under torchrun, while the ranks connect): `warm_device`, then
+    `rehearse` over a batch of `shape`. Nothing else on the process may draw random numbers
+    meanwhile (the rehearsal forks the generators' state and puts it back)."""
+    clock.timed("warm", index, warm_device, source.device, source.dtype)
+    clock.timed("rehearse", index, rehearse, source, index, shape)
+
+
+def read_ahead(clock, source, run: Run, index: int, batches, inputs: bool):
+    """On the layer reader's thread: layer `index`'s weights (`source.read`), then, with
+    `inputs`, every batch's recorded input to it on the host ({id(batch): stacked_input}), each
+    into `clock`'s timeline ("read", "read_inputs"). Reading the inputs here keeps the run's files
+    and their digests off the thread that computes."""
+    weights = clock.timed("read", index, source.read, index)
+    if not inputs:
+        return weights, {}
+    path = source.anatomy.layer(index)
+    stacked = clock.timed("read_inputs", index, lambda: {id(b): stacked_input(run, path, b) for b in batches})
+    return weights, stacked
+
+
+def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str,
+                stacked: torch.Tensor | None = None) -> tuple[bool, float]:
+    """Run the layer twice on the same batch (its `stacked_input` where read ahead): bit-identical,
+    or the rel_l2 between the two."""
+    x = recorded_input(run, path, batch, source.dtype, source.device) if stacked is None else \
+        placed(stacked, source.dtype, source.device)
     a = forward_layer(loaded, module, x, batch.attention_mask, who)
     b = forward_layer(loaded, module, x, batch.attention_mask, who)
     if torch.equal(a, b):

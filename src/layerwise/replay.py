@@ -50,9 +50,10 @@ from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
-from .rebatch import deterministic, determinism, recorded_input, recorded_points, reference_batches
-from .streaming import rehearse, run_layer
-from .timings import Timings, warm_device
+from .rebatch import (deterministic, determinism, head_start, placed, read_ahead, recorded_input, recorded_points,
+                      reference_batches)
+from .streaming import run_layer
+from .timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -267,17 +268,16 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     load_seconds, bytes_read = 0.0, 0
     determinism: tuple[bool | None, float] = (None, 0.0)
     clock = Timings()
+    inputs = any(t.kind == "isolated" for t in tracks)  # else the chain needs its first layer's alone
     with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-        pending = reader.submit(clock.timed, "read", layers[0], source.read, layers[0])
-        with clock("warm", layers[0]):  # while the first layer is read
-            warm_device(source.device, source.dtype)
-        with clock("rehearse", layers[0]):
-            rehearse(source, layers[0], tuple(batches[0].attention_mask.shape))
+        pending = reader.submit(read_ahead, clock, source, run, layers[0], batches, True)
+        with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer, clock("warm_wait", layers[0]):
+            warmer.submit(head_start, clock, source, layers[0], tuple(batches[0].attention_mask.shape)).result()
         for i, index in enumerate(layers):
             with clock("read_wait", index):
-                weights = pending.result()
+                weights, stacked = pending.result()
             if i + 1 < len(layers):  # layer K+1 is read while K is built and run: at most ~3 layers resident
-                pending = reader.submit(clock.timed, "read", layers[i + 1], source.read, layers[i + 1])
+                pending = reader.submit(read_ahead, clock, source, run, layers[i + 1], batches, inputs)
             with clock("build", index):
                 loaded = source.build(weights)
             weights.tensors.clear()  # the raw tensors go now (built K, raw K+1 being read)
@@ -286,17 +286,19 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
             bytes_read += loaded.bytes_read
             with clock("compute", index):
                 checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks,
-                                      targets, options, factory)
+                                      targets, options, factory, stacked)
             determinism = checked or determinism
-            del loaded
+            del loaded, stacked
     clock.into(tracks)
     return load_seconds, bytes_read, determinism
 
 
 def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool, batches, tracks: list[_Track],
-                targets, options: ReplayOptions, factory: Callable | None) -> tuple[bool, float] | None:
+                targets, options: ReplayOptions, factory: Callable | None,
+                stacked: dict | None = None) -> tuple[bool, float] | None:
     """One built layer (or the candidate made of it) on every track; with `check`, run twice on
-    the first batch first and return (bit-identical, floor rel_l2)."""
+    the first batch first and return (bit-identical, floor rel_l2). `stacked`: the batches'
+    recorded inputs read ahead on the host (read_ahead), else they are read here."""
     index = loaded.index
     module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
     who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
@@ -304,10 +306,12 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
     mine = [t for t in targets if t.group == path]
     # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
     with user_code(f"{who} raised", CandidateError) if factory else contextlib.nullcontext():
-        twice = determinism(run, loaded, module, path, batches[0], source, who) if check else None
+        twice = determinism(run, loaded, module, path, batches[0], source, who,
+                            (stacked or {}).get(id(batches[0]))) if check else None
         for track in tracks:
             if track.kind == "isolated" or not track.carry:
-                hidden = [recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+                hidden = [placed(stacked[id(b)], source.dtype, source.device) if stacked else
+                          recorded_input(run, path, b, source.dtype, source.device) for b in batches]
             else:
                 hidden = track.carry
             out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
