@@ -42,7 +42,7 @@ from .chain import Link
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
-from .rebatch import determinism, head_start, placed, read_ahead, recorded_input
+from .rebatch import determinism, ReadAhead, head_start, placed, recorded_input
 from .replay import _candidate
 from .sharding import deal
 from .streaming import run_layer
@@ -94,9 +94,8 @@ class _Stage:
             return
         first = layers[0]  # the chain's first layer starts from the reference's inputs
         inputs = lambda index: self.isolated is not None or index == first  # noqa: E731
-        with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-            pending = reader.submit(read_ahead, self.clock, self.source, self.run_, mine[0], self.batches,
-                                    inputs(mine[0]))
+        with ReadAhead(self.clock, self.source, self.run_, self.batches) as reader:
+            pending = reader.submit(mine[0], inputs(mine[0]))
             with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer:
                 warming = warmer.submit(head_start, self.clock, self.source, mine[0],
                                         tuple(self.batches[0].attention_mask.shape))
@@ -106,10 +105,9 @@ class _Stage:
                     warming.result()
             for n, index in enumerate(mine):
                 with self.clock("read_wait", index):
-                    weights, stacked = pending.result()
+                    weights, stacked = reader.result(pending)
                 if n + 1 < len(mine):  # read while this one is built and run
-                    pending = reader.submit(read_ahead, self.clock, self.source, self.run_, mine[n + 1],
-                                            self.batches, inputs(mine[n + 1]))
+                    pending = reader.submit(mine[n + 1], inputs(mine[n + 1]))
                 with self.clock("build", index):
                     item = self._build(weights) + (stacked,)
                 del weights, stacked

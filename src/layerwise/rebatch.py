@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -87,17 +88,39 @@ def head_start(clock, source, index: int, shape: tuple[int, int]) -> None:
     clock.timed("rehearse", index, rehearse, source, index, shape)
 
 
-def read_ahead(clock, source, run: Run, index: int, batches, inputs: bool):
-    """On the layer reader's thread: layer `index`'s weights (`source.read`), then, with
-    `inputs`, every batch's recorded input to it on the host ({id(batch): stacked_input}), each
-    into `clock`'s timeline ("read", "read_inputs"). Reading the inputs here keeps the run's files
-    and their digests off the thread that computes."""
-    weights = clock.timed("read", index, source.read, index)
-    if not inputs:
-        return weights, {}
-    path = source.anatomy.layer(index)
-    stacked = clock.timed("read_inputs", index, lambda: {id(b): stacked_input(run, path, b) for b in batches})
-    return weights, stacked
+class ReadAhead:
+    """Layers' weights and recorded inputs read ahead, each on a thread of its own (the weights
+    from the checkpoint, the inputs from the reference run's files, digests checked there): what
+    a layer needs is read while the layer before it is built and computes. `submit(index, inputs)`
+    starts layer `index` (its inputs too with `inputs`); `result` waits for it and returns (the
+    weights, {id(batch): stacked_input}). Each read goes into `clock`'s timeline ("read",
+    "read_inputs"). A context manager: leaving it waits for the threads."""
+
+    def __init__(self, clock, source, run: Run, batches):
+        self.clock, self.source, self.run, self.batches = clock, source, run, batches
+        self._weights = ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read")
+        self._inputs = ThreadPoolExecutor(1, thread_name_prefix="layerwise-input-read")
+
+    def submit(self, index: int, inputs: bool):
+        weights = self._weights.submit(self.clock.timed, "read", index, self.source.read, index)
+        stacked = self._inputs.submit(self.clock.timed, "read_inputs", index, self._stacked, index) if inputs else None
+        return weights, stacked
+
+    def _stacked(self, index: int) -> dict:
+        path = self.source.anatomy.layer(index)
+        return {id(b): stacked_input(self.run, path, b) for b in self.batches}
+
+    @staticmethod
+    def result(pending) -> tuple:
+        weights, stacked = pending
+        return weights.result(), (stacked.result() if stacked is not None else {})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._weights.shutdown(wait=True, cancel_futures=True)
+        self._inputs.shutdown(wait=True, cancel_futures=True)
 
 
 def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str,

@@ -50,7 +50,7 @@ from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
-from .rebatch import (deterministic, determinism, head_start, placed, read_ahead, recorded_input, recorded_points,
+from .rebatch import (deterministic, determinism, ReadAhead, head_start, placed, recorded_input, recorded_points,
                       reference_batches)
 from .streaming import run_layer
 from .timings import Timings
@@ -269,15 +269,15 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     determinism: tuple[bool | None, float] = (None, 0.0)
     clock = Timings()
     inputs = any(t.kind == "isolated" for t in tracks)  # else the chain needs its first layer's alone
-    with ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read") as reader:
-        pending = reader.submit(read_ahead, clock, source, run, layers[0], batches, True)
+    with ReadAhead(clock, source, run, batches) as reader:
+        pending = reader.submit(layers[0], True)
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer, clock("warm_wait", layers[0]):
             warmer.submit(head_start, clock, source, layers[0], tuple(batches[0].attention_mask.shape)).result()
         for i, index in enumerate(layers):
             with clock("read_wait", index):
-                weights, stacked = pending.result()
+                weights, stacked = reader.result(pending)
             if i + 1 < len(layers):  # layer K+1 is read while K is built and run: at most ~3 layers resident
-                pending = reader.submit(read_ahead, clock, source, run, layers[i + 1], batches, inputs)
+                pending = reader.submit(layers[i + 1], inputs)
             with clock("build", index):
                 loaded = source.build(weights)
             weights.tensors.clear()  # the raw tensors go now (built K, raw K+1 being read)
@@ -298,7 +298,7 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
                 stacked: dict | None = None) -> tuple[bool, float] | None:
     """One built layer (or the candidate made of it) on every track; with `check`, run twice on
     the first batch first and return (bit-identical, floor rel_l2). `stacked`: the batches'
-    recorded inputs read ahead on the host (read_ahead), else they are read here."""
+    recorded inputs read ahead on the host (ReadAhead), else they are read here."""
     index = loaded.index
     module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
     who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
