@@ -305,3 +305,24 @@ def test_the_rehearsal_never_fails_the_test_and_never_changes_its_numbers(tmp_pa
     monkeypatch.setattr(streaming, "miniature_pass", broken)
     result = replay.replay(MINIMAX, minimax_fp32_ref.path, [0, 1], isolated=tmp_path / "iso2")
     assert_identical(minimax_fp32_ref, open_run(result.isolated))
+
+
+def test_recorded_inputs_read_ahead_within_their_window_the_rest_when_used(tmp_path, minimax_fp32_ref, monkeypatch):
+    """rebatch.ReadAhead holds a layer's first batches' inputs up to INPUTS_AHEAD_BYTES; the
+    others are read where they are used. Either way the runs are the reference's, bit for bit."""
+    from layerwise import rebatch
+
+    assert len(minimax_fp32_ref.prompts) >= 2  # one batch per prompt: several batches
+    held, reads = [], []
+    real_stacked, real_recorded = rebatch.ReadAhead._stacked, rebatch.recorded_input
+    monkeypatch.setattr(rebatch, "INPUTS_AHEAD_BYTES", 1)  # the first batch only
+    monkeypatch.setattr(rebatch.ReadAhead, "_stacked", lambda self, i: held.append(r := real_stacked(self, i)) or r)
+    monkeypatch.setattr(rebatch, "recorded_input", lambda *a: reads.append(a[1]) or real_recorded(*a))
+    result = replay.replay(MINIMAX, minimax_fp32_ref.path, [0, 1, 2], isolated=tmp_path / "iso",
+                           chained=tmp_path / "chain")
+    assert [len(h) for h in held] == [1, 1, 1]  # every layer: one batch ahead (the isolated track needs all)
+    batches = len(minimax_fp32_ref.prompts)
+    # the rest read when used: the isolated track's other batches of each layer, and the chain's at layer 0
+    assert len(reads) == 3 * (batches - 1) + (batches - 1), reads
+    assert_identical(minimax_fp32_ref, open_run(result.isolated))
+    assert_identical(minimax_fp32_ref, open_run(result.chained))

@@ -42,7 +42,7 @@ from .chain import Link
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
-from .rebatch import determinism, ReadAhead, head_start, placed, recorded_input
+from .rebatch import determinism, ReadAhead, head_start, input_of
 from .replay import _candidate
 from .sharding import deal
 from .streaming import run_layer
@@ -160,8 +160,7 @@ class _Stage:
         device, dtype = self.source.device, self.source.dtype
         mine = [t for t in self.targets if t.group == path]
         for batch in batches:
-            recorded = placed(stacked[id(batch)], dtype, device) if stacked else \
-                recorded_input(self.run_, path, batch, dtype, device)
+            recorded = input_of(stacked, self.run_, path, batch, dtype, device)
             run_layer(loaded, module, path, [batch], [recorded], self.isolated.recording.collector, mine,
                       str(device), who)
 
@@ -172,8 +171,7 @@ class _Stage:
         loaded, module, path, who, stacked = item
         device, dtype = self.source.device, self.source.dtype
         if source is None:
-            inputs = [placed(stacked[id(b)], dtype, device) if stacked else
-                      recorded_input(self.run_, path, b, dtype, device) for b in self.batches]
+            inputs = [input_of(stacked, self.run_, path, b, dtype, device) for b in self.batches]
         else:
             with self.clock("chain_wait", loaded.index):
                 inputs = [self.link.recv(source, device) for _ in self.batches]

@@ -88,13 +88,18 @@ def head_start(clock, source, index: int, shape: tuple[int, int]) -> None:
     clock.timed("rehearse", index, rehearse, source, index, shape)
 
 
+INPUTS_AHEAD_BYTES = 1 << 30  # a layer's recorded inputs held ahead on the host; the rest are read when used
+
+
 class ReadAhead:
     """Layers' weights and recorded inputs read ahead, each on a thread of its own (the weights
     from the checkpoint, the inputs from the reference run's files, digests checked there): what
     a layer needs is read while the layer before it is built and computes. `submit(index, inputs)`
-    starts layer `index` (its inputs too with `inputs`); `result` waits for it and returns (the
-    weights, {id(batch): stacked_input}). Each read goes into `clock`'s timeline ("read",
-    "read_inputs"). A context manager: leaving it waits for the threads."""
+    starts layer `index` (its inputs too with `inputs`: its first batches', up to
+    INPUTS_AHEAD_BYTES, so that a study of thousands of prompts holds no more); `result` waits for
+    it and returns (the weights, {id(batch): stacked_input}; `input_of` reads a batch missing there).
+    Each read goes into `clock`'s timeline ("read", "read_inputs"). A context manager: leaving it
+    waits for the threads."""
 
     def __init__(self, clock, source, run: Run, batches):
         self.clock, self.source, self.run, self.batches = clock, source, run, batches
@@ -107,8 +112,13 @@ class ReadAhead:
         return weights, stacked
 
     def _stacked(self, index: int) -> dict:
-        path = self.source.anatomy.layer(index)
-        return {id(b): stacked_input(self.run, path, b) for b in self.batches}
+        path, held, out = self.source.anatomy.layer(index), 0, {}
+        for b in self.batches:
+            if held >= INPUTS_AHEAD_BYTES:
+                break
+            x = out[id(b)] = stacked_input(self.run, path, b)
+            held += x.numel() * x.element_size()
+        return out
 
     @staticmethod
     def result(pending) -> tuple:
@@ -121,6 +131,14 @@ class ReadAhead:
     def __exit__(self, *exc) -> None:
         self._weights.shutdown(wait=True, cancel_futures=True)
         self._inputs.shutdown(wait=True, cancel_futures=True)
+
+
+def input_of(stacked: dict, run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """A batch's recorded input to a layer, on the device: read ahead (`ReadAhead`) if it was,
+    else read now."""
+    x = stacked.get(id(batch))
+    return placed(x, dtype, device) if x is not None else recorded_input(run, layer_path, batch, dtype, device)
 
 
 def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str,

@@ -50,7 +50,7 @@ from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
-from .rebatch import (deterministic, determinism, ReadAhead, head_start, placed, recorded_input, recorded_points,
+from .rebatch import (deterministic, determinism, ReadAhead, head_start, input_of, recorded_points,
                       reference_batches)
 from .streaming import run_layer
 from .timings import Timings
@@ -310,8 +310,7 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
                             (stacked or {}).get(id(batches[0]))) if check else None
         for track in tracks:
             if track.kind == "isolated" or not track.carry:
-                hidden = [placed(stacked[id(b)], source.dtype, source.device) if stacked else
-                          recorded_input(run, path, b, source.dtype, source.device) for b in batches]
+                hidden = [input_of(stacked or {}, run, path, b, source.dtype, source.device) for b in batches]
             else:
                 hidden = track.carry
             out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
