@@ -1,8 +1,11 @@
+import importlib
+import importlib.util
 import json
+import sys
 
 import pytest
 
-from layerwise import readiness
+from layerwise import machine, readiness
 from layerwise.readiness import CheckOptions
 
 from helpers import copy_checkpoint, run_cli
@@ -184,3 +187,66 @@ def test_check_warns_when_every_process_compiles_its_modules(monkeypatch, capsys
     monkeypatch.setattr(readiness.machine, "bytecode", lambda: Bytecode(2400, 62, 600_000, writes, prefix))
     assert readiness.check_bytecode().detail == ("2338 of 2400 imported modules load from cached bytecode; "
                                                  "62 are compiled from source at every start")
+
+
+def _boot_env(monkeypatch, tmp_path, argv=("python3", "-m", "layerwise", "check"), sentinel_pyc=False):
+    """A process as a command sees it where Python keeps no bytecode: a sentinel package (tmp_path)
+    with or without bytecode beside its source."""
+    from layerwise import _boot
+
+    package = tmp_path / "src" / "lw_sentinel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("X = 1\n")
+    if sentinel_pyc:
+        import py_compile
+        py_compile.compile(str(package / "__init__.py"), cfile=importlib.util.cache_from_source(
+            str(package / "__init__.py")), doraise=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setattr(_boot, "SENTINELS", ("lw_sentinel", "lw_not_installed"))
+    monkeypatch.setattr(sys, "orig_argv", list(argv))
+    monkeypatch.setattr(sys, "argv", list(argv[2:] if "-m" in argv else argv[1:]))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LAYERWISE_BYTECODE_CACHE", raising=False)
+    return _boot
+
+
+def test_a_command_keeps_its_bytecode_in_layerwises_cache_where_python_keeps_none(tmp_path, monkeypatch):
+    """PYTHONDONTWRITEBYTECODE set, no bytecode beside the sentinels' sources (an image installed
+    without compiling): a command's imports are cached under $LAYERWISE_CACHE/pycache, and a module
+    imported then loads from there the next time (machine.bytecode counts it as cached)."""
+    boot = _boot_env(monkeypatch, tmp_path)
+    assert boot.cache_bytecode() == str(tmp_path / "cache" / "pycache")
+    assert sys.pycache_prefix == str(tmp_path / "cache" / "pycache") and sys.dont_write_bytecode is False
+    (tmp_path / "src" / "lw_boot_probe.py").write_text("Y = 2\n")
+    importlib.import_module("lw_boot_probe")
+    try:
+        written = list((tmp_path / "cache" / "pycache").rglob("lw_boot_probe*.pyc"))
+        assert len(written) == 1 and machine.pyc_valid(str(tmp_path / "src" / "lw_boot_probe.py"), str(written[0]))
+        line = readiness.check_bytecode()
+        assert line.status == readiness.PASS and f"(kept by layerwise in {tmp_path / 'cache' / 'pycache'}" in line.detail
+    finally:
+        sys.modules.pop("lw_boot_probe", None)
+
+
+@pytest.mark.parametrize("case", ["library", "console script", "torchrun rank", "off", "prefix given", "python writes",
+                                  "compiled at install"])
+def test_the_bytecode_cache_is_left_alone_unless_a_command_would_compile_everything(tmp_path, monkeypatch, case):
+    argv = {"library": ("python3", "-c", "import layerwise"), "console script": ("python3", "/venv/bin/layerwise", "plan"),
+            "torchrun rank": ("/usr/bin/python3", "-u", "-m", "layerwise", "test")}.get(case, ("python3", "-m", "layerwise"))
+    boot = _boot_env(monkeypatch, tmp_path, argv, sentinel_pyc=case == "compiled at install")
+    if case == "off":
+        monkeypatch.setenv("LAYERWISE_BYTECODE_CACHE", "0")
+    elif case == "prefix given":
+        monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "theirs"))
+    elif case == "python writes":
+        monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    expected = str(tmp_path / "cache" / "pycache") if case in ("console script", "torchrun rank") else None
+    assert boot.cache_bytecode() == expected
+    assert (sys.pycache_prefix == expected) if expected else sys.pycache_prefix in (None, str(tmp_path / "theirs"))
+    if case == "off":  # check says how to have it back
+        from layerwise.machine import Bytecode
+
+        monkeypatch.setattr(readiness.machine, "bytecode", lambda: Bytecode(2400, 2356, 40_000_000, False, None))
+        assert "unset LAYERWISE_BYTECODE_CACHE=0" in readiness.check_bytecode().detail

@@ -9,6 +9,11 @@ is the module, `layerwise.extract_model` the function. docs/ARCHITECTURE.md maps
 
 __version__ = "0.1.0"
 
+from ._boot import cache_bytecode
+
+cache_bytecode()  # a command only, and before torch is imported (_boot.py)
+
+
 from .compare import CompareOptions, Report, compare_paths, compare_runs
 from .errors import UserError
 from .extract import ExtractOptions, extract_model

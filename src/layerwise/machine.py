@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._boot import pyc_valid  # noqa: F401 - the bytecode probe's rule, stdlib only (cached before torch)
 from .errors import UserError
 
 
@@ -179,26 +180,3 @@ def bytecode() -> Bytecode:
             except OSError:
                 pass
     return Bytecode(modules, compiled, size, not sys.dont_write_bytecode, sys.pycache_prefix)
-
-
-def pyc_valid(source: str, pyc: str) -> bool:
-    """Would Python load `pyc` for `source` rather than compile it (PEP 552's two kinds)?"""
-    try:
-        with open(pyc, "rb") as f:
-            head = f.read(16)
-        stat = os.stat(source)
-    except OSError:
-        return False
-    if len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER:
-        return False
-    flags = int.from_bytes(head[4:8], "little")
-    if flags == 0:  # by timestamp: the source's mtime and size, as recorded
-        return head[8:12] == (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") and \
-            head[12:16] == (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
-    if not flags & 0b10:  # by hash, unchecked: loaded as it is
-        return True
-    try:
-        with open(source, "rb") as f:
-            return head[8:16] == importlib.util.source_hash(f.read())
-    except OSError:
-        return False

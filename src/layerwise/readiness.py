@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import checkpoint, machine, models, quant
+from . import _boot, checkpoint, machine, models, quant
 from .distributed import Session
 from .errors import UserError
 from .loading import LoadOptions
@@ -226,17 +226,21 @@ def check_bytecode() -> Check:
     """Does every new process compile its modules from source again? Judged after the check's
     own imports (torch, transformers and, with a model, its modeling code: what a run imports)."""
     found = machine.bytecode()
+    ours = found.prefix is not None and found.prefix == str(_boot.cache_dir())
     if found.compiled < BYTECODE_WARN_MODULES:
         extra = f"; {found.compiled} are compiled from source at every start" if found.compiled else ""
+        kept = f" (kept by layerwise in {found.prefix}: Python is told to keep none)" if ours else ""
         return Check("bytecode", PASS, f"{found.modules - found.compiled} of {found.modules} imported modules load "
-                                       f"from cached bytecode{extra}")
+                                       f"from cached bytecode{kept}{extra}")
     where = f"PYTHONPYCACHEPREFIX {found.prefix}" if found.prefix else "their __pycache__ directories"
     cause = "PYTHONDONTWRITEBYTECODE is set, so Python does not cache them" if not found.writes \
         else f"Python cannot write them to {where}"
     return Check("bytecode", WARN, f"{found.compiled} of {found.modules} imported modules "
                                    f"({format_bytes(found.compiled_bytes)} of source) have no usable cached bytecode: "
                                    f"{cause}, and every process compiles them again as it starts (seconds each time); "
-                                   "export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache and unset PYTHONDONTWRITEBYTECODE")
+                                   "export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache and unset PYTHONDONTWRITEBYTECODE"
+                                   + ("; or unset LAYERWISE_BYTECODE_CACHE=0, and layerwise commands keep it in their "
+                                      "cache" if os.environ.get(_boot.OFF) == "0" else ""))
 
 
 def dump_bytes_estimate(config, tokens: int, dtype: torch.dtype) -> int:

@@ -1,0 +1,91 @@
+"""What a layerwise command does before it imports anything heavy: keep its bytecode.
+
+Many container images set PYTHONDONTWRITEBYTECODE (and install packages without compiling
+them), so every Python process compiles the modules it imports from source again: for torch,
+transformers and a model's code, thousands of modules and seconds per process, paid again by
+every command and every torchrun rank. When that is the case and no PYTHONPYCACHEPREFIX is set,
+`cache_bytecode` (run first thing by `layerwise/__init__.py`, for a layerwise command only, never
+for a program that imports layerwise) points Python's bytecode cache at layerwise's own cache
+directory, never beside the sources: the first command compiles and writes, the next ones load.
+LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+# packages whose bytecode beside their sources says whether the environment has any worth keeping
+SENTINELS = ("torch", "transformers")
+OFF = "LAYERWISE_BYTECODE_CACHE"
+
+
+def cache_dir() -> Path:
+    """$LAYERWISE_CACHE/pycache, else ~/.cache/layerwise/pycache (zoo.cache_dir's root)."""
+    return Path(os.environ.get("LAYERWISE_CACHE") or Path.home() / ".cache" / "layerwise") / "pycache"
+
+
+def is_command() -> bool:
+    """Is this process a layerwise command: the console script, `python -m layerwise`, or a rank
+    that torchrun started with `-m layerwise`?"""
+    argv = list(getattr(sys, "orig_argv", None) or sys.argv)
+    if any(a == "-m" and b == "layerwise" for a, b in zip(argv, argv[1:])):
+        return True
+    return bool(sys.argv) and Path(sys.argv[0]).name == "layerwise"
+
+
+def cache_bytecode() -> str | None:
+    """Keep a command's bytecode under cache_dir() when Python would keep none (see the module's
+    docstring). Returns the directory, or None where nothing was changed: not a command, Python
+    writes bytecode, a PYTHONPYCACHEPREFIX is set, LAYERWISE_BYTECODE_CACHE=0, the sentinels'
+    bytecode is there beside their sources (an environment compiled at install time: a prefix
+    would compile it all again), or the directory cannot be made."""
+    if os.environ.get(OFF) == "0" or not sys.dont_write_bytecode or sys.pycache_prefix or not is_command():
+        return None
+    if all(_has_bytecode(name) for name in SENTINELS):
+        return None
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    sys.pycache_prefix = str(directory)
+    sys.dont_write_bytecode = False  # Python writes each .pyc atomically: ranks side by side are safe
+    return str(directory)
+
+
+def _has_bytecode(name: str) -> bool:
+    """Does package `name` (not imported: found only) have usable bytecode beside its source? A
+    package that is not installed has nothing to compile, and counts as having it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return True
+    if spec is None or not isinstance(spec.origin, str) or not spec.origin.endswith(".py"):
+        return True
+    return pyc_valid(spec.origin, importlib.util.cache_from_source(spec.origin))
+
+
+def pyc_valid(source: str, pyc: str) -> bool:
+    """Would Python load `pyc` for `source` rather than compile it (PEP 552's two kinds)?"""
+    try:
+        with open(pyc, "rb") as f:
+            head = f.read(16)
+        stat = os.stat(source)
+    except OSError:
+        return False
+    if len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags = int.from_bytes(head[4:8], "little")
+    if flags == 0:  # by timestamp: the source's mtime and size, as recorded
+        return head[8:12] == (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") and \
+            head[12:16] == (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    if not flags & 0b10:  # by hash, unchecked: loaded as it is
+        return True
+    try:
+        with open(source, "rb") as f:
+            return head[8:16] == importlib.util.source_hash(f.read())
+    except OSError:
+        return False
