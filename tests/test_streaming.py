@@ -26,6 +26,20 @@ def test_streamed_equals_whole_model_extract(tmp_path, spec, dtype):
     assert runs.open_run(tmp_path / "stream").manifest["stats"]["streamed"] is True
 
 
+
+def test_a_rehearsed_stream_equals_the_whole_model_extract(tmp_path, monkeypatch):
+    """The first layer's rehearsal (forced on the CPU) runs while layer 0 is read, once, over the
+    first batch's shape, and changes no tensor of the run."""
+    spec, calls = "builtin:minimax-m2-tiny", []
+    real_pass = streaming.miniature_pass
+    monkeypatch.setattr(streaming, "REHEARSE_ON", ("cuda", "cpu"))
+    monkeypatch.setattr(streaming, "miniature_pass", lambda *a: (real_pass(*a), calls.append(a[1:]))[0])
+    loaded = loading.load_model(spec, loading.LoadOptions(dtype="bf16"))
+    extract_model(loaded, tmp_path / "full", PROMPTS, ALL)
+    streaming.stream_extract(spec, tmp_path / "stream", PROMPTS, ALL, streaming.StreamOptions(dtype="bf16"))
+    assert len(calls) == 1 and calls[0][0] == 0 and calls[0][1][0] == ALL.batch_size, calls
+    assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))
+
 def test_at_most_two_layers_of_weights_are_alive(tmp_path, monkeypatch):
     """Peak memory: layer K's raw expert tensors (consumed by the build) and built modules are
     tracked separately; never more than two of them exist at once (build: raw K + built K;
