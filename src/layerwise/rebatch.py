@@ -1,6 +1,9 @@
 """A reference run's own batches, rebuilt for a replay: which points it recorded, its batches
 (extract's batching of its prompts), and a batch's input to a layer with the padding tails put
-back; and whether a layer's kernels give the same bits twice.
+back; and whether a layer's kernels give the same bits twice. For the layer tests' schedules
+(replay, pipeline): `ReadAhead`, a layer's weights and recorded inputs read on threads of their
+own while the layer before it computes, and `head_start`, what a process pays once on its first
+forward pass, paid while its first layer is read.
 
 Reads runs; knows nothing about candidates, tracks or reports.
 """

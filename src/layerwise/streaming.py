@@ -15,6 +15,11 @@ model over its share of the batches (extract.todo_batches).
 The decoder loop assumed is transformers' standard one: embedding -> layers -> final norm ->
 head, nothing in between. Models that scale or mix between those steps are refused.
 Captures go through the same hooks and writer as `extract`.
+
+`rehearse` runs a miniature of a layer (its class and dimensions, as many experts as a token
+routes to, random weights) once while the real layer is read: a process's first forward pass on a
+GPU loads every kernel it uses, about half a second for a MiniMax-M2 layer on an H200, and that
+is then paid off the path (the layer tests use it too).
 """
 
 from __future__ import annotations
