@@ -49,9 +49,9 @@ def child(args) -> dict:
     config = minimax_config(1, tiny=args.tiny)
     model = build_on_devices(config, {"": 0 if device != "cpu" else "cpu"})
     store = MemoryStore(dict(model.state_dict()), "a random MiniMax-M2-size layer in memory")
-    config_dir = Path(tempfile.mkdtemp(prefix="first-forward-"))
-    config.save_pretrained(config_dir)
-    source = open_layers(str(config_dir), LayerOptions(dtype="bf16", device=device), store=store)
+    with tempfile.TemporaryDirectory(prefix="first-forward-") as config_dir:  # config.json alone
+        config.save_pretrained(config_dir)
+        source = open_layers(config_dir, LayerOptions(dtype="bf16", device=device), store=store)
     sync()
     made = time.perf_counter() - started
     shape = (args.batch, args.tokens)
