@@ -22,9 +22,14 @@ SENTINELS = ("torch", "transformers")
 OFF = "LAYERWISE_BYTECODE_CACHE"
 
 
-def cache_dir() -> Path:
-    """$LAYERWISE_CACHE/pycache, else ~/.cache/layerwise/pycache (zoo.cache_dir's root)."""
-    return Path(os.environ.get("LAYERWISE_CACHE") or Path.home() / ".cache" / "layerwise") / "pycache"
+def cache_root() -> Path:
+    """Where layerwise keeps files: $LAYERWISE_CACHE, else ~/.cache/layerwise (the tiny checkpoints
+    of zoo.py, the bytecode here)."""
+    return Path(os.environ.get("LAYERWISE_CACHE") or Path.home() / ".cache" / "layerwise")
+
+
+def bytecode_dir() -> Path:
+    return cache_root() / "pycache"
 
 
 def is_command() -> bool:
@@ -37,7 +42,7 @@ def is_command() -> bool:
 
 
 def cache_bytecode() -> str | None:
-    """Keep a command's bytecode under cache_dir() when Python would keep none (see the module's
+    """Keep a command's bytecode under bytecode_dir() when Python would keep none (see the module's
     docstring). Returns the directory, or None where nothing was changed: not a command, Python
     writes bytecode, a PYTHONPYCACHEPREFIX is set, LAYERWISE_BYTECODE_CACHE=0, the sentinels'
     bytecode is there beside their sources (an environment compiled at install time: a prefix
@@ -46,7 +51,7 @@ def cache_bytecode() -> str | None:
         return None
     if all(_has_bytecode(name) for name in SENTINELS):
         return None
-    directory = cache_dir()
+    directory = bytecode_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -8,7 +8,6 @@ nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._boot import pyc_valid  # noqa: F401 - the bytecode probe's rule, stdlib only (cached before torch)
+from ._boot import pyc_valid  # Python's rule for a usable .pyc (in _boot: it runs before torch is imported)
 from .errors import UserError
 
 

@@ -151,7 +151,7 @@ class _Stage:
             loaded, module, path, who, stacked = item
             with self.clock("determinism", loaded.index):
                 self.determinism = determinism(self.run_, loaded, module, path, self.batches[0], self.source,
-                                               who, stacked.get(id(self.batches[0])))
+                                               who, stacked)
             self.check_determinism = False
 
     def _isolated(self, item, batches) -> None:

@@ -226,7 +226,7 @@ def check_bytecode() -> Check:
     """Does every new process compile its modules from source again? Judged after the check's
     own imports (torch, transformers and, with a model, its modeling code: what a run imports)."""
     found = machine.bytecode()
-    ours = found.prefix is not None and found.prefix == str(_boot.cache_dir())
+    ours = found.prefix is not None and found.prefix == str(_boot.bytecode_dir())
     if found.compiled < BYTECODE_WARN_MODULES:
         extra = f"; {found.compiled} are compiled from source at every start" if found.compiled else ""
         kept = f" (kept by layerwise in {found.prefix}: Python is told to keep none)" if ours else ""

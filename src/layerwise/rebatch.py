@@ -145,11 +145,10 @@ def input_of(stacked: dict, run: Run, layer_path: str, batch: Batch, dtype: torc
 
 
 def determinism(run: Run, loaded, module, path: str, batch: Batch, source: LayerSource, who: str,
-                stacked: torch.Tensor | None = None) -> tuple[bool, float]:
-    """Run the layer twice on the same batch (its `stacked_input` where read ahead): bit-identical,
-    or the rel_l2 between the two."""
-    x = recorded_input(run, path, batch, source.dtype, source.device) if stacked is None else \
-        placed(stacked, source.dtype, source.device)
+                stacked: dict | None = None) -> tuple[bool, float]:
+    """Run the layer twice on the same batch (its input read ahead where `stacked`, ReadAhead's,
+    holds it): bit-identical, or the rel_l2 between the two."""
+    x = input_of(stacked or {}, run, path, batch, source.dtype, source.device)
     a = forward_layer(loaded, module, x, batch.attention_mask, who)
     b = forward_layer(loaded, module, x, batch.attention_mask, who)
     if torch.equal(a, b):

@@ -305,12 +305,12 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
     path = source.anatomy.layer(index)
     mine = [t for t in targets if t.group == path]
     # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
+    stacked = stacked or {}
     with user_code(f"{who} raised", CandidateError) if factory else contextlib.nullcontext():
-        twice = determinism(run, loaded, module, path, batches[0], source, who,
-                            (stacked or {}).get(id(batches[0]))) if check else None
+        twice = determinism(run, loaded, module, path, batches[0], source, who, stacked) if check else None
         for track in tracks:
             if track.kind == "isolated" or not track.carry:
-                hidden = [input_of(stacked or {}, run, path, b, source.dtype, source.device) for b in batches]
+                hidden = [input_of(stacked, run, path, b, source.dtype, source.device) for b in batches]
             else:
                 hidden = track.carry
             out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,

@@ -68,4 +68,3 @@ def warm_device(device: torch.device, dtype: torch.dtype) -> None:
     pinned.reserve(PINNED_BUDGET_BYTES)
     square = torch.ones(256, 256, device=device, dtype=dtype)
     torch.matmul(square, square).sum().item()
-

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ._boot import cache_root
 from .atomic import io_reason, is_io_error
 from .errors import UserError
 from .quant import quantize_weight
@@ -148,7 +149,7 @@ DEFAULT_MODEL = "builtin:minimax-m2-tiny"
 
 def cache_dir() -> Path:
     """Where tiny checkpoints are written: $LAYERWISE_CACHE, else ~/.cache/layerwise."""
-    return Path(os.environ.get("LAYERWISE_CACHE") or Path.home() / ".cache" / "layerwise")
+    return cache_root()
 
 
 def smollm2_gguf() -> Path:
