@@ -92,11 +92,13 @@ def head_start(clock, source, index: int, shape: tuple[int, int]) -> None:
 
 
 INPUTS_AHEAD_BYTES = 1 << 30  # a layer's recorded inputs held ahead on the host; the rest are read when used
+INPUT_READERS = 4  # threads reading one layer's recorded inputs (one batch each; a digest check is ~1 GB/s a thread)
 
 
 class ReadAhead:
-    """Layers' weights and recorded inputs read ahead, each on a thread of its own (the weights
-    from the checkpoint, the inputs from the reference run's files, digests checked there): what
+    """Layers' weights and recorded inputs read ahead, beside each other (the weights from the
+    checkpoint on one thread, the inputs from the reference run's files on INPUT_READERS, a batch
+    each, digests checked there): what
     a layer needs is read while the layer before it is built and computes. `submit(index, inputs)`
     starts layer `index` (its inputs too with `inputs`: its first batches', up to
     INPUTS_AHEAD_BYTES, so that a study of thousands of prompts holds no more); `result` waits for
@@ -108,6 +110,7 @@ class ReadAhead:
         self.clock, self.source, self.run, self.batches = clock, source, run, batches
         self._weights = ThreadPoolExecutor(1, thread_name_prefix="layerwise-layer-read")
         self._inputs = ThreadPoolExecutor(1, thread_name_prefix="layerwise-input-read")
+        self._readers = ThreadPoolExecutor(INPUT_READERS, thread_name_prefix="layerwise-input-file")
 
     def submit(self, index: int, inputs: bool):
         weights = self._weights.submit(self.clock.timed, "read", index, self.source.read, index)
@@ -115,13 +118,16 @@ class ReadAhead:
         return weights, stacked
 
     def _stacked(self, index: int) -> dict:
-        path, held, out = self.source.anatomy.layer(index), 0, {}
+        path, held, chosen = self.source.anatomy.layer(index), 0, []
+        name = tensor_name(path, INPUT)
         for b in self.batches:
             if held >= INPUTS_AHEAD_BYTES:
                 break
-            x = out[id(b)] = stacked_input(self.run, path, b)
-            held += x.numel() * x.element_size()
-        return out
+            chosen.append(b)
+            held += sum(self.run.entry(name, p.index).nbytes for p in b.prompts)
+        # files opened, read and their digests checked on several threads (hashlib lets go of the GIL)
+        stacked = self._readers.map(lambda b: stacked_input(self.run, path, b), chosen)
+        return {id(b): x for b, x in zip(chosen, stacked)}
 
     @staticmethod
     def result(pending) -> tuple:
@@ -134,6 +140,7 @@ class ReadAhead:
     def __exit__(self, *exc) -> None:
         self._weights.shutdown(wait=True, cancel_futures=True)
         self._inputs.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True, cancel_futures=True)
 
 
 def input_of(stacked: dict, run: Run, layer_path: str, batch: Batch, dtype: torch.dtype,
