@@ -36,7 +36,7 @@ FLOORS = {
     2: "_boot tensorfile atomic machine quiet paths distributed chain pinned engines.files",
     3: "runs manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
     4: "recording collector capture module_points loading layer_loading timings",
-    5: "layer_test replay rebatch pipeline streaming extract importer compare tokenmap readiness engines.llamacpp "
+    5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook",
     6: "cli arguments plot report __main__ __init__",
 }

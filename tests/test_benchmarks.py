@@ -131,7 +131,8 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / "out" / "isolated_profile.json").read_text())
     assert data["cold_read_s"] > 0 and data["extract_s"] > data["startup_s"] > 0 and data["ratio"] > 0, data
     assert any("layerwise" in line for line in data["test_profile"]), data["test_profile"]
-    assert out.count("(extract + test) / cold read") == 2
+    assert out.count("(extract + test) / cold read") == 2 and out.count("(one read for both)") == 2
+    assert data["joint_s"] > data["startup_s"] and data["joint_ratio"] > 0 and data["joint_test_s"] > 0, data
     startup, cached = data["startup_bytecode"], data["cached_startup_bytecode"]
     assert startup["modules"] > 500 and cached["compiled"] == 0 and cached["writes"], (startup, cached)
     assert data["cached_ratio"] > 0 and any((tmp_path / "work" / "pycache").rglob("*.pyc"))

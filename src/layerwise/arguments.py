@@ -280,6 +280,9 @@ def _test(sub) -> None:
     p.add_argument("--stream", action="store_true",
                    help="full / extract-all: one decoder layer at a time on --device, for models larger than the "
                         "GPUs (single and multi always load one layer at a time)")
+    p.add_argument("--record-reference", action="store_true",
+                   help="single / multi: record --reference from MODEL over --prompt/--prompts (as extract --stream "
+                        "would) in the same read of the checkpoint as the test: one read instead of two")
     g = p.add_argument_group("candidate settings (default: the reference's own)")
     _compute(g, default="the reference's")
     g.add_argument("--device", help="single / multi: where the layers run (default: cuda:0, else cpu)")
@@ -292,7 +295,7 @@ def _test(sub) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="single / multi: torch's deterministic kernels (when the first layer, run twice, differs)")
     _placement(p.add_argument_group("placement (full, extract-all)"))
-    _prompts(p.add_argument_group("prompts and capture (extract-all)"))
+    _prompts(p.add_argument_group("prompts and capture (extract-all, --record-reference)"))
     _tolerances(p, compare=False)
     _torchrun(p)
 
@@ -358,7 +361,8 @@ def test_options(args) -> TestOptions:
     extract = options(ExtractOptions, points=args.points, batch_size=args.batch_size, max_tokens=args.max_tokens,
                       chat_template=args.chat_template, overwrite=args.overwrite)
     return options(TestOptions, test_type=args.test_type, reference=args.reference, layer=args.layer,
-                   layers=args.layers, out=args.out, stream=args.stream, candidate=candidate,
+                   layers=args.layers, out=args.out, stream=args.stream, record_reference=args.record_reference,
+                   candidate=candidate,
                    load=load_options(args), extract=extract)
 
 

@@ -150,7 +150,16 @@ class LayerSource:
 
     def on(self, device: str) -> "LayerSource":
         """The same source, building on another device (shares the store and the meta model)."""
-        return dataclasses.replace(self, options=dataclasses.replace(self.options, device=str(device)))
+        return self.variant(device=str(device))
+
+    def variant(self, **changes) -> "LayerSource":
+        """The same checkpoint built under other LayerOptions (device, dtype, attention, quant):
+        shares the store (and the meta model, in the same dtype); `build` takes what `read` gives."""
+        options = dataclasses.replace(self.options, **changes)
+        dtype = models.parse_dtype(options.dtype)  # the meta model `build` checks a layer against, in its dtype
+        meta = self._meta if dtype == self.dtype else meta_model(copy.deepcopy(self.config), dtype)
+        return dataclasses.replace(self, options=options, quant_mode=quant.resolve_mode(self.scheme, options.quant),
+                                   _meta=meta)
 
     def check_index(self, index: int) -> None:
         if not 0 <= index < self.num_layers:

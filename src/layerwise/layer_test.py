@@ -27,6 +27,7 @@ from . import distributed, models
 from .compare import CompareOptions, Report, Row, compare_runs
 from .errors import UserError
 from .extract import ExtractOptions, extract
+from .joint import record_and_test
 from .loading import LoadOptions
 from .names import OUTPUT, BadSelection, Layout, format_ranges, parse_indices
 from .pipeline import Pipeline
@@ -50,6 +51,7 @@ class TestOptions:
     layers: str | None = None  # multi: A-B (default: every layer); full / extract-all: which layers to capture
     out: str = "runs/test"  # directory for the candidate run(s)
     stream: bool = False  # full / extract-all: one decoder layer at a time on one device (single and multi always are)
+    record_reference: bool = False  # single / multi: record `reference` in the same read as the test (joint.py)
     candidate: ReplayOptions = field(default_factory=ReplayOptions)  # the settings tested (default: the reference's)
     load: LoadOptions = field(default_factory=LoadOptions)  # full / extract-all: loading the whole model
     extract: ExtractOptions = field(default_factory=ExtractOptions)  # extract-all: capture; full: its batch defaults
@@ -78,21 +80,29 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
     if not options.reference:
         raise UserError(f"--test-type {options.test_type} needs --reference RUN "
                         "(make one with --test-type extract-all)")
-    reference = open_run(options.reference)
+    if options.record_reference and options.test_type not in ("single", "multi"):
+        raise UserError(f"--record-reference is for --test-type single or multi ({options.test_type} reads the "
+                        "model once already): drop it, or extract the reference first")
+    reference = None if options.record_reference else open_run(options.reference)
     if options.test_type == "full":
         return _full(model, reference, options, out, progress)
     num_layers = models.load_config(models.resolve_model(model)).config.num_hidden_layers  # cheap: the config
     if options.test_type == "single":
         layers = parse_layer(options.layer, num_layers)
-        every = len(layers) == num_layers and num_layers > 1
-        result = replay(model, reference, layers, options.candidate, isolated=out / "isolated",
-                        chained=out / "chained" if every else None, schedule=_schedule(options))
+        runs = {"isolated": out / "isolated", "chained": out / "chained" if len(layers) == num_layers > 1 else None}
     else:
         layers = parse_layer_range(options.layers or f"0-{num_layers - 1}", num_layers)
-        result = replay(model, reference, layers, options.candidate, chained=out / "chained",
-                        schedule=_schedule(options))
+        runs = {"chained": out / "chained"}
+    notes = ()
+    if reference is None:
+        result, recorded = record_and_test(model, options.reference, layers, list(prompts or []), options.candidate,
+                                           options.extract, **runs)
+        notes = recorded.notes  # NaN/Inf in the reference
+    else:
+        result = replay(model, reference, layers, options.candidate, schedule=_schedule(options), **runs)
     candidates = {k: v for k, v in (("isolated", result.isolated), ("chained", result.chained)) if v is not None}
-    return TestResult(options.test_type, reference.path, candidates, result.layers, replay=result, notes=result.notes)
+    return TestResult(options.test_type, Path(options.reference), candidates, result.layers, replay=result,
+                      notes=(*result.notes, *notes))
 
 
 def _schedule(options: TestOptions) -> Pipeline | None:

@@ -156,6 +156,11 @@ def determinism(run: Run, loaded, module, path: str, batch: Batch, source: Layer
     """Run the layer twice on the same batch (its input read ahead where `stacked`, ReadAhead's,
     holds it): bit-identical, or the rel_l2 between the two."""
     x = input_of(stacked or {}, run, path, batch, source.dtype, source.device)
+    return run_twice(loaded, module, x, batch, who)
+
+
+def run_twice(loaded, module, x: torch.Tensor, batch: Batch, who: str) -> tuple[bool, float]:
+    """`determinism` on a given input `x` of `batch`."""
     a = forward_layer(loaded, module, x, batch.attention_mask, who)
     b = forward_layer(loaded, module, x, batch.attention_mask, who)
     if torch.equal(a, b):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import importlib.util
 import logging
@@ -50,8 +51,8 @@ from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
-from .rebatch import (deterministic, determinism, ReadAhead, head_start, input_of, recorded_points,
-                      reference_batches)
+from .rebatch import (deterministic, ReadAhead, head_start, input_of, recorded_points, reference_batches,
+                      run_twice)
 from .streaming import run_layer
 from .timings import Timings
 
@@ -207,7 +208,7 @@ def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
     run = reference if isinstance(reference, Run) else open_run(reference)
     factory = load_candidate(options.candidate) if options.candidate else None
     if source is None:
-        settings = resolve_settings(run, options)
+        settings = resolve_settings(run.manifest.get("settings") or {}, options)
         source = open_layers(model, LayerOptions(settings["dtype"], settings["device"],
                                                  settings["attn_implementation"], settings["quant"],
                                                  options.fp8_backend))
@@ -234,27 +235,35 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
     targets = capture.plan_targets(source.anatomy, recorded_points(run, source, layers), tuple(layers))
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        tracks = [_Track(kind, stack.enter_context(Recording(path, _intent(run, source, settings, layers, kind),
-                                                               targets, options.overwrite,
+        intent = functools.partial(test_intent, source, settings, layers, reference_of(run), _batch_size(run),
+                                   run.prompts)
+        tracks = [_Track(kind, stack.enter_context(Recording(path, intent(kind), targets, options.overwrite,
                                                                ranks=getattr(schedule, "ranks", None))))
                   for kind, path in outputs.items()]
         with deterministic(options.deterministic), torch.inference_mode():
             load_seconds, bytes_read, determinism = schedule(run, source, layers, batches, tracks, targets,
                                                                 options, factory)
-        found = []  # NaN/Inf the layers produced, per output run
-        for track in tracks:
-            track.recording.close_capture()
-            track.recording.finish({"producer": "layerwise test", "notes": notes, "stats": {
-                                    "seconds": time.perf_counter() - start, "load_seconds": load_seconds,
-                                    "bytes_read": bytes_read},
-                                    "determinism": {"checked": determinism[0] is not None,
-                                                    "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
-            found += [f"{track.kind} run: {n}" for n in nonfinite_notes(track.recording.manifest)]
-    notes += found
+        return finish_tracks(tracks, settings, layers, notes, start, load_seconds, bytes_read, determinism)
+
+
+def finish_tracks(tracks: list[_Track], settings: dict, layers: list[int], notes: list[str], start: float,
+                  load_seconds: float, bytes_read: int, determinism: tuple[bool | None, float],
+                  extra: dict | None = None) -> ReplayResult:
+    """Every track's tensors out and its manifest written (`extra` beside the intent); the result."""
+    found = []  # NaN/Inf the layers produced, per output run
+    for track in tracks:
+        track.recording.close_capture()
+        track.recording.finish({"producer": "layerwise test", "notes": notes, **(extra or {}), "stats": {
+                                "seconds": time.perf_counter() - start, "load_seconds": load_seconds,
+                                "bytes_read": bytes_read},
+                                "determinism": {"checked": determinism[0] is not None,
+                                                "bit_identical": determinism[0], "floor_rel_l2": determinism[1]}})
+        found += [f"{track.kind} run: {n}" for n in nonfinite_notes(track.recording.manifest)]
+    notes = [*notes, *found]
     if determinism[0] is False:
         notes.append(f"nondeterministic kernels: layer {layers[0]} run twice on the same input differs by rel_l2 "
                      f"{determinism[1]:.2e} (the floor below which errors are noise); try --deterministic")
-    paths = {kind: Path(path) for kind, path in outputs.items()}
+    paths = {t.kind: Path(t.recording.writer.target) for t in tracks}
     return ReplayResult(tuple(layers), paths.get("isolated"), paths.get("chained"), settings,
                         time.perf_counter() - start, load_seconds, bytes_read, tuple(notes), *determinism)
 
@@ -285,32 +294,33 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
             load_seconds += loaded.seconds
             bytes_read += loaded.bytes_read
             with clock("compute", index):
-                checked = _test_layer(run, source, loaded, i == 0 and options.check_determinism, batches, tracks,
-                                      targets, options, factory, stacked)
+                path = source.anatomy.layer(index)
+                checked = test_layer(source, loaded, i == 0 and options.check_determinism, batches, tracks, targets,
+                                     options, factory, lambda b: input_of(stacked, run, path, b, source.dtype,
+                                                                          source.device))
             determinism = checked or determinism
             del loaded, stacked
     clock.into(tracks)
     return load_seconds, bytes_read, determinism
 
 
-def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool, batches, tracks: list[_Track],
-                targets, options: ReplayOptions, factory: Callable | None,
-                stacked: dict | None = None) -> tuple[bool, float] | None:
-    """One built layer (or the candidate made of it) on every track; with `check`, run twice on
-    the first batch first and return (bit-identical, floor rel_l2). `stacked`: the batches'
-    recorded inputs read ahead on the host (ReadAhead), else they are read here."""
+def test_layer(source: LayerSource, loaded: LoadedLayer, check: bool, batches, tracks: list[_Track], targets,
+               options: ReplayOptions, factory: Callable | None, inputs: Callable) -> tuple[bool, float] | None:
+    """One built layer (or the candidate made of it) on every track: the isolated one (and a chain
+    at its first layer) fed `inputs(batch)`, the batch's input as the reference computed it, on the
+    device in the candidate's dtype; a chain after its first layer its own last outputs. With
+    `check`, run twice on the first batch first and return (bit-identical, floor rel_l2)."""
     index = loaded.index
     module = _candidate(factory, options.candidate, source, loaded) if factory else loaded.module
     who = f"--candidate {options.candidate}: layer {index}" if factory else f"layer {index}"
     path = source.anatomy.layer(index)
     mine = [t for t in targets if t.group == path]
     # what a candidate's forward raises fails the test (exit 1) in one line naming its own code
-    stacked = stacked or {}
     with user_code(f"{who} raised", CandidateError) if factory else contextlib.nullcontext():
-        twice = determinism(run, loaded, module, path, batches[0], source, who, stacked) if check else None
+        twice = run_twice(loaded, module, inputs(batches[0]), batches[0], who) if check else None
         for track in tracks:
             if track.kind == "isolated" or not track.carry:
-                hidden = [input_of(stacked, run, path, b, source.dtype, source.device) for b in batches]
+                hidden = [inputs(b) for b in batches]
             else:
                 hidden = track.carry
             out = run_layer(loaded, module, path, batches, hidden, track.recording.collector, mine,
@@ -320,9 +330,8 @@ def _test_layer(run: Run, source: LayerSource, loaded: LoadedLayer, check: bool,
     return twice
 
 
-def resolve_settings(run: Run, options: ReplayOptions) -> dict:
-    """The candidate settings: what the user gave, else the reference's own."""
-    ref = run.manifest.get("settings", {}) or {}
+def resolve_settings(ref: dict, options: ReplayOptions) -> dict:
+    """The candidate settings: what the user gave, else the reference's own (its run's settings)."""
     dtype = options.dtype or ref.get("dtype") or models.DEFAULT_DTYPE
     models.parse_dtype(dtype)
     device = usable_device(options.device)
@@ -331,15 +340,26 @@ def resolve_settings(run: Run, options: ReplayOptions) -> dict:
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
 
 
-def _intent(run: Run, source: LayerSource, settings: dict, layers: list[int], kind: str) -> Intent:
+def reference_of(run: Run) -> dict:
+    """A test run's "reference": the run it replays."""
+    return {"path": str(run.path), "created": run.manifest.get("created")}
+
+
+def _batch_size(run: Run) -> int:
+    return (run.manifest.get("settings") or {}).get("batch_size") or 1
+
+
+def test_intent(source: LayerSource, settings: dict, layers: list[int], reference: dict, batch_size: int,
+                prompts: list[dict], kind: str) -> Intent:
+    """What a test's `kind` ("isolated", "chained") run is: `layers` of the model under the
+    candidate `settings`, on `reference`'s prompts in its batches of `batch_size`."""
     return Intent(
         producer="layerwise test",
         model=model_record(source.ref, source.config, source.architecture, source.anatomy.num_layers),
-        settings={**settings, "replay": kind, "layers": layers,
-                  "batch_size": (run.manifest.get("settings") or {}).get("batch_size") or 1},
-        reference={"path": str(run.path), "created": run.manifest.get("created")},
+        settings={**settings, "replay": kind, "layers": layers, "batch_size": batch_size},
+        reference=reference,
         anatomy=asdict(source.anatomy.layout),
-        prompts=run.prompts,
+        prompts=prompts,
         fixes=[vars(f) for f in source.fixes],
         versions=library_versions(),
     )

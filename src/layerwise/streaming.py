@@ -25,6 +25,7 @@ is then paid off the path (the layer tests use it too).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -71,9 +72,10 @@ class StreamStats:
 
 def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptions(),
                    stream: StreamOptions = StreamOptions(), progress=None,
-                   source: LayerSource | None = None) -> tuple[ExtractResult, StreamStats]:
+                   source: LayerSource | None = None, alongside=None) -> tuple[ExtractResult, StreamStats]:
     """`source`: layers from somewhere else than `spec`'s checkpoint (tensors in memory); its
-    device and dtype win over `stream`'s."""
+    device and dtype win over `stream`'s. `alongside` (joint.Alongside): a layer test fed by this
+    stream, each layer's weights and inputs handed to it (every batch computed: no resume)."""
     if options.modules:
         raise UserError("--modules is not available with --stream: extract without --stream to capture any module")
     if source is None:
@@ -83,7 +85,7 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
     if source.device.type == "cuda":
         pin_ahead(options)
     try:
-        return _stream(source, out, items, options, stream, progress)
+        return _stream(source, out, items, options, stream, progress, alongside)
     finally:
         source.close()
 
@@ -98,7 +100,7 @@ class _Reads:
 
 
 def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: StreamOptions,
-            progress) -> tuple[ExtractResult, StreamStats]:
+            progress, alongside=None) -> tuple[ExtractResult, StreamStats]:
     device = str(source.device)
     config, anatomy = source.config, source.anatomy
     if config.model_type in _NOT_STREAMABLE:
@@ -120,15 +122,17 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         if progress is not None:
             progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), run.writer.bytes_written, run.elapsed()))
 
-    with record(out, intent, targets, options, distributed.session()) as run:
-        todo, mine = todo_batches(run, batches, distributed.session())  # under torchrun: this rank's share
+    with record(out, intent, targets, options, distributed.session()) as run, \
+            (alongside.recording(intent, batches, points) if alongside else contextlib.nullcontext()):
+        # under torchrun: this rank's share; a test alongside needs every batch's inputs
+        todo, mine = (batches, batches) if alongside else todo_batches(run, batches, distributed.session())
         if device.startswith("cuda"):
             torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
             torch.cuda.reset_peak_memory_stats(torch.device(device))
         with torch.inference_mode():
             if mine:
                 hidden = _embed(source, mine, run.collector, by_stage.get("embed", []), stream)
-                hidden = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done)
+                hidden = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done, alongside)
                 _norm_and_head(source, mine, hidden, run.collector, by_stage.get("final", []))
         seconds = run.close_capture()
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
@@ -156,14 +160,17 @@ def _embed(source: LayerSource, batches, collector, targets, stream: StreamOptio
 
 
 def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, stream: StreamOptions,
-                    reads: _Reads, done) -> list[torch.Tensor]:
+                    reads: _Reads, done, alongside=None) -> list[torch.Tensor]:
     """Every decoder layer over every batch, one layer at a time; the next one is read in the
-    background while this one computes (with `stream.prefetch`). `done(k)` after layer k."""
+    background while this one computes (with `stream.prefetch`). `done(k)` after layer k;
+    `alongside.layer(k, weights, inputs)` after layer k ran, before its raw weights go."""
     anatomy, device = source.anatomy, str(source.device)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(source.read, 0)
         if batches:  # the first forward pass's one-off costs, paid while layer 0 is read
             rehearse(source, 0, tuple(batches[0].attention_mask.shape))
+            if alongside is not None:
+                alongside.rehearse(tuple(batches[0].attention_mask.shape))
         for k in range(anatomy.num_layers):
             t0 = time.perf_counter()
             weights = pending.result()
@@ -171,14 +178,20 @@ def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, s
             reads.seconds += weights.seconds
             reads.bytes += weights.bytes_read
             layer = source.build(weights)
-            weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
-            del weights  # before the next layer's arrive: ~2 layers resident
+            if alongside is None:
+                weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
+                del weights  # before the next layer's arrive: ~2 layers resident
             last = k + 1 == anatomy.num_layers
             if stream.prefetch and not last:
                 pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
-            hidden = run_layer(layer, layer.module, anatomy.layer(k), batches, hidden, run.collector,
-                               by_stage.get(k, []), device)
+            inputs, hidden = hidden, run_layer(layer, layer.module, anatomy.layer(k), batches, hidden,
+                                               run.collector, by_stage.get(k, []), device)
             del layer
+            if alongside is not None:
+                alongside.layer(k, weights, inputs)  # the candidate, built from the same tensors
+                weights.tensors.clear()
+                del weights
+            del inputs
             if not stream.prefetch and not last:
                 pending = pool.submit(source.read, k + 1)
             done(k)
