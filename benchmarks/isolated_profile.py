@@ -12,7 +12,9 @@ dropped before each step (POSIX_FADV_DONTNEED, no root needed), it times:
   joint      `layerwise test CKPT --record-reference --reference REF2 --prompts ... --layer all`: both
              from one read of the checkpoint
 
-and the goal's ratio (extract + test) / cold_read (< 2), and joint / cold_read. The start-up step also reports how many
+and the goal's ratio (extract + test) / cold_read (< 2), and joint / cold_read. With --no-prefetch
+each command also runs with LAYERWISE_PREFETCH=0 (no first layer read while it imports,
+_prefetch.py), the two taking turns. The start-up step also reports how many
 of the modules it imported had no usable cached bytecode (compiled from source, as `layerwise
 check` reports it). With --bytecode-cache the three commands run again with a bytecode cache
 (PYTHONPYCACHEPREFIX in --work, PYTHONDONTWRITEBYTECODE unset), filled by one untimed extract
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="run extract and test once more under cProfile")
     ap.add_argument("--bytecode-cache", action="store_true",
                     help="run the commands again with a bytecode cache of their own (PYTHONPYCACHEPREFIX)")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="each command again with LAYERWISE_PREFETCH=0, taking turns with the default")
     ap.add_argument("--command-timeout", type=float, default=600)
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
     args = ap.parse_args(argv)
@@ -164,27 +168,38 @@ def main(argv: list[str] | None = None) -> int:
     results["cold_read_s"] = bench.cold_read()
     print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
 
-    def steps(prefix: str, env: dict | None = None) -> None:
-        for name, command in commands.items():
-            results[f"{prefix}{name}_s"], printed = bench.timed(command, env=env)
-            if name == "startup":
-                results[f"{prefix}startup_bytecode"] = json.loads(printed.strip().splitlines()[-1])
-            print(f"{prefix}{name}: {results[f'{prefix}{name}_s']:.2f} s", flush=True)
-            save()
-        manifest = json.loads((bench.work / "ref" / "manifest.json").read_text())
-        results[f"{prefix}extract_recording_s"] = manifest["stats"].get("seconds")
-        tested = json.loads((bench.work / "test" / "isolated" / "manifest.json").read_text())["stats"]
-        results[f"{prefix}test_replay_s"], results[f"{prefix}test_load_s"] = tested.get("seconds"), tested.get("load_seconds")
-        results[f"{prefix}ratio"] = (results[f"{prefix}extract_s"] + results[f"{prefix}test_s"]) / results["cold_read_s"]
-        results[f"{prefix}joint_ratio"] = results[f"{prefix}joint_s"] / results["cold_read_s"]
-        joint = json.loads((bench.work / "test-joint" / "isolated" / "manifest.json").read_text())["stats"]
-        results[f"{prefix}joint_test_s"] = joint.get("seconds")
+    def timed(prefix: str, name: str, env: dict | None) -> None:
+        results[f"{prefix}{name}_s"], printed = bench.timed(commands[name], env=env)
+        stats = (lambda run: json.loads((bench.work / run / "manifest.json").read_text())["stats"])
+        if name == "startup":
+            results[f"{prefix}startup_bytecode"] = json.loads(printed.strip().splitlines()[-1])
+        elif name == "extract":
+            results[f"{prefix}extract_recording_s"] = stats("ref").get("seconds")
+        elif name == "test":
+            tested = stats("test/isolated")
+            results[f"{prefix}test_replay_s"], results[f"{prefix}test_load_s"] = tested.get("seconds"), \
+                tested.get("load_seconds")
+        elif name == "joint":
+            results[f"{prefix}joint_test_s"] = stats("test-joint/isolated").get("seconds")
+        print(f"{prefix}{name}: {results[f'{prefix}{name}_s']:.2f} s", flush=True)
+        save()
 
-    steps("")
+    def steps(*variants: tuple[str, dict | None]) -> None:
+        """Every command once per variant (prefix, environment), the variants taking turns."""
+        for name in commands:
+            for prefix, env in variants:
+                timed(prefix, name, env)
+        for prefix, _ in variants:
+            results[f"{prefix}ratio"] = (results[f"{prefix}extract_s"] + results[f"{prefix}test_s"]) / \
+                results["cold_read_s"]
+            results[f"{prefix}joint_ratio"] = results[f"{prefix}joint_s"] / results["cold_read_s"]
+
+    off = [("noprefetch_", {**bench.env, "LAYERWISE_PREFETCH": "0"})] if args.no_prefetch else []
+    steps(("", None), *off)
     if args.bytecode_cache:
         env = bench.cached_env()
         results["cached_fill_s"] = bench.timed(commands["extract"], env=env)[0]  # fills the cache, untimed in the ratio
-        steps("cached_", env)
+        steps(("cached_", env))
     if args.profile:
         for name in ("extract", "test"):
             dump = out / f"{name}.prof"
@@ -195,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     s = results["setup"]
     lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
              f"prompts x {s['tokens']} tokens; {s['card']}; cold read {results['cold_read_s']:.2f} s"]
-    for prefix, what in (("", "as the environment runs"), ("cached_", "with a bytecode cache")):
+    for prefix, what in (("", "as the environment runs"), ("noprefetch_", "without the first layer's prefetch "
+                         "(LAYERWISE_PREFETCH=0)"), ("cached_", "with a bytecode cache")):
         if f"{prefix}ratio" not in results:
             continue
         r, code = (lambda k: results[prefix + k]), results[f"{prefix}startup_bytecode"]

@@ -125,13 +125,14 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
     """The headline path's commands (streamed extract, every layer tested alone), fresh processes."""
     code = bench(monkeypatch, "isolated_profile").main(
         ["--tiny", "--layers", "2", "--tokens", "16", "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
-         "--out", str(tmp_path / "out"), "--profile", "--bytecode-cache"])
+         "--out", str(tmp_path / "out"), "--profile", "--bytecode-cache", "--no-prefetch"])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "isolated_profile.json").read_text())
     assert data["cold_read_s"] > 0 and data["extract_s"] > data["startup_s"] > 0 and data["ratio"] > 0, data
     assert any("layerwise" in line for line in data["test_profile"]), data["test_profile"]
-    assert out.count("(extract + test) / cold read") == 2 and out.count("(one read for both)") == 2
+    assert out.count("(extract + test) / cold read") == 3 and out.count("(one read for both)") == 3
+    assert data["noprefetch_joint_s"] > 0 and data["noprefetch_ratio"] > 0, data
     assert data["joint_s"] > data["startup_s"] and data["joint_ratio"] > 0 and data["joint_test_s"] > 0, data
     startup, cached = data["startup_bytecode"], data["cached_startup_bytecode"]
     assert startup["modules"] > 500 and cached["compiled"] == 0 and cached["writes"], (startup, cached)
