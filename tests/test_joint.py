@@ -148,3 +148,32 @@ def test_cli_prints_the_report_and_the_runs(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report and (tmp_path / "ref" / MANIFEST).is_file()
     assert open_run(tmp_path / "ref").manifest["producer"] == "layerwise extract"
+
+
+def test_a_rerun_after_an_interruption_records_both_again(tmp_path, monkeypatch, capsys):
+    """Killed at layer 2 the first time, the same command run again completes: the reference
+    equals a streamed extract of the same prompts, the test's runs carry every layer."""
+    (tmp_path / "once.py").write_text(
+        "import pathlib\n"
+        "from transformers.models.minimax_m2 import modeling_minimax_m2 as m\n"
+        "def factory(config, index, weights):\n"
+        "    flag = pathlib.Path('fail-once')\n"
+        "    if index == 2 and flag.exists():\n"
+        "        flag.unlink()\n"
+        "        raise KeyboardInterrupt\n"
+        "    layer = m.MiniMaxM2DecoderLayer(config, index).to(next(iter(weights.values())).dtype)\n"
+        "    layer.load_state_dict(weights)\n"
+        "    return layer.eval()\n")
+    (tmp_path / "fail-once").write_text("")
+    monkeypatch.chdir(tmp_path)
+    argv = ["test", MINIMAX, "--record-reference", "--reference", "ref", "--out", "t", "--device", "cpu",
+            "--candidate", "once.py:factory", "--prompt", "hello there", "--prompt", "a b c d e f"]
+    assert cli.main(argv) == 130  # interrupted
+    assert not (tmp_path / "ref" / MANIFEST).exists() and not (tmp_path / "t" / "isolated" / MANIFEST).exists()
+    assert cli.main(argv) == 0, capsys.readouterr()
+    stream_extract(MINIMAX, tmp_path / "again", ["hello there", "a b c d e f"], ExtractOptions(),
+                   StreamOptions(device="cpu"))
+    assert_runs_equal(open_run(tmp_path / "ref"), open_run(tmp_path / "again"))
+    isolated = open_run(tmp_path / "t" / "isolated")
+    assert {n.split(":")[0] for n in isolated.names if n.endswith(":output") and n.count(".") == 2} == \
+        {f"model.layers.{k}" for k in range(4)}
