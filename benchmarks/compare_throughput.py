@@ -5,8 +5,7 @@ of each layer, fp32 router logits [tokens, 256], top-8 ids and weights, bf16 log
 [tokens, 200064]), the candidate a bf16-noisy copy of the reference, then times, on the same files:
   raw read     every file read once with large buffered reads (what the disk or page cache gives)
   read+sha256  the same, hashing every byte (what verification costs on one core)
-  compare      compare_runs with sha256 verification (the default) and without it; cold, also with
-               the memory-mapped reader compare used before (`mmap_reader`), taking turns
+  compare      compare_runs with sha256 verification (the default) and without it
 Each timing runs cold (the runs' pages evicted from the page cache with posix_fadvise, so the
 disk is read; only these files are touched) and warm (from the page cache, best of two). Prints
 one table and updates this machine's row in the "compare throughput" section of BENCHMARKS.md,
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
-from layerwise import tensorfile  # noqa: E402
 from layerwise.runs import RunWriter, open_run  # noqa: E402
 from synthetic import drop_page_cache  # noqa: E402
 
@@ -93,29 +91,13 @@ def raw_read(files, hash_it: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def timed_compare(paths, verify: bool, reader=None) -> float:
-    """compare_runs' seconds; `reader` replaces how a run's tensor is read (the baseline below)."""
-    real = tensorfile.read_tensor_and_digests
-    tensorfile.read_tensor_and_digests = reader or real
-    try:
-        ref, cand = open_run(paths[0]), open_run(paths[1])
-        start = time.perf_counter()
-        report = compare_runs(ref, cand, CompareOptions(verify=verify))
-        seconds = time.perf_counter() - start
-    finally:
-        tensorfile.read_tensor_and_digests = real
+def timed_compare(paths, verify: bool) -> float:
+    ref, cand = open_run(paths[0]), open_run(paths[1])
+    start = time.perf_counter()
+    report = compare_runs(ref, cand, CompareOptions(verify=verify))
+    seconds = time.perf_counter() - start
     assert report.rows, "nothing compared"
     return seconds
-
-
-def mmap_reader(path: Path, name: str, device: str = "cpu"):
-    """How compare read a run's tensor until tensorfile.read_tensor_and_digests used read_tensors:
-    safetensors' own reader, through a memory map (a cold file is then read by page faults). The
-    side-by-side baseline."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device=device) as fh:
-        return fh.get_tensor(name), tensorfile.stored_digests(fh.metadata() or {}, name)
 
 
 def machine() -> str:
@@ -189,13 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         results["raw read cold"] = raw_read(files)
         results["raw read warm"] = min(raw_read(files) for _ in range(2))
         results["read+sha256 warm"] = raw_read(files, hash_it=True)
-        cold, mapped = [], []
-        for _ in range(2):  # the reader and its baseline take turns, each on a cold page cache
-            drop_page_cache(files)
-            cold.append(timed_compare(paths, verify=True))
-            drop_page_cache(files)
-            mapped.append(timed_compare(paths, verify=True, reader=mmap_reader))
-        results["compare cold"] = min(cold)
+        drop_page_cache(files)
+        results["compare cold"] = timed_compare(paths, verify=True)
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
         results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))
     finally:
@@ -208,9 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:{width}}  {v:5.2f}  {results[k]:8.2f}")
     ratio = rate["compare cold"] / rate["raw read cold"]
     print(f"compare cold / raw read cold = {ratio:.2f}")
-    print("compare cold, seconds of each round: " + ", ".join(f"{c:.2f}" for c in cold)
-          + "; with the memory-mapped reader (the baseline): " + ", ".join(f"{m:.2f}" for m in mapped)
-          + f" ({size / min(mapped) / 1e9:.2f} GB/s, {size / min(mapped) / 1e9 / rate['raw read cold']:.2f} of the raw read)")
     key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Device session 30 (one H200): compare's throughput against a raw read of the same runs, twice,
-# after a run's tensors are read with large reads side by side (tensorfile.read_tensors) instead of
-# through safetensors' memory map; the memory-mapped reader measured beside it, cold, taking turns
-# (benchmarks/compare_throughput.py). Logs packed into $OUT/session30.tgz.
+# Device session 30 (one H200): compare's throughput against a raw read of the same runs, twice
+# (benchmarks/compare_throughput.py). It ran at 168b47f, where a run's tensors were read with large
+# reads side by side (tensorfile.read_tensors) and the script measured safetensors' memory-mapped
+# reader beside it, cold, taking turns: the memory map was faster, and 168b47f was reverted. At
+# later commits it measures compare as it reads (the memory map). Logs packed into $OUT/session30.tgz.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s30; mkdir -p "$W"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false

@@ -4,7 +4,7 @@ A safetensors file is an 8-byte little-endian header length, a JSON header {name
 data_offsets}} with an optional "__metadata__" of strings, then the tensors' raw bytes in C order.
 `read_header` checks a file against its own header (a truncated download is caught before any
 data is read); `read_tensors` pulls named tensors out of one file straight onto a device in large
-sequential reads (`read_tensor`: one of them, a run's tensor as compare reads it); `write_file` writes
+sequential reads; `read_tensor` reads one tensor with safetensors' own reader; `write_file` writes
 one file with plain buffered writes and each tensor's digest in the metadata. `DTYPES` is the one
 table of the format's dtype codes. `digest` is the one home of the digests a run's tensors carry:
 "sha256_tree" (written), the sha256 of the sha256s of 64 MiB chunks, hashed on several threads
@@ -123,28 +123,20 @@ def read_index(path: Path) -> dict:
 
 
 def read_tensor(path: Path, name: str, device: str = "cpu") -> torch.Tensor:
-    """One tensor (the rest of the file is not read)."""
+    """One tensor, read with safetensors' own reader (the rest of the file is not read)."""
     return read_tensor_and_digests(path, name, device)[0]
 
 
 def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, dict[str, str]]:
-    """One tensor and the digests its own file's header metadata holds for it ({}: none). Read
-    as `read_tensors` reads: large reads side by side, never through a memory map, whose page
-    faults read a cold file in small pieces. A file that is not what its header says raises
-    ValueError (the caller knows whether it is a run or a checkpoint)."""
-    metadata: dict = {}
-    try:
-        header = read_header(path, metadata)
-        if name not in header:
-            raise ValueError(f"no tensor {name} in the file")
-        return read_tensors(path, [name], torch.device(device), header)[name], stored_digests(metadata, name)
-    except UserError:  # its advice is a checkpoint's (re-download): the caller gives its own
-        raise ValueError(f"{path.name} is truncated or its header is corrupt") from None
+    """One tensor and the digests its own file's header metadata holds for it ({}: none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as fh:
+        return fh.get_tensor(name), stored_digests(fh.metadata() or {}, name)
 
 
-def read_tensors(path: Path, names: list[str], device: torch.device,
-                 header: dict | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors of one file on `device`, thread-safe (`header`: its `read_header`, if read).
+def read_tensors(path: Path, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The named tensors of one file on `device`, thread-safe.
 
     Disk bandwidth is the floor when a layer is streamed, so reads are large and sequential: the
     byte ranges of the wanted tensors are merged (small gaps read through) and read in 64 MB
@@ -154,7 +146,7 @@ def read_tensors(path: Path, names: list[str], device: torch.device,
     contiguous parts read side by side (each part sequential; a disk sees a few nearby streams).
     Every tensor gets its own storage, so a tensor that loading converts (fused experts) frees
     its source at once."""
-    header = read_header(path) if header is None else header
+    header = read_header(path)
     out = {}
     with open(path, "rb", buffering=0) as fh:
         data_start = 8 + int.from_bytes(fh.read(8), "little")
