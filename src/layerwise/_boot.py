@@ -7,7 +7,8 @@ every command and every torchrun rank. When that is the case and no PYTHONPYCACH
 `cache_bytecode` (run first thing by `layerwise/__init__.py`, for a layerwise command only, never
 for a program that imports layerwise) points Python's bytecode cache at layerwise's own cache
 directory, never beside the sources: the first command compiles and writes, the next ones load.
-LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported.
+LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported
+(so do `pyc_valid` and `host_memory_available`, which machine.py's probes share).
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def cache_bytecode() -> str | None:
     sys.pycache_prefix = str(directory)
     sys.dont_write_bytecode = False  # Python writes each .pyc atomically: ranks side by side are safe
     return str(directory)
+
+
+def host_memory_available() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable on Linux); 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _has_bytecode(name: str) -> bool:

@@ -27,7 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ._boot import is_command
+from ._boot import host_memory_available, is_command
 
 OFF = "LAYERWISE_PREFETCH"
 PREFETCH_BYTES = 8 << 30
@@ -73,7 +73,8 @@ def prefetch(args: list[str]) -> threading.Thread | None:
     reads = first_reads(args)
     if not reads:
         return None
-    thread = threading.Thread(target=_read, args=(reads, min(PREFETCH_BYTES, _available() // 8)),
+    available = host_memory_available() or PREFETCH_BYTES * 8  # unknown: the cap alone
+    thread = threading.Thread(target=_read, args=(reads, min(PREFETCH_BYTES, available // 8)),
                               name="layerwise-prefetch", daemon=True)
     thread.start()
     return thread
@@ -167,15 +168,3 @@ def _ranges(directory: Path, wmap: dict[str, str], names: list[str]) -> list[tup
         span = spans.setdefault(file, [start + lo, start + hi])
         span[0], span[1] = min(span[0], start + lo), max(span[1], start + hi)
     return [(directory / file, lo, hi - lo) for file, (lo, hi) in spans.items()]
-
-
-def _available() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a large number where there is none to read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 64 << 30

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._boot import pyc_valid  # Python's rule for a usable .pyc (in _boot: it runs before torch is imported)
+# in _boot (it runs before torch is imported): Python's rule for a usable .pyc, and the RAM
+# available (a probe of this module's too: machine.host_memory_available)
+from ._boot import host_memory_available, pyc_valid  # noqa: F401
 from .errors import UserError
 
 
@@ -74,21 +76,6 @@ def gpu_memory() -> list[GpuMemory]:
         free, total = torch.cuda.mem_get_info(i)
         out.append(GpuMemory(i, torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i), total, free))
     return out
-
-
-def host_memory_available() -> int:
-    """Bytes of RAM available to new allocations (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def host_memory_total() -> int:
