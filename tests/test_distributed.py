@@ -191,6 +191,31 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     assert done.stdout.count("isolated: each layer fed the reference's recorded input") == 1
 
 
+def test_one_read_test_shares_the_batches_over_the_ranks(work, tmp_path):
+    """`test --record-reference` on 2 ranks: each streams every layer over its share of the 3
+    batches and records into the same reference and test runs, which equal one process's (one
+    thread) tensor for tensor; rank 0 alone reports."""
+    args = ["test", MODEL, "--record-reference", "--reference", "ref", "--prompts", work / "prompts.txt",
+            "--batch-size", "2", "--layer", "all", "--dtype", "fp32", "--device", "cpu", "--out", "t",
+            "--json", "t.json"]
+    one = tmp_path / "one"
+    one.mkdir()
+    cwd = os.getcwd()
+    os.chdir(one)
+    try:
+        assert one_thread(args) == 0
+    finally:
+        os.chdir(cwd)
+    done = torchrun(tmp_path, *args, "--dist-timeout", TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in ("ref", "t/isolated", "t/chained"):
+        assert sha256s(tmp_path / run) == sha256s(one / run), run
+    ranks = open_run(tmp_path / "t" / "isolated").manifest["stats"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["files"] > 0 for r in ranks)  # both computed batches
+    assert done.stdout.count("recorded in the same read of the checkpoint") == 1
+    assert _isolation(tmp_path / "t.json") == _isolation(one / "t.json")
+
+
 def test_two_nodes_on_localhost(work, tmp_path):
     """`--nnodes 2 --node-rank 0/1` over loopback, one rank each, one shared run directory: the
     layer tests (each node every other layer, the chain crossing nodes at every layer) equal one process."""

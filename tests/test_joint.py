@@ -125,19 +125,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, w
     assert not (tmp_path / "ref").exists()
 
 
-def test_under_torchrun_it_says_to_extract_first(tmp_path, monkeypatch):
-    from layerwise import distributed, joint
-    from layerwise.errors import UserError
-
-    class TwoRanks:
-        world = 2
-
-    monkeypatch.setattr(distributed, "session", lambda: TwoRanks())
-    with pytest.raises(UserError, match="extract the reference first"):
-        joint.record_and_test(MINIMAX, tmp_path / "ref", [0], PROMPTS, ReplayOptions(device="cpu"),
-                              isolated=tmp_path / "iso")
-
-
 def test_cli_prints_the_report_and_the_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = cli.main(["test", MINIMAX, "--record-reference", "--reference", "ref", "--out", "t", "--device", "cpu",

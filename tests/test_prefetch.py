@@ -65,8 +65,13 @@ def test_a_layer_test_reads_its_first_layer(sharded, args, env, layer):
     assert as_spans(_prefetch.first_reads(argv, env)) == spans_of(sharded, names)
 
 
-def test_a_streamed_extract_reads_the_embedding_then_layer_0(sharded):
-    reads = _prefetch.first_reads(["extract", str(sharded), "--stream", "--prompt", "hi"], {})
+@pytest.mark.parametrize("args", [["extract", "{ckpt}", "--stream", "--prompt", "hi"],
+                                  ["test", "{ckpt}", "--record-reference", "--reference", "r", "--layer", "2"]],
+                         ids=["extract-stream", "record-reference"])
+def test_a_streamed_extract_reads_the_embedding_then_layer_0(sharded, args):
+    """Also a test that records its reference as it goes: it streams the model from its start,
+    on every rank."""
+    reads = _prefetch.first_reads([a.format(ckpt=sharded) for a in args], {"RANK": "1"})
     source = open_layers(str(sharded), LayerOptions())
     wanted = ["model.embed_tokens.weight", *source.checkpoint_names(0)]
     assert as_spans(reads) == spans_of(sharded, wanted)

@@ -10,7 +10,7 @@ byte ranges of what the command reads first:
 
 - `test` (single, multi): the first layer of the test, or of this rank's share under torchrun
   (layers are dealt round-robin: rank r's first layer is the test's r-th);
-- `extract --stream`: the embedding, then layer 0.
+- `extract --stream` and `test --record-reference`: the embedding, then layer 0.
 
 At most PREFETCH_BYTES, and at most an eighth of the memory the kernel says is available. The
 command reads the same bytes again, from memory where they still are: this only starts the disk
@@ -51,7 +51,7 @@ def first_reads(args: list[str], env: dict | None = None) -> list[tuple[Path, in
         return []
     try:
         wmap = _weight_map(checkpoint)
-        if command == "extract":
+        if command == "extract" or "--record-reference" in rest:  # streams the model from its embedding
             wanted = [n for n in wmap if _EMBEDDING.search(n)] + _layer_names(wmap, 0)
         else:
             wanted = _layer_names(wmap, _first_layer(rest, env))

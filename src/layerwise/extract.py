@@ -103,11 +103,13 @@ def record(out, intent: Intent, targets, options: ExtractOptions, ranks: Session
                      ranks=ranks)
 
 
-def todo_batches(run: Recording, batches: list, ranks: Session, split: bool = True) -> tuple[list, list]:
-    """The batches not complete on disk (as rank 0 sees them, for every rank) and this rank's
-    share of them (`split`; else all of them): whole batches, balanced by their tokens."""
+def todo_batches(run: Recording, batches: list, ranks: Session, split: bool = True,
+                 resume: bool = True) -> tuple[list, list]:
+    """The batches not complete on disk (as rank 0 sees them, for every rank; all of them without
+    `resume`) and this rank's share of them (`split`; else all of them): whole batches, balanced
+    by their tokens."""
     todo = [i for i, b in enumerate(batches)
-            if not all(run.writer.has(p.index, g) for p in b.prompts for g in run.groups)]
+            if not resume or not all(run.writer.has(p.index, g) for p in b.prompts for g in run.groups)]
     todo = ranks.broadcast(todo)
     mine = [todo[i] for i in ranks.share([batches[i].input_ids.numel() for i in todo])] if split else todo
     return [batches[i] for i in todo], [batches[i] for i in mine]

@@ -15,9 +15,11 @@ none: the model against itself), one read serves both:
 
 REF and the test's runs are those the two commands make, tensor for tensor (tested). The
 reference is recorded with extract's defaults (bf16, transformers' default attention, FP8 weights
-dequantized) on the test's --device. One process only: under torchrun, extract the reference
-first and test against it. Every batch is computed (nothing is resumed): a rerun of an
-interrupted test records both again, and neither run has a manifest until its end.
+dequantized) on the test's --device. Under torchrun the ranks share the batches, as a streamed
+extract does: each streams every layer over its own share and records it into the same three
+runs, whose manifests rank 0 writes once every rank's files are in place. Every batch is computed
+(nothing is resumed): a rerun of an interrupted test records both again, and no run has a
+manifest until its end.
 """
 
 from __future__ import annotations
@@ -51,9 +53,6 @@ def record_and_test(model: str, reference: str | Path, layers: list[int], items:
                     chained: str | Path | None = None) -> tuple[ReplayResult, ExtractResult]:
     """Record the reference run `reference` of `model` over `items` (prompts) and, in the same
     read, make the test's isolated and/or chained runs of `layers` under the candidate settings."""
-    if distributed.session().world > 1:
-        raise UserError("--record-reference runs in one process: under torchrun, extract the reference first "
-                        "(layerwise extract MODEL --stream --out REF), then test against it")
     if not items:
         raise UserError("--record-reference needs the prompts to record: --prompt TEXT or --prompts FILE")
     points = capture.parse_points(extract.points)
@@ -102,7 +101,8 @@ class Alongside:
 
     @contextlib.contextmanager
     def recording(self, intent, batches: list, points: tuple[str, ...]):
-        """The candidate runs, over the reference's own batches and the layer points it records."""
+        """The candidate runs, over the reference's own batches (this rank's share of them under
+        torchrun, every rank recording into the same runs) and the layer points it records."""
         intent = intent.as_dict()
         self.batches = batches
         self.targets = capture.plan_targets(self.source.anatomy, tuple(p for p in _LAYER_POINTS if p in points),
@@ -113,7 +113,8 @@ class Alongside:
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             self.tracks = [_Track(kind, stack.enter_context(Recording(path, make(kind), self.targets,
-                                                                       self.options.overwrite)))
+                                                                       self.options.overwrite,
+                                                                       ranks=distributed.session())))
                            for kind, path in self.outputs.items()]
             yield self
             # the reference's manifest is written by now: the test's runs name it, as a replay's do

@@ -122,10 +122,11 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         if progress is not None:
             progress(Progress(k + 1, anatomy.num_layers, 0, len(prompts), run.writer.bytes_written, run.elapsed()))
 
-    with record(out, intent, targets, options, distributed.session()) as run, \
-            (alongside.recording(intent, batches, points) if alongside else contextlib.nullcontext()):
-        # under torchrun: this rank's share; a test alongside needs every batch's inputs
-        todo, mine = (batches, batches) if alongside else todo_batches(run, batches, distributed.session())
+    with record(out, intent, targets, options, distributed.session()) as run, contextlib.ExitStack() as stack:
+        # under torchrun: this rank's share; a test alongside needs every batch's inputs (no resume)
+        todo, mine = todo_batches(run, batches, distributed.session(), resume=alongside is None)
+        if alongside is not None:  # its runs finish after this one's manifest (the stack exits first)
+            stack.enter_context(alongside.recording(intent, mine, points))
         if device.startswith("cuda"):
             torch.cuda.init()  # a fresh process: the memory statistics need CUDA initialised
             torch.cuda.reset_peak_memory_stats(torch.device(device))
