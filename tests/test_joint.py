@@ -113,13 +113,14 @@ def test_a_candidate_failing_midway_leaves_no_complete_run(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--test-type", "full"], "--record-reference is for --test-type single or multi"),
-    ([], "needs the prompts to record"),
-    (["--prompt", "hi", "--points", "router,logits"], "has no residual"),
-], ids=["full", "no-prompts", "no-residual"])
+    (["--reference", "ref", "--test-type", "full"], "--record-reference is for --test-type single or multi"),
+    (["--reference", "ref"], "needs the prompts to record"),
+    (["--reference", "ref", "--prompt", "hi", "--points", "router,logits"], "has no residual"),
+    (["--prompt", "hi"], "--record-reference needs --reference DIR"),
+], ids=["full", "no-prompts", "no-residual", "no-reference"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, words):
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["test", MINIMAX, "--record-reference", "--reference", "ref", "--device", "cpu", *argv])
+    code = cli.main(["test", MINIMAX, "--record-reference", "--device", "cpu", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "ref").exists()

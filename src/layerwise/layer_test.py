@@ -78,6 +78,8 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
     if options.test_type == "extract-all":
         return _extract_all(model, options, out, prompts, progress)
     if not options.reference:
+        if options.record_reference:
+            raise UserError("--record-reference needs --reference DIR: the directory to record the reference run in")
         raise UserError(f"--test-type {options.test_type} needs --reference RUN "
                         "(make one with --test-type extract-all)")
     if options.record_reference and options.test_type not in ("single", "multi"):
