@@ -8,6 +8,9 @@
   with the reference's capture points, layers and batch size.
 - extract-all: `layerwise extract`, writing a reference.
 
+single and multi with `--record-reference` record the reference in the same read of the
+checkpoint as the test (joint.py), instead of replaying a reference made before.
+
 Under torchrun the ranks share the work: single and multi split the layers (pipeline.py: each
 rank loads only its own, the chain pipelined from rank to rank), full and extract-all the
 batches (extract.py); rank 0 alone compares and reports (cli.py).
