@@ -117,14 +117,18 @@ def _value(args: list[str], flag: str, default: str | None = None) -> str | None
 
 
 def _first_layer(args: list[str], env) -> int:
-    """The first layer this process tests: --layer K, multi's --layers A-B, else 0; plus this
-    rank's place under torchrun (round-robin)."""
-    chosen = _value(args, "--layer", "all") if _value(args, "--test-type", "single") == "single" else \
-        (_value(args, "--layers", "0") or "0").split("-")[0]
-    first = int(chosen) if chosen.isdigit() else 0
-    if chosen.isdigit() and _value(args, "--test-type", "single") == "single":
-        return first  # one layer: every rank reads it (only one runs it)
-    return first + int(env.get("RANK", "0") or 0)
+    """The first layer this process tests: --layer K (every rank reads it; one runs it), else the
+    first of the test's layers (0, or multi's A of --layers A-B) plus this rank's place under
+    torchrun (round-robin)."""
+    if _value(args, "--test-type", "single") == "single":
+        chosen = _value(args, "--layer", "all")
+        if chosen.isdigit():
+            return int(chosen)
+        first = 0
+    else:
+        start = (_value(args, "--layers") or "0").split("-")[0]
+        first = int(start) if start.isdigit() else 0
+    return first + int(env.get("RANK") or 0)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -132,6 +136,8 @@ def _is_checkpoint(path: Path) -> bool:
                                                  or (path / "model.safetensors").is_file())
 
 
+# _weight_map and _header read what checkpoint.weight_map and tensorfile.read_header read, without
+# their checks: those modules import torch, and this one runs before it is imported.
 def _weight_map(directory: Path) -> dict[str, str]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():

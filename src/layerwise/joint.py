@@ -39,8 +39,8 @@ from .layer_loading import LayerOptions, LayerSource, open_layers
 from .machine import usable_device
 from .rebatch import deterministic
 from .recording import ExtractResult, Recording
-from .replay import (ReplayOptions, ReplayResult, _Track, finish_tracks, load_candidate, resolve_settings,
-                     test_intent, test_layer)
+from .replay import (ReplayOptions, ReplayResult, _Track, finish_tracks, load_candidate, reference_of,
+                     resolve_settings, test_intent, test_layer)
 from .runs import open_run
 from .streaming import StreamOptions, rehearse, stream_extract
 
@@ -70,9 +70,9 @@ def record_and_test(model: str, reference: str | Path, layers: list[int], items:
     for index in layers:
         candidate.check_index(index)
     outputs = {kind: Path(path) for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None}
-    alongside = Alongside(candidate, layers, outputs, options, factory, settings, Path(reference))
-    alongside.own_kernels = (candidate.dtype, candidate.options.attn_implementation, candidate.quant_mode) != \
+    own_kernels = (candidate.dtype, candidate.options.attn_implementation, candidate.quant_mode) != \
         (source.dtype, source.options.attn_implementation, source.quant_mode)
+    alongside = Alongside(candidate, layers, outputs, options, factory, settings, Path(reference), own_kernels)
     extracted, _ = stream_extract(model, reference, items, extract, StreamOptions(device=device), source=source,
                                   alongside=alongside)
     return alongside.result, extracted
@@ -90,6 +90,7 @@ class Alongside:
     factory: Callable | None
     settings: dict
     reference: Path
+    own_kernels: bool  # the candidate layers run under other settings than the reference's
     tracks: list[_Track] = field(default_factory=list)
     batches: list = field(default_factory=list)
     targets: list = field(default_factory=list)
@@ -97,7 +98,6 @@ class Alongside:
     load_seconds: float = 0.0
     bytes_read: int = 0
     result: ReplayResult | None = None
-    own_kernels: bool = True  # the candidate layers run under other settings than the reference's
 
     @contextlib.contextmanager
     def recording(self, intent, batches: list, points: tuple[str, ...]):
@@ -122,8 +122,7 @@ class Alongside:
             note = (f"the reference {self.reference} ({plural(len(reference.prompts), 'prompt')}, "
                     f"{plural(len(reference.entries()), 'tensor')}) was recorded in the same read of the checkpoint")
             self.result = finish_tracks(self.tracks, self.settings, self.layers, [note], start, self.load_seconds,
-                                        self.bytes_read, self.determinism, {"reference": {
-                                            "path": str(self.reference), "created": reference.manifest.get("created")}})
+                                        self.bytes_read, self.determinism, {"reference": reference_of(reference)})
 
     def rehearse(self, shape: tuple[int, int]) -> None:
         """The candidate's first forward pass paid ahead too, where its settings run other kernels."""
@@ -138,11 +137,11 @@ class Alongside:
         loaded = self.source.build(weights)
         self.load_seconds += loaded.seconds
         self.bytes_read += loaded.bytes_read
-        position = {id(b): i for i, b in enumerate(self.batches)}
+        by_batch = {id(b): x for b, x in zip(self.batches, inputs)}
         dtype, device = self.source.dtype, self.source.device
 
         def fed(batch):  # the reference's input to this layer, as the candidate takes it
-            return inputs[position[id(batch)]].to(device=device, dtype=dtype)
+            return by_batch[id(batch)].to(device=device, dtype=dtype)
 
         check = index == self.layers[0] and self.options.check_determinism
         with deterministic(self.options.deterministic):

@@ -98,8 +98,8 @@ INPUT_READERS = 4  # threads reading one layer's recorded inputs (one batch each
 class ReadAhead:
     """Layers' weights and recorded inputs read ahead, beside each other (the weights from the
     checkpoint on one thread, the inputs from the reference run's files on INPUT_READERS, a batch
-    each, digests checked there): what
-    a layer needs is read while the layer before it is built and computes. `submit(index, inputs)`
+    each, digests checked there): what a layer needs is read while the layer before it is built
+    and computes. `submit(index, inputs)`
     starts layer `index` (its inputs too with `inputs`: its first batches', up to
     INPUTS_AHEAD_BYTES, so that a study of thousands of prompts holds no more); `result` waits for
     it and returns (the weights, {id(batch): stacked_input}; `input_of` reads a batch missing there).
