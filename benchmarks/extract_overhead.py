@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, models, placement, runs  # noqa: E402
+from layerwise import capture, loading, models, pinned, placement, runs  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
@@ -80,6 +80,11 @@ def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, list[fl
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt_spread(s: dict, unit: str) -> str:
+    """median (min-max)"""
+    return f"{s['median']:.3f}{unit} ({s['min']:.3f}-{s['max']:.3f})"
 
 
 class NullWriter:
@@ -157,6 +162,7 @@ class Bench:
         self.model, self.anatomy, self.config, self.device = model, anatomy, config, input_device
         self.layers = list(range(anatomy.num_layers))
         self.targets = capture.plan_targets(anatomy, ("residual", "router"), tuple(self.layers))
+        self.writer_threads = None  # the run writer's default
 
     def inputs(self, batch: int, tokens: int):
         g = torch.Generator().manual_seed(batch * 100003 + tokens)
@@ -282,10 +288,15 @@ class Bench:
         return {"batch": batch_size, "tokens": tokens, "forward_wall_ms": wall * 1e3, "layerwise_functions": ours,
                 "completion_thread_cpu_ms_per_forward": completion_cpu * 1e3, "gpu_timeline": traces}
 
-    def end_to_end(self, loaded, prompts: int, tokens: int, work: Path) -> dict:
+    def end_to_end(self, loaded, prompts: int, tokens: int, work: Path, repeat: int = 3) -> dict:
+        """`repeat` rounds of: the bare forward loop, the extract with a writer that drops everything,
+        the real extract (wall time of the whole call, the manifest included, and its trace), the
+        page cache's write bandwidth. Before each extract the process's pinned reserve is refilled
+        and waited for, as `extract` pins it while the model loads."""
         g = torch.Generator().manual_seed(prompts * 7 + tokens)
         items = [torch.randint(0, self.config.vocab_size, (tokens,), generator=g).tolist() for _ in range(prompts)]
-        options = ExtractOptions(points="residual,router", batch_size=prompts, overwrite=True)
+        options = ExtractOptions(points="residual,router", batch_size=prompts, overwrite=True,
+                                 writer_threads=self.writer_threads)
         batch = make_batches([Prompt(i, None, tuple(x)) for i, x in enumerate(items)], prompts, 0)[0]
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
@@ -293,29 +304,119 @@ class Bench:
             with torch.inference_mode():
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-        loop()
-        sync()
-        t0 = time.perf_counter()
-        loop()
-        sync()
-        loop_s = time.perf_counter() - t0
+        def refill():
+            thread = pinned.reserve(int(options.pinned_budget_gib * 2**30))
+            if thread is not None:
+                thread.join()
+
         from layerwise import recording
 
-        real = recording.RunWriter  # the writer a Recording opens
-        recording.RunWriter = NullRunWriter
-        try:
-            null = extract_model(loaded, work / "null", items, options)
-        finally:
-            recording.RunWriter = real
-        e2e = extract_model(loaded, work / "run", items, options)
-        per_file = max(1, e2e.bytes // max(1, prompts * len(self.layers)))
-        cache_gbps = page_cache_write_gbps(work / "disk", e2e.bytes, per_file)
-        shutil.rmtree(work / "run", ignore_errors=True)
-        floor = max(loop_s, e2e.bytes / (cache_gbps * 1e9))
-        return {"prompts": prompts, "tokens": tokens, "bytes": e2e.bytes, "seconds": e2e.seconds,
-                "forward_loop_s": loop_s, "null_writer_s": null.seconds, "page_cache_gbps": cache_gbps,
-                "floor_s": floor, "ratio": e2e.seconds / floor, "peak_rss_gb": e2e.peak_rss_bytes / 1e9,
-                "pinned_peak_gb": e2e.pinned_peak_bytes / 1e9}
+        loop()
+        sync()
+        rounds = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            loop()
+            sync()
+            loop_s = time.perf_counter() - t0
+            real = recording.RunWriter  # the writer a Recording opens
+            recording.RunWriter = NullRunWriter
+            try:
+                refill()
+                t0 = time.perf_counter()
+                extract_model(loaded, work / "null", items, options)
+                null_s = time.perf_counter() - t0
+            finally:
+                recording.RunWriter = real
+            refill()
+            with WriteTrace() as trace:
+                e2e = extract_model(loaded, work / "run", items, options, progress=trace.progress)
+            manifest = json.loads((work / "run" / "manifest.json").read_text())
+            per_file = max(1, e2e.bytes // max(1, len(trace.files)))
+            cache_gbps = page_cache_write_gbps(work / "disk", e2e.bytes, per_file)
+            shutil.rmtree(work / "run", ignore_errors=True)
+            floor = max(loop_s, e2e.bytes / (cache_gbps * 1e9))
+            rounds.append({"wall_s": trace.wall, "recording_s": e2e.seconds, "forward_loop_s": loop_s,
+                           "null_writer_s": null_s, "page_cache_gbps": cache_gbps, "floor_s": floor,
+                           "ratio": trace.wall / floor, "trace": trace.summary(),
+                           "capture": {k: v for k, v in manifest["stats"].items()
+                                       if k in ("pinned_alloc_seconds", "capture_wait_seconds", "pinned_peak_bytes")}})
+        mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        return {"prompts": prompts, "tokens": tokens, "bytes": e2e.bytes, "files": len(trace.files),
+                "ratio": spread([r["ratio"] for r in rounds]), "wall_s": spread([r["wall_s"] for r in rounds]),
+                "floor_s": spread([r["floor_s"] for r in rounds]),
+                "null_writer_s": spread([r["null_writer_s"] for r in rounds]),
+                "median_round": mid, "rounds": rounds, "peak_rss_gb": e2e.peak_rss_bytes / 1e9}
+
+
+class WriteTrace:
+    """Where an extract's time goes after its forward pass: every file the run writer writes
+    (start, end, thread), the seconds its threads spend on NaN/Inf checks, digests and the writes
+    themselves, when the forward call returned, when the capture closed, when the call ended."""
+
+    def __init__(self):
+        self.files: list[tuple] = []
+        self.parts = {"nonfinite": 0.0, "digest": 0.0}
+        self.lock = threading.Lock()
+        self.origin = self.forward_end = self.capture_end = self.wall = 0.0
+
+    def progress(self, _):
+        self.forward_end = time.perf_counter() - self.origin
+
+    def _timed(self, owner, name: str, part: str | None = None):
+        original = getattr(owner, name)
+        trace = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                with trace.lock:
+                    if part is None:
+                        trace.files.append((start - trace.origin, end - trace.origin, threading.get_ident()))
+                    else:
+                        trace.parts[part] += end - start
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def __enter__(self):
+        from layerwise import recording, tensorfile
+
+        self._undo = []
+        self._timed(runs.RunWriter, "_write")
+        self._timed(tensorfile, "nonfinite_counts", "nonfinite")
+        self._timed(tensorfile, "digest", "digest")
+        close = recording.Recording.close_capture
+        trace = self
+
+        def close_capture(rec):
+            seconds = close(rec)
+            trace.capture_end = time.perf_counter() - trace.origin
+            return seconds
+        recording.Recording.close_capture = close_capture
+        self._undo.append((recording.Recording, "close_capture", close))
+        self.origin = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.origin
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        return False
+
+    def summary(self) -> dict:
+        files = sorted(self.files)
+        busy = sum(end - start for start, end, _ in files)
+        last = max((end for _, end, _ in files), default=0.0)
+        r = lambda x: round(x, 4)  # noqa: E731
+        return {"forward_returned_s": r(self.forward_end), "capture_closed_s": r(self.capture_end),
+                "first_file_start_s": r(files[0][0]) if files else None, "last_file_end_s": r(last),
+                "files_after_forward": sum(1 for _, end, _ in files if end > self.forward_end),
+                "writer_busy_s": r(busy), "writer_threads": len({t for *_, t in files}),
+                "nonfinite_s": r(self.parts["nonfinite"]), "digest_s": r(self.parts["digest"]),
+                "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
 
 
 def gpu_idle(trace: dict) -> dict:
@@ -357,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--profile", default="1x512", help="BxT for the where-the-time-goes part ('' to skip)")
     ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
+    ap.add_argument("--writer-threads", type=int, default=None, help="the end-to-end extracts' writer threads")
+    ap.add_argument("--e2e-repeat", type=int, default=3, help="rounds of each end-to-end extract")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--work", default=None, help="where end-to-end runs are written (default: a temp dir)")
     ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
@@ -382,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"model: {args.layers} layers, {weights_gb:.1f} GB bf16 on {devices}; card {card}", flush=True)
     bench = Bench(model, anatomy, config, device)
+    bench.writer_threads = args.writer_threads
     rows = []
     for b in map(int, args.batches.split(",")):
         for t in map(int, args.tokens.split(",")):
@@ -400,14 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     ends = []
     for spec in filter(None, args.e2e.split(",")):
         p, t = map(int, spec.split("x"))
-        ends.append(bench.end_to_end(loaded, p, t, work))
+        ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat))
         print(json.dumps(ends[-1]), flush=True)
     text = table(rows, card, len(devices))
     for e in ends:
-        text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk: {e['bytes'] / 1e9:.2f} GB in "
-                 f"{e['seconds']:.2f} s; floor max(forward loop {e['forward_loop_s']:.2f} s, bytes / page cache "
-                 f"{e['page_cache_gbps']:.1f} GB/s) = {e['floor_s']:.2f} s: {e['ratio']:.2f}x; writer dropping "
-                 f"everything {e['null_writer_s']:.2f} s")
+        m = e["median_round"]
+        text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk, {e['bytes'] / 1e9:.2f} GB in "
+                 f"{e['files']} files, {len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
+                 f"max(forward loop, bytes / page cache) {fmt_spread(e['floor_s'], 's')}: {fmt_spread(e['ratio'], 'x')}; "
+                 f"writer dropping everything {fmt_spread(e['null_writer_s'], 's')}; median round: forward "
+                 f"{m['forward_loop_s']:.3f} s, page cache {m['page_cache_gbps']:.1f} GB/s, trace {m['trace']}, "
+                 f"capture {m['capture']}")
     print(text)
     log = {"card": card, "gpus": len(devices), "devices": devices, "layers": args.layers, "weights_gb": weights_gb,
            "versions": runs.library_versions(), "rows": rows, "profile": profile, "end_to_end": ends}
