@@ -356,7 +356,8 @@ class WriteTrace:
 
     def __init__(self):
         self.files: list[tuple] = []
-        self.parts = {"nonfinite": 0.0, "digest": 0.0}
+        self.parts = {"nonfinite": 0.0, "digest": 0.0, "writer_close": 0.0, "manifest_build": 0.0,
+                      "manifest_write": 0.0}
         self.lock = threading.Lock()
         self.origin = self.forward_end = self.capture_end = self.wall = 0.0
 
@@ -388,6 +389,9 @@ class WriteTrace:
         self._timed(runs.RunWriter, "_write")
         self._timed(tensorfile, "nonfinite_counts", "nonfinite")
         self._timed(tensorfile, "digest", "digest")
+        self._timed(runs.RunWriter, "close", "writer_close")  # after the capture: the files still queued
+        self._timed(runs, "build_manifest", "manifest_build")
+        self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture
         trace = self
 
@@ -415,7 +419,7 @@ class WriteTrace:
                 "first_file_start_s": r(files[0][0]) if files else None, "last_file_end_s": r(last),
                 "files_after_forward": sum(1 for _, end, _ in files if end > self.forward_end),
                 "writer_busy_s": r(busy), "writer_threads": len({t for *_, t in files}),
-                "nonfinite_s": r(self.parts["nonfinite"]), "digest_s": r(self.parts["digest"]),
+                **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},
                 "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
 
 

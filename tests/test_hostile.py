@@ -709,6 +709,31 @@ def test_nonfinite_counts_are_exact():
     assert tensorfile.nonfinite_counts(torch.tensor([1, 2])) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
+    """The bit test (numpy, in cache-sized pieces) against torch's isnan/isinf: random bit
+    patterns (NaN and Inf of both signs among them), larger than one piece, a lone NaN in the
+    last piece, the largest finite values, and a view that is not contiguous."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    signed = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
+    g = torch.Generator().manual_seed(itemsize)
+    n = (3 * tensorfile._SCAN_BYTES) // itemsize + 6  # even: the last element is in finite[1::2]
+    patterns = torch.randint(torch.iinfo(signed).min, torch.iinfo(signed).max, (n,), generator=g, dtype=signed)
+    mixed = patterns.view(dtype)
+    wide = mixed.float() if itemsize == 1 else mixed  # torch counts no NaN/Inf in FP8 itself
+    oracle = (int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum()))
+    assert oracle[0] > 0 or dtype in (torch.float64, torch.float32)  # wide types: few random NaNs
+    assert tensorfile.nonfinite_counts(mixed) == (oracle if any(oracle) else None)
+    finite = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
+    finite[::2] = torch.finfo(dtype).min
+    assert tensorfile.nonfinite_counts(finite) is None
+    finite[-1] = float("nan")
+    assert tensorfile.nonfinite_counts(finite) == (1, 0)
+    assert tensorfile.nonfinite_counts(finite[::2]) is None  # not contiguous
+    assert tensorfile.nonfinite_counts(finite[1::2]) == (1, 0)
+
+
 def test_import_says_when_the_tensors_hold_nan(capsys, lab):
     src = lab.source({"0/tokens.npy": np.array([1, 2]),
                       "0/model.layers.0.output.npy": np.array([[0.0, np.nan], [1.0, 2.0]], np.float32)})

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -105,13 +106,51 @@ def _entry_ok(info) -> bool:
             and info["data_offsets"][0] <= info["data_offsets"][1])
 
 
+# floating dtype -> (unsigned integer of its width, the bits that are all set only in NaN and Inf)
+_NONFINITE_BITS = {torch.float64: (np.uint64, 0x7FF0000000000000), torch.float32: (np.uint32, 0x7F800000),
+                   torch.bfloat16: (np.uint16, 0x7F80), torch.float16: (np.uint16, 0x7C00),
+                   torch.float8_e5m2: (np.uint8, 0x7C), torch.float8_e4m3fn: (np.uint8, 0x7F)}
+_SCAN_BYTES = 1 << 20  # a thread's scratch for `_any_nonfinite` (stays in its core's cache)
+_scan = threading.local()
+
+
+def _any_nonfinite(tensor: torch.Tensor, unsigned, mask: int) -> bool:
+    """Whether any element's `mask` bits are all set (the exponent of a NaN or an Inf; e4m3fn's
+    NaN): one pass over the raw bytes in cache-sized pieces on the calling thread, with numpy
+    (no temporary of the tensor's size, no intra-op thread pool, the GIL released per piece)."""
+    values = np.frombuffer(raw_bytes(tensor), dtype=unsigned)
+    scratch = getattr(_scan, "buffer", None)
+    if scratch is None:
+        scratch = _scan.buffer = np.empty(_SCAN_BYTES, dtype=np.uint8)
+    out = scratch.view(unsigned)
+    for start in range(0, values.size, out.size):
+        piece = values[start:start + out.size]
+        np.bitwise_and(piece, mask, out=out[:piece.size])
+        if out[:piece.size].max() == mask:
+            return True
+    return False
+
+
 def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(NaN count, +-Inf count) of a floating tensor holding any; None when all is finite. A
-    NaN or Inf survives a sum, so a finite sum (one fast pass, far cheaper than the sha256)
-    proves the tensor finite; only a non-finite sum (or one that overflowed) is counted exactly."""
-    if not tensor.is_floating_point() or tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+    """(NaN count, +-Inf count) of a floating tensor holding any; None when all is finite.
+
+    It runs on the run writer's threads, beside the forward pass, for every tensor written: the
+    common case (all finite) is one bit test per element on the calling thread (`_any_nonfinite`).
+    torch's own reductions would each wake the intra-op pool, and from several writer threads at
+    once they oversubscribe the cores the forward pass launches from (H200 machine: 0.63 s of
+    checks for 0.44 GB at 16 x 256 tokens, the forward pass 2.2x slower). Only a tensor that has
+    any is counted exactly, with torch. Other floating dtypes: a sum (a NaN or Inf survives it;
+    one that overflowed is counted, finding none). An FP8 tensor is counted in float32 (exact:
+    torch has no NaN/Inf reductions of its own for FP8)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
-    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    bits = _NONFINITE_BITS.get(tensor.dtype)
+    if bits is not None and not _any_nonfinite(tensor, *bits):
+        return None
+    wide = tensor if tensor.element_size() > 1 else tensor.float()
+    if bits is None and bool(torch.isfinite(wide.sum())):
+        return None
+    nan, inf = int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum())
     return (nan, inf) if nan or inf else None
 
 
