@@ -162,7 +162,6 @@ class Bench:
         self.model, self.anatomy, self.config, self.device = model, anatomy, config, input_device
         self.layers = list(range(anatomy.num_layers))
         self.targets = capture.plan_targets(anatomy, ("residual", "router"), tuple(self.layers))
-        self.writer_threads = None  # the run writer's default
 
     def inputs(self, batch: int, tokens: int):
         g = torch.Generator().manual_seed(batch * 100003 + tokens)
@@ -288,7 +287,8 @@ class Bench:
         return {"batch": batch_size, "tokens": tokens, "forward_wall_ms": wall * 1e3, "layerwise_functions": ours,
                 "completion_thread_cpu_ms_per_forward": completion_cpu * 1e3, "gpu_timeline": traces}
 
-    def end_to_end(self, loaded, prompts: int, tokens: int, work: Path, repeat: int = 3) -> dict:
+    def end_to_end(self, loaded, prompts: int, tokens: int, work: Path, repeat: int = 3,
+                   writer_threads: int | None = None) -> dict:
         """`repeat` rounds of: the bare forward loop, the extract with a writer that drops everything,
         the real extract (wall time of the whole call, the manifest included, and its trace), the
         page cache's write bandwidth. Before each extract the process's pinned reserve is refilled
@@ -296,7 +296,7 @@ class Bench:
         g = torch.Generator().manual_seed(prompts * 7 + tokens)
         items = [torch.randint(0, self.config.vocab_size, (tokens,), generator=g).tolist() for _ in range(prompts)]
         options = ExtractOptions(points="residual,router", batch_size=prompts, overwrite=True,
-                                 writer_threads=self.writer_threads)
+                                 writer_threads=writer_threads)
         batch = make_batches([Prompt(i, None, tuple(x)) for i, x in enumerate(items)], prompts, 0)[0]
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
@@ -343,6 +343,7 @@ class Bench:
                                        if k in ("pinned_alloc_seconds", "capture_wait_seconds", "pinned_peak_bytes")}})
         mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
         return {"prompts": prompts, "tokens": tokens, "bytes": e2e.bytes, "files": len(trace.files),
+                "writer_threads": writer_threads or runs.writer_threads(),
                 "ratio": spread([r["ratio"] for r in rounds]), "wall_s": spread([r["wall_s"] for r in rounds]),
                 "floor_s": spread([r["floor_s"] for r in rounds]),
                 "null_writer_s": spread([r["null_writer_s"] for r in rounds]),
@@ -462,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--profile", default="1x512", help="BxT for the where-the-time-goes part ('' to skip)")
     ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
-    ap.add_argument("--writer-threads", type=int, default=None, help="the end-to-end extracts' writer threads")
+    ap.add_argument("--writer-threads", default="", help="the end-to-end extracts' writer threads, e.g. 4,8,16 "
+                    "(each side by side; default: the run writer's own)")
     ap.add_argument("--e2e-repeat", type=int, default=3, help="rounds of each end-to-end extract")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--work", default=None, help="where end-to-end runs are written (default: a temp dir)")
@@ -489,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"model: {args.layers} layers, {weights_gb:.1f} GB bf16 on {devices}; card {card}", flush=True)
     bench = Bench(model, anatomy, config, device)
-    bench.writer_threads = args.writer_threads
     rows = []
     for b in map(int, args.batches.split(",")):
         for t in map(int, args.tokens.split(",")):
@@ -508,13 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     ends = []
     for spec in filter(None, args.e2e.split(",")):
         p, t = map(int, spec.split("x"))
-        ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat))
-        print(json.dumps(ends[-1]), flush=True)
+        for threads in [int(x) for x in args.writer_threads.split(",") if x] or [None]:
+            ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
+            print(json.dumps(ends[-1]), flush=True)
     text = table(rows, card, len(devices))
     for e in ends:
         m = e["median_round"]
         text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk, {e['bytes'] / 1e9:.2f} GB in "
-                 f"{e['files']} files, {len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
+                 f"{e['files']} files, {e['writer_threads']} writer threads, {len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
                  f"max(forward loop, bytes / page cache) {fmt_spread(e['floor_s'], 's')}: {fmt_spread(e['ratio'], 'x')}; "
                  f"writer dropping everything {fmt_spread(e['null_writer_s'], 's')}; median round: forward "
                  f"{m['forward_loop_s']:.3f} s, page cache {m['page_cache_gbps']:.1f} GB/s, trace {m['trace']}, "

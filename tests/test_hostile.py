@@ -712,13 +712,14 @@ def test_nonfinite_counts_are_exact():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
                                    torch.float8_e4m3fn, torch.float8_e5m2])
 def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
-    """The bit test (numpy, in cache-sized pieces) against torch's isnan/isinf: random bit
-    patterns (NaN and Inf of both signs among them), larger than one piece, a lone NaN in the
-    last piece, the largest finite values, and a view that is not contiguous."""
+    """The bit test (two maxima of the raw bits, numpy) against torch's isnan/isinf: random bit
+    patterns (NaN and Inf of both signs among them), the largest finite values of both signs
+    (the patterns just below NaN/Inf), each kind of NaN/Inf alone, and views that are not
+    contiguous."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     signed = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
     g = torch.Generator().manual_seed(itemsize)
-    n = (3 * tensorfile._SCAN_BYTES) // itemsize + 6  # even: the last element is in finite[1::2]
+    n = 100_006  # even: the last element is in finite[1::2]
     patterns = torch.randint(torch.iinfo(signed).min, torch.iinfo(signed).max, (n,), generator=g, dtype=signed)
     mixed = patterns.view(dtype)
     wide = mixed.float() if itemsize == 1 else mixed  # torch counts no NaN/Inf in FP8 itself
@@ -728,6 +729,11 @@ def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
     finite = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
     finite[::2] = torch.finfo(dtype).min
     assert tensorfile.nonfinite_counts(finite) is None
+    specials = [float("nan"), -float("nan")] + ([float("inf"), -float("inf")] if dtype != torch.float8_e4m3fn else [])
+    for value in specials:
+        one = finite.clone()
+        one[n // 3] = value
+        assert tensorfile.nonfinite_counts(one) == ((1, 0) if value != value else (0, 1)), value
     finite[-1] = float("nan")
     assert tensorfile.nonfinite_counts(finite) == (1, 0)
     assert tensorfile.nonfinite_counts(finite[::2]) is None  # not contiguous

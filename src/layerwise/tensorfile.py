@@ -106,36 +106,29 @@ def _entry_ok(info) -> bool:
             and info["data_offsets"][0] <= info["data_offsets"][1])
 
 
-# floating dtype -> (unsigned integer of its width, the bits that are all set only in NaN and Inf)
-_NONFINITE_BITS = {torch.float64: (np.uint64, 0x7FF0000000000000), torch.float32: (np.uint32, 0x7F800000),
-                   torch.bfloat16: (np.uint16, 0x7F80), torch.float16: (np.uint16, 0x7C00),
-                   torch.float8_e5m2: (np.uint8, 0x7C), torch.float8_e4m3fn: (np.uint8, 0x7F)}
-_SCAN_BYTES = 1 << 20  # a thread's scratch for `_any_nonfinite` (stays in its core's cache)
-_scan = threading.local()
+# floating dtype -> (its width's signed and unsigned integers, the least positive NaN-or-Inf bit
+# pattern E): a value is NaN or +-Inf exactly when its bits read as signed are >= E (positive) or
+# as unsigned are >= the sign bit | E (negative); e4m3fn has no Inf, its NaN is S.1111.111
+_NONFINITE_BITS = {torch.float64: (np.int64, np.uint64, 0x7FF0000000000000),
+                   torch.float32: (np.int32, np.uint32, 0x7F800000),
+                   torch.bfloat16: (np.int16, np.uint16, 0x7F80), torch.float16: (np.int16, np.uint16, 0x7C00),
+                   torch.float8_e5m2: (np.int8, np.uint8, 0x7C), torch.float8_e4m3fn: (np.int8, np.uint8, 0x7F)}
 
 
-def _any_nonfinite(tensor: torch.Tensor, unsigned, mask: int) -> bool:
-    """Whether any element's `mask` bits are all set (the exponent of a NaN or an Inf; e4m3fn's
-    NaN): one pass over the raw bytes in cache-sized pieces on the calling thread, with numpy
-    (no temporary of the tensor's size, no intra-op thread pool, the GIL released per piece)."""
-    values = np.frombuffer(raw_bytes(tensor), dtype=unsigned)
-    scratch = getattr(_scan, "buffer", None)
-    if scratch is None:
-        scratch = _scan.buffer = np.empty(_SCAN_BYTES, dtype=np.uint8)
-    out = scratch.view(unsigned)
-    for start in range(0, values.size, out.size):
-        piece = values[start:start + out.size]
-        np.bitwise_and(piece, mask, out=out[:piece.size])
-        if out[:piece.size].max() == mask:
-            return True
-    return False
+def _any_nonfinite(tensor: torch.Tensor, signed, unsigned, least: int) -> bool:
+    """Whether any element is NaN or +-Inf, from its bits: two whole-tensor maxima with numpy on
+    the calling thread (two calls that each release the GIL once, no temporary, no intra-op pool)."""
+    raw = raw_bytes(tensor)
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    return int(np.frombuffer(raw, dtype=signed).max()) >= least or \
+        int(np.frombuffer(raw, dtype=unsigned).max()) >= (sign | least)
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
     """(NaN count, +-Inf count) of a floating tensor holding any; None when all is finite.
 
     It runs on the run writer's threads, beside the forward pass, for every tensor written: the
-    common case (all finite) is one bit test per element on the calling thread (`_any_nonfinite`).
+    common case (all finite) is two maxima of the raw bits on the calling thread (`_any_nonfinite`).
     torch's own reductions would each wake the intra-op pool, and from several writer threads at
     once they oversubscribe the cores the forward pass launches from (H200 machine: 0.63 s of
     checks for 0.44 GB at 16 x 256 tokens, the forward pass 2.2x slower). Only a tensor that has
