@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
     ap.add_argument("--writer-threads", default="", help="the end-to-end extracts' writer threads, e.g. 4,8,16 "
                     "(each side by side; default: the run writer's own)")
+    ap.add_argument("--switch-interval", default="", help="the interpreter's GIL switch intervals (ms) to run "
+                    "the end-to-end extracts under, e.g. 5,0.5 (each side by side; default: as set)")
     ap.add_argument("--e2e-repeat", type=int, default=3, help="rounds of each end-to-end extract")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--work", default=None, help="where end-to-end runs are written (default: a temp dir)")
@@ -510,13 +512,22 @@ def main(argv: list[str] | None = None) -> int:
     for spec in filter(None, args.e2e.split(",")):
         p, t = map(int, spec.split("x"))
         for threads in [int(x) for x in args.writer_threads.split(",") if x] or [None]:
-            ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
-            print(json.dumps(ends[-1]), flush=True)
+            for interval in [float(x) for x in args.switch_interval.split(",") if x] or [None]:
+                default = sys.getswitchinterval()
+                if interval is not None:
+                    sys.setswitchinterval(interval / 1e3)
+                try:
+                    ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
+                finally:
+                    sys.setswitchinterval(default)
+                ends[-1]["switch_interval_ms"] = (interval if interval is not None else default * 1e3)
+                print(json.dumps(ends[-1]), flush=True)
     text = table(rows, card, len(devices))
     for e in ends:
         m = e["median_round"]
         text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk, {e['bytes'] / 1e9:.2f} GB in "
-                 f"{e['files']} files, {e['writer_threads']} writer threads, {len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
+                 f"{e['files']} files, {e['writer_threads']} writer threads, switch interval {e['switch_interval_ms']:g} ms, "
+                 f"{len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
                  f"max(forward loop, bytes / page cache) {fmt_spread(e['floor_s'], 's')}: {fmt_spread(e['ratio'], 'x')}; "
                  f"writer dropping everything {fmt_spread(e['null_writer_s'], 's')}; median round: forward "
                  f"{m['forward_loop_s']:.3f} s, page cache {m['page_cache_gbps']:.1f} GB/s, trace {m['trace']}, "

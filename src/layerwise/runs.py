@@ -86,6 +86,7 @@ class RunWriter:
                             "pick a writable --out") from None
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
+        self._dirs: set[Path] = set()  # the prompt directories made so far
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes = 0
@@ -169,16 +170,13 @@ class RunWriter:
     def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor]) -> int:
         rel = group_file(prompt, group)
         target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._dirs:  # a system call less per file (they retake the GIL)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(target.parent)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
-        metadata = {"prompt": str(prompt)}
-        for name, t in tensors.items():
-            counts = tensorfile.nonfinite_counts(t)
-            if counts is not None:  # the model's own NaN/Inf: recorded, reported, never hidden
-                metadata[tensorfile.NONFINITE_KEY + name] = f"{counts[0]},{counts[1]}"
         header: dict = {}
-        try:
-            written = tensorfile.write_file(tmp, tensors, metadata, header)
+        try:  # the model's own NaN/Inf are counted into the metadata: recorded, reported, never hidden
+            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)}, header, nonfinite=True)
             os.replace(tmp, target)
             self._headers[rel] = header  # one call under the GIL: safe from several writer threads
         except BaseException as err:

@@ -16,6 +16,7 @@ Knows nothing about checkpoints, runs or models: a file, names, bytes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -115,16 +116,15 @@ _NONFINITE_BITS = {torch.float64: (np.int64, np.uint64, 0x7FF0000000000000),
                    torch.float8_e5m2: (np.int8, np.uint8, 0x7C), torch.float8_e4m3fn: (np.int8, np.uint8, 0x7F)}
 
 
-def _any_nonfinite(tensor: torch.Tensor, signed, unsigned, least: int) -> bool:
+def _any_nonfinite(raw: memoryview, signed, unsigned, least: int) -> bool:
     """Whether any element is NaN or +-Inf, from its bits: two whole-tensor maxima with numpy on
     the calling thread (two calls that each release the GIL once, no temporary, no intra-op pool)."""
-    raw = raw_bytes(tensor)
     sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
     return int(np.frombuffer(raw, dtype=signed).max()) >= least or \
         int(np.frombuffer(raw, dtype=unsigned).max()) >= (sign | least)
 
 
-def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
+def nonfinite_counts(tensor: torch.Tensor, raw: memoryview | None = None) -> tuple[int, int] | None:
     """(NaN count, +-Inf count) of a floating tensor holding any; None when all is finite.
 
     It runs on the run writer's threads, beside the forward pass, for every tensor written: the
@@ -134,11 +134,11 @@ def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
     checks for 0.44 GB at 16 x 256 tokens, the forward pass 2.2x slower). Only a tensor that has
     any is counted exactly, with torch. Other floating dtypes: a sum (a NaN or Inf survives it;
     one that overflowed is counted, finding none). An FP8 tensor is counted in float32 (exact:
-    torch has no NaN/Inf reductions of its own for FP8)."""
+    torch has no NaN/Inf reductions of its own for FP8). `raw`: the tensor's `raw_bytes`, if taken."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
     bits = _NONFINITE_BITS.get(tensor.dtype)
-    if bits is not None and not _any_nonfinite(tensor, *bits):
+    if bits is not None and not _any_nonfinite(raw_bytes(tensor) if raw is None else raw, *bits):
         return None
     wide = tensor if tensor.element_size() > 1 else tensor.float()
     if bits is None and bool(torch.isfinite(wide.sum())):
@@ -308,7 +308,18 @@ def _staging_buffers(pinned: bool):
 # -------------------------------------------------------------------------------------- writing
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU."""
+    """A tensor's bytes in C order, without a copy when it is already contiguous on the CPU.
+
+    Such a tensor's memory is viewed where it lies, with no torch call that would release and
+    retake the GIL (the run writer's threads take many views beside a forward pass that needs the
+    GIL to launch its kernels); the view keeps the tensor alive."""
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            return memoryview(b"")
+        memory = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+        memory.owner = tensor
+        return memoryview(memory).cast("B")
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -319,16 +330,20 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-               header_out: dict | None = None) -> int:
+               header_out: dict | None = None, nonfinite: bool = False) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
     pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
-    metadata. Returns the bytes of tensor data written; `header_out` receives the header written
-    (as `read_header` returns it) and "__metadata__", its metadata."""
+    metadata, and (`nonfinite`) its NaN/Inf counts where it holds any (NONFINITE_KEY). Returns
+    the bytes of tensor data written; `header_out` receives the header written (as `read_header`
+    returns it) and "__metadata__", its metadata."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
     meta = dict(metadata)
     header: dict = {}
     offset = 0
     for name, t in tensors.items():
+        counts = nonfinite_counts(t, views[name]) if nonfinite else None
+        if counts is not None:  # the model's own NaN/Inf: recorded, reported, never hidden
+            meta[NONFINITE_KEY + name] = f"{counts[0]},{counts[1]}"
         meta[digest_key(DIGEST, name)] = digest(views[name])
         size = views[name].nbytes
         header[name] = {"dtype": code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
@@ -336,8 +351,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
+        fh.write(len(blob).to_bytes(8, "little") + blob)
         for view in views.values():
             fh.write(view)
     if header_out is not None:
