@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -259,3 +260,21 @@ def test_a_moved_checkpoint_still_resumes(tmp_path):
     w = runs.RunWriter(tmp_path / "run", dict(INTENT, model={**INTENT["model"], "path": "/here/m"}))
     w.abort()
     runs.RunWriter(tmp_path / "run", moved).abort()  # same model, same settings, same prompts: resumed
+
+
+def test_writer_threads_share_the_cores_with_the_other_ranks_on_the_machine(monkeypatch):
+    """A thread per core the process may use (its affinity), torchrun's ranks on one machine
+    (LOCAL_WORLD_SIZE) sharing them, 2 to 16."""
+    from layerwise import _boot
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert _boot.cores_per_process({}) == 32
+    assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "2"}) == 16
+    assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "64"}) == 1
+    assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "two"}) == 32  # not torchrun's: ignored
+    for ranks, threads in (("1", 16), ("4", 8), ("32", 2)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert runs.writer_threads() == threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert runs.writer_threads() == 2

@@ -8,7 +8,7 @@ every command and every torchrun rank. When that is the case and no PYTHONPYCACH
 for a program that imports layerwise) points Python's bytecode cache at layerwise's own cache
 directory, never beside the sources: the first command compiles and writes, the next ones load.
 LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported
-(so do `pyc_valid` and `host_memory_available`, which machine.py's probes share).
+(so do `pyc_valid`, `host_memory_available` and `cores_per_process`, which other modules share).
 """
 
 from __future__ import annotations
@@ -75,6 +75,21 @@ def host_memory_available() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def cores_per_process(environ=None) -> int:
+    """The cores this process may use (its CPU affinity), shared evenly with the other ranks
+    torchrun started on this machine (LOCAL_WORLD_SIZE); at least 1."""
+    environ = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
 
 
 def _has_bytecode(name: str) -> bool:
