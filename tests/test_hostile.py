@@ -32,7 +32,7 @@ from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 from synthetic_runs import corrupt_tensor, toy_run
 
-from layerwise import tensorfile, zoo
+from layerwise import rawbytes, tensorfile, zoo
 from layerwise.runs import MANIFEST
 
 MODEL = "builtin:minimax-m2-tiny"
@@ -701,12 +701,12 @@ def test_a_nan_tensor_never_shows_as_exact(capsys, tmp_path):
 
 def test_nonfinite_counts_are_exact():
     t = torch.randn(100, 8).bfloat16()
-    assert tensorfile.nonfinite_counts(t) is None
+    assert rawbytes.nonfinite_counts(t) is None
     t[3, 1], t[5, 2], t[7, 7] = float("nan"), float("inf"), -float("inf")
-    assert tensorfile.nonfinite_counts(t) == (1, 2)
+    assert rawbytes.nonfinite_counts(t) == (1, 2)
     big = torch.full((1000,), 60000.0, dtype=torch.float16)  # its sum overflows: counted, none found
-    assert tensorfile.nonfinite_counts(big) is None
-    assert tensorfile.nonfinite_counts(torch.tensor([1, 2])) is None
+    assert rawbytes.nonfinite_counts(big) is None
+    assert rawbytes.nonfinite_counts(torch.tensor([1, 2])) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
@@ -725,19 +725,19 @@ def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
     wide = mixed.float() if itemsize == 1 else mixed  # torch counts no NaN/Inf in FP8 itself
     oracle = (int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum()))
     assert oracle[0] > 0 or dtype in (torch.float64, torch.float32)  # wide types: few random NaNs
-    assert tensorfile.nonfinite_counts(mixed) == (oracle if any(oracle) else None)
+    assert rawbytes.nonfinite_counts(mixed) == (oracle if any(oracle) else None)
     finite = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
     finite[::2] = torch.finfo(dtype).min
-    assert tensorfile.nonfinite_counts(finite) is None
+    assert rawbytes.nonfinite_counts(finite) is None
     specials = [float("nan"), -float("nan")] + ([float("inf"), -float("inf")] if dtype != torch.float8_e4m3fn else [])
     for value in specials:
         one = finite.clone()
         one[n // 3] = value
-        assert tensorfile.nonfinite_counts(one) == ((1, 0) if value != value else (0, 1)), value
+        assert rawbytes.nonfinite_counts(one) == ((1, 0) if value != value else (0, 1)), value
     finite[-1] = float("nan")
-    assert tensorfile.nonfinite_counts(finite) == (1, 0)
-    assert tensorfile.nonfinite_counts(finite[::2]) is None  # not contiguous
-    assert tensorfile.nonfinite_counts(finite[1::2]) == (1, 0)
+    assert rawbytes.nonfinite_counts(finite) == (1, 0)
+    assert rawbytes.nonfinite_counts(finite[::2]) is None  # not contiguous
+    assert rawbytes.nonfinite_counts(finite[1::2]) == (1, 0)
 
 
 def test_import_says_when_the_tensors_hold_nan(capsys, lab):
