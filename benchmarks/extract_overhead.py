@@ -16,9 +16,13 @@ Ratios are per round (lw_i / plain_i), reported as median (min-max). Where the t
 seconds per forward of the capture's completion thread (from /proc), and a torch.profiler trace
 (chrome JSON, gzipped) of one plain and one captured forward with the GPU's idle share.
 
-End to end (--e2e, e.g. 16x256,16x4096): `extract` to disk (residual + router) against the
-floor max(bare forward loop, bytes / page-cache write bandwidth measured in the same run), and
-the same extract with a writer that drops everything.
+End to end (--e2e, e.g. 16x256,16x4096; --e2e-repeat rounds): the wall time of the whole
+`extract_model` call to disk (residual + router; opening the run, the forward pass, every file
+written, the manifest) against the floor max(bare forward loop, bytes / page-cache write
+bandwidth), both measured in the same round, and the same extract with a writer that drops
+everything. Each round's trace says where the time went after the forward pass (every file's
+write, the seconds in NaN/Inf checks and digests, when the capture closed, the manifest).
+--writer-threads 4,8,16 and --switch-interval 5,0.5 (the GIL's, ms) run them side by side.
 
 Prints tables; JSON and markdown to --out. Dry run on a CPU: --tiny.
 """
