@@ -63,8 +63,8 @@ def writer_threads() -> int:
     """A run writer's default thread count: one per core this process may use (`cores_per_process`:
     torchrun's ranks on a machine share its cores), 2 to 16. Every byte written is hashed
     (sha256, about 1.1 GB/s a core on the H200 machine) on these threads: 16 x 4096 tokens of 8
-    MiniMax-M2 layers (7 GB) took 1.05-1.10 s with 16 of them against 1.51-1.60 s with 8 and
-    2.63-3.05 s with 4 (BENCHMARKS.md)."""
+    MiniMax-M2 layers (7 GB) took 1.05-1.10 s with 16 of them against 1.51-1.61 s with 8 and
+    2.63-4.23 s with 4 (one H200's host, BENCHMARKS.md)."""
     return max(2, min(16, cores_per_process()))
 
 
