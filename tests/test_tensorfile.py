@@ -168,3 +168,22 @@ def test_a_changed_read_threads_reads_with_a_pool_of_that_size(tmp_path, monkeyp
     tensorfile.write_file(path, {"t": t}, {})
     assert torch.equal(tensorfile.read_tensors(path, ["t"], torch.device("cpu"))["t"], t)
     assert tensorfile._POOLS[("read", 3)]._max_workers == 3
+
+
+def test_raw_bytes_are_the_tensors_bytes_in_c_order_and_outlive_it():
+    """The bytes numpy sees (the oracle) for a contiguous tensor, a slice with a storage offset,
+    a transposed view, a lazy conjugate and an empty tensor; a view of a tensor's own memory keeps
+    that memory alive once the caller drops the tensor."""
+    from layerwise import rawbytes
+
+    base = torch.arange(24, dtype=torch.bfloat16).reshape(4, 6)
+    cases = [base, base[1:3], base.t(), torch.tensor([1 + 2j, 3 - 4j]).conj(), torch.empty(0, 3)]
+    for t in cases:
+        want = t.resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert bytes(rawbytes.raw_bytes(t)) == want
+    t = torch.arange(1000, dtype=torch.float32)
+    view = rawbytes.raw_bytes(t)
+    want = t.numpy().tobytes()
+    del t
+    torch.zeros(100_000)  # memory that a freed tensor's would be reused for
+    assert bytes(view) == want

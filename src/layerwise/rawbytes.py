@@ -20,14 +20,14 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     Such a tensor's memory is viewed where it lies, with no torch call that would release and
     retake the GIL (the run writer's threads take many views beside a forward pass that needs the
     GIL to launch its kernels); the view keeps the tensor alive."""
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
+    if tensor.device.type == "cpu" and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg()):
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
             return memoryview(b"")
         memory = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
         memory.owner = tensor
         return memoryview(memory).cast("B")
-    t = tensor.detach()
+    t = tensor.detach().resolve_conj().resolve_neg()  # a lazy conjugate or negation, applied
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
