@@ -30,7 +30,7 @@ import torch
 
 from ._boot import cores_per_process
 from .errors import UserError
-from .rawbytes import nonfinite_counts, raw_bytes  # noqa: F401 (the writer's; tests and benchmarks reach them here)
+from .rawbytes import nonfinite_counts, raw_bytes
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES = {
