@@ -8,6 +8,7 @@ prompts always give the same batches, hence the same bits.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,10 @@ def tokenize(items: list[str | list[int]], tokenizer, *, chat_template: bool = F
                                                     add_generation_prompt=True)
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
             else:
-                ids = tokenizer(item)["input_ids"]
+                # transformers' tokenizers warn of a prompt longer than the model's context; it is
+                # said below, in one line
+                quiet = {"verbose": False} if "verbose" in inspect.signature(tokenizer.__call__).parameters else {}
+                ids = tokenizer(item, **quiet)["input_ids"]
             prompts.append(Prompt(index, item, tuple(int(t) for t in ids)))
         else:
             prompts.append(Prompt(index, None, tuple(item)))
