@@ -58,13 +58,12 @@ def nonfinite_counts(tensor: torch.Tensor, raw: memoryview | None = None) -> tup
 
     It runs on the run writer's threads, beside the forward pass, for every tensor written: the
     common case (all finite) is two maxima of the raw bits on the calling thread (`_any_nonfinite`).
-    torch's own reductions would each wake the intra-op pool, and from several writer threads at
-    once they oversubscribe the cores the forward pass launches from (H200 machine, 16 x 256
-    tokens to disk, 8 writer threads: 0.53-0.63 s of checks for 0.44 GB with torch's sum,
-    0.24-0.27 s with the bits; BENCHMARKS.md). Only a tensor that has any is counted exactly, with
-    torch. Other floating dtypes: a sum (a NaN or Inf survives it; one that overflowed is counted,
-    finding none). An FP8 tensor is counted in float32 (exact: torch has no NaN/Inf reductions of
-    its own for FP8). `raw`: the tensor's `raw_bytes`, if taken already."""
+    torch's own reductions would each wake the intra-op pool, from several writer threads at once,
+    beside the cores the forward pass launches from, and have no CPU kernels for FP8 (end to end
+    on the H200 machine the two measured alike; BENCHMARKS.md). Only a tensor that has any is
+    counted exactly, with torch. Other floating dtypes: a sum (a NaN or Inf survives it; one that
+    overflowed is counted, finding none). An FP8 tensor is counted in float32 (exact: torch has no
+    NaN/Inf reductions of its own for FP8). `raw`: the tensor's `raw_bytes`, if taken already."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
     bits = _NONFINITE_BITS.get(tensor.dtype)
