@@ -8,7 +8,7 @@ prompts always give the same batches, hence the same bits.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .quiet import quiet_transformers
 from .schema import token_ids
 
 
@@ -63,33 +64,35 @@ def read_prompt_file(path: str) -> list[str | list[int]]:
     return items
 
 
+def _tokenized(index: int, item: str | list[int], tokenizer, chat_template: bool) -> Prompt:
+    """One prompt: a text tokenized (or through the chat template), token ids as given."""
+    if not isinstance(item, str):
+        return Prompt(index, None, tuple(item))
+    if not item.strip():
+        raise UserError(f"prompt {index} is empty")
+    if tokenizer is None:
+        raise UserError("this model has no tokenizer: give prompts as token ids (JSONL with token_ids)")
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat-template asked for, but the tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], tokenize=True,
+                                            add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(item)["input_ids"]
+    return Prompt(index, item, tuple(int(t) for t in ids))
+
+
 def tokenize(items: list[str | list[int]], tokenizer, *, chat_template: bool = False,
              max_tokens: int | None = None, context_length: int | None = None,
              vocab_size: int | None = None) -> list[Prompt]:
     """Turn texts into token ids (token-id prompts pass through) and check their length."""
     if not items:
         raise UserError("no prompt given: pass --prompt TEXT or --prompts FILE")
-    prompts = []
-    for index, item in enumerate(items):
-        if isinstance(item, str):
-            if not item.strip():
-                raise UserError(f"prompt {index} is empty")
-            if tokenizer is None:
-                raise UserError("this model has no tokenizer: give prompts as token ids (JSONL with token_ids)")
-            if chat_template:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise UserError("--chat-template asked for, but the tokenizer has no chat template")
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], tokenize=True,
-                                                    add_generation_prompt=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                # transformers' tokenizers warn of a prompt longer than the model's context; it is
-                # said below, in one line
-                quiet = {"verbose": False} if "verbose" in inspect.signature(tokenizer.__call__).parameters else {}
-                ids = tokenizer(item, **quiet)["input_ids"]
-            prompts.append(Prompt(index, item, tuple(int(t) for t in ids)))
-        else:
-            prompts.append(Prompt(index, None, tuple(item)))
+    # transformers' tokenizers report a prompt longer than the model's context; layerwise says it
+    # below, in one line
+    with quiet_transformers() if any(isinstance(item, str) for item in items) else contextlib.nullcontext():
+        prompts = [_tokenized(index, item, tokenizer, chat_template) for index, item in enumerate(items)]
     for p in prompts:
         if not p.token_ids:
             raise UserError(f"prompt {p.index} has no tokens")
