@@ -50,10 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, models, pinned, placement, runs  # noqa: E402
+from layerwise import capture, loading, models, placement, runs  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
-from layerwise.extract import ExtractOptions, extract_model  # noqa: E402
+from layerwise.extract import ExtractOptions, extract_model, pin_ahead  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
 
 
@@ -309,7 +309,7 @@ class Bench:
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         def refill():
-            thread = pinned.reserve(int(options.pinned_budget_gib * 2**30))
+            thread = pin_ahead(options)
             if thread is not None:
                 thread.join()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,9 +67,10 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
     return extract_model(loaded, out, items, options, progress=progress, load=load)
 
 
-def pin_ahead(options: ExtractOptions) -> None:
-    """Pin the capture's first host buffers in the background while the model loads (a GPU only)."""
-    pinned.reserve(int(options.pinned_budget_gib * 2**30))
+def pin_ahead(options: ExtractOptions) -> threading.Thread | None:
+    """Pin the capture's first host buffers in the background while the model loads (a GPU only);
+    the thread pinning them (None: nothing to pin)."""
+    return pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 
 def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):
