@@ -22,7 +22,9 @@ written, the manifest) against the floor max(bare forward loop, bytes / page-cac
 bandwidth), both measured in the same round, and the same extract with a writer that drops
 everything. Each round's trace says where the time went after the forward pass (every file's
 write, the seconds in NaN/Inf checks and digests, when the capture closed, the manifest).
---writer-threads 4,8,16 and --switch-interval 5,0.5 (the GIL's, ms) run them side by side.
+--writer-threads 4,8,16, --switch-interval 5,0.5 (the GIL's, ms) and --writer process,threads (the
+run writer's own process reading shared buffers, or only this process's threads) run them side by
+side.
 
 Prints tables; JSON and markdown to --out. Dry run on a CPU: --tiny.
 """
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, models, placement, runs  # noqa: E402
+from layerwise import capture, loading, models, pinned, placement, runs, writerproc  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model, pin_ahead  # noqa: E402
@@ -400,6 +402,14 @@ class WriteTrace:
         close = recording.Recording.close_capture
         trace = self
 
+        def in_process(start, end, checking, hashing, thread):  # a file the writer's own process wrote
+            with trace.lock:
+                trace.files.append((start - trace.origin, end - trace.origin, f"process:{thread}"))
+                trace.parts["nonfinite"] += checking
+                trace.parts["digest"] += hashing
+        writerproc.TRACE = in_process
+        self._undo.append((writerproc, "TRACE", None))
+
         def close_capture(rec):
             seconds = close(rec)
             trace.capture_end = time.perf_counter() - trace.origin
@@ -424,6 +434,7 @@ class WriteTrace:
                 "first_file_start_s": r(files[0][0]) if files else None, "last_file_end_s": r(last),
                 "files_after_forward": sum(1 for _, end, _ in files if end > self.forward_end),
                 "writer_busy_s": r(busy), "writer_threads": len({t for *_, t in files}),
+                "files_in_writer_process": sum(1 for *_, t in files if str(t).startswith("process:")),
                 **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},
                 "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
 
@@ -471,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(each side by side; default: the run writer's own)")
     ap.add_argument("--switch-interval", default="", help="the interpreter's GIL switch intervals (ms) to run "
                     "the end-to-end extracts under, e.g. 5,0.5 (each side by side; default: as set)")
+    ap.add_argument("--writer", default="", help="where the end-to-end extracts' files are written: process "
+                    "(the writer's own process), threads (this process's), side by side: process,threads")
     ap.add_argument("--e2e-repeat", type=int, default=3, help="rounds of each end-to-end extract")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--work", default=None, help="where end-to-end runs are written (default: a temp dir)")
@@ -515,22 +528,32 @@ def main(argv: list[str] | None = None) -> int:
     ends = []
     for spec in filter(None, args.e2e.split(",")):
         p, t = map(int, spec.split("x"))
-        for threads in [int(x) for x in args.writer_threads.split(",") if x] or [None]:
-            for interval in [float(x) for x in args.switch_interval.split(",") if x] or [None]:
-                default = sys.getswitchinterval()
-                if interval is not None:
-                    sys.setswitchinterval(interval / 1e3)
-                try:
-                    ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
-                finally:
-                    sys.setswitchinterval(default)
-                ends[-1]["switch_interval_ms"] = (interval if interval is not None else default * 1e3)
-                print(json.dumps(ends[-1]), flush=True)
+        settings = [(w, n, i) for w in [x for x in args.writer.split(",") if x] or [None]
+                    for n in [int(x) for x in args.writer_threads.split(",") if x] or [None]
+                    for i in [float(x) for x in args.switch_interval.split(",") if x] or [None]]
+        for where, threads, interval in settings:
+            default, mode = sys.getswitchinterval(), os.environ.get(writerproc.ENV)
+            if interval is not None:
+                sys.setswitchinterval(interval / 1e3)
+            if where is not None:
+                os.environ[writerproc.ENV] = where
+                pinned._RESERVE.clear()  # the reserve is refilled with buffers of this kind
+            try:
+                ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
+            finally:
+                sys.setswitchinterval(default)
+            ends[-1]["switch_interval_ms"] = (interval if interval is not None else default * 1e3)
+            ends[-1]["writer"] = "process" if writerproc.supported() else "threads"
+            if mode is None:
+                os.environ.pop(writerproc.ENV, None)
+            else:
+                os.environ[writerproc.ENV] = mode
+            print(json.dumps(ends[-1]), flush=True)
     text = table(rows, card, len(devices))
     for e in ends:
         m = e["median_round"]
         text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk, {e['bytes'] / 1e9:.2f} GB in "
-                 f"{e['files']} files, {e['writer_threads']} writer threads, switch interval {e['switch_interval_ms']:g} ms, "
+                 f"{e['files']} files, writer {e['writer']}, {e['writer_threads']} writer threads, switch interval {e['switch_interval_ms']:g} ms, "
                  f"{len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
                  f"max(forward loop, bytes / page cache) {fmt_spread(e['floor_s'], 's')}: {fmt_spread(e['ratio'], 'x')}; "
                  f"writer dropping everything {fmt_spread(e['null_writer_s'], 's')}; median round: forward "

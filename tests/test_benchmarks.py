@@ -56,19 +56,22 @@ def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "extract_overhead").main(
         ["--tiny", "--layers", "2", "--tokens", "16,32", "--batches", "1,2", "--reps", "1", "--profile", "1x16",
          "--e2e", "2x32", "--e2e-repeat", "2", "--writer-threads", "2,3", "--switch-interval", "5,1",
-         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+         "--writer", "process,threads", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "extract_overhead_1gpu.json").read_text())
     assert [(r["batch"], r["tokens"]) for r in data["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
     assert data["rows"][0]["lw_bytes"] > 0
     ends = data["end_to_end"]
-    assert [(e["writer_threads"], e["switch_interval_ms"]) for e in ends] == [(2, 5), (2, 1), (3, 5), (3, 1)]
+    settings = [(w, n, i) for w in ("process", "threads") for n in (2, 3) for i in (5, 1)]
+    assert [(e["writer"], e["writer_threads"], e["switch_interval_ms"]) for e in ends] == settings
     for e in ends:
         assert e["bytes"] > 0 and len(e["rounds"]) == 2 and e["files"] == 2 * 2  # 2 prompts x 2 layers
         trace = e["median_round"]["trace"]
         assert 0 < trace["first_file_start_s"] <= trace["last_file_end_s"] <= trace["wall_s"], trace
         assert 1 <= trace["writer_threads"] <= e["writer_threads"] and trace["digest_s"] > 0
+        # the tiny model's CPU tensors are small: the writer's process writes every file, or none
+        assert trace["files_in_writer_process"] == (e["files"] if e["writer"] == "process" else 0), trace
     assert data["profile"]["layerwise_functions"], "the profile found no layerwise function"
 
 

@@ -265,8 +265,7 @@ def test_reserve_pins_a_fixed_count_and_only_slabs_a_pool_will_take(monkeypatch)
     monkeypatch.setattr(pinned.torch.cuda, "is_available", lambda: True)
     assert pinned.slab_for(16 << 20) == 1 << 20 and pinned.reserve(16 << 20) is None
     monkeypatch.setattr(pinned, "_RESERVE", [None] * (pinned.RESERVE_BYTES // pinned.SLAB_BYTES - 2))
-    made, real_empty = [], torch.empty
-    monkeypatch.setattr(pinned.torch, "empty",
-                        lambda n, dtype, pin_memory: made.append((n, pin_memory)) or real_empty(1, dtype=dtype))
+    made = []
+    monkeypatch.setattr(pinned, "new_buffer", lambda n, pin: made.append((n, pin)) or torch.empty(1))
     pinned.reserve(4 << 30).join()
     assert made == [(pinned.SLAB_BYTES, True)] * 2 and len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES

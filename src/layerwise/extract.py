@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from . import capture, distributed, pinned
+from . import capture, distributed, pinned, writerproc
 from .collector import PINNED_BUDGET_BYTES
 from .distributed import Session
 from .loading import LoadedModel, LoadOptions, load_model
 from .module_points import module_targets, parse_modules
 from .prompts import make_batches, read_prompt_file, tokenize
 from .recording import ExtractResult, Progress, Recording, model_record
-from .runs import QUEUE_DEPTH, Intent, library_versions
+from .runs import QUEUE_DEPTH, Intent, library_versions, writer_threads
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
 
 
 def pin_ahead(options: ExtractOptions) -> threading.Thread | None:
-    """Pin the capture's first host buffers in the background while the model loads (a GPU only);
-    the thread pinning them (None: nothing to pin)."""
+    """Start the run writer's process (writerproc) and pin the capture's first host buffers in the
+    background (a GPU only), while the model loads; the thread pinning them (None: nothing to pin)."""
+    writerproc.process(options.writer_threads or writer_threads())
     return pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 

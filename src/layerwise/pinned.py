@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from . import writerproc
+
 
 SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
 MIN_BYTES = 1 << 16
@@ -27,6 +29,16 @@ MIN_BYTES = 1 << 16
 RESERVE_BYTES = 2**30
 _RESERVE: list[torch.Tensor] = []  # slabs pinned ahead, taken by the next pool that needs one
 _RESERVE_LOCK = threading.Lock()
+
+
+def new_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A uint8 host buffer of `nbytes` (page-locked when `pin`): shared memory that the run
+    writer's own process reads the files from (writerproc), where it runs; else torch's."""
+    buffer = writerproc.shared_buffer(nbytes, pin) if writerproc.supported() else None
+    if buffer is None:
+        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return buffer
 
 
 def slab_for(budget_bytes: int) -> int:
@@ -52,7 +64,7 @@ def reserve(budget_bytes: int) -> threading.Thread | None:
     def work():  # a fixed count: slabs taken meanwhile by a pool are not pinned again
         with torch.inference_mode(False):
             for _ in range(missing):
-                slab = torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=True)
+                slab = new_buffer(SLAB_BYTES, True)
                 with _RESERVE_LOCK:
                     _RESERVE.append(slab)
 
@@ -118,8 +130,7 @@ class PinnedPool:
                 if _RESERVE:
                     return _RESERVE.pop()
         start = time.perf_counter()
-        with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        buffer = new_buffer(nbytes, self.pin)
         self.alloc_seconds += time.perf_counter() - start  # the forward thread's only caller: no lock needed
         return buffer
 

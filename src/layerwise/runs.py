@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import tensorfile
-from ._boot import cores_per_process
+from . import tensorfile, writerproc
 from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
@@ -39,6 +38,7 @@ from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Int
                        library_versions, read_json, tensor_files)
 from .paths import inside
 from .schema import check_manifest
+from .writerproc import writer_threads  # noqa: F401 (the writer's default thread count)
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +59,21 @@ def group_file(prompt: int, group: str) -> str:
 
 # ------------------------------------------------------------------------------------- writing
 
-def writer_threads() -> int:
-    """A run writer's default thread count: one per core this process may use (`cores_per_process`:
-    torchrun's ranks on a machine share its cores), 2 to 16. Every byte written is hashed
-    (sha256, about 1.1 GB/s a core on the H200 machine) on these threads: 16 x 4096 tokens of 8
-    MiniMax-M2 layers (7 GB) took 1.05-1.10 s with 16 of them against 1.51-1.61 s with 8 and
-    2.63-4.23 s with 4 (one H200's host, BENCHMARKS.md)."""
-    return max(2, min(16, cores_per_process()))
-
-
 class RunWriter:
     """Streams tensor files into a run directory; `finish` writes the manifest last.
 
     `intent` says what the run is; an existing directory with a different intent is refused
     (unless `overwrite`), one with the same intent is resumed: `has(prompt, group)` says which
-    files already exist so the caller skips that work. `put` hands a group of CPU tensors to a
-    pool of writer threads through a queue of `queue_depth` groups: when the disk is slower
-    than the producer, `put` blocks (backpressure) instead of growing host memory.
+    files already exist so the caller skips that work. `put` hands a group of CPU tensors to the
+    writer's own process (writerproc), else to a pool of writer threads, `queue_depth` groups
+    waiting at most: when the disk is slower than the producer, `put` blocks (backpressure).
     """
 
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
                  threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
         threads = threads or writer_threads()
+        proc = writerproc.process(threads)  # where files whose tensors lie in shared memory are written
+        self._handoff = writerproc.Handoff(proc, queue_depth + threads) if proc is not None else None
         self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run
         self._replaced: Path | None = None  # the old run's directory, when the new one is written beside it
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
@@ -150,9 +143,28 @@ class RunWriter:
 
     def put(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], on_written=None) -> None:
         """Queue one file; blocks while `queue_depth` files wait. `on_written()` runs once the
-        tensors were written (the producer may then reuse their memory)."""
+        tensors were written (the producer may then reuse their memory). The writer process
+        (writerproc) writes it where it can, else this process's writer threads."""
         self._raise_if_failed()
+        rel = group_file(prompt, group)
+        if self._handoff is not None and self._handoff.put(
+                self._made(self.path / rel), {"prompt": str(prompt)}, tensors, tensorfile.HASH_CHUNK,
+                lambda header, err: self._handed(rel, header, err, on_written)):
+            return
         self._queue.put((prompt, group, tensors, on_written))
+
+    def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written) -> None:
+        """The writer process wrote file `rel` (its header, with "__metadata__"), or failed (`err`)."""
+        try:
+            if err is None:
+                self._headers[rel] = header
+                with self._lock:
+                    self._bytes += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values() if "dtype" in e)
+            else:
+                self._error = self._error or (_write_failed(self.path / rel, err) if is_io_error(err) else err)
+        finally:
+            if on_written is not None:
+                on_written()
 
     def _work(self) -> None:
         while True:
@@ -174,10 +186,7 @@ class RunWriter:
 
     def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor]) -> int:
         rel = group_file(prompt, group)
-        target = self.path / rel
-        if target.parent not in self._dirs:  # a system call less per file (they retake the GIL)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(target.parent)
+        target = self._made(self.path / rel)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         header: dict = {}
         try:  # the model's own NaN/Inf are counted into the metadata: recorded, reported, never hidden
@@ -187,10 +196,19 @@ class RunWriter:
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if is_io_error(err):
-                raise UserError(f"cannot write {target}: {io_reason(err)} (is the disk full?); "
-                                "the run is left incomplete, rerun the same command to resume") from None
+                raise _write_failed(target, err) from None
             raise
         return written
+
+    def _made(self, target: Path) -> Path:
+        """`target`, its folder made (once: a system call less per file, they retake the GIL)."""
+        if target.parent not in self._dirs:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _write_failed(target, err) from None
+            self._dirs.add(target.parent)
+        return target
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -208,6 +226,8 @@ class RunWriter:
     def wait(self) -> None:
         """Block until every queued file is on disk."""
         self._queue.join()
+        if self._handoff is not None:
+            self._handoff.wait()
         self._raise_if_failed()
 
     @property
@@ -271,6 +291,11 @@ class RunWriter:
             self._stop()
 
 
+def _write_failed(target: Path, err: BaseException) -> UserError:
+    return UserError(f"cannot write {target}: {io_reason(err)} (is the disk full?); "
+                     "the run is left incomplete, rerun the same command to resume")
+
+
 # ------------------------------------------------------------------------------------- reading
 
 @dataclass(frozen=True)
@@ -299,10 +324,7 @@ class Run:
         self._entries = {(e["name"], e["prompt"]): TensorEntry(
             e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], entry_digests(e))
             for e in manifest["tensors"]}
-        names: dict[str, None] = {}
-        for e in manifest["tensors"]:
-            names.setdefault(e["name"], None)
-        self._names = list(names)
+        self._names = list(dict.fromkeys(e["name"] for e in manifest["tensors"]))
 
     @property
     def prompts(self) -> list[dict]:

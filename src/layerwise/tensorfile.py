@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import filebits
 from ._boot import cores_per_process
 from .errors import UserError
 from .rawbytes import nonfinite_counts, raw_bytes
@@ -38,11 +39,11 @@ DTYPES = {
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
     "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-_CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}
+DTYPE_CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}  # torch dtype -> code
 _ITEMSIZE = dict(DTYPES.values())
-HASH_CHUNK = 64 << 20  # bytes per leaf of the sha256 tree (FORMAT.md); a tensor of one chunk or less: plain sha256
+HASH_CHUNK = filebits.HASH_CHUNK
 HASH_WORKERS = min(8, os.cpu_count() or 1)  # threads hashing the chunks of big tensors, shared by every caller
-NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
+NONFINITE_KEY = filebits.NONFINITE_KEY
 _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
@@ -56,7 +57,7 @@ _POOLS_LOCK = threading.Lock()
 
 def code(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "BF16"."""
-    return _CODES[dtype]
+    return DTYPE_CODES[dtype]
 
 
 def dtype_name(code: str) -> str:
@@ -274,30 +275,18 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
                header_out: dict | None = None, nonfinite: bool = False) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
     pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
-    metadata, and (`nonfinite`) its NaN/Inf counts where it holds any (NONFINITE_KEY). Returns
-    the bytes of tensor data written; `header_out` receives the header written (as `read_header`
-    returns it) and "__metadata__", its metadata."""
+    metadata, and (`nonfinite`) its NaN/Inf counts where it holds any (NONFINITE_KEY): the bytes
+    `filebits` defines, as the run writer's own process writes them. Returns the bytes of tensor
+    data written; `header_out` receives the header written (as `read_header` returns it) and
+    "__metadata__", its metadata."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
-    meta = dict(metadata)
-    header: dict = {}
-    offset = 0
-    for name, t in tensors.items():
-        counts = nonfinite_counts(t, views[name]) if nonfinite else None
-        if counts is not None:  # the model's own NaN/Inf: recorded, reported, never hidden
-            meta[NONFINITE_KEY + name] = f"{counts[0]},{counts[1]}"
-        meta[digest_key(DIGEST, name)] = digest(views[name])
-        size = views[name].nbytes
-        header[name] = {"dtype": code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little") + blob)
-        for view in views.values():
-            fh.write(view)
+    head, header, meta = filebits.file_head(metadata, [
+        (name, code(t.dtype), t.shape, views[name].nbytes, nonfinite_counts(t, views[name]) if nonfinite else None,
+         digest(views[name])) for name, t in tensors.items()])
+    filebits.write_blob(path, head, list(views.values()))
     if header_out is not None:
         header_out.update(header, __metadata__=meta)
-    return offset
+    return sum(view.nbytes for view in views.values())
 
 
 # -------------------------------------------------------------------------------------- digests
@@ -307,14 +296,8 @@ def _sha256(view: memoryview) -> str:
 
 
 def _sha256_tree(view: memoryview) -> str:
-    """sha256 of the concatenated raw sha256 digests of the HASH_CHUNK-byte chunks of `view`
-    (the last one shorter); at most one chunk: the plain sha256 of the bytes. The chunks are
-    hashed on the shared pool (hashlib releases the GIL), as slices of `view`: no copy."""
-    if view.nbytes <= HASH_CHUNK:
-        return _sha256(view)
-    chunks = [view[i:i + HASH_CHUNK] for i in range(0, view.nbytes, HASH_CHUNK)]
-    leaves = _shared_pool("hash", HASH_WORKERS).map(lambda chunk: hashlib.sha256(chunk).digest(), chunks)
-    return hashlib.sha256(b"".join(leaves)).hexdigest()
+    """`filebits.sha256_tree`, its chunks hashed on the shared pool (hashlib releases the GIL)."""
+    return filebits.sha256_tree(view, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK)
 
 
 def _forget_pools() -> None:
@@ -331,7 +314,7 @@ os.register_at_fork(after_in_child=_forget_pools)
 # sequential stream, is what format version 1 wrote.
 _ALGORITHMS = {"sha256_tree": _sha256_tree, "sha256": _sha256}
 DIGESTS = tuple(_ALGORITHMS)
-DIGEST = "sha256_tree"
+DIGEST = filebits.DIGEST
 
 
 def digest(data: torch.Tensor | memoryview, algorithm: str = DIGEST) -> str:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Device session 34 (one H200): the run writer's own process (writerproc: the capture's host
+# buffers in shared memory registered with CUDA, read by a process of its own that checks, hashes
+# and writes every file) against this process's writer threads, side by side.
+#   part "e2e": the GPU tests that write runs (extract bit-identical to output_hidden_states over
+#     the GPUs, streamed, replayed), then benchmarks/extract_overhead.py end to end: 16 x 256 and
+#     16 x 4096 tokens of 8 MiniMax-M2-size layers, 3 rounds each, writer process / threads, 8 and
+#     16 writer threads.
+#   part "capture": the capture overhead rows (host copies, the sink dropping them) with the host
+#     buffers in shared registered memory (LAYERWISE_WRITER unset) and in torch's pinned memory
+#     (LAYERWISE_WRITER=threads), one after the other, each with its own baseline in its rounds.
+# Logs packed into $OUT/session34-<part>.tgz.
+set -uo pipefail
+PART=${1:-e2e}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s34-$PART; mkdir -p "$W"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpus.txt" 2>&1
+nproc >> "$W/gpus.txt"; python3 -VV >> "$W/gpus.txt"; git log -1 --format=%h >> "$W/gpus.txt" 2>/dev/null
+case "$PART" in
+e2e)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_extract.py tests/gpu/test_gpu_replay.py \
+        tests/test_writerproc.py > "$W/gputests.log" 2>&1
+    echo "=== GPU tests (exit $?)"; tail -3 "$W/gputests.log"
+    timeout 330 python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
+        --e2e 16x256,16x4096 --e2e-repeat 3 --writer process,threads --writer-threads 8,16 \
+        --out "$W/e2e" --work /tmp/lw-e2e > "$W/e2e.log" 2>&1
+    echo "=== end to end (exit $?)"; grep '^extract' "$W/e2e.log" | cut -c1-400 ;;
+capture)
+    for mode in process threads; do
+        if [ $mode = threads ]; then export LAYERWISE_WRITER=threads; else unset LAYERWISE_WRITER; fi
+        timeout 270 python3 benchmarks/extract_overhead.py --gpus 1 --tokens 128,512,1024,4096 --batches 1,4,16 \
+            --max-batch-tokens 16384 --reps 5 --profile '' --e2e '' --out "$W/cap_$mode" > "$W/cap_$mode.log" 2>&1
+        echo "=== capture, host buffers of the $mode writer (exit $?)"; grep '^|' "$W/cap_$mode.log" | tail -13
+    done ;;
+esac
+tar czf "$OUT/session34-$PART.tgz" -C "$W" . 2>/dev/null

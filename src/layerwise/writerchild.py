@@ -1,0 +1,154 @@
+"""The run writer's own process: checks, hashes and writes the files `writerproc` hands it.
+
+Started by `writerproc.WriterProcess` as `python -c` with this directory on its path (it imports
+`filebits` alone: no torch, no layerwise package), it reads the tensors' bytes where the capture's
+device-to-host copies put them (shared memory the parent sends as file descriptors), so the work
+of every byte written (NaN/Inf check, digest, write) takes no turn of the parent's GIL, which its
+forward pass needs to launch kernels. One socket carries both ways length-prefixed pickles
+between the two processes of one program:
+
+    parent -> child  ("map", region, size) + its fd | ("drop", region) | ("stop",)
+                     ("job", seq, target, tmp, metadata, chunk, nonfinite, [(name, code, shape, nbytes, source)])
+                     source: ("r", region, offset) or ("b", bytes)
+    child -> parent  ("ok", seq, header, metadata, timing) | ("err", seq, errno or None, message, filename)
+
+A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
+final name. The process ignores Ctrl-C (the parent decides) and ends when the socket closes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from . import filebits  # imported by writerproc, in the parent
+except ImportError:  # run as the writer process: this directory is on the path, the package is not imported
+    import filebits
+
+_LENGTH = 4
+
+
+class Channel:
+    """Length-prefixed pickles over a stream socket, with file descriptors attached to some."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+        self._send = threading.Lock()
+
+    def send(self, message, fds: tuple[int, ...] = ()) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = len(data).to_bytes(_LENGTH, "little") + data
+        with self._send:
+            if fds:
+                sent = socket.send_fds(self.sock, [frame], list(fds))
+                frame = frame[sent:]
+            if frame:
+                self.sock.sendall(frame)
+
+    def receive(self):
+        """The next message; None once the socket closed. The fds sent with messages are taken in
+        the order they were sent (`take_fd`): one arrives with its message's bytes, or before."""
+        while True:
+            if len(self._buffer) >= _LENGTH:
+                size = int.from_bytes(self._buffer[:_LENGTH], "little")
+                if len(self._buffer) >= _LENGTH + size:
+                    message = pickle.loads(self._buffer[_LENGTH:_LENGTH + size])
+                    del self._buffer[:_LENGTH + size]
+                    return message
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+            self._fds += fds
+            if not data:
+                return None
+            self._buffer += data
+
+    def take_fd(self) -> int:
+        return self._fds.pop(0)
+
+
+class Child:
+    def __init__(self, channel: Channel, threads: int):
+        self.channel = channel
+        self.regions: dict[int, mmap.mmap] = {}
+        self.jobs = ThreadPoolExecutor(threads, thread_name_prefix="writer")
+        self.hashes = ThreadPoolExecutor(min(8, threads), thread_name_prefix="hash")
+
+    def serve(self) -> None:
+        while True:
+            message = self.channel.receive()
+            if message is None:  # the parent is gone: the files being written are finished, no others
+                self.jobs.shutdown(wait=True, cancel_futures=True)
+                break
+            if message[0] == "stop":
+                break
+            kind = message[0]
+            if kind == "map":
+                fd = self.channel.take_fd()
+                self.regions[message[1]] = mmap.mmap(fd, message[2])
+                os.close(fd)
+            elif kind == "drop":
+                region = self.regions.pop(message[1], None)
+                if region is not None:
+                    try:
+                        region.close()
+                    except BufferError:  # a view still alive: closed when it is freed
+                        pass
+            elif kind == "job":
+                self.jobs.submit(self.job, *message[1:])
+        self.jobs.shutdown(wait=True)  # the files already handed over are written whole
+        self.hashes.shutdown(wait=True)
+
+    def job(self, seq, target, tmp, metadata, chunk, check, specs) -> None:
+        start = time.perf_counter()
+        try:
+            views, entries, checking, hashing = [], [], 0.0, 0.0
+            for name, code, shape, nbytes, source in specs:
+                if source[0] == "r":
+                    view = memoryview(self.regions[source[1]])[source[2]:source[2] + nbytes]
+                else:
+                    view = memoryview(source[1])
+                t0 = time.perf_counter()
+                counts = filebits.nonfinite(view, code) if check and code in filebits.NONFINITE_BITS else None
+                t1 = time.perf_counter()
+                digest = filebits.sha256_tree(view, self.hashes.map, chunk)
+                checking, hashing = checking + t1 - t0, hashing + time.perf_counter() - t1
+                views.append(view)
+                entries.append((name, code, shape, nbytes, counts, digest))
+            head, header, meta = filebits.file_head(metadata, entries)
+            try:  # into the folder the parent made
+                filebits.write_blob(tmp, head, views)
+                os.replace(tmp, target)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            finally:
+                for view in views:
+                    view.release()
+            timing = (start, time.perf_counter(), checking, hashing, threading.current_thread().name)
+            self.channel.send(("ok", seq, header, meta, timing))
+        except OSError as err:
+            self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
+        except BaseException as err:  # reported to the parent, which fails the run with it
+            self.channel.send(("err", seq, None, f"{type(err).__name__}: {err}", None))
+
+
+def main(fd: int, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    channel = Channel(socket.socket(fileno=fd))
+    try:
+        Child(channel, threads).serve()
+    except (BrokenPipeError, ConnectionResetError):  # the parent is gone
+        pass
+    sys.stdout.flush()

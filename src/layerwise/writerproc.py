@@ -1,0 +1,333 @@
+"""The run writer's own process, and the shared host memory it reads the captured tensors from.
+
+Every byte an extract writes is checked for NaN/Inf, hashed and written: about 1.4 core-seconds a
+GB. On the writer's threads in this process, that work takes turns of the GIL from the forward
+pass, which launches its kernels from Python (16 prompts x 256 tokens of 8 MiniMax-M2 layers took
+3.4-3.7x the forward pass end to end; BENCHMARKS.md). So the capture's host buffers are shared
+memory (a memfd, mapped here and, registered with CUDA, the target of the device-to-host copies),
+and a process of its own (`writerchild.py`, no torch) reads them there: a file costs this process
+one small message out and one back.
+
+`shared_buffer` makes such buffers (a process-wide cache, like torch's pinned-memory cache: a
+buffer whose tensor is gone is reused, never unmapped); `sources` says where a file's tensors lie
+(in a shared buffer, or small enough to send); `process()` is the process's writer process,
+started on first use. LAYERWISE_WRITER=threads turns all of it off (the writer's threads in this
+process do everything, as on platforms without memfd or fd passing).
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import itertools
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+
+from ._boot import cores_per_process
+from . import tensorfile
+from .rawbytes import raw_bytes
+from .writerchild import Channel
+
+log = logging.getLogger(__name__)
+
+ENV = "LAYERWISE_WRITER"  # "threads": no writer process, no shared buffers
+INLINE_BYTES = 1 << 20  # a tensor outside shared memory up to this size is sent with its file's message
+_HERE = str(Path(__file__).resolve().parent)
+TRACE = None  # a benchmark's callable(start, end, nonfinite seconds, digest seconds, thread) per file written there
+
+
+def writer_threads() -> int:
+    """A run writer's default thread count (in its own process too): one per core this process may
+    use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 16. Every byte
+    written is hashed (sha256, about 1.1 GB/s a core on the H200 machine; BENCHMARKS.md)."""
+    return max(2, min(16, cores_per_process()))
+
+
+def supported() -> bool:
+    """Whether files may be written by a writer process reading shared buffers (Linux: memfd and
+    fd passing), unless LAYERWISE_WRITER=threads."""
+    return (os.environ.get(ENV, "process") != "threads" and sys.platform.startswith("linux")
+            and hasattr(os, "memfd_create") and hasattr(socket, "send_fds"))
+
+
+# ---------------------------------------------------------------------------------- shared buffers
+
+class _Region:
+    __slots__ = ("id", "fd", "size", "memory", "base", "pinned")
+
+
+_REGIONS: dict[int, _Region] = {}  # base address -> region (every region made: none is unmapped)
+_BASES: list[int] = []  # sorted
+_CACHE: dict[tuple[int, bool], list[_Region]] = {}  # (size, pinned) -> regions whose tensor is gone
+_LOCK = threading.Lock()
+_IDS = itertools.count()
+
+
+def _new_region(nbytes: int, pin: bool) -> _Region:
+    fd = os.memfd_create("layerwise-host-buffer", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        memory = mmap.mmap(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+    region = _Region()
+    region.id, region.fd, region.size, region.memory, region.pinned = next(_IDS), fd, nbytes, memory, pin
+    region.base = raw_address(memory)
+    if pin:  # page-locked for the copy engines, as torch's pin_memory (about a second per GB)
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.base, nbytes, 1))  # 1: portable (every GPU)
+    with _LOCK:
+        _REGIONS[region.base] = region
+        bisect.insort(_BASES, region.base)
+    return region
+
+
+def raw_address(memory: mmap.mmap) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(memory))
+
+
+def shared_buffer(nbytes: int, pin: bool) -> torch.Tensor | None:
+    """A uint8 CPU tensor of `nbytes` in shared memory (page-locked and registered with CUDA when
+    `pin`), the writer process's to read; None where that cannot be made (the caller allocates
+    as before)."""
+    with _LOCK:
+        cached = _CACHE.get((nbytes, pin))
+        region = cached.pop() if cached else None
+    if region is None:
+        try:
+            region = _new_region(nbytes, pin)
+        except (OSError, RuntimeError) as err:
+            log.debug("no shared host buffer of %d bytes (%s): the writer's threads write its files", nbytes, err)
+            return None
+    memory = memoryview(region.memory)  # the tensor's storage holds it until the last view is gone
+    with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
+        tensor = torch.frombuffer(memory, dtype=torch.uint8)
+    weakref.finalize(memory, _came_back, region)  # then, and not before, the region may be handed out again
+    return tensor
+
+
+def _came_back(region: _Region) -> None:
+    with _LOCK:
+        _CACHE.setdefault((region.size, region.pinned), []).append(region)
+
+
+def _region_of(tensor: torch.Tensor, nbytes: int) -> tuple[_Region, int] | None:
+    ptr = tensor.data_ptr()
+    with _LOCK:
+        at = bisect.bisect_right(_BASES, ptr) - 1
+        region = _REGIONS[_BASES[at]] if at >= 0 else None
+    if region is None or ptr + nbytes > region.base + region.size:
+        return None
+    return region, ptr - region.base
+
+
+def sources(tensors: dict[str, torch.Tensor]) -> list[tuple] | None:
+    """Where the writer process finds a file's tensors: (name, dtype code, shape, bytes, source,
+    region or None) each, the source ("r", region id, offset) in a shared buffer or ("b", bytes);
+    None when a tensor is neither there nor small (this process writes that file)."""
+    specs = []
+    for name, t in tensors.items():
+        code = tensorfile.DTYPE_CODES.get(t.dtype)
+        if code is None or t.device.type != "cpu":  # this process says why it cannot write it
+            return None
+        nbytes = t.numel() * t.element_size()
+        found = _region_of(t, nbytes) if _BASES and nbytes and t.is_contiguous() else None
+        if found is not None:
+            specs.append((name, code, tuple(t.shape), nbytes, ("r", found[0].id, found[1]), found[0]))
+        elif nbytes <= INLINE_BYTES:
+            specs.append((name, code, tuple(t.shape), nbytes, ("b", bytes(raw_bytes(t))), None))
+        else:
+            return None
+    return specs
+
+
+# ---------------------------------------------------------------------------------- the process
+
+class WriterProcess:
+    """A `writerchild` process and the thread reading its replies. `submit` hands it a file."""
+
+    def __init__(self, threads: int):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stderr = tempfile.TemporaryFile()
+        boot = ("import sys; sys.path[:1] = []; sys.path.append(sys.argv[1]); import writerchild; "
+                "writerchild.main(int(sys.argv[2]), int(sys.argv[3]))")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", boot, _HERE, str(theirs.fileno()), str(threads)],
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=self._stderr)
+        finally:
+            theirs.close()
+        self.channel = Channel(ours)
+        self.threads = threads
+        self.failed: BaseException | None = None
+        self._mapped: set[int] = set()
+        self._jobs: dict[int, object] = {}
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="layerwise-writer-replies", daemon=True)
+        self._reader.start()
+
+    def submit(self, target: str, tmp: str, metadata: dict, chunk: int, specs: list[tuple], done) -> None:
+        """Have the process write `specs` (from `sources`) as the file `target` (through `tmp`);
+        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing) or
+        ("err", seq, errno, message, filename)."""
+        with self._lock:  # a region's map message goes before the first job that reads it
+            if self.failed is not None:
+                raise self.failed
+            seq = next(self._seq)
+            self._jobs[seq] = done
+            try:
+                for *_, region in specs:
+                    if region is not None and region.id not in self._mapped:
+                        self.channel.send(("map", region.id, region.size), (region.fd,))
+                        self._mapped.add(region.id)
+                self.channel.send(("job", seq, target, tmp, metadata, chunk, True,
+                                   [spec[:5] for spec in specs]))
+            except OSError as err:
+                self._jobs.pop(seq, None)
+                raise self._died(err) from None
+
+    def _read(self) -> None:
+        try:
+            while True:
+                reply = self.channel.receive()
+                if reply is None:
+                    break
+                with self._lock:
+                    done = self._jobs.pop(reply[1], None)
+                if reply[0] == "ok" and TRACE is not None:
+                    TRACE(*reply[4])
+                if done is not None:
+                    done(reply)
+        except OSError:
+            pass
+        with self._lock:
+            error = self._died(None)
+            jobs, self._jobs = self._jobs, {}
+        for done in jobs.values():
+            done(("err", None, None, str(error), None))
+
+    def _died(self, err) -> BaseException:
+        if self.failed is None:
+            try:  # its socket closes as it exits
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self._stderr.seek(0)
+            last = (self._stderr.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+            self.failed = RuntimeError(f"the run writer's process ended (exit code {code}"
+                                       + (f": {last}" if last else "") + (f"; {err}" if err else "") + ")")
+        return self.failed
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._jobs)
+
+    def stop(self) -> None:
+        """Let it write what it was handed, then end it."""
+        try:
+            self.channel.send(("stop",))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._reader.join(timeout=5)
+        self.channel.sock.close()
+
+
+class Handoff:
+    """One run writer's files in the writer process: at most `depth` outstanding (`put` blocks:
+    backpressure), `wait` until all are written."""
+
+    def __init__(self, proc: WriterProcess, depth: int):
+        self.proc, self._slots = proc, threading.Semaphore(depth)
+        self._idle = threading.Condition()
+        self._pending = 0
+
+    def put(self, target: Path, metadata: dict, tensors: dict[str, torch.Tensor], chunk: int, finished) -> bool:
+        """Hand the file over unless its tensors are not the process's to write (False): then
+        `finished(header, None)` runs once it is written (its header, with "__metadata__"), or
+        `finished(None, error)` (an OSError for the system's errors)."""
+        specs = sources(tensors)
+        if specs is None:
+            return False
+        self._slots.acquire()
+        with self._idle:
+            self._pending += 1
+
+        def done(reply):
+            try:
+                if reply[0] == "ok":
+                    finished({**reply[2], "__metadata__": reply[3]}, None)
+                else:
+                    finished(None, OSError(reply[2], reply[3], reply[4]) if reply[2] is not None else
+                             RuntimeError(reply[3]))
+            finally:
+                self._slots.release()
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+        target = Path(os.path.abspath(target))  # the process's working directory is where it started
+        try:
+            self.proc.submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")), metadata,
+                             chunk, specs, done)
+        except BaseException as err:
+            done(("err", None, None, str(err), None))
+        return True
+
+    def wait(self) -> None:
+        with self._idle:
+            while self._pending:
+                self._idle.wait()
+
+
+_PROCESS: WriterProcess | None = None
+_PROCESS_LOCK = threading.Lock()
+
+
+def process(threads: int) -> WriterProcess | None:
+    """This process's writer process with `threads` threads (started on first use, again after
+    one ended; one with another count is replaced unless busy), or None where it cannot run
+    (`supported`, or it failed to start: this process's threads write)."""
+    global _PROCESS
+    if not supported():
+        return None
+    with _PROCESS_LOCK:
+        if _PROCESS is not None and _PROCESS.failed is None and _PROCESS.proc.poll() is None:
+            if _PROCESS.threads == threads or _PROCESS.busy():
+                return _PROCESS
+            _PROCESS.stop()  # idle, with another thread count: replaced
+        try:
+            _PROCESS = WriterProcess(threads)
+        except OSError as err:
+            log.warning("the run writer's process cannot start (%s): this process's threads write the files", err)
+            _PROCESS = None
+        return _PROCESS
+
+
+def _stop_at_exit() -> None:
+    if _PROCESS is not None:
+        _PROCESS.stop()
+
+
+def _forget_in_child() -> None:
+    """In a forked child: the parent's writer process, socket and reply thread are not its own."""
+    global _PROCESS, _PROCESS_LOCK, _LOCK
+    _PROCESS, _PROCESS_LOCK, _LOCK = None, threading.Lock(), threading.Lock()
+
+
+atexit.register(_stop_at_exit)
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -1,0 +1,143 @@
+"""The run writer's own process: the same bytes as this process's writer, its errors, its death."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from layerwise import pinned, runs, tensorfile, writerproc
+from layerwise.errors import UserError
+
+INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
+
+pytestmark = pytest.mark.skipif(not writerproc.supported(), reason="no memfd / fd passing here")
+
+
+def in_shared(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s bytes in a shared buffer, as a capture's device-to-host copy leaves them."""
+    raw = t.contiguous().view(-1).view(torch.uint8)
+    buffer = pinned.new_buffer(max(raw.numel(), 1 << 16), False)
+    buffer[:raw.numel()].copy_(raw)
+    return buffer[:raw.numel()].view(t.dtype).view(t.shape)
+
+
+def tensors_of_every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+                               torch.float8_e5m2]):
+        t = torch.randn(37, 5, generator=g).to(dtype)
+        if i % 2 == 0:  # the model's own NaN/Inf are counted into the metadata
+            t.view(-1)[[3, 9]] = torch.tensor([float("nan"), float("inf")]).to(dtype)
+        out[f"model.layers.{i}:output"] = t
+    out["model.layers.0.mlp.gate:top_k_ids"] = torch.randint(0, 256, (37, 8), generator=g, dtype=torch.int64)
+    out["model.layers.0:flags"] = torch.rand(37, generator=g) > 0.5
+    return out
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """The files the writer's process wrote."""
+    seen = []
+    monkeypatch.setattr(writerproc, "TRACE", lambda *timing: seen.append(timing))
+    return seen
+
+
+@pytest.mark.parametrize("chunk", [64 << 20, 64])  # 64 bytes: the digest's tree of chunks
+def test_the_process_writes_the_bytes_this_process_writes(tmp_path, monkeypatch, traced, chunk):
+    """Every dtype, NaN/Inf counts, digests over several chunks: the file the writer's process
+    writes, from shared buffers and from bytes sent along, is byte for byte the one
+    `tensorfile.write_file` writes (this process's writer threads)."""
+    monkeypatch.setattr(tensorfile, "HASH_CHUNK", chunk)
+    plain = tensors_of_every_dtype()
+    shared = {name: in_shared(t) for name, t in plain.items()}
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    written = []
+    writer.put(0, "model.layers.0", shared, lambda: written.append(0))  # in shared buffers
+    writer.put(1, "model.layers.0", plain, lambda: written.append(1))  # small: sent with the message
+    writer.finish()
+    assert sorted(written) == [0, 1] and len(traced) == 2
+    for prompt in (0, 1):
+        tensorfile.write_file(tmp_path / "oracle", plain, {"prompt": str(prompt)}, nonfinite=True)
+        got = (tmp_path / "run" / runs.group_file(prompt, "model.layers.0")).read_bytes()
+        assert got == (tmp_path / "oracle").read_bytes()
+    run = runs.open_run(tmp_path / "run")
+    assert [n["name"] for n in run.manifest["nonfinite"]] == [f"model.layers.{i}:output" for i in (0, 2, 4)] * 2
+    for name, t in plain.items():  # read back, every digest verified
+        assert torch.equal(run.tensor(name, 1).view(torch.uint8), t.view(torch.uint8))
+
+
+def test_what_the_process_cannot_read_is_written_here(tmp_path, traced):
+    """A big tensor outside shared memory is written by this process's threads; a big one in a
+    shared buffer by the writer's process."""
+    big = torch.randn(writerproc.INLINE_BYTES // 4 + 1)
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    writer.put(0, "a", {"a:output": big})
+    writer.put(0, "c", {"c:output": in_shared(big)})
+    writer.finish()
+    assert len(traced) == 1
+    run = runs.open_run(tmp_path / "run")
+    assert torch.equal(run.tensor("a:output"), big) and torch.equal(run.tensor("c:output"), big)
+
+
+def test_a_file_the_process_cannot_write_is_one_clear_error(tmp_path):
+    """The system's error in the writer's process reaches the caller as the threads' own line;
+    no manifest, no temporary file left."""
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    target = tmp_path / "run" / runs.group_file(0, "a")
+    target.parent.mkdir(parents=True)
+    (target.parent / f".{target.name}.{os.getpid()}.tmp").mkdir()  # where the process would write
+    writer.put(0, "a", {"a:output": torch.ones(4)})
+    with pytest.raises(UserError, match=r"cannot write .*a\.safetensors: .*\(is the disk full\?\)"):
+        writer.finish()
+    assert not (tmp_path / "run" / runs.MANIFEST).exists() and not target.exists()
+
+
+def test_a_writer_process_that_dies_fails_the_run_and_the_next_starts_another(tmp_path):
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    proc = writerproc.process(2)
+    os.kill(proc.proc.pid, signal.SIGKILL)
+    proc.proc.wait()
+    with pytest.raises(RuntimeError, match=r"the run writer's process ended \(exit code -9"):
+        writer.put(0, "a", {"a:output": torch.ones(4)})
+        writer.finish()
+    assert not (tmp_path / "run" / runs.MANIFEST).exists()
+    again = runs.RunWriter(tmp_path / "again", INTENT, threads=2)
+    again.put(0, "a", {"a:output": torch.ones(4)})
+    again.finish()
+    assert writerproc.process(2) is not proc
+    assert torch.equal(runs.open_run(tmp_path / "again").tensor("a:output"), torch.ones(4))
+
+
+def test_a_shared_buffer_comes_back_to_the_cache_when_its_last_view_is_gone():
+    """Buffers are reused, never unmapped: an address the process was sent stays what it was."""
+    buffer = pinned.new_buffer(3 << 16, False)
+    base = buffer.data_ptr()
+    view = buffer[10:20]
+    del buffer
+    assert writerproc._region_of(view, 10) is not None
+    assert pinned.new_buffer(3 << 16, False).data_ptr() != base  # a view is alive: not reused yet
+    del view
+    assert pinned.new_buffer(3 << 16, False).data_ptr() == base
+
+
+def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
+    monkeypatch.setenv(writerproc.ENV, "threads")
+    assert not writerproc.supported() and writerproc.process(2) is None
+    assert pinned.new_buffer(1 << 16, False).data_ptr() not in writerproc._REGIONS
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    writer.put(0, "a", {"a:output": torch.ones(4)})
+    writer.finish()
+    assert traced == []
+
+
+def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path, monkeypatch, traced):
+    """The writer's process keeps the working directory it started in."""
+    writerproc.process(2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    writer = runs.RunWriter("run", INTENT, threads=2)
+    writer.put(0, "a", {"a:output": torch.ones(4)})
+    writer.finish()
+    assert len(traced) == 1 and torch.equal(runs.open_run(tmp_path / "elsewhere" / "run").tensor("a:output"), torch.ones(4))
