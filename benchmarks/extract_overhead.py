@@ -311,9 +311,12 @@ class Bench:
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         def refill():
-            thread = pin_ahead(options)
+            thread = pin_ahead(options)  # and starts the writer's process, as while a model loads
             if thread is not None:
                 thread.join()
+            proc = writerproc.process(options.writer_threads or runs.writer_threads())
+            if proc is not None:
+                proc.ready()
 
         from layerwise import recording
 

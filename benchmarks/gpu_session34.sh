@@ -6,11 +6,16 @@
 #     the GPUs, streamed, replayed), then benchmarks/extract_overhead.py end to end: 16 x 256 and
 #     16 x 4096 tokens of 8 MiniMax-M2-size layers, 3 rounds each, writer process / threads, 8 and
 #     16 writer threads.
+#   part "cpu": benchmarks/digest_speed.py: what a byte written costs the CPU (NaN/Inf check,
+#     sha256, blake3 from a wheel carried in .wheels/ where there is one, page-cache write), 1, 8
+#     and 16 threads, and the CPU's layout.
 #   part "capture": the capture overhead rows (host copies, the sink dropping them) with the host
 #     buffers in shared registered memory (LAYERWISE_WRITER unset) and in torch's pinned memory
 #     (LAYERWISE_WRITER=threads), one after the other, each with its own baseline in its rounds.
-# Logs packed into $OUT/session34-<part>.tgz.
+# Parts run one after another: `bash benchmarks/gpu_session34.sh cpu capture`. Logs packed into
+# $OUT/session34-<part>.tgz.
 set -uo pipefail
+if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
 PART=${1:-e2e}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s34-$PART; mkdir -p "$W"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false
@@ -25,6 +30,13 @@ e2e)
         --e2e 16x256,16x4096 --e2e-repeat 3 --writer process,threads --writer-threads 8,16 \
         --out "$W/e2e" --work /tmp/lw-e2e > "$W/e2e.log" 2>&1
     echo "=== end to end (exit $?)"; grep '^extract' "$W/e2e.log" | cut -c1-400 ;;
+cpu)
+    if ls .wheels/blake3-*.whl > /dev/null 2>&1; then
+        pip install -q --no-index --target /tmp/pyextra .wheels/blake3-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/pyextra
+    fi
+    lscpu > "$W/lscpu.txt" 2>&1
+    timeout 120 python3 benchmarks/digest_speed.py --threads 1,8,16 --out "$W/digest" > "$W/digest.log" 2>&1
+    echo "=== digest speed (exit $?)"; tail -8 "$W/digest.log" ;;
 capture)
     for mode in process threads; do
         if [ $mode = threads ]; then export LAYERWISE_WRITER=threads; else unset LAYERWISE_WRITER; fi

@@ -20,7 +20,7 @@ def bench(monkeypatch, name):
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
-               "distributed", "isolated_profile", "manifest_cost", "first_forward"}
+               "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -169,3 +169,14 @@ def test_first_forward_dry_run(tmp_path, monkeypatch, capsys):
     assert rows["rehearsed"]["rehearsed"] is True and rows["plain"]["rehearsed"] is None, rows
     assert all(len(r["passes_s"]) == 3 and r["outputs_equal"] for r in data["rows"])
     assert "| rehearsed |" in out
+
+
+def test_digest_speed_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "digest_speed").main(["--tiny", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "digest_speed.json").read_text())
+    rows = {r["operation"]: r for r in data["rows"]}
+    assert {"nonfinite (bf16)", "sha256", "page-cache write"} <= set(rows), rows
+    assert all(r["1_threads_gbps"] > 0 and r["2_threads_gbps"] > 0 for r in rows.values())
+    assert data["cpu"]["logical_cpus"] >= 1 and "| sha256 |" in out

@@ -141,3 +141,8 @@ def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path
     writer.put(0, "a", {"a:output": torch.ones(4)})
     writer.finish()
     assert len(traced) == 1 and torch.equal(runs.open_run(tmp_path / "elsewhere" / "run").tensor("a:output"), torch.ones(4))
+
+
+def test_the_process_answers_once_started():
+    proc = writerproc.process(3)
+    assert proc.ready(timeout=30) and proc.threads == 3 and writerproc.process(3) is proc

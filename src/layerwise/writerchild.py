@@ -7,10 +7,11 @@ of every byte written (NaN/Inf check, digest, write) takes no turn of the parent
 forward pass needs to launch kernels. One socket carries both ways length-prefixed pickles
 between the two processes of one program:
 
-    parent -> child  ("map", region, size) + its fd | ("drop", region) | ("stop",)
+    parent -> child  ("map", region, size) + its fd | ("drop", region) | ("ping", seq) | ("stop",)
                      ("job", seq, target, tmp, metadata, chunk, nonfinite, [(name, code, shape, nbytes, source)])
                      source: ("r", region, offset) or ("b", bytes)
     child -> parent  ("ok", seq, header, metadata, timing) | ("err", seq, errno or None, message, filename)
+                     | ("pong", seq)
 
 A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
 final name. The process ignores Ctrl-C (the parent decides) and ends when the socket closes.
@@ -104,6 +105,8 @@ class Child:
                         pass
             elif kind == "job":
                 self.jobs.submit(self.job, *message[1:])
+            elif kind == "ping":
+                self.channel.send(("pong", message[1]))
         self.jobs.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 

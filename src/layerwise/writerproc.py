@@ -198,6 +198,17 @@ class WriterProcess:
                 self._jobs.pop(seq, None)
                 raise self._died(err) from None
 
+    def ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the process answers (it has imported what it needs): whether it did."""
+        answered = threading.Event()
+        with self._lock:
+            if self.failed is not None:
+                return False
+            seq = next(self._seq)
+            self._jobs[seq] = lambda reply: answered.set()
+            self.channel.send(("ping", seq))
+        return answered.wait(timeout) and self.failed is None
+
     def _read(self) -> None:
         try:
             while True:
