@@ -4,8 +4,8 @@ Writes two MiniMax-M2-shaped runs with RunWriter (bf16 residual stream [tokens, 
 of each layer, fp32 router logits [tokens, 256], top-8 ids and weights, bf16 logits
 [tokens, 200064]), the candidate a bf16-noisy copy of the reference, then times, on the same files:
   raw read     every file read once with large buffered reads (what the disk or page cache gives)
-  read+sha256  the same, hashing every byte (what verification costs on one core)
-  compare      compare_runs with sha256 verification (the default) and without it
+  read+blake3  the same, hashing every byte (what verification costs on one core)
+  compare      compare_runs with verification of every digest (the default) and without it
 Each timing runs cold (the runs' pages evicted from the page cache with posix_fadvise, so the
 disk is read; only these files are touched) and warm (from the page cache, best of two). Prints
 one table and updates this machine's row in the "compare throughput" section of BENCHMARKS.md,
@@ -17,7 +17,6 @@ with the load average at the start (other work slows every CPU-bound figure).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import blake3
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -37,7 +37,7 @@ from synthetic import drop_page_cache  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 3072, 256, 8
 SECTION = "## compare throughput"
-HEADER = ("| machine | run size | raw read cold | raw read warm | read+sha256 warm | compare cold | compare warm "
+HEADER = ("| machine | run size | raw read cold | raw read warm | read+blake3 warm | compare cold | compare warm "
           "| compare warm, no verify | compare / raw (cold) | load avg | commit |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
@@ -83,7 +83,7 @@ def raw_read(files, hash_it: bool = False) -> float:
     view = memoryview(buf)
     start = time.perf_counter()
     for f in files:
-        digest = hashlib.sha256() if hash_it else None
+        digest = blake3.blake3() if hash_it else None
         with open(f, "rb", buffering=0) as fh:
             while n := fh.readinto(buf):
                 if digest:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         drop_page_cache(files)
         results["raw read cold"] = raw_read(files)
         results["raw read warm"] = min(raw_read(files) for _ in range(2))
-        results["read+sha256 warm"] = raw_read(files, hash_it=True)
+        results["read+blake3 warm"] = raw_read(files, hash_it=True)
         drop_page_cache(files)
         results["compare cold"] = timed_compare(paths, verify=True)
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))

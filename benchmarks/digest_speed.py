@@ -52,10 +52,13 @@ def operations(work: Path) -> dict:
     except ImportError:
         pass
 
-    def write(view, i):
-        with open(work / f"f{i}", "wb") as fh:
+    fresh = iter(range(1 << 30))
+
+    def write(view, i):  # a new file each time, as an extract writes them (overwriting one frees its pages first)
+        path = work / f"f{next(fresh)}"
+        with open(path, "wb") as fh:
             fh.write(view)
-    ops["page-cache write"] = write
+    ops["page-cache write (new files)"] = write
     return ops
 
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lw-digest-") as work:
         for name, op in operations(Path(work)).items():
+            for old in Path(work).iterdir():  # the page cache holds no earlier measurement's files
+                old.unlink()
             rows.append({"operation": name, **{f"{n}_threads_gbps": round(throughput(op, buffers, n, args.files), 3)
                                                for n in counts}})
             print(json.dumps(rows[-1]), flush=True)

@@ -396,9 +396,20 @@ class WriteTrace:
         from layerwise import recording, tensorfile
 
         self._undo = []
+        trace = self
         self._timed(runs.RunWriter, "_write")
-        self._timed(tensorfile, "nonfinite_counts", "nonfinite")
-        self._timed(tensorfile, "digest", "digest")
+        write_file = tensorfile.write_file
+
+        def counted(*args, **kwargs):  # a file this process's writer threads write: its checks' and digests' seconds
+            spent: dict = {}
+            try:
+                return write_file(*args, spent=spent, **kwargs)
+            finally:
+                with trace.lock:
+                    trace.parts["nonfinite"] += spent.get("nonfinite", 0.0)
+                    trace.parts["digest"] += spent.get("digest", 0.0)
+        tensorfile.write_file = counted
+        self._undo.append((tensorfile, "write_file", write_file))
         self._timed(runs.RunWriter, "close", "writer_close")  # after the capture: the files still queued
         self._timed(runs, "build_manifest", "manifest_build")
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced

@@ -148,7 +148,7 @@ def as_version_1(run) -> Run:
     for path in sorted(run.path.glob("tensors/*/*.safetensors")):
         with safe_open(str(path), "pt") as fh:
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-            metadata = {k: v for k, v in fh.metadata().items() if not k.startswith("sha256_tree:")}
+            metadata = {k: v for k, v in fh.metadata().items() if not k.startswith(("blake3:", "sha256_tree:"))}
         for name, t in tensors.items():
             plain[(str(path.relative_to(run.path)), name)] = digest = hashlib.sha256(
                 t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -157,7 +157,7 @@ def as_version_1(run) -> Run:
     manifest = json.loads((run.path / "manifest.json").read_text())
     manifest["format_version"] = 1
     for e in manifest["tensors"]:
-        del e["sha256_tree"]
+        e.pop("blake3", None), e.pop("sha256_tree", None)
         e["sha256"] = plain[(e["file"], e["name"])]
     (run.path / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return open_run(run.path)

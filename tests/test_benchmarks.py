@@ -177,6 +177,6 @@ def test_digest_speed_dry_run(tmp_path, monkeypatch, capsys):
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "digest_speed.json").read_text())
     rows = {r["operation"]: r for r in data["rows"]}
-    assert {"nonfinite (bf16)", "sha256", "page-cache write"} <= set(rows), rows
+    assert {"nonfinite (bf16)", "sha256", "page-cache write (new files)"} <= set(rows), rows
     assert all(r["1_threads_gbps"] > 0 and r["2_threads_gbps"] > 0 for r in rows.values())
     assert data["cpu"]["logical_cpus"] >= 1 and "| sha256 |" in out

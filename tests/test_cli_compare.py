@@ -130,7 +130,7 @@ def test_corrupt_tensor_names_the_file(capsys, tmp_path, runs):
     cand = toy_run(tmp_path / "c")
     path = corrupt_tensor(cand, "model.layers.1.mlp:output", 0)
     code, _, err = run_cli(capsys, "compare", runs["ref"], cand.path)
-    assert_one_line_error(code, err, f"tensor model.layers.1.mlp:output in {path} fails its sha256 check")
+    assert_one_line_error(code, err, f"tensor model.layers.1.mlp:output in {path} fails its digest check")
 
 
 def test_corrupt_expert_ids_without_verify(capsys, tmp_path, runs):

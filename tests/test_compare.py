@@ -186,7 +186,7 @@ def test_sha256_mismatch_names_the_file(tmp_path):
     ref = toy_run(tmp_path / "ref")
     cand = toy_run(tmp_path / "cand")
     path = corrupt_tensor(cand, "model.layers.2:output", 1)
-    with pytest.raises(UserError, match=f"in {path} fails its sha256 check"):
+    with pytest.raises(UserError, match=f"in {path} fails its digest check"):
         compare_runs(ref, cand)
     assert compare_runs(ref, cand, CompareOptions(verify=False)).verdict == "fail"
 
@@ -202,7 +202,7 @@ def test_a_version_1_run_compares_as_before(tmp_path, monkeypatch):
         assert report.verdict == "pass" and all(r.rel_l2 == 0 for r in report.rows if r.kind != "routing"), \
             _stats(report)
     path = corrupt_tensor(old, "model.layers.2:output", 1)
-    with pytest.raises(UserError, match=f"in {path} fails its sha256 check"):
+    with pytest.raises(UserError, match=f"in {path} fails its digest check"):
         compare_runs(new, old)
 
 

@@ -32,7 +32,7 @@ from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 from synthetic_runs import corrupt_tensor, toy_run
 
-from layerwise import rawbytes, tensorfile, zoo
+from layerwise import filebits, rawbytes, tensorfile, zoo
 from layerwise.runs import MANIFEST
 
 MODEL = "builtin:minimax-m2-tiny"
@@ -508,10 +508,10 @@ def _integrity(edit, files: Callable[[Path], object] | None = None, *extra):
 
 
 INTEGRITY = [
-    Case("manifest sha256_tree null, bytes flipped", _integrity(_null_sha, _flip), "fails its sha256 check"),
-    Case("manifest sha256_tree deleted, bytes flipped", _integrity(_drop_sha, _flip), "fails its sha256 check"),
-    Case("no checksum anywhere", _integrity(_null_sha, _strip_header_hashes), "has no sha256"),
-    Case("manifest sha256_tree forged to the flipped bytes", _integrity(None, lambda p: _forge(p)), "fails its sha256"),
+    Case("manifest digest null, bytes flipped", _integrity(_null_sha, _flip), "fails its digest check"),
+    Case("manifest digest deleted, bytes flipped", _integrity(_drop_sha, _flip), "fails its digest check"),
+    Case("no checksum anywhere", _integrity(_null_sha, _strip_header_hashes), "has no digest"),
+    Case("manifest digest forged to the flipped bytes", _integrity(None, lambda p: _forge(p)), "fails its digest"),
 ]
 
 
@@ -699,20 +699,25 @@ def test_a_nan_tensor_never_shows_as_exact(capsys, tmp_path):
     assert "1.000000" not in detail[0]
 
 
+def nonfinite_counts(t: torch.Tensor):
+    """What the run writer records of a tensor: (NaN, Inf) counts from its bits, None when finite."""
+    return filebits.nonfinite(rawbytes.raw_bytes(t), rawbytes.BIT_CODES[t.dtype]) if t.is_floating_point() else None
+
+
 def test_nonfinite_counts_are_exact():
     t = torch.randn(100, 8).bfloat16()
-    assert rawbytes.nonfinite_counts(t) is None
+    assert nonfinite_counts(t) is None
     t[3, 1], t[5, 2], t[7, 7] = float("nan"), float("inf"), -float("inf")
-    assert rawbytes.nonfinite_counts(t) == (1, 2)
-    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # its sum overflows: counted, none found
-    assert rawbytes.nonfinite_counts(big) is None
-    assert rawbytes.nonfinite_counts(torch.tensor([1, 2])) is None
+    assert nonfinite_counts(t) == (1, 2)
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # its sum would overflow: the bits are finite
+    assert nonfinite_counts(big) is None
+    assert nonfinite_counts(torch.tensor([1, 2])) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
                                    torch.float8_e4m3fn, torch.float8_e5m2])
 def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
-    """The bit test (two maxima of the raw bits, numpy) against torch's isnan/isinf: random bit
+    """The bit test (two maxima of the raw bits, numpy; then counts from the bits) against torch's isnan/isinf: random bit
     patterns (NaN and Inf of both signs among them), the largest finite values of both signs
     (the patterns just below NaN/Inf), each kind of NaN/Inf alone, and views that are not
     contiguous."""
@@ -725,19 +730,19 @@ def test_nonfinite_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
     wide = mixed.float() if itemsize == 1 else mixed  # torch counts no NaN/Inf in FP8 itself
     oracle = (int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum()))
     assert oracle[0] > 0 or dtype in (torch.float64, torch.float32)  # wide types: few random NaNs
-    assert rawbytes.nonfinite_counts(mixed) == (oracle if any(oracle) else None)
+    assert nonfinite_counts(mixed) == (oracle if any(oracle) else None)
     finite = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
     finite[::2] = torch.finfo(dtype).min
-    assert rawbytes.nonfinite_counts(finite) is None
+    assert nonfinite_counts(finite) is None
     specials = [float("nan"), -float("nan")] + ([float("inf"), -float("inf")] if dtype != torch.float8_e4m3fn else [])
     for value in specials:
         one = finite.clone()
         one[n // 3] = value
-        assert rawbytes.nonfinite_counts(one) == ((1, 0) if value != value else (0, 1)), value
+        assert nonfinite_counts(one) == ((1, 0) if value != value else (0, 1)), value
     finite[-1] = float("nan")
-    assert rawbytes.nonfinite_counts(finite) == (1, 0)
-    assert rawbytes.nonfinite_counts(finite[::2]) is None  # not contiguous
-    assert rawbytes.nonfinite_counts(finite[1::2]) == (1, 0)
+    assert nonfinite_counts(finite) == (1, 0)
+    assert nonfinite_counts(finite[::2]) is None  # not contiguous
+    assert nonfinite_counts(finite[1::2]) == (1, 0)
 
 
 def test_import_says_when_the_tensors_hold_nan(capsys, lab):

@@ -1,11 +1,11 @@
 """The run format: pinned schema, atomic writes, resume rules, lazy verified reads."""
 
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -33,12 +33,12 @@ def test_manifest_schema_is_pinned(tmp_path):
     assert list(m) == ["format", "format_version", "created", "producer", "model", "settings", "prompts", "stats",
                        "nonfinite", "tensors"]
     assert m["nonfinite"] == []
-    assert m["format"] == "layerwise-run" and m["format_version"] == 2
+    assert m["format"] == "layerwise-run" and m["format_version"] == 3
     first = m["tensors"][0]
-    assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "sha256_tree"]
+    assert list(first) == ["name", "module", "role", "prompt", "shape", "dtype", "file", "blake3"]
     assert first == {"name": "model.embed_tokens:output", "module": "model.embed_tokens", "role": "output", "prompt": 0,
                      "shape": [2, 4], "dtype": "float32", "file": "tensors/p00000/model.embed_tokens.safetensors",
-                     "sha256_tree": hashlib.sha256(bytes(32)).hexdigest()}  # one chunk: the plain sha256
+                     "blake3": blake3.blake3(bytes(32)).hexdigest()}  # 2 x 4 float32 zeros
     assert [(t["name"], t["prompt"]) for t in m["tensors"]] == [
         ("model.embed_tokens:output", 0), ("model.layers.0:input", 0), ("model.layers.0:output", 0),
         ("lm_head:output", 0), ("model.embed_tokens:output", 1), ("model.layers.0:input", 1),
@@ -52,7 +52,7 @@ def test_tensor_files_are_standard_safetensors(tmp_path):
     with safe_open(str(file), "pt") as fh:
         assert fh.metadata()["prompt"] == "1"
         t = fh.get_tensor("lm_head:output")
-        assert fh.metadata()["sha256_tree:lm_head:output"] == tensorfile.digest(t)
+        assert fh.metadata()["blake3:lm_head:output"] == tensorfile.digest(t)
     assert t.dtype == torch.bfloat16 and t.tolist() == [[0, 1, 2]]
     header_len = int.from_bytes(file.read_bytes()[:8], "little")
     assert header_len % 8 == 0
@@ -67,15 +67,17 @@ def test_open_run_reads_lazily_and_verifies(tmp_path):
     data = bytearray(file.read_bytes())
     data[-1] ^= 0xFF  # flip a bit of the last tensor's data
     file.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"p00001/model.layers.0.safetensors fails its sha256 check"):
+    with pytest.raises(UserError, match=r"p00001/model.layers.0.safetensors fails its digest check"):
         runs.open_run(tmp_path / "run").tensor("model.layers.0:output", 1)
     with pytest.raises(UserError, match="has no tensor nope for prompt 0"):
         run.tensor("nope", 0)
 
 
 def write_big_run(path, monkeypatch, chunk: int = 64):
-    """A run whose float tensors span several HASH_CHUNKs (made tiny: `chunk` bytes)."""
+    """A run as version 2 wrote it ("sha256_tree" digests), whose float tensors span several
+    HASH_CHUNKs (made tiny: `chunk` bytes)."""
     monkeypatch.setattr(tensorfile, "HASH_CHUNK", chunk)
+    monkeypatch.setattr(tensorfile, "DIGEST", "sha256_tree")
     g = torch.Generator().manual_seed(0)
     tensors = {p: {"model.layers.0:output": torch.randn(n, 40, generator=g),  # n * 160 bytes
                    "lm_head:output": torch.randn(n, 50, generator=g).to(torch.bfloat16)} for p, n in ((0, 3), (1, 2))}
@@ -97,7 +99,7 @@ def test_a_changed_byte_in_any_chunk_fails_the_check(tmp_path, monkeypatch, wher
     data[begin + where] ^= 0x01
     file.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"tensor model.layers.0:output in .*p00000/model.layers.0.safetensors "
-                                        r"fails its sha256 check: the file is corrupt, re-extract it$"):
+                                        r"fails its digest check: the file is corrupt, re-extract it$"):
         run.tensor(e.name, 0)
 
 
@@ -113,7 +115,7 @@ def test_a_manifest_digest_unlike_the_header_is_refused(tmp_path, monkeypatch):
             e["sha256"] = tensorfile.digest(tensors[0]["lm_head:output"], "sha256")
     (run.path / runs.MANIFEST).write_text(json.dumps(manifest))
     run = runs.open_run(run.path)
-    with pytest.raises(UserError, match="fails its sha256 check"):
+    with pytest.raises(UserError, match="fails its digest check"):
         run.tensor("model.layers.0:output", 0)
     assert torch.equal(run.tensor("lm_head:output", 0), tensors[0]["lm_head:output"])
     assert len(run.entry("lm_head:output", 0).digests) == 2
@@ -129,14 +131,15 @@ def test_a_version_1_run_opens_and_verifies(tmp_path, monkeypatch):
     assert e.digests == (("sha256", tensorfile.digest(tensors[0][e.name], "sha256")),)
     assert all(torch.equal(old.tensor(e.name, e.prompt), tensors[e.prompt][e.name]) for e in old.entries())
     path = corrupt_tensor(old, e.name)
-    with pytest.raises(UserError, match=f"in {re.escape(str(path))} fails its sha256 check"):
+    with pytest.raises(UserError, match=f"in {re.escape(str(path))} fails its digest check"):
         old.tensor(e.name, 0)
 
 
 def test_resuming_a_version_1_run_keeps_its_digests(tmp_path, monkeypatch):
-    """A run begun by version 1 and finished by version 2: the old files' entries carry "sha256"."""
+    """A run begun by version 1 and finished by this version: the old files' entries carry "sha256"."""
     run, tensors = write_big_run(tmp_path / "run", monkeypatch)
     as_version_1(run)
+    monkeypatch.setattr(tensorfile, "DIGEST", "blake3")
     (run.path / runs.MANIFEST).unlink()  # killed before the manifest
     (run.path / "tensors/p00001/lm_head.safetensors").unlink()
     w = runs.RunWriter(run.path, INTENT)
@@ -144,18 +147,24 @@ def test_resuming_a_version_1_run_keeps_its_digests(tmp_path, monkeypatch):
     m = w.finish()
     fields = {(e["name"], e["prompt"]): e.keys() - {"name", "module", "role", "prompt", "shape", "dtype", "file"}
               for e in m["tensors"]}
-    assert fields[("lm_head:output", 1)] == {"sha256_tree"} and fields[("lm_head:output", 0)] == {"sha256"}
+    assert fields[("lm_head:output", 1)] == {"blake3"} and fields[("lm_head:output", 0)] == {"sha256"}
     new = runs.open_run(run.path)
     assert all(torch.equal(new.tensor(e.name, e.prompt), tensors[e.prompt][e.name]) for e in new.entries())
 
 
 def test_format_md_verifier_checks_a_written_run(tmp_path, monkeypatch):
-    """The ten lines of docs/FORMAT.md verify every file of a run, and catch a flipped bit."""
+    """The lines of docs/FORMAT.md verify every file of a run (blake3), and of a version 2 run
+    (sha256_tree over several chunks), and catch a flipped bit."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def sha256_tree" in b)
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def bad_tensors" in b)
     namespace: dict = {}
     exec(snippet, namespace)
     assert namespace["CHUNK"] == tensorfile.HASH_CHUNK == 64 << 20
+    write_small_run(tmp_path / "new")
+    files = sorted((tmp_path / "new").glob("tensors/*/*.safetensors"))
+    assert len(files) == 6 and all(namespace["bad_tensors"](f) == [] for f in files)
+    corrupt_tensor(runs.open_run(tmp_path / "new"), "lm_head:output", 1)
+    assert namespace["bad_tensors"](tmp_path / "new/tensors/p00001/lm_head.safetensors") == ["lm_head:output"]
     run, _ = write_big_run(tmp_path / "run", monkeypatch)
     namespace["CHUNK"] = tensorfile.HASH_CHUNK  # 64 bytes: every float tensor spans several chunks
     files = sorted(run.path.glob("tensors/*/*.safetensors"))
@@ -263,7 +272,7 @@ def test_a_moved_checkpoint_still_resumes(tmp_path):
 
 
 def test_writer_threads_share_the_cores_with_the_other_ranks_on_the_machine(monkeypatch):
-    """A thread per core the process may use (its affinity), torchrun's ranks on one machine
+    """A thread per two cores the process may use (its affinity), torchrun's ranks on one machine
     (LOCAL_WORLD_SIZE) sharing them, 2 to 16."""
     from layerwise import _boot
 
@@ -272,7 +281,7 @@ def test_writer_threads_share_the_cores_with_the_other_ranks_on_the_machine(monk
     assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "2"}) == 16
     assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "64"}) == 1
     assert _boot.cores_per_process({"LOCAL_WORLD_SIZE": "two"}) == 32  # not torchrun's: ignored
-    for ranks, threads in (("1", 16), ("4", 8), ("32", 2)):
+    for ranks, threads in (("1", 16), ("2", 8), ("4", 4), ("32", 2)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
         assert runs.writer_threads() == threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})

@@ -3,12 +3,13 @@
 import hashlib
 import json
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from layerwise import tensorfile
+from layerwise import filebits, tensorfile
 from layerwise.errors import UserError
 
 
@@ -19,12 +20,13 @@ def test_written_bytes_are_pinned(tmp_path):
     path = tmp_path / "a.safetensors"
     assert tensorfile.write_file(path, {"x:output": t}, {"prompt": "0"}) == 12
     data = path.read_bytes()
-    digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()
-    header = (f'{{"__metadata__":{{"prompt":"0","sha256_tree:x:output":"{digest}"}},'
+    digest = blake3.blake3(t.numpy().tobytes()).hexdigest()
+    header = (f'{{"__metadata__":{{"prompt":"0","blake3:x:output":"{digest}"}},'
               '"x:output":{"dtype":"I32","shape":[3],"data_offsets":[0,12]}}').encode()
     header += b" " * (-len(header) % 8)
     assert data == len(header).to_bytes(8, "little") + header + t.numpy().tobytes()
-    assert tensorfile.digest(t) == tensorfile.digest(t, "sha256") == digest
+    assert tensorfile.digest(t) == tensorfile.digest(t, "blake3") == digest
+    assert tensorfile.digest(t, "sha256") == tensorfile.digest(t, "sha256_tree") == hashlib.sha256(t.numpy()).hexdigest()
 
 
 def _tree(data: bytes, chunk: int) -> str:
@@ -42,20 +44,25 @@ def test_sha256_tree_hashes_the_chunks_digests(monkeypatch, size, chunks):
     data = t.numpy().tobytes()
     plain = hashlib.sha256(data).hexdigest()
     assert tensorfile.digest(t, "sha256") == plain
-    assert tensorfile.digest(t) == (plain if chunks <= 1 else _tree(data, 16)), f"{chunks} chunks"
+    assert tensorfile.digest(t, "sha256_tree") == (plain if chunks <= 1 else _tree(data, 16)), f"{chunks} chunks"
+    assert tensorfile.digest(t) == blake3.blake3(data).hexdigest()  # blake3: no chunks of ours
     assert -(-size // 16) == chunks
 
 
 def test_digests_are_of_the_bytes_in_c_order(monkeypatch):
     monkeypatch.setattr(tensorfile, "HASH_CHUNK", 8)
     t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    assert tensorfile.digest(t.t()) == _tree(t.t().contiguous().numpy().tobytes(), 8) != tensorfile.digest(t)
-    bf16 = t.to(torch.bfloat16)
-    assert tensorfile.digest(bf16) == _tree(bf16.view(torch.int16).numpy().tobytes(), 8)
+    for algorithm, oracle in (("sha256_tree", lambda b: _tree(b, 8)), ("blake3", lambda b: blake3.blake3(b).hexdigest())):
+        assert tensorfile.digest(t.t(), algorithm) == oracle(t.t().contiguous().numpy().tobytes()) \
+            != tensorfile.digest(t, algorithm)
+        bf16 = t.to(torch.bfloat16)
+        assert tensorfile.digest(bf16, algorithm) == oracle(bf16.view(torch.int16).numpy().tobytes())
 
 
 def test_write_file_stores_the_tree_digest_and_claims_are_checked(tmp_path, monkeypatch):
+    """As version 2 wrote it (sha256_tree); claims of every algorithm are checked."""
     monkeypatch.setattr(tensorfile, "HASH_CHUNK", 64)
+    monkeypatch.setattr(tensorfile, "DIGEST", "sha256_tree")
     t = torch.randn(100, generator=torch.Generator().manual_seed(0))  # 400 bytes: 7 chunks
     path = tmp_path / "a.safetensors"
     tensorfile.write_file(path, {"t": t}, {})
@@ -66,6 +73,8 @@ def test_write_file_stores_the_tree_digest_and_claims_are_checked(tmp_path, monk
     assert tensorfile.digests_hold(read, [plain, *stored.items()])
     assert not tensorfile.digests_hold(read, [("sha256_tree", plain[1])])
     assert not tensorfile.digests_hold(read, [*stored.items(), ("sha256_tree", "0" * 64)])
+    assert tensorfile.digests_hold(read, [*stored.items(), ("blake3", blake3.blake3(t.numpy().tobytes()).hexdigest())])
+    assert not tensorfile.digests_hold(read, [*stored.items(), ("blake3", plain[1])])
     read[99] += 1  # a changed byte in the last, shorter chunk
     assert not tensorfile.digests_hold(read, stored.items())
 
@@ -92,7 +101,7 @@ def test_read_index_gives_shapes_dtypes_and_digests(tmp_path):
     path = tmp_path / "a.safetensors"
     tensorfile.write_file(path, {"a": torch.zeros(2, 4), "b": torch.ones(1, dtype=torch.bfloat16)}, {})
     index = tensorfile.read_index(path)
-    assert index["a"] == ([2, 4], "F32", {"sha256_tree": tensorfile.digest(torch.zeros(2, 4))})
+    assert index["a"] == ([2, 4], "F32", {"blake3": tensorfile.digest(torch.zeros(2, 4))})
     assert index["b"][:2] == ([1], "BF16")
 
 
@@ -187,3 +196,31 @@ def test_raw_bytes_are_the_tensors_bytes_in_c_order_and_outlive_it():
     del t
     torch.zeros(100_000)  # memory that a freed tensor's would be reused for
     assert bytes(view) == want
+
+
+@pytest.mark.parametrize("poison", [None, "first piece", "last piece"])
+def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeypatch, poison):
+    """A tensor read once in pieces (each checked, hashed and written while in cache, the header
+    written last) gives the file written the plain way: header, then data, digests and NaN/Inf
+    counts computed over whole tensors (the oracle: blake3 of the bytes, torch's isnan/isinf);
+    a NaN found in any piece has the file written again with its counts."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a:output": torch.randn(50, 7, generator=g).to(torch.bfloat16),  # 700 bytes: 11 pieces of 64
+               "a:ids": torch.randint(0, 9, (13,), generator=g), "a:empty": torch.zeros(0)}
+    if poison:
+        tensors["a:output"].view(-1)[0 if poison == "first piece" else -1] = float("nan")
+    written = {}
+    for piece in (64, 4 << 20):
+        monkeypatch.setattr(filebits, "PIECE", piece)
+        tensorfile.write_file(tmp_path / f"{piece}.safetensors", tensors, {"prompt": "0"}, nonfinite=True)
+        written[piece] = (tmp_path / f"{piece}.safetensors").read_bytes()
+    assert written[64] == written[4 << 20]
+    head, _, meta = filebits.file_head({"prompt": "0"}, [
+        (name, tensorfile.code(t.dtype), t.shape, t.numel() * t.element_size(),
+         (int(torch.isnan(t).sum()), int(torch.isinf(t).sum())) if t.is_floating_point() and
+         not torch.isfinite(t).all() else None,
+         blake3.blake3(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+        for name, t in tensors.items()])
+    data = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values())
+    assert written[64] == head + data
+    assert ("nonfinite:a:output" in meta) == bool(poison)

@@ -143,7 +143,7 @@ def _tolerances(p, compare: bool = True) -> None:
     p.add_argument("--logits-topk", type=count,
                    help=f"k of the logits' top-k overlap (default: {CompareOptions.logits_topk})")
     p.add_argument("--per-prompt", action="store_true", help="print every prompt's logits line (default: a summary)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every tensor read")
+    p.add_argument("--no-verify", action="store_true", help="skip the digest check of every tensor read")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': print it instead of the table)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the metrics against layer index (needs matplotlib)")
     p.add_argument("--html", metavar="FILE", help="write one self-contained HTML page: plots, a per-token error map of "

@@ -3,7 +3,7 @@
 `compare_runs(ref, cand, options, baseline)` aligns the runs (align.py: same prompts and tokens,
 same model, same shapes; what only one run holds is skipped and listed), then streams: for each
 prompt, for each tensor in model order, it reads the reference and candidate tensors (and the
-baseline's) through readahead.read_units, which verifies their sha256 and keeps at most two groups in
+baseline's) through readahead.read_units, which verifies their digests and keeps at most two groups in
 memory (the one being measured and the next one being read), measures them (metrics.py,
 routing.py) and judges them (tolerances.judge). Rows, verdict and first divergence come back as a frozen `Report`;
 report.py renders it. Nothing here prints or writes files.
@@ -46,7 +46,7 @@ class CompareOptions:
     tie_threshold: float | None = None  # near-tie margin of router scores; None: by dtype (DEFAULT_TIE)
     logits_topk: int = 5  # k of the logits' top-k overlap
     noise_factor: float = 2.0  # with a baseline: rel_l2 within this many noise floors passes
-    verify: bool = True  # check every tensor's sha256 while reading it
+    verify: bool = True  # check every tensor's digest while reading it
     prefetch: bool = True  # read the next tensors while measuring the current ones
     threads: int = 0  # threads measuring one tensor's rows in parallel; 0: one per core, at most 8
     device: str | None = None  # where tensor and logits metrics run; None: cuda:0 when a GPU is present, else cpu

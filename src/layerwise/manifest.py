@@ -2,8 +2,8 @@
 
 `Intent` is what a run is, written first; `identity` is the part of it that decides whether an
 existing run is the same one (resumed) or another (refused). `build_manifest` indexes every
-tensor file of a finished run from the files' own headers: each tensor's digest (`sha256_tree`,
-or a version 1 file's `sha256`) and, where the model produced any, its NaN/Inf counts
+tensor file of a finished run from the files' own headers: each tensor's digest (`blake3`, or
+an older file's `sha256_tree` or `sha256`) and, where the model produced any, its NaN/Inf counts
 (`nonfinite`). docs/FORMAT.md is the specification; the manifest's shape is checked on reading
 by schema.check_manifest.
 """
@@ -23,7 +23,7 @@ from .errors import UserError
 from .names import Layout, model_order_key, split_name
 
 FORMAT = "layerwise-run"
-FORMAT_VERSION = 2  # 2: tensors carry "sha256_tree" digests (1: plain "sha256"); both are read
+FORMAT_VERSION = 3  # 3: tensors carry "blake3" digests (2: "sha256_tree", 1: plain "sha256"); all are read
 MANIFEST = "manifest.json"
 INTENT = "intent.json"
 TENSOR_DIR = "tensors"
@@ -97,7 +97,7 @@ def first_difference(a: dict, b: dict) -> str:
 def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
     """Manifest entries (headers only) of a run's tensor files: `files` (paths relative to the
     run), else every one; the entry of a tensor that holds NaN/Inf carries "nonfinite": [nan, inf].
-    Each digest keeps its algorithm's name as its field; a file without one gets "sha256_tree": null."""
+    Each digest keeps its algorithm's name as its field; a file without one gets "blake3": null."""
     entries = []
     for rel in sorted(tensor_files(path) if files is None else files):
         metadata: dict = {}
@@ -129,8 +129,8 @@ def file_entries(rel: str, header: dict, metadata: dict) -> list[dict]:
 
 
 def entry_digests(entry: dict) -> tuple[tuple[str, str], ...]:
-    """The (algorithm, hex digest) pairs a manifest entry holds: ("sha256_tree", "…") in a run of
-    this version, ("sha256", "…") in one of version 1; () when it holds none."""
+    """The (algorithm, hex digest) pairs a manifest entry holds: ("blake3", "…") in a run of this
+    version, ("sha256_tree", "…") or ("sha256", "…") in an older one; () when it holds none."""
     return tuple((a, entry[a]) for a in tensorfile.DIGESTS if entry.get(a))
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .runs import Run
 
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
-READ_WORKERS = 8  # threads reading and hashing them (file reads and sha256 release the GIL)
+READ_WORKERS = 8  # threads reading and hashing them (file reads and digests release the GIL)
 
 
 def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str, ...]]], verify: bool = True,

@@ -148,7 +148,7 @@ class RunWriter:
         self._raise_if_failed()
         rel = group_file(prompt, group)
         if self._handoff is not None and self._handoff.put(
-                self._made(self.path / rel), {"prompt": str(prompt)}, tensors, tensorfile.HASH_CHUNK,
+                self._made(self.path / rel), {"prompt": str(prompt)}, tensors,
                 lambda header, err: self._handed(rel, header, err, on_written)):
             return
         self._queue.put((prompt, group, tensors, on_written))
@@ -307,7 +307,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: str
     file: str
-    digests: tuple[tuple[str, str], ...]  # (algorithm, hex digest): ("sha256_tree", "…"), FORMAT.md
+    digests: tuple[tuple[str, str], ...]  # (algorithm, hex digest): ("blake3", "…"), FORMAT.md
 
     @property
     def nbytes(self) -> int:
@@ -357,7 +357,7 @@ class Run:
     def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
         """One tensor, read without loading the rest of its file. With `verify`, its digest must
         match the manifest's and its own file header's (a checksum deleted from one still leaves
-        the other; a tensor with neither is refused). A big tensor's sha256_tree is hashed on
+        the other; a tensor with neither is refused). A big tensor's digest is hashed on
         several threads."""
         e = self.entry(name, prompt)
         file = self.file(e.file)
@@ -370,10 +370,10 @@ class Run:
         if verify:
             claims = e.digests + tuple(stored.items())
             if not claims:
-                raise UserError(f"tensor {name} in {file} has no sha256 in the manifest or in its file: it cannot "
+                raise UserError(f"tensor {name} in {file} has no digest in the manifest or in its file: it cannot "
                                 "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
             if not tensorfile.digests_hold(tensor, claims):
-                raise UserError(f"tensor {name} in {file} fails its sha256 check: the file is corrupt, re-extract it")
+                raise UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
         return tensor
 
 

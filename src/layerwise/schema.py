@@ -66,7 +66,7 @@ def _optional(data: dict, key: str, kind: type, where: str) -> None:
 
 def check_manifest(manifest, where: str, newest_version: int, digests: tuple[str, ...]) -> dict:
     """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file and
-    `digests` the entries' digest fields (tensorfile.DIGESTS), each a hex sha256 or null."""
+    `digests` the entries' digest fields (tensorfile.DIGESTS), each 64 hex digits or null."""
     if not isinstance(manifest, dict):
         raise _manifest_error(where, f"the manifest is a JSON {type(manifest).__name__}, not an object")
     version = manifest.get("format_version")

@@ -7,8 +7,8 @@ data is read); `read_tensors` pulls named tensors out of one file straight onto 
 sequential reads; `read_tensor` reads one tensor with safetensors' own reader; `write_file` writes
 one file with plain buffered writes and each tensor's digest in the metadata. `DTYPES` is the one
 table of the format's dtype codes. `digest` is the one home of the digests a run's tensors carry:
-"sha256_tree" (written), the sha256 of the sha256s of 64 MiB chunks, hashed on several threads
-(one tensor of a GB is not one sequential stream), and plain "sha256" (format version 1).
+"blake3" (written), "sha256_tree" (format version 2: the sha256 of the sha256s of 64 MiB chunks,
+hashed on several threads) and plain "sha256" (version 1); `filebits` computes them.
 
 Knows nothing about checkpoints, runs or models: a file, names, bytes.
 """
@@ -31,7 +31,7 @@ import torch
 from . import filebits
 from ._boot import cores_per_process
 from .errors import UserError
-from .rawbytes import nonfinite_counts, raw_bytes
+from .rawbytes import BIT_CODES, raw_bytes
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES = {
@@ -272,33 +272,25 @@ def _staging_buffers(pinned: bool):
 # -------------------------------------------------------------------------------------- writing
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-               header_out: dict | None = None, nonfinite: bool = False) -> int:
+               header_out: dict | None = None, nonfinite: bool = False, spent: dict | None = None) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
     pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
     metadata, and (`nonfinite`) its NaN/Inf counts where it holds any (NONFINITE_KEY): the bytes
-    `filebits` defines, as the run writer's own process writes them. Returns the bytes of tensor
-    data written; `header_out` receives the header written (as `read_header` returns it) and
-    "__metadata__", its metadata."""
+    `filebits.write_tensor_file` writes, as in the run writer's own process. Returns the bytes of
+    tensor data written; `header_out` receives the header written (as `read_header` returns it)
+    and "__metadata__", its metadata; `spent` the seconds checking, hashing and writing."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
-    head, header, meta = filebits.file_head(metadata, [
-        (name, code(t.dtype), t.shape, views[name].nbytes, nonfinite_counts(t, views[name]) if nonfinite else None,
-         digest(views[name])) for name, t in tensors.items()])
-    filebits.write_blob(path, head, list(views.values()))
+    if nonfinite and any(t.is_floating_point() and t.dtype not in BIT_CODES for t in tensors.values()):
+        raise UserError(f"cannot check {sorted(tensors)} for NaN/Inf: a dtype outside {sorted(DTYPES)}")
+    header, meta = filebits.write_tensor_file(
+        path, metadata, [(name, code(t.dtype), t.shape, views[name]) for name, t in tensors.items()], nonfinite,
+        DIGEST, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK, spent)
     if header_out is not None:
         header_out.update(header, __metadata__=meta)
     return sum(view.nbytes for view in views.values())
 
 
 # -------------------------------------------------------------------------------------- digests
-
-def _sha256(view: memoryview) -> str:
-    return hashlib.sha256(view).hexdigest()
-
-
-def _sha256_tree(view: memoryview) -> str:
-    """`filebits.sha256_tree`, its chunks hashed on the shared pool (hashlib releases the GIL)."""
-    return filebits.sha256_tree(view, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK)
-
 
 def _forget_pools() -> None:
     """In a forked child, which has none of the pools' threads (nor a lock another thread held)."""
@@ -310,16 +302,17 @@ os.register_at_fork(after_in_child=_forget_pools)
 
 
 # The digests a reader knows, by algorithm name: the name is also the manifest entry's field and,
-# with ":<tensor name>", the file metadata's key. DIGEST is the one written; "sha256", one
-# sequential stream, is what format version 1 wrote.
-_ALGORITHMS = {"sha256_tree": _sha256_tree, "sha256": _sha256}
-DIGESTS = tuple(_ALGORITHMS)
+# with ":<tensor name>", the file metadata's key. DIGEST is the one written (format version 3);
+# "sha256_tree" is what version 2 wrote, "sha256", one sequential stream, version 1 (FORMAT.md).
+DIGESTS = ("blake3", "sha256_tree", "sha256")
 DIGEST = filebits.DIGEST
 
 
-def digest(data: torch.Tensor | memoryview, algorithm: str = DIGEST) -> str:
-    """Hex digest of a tensor's raw bytes in C order (what safetensors stores), or of a byte view."""
-    return _ALGORITHMS[algorithm](raw_bytes(data) if isinstance(data, torch.Tensor) else data)
+def digest(data: torch.Tensor | memoryview, algorithm: str | None = None) -> str:
+    """Hex digest (`algorithm`, else DIGEST) of a tensor's raw bytes in C order (what safetensors
+    stores), or of a byte view; a big sha256_tree's chunks are hashed on the shared pool."""
+    view = raw_bytes(data) if isinstance(data, torch.Tensor) else data
+    return filebits.digest_hex(view, algorithm or DIGEST, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK)
 
 
 def digest_key(algorithm: str, name: str) -> str:

@@ -8,7 +8,8 @@ forward pass needs to launch kernels. One socket carries both ways length-prefix
 between the two processes of one program:
 
     parent -> child  ("map", region, size) + its fd | ("drop", region) | ("ping", seq) | ("stop",)
-                     ("job", seq, target, tmp, metadata, chunk, nonfinite, [(name, code, shape, nbytes, source)])
+                     ("job", seq, target, tmp, metadata, (digest, chunk), nonfinite,
+                      [(name, code, shape, nbytes, source)])
                      source: ("r", region, offset) or ("b", bytes)
     child -> parent  ("ok", seq, header, metadata, timing) | ("err", seq, errno or None, message, filename)
                      | ("pong", seq)
@@ -110,25 +111,16 @@ class Child:
         self.jobs.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
-    def job(self, seq, target, tmp, metadata, chunk, check, specs) -> None:
-        start = time.perf_counter()
+    def job(self, seq, target, tmp, metadata, digest, check, specs) -> None:
+        algorithm, chunk = digest
+        start, spent = time.perf_counter(), {}
         try:
-            views, entries, checking, hashing = [], [], 0.0, 0.0
-            for name, code, shape, nbytes, source in specs:
-                if source[0] == "r":
-                    view = memoryview(self.regions[source[1]])[source[2]:source[2] + nbytes]
-                else:
-                    view = memoryview(source[1])
-                t0 = time.perf_counter()
-                counts = filebits.nonfinite(view, code) if check and code in filebits.NONFINITE_BITS else None
-                t1 = time.perf_counter()
-                digest = filebits.sha256_tree(view, self.hashes.map, chunk)
-                checking, hashing = checking + t1 - t0, hashing + time.perf_counter() - t1
-                views.append(view)
-                entries.append((name, code, shape, nbytes, counts, digest))
-            head, header, meta = filebits.file_head(metadata, entries)
-            try:  # into the folder the parent made
-                filebits.write_blob(tmp, head, views)
+            views = [memoryview(self.regions[source[1]])[source[2]:source[2] + nbytes] if source[0] == "r"
+                     else memoryview(source[1]) for *_, nbytes, source in specs]
+            try:
+                header, meta = filebits.write_tensor_file(
+                    tmp, metadata, [(name, code, shape, view) for (name, code, shape, *_), view in zip(specs, views)],
+                    check, algorithm, self.hashes.map, chunk, spent)
                 os.replace(tmp, target)
             except BaseException:
                 try:
@@ -139,7 +131,8 @@ class Child:
             finally:
                 for view in views:
                     view.release()
-            timing = (start, time.perf_counter(), checking, hashing, threading.current_thread().name)
+            timing = (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
+                      threading.current_thread().name)
             self.channel.send(("ok", seq, header, meta, timing))
         except OSError as err:
             self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
