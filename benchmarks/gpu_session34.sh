@@ -11,6 +11,7 @@
 #     and 16 threads, and the CPU's layout.
 #   part "compare": benchmarks/compare_throughput.py twice (compare cold and warm against a raw read
 #     of the same files, 1 GB runs), the runs' digests blake3 (format version 3).
+#   part "iso": the isolated profile end to end (benchmarks/isolated_profile.py), as session 32 ran it.
 #   part "capture": the capture overhead rows (host copies, the sink dropping them) with the host
 #     buffers in shared registered memory (LAYERWISE_WRITER unset) and in torch's pinned memory
 #     (LAYERWISE_WRITER=threads), one after the other, each with its own baseline in its rounds.
@@ -48,6 +49,11 @@ compare)
             > "$W/compare$i.log" 2>&1
         echo "=== compare, run $i (exit $?)"; tail -10 "$W/compare$i.log"
     done ;;
+iso)
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # fills layerwise's bytecode cache
+    CUDA_VISIBLE_DEVICES=0 timeout ${ISO:-480} python3 benchmarks/isolated_profile.py --out "$W/iso" \
+        > "$W/isolated.log" 2>&1
+    echo "=== isolated (exit $?)"; grep -v 'tokenizer\|bos_token\|eos_token\|Warning\|warn_once' "$W/isolated.log" | tail -14 ;;
 capture)
     for mode in process threads; do
         if [ $mode = threads ]; then export LAYERWISE_WRITER=threads; else unset LAYERWISE_WRITER; fi

@@ -182,7 +182,7 @@ def test_expert_weights_compared_per_expert_not_per_slot(ref, tmp_path):
     assert report.verdict == "pass", _stats(report)
 
 
-def test_sha256_mismatch_names_the_file(tmp_path):
+def test_a_digest_mismatch_names_the_file(tmp_path):
     ref = toy_run(tmp_path / "ref")
     cand = toy_run(tmp_path / "cand")
     path = corrupt_tensor(cand, "model.layers.2:output", 1)
@@ -191,13 +191,16 @@ def test_sha256_mismatch_names_the_file(tmp_path):
     assert compare_runs(ref, cand, CompareOptions(verify=False)).verdict == "fail"
 
 
-def test_a_version_1_run_compares_as_before(tmp_path, monkeypatch):
-    """A run of format version 1 (plain sha256 of every tensor, whatever its size) against one
-    whose tensors span several chunks of the sha256 tree: verified, equal, and a flipped bit caught."""
+@pytest.mark.parametrize("digest", ["blake3", "sha256_tree"])
+def test_a_version_1_run_compares_as_before(tmp_path, monkeypatch, digest):
+    """A run of format version 1 (plain sha256 of every tensor, whatever its size) against one of
+    this version (blake3) and one of version 2, whose tensors span several chunks of the sha256
+    tree: verified, equal, and a flipped bit caught."""
     monkeypatch.setattr(tensorfile, "HASH_CHUNK", 64)  # the toy tensors span up to 64 chunks
+    monkeypatch.setattr(tensorfile, "DIGEST", digest)
     new = toy_run(tmp_path / "new")
     old = as_version_1(toy_run(tmp_path / "old"))
-    assert {e.digests[0][0] for e in new.entries()} == {"sha256_tree"} and old.manifest["format_version"] == 1
+    assert {e.digests[0][0] for e in new.entries()} == {digest} and old.manifest["format_version"] == 1
     for report in (compare_runs(new, old), compare_runs(old, new)):
         assert report.verdict == "pass" and all(r.rel_l2 == 0 for r in report.rows if r.kind != "routing"), \
             _stats(report)

@@ -49,7 +49,7 @@ class ExtractOptions:
     chat_template: bool = False
     overwrite: bool = False
     pinned_budget_gib: float = PINNED_BUDGET_BYTES / 2**30  # host memory for in-flight device-to-host copies
-    writer_threads: int | None = None  # None: runs.writer_threads() (a thread per two cores, 2 to 16)
+    writer_threads: int | None = None  # None: runs.writer_threads() (a thread per two cores, 2 to 8)
     queue_depth: int = QUEUE_DEPTH  # files waiting for the writer threads
 
 

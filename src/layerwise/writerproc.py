@@ -48,11 +48,12 @@ TRACE = None  # a benchmark's callable(start, end, nonfinite seconds, digest sec
 
 def writer_threads() -> int:
     """A run writer's default thread count (in its own process too): half the cores this process
-    may use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 16. Every
-    byte written is checked for NaN/Inf, hashed and written on them; on one H200's host (16 cores)
-    8 threads did better than 16 at 16 x 256 tokens (1.79x against 2.61x the forward pass, end to
-    end) and nearly as well at 16 x 4096 (1.26x against 1.20x; BENCHMARKS.md)."""
-    return max(2, min(16, cores_per_process() // 2))
+    may use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 8. Every
+    byte written is checked for NaN/Inf, hashed and written on them; on the H200 hosts (16 and 32
+    cores) 8 threads did better than 16 at 16 x 256 tokens (1.79x and 1.81x the forward pass, end
+    to end, against 2.61x and 2.45x) and nearly as well at 16 x 4096 (1.26x and 1.24x against
+    1.20x and 1.19x; BENCHMARKS.md)."""
+    return max(2, min(8, cores_per_process() // 2))
 
 
 def supported() -> bool:
