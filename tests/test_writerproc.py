@@ -143,6 +143,14 @@ def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path
     assert len(traced) == 1 and torch.equal(runs.open_run(tmp_path / "elsewhere" / "run").tensor("a:output"), torch.ones(4))
 
 
-def test_the_process_answers_once_started():
+def test_the_process_answers_and_takes_another_thread_count(tmp_path, traced):
+    """One writer process a program: another count of threads asked for resizes it (a run writer
+    still writing through it keeps it)."""
     proc = writerproc.process(3)
-    assert proc.ready(timeout=30) and proc.threads == 3 and writerproc.process(3) is proc
+    assert proc.ready(timeout=30) and proc.threads == 3
+    first = runs.RunWriter(tmp_path / "first", INTENT, threads=3)
+    first.put(0, "a", {"a:output": torch.ones(4)})
+    assert writerproc.process(2) is proc and proc.threads == 2 and proc.ready(timeout=30)
+    first.put(1, "a", {"a:output": torch.zeros(4)})
+    first.finish()
+    assert len(traced) == 2 and torch.equal(runs.open_run(tmp_path / "first").tensor("a:output", 1), torch.zeros(4))

@@ -7,7 +7,7 @@ of every byte written (NaN/Inf check, digest, write) takes no turn of the parent
 forward pass needs to launch kernels. One socket carries both ways length-prefixed pickles
 between the two processes of one program:
 
-    parent -> child  ("map", region, size) + its fd | ("drop", region) | ("ping", seq) | ("stop",)
+    parent -> child  ("map", region, size) + its fd | ("threads", n) | ("ping", seq) | ("stop",)
                      ("job", seq, target, tmp, metadata, (digest, chunk), nonfinite,
                       [(name, code, shape, nbytes, source)])
                      source: ("r", region, offset) or ("b", bytes)
@@ -25,7 +25,6 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,13 +81,15 @@ class Child:
         self.channel = channel
         self.regions: dict[int, mmap.mmap] = {}
         self.jobs = ThreadPoolExecutor(threads, thread_name_prefix="writer")
+        self.pools: list[ThreadPoolExecutor] = []  # earlier pools (another thread count), finishing their jobs
         self.hashes = ThreadPoolExecutor(min(8, threads), thread_name_prefix="hash")
 
     def serve(self) -> None:
         while True:
             message = self.channel.receive()
             if message is None:  # the parent is gone: the files being written are finished, no others
-                self.jobs.shutdown(wait=True, cancel_futures=True)
+                for pool in self.pools + [self.jobs]:
+                    pool.shutdown(wait=True, cancel_futures=True)
                 break
             if message[0] == "stop":
                 break
@@ -97,18 +98,16 @@ class Child:
                 fd = self.channel.take_fd()
                 self.regions[message[1]] = mmap.mmap(fd, message[2])
                 os.close(fd)
-            elif kind == "drop":
-                region = self.regions.pop(message[1], None)
-                if region is not None:
-                    try:
-                        region.close()
-                    except BufferError:  # a view still alive: closed when it is freed
-                        pass
+            elif kind == "threads":  # jobs handed over before stay on the old pool's threads
+                self.pools.append(self.jobs)
+                self.jobs = ThreadPoolExecutor(message[1], thread_name_prefix="writer")
+                self.pools[-1].shutdown(wait=False)
             elif kind == "job":
                 self.jobs.submit(self.job, *message[1:])
             elif kind == "ping":
                 self.channel.send(("pong", message[1]))
-        self.jobs.shutdown(wait=True)  # the files already handed over are written whole
+        for pool in self.pools + [self.jobs]:
+            pool.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
     def job(self, seq, target, tmp, metadata, digest, check, specs) -> None:
@@ -128,9 +127,6 @@ class Child:
                 except OSError:
                     pass
                 raise
-            finally:
-                for view in views:
-                    view.release()
             timing = (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
                       threading.current_thread().name)
             self.channel.send(("ok", seq, header, meta, timing))
@@ -147,4 +143,3 @@ def main(fd: int, threads: int) -> None:
         Child(channel, threads).serve()
     except (BrokenPipeError, ConnectionResetError):  # the parent is gone
         pass
-    sys.stdout.flush()

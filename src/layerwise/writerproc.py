@@ -1,9 +1,10 @@
 """The run writer's own process, and the shared host memory it reads the captured tensors from.
 
-Every byte an extract writes is checked for NaN/Inf, hashed and written: about 1.4 core-seconds a
-GB. On the writer's threads in this process, that work takes turns of the GIL from the forward
-pass, which launches its kernels from Python (16 prompts x 256 tokens of 8 MiniMax-M2 layers took
-3.4-3.7x the forward pass end to end; BENCHMARKS.md). So the capture's host buffers are shared
+Every byte an extract writes is checked for NaN/Inf, hashed and written. On the writer's threads
+in this process, that work takes turns of the GIL from the forward pass, which launches its
+kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0x the forward pass end
+to end written from 8 threads here, 1.8x from a process of its own (one H200; BENCHMARKS.md). So
+the capture's host buffers are shared
 memory (a memfd, mapped here and, registered with CUDA, the target of the device-to-host copies),
 and a process of its own (`writerchild.py`, no torch) reads them there: a file costs this process
 one small message out and one back.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import ctypes
 import itertools
 import logging
 import mmap
@@ -33,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ._boot import cores_per_process
 from . import tensorfile
+from ._boot import cores_per_process
 from .rawbytes import raw_bytes
 from .writerchild import Channel
 
@@ -78,26 +80,25 @@ _IDS = itertools.count()
 
 def _new_region(nbytes: int, pin: bool) -> _Region:
     fd = os.memfd_create("layerwise-host-buffer", os.MFD_CLOEXEC)
+    memory = None
     try:
         os.ftruncate(fd, nbytes)
         memory = mmap.mmap(fd, nbytes)
-    except OSError:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        if pin:  # page-locked for the copy engines, as torch's pin_memory (about a second per GB)
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(base, nbytes, 1))  # 1: portable (every GPU)
+    except BaseException:
+        if memory is not None:
+            memory.close()
         os.close(fd)
         raise
     region = _Region()
-    region.id, region.fd, region.size, region.memory, region.pinned = next(_IDS), fd, nbytes, memory, pin
-    region.base = raw_address(memory)
-    if pin:  # page-locked for the copy engines, as torch's pin_memory (about a second per GB)
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.base, nbytes, 1))  # 1: portable (every GPU)
+    region.id, region.fd, region.size, region.memory, region.pinned, region.base = \
+        next(_IDS), fd, nbytes, memory, pin, base
     with _LOCK:
         _REGIONS[region.base] = region
         bisect.insort(_BASES, region.base)
     return region
-
-
-def raw_address(memory: mmap.mmap) -> int:
-    import ctypes
-    return ctypes.addressof(ctypes.c_char.from_buffer(memory))
 
 
 def shared_buffer(nbytes: int, pin: bool) -> torch.Tensor | None:
@@ -210,8 +211,24 @@ class WriterProcess:
                 return False
             seq = next(self._seq)
             self._jobs[seq] = lambda reply: answered.set()
-            self.channel.send(("ping", seq))
+            try:
+                self.channel.send(("ping", seq))
+            except OSError as err:
+                self._jobs.pop(seq, None)
+                self._died(err)
+                return False
         return answered.wait(timeout) and self.failed is None
+
+    def resize(self, threads: int) -> None:
+        """Write on `threads` threads from now on (the files handed over before are written on the
+        threads they were handed to)."""
+        with self._lock:
+            if self.failed is None and threads != self.threads:
+                try:
+                    self.channel.send(("threads", threads))
+                    self.threads = threads
+                except OSError as err:
+                    self._died(err)
 
     def _read(self) -> None:
         try:
@@ -244,10 +261,6 @@ class WriterProcess:
             self.failed = RuntimeError(f"the run writer's process ended (exit code {code}"
                                        + (f": {last}" if last else "") + (f"; {err}" if err else "") + ")")
         return self.failed
-
-    def busy(self) -> bool:
-        with self._lock:
-            return bool(self._jobs)
 
     def stop(self) -> None:
         """Let it write what it was handed, then end it."""
@@ -314,17 +327,16 @@ _PROCESS_LOCK = threading.Lock()
 
 
 def process(threads: int) -> WriterProcess | None:
-    """This process's writer process with `threads` threads (started on first use, again after
-    one ended; one with another count is replaced unless busy), or None where it cannot run
-    (`supported`, or it failed to start: this process's threads write)."""
+    """This process's writer process, writing on `threads` threads from now on (started on first
+    use, again after one ended), or None where it cannot run (`supported`, or it failed to start:
+    this process's threads write)."""
     global _PROCESS
     if not supported():
         return None
     with _PROCESS_LOCK:
         if _PROCESS is not None and _PROCESS.failed is None and _PROCESS.proc.poll() is None:
-            if _PROCESS.threads == threads or _PROCESS.busy():
-                return _PROCESS
-            _PROCESS.stop()  # idle, with another thread count: replaced
+            _PROCESS.resize(threads)
+            return _PROCESS
         try:
             _PROCESS = WriterProcess(threads)
         except OSError as err:
