@@ -158,8 +158,9 @@ class RunWriter:
         try:
             if err is None:
                 self._headers[rel] = header
+                size = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values() if "dtype" in e)
                 with self._lock:
-                    self._bytes += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values() if "dtype" in e)
+                    self._bytes += size
             else:
                 self._error = self._error or (_write_failed(self.path / rel, err) if is_io_error(err) else err)
         finally:

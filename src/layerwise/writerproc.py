@@ -2,8 +2,8 @@
 
 Every byte an extract writes is checked for NaN/Inf, hashed and written. On the writer's threads
 in this process, that work takes turns of the GIL from the forward pass, which launches its
-kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0x the forward pass end
-to end written from 8 threads here, 1.8x from a process of its own (one H200; BENCHMARKS.md). So
+kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0-3.4x the forward pass
+end to end written from 8 threads here, 1.8-2.4x from a process of its own (one H200; BENCHMARKS.md). So
 the capture's host buffers are shared
 memory (a memfd, mapped here and, registered with CUDA, the target of the device-to-host copies),
 and a process of its own (`writerchild.py`, no torch) reads them there: a file costs this process
@@ -52,9 +52,9 @@ def writer_threads() -> int:
     """A run writer's default thread count (in its own process too): half the cores this process
     may use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 8. Every
     byte written is checked for NaN/Inf, hashed and written on them; on the H200 hosts (16 and 32
-    cores) 8 threads did better than 16 at 16 x 256 tokens (1.79x and 1.81x the forward pass, end
-    to end, against 2.61x and 2.45x) and nearly as well at 16 x 4096 (1.26x and 1.24x against
-    1.20x and 1.19x; BENCHMARKS.md)."""
+    cores) 8 threads did better than 16 at 16 x 256 tokens (1.79-2.36x and 1.81x the forward pass,
+    end to end, against 2.45-2.79x) and nearly as well at 16 x 4096 (1.24-1.28x against
+    1.18-1.19x; BENCHMARKS.md)."""
     return max(2, min(8, cores_per_process() // 2))
 
 
