@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device session 34 (one H200): blake3 digests (format version 3) and the run writer's own process (writerproc: the capture's host
-# buffers in shared memory registered with CUDA, read by a process of its own that checks, hashes
-# and writes every file) against this process's writer threads, side by side.
+# Device session 34 (one H200): blake3 digests (format version 3) and the run writer's own
+# process (writerproc: the capture's host buffers in shared memory registered with CUDA, read by a
+# process of its own that checks, hashes and writes every file) against this process's writer
+# threads, side by side.
 #   part "e2e": the GPU tests that write runs (extract bit-identical to output_hidden_states over
 #     the GPUs, streamed, replayed), then benchmarks/extract_overhead.py end to end: 16 x 256 and
 #     16 x 4096 tokens of 8 MiniMax-M2-size layers, 3 rounds each, writer process / threads, 8 and
@@ -16,8 +17,11 @@
 #     buffers in shared registered memory (LAYERWISE_WRITER unset) and in torch's pinned memory
 #     (LAYERWISE_WRITER=threads), one after the other, each with its own baseline in its rounds.
 # On the 2-GPU host: `GPUS=2 bash benchmarks/gpu_session34.sh e2e` (the model over both GPUs; the
-# GPU tests that need two GPUs run too). Parts run one after another: `bash benchmarks/gpu_session34.sh cpu capture`. Logs packed into
-# $OUT/session34-<part>.tgz.
+# GPU tests that need two GPUs run too). Parts run one after another:
+# `bash benchmarks/gpu_session34.sh cpu capture`. Logs packed into $OUT/session34-<part>.tgz.
+# The device image has no blake3: put its wheel in .wheels/ first (ignored by git; carry it), e.g.
+#   pip download blake3 --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_17_x86_64 -d .wheels
 set -uo pipefail
 if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
 PART=${1:-e2e}
