@@ -414,7 +414,6 @@ class WriteTrace:
         self._timed(runs, "build_manifest", "manifest_build")
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture
-        trace = self
 
         def in_process(start, end, checking, hashing, thread):  # a file the writer's own process wrote
             with trace.lock:

@@ -701,7 +701,7 @@ def test_a_nan_tensor_never_shows_as_exact(capsys, tmp_path):
 
 def nonfinite_counts(t: torch.Tensor):
     """What the run writer records of a tensor: (NaN, Inf) counts from its bits, None when finite."""
-    return filebits.nonfinite(rawbytes.raw_bytes(t), rawbytes.BIT_CODES[t.dtype]) if t.is_floating_point() else None
+    return filebits.nonfinite(rawbytes.raw_bytes(t), tensorfile.code(t.dtype)) if t.is_floating_point() else None
 
 
 def test_nonfinite_counts_are_exact():

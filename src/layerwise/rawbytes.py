@@ -1,4 +1,4 @@
-"""A tensor's raw bytes, viewed where they lie, and the dtype codes whose NaN/Inf are read from bits.
+"""A tensor's raw bytes, viewed where they lie.
 
 The run writer's threads take a view of every tensor they write, beside a forward pass that needs
 the GIL to launch its kernels: `raw_bytes` views a contiguous CPU tensor without any torch call
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -35,8 +34,3 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-# the floating dtypes whose NaN/Inf are found from their bits (filebits.NONFINITE_BITS), by dtype
-BIT_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-             torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3"}

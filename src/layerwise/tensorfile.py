@@ -31,7 +31,7 @@ import torch
 from . import filebits
 from ._boot import cores_per_process
 from .errors import UserError
-from .rawbytes import BIT_CODES, raw_bytes
+from .rawbytes import raw_bytes
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES = {
@@ -280,8 +280,6 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     tensor data written; `header_out` receives the header written (as `read_header` returns it)
     and "__metadata__", its metadata; `spent` the seconds checking, hashing and writing."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
-    if nonfinite and any(t.is_floating_point() and t.dtype not in BIT_CODES for t in tensors.values()):
-        raise UserError(f"cannot check {sorted(tensors)} for NaN/Inf: a dtype outside {sorted(DTYPES)}")
     header, meta = filebits.write_tensor_file(
         path, metadata, [(name, code(t.dtype), t.shape, views[name]) for name, t in tensors.items()], nonfinite,
         DIGEST, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK, spent)
