@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerwise import pinned, runs, tensorfile, writerproc
-from layerwise.errors import UserError
+from layerwise.errors import LostProcess, UserError
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
 
@@ -99,7 +99,7 @@ def test_a_writer_process_that_dies_fails_the_run_and_the_next_starts_another(tm
     proc = writerproc.process(2)
     os.kill(proc.proc.pid, signal.SIGKILL)
     proc.proc.wait()
-    with pytest.raises(RuntimeError, match=r"the run writer's process ended \(exit code -9"):
+    with pytest.raises(LostProcess, match=r"the run writer's process ended \(exit code -9.*rerun the same command"):
         writer.put(0, "a", {"a:output": torch.ones(4)})
         writer.finish()
     assert not (tmp_path / "run" / runs.MANIFEST).exists()
@@ -154,3 +154,27 @@ def test_the_process_answers_and_takes_another_thread_count(tmp_path, traced):
     first.put(1, "a", {"a:output": torch.zeros(4)})
     first.finish()
     assert len(traced) == 2 and torch.equal(runs.open_run(tmp_path / "first").tensor("a:output", 1), torch.zeros(4))
+
+
+def test_a_writer_process_killed_under_extract_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, tiny_minimax):
+    """The writer's process killed (the OOM killer, say) while a command runs: one line naming it
+    and how to go on, exit 1, no traceback, no manifest; the same command then resumes."""
+    from helpers import run_cli
+
+    real = writerproc.WriterProcess.submit
+
+    def killed_first(self, *args, **kwargs):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(writerproc.WriterProcess, "submit", killed_first)
+    argv = ["extract", "builtin:minimax-m2-tiny", "--out", tmp_path / "run", "--prompt", "hello there", "--dtype", "fp32"]
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "the run writer's process ended (exit code -9" in lines[0] and "rerun the same command" in lines[0]
+    assert not (tmp_path / "run" / runs.MANIFEST).exists()
+    monkeypatch.setattr(writerproc.WriterProcess, "submit", real)
+    assert run_cli(capsys, *argv)[0] == 0 and (tmp_path / "run" / runs.MANIFEST).exists()

@@ -2,7 +2,9 @@
 
 `UserError` says what is wrong and what to do about it, in one line. The CLI prints it to
 stderr and exits 2. `CandidateError` is a user's `--candidate` layer failing while it runs: one
-line too, but exit 1 (the candidate is what is being tested). Every other exception is a bug in
+line too, but exit 1 (the candidate is what is being tested). `LostProcess`: a process layerwise
+started for its own work (the run writer's) ended under it (killed, out of memory): one line, exit
+1, the run left to resume. Every other exception is a bug in
 layerwise and keeps its traceback. `origin` names the line of the user's code an exception came from.
 """
 
@@ -22,6 +24,12 @@ class UserError(Exception):
 
 class CandidateError(UserError):
     """A user's candidate layer raised while running: the test fails (exit 1), in one line."""
+
+    exit_code = 1
+
+
+class LostProcess(UserError):
+    """A process layerwise started (the run writer's) ended under it: one line, exit 1."""
 
     exit_code = 1
 

@@ -37,6 +37,7 @@ import torch
 
 from . import tensorfile
 from ._boot import cores_per_process
+from .errors import LostProcess
 from .rawbytes import raw_bytes
 from .writerchild import Channel
 
@@ -185,8 +186,8 @@ class WriterProcess:
     def submit(self, target: str, tmp: str, metadata: dict, digest: tuple[str, int], specs: list[tuple],
                done) -> None:
         """Have the process write `specs` (from `sources`) as the file `target` (through `tmp`);
-        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing) or
-        ("err", seq, errno, message, filename)."""
+        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing),
+        ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if the process ends."""
         with self._lock:  # a region's map message goes before the first job that reads it
             if self.failed is not None:
                 raise self.failed
@@ -247,8 +248,8 @@ class WriterProcess:
         with self._lock:
             error = self._died(None)
             jobs, self._jobs = self._jobs, {}
-        for done in jobs.values():
-            done(("err", None, None, str(error), None))
+        for seq, done in jobs.items():
+            done(("lost", seq, error))
 
     def _died(self, err) -> BaseException:
         if self.failed is None:
@@ -258,8 +259,9 @@ class WriterProcess:
                 code = None
             self._stderr.seek(0)
             last = (self._stderr.read().decode(errors="replace").strip().splitlines() or [""])[-1]
-            self.failed = RuntimeError(f"the run writer's process ended (exit code {code}"
-                                       + (f": {last}" if last else "") + (f"; {err}" if err else "") + ")")
+            self.failed = LostProcess(f"the run writer's process ended (exit code {code}"
+                                      + (f": {last}" if last else "") + (f"; {err}" if err else "")
+                                      + "): the run is left incomplete, rerun the same command to resume")
         return self.failed
 
     def stop(self) -> None:
@@ -300,9 +302,11 @@ class Handoff:
             try:
                 if reply[0] == "ok":
                     finished({**reply[2], "__metadata__": reply[3]}, None)
+                elif reply[0] == "lost":
+                    finished(None, reply[2])
                 else:
                     finished(None, OSError(reply[2], reply[3], reply[4]) if reply[2] is not None else
-                             RuntimeError(reply[3]))
+                             RuntimeError(f"the run writer's process failed: {reply[3]}"))
             finally:
                 self._slots.release()
                 with self._idle:
@@ -312,8 +316,8 @@ class Handoff:
         try:
             self.proc.submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")), metadata,
                              (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done)
-        except BaseException as err:
-            done(("err", None, None, str(err), None))
+        except BaseException as err:  # the process is gone (LostProcess): this file fails with it
+            done(("lost", None, err))
         return True
 
     def wait(self) -> None:
