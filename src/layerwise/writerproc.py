@@ -54,7 +54,7 @@ def writer_threads() -> int:
     may use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 8. Every
     byte written is checked for NaN/Inf, hashed and written on them; on the H200 hosts (16 and 32
     cores) 8 threads did better than 16 at 16 x 256 tokens (1.79-2.36x and 1.81x the forward pass,
-    end to end, against 2.45-2.79x) and nearly as well at 16 x 4096 (1.24-1.28x against
+    end to end, against 2.45-2.79x) and nearly as well at 16 x 4096 (1.24-1.29x against
     1.18-1.19x; BENCHMARKS.md)."""
     return max(2, min(8, cores_per_process() // 2))
 
