@@ -12,6 +12,10 @@
 #     and 16 threads, and the CPU's layout.
 #   part "compare": benchmarks/compare_throughput.py twice (compare cold and warm against a raw read
 #     of the same files, 1 GB runs), the runs' digests blake3 (format version 3).
+#   part "compare_ab": compare_throughput.py with an earlier commit's code and this checkout's,
+#     taking turns (ROUNDS rounds, default 2), each on runs of its own; the earlier code's src/ and
+#     benchmarks/ in $BASE (default .base, ignored by git; carry it), e.g.
+#       mkdir .base && git archive 29fd079 src benchmarks | tar -x -C .base
 #   part "iso": the isolated profile end to end (benchmarks/isolated_profile.py), as session 32 ran it.
 #   part "capture": the capture overhead rows (host copies, the sink dropping them) with the host
 #     buffers in shared registered memory (LAYERWISE_WRITER unset) and in torch's pinned memory
@@ -52,6 +56,18 @@ compare)
         timeout 150 python3 benchmarks/compare_throughput.py --gb 1 --dir /tmp/lw-cmp --out "$W/compare_bench.md" \
             > "$W/compare$i.log" 2>&1
         echo "=== compare, run $i (exit $?)"; tail -10 "$W/compare$i.log"
+    done ;;
+compare_ab)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_compare.py tests/test_readahead.py \
+        > "$W/gputests.log" 2>&1
+    echo "=== GPU compare tests (exit $?)"; tail -3 "$W/gputests.log"
+    for i in $(seq "${ROUNDS:-2}"); do
+        for code in "${BASE:-.base}" .; do
+            name=$( [ "$code" = . ] && echo new || echo base ); cp BENCHMARKS.md "$W/compare_$name.md"
+            timeout 150 python3 "$code/benchmarks/compare_throughput.py" --gb 1 --out "$W/compare_$name.md" \
+                > "$W/compare_$name$i.log" 2>&1
+            echo "=== compare, $name code, round $i (exit $?)"; tail -9 "$W/compare_$name$i.log" | grep -v '^wrote'
+        done
     done ;;
 iso)
     python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # fills layerwise's bytecode cache

@@ -374,7 +374,7 @@ class Run:
                 raise UserError(f"tensor {name} in {file} has no digest in the manifest or in its file: it cannot "
                                 "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
             if not tensorfile.digests_hold(tensor, claims):
-                raise UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
+                raise tensorfile.digest_failure(name, file)
         return tensor
 
 

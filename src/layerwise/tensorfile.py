@@ -323,6 +323,11 @@ def stored_digests(metadata: dict, name: str) -> dict[str, str]:
     return {a: metadata[digest_key(a, name)] for a in DIGESTS if metadata.get(digest_key(a, name))}
 
 
+def digest_failure(name: str, file) -> UserError:
+    """The error of a tensor whose bytes do not match a digest claimed for them."""
+    return UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
+
+
 def digests_hold(tensor: torch.Tensor, claims: Iterable[tuple[str, str]]) -> bool:
     """Whether every (algorithm, hex digest) claimed for a tensor holds for its bytes, each
     algorithm computed once; two different digests claimed under one algorithm never hold."""

@@ -13,14 +13,15 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["The capital of France is", "Hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 8]
 
 
-def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path):
+def _fp32_and_bf16_runs(tmp_path):
     options = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=2)
     for dtype in ("fp32", "bf16"):
         loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype=dtype, device_map="cpu"))
         extract_model(loaded, tmp_path / dtype, PROMPTS, options)
-    ref, cand = open_run(tmp_path / "fp32"), open_run(tmp_path / "bf16")
-    cpu = compare_runs(ref, cand, CompareOptions(device="cpu"))
-    gpu = compare_runs(ref, cand, CompareOptions(device="cuda:0"))
+    return open_run(tmp_path / "fp32"), open_run(tmp_path / "bf16")
+
+
+def _assert_same_rows(cpu, gpu):
     assert cpu.verdict == gpu.verdict
     for a, b in zip(cpu.rows, gpu.rows):
         assert a.name == b.name and a.passed == b.passed
@@ -28,3 +29,21 @@ def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path):
             assert math.isclose(a.rel_l2, b.rel_l2, rel_tol=1e-9, abs_tol=1e-15), (a.name, a.rel_l2, b.rel_l2)
             assert math.isclose(a.max_abs, b.max_abs, rel_tol=1e-12), a.name
     assert math.isclose(cpu.logits.overall.kl_mean, gpu.logits.overall.kl_mean, rel_tol=1e-9)
+
+
+def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path):
+    ref, cand = _fp32_and_bf16_runs(tmp_path)
+    _assert_same_rows(compare_runs(ref, cand, CompareOptions(device="cpu")),
+                      compare_runs(ref, cand, CompareOptions(device="cuda:0")))
+
+
+def test_tensors_streamed_to_the_gpu_measure_as_read_whole(tmp_path, monkeypatch):
+    """Every tensor handed over while it is read and copied to the GPU piece by piece as it lands
+    (readahead.to_device): the same rows as the CPU measuring whole tensors."""
+    from layerwise import readahead
+
+    ref, cand = _fp32_and_bf16_runs(tmp_path)
+    cpu = compare_runs(ref, cand, CompareOptions(device="cpu"))
+    monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
+    monkeypatch.setattr(readahead, "STREAM_PIECE", 256)
+    _assert_same_rows(cpu, compare_runs(ref, cand, CompareOptions(device="cuda:0")))
