@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from layerwise import readahead  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import RunWriter, open_run  # noqa: E402
 from synthetic import drop_page_cache  # noqa: E402
@@ -91,10 +93,35 @@ def raw_read(files, hash_it: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def timed_compare(paths, verify: bool) -> float:
+def raw_read_side_by_side(paths) -> float:
+    """Each run's files read by a thread of its own, the two at once: what the disk gives two
+    streams, as compare reads the two runs."""
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        list(pool.map(raw_read, [run_files([p]) for p in paths]))
+    return time.perf_counter() - start
+
+
+def timed_compare(paths, verify: bool, trace: dict | None = None) -> float:
+    """compare_runs's seconds; `trace` gets when the last streamed tensor was in and verified
+    (seconds from the start), where this code streams tensors."""
     ref, cand = open_run(paths[0]), open_run(paths[1])
+    real = getattr(readahead, "Arrival", None)
     start = time.perf_counter()
-    report = compare_runs(ref, cand, CompareOptions(verify=verify))
+    if trace is not None and real is not None:
+        publish = real._publish
+
+        def traced(self, arrived=None, verified=False, error=None):
+            publish(self, arrived, verified, error)
+            if verified:
+                trace["last tensor in and verified"] = time.perf_counter() - start
+
+        real._publish = traced
+    try:
+        report = compare_runs(ref, cand, CompareOptions(verify=verify))
+    finally:
+        if trace is not None and real is not None:
+            real._publish = publish
     seconds = time.perf_counter() - start
     assert report.rows, "nothing compared"
     return seconds
@@ -172,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         results["raw read warm"] = min(raw_read(files) for _ in range(2))
         results["read+blake3 warm"] = raw_read(files, hash_it=True)
         drop_page_cache(files)
-        results["compare cold"] = timed_compare(paths, verify=True)
+        side_by_side = raw_read_side_by_side(paths)
+        drop_page_cache(files)
+        trace: dict = {}
+        results["compare cold"] = timed_compare(paths, verify=True, trace=trace)
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
         results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))
     finally:
@@ -185,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:{width}}  {v:5.2f}  {results[k]:8.2f}")
     ratio = rate["compare cold"] / rate["raw read cold"]
     print(f"compare cold / raw read cold = {ratio:.2f}")
+    print(f"raw read cold, the two runs side by side: {size / side_by_side / 1e9:.2f} GB/s ({side_by_side:.2f} s)")
+    for what, at in trace.items():
+        print(f"compare cold: {what} at {at:.2f} s of {results['compare cold']:.2f} s")
     key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")

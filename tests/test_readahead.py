@@ -1,6 +1,7 @@
-"""Large tensors handed over while they are read (readahead.Arrival): compare gives the same
-report whichever way its tensors arrive, every digest is still checked, and a caller that stops
-early leaves no reader behind."""
+"""Large tensors streamed to the metrics' device while they are read (readahead.Arrival): compare
+gives the same report whichever way its tensors arrive, every digest is still checked, and a
+caller that stops early leaves no reader behind. Streaming is for GPUs; here it is let onto the
+CPU, whose path differs only in the copy (tests/gpu/test_gpu_compare.py streams to a GPU)."""
 
 import dataclasses
 import threading
@@ -13,13 +14,19 @@ from synthetic_runs import as_version_1, corrupt_tensor, toy_run
 from layerwise import readahead, tensorfile
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.errors import UserError
+from layerwise.names import ROUTER_ROLES
+
+
+def _stream_all(monkeypatch, piece: int) -> None:
+    monkeypatch.setattr(readahead, "STREAM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
+    monkeypatch.setattr(readahead, "STREAM_PIECE", piece)
 
 
 @pytest.fixture
 def streamed(monkeypatch):
-    """Every tensor streamed, in pieces of 40 bytes (most tensors span several)."""
-    monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
-    monkeypatch.setattr(readahead, "STREAM_PIECE", 40)
+    """Every tensor but a router's streamed, in pieces of 40 bytes (most tensors span several)."""
+    _stream_all(monkeypatch, 40)
 
 
 def _rows(report):
@@ -36,8 +43,7 @@ def runs(tmp_path_factory):
 def test_a_streamed_compare_reports_what_a_whole_read_does(runs, monkeypatch, prefetch):
     ref, cand, base = runs
     whole = compare_runs(ref, cand, CompareOptions(prefetch=prefetch), baseline=base)
-    monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
-    monkeypatch.setattr(readahead, "STREAM_PIECE", 40)
+    _stream_all(monkeypatch, 40)
     arrived = []
     real = readahead.Arrival.__init__
 
@@ -47,7 +53,8 @@ def test_a_streamed_compare_reports_what_a_whole_read_does(runs, monkeypatch, pr
 
     monkeypatch.setattr(readahead.Arrival, "__init__", counting)
     stream = compare_runs(ref, cand, CompareOptions(prefetch=prefetch), baseline=base)
-    assert len(arrived) == 3 * len(ref.entries())  # every tensor of the three runs came streamed
+    routers = [e for e in ref.entries() if e.role in ROUTER_ROLES]
+    assert routers and len(arrived) == 3 * (len(ref.entries()) - len(routers))  # all but routers, streamed
     assert stream.verdict == whole.verdict == "fail"
     assert stream.first_divergence.name == whole.first_divergence.name
     assert _rows(stream) == _rows(whole)
@@ -63,15 +70,20 @@ def test_a_streamed_tensor_that_fails_its_digest_names_its_file(runs, tmp_path, 
 
 
 @pytest.mark.parametrize("digest", ["blake3", "sha256_tree"])
-def test_earlier_format_versions_are_verified_when_streamed(tmp_path, monkeypatch, streamed, digest):
-    """A version 1 run (sha256) and a version 2 run (sha256_tree): their digests are computed once
-    the tensor is in, and a flipped bit is caught."""
+def test_earlier_format_versions_are_read_whole_and_verified(tmp_path, monkeypatch, streamed, digest):
+    """A version 1 run (sha256) has no blake3 digest to check as it streams: its tensors are read
+    whole, verified, and a flipped bit is caught; a version 2 run (sha256_tree) likewise."""
     monkeypatch.setattr(tensorfile, "HASH_CHUNK", 64)
     monkeypatch.setattr(tensorfile, "DIGEST", digest)
     new = toy_run(tmp_path / "new")
     old = as_version_1(toy_run(tmp_path / "old"))
+    arrived = []
+    real = readahead.Arrival.__init__
+    monkeypatch.setattr(readahead.Arrival, "__init__", lambda self, t: arrived.append(t) or real(self, t))
     assert compare_runs(new, old).verdict == "pass"
-    path = corrupt_tensor(new, "model.layers.1:input", 0)
+    routers = sum(e.role in ROUTER_ROLES for e in new.entries())
+    assert len(arrived) == (len(new.entries()) - routers if digest == "blake3" else 0)
+    path = corrupt_tensor(old, "model.layers.1:input", 0)
     with pytest.raises(UserError, match=f"in {path} fails its digest check"):
         compare_runs(new, old)
 
@@ -84,34 +96,32 @@ def test_a_truncated_file_is_one_clear_error(runs, tmp_path, streamed):
         compare_runs(runs[0], cand)
 
 
-def test_to_device_copies_only_what_has_arrived(monkeypatch):
-    """The copy waits for each piece: a reader that publishes slowly is never overtaken."""
-    monkeypatch.setattr(readahead, "STREAM_PIECE", 64)
-    source = torch.arange(4096, dtype=torch.float32)
-    tensor = torch.full_like(source, float("nan"))
-    arrival = readahead.Arrival(tensor)
+def test_pieces_arrive_in_order_and_the_tensor_is_exact(runs, monkeypatch):
+    """A tensor of several pieces (the last one short): `arrived` grows piece by piece, and the
+    tensor is the one Run.tensor reads."""
+    _stream_all(monkeypatch, 24)
+    ref = runs[0]
+    entry = max(ref.entries(), key=lambda e: e.nbytes)
+    seen = []
+    real = readahead.Arrival._publish
 
-    def fill():
-        for begin in range(0, 4096, 100):
-            tensor[begin:begin + 100] = source[begin:begin + 100]
-            arrival._publish(arrived=min(4096, begin + 100) * 4)
-            time.sleep(0.001)
-        arrival._publish(verified=True)
+    def recording(self, arrived=None, verified=False, error=None):
+        seen.append(arrived)
+        real(self, arrived, verified, error)
 
-    reader = threading.Thread(target=fill)
-    reader.start()
-    out = readahead.to_device(tensor, arrival, torch.device("cpu"))
-    reader.join()
-    assert torch.equal(out, source) and out.data_ptr() != tensor.data_ptr()
+    monkeypatch.setattr(readahead.Arrival, "_publish", recording)
+    reading = readahead.read_units({"ref": ref}, iter([(entry.prompt, (entry.name,))]), device=torch.device("cpu"))
+    for _, _, tensors, arrivals in reading:
+        tensor = arrivals[("ref", entry.name)].result()
+        assert torch.equal(tensor, ref.tensor(entry.name, entry.prompt)) and tensor is tensors[("ref", entry.name)]
+    steps = [n for n in seen if n is not None]
+    assert steps == list(range(24, entry.nbytes, 24)) + [entry.nbytes] and entry.nbytes % 24
 
 
 def test_an_error_reaches_whoever_waits():
     arrival = readahead.Arrival(torch.empty(10))
     arrival._publish(arrived=8)
-    arrival.wait(8)  # what has arrived may be used
     threading.Timer(0.05, arrival._publish, kwargs={"error": UserError("the disk is gone")}).start()
-    with pytest.raises(UserError, match="the disk is gone"):
-        arrival.wait(40)
     with pytest.raises(UserError, match="the disk is gone"):
         arrival.result()
 
@@ -119,20 +129,19 @@ def test_an_error_reaches_whoever_waits():
 def test_a_caller_that_stops_early_cancels_the_readers(runs, monkeypatch):
     """Closing the generator mid-run: the readers still reading stop at their next piece and the
     pool is gone at once; nothing is left reading."""
-    monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
-    monkeypatch.setattr(readahead, "STREAM_PIECE", 4)
+    _stream_all(monkeypatch, 4)
     ref = runs[0]
     pieces = []
-    real = readahead.os.preadv
+    real = readahead.Arrival._publish
 
-    def slow(fd, buffers, offset):
-        pieces.append(offset)
+    def slow(self, arrived=None, verified=False, error=None):
+        pieces.append(arrived)
         time.sleep(0.002)
-        return real(fd, buffers, offset)
+        real(self, arrived, verified, error)
 
-    monkeypatch.setattr(readahead.os, "preadv", slow)
+    monkeypatch.setattr(readahead.Arrival, "_publish", slow)
     units = [(p, (e.name,)) for p in (0, 1) for e in ref.entries() if e.prompt == p]
-    reading = readahead.read_units({"ref": ref}, iter(units))
+    reading = readahead.read_units({"ref": ref}, iter(units), device=torch.device("cpu"))
     p, unit, tensors, arrivals = next(reading)
     assert set(arrivals) == {("ref", unit[0])}
     started = time.perf_counter()

@@ -195,14 +195,7 @@ def _compute_dtype(run: Run) -> str | None:
 
 
 def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrivals: dict) -> dict[str, PromptResult]:
-    """Measure one unit; `arrivals`: its tensors still being read (readahead.Arrival). A GPU
-    takes a measured tensor's bytes as they land; anything else waits until all are in."""
-    streamed = {}
-    for key, arrival in arrivals.items():
-        if ctx.device.type == "cuda" and split_name(key[1])[1] not in ROUTER_ROLES:
-            streamed[key] = arrival
-        else:
-            arrival.result()
+    """Measure one unit; `arrivals`: its tensors streamed to the metrics' GPU, still arriving."""
     module = split_name(unit[0])[0]
     ids = {side: t.get((side, tensor_name(module, TOPK_IDS))) for side in ("ref", "cand", "base")}
     logits = {side: t.get((side, tensor_name(module, ROUTER_LOGITS))) for side in ("ref", "cand", "base")}
@@ -227,7 +220,8 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrival
             experts = _num_experts(ids, logits)
             a, b = _dense(a, ids["ref"], experts), _dense(b, ids["cand"], experts)
             base = _dense(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
-        result = _measure(ctx, p, kind, tol, a, b, base, [streamed.get((side, name)) for side in ("ref", "cand", "base")])
+        arriving = [arrivals.get((side, name)) for side in ("ref", "cand", "base")]
+        result = _measure(ctx, p, kind, tol, a, b, base, arriving)
         diverted = sorted(ctx.diverted.get(p, ()))
         if result.failures and diverted and len(diverted) < a.shape[0]:
             keep = torch.tensor(sorted(set(range(a.shape[0])) - set(diverted)))
@@ -240,10 +234,10 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrival
 
 def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, b: torch.Tensor,
              base: torch.Tensor | None, arriving: list | None = None) -> PromptResult:
+    arriving = arriving or [None] * 3
+    a, b = to_device(a, arriving[0], ctx.device), to_device(b, arriving[1], ctx.device)
+    base = to_device(base, arriving[2], ctx.device) if base is not None else None
     if ctx.device.type == "cuda":  # the GPU measures in float64 at HBM speed; the bytes pass by anyway
-        arriving = arriving or [None] * 3
-        a, b = to_device(a, arriving[0], ctx.device), to_device(b, arriving[1], ctx.device)
-        base = to_device(base, arriving[2], ctx.device) if base is not None else None
         sizing = dict(chunk_elements=GPU_CHUNK_ELEMENTS)
     else:
         sizing = dict(map_fn=ctx.map_fn, parts=ctx.parts)
@@ -295,7 +289,8 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
         ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
         for p, unit, tensors, arrivals in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan),
-                                                     options.verify, options.prefetch):
+                                                     options.verify, options.prefetch, device=ctx.device,
+                                                     streamable=lambda name: split_name(name)[1] not in ROUTER_ROLES):
             for name, result in _measure_unit(ctx, p, unit, tensors, arrivals).items():
                 results[name].append(result)
             done += sum(x.numel() * x.element_size() for x in tensors.values())

@@ -1,22 +1,25 @@
 """Reading several runs side by side, ahead of their use: what compare measures arrives read and
 verified while the previous tensors are being measured, within a memory window.
 
-A large tensor (STREAM_BYTES or more) is handed over while it is still being read: a reader thread
-fills it front to back with large sequential reads, hashing each piece as it lands (blake3 is a
-stream), and publishes how far it got (`Arrival`); the caller may use the bytes already there (a
-GPU takes them piece by piece) and the digest is checked once the last piece is in. Reading one
-tensor of 1.6 GB (a 4096-token prompt's logits) and then measuring it would add the measuring to
-the disk's time instead of hiding it.
+A large tensor (STREAM_BYTES or more) bound for a GPU is streamed there while it is read: a reader
+thread reads it in STREAM_PIECE pieces into a few pinned staging buffers, back to back, while
+another hashes each piece as it lands (blake3 is a stream) and copies it to the GPU
+asynchronously. Reading a 4096-token prompt's logits (1.6 GB) whole, then hashing, then copying,
+then measuring would add each step to the disk's time; streamed, what follows the last byte is
+the measuring. `Arrival` says how far it got.
 
 Knows runs and their tensors; nothing about metrics or verdicts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
@@ -24,35 +27,29 @@ import torch
 
 from . import tensorfile
 from .errors import UserError
-from .rawbytes import raw_bytes
 from .runs import Run
 
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
 READ_WORKERS = 8  # threads reading and hashing them (file reads and digests release the GIL)
 STREAM_BYTES = 64 << 20  # a tensor this large is handed over while it is read
-STREAM_PIECE = 8 << 20  # bytes read, hashed and published at a time
+STREAM_PIECE = 32 << 20  # bytes read, hashed and copied at a time
+STREAM_BUFFERS = 4  # staging buffers of STREAM_PIECE bytes per tensor streamed
+STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are read whole, from a memory map)
 
 
 class Arrival:
-    """A tensor being filled front to back by a reader thread. `wait(n)`: until its first n bytes
-    are in memory; `result()`: until all are and its digests hold. Either raises the reader's
-    error (a corrupt or truncated file: UserError)."""
+    """A tensor being filled front to back by a reader thread. `result()` waits until all its
+    bytes are in and its digests hold, and raises the reader's error (a corrupt or truncated
+    file: UserError)."""
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
         self.nbytes = tensor.numel() * tensor.element_size()
-        self._arrived = 0
+        self.arrived = 0  # bytes in place so far
         self._verified = False
         self._error: BaseException | None = None
         self.cancelled = False  # the reader stops at its next piece
         self._cond = threading.Condition()
-
-    def wait(self, upto: int) -> None:
-        with self._cond:
-            while self._error is None and self._arrived < min(upto, self.nbytes):
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
 
     def result(self) -> torch.Tensor:
         with self._cond:
@@ -64,38 +61,42 @@ class Arrival:
 
     def _publish(self, arrived: int | None = None, verified: bool = False, error: BaseException | None = None):
         with self._cond:
-            self._arrived = self._arrived if arrived is None else arrived
+            self.arrived = self.arrived if arrived is None else arrived
             self._verified = self._verified or verified
             self._error = self._error or error
             self._cond.notify_all()
 
 
 def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str, ...]]], verify: bool = True,
-               prefetch: bool = True, ahead_bytes: int | None = None,
-               workers: int | None = None) -> Iterator[tuple[int, tuple[str, ...], dict, dict]]:
+               prefetch: bool = True, ahead_bytes: int | None = None, workers: int | None = None,
+               device: torch.device | None = None,
+               streamable: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[int, tuple, dict, dict]]:
     """Read several runs unit by unit: for each (prompt, names) of `units`, yield (prompt, names,
     {(side, name): tensor}, {(side, name): Arrival}) with the tensors of every run (by side) that
-    holds them, in order. A tensor of STREAM_BYTES or more may still be arriving: it has an
-    Arrival, and only the bytes it has waited for may be used; all of them are in and verified
-    before the next unit comes (a digest that fails raises then). With `prefetch`, `workers`
+    holds them, in order. A tensor of STREAM_BYTES or more that `streamable` accepts, bound for a
+    `device` of a type in STREAM_DEVICES, is streamed there: it comes on that device, still
+    arriving, with an Arrival whose result() must be awaited before it is used; every one is in
+    and verified before the next unit comes (a digest that fails raises then). Other tensors come
+    on the CPU, read and verified. With `prefetch`, `workers`
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy and the hashing spreads over
     cores, while memory stays bounded. A unit is released once yielded. Defaults:
-    READ_AHEAD_BYTES, READ_WORKERS and STREAM_BYTES, read at call time."""
+    READ_AHEAD_BYTES, READ_WORKERS, STREAM_BYTES and STREAM_DEVICES, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
     pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead = 0
+    stream = device is not None and device.type in STREAM_DEVICES
 
     def submit(p: int, unit: tuple[str, ...]) -> tuple:
         keys = [(side, name) for name in unit for side, run in runs.items() if run is not None and run.has(name, p)]
         futures = {}
         for side, name in keys:
-            if runs[side].entry(name, p).nbytes >= STREAM_BYTES:
+            if stream and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
                 futures[(side, name)] = started = Future()
-                pool.submit(_stream, runs[side], name, p, verify, started, streaming)
+                pool.submit(_stream, runs[side], name, p, verify, started, streaming, device)
             else:
                 futures[(side, name)] = pool.submit(runs[side].tensor, name, p, verify)
         return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
@@ -155,11 +156,11 @@ class _Streaming:
                 arrival.cancelled = True
 
 
-def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, streaming: _Streaming) -> None:
-    """Read one large tensor into memory piece by piece, publishing its progress: `started`
-    gets its Arrival as soon as the tensor is allocated (or the whole tensor, read as usual, when
-    its dtype is not one torch has; or the error). Sequential reads of STREAM_PIECE bytes with
-    the kernel told to read ahead; each piece hashed as it lands."""
+def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, streaming: _Streaming,
+            device: torch.device) -> None:
+    """Stream one large tensor to `device`, publishing its progress: `started` gets its Arrival as
+    soon as the destination is allocated (or the whole tensor read as usual, on the CPU, when it
+    has no blake3 digest to check as it goes; or the error)."""
     file = None
     try:
         entry = run.entry(name, prompt)
@@ -168,10 +169,14 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         info = tensorfile.read_header(file, metadata).get(name)
         dtype = getattr(torch, tensorfile.dtype_name(info["dtype"]), None) if info else None
         claims = entry.digests + tuple(tensorfile.stored_digests(metadata, name).items())
-        if not isinstance(dtype, torch.dtype) or (verify and not claims):
+        begin, end = info["data_offsets"] if info else (0, 0)
+        if not (isinstance(dtype, torch.dtype) and any(a == "blake3" for a, _ in claims) and end > begin):
             started.set_result(run.tensor(name, prompt, verify))  # Run.tensor reads it, or says what is wrong
             return
-        arrival = Arrival(torch.empty(info["shape"], dtype=dtype))
+        if end - begin != math.prod(info["shape"]) * dtype.itemsize:
+            raise UserError(f"cannot read {name} from {file}: its size disagrees with its shape (the run is corrupt; "
+                            "re-extract it)")
+        arrival = Arrival(torch.empty(info["shape"], dtype=dtype, device=device))
     except BaseException as err:  # noqa: BLE001 - the caller gets it
         started.set_exception(err if isinstance(err, UserError) or file is None else
                               UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)"))
@@ -179,24 +184,8 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
     streaming.add(arrival)
     started.set_result(arrival)
     try:
-        view = raw_bytes(arrival.tensor)
-        if view.nbytes != info["data_offsets"][1] - info["data_offsets"][0]:
-            raise UserError(f"cannot read {name} from {file}: its size disagrees with its shape (the run is corrupt; "
-                            "re-extract it)")
-        hasher = blake3.blake3() if verify and any(a == "blake3" for a, _ in claims) else None
-        with open(file, "rb", buffering=0) as fh:
-            start = 8 + int.from_bytes(fh.read(8), "little") + info["data_offsets"][0]
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fh.fileno(), start, view.nbytes, os.POSIX_FADV_SEQUENTIAL)
-            done = 0
-            while done < view.nbytes and not arrival.cancelled:
-                got = os.preadv(fh.fileno(), [view[done:done + STREAM_PIECE]], start + done)
-                if got <= 0:
-                    raise UserError(f"{file} is truncated: re-extract the run")
-                if hasher is not None:
-                    hasher.update(view[done:done + got])
-                done += got
-                arrival._publish(arrived=done)
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if verify else None
+        _pour(file, begin, end, arrival, hasher)
         if arrival.cancelled:
             raise UserError(f"reading {name} from {file} was cancelled")
         if verify and not _claims_hold(arrival.tensor, claims, hasher):
@@ -205,6 +194,86 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
     except BaseException as err:  # noqa: BLE001 - the caller gets it from the Arrival
         arrival._publish(error=err if isinstance(err, UserError) else
                          UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)"))
+
+
+def _pour(file, begin: int, end: int, arrival: Arrival, hasher) -> None:
+    """Bytes [begin, end) of the file's data into `arrival.tensor`, piece by piece through
+    STREAM_BUFFERS staging buffers (pinned for a GPU): a thread of its own reads the pieces back
+    to back, so the disk never waits for the hashing; this thread hashes each piece while it is in
+    cache and copies it on a stream of its own; a buffer is read into again once its copy is
+    done. `arrived` counts only bytes whose copy is complete."""
+    cuda = arrival.tensor.device.type == "cuda"
+    total = end - begin
+    buffers = [torch.empty(min(STREAM_PIECE, total), dtype=torch.uint8, pin_memory=cuda)
+               for _ in range(STREAM_BUFFERS)]
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for k in range(len(buffers)):
+        free.put(k)
+    stream = torch.cuda.Stream(arrival.tensor.device) if cuda else None
+    with open(file, "rb", buffering=0) as fh, torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        start = 8 + int.from_bytes(fh.read(8), "little") + begin
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), start, total, os.POSIX_FADV_SEQUENTIAL)
+        reader = threading.Thread(target=_read_pieces, args=(fh, start, total, buffers, free, full),
+                                  name="layerwise-read-pieces", daemon=True)
+        reader.start()
+        try:
+            _take_pieces(arrival, hasher, buffers, free, full, stream, total)
+        finally:
+            free.put(None)  # the reader stops at its next piece, if it has not
+            reader.join()
+            if cuda:  # nothing in flight from the staging buffers once this returns
+                stream.synchronize()
+
+
+def _read_pieces(fh, start: int, total: int, buffers: list, free: queue.Queue, full: queue.Queue) -> None:
+    """_pour's reader: each piece into a free buffer, handed on as (buffer, offset, bytes); an
+    error is handed on instead. Stops at None."""
+    try:
+        for done in range(0, total, STREAM_PIECE):
+            k = free.get()
+            if k is None:
+                return
+            n = min(STREAM_PIECE, total - done)
+            if os.preadv(fh.fileno(), [memoryview(buffers[k].numpy())[:n]], start + done) != n:
+                full.put(UserError(f"{fh.name} is truncated: re-extract the run"))
+                return
+            full.put((k, done, n))
+    except BaseException as err:  # noqa: BLE001 - the taker raises it
+        full.put(err)
+
+
+def _take_pieces(arrival: Arrival, hasher, buffers: list, free: queue.Queue, full: queue.Queue, stream,
+                 total: int) -> None:
+    """_pour's taker: hash each piece, copy it (on `stream`; None: the CPU, at once), give its
+    buffer back once the copy is done, keeping the reader at least one buffer ahead."""
+    dest = arrival.tensor.reshape(-1).view(torch.uint8)
+    copying: deque = deque()  # (event, buffer, bytes in place once it completes)
+    for _ in range(-(-total // STREAM_PIECE)):
+        if arrival.cancelled:
+            return
+        item = full.get()
+        if isinstance(item, BaseException):
+            raise item
+        k, done, n = item
+        if hasher is not None:
+            hasher.update(memoryview(buffers[k].numpy())[:n])
+        dest[done:done + n].copy_(buffers[k][:n], non_blocking=stream is not None)
+        if stream is None:
+            free.put(k)
+            arrival._publish(arrived=done + n)
+            continue
+        copying.append((torch.cuda.Event(), k, done + n))
+        copying[-1][0].record(stream)
+        while copying and (copying[0][0].query() or len(copying) >= len(buffers) - 1):
+            event, k, arrived = copying.popleft()
+            event.synchronize()
+            free.put(k)
+            arrival._publish(arrived=arrived)
+    if stream is not None:
+        stream.synchronize()
+        arrival._publish(arrived=total)
 
 
 def _claims_hold(tensor: torch.Tensor, claims: tuple, hasher) -> bool:
@@ -218,16 +287,7 @@ def _claims_hold(tensor: torch.Tensor, claims: tuple, hasher) -> bool:
 
 
 def to_device(tensor: torch.Tensor, arrival: Arrival | None, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device`; one still arriving is copied piece by piece as its bytes land, so
-    the copy overlaps the disk's reading, and comes back once verified."""
-    if arrival is None:
-        return tensor.to(device)
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-    src, dst = tensor.reshape(-1), out.reshape(-1)
-    step = max(1, STREAM_PIECE * 8 // max(1, tensor.element_size()))  # elements per copy
-    for begin in range(0, src.numel(), step):
-        end = min(src.numel(), begin + step)
-        arrival.wait(end * tensor.element_size())
-        dst[begin:end].copy_(src[begin:end])
-    arrival.result()
-    return out
+    """`tensor` on `device`: one streamed there once all of it is in and verified, another copied."""
+    if arrival is not None:
+        return arrival.result()
+    return tensor.to(device)
