@@ -77,26 +77,24 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     `device` of a type in STREAM_DEVICES, is streamed there: it comes on that device, still
     arriving, with an Arrival whose result() must be awaited before it is used; every one is in
     and verified before the next unit comes (a digest that fails raises then). Other tensors come
-    on the CPU, read and verified. With `prefetch`, `workers`
-    threads read and verify the following units while the caller works on this one, up to
-    `ahead_bytes` ahead (at least one unit): the disk stays busy and the hashing spreads over
-    cores, while memory stays bounded. A unit is released once yielded. Defaults:
-    READ_AHEAD_BYTES, READ_WORKERS, STREAM_BYTES and STREAM_DEVICES, read at call time."""
+    on the CPU, read and verified. With `prefetch`, `workers` threads read and verify the
+    following units while the caller works on this one, up to `ahead_bytes` ahead (at least one
+    unit): the disk stays busy, the hashing spreads over cores, memory stays bounded. A unit is
+    released once yielded. Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
     pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
-    ahead = 0
-    stream = device is not None and device.type in STREAM_DEVICES
+    ahead, stream = 0, device is not None and device.type in STREAM_DEVICES
 
     def submit(p: int, unit: tuple[str, ...]) -> tuple:
         keys = [(side, name) for name in unit for side, run in runs.items() if run is not None and run.has(name, p)]
         futures = {}
         for side, name in keys:
             if stream and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
-                futures[(side, name)] = started = Future()
-                pool.submit(_stream, runs[side], name, p, verify, started, streaming, device)
+                pool.submit(_stream, runs[side], name, p, verify, futures.setdefault((side, name), Future()),
+                            streaming, device)
             else:
                 futures[(side, name)] = pool.submit(runs[side].tensor, name, p, verify)
         return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
@@ -119,14 +117,13 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
             futures.clear()  # the futures hold the tensors too
             arrivals = {key: x for key, x in got.items() if isinstance(x, Arrival)}
             tensors = {key: x.tensor if isinstance(x, Arrival) else x for key, x in got.items()}
-            got.clear()
             ahead -= nbytes
             yield p, unit, tensors, arrivals
             for arrival in arrivals.values():  # every byte verified before anything is reported
                 arrival.result()
                 streaming.discard(arrival)
-            tensors.clear()  # release this unit
-            arrivals.clear()
+            for held in (got, tensors, arrivals):  # release this unit (the caller holds these dicts too)
+                held.clear()
     finally:
         streaming.stop()
         pool.shutdown(wait=True, cancel_futures=True)
