@@ -182,7 +182,14 @@ def test_expert_weights_compared_per_expert_not_per_slot(ref, tmp_path):
     assert report.verdict == "pass", _stats(report)
 
 
-def test_a_digest_mismatch_names_the_file(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_digest_mismatch_names_the_file(tmp_path, monkeypatch, streamed):
+    """Read whole or streamed in pieces (readahead, let onto the CPU here), the same error."""
+    if streamed:
+        from layerwise import readahead
+
+        for name, value in (("STREAM_DEVICES", ("cpu",)), ("STREAM_BYTES", 1), ("STREAM_PIECE", 40)):
+            monkeypatch.setattr(readahead, name, value)
     ref = toy_run(tmp_path / "ref")
     cand = toy_run(tmp_path / "cand")
     path = corrupt_tensor(cand, "model.layers.2:output", 1)

@@ -173,7 +173,11 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         if end - begin != math.prod(info["shape"]) * dtype.itemsize:
             raise UserError(f"cannot read {name} from {file}: its size disagrees with its shape (the run is corrupt; "
                             "re-extract it)")
-        arrival = Arrival(torch.empty(info["shape"], dtype=dtype, device=device))
+        try:
+            arrival = Arrival(torch.empty(info["shape"], dtype=dtype, device=device))
+        except torch.OutOfMemoryError:  # no room on the device now: read whole, copied when it is measured
+            started.set_result(run.tensor(name, prompt, verify))
+            return
     except BaseException as err:  # noqa: BLE001 - the caller gets it
         started.set_exception(err if isinstance(err, UserError) or file is None else
                               UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)"))
