@@ -44,7 +44,6 @@ class Arrival:
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
-        self.nbytes = tensor.numel() * tensor.element_size()
         self.arrived = 0  # bytes in place so far
         self._verified = False
         self._error: BaseException | None = None
