@@ -106,22 +106,19 @@ def timed_compare(paths, verify: bool, trace: dict | None = None) -> float:
     """compare_runs's seconds; `trace` gets when the last streamed tensor was in and verified
     (seconds from the start), where this code streams tensors."""
     ref, cand = open_run(paths[0]), open_run(paths[1])
-    real = getattr(readahead, "Arrival", None)
+    publish = readahead.Arrival._publish
     start = time.perf_counter()
-    if trace is not None and real is not None:
-        publish = real._publish
 
-        def traced(self, arrived=None, verified=False, error=None):
-            publish(self, arrived, verified, error)
-            if verified:
-                trace["last tensor in and verified"] = time.perf_counter() - start
+    def traced(self, arrived=None, verified=False, error=None):
+        publish(self, arrived, verified, error)
+        if verified and trace is not None:
+            trace["last tensor in and verified"] = time.perf_counter() - start
 
-        real._publish = traced
+    readahead.Arrival._publish = traced
     try:
         report = compare_runs(ref, cand, CompareOptions(verify=verify))
     finally:
-        if trace is not None and real is not None:
-            real._publish = publish
+        readahead.Arrival._publish = publish
     seconds = time.perf_counter() - start
     assert report.rows, "nothing compared"
     return seconds

@@ -188,7 +188,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         _pour(file, begin, end, arrival, hasher)
         if arrival.cancelled:
             raise UserError(f"reading {name} from {file} was cancelled")
-        if verify and not _claims_hold(arrival.tensor, claims, hasher):
+        if verify and not tensorfile.digests_hold(arrival.tensor, claims, {"blake3": hasher.hexdigest()}):
             raise tensorfile.digest_failure(name, file)
         arrival._publish(verified=True)
     except BaseException as err:  # noqa: BLE001 - the caller gets it from the Arrival
@@ -274,16 +274,6 @@ def _take_pieces(arrival: Arrival, hasher, buffers: list, free: queue.Queue, ful
     if stream is not None:
         stream.synchronize()
         arrival._publish(arrived=total)
-
-
-def _claims_hold(tensor: torch.Tensor, claims: tuple, hasher) -> bool:
-    """Every claimed digest holds: blake3 from the hash taken while reading, any other
-    algorithm (a run of an earlier format version) computed now."""
-    blake = {digest for algorithm, digest in claims if algorithm == "blake3"}
-    if blake and (len(blake) > 1 or hasher is None or hasher.hexdigest() not in blake):
-        return False
-    others = [(algorithm, digest) for algorithm, digest in claims if algorithm != "blake3"]
-    return not others or tensorfile.digests_hold(tensor, others)
 
 
 def to_device(tensor: torch.Tensor, arrival: Arrival | None, device: torch.device) -> torch.Tensor:

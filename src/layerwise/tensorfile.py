@@ -328,12 +328,18 @@ def digest_failure(name: str, file) -> UserError:
     return UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
 
 
-def digests_hold(tensor: torch.Tensor, claims: Iterable[tuple[str, str]]) -> bool:
+def digests_hold(tensor: torch.Tensor, claims: Iterable[tuple[str, str]], known: dict[str, str] | None = None) -> bool:
     """Whether every (algorithm, hex digest) claimed for a tensor holds for its bytes, each
-    algorithm computed once; two different digests claimed under one algorithm never hold."""
+    algorithm computed once; two different digests claimed under one algorithm never hold.
+    `known`: {algorithm: hex digest} already taken of these bytes (hashed as they were read),
+    not computed again."""
     wanted: dict[str, str] = {}
     for algorithm, hexdigest in claims:
         if wanted.setdefault(algorithm, hexdigest) != hexdigest:
             return False
-    view = raw_bytes(tensor)
-    return all(digest(view, algorithm) == hexdigest for algorithm, hexdigest in wanted.items())
+    found = dict(known or {})
+    missing = [algorithm for algorithm in wanted if algorithm not in found]
+    if missing:
+        view = raw_bytes(tensor)
+        found.update((algorithm, digest(view, algorithm)) for algorithm in missing)
+    return all(found[algorithm] == hexdigest for algorithm, hexdigest in wanted.items())
