@@ -20,7 +20,8 @@ def bench(monkeypatch, name):
 def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
-               "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed"}
+               "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
+               "read_paths"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -180,3 +181,13 @@ def test_digest_speed_dry_run(tmp_path, monkeypatch, capsys):
     assert {"nonfinite (bf16)", "sha256", "page-cache write (new files)"} <= set(rows), rows
     assert all(r["1_threads_gbps"] > 0 and r["2_threads_gbps"] > 0 for r in rows.values())
     assert data["cpu"]["logical_cpus"] >= 1 and "| sha256 |" in out
+
+def test_read_paths_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "read_paths").main(["--tiny", "--threads", "1,2", "--repeat", "1", "--procs", "2",
+                                                  "--dir", str(tmp_path / "files"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "read_paths.json").read_text())
+    got = {(r["mode"], r["threads"], r["procs"]) for r in data["rows"]}
+    assert got == {(m, t, p) for m in ("pread", "copy") for t in (1, 2) for p in (1, 2)}, got
+    assert all(g > 0 for r in data["rows"] for g in r["gbps"]) and "| copy | 2 | 2 |" in out
