@@ -13,7 +13,7 @@ from safetensors import safe_open
 from layerwise import runs, tensorfile
 from layerwise.errors import UserError
 
-from helpers import write_run
+from helpers import assert_one_line_error, run_cli, write_run
 from synthetic_runs import as_version_1, corrupt_tensor
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "float32"},
@@ -287,3 +287,20 @@ def test_writer_threads_share_the_cores_with_the_other_ranks_on_the_machine(monk
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert runs.writer_threads() == 2
+
+
+def test_read_threads_default_and_override(monkeypatch, capsys):
+    """Half the cores a process may use, 4 to 8; LAYERWISE_READ_THREADS overrides it, and a bad
+    value is one line and exit 2 from the command line."""
+    from layerwise import _boot
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert _boot.read_threads({}) == 8
+    assert _boot.read_threads({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert _boot.read_threads({"LOCAL_WORLD_SIZE": "2", "LAYERWISE_READ_THREADS": "16"}) == 16
+    for bad in ("0", "-3", "many", "257"):
+        with pytest.raises(ValueError, match="LAYERWISE_READ_THREADS"):
+            _boot.read_threads({"LAYERWISE_READ_THREADS": bad})
+    monkeypatch.setenv("LAYERWISE_READ_THREADS", "lots")
+    code, _, err = run_cli(capsys, "plan", "builtin:minimax-m2-tiny", "--gpus", "1x80GB")
+    assert_one_line_error(code, err, "LAYERWISE_READ_THREADS='lots' is not a thread count")

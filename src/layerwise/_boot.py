@@ -8,7 +8,8 @@ every command and every torchrun rank. When that is the case and no PYTHONPYCACH
 for a program that imports layerwise) points Python's bytecode cache at layerwise's own cache
 directory, never beside the sources: the first command compiles and writes, the next ones load.
 LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported
-(so do `pyc_valid`, `host_memory_available` and `cores_per_process`, which other modules share).
+(so do `pyc_valid`, `host_memory_available`, `cores_per_process` and `read_threads`, which other
+modules share).
 """
 
 from __future__ import annotations
@@ -90,6 +91,23 @@ def cores_per_process(environ=None) -> int:
     except ValueError:
         local = 1
     return max(1, cores // local)
+
+
+READ_THREADS_ENV = "LAYERWISE_READ_THREADS"
+
+
+def read_threads(environ=None) -> int:
+    """Threads that read the parts of one large read side by side (tensorfile.read_tensors):
+    LAYERWISE_READ_THREADS where set, else half the cores this process may use, 4 to 8. A value
+    that is not a whole number from 1 to 256 is a ValueError naming the fix."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(READ_THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or not 1 <= int(value) <= 256:
+            raise ValueError(f"{READ_THREADS_ENV}={value!r} is not a thread count: set it to a whole number "
+                             "from 1 to 256, or unset it")
+        return int(value)
+    return max(4, min(8, cores_per_process(environ) // 2))
 
 
 def _has_bytecode(name: str) -> bool:

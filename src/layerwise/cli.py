@@ -21,7 +21,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import arguments, distributed, loading, machine, models, plot, readiness, recording, report
+from . import _boot, arguments, distributed, loading, machine, models, plot, readiness, recording, report
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
@@ -221,9 +221,11 @@ def cmd_test(args) -> int:
     compare = arguments.compare_options(args)
     _check_outputs(args)
     result = run_layer_test(args.model, options, prompts)
-    if not distributed.session().is_main:
-        return EXIT_OK  # under torchrun rank 0 compares and reports
-    tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None)
+    ranks = distributed.session()  # under torchrun every rank compares its share; rank 0 reports
+    tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None,
+                                ranks=ranks if ranks.world > 1 else None)
+    if tested is None:
+        return EXIT_OK
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
@@ -257,6 +259,10 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        _boot.read_threads()
+    except ValueError as err:
+        return _print_error(str(err), EXIT_USAGE)
     try:
         env = distributed.detect()
     except UserError as err:

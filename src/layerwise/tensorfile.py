@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import filebits
-from ._boot import cores_per_process
+from ._boot import READ_THREADS_ENV, read_threads
 from .errors import UserError
 from .rawbytes import raw_bytes
 
@@ -49,8 +49,11 @@ _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per
 _staging = threading.local()
 # threads reading the parts of one large read side by side: a thread copies from the page cache at
 # about 4 GB/s (58.7 GB onto one H200: 13.45 GB/s with 4, 19.49 GB/s with 8); half the cores this
-# process may use (torchrun's ranks on a machine share them), 4 to 8
-READ_THREADS = max(4, min(8, cores_per_process() // 2))
+# process may use (torchrun's ranks on a machine share them), 4 to 8, or LAYERWISE_READ_THREADS
+try:
+    READ_THREADS = read_threads()
+except ValueError:  # the command line says so and exits 2 (cli.main); a library caller gets the default
+    READ_THREADS = read_threads({k: v for k, v in os.environ.items() if k != READ_THREADS_ENV})
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}  # the shared "read" and "hash" pools, by size
 _POOLS_LOCK = threading.Lock()
 
