@@ -238,3 +238,44 @@ def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, prefetc
     compare_runs(ref, cand, CompareOptions(prefetch=prefetch))
     assert 2 <= peak[0] <= limit * 2 * 3, f"peak {peak[0]} tensors alive"
     assert alive[0] == 0
+
+
+class _Ranks:
+    """torchrun's ranks, played in one process: rank `rank` of `world`; rank 0's gather returns
+    what every rank handed in (the others run first)."""
+
+    def __init__(self, rank: int, world: int, handed: dict):
+        self.rank, self.world, self.handed = rank, world, handed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj):
+        self.handed[self.rank] = obj
+        return [self.handed[r] for r in range(self.world)] if self.is_main else None
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_share_the_prompts_and_rank_0_reports_as_one_process(ref, tmp_path, world):
+    """Each rank measures a block of the prompts (with 3 ranks and 2 prompts, rank 0 none); rank 0's
+    report equals one process's, the tokens a tie flip diverts excused as before."""
+    from layerwise.report import report_json
+
+    options = CompareOptions(tolerances=build_tolerances(max_rel_l2=5e-2))
+    cand = toy_run(tmp_path / "tie", fault=("tie", 1))
+    one = compare_runs(ref, cand, options)
+    handed: dict = {}
+    for rank in reversed(range(world)):
+        got = compare_runs(ref, cand, options, ranks=_Ranks(rank, world, handed))
+        assert (got is None) == (rank != 0)
+    measured = [sorted({res.prompt for results in handed[rank][0].values() for res in results}) for rank in range(world)]
+    assert measured == ([[0], [1]] if world == 2 else [[], [0], [1]]), measured
+
+    def same(report):
+        data = report_json(report)
+        del data["stats"]["seconds"], data["stats"]["gb_per_s"]
+        return data
+
+    assert same(got) == same(one) and got.verdict == "pass" and got.bytes_read == one.bytes_read
+    assert next(r for r in got.rows if r.name == "model.layers.1.mlp:output").excused >= 1

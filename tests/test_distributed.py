@@ -160,6 +160,17 @@ def _isolation(path: Path) -> list:
     return json.loads(path.read_text())["isolation"]
 
 
+def _reports(path: Path) -> dict:
+    """A layer test's --json without what differs by where and how fast it ran: the runs' paths,
+    the seconds, and the bytes read (the same bytes, counted per rank)."""
+    data = json.loads(path.read_text())
+    for report in data["reports"].values():
+        assert report["stats"]["bytes_read"] > 0 and report["rows"]
+        del report["stats"], report["reference"], report["candidate"]
+    del data["reference"], data["runs"]
+    return data
+
+
 def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     """4 layers dealt over 3 ranks (0 and 3 to rank 0, 1 to rank 1, 2 to rank 2): the chain
     crosses a rank boundary at every layer and comes back to rank 0. bf16 candidates, so the
@@ -173,6 +184,10 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
         assert sha256s(tmp_path / "dp" / kind) == sha256s(work / "test1" / kind), kind
     assert _isolation(tmp_path / "dp.json") == _isolation(work / "test1.json")
     assert any(row["isolated_rel_l2"] for row in _isolation(work / "test1.json"))
+    # every rank compared its share of the prompts; rank 0's report is one process's, row for row
+    assert _reports(tmp_path / "dp.json") == _reports(work / "test1.json")
+    one = json.loads((work / "test1.json").read_text())["reports"]["isolated"]["stats"]["bytes_read"]
+    assert json.loads((tmp_path / "dp.json").read_text())["reports"]["isolated"]["stats"]["bytes_read"] == one
     ranks = json.loads((tmp_path / "dp" / "isolated" / "manifest.json").read_text())["stats"]["ranks"]
     assert all(r["build_seconds"] > 0 and r["compute_seconds"] > 0 and "read_wait_seconds" in r for r in ranks), ranks
     assert all("chain_wait_seconds" in r for r in ranks[1:]), ranks  # ranks 1 and 2 receive the chain
@@ -214,6 +229,7 @@ def test_one_read_test_shares_the_batches_over_the_ranks(work, tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["files"] > 0 for r in ranks)  # both computed batches
     assert done.stdout.count("recorded in the same read of the checkpoint") == 1
     assert _isolation(tmp_path / "t.json") == _isolation(one / "t.json")
+    assert _reports(tmp_path / "t.json") == _reports(one / "t.json")
 
 
 def test_two_nodes_on_localhost(work, tmp_path):

@@ -29,7 +29,7 @@ from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorM
                       tensor_metrics)
 from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
                     Layout, format_ranges, layer_of, split_name, tensor_name)
-from .routing import AT_TIE, MOVED, RoutingMetrics, pool_routing, routing_flips
+from .routing import AT_TIE, MOVED, RoutingMetrics, dense_weights, num_experts, pool_routing, routing_flips
 from .readahead import read_units, to_device
 from .runs import Run, open_run
 from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class, judge
@@ -142,10 +142,15 @@ def compare_paths(reference: str, candidate: str, options: CompareOptions = Comp
 
 # ----------------------------------------------------------------------------------- streaming
 
-def _units(plan: Alignment):
+def _block(prompts: tuple[int, ...], rank: int, world: int) -> tuple[int, ...]:
+    """Rank `rank`'s contiguous share of `prompts` (of `world` shares, sizes differing by one at most)."""
+    return prompts[rank * len(prompts) // world:(rank + 1) * len(prompts) // world]
+
+
+def _units(plan: Alignment, prompts: tuple[int, ...]):
     """(prompt, names) in reading order: one tensor at a time, except that a router's logits,
     expert ids and weights travel together (routing needs all three)."""
-    for p in plan.prompts:
+    for p in prompts:
         unit: list[str] = []
         for name in (n for n in plan.names if n in plan.pairs[p]):
             module, role = split_name(name)
@@ -217,9 +222,9 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrival
             continue
         if split_name(name)[1] == TOPK_WEIGHTS and ids["ref"] is not None and ids["cand"] is not None:
             # Weights sit in the order of their ids, which need not agree: compare per expert.
-            experts = _num_experts(ids, logits)
-            a, b = _dense(a, ids["ref"], experts), _dense(b, ids["cand"], experts)
-            base = _dense(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
+            experts = num_experts(ids.values(), logits.values())
+            a, b = dense_weights(a, ids["ref"], experts), dense_weights(b, ids["cand"], experts)
+            base = dense_weights(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
         arriving = [arrivals.get((side, name)) for side in ("ref", "cand", "base")]
         result = _measure(ctx, p, kind, tol, a, b, base, arriving)
         diverted = sorted(ctx.diverted.get(p, ()))
@@ -259,24 +264,16 @@ def _check_expert_ids(name: str, prompt: int, ids: dict, logits: dict) -> None:
                             "the run is corrupt (compare without --no-verify to check every file)")
 
 
-def _num_experts(ids: dict, logits: dict) -> int:
-    widths = [x.shape[-1] for x in logits.values() if x is not None]
-    widths += [int(x.max()) + 1 for x in ids.values() if x is not None and x.numel()]
-    return max(widths, default=1)
-
-
-def _dense(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """[tokens, k] weights of [tokens, k] expert ids -> [tokens, experts] (zero where unchosen)."""
-    out = torch.zeros((ids.shape[0], experts), dtype=torch.float64)
-    return out.scatter_(1, ids.long().reshape(ids.shape[0], -1), weights.double().reshape(ids.shape[0], -1))
-
-
 # ---------------------------------------------------------------------------------- reporting
 
 def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions(), baseline: Run | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Report:
+                 progress: Callable[[int, int], None] | None = None, ranks=None) -> Report | None:
     """Compare `cand` against `ref` (and `baseline` against `ref` for the noise floor).
-    Raises UserError when the runs cannot be compared; `progress(bytes_done, bytes_total)`."""
+    Raises UserError when the runs cannot be compared; `progress(bytes_done, bytes_total)`.
+    `ranks` (torchrun's ranks, a distributed.Session): each measures its block of the prompts, and
+    rank 0 returns the Report from every rank's measurements (None elsewhere), the same Report
+    as one process's: a prompt's tensors are measured in order on one rank (routing flips
+    excuse later tensors of the same prompt), and the blocks come back in prompt order."""
     started = time.perf_counter()
     plan = align_runs(ref, cand, baseline, options.prompts)
     layout = Layout.of(ref.manifest.get("anatomy"))
@@ -288,7 +285,8 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     threads = options.threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
         ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
-        for p, unit, tensors, arrivals in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan),
+        mine = _block(plan.prompts, ranks.rank, ranks.world) if ranks is not None else plan.prompts
+        for p, unit, tensors, arrivals in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan, mine),
                                                      options.verify, options.prefetch, device=ctx.device,
                                                      streamable=lambda name: split_name(name)[1] not in ROUTER_ROLES):
             for name, result in _measure_unit(ctx, p, unit, tensors, arrivals).items():
@@ -296,6 +294,12 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
             done += sum(x.numel() * x.element_size() for x in tensors.values())
             if progress is not None:
                 progress(done, plan.total_bytes)
+    if ranks is not None and ranks.world > 1:
+        gathered = ranks.gather((results, done))
+        if gathered is None:
+            return None
+        results = {name: [r for part, _ in gathered for r in part[name]] for name in plan.names}
+        done = sum(n for _, n in gathered)
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
     rows = _with_growth(rows, layout.layers_path, layout.embed)
     first = next((r for r in rows if not r.passed), None)
@@ -322,8 +326,8 @@ def metrics_device(device: str | None) -> torch.device:
 
 def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:
     module, role = split_name(name)
-    kind, tol = ctx.tolerances[name]
     p0 = results[0].prompt
+    kind, tol = ctx.judge_for(name, p0)  # measured on another rank, this one may not have judged it yet
     limit = next((c.limit for c in tol.checks if c.metric == "rel_l2"), None)
     base = dict(name=name, module=module, role=role, kind=kind, tolerance=str(tol), rel_l2_limit=limit,
                 layer=layer_of(module, ctx.layout.layers_path),

@@ -221,14 +221,18 @@ class LayerTestReport:
 
 
 def compare_layer_test(result: TestResult, options: CompareOptions = CompareOptions(),
-                       progress=None) -> LayerTestReport:
-    """Compare each candidate run of `result` with its reference."""
+                       progress=None, ranks=None) -> LayerTestReport | None:
+    """Compare each candidate run of `result` with its reference. `ranks` (torchrun's, a
+    distributed.Session): every rank measures its share of the prompts, and rank 0 returns the
+    report (None elsewhere; compare_runs)."""
     decides = _DECIDES.get(result.test_type)
     if decides is None or result.reference is None:
-        return LayerTestReport(result, {}, None)
+        return LayerTestReport(result, {}, None) if ranks is None or ranks.is_main else None
     reference = open_run(result.reference)
-    reports = {kind: compare_runs(reference, open_run(path), options, progress=progress)
+    reports = {kind: compare_runs(reference, open_run(path), options, progress=progress, ranks=ranks)
                for kind, path in result.candidates.items()}
+    if ranks is not None and not ranks.is_main:
+        return None
     table = ()
     if "isolated" in reports and "chained" in reports:
         layers_path = Layout.of(reference.manifest.get("anatomy")).layers_path

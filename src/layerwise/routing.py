@@ -190,3 +190,17 @@ def pool_routing(ms: list[RoutingMetrics]) -> RoutingMetrics:
     return RoutingMetrics(tokens, ms[0].k, same, jaccard, total("flips"), total("selection_not_topk"),
                           total("near_ties"), total("flips_at_ties"), total("flips_moved"),
                           total("flips_inconsistent"), ms[0].tie_threshold)
+
+
+def num_experts(ids, logits) -> int:
+    """The experts of a router, from its [tokens, experts] logits (any side) or else the largest
+    expert id (`ids`, `logits`: tensors or None, one per run)."""
+    widths = [x.shape[-1] for x in logits if x is not None]
+    widths += [int(x.max()) + 1 for x in ids if x is not None and x.numel()]
+    return max(widths, default=1)
+
+
+def dense_weights(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """[tokens, k] weights of [tokens, k] expert ids -> [tokens, experts] (zero where unchosen)."""
+    out = torch.zeros((ids.shape[0], experts), dtype=torch.float64)
+    return out.scatter_(1, ids.long().reshape(ids.shape[0], -1), weights.double().reshape(ids.shape[0], -1))
