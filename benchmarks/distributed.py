@@ -11,7 +11,9 @@ token ids. Everything then runs through the real command line: `layerwise ...` f
            speed-up (goal >= 0.95 N), and whether the runs are bit-identical (every tensor's sha256)
   test     `test --test-type single --layer all` against the one-process run: one process vs N
            ranks (each its chunk of layers, the chain pipelined): the seconds of the replay
-           (manifest stats, the slowest rank), the speed-up, both runs bit-identical
+           (manifest stats, the slowest rank), the speed-up, both runs bit-identical; and each
+           command's process wall time: before the replay (start-up), after it (the compare of the
+           runs with the reference, the report, the exit) and the compare's own seconds
   read     every layer's weights from the page cache onto GPU 0 with 1, 4 and 8 reading
            threads (what the layer test reads): GB/s
   write    the one-process extract's bytes written to the page cache by 1 process, then by N side
@@ -21,6 +23,8 @@ token ids. Everything then runs through the real command line: `layerwise ...` f
            run: per layer the attention output's rel_l2, the MoE output's rel_l2 and the routing
            flips (`layerwise compare --json`)
 
+--read-threads 8,16 runs the test part once per value, with LAYERWISE_READ_THREADS set to it on
+every process (parts "test@8", "test@16"), taking turns in each round.
 --repeat N measures extract and test N times, each round against a one-process run made just
 before it, and shows the spread of the speed-up. Prints one table; JSON to --out/distributed.json, rewritten after every part (a session cut short
 keeps what it measured). A part that fails is recorded with its error and the others still run.
@@ -140,9 +144,19 @@ class Bench:
                 "one_wall_s": one["wall_s"], "ranks_wall_s": wall, "one_stats": one["stats"], "per_rank": ranks,
                 **same}
 
-    def part_test(self, one: dict) -> dict:
+    def part_test(self, one: dict, threads: str = "") -> dict:
         out = {}
+        saved = self.env
+        if threads:
+            self.env = {**self.env, "LAYERWISE_READ_THREADS": threads}
+        try:
+            return self._test(out)
+        finally:
+            self.env = saved
+
+    def _test(self, out: dict) -> dict:
         for n, name in ((1, "test1"), (self.ranks, "testN")):
+            started = time.time()
             wall = self.layerwise(n, "test", self.ckpt, "--reference", self.work / "one", "--test-type", "single",
                                   "--layer", "all", "--out", self.work / name, "--overwrite",
                                   "--json", self.work / f"{name}.json", "--dist-timeout", self.args.dist_timeout,
@@ -151,14 +165,21 @@ class Bench:
             stats = isolated["stats"]
             seconds = max(r["seconds"] for r in stats["ranks"]) if "ranks" in stats else stats["seconds"]
             kept = ("rank", "seconds", "timeline", "timeline_origin_unix")  # and every phase's *_seconds
+            reports = json.loads((self.work / f"{name}.json").read_text())["reports"].values()
+            origins = [r["timeline_origin_unix"] for r in stats.get("ranks", [stats])]
             out[name] = {"seconds": seconds, "wall_s": wall, "load_s": stats.get("load_seconds"),
+                         "before_s": min(origins) - started,  # start-up: imports, CUDA, opening the runs
+                         "compare_s": sum(r["stats"]["seconds"] for r in reports),  # after the replay
+                         "after_s": started + wall - max(origins) - seconds,  # the compare, the report, the exit
                          "determinism": isolated.get("determinism"),
                          "phases": [{k: v for k, v in r.items() if k in kept or k.endswith("_seconds")}
                                     for r in stats.get("ranks", [stats])]}
         same = {kind: equal_runs(self.work / "test1" / kind, self.work / "testN" / kind) for kind in ("isolated", "chained")}
+        reports = [same_report(self.work / f"{name}.json") for name in ("test1", "testN")]
         self.drop(self.work / "test1", self.work / "testN")
         return {"one_s": out["test1"]["seconds"], "ranks_s": out["testN"]["seconds"],
                 "speedup": out["test1"]["seconds"] / out["testN"]["seconds"], "runs": out, "equal": same,
+                "reports_equal": reports[0] == reports[1],
                 "bit_identical": all(s["bit_identical"] for s in same.values())}
 
     def part_read(self, one: dict) -> dict:
@@ -241,6 +262,15 @@ def write_worker(spec: str) -> None:
     print(json.dumps({"start": t0, "end": time.time(), "bytes": files * int(size)}), flush=True)
 
 
+def expand(parts: str, read_threads: str) -> list[str]:
+    """The parts in order, "test" once per --read-threads value ("test@8")."""
+    out = []
+    for part in filter(None, parts.split(",")):
+        values = [t.strip() for t in read_threads.split(",") if t.strip()] if part == "test" else []
+        out += [f"test@{t}" for t in values] if values else [part]
+    return out
+
+
 def summary(rounds: list[dict]) -> dict:
     """A part over its rounds: the round of median speed-up, with every round and the spread
     (min / median / max) of the speed-up; the first error if any round failed."""
@@ -251,6 +281,8 @@ def summary(rounds: list[dict]) -> dict:
         return rounds[0]
     ups = sorted(r["speedup"] for r in rounds)
     median = sorted(rounds, key=lambda r: r["speedup"])[(len(rounds) - 1) // 2]
+    if "reports_equal" in median:
+        median = {**median, "reports_equal": all(r["reports_equal"] for r in rounds)}
     return {**median, "rounds": rounds, "bit_identical": all(r["bit_identical"] for r in rounds),
             "speedup_spread": {"min": ups[0], "median": median["speedup"], "max": ups[-1]}}
 
@@ -266,6 +298,17 @@ def equal_runs(a: Path, b: Path) -> dict:
     differ = sorted(k for k in x if y.get(k) != x[k])
     return {"tensors": len(x), "bit_identical": x == y, "differ": len(differ) + len(set(y) - set(x)),
             "first_differing": list(differ[0]) if differ else None}
+
+
+def same_report(path: Path) -> dict:
+    """A layer test's --json without the runs' paths and the compare's timings."""
+    data = json.loads(path.read_text())
+    for report in data["reports"].values():
+        for key in ("stats", "reference", "candidate"):
+            report.pop(key, None)
+    for key in ("reference", "runs"):
+        data.pop(key, None)
+    return data
 
 
 def tp_rows(report: dict) -> list[dict]:
@@ -290,22 +333,33 @@ def table(results: dict) -> str:
             f"{s['prompts']} prompts x {s['tokens']} tokens, batch {s['batch_size']}, {s['ranks']} ranks; {s['card']}")
     lines = [head, "", f"{'':28} {'1 rank':>9} {str(s['ranks']) + ' ranks':>9} {'speed-up':>9} {'goal':>6}  equal"]
     goal = GOAL * s["ranks"]
-    for name, label in (("extract", "extract (record s)"), ("test", "test --layer all (replay s)")):
+    named = [("extract", "extract (record s)")] + [
+        (name, "test --layer all (replay s)" + (f", {name.partition('@')[2]} read threads" if "@" in name else ""))
+        for name in results["parts"] if name.partition("@")[0] == "test"]
+    width = max(28, *(len(label) for _, label in named))
+    lines[-1] = f"{'':{width}}" + lines[-1][28:]
+    for name, label in named:
         p = results["parts"].get(name)
         if p is None:
             continue
         if "error" in p:
-            lines.append(f"{label:28} FAILED: {p['error'].splitlines()[0]}")
+            lines.append(f"{label:{width}} FAILED: {p['error'].splitlines()[0]}")
             continue
-        equal = "bit-identical" if p["bit_identical"] else "DIFFER"
-        lines.append(f"{label:28} {p['one_s']:9.2f} {p['ranks_s']:9.2f} {p['speedup']:8.2f}x {goal:5.2f}x  {equal}"
+        equal = ("bit-identical" if p["bit_identical"] else "DIFFER") + \
+            {True: ", same report", False: ", REPORTS DIFFER", None: ""}[p.get("reports_equal")]
+        lines.append(f"{label:{width}} {p['one_s']:9.2f} {p['ranks_s']:9.2f} {p['speedup']:8.2f}x {goal:5.2f}x  {equal}"
                      + ("" if p["speedup"] >= goal else "  (below goal)"))
         if len(p.get("rounds", [])) > 1:
             each = " / ".join(f"{r['one_s']:.2f} vs {r['ranks_s']:.2f} s" for r in p["rounds"])
             spread = p["speedup_spread"]
             lines.append(f"{'':28} {len(p['rounds'])} rounds: {each}; speed-up min / median / max "
                          f"{spread['min']:.2f}x / {spread['median']:.2f}x / {spread['max']:.2f}x")
-        if name == "test":
+        if name.startswith("test"):
+            one, many = p["runs"]["test1"], p["runs"]["testN"]
+            lines.append(f"{'':28} process wall {one['wall_s']:.2f} vs {many['wall_s']:.2f} s "
+                         f"({one['wall_s'] / many['wall_s']:.2f}x): before the replay {one['before_s']:.2f} / "
+                         f"{many['before_s']:.2f} s, after it {one['after_s']:.2f} / {many['after_s']:.2f} s, "
+                         f"of which comparing {one['compare_s']:.2f} / {many['compare_s']:.2f} s")
             lines += phase_lines(p)
     write = results["parts"].get("write")
     if write is not None and "error" not in write:
@@ -367,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the runs (else deleted once measured)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of extract and test, each with its own "
                     "one-process run (the table shows the spread)")
+    ap.add_argument("--read-threads", default="", help="comma list: the test part once per value of "
+                    "LAYERWISE_READ_THREADS (default: the processes' own)")
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -395,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             except Failure as err:
                 print(err, flush=True)
                 break
-        for part in filter(None, args.parts.split(",")):
-            if number and part not in REPEATED:
+        for part in expand(args.parts, args.read_threads):
+            base, _, threads = part.partition("@")
+            if number and base not in REPEATED:
                 continue
             try:
-                rounds.setdefault(part, []).append(getattr(bench, f"part_{part}")(one))
+                got = getattr(bench, f"part_{base}")(one, threads) if threads else getattr(bench, f"part_{base}")(one)
+                rounds.setdefault(part, []).append(got)
             except (Failure, OSError, KeyError, ValueError) as err:
                 print(f"{part}: {err}", flush=True)
                 rounds.setdefault(part, []).append({"error": f"{type(err).__name__}: {err}"})

@@ -122,6 +122,10 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     assert data["parts"]["write"]["gbps_1"] > 0 and data["parts"]["write"]["gbps_2"] > 0, data["parts"]["write"]
     assert "2 side by side" in out and not list((tmp_path / "work").glob("write*"))
     assert re.search(r"testN rank 1: .*build \d.*chain_wait \d.*; first chain out at \d", out), out
+    assert re.search(r"process wall [\d.]+ vs [\d.]+ s .*before the replay .*of which comparing [\d.]+ / [\d.]+ s", out), out
+    assert data["parts"]["test"]["reports_equal"] and "bit-identical, same report" in out
+    runs = data["parts"]["test"]["runs"]
+    assert all(0 < r["before_s"] < r["wall_s"] and 0 < r["compare_s"] < r["after_s"] for r in runs.values()), runs
     assert "2 rounds:" in out and "tp" not in [k for k in data["parts"] if len(data["parts"][k].get("rounds", [])) > 1]
     assert data["parts"]["extract"]["bit_identical"] and data["parts"]["test"]["bit_identical"], data["parts"]
     assert data["parts"]["extract"]["speedup"] > 0 and data["parts"]["test"]["runs"]["testN"]["seconds"] > 0
@@ -130,6 +134,21 @@ def test_distributed_dry_run(tmp_path, monkeypatch, capsys):
     assert all(r["attn_rel_l2"] is not None and r["moe_rel_l2"] is not None and "flips" in r for r in rows)
     assert "TP=2 candidate vs the one-process (device_map) reference" in out
     assert not (tmp_path / "work" / "dp").exists()  # runs deleted once measured
+
+
+def test_distributed_test_part_per_read_thread_count(monkeypatch):
+    """--read-threads 8,16: the test part once per value, each with LAYERWISE_READ_THREADS set on
+    its processes only."""
+    dist = bench(monkeypatch, "distributed")
+    assert dist.expand("extract,test", "8, 16") == ["extract", "test@8", "test@16"]
+    assert dist.expand("test,tp", "") == ["test", "tp"]
+    seen = []
+    monkeypatch.setattr(dist.Bench, "_test", lambda self, out: seen.append(dict(self.env)) or {})
+    b = dist.Bench.__new__(dist.Bench)
+    b.env = {"A": "1"}
+    b.part_test({}, "16")
+    b.part_test({})
+    assert seen == [{"A": "1", "LAYERWISE_READ_THREADS": "16"}, {"A": "1"}] and b.env == {"A": "1"}
 
 
 @pytest.mark.slow
@@ -181,6 +200,7 @@ def test_digest_speed_dry_run(tmp_path, monkeypatch, capsys):
     assert {"nonfinite (bf16)", "sha256", "page-cache write (new files)"} <= set(rows), rows
     assert all(r["1_threads_gbps"] > 0 and r["2_threads_gbps"] > 0 for r in rows.values())
     assert data["cpu"]["logical_cpus"] >= 1 and "| sha256 |" in out
+
 
 def test_read_paths_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "read_paths").main(["--tiny", "--threads", "1,2", "--repeat", "1", "--procs", "2",
