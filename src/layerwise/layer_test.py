@@ -13,7 +13,8 @@ checkpoint as the test (joint.py), instead of replaying a reference made before.
 
 Under torchrun the ranks share the work: single and multi split the layers (pipeline.py: each
 rank loads only its own, the chain pipelined from rank to rank), full and extract-all the
-batches (extract.py); rank 0 alone compares and reports (cli.py).
+batches (extract.py); every rank compares its block of the prompts, and rank 0 reports
+(compare.compare_runs gathers the measurements; cli.py).
 
 `run_layer_test` makes the candidate runs; `compare_layer_test` compares each with the
 reference (compare.py) and, for `single --layer all`, lines up each layer's isolated error with
