@@ -12,6 +12,10 @@ one table and updates this machine's row in the "compare throughput" section of 
 with the load average at the start (other work slows every CPU-bound figure).
 
     python benchmarks/compare_throughput.py --gb 2          # two runs of ~2 GB each
+
+--stream-mb 64,16 also times compare warm with readahead.STREAM_BYTES at each size (tensors that
+large or larger streamed to the metrics' GPU through pinned buffers, the others read whole and
+copied), taking turns for --stream-rounds rounds: which tensors are worth streaming.
 """
 
 from __future__ import annotations
@@ -124,6 +128,19 @@ def timed_compare(paths, verify: bool, trace: dict | None = None) -> float:
     return seconds
 
 
+def stream_sizes(paths, sizes_mib: list[int], rounds: int) -> dict[int, list[float]]:
+    """compare warm's seconds with readahead.STREAM_BYTES at each size, taking turns."""
+    saved, out = readahead.STREAM_BYTES, {mib: [] for mib in sizes_mib}
+    try:
+        for _ in range(rounds if sizes_mib else 0):
+            for mib in sizes_mib:
+                readahead.STREAM_BYTES = mib << 20
+                out[mib].append(timed_compare(paths, verify=True))
+    finally:
+        readahead.STREAM_BYTES = saved
+    return out
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="width of the lm_head logits in each run, 0 for none (default: MiniMax-M2's %(default)s)")
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    parser.add_argument("--stream-mb", default="", help="comma list of MiB: compare warm with STREAM_BYTES at each")
+    parser.add_argument("--stream-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="layerwise-bench-"))
     load = os.getloadavg()[0]  # other work on the machine slows every CPU-bound figure
@@ -202,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         results["compare cold"] = timed_compare(paths, verify=True, trace=trace)
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
         results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))
+        by_size = stream_sizes(paths, [int(v) for v in args.stream_mb.split(",") if v.strip()], args.stream_rounds)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
@@ -215,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw read cold, the two runs side by side: {size / side_by_side / 1e9:.2f} GB/s ({side_by_side:.2f} s)")
     for what, at in trace.items():
         print(f"compare cold: {what} at {at:.2f} s of {results['compare cold']:.2f} s")
+    for mib, seconds in by_size.items():
+        print(f"compare warm, tensors of {mib} MiB or more streamed: "
+              + " / ".join(f"{size / x / 1e9:.2f}" for x in seconds) + " GB/s")
     key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")

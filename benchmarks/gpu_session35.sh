@@ -12,6 +12,9 @@
 #     benchmarks/distributed.py and synthetic.py beside it; carry it) and this checkout's, e.g.
 #       mkdir .base && git archive 62bd395 src benchmarks | tar -x -C .base
 #       cp benchmarks/distributed.py benchmarks/synthetic.py .base/benchmarks/
+#   part "cmp_stream": benchmarks/compare_throughput.py on 4 GB runs of 25 MB tensors (4096 tokens, no
+#     logits to speak of: a layer test's runs), compare warm with tensors of 64, 16 and 4 MiB or more
+#     streamed to the GPU, taking turns, 3 rounds.
 # Parts run one after another: `bash benchmarks/gpu_session35.sh read dist`. Logs packed into
 # $OUT/session35-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
 set -uo pipefail
@@ -36,6 +39,11 @@ dist)
     timeout ${BUDGET:-540} python3 benchmarks/distributed.py --parts test,extract --repeat ${REPEAT:-2} \
         --read-threads "${READS:-8,16}" --out "$W/dist" --command-timeout 200 --dist-timeout 200 > "$W/distributed.log" 2>&1
     echo "=== distributed (exit $?)"; filter < "$W/distributed.log" | tail -14 ;;
+cmp_stream)
+    cp BENCHMARKS.md "$W/cmp.md"
+    timeout ${BUDGET:-240} python3 benchmarks/compare_throughput.py --gb ${GB:-4} --tokens 4096 --vocab 8 \
+        --stream-mb 64,16,4 --stream-rounds 3 --dir /tmp/lw-cmp-stream --out "$W/cmp.md" > "$W/cmp.log" 2>&1
+    echo "=== compare by streaming size (exit $?)"; tail -14 "$W/cmp.log" ;;
 dist_ab)
     python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # both codes' bytecode cached first
     PYTHONPATH=${BASE:-.base}/src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check_base.log" 2>&1
