@@ -16,6 +16,8 @@ with the load average at the start (other work slows every CPU-bound figure).
 --stream-mb 64,16 also times compare warm with readahead.STREAM_BYTES at each size (tensors that
 large or larger streamed to the metrics' GPU through pinned buffers, the others read whole and
 copied), taking turns for --stream-rounds rounds: which tensors are worth streaming.
+--readers 1,8 also times readahead.read_units alone (compare's reading, nothing measured) warm,
+with and without verification, with each number of reading threads: what verifying costs.
 """
 
 from __future__ import annotations
@@ -141,6 +143,25 @@ def stream_sizes(paths, sizes_mib: list[int], rounds: int) -> dict[int, list[flo
     return out
 
 
+def reading_only(paths, verify: bool, workers: int) -> float:
+    """Seconds of compare's reading alone (read_units over the aligned units, every tensor's bytes
+    touched, nothing measured), warm: best of two."""
+    from layerwise.align import align_runs
+    from layerwise.compare import _units
+
+    ref, cand = open_run(paths[0]), open_run(paths[1])
+    plan = align_runs(ref, cand)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for _p, _unit, tensors, _ in readahead.read_units({"ref": ref, "cand": cand}, _units(plan, plan.prompts),
+                                                          verify, workers=workers):
+            for x in tensors.values():  # a tensor not verified is mapped, not read: touch its pages
+                x.view(-1)[::1024].sum()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--stream-mb", default="", help="comma list of MiB: compare warm with STREAM_BYTES at each")
     parser.add_argument("--stream-rounds", type=int, default=3)
+    parser.add_argument("--readers", default="", help="comma list: read_units alone warm with that many threads")
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="layerwise-bench-"))
     load = os.getloadavg()[0]  # other work on the machine slows every CPU-bound figure
@@ -222,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         results["compare warm"] = min(timed_compare(paths, verify=True) for _ in range(2))
         results["compare warm, no verify"] = min(timed_compare(paths, verify=False) for _ in range(2))
         by_size = stream_sizes(paths, [int(v) for v in args.stream_mb.split(",") if v.strip()], args.stream_rounds)
+        readers = {(w, verify): reading_only(paths, verify, w) for w in [int(v) for v in args.readers.split(",")
+                                                                          if v.strip()] for verify in (True, False)}
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
@@ -238,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     for mib, seconds in by_size.items():
         print(f"compare warm, tensors of {mib} MiB or more streamed: "
               + " / ".join(f"{size / x / 1e9:.2f}" for x in seconds) + " GB/s")
+    for (workers, verify), seconds in readers.items():
+        print(f"reading alone (read_units), {workers} thread(s), {'verified' if verify else 'not verified'}: "
+              f"{size / seconds / 1e9:.2f} GB/s")
     key = f"{machine()} | {size / 1e9:.1f} GB ({shape})"  # one row per machine and kind of run
     row = (f"| {key} | " + " | ".join(f"{rate[k]:.2f} GB/s" for k in rate)
            + f" | {ratio:.2f} | {load:.1f} | {_commit()} |")

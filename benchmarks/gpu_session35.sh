@@ -15,6 +15,8 @@
 #   part "cmp_stream": benchmarks/compare_throughput.py on 4 GB runs of 25 MB tensors (4096 tokens, no
 #     logits to speak of: a layer test's runs), compare warm with tensors of 64, 16 and 4 MiB or more
 #     streamed to the GPU, taking turns, 3 rounds.
+#   part "readers": the same kind of runs, 2 GB each: compare's reading alone (read_units), verified
+#     and not, 1, 8 and 16 threads, beside compare warm with and without verification.
 # Parts run one after another: `bash benchmarks/gpu_session35.sh read dist`. Logs packed into
 # $OUT/session35-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
 set -uo pipefail
@@ -44,6 +46,11 @@ cmp_stream)
     timeout ${BUDGET:-240} python3 benchmarks/compare_throughput.py --gb ${GB:-4} --tokens 4096 --vocab 8 \
         --stream-mb 64,16,4 --stream-rounds 3 --dir /tmp/lw-cmp-stream --out "$W/cmp.md" > "$W/cmp.log" 2>&1
     echo "=== compare by streaming size (exit $?)"; tail -14 "$W/cmp.log" ;;
+readers)
+    cp BENCHMARKS.md "$W/cmp.md"
+    timeout ${BUDGET:-90} python3 benchmarks/compare_throughput.py --gb ${GB:-2} --tokens 4096 --vocab 8 \
+        --readers 1,8,16 --dir /tmp/lw-cmp-readers --out "$W/cmp.md" > "$W/cmp.log" 2>&1
+    echo "=== compare's reading alone (exit $?)"; tail -16 "$W/cmp.log" ;;
 dist_ab)
     python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # both codes' bytecode cached first
     PYTHONPATH=${BASE:-.base}/src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check_base.log" 2>&1

@@ -92,10 +92,11 @@ def test_compare_throughput_dry_run(tmp_path, monkeypatch, capsys):
     md.write_text((BENCH.parent / "BENCHMARKS.md").read_text())
     code = bench(monkeypatch, "compare_throughput").main(
         ["--gb", "0.01", "--tokens", "64", "--vocab", "512", "--dir", str(tmp_path / "runs"), "--out", str(md),
-         "--stream-mb", "64,1", "--stream-rounds", "2"])
+         "--stream-mb", "64,1", "--stream-rounds", "2", "--readers", "1,2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"tensors of 1 MiB or more streamed: [\d.]+ / [\d.]+ GB/s", out), out
+    assert re.search(r"reading alone \(read_units\), 2 thread\(s\), not verified: [\d.]+ GB/s", out), out
     def section(text):
         return text.split("## compare throughput", 1)[1].split("\n## ", 1)[0]
 
