@@ -170,8 +170,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
             started.set_result(run.tensor(name, prompt, verify))  # Run.tensor reads it, or says what is wrong
             return
         if end - begin != math.prod(info["shape"]) * dtype.itemsize:
-            raise UserError(f"cannot read {name} from {file}: its size disagrees with its shape (the run is corrupt; "
-                            "re-extract it)")
+            raise tensorfile.read_failure(name, file, "its size disagrees with its shape")
         try:
             arrival = Arrival(torch.empty(info["shape"], dtype=dtype, device=device))
         except torch.OutOfMemoryError:  # no room on the device now: read whole, copied when it is measured
@@ -179,7 +178,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
             return
     except BaseException as err:  # noqa: BLE001 - the caller gets it
         started.set_exception(err if isinstance(err, UserError) or file is None else
-                              UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)"))
+                              tensorfile.read_failure(name, file, err))
         return
     streaming.add(arrival)
     started.set_result(arrival)
@@ -192,8 +191,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
             raise tensorfile.digest_failure(name, file)
         arrival._publish(verified=True)
     except BaseException as err:  # noqa: BLE001 - the caller gets it from the Arrival
-        arrival._publish(error=err if isinstance(err, UserError) else
-                         UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)"))
+        arrival._publish(error=err if isinstance(err, UserError) else tensorfile.read_failure(name, file, err))
 
 
 def _pour(file, begin: int, end: int, arrival: Arrival, hasher) -> None:

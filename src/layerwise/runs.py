@@ -367,7 +367,7 @@ class Run:
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
-            raise UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)") from None
+            raise tensorfile.read_failure(name, file, err) from None
         if verify:
             claims = e.digests + tuple(stored.items())
             if not claims:

@@ -326,6 +326,11 @@ def stored_digests(metadata: dict, name: str) -> dict[str, str]:
     return {a: metadata[digest_key(a, name)] for a in DIGESTS if metadata.get(digest_key(a, name))}
 
 
+def read_failure(name: str, file, err: BaseException | str) -> UserError:
+    """The error of a tensor that cannot be read from its file (`err`: why)."""
+    return UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)")
+
+
 def digest_failure(name: str, file) -> UserError:
     """The error of a tensor whose bytes do not match a digest claimed for them."""
     return UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
