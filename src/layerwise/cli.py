@@ -221,10 +221,9 @@ def cmd_test(args) -> int:
     compare = arguments.compare_options(args)
     _check_outputs(args)
     result = run_layer_test(args.model, options, prompts)
-    ranks = distributed.session()  # under torchrun every rank compares its share; rank 0 reports
     tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None,
-                                ranks=ranks if ranks.world > 1 else None)
-    if tested is None:
+                                ranks=distributed.session())  # under torchrun every rank compares its share
+    if tested is None:  # not rank 0: rank 0 reports
         return EXIT_OK
     if args.json:
         _emit_json(report.layer_test_json(tested), args.json)
