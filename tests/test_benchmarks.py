@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -21,7 +22,7 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths"}
+               "read_paths", "tensor_reads"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -215,3 +216,15 @@ def test_read_paths_dry_run(tmp_path, monkeypatch, capsys):
     got = {(r["mode"], r["threads"], r["procs"]) for r in data["rows"]}
     assert got == {(m, t, p) for m in ("pread", "copy") for t in (1, 2) for p in (1, 2)}, got
     assert all(g > 0 for r in data["rows"] for g in r["gbps"]) and "| copy | 2 | 2 |" in out
+
+
+def test_tensor_reads_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "tensor_reads").main(["--tiny", "--threads", "2", "--consume", "none,gpu",
+                                                    "--dir", str(tmp_path / "files"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "tensor_reads.json").read_text())
+    got = {(r["mode"], r["verify"], r["consumer"]) for r in data["rows"]}
+    modes = ("mapped", "pread", "pieces") + (("pinned",) if torch.cuda.is_available() else ())
+    assert got == {(m, v, c) for m in modes for v in (True, False) for c in ("-", data["rows"][-1]["consumer"])}, got
+    assert all(g > 0 for r in data["rows"] for g in r["gbps"]) and "| pieces | yes | 2 |" in out

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Device session 36: what bounds compare on a layer test's 25 MB tensors, and the fix measured.
+#   part "reads": benchmarks/tensor_reads.py (2 GB of 25 MB tensors, warm): the paths a tensor can
+#     take from the page cache (mapped / pread / pinned / pieces), 1, 8 and 16 threads, verified and
+#     not, with and without the measuring thread's copy to cuda:0; then compare_throughput.py
+#     --readers 1,8,16 (read_units alone, as the code reads).
+#   part "gputests": tests/gpu/test_gpu_compare.py, test_gpu_replay.py and tests/test_readahead.py.
+#   part "cmp_ab": benchmarks/compare_throughput.py, taking turns between the code in $BASE (default
+#     .base36: the previous commit's src/ with this checkout's compare_throughput.py and synthetic.py
+#     beside it; carry it) and this checkout's, ROUNDS rounds (default 2): 4 GB runs of 25 MB tensors
+#     (a layer test's) and 2 GB runs with MiniMax-M2's logits (the default shape), each cold and warm.
+#   part "dist_ab": as gpu_session35.sh dist_ab, with BASE defaulting to .base36 (its distributed.py).
+# Parts run one after another: `bash benchmarks/gpu_session36.sh reads`. Logs packed into
+# $OUT/session36-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
+set -uo pipefail
+if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
+PART=${1:-reads}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s36-$PART; mkdir -p "$W"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false
+if ! python3 -c "import blake3" 2> /dev/null; then
+    pip install -q --no-index --target /tmp/pyextra .wheels/blake3-*.whl > /dev/null 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/pyextra
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpus.txt" 2>&1
+nproc >> "$W/gpus.txt"; python3 -VV >> "$W/gpus.txt"; cat "$W/gpus.txt"
+case "$PART" in
+reads)
+    timeout ${BUDGET:-300} python3 benchmarks/tensor_reads.py --gb ${GB:-2} --threads ${THREADS:-1,8,16} \
+        --repeat ${REPEAT:-1} --out "$W/reads" > "$W/reads.log" 2>&1
+    echo "=== tensor reads (exit $?)"; grep -v '^|' "$W/reads.log" | tail -50
+    cp BENCHMARKS.md "$W/cmp.md"
+    timeout ${BUDGET2:-120} python3 benchmarks/compare_throughput.py --gb ${GB:-2} --tokens 4096 --vocab 8 \
+        --readers 1,8,16 --dir /tmp/lw-cmp-readers --out "$W/cmp.md" > "$W/cmp.log" 2>&1
+    echo "=== compare's reading alone (exit $?)"; tail -16 "$W/cmp.log" ;;
+gputests)
+    timeout ${BUDGET:-240} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_compare.py \
+        tests/gpu/test_gpu_replay.py tests/test_readahead.py > "$W/gputests.log" 2>&1
+    echo "=== GPU tests (exit $?)"; tail -5 "$W/gputests.log" ;;
+cmp_ab)
+    for i in $(seq "${ROUNDS:-2}"); do
+        for code in "${BASE:-.base36}" .; do
+            name=$( [ "$code" = . ] && echo new || echo base )
+            for shape in "--gb 4 --vocab 8" "--gb 2"; do
+                tag=$name$i-$(echo "$shape" | tr -d ' -')
+                timeout ${EACH:-150} python3 "$code/benchmarks/compare_throughput.py" $shape --tokens 4096 \
+                    --dir /tmp/lw-cmp-ab$(echo "$shape" | tr -d ' -') --out "$W/$tag.md" > "$W/$tag.log" 2>&1
+                echo "=== compare, $name code, round $i, $shape (exit $?)"; grep -v '^wrote' "$W/$tag.log" | tail -9
+            done
+        done
+    done ;;
+dist_ab)
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # both codes' bytecode cached first
+    PYTHONPATH=${BASE:-.base36}/src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check_base.log" 2>&1
+    for i in $(seq "${ROUNDS:-2}"); do
+        for code in "${BASE:-.base36}" .; do
+            name=$( [ "$code" = . ] && echo new || echo base )
+            timeout ${EACH:-200} python3 "$code/benchmarks/distributed.py" --parts test --repeat 1 \
+                --out "$W/dist_$name$i" --command-timeout 150 --dist-timeout 150 > "$W/dist_$name$i.log" 2>&1
+            echo "=== layer test, $name code, round $i (exit $?)"; grep -A3 '^test --layer' "$W/dist_$name$i.log" | cut -c1-330
+        done
+    done ;;
+esac
+tar czf "$OUT/session36-$PART.tgz" -C "$W" . 2>/dev/null
