@@ -202,6 +202,7 @@ def _compute_dtype(run: Run) -> str | None:
 def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrivals: dict) -> dict[str, PromptResult]:
     """Measure one unit; `arrivals`: its tensors streamed to the metrics' GPU, still arriving."""
     module = split_name(unit[0])[0]
+    t = {key: x if key in arrivals else x.to(ctx.device) for key, x in t.items()}  # the readers copied most already
     ids = {side: t.get((side, tensor_name(module, TOPK_IDS))) for side in ("ref", "cand", "base")}
     logits = {side: t.get((side, tensor_name(module, ROUTER_LOGITS))) for side in ("ref", "cand", "base")}
     bias = {side: t.get((side, tensor_name(module, SCORE_BIAS))) for side in ("ref", "cand")}
@@ -229,7 +230,7 @@ def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrival
         result = _measure(ctx, p, kind, tol, a, b, base, arriving)
         diverted = sorted(ctx.diverted.get(p, ()))
         if result.failures and diverted and len(diverted) < a.shape[0]:
-            keep = torch.tensor(sorted(set(range(a.shape[0])) - set(diverted)))
+            keep = torch.tensor(sorted(set(range(a.shape[0])) - set(diverted)), device=a.device)
             without = _measure(ctx, p, kind, tol, a[keep], b[keep], None if base is None else base[keep])
             if without.passed:
                 result = replace(result, failures=(), excused=len(diverted), judged=without.tensor)

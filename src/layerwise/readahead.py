@@ -73,29 +73,29 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     """Read several runs unit by unit: for each (prompt, names) of `units`, yield (prompt, names,
     {(side, name): tensor}, {(side, name): Arrival}) with the tensors of every run (by side) that
     holds them, in order. A tensor of STREAM_BYTES or more that `streamable` accepts, bound for a
-    `device` of a type in STREAM_DEVICES, is streamed there: it comes on that device, still
-    arriving, with an Arrival whose result() must be awaited before it is used; every one is in
-    and verified before the next unit comes (a digest that fails raises then). Other tensors come
-    on the CPU, read and verified. With `prefetch`, `workers` threads read and verify the
-    following units while the caller works on this one, up to `ahead_bytes` ahead (at least one
-    unit): the disk stays busy, the hashing spreads over cores, memory stays bounded. A unit is
-    released once yielded. Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
+    `device` of a type in STREAM_DEVICES, is streamed there, still arriving, with an Arrival to
+    await before use; all are in and verified before the next unit comes. Other tensors come read
+    and verified, on that device (`_read_whole`) or else on the CPU. With `prefetch`, `workers`
+    threads read and verify the following units while the caller works on this one, up to
+    `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
+    memory stays bounded. A unit is released once yielded. Defaults: READ_AHEAD_BYTES,
+    READ_WORKERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
     pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
-    ahead, stream = 0, device is not None and device.type in STREAM_DEVICES
+    ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
 
     def submit(p: int, unit: tuple[str, ...]) -> tuple:
         keys = [(side, name) for name in unit for side, run in runs.items() if run is not None and run.has(name, p)]
         futures = {}
         for side, name in keys:
-            if stream and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
+            if gpu and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
                 pool.submit(_stream, runs[side], name, p, verify, futures.setdefault((side, name), Future()),
                             streaming, device)
             else:
-                futures[(side, name)] = pool.submit(runs[side].tensor, name, p, verify)
+                futures[(side, name)] = pool.submit(_read_whole, runs[side], name, p, verify, gpu)
         return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
 
     try:
@@ -126,6 +126,20 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     finally:
         streaming.stop()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_whole(run: Run, name: str, prompt: int, verify: bool, device: torch.device | None) -> torch.Tensor:
+    """A tensor read whole and verified (Run.tensor), then copied to `device` (a GPU) on this
+    reader's thread. The copy from pageable memory runs at about 5 GB/s a thread: left to the
+    measuring thread it bounded compare on a layer test's 25 MB tensors (BENCHMARKS.md); spread
+    over the readers it overlaps the measuring. It stays on the CPU when the GPU has no room now."""
+    tensor = run.tensor(name, prompt, verify)
+    if device is None:
+        return tensor
+    try:
+        return tensor.to(device)
+    except torch.OutOfMemoryError:
+        return tensor
 
 
 class _Streaming:

@@ -70,7 +70,7 @@ def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: tor
         raise ValueError(f"shapes differ: {tuple(ref_ids.shape)} vs {tuple(cand_ids.shape)}")
     ids_a, ids_b = as_rows(ref_ids).long(), as_rows(cand_ids).long()
     tokens, k = ids_a.shape
-    classes = torch.zeros(tokens, dtype=torch.int8)
+    classes = torch.zeros(tokens, dtype=torch.int8, device=ids_a.device)
     if tokens == 0 or k == 0:
         return RoutingMetrics(tokens, k, 1.0, 1.0, 0, 0, 0, 0, 0, 0, tie_threshold), classes
     z_a = as_rows(ref_logits) if ref_logits is not None else None
@@ -119,7 +119,7 @@ def _judge_flips(s_a: torch.Tensor, s_b: torch.Tensor, ids_a: torch.Tensor, ids_
     chosen_a = torch.zeros_like(s_a, dtype=torch.bool).scatter_(1, ids_a, True)
     chosen_b = torch.zeros_like(s_b, dtype=torch.bool).scatter_(1, ids_b, True)
     bound = _flip_bound(s_a - s_b, chosen_a & ~chosen_b, chosen_b & ~chosen_a)
-    kind = torch.full(bound.shape, MOVED, dtype=torch.int8)
+    kind = torch.full(bound.shape, MOVED, dtype=torch.int8, device=bound.device)
     kind[(bound > 0) & (bound < tie_threshold)] = AT_TIE
     kind[~(bound > 0)] = INCONSISTENT  # bound <= 0, or NaN scores
     return kind
@@ -202,5 +202,5 @@ def num_experts(ids, logits) -> int:
 
 def dense_weights(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tensor:
     """[tokens, k] weights of [tokens, k] expert ids -> [tokens, experts] (zero where unchosen)."""
-    out = torch.zeros((ids.shape[0], experts), dtype=torch.float64)
+    out = torch.zeros((ids.shape[0], experts), dtype=torch.float64, device=ids.device)
     return out.scatter_(1, ids.long().reshape(ids.shape[0], -1), weights.double().reshape(ids.shape[0], -1))

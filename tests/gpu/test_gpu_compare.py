@@ -1,6 +1,7 @@
 """compare's metrics on the GPU agree with the CPU's (both float64), verdicts identical."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -47,3 +48,29 @@ def test_tensors_streamed_to_the_gpu_measure_as_read_whole(tmp_path, monkeypatch
     monkeypatch.setattr(readahead, "STREAM_BYTES", 1)
     monkeypatch.setattr(readahead, "STREAM_PIECE", 256)
     _assert_same_rows(cpu, compare_runs(ref, cand, CompareOptions(device="cuda:0")))
+
+
+def test_routing_judged_on_the_gpu_as_on_the_cpu(tmp_path):
+    """Router tensors are copied to the metrics' GPU by the readers and their flips judged there:
+    the same flips, classes and excused tokens as on the CPU (a near-tie flip at layer 1, as in
+    test_compare), and every row alike."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from synthetic_runs import toy_run
+
+    from layerwise.tolerances import build_tolerances
+
+    ref, cand = toy_run(tmp_path / "ref"), toy_run(tmp_path / "tie", fault=("tie", 1))
+    reports = [compare_runs(ref, cand, CompareOptions(tolerances=build_tolerances(max_rel_l2=5e-2), device=device))
+               for device in ("cpu", "cuda:0")]
+    for a, b in zip(reports[0].routing, reports[1].routing, strict=True):  # the counts exact, the mean to 1e-12
+        assert replace(a.routing, jaccard=0) == replace(b.routing, jaccard=0), a.name
+        assert math.isclose(a.routing.jaccard, b.routing.jaccard, rel_tol=1e-12), a.name
+    assert any(r.routing.flips for r in reports[1].routing), "the fault flips a token"
+    for a, b in zip(reports[0].rows, reports[1].rows):
+        assert (a.name, a.passed, a.excused) == (b.name, b.passed, b.excused)
+        if a.rel_l2 is not None:
+            assert math.isclose(a.rel_l2, b.rel_l2, rel_tol=1e-9, abs_tol=1e-15), a.name
+    assert reports[0].verdict == reports[1].verdict == "pass"
