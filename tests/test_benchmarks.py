@@ -22,7 +22,7 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths", "tensor_reads"}
+               "read_paths", "tensor_reads", "compare_profile"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -228,3 +228,15 @@ def test_tensor_reads_dry_run(tmp_path, monkeypatch, capsys):
     modes = ("mapped", "pread", "pieces") + (("pinned",) if torch.cuda.is_available() else ())
     assert got == {(m, v, c) for m in modes for v in (True, False) for c in ("-", data["rows"][-1]["consumer"])}, got
     assert all(g > 0 for r in data["rows"] for g in r["gbps"]) and "| pieces | yes | 2 |" in out
+
+
+def test_compare_profile_dry_run(monkeypatch, capsys):
+    from layerwise import compare
+
+    before = compare.tensor_metrics
+    code = bench(monkeypatch, "compare_profile").main(["--tiny", "--readers", "2:64", "--top", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"verify=True: [\d.]+ s, [\d.]+ GB, \d+ units, \d+ tensors; .*tensor_metrics [\d.]+ s \(\d+\)", out)
+    assert "2 readers, 64 MiB ahead:" in out and "Ordered by: internal time" in out
+    assert compare.tensor_metrics is before, "the timers are taken off again"
