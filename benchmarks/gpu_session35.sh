@@ -23,13 +23,7 @@ set -uo pipefail
 if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
 PART=${1:-read}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s35-$PART; mkdir -p "$W"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false
-if ! python3 -c "import blake3" 2> /dev/null; then
-    pip install -q --no-index --target /tmp/pyextra .wheels/blake3-*.whl > /dev/null 2>&1
-    export PYTHONPATH=$PYTHONPATH:/tmp/pyextra
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpus.txt" 2>&1
-nvidia-smi topo -m >> "$W/gpus.txt" 2>&1; nproc >> "$W/gpus.txt"; python3 -VV >> "$W/gpus.txt"
+. "$(dirname "$0")/gpu_env.sh"
 filter() { grep -v 'tokenizer\|bos_token\|eos_token\|Warning\|warn_once'; }
 case "$PART" in
 read)

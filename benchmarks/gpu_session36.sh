@@ -9,20 +9,16 @@
 #     .base36: the previous commit's src/ with this checkout's compare_throughput.py and synthetic.py
 #     beside it; carry it) and this checkout's, ROUNDS rounds (default 2): 4 GB runs of 25 MB tensors
 #     (a layer test's) and 2 GB runs with MiniMax-M2's logits (the default shape), each cold and warm.
-#   part "dist_ab": as gpu_session35.sh dist_ab, with BASE defaulting to .base36 (its distributed.py).
+#   part "dist_ab": gpu_session35.sh dist_ab with BASE defaulting to .base36 (carry it, with this
+#     checkout's distributed.py and synthetic.py in its benchmarks/).
 # Parts run one after another: `bash benchmarks/gpu_session36.sh reads`. Logs packed into
 # $OUT/session36-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
 set -uo pipefail
 if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
 PART=${1:-reads}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s36-$PART; mkdir -p "$W"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false
-if ! python3 -c "import blake3" 2> /dev/null; then
-    pip install -q --no-index --target /tmp/pyextra .wheels/blake3-*.whl > /dev/null 2>&1
-    export PYTHONPATH=$PYTHONPATH:/tmp/pyextra
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpus.txt" 2>&1
-nproc >> "$W/gpus.txt"; python3 -VV >> "$W/gpus.txt"; cat "$W/gpus.txt"
+. "$(dirname "$0")/gpu_env.sh"
+cat "$W/gpus.txt"
 case "$PART" in
 reads)
     timeout ${BUDGET:-300} python3 benchmarks/tensor_reads.py --gb ${GB:-2} --threads ${THREADS:-1,8,16} \
@@ -48,16 +44,7 @@ cmp_ab)
             done
         done
     done ;;
-dist_ab)
-    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # both codes' bytecode cached first
-    PYTHONPATH=${BASE:-.base36}/src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check_base.log" 2>&1
-    for i in $(seq "${ROUNDS:-2}"); do
-        for code in "${BASE:-.base36}" .; do
-            name=$( [ "$code" = . ] && echo new || echo base )
-            timeout ${EACH:-200} python3 "$code/benchmarks/distributed.py" --parts test --repeat 1 \
-                --out "$W/dist_$name$i" --command-timeout 150 --dist-timeout 150 > "$W/dist_$name$i.log" 2>&1
-            echo "=== layer test, $name code, round $i (exit $?)"; grep -A3 '^test --layer' "$W/dist_$name$i.log" | cut -c1-330
-        done
-    done ;;
+dist_ab)  # gpu_session35.sh's part, with this session's base code (its logs: session35-dist_ab.tgz)
+    BASE=${BASE:-.base36} bash benchmarks/gpu_session35.sh dist_ab ;;
 esac
 tar czf "$OUT/session36-$PART.tgz" -C "$W" . 2>/dev/null
