@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from layerwise import tensorfile  # noqa: E402
+from layerwise.rawbytes import raw_bytes  # noqa: E402
 
 PIECE = 4 << 20
 
@@ -58,12 +59,8 @@ def write_runs(where: Path, gb: float, tokens: int, hidden: int, per_file: int) 
             tensorfile.write_file(path, tensors, {})
         for name, x in tensors.items():
             jobs.append((path, name))
-            digests[(path, name)] = blake3.blake3(memoryview(x.view(-1).view(torch.uint8).numpy())).hexdigest()
+            digests[(path, name)] = blake3.blake3(raw_bytes(x)).hexdigest()
     return jobs, digests
-
-
-def _raw(x: torch.Tensor) -> memoryview:
-    return memoryview(x.reshape(-1).view(torch.uint8).numpy())
 
 
 class Reader:
@@ -87,11 +84,11 @@ class Reader:
             from safetensors import safe_open
             with safe_open(str(path), framework="pt") as fh:
                 x = fh.get_tensor(name)
-            got = blake3.blake3(_raw(x)).hexdigest() if self.verify else None
+            got = blake3.blake3(raw_bytes(x)).hexdigest() if self.verify else None
         else:
             offset, size, shape = self._span(path, name)
             x = torch.empty(shape, dtype=torch.bfloat16, pin_memory=self.mode == "pinned")
-            view, hasher = _raw(x), blake3.blake3() if self.verify else None
+            view, hasher = raw_bytes(x), blake3.blake3() if self.verify else None
             fd = os.open(path, os.O_RDONLY)
             try:
                 step = PIECE if self.mode == "pieces" else size
@@ -168,10 +165,10 @@ def main(argv=None) -> int:
     nbytes = args.tokens * args.hidden * 2
     window = max(1, (args.window_mb << 20) // nbytes)
     total = nbytes * len(jobs)
-    for job in jobs:  # warm: every file in the page cache
-        Path(job[0]).read_bytes() if job[1] == "t0" else None
+    for path in {path for path, _ in jobs}:  # warm: every file in the page cache
+        path.read_bytes()
     rows = []
-    for consume in [c for c in args.consume.split(",") if c == "none" or (c == "gpu")]:
+    for consume in [c for c in args.consume.split(",") if c in ("none", "gpu")]:
         for threads in [int(t) for t in args.threads.split(",")]:
             for verify in (True, False):
                 for mode in modes:
