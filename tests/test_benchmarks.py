@@ -22,7 +22,7 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths", "tensor_reads", "compare_profile"}
+               "read_paths", "tensor_reads", "compare_profile", "compare_knobs"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -240,3 +240,22 @@ def test_compare_profile_dry_run(monkeypatch, capsys):
     assert re.search(r"verify=True: [\d.]+ s, [\d.]+ GB, \d+ units, \d+ tensors; .*tensor_metrics [\d.]+ s \(\d+\)", out)
     assert "2 readers, 64 MiB ahead:" in out and "Ordered by: internal time" in out
     assert compare.tensor_metrics is before, "the timers are taken off again"
+
+
+def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+
+    from layerwise import compare, readahead, tensorfile
+
+    before = compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, _sys.getswitchinterval()
+    out_file = tmp_path / "knobs.md"
+    code = bench(monkeypatch, "compare_knobs").main(["--tiny", "--out", str(out_file)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = out_file.read_text()
+    for variant in ("as-is", "head", "switch", "readers4", "head+switch"):
+        assert re.search(rf"\| 1 \| {re.escape(variant)} \| [\d.]+ \| [\d.]+ \([\d.]+ s\) \| \*\*[\d.]+\*\* \|", table), table
+    assert (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS,
+            _sys.getswitchinterval()) == before, "every setting is put back"
+    with pytest.raises(SystemExit):
+        bench(monkeypatch, "compare_knobs").main(["--tiny", "--variants", "fast"])

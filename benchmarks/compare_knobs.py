@@ -1,0 +1,124 @@
+"""compare cold and warm on the same two runs under settings that change how its threads share the
+GIL, taking turns, each round beside a raw cold read of the same files.
+
+The settings (`--variants`, comma list, default all):
+  as-is     the code as it is
+  head      tensorfile.PAGE_IN_HEAD: each file's header read with plain reads (GIL released) before
+            safe_open reads it through its memory map (GIL held)
+  switch    sys.setswitchinterval(0.5 ms) while compare runs (Python's default: 5 ms), so the
+            measuring thread waits less for the GIL after each device sync
+  readers4  readahead.READ_WORKERS = 4 (default 8)
+  head+switch
+Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
+waiting for the readers and in tensor_metrics. The order of the settings turns each round.
+
+    python benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds 3 --dir /tmp/knobs
+    python benchmarks/compare_knobs.py --tiny          # a CPU dry run on two small runs it writes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_profile import Timers  # noqa: E402
+from compare_throughput import raw_read, run_files, write_runs  # noqa: E402
+from synthetic import drop_page_cache  # noqa: E402
+
+from layerwise import readahead, tensorfile  # noqa: E402
+from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
+from layerwise.runs import open_run  # noqa: E402
+
+VARIANTS = ("as-is", "head", "switch", "readers4", "head+switch")
+
+
+@contextlib.contextmanager
+def setting(name: str):
+    saved = tensorfile.PAGE_IN_HEAD, sys.getswitchinterval(), readahead.READ_WORKERS
+    try:
+        if "head" in name:
+            tensorfile.PAGE_IN_HEAD = True
+        if "switch" in name:
+            sys.setswitchinterval(5e-4)
+        if name == "readers4":
+            readahead.READ_WORKERS = 4
+        yield
+    finally:
+        tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS = saved[0], saved[2]
+        sys.setswitchinterval(saved[1])
+
+
+def timed(paths, timers: Timers) -> tuple[float, float, float]:
+    """compare's seconds, the measuring thread's seconds waiting for the readers and in tensor_metrics."""
+    timers.clear()
+    start = time.perf_counter()
+    report = compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
+    seconds = time.perf_counter() - start
+    assert report.rows, "nothing compared"
+    return seconds, timers.seconds["waiting for the readers"], timers.seconds["tensor_metrics"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="size of each run in GB (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--tiny", action="store_true", help="a CPU dry run: two small runs, one round")
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if args.tiny:
+        args.gb, args.tokens, args.rounds = 0.004, 64, 1
+    scratch = None if args.dir else tempfile.TemporaryDirectory(prefix="layerwise-knobs-")
+    root = Path(args.dir or scratch.name)
+    timers = Timers()
+    rows, cold = [], {v: [] for v in variants}
+    try:
+        paths, shape = write_runs(root, args.gb, args.tokens, 8)
+        files = run_files(paths)
+        size = sum(f.stat().st_size for f in files)
+        for r in range(args.rounds):
+            drop_page_cache(files)
+            raw = raw_read(files)
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v in order:
+                with setting(v):
+                    drop_page_cache(files)
+                    c = timed(paths, timers)
+                    w = timed(paths, timers)
+                cold[v].append(raw / c[0])
+                rows.append(f"| {r + 1} | {v} | {size / raw / 1e9:.2f} | {size / c[0] / 1e9:.2f} ({c[0]:.2f} s) | "
+                            f"**{raw / c[0]:.2f}** | {c[1]:.2f} / {c[2]:.2f} s | {size / w[0] / 1e9:.2f} | "
+                            f"{w[1]:.2f} / {w[2]:.2f} s |")
+                print(rows[-1], flush=True)
+    finally:
+        timers.restore()
+        if scratch is not None:
+            scratch.cleanup()
+    table = [f"{size / 1e9:.2f} GB: {shape}, two runs", "",
+             "| round | setting | raw read cold GB/s | compare cold GB/s | compare / raw (cold) | cold: waiting for the "
+             "readers / tensor_metrics | compare warm GB/s | warm: waiting / tensor_metrics |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+             "compare / raw (cold), min / median / max: " + "; ".join(
+                 f"{v} {min(x):.2f} / {statistics.median(x):.2f} / {max(x):.2f}" for v, x in cold.items())]
+    print("\n".join(table[-1:]))
+    if args.out:
+        Path(args.out).write_text("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
