@@ -1,14 +1,14 @@
-"""compare cold and warm on the same two runs under settings that change how its threads share the
-GIL, taking turns, each round beside a raw cold read of the same files.
+"""compare cold and warm on the same two runs under settings of how its threads share the GIL, taking
+turns, each round beside a raw cold read of the same files.
 
 The settings (`--variants`, comma list, default all):
-  as-is     the code as it is
-  head      tensorfile.PAGE_IN_HEAD: each file's header read with plain reads (GIL released) before
-            safe_open reads it through its memory map (GIL held)
-  switch    sys.setswitchinterval(0.5 ms) while compare runs (Python's default: 5 ms), so the
-            measuring thread waits less for the GIL after each device sync
-  readers4  readahead.READ_WORKERS = 4 (default 8)
-  head+switch
+  as-is     the code as it is: tensorfile.PAGE_IN_HEAD (each file's header read with plain reads,
+            GIL released, before safe_open reads it through its memory map, GIL held) and
+            readahead.SWITCH_INTERVAL (Python's GIL switch interval, 0.5 ms, while runs are read)
+  no-head   PAGE_IN_HEAD off
+  5ms       SWITCH_INTERVAL 5 ms (Python's default)
+  neither   both off: the code before them
+  readers4  as it is, with readahead.READ_WORKERS = 4 (default 8)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round.
 
@@ -37,23 +37,22 @@ from layerwise import readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "head", "switch", "readers4", "head+switch")
+VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = tensorfile.PAGE_IN_HEAD, sys.getswitchinterval(), readahead.READ_WORKERS
+    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS
     try:
-        if "head" in name:
-            tensorfile.PAGE_IN_HEAD = True
-        if "switch" in name:
-            sys.setswitchinterval(5e-4)
+        if name in ("no-head", "neither"):
+            tensorfile.PAGE_IN_HEAD = False
+        if name in ("5ms", "neither"):
+            readahead.SWITCH_INTERVAL = 5e-3
         if name == "readers4":
             readahead.READ_WORKERS = 4
         yield
     finally:
-        tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS = saved[0], saved[2]
-        sys.setswitchinterval(saved[1])
+        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

@@ -156,3 +156,53 @@ def test_no_room_on_the_device_reads_the_tensor_whole(runs, monkeypatch, streame
 
     monkeypatch.setattr(readahead.Arrival, "__init__", full)
     assert _rows(compare_runs(ref, cand)) == _rows(whole)
+
+
+def test_the_switch_interval_is_short_while_runs_are_read_and_put_back_after(runs):
+    """readahead.SWITCH_INTERVAL holds while any read_units runs, two at once included, and the
+    interval found before is back after the last ends, whether it ran out or was closed early; a
+    process that already has a shorter one keeps it."""
+    import sys
+
+    ref = runs[0]
+    units = [(e.prompt, (e.name,)) for e in ref.entries()]
+    before = sys.getswitchinterval()
+    first = readahead.read_units({"ref": ref}, iter(units))
+    second = readahead.read_units({"ref": ref}, iter(units))
+    next(first)
+    assert sys.getswitchinterval() == pytest.approx(min(before, readahead.SWITCH_INTERVAL), rel=0.05)
+    assert sum(1 for _ in second) == len(units)
+    assert sys.getswitchinterval() == pytest.approx(min(before, readahead.SWITCH_INTERVAL), rel=0.05), "the first still runs"
+    first.close()
+    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(1e-4)
+    try:
+        reading = readahead.read_units({"ref": ref}, iter(units))
+        next(reading)
+        assert sys.getswitchinterval() == pytest.approx(1e-4, rel=0.05)
+        reading.close()
+        assert sys.getswitchinterval() == pytest.approx(1e-4, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("page_in", [True, False])
+def test_paging_the_header_in_first_reads_the_same_tensor_and_the_same_errors(runs, tmp_path, monkeypatch, page_in):
+    """tensorfile.PAGE_IN_HEAD reads a file's header before safe_open does: the same tensors and
+    digests come back, and a missing or truncated file is the same one clear error."""
+    monkeypatch.setattr(tensorfile, "PAGE_IN_HEAD", page_in)
+    ref = runs[0]
+    for e in ref.entries():
+        x = ref.tensor(e.name, e.prompt)
+        monkeypatch.setattr(tensorfile, "PAGE_IN_HEAD", not page_in)
+        assert torch.equal(x, ref.tensor(e.name, e.prompt)), e.name
+        monkeypatch.setattr(tensorfile, "PAGE_IN_HEAD", page_in)
+    cand = toy_run(tmp_path / "cand")
+    entry = cand.entry("model.layers.1:output", 0)
+    path = cand.path / entry.file
+    path.write_bytes(path.read_bytes()[:5])
+    with pytest.raises(UserError, match=str(path.name)):
+        cand.tensor(entry.name, 0)
+    path.unlink()
+    with pytest.raises(UserError, match=str(path.name)):
+        cand.tensor(entry.name, 0)

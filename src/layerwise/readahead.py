@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,6 +36,11 @@ STREAM_BYTES = 64 << 20  # a tensor this large is handed over while it is read
 STREAM_PIECE = 32 << 20  # bytes read, hashed and copied at a time
 STREAM_BUFFERS = 4  # staging buffers of STREAM_PIECE bytes per tensor streamed
 STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are read whole, from a memory map)
+# Python's GIL switch interval while runs are read ahead (its default: 5 ms). The measuring thread
+# gives the GIL up at every device sync and kernel wait; with eight readers wanting it, it waited up
+# to an interval each time to get it back. 0.5 ms: compare cold on 1024-token tensors went from
+# 0.51-0.60 of the raw cold read to 0.74-0.82 with PAGE_IN_HEAD (BENCHMARKS.md).
+SWITCH_INTERVAL = 5e-4
 
 
 class Arrival:
@@ -78,8 +84,8 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     and verified, on that device (`_read_whole`) or else on the CPU. With `prefetch`, `workers`
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
-    memory stays bounded. A unit is released once yielded. Defaults: READ_AHEAD_BYTES,
-    READ_WORKERS, STREAM_*, read at call time."""
+    memory stays bounded. A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
+    Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
     pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
@@ -87,17 +93,7 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
 
-    def submit(p: int, unit: tuple[str, ...]) -> tuple:
-        keys = [(side, name) for name in unit for side, run in runs.items() if run is not None and run.has(name, p)]
-        futures = {}
-        for side, name in keys:
-            if gpu and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
-                pool.submit(_stream, runs[side], name, p, verify, futures.setdefault((side, name), Future()),
-                            streaming, device)
-            else:
-                futures[(side, name)] = pool.submit(_read_whole, runs[side], name, p, verify, gpu)
-        return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
-
+    _handoff.enter()
     try:
         pending = iter(units)
         more = True
@@ -107,7 +103,7 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
                 if following is None:
                     more = False
                     break
-                window.append(submit(*following))
+                window.append(_submit(pool, runs, *following, verify, gpu, streaming, streamable))
                 ahead += window[-1][3]
             if not window:
                 return
@@ -126,6 +122,44 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     finally:
         streaming.stop()
         pool.shutdown(wait=True, cancel_futures=True)
+        _handoff.exit()
+
+
+def _submit(pool, runs: dict[str, Run | None], p: int, unit: tuple[str, ...], verify: bool, gpu, streaming,
+            streamable) -> tuple:
+    """A unit's tensors handed to the readers: (prompt, names, {(side, name): future}, bytes)."""
+    keys = [(side, name) for name in unit for side, run in runs.items() if run is not None and run.has(name, p)]
+    futures = {}
+    for side, name in keys:
+        if gpu and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
+            pool.submit(_stream, runs[side], name, p, verify, futures.setdefault((side, name), Future()), streaming, gpu)
+        else:
+            futures[(side, name)] = pool.submit(_read_whole, runs[side], name, p, verify, gpu)
+    return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
+
+
+class _Handoff:
+    """SWITCH_INTERVAL in force while any read_units runs (several may, on threads of their own);
+    the interval found before the first is put back after the last."""
+
+    def __init__(self):
+        self._lock, self._users, self._saved = threading.Lock(), 0, None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, SWITCH_INTERVAL))
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_handoff = _Handoff()
 
 
 def _read_whole(run: Run, name: str, prompt: int, verify: bool, device: torch.device | None) -> torch.Tensor:

@@ -136,7 +136,7 @@ def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple
         return fh.get_tensor(name), stored_digests(fh.metadata() or {}, name)
 
 
-PAGE_IN_HEAD = False  # read a file's header with plain reads before safe_open opens it
+PAGE_IN_HEAD = True  # read a file's header with plain reads before safe_open opens it (BENCHMARKS.md)
 
 
 def _page_in_head(path: Path) -> None:
