@@ -257,6 +257,8 @@ def _pour(file, begin: int, end: int, arrival: Arrival, hasher) -> None:
     for k in range(len(buffers)):
         free.put(k)
     stream = torch.cuda.Stream(arrival.tensor.device) if cuda else None
+    if cuda:  # the destination may be memory just freed by the measuring thread, whose kernels still read it
+        stream.wait_stream(torch.cuda.current_stream(arrival.tensor.device))
     with open(file, "rb", buffering=0) as fh, torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         start = 8 + int.from_bytes(fh.read(8), "little") + begin
         if hasattr(os, "posix_fadvise"):
