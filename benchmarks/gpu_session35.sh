@@ -7,7 +7,7 @@
 #   part "dist": issue 12's extract and layer test on 1 process vs 2 ranks (benchmarks/distributed.py),
 #     REPEAT rounds (default 2), each rank's timeline, as session 32 ran it; the layer test once per
 #     reading-thread count in READS (default "8,16": LAYERWISE_READ_THREADS), taking turns.
-#   part "dist_ab": the layer test alone (1 process vs 2 ranks), ROUNDS rounds (default 2), taking
+#   part "dist_ab": the layer test alone (1 process vs 2 ranks), ROUNDS rounds (default 2; none started after DEADLINE seconds), taking
 #     turns between the code in $BASE (default .base: an earlier commit's src/ with this checkout's
 #     benchmarks/distributed.py and synthetic.py beside it; carry it) and this checkout's, e.g.
 #       mkdir .base && git archive 62bd395 src benchmarks | tar -x -C .base
@@ -49,11 +49,12 @@ dist_ab)
     python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1  # both codes' bytecode cached first
     PYTHONPATH=${BASE:-.base}/src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check_base.log" 2>&1
     for i in $(seq "${ROUNDS:-2}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-9999}" ] && { echo "=== round $i not started: past $DEADLINE s"; break; }
         for code in "${BASE:-.base}" .; do
             name=$( [ "$code" = . ] && echo new || echo base )
             timeout ${EACH:-200} python3 "$code/benchmarks/distributed.py" --parts test --repeat 1 \
                 --out "$W/dist_$name$i" --command-timeout 150 --dist-timeout 150 > "$W/dist_$name$i.log" 2>&1
-            echo "=== layer test, $name code, round $i (exit $?)"; grep -A3 '^test --layer' "$W/dist_$name$i.log" | cut -c1-330
+            echo "=== layer test, $name code, round $i (exit $?, at $SECONDS s)"; grep -A3 '^test --layer' "$W/dist_$name$i.log" | cut -c1-330
         done
     done ;;
 esac
