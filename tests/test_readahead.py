@@ -172,7 +172,8 @@ def test_the_switch_interval_is_short_while_runs_are_read_and_put_back_after(run
     next(first)
     assert sys.getswitchinterval() == pytest.approx(min(before, readahead.SWITCH_INTERVAL), rel=0.05)
     assert sum(1 for _ in second) == len(units)
-    assert sys.getswitchinterval() == pytest.approx(min(before, readahead.SWITCH_INTERVAL), rel=0.05), "the first still runs"
+    short = pytest.approx(min(before, readahead.SWITCH_INTERVAL), rel=0.05)
+    assert sys.getswitchinterval() == short, "the first still runs"
     first.close()
     assert sys.getswitchinterval() == before
     sys.setswitchinterval(1e-4)

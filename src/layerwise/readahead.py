@@ -38,8 +38,8 @@ STREAM_BUFFERS = 4  # staging buffers of STREAM_PIECE bytes per tensor streamed
 STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are read whole, from a memory map)
 # Python's GIL switch interval while runs are read ahead (its default: 5 ms). The measuring thread
 # gives the GIL up at every device sync and kernel wait; with eight readers wanting it, it waited up
-# to an interval each time to get it back. 0.5 ms: compare cold on 1024-token tensors went from
-# 0.51-0.60 of the raw cold read to 0.74-0.82 with PAGE_IN_HEAD (BENCHMARKS.md).
+# to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
+# 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines, BENCHMARKS.md).
 SWITCH_INTERVAL = 5e-4
 
 
@@ -132,7 +132,8 @@ def _submit(pool, runs: dict[str, Run | None], p: int, unit: tuple[str, ...], ve
     futures = {}
     for side, name in keys:
         if gpu and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
-            pool.submit(_stream, runs[side], name, p, verify, futures.setdefault((side, name), Future()), streaming, gpu)
+            started = futures.setdefault((side, name), Future())
+            pool.submit(_stream, runs[side], name, p, verify, started, streaming, gpu)
         else:
             futures[(side, name)] = pool.submit(_read_whole, runs[side], name, p, verify, gpu)
     return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
