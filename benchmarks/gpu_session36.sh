@@ -7,8 +7,12 @@
 #   part "gputests": tests/gpu/test_gpu_compare.py, test_gpu_replay.py and tests/test_readahead.py.
 #   part "cmp_ab": benchmarks/compare_throughput.py, taking turns between the code in $BASE (default
 #     .base36: the previous commit's src/ with this checkout's compare_throughput.py and synthetic.py
-#     beside it; carry it) and this checkout's, ROUNDS rounds (default 2): 4 GB runs of 25 MB tensors
-#     (a layer test's) and 2 GB runs with MiniMax-M2's logits (the default shape), each cold and warm.
+#     beside it; carry it) and this checkout's, ROUNDS rounds (default 2), each cold and warm, on
+#     each of SHAPES (compare_throughput.py's arguments, ';' between shapes; default 4 GB runs of
+#     25 MB tensors, a layer test's at 4096 tokens, and 2 GB runs with MiniMax-M2's logits); no
+#     round starts after DEADLINE seconds of the part (default none), so its logs come back. E.g.
+#     the next commit's branch against 1c6719d: BASE=.base37 ROUNDS=3 DEADLINE=290 SHAPES="--gb 2
+#     --tokens 1024 --vocab 8;--gb 4 --tokens 4096 --vocab 8" ... gputests cmp_ab
 #   part "dist_ab": gpu_session35.sh dist_ab with BASE defaulting to .base36 (carry it, with this
 #     checkout's distributed.py and synthetic.py in its benchmarks/).
 # Parts run one after another: `bash benchmarks/gpu_session36.sh reads`. Logs packed into
@@ -33,14 +37,17 @@ gputests)
         tests/gpu/test_gpu_replay.py tests/test_readahead.py > "$W/gputests.log" 2>&1
     echo "=== GPU tests (exit $?)"; tail -5 "$W/gputests.log" ;;
 cmp_ab)
+    IFS=';' read -ra shapes <<< "${SHAPES:---gb 4 --tokens 4096 --vocab 8;--gb 2 --tokens 4096}"
     for i in $(seq "${ROUNDS:-2}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== round $i not started: past $DEADLINE s"; break; }
         for code in "${BASE:-.base36}" .; do
             name=$( [ "$code" = . ] && echo new || echo base )
-            for shape in "--gb 4 --vocab 8" "--gb 2"; do
+            for shape in "${shapes[@]}"; do
                 tag=$name$i-$(echo "$shape" | tr -d ' -')
-                timeout ${EACH:-150} python3 "$code/benchmarks/compare_throughput.py" $shape --tokens 4096 \
+                timeout ${EACH:-150} python3 "$code/benchmarks/compare_throughput.py" $shape \
                     --dir /tmp/lw-cmp-ab$(echo "$shape" | tr -d ' -') --out "$W/$tag.md" > "$W/$tag.log" 2>&1
-                echo "=== compare, $name code, round $i, $shape (exit $?)"; grep -v '^wrote' "$W/$tag.log" | tail -9
+                echo "=== compare, $name code, round $i, $shape (exit $?, at $SECONDS s)"
+                grep -v '^wrote' "$W/$tag.log" | tail -9
             done
         done
     done ;;
