@@ -7,8 +7,8 @@
 #   part "dist": issue 12's extract and layer test on 1 process vs 2 ranks (benchmarks/distributed.py),
 #     REPEAT rounds (default 2), each rank's timeline, as session 32 ran it; the layer test once per
 #     reading-thread count in READS (default "8,16": LAYERWISE_READ_THREADS), taking turns.
-#   part "dist_ab": the layer test alone (1 process vs 2 ranks), ROUNDS rounds (default 2; none started after DEADLINE seconds), taking
-#     turns between the code in $BASE (default .base: an earlier commit's src/ with this checkout's
+#   part "dist_ab": the layer test alone (1 process vs 2 ranks), ROUNDS rounds (default 2; none
+#     started after DEADLINE seconds), taking turns between the code in $BASE (default .base: an earlier commit's src/ with this checkout's
 #     benchmarks/distributed.py and synthetic.py beside it; carry it) and this checkout's, e.g.
 #       mkdir .base && git archive 62bd395 src benchmarks | tar -x -C .base
 #       cp benchmarks/distributed.py benchmarks/synthetic.py .base/benchmarks/

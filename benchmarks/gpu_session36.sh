@@ -10,8 +10,8 @@
 #     beside it; carry it) and this checkout's, ROUNDS rounds (default 2), each cold and warm, on
 #     each of SHAPES (compare_throughput.py's arguments, ';' between shapes; default 4 GB runs of
 #     25 MB tensors, a layer test's at 4096 tokens, and 2 GB runs with MiniMax-M2's logits); no
-#     round starts after DEADLINE seconds of the part (default none), so its logs come back. E.g.
-#     the next commit's branch against 1c6719d: BASE=.base37 ROUNDS=3 DEADLINE=290 SHAPES="--gb 2
+#     round starts after DEADLINE seconds of the part (default none), so its logs come back. As
+#     session 37 measured a branch against 1c6719d: BASE=.base37 ROUNDS=3 DEADLINE=290 SHAPES="--gb 2
 #     --tokens 1024 --vocab 8;--gb 4 --tokens 4096 --vocab 8" ... gputests cmp_ab
 #   part "dist_ab": gpu_session35.sh dist_ab with BASE defaulting to .base36 (carry it, with this
 #     checkout's distributed.py and synthetic.py in its benchmarks/).

@@ -44,6 +44,7 @@ _ITEMSIZE = dict(DTYPES.values())
 HASH_CHUNK = filebits.HASH_CHUNK
 HASH_WORKERS = min(8, os.cpu_count() or 1)  # threads hashing the chunks of big tensors, shared by every caller
 NONFINITE_KEY = filebits.NONFINITE_KEY
+HEADER_LIMIT = 100_000_000  # bytes: a longer safetensors header is a corrupt file
 _MERGE_GAP = 16 << 20  # tensors closer than this in a file are read in one pass (a read beats a seek)
 _CHUNK = 64 << 20  # bytes per read; two pinned staging buffers of this size per reading thread
 _staging = threading.local()
@@ -85,7 +86,7 @@ def read_header(path: Path, metadata: dict | None = None) -> dict:
         if len(head) < 8:
             raise UserError(f"shard {path} is truncated ({size} bytes): re-download it")
         (length,) = struct.unpack("<Q", head)
-        if length > size - 8 or length > 100_000_000:
+        if length > size - 8 or length > HEADER_LIMIT:
             raise UserError(f"shard {path} is truncated or not a safetensors file (header of {length} bytes, "
                             f"file of {size}): re-download it")
         try:
@@ -145,7 +146,7 @@ def _page_in_head(path: Path) -> None:
     thread (compare's measuring thread among them) waits for that read."""
     with open(path, "rb", buffering=0) as fh:
         length = int.from_bytes(fh.read(8), "little")
-        if 0 < length <= 100_000_000:
+        if 0 < length <= HEADER_LIMIT:
             fh.read(length)
 
 
