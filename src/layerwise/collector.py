@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .capture import Target, groups_of
 from .errors import UserError
@@ -103,9 +104,7 @@ class Collector:
         is `flush_bytes` or more."""
         before = len(self._held)
         self._held.extend((target.group, name, t) for name, t in zip(target.names, tensors))
-        for t in tensors:
-            if t is not None:
-                self._held_bytes += t.numel() * t.element_size()
+        self._held_bytes += sum(t.nbytes for t in tensors if t is not None)
         if before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
             self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
@@ -118,56 +117,57 @@ class Collector:
             self._batch = None
 
     def _copy(self, held: list) -> _Flush:
-        """One packed host copy per device of the held tensors, each distinct tensor once."""
-        slots: dict[tuple, tuple] = {}  # tensor key -> (device, index among that device's tensors)
+        """One packed host copy per device (per slab) of the held tensors, each tensor object once
+        (a layer's output is the next layer's input: the same object, seen twice)."""
+        slots: dict[int, tuple] = {}  # id(tensor) -> (device, index among that device's tensors)
         by_device: dict[torch.device, list] = {}
-        for _, _, t in held:
-            if t is not None:
-                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-                if key not in slots:
-                    items = by_device.setdefault(t.device, [])
-                    slots[key] = (t.device, len(items))
-                    items.append(t)
+        for _, _, t in held:  # `held` keeps every tensor alive: no id is reused meanwhile
+            if t is not None and id(t) not in slots:
+                items = by_device.setdefault(t.device, [])
+                slots[id(t)] = (t.device, len(items))
+                items.append(t)
         hosts: dict[tuple, tuple] = {}  # (device, index) -> (host tensor, buffer slot)
         buffers, done, keep = [], [], []
         for device, items in by_device.items():
             if device.type != "cuda" and not self._copy_host:
                 hosts.update({(device, i): (t, None) for i, t in enumerate(items)})  # never written to again
                 continue
-            for indices in self._bins(items):  # slabs: buffers the pool reuses (and pins ahead)
+            for indices in self._bins([t.nbytes for t in items]):  # slabs: buffers the pool reuses (and pins ahead)
                 views, event = self._pack(device, [items[i] for i in indices], buffers, keep)
                 hosts.update({(device, i): (v, len(buffers) - 1) for i, v in zip(indices, views)})
                 if event is not None:
                     done.append(event)
-        records = []
-        for group, name, t in held:
-            slot = slots[(t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))] if t is not None else None
-            host, buf = hosts[slot] if slot is not None else (None, None)
-            records.append((group, name, host, buf))
+        records = [(group, name, *(hosts[slots[id(t)]] if t is not None else (None, None))) for group, name, t in held]
         return _Flush(self._batch, records, buffers, done, keep)
 
-    def _bins(self, items: list) -> list[list[int]]:
-        """The items (by index) in groups of at most one slab of bytes, first fit, largest first;
-        an item larger than a slab alone (a pool without slabs: all in one)."""
+    def _bins(self, sizes: list[int]) -> list[list[int]]:
+        """The items (by index, of these byte sizes) in groups of at most one slab of bytes, first
+        fit, largest first; an item larger than a slab alone (a pool without slabs: all in one)."""
         slab = self.pool.slab if self.pool is not None else 0
-        if not slab:  # no slabs: one buffer
-            return [list(range(len(items)))]
+        if not slab or sum(sizes) <= slab:  # one buffer (what first fit gives when all fit)
+            return [list(range(len(sizes)))]
         bins: list[tuple[int, list[int]]] = []
-        for i in sorted(range(len(items)), key=lambda i: -items[i].numel() * items[i].element_size()):
-            size = items[i].numel() * items[i].element_size()
-            at = next((b for b, (used, _) in enumerate(bins) if used + size <= slab), None)
+        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+            at = next((b for b, (used, _) in enumerate(bins) if used + sizes[i] <= slab), None)
             if at is None:
-                bins.append((size, [i]))
+                bins.append((sizes[i], [i]))
             else:
-                bins[at] = (bins[at][0] + size, bins[at][1] + [i])
+                bins[at] = (bins[at][0] + sizes[i], bins[at][1] + [i])
         return [sorted(indices) for _, indices in bins]
 
     def _pack(self, device: torch.device, items: list, buffers: list, keep: list):
-        """The device's tensors as bytes in one buffer (a `cat` on the compute stream, after their
-        producers), copied to one pinned buffer on the copy stream. Returns the typed host views
-        and the copy's event (None on the CPU)."""
-        flat = [t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8) for t in items]
-        packed = torch.cat(flat) if len(flat) > 1 else flat[0]
+        """The device's tensors as bytes in one buffer, copied to one pinned buffer on the copy
+        stream. Tensors of one dtype are flattened together (one call, not one view per tensor),
+        the dtypes' runs of bytes joined by one `cat` on the compute stream (after their producers),
+        widest dtype first so that every run starts aligned to its elements. Returns the typed host
+        views, in `items` order, and the copy's event (None on the CPU)."""
+        runs: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(items):
+            runs.setdefault(t.dtype, []).append(i)
+        order = sorted(runs.items(), key=lambda run: -items[run[1][0]].element_size())
+        flats = [_flatten_dense_tensors([items[i] for i in indices]).view(-1).view(torch.uint8)
+                 for _, indices in order]
+        packed = torch.cat(flats) if len(flats) > 1 else flats[0]
         total = packed.numel()
         buffer = self.pool.take(total, sum(b.numel() for b in buffers))  # this flush's other devices' buffers
         buffers.append(buffer)
@@ -184,10 +184,13 @@ class Collector:
             keep.append(packed)
         else:
             buffer[:total].copy_(packed)
-        views, offset = [], 0
-        for t, f in zip(items, flat):
-            views.append(buffer[offset:offset + f.numel()].view(t.dtype).view(t.shape))
-            offset += f.numel()
+        views: list = [None] * len(items)
+        offset = 0
+        for (dtype, indices), flat in zip(order, flats):
+            host = buffer[offset:offset + flat.numel()].view(dtype)
+            for i, view in zip(indices, _unflatten_dense_tensors(host, [items[i] for i in indices])):
+                views[i] = view
+            offset += flat.numel()
         return views, event
 
     # -- the completion thread -----------------------------------------------------------------
@@ -254,11 +257,14 @@ class Collector:
 
     def _emit(self, batch, group: str, parts: dict) -> None:
         shaped: dict[str, torch.Tensor] = {}
+        whole: set[str] = set()  # per model, not per token (WHOLE_ROLES)
         rows, width = batch.input_ids.shape
         for name, (t, _) in parts.items():
             if t is None:
                 continue
             role = split_name(name)[1]
+            if role in WHOLE_ROLES:
+                whole.add(name)
             if role in _STORED and t.dtype != _STORED[role]:
                 t = t.to(_STORED[role])
             if role not in WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
@@ -281,7 +287,7 @@ class Collector:
 
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            tensors = {name: t if split_name(name)[1] in WHOLE_ROLES else t[row, :n] for name, t in shaped.items()}
+            tensors = {name: t if name in whole else t[row, :n] for name, t in shaped.items()}
             if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
             self.writer.put(prompt.index, group, tensors, release)
