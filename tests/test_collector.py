@@ -159,6 +159,27 @@ def test_collector_copies_each_tensor_once_and_cuts_prompts(flush_bytes, packed)
     assert collector.pool.used == 0, "every buffer came back"
 
 
+def test_a_flush_of_mixed_dtypes_keeps_every_host_view_aligned():
+    """One packed buffer holds tensors of 1, 2, 4 and 8 bytes an element, whatever their order and
+    counts: each host view starts at a multiple of its element size (a 3-byte tensor before an
+    int64 one once failed the capture: a view of bytes as Long needs an offset divisible by 8)."""
+    writer = ListWriter()
+    targets = _targets(3)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True, flush_bytes=1 << 20)
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randint(0, 200, (1, 3, 1), generator=g, dtype=torch.uint8),
+              torch.randn(1, 3, 1, generator=g).to(torch.bfloat16),
+              torch.randint(-9, 9, (1, 3, 1), generator=g, dtype=torch.int32),
+              torch.randint(-9, 9, (1, 3, 1), generator=g, dtype=torch.int64)]
+    _three_layers(collector, targets, _batch([3], 3), states)
+    for k in range(3):
+        got = writer.files[(0, f"model.layers.{k}")]
+        for role, t in (("input", states[k]), ("output", states[k + 1])):
+            assert got[f"model.layers.{k}:{role}"].dtype == t.dtype
+            assert torch.equal(got[f"model.layers.{k}:{role}"], t[0])
+    assert collector.pool.used == 0, "every buffer came back"
+
+
 def test_collector_backpressure_waits_for_the_writer():
     """With the budget spent and the writer holding its buffers, the next batch waits; once the
     writer lets go, it proceeds."""

@@ -58,10 +58,11 @@ class Collector:
       input, which is the previous layer's output (one tensor, copied once). With long prompts
       that is every layer or two, so the copies overlap the next layers; short prompts' copies
       are small and wait for a few layers (fewer launches and wake-ups while the forward pass
-      is bound by launches). A flush packs the distinct tensors of each device into
-      one buffer with one `cat` on the compute stream (after their producers) and issues one
-      device-to-host copy of it on that device's copy stream into a pinned buffer: a handful of
-      launches per layer, and the copies overlap the next layers' compute. `end_batch()`
+      is bound by launches). A flush packs each tensor object of a device once into one
+      buffer (one `cat` per dtype and one joining them, on the compute stream, after their
+      producers) and issues one device-to-host copy of it on that device's copy stream into a
+      pinned buffer: a handful of launches per flush, and the copies overlap the next layers'
+      compute. `end_batch()`
       (`start_batch`, `flush` and `close` call it) flushes the rest.
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
       into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
