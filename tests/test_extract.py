@@ -35,11 +35,11 @@ def oracle(loaded, prompts):
     lengths = [len(tok(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     enc = tok([prompts[i] for i in order], padding=True, return_tensors="pt", padding_side="right")
-    with torch.inference_mode():
-        out = loaded.model(**enc, output_hidden_states=True)
+    with torch.inference_mode():  # on the model's device (a GPU machine runs these too); compared on the CPU
+        out = loaded.model(**enc.to(loaded.input_device), output_hidden_states=True)
     back = torch.tensor([order.index(i) for i in range(len(prompts))])
-    out.hidden_states = tuple(h[back] for h in out.hidden_states)
-    out.logits = out.logits[back]
+    out.hidden_states = tuple(h.cpu()[back] for h in out.hidden_states)
+    out.logits = out.logits.cpu()[back]
     return out, lengths
 
 
@@ -80,7 +80,7 @@ def test_router_ids_follow_the_routing_rule(tmp_path, minimax_fp32):
     extract_model(minimax_fp32, tmp_path / "run", PROMPTS, ExtractOptions(points="router"))
     run = runs.open_run(tmp_path / "run")
     for k, layer in enumerate(minimax_fp32.model.model.layers):
-        bias = layer.mlp.e_score_correction_bias.float()
+        bias = layer.mlp.e_score_correction_bias.float().cpu()
         for p in range(len(PROMPTS)):
             logits = run.tensor(f"model.layers.{k}.mlp.gate:router_logits", p)
             ids = run.tensor(f"model.layers.{k}.mlp.gate:topk_ids", p)
@@ -200,7 +200,9 @@ def test_disk_full_leaves_nothing_that_looks_complete(tmp_path, tiny_minimax):
 
     cmd = [sys.executable, "-m", "layerwise", "extract", "builtin:minimax-m2-tiny", "--out", str(out),
            "--prompt", "x" * 300, "--points", ALL_POINTS, "--dtype", "fp32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_file_size)
+    # on the CPU: under so small a file-size limit a GPU's driver cannot even start
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_file_size,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert_one_line_error(proc.returncode, proc.stderr, "cannot write")
     assert not (out / runs.MANIFEST).exists()
     assert not list(out.rglob("*.tmp")), "temporary files must be cleaned up"
@@ -284,7 +286,7 @@ def test_router_selection_bias_is_recorded(tmp_path, minimax_fp32):
     for k, layer in enumerate(minimax_fp32.model.model.layers):
         for p in range(2):
             bias = run.tensor(f"model.layers.{k}.mlp.gate:score_bias", p)
-            assert bias.dtype == torch.float32 and torch.equal(bias, layer.mlp.e_score_correction_bias)
+            assert bias.dtype == torch.float32 and torch.equal(bias, layer.mlp.e_score_correction_bias.cpu())
     qwen = loading.load_model("builtin:qwen3-moe-tiny", loading.LoadOptions(dtype="fp32"), with_tokenizer=False)
     extract_model(qwen, tmp_path / "qwen", [[1, 2, 3]], ExtractOptions(points="router"))
     assert not any(n.endswith(":score_bias") for n in runs.open_run(tmp_path / "qwen").names)
