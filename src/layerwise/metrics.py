@@ -135,8 +135,7 @@ def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: 
     a time (whole tokens). Only elementwise
     and reduction kernels on blocks below torch's parallel grain size: each kernel runs serially
     in cache (BLAS dot or OpenMP regions on small blocks cost more than they save, and stall
-    badly when other processes share the cores). A block's sums come to the host in one transfer
-    (`_block_sums`): on a GPU each `.item()` waits for everything queued on the device."""
+    badly when other processes share the cores)."""
     s = _Sums(violations=0 if allclose else None)
     x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64, device=a2.device)
     y_buf = torch.empty_like(x_buf)
@@ -145,10 +144,8 @@ def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: 
         x, y = x_buf[:n], y_buf[:n]
         x.copy_(a2[start:start + n])
         y.copy_(b2[start:start + n])
-        sums = _block_sums(x, y, split, rtol, atol, allclose)  # overwrites y (and x when allclose)
-        if not (math.isfinite(sums[0]) and math.isfinite(sums[1])):  # rare: count and mask non-finite values
-            x.copy_(a2[start:start + n])
-            y.copy_(b2[start:start + n])
+        xa, ya = _sum_squares(x), _sum_squares(y)
+        if not (math.isfinite(xa) and math.isfinite(ya)):  # rare: count and mask non-finite values
             counts = _mask_nonfinite(x, y)
             s.nan_a, s.nan_b, s.inf_a, s.inf_b = s.nan_a + counts[0], s.nan_b + counts[1], s.inf_a + counts[2], \
                 s.inf_b + counts[3]
@@ -156,40 +153,29 @@ def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: 
             if counts[4] and s.first_mismatch is None:
                 s.first_mismatch = (start + counts[5]) // split
             s.count += counts[6]
-            sums = _block_sums(x, y, split, rtol, atol, allclose)
+            xa, ya = _sum_squares(x), _sum_squares(y)
         else:
             s.count += x.numel()
-        xa, ya, sdd, worst, worst_index, max_abs, sum_abs, violations = sums
-        s.saa, s.sbb, s.sdd = s.saa + xa, s.sbb + ya, s.sdd + sdd
-        if worst > s.worst_err:
-            s.worst_err, s.worst_row = worst, start // split + int(worst_index)
-        s.max_abs = max(s.max_abs, max_abs)
-        s.sum_abs += sum_abs
+        s.saa, s.sbb = s.saa + xa, s.sbb + ya
+        d = y.sub_(x)  # b - a, in y's buffer
+        per_token = torch.linalg.vector_norm(d, 2, dim=1).square_()  # [n] squared error per row
+        if split > 1:
+            per_token = per_token.view(-1, split).sum(dim=1)  # per token
+        s.sdd += per_token.sum().item()
+        value, index = torch.max(per_token, dim=0)
+        if value.item() > s.worst_err:
+            s.worst_err, s.worst_row = value.item(), start // split + int(index)
+        d.abs_()
+        s.max_abs = max(s.max_abs, d.amax().item())  # amax: twice as fast as max() on CPU
+        s.sum_abs += d.sum().item()
         if allclose:
-            s.violations += int(violations)
+            limit = x.abs_().mul_(rtol or 0.0).add_(atol or 0.0)
+            s.violations += int((d > limit).sum())
     return s
 
 
-def _block_sums(x: torch.Tensor, y: torch.Tensor, split: int, rtol: float | None, atol: float | None,
-                allclose: bool) -> list[float]:
-    """[||x||^2, ||y||^2, ||y - x||^2, the largest per-token squared error, its row, max |y - x|,
-    sum |y - x|, allclose violations (0 unless asked)] of one float64 block, fetched with one
-    host transfer. Overwrites y with |y - x| (and x with the allclose limit)."""
-    norm_x, norm_y = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    d = y.sub_(x)  # b - a, in y's buffer
-    per_token = torch.linalg.vector_norm(d, 2, dim=1).square_()  # [n] squared error per row
-    if split > 1:
-        per_token = per_token.view(-1, split).sum(dim=1)  # per token
-    worst, worst_index = torch.max(per_token, dim=0)
-    sdd = per_token.sum()
-    d.abs_()
-    parts = [norm_x, norm_y, sdd, worst, worst_index.to(torch.float64), d.amax(), d.sum()]  # amax: 2x max() on CPU
-    if allclose:
-        limit = x.abs_().mul_(rtol or 0.0).add_(atol or 0.0)
-        parts.append((d > limit).sum().to(torch.float64))
-    values = torch.stack(parts).tolist() + [0.0] * (not allclose)
-    values[0], values[1] = values[0] ** 2, values[1] ** 2
-    return values
+def _sum_squares(x: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(x).item() ** 2
 
 
 def _mask_nonfinite(x: torch.Tensor, y: torch.Tensor) -> tuple[int, ...]:
