@@ -22,7 +22,7 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths", "tensor_reads", "compare_profile", "compare_knobs"}
+               "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -260,3 +260,17 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
             _sys.getswitchinterval()) == before, "every setting is put back"
     with pytest.raises(SystemExit):
         bench(monkeypatch, "compare_knobs").main(["--tiny", "--variants", "fast"])
+
+
+def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(src), "--shapes", "1x8", "--reps", "1",
+                                                  "--book-rounds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "capture_ab.json").read_text())
+    row = data["rows"][0]
+    assert (row["batch"], row["tokens"]) == (1, 8) and row["new"]["median"] > 0 and row["base"]["median"] > 0
+    assert data["bookkeeping"]["hooks"] == 24 and set(data["bookkeeping"]["ms_per_batch"]) == {"new", "base"}
+    with pytest.raises(SystemExit, match="no layerwise/collector.py"):
+        bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])

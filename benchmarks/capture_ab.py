@@ -1,0 +1,169 @@
+"""The capture of two codes side by side in one process: this checkout's against another commit's.
+
+A change to the capture's bookkeeping moves a short prompt's forward pass by a percent or two,
+which two processes (or two machines) cannot tell from their noise. This script loads a second
+copy of layerwise from `--base` (a `src/` tree of another commit, e.g. `git archive COMMIT src |
+tar x -C /tmp/base`), imported under another package name, builds one MiniMax-M2-shaped model
+(8 layers by default, seeded random bf16 weights, fp32 router, as extract_overhead.py) and, for
+each batch x tokens, times in interleaved rounds (plain, this code, base code, plain, ...) the
+plain forward pass and the forward pass with each code's capture (residual + router, every copy
+on the host inside the timed region, the writer dropping the tensors): ratios to the plain
+forward per round, median (min-max), and the median per-round difference of the two ratios.
+
+Then, without any forward pass, each code's bookkeeping alone: the tensors the hooks saw in one
+batch handed to a Collector again and again (`take` for every hook, the flush, and the
+completion thread's cutting into prompts, on this thread), milliseconds per batch, in turns.
+
+    python benchmarks/capture_ab.py --base /tmp/base/src --shapes 1x128,1x512,4x128 --reps 9
+    python benchmarks/capture_ab.py --tiny --base src      # a CPU dry run (this code against itself)
+
+Writes capture_ab.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import extract_overhead as eo  # noqa: E402
+from synthetic import build_on_devices, minimax_config  # noqa: E402
+
+from layerwise import capture, collector, loading, placement  # noqa: E402
+from layerwise.anatomy import find_anatomy  # noqa: E402
+
+BASE_NAME = "layerwise_base"
+
+
+def load_base(src: Path, scratch: Path):
+    """(capture, collector) modules of the layerwise package under `src`, imported as BASE_NAME."""
+    package = src / "layerwise"
+    if not (package / "collector.py").is_file():
+        raise SystemExit(f"--base {src}: no layerwise/collector.py under it (give a src/ tree of another commit)")
+    shutil.copytree(package, scratch / BASE_NAME)
+    for name in [m for m in sys.modules if m == BASE_NAME or m.startswith(BASE_NAME + ".")]:
+        del sys.modules[name]  # an earlier call's copy (its directory is gone)
+    sys.path.insert(0, str(scratch))
+    return importlib.import_module(f"{BASE_NAME}.capture"), importlib.import_module(f"{BASE_NAME}.collector")
+
+
+def timed_forward(bench, model, codes: dict, b: int, t: int, reps: int, tiny: bool) -> dict:
+    batch, ids, mask = bench.inputs(b, t)
+
+    def plain():
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    variants, cols = {"plain": plain}, {}
+    for name, (cap, col_module) in codes.items():
+        col = col_module.Collector(eo.NullWriter(), bench.targets, copy_host_tensors=tiny)
+        hooks = cap.Capture(model, bench.targets, col)
+
+        def run(col=col):
+            col.start_batch(batch)
+            plain()
+            col.flush()
+        variants[name] = (hooks.__enter__, run, lambda _, h=hooks: h.__exit__(None, None, None))
+        cols[name] = col
+    times = eo.interleaved(variants, reps)
+    for col in cols.values():
+        col.close()
+    row = {"batch": b, "tokens": t, "plain_ms": round(statistics.median(times["plain"]) * 1e3, 3)}
+    ratios = {n: [v / p for v, p in zip(times[n], times["plain"])] for n in codes}
+    for n, r in ratios.items():
+        row[n] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    row["new_minus_base"] = statistics.median(a - c for a, c in zip(ratios["new"], ratios["base"]))
+    return row
+
+
+def bookkeeping(bench, model, codes: dict, rounds: int, batches: int) -> dict:
+    """Milliseconds per batch of each code's Collector on the tensors one batch's hooks saw."""
+    batch, ids, mask = bench.inputs(1, 128)
+    seen = []
+
+    class Recorder:
+        def take(self, target, tensors):
+            seen.append((target, tensors))
+
+    with capture.Capture(model, bench.targets, Recorder()), torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    cols = {}
+    for name, (_, col_module) in codes.items():
+        col = col_module.Collector(eo.NullWriter(), bench.targets, copy_host_tensors=True)
+        col.close()  # its completion thread ends: this thread does that work, timed
+        cols[name] = col
+
+    def one(col):
+        col._batch = batch
+        for target, tensors in seen:
+            col.take(target, tensors)
+        held, col._held, col._held_bytes = col._held, [], 0
+        col._assemble(col._copy(held), {})
+    spent = {name: [] for name in cols}
+    for _ in range(rounds):
+        for name, col in cols.items():
+            start = time.perf_counter()
+            for _ in range(batches):
+                one(col)
+            spent[name].append((time.perf_counter() - start) / batches * 1e3)
+    return {"hooks": len(seen), "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                                                 for n, v in spent.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="a src/ tree of another commit (holding layerwise/)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shapes", default="1x128,1x512,4x128,16x128,1x1024", help="batch x tokens, comma list")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--book-rounds", type=int, default=5, help="rounds of the bookkeeping part (0: skip)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="layerwise-ab-") as scratch:
+        codes = {"new": (capture, collector), "base": load_base(Path(args.base).resolve(), Path(scratch))}
+        config = minimax_config(args.layers, tiny=args.tiny)
+        device_map = {"": "cpu"}
+        if torch.cuda.is_available() and not args.tiny:
+            meta = placement.meta_model(config, torch.bfloat16)
+            device_map = placement.plan_placement(meta, [torch.cuda.mem_get_info(0)[0]], "balanced", cpu_bytes=0,
+                                                  tokens=16384, dtype=torch.bfloat16).device_map
+        model = build_on_devices(config, device_map, torch.bfloat16)
+        anatomy = find_anatomy(model)
+        bench = eo.Bench(model, anatomy, config, loading.input_device(model, anatomy))
+        bench.tiny = args.tiny
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+        rows = []
+        for spec in filter(None, args.shapes.split(",")):
+            b, t = map(int, spec.split("x"))
+            rows.append(timed_forward(bench, model, codes, b, t, args.reps, args.tiny))
+            r = rows[-1]
+            print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms   this code "
+                  + "   base ".join(f"{r[n]['median']:.3f}x ({r[n]['min']:.3f}-{r[n]['max']:.3f})" for n in codes)
+                  + f"   difference {r['new_minus_base']:+.4f}", flush=True)
+        book = bookkeeping(bench, model, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
+        if book:
+            print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
+                  "on this thread): "
+                  + ", ".join(f"{n} {v['median']:.3f} ms ({v['min']:.3f}-{v['max']:.3f})"
+                              for n, v in book["ms_per_batch"].items()))
+    (out / "capture_ab.json").write_text(json.dumps({"card": card, "base": args.base, "reps": args.reps,
+                                                     "rows": rows, "bookkeeping": book}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
