@@ -52,10 +52,17 @@ def load_base(src: Path, scratch: Path):
     if not (package / "collector.py").is_file():
         raise SystemExit(f"--base {src}: no layerwise/collector.py under it (give a src/ tree of another commit)")
     shutil.copytree(package, scratch / BASE_NAME)
-    for name in [m for m in sys.modules if m == BASE_NAME or m.startswith(BASE_NAME + ".")]:
-        del sys.modules[name]  # an earlier call's copy (its directory is gone)
     sys.path.insert(0, str(scratch))
     return importlib.import_module(f"{BASE_NAME}.capture"), importlib.import_module(f"{BASE_NAME}.collector")
+
+
+def unload_base(scratch: Path) -> None:
+    """Forget the base copy once its directory goes: no module of this process points at files
+    that are gone (a later `layerwise check` in the same process counts them as uncached)."""
+    for name in [m for m in sys.modules if m == BASE_NAME or m.startswith(BASE_NAME + ".")]:
+        del sys.modules[name]
+    if str(scratch) in sys.path:
+        sys.path.remove(str(scratch))
 
 
 def timed_forward(bench, model, codes: dict, b: int, t: int, reps: int, tiny: bool) -> dict:
@@ -109,7 +116,10 @@ def bookkeeping(bench, model, codes: dict, rounds: int, batches: int) -> dict:
         for target, tensors in seen:
             col.take(target, tensors)
         held, col._held, col._held_bytes = col._held, [], 0
-        col._assemble(col._copy(held), {})
+        item = col._copy(held)
+        for event in item.done:  # on a GPU: the copies land before the buffers go back to the pool
+            event.synchronize()
+        col._assemble(item, {})
     spent = {name: [] for name in cols}
     for _ in range(rounds):
         for name, col in cols.items():
@@ -119,6 +129,37 @@ def bookkeeping(bench, model, codes: dict, rounds: int, batches: int) -> dict:
             spent[name].append((time.perf_counter() - start) / batches * 1e3)
     return {"hooks": len(seen), "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                                  for n, v in spent.items()}}
+
+
+def measure(args, base) -> tuple[list, dict | None, str]:
+    """The timed rounds of every shape, then the bookkeeping part; prints as it goes."""
+    codes = {"new": (capture, collector), "base": base}
+    config = minimax_config(args.layers, tiny=args.tiny)
+    device_map = {"": "cpu"}
+    if torch.cuda.is_available() and not args.tiny:
+        meta = placement.meta_model(config, torch.bfloat16)
+        device_map = placement.plan_placement(meta, [torch.cuda.mem_get_info(0)[0]], "balanced", cpu_bytes=0,
+                                              tokens=16384, dtype=torch.bfloat16).device_map
+    model = build_on_devices(config, device_map, torch.bfloat16)
+    anatomy = find_anatomy(model)
+    bench = eo.Bench(model, anatomy, config, loading.input_device(model, anatomy))
+    bench.tiny = args.tiny
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    rows = []
+    for spec in filter(None, args.shapes.split(",")):
+        b, t = map(int, spec.split("x"))
+        rows.append(timed_forward(bench, model, codes, b, t, args.reps, args.tiny))
+        r = rows[-1]
+        print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms   this code "
+              + "   base ".join(f"{r[n]['median']:.3f}x ({r[n]['min']:.3f}-{r[n]['max']:.3f})" for n in codes)
+              + f"   difference {r['new_minus_base']:+.4f}", flush=True)
+    book = bookkeeping(bench, model, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
+    if book:
+        print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
+              "on this thread): "
+              + ", ".join(f"{n} {v['median']:.3f} ms ({v['min']:.3f}-{v['max']:.3f})"
+                          for n, v in book["ms_per_batch"].items()))
+    return rows, book, card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,32 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="layerwise-ab-") as scratch:
-        codes = {"new": (capture, collector), "base": load_base(Path(args.base).resolve(), Path(scratch))}
-        config = minimax_config(args.layers, tiny=args.tiny)
-        device_map = {"": "cpu"}
-        if torch.cuda.is_available() and not args.tiny:
-            meta = placement.meta_model(config, torch.bfloat16)
-            device_map = placement.plan_placement(meta, [torch.cuda.mem_get_info(0)[0]], "balanced", cpu_bytes=0,
-                                                  tokens=16384, dtype=torch.bfloat16).device_map
-        model = build_on_devices(config, device_map, torch.bfloat16)
-        anatomy = find_anatomy(model)
-        bench = eo.Bench(model, anatomy, config, loading.input_device(model, anatomy))
-        bench.tiny = args.tiny
-        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
-        rows = []
-        for spec in filter(None, args.shapes.split(",")):
-            b, t = map(int, spec.split("x"))
-            rows.append(timed_forward(bench, model, codes, b, t, args.reps, args.tiny))
-            r = rows[-1]
-            print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms   this code "
-                  + "   base ".join(f"{r[n]['median']:.3f}x ({r[n]['min']:.3f}-{r[n]['max']:.3f})" for n in codes)
-                  + f"   difference {r['new_minus_base']:+.4f}", flush=True)
-        book = bookkeeping(bench, model, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
-        if book:
-            print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
-                  "on this thread): "
-                  + ", ".join(f"{n} {v['median']:.3f} ms ({v['min']:.3f}-{v['max']:.3f})"
-                              for n, v in book["ms_per_batch"].items()))
+        try:
+            rows, book, card = measure(args, load_base(Path(args.base).resolve(), Path(scratch)))
+        finally:
+            unload_base(Path(scratch))
     (out / "capture_ab.json").write_text(json.dumps({"card": card, "base": args.base, "reps": args.reps,
                                                      "rows": rows, "bookkeeping": book}, indent=1))
     return 0
