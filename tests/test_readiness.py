@@ -167,6 +167,17 @@ def test_bytecode_counts_the_modules_compiled_at_every_start(tmp_path, monkeypat
 
     monkeypatch.setitem(sys.modules, "lw_probe_lazy", Lazy())
     assert machine.bytecode().modules == after.modules - 3
+    gone = tmp_path / "gone"  # a module imported from a file deleted since: no process compiles it again
+    gone.mkdir()
+    (gone / "lw_probe_gone.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(gone))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    base = machine.bytecode().compiled
+    importlib.import_module("lw_probe_gone")
+    assert machine.bytecode().compiled == base + 1
+    (gone / "lw_probe_gone.py").unlink()
+    assert machine.bytecode().compiled == base
+    monkeypatch.delitem(sys.modules, "lw_probe_gone")
 
 
 @pytest.mark.parametrize("writes, prefix, cause", [

@@ -156,8 +156,8 @@ def bytecode() -> Bytecode:
             origin, cached = getattr(spec, "origin", None), getattr(spec, "cached", None)
         except Exception:
             continue
-        if not isinstance(origin, str) or not origin.endswith(".py") or not cached:
-            continue
+        if not isinstance(origin, str) or not origin.endswith(".py") or not cached or not os.path.exists(origin):
+            continue  # a source deleted since (a temporary copy) is compiled by no later process
         modules += 1
         if not pyc_valid(origin, cached):
             compiled += 1
