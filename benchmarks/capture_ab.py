@@ -48,10 +48,7 @@ BASE_NAME = "layerwise_base"
 
 def load_base(src: Path, scratch: Path):
     """(capture, collector) modules of the layerwise package under `src`, imported as BASE_NAME."""
-    package = src / "layerwise"
-    if not (package / "collector.py").is_file():
-        raise SystemExit(f"--base {src}: no layerwise/collector.py under it (give a src/ tree of another commit)")
-    shutil.copytree(package, scratch / BASE_NAME)
+    shutil.copytree(src / "layerwise", scratch / BASE_NAME)
     sys.path.insert(0, str(scratch))
     return importlib.import_module(f"{BASE_NAME}.capture"), importlib.import_module(f"{BASE_NAME}.collector")
 
@@ -172,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
     args = ap.parse_args(argv)
+    if not (Path(args.base) / "layerwise" / "collector.py").is_file():
+        ap.error(f"--base {args.base}: no layerwise/collector.py under it (give a src/ tree of another commit)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="layerwise-ab-") as scratch:

@@ -273,5 +273,6 @@ def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
     assert (row["batch"], row["tokens"]) == (1, 8) and row["new"]["median"] > 0 and row["base"]["median"] > 0
     assert data["bookkeeping"]["hooks"] == 24 and set(data["bookkeeping"]["ms_per_batch"]) == {"new", "base"}
     assert not [m for m in sys.modules if m.startswith("layerwise_base")], "the base copy is forgotten with its directory"
-    with pytest.raises(SystemExit, match="no layerwise/collector.py"):
+    with pytest.raises(SystemExit) as usage:
         bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
+    assert usage.value.code == 2 and "no layerwise/collector.py" in capsys.readouterr().err
