@@ -62,8 +62,9 @@ def unload_base(scratch: Path) -> None:
         sys.path.remove(str(scratch))
 
 
-def timed_forward(bench, model, codes: dict, b: int, t: int, reps: int, tiny: bool) -> dict:
+def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool) -> dict:
     batch, ids, mask = bench.inputs(b, t)
+    model = bench.model
 
     def plain():
         with torch.inference_mode():
@@ -91,7 +92,7 @@ def timed_forward(bench, model, codes: dict, b: int, t: int, reps: int, tiny: bo
     return row
 
 
-def bookkeeping(bench, model, codes: dict, rounds: int, batches: int) -> dict:
+def bookkeeping(bench, codes: dict, rounds: int, batches: int) -> dict:
     """Milliseconds per batch of each code's Collector on the tensors one batch's hooks saw."""
     batch, ids, mask = bench.inputs(1, 128)
     seen = []
@@ -100,8 +101,8 @@ def bookkeeping(bench, model, codes: dict, rounds: int, batches: int) -> dict:
         def take(self, target, tensors):
             seen.append((target, tensors))
 
-    with capture.Capture(model, bench.targets, Recorder()), torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    with capture.Capture(bench.model, bench.targets, Recorder()), torch.inference_mode():
+        bench.model(input_ids=ids, attention_mask=mask, use_cache=False)
     cols = {}
     for name, (_, col_module) in codes.items():
         col = col_module.Collector(eo.NullWriter(), bench.targets, copy_host_tensors=True)
@@ -140,17 +141,16 @@ def measure(args, base) -> tuple[list, dict | None, str]:
     model = build_on_devices(config, device_map, torch.bfloat16)
     anatomy = find_anatomy(model)
     bench = eo.Bench(model, anatomy, config, loading.input_device(model, anatomy))
-    bench.tiny = args.tiny
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
     rows = []
     for spec in filter(None, args.shapes.split(",")):
         b, t = map(int, spec.split("x"))
-        rows.append(timed_forward(bench, model, codes, b, t, args.reps, args.tiny))
+        rows.append(timed_forward(bench, codes, b, t, args.reps, args.tiny))
         r = rows[-1]
         print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms   this code "
               + "   base ".join(f"{r[n]['median']:.3f}x ({r[n]['min']:.3f}-{r[n]['max']:.3f})" for n in codes)
               + f"   difference {r['new_minus_base']:+.4f}", flush=True)
-    book = bookkeeping(bench, model, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
+    book = bookkeeping(bench, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
     if book:
         print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
               "on this thread): "
