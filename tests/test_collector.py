@@ -1,5 +1,6 @@
 """The capture sink: its pinned-buffer pool (backpressure without deadlock) and what it hands the writer."""
 
+import dataclasses
 import threading
 import time
 
@@ -290,3 +291,70 @@ def test_reserve_pins_a_fixed_count_and_only_slabs_a_pool_will_take(monkeypatch)
     monkeypatch.setattr(pinned, "new_buffer", lambda n, pin: made.append((n, pin)) or torch.empty(1))
     pinned.reserve(4 << 30).join()
     assert made == [(pinned.SLAB_BYTES, True)] * 2 and len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES
+
+
+class ThreadWriter(ListWriter):
+    """A ListWriter that notes which thread handed it each file, and can hold one put until told."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads, self.order, self.gate = {}, [], None
+
+    def put(self, prompt, group, tensors, on_written=None):
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.threads[(prompt, group)] = threading.current_thread().name
+        self.order.append((prompt, group))
+        super().put(prompt, group, tensors, on_written)
+
+
+def test_flush_completes_the_last_copy_itself_when_the_completion_thread_is_idle():
+    """`flush` with nothing queued cuts and hands the files on its own thread (no wake-up of
+    another thread, then of this one); with a flush still queued it leaves the work to the
+    completion thread: files keep their order whichever thread hands them on."""
+    targets = _targets(1)
+    writer = ThreadWriter()
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    states = [torch.randn(1, 4, 2) for _ in range(2)]
+    collector.start_batch(_batch([4], 4))
+    collector.take(targets[0], [states[0]])
+    collector.take(targets[1], [states[1]])
+    collector.flush()
+    assert writer.threads == {(0, "model.layers.0"): threading.current_thread().name}
+    # a batch queued for the completion thread (held there by the writer), then another flushed
+    writer.gate = threading.Event()
+    collector.start_batch(dataclasses.replace(_batch([4], 4), prompts=(Prompt(1, None, (0, 1, 2, 3)),)))
+    collector.take(targets[0], [states[0]])
+    collector.take(targets[1], [states[1]])
+    collector.start_batch(dataclasses.replace(_batch([4], 4), prompts=(Prompt(2, None, (0, 1, 2, 3)),)))
+    collector.take(targets[0], [states[1]])
+    collector.take(targets[1], [states[0]])
+    threading.Timer(0.2, writer.gate.set).start()
+    _in_thread(collector.flush)
+    assert writer.order == [(0, "model.layers.0"), (1, "model.layers.0"), (2, "model.layers.0")]
+    assert writer.threads[(1, "model.layers.0")] == "layerwise-capture"
+    assert torch.equal(writer.files[(2, "model.layers.0")]["model.layers.0:input"], states[1][0])
+    _in_thread(collector.close)
+    assert collector.pool.used == 0, "every buffer came back"
+
+
+def test_flattened_router_tensors_are_cut_per_prompt_from_their_token_rows():
+    """A router's [batch x tokens, k] outputs: prompt r's rows are r*S .. r*S+n, padding dropped;
+    a single unpadded prompt keeps all rows."""
+    layer, router = "model.layers.0", "model.layers.0.mlp.gate"
+    targets = [Target(router, "output", tuple(f"{router}:{r}" for r in
+                                              ("router_logits", "score_bias", "topk_weights", "topk_ids")), layer)]
+    for lengths, width in (([3, 1, 2], 3), ([4], 4)):
+        writer = ListWriter()
+        collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+        collector.start_batch(_batch(lengths, width))
+        rows = len(lengths) * width
+        logits, ids = torch.randn(rows, 5), torch.arange(rows * 2).reshape(rows, 2)
+        collector.take(targets[0], [logits, torch.ones(5), torch.rand(rows, 2), ids])
+        _in_thread(collector.close)
+        for r, n in enumerate(lengths):
+            got = writer.files[(r, layer)]
+            assert torch.equal(got[f"{router}:router_logits"], logits[r * width:r * width + n])
+            assert torch.equal(got[f"{router}:topk_ids"], ids[r * width:r * width + n].to(torch.int32))
+            assert got[f"{router}:topk_ids"].dtype == torch.int32 and torch.equal(got[f"{router}:score_bias"],
+                                                                                   torch.ones(5))

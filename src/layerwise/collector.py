@@ -66,6 +66,11 @@ class Collector:
       (`start_batch`, `flush` and `close` call it) flushes the rest.
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
       into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
+      `flush()` does that work itself when the completion thread has nothing queued: a caller
+      waiting for the host copies is not also waiting for two threads to wake in turn.
+    - each tensor name's facts (stored dtype, whole or per token, padding tail) are worked out
+      once; a prompt's part of a tensor is one view (a router's [batch x tokens, ...] outputs
+      are cut by rows, not reshaped first).
     Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
     writer queue fills, buffers stop coming back and the next flush waits (backpressure).
     On the CPU the captured tensors themselves are written (no copy).
@@ -75,8 +80,11 @@ class Collector:
                  copy_host_tensors: bool = False, flush_bytes: int = FLUSH_BYTES):
         self.writer = writer
         self.groups = groups_of(targets)
-        self._padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
-        self._extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
+        padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
+        extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
+        # each name's facts, worked out once: (stored dtype or None, whole, padding tail's name or None, extra)
+        self._facts = {n: (_STORED.get(split_name(n)[1]), split_name(n)[1] in WHOLE_ROLES,
+                           pad_name(n) if n in padded else None, n in extra) for t in targets for n in t.names}
         gpu = torch.cuda.is_available()
         # copy_host_tensors: CPU tensors go through pooled buffers too (the GPU path's bookkeeping, testable anywhere)
         self.pool = PinnedPool(pinned_budget_bytes, pin=gpu, slab_bytes=slab_for(pinned_budget_bytes)) \
@@ -88,6 +96,10 @@ class Collector:
         self._held_bytes = 0  # their bytes (a tensor seen twice counts twice)
         self.flush_bytes = flush_bytes
         self._pending: queue.Queue = queue.Queue(maxsize=256)
+        self._state = threading.Lock()  # whoever completes a flush (the completion thread, or `flush`) holds it
+        self._queued = 0  # items put on `_pending` and not yet completed (under `_state`)
+        self._parts: dict[str, dict] = {}  # group -> {name: (host tensor, SharedBuffer or None)} until whole
+        self._parts_batch = None  # the batch `_parts` belong to
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
         self._thread.start()
@@ -113,9 +125,14 @@ class Collector:
         """Issue the host copies of everything held and hand them to the completion thread."""
         if self._held:
             held, self._held, self._held_bytes = self._held, [], 0
-            self._pending.put(self._copy(held))
+            self._put(self._copy(held))
         if not keep_batch:
             self._batch = None
+
+    def _put(self, item) -> None:
+        with self._state:
+            self._queued += 1
+        self._pending.put(item)
 
     def _copy(self, held: list) -> _Flush:
         """One packed host copy per device (per slab) of the held tensors, each tensor object once
@@ -197,31 +214,42 @@ class Collector:
     # -- the completion thread -----------------------------------------------------------------
 
     def _complete(self) -> None:
-        parts: dict[str, dict] = {}  # group -> {name: (host tensor, SharedBuffer or None)} until the file is whole
-        batch = None  # the batch `parts` belong to
         while True:
             item = self._pending.get()
-            try:
+            with self._state:
+                self._queued -= 1
                 if item is None:
-                    if self._error is None:
-                        self._emit_unfinished(batch, parts)
+                    self._end()
                     return
                 if isinstance(item, threading.Event):
                     item.set()
-                    continue
-                if self._error is not None:
-                    self._drop(item)
-                    continue
-                if item.batch is not batch:
-                    self._emit_unfinished(batch, parts)
-                    batch = item.batch
-                for event in item.done:
-                    event.synchronize()  # sleeps with the GIL released while the copy engines work
-                item.keep.clear()  # the device tensors may go back to the allocator now
-                self._assemble(item, parts)
-            except BaseException as err:
-                self._error = self._error or err
+                else:
+                    self._finish(item)
+
+    def _end(self) -> None:
+        """The capture is over: files whose modules did not all run are written with what ran."""
+        try:
+            if self._error is None:
+                self._emit_unfinished(self._parts_batch, self._parts)
+        except BaseException as err:  # such a file could not be handed over
+            self._error = self._error or err
+
+    def _finish(self, item: _Flush) -> None:
+        """Wait for a flush's copies, cut it into prompts, hand whole files on (under `_state`)."""
+        try:
+            if self._error is not None:
                 self._drop(item)
+                return
+            if item.batch is not self._parts_batch:
+                self._emit_unfinished(self._parts_batch, self._parts)
+                self._parts_batch = item.batch
+            for event in item.done:
+                event.synchronize()  # sleeps with the GIL released while the copy engines work
+            item.keep.clear()  # the device tensors may go back to the allocator now
+            self._assemble(item, self._parts)
+        except BaseException as err:
+            self._error = self._error or err
+            self._drop(item)
 
     def _assemble(self, item: _Flush, parts: dict) -> None:
         counts = [0] * len(item.buffers)
@@ -259,48 +287,70 @@ class Collector:
     def _emit(self, batch, group: str, parts: dict) -> None:
         shaped: dict[str, torch.Tensor] = {}
         whole: set[str] = set()  # per model, not per token (WHOLE_ROLES)
+        flat: set[str] = set()  # [batch x tokens, ...] rather than [batch, tokens, ...]
+        tails: list[tuple[str, str]] = []  # (decoder-layer input, its padding tail's name)
         rows, width = batch.input_ids.shape
         for name, (t, _) in parts.items():
             if t is None:
                 continue
-            role = split_name(name)[1]
-            if role in WHOLE_ROLES:
+            stored, is_whole, tail, extra = self._facts[name]
+            if stored is not None and t.dtype != stored:
+                t = t.to(stored)
+            if is_whole:
                 whole.add(name)
-            if role in _STORED and t.dtype != _STORED[role]:
-                t = t.to(_STORED[role])
-            if role not in WHOLE_ROLES and t.dim() >= 1 and t.shape[0] == rows * width \
-                    and (t.dim() == 1 or t.shape[:2] != (rows, width)):
-                t = t.reshape(rows, width, *t.shape[1:])  # routers see flattened [B*S, ...] tokens
-            if name in self._extra and (t.dim() < 2 or t.shape[:2] != (rows, width)):
+            elif t.dim() >= 1 and t.shape[0] == rows * width and (t.dim() == 1 or t.shape[:2] != (rows, width)):
+                flat.add(name)  # routers see flattened [B*S, ...] tokens: prompt r is rows r*S... of them
+            if extra and name not in flat and (t.dim() < 2 or t.shape[:2] != (rows, width)):
                 raise UserError(f"{name} has shape {list(t.shape)}, not [batch {rows}, tokens {width}, ...] "
                                 "(nor [tokens, ...]): it cannot be stored per prompt; capture another module")
             shaped[name] = t
-        buffers = list({id(b): b for _, b in parts.values() if b is not None}.values())
-        for b in buffers:
-            b.acquire(len(batch.prompts))
+            if tail is not None:
+                tails.append((name, tail))
+        records: dict[int, list] = {}  # id(SharedBuffer) -> [it, how many of this file's records it holds]
         for _, b in parts.values():
             if b is not None:
-                b.record_done()
+                records.setdefault(id(b), [b, 0])[1] += 1
+        buffers = [b for b, _ in records.values()]
+        for b, n in records.values():
+            b.acquire(len(batch.prompts))
+            b.records_done(n)
 
         def release():
             for b in buffers:
                 b.release()
 
+        items = [(name, t, name in whole, name in flat) for name, t in shaped.items()]
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
-            tensors = {name: t if name in whole else t[row, :n] for name, t in shaped.items()}
+            first = row * width
+            tensors = {name: t if is_whole or (is_flat and rows == 1 and n == width) else
+                       t[first:first + n] if is_flat else t[row] if n == width else t[row, :n]
+                       for name, t, is_whole, is_flat in items}
             if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
-                tensors.update({pad_name(name): t[row, n:] for name, t in shaped.items() if name in self._padded})
+                tensors.update((tail, shaped[name][first + n:first + width] if name in flat else shaped[name][row, n:])
+                               for name, tail in tails)
             self.writer.put(prompt.index, group, tensors, release)
 
     def flush(self) -> None:
-        """Block until everything captured so far has reached the writer."""
-        self.end_batch(keep_batch=True)
-        done = threading.Event()
-        self._pending.put(done)
-        while not done.wait(0.5):
-            if self._error is not None:
-                raise self._error
+        """Block until everything captured so far has reached the writer. When the completion
+        thread has nothing left to do, this thread completes the last flush itself: no hand-over
+        to a thread that must first wake, then wake this one."""
+        item = None
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            item = self._copy(held)
+        with self._state:
+            idle = self._queued == 0
+            if idle and item is not None:
+                self._finish(item)
+        if not idle:
+            if item is not None:
+                self._put(item)
+            done = threading.Event()
+            self._put(done)
+            while not done.wait(0.5):
+                if self._error is not None:
+                    raise self._error
         if self._error is not None:
             raise self._error
 

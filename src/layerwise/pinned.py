@@ -180,9 +180,9 @@ class SharedBuffer:
         if last:
             self.pool.give(self.buffer)
 
-    def record_done(self) -> None:
+    def records_done(self, n: int) -> None:
         with self.lock:
-            self.records_left -= 1
+            self.records_left -= n
             last = self.records_left == 0
         if last:
             self.release()
