@@ -8,11 +8,14 @@ tar x -C /tmp/base`), imported under another package name, builds one MiniMax-M2
 each batch x tokens, times in interleaved rounds (plain, this code, base code, plain, ...) the
 plain forward pass and the forward pass with each code's capture (residual + router, every copy
 on the host inside the timed region, the writer dropping the tensors): ratios to the plain
-forward per round, median (min-max), and the median per-round difference of the two ratios.
+forward per round, median (min-max), and the median per-round difference of the two ratios; the
+same for --run-batches batches in a row flushed once at the end (an extract's loop: it never
+waits for a batch's files, which are cut while the next batch runs) against as many plain ones.
 
 Then, without any forward pass, each code's bookkeeping alone: the tensors the hooks saw in one
 batch handed to a Collector again and again (`take` for every hook, the flush, and the
-completion thread's cutting into prompts, on this thread), milliseconds per batch, in turns.
+completion thread's cutting into prompts, on this thread), milliseconds per batch, in turns, and
+the median of each stage (STAGES).
 
     python benchmarks/capture_ab.py --base /tmp/base/src --shapes 1x128,1x512,4x128 --reps 9
     python benchmarks/capture_ab.py --tiny --base src      # a CPU dry run (this code against itself)
@@ -44,6 +47,9 @@ from layerwise import capture, collector, loading, placement  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 
 BASE_NAME = "layerwise_base"
+# the bookkeeping's stages: the hooks' `take`s, the flush's packing, copy launch and host views
+# (`_copy`), waiting for the device-to-host copy, cutting into prompts and handing the files on
+STAGES = ("take", "pack_and_launch", "copy_wait", "cut_and_hand")
 
 
 def load_base(src: Path, scratch: Path):
@@ -62,7 +68,10 @@ def unload_base(scratch: Path) -> None:
         sys.path.remove(str(scratch))
 
 
-def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool) -> dict:
+def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool, run_batches: int) -> dict:
+    """Each code's capture of one batch (flushed: every copy on the host in the timed region) and,
+    with run_batches > 0, of that many batches in a row flushed once at the end, as an extract's
+    loop runs them (a batch's files are cut while the next batch runs), against the plain forward."""
     batch, ids, mask = bench.inputs(b, t)
     model = bench.model
 
@@ -70,25 +79,41 @@ def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool) -> 
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
 
+    def plain_run():
+        for _ in range(run_batches):
+            plain()
+
     variants, cols = {"plain": plain}, {}
+    if run_batches:
+        variants["plain_run"] = plain_run
     for name, (cap, col_module) in codes.items():
         col = col_module.Collector(eo.NullWriter(), bench.targets, copy_host_tensors=tiny)
         hooks = cap.Capture(model, bench.targets, col)
 
-        def run(col=col):
+        def one(col=col):
             col.start_batch(batch)
             plain()
             col.flush()
-        variants[name] = (hooks.__enter__, run, lambda _, h=hooks: h.__exit__(None, None, None))
+
+        def run(col=col):
+            for _ in range(run_batches):
+                col.start_batch(batch)
+                plain()
+            col.flush()
+        variants[name] = (hooks.__enter__, one, lambda _, h=hooks: h.__exit__(None, None, None))
+        if run_batches:
+            variants[f"{name}_run"] = (hooks.__enter__, run, lambda _, h=hooks: h.__exit__(None, None, None))
         cols[name] = col
     times = eo.interleaved(variants, reps)
     for col in cols.values():
         col.close()
-    row = {"batch": b, "tokens": t, "plain_ms": round(statistics.median(times["plain"]) * 1e3, 3)}
-    ratios = {n: [v / p for v, p in zip(times[n], times["plain"])] for n in codes}
-    for n, r in ratios.items():
-        row[n] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
-    row["new_minus_base"] = statistics.median(a - c for a, c in zip(ratios["new"], ratios["base"]))
+    row = {"batch": b, "tokens": t, "plain_ms": round(statistics.median(times["plain"]) * 1e3, 3),
+           "run_batches": run_batches}
+    for suffix, base in (("", "plain"), ("_run", "plain_run")) if run_batches else (("", "plain"),):
+        ratios = {n: [v / p for v, p in zip(times[n + suffix], times[base])] for n in codes}
+        for n, r in ratios.items():
+            row[n + suffix] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+        row[f"new_minus_base{suffix}"] = statistics.median(a - c for a, c in zip(ratios["new"], ratios["base"]))
     return row
 
 
@@ -109,24 +134,36 @@ def bookkeeping(bench, codes: dict, rounds: int, batches: int) -> dict:
         col.close()  # its completion thread ends: this thread does that work, timed
         cols[name] = col
 
-    def one(col):
+    def one(col, stages):
+        t0 = time.perf_counter()
         col._batch = batch
         for target, tensors in seen:
             col.take(target, tensors)
         held, col._held, col._held_bytes = col._held, [], 0
+        t1 = time.perf_counter()
         item = col._copy(held)
+        t2 = time.perf_counter()
         for event in item.done:  # on a GPU: the copies land before the buffers go back to the pool
             event.synchronize()
+        t3 = time.perf_counter()
         col._assemble(item, {})
+        t4 = time.perf_counter()
+        for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            stages[stage] += seconds
     spent = {name: [] for name in cols}
+    parts = {name: {stage: [] for stage in STAGES} for name in cols}
     for _ in range(rounds):
         for name, col in cols.items():
+            stages = dict.fromkeys(STAGES, 0.0)
             start = time.perf_counter()
             for _ in range(batches):
-                one(col)
+                one(col, stages)
             spent[name].append((time.perf_counter() - start) / batches * 1e3)
+            for stage, seconds in stages.items():
+                parts[name][stage].append(seconds / batches * 1e3)
     return {"hooks": len(seen), "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                                                 for n, v in spent.items()}}
+                                                 for n, v in spent.items()},
+            "stages_ms": {n: {s: statistics.median(v) for s, v in p.items()} for n, p in parts.items()}}
 
 
 def measure(args, base) -> tuple[list, dict | None, str]:
@@ -145,17 +182,21 @@ def measure(args, base) -> tuple[list, dict | None, str]:
     rows = []
     for spec in filter(None, args.shapes.split(",")):
         b, t = map(int, spec.split("x"))
-        rows.append(timed_forward(bench, codes, b, t, args.reps, args.tiny))
+        rows.append(timed_forward(bench, codes, b, t, args.reps, args.tiny, args.run_batches))
         r = rows[-1]
-        print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms   this code "
-              + "   base ".join(f"{r[n]['median']:.3f}x ({r[n]['min']:.3f}-{r[n]['max']:.3f})" for n in codes)
-              + f"   difference {r['new_minus_base']:+.4f}", flush=True)
+        for suffix, what in (("", "one batch"), ("_run", f"{args.run_batches} in a row"))[:2 if args.run_batches else 1]:
+            print(f"{b:>3} x {t:<5} plain {r['plain_ms']:8.2f} ms, {what:>11}: this code "
+                  + "   base ".join(f"{r[n + suffix]['median']:.3f}x ({r[n + suffix]['min']:.3f}-"
+                                    f"{r[n + suffix]['max']:.3f})" for n in codes)
+                  + f"   difference {r['new_minus_base' + suffix]:+.4f}", flush=True)
     book = bookkeeping(bench, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
     if book:
         print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
               "on this thread): "
               + ", ".join(f"{n} {v['median']:.3f} ms ({v['min']:.3f}-{v['max']:.3f})"
                           for n, v in book["ms_per_batch"].items()))
+        for n, stages in book["stages_ms"].items():
+            print(f"  {n}: " + ", ".join(f"{s} {v:.3f} ms" for s, v in stages.items()))
     return rows, book, card
 
 
@@ -165,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--shapes", default="1x128,1x512,4x128,16x128,1x1024", help="batch x tokens, comma list")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--run-batches", type=int, default=8,
+                    help="also time this many batches in a row, flushed once (0: skip)")
     ap.add_argument("--book-rounds", type=int, default=5, help="rounds of the bookkeeping part (0: skip)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
