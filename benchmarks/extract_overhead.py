@@ -22,9 +22,9 @@ written, the manifest) against the floor max(bare forward loop, bytes / page-cac
 bandwidth), both measured in the same round, and the same extract with a writer that drops
 everything. Each round's trace says where the time went after the forward pass (every file's
 write, the seconds in NaN/Inf checks and digests, when the capture closed, the manifest).
---writer-threads 4,8,16, --switch-interval 5,0.5 (the GIL's, ms) and --writer process,threads (the
-run writer's own process reading shared buffers, or only this process's threads) run them side by
-side.
+--writer-threads 4,8,16, --switch-interval 5,0.5 (the GIL's, ms), --writer process,threads (the
+run writer's own processes reading shared buffers, or only this process's threads) and
+--process-threads 8,3 (the most threads a writer process runs) run them side by side.
 
 Prints tables; JSON and markdown to --out. Dry run on a CPU: --tiny.
 """
@@ -314,8 +314,7 @@ class Bench:
             thread = pin_ahead(options)  # and starts the writer's process, as while a model loads
             if thread is not None:
                 thread.join()
-            proc = writerproc.process(options.writer_threads or runs.writer_threads())
-            if proc is not None:
+            for proc in writerproc.processes(options.writer_threads or writerproc.process_threads()) or []:
                 proc.ready()
 
         from layerwise import recording
@@ -352,7 +351,8 @@ class Bench:
                                        if k in ("pinned_alloc_seconds", "capture_wait_seconds", "pinned_peak_bytes")}})
         mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
         return {"prompts": prompts, "tokens": tokens, "bytes": e2e.bytes, "files": len(trace.files),
-                "writer_threads": writer_threads or runs.writer_threads(),
+                "writer_threads": writer_threads or (writerproc.process_threads() if writerproc.supported()
+                                                     else runs.writer_threads()),
                 "ratio": spread([r["ratio"] for r in rounds]), "wall_s": spread([r["wall_s"] for r in rounds]),
                 "floor_s": spread([r["floor_s"] for r in rounds]),
                 "null_writer_s": spread([r["null_writer_s"] for r in rounds]),
@@ -493,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
     ap.add_argument("--writer-threads", default="", help="the end-to-end extracts' writer threads, e.g. 4,8,16 "
                     "(each side by side; default: the run writer's own)")
+    ap.add_argument("--process-threads", default="", help="the most threads a writer process runs "
+                    "(writerproc.PROCESS_THREADS), e.g. 8,3 (each side by side; default: as set)")
     ap.add_argument("--switch-interval", default="", help="the interpreter's GIL switch intervals (ms) to run "
                     "the end-to-end extracts under, e.g. 5,0.5 (each side by side; default: as set)")
     ap.add_argument("--writer", default="", help="where the end-to-end extracts' files are written: process "
@@ -541,11 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     ends = []
     for spec in filter(None, args.e2e.split(",")):
         p, t = map(int, spec.split("x"))
-        settings = [(w, n, i) for w in [x for x in args.writer.split(",") if x] or [None]
+        settings = [(w, n, i, k) for w in [x for x in args.writer.split(",") if x] or [None]
                     for n in [int(x) for x in args.writer_threads.split(",") if x] or [None]
-                    for i in [float(x) for x in args.switch_interval.split(",") if x] or [None]]
-        for where, threads, interval in settings:
+                    for i in [float(x) for x in args.switch_interval.split(",") if x] or [None]
+                    for k in [int(x) for x in args.process_threads.split(",") if x] or [writerproc.PROCESS_THREADS]]
+        for where, threads, interval, per_process in settings:
             default, mode = sys.getswitchinterval(), os.environ.get(writerproc.ENV)
+            kept, writerproc.PROCESS_THREADS = writerproc.PROCESS_THREADS, per_process
             if interval is not None:
                 sys.setswitchinterval(interval / 1e3)
             if where is not None:
@@ -555,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
                 ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
             finally:
                 sys.setswitchinterval(default)
+                writerproc.PROCESS_THREADS = kept
             ends[-1]["switch_interval_ms"] = (interval if interval is not None else default * 1e3)
+            ends[-1]["process_threads"] = per_process
             ends[-1]["writer"] = "process" if writerproc.supported() else "threads"
             if mode is None:
                 os.environ.pop(writerproc.ENV, None)
@@ -566,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in ends:
         m = e["median_round"]
         text += (f"\nextract {e['prompts']} x {e['tokens']} (residual+router) to disk, {e['bytes'] / 1e9:.2f} GB in "
-                 f"{e['files']} files, writer {e['writer']}, {e['writer_threads']} writer threads, switch interval {e['switch_interval_ms']:g} ms, "
+                 f"{e['files']} files, writer {e['writer']}, {e['writer_threads']} writer threads (at most "
+                 f"{e['process_threads']} a process), switch interval {e['switch_interval_ms']:g} ms, "
                  f"{len(e['rounds'])} rounds: {fmt_spread(e['wall_s'], 's')} against the floor "
                  f"max(forward loop, bytes / page cache) {fmt_spread(e['floor_s'], 's')}: {fmt_spread(e['ratio'], 'x')}; "
                  f"writer dropping everything {fmt_spread(e['null_writer_s'], 's')}; median round: forward "

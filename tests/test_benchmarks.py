@@ -58,7 +58,8 @@ def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "extract_overhead").main(
         ["--tiny", "--layers", "2", "--tokens", "16,32", "--batches", "1,2", "--reps", "1", "--profile", "1x16",
          "--e2e", "2x32", "--e2e-repeat", "2", "--writer-threads", "2,3", "--switch-interval", "5,1",
-         "--writer", "process,threads", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+         "--writer", "process,threads", "--process-threads", "1", "--out", str(tmp_path / "out"),
+         "--work", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "extract_overhead_1gpu.json").read_text())
@@ -67,6 +68,7 @@ def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
     ends = data["end_to_end"]
     settings = [(w, n, i) for w in ("process", "threads") for n in (2, 3) for i in (5, 1)]
     assert [(e["writer"], e["writer_threads"], e["switch_interval_ms"]) for e in ends] == settings
+    assert {e["process_threads"] for e in ends} == {1}  # 2 or 3 writer processes of one thread each
     for e in ends:
         assert e["bytes"] > 0 and len(e["rounds"]) == 2 and e["files"] == 2 * 2  # 2 prompts x 2 layers
         trace = e["median_round"]["trace"]

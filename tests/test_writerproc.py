@@ -96,7 +96,7 @@ def test_a_file_the_process_cannot_write_is_one_clear_error(tmp_path):
 
 def test_a_writer_process_that_dies_fails_the_run_and_the_next_starts_another(tmp_path):
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
-    proc = writerproc.process(2)
+    [proc] = writerproc.processes(2)
     os.kill(proc.proc.pid, signal.SIGKILL)
     proc.proc.wait()
     with pytest.raises(LostProcess, match=r"the run writer's process ended \(exit code -9.*rerun the same command"):
@@ -106,7 +106,7 @@ def test_a_writer_process_that_dies_fails_the_run_and_the_next_starts_another(tm
     again = runs.RunWriter(tmp_path / "again", INTENT, threads=2)
     again.put(0, "a", {"a:output": torch.ones(4)})
     again.finish()
-    assert writerproc.process(2) is not proc
+    assert writerproc.processes(2)[0] is not proc
     assert torch.equal(runs.open_run(tmp_path / "again").tensor("a:output"), torch.ones(4))
 
 
@@ -124,7 +124,7 @@ def test_a_shared_buffer_comes_back_to_the_cache_when_its_last_view_is_gone():
 
 def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
     monkeypatch.setenv(writerproc.ENV, "threads")
-    assert not writerproc.supported() and writerproc.process(2) is None
+    assert not writerproc.supported() and writerproc.processes(2) is None
     assert pinned.new_buffer(1 << 16, False).data_ptr() not in writerproc._REGIONS
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
     writer.put(0, "a", {"a:output": torch.ones(4)})
@@ -134,7 +134,7 @@ def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
 
 def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path, monkeypatch, traced):
     """The writer's process keeps the working directory it started in."""
-    writerproc.process(2)
+    writerproc.processes(2)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     writer = runs.RunWriter("run", INTENT, threads=2)
@@ -144,16 +144,35 @@ def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path
 
 
 def test_the_process_answers_and_takes_another_thread_count(tmp_path, traced):
-    """One writer process a program: another count of threads asked for resizes it (a run writer
-    still writing through it keeps it)."""
-    proc = writerproc.process(3)
+    """The program's writer processes are kept: another count of threads asked for resizes them
+    (a run writer still writing through them keeps them)."""
+    [proc] = writerproc.processes(3)
     assert proc.ready(timeout=30) and proc.threads == 3
     first = runs.RunWriter(tmp_path / "first", INTENT, threads=3)
     first.put(0, "a", {"a:output": torch.ones(4)})
-    assert writerproc.process(2) is proc and proc.threads == 2 and proc.ready(timeout=30)
+    assert writerproc.processes(2) == [proc] and proc.threads == 2 and proc.ready(timeout=30)
     first.put(1, "a", {"a:output": torch.zeros(4)})
     first.finish()
     assert len(traced) == 2 and torch.equal(runs.open_run(tmp_path / "first").tensor("a:output", 1), torch.zeros(4))
+
+
+def test_threads_are_spread_over_processes_and_files_over_them(tmp_path, traced):
+    """At most PROCESS_THREADS threads a process (one GIL each); a run's files go to the process
+    with the fewest outstanding, and come out as this process's writer would write them."""
+    procs = writerproc.processes(7)
+    assert [p.threads for p in procs] == [3, 2, 2] and len({p.proc.pid for p in procs}) == 3
+    assert all(p.ready(timeout=30) for p in procs) and writerproc.processes(4)[:1] == procs[:1]
+    assert [p.threads for p in procs] == [2, 2, 2]  # 4 threads: two processes of 2; the third kept, idle
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=6)  # two processes of 3
+    expect, shared = {}, []  # the shared buffers are kept until written, as the capture keeps them
+    for prompt in range(12):
+        shared.append(in_shared(torch.full((64, 8), float(prompt))))
+        expect[prompt] = shared[-1].clone()
+        writer.put(prompt, "a", {"a:output": shared[-1]})
+    writer.finish()
+    assert len({thread.split("/")[0] for *_, thread in traced}) == 2, "each process wrote some of the files"
+    run = runs.open_run(tmp_path / "run")
+    assert all(torch.equal(run.tensor("a:output", p), expect[p]) for p in expect)
 
 
 def test_a_writer_process_killed_under_extract_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, tiny_minimax):

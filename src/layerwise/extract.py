@@ -34,7 +34,7 @@ from .loading import LoadedModel, LoadOptions, load_model
 from .module_points import module_targets, parse_modules
 from .prompts import make_batches, read_prompt_file, tokenize
 from .recording import ExtractResult, Progress, Recording, model_record
-from .runs import QUEUE_DEPTH, Intent, library_versions, writer_threads
+from .runs import QUEUE_DEPTH, Intent, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class ExtractOptions:
     chat_template: bool = False
     overwrite: bool = False
     pinned_budget_gib: float = PINNED_BUDGET_BYTES / 2**30  # host memory for in-flight device-to-host copies
-    writer_threads: int | None = None  # None: runs.writer_threads() (a thread per two cores, 2 to 8)
+    writer_threads: int | None = None  # None: writerproc.process_threads() over the writer processes, 2 to 12
+    # (runs.writer_threads(), 2 to 8, in this process where there are none)
     queue_depth: int = QUEUE_DEPTH  # files waiting for the writer threads
 
 
@@ -68,9 +69,9 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
 
 
 def pin_ahead(options: ExtractOptions) -> threading.Thread | None:
-    """Start the run writer's process (writerproc) and pin the capture's first host buffers in the
+    """Start the run writer's processes (writerproc) and pin the capture's first host buffers in the
     background (a GPU only), while the model loads; the thread pinning them (None: nothing to pin)."""
-    writerproc.process(options.writer_threads or writer_threads())
+    writerproc.processes(options.writer_threads or writerproc.process_threads())
     return pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 

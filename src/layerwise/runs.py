@@ -71,9 +71,9 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
                  threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
+        procs = writerproc.processes(threads or writerproc.process_threads())  # files in shared memory go there
         threads = threads or writer_threads()
-        proc = writerproc.process(threads)  # where files whose tensors lie in shared memory are written
-        self._handoff = writerproc.Handoff(proc, queue_depth + threads) if proc is not None else None
+        self._handoff = writerproc.Handoff(procs, queue_depth + sum(p.threads for p in procs)) if procs else None
         self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run
         self._replaced: Path | None = None  # the old run's directory, when the new one is written beside it
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent

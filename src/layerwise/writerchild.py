@@ -128,7 +128,7 @@ class Child:
                     pass
                 raise
             timing = (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
-                      threading.current_thread().name)
+                      f"{os.getpid()}/{threading.current_thread().name}")
             self.channel.send(("ok", seq, header, meta, timing))
         except OSError as err:
             self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))

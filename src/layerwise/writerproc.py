@@ -1,4 +1,4 @@
-"""The run writer's own process, and the shared host memory it reads the captured tensors from.
+"""The run writer's own processes, and the shared host memory they read the captured tensors from.
 
 Every byte an extract writes is checked for NaN/Inf, hashed and written. On the writer's threads
 in this process, that work takes turns of the GIL from the forward pass, which launches its
@@ -6,12 +6,14 @@ kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0-3.4
 end to end written from 8 threads here, 1.8-2.4x from a process of its own (one H200; BENCHMARKS.md). So
 the capture's host buffers are shared
 memory (a memfd, mapped here and, registered with CUDA, the target of the device-to-host copies),
-and a process of its own (`writerchild.py`, no torch) reads them there: a file costs this process
-one small message out and one back.
+and processes of their own (`writerchild.py`, no torch) read them there: a file costs this process
+one small message out and one back. A process's threads share its GIL too, so the threads are
+spread over several processes of at most PROCESS_THREADS each, and each file goes to the one with
+the fewest outstanding.
 
 `shared_buffer` makes such buffers (a process-wide cache, like torch's pinned-memory cache: a
 buffer whose tensor is gone is reused, never unmapped); `sources` says where a file's tensors lie
-(in a shared buffer, or small enough to send); `process()` is the process's writer process,
+(in a shared buffer, or small enough to send); `processes()` are the program's writer processes,
 started on first use. LAYERWISE_WRITER=threads turns all of it off (the writer's threads in this
 process do everything, as on platforms without memfd or fd passing).
 """
@@ -50,13 +52,23 @@ TRACE = None  # a benchmark's callable(start, end, nonfinite seconds, digest sec
 
 
 def writer_threads() -> int:
-    """A run writer's default thread count (in its own process too): half the cores this process
-    may use (`cores_per_process`: torchrun's ranks on a machine share its cores), 2 to 8. Every
-    byte written is checked for NaN/Inf, hashed and written on them; on the H200 hosts (16 and 32
-    cores) 8 threads did better than 16 at 16 x 256 tokens (1.79-2.36x and 1.81x the forward pass,
-    end to end, against 2.45-2.79x) and nearly as well at 16 x 4096 (1.24-1.29x against
-    1.18-1.19x; BENCHMARKS.md)."""
+    """The default thread count of a run writer's threads in this process (where files are not
+    the writer processes' to write): half the cores this process may use (`cores_per_process`:
+    torchrun's ranks on a machine share its cores), 2 to 8; more take turns of one GIL (16 did
+    worse than 8 on the H200 hosts, BENCHMARKS.md)."""
     return max(2, min(8, cores_per_process() // 2))
+
+
+PROCESS_THREADS = 3  # the most threads one writer process runs: more wait for its GIL
+
+
+def process_threads() -> int:
+    """The default thread count over the writer processes: three quarters of the cores this
+    process may use, 2 to 12, in processes of at most PROCESS_THREADS. One process's threads
+    share its GIL: 128 files of 3.4 MB (a 16 x 256 extract) took 107 ms from 1 process x 8
+    threads, 61 ms from 2 x 4, 43 ms from 4 x 3 and 37 ms from 4 x 4 on an H200's 16-core host;
+    a quarter of the cores stays with the forward pass (BENCHMARKS.md)."""
+    return max(2, min(12, cores_per_process() * 3 // 4))
 
 
 def supported() -> bool:
@@ -279,13 +291,15 @@ class WriterProcess:
 
 
 class Handoff:
-    """One run writer's files in the writer process: at most `depth` outstanding (`put` blocks:
-    backpressure), `wait` until all are written."""
+    """One run writer's files in the writer processes, each to the one with the fewest of its
+    files outstanding: at most `depth` outstanding in all (`put` blocks: backpressure), `wait`
+    until all are written."""
 
-    def __init__(self, proc: WriterProcess, depth: int):
-        self.proc, self._slots = proc, threading.Semaphore(depth)
+    def __init__(self, procs: list[WriterProcess], depth: int):
+        self.procs, self._slots = procs, threading.Semaphore(depth)
         self._idle = threading.Condition()
         self._pending = 0
+        self._load = [0] * len(procs)  # files outstanding in each process
 
     def put(self, target: Path, metadata: dict, tensors: dict[str, torch.Tensor], finished) -> bool:
         """Hand the file over unless its tensors are not the process's to write (False): then
@@ -297,6 +311,8 @@ class Handoff:
         self._slots.acquire()
         with self._idle:
             self._pending += 1
+            at = self._load.index(min(self._load))
+            self._load[at] += 1
 
         def done(reply):
             try:
@@ -311,10 +327,11 @@ class Handoff:
                 self._slots.release()
                 with self._idle:
                     self._pending -= 1
+                    self._load[at] -= 1
                     self._idle.notify_all()
         target = Path(os.path.abspath(target))  # the process's working directory is where it started
         try:
-            self.proc.submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")), metadata,
+            self.procs[at].submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")), metadata,
                              (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done)
         except BaseException as err:  # the process is gone (LostProcess): this file fails with it
             done(("lost", None, err))
@@ -326,38 +343,42 @@ class Handoff:
                 self._idle.wait()
 
 
-_PROCESS: WriterProcess | None = None
+_PROCESSES: list[WriterProcess] = []  # this program's writer processes (a later call resizes them)
 _PROCESS_LOCK = threading.Lock()
 
 
-def process(threads: int) -> WriterProcess | None:
-    """This process's writer process, writing on `threads` threads from now on (started on first
-    use, again after one ended), or None where it cannot run (`supported`, or it failed to start:
-    this process's threads write)."""
-    global _PROCESS
+def processes(threads: int) -> list[WriterProcess] | None:
+    """This program's writer processes, `threads` threads over them (at most PROCESS_THREADS
+    each), started on first use and again after one ended, or None where none can run
+    (`supported`, or none started: this process's threads write). Processes beyond the count
+    asked for are kept, idle, for a later call (a run writer may still be writing through them)."""
     if not supported():
         return None
+    count = -(-max(1, threads) // PROCESS_THREADS)
+    shares = [threads // count + (i < threads % count) for i in range(count)]
     with _PROCESS_LOCK:
-        if _PROCESS is not None and _PROCESS.failed is None and _PROCESS.proc.poll() is None:
-            _PROCESS.resize(threads)
-            return _PROCESS
-        try:
-            _PROCESS = WriterProcess(threads)
-        except OSError as err:
-            log.warning("the run writer's process cannot start (%s): this process's threads write the files", err)
-            _PROCESS = None
-        return _PROCESS
+        _PROCESSES[:] = [p for p in _PROCESSES if p.failed is None and p.proc.poll() is None]
+        for proc, share in zip(_PROCESSES, shares):
+            proc.resize(share)
+        for share in shares[len(_PROCESSES):]:
+            try:
+                _PROCESSES.append(WriterProcess(share))
+            except OSError as err:
+                log.warning("a run writer's process cannot start (%s): %s", err,
+                            "fewer write the files" if _PROCESSES else "this process's threads write the files")
+                break
+        return _PROCESSES[:count] or None
 
 
 def _stop_at_exit() -> None:
-    if _PROCESS is not None:
-        _PROCESS.stop()
+    for proc in _PROCESSES:
+        proc.stop()
 
 
 def _forget_in_child() -> None:
-    """In a forked child: the parent's writer process, socket and reply thread are not its own."""
-    global _PROCESS, _PROCESS_LOCK, _LOCK
-    _PROCESS, _PROCESS_LOCK, _LOCK = None, threading.Lock(), threading.Lock()
+    """In a forked child: the parent's writer processes, sockets and reply threads are not its own."""
+    global _PROCESSES, _PROCESS_LOCK, _LOCK
+    _PROCESSES, _PROCESS_LOCK, _LOCK = [], threading.Lock(), threading.Lock()
 
 
 atexit.register(_stop_at_exit)
