@@ -22,7 +22,7 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab"}
+               "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -281,3 +281,16 @@ def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as usage:
         bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
     assert usage.value.code == 2 and "no layerwise/collector.py" in capsys.readouterr().err
+
+
+def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
+    from layerwise import writerproc
+
+    if not writerproc.supported():
+        pytest.skip("no writer processes here")
+    code = bench(monkeypatch, "writer_processes").main(["--tiny", "--out", str(tmp_path), "--work", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
+    data = json.loads((tmp_path / "writer_processes.json").read_text())
+    assert [(r["processes"], r["threads_each"]) for r in data["rows"]] == [(1, 2), (2, 1)]
+    assert all(r["files"] == 8 and r["wall_s"]["median"] > 0 for r in data["rows"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lw-writers-")] == [], "its files are gone"
