@@ -332,8 +332,8 @@ class Handoff:
                     self._idle.notify_all()
         target = Path(os.path.abspath(target))  # the process's working directory is where it started
         try:
-            self.procs[at].submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")), metadata,
-                             (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done)
+            self.procs[at].submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")),
+                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done)
         except BaseException as err:  # the process is gone (LostProcess): this file fails with it
             done(("lost", None, err))
         return True
