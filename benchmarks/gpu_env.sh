@@ -1,4 +1,4 @@
-# Sourced by benchmarks/gpu_session35.sh and later, once $W (the part's log directory) exists: layerwise
+# Sourced by gpu_parts.sh (benchmarks/gpu_session35.sh and later), or by hand, once $W (a log directory) exists: layerwise
 # from this checkout, blake3 from the wheel carried in .wheels/ (the device image has none), and the
 # machine (GPUs, topology, cores, Python) written to $W/gpus.txt.
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LAYERWISE_CACHE=/tmp/lw-cache TOKENIZERS_PARALLELISM=false

@@ -19,11 +19,7 @@
 #     and not, 1, 8 and 16 threads, beside compare warm with and without verification.
 # Parts run one after another: `bash benchmarks/gpu_session35.sh read dist`. Logs packed into
 # $OUT/session35-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
-set -uo pipefail
-if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
-PART=${1:-read}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s35-$PART; mkdir -p "$W"
-. "$(dirname "$0")/gpu_env.sh"
+. "$(dirname "$0")/gpu_parts.sh" 35 read "$@"
 filter() { grep -v 'tokenizer\|bos_token\|eos_token\|Warning\|warn_once'; }
 case "$PART" in
 read)

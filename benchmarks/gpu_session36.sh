@@ -17,11 +17,7 @@
 #     checkout's distributed.py and synthetic.py in its benchmarks/).
 # Parts run one after another: `bash benchmarks/gpu_session36.sh reads`. Logs packed into
 # $OUT/session36-<part>.tgz. The device image has no blake3: its wheel is carried in .wheels/.
-set -uo pipefail
-if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
-PART=${1:-reads}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s36-$PART; mkdir -p "$W"
-. "$(dirname "$0")/gpu_env.sh"
+. "$(dirname "$0")/gpu_parts.sh" 36 reads "$@"
 cat "$W/gpus.txt"
 case "$PART" in
 reads)

@@ -8,11 +8,7 @@
 #     benchmarks/isolated_profile.py RUNS times (default 3), no run started after DEADLINE seconds.
 # Parts run one after another: `bash benchmarks/gpu_session37.sh capture iso`. Logs packed into
 # $OUT/session37-<part>.tgz.
-set -uo pipefail
-if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
-PART=${1:-capture}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s37-$PART; mkdir -p "$W"
-. "$(dirname "$0")/gpu_env.sh"
+. "$(dirname "$0")/gpu_parts.sh" 37 capture "$@"
 cat "$W/gpus.txt"
 case "$PART" in
 capture)
