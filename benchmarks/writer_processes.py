@@ -8,7 +8,7 @@ buffer, and for each --configs entry PxT (P writer processes of T threads, `writ
 them all to one `Handoff` over those processes (each file to the one with the fewest outstanding,
 as a run writer does) and waits until every file is written: wall time, GB/s, and this process's
 CPU seconds; the buffer's bytes are rewritten before each (fresh from memory, as after a copy;
-finite values: a NaN or Inf makes the writer count them all, a slower path a model's run rarely takes),
+finite values, or with --nonfinite any bytes: NaN and Inf in every file, which the writer counts),
 configurations taking turns for --rounds rounds. Median (min-max). JSON to --out.
 
     python benchmarks/writer_processes.py --configs 1x8,2x4,4x3,4x4,1x16
@@ -66,7 +66,9 @@ def measure(args) -> dict:
     try:
         for round_ in range(args.rounds):
             for c in configs:
-                buffer.random_(0, 100)  # bytes under 0x64: every bf16 / fp32 value finite, as a model's are
+                # bytes under 0x64: every bf16 / fp32 value finite, as a model's are; --nonfinite: any
+                # bytes, NaN and Inf in every file (a run gone wrong from some layer on)
+                buffer.random_(0, 256 if args.nonfinite else 100)
                 handoff = writerproc.Handoff(procs[c], 16 + c[0] * c[1])
                 where = root / f"r{round_}-{c[0]}x{c[1]}"
                 for p in range(-(-len(files) // 8)):
@@ -94,7 +96,7 @@ def measure(args) -> dict:
         print(f"{c[0]} process(es) x {c[1]} threads: {gb:.2f} GB in {len(files)} files in "
               f"{r['wall_s']['median'] * 1e3:.1f} ms ({r['wall_s']['min'] * 1e3:.1f}-{r['wall_s']['max'] * 1e3:.1f}), "
               f"{r['gbps']:.2f} GB/s; this process's CPU {r['parent_cpu_s'] * 1e3:.1f} ms", flush=True)
-    return {"cores": os.cpu_count(), "rounds": args.rounds, "rows": rows}
+    return {"cores": os.cpu_count(), "rounds": args.rounds, "nonfinite": args.nonfinite, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--nonfinite", action="store_true", help="any bytes: NaN and Inf in every file, counted")
     ap.add_argument("--work", default=None, help="where the files are written (default: the temp dir)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true", help="a dry run: 8 small files, 2 rounds, 1x2 and 2x1")

@@ -202,16 +202,22 @@ def test_raw_bytes_are_the_tensors_bytes_in_c_order_and_outlive_it():
     assert bytes(view) == want
 
 
-@pytest.mark.parametrize("poison", [None, "first piece", "last piece"])
+@pytest.mark.parametrize("poison", [None, "first piece", "last piece", "spread"])
 def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeypatch, poison):
     """A tensor read once in pieces (each checked, hashed and written while in cache, the header
     written last) gives the file written the plain way: header, then data, digests and NaN/Inf
     counts computed over whole tensors (the oracle: blake3 of the bytes, torch's isnan/isinf);
-    a NaN found in any piece has the file written again with its counts."""
+    a NaN found in any piece has the file written again with its counts ("spread": NaN and Inf
+    in several pieces of two tensors)."""
     g = torch.Generator().manual_seed(1)
     tensors = {"a:output": torch.randn(50, 7, generator=g).to(torch.bfloat16),  # 700 bytes: 11 pieces of 64
-               "a:ids": torch.randint(0, 9, (13,), generator=g), "a:empty": torch.zeros(0)}
-    if poison:
+               "a:ids": torch.randint(0, 9, (13,), generator=g), "a:empty": torch.zeros(0),
+               "a:router_logits": torch.randn(40, generator=g)}  # fp32: 160 bytes, 3 pieces of 64
+    if poison == "spread":
+        tensors["a:output"].view(-1)[[0, 1, 20, 100, 166, 349]] = float("nan")
+        tensors["a:output"].view(-1)[[21, 250]] = float("-inf")
+        tensors["a:router_logits"][[3, 39]] = float("inf")
+    elif poison:
         tensors["a:output"].view(-1)[0 if poison == "first piece" else -1] = float("nan")
     written = {}
     for piece in (64, 4 << 20):
@@ -228,3 +234,6 @@ def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeyp
     data = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values())
     assert written[64] == head + data
     assert ("nonfinite:a:output" in meta) == bool(poison)
+    assert meta.get("nonfinite:a:router_logits") == ("0,2" if poison == "spread" else None)
+    if poison == "spread":
+        assert meta["nonfinite:a:output"] == "6,2"
