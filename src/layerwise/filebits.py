@@ -118,6 +118,28 @@ def _timed(spent: dict, part: str, start: float) -> float:
     return now
 
 
+def _one_pass(fh, tensors: list[tuple], checked: list[bool], spent: dict) -> tuple[list[str] | None, bool]:
+    """Check (until a NaN/Inf is found), hash and write each tensor's pieces: (digests, found);
+    (None, True) when the first checked piece holds NaN/Inf (the pass stops there)."""
+    digests, found, first = [], False, True
+    for (_, code, _, view), check_it in zip(tensors, checked):
+        hasher = blake3.blake3()
+        for i in range(0, view.nbytes, PIECE):
+            piece, start = view[i:i + PIECE], time.perf_counter()
+            if check_it and not found:
+                found = any_nonfinite(piece, code)
+                start = _timed(spent, "nonfinite", start)
+                if found and first:
+                    return None, True
+                first = False
+            hasher.update(piece)
+            start = _timed(spent, "digest", start)
+            fh.write(piece)
+            _timed(spent, "write", start)
+        digests.append(hasher.hexdigest())
+    return digests, found
+
+
 def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], check: bool = True,
                       algorithm: str = DIGEST, map_leaves=map, chunk: int = HASH_CHUNK,
                       spent: dict | None = None) -> tuple[dict, dict]:
@@ -129,27 +151,17 @@ def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], chec
     With blake3, each tensor is read once, PIECE bytes at a time: a piece is checked, hashed and
     written while it is in the CPU's cache, behind a header of the same length written last (a
     blake3 digest is 64 hex digits whatever the bytes); a tensor found to hold NaN/Inf (rare: it
-    must then be counted, and the header grows) has the file written again the plain way."""
+    must then be counted, and the header grows) has the file written again the plain way, and
+    when the first checked piece holds it (a run gone wrong from an earlier layer on: every later
+    file does), the pass stops there and the file is written once, the plain way."""
     spent = {} if spent is None else spent
     checked = [check and code in NONFINITE_BITS for _, code, _, _ in tensors]
     digests = None
     if algorithm == "blake3":
         head, _, _ = file_head(metadata, [(n, c, s, v.nbytes, None, "0" * 64) for n, c, s, v in tensors], algorithm)
-        digests, found = [], False
         with open(path, "wb") as fh:
             fh.seek(len(head))
-            for (_, code, _, view), check_it in zip(tensors, checked):
-                hasher = blake3.blake3()
-                for i in range(0, view.nbytes, PIECE):
-                    piece, start = view[i:i + PIECE], time.perf_counter()
-                    if check_it and not found:
-                        found = any_nonfinite(piece, code)
-                        start = _timed(spent, "nonfinite", start)
-                    hasher.update(piece)
-                    start = _timed(spent, "digest", start)
-                    fh.write(piece)
-                    _timed(spent, "write", start)
-                digests.append(hasher.hexdigest())
+            digests, found = _one_pass(fh, tensors, checked, spent)
             if not found:
                 head, header, meta = file_head(metadata, [(n, c, s, v.nbytes, None, d) for (n, c, s, v), d
                                                           in zip(tensors, digests)], algorithm)
