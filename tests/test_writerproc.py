@@ -197,3 +197,32 @@ def test_a_writer_process_killed_under_extract_is_one_line_and_exit_1(tmp_path, 
     assert not (tmp_path / "run" / runs.MANIFEST).exists()
     monkeypatch.setattr(writerproc.WriterProcess, "submit", real)
     assert run_cli(capsys, *argv)[0] == 0 and (tmp_path / "run" / runs.MANIFEST).exists()
+
+
+def test_a_writer_process_that_cannot_start_leaves_the_others_writing(tmp_path, monkeypatch, caplog, traced):
+    """Processes that fail to start (out of processes, say) are warned of; the files go to those
+    that did start, or to this process's threads when none did."""
+    for proc in list(writerproc._PROCESSES):  # a fresh start: none kept from earlier tests
+        proc.stop()
+    monkeypatch.setattr(writerproc, "_PROCESSES", [])
+    real, started = writerproc.WriterProcess, []
+
+    def first_only(threads):
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(real(threads))
+        return started[-1]
+
+    monkeypatch.setattr(writerproc, "WriterProcess", first_only)
+    procs = writerproc.processes(6)
+    assert procs == started and "fewer write the files" in caplog.text
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=6)
+    shared = [in_shared(torch.full((8,), float(p))) for p in range(3)]
+    for p, t in enumerate(shared):
+        writer.put(p, "a", {"a:output": t})
+    writer.finish()
+    assert len(traced) == 3 and torch.equal(runs.open_run(tmp_path / "run").tensor("a:output", 2), torch.full((8,), 2.0))
+    started[0].stop()
+    monkeypatch.setattr(writerproc, "_PROCESSES", [])
+    started.append(None)  # every start fails now
+    assert writerproc.processes(2) is None and "this process's threads write the files" in caplog.text
