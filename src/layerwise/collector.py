@@ -123,11 +123,18 @@ class Collector:
 
     def end_batch(self, keep_batch: bool = False) -> None:
         """Issue the host copies of everything held and hand them to the completion thread."""
-        if self._held:
-            held, self._held, self._held_bytes = self._held, [], 0
-            self._put(self._copy(held))
+        item = self._copy_held()
+        if item is not None:
+            self._put(item)
         if not keep_batch:
             self._batch = None
+
+    def _copy_held(self) -> _Flush | None:
+        """The host copies of everything held (None: nothing is), which is then held no more."""
+        if not self._held:
+            return None
+        held, self._held, self._held_bytes = self._held, [], 0
+        return self._copy(held)
 
     def _put(self, item) -> None:
         with self._state:
@@ -335,10 +342,7 @@ class Collector:
         """Block until everything captured so far has reached the writer. When the completion
         thread has nothing left to do, this thread completes the last flush itself: no hand-over
         to a thread that must first wake, then wake this one."""
-        item = None
-        if self._held:
-            held, self._held, self._held_bytes = self._held, [], 0
-            item = self._copy(held)
+        item = self._copy_held()
         with self._state:
             idle = self._queued == 0
             if idle and item is not None:
