@@ -314,7 +314,7 @@ class Bench:
             thread = pin_ahead(options)  # and starts the writer's process, as while a model loads
             if thread is not None:
                 thread.join()
-            for proc in writerproc.processes(options.writer_threads or writerproc.process_threads()) or []:
+            for proc in writerproc.processes(options.writer_threads) or []:
                 proc.ready()
 
         from layerwise import recording

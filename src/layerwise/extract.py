@@ -71,7 +71,7 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
 def pin_ahead(options: ExtractOptions) -> threading.Thread | None:
     """Start the run writer's processes (writerproc) and pin the capture's first host buffers in the
     background (a GPU only), while the model loads; the thread pinning them (None: nothing to pin)."""
-    writerproc.processes(options.writer_threads or writerproc.process_threads())
+    writerproc.processes(options.writer_threads)
     return pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 

@@ -71,7 +71,7 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
                  threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
-        procs = writerproc.processes(threads or writerproc.process_threads())  # files in shared memory go there
+        procs = writerproc.processes(threads)  # where files whose tensors lie in shared memory are written
         threads = threads or writer_threads()
         self._handoff = writerproc.Handoff(procs, queue_depth + sum(p.threads for p in procs)) if procs else None
         self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run

@@ -348,13 +348,15 @@ _PROCESSES: list[WriterProcess] = []  # this program's writer processes (a later
 _PROCESS_LOCK = threading.Lock()
 
 
-def processes(threads: int) -> list[WriterProcess] | None:
-    """This program's writer processes, `threads` threads over them (at most PROCESS_THREADS
-    each), started on first use and again after one ended, or None where none can run
-    (`supported`, or none started: this process's threads write). Processes beyond the count
-    asked for are kept, idle, for a later call (a run writer may still be writing through them)."""
+def processes(threads: int | None = None) -> list[WriterProcess] | None:
+    """This program's writer processes, `threads` threads over them (None: `process_threads()`;
+    at most PROCESS_THREADS each), started on first use and again after one ended, or None where
+    none can run (`supported`, or none started: this process's threads write). Processes beyond
+    the count asked for are kept, idle, for a later call (a run writer may still be writing
+    through them)."""
     if not supported():
         return None
+    threads = threads or process_threads()
     count = -(-max(1, threads) // PROCESS_THREADS)
     shares = [threads // count + (i < threads % count) for i in range(count)]
     with _PROCESS_LOCK:
