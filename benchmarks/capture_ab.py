@@ -75,34 +75,27 @@ def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool, run
     batch, ids, mask = bench.inputs(b, t)
     model = bench.model
 
-    def plain():
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-    def plain_run():
-        for _ in range(run_batches):
-            plain()
+    def plain(count: int = 1):
+        for _ in range(count):
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     variants, cols = {"plain": plain}, {}
     if run_batches:
-        variants["plain_run"] = plain_run
+        variants["plain_run"] = lambda: plain(run_batches)
     for name, (cap, col_module) in codes.items():
         col = col_module.Collector(eo.NullWriter(), bench.targets, copy_host_tensors=tiny)
         hooks = cap.Capture(model, bench.targets, col)
 
-        def one(col=col):
-            col.start_batch(batch)
-            plain()
-            col.flush()
-
-        def run(col=col):
-            for _ in range(run_batches):
+        def captured(count: int, col=col):
+            for _ in range(count):
                 col.start_batch(batch)
                 plain()
             col.flush()
-        variants[name] = (hooks.__enter__, one, lambda _, h=hooks: h.__exit__(None, None, None))
-        if run_batches:
-            variants[f"{name}_run"] = (hooks.__enter__, run, lambda _, h=hooks: h.__exit__(None, None, None))
+        for suffix, count in (("", 1), ("_run", run_batches)):
+            if count:
+                variants[name + suffix] = (hooks.__enter__, lambda c=count, f=captured: f(c),
+                                           lambda _, h=hooks: h.__exit__(None, None, None))
         cols[name] = col
     times = eo.interleaved(variants, reps)
     for col in cols.values():
