@@ -15,7 +15,8 @@ waits for a batch's files, which are cut while the next batch runs) against as m
 Then, without any forward pass, each code's bookkeeping alone: the tensors the hooks saw in one
 batch handed to a Collector again and again (`take` for every hook, the flush, and the
 completion thread's cutting into prompts, on this thread), milliseconds per batch, in turns, and
-the median of each stage (STAGES).
+the median of each stage (STAGES); with --book-profile N, this code's N functions by own time
+under cProfile.
 
     python benchmarks/capture_ab.py --base /tmp/base/src --shapes 1x128,1x512,4x128 --reps 9
     python benchmarks/capture_ab.py --tiny --base src      # a CPU dry run (this code against itself)
@@ -26,9 +27,11 @@ Writes capture_ab.json to --out.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib
 import json
 import os
+import pstats
 import shutil
 import statistics
 import sys
@@ -110,8 +113,9 @@ def timed_forward(bench, codes: dict, b: int, t: int, reps: int, tiny: bool, run
     return row
 
 
-def bookkeeping(bench, codes: dict, rounds: int, batches: int) -> dict:
-    """Milliseconds per batch of each code's Collector on the tensors one batch's hooks saw."""
+def bookkeeping(bench, codes: dict, rounds: int, batches: int, profile_top: int = 0) -> dict:
+    """Milliseconds per batch of each code's Collector on the tensors one batch's hooks saw; with
+    profile_top, this code's `profile_top` functions by own time under cProfile (per batch)."""
     batch, ids, mask = bench.inputs(1, 128)
     seen = []
 
@@ -154,9 +158,24 @@ def bookkeeping(bench, codes: dict, rounds: int, batches: int) -> dict:
             spent[name].append((time.perf_counter() - start) / batches * 1e3)
             for stage, seconds in stages.items():
                 parts[name][stage].append(seconds / batches * 1e3)
-    return {"hooks": len(seen), "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+    top = profiled(lambda: one(cols["new"], dict.fromkeys(STAGES, 0.0)), batches, profile_top) if profile_top else []
+    return {"hooks": len(seen), "profile_ms_per_batch": top, "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                                  for n, v in spent.items()},
             "stages_ms": {n: {s: statistics.median(v) for s, v in p.items()} for n, p in parts.items()}}
+
+
+def profiled(call, batches: int, top: int) -> list:
+    """[function, calls per batch, own ms per batch, cumulative ms per batch] of the `top`
+    functions by own time over `batches` calls of `call` under cProfile (which inflates each)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(batches):
+        call()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, function): (calls, primitive, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [[f"{Path(f).name}:{line}({fn})", calls / batches, own / batches * 1e3, cum / batches * 1e3]
+            for (f, line, fn), (_, calls, own, cum, _) in rows]
 
 
 def measure(args, base) -> tuple[list, dict | None, str]:
@@ -182,7 +201,8 @@ def measure(args, base) -> tuple[list, dict | None, str]:
                   + "   base ".join(f"{r[n + suffix]['median']:.3f}x ({r[n + suffix]['min']:.3f}-"
                                     f"{r[n + suffix]['max']:.3f})" for n in codes)
                   + f"   difference {r['new_minus_base' + suffix]:+.4f}", flush=True)
-    book = bookkeeping(bench, codes, args.book_rounds, 50 if args.tiny else 300) if args.book_rounds else None
+    book = bookkeeping(bench, codes, args.book_rounds, 50 if args.tiny else 300,
+                       args.book_profile) if args.book_rounds else None
     if book:
         print(f"bookkeeping of one batch ({book['hooks']} hooks, 1 x 128 tokens, hidden {config.hidden_size}, "
               "on this thread): "
@@ -190,6 +210,9 @@ def measure(args, base) -> tuple[list, dict | None, str]:
                           for n, v in book["ms_per_batch"].items()))
         for n, stages in book["stages_ms"].items():
             print(f"  {n}: " + ", ".join(f"{s} {v:.3f} ms" for s, v in stages.items()))
+        for fn, calls, own, cum in book["profile_ms_per_batch"]:
+            print(f"  profile (this code, under cProfile): {own:.4f} ms own, {cum:.4f} ms with callees, "
+                  f"{calls:g} calls per batch: {fn}")
     return rows, book, card
 
 
@@ -202,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-batches", type=int, default=8,
                     help="also time this many batches in a row, flushed once (0: skip)")
     ap.add_argument("--book-rounds", type=int, default=5, help="rounds of the bookkeeping part (0: skip)")
+    ap.add_argument("--book-profile", type=int, default=0, metavar="N",
+                    help="also list this code's N functions by own time in the bookkeeping, under cProfile")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true", help="shrunk dimensions, for a dry run on a CPU")
     args = ap.parse_args(argv)
