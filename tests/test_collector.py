@@ -42,24 +42,29 @@ def test_closing_the_pool_fails_a_waiting_take():
     assert not waiter.is_alive() and errors == ["capture aborted"]
 
 
-def test_batches_are_cut_into_prompts_with_padding_tails_and_stored_dtypes():
+@pytest.mark.parametrize("copied", [False, True])
+def test_batches_are_cut_into_prompts_with_padding_tails_and_stored_dtypes(copied):
     """Rows without padding, a decoder layer's input with its padding tail apart, router ids and
-    weights in their stored dtypes, the score bias whole for every prompt."""
+    weights in their stored dtypes (converted on the host, or with the copy when copied), the
+    score bias whole for every prompt."""
     layer, router = "model.layers.0", "model.layers.0.mlp.gate"
     targets = [Target(layer, "input", (f"{layer}:input",), layer),
                Target(router, "output", tuple(f"{router}:{r}" for r in
                                               ("router_logits", "score_bias", "topk_weights", "topk_ids")), layer)]
     batch = make_batches([Prompt(0, None, (1, 2, 3)), Prompt(1, None, (4,))], 2, 0)[0]
     writer = ListWriter()
-    collector = Collector(writer, targets)
+    collector = Collector(writer, targets, copy_host_tensors=copied, pinned_budget_bytes=1 << 20)
     collector.start_batch(batch)
     x = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     collector.take(targets[0], [x])
-    logits = torch.randn(6, 4)
-    collector.take(targets[1], [logits, torch.ones(4, dtype=torch.bfloat16), torch.rand(6, 2, dtype=torch.bfloat16),
-                                torch.zeros(6, 2, dtype=torch.int64)])
+    logits, weights = torch.randn(6, 4), torch.rand(6, 2, dtype=torch.bfloat16)
+    ids = torch.arange(12, dtype=torch.int64).reshape(6, 2) - 5
+    collector.take(targets[1], [logits, torch.ones(4, dtype=torch.bfloat16), weights, ids])
     _in_thread(collector.close)
     files = {p: t for (p, _), t in writer.files.items()}
+    assert torch.equal(files[1][f"{router}:topk_weights"], weights[3:4].float())
+    assert torch.equal(files[1][f"{router}:topk_ids"], ids[3:4].to(torch.int32))
+    assert files[0][f"{router}:score_bias"].dtype == torch.float32
     assert torch.equal(files[0][f"{layer}:input"], x[0]) and f"{layer}:input_padding" not in files[0]
     assert torch.equal(files[1][f"{layer}:input"], x[1, :1])
     assert torch.equal(files[1][f"{layer}:input_padding"], x[1, 1:])
@@ -336,6 +341,26 @@ def test_flush_completes_the_last_copy_itself_when_the_completion_thread_is_idle
     assert torch.equal(writer.files[(2, "model.layers.0")]["model.layers.0:input"], states[1][0])
     _in_thread(collector.close)
     assert collector.pool.used == 0, "every buffer came back"
+
+
+def test_one_tensor_under_names_stored_in_two_dtypes_is_stored_in_each():
+    """A tensor object two targets both yield (a --modules module returning the router's bf16
+    top-k weights): the router's file stores it in float32, the module's file as it is."""
+    layer, router, extra = "model.layers.0", "model.layers.0.mlp.gate", "model.layers.0.mlp.scale"
+    targets = [Target(router, "output", tuple(f"{router}:{r}" for r in
+                                              ("router_logits", "score_bias", "topk_weights", "topk_ids")), layer),
+               Target(extra, "output", (f"{extra}:output",), extra, extra=True)]
+    writer = ListWriter()
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
+    collector.start_batch(_batch([3], 3))
+    weights = torch.rand(3, 2, dtype=torch.bfloat16)
+    collector.take(targets[0], [torch.randn(3, 4), None, weights, torch.zeros(3, 2, dtype=torch.int64)])
+    collector.take(targets[1], [weights])
+    _in_thread(collector.close)
+    assert writer.files[(0, layer)][f"{router}:topk_weights"].dtype == torch.float32
+    assert torch.equal(writer.files[(0, layer)][f"{router}:topk_weights"], weights.float())
+    assert torch.equal(writer.files[(0, extra)][f"{extra}:output"], weights)
+    assert writer.files[(0, extra)][f"{extra}:output"].dtype == torch.bfloat16
 
 
 def test_flattened_router_tensors_are_cut_per_prompt_from_their_token_rows():

@@ -1,15 +1,10 @@
 """The sink behind the capture hooks: host copies, per-prompt slicing, whole files to the writer.
 
-The forward pass is bound by kernel launches for short prompts, and every microsecond of Python
-another thread runs while it launches is taken from it (the GIL): a hook only keeps a reference
-to what it sees; at a decoder layer's input once what it holds reaches FLUSH_BYTES, and at the end
-of a batch, the forward thread packs it into one device-to-host copy per device on a copy stream
-and wakes the completion thread once; that thread waits for the copies, cuts the batch into prompts (dropping
-padding, keeping decoder-layer inputs' padding tails under their own name) and hands whole files
-to the run writer. Host memory is bounded by a pinned-buffer budget (backpressure, never an
-unbounded pile of tensors). On the CPU the captured tensors themselves are written.
-
-The sink pushes tensors to a writer (`RunWriter.put`) and never opens a file itself.
+A hook only keeps a reference to what it sees; at a decoder layer's input once what it holds
+reaches FLUSH_BYTES, and at the end of a batch, the forward thread packs it into one
+device-to-host copy per device; the completion thread waits for the copies, cuts the batch into
+prompts and hands whole files to the run writer (`RunWriter.put`); it never opens a file itself.
+Host memory is bounded by a pinned-buffer budget. `Collector` says why each step is where it is.
 """
 
 from __future__ import annotations
@@ -32,6 +27,8 @@ log = logging.getLogger(__name__)
 PINNED_BUDGET_BYTES = 4 * 2**30  # host memory for in-flight device-to-host copies
 FLUSH_BYTES = 16 * 2**20  # a flush waits for this much: short prompts flush a few times per batch, not per layer
 _STORED = {role: getattr(torch, dtype) for role, dtype in STORED_DTYPES.items()}
+_ROWS, _FLAT, _WHOLE = 0, 1, 2  # how a prompt's part of a tensor is cut: row r of [batch, tokens, ...], rows
+# r*tokens... of [batch x tokens, ...] (a router's), or not at all (per model, WHOLE_ROLES)
 
 
 @dataclass
@@ -59,10 +56,10 @@ class Collector:
       that is every layer or two, so the copies overlap the next layers; short prompts' copies
       are small and wait for a few layers (fewer launches and wake-ups while the forward pass
       is bound by launches). A flush packs each tensor object of a device once into one
-      buffer (one `cat` per dtype and one joining them, on the compute stream, after their
-      producers) and issues one device-to-host copy of it on that device's copy stream into a
-      pinned buffer: a handful of launches per flush, and the copies overlap the next layers'
-      compute. `end_batch()`
+      buffer (one `cat` per dtype, converted there to the dtype it is stored in, and one joining
+      them, on the compute stream, after their producers) and issues one device-to-host copy of
+      it on that device's copy stream into a pinned buffer: a handful of launches per flush, and
+      the copies overlap the next layers' compute. `end_batch()`
       (`start_batch`, `flush` and `close` call it) flushes the rest.
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
       into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
@@ -115,9 +112,12 @@ class Collector:
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
         """Keep one hook's tensors; a decoder layer's input flushes what came before it once that
         is `flush_bytes` or more."""
-        before = len(self._held)
-        self._held.extend((target.group, name, t) for name, t in zip(target.names, tensors))
-        self._held_bytes += sum(t.nbytes for t in tensors if t is not None)
+        held, group = self._held, target.group
+        before = len(held)
+        for name, t in zip(target.names, tensors):
+            held.append((group, name, t))
+            if t is not None:
+                self._held_bytes += t.nbytes
         if before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
             self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
@@ -144,25 +144,32 @@ class Collector:
     def _copy(self, held: list) -> _Flush:
         """One packed host copy per device (per slab) of the held tensors, each tensor object once
         (a layer's output is the next layer's input: the same object, seen twice)."""
-        slots: dict[int, tuple] = {}  # id(tensor) -> (device, index among that device's tensors)
+        stored: dict[int, list] = {}  # id(tensor) -> [it, the dtype every name of it is stored in (None: they differ)]
+        facts = self._facts
+        for _, name, t in held:  # `held` keeps every tensor alive: no id is reused meanwhile
+            if t is not None:
+                want = facts[name][0] or t.dtype
+                seen = stored.get(id(t))
+                if seen is None:
+                    stored[id(t)] = [t, want]
+                elif seen[1] != want:
+                    seen[1] = None  # names that disagree: each converts its own on the host
         by_device: dict[torch.device, list] = {}
-        for _, _, t in held:  # `held` keeps every tensor alive: no id is reused meanwhile
-            if t is not None and id(t) not in slots:
-                items = by_device.setdefault(t.device, [])
-                slots[id(t)] = (t.device, len(items))
-                items.append(t)
-        hosts: dict[tuple, tuple] = {}  # (device, index) -> (host tensor, buffer slot)
+        for t, want in stored.values():
+            by_device.setdefault(t.device, []).append((t, want or t.dtype))
+        hosts: dict[int, tuple] = {}  # id(tensor) -> (host tensor, buffer slot or None)
         buffers, done, keep = [], [], []
-        for device, items in by_device.items():
+        for device, pairs in by_device.items():
             if device.type != "cuda" and not self._copy_host:
-                hosts.update({(device, i): (t, None) for i, t in enumerate(items)})  # never written to again
+                hosts.update((id(t), (t, None)) for t, _ in pairs)  # never written to again
                 continue
-            for indices in self._bins([t.nbytes for t in items]):  # slabs: buffers the pool reuses (and pins ahead)
-                views, event = self._pack(device, [items[i] for i in indices], buffers, keep)
-                hosts.update({(device, i): (v, len(buffers) - 1) for i, v in zip(indices, views)})
+            for indices in self._bins([t.nbytes for t, _ in pairs]):  # slabs: buffers the pool reuses (and pins ahead)
+                chosen = [pairs[i] for i in indices]
+                views, event = self._pack(device, chosen, buffers, keep)
+                hosts.update((id(t), (v, len(buffers) - 1)) for (t, _), v in zip(chosen, views))
                 if event is not None:
                     done.append(event)
-        records = [(group, name, *(hosts[slots[id(t)]] if t is not None else (None, None))) for group, name, t in held]
+        records = [(group, name, *(hosts[id(t)] if t is not None else (None, None))) for group, name, t in held]
         return _Flush(self._batch, records, buffers, done, keep)
 
     def _bins(self, sizes: list[int]) -> list[list[int]]:
@@ -180,18 +187,23 @@ class Collector:
                 bins[at] = (bins[at][0] + sizes[i], bins[at][1] + [i])
         return [sorted(indices) for _, indices in bins]
 
-    def _pack(self, device: torch.device, items: list, buffers: list, keep: list):
+    def _pack(self, device: torch.device, pairs: list, buffers: list, keep: list):
         """The device's tensors as bytes in one buffer, copied to one pinned buffer on the copy
-        stream. Tensors of one dtype are flattened together (one call, not one view per tensor),
-        the dtypes' runs of bytes joined by one `cat` on the compute stream (after their producers),
-        widest dtype first so that every run starts aligned to its elements. Returns the typed host
-        views, in `items` order, and the copy's event (None on the CPU)."""
-        runs: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(items):
-            runs.setdefault(t.dtype, []).append(i)
-        order = sorted(runs.items(), key=lambda run: -items[run[1][0]].element_size())
-        flats = [_flatten_dense_tensors([items[i] for i in indices]).view(-1).view(torch.uint8)
-                 for _, indices in order]
+        stream. `pairs` are (tensor, the dtype it is stored in). Tensors of one dtype are flattened
+        together (one call, not one view per tensor) and converted there to the stored dtype
+        (top-k ids int64 -> int32: one kernel for all of them, none per tensor on the host), the
+        runs of bytes joined by one `cat` on the compute stream (after their producers), widest
+        dtype first so that every run starts aligned to its elements. Returns the host views (of
+        the stored dtypes), in `pairs` order, and the copy's event (None on the CPU)."""
+        runs: dict[tuple, list[int]] = {}
+        for i, (t, dtype) in enumerate(pairs):
+            runs.setdefault((t.dtype, dtype), []).append(i)
+        order = sorted(runs.items(), key=lambda run: -run[0][1].itemsize)
+        items = [t for t, _ in pairs]
+        flats = []
+        for (source, dtype), indices in order:
+            flat = _flatten_dense_tensors([items[i] for i in indices]).view(-1)
+            flats.append((flat if dtype == source else flat.to(dtype)).view(torch.uint8))
         packed = torch.cat(flats) if len(flats) > 1 else flats[0]
         total = packed.numel()
         buffer = self.pool.take(total, sum(b.numel() for b in buffers))  # this flush's other devices' buffers
@@ -211,7 +223,7 @@ class Collector:
             buffer[:total].copy_(packed)
         views: list = [None] * len(items)
         offset = 0
-        for (dtype, indices), flat in zip(order, flats):
+        for ((_, dtype), indices), flat in zip(order, flats):
             host = buffer[offset:offset + flat.numel()].view(dtype)
             for i, view in zip(indices, _unflatten_dense_tensors(host, [items[i] for i in indices])):
                 views[i] = view
@@ -292,50 +304,50 @@ class Collector:
                 self.pool.give(buffer)
 
     def _emit(self, batch, group: str, parts: dict) -> None:
-        shaped: dict[str, torch.Tensor] = {}
-        whole: set[str] = set()  # per model, not per token (WHOLE_ROLES)
-        flat: set[str] = set()  # [batch x tokens, ...] rather than [batch, tokens, ...]
-        tails: list[tuple[str, str]] = []  # (decoder-layer input, its padding tail's name)
+        """Hand one file per prompt to the writer: each tensor's rows of that prompt (padding
+        dropped, a decoder-layer input's padding tail under its own name), a whole one as is."""
         rows, width = batch.input_ids.shape
-        for name, (t, _) in parts.items():
+        items = []  # (name, tensor, how): _ROWS [batch, tokens, ...], _FLAT [batch x tokens, ...], _WHOLE
+        tails = []  # (tensor, how, its padding tail's name)
+        counts: dict = {}  # SharedBuffer -> how many of this file's records it holds
+        for name, (t, b) in parts.items():
+            if b is not None:
+                counts[b] = counts.get(b, 0) + 1
             if t is None:
                 continue
             stored, is_whole, tail, extra = self._facts[name]
-            if stored is not None and t.dtype != stored:
+            if stored is not None and t.dtype != stored:  # the CPU's own tensors (a copy is converted on the device)
                 t = t.to(stored)
-            if is_whole:
-                whole.add(name)
-            elif t.dim() >= 1 and t.shape[0] == rows * width and (t.dim() == 1 or t.shape[:2] != (rows, width)):
-                flat.add(name)  # routers see flattened [B*S, ...] tokens: prompt r is rows r*S... of them
-            if extra and name not in flat and (t.dim() < 2 or t.shape[:2] != (rows, width)):
-                raise UserError(f"{name} has shape {list(t.shape)}, not [batch {rows}, tokens {width}, ...] "
+            shape = t.shape
+            how = _WHOLE if is_whole else _FLAT if (
+                shape and shape[0] == rows * width and (len(shape) == 1 or shape[0] != rows or shape[1] != width)) \
+                else _ROWS  # routers see flattened [B*S, ...] tokens: prompt r is rows r*S... of them
+            if extra and how != _FLAT and (len(shape) < 2 or shape[0] != rows or shape[1] != width):
+                raise UserError(f"{name} has shape {list(shape)}, not [batch {rows}, tokens {width}, ...] "
                                 "(nor [tokens, ...]): it cannot be stored per prompt; capture another module")
-            shaped[name] = t
+            items.append((name, t, how))
             if tail is not None:
-                tails.append((name, tail))
-        records: dict[int, list] = {}  # id(SharedBuffer) -> [it, how many of this file's records it holds]
-        for _, b in parts.values():
-            if b is not None:
-                records.setdefault(id(b), [b, 0])[1] += 1
-        buffers = [b for b, _ in records.values()]
-        for b, n in records.values():
-            b.acquire(len(batch.prompts))
-            b.records_done(n)
+                tails.append((t, how, tail))
+        for b, n in counts.items():
+            b.hand_out(len(batch.prompts), n)
+        buffers = list(counts)
 
         def release():
             for b in buffers:
                 b.release()
 
-        items = [(name, t, name in whole, name in flat) for name, t in shaped.items()]
         for row, prompt in enumerate(batch.prompts):
             n = len(prompt.token_ids)
             first = row * width
-            tensors = {name: t if is_whole or (is_flat and rows == 1 and n == width) else
-                       t[first:first + n] if is_flat else t[row] if n == width else t[row, :n]
-                       for name, t, is_whole, is_flat in items}
-            if n < width:  # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
-                tensors.update((tail, shaped[name][first + n:first + width] if name in flat else shaped[name][row, n:])
-                               for name, tail in tails)
+            if n == width:  # no padding: a view of its rows (none at all for one prompt's flattened rows)
+                tensors = {name: t if how == _WHOLE or (how == _FLAT and rows == 1) else
+                           t[first:first + n] if how == _FLAT else t[row] for name, t, how in items}
+            else:
+                tensors = {name: t if how == _WHOLE else t[first:first + n] if how == _FLAT else t[row, :n]
+                           for name, t, how in items}
+                # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
+                tensors.update((tail, t[first + n:first + width] if how == _FLAT else t[row, n:])
+                               for t, how, tail in tails)
             self.writer.put(prompt.index, group, tensors, release)
 
     def flush(self) -> None:

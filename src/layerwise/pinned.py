@@ -169,10 +169,6 @@ class SharedBuffer:
         self.refs, self.records_left = 1, records
         self.lock = threading.Lock()
 
-    def acquire(self, n: int) -> None:
-        with self.lock:
-            self.refs += n
-
     def release(self) -> None:
         with self.lock:
             self.refs -= 1
@@ -180,9 +176,11 @@ class SharedBuffer:
         if last:
             self.pool.give(self.buffer)
 
-    def records_done(self, n: int) -> None:
+    def hand_out(self, files: int, records: int) -> None:
+        """`files` more files are written from it, which hold `records` of its flush's records."""
         with self.lock:
-            self.records_left -= n
+            self.refs += files
+            self.records_left -= records
             last = self.records_left == 0
         if last:
             self.release()
