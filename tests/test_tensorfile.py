@@ -208,7 +208,7 @@ def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeyp
     written last) gives the file written the plain way: header, then data, digests and NaN/Inf
     counts computed over whole tensors (the oracle: blake3 of the bytes, torch's isnan/isinf);
     a NaN found in any piece has the file written again with its counts ("spread": NaN and Inf
-    in several pieces of two tensors)."""
+    in several pieces of two tensors, and in several of the counting's runs of 7 elements)."""
     g = torch.Generator().manual_seed(1)
     tensors = {"a:output": torch.randn(50, 7, generator=g).to(torch.bfloat16),  # 700 bytes: 11 pieces of 64
                "a:ids": torch.randint(0, 9, (13,), generator=g), "a:empty": torch.zeros(0),
@@ -220,8 +220,9 @@ def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeyp
     elif poison:
         tensors["a:output"].view(-1)[0 if poison == "first piece" else -1] = float("nan")
     written = {}
-    for piece in (64, 4 << 20):
+    for piece, counted in ((64, 7), (4 << 20, 1 << 16)):  # NaN/Inf counted 7 elements at a time, and whole
         monkeypatch.setattr(filebits, "PIECE", piece)
+        monkeypatch.setattr(filebits, "COUNT_ELEMENTS", counted)
         tensorfile.write_file(tmp_path / f"{piece}.safetensors", tensors, {"prompt": "0"}, nonfinite=True)
         written[piece] = (tmp_path / f"{piece}.safetensors").read_bytes()
     assert written[64] == written[4 << 20]

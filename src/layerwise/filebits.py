@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 
 import blake3
@@ -22,6 +23,8 @@ HASH_CHUNK = 64 << 20  # bytes per leaf of the sha256 tree (FORMAT.md); a tensor
 DIGEST = "blake3"
 NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 PIECE = 4 << 20  # bytes of a tensor checked, hashed and written at a time (they stay in the CPU's cache)
+COUNT_ELEMENTS = 1 << 16  # elements of a tensor holding NaN/Inf counted at a time (count_nonfinite)
+_SCRATCH = threading.local()  # each thread's scratch arrays for counting
 
 # safetensors dtype code -> (its width's signed and unsigned integers, the least positive NaN-or-Inf
 # bit pattern E): a value is NaN or +-Inf exactly when its bits without the sign are >= E; above E
@@ -43,11 +46,34 @@ def any_nonfinite(raw: memoryview, code: str) -> bool:
 
 
 def count_nonfinite(raw: memoryview, code: str) -> tuple[int, int]:
-    """(NaN count, +-Inf count) of elements of dtype `code`, exact, from their bits."""
+    """(NaN count, +-Inf count) of elements of dtype `code`, exact, from their bits: COUNT_ELEMENTS
+    at a time through this thread's two scratch arrays, which stay in the CPU's cache (whole-tensor
+    temporaries, allocated and faulted in per file, made a file holding NaN/Inf 5x slower to write
+    than a finite one on an H200's host, BENCHMARKS.md)."""
     _, unsigned, least = NONFINITE_BITS[code]
-    magnitude = np.frombuffer(raw, dtype=unsigned) & unsigned((1 << (8 * np.dtype(unsigned).itemsize - 1)) - 1)
-    at, above = int(np.count_nonzero(magnitude == least)), int(np.count_nonzero(magnitude > least))
-    return (above + at, 0) if code in _NO_INF else (above, at)
+    values = np.frombuffer(raw, dtype=unsigned)
+    mask = unsigned((1 << (8 * np.dtype(unsigned).itemsize - 1)) - 1)  # every bit but the sign
+    magnitude, flags = _scratch(np.dtype(unsigned))
+    hits = at = 0  # elements whose magnitude is >= least (NaN or Inf), == least (Inf, or e4m3fn's NaN)
+    for i in range(0, values.size, COUNT_ELEMENTS):
+        part = values[i:i + COUNT_ELEMENTS]
+        m, f = magnitude[:part.size], flags[:part.size]
+        np.bitwise_and(part, mask, out=m)
+        found = int(np.count_nonzero(np.greater_equal(m, least, out=f)))
+        if found:
+            hits += found
+            at += int(np.count_nonzero(np.equal(m, least, out=f)))
+    return (hits, 0) if code in _NO_INF else (hits - at, at)
+
+
+def _scratch(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's scratch arrays of COUNT_ELEMENTS elements: one of `dtype`, one of bools."""
+    arrays = getattr(_SCRATCH, "arrays", None)
+    if arrays is None or arrays["bool"].size != COUNT_ELEMENTS:  # first use, or COUNT_ELEMENTS changed
+        arrays = _SCRATCH.arrays = {"bool": np.empty(COUNT_ELEMENTS, dtype=bool)}
+    if dtype.str not in arrays:
+        arrays[dtype.str] = np.empty(COUNT_ELEMENTS, dtype=dtype)
+    return arrays[dtype.str], arrays["bool"]
 
 
 def nonfinite(raw: memoryview, code: str) -> tuple[int, int] | None:
