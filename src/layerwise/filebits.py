@@ -47,9 +47,8 @@ def any_nonfinite(raw: memoryview, code: str) -> bool:
 
 def count_nonfinite(raw: memoryview, code: str) -> tuple[int, int]:
     """(NaN count, +-Inf count) of elements of dtype `code`, exact, from their bits: COUNT_ELEMENTS
-    at a time through this thread's two scratch arrays, which stay in the CPU's cache (whole-tensor
-    temporaries, allocated and faulted in per file, made a file holding NaN/Inf 5x slower to write
-    than a finite one on an H200's host, BENCHMARKS.md)."""
+    at a time through this thread's two scratch arrays, which stay in the CPU's cache, not through
+    whole-tensor temporaries allocated and faulted in per file."""
     _, unsigned, least = NONFINITE_BITS[code]
     values = np.frombuffer(raw, dtype=unsigned)
     mask = unsigned((1 << (8 * np.dtype(unsigned).itemsize - 1)) - 1)  # every bit but the sign
