@@ -159,9 +159,10 @@ def bookkeeping(bench, codes: dict, rounds: int, batches: int, profile_top: int 
             for stage, seconds in stages.items():
                 parts[name][stage].append(seconds / batches * 1e3)
     top = profiled(lambda: one(cols["new"], dict.fromkeys(STAGES, 0.0)), batches, profile_top) if profile_top else []
-    return {"hooks": len(seen), "profile_ms_per_batch": top, "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                                                 for n, v in spent.items()},
-            "stages_ms": {n: {s: statistics.median(v) for s, v in p.items()} for n, p in parts.items()}}
+    return {"hooks": len(seen),
+            "ms_per_batch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in spent.items()},
+            "stages_ms": {n: {s: statistics.median(v) for s, v in p.items()} for n, p in parts.items()},
+            "profile_ms_per_batch": top}
 
 
 def profiled(call, batches: int, top: int) -> list:
