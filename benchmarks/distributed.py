@@ -83,6 +83,7 @@ class Bench:
                    "-m", "layerwise", *argv]
             env = self.env
         print(f"$ {'torchrun x%d ' % ranks if ranks > 1 else ''}layerwise {' '.join(argv)}", flush=True)
+        self.launched = time.time()  # each process's start-up stages are told from here (`startup`)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.args.command_timeout)
         wall = time.perf_counter() - t0
@@ -131,18 +132,19 @@ class Bench:
         """The one-process extract: the 1-rank time and every other part's reference."""
         wall = self.extract(1, self.work / "one")
         stats = manifest(self.work / "one")["stats"]
-        return {"wall_s": wall, "seconds": stats["seconds"], "stats": stats}
+        return {"wall_s": wall, "seconds": stats["seconds"], "stats": stats, "startup": startup([stats], self.launched)}
 
     # ---------------------------------------------------------------------------- parts
     def part_extract(self, one: dict) -> dict:
         wall = self.extract(self.ranks, self.work / "dp")
         ranks = manifest(self.work / "dp")["stats"]["ranks"]
+        began = startup(ranks, self.launched)
         seconds = max(r["seconds"] for r in ranks)
         same = equal_runs(self.work / "one", self.work / "dp")
         self.drop(self.work / "dp")
         return {"one_s": one["seconds"], "ranks_s": seconds, "speedup": one["seconds"] / seconds,
                 "one_wall_s": one["wall_s"], "ranks_wall_s": wall, "one_stats": one["stats"], "per_rank": ranks,
-                **same}
+                "startup": {"one": one.get("startup", []), "ranks": began}, **same}
 
     def part_test(self, one: dict, threads: str = "") -> dict:
         out = {}
@@ -172,6 +174,7 @@ class Bench:
                          "compare_s": sum(r["stats"]["seconds"] for r in reports),  # after the replay
                          "after_s": started + wall - max(origins) - seconds,  # the compare, the report, the exit
                          "determinism": isolated.get("determinism"),
+                         "startup": startup(stats.get("ranks", [stats]), self.launched),
                          "phases": [{k: v for k, v in r.items() if k in kept or k.endswith("_seconds")}
                                     for r in stats.get("ranks", [stats])]}
         same = {kind: equal_runs(self.work / "test1" / kind, self.work / "testN" / kind) for kind in ("isolated", "chained")}
@@ -300,6 +303,26 @@ def equal_runs(a: Path, b: Path) -> dict:
             "first_differing": list(differ[0]) if differ else None}
 
 
+def startup(stats: list[dict], launched: float) -> list[dict]:
+    """Each process's start-up (its manifest stats' `startup`), in seconds since the command was
+    launched: when the process began, each stage it reached and, for a layer test, its replay."""
+    out = []
+    for s in stats:
+        began = (s.get("startup") or {}).get("process_start_unix")
+        if began is None:
+            continue
+        stages = [["began", 0.0], *s["startup"]["stages"]]
+        if "timeline_origin_unix" in s:
+            stages.append(["replay", s["timeline_origin_unix"] - began])
+        out.append({"rank": s.get("rank") or 0, "stages": [[name, round(began - launched + at, 3)] for name, at in stages]})
+    return out
+
+
+def startup_lines(label: str, processes: list[dict]) -> list[str]:
+    return [f"{'':28} {label} rank {p['rank']} start-up, s after launch: "
+            + ", ".join(f"{name} {at:.2f}" for name, at in p["stages"]) for p in processes]
+
+
 def same_report(path: Path) -> dict:
     """A layer test's --json without the runs' paths and the compare's timings."""
     data = json.loads(path.read_text())
@@ -361,6 +384,9 @@ def table(results: dict) -> str:
                          f"{many['before_s']:.2f} s, after it {one['after_s']:.2f} / {many['after_s']:.2f} s, "
                          f"of which comparing {one['compare_s']:.2f} / {many['compare_s']:.2f} s")
             lines += phase_lines(p)
+            lines += startup_lines("test1", one.get("startup", [])) + startup_lines("testN", many.get("startup", []))
+        elif "startup" in p:
+            lines += startup_lines("extract 1", p["startup"]["one"]) + startup_lines("extract N", p["startup"]["ranks"])
     write = results["parts"].get("write")
     if write is not None and "error" not in write:
         both = write["gbps_%d" % s["ranks"]]

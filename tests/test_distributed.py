@@ -110,6 +110,9 @@ def test_data_parallel_extract_equals_one_process(work, tmp_path):
     assert_runs_equal(open_run(work / "ref"), open_run(tmp_path / "dp"))
     ranks = open_run(tmp_path / "dp").manifest["stats"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["files"] > 0 for r in ranks)  # both computed batches
+    for r in ranks:  # each rank's start-up, stage by stage
+        assert [s for s, _ in r["startup"]["stages"]] == ["imported", "joined", "agreed", "model loaded",
+                                                         "run started"], r["startup"]
 
 
 def test_streamed_extract_on_four_ranks_one_idle(work, tmp_path):
@@ -193,6 +196,11 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     assert all("chain_wait_seconds" in r for r in ranks[1:]), ranks  # ranks 1 and 2 receive the chain
     dealt = [{layer for phase, layer, _, _ in r["timeline"] if phase == "build"} for r in ranks]
     assert dealt == [{0, 3}, {1}, {2}], dealt  # each rank's timeline names its own layers
+    for r in ranks:  # each rank's start-up, stage by stage, all of it before its replay
+        stages = r["startup"]["stages"]
+        assert [s for s, _ in stages] == ["imported", "joined", "agreed", "reference opened", "layers opened",
+                                          "reference checked", "runs started"], stages
+        assert stages[-1][1] <= r["timeline_origin_unix"] - r["startup"]["process_start_unix"] + 0.02, r
     # on one clock (the ranks' unix origins), the chain runs layer after layer across the ranks
     chain = sorted((r["timeline_origin_unix"] + start, r["timeline_origin_unix"] + end, layer)
                    for r in ranks for phase, layer, start, end in r["timeline"] if phase == "chain")

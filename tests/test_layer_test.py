@@ -1,6 +1,7 @@
 """`layerwise test` through main(argv): the runs it makes, and every bad input as one line + exit 2."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -46,6 +47,15 @@ def test_single_all_makes_isolated_and_chained_runs(capsys, tmp_path, reference)
     assert _max_output_error(reference, isolated) == 0.0
     assert _max_output_error(reference, chained) == 0.0
     assert "model.layers.3.mlp.gate:topk_ids" in isolated.names
+    # what came before the replay, stage by stage, in seconds since the process began
+    stats = isolated.manifest["stats"]
+    startup = stats["startup"]
+    stages = [stage for stage, _ in startup["stages"]]
+    assert stages[-5:] == ["imported", "reference opened", "layers opened", "reference checked", "runs started"], startup
+    seconds = [at for _, at in startup["stages"]]
+    assert 0 < seconds[-5] and seconds == sorted(seconds), startup
+    replay_began = stats["timeline_origin_unix"] - startup["process_start_unix"]
+    assert seconds[-1] <= replay_began + 0.02 and replay_began < time.time() - startup["process_start_unix"], startup
 
 
 def test_multi_and_full(capsys, tmp_path, reference):

@@ -21,7 +21,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import _boot, arguments, distributed, loading, machine, models, plot, readiness, recording, report
+from . import _boot, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
@@ -258,6 +258,7 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    timings.mark("imported")
     try:
         _boot.read_threads()
     except ValueError as err:
@@ -318,6 +319,7 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
                                           else distributed.DistOptions(), on_failure=lambda line: _print_error(line + hint))
     except distributed.RankFailed as err:
         return _print_error(str(err)) if env.rank == 0 else EXIT_FAIL
+    timings.mark("joined")
     try:
         return _run_ranked(ranks, args, problem, layout)
     except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
@@ -346,6 +348,7 @@ def _run_ranked(ranks: distributed.Session, args, problem: str | None, layout: s
     ranks.settle(problem or layout)
     ranks.agree("the command", facts["command"])
     ranks.agree("the model", facts["model"])
+    timings.mark("agreed")
     code = COMMANDS[args.command](args)
     sys.stdout.flush()
     return code

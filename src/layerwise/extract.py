@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import capture, distributed, pinned, writerproc
+from . import capture, distributed, pinned, timings, writerproc
 from .collector import PINNED_BUDGET_BYTES
 from .distributed import Session
 from .loading import LoadedModel, LoadOptions, load_model
@@ -65,6 +65,7 @@ def extract(spec: str, out: str, items: list[str | list[int]], options: ExtractO
             load: LoadOptions = LoadOptions(), progress=None) -> ExtractResult:
     pin_ahead(options)
     loaded = load_model(spec, load)
+    timings.mark("model loaded")
     return extract_model(loaded, out, items, options, progress=progress, load=load)
 
 
@@ -142,6 +143,7 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
         return _follower_result(out, prompts, _forward(loaded, todo, None, []))
     with record(out, intent, targets, options, None if tp else ranks) as run:
         todo, mine = todo_batches(run, batches, ranks, split=not tp)
+        timings.mark("run started")
 
         def done(number: int) -> None:
             if progress is not None:
@@ -151,6 +153,7 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
 
         forward = _forward(loaded, mine, run.collector, targets, done)
         seconds = run.close_capture()
+        run.timings["startup"] = timings.startup()  # this rank's, into its stats
         placement = {"": f"tensor parallel over {loaded.tensor_parallel} ranks"} if tp else \
             dict(getattr(model, "hf_device_map", None) or loaded.plan.device_map)
         run.finish({

@@ -27,7 +27,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import distributed, models
+from . import distributed, models, timings
 from .compare import CompareOptions, Report, Row, compare_runs
 from .errors import UserError
 from .extract import ExtractOptions, extract
@@ -90,6 +90,7 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
         raise UserError(f"--record-reference is for --test-type single or multi ({options.test_type} reads the "
                         "model once already): drop it, or extract the reference first")
     reference = None if options.record_reference else open_run(options.reference)
+    timings.mark("reference opened")
     if options.test_type == "full":
         return _full(model, reference, options, out, progress)
     num_layers = models.load_config(models.resolve_model(model)).config.num_hidden_layers  # cheap: the config

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import capture, models
+from . import capture, models, timings
 from .errors import CandidateError, UserError, origin, user_code
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
 from .machine import usable_device
@@ -212,6 +212,7 @@ def replay(model: str, reference: str | os.PathLike | Run, layers: list[int],
         source = open_layers(model, LayerOptions(settings["dtype"], settings["device"],
                                                  settings["attn_implementation"], settings["quant"],
                                                  options.fp8_backend))
+        timings.mark("layers opened")
     else:
         settings = {"dtype": models.dtype_name(source.dtype), "attn_implementation": source.options.attn_implementation,
                     "device": str(source.device), "candidate": options.candidate, "quant": source.quant_mode}
@@ -228,6 +229,7 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
         source.check_index(index)
     notes = check_reference(run, source, layers, "chained" in outputs, options.allow_config_mismatch)
     batches, padded = reference_batches(run, source.anatomy.layer(layers[0]))
+    timings.mark("reference checked")
     if not padded:
         notes.append("the reference has no padding tails (made before layerwise recorded them, or imported): "
                      "padded positions are replayed as zeros, so MoE layers in padded batches may differ "
@@ -240,6 +242,7 @@ def _replay(run: Run, source: LayerSource, settings: dict, layers: list[int], op
         tracks = [_Track(kind, stack.enter_context(Recording(path, intent(kind), targets, options.overwrite,
                                                                ranks=getattr(schedule, "ranks", None))))
                   for kind, path in outputs.items()]
+        timings.mark("runs started")
         with deterministic(options.deterministic), torch.inference_mode():
             load_seconds, bytes_read, determinism = schedule(run, source, layers, batches, tracks, targets,
                                                                 options, factory)

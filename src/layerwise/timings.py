@@ -4,12 +4,15 @@
 per layer a timeline, into the runs' manifest stats. `warm_device` makes what the first forward
 pass on a GPU would otherwise make on the test's path (cuBLAS's handle and workspace, the capture's
 first pinned host buffers) while the first layer is still being read (and streaming.rehearse
-the kernels of the layer's own first forward pass).
+the kernels of the layer's own first forward pass). `mark` notes the stages of a process's
+start-up (imports, joining a torchrun job, opening runs and models), `startup` lists them in
+seconds since the process began, into the same stats: where the time before the work went.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -56,6 +59,39 @@ class Timings:
             track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
             track.recording.timings["timeline"] = sorted(self.timeline, key=lambda e: e[2])
             track.recording.timings["timeline_origin_unix"] = round(self.origin_unix, 4)
+            track.recording.timings["startup"] = startup()
+
+
+_MARKS: dict[str, float] = {}  # stage -> unix time this process last reached it
+
+
+def mark(stage: str) -> None:
+    """This process's start-up has reached `stage` (listed by `startup`; a stage reached again, by
+    a second command in one process, keeps its last time)."""
+    _MARKS.pop(stage, None)
+    _MARKS[stage] = time.time()
+
+
+def startup() -> dict:
+    """When this process began (unix time; None where /proc cannot say) and the stages it reached
+    (`mark`), in the order of their times, each in seconds since it began (since the first stage
+    without /proc)."""
+    began = process_start_unix()
+    stages = sorted(_MARKS.items(), key=lambda item: item[1])
+    origin = began if began is not None else (stages[0][1] if stages else 0.0)
+    return {"process_start_unix": None if began is None else round(began, 3),
+            "stages": [[stage, round(at - origin, 3)] for stage, at in stages]}
+
+
+def process_start_unix() -> float | None:
+    """When this process began, from /proc (Linux; to the kernel's clock tick), else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in ticks since boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)  # /proc/stat's btime is whole seconds: too coarse
+        return time.time() - since_boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def warm_device(device: torch.device, dtype: torch.dtype) -> None:
