@@ -186,12 +186,14 @@ def measure(args, base) -> tuple[list, dict | None, str]:
     device_map = {"": "cpu"}
     if torch.cuda.is_available() and not args.tiny:
         meta = placement.meta_model(config, torch.bfloat16)
-        device_map = placement.plan_placement(meta, [torch.cuda.mem_get_info(0)[0]], "balanced", cpu_bytes=0,
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(min(args.gpus, torch.cuda.device_count()))]
+        device_map = placement.plan_placement(meta, free, "balanced", cpu_bytes=0,
                                               tokens=16384, dtype=torch.bfloat16).device_map
     model = build_on_devices(config, device_map, torch.bfloat16)
     anatomy = find_anatomy(model)
     bench = eo.Bench(model, anatomy, config, loading.input_device(model, anatomy))
-    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    card = (torch.cuda.get_device_name(0) + (f" x{args.gpus}" if args.gpus > 1 else "")) \
+        if torch.cuda.is_available() and not args.tiny else "cpu"
     rows = []
     for spec in filter(None, args.shapes.split(",")):
         b, t = map(int, spec.split("x"))
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="a src/ tree of another commit (holding layerwise/)")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs the model is placed over (balanced)")
     ap.add_argument("--shapes", default="1x128,1x512,4x128,16x128,1x1024", help="batch x tokens, comma list")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--run-batches", type=int, default=8,

@@ -22,7 +22,8 @@ def test_every_script_has_a_dry_run_here():
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"synthetic"}
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
-               "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes"}
+               "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
+               "capture_variants"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -284,6 +285,22 @@ def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as usage:
         bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
     assert usage.value.code == 2 and "no layerwise/collector.py" in capsys.readouterr().err
+
+
+def test_capture_variants_dry_run(tmp_path, monkeypatch, capsys):
+    import torch
+
+    event = torch.cuda.Event
+    code = bench(monkeypatch, "capture_variants").main(["--tiny", "--shapes", "1x8", "--reps", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = json.loads((tmp_path / "capture_variants.json").read_text())["rows"][0]
+    assert (row["batch"], row["tokens"]) == (1, 8) and row["plain_ms"] > 0
+    assert all(row[n]["median"] > 0 for n in ("full", "hooks", "hold", "samestream", "spin")), row
+    assert torch.cuda.Event is event, "the spin variant puts torch's Event back"
+    with pytest.raises(SystemExit) as usage:
+        bench(monkeypatch, "capture_variants").main(["--tiny", "--variants", "full,fast"])
+    assert usage.value.code == 2 and "unknown fast" in capsys.readouterr().err
 
 
 def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
