@@ -13,6 +13,10 @@ the capture, each taking one piece away or changing it:
   samestream  the copies on each device's compute stream instead of a copy stream of their own
   spin        the copies' events made without blocking synchronization (the completion thread
               spins in the driver instead of sleeping)
+  nowait      nobody waits for the copies' events (the files are cut from buffers still being
+              written: timing only)
+  torchpinned the host buffers torch's pinned memory (cudaHostAlloc) instead of shared memory
+              registered with CUDA (LAYERWISE_WRITER=threads while it runs)
 
 Ratios to the plain forward per round, median (min-max), and the CUDA device current on the
 forward thread after each variant's rounds (the capture must leave it as it found it).
@@ -39,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import extract_overhead as eo  # noqa: E402
 from synthetic import build_on_devices, minimax_config  # noqa: E402
 
-from layerwise import capture, loading, placement  # noqa: E402
+from layerwise import capture, loading, placement, writerproc  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
 
-VARIANTS = ("full", "hooks", "hold", "samestream", "spin")
+VARIANTS = ("full", "hooks", "hold", "samestream", "spin", "nowait", "torchpinned")
 
 
 class Hooks:
@@ -69,6 +73,14 @@ class Hold(Collector):
         return None
 
 
+class NoWait(Collector):
+    """Cuts the files without waiting for the copies' events."""
+
+    def _finish(self, item):
+        item.done.clear()
+        super()._finish(item)
+
+
 class SpinEvent(torch.cuda.Event):
     def __new__(cls, enable_timing=False, blocking=False, interprocess=False):
         return super().__new__(cls, enable_timing=enable_timing, blocking=False, interprocess=interprocess)
@@ -77,7 +89,7 @@ class SpinEvent(torch.cuda.Event):
 def sink_for(name: str, targets, tiny: bool):
     if name == "hooks":
         return Hooks()
-    col = (Hold if name == "hold" else Collector)(eo.NullWriter(), targets, copy_host_tensors=tiny)
+    col = {"hold": Hold, "nowait": NoWait}.get(name, Collector)(eo.NullWriter(), targets, copy_host_tensors=tiny)
     if name == "samestream" and torch.cuda.is_available():
         col._streams = {torch.device("cuda", i): torch.cuda.current_stream(i) for i in range(torch.cuda.device_count())}
     return col
@@ -92,7 +104,7 @@ def timed(bench, names: list[str], b: int, t: int, reps: int, tiny: bool) -> dic
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    variants, sinks, kept = {"plain": plain}, {}, torch.cuda.Event
+    variants, sinks, kept, writer_env = {"plain": plain}, {}, torch.cuda.Event, os.environ.get(writerproc.ENV)
     for name in names:
         sink = sinks[name] = sink_for(name, bench.targets, tiny)
         hooks = capture.Capture(model, bench.targets, sink)
@@ -100,11 +112,17 @@ def timed(bench, names: list[str], b: int, t: int, reps: int, tiny: bool) -> dic
         def on(hooks=hooks, name=name):
             if name == "spin":
                 torch.cuda.Event = SpinEvent
+            if name == "torchpinned":
+                os.environ[writerproc.ENV] = "threads"
             hooks.__enter__()
 
         def off(_, hooks=hooks, name=name):
             hooks.__exit__(None, None, None)
             torch.cuda.Event = kept
+            if name == "torchpinned" and writer_env is None:
+                os.environ.pop(writerproc.ENV, None)
+            elif name == "torchpinned":
+                os.environ[writerproc.ENV] = writer_env
             if torch.cuda.is_available():
                 devices[name].add(torch.cuda.current_device())
 
