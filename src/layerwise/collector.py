@@ -55,13 +55,12 @@ class Collector:
       input, which is the previous layer's output (one tensor, copied once). With long prompts
       that is every layer or two, so the copies overlap the next layers; short prompts' copies
       are small and wait for a few layers (fewer launches and wake-ups while the forward pass
-      is bound by launches); the last layer's input flushes whatever is held, so that the copy
-      nothing overlaps (at the batch's end) holds the last layer's tensors alone. A flush packs
-      each tensor object of a device once into one buffer (one `cat` per dtype, converted there
-      to its stored dtype, and one joining them, on the compute stream, after their producers)
-      and issues one device-to-host copy of it on that device's copy stream into a pinned
-      buffer: a handful of launches per flush, the copies overlapping the next layers' compute.
-      `end_batch()` (`start_batch`, `flush` and `close` call it) flushes the rest.
+      is bound by launches). A flush packs each tensor object of a device once into one
+      buffer (one `cat` per dtype, converted there to the dtype it is stored in, and one joining
+      them, on the compute stream, after their producers) and issues one device-to-host copy of
+      it on that device's copy stream into a pinned buffer: a handful of launches per flush, and
+      the copies overlap the next layers' compute. `end_batch()`
+      (`start_batch`, `flush` and `close` call it) flushes the rest.
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
       into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
       `flush()` does that work itself when the completion thread has nothing queued: a caller
@@ -78,8 +77,7 @@ class Collector:
                  copy_host_tensors: bool = False, flush_bytes: int = FLUSH_BYTES):
         self.writer = writer
         self.groups = groups_of(targets)
-        inputs = [t.names[0] for t in targets if t.when == INPUT and not t.extra]  # decoder layers', in model order
-        padded, self._last_input = set(inputs), inputs[-1] if inputs else None
+        padded = {t.names[0] for t in targets if t.when == INPUT and not t.extra}  # decoder-layer inputs
         extra = {t.names[0] for t in targets if t.extra}  # --modules: checked to be token-major
         # each name's facts, worked out once: (stored dtype or None, whole, padding tail's name or None, extra)
         self._facts = {n: (_STORED.get(split_name(n)[1]), split_name(n)[1] in WHOLE_ROLES,
@@ -113,15 +111,14 @@ class Collector:
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
         """Keep one hook's tensors; a decoder layer's input flushes what came before it once that
-        is `flush_bytes` or more, and the last layer's input whatever its size."""
+        is `flush_bytes` or more."""
         held, group = self._held, target.group
         before = len(held)
         for name, t in zip(target.names, tensors):
             held.append((group, name, t))
             if t is not None:
                 self._held_bytes += t.nbytes
-        if before and target.when == INPUT and not target.extra and (
-                self._held_bytes >= self.flush_bytes or target.names[0] == self._last_input):
+        if before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
             self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
     def end_batch(self, keep_batch: bool = False) -> None:
@@ -134,8 +131,10 @@ class Collector:
 
     def _copy_held(self) -> _Flush | None:
         """The host copies of everything held (None: nothing is), which is then held no more."""
+        if not self._held:
+            return None
         held, self._held, self._held_bytes = self._held, [], 0
-        return self._copy(held) if held else None
+        return self._copy(held)
 
     def _put(self, item) -> None:
         with self._state:
