@@ -89,8 +89,10 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
     if options.record_reference and options.test_type not in ("single", "multi"):
         raise UserError(f"--record-reference is for --test-type single or multi ({options.test_type} reads the "
                         "model once already): drop it, or extract the reference first")
-    reference = None if options.record_reference else open_run(options.reference)
-    timings.mark("reference opened")
+    reference = None
+    if not options.record_reference:
+        reference = open_run(options.reference)
+        timings.mark("reference opened")
     if options.test_type == "full":
         return _full(model, reference, options, out, progress)
     num_layers = models.load_config(models.resolve_model(model)).config.num_hidden_layers  # cheap: the config
