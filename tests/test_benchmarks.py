@@ -297,7 +297,8 @@ def test_capture_variants_dry_run(tmp_path, monkeypatch, capsys):
     assert code == 0, out
     row = json.loads((tmp_path / "capture_variants.json").read_text())["rows"][0]
     assert (row["batch"], row["tokens"]) == (1, 8) and row["plain_ms"] > 0
-    assert all(row[n]["median"] > 0 for n in ("full", "hooks", "hold", "samestream", "spin", "nowait", "torchpinned")), row
+    assert all(row[n]["median"] > 0 for n in ("full", "hooks", "hold", "samestream", "spin", "nowait", "torchpinned",
+                                             "spinflush")), row
     assert torch.cuda.Event is event, "the spin variant puts torch's Event back"
     assert "LAYERWISE_WRITER" not in os.environ, "the torchpinned variant puts the writer's setting back"
     with pytest.raises(SystemExit) as usage:
