@@ -9,3 +9,15 @@ if [ $# -gt 1 ]; then for p in "$@"; do bash "$0" "$p"; done; exit 0; fi
 PART=${1:-$_default}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/s$_session-$PART; mkdir -p "$W"
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+# capture_table GPUS RUNS: extract_overhead.py's capture table (11 shapes, 5 rounds) and end-to-end
+# extracts (16 x 256, 16 x 4096, 3 rounds) with the model over GPUS GPUs, $RUNS times (default
+# RUNS), none started after $DEADLINE seconds; logs table<i>.log and run<i>/ under $W.
+capture_table() {
+    for i in $(seq "${RUNS:-$2}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== run $i not started: past $DEADLINE s"; break; }
+        timeout ${TABLE:-300} python3 benchmarks/extract_overhead.py --gpus "$1" --tokens 128,512,1024,4096 \
+            --batches 1,4,16 --max-batch-tokens 16384 --reps 5 --profile '' --e2e 16x256,16x4096 --e2e-repeat 3 \
+            --writer process --out "$W/run$i" > "$W/table$i.log" 2>&1
+        echo "=== capture table and end to end on $1 GPU(s), run $i (exit $?, at $SECONDS s)"; tail -22 "$W/table$i.log"
+    done
+}

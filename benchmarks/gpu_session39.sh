@@ -32,12 +32,6 @@ writes)
         echo "=== finite $code (exit $?)"; tail -1 "$W/finite$code.log"
     done ;;
 table)
-    for i in $(seq "${RUNS:-3}"); do
-        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== run $i not started: past $DEADLINE s"; break; }
-        timeout ${TABLE:-300} python3 benchmarks/extract_overhead.py --gpus 1 --tokens 128,512,1024,4096 \
-            --batches 1,4,16 --max-batch-tokens 16384 --reps 5 --profile '' --e2e 16x256,16x4096 --e2e-repeat 3 \
-            --writer process --out "$W/run$i" > "$W/table$i.log" 2>&1
-        echo "=== capture table and end to end, run $i (exit $?, at $SECONDS s)"; tail -22 "$W/table$i.log"
-    done ;;
+    capture_table 1 3 ;;
 esac
 tar czf "$OUT/session39-$PART.tgz" -C "$W" . 2>/dev/null
