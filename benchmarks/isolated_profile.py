@@ -12,7 +12,10 @@ dropped before each step (POSIX_FADV_DONTNEED, no root needed), it times:
   joint      `layerwise test CKPT --record-reference --reference REF2 --prompts ... --layer all`: both
              from one read of the checkpoint
 
-and the goal's ratio (extract + test) / cold_read (< 2), and joint / cold_read. With --no-prefetch
+and the goal's ratio (extract + test) / cold_read (< 2), and joint / cold_read. For each command,
+in seconds after its launch: its start-up stages (its manifest's), what it read from storage when
+(its /proc/PID/io sampled every 10 ms: the first and last read, the gaps of over 0.1 s without one,
+where the disk sat idle), when its manifest was written and when it exited. With --no-prefetch
 each command also runs with LAYERWISE_PREFETCH=0 (no first layer read while it imports,
 _prefetch.py), the two taking turns. The start-up step also reports how many
 of the modules it imported had no usable cached bytecode (compiled from source, as `layerwise
@@ -34,6 +37,7 @@ import pstats
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +58,8 @@ class Bench:
         self.ckpt, self.work = Path(args.dir), Path(args.work)
         self.gpu = torch.cuda.is_available() and not args.tiny
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.src).resolve()),
+                                                                os.environ.get("PYTHONPATH")]))}
         if self.gpu:
             self.env["CUDA_VISIBLE_DEVICES"] = "0"
 
@@ -78,7 +83,7 @@ class Bench:
         size = sum(f.stat().st_size for f in self.shards())
         card = torch.cuda.get_device_name(0) if self.gpu else platform.processor() or "cpu"
         return {"layers": self.args.layers, "checkpoint_gb": size / 1e9, "prompts": self.args.prompts,
-                "tokens": self.args.tokens, "card": card, "cores": os.cpu_count(), "versions": runs.library_versions()}
+                "tokens": self.args.tokens, "card": card, "cores": os.cpu_count(), "src": self.args.src, "versions": runs.library_versions()}
 
     def cold_read(self) -> float:
         drop_page_cache(self.shards())
@@ -89,18 +94,25 @@ class Bench:
                     pass
         return time.perf_counter() - start
 
-    def timed(self, argv: list, profile: Path | None = None, env: dict | None = None) -> tuple[float, str]:
-        """One fresh process on a cold page cache; its wall seconds and output (exit 0 required)."""
+    def timed(self, argv: list, profile: Path | None = None, env: dict | None = None) -> tuple[float, str, dict]:
+        """One fresh process on a cold page cache; its wall seconds, output (exit 0 required) and
+        what it read from storage when (`StorageReads`), its launch as `launched_unix`."""
         drop_page_cache(self.shards())
         head = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
-        start = time.perf_counter()
-        done = subprocess.run(head + [str(a) for a in argv], env=env or self.env, capture_output=True, text=True,
-                              timeout=self.args.command_timeout)
+        launched, start = time.time(), time.perf_counter()
+        child = subprocess.Popen(head + [str(a) for a in argv], env=env or self.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        watch = StorageReads(child.pid, start)
+        try:
+            stdout, stderr = child.communicate(timeout=self.args.command_timeout)
+        finally:
+            child.kill()
+            reads = watch.stop()
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
-            raise RuntimeError(f"{' '.join(map(str, argv[:3]))} exited {done.returncode}:\n{tail}")
-        return wall, done.stdout
+        if child.returncode != 0:
+            tail = "\n".join((stderr or stdout).strip().splitlines()[-12:])
+            raise RuntimeError(f"{' '.join(map(str, argv[:3]))} exited {child.returncode}:\n{tail}")
+        return wall, stdout, {**reads, "launched_unix": launched}
 
     def cached_env(self) -> dict:
         """The environment with a bytecode cache of its own (emptied first)."""
@@ -125,6 +137,42 @@ class Bench:
         }
 
 
+class StorageReads:
+    """What a child process read from storage (its /proc/PID/io `read_bytes`: page-cache misses it
+    caused, its threads together), sampled every `every` seconds on a thread while it runs. `stop`
+    gives the bytes, when the reads began and ended (seconds after `origin`, a perf_counter time),
+    and the gaps of over `gap` seconds between them in which nothing was read: where the disk sat
+    idle inside a command (None where /proc cannot say)."""
+
+    def __init__(self, pid: int, origin: float, every: float = 0.01, gap: float = 0.1):
+        self.path, self.origin, self.every, self.gap = f"/proc/{pid}/io", origin, every, gap
+        self.samples: list[tuple[float, int]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            try:
+                with open(self.path) as f:
+                    value = next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+            except (OSError, StopIteration, ValueError):  # not started, gone, or not readable
+                value = None
+            if value is not None:
+                self.samples.append((time.perf_counter() - self.origin, value))
+            self.done.wait(self.every)
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        rising = [(t, b) for (t, b), (_, before) in zip(self.samples[1:], self.samples) if b > before]
+        if not rising:
+            return {"read_gb": None}
+        gaps = [[round(a, 2), round(b, 2)] for (a, _), (b, _) in zip(rising, rising[1:]) if b - a > self.gap]
+        return {"read_gb": (rising[-1][1] - self.samples[0][1]) / 1e9, "first_read_s": rising[0][0],
+                "last_read_s": rising[-1][0], "idle_gaps": gaps, "idle_s": sum(b - a for a, b in gaps)}
+
+
 def top(profile: Path, n: int = 12) -> list[str]:
     """The `n` functions of most cumulative time in a cProfile dump (layerwise's, torch's, ...)."""
     stats = pstats.Stats(str(profile))
@@ -140,6 +188,32 @@ def top(profile: Path, n: int = 12) -> list[str]:
     return out
 
 
+def command_timeline(reads: dict, stats: dict, manifest: Path, wall: float) -> dict:
+    """Where a command's wall time went, in seconds after its launch: its start-up stages (from its
+    manifest's stats), the storage reads (`StorageReads`), when its manifest was written and how
+    long the process ran after its last read."""
+    startup, launched = stats.get("startup") or {}, reads.pop("launched_unix")
+    began = startup.get("process_start_unix")
+    stages = [[s, round(at + began - launched, 2)] for s, at in startup.get("stages", [])] if began else []
+    timeline = {"stages": stages, **reads, "manifest_s": manifest.stat().st_mtime - launched, "wall_s": wall}
+    if reads.get("read_gb") is not None:
+        timeline["after_last_read_s"] = wall - reads["last_read_s"]
+    return timeline
+
+
+def timeline_line(name: str, t: dict, cold_gbps: float) -> str:
+    stages = ", ".join(f"{s} {at:.1f}" for s, at in t["stages"])
+    if t.get("read_gb") is None:
+        reads = "reads from storage not seen (/proc/PID/io)"
+    else:
+        span = t["last_read_s"] - t["first_read_s"]
+        reads = (f"read {t['read_gb']:.1f} GB from storage from {t['first_read_s']:.2f} to {t['last_read_s']:.2f} s "
+                 f"({t['read_gb'] / span if span > 0 else 0:.2f} GB/s against the cold read's {cold_gbps:.2f}; "
+                 f"{t['idle_s']:.2f} s idle in {len(t['idle_gaps'])} gaps), "
+                 f"{t['after_last_read_s']:.2f} s after the last read")
+    return f"  {name}: {stages}; manifest {t['manifest_s']:.2f}, exit {t['wall_s']:.2f} s; {reads}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=3)
@@ -153,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the commands again with a bytecode cache of their own (PYTHONPYCACHEPREFIX)")
     ap.add_argument("--no-prefetch", action="store_true",
                     help="each command again with LAYERWISE_PREFETCH=0, taking turns with the default")
+    ap.add_argument("--src", default=str(ROOT / "src"),
+                    help="the layerwise code the commands run (default: this checkout's src/)")
     ap.add_argument("--command-timeout", type=float, default=600)
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")
     args = ap.parse_args(argv)
@@ -169,18 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
 
     def timed(prefix: str, name: str, env: dict | None) -> None:
-        results[f"{prefix}{name}_s"], printed = bench.timed(commands[name], env=env)
-        stats = (lambda run: json.loads((bench.work / run / "manifest.json").read_text())["stats"])
+        results[f"{prefix}{name}_s"], printed, reads = bench.timed(commands[name], env=env)
+        run = {"extract": "ref", "test": "test/isolated", "joint": "test-joint/isolated"}.get(name)
+        stats = (lambda r: json.loads((bench.work / r / "manifest.json").read_text())["stats"])
         if name == "startup":
             results[f"{prefix}startup_bytecode"] = json.loads(printed.strip().splitlines()[-1])
         elif name == "extract":
-            results[f"{prefix}extract_recording_s"] = stats("ref").get("seconds")
+            results[f"{prefix}extract_recording_s"] = stats(run).get("seconds")
         elif name == "test":
-            tested = stats("test/isolated")
-            results[f"{prefix}test_replay_s"], results[f"{prefix}test_load_s"] = tested.get("seconds"), \
-                tested.get("load_seconds")
+            results[f"{prefix}test_replay_s"], results[f"{prefix}test_load_s"] = stats(run).get("seconds"), \
+                stats(run).get("load_seconds")
         elif name == "joint":
-            results[f"{prefix}joint_test_s"] = stats("test-joint/isolated").get("seconds")
+            results[f"{prefix}joint_test_s"] = stats(run).get("seconds")
+        if run:  # the joint test's start-up is in the reference it records
+            results[f"{prefix}{name}_timeline"] = command_timeline(
+                reads, stats("ref-joint" if name == "joint" else run), bench.work / run / "manifest.json",
+                results[f"{prefix}{name}_s"])
         print(f"{prefix}{name}: {results[f'{prefix}{name}_s']:.2f} s", flush=True)
         save()
 
@@ -210,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     s = results["setup"]
     lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
              f"prompts x {s['tokens']} tokens; {s['card']}; cold read {results['cold_read_s']:.2f} s"]
+    gbps = s["checkpoint_gb"] / results["cold_read_s"]
     for prefix, what in (("", "as the environment runs"), ("noprefetch_", "without the first layer's prefetch "
                          "(LAYERWISE_PREFETCH=0)"), ("cached_", "with a bytecode cache")):
         if f"{prefix}ratio" not in results:
@@ -222,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"reading and building {r('test_load_s'):.2f} s)",
                   f"  (extract + test) / cold read = {r('ratio'):.2f}x (goal < {GOAL:.0f}x)",
                   f"  test --record-reference (one read for both) {r('joint_s'):.2f} s (reference and test "
-                  f"{r('joint_test_s'):.2f} s): {r('joint_ratio'):.2f}x the cold read"]
+                  f"{r('joint_test_s'):.2f} s): {r('joint_ratio'):.2f}x the cold read",
+                  "  each command, seconds after its launch:"]
+        lines += [timeline_line(name, results[f"{prefix}{name}_timeline"], gbps) for name in ("extract", "test", "joint")]
     for name in ("extract", "test"):
         if f"{name}_profile" in results:
             lines += [f"", f"{name} under cProfile, most cumulative time:"] + results[f"{name}_profile"]

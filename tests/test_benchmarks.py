@@ -177,6 +177,11 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
     startup, cached = data["startup_bytecode"], data["cached_startup_bytecode"]
     assert startup["modules"] > 500 and cached["compiled"] == 0 and cached["writes"], (startup, cached)
     assert data["cached_ratio"] > 0 and any((tmp_path / "work" / "pycache").rglob("*.pyc"))
+    for name, last in (("extract", "run started"), ("test", "runs started"), ("joint", "run started")):
+        timeline = data[f"{name}_timeline"]  # seconds after the command's launch
+        assert timeline["stages"][-1][0] == last and 0 < timeline["stages"][0][1], timeline
+        assert timeline["stages"][-1][1] < timeline["manifest_s"] <= timeline["wall_s"] == data[f"{name}_s"], timeline
+    assert out.count("  extract: imported") == 3, out
 
 
 def test_manifest_cost_dry_run(tmp_path, monkeypatch, capsys):

@@ -153,20 +153,23 @@ class Teardown:
 
 mark = Teardown()  # freed only by the interpreter's teardown
 sys.stdout.write("buffered")  # no newline: still in the pipe's buffer
+if sys.argv[2] == "profiled":
+    sys.setprofile(lambda *args: None)  # as cProfile does: it writes its data in the interpreter's exit
 distributed.exit_process(3)
 """
 
 
-@pytest.mark.parametrize("joined", [True, False])
-def test_exit_process_of_a_rank_skips_only_the_interpreters_teardown(tmp_path, joined):
-    """A process that joined a job ends as the interpreter's exit would (its threads joined, idle
-    executors included, the atexit functions run, the output flushed, the code kept), but without
-    the teardown in which a process group's thread can abort it; one that never joined exits as usual."""
+@pytest.mark.parametrize("how", ["joined", "single", "profiled"])
+def test_exit_process_skips_only_the_interpreters_teardown(tmp_path, how):
+    """A layerwise process ends as the interpreter's exit would (its threads joined, idle executors
+    included, the atexit functions run, the output flushed, the code kept), but without the teardown
+    that costs every command time and in which a process group's thread can abort a rank; under a
+    profiler it exits as usual, so the profiler writes what it measured."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path), "joined" if joined else "single"],
+    done = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path), how],
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (3, "buffered"), done.stderr
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
-    assert (tmp_path / "teardown").exists() is not joined
+    assert (tmp_path / "teardown").exists() is (how == "profiled")

@@ -78,7 +78,12 @@ def test_stream_cli(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "extract", "builtin:minimax-m2-tiny", "--out", tmp_path / "r", "--prompt", "abc",
                            "--stream", "--dtype", "fp32")
     assert code == 0 and "one layer at a time" in out
-    assert runs.open_run(tmp_path / "r").names[-1] == "lm_head:output"
+    run = runs.open_run(tmp_path / "r")
+    assert run.names[-1] == "lm_head:output"
+    startup = run.manifest["stats"]["startup"]  # what came before the recording, in seconds since the process began
+    assert [stage for stage, _ in startup["stages"]][-3:] == ["imported", "layers opened", "run started"], startup
+    seconds = [at for _, at in startup["stages"]]
+    assert 0 < seconds[-3] and seconds == sorted(seconds), startup
 
 
 def test_unstreamable_architecture_is_refused(monkeypatch, tmp_path):

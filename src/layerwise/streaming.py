@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import capture, distributed, models
+from . import capture, distributed, models, timings
 from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .extract import ExtractOptions, extract_intent, pin_ahead, prepare, record, todo_batches
@@ -82,6 +82,7 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
         source = open_layers(spec, LayerOptions(dtype=stream.dtype, device=usable_device(stream.device),
                                                 attn_implementation=stream.attn_implementation, quant=stream.quant,
                                                 fp8_backend=stream.fp8_backend))
+        timings.mark("layers opened")
     if source.device.type == "cuda":
         pin_ahead(options)
     try:
@@ -125,6 +126,7 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
     with record(out, intent, targets, options, distributed.session()) as run, contextlib.ExitStack() as stack:
         # under torchrun: this rank's share; a test alongside needs every batch's inputs (no resume)
         todo, mine = todo_batches(run, batches, distributed.session(), resume=alongside is None)
+        timings.mark("run started")
         if alongside is not None:  # its runs finish after this one's manifest (the stack exits first)
             stack.enter_context(alongside.recording(intent, mine, points))
         if device.startswith("cuda"):
@@ -136,6 +138,7 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
                 hidden = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done, alongside)
                 _norm_and_head(source, mine, hidden, run.collector, by_stage.get("final", []))
         seconds = run.close_capture()
+        run.timings["startup"] = timings.startup()  # this rank's, into its stats
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
         run.finish({
             "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes], "versions": library_versions(),
