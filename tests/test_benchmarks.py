@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants"}
+               "capture_variants", "command_exit"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -158,6 +158,20 @@ def test_distributed_test_part_per_read_thread_count(monkeypatch):
     b.part_test({}, "16")
     b.part_test({})
     assert seen == [{"A": "1", "LAYERWISE_READ_THREADS": "16"}, {"A": "1"}] and b.env == {"A": "1"}
+
+
+def test_command_exit_dry_run(tmp_path, monkeypatch, capsys):
+    """A command's end, step by step after its manifest, in fresh processes."""
+    code = bench(monkeypatch, "command_exit").main(["--tiny", "--rounds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (only,) = json.loads((tmp_path / "command_exit.json").read_text())["rounds"]
+    after = list(only["after_manifest"].values())
+    assert after == sorted(after) and 0 <= after[0] < 30 and only["manifest_s"] < only["wall_s"], only
+    assert "process ended:" in out
+    with pytest.raises(SystemExit) as usage:  # neither a command nor --tiny
+        bench(monkeypatch, "command_exit").main(["--out", str(tmp_path)])
+    assert usage.value.code == 2
 
 
 @pytest.mark.slow

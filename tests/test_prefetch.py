@@ -1,4 +1,4 @@
-"""_prefetch.py: a command's first layer read from disk while it imports. Oracle for the byte
+"""_prefetch.py: a command's layers read from disk, in its order, while it imports. Oracle for the byte
 ranges: layerwise's own loader, which names the tensors a layer test reads for a layer
 (LayerSource.checkpoint_names) and the header offsets it reads them at (tensorfile)."""
 
@@ -36,47 +36,73 @@ def sharded(tmp_path_factory):
 
 
 def spans_of(directory, names) -> dict:
-    """{file: (first byte, end)} of the tensors `names` as the loader reads them."""
+    """{file: [(first byte, end), ...]} of the tensors `names` as the loader reads them, touching
+    spans joined."""
     wmap = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
+    pieces = {}
     for name in names:
         path = directory / wmap[name]
         with open(path, "rb") as fh:
             start = 8 + int.from_bytes(fh.read(8), "little")
         lo, hi = tensorfile.read_header(path)[name]["data_offsets"]
-        a, b = out.get(path, (start + lo, start + hi))
-        out[path] = (min(a, start + lo), max(b, start + hi))
+        pieces.setdefault(path, []).append((start + lo, start + hi))
+    return {path: joined(spans) for path, spans in pieces.items()}
+
+
+def joined(spans) -> list:
+    out = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
     return out
 
 
 def as_spans(reads) -> dict:
-    return {path: (offset, offset + length) for path, offset, length in reads}
+    pieces = {}
+    for path, offset, length in reads:
+        pieces.setdefault(path, []).append((offset, offset + length))
+    return {path: joined(spans) for path, spans in pieces.items()}
 
 
-@pytest.mark.parametrize("args, env, layer", [
-    (["test", "{ckpt}", "--reference", "ref", "--layer", "all"], {}, 0),
-    (["test", "{ckpt}", "--reference", "ref", "--test-type", "single", "--layer", "2"], {}, 2),
-    (["test", "{ckpt}", "--reference", "ref", "--layer", "all"], {"RANK": "3"}, 3),  # dealt round-robin
-    (["test", "--reference", "ref", "{ckpt}", "--test-type", "multi", "--layers", "1-3"], {"RANK": "1"}, 2),
-], ids=["all", "one-layer", "rank-3", "multi-rank-1"])
-def test_a_layer_test_reads_its_first_layer(sharded, args, env, layer):
+@pytest.mark.parametrize("args, env, layers", [
+    (["test", "{ckpt}", "--reference", "ref", "--layer", "all"], {}, [0, 1, 2, 3]),
+    (["test", "{ckpt}", "--reference", "ref", "--test-type", "single", "--layer", "2"], {}, [2]),
+    (["test", "{ckpt}", "--reference", "ref", "--layer", "all"], {"RANK": "1", "WORLD_SIZE": "2"}, [1, 3]),
+    (["test", "--reference", "ref", "{ckpt}", "--test-type", "multi", "--layers", "1-3"],
+     {"RANK": "1", "WORLD_SIZE": "2"}, [2]),  # dealt round-robin
+], ids=["all", "one-layer", "rank-1-of-2", "multi-rank-1"])
+def test_a_layer_test_reads_its_layers_in_order(sharded, monkeypatch, args, env, layers):
+    """Exactly each layer's tensors, a layer after the other, though every shard interleaves
+    tensors of several layers (holes between them not read through here: _GAP 0)."""
+    monkeypatch.setattr(_prefetch, "_GAP", 0)
     argv = [a.format(ckpt=sharded) for a in args]
-    names = open_layers(str(sharded), LayerOptions()).checkpoint_names(layer)
-    assert as_spans(_prefetch.first_reads(argv, env)) == spans_of(sharded, names)
+    source = open_layers(str(sharded), LayerOptions())
+    groups = list(_prefetch._planned(argv, env))
+    assert [as_spans(g) for g in groups] == [spans_of(sharded, source.checkpoint_names(k)) for k in layers]
+    assert _prefetch.first_reads(argv, env) == [read for g in groups for read in g]
 
 
 @pytest.mark.parametrize("args", [["extract", "{ckpt}", "--stream", "--prompt", "hi"],
                                   ["test", "{ckpt}", "--record-reference", "--reference", "r", "--layer", "2"]],
                          ids=["extract-stream", "record-reference"])
-def test_a_streamed_extract_reads_the_embedding_then_layer_0(sharded, args):
+def test_a_streamed_extract_reads_the_embedding_then_layer_0_1(sharded, monkeypatch, args):
     """Also a test that records its reference as it goes: it streams the model from its start,
     on every rank."""
-    reads = _prefetch.first_reads([a.format(ckpt=sharded) for a in args], {"RANK": "1"})
+    monkeypatch.setattr(_prefetch, "_GAP", 0)
+    groups = list(_prefetch._planned([a.format(ckpt=sharded) for a in args], {"RANK": "1", "WORLD_SIZE": "2"}))
     source = open_layers(str(sharded), LayerOptions())
-    wanted = ["model.embed_tokens.weight", *source.checkpoint_names(0)]
-    assert as_spans(reads) == spans_of(sharded, wanted)
-    embed_file = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"][wanted[0]]
-    assert reads[0][0].name == embed_file  # the embedding's file first: it is read first
+    wanted = [["model.embed_tokens.weight"]] + [source.checkpoint_names(k) for k in range(4)]
+    assert [as_spans(g) for g in groups] == [spans_of(sharded, names) for names in wanted]
+
+
+def test_holes_up_to_the_gap_are_read_through(tmp_path, monkeypatch):
+    wmap = {"a": "f", "b": "f", "c": "f"}
+    header = {"a": {"data_offsets": [0, 100]}, "c": {"data_offsets": [150, 200]}, "b": {"data_offsets": [5000, 6000]}}
+    monkeypatch.setattr(_prefetch, "_GAP", 1000)
+    assert _prefetch._ranges(tmp_path, wmap, ["b", "a", "c"], {"f": (8, header)}) == \
+        [(tmp_path / "f", 8, 200), (tmp_path / "f", 5008, 1000)]
 
 
 @pytest.mark.parametrize("args", [
@@ -101,12 +127,16 @@ def test_the_reader_reads_the_ranges_in_order_up_to_its_budget(tmp_path, monkeyp
     monkeypatch.setattr(_prefetch, "_CHUNK", 64 << 10)
     monkeypatch.setattr(_prefetch.os, "preadv", lambda fd, bufs, off: seen.append((off, len(bufs[0]))) or
                         real(fd, bufs, off))
-    reads = [(tmp_path / "f", 1000, 200_000), (tmp_path / "missing", 0, 10), (tmp_path / "f", 500_000, 400_000)]
-    assert _prefetch._read(reads, 10 << 20) == 600_000
+    groups = [[(tmp_path / "f", 1000, 200_000), (tmp_path / "missing", 0, 10)], [(tmp_path / "f", 500_000, 400_000)]]
+    assert _prefetch._read(groups, 10 << 20, threads=1) == 600_010  # the bytes asked for
     assert seen[0] == (1000, 64 << 10) and seen[-1][0] + seen[-1][1] == 900_000
+    assert [off for off, _ in seen] == sorted(off for off, _ in seen)  # one thread: in order
     seen.clear()
-    assert _prefetch._read(reads, 100_000) == 131072  # stops at the first chunk past the budget
+    assert _prefetch._read(groups, 100_000, threads=1) == 131072  # stops at the first chunk past the budget
     assert all(off < 201_000 for off, _ in seen)
+    seen.clear()
+    assert _prefetch._read(iter(groups), 10 << 20, threads=3) == 600_010  # several threads: every chunk once
+    assert sorted(seen) == sorted(set(seen)) and sum(n for _, n in seen) == 600_000
 
 
 def test_only_a_command_prefetches_and_it_can_be_turned_off(sharded, monkeypatch):

@@ -1,21 +1,24 @@
-"""What a layerwise command reads while it imports: the first bytes a layer-by-layer command will
-need from a checkpoint, asked of the disk before torch and transformers are imported.
+"""What a layerwise command reads while it imports: the bytes a layer-by-layer command will need
+first from a checkpoint, asked of the disk before torch and transformers are imported.
 
-A layer test or a streamed extract spends its first seconds importing (4-8 s on a GPU image),
-then reads its first layer from a disk that holds none of it in memory yet. `prefetch` (called
-by `layerwise/__init__.py` right after the bytecode step, for a layerwise command only) finds the
-checkpoint among the command's arguments (a directory with a config.json and safetensors files;
-a run directory has no config.json) and, on a thread of its own, reads into the page cache the
-byte ranges of what the command reads first:
+A layer test or a streamed extract spends its first seconds importing and opening the model (5-8 s
+on a GPU image), then reads its layers from a disk that holds none of them in memory yet.
+`prefetch` (called by `layerwise/__init__.py` right after the bytecode step, for a layerwise
+command only) finds the checkpoint among the command's arguments (a directory with a config.json
+and safetensors files; a run directory has no config.json) and, on threads of its own, reads into
+the page cache what the command reads, in the order it reads it:
 
-- `test` (single, multi): the first layer of the test, or of this rank's share under torchrun
-  (layers are dealt round-robin: rank r's first layer is the test's r-th);
-- `extract --stream` and `test --record-reference`: the embedding, then layer 0.
+- `test` (single, multi): the test's layers, or this rank's share under torchrun (layers are dealt
+  round-robin: rank r's are the test's r-th, (r + N)-th, ...);
+- `extract --stream` and `test --record-reference`: the embedding, then layer 0, 1, ...
 
-At most PREFETCH_BYTES, and at most an eighth of the memory the kernel says is available. The
-command reads the same bytes again, from memory where they still are: this only starts the disk
-early, and a wrong guess costs a bounded read. LAYERWISE_PREFETCH=0 turns it off. Standard
-library only: it runs before torch is imported.
+Each layer's tensors exactly (a shard can interleave several layers' tensors), holes of up to
+_GAP bytes read through, in _CHUNK reads on _THREADS threads (one request at a time does not keep
+a disk busy), until PREFETCH_BYTES or an eighth of the memory the kernel says is available. The
+command reads the same bytes again, from memory where they still are: this only keeps the disk
+busy from the command's first moment, and a wrong guess costs a bounded read. The ranges are worked
+out on the reading thread (the shards' headers read as they are needed), not on the importing one.
+LAYERWISE_PREFETCH=0 turns it off. Standard library only: it runs before torch is imported.
 """
 
 from __future__ import annotations
@@ -26,38 +29,63 @@ import re
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from ._boot import host_memory_available, is_command
 
 OFF = "LAYERWISE_PREFETCH"
-PREFETCH_BYTES = 8 << 30
-_CHUNK = 16 << 20
+PREFETCH_BYTES = 16 << 30
+_CHUNK = 64 << 20
+_GAP = 1 << 20
+_THREADS = 4
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings)\.weight$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 def first_reads(args: list[str], env: dict | None = None) -> list[tuple[Path, int, int]]:
-    """(file, offset, length) of what the command `args` (after `layerwise`) reads first from a
+    """(file, offset, length) of what the command `args` (after `layerwise`) reads from a
     checkpoint, in order; [] for commands that do not read one layer by layer."""
-    env = os.environ if env is None else env
+    return [read for group in _planned(args, env) for read in group]
+
+
+def _target(args: list[str]) -> tuple[str, list[str], Path] | None:
+    """(command, its arguments, the checkpoint) of a command that reads a checkpoint layer by layer."""
     if not args or args[0] not in ("test", "extract"):
-        return []
+        return None
     command, rest = args[0], args[1:]
     if command == "extract" and "--stream" not in rest:
-        return []
+        return None
     if command == "test" and _value(rest, "--test-type", "single") not in ("single", "multi"):
-        return []
+        return None
     checkpoint = next((Path(a) for a in rest if not a.startswith("-") and _is_checkpoint(Path(a))), None)
-    if checkpoint is None:
-        return []
+    return None if checkpoint is None else (command, rest, checkpoint)
+
+
+def _planned(args: list[str], env: dict | None = None) -> Iterator[list[tuple[Path, int, int]]]:
+    """`first_reads`, a group of reads at a time (the embedding, a layer), each worked out when the
+    reader comes to it."""
+    env = os.environ if env is None else env
+    target = _target(args)
+    if target is None:
+        return
+    command, rest, checkpoint = target
     try:
         wmap = _weight_map(checkpoint)
+        by_layer: dict[int, list[str]] = {}
+        for name in wmap:
+            found = _LAYER.search(name)
+            if found:
+                by_layer.setdefault(int(found.group(1)), []).append(name)
+        headers: dict[str, tuple[int, dict]] = {}
         if command == "extract" or "--record-reference" in rest:  # streams the model from its embedding
-            wanted = [n for n in wmap if _EMBEDDING.search(n)] + _layer_names(wmap, 0)
+            yield _ranges(checkpoint, wmap, [n for n in wmap if _EMBEDDING.search(n)], headers)
+            order = sorted(by_layer)
         else:
-            wanted = _layer_names(wmap, _first_layer(rest, env))
-        return _ranges(checkpoint, wmap, wanted)
+            order = _test_layers(rest, env, sorted(by_layer))
+        for index in order:
+            yield _ranges(checkpoint, wmap, by_layer.get(index, []), headers)
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return
 
 
 def prefetch_command() -> threading.Thread | None:
@@ -66,45 +94,62 @@ def prefetch_command() -> threading.Thread | None:
 
 
 def prefetch(args: list[str]) -> threading.Thread | None:
-    """Start reading `first_reads(args)` into the page cache on a daemon thread (None: nothing to
-    read, or LAYERWISE_PREFETCH=0)."""
-    if os.environ.get(OFF) == "0":
-        return None
-    reads = first_reads(args)
-    if not reads:
+    """Start reading `first_reads(args)` into the page cache on daemon threads (None: nothing to
+    read, or LAYERWISE_PREFETCH=0); the thread returned ends when they all have."""
+    if os.environ.get(OFF) == "0" or _target(args) is None:
         return None
     available = host_memory_available() or PREFETCH_BYTES * 8  # unknown: the cap alone
-    thread = threading.Thread(target=_read, args=(reads, min(PREFETCH_BYTES, available // 8)),
-                              name="layerwise-prefetch", daemon=True)
+    budget = min(PREFETCH_BYTES, available // 8)
+    thread = threading.Thread(target=lambda: _read(_planned(args), budget), name="layerwise-prefetch", daemon=True)
     thread.start()
     return thread
 
 
-def _read(reads: list[tuple[Path, int, int]], budget: int) -> int:
-    """Read the ranges in order until `budget` bytes; returns the bytes read."""
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    done = 0
-    for path, offset, length in reads:
+def _read(groups, budget: int, threads: int = _THREADS) -> int:
+    """Read the groups' ranges in order (each in _CHUNK reads, `threads` at a time) until `budget`
+    bytes; returns the bytes read. `groups`: lists of (file, offset, length), or an iterator of them."""
+    lock, state = threading.Lock(), {"done": 0}
+    chunks = ((path, offset, min(_CHUNK, start + length - offset))
+              for group in groups for path, start, length in group
+              for offset in range(start, start + length, _CHUNK))
+
+    def take():
+        with lock:
+            if state["done"] >= budget:
+                return None
+            chunk = next(chunks, None)
+            if chunk is not None:
+                state["done"] += chunk[2]
+            return chunk
+
+    def work() -> None:
+        buffer = memoryview(bytearray(_CHUNK))
+        files: dict[Path, int | None] = {}
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            end = offset + length
-            while offset < end and done < budget:
-                got = os.preadv(fd, [view[:min(_CHUNK, end - offset)]], offset)
-                if got <= 0:
-                    break
-                offset += got
-                done += got
-        except OSError:
-            pass
+            while (chunk := take()) is not None:
+                path, offset, size = chunk
+                if path not in files:
+                    try:
+                        files[path] = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        files[path] = None
+                if files[path] is not None:
+                    try:
+                        os.preadv(files[path], [buffer[:size]], offset)
+                    except OSError:
+                        pass
         finally:
-            os.close(fd)
-        if done >= budget:
-            break
-    return done
+            for fd in files.values():
+                if fd is not None:
+                    os.close(fd)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
+    for w in workers:
+        w.start()
+    work()
+    for w in workers:
+        w.join()
+    return state["done"]
 
 
 def _value(args: list[str], flag: str, default: str | None = None) -> str | None:
@@ -116,19 +161,19 @@ def _value(args: list[str], flag: str, default: str | None = None) -> str | None
     return default
 
 
-def _first_layer(args: list[str], env) -> int:
-    """The first layer this process tests: --layer K (every rank reads it; one runs it), else the
-    first of the test's layers (0, or multi's A of --layers A-B) plus this rank's place under
-    torchrun (round-robin)."""
+def _test_layers(args: list[str], env, layers: list[int]) -> list[int]:
+    """The layers this process tests, in order: --layer K (every rank reads it; one runs it), else
+    the test's layers (all of them, or multi's A-B of --layers) dealt round-robin over the ranks
+    under torchrun."""
     if _value(args, "--test-type", "single") == "single":
         chosen = _value(args, "--layer", "all")
         if chosen.isdigit():
-            return int(chosen)
-        first = 0
+            return [int(chosen)]
     else:
-        start = (_value(args, "--layers") or "0").split("-")[0]
-        first = int(start) if start.isdigit() else 0
-    return first + int(env.get("RANK") or 0)
+        span = (_value(args, "--layers") or "").split("-")
+        if len(span) == 2 and all(part.isdigit() for part in span):
+            layers = [k for k in layers if int(span[0]) <= k <= int(span[1])]
+    return layers[int(env.get("RANK") or 0)::max(1, int(env.get("WORLD_SIZE") or 1))]
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -145,11 +190,6 @@ def _weight_map(directory: Path) -> dict[str, str]:
     return {name: "model.safetensors" for name in _header(directory / "model.safetensors")[1]}
 
 
-def _layer_names(wmap: dict[str, str], index: int) -> list[str]:
-    pattern = re.compile(rf"(?:^|\.)(?:layers|h|blocks)\.{index}\.")
-    return [n for n in wmap if pattern.search(n)]
-
-
 def _header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
@@ -160,17 +200,26 @@ def _header(path: Path) -> tuple[int, dict]:
     return 8 + size, header
 
 
-def _ranges(directory: Path, wmap: dict[str, str], names: list[str]) -> list[tuple[Path, int, int]]:
-    """The byte span each file holds of `names` (one span a file: a layer's tensors lie together),
-    in the order the names come."""
-    spans: dict[str, list[int]] = {}
-    headers: dict[str, tuple[int, dict]] = {}
+def _ranges(directory: Path, wmap: dict[str, str], names: list[str],
+            headers: dict[str, tuple[int, dict]]) -> list[tuple[Path, int, int]]:
+    """The byte ranges of the tensors `names` (their files' headers read into `headers` as needed):
+    a file at a time, in the order the names first come to it, each file's ranges in offset order
+    with holes of up to _GAP bytes read through."""
+    spans: dict[str, list[tuple[int, int]]] = {}
     for name in names:
         file = wmap[name]
         if file not in headers:
             headers[file] = _header(directory / file)
         start, header = headers[file]
         lo, hi = header[name]["data_offsets"]
-        span = spans.setdefault(file, [start + lo, start + hi])
-        span[0], span[1] = min(span[0], start + lo), max(span[1], start + hi)
-    return [(directory / file, lo, hi - lo) for file, (lo, hi) in spans.items()]
+        spans.setdefault(file, []).append((start + lo, start + hi))
+    out = []
+    for file, pieces in spans.items():
+        merged: list[list[int]] = []
+        for lo, hi in sorted(pieces):
+            if merged and lo - merged[-1][1] <= _GAP:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out += [(directory / file, lo, hi - lo) for lo, hi in merged if hi > lo]
+    return out

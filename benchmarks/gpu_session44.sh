@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Device session 44, one H200: the prefetch reading each command's layers in its order (exactly
+# their tensors, 4 threads, up to 16 GiB) against $BASE's code (default .base47: 1af0c42's src/,
+# which read the first layer's span alone, on one thread; carry it), and what a command's end costs.
+#   part "iso": `layerwise check` with each code, then benchmarks/isolated_profile.py with this
+#     checkout's code and $BASE's, taking turns, $RUNS rounds (default 2), no round started after
+#     $DEADLINE seconds (default 330).
+#   part "exit": benchmarks/command_exit.py on the isolated profile's checkpoint (made by part
+#     "iso"): the streamed extract and the layer test, $ROUNDS fresh processes each (default 2).
+# Parts run one after another: `bash benchmarks/gpu_session44.sh iso exit`. Logs packed into
+# $OUT/session44-<part>.tgz.
+. "$(dirname "$0")/gpu_parts.sh" 44 iso "$@"
+BASE=${BASE:-.base47}
+CKPT=/tmp/lw-isolated-ckpt; WORK=/tmp/lw-isolated-work
+case "$PART" in
+iso)
+    for src in src "$BASE/src"; do
+        PYTHONPATH=$PWD/$src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check-${src//\//_}.log" 2>&1
+    done
+    for i in $(seq "${RUNS:-2}"); do
+        for src in src "$BASE/src"; do
+            [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; break 2; }
+            name=iso$i-${src//\//_}
+            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" --out "$W/$name" > "$W/$name.log" 2>&1
+            echo "=== isolated profile, $src, round $i (exit $?, at $SECONDS s)"; tail -10 "$W/$name.log"
+        done
+    done ;;
+exit)
+    common=(--dtype bf16 --device cuda:0 --overwrite)
+    timeout 150 python3 benchmarks/command_exit.py --rounds "${ROUNDS:-2}" --run $WORK/exit-ref --out "$W/extract" -- \
+        extract $CKPT --stream --prompts $WORK/prompts.jsonl --out $WORK/exit-ref "${common[@]}" > "$W/extract.log" 2>&1
+    echo "=== command_exit.py, streamed extract (exit $?, at $SECONDS s)"; tail -7 "$W/extract.log"
+    timeout 150 python3 benchmarks/command_exit.py --rounds "${ROUNDS:-2}" --run $WORK/exit-test/isolated \
+        --out "$W/test" -- test $CKPT --reference $WORK/exit-ref --test-type single --layer all \
+        --out $WORK/exit-test "${common[@]}" > "$W/test.log" 2>&1
+    echo "=== command_exit.py, layer test (exit $?, at $SECONDS s)"; tail -7 "$W/test.log" ;;
+esac
+tar czf "$OUT/session44-$PART.tgz" -C "$W" . 2>/dev/null
