@@ -153,18 +153,21 @@ class Teardown:
 
 mark = Teardown()  # freed only by the interpreter's teardown
 sys.stdout.write("buffered")  # no newline: still in the pipe's buffer
+if sys.argv[2] != "program":
+    sys.argv[0] = "layerwise"  # the console script: a layerwise command (_boot.is_command)
 if sys.argv[2] == "profiled":
     sys.setprofile(lambda *args: None)  # as cProfile does: it writes its data in the interpreter's exit
 distributed.exit_process(3)
 """
 
 
-@pytest.mark.parametrize("how", ["joined", "single", "profiled"])
+@pytest.mark.parametrize("how", ["joined", "command", "program", "profiled"])
 def test_exit_process_skips_only_the_interpreters_teardown(tmp_path, how):
-    """A layerwise process ends as the interpreter's exit would (its threads joined, idle executors
-    included, the atexit functions run, the output flushed, the code kept), but without the teardown
-    that costs every command time and in which a process group's thread can abort a rank; under a
-    profiler it exits as usual, so the profiler writes what it measured."""
+    """A layerwise command (or rank) ends as the interpreter's exit would (its threads joined, idle
+    executors included, the atexit functions run, the output flushed, the code kept), but without
+    the teardown that costs every command time and in which a process group's thread can abort a
+    rank; a program that calls layerwise, or a command under a profiler, exits as usual (the
+    profiler writes what it measured then; a test runner calling it in-process lives on)."""
     import subprocess
     import sys
 
@@ -172,4 +175,11 @@ def test_exit_process_skips_only_the_interpreters_teardown(tmp_path, how):
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (3, "buffered"), done.stderr
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
-    assert (tmp_path / "teardown").exists() is (how == "profiled")
+    assert (tmp_path / "teardown").exists() is (how in ("program", "profiled"))
+
+
+def test_exit_process_in_a_program_raises_system_exit():
+    """Called in-process (a program, this test runner), the exit is Python's: catchable."""
+    with pytest.raises(SystemExit) as exit_info:
+        distributed.exit_process(4)
+    assert exit_info.value.code == 4

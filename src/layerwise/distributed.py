@@ -42,6 +42,7 @@ from typing import NoReturn
 
 import torch
 
+from ._boot import is_command
 from .errors import UserError
 from .sharding import assign, digest, first_difference, rank_gpus
 
@@ -363,17 +364,15 @@ def stop() -> None:
 
 
 def exit_process(code: int) -> NoReturn:
-    """The program's exit with `code`: what the interpreter's exit does (wait for non-daemon
-    threads, run the atexit functions, flush the output) without the interpreter's teardown, which
-    frees every module's objects one by one after the command's work is durable (0.65 s on a 2-core
-    machine once torch and transformers' model code are imported, at every command). For a process
-    that joined a job (a torchrun rank) the teardown can also fail a complete run: torch's caches
-    can keep process groups alive past `destroy_process_group` (DTensor's sharding caches hold a
-    tensor-parallel run's meshes), and a gloo or NCCL thread that frees a tensor while the
-    interpreter is torn down aborts the rank ("terminate called without an active exception").
-    Under a profiler or tracer (cProfile, coverage) the interpreter's own exit, which lets them
-    write their data."""
-    if not _joined and (sys.getprofile() is not None or sys.gettrace() is not None):
+    """The program's exit with `code`: what the interpreter's exit does (join non-daemon threads,
+    run the atexit functions, flush the output) without its teardown, which frees every module's
+    objects after the work is durable (0.65 s a command on a 2-core machine, torch and transformers
+    imported) and can fail a complete torchrun rank: torch's caches can keep process groups alive
+    past `destroy_process_group` (DTensor's caches hold a tensor-parallel run's meshes), and a gloo
+    or NCCL thread freeing a tensor during the teardown aborts the rank ("terminate called without
+    an active exception"). SystemExit where this is not a layerwise command (a program calling
+    layerwise, a test runner) and under a profiler or tracer (cProfile, coverage: they write then)."""
+    if not _joined and (not is_command() or sys.getprofile() is not None or sys.gettrace() is not None):
         sys.exit(code)
     try:
         threading._shutdown()  # as the interpreter's exit does: executors stop their workers, threads are joined
