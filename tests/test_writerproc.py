@@ -226,3 +226,20 @@ def test_a_writer_process_that_cannot_start_leaves_the_others_writing(tmp_path, 
     monkeypatch.setattr(writerproc, "_PROCESSES", [])
     started.append(None)  # every start fails now
     assert writerproc.processes(2) is None and "this process's threads write the files" in caplog.text
+
+
+def test_at_exit_every_writer_process_is_asked_to_stop_before_any_is_waited_for(monkeypatch):
+    """They end side by side: the program's exit waits for the slowest, not for their sum."""
+    procs = [writerproc.WriterProcess(1) for _ in range(3)]
+    events = []
+    for i, proc in enumerate(procs):
+        send, wait = proc.channel.send, proc.proc.wait
+        monkeypatch.setattr(proc.channel, "send", lambda msg, i=i, send=send: events.append(("ask", i)) or send(msg))
+        monkeypatch.setattr(proc.proc, "wait", lambda timeout=None, i=i, wait=wait: events.append(("wait", i)) or
+                            wait(timeout))
+    monkeypatch.setattr(writerproc, "_PROCESSES", procs)
+    writerproc._stop_at_exit()
+    asked = [i for what, i in events if what == "ask"]
+    first_wait = next(n for n, (what, _) in enumerate(events) if what == "wait")
+    assert asked == [0, 1, 2] and events[:3] == [("ask", i) for i in range(3)] and first_wait == 3, events
+    assert all(proc.proc.poll() == 0 for proc in procs)

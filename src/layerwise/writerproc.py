@@ -189,6 +189,7 @@ class WriterProcess:
         self.channel = Channel(ours)
         self.threads = threads
         self.failed: BaseException | None = None
+        self._stop_asked = False
         self._mapped: set[int] = set()
         self._jobs: dict[int, object] = {}
         self._seq = itertools.count()
@@ -277,12 +278,16 @@ class WriterProcess:
                                       + "): the run is left incomplete, rerun the same command to resume")
         return self.failed
 
-    def stop(self) -> None:
-        """Let it write what it was handed, then end it."""
-        try:
-            self.channel.send(("stop",))
-        except OSError:
-            pass
+    def stop(self, wait: bool = True) -> None:
+        """Let it write what it was handed, then end it (`wait=False`: only ask; stop() waits)."""
+        if not self._stop_asked:
+            self._stop_asked = True
+            try:
+                self.channel.send(("stop",))
+            except OSError:
+                pass
+        if not wait:
+            return
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -374,6 +379,8 @@ def processes(threads: int | None = None) -> list[WriterProcess] | None:
 
 
 def _stop_at_exit() -> None:
+    for proc in _PROCESSES:  # every one asked first: they end side by side
+        proc.stop(wait=False)
     for proc in _PROCESSES:
         proc.stop()
 
