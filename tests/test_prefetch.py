@@ -87,13 +87,16 @@ def test_a_layer_test_reads_its_layers_in_order(sharded, monkeypatch, args, env,
 @pytest.mark.parametrize("args", [["extract", "{ckpt}", "--stream", "--prompt", "hi"],
                                   ["test", "{ckpt}", "--record-reference", "--reference", "r", "--layer", "2"]],
                          ids=["extract-stream", "record-reference"])
-def test_a_streamed_extract_reads_the_embedding_then_layer_0_1(sharded, monkeypatch, args):
+def test_a_streamed_extract_reads_the_embedding_the_layers_then_the_rest(sharded, monkeypatch, args):
     """Also a test that records its reference as it goes: it streams the model from its start,
     on every rank."""
     monkeypatch.setattr(_prefetch, "_GAP", 0)
     groups = list(_prefetch._planned([a.format(ckpt=sharded) for a in args], {"RANK": "1", "WORLD_SIZE": "2"}))
     source = open_layers(str(sharded), LayerOptions())
     wanted = [["model.embed_tokens.weight"]] + [source.checkpoint_names(k) for k in range(4)]
+    wmap = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted.append([n for n in wmap if not any(n in names for names in wanted)])  # the final norm, the head
+    assert "model.norm.weight" in wanted[-1]
     assert [as_spans(g) for g in groups] == [spans_of(sharded, names) for names in wanted]
 
 

@@ -10,7 +10,8 @@ the page cache what the command reads, in the order it reads it:
 
 - `test` (single, multi): the test's layers, or this rank's share under torchrun (layers are dealt
   round-robin: rank r's are the test's r-th, (r + N)-th, ...);
-- `extract --stream` and `test --record-reference`: the embedding, then layer 0, 1, ...
+- `extract --stream` and `test --record-reference`: the embedding, layer 0, 1, ..., the rest (the
+  final norm, the head).
 
 Each layer's tensors exactly (a shard can interleave several layers' tensors), holes of up to
 _GAP bytes read through, in _CHUNK reads on _THREADS threads (one request at a time does not keep
@@ -77,13 +78,14 @@ def _planned(args: list[str], env: dict | None = None) -> Iterator[list[tuple[Pa
             if found:
                 by_layer.setdefault(int(found.group(1)), []).append(name)
         headers: dict[str, tuple[int, dict]] = {}
-        if command == "extract" or "--record-reference" in rest:  # streams the model from its embedding
+        streamed = command == "extract" or "--record-reference" in rest  # the model from its embedding on
+        if streamed:
             yield _ranges(checkpoint, wmap, [n for n in wmap if _EMBEDDING.search(n)], headers)
-            order = sorted(by_layer)
-        else:
-            order = _test_layers(rest, env, sorted(by_layer))
-        for index in order:
+        for index in sorted(by_layer) if streamed else _test_layers(rest, env, sorted(by_layer)):
             yield _ranges(checkpoint, wmap, by_layer.get(index, []), headers)
+        if streamed:  # then the final norm and the head
+            yield _ranges(checkpoint, wmap, [n for n in wmap if not _LAYER.search(n) and not _EMBEDDING.search(n)],
+                          headers)
     except (OSError, ValueError, KeyError, TypeError):
         return
 
