@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit"}
+               "capture_variants", "command_exit", "plan_time"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -158,6 +158,22 @@ def test_distributed_test_part_per_read_thread_count(monkeypatch):
     b.part_test({}, "16")
     b.part_test({})
     assert seen == [{"A": "1", "LAYERWISE_READ_THREADS": "16"}, {"A": "1"}] and b.env == {"A": "1"}
+
+
+def test_plan_time_dry_run(tmp_path, monkeypatch, capsys):
+    """plan in fresh processes, quiet and with every core busy, this checkout's code against a base."""
+    base = Path(__file__).resolve().parents[1] / "src"
+    code = bench(monkeypatch, "plan_time").main(["--tiny", "--rounds", "1", "--base", str(base),
+                                                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "plan_time.json").read_text())
+    assert set(data["quiet"]) == set(data["loaded"]) == {"this checkout", "base"}
+    assert all(0 < w < 120 for walls in data["quiet"].values() for w in walls), data
+    assert "loaded this checkout" in out
+    with pytest.raises(SystemExit) as usage:
+        bench(monkeypatch, "plan_time").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
+    assert usage.value.code == 2
 
 
 def test_command_exit_dry_run(tmp_path, monkeypatch, capsys):
