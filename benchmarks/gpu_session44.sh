@@ -4,7 +4,7 @@
 # which read the first layer's span alone, on one thread; carry it), and what a command's end costs.
 #   part "iso": `layerwise check` with each code, then benchmarks/isolated_profile.py with this
 #     checkout's code and $BASE's, taking turns, $RUNS rounds (default 2), no round started after
-#     $DEADLINE seconds (default 330).
+#     $DEADLINE seconds (default 330); $ISO_ARGS go to isolated_profile.py (e.g. --no-joint).
 #   part "exit": benchmarks/command_exit.py on the isolated profile's checkpoint (made by part
 #     "iso"): the streamed extract and the layer test, $ROUNDS fresh processes each (default 2).
 # Parts run one after another: `bash benchmarks/gpu_session44.sh iso exit`. Logs packed into
@@ -21,7 +21,8 @@ iso)
         for src in src "$BASE/src"; do
             [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; break 2; }
             name=iso$i-${src//\//_}
-            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" --out "$W/$name" > "$W/$name.log" 2>&1
+            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" ${ISO_ARGS:-} --out "$W/$name" \
+                > "$W/$name.log" 2>&1
             echo "=== isolated profile, $src, round $i (exit $?, at $SECONDS s)"; tail -10 "$W/$name.log"
         done
     done ;;

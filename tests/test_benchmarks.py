@@ -212,6 +212,11 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
         assert timeline["stages"][-1][0] == last and 0 < timeline["stages"][0][1], timeline
         assert timeline["stages"][-1][1] < timeline["manifest_s"] <= timeline["wall_s"] == data[f"{name}_s"], timeline
     assert out.count("  extract: imported") == 3, out
+    code = bench(monkeypatch, "isolated_profile").main(
+        ["--tiny", "--layers", "2", "--tokens", "16", "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out2"), "--no-joint"])
+    data = json.loads((tmp_path / "out2" / "isolated_profile.json").read_text())
+    assert code == 0 and "joint_s" not in data and data["ratio"] > 0 and "test_timeline" in data, data
 
 
 def test_manifest_cost_dry_run(tmp_path, monkeypatch, capsys):

@@ -154,3 +154,12 @@ def test_only_a_command_prefetches_and_it_can_be_turned_off(sharded, monkeypatch
     assert not thread.is_alive()
     monkeypatch.setenv(_prefetch.OFF, "0")
     assert _prefetch.prefetch_command() is None
+
+
+def test_the_budget_is_a_quarter_of_the_memory_available_shared_by_the_machine_s_ranks():
+    gib = 1 << 30
+    assert _prefetch.prefetch_budget(120 * gib, {}) == 30 * gib
+    assert _prefetch.prefetch_budget(1024 * gib, {}) == _prefetch.PREFETCH_BYTES == 32 * gib
+    assert _prefetch.prefetch_budget(120 * gib, {"LOCAL_WORLD_SIZE": "8"}) == 120 * gib // 32
+    assert _prefetch.prefetch_budget(0, {"LOCAL_WORLD_SIZE": "2"}) == 16 * gib  # unknown memory: the cap, shared
+
