@@ -21,3 +21,21 @@ capture_table() {
         echo "=== capture table and end to end on $1 GPU(s), run $i (exit $?, at $SECONDS s)"; tail -22 "$W/table$i.log"
     done
 }
+# iso_ab BASE: `layerwise check` with this checkout's src/ and BASE's (fills the bytecode cache, as a
+# second command finds it), then isolated_profile.py with each, taking turns, $RUNS rounds (default
+# 2), none started after $DEADLINE seconds (default 330); $ISO_ARGS go to isolated_profile.py; logs
+# iso<i>-<code>.log and iso<i>-<code>/ under $W.
+iso_ab() {
+    for src in src "$1/src"; do
+        PYTHONPATH=$PWD/$src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check-${src//\//_}.log" 2>&1
+    done
+    for i in $(seq "${RUNS:-2}"); do
+        for src in src "$1/src"; do
+            [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; return; }
+            name=iso$i-${src//\//_}
+            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" ${ISO_ARGS:-} --out "$W/$name" \
+                > "$W/$name.log" 2>&1
+            echo "=== isolated profile, $src, round $i (exit $?, at $SECONDS s)"; tail -12 "$W/$name.log"
+        done
+    done
+}

@@ -14,17 +14,7 @@
 BASE=${BASE:-.base46}
 case "$PART" in
 iso)
-    for src in src "$BASE/src"; do
-        PYTHONPATH=$PWD/$src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check-${src//\//_}.log" 2>&1
-    done
-    for i in $(seq "${RUNS:-2}"); do
-        for src in src "$BASE/src"; do
-            [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; break 2; }
-            name=iso$i-${src//\//_}
-            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" --out "$W/$name" > "$W/$name.log" 2>&1
-            echo "=== isolated profile, $src, round $i (exit $?, at $SECONDS s)"; tail -16 "$W/$name.log"
-        done
-    done ;;
+    iso_ab "$BASE" ;;
 variants)
     timeout ${EACH:-150} python3 benchmarks/capture_variants.py --gpus 1 --shapes "${SHAPES:-1x128,4x128,1x512,1x1024}" \
         --reps "${REPS:-7}" --out "$W/gpus1" > "$W/variants1.log" 2>&1

@@ -14,18 +14,7 @@ BASE=${BASE:-.base47}
 CKPT=/tmp/lw-isolated-ckpt; WORK=/tmp/lw-isolated-work
 case "$PART" in
 iso)
-    for src in src "$BASE/src"; do
-        PYTHONPATH=$PWD/$src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check-${src//\//_}.log" 2>&1
-    done
-    for i in $(seq "${RUNS:-2}"); do
-        for src in src "$BASE/src"; do
-            [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; break 2; }
-            name=iso$i-${src//\//_}
-            timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" ${ISO_ARGS:-} --out "$W/$name" \
-                > "$W/$name.log" 2>&1
-            echo "=== isolated profile, $src, round $i (exit $?, at $SECONDS s)"; tail -10 "$W/$name.log"
-        done
-    done ;;
+    iso_ab "$BASE" ;;
 exit)
     common=(--dtype bf16 --device cuda:0 --overwrite)
     timeout 150 python3 benchmarks/command_exit.py --rounds "${ROUNDS:-2}" --run $WORK/exit-ref --out "$W/extract" -- \
