@@ -21,7 +21,8 @@ end, on a GPU machine whose start-up takes 6-9 s (at 16 GiB the disk sat idle 1.
 command whose start-up took 8 s). The command reads the same bytes again, from memory where they
 still are: this only keeps the disk busy from the command's first moment, and a wrong guess costs
 a bounded read. The ranges are worked out on the reading thread (the shards' headers read as
-they are needed), not on the importing one. LAYERWISE_PREFETCH=0 turns it off. Standard library only: it runs before torch is imported.
+they are needed), not on the importing one. LAYERWISE_PREFETCH=0 turns it off. Standard library
+only: it runs before torch is imported.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def prefetch_budget(available: int, env) -> int:
 
 def _read(groups, budget: int, threads: int = _THREADS) -> int:
     """Read the groups' ranges in order (each in _CHUNK reads, `threads` at a time) until `budget`
-    bytes; returns the bytes read. `groups`: lists of (file, offset, length), or an iterator of them."""
+    bytes; returns the bytes asked for (a file that cannot be opened or read counts: the reads are
+    only a hint). `groups`: lists of (file, offset, length), or an iterator of them."""
     lock, state = threading.Lock(), {"done": 0}
     chunks = ((path, offset, min(_CHUNK, start + length - offset))
               for group in groups for path, start, length in group
