@@ -76,19 +76,21 @@ def _planned(args: list[str], env: dict | None = None) -> Iterator[list[tuple[Pa
     try:
         wmap = _weight_map(checkpoint)
         by_layer: dict[int, list[str]] = {}
+        embedding, others = [], []  # outside the layers: the embedding; the rest (final norm, head)
         for name in wmap:
             found = _LAYER.search(name)
             if found:
                 by_layer.setdefault(int(found.group(1)), []).append(name)
+            else:
+                (embedding if _EMBEDDING.search(name) else others).append(name)
         headers: dict[str, tuple[int, dict]] = {}
         streamed = command == "extract" or "--record-reference" in rest  # the model from its embedding on
         if streamed:
-            yield _ranges(checkpoint, wmap, [n for n in wmap if _EMBEDDING.search(n)], headers)
+            yield _ranges(checkpoint, wmap, embedding, headers)
         for index in sorted(by_layer) if streamed else _test_layers(rest, env, sorted(by_layer)):
             yield _ranges(checkpoint, wmap, by_layer.get(index, []), headers)
-        if streamed:  # then the final norm and the head
-            yield _ranges(checkpoint, wmap, [n for n in wmap if not _LAYER.search(n) and not _EMBEDDING.search(n)],
-                          headers)
+        if streamed:
+            yield _ranges(checkpoint, wmap, others, headers)
     except (OSError, ValueError, KeyError, TypeError):
         return
 
