@@ -68,7 +68,6 @@ _MARKS: dict[str, float] = {}  # stage -> unix time this process last reached it
 def mark(stage: str) -> None:
     """This process's start-up has reached `stage` (listed by `startup`; a stage reached again, by
     a second command in one process, keeps its last time)."""
-    _MARKS.pop(stage, None)
     _MARKS[stage] = time.time()
 
 
