@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import layerwise_env  # noqa: E402
+
 STEPS = ("main returned", "threads joined", "atexit run", "process ended")
 
 _WRAPPER = '''import atexit, json, os, sys, threading, time
@@ -84,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("give --run RUN and the command after --, or --tiny")
         wrapper = Path(tmp) / "layerwise"  # named as the console script: a layerwise command (_boot.is_command)
         wrapper.write_text(_WRAPPER)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                          os.environ.get("PYTHONPATH")]))}
+        env = layerwise_env()
         rounds = []
         for i in range(args.rounds):
             rounds.append(one(args, wrapper, env))

@@ -47,9 +47,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import build_on_devices, minimax_config, write_checkpoint  # noqa: E402
+from synthetic import build_on_devices, layerwise_env, minimax_config, write_checkpoint  # noqa: E402
 
 from layerwise import runs  # noqa: E402
 
@@ -67,8 +66,7 @@ class Bench:
         self.work, self.ckpt = Path(args.work), Path(args.dir)
         self.ranks = args.ranks
         self.gpu = torch.cuda.is_available() and not args.tiny
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        self.env = layerwise_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
     # ---------------------------------------------------------------------------- running
     def layerwise(self, ranks: int, *argv, ok=(0,)) -> float:

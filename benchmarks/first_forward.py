@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("plain", "rehearsed")
 
 
@@ -94,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthetic import layerwise_env
+
+    env = layerwise_env()
     rows = []
     for r in range(args.rounds):
         for mode in MODES:

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import build_on_devices, drop_page_cache, minimax_config, write_checkpoint  # noqa: E402
+from synthetic import (SRC, build_on_devices, drop_page_cache, layerwise_env, minimax_config,  # noqa: E402
+                       write_checkpoint)
 
 from layerwise import runs  # noqa: E402
 
@@ -57,9 +57,7 @@ class Bench:
         self.args = args
         self.ckpt, self.work = Path(args.dir), Path(args.work)
         self.gpu = torch.cuda.is_available() and not args.tiny
-        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.src).resolve()),
-                                                                os.environ.get("PYTHONPATH")]))}
+        self.env = layerwise_env(args.src, TOKENIZERS_PARALLELISM="false")
         if self.gpu:
             self.env["CUDA_VISIBLE_DEVICES"] = "0"
 
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-prefetch", action="store_true",
                     help="each command again with LAYERWISE_PREFETCH=0, taking turns with the default")
     ap.add_argument("--no-joint", action="store_true", help="leave out the one-read test (--record-reference)")
-    ap.add_argument("--src", default=str(ROOT / "src"),
+    ap.add_argument("--src", default=str(SRC),
                     help="the layerwise code the commands run (default: this checkout's src/)")
     ap.add_argument("--command-timeout", type=float, default=600)
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU: a dry run")

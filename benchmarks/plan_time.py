@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import SRC, layerwise_env  # noqa: E402
 
 
 def _spin() -> None:
@@ -30,7 +31,7 @@ def _spin() -> None:
 
 
 def timed(src: Path, argv: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    env = layerwise_env(src)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "layerwise", "plan", *argv], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = "builtin:minimax-m2-tiny" if args.tiny else "builtin:minimax-m2"
     command = [model, "--gpus", "8x141GB"]
-    codes = {"this checkout": ROOT / "src"}
+    codes = {"this checkout": SRC}
     if args.base:
         if not (Path(args.base) / "layerwise").is_dir():
             ap.error(f"--base {args.base} holds no layerwise package")

@@ -4,7 +4,8 @@
 for a dry run on a CPU). `build_on_devices` materialises it straight onto its planned devices
 (weights generated on the GPU, never on the host, never twice) and dispatches it with
 accelerate, exactly as `from_pretrained(device_map=...)` would leave it. `write_checkpoint`
-saves a model as a real sharded safetensors checkpoint in the hub layout.
+saves a model as a real sharded safetensors checkpoint in the hub layout. `layerwise_env` is the
+environment a benchmark runs layerwise commands in, `drop_page_cache` evicts files before a cold read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
 
 from layerwise import devicemap, models, placement, zoo  # noqa: E402
 from layerwise.quiet import quiet_transformers  # noqa: E402
@@ -186,3 +188,10 @@ def drop_page_cache(files) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def layerwise_env(src: str | os.PathLike = SRC, **extra: str) -> dict:
+    """This process's environment with `src` (a layerwise checkout's src/, default this one's)
+    first on PYTHONPATH, and `extra` variables: what a benchmark's child commands run in."""
+    path = os.pathsep.join(filter(None, [str(Path(src).resolve()), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **extra, "PYTHONPATH": path}
