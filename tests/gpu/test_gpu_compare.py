@@ -74,3 +74,41 @@ def test_routing_judged_on_the_gpu_as_on_the_cpu(tmp_path):
         if a.rel_l2 is not None:
             assert math.isclose(a.rel_l2, b.rel_l2, rel_tol=1e-9, abs_tol=1e-15), a.name
     assert reports[0].verdict == reports[1].verdict == "pass"
+
+
+@pytest.mark.parametrize("copy_stream", [True, False])
+def test_a_unit_let_go_while_the_callers_work_still_reads_it_stays_intact(tmp_path, monkeypatch, copy_stream):
+    """readahead.COPY_STREAM: the readers copy to the GPU on streams of their own (not the default
+    stream, where the caller works). A caller that queues slow work on a unit's tensors and lets
+    the unit go before that work ran (a 2 ms sleep kernel, then a clone, 64 units of one size,
+    never waiting) still reads every tensor as written: its memory is not handed to a later
+    reader's copy before the caller's queued work is done (`_lend`)."""
+    import torch
+
+    from layerwise import readahead
+
+    from helpers import write_run
+
+    monkeypatch.setattr(readahead, "COPY_STREAM", copy_stream)
+    streams = []
+    real_stream = torch.cuda.Stream
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: streams.append(real_stream(*a, **k)) or streams[-1])
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}:output": torch.randn(256, 1024, generator=g).bfloat16() for i in range(64)}
+    intent = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {"dtype": "bfloat16"},
+              "prompts": [{"index": 0, "text": "x", "token_ids": [1]}]}
+    write_run(tmp_path / "run", intent, {0: tensors})
+    run = open_run(tmp_path / "run")
+    units = [(0, (name,)) for name in tensors]
+    seen = []
+    for _, (name,), got, _ in readahead.read_units({"ref": run}, iter(units), device=torch.device("cuda:0")):
+        x = got[("ref", name)]
+        assert x.is_cuda
+        torch.cuda._sleep(4_000_000)  # about 2 ms of the default stream before the clone reads x
+        seen.append((name, x.clone()))
+    torch.cuda.synchronize()
+    for name, x in seen:
+        assert torch.equal(x.cpu(), tensors[name]), name
+    assert len(streams) == (len(units) if copy_stream else 0)
+    assert all(s != torch.cuda.default_stream(0) for s in streams)
+
