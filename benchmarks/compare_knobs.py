@@ -9,8 +9,6 @@ The settings (`--variants`, comma list, default all):
   5ms       SWITCH_INTERVAL 5 ms (Python's default)
   neither   both off: the code before them
   readers4  as it is, with readahead.READ_WORKERS = 4 (default 8)
-  one-stream  as it is, with readahead.COPY_STREAM off: the readers copy to the GPU on the device's
-            default stream, where the measuring thread's kernels and syncs are (the code before it)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round.
 
@@ -39,12 +37,12 @@ from layerwise import readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "one-stream")
+VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.COPY_STREAM
+    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -52,11 +50,9 @@ def setting(name: str):
             readahead.SWITCH_INTERVAL = 5e-3
         if name == "readers4":
             readahead.READ_WORKERS = 4
-        if name == "one-stream":
-            readahead.COPY_STREAM = False
         yield
     finally:
-        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.COPY_STREAM = saved
+        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

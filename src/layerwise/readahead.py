@@ -41,11 +41,6 @@ STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are
 # to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
 # 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines, BENCHMARKS.md).
 SWITCH_INTERVAL = 5e-4
-# Each reader copies a tensor to the GPU on a CUDA stream of its own (from torch's pool), not on the
-# device's default stream, where the measuring thread queues its kernels: a copy from pageable
-# memory holds its stream while the driver stages it, so every sync of the measuring thread (a
-# metric's .item()) waited for the readers' copies queued before it. BENCHMARKS.md measures both.
-COPY_STREAM = True
 
 
 class Arrival:
@@ -118,7 +113,6 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
             arrivals = {key: x for key, x in got.items() if isinstance(x, Arrival)}
             tensors = {key: x.tensor if isinstance(x, Arrival) else x for key, x in got.items()}
             ahead -= nbytes
-            _lend(tensors.values())
             yield p, unit, tensors, arrivals
             for arrival in arrivals.values():  # every byte verified before anything is reported
                 arrival.result()
@@ -171,28 +165,16 @@ _handoff = _Handoff()
 
 def _read_whole(run: Run, name: str, prompt: int, verify: bool, device: torch.device | None) -> torch.Tensor:
     """A tensor read whole and verified (Run.tensor), then copied to `device` (a GPU) on this
-    reader's thread, on a stream of its own (COPY_STREAM; `_lend` hands it over). The copy from pageable memory runs at about 5 GB/s a thread: left to the
+    reader's thread. The copy from pageable memory runs at about 5 GB/s a thread: left to the
     measuring thread it bounded compare on a layer test's 25 MB tensors (BENCHMARKS.md); spread
     over the readers it overlaps the measuring. It stays on the CPU when the GPU has no room now."""
     tensor = run.tensor(name, prompt, verify)
     if device is None:
         return tensor
     try:
-        if not (COPY_STREAM and device.type == "cuda"):
-            return tensor.to(device)
-        with torch.cuda.stream(torch.cuda.Stream(device)):
-            return tensor.to(device)  # a blocking copy: complete on return, whatever stream reads it next
+        return tensor.to(device)
     except torch.OutOfMemoryError:
         return tensor
-
-
-def _lend(tensors) -> None:
-    """Tensors a reader copied on a stream of its own, used next on the caller's (this thread's)
-    current stream: their memory is not reused before the caller's queued work on them is done."""
-    if COPY_STREAM:
-        for x in tensors:
-            if x.device.type == "cuda":
-                x.record_stream(torch.cuda.current_stream(x.device))
 
 
 class _Streaming:
