@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit", "plan_time"}
+               "capture_variants", "command_exit", "plan_time", "compare_trace"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -359,3 +359,20 @@ def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
     assert data["nonfinite"] and [(r["processes"], r["threads_each"]) for r in data["rows"]] == [(1, 2), (2, 1)]
     assert all(r["files"] == 8 and r["wall_s"]["median"] > 0 for r in data["rows"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lw-writers-")] == [], "its files are gone"
+
+
+def test_compare_trace_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "compare_trace").main(["--tiny", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "## cold: compare" in out and "## warm: compare" in out and "measuring thread (1)" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    measuring = summary["warm"]["groups"]["measuring thread"]
+    assert measuring["in_ops_s"] > 0 and measuring["span_s"] >= measuring["in_ops_s"]
+    assert (tmp_path / "out" / "trace-cold.json").is_file()
+
+
+def test_compare_trace_union_counts_overlaps_once(monkeypatch):
+    union = bench(monkeypatch, "compare_trace").union
+    assert union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert union([]) == 0

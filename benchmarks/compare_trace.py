@@ -1,0 +1,158 @@
+"""Where compare's time goes, thread by thread and on the GPU: one compare of two runs under
+torch.profiler, cold (the files' pages dropped first) and then warm, each summarised from the
+profiler's own trace.
+
+For the measuring thread (the one that calls compare_runs) and for the other threads together
+(the readers): wall span, time inside top-level torch ops, time outside any op (Python, the GIL,
+locks, file reads), and the CUDA runtime calls by name (cudaStreamSynchronize and the
+device-to-host cudaMemcpyAsync of each `.item()` are where the measuring thread waits for the
+device). On the GPU: the busy time of kernels and of copies, and the share of the compare's wall
+time it was idle. Each compare is also timed once without the profiler, for its overhead.
+
+    python benchmarks/compare_trace.py --gb 1 --tokens 1024 --dir /tmp/trace --out /tmp/trace-out
+    python benchmarks/compare_trace.py --tiny          # a CPU dry run on two small runs it writes
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from compare_throughput import run_files, write_runs  # noqa: E402
+from synthetic import drop_page_cache  # noqa: E402
+
+from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
+from layerwise.runs import open_run  # noqa: E402
+
+SYNCS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def union(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) spans."""
+    total, end = 0.0, -float("inf")
+    for s, e in sorted(spans):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def summarise(trace: dict, main_tid: int) -> dict:
+    """Seconds per thread group and on the GPU from a chrome trace's complete ("X") events."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    cpu = collections.defaultdict(list)  # tid -> [(start, end, name, cat)]
+    gpu: dict[str, list] = collections.defaultdict(list)
+    for e in events:
+        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        cat = e.get("cat", "")
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            gpu[cat].append(span)
+        elif cat in ("cpu_op", "cuda_runtime", "cuda_driver"):
+            cpu[int(e.get("tid", 0))].append((*span, e.get("name", "?"), cat))
+    out = {"groups": {}, "gpu": {}}
+    for label, tids in (("measuring thread", [t for t in cpu if t == main_tid]),
+                        ("other threads", [t for t in cpu if t != main_tid])):
+        spans, ops, runtime, threads = [], 0.0, collections.Counter(), 0
+        for tid in tids:
+            evs = sorted(cpu[tid])
+            threads += 1
+            spans.append((evs[0][0], max(e[1] for e in evs)))
+            top, reach = [], -float("inf")
+            for s, e, name, cat in evs:
+                if cat == "cpu_op" and s >= reach:  # not nested in an earlier op of this thread
+                    top.append((s, e))
+                    reach = e
+                if cat != "cpu_op":
+                    runtime[name] += (e - s) / 1e6
+            ops += union(top) / 1e6
+        wall = sum(e - s for s, e in spans) / 1e6
+        out["groups"][label] = {"threads": threads, "span_s": wall, "in_ops_s": ops, "outside_ops_s": wall - ops,
+                                "runtime_s": dict(runtime.most_common(8))}
+    every = [s for spans in gpu.values() for s in spans]
+    if every:
+        first, last = min(s for s, _ in every), max(e for _, e in every)
+        out["gpu"] = {k: union(v) / 1e6 for k, v in gpu.items()}
+        out["gpu"].update(busy_s=union(every) / 1e6, span_s=(last - first) / 1e6)
+    return out
+
+
+def profiled(paths, out_dir: Path, label: str) -> tuple[float, dict]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
+        seconds = time.perf_counter() - start
+    trace_path = out_dir / f"trace-{label}.json"
+    prof.export_chrome_trace(str(trace_path))
+    return seconds, summarise(json.loads(trace_path.read_text()), threading.get_native_id())
+
+
+def plain(paths) -> float:
+    start = time.perf_counter()
+    compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
+    return time.perf_counter() - start
+
+
+def report(label: str, size: int, plain_s: float, seconds: float, s: dict) -> list[str]:
+    lines = [f"## {label}: compare {seconds:.2f} s under the profiler ({size / seconds / 1e9:.2f} GB/s), "
+             f"{plain_s:.2f} s without it ({size / plain_s / 1e9:.2f} GB/s)", ""]
+    for name, g in s["groups"].items():
+        calls = ", ".join(f"{k} {v:.3f}" for k, v in g["runtime_s"].items())
+        lines.append(f"- {name} ({g['threads']}): span {g['span_s']:.2f} s, in torch ops {g['in_ops_s']:.2f} s, "
+                     f"outside {g['outside_ops_s']:.2f} s; CUDA runtime (s): {calls or '-'}")
+    if s["gpu"]:
+        g = s["gpu"]
+        parts = ", ".join(f"{k} {v:.3f} s" for k, v in g.items() if k not in ("busy_s", "span_s"))
+        lines.append(f"- GPU: busy {g['busy_s']:.3f} s of {seconds:.2f} s ({parts}); idle "
+                     f"{1 - g['busy_s'] / seconds:.0%} of the compare")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=1.0, help="size of each run in GB (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
+    parser.add_argument("--out", help="directory for the traces and the summary (default: none kept)")
+    parser.add_argument("--tiny", action="store_true", help="a CPU dry run: two small runs")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.gb, args.tokens = 0.004, 64
+    scratch = tempfile.TemporaryDirectory(prefix="layerwise-trace-")
+    root = Path(args.dir) if args.dir else Path(scratch.name) / "runs"
+    out_dir = Path(args.out) if args.out else Path(scratch.name) / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        paths, shape = write_runs(root, args.gb, args.tokens, 8)
+        files = run_files(paths)
+        size = sum(f.stat().st_size for f in files)
+        lines = [f"# compare_trace: {size / 1e9:.2f} GB, {shape}, two runs", ""]
+        drop_page_cache(files)
+        cold_plain = plain(paths)
+        drop_page_cache(files)
+        cold = profiled(paths, out_dir, "cold")
+        warm_plain = plain(paths)
+        warm = profiled(paths, out_dir, "warm")
+        lines += report("cold", size, cold_plain, *cold) + report("warm", size, warm_plain, *warm)
+        print("\n".join(lines), flush=True)
+        (out_dir / "summary.md").write_text("\n".join(lines))
+        (out_dir / "summary.json").write_text(json.dumps({"cold": cold[1], "warm": warm[1]}, indent=1))
+    finally:
+        scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
