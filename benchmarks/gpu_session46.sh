@@ -15,4 +15,4 @@ trace)
         echo "=== compare_trace.py $shape (exit $?, at $SECONDS s)"; cat "$W/$tag.log" | grep -v '^wrote' | tail -14
     done ;;
 esac
-tar czf "$OUT/session46-$PART.tgz" -C "$W" --exclude='trace-*.json' . 2>/dev/null
+tar czf "$OUT/session46-$PART.tgz" -C "$W" . 2>/dev/null
