@@ -9,6 +9,9 @@ The settings (`--variants`, comma list, default all):
   5ms       SWITCH_INTERVAL 5 ms (Python's default)
   neither   both off: the code before them
   readers4  as it is, with readahead.READ_WORKERS = 4 (default 8)
+  stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
+            or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
+            hashed and copied from there, as the large ones are, not read through a memory map
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round.
 
@@ -37,12 +40,12 @@ from layerwise import readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4")
+VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "stream-all")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS
+    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -50,9 +53,11 @@ def setting(name: str):
             readahead.SWITCH_INTERVAL = 5e-3
         if name == "readers4":
             readahead.READ_WORKERS = 4
+        if name == "stream-all":
+            readahead.STREAM_BYTES = 1 << 20
         yield
     finally:
-        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS = saved
+        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

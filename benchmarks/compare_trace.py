@@ -1,12 +1,12 @@
 """Where compare's time goes, thread by thread and on the GPU: one compare of two runs under
 torch.profiler, cold (the files' pages dropped first) and then warm, each summarised from the
-profiler's own trace.
+profiler's own trace; under each of compare_knobs.py's settings asked for (`--variants`).
 
 For the measuring thread (the one that calls compare_runs) and for the other threads together
 (the readers): wall span, time inside top-level torch ops, time outside any op (Python, the GIL,
 locks, file reads), and the CUDA runtime calls by name (cudaStreamSynchronize and the
 device-to-host cudaMemcpyAsync of each `.item()` are where the measuring thread waits for the
-device). On the GPU: the busy time of kernels and of copies, and the share of the compare's wall
+device); stalls: a top-level op or a gap between two over STALL_US. On the GPU: the busy time of kernels and of copies, and the share of the compare's wall
 time it was idle. Each compare is also timed once without the profiler, for its overhead.
 
     python benchmarks/compare_trace.py --gb 1 --tokens 1024 --dir /tmp/trace --out /tmp/trace-out
@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from compare_knobs import VARIANTS, setting  # noqa: E402
 from compare_throughput import run_files, write_runs  # noqa: E402
 from synthetic import drop_page_cache  # noqa: E402
 
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-SYNCS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "cudaEventSynchronize")
+STALL_US = 1000  # a top-level op, or a gap between two, longer than this (us) counts as a stall
 
 
 def union(spans: list[tuple[float, float]]) -> float:
@@ -62,7 +63,7 @@ def summarise(trace: dict, main_tid: int) -> dict:
     out = {"groups": {}, "gpu": {}}
     for label, tids in (("measuring thread", [t for t in cpu if t == main_tid]),
                         ("other threads", [t for t in cpu if t != main_tid])):
-        spans, ops, runtime, threads = [], 0.0, collections.Counter(), 0
+        spans, ops, runtime, threads, stalls = [], 0.0, collections.Counter(), 0, []
         for tid in tids:
             evs = sorted(cpu[tid])
             threads += 1
@@ -75,9 +76,12 @@ def summarise(trace: dict, main_tid: int) -> dict:
                 if cat != "cpu_op":
                     runtime[name] += (e - s) / 1e6
             ops += union(top) / 1e6
+            stalls += [(e - s) / 1e6 for s, e in top if e - s > STALL_US]
+            stalls += [(b[0] - a[1]) / 1e6 for a, b in zip(top, top[1:]) if b[0] - a[1] > STALL_US]
         wall = sum(e - s for s, e in spans) / 1e6
         out["groups"][label] = {"threads": threads, "span_s": wall, "in_ops_s": ops, "outside_ops_s": wall - ops,
-                                "runtime_s": dict(runtime.most_common(8))}
+                                "runtime_s": dict(runtime.most_common(8)), "stalls": len(stalls),
+                                "stalled_s": sum(stalls)}
     every = [s for spans in gpu.values() for s in spans]
     if every:
         first, last = min(s for s, _ in every), max(e for _, e in every)
@@ -111,7 +115,8 @@ def report(label: str, size: int, plain_s: float, seconds: float, s: dict) -> li
     for name, g in s["groups"].items():
         calls = ", ".join(f"{k} {v:.3f}" for k, v in g["runtime_s"].items())
         lines.append(f"- {name} ({g['threads']}): span {g['span_s']:.2f} s, in torch ops {g['in_ops_s']:.2f} s, "
-                     f"outside {g['outside_ops_s']:.2f} s; CUDA runtime (s): {calls or '-'}")
+                     f"outside {g['outside_ops_s']:.2f} s; stalls (an op or a gap between ops over "
+                     f"{STALL_US / 1000:g} ms) {g['stalls']}, {g['stalled_s']:.2f} s; CUDA runtime (s): {calls or '-'}")
     if s["gpu"]:
         g = s["gpu"]
         parts = ", ".join(f"{k} {v:.3f} s" for k, v in g.items() if k not in ("busy_s", "span_s"))
@@ -126,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one prompt (default: %(default)s)")
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
     parser.add_argument("--out", help="directory for the traces and the summary (default: none kept)")
+    parser.add_argument("--variants", default="as-is",
+                        help=f"compare_knobs.py's settings to trace, comma list (default: %(default)s; {', '.join(VARIANTS)})")
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run: two small runs")
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if args.tiny:
         args.gb, args.tokens = 0.004, 64
     scratch = tempfile.TemporaryDirectory(prefix="layerwise-trace-")
@@ -138,17 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         paths, shape = write_runs(root, args.gb, args.tokens, 8)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
-        lines = [f"# compare_trace: {size / 1e9:.2f} GB, {shape}, two runs", ""]
-        drop_page_cache(files)
-        cold_plain = plain(paths)
-        drop_page_cache(files)
-        cold = profiled(paths, out_dir, "cold")
-        warm_plain = plain(paths)
-        warm = profiled(paths, out_dir, "warm")
-        lines += report("cold", size, cold_plain, *cold) + report("warm", size, warm_plain, *warm)
-        print("\n".join(lines), flush=True)
+        lines, summary = [f"# compare_trace: {size / 1e9:.2f} GB, {shape}, two runs", ""], {}
+        for v in variants:
+            with setting(v):
+                drop_page_cache(files)
+                cold_plain = plain(paths)
+                drop_page_cache(files)
+                cold = profiled(paths, out_dir, f"{v}-cold")
+                warm_plain = plain(paths)
+                warm = profiled(paths, out_dir, f"{v}-warm")
+            part = report(f"{v}, cold", size, cold_plain, *cold) + report(f"{v}, warm", size, warm_plain, *warm)
+            print("\n".join(part), flush=True)
+            lines += part
+            summary[v] = {"cold": cold[1], "warm": warm[1]}
         (out_dir / "summary.md").write_text("\n".join(lines))
-        (out_dir / "summary.json").write_text(json.dumps({"cold": cold[1], "warm": warm[1]}, indent=1))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     finally:
         scratch.cleanup()
     return 0

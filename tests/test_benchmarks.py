@@ -362,14 +362,17 @@ def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
 
 
 def test_compare_trace_dry_run(tmp_path, monkeypatch, capsys):
-    code = bench(monkeypatch, "compare_trace").main(["--tiny", "--out", str(tmp_path / "out")])
+    code = bench(monkeypatch, "compare_trace").main(["--tiny", "--variants", "as-is,stream-all",
+                                                     "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "## cold: compare" in out and "## warm: compare" in out and "measuring thread (1)" in out
+    assert "## as-is, cold: compare" in out and "## stream-all, warm: compare" in out and "measuring thread (1)" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    measuring = summary["warm"]["groups"]["measuring thread"]
-    assert measuring["in_ops_s"] > 0 and measuring["span_s"] >= measuring["in_ops_s"]
-    assert (tmp_path / "out" / "trace-cold.json").is_file()
+    measuring = summary["stream-all"]["warm"]["groups"]["measuring thread"]
+    assert measuring["in_ops_s"] > 0 and measuring["span_s"] >= measuring["in_ops_s"] and "stalls" in measuring
+    assert (tmp_path / "out" / "trace-as-is-cold.json").is_file()
+    with pytest.raises(SystemExit):
+        bench(monkeypatch, "compare_trace").main(["--tiny", "--variants", "fast"])
 
 
 def test_compare_trace_union_counts_overlaps_once(monkeypatch):
