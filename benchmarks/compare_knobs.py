@@ -12,6 +12,8 @@ The settings (`--variants`, comma list, default all):
   stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
+  nice-readers  as it is, with readahead.READER_NICE = 10: the reader threads yield the CPUs to
+            the measuring thread when they compete for them
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round.
 
@@ -40,12 +42,13 @@ from layerwise import readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "stream-all")
+VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "stream-all", "nice-readers")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES
+    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
+             readahead.READER_NICE)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -55,9 +58,12 @@ def setting(name: str):
             readahead.READ_WORKERS = 4
         if name == "stream-all":
             readahead.STREAM_BYTES = 1 << 20
+        if name == "nice-readers":
+            readahead.READER_NICE = 10
         yield
     finally:
-        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES = saved
+        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
+         readahead.READER_NICE) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

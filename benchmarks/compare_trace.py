@@ -6,8 +6,10 @@ For the measuring thread (the one that calls compare_runs) and for the other thr
 (the readers): wall span, time inside top-level torch ops, time outside any op (Python, the GIL,
 locks, file reads), and the CUDA runtime calls by name (cudaStreamSynchronize and the
 device-to-host cudaMemcpyAsync of each `.item()` are where the measuring thread waits for the
-device); stalls: a top-level op or a gap between two over STALL_US. On the GPU: the busy time of kernels and of copies, and the share of the compare's wall
-time it was idle. Each compare is also timed once without the profiler, for its overhead.
+device); stalls: a top-level op or a gap between two over STALL_US. On the GPU: the busy time
+of kernels and of copies, and the share of the compare's wall time it was idle. Each compare is
+also timed once without the profiler, for its overhead, with the measuring thread's seconds on
+a CPU, waiting for one and blocked, and the machine's CPUs by state (steal: the hypervisor's).
 
     python benchmarks/compare_trace.py --gb 1 --tokens 1024 --dir /tmp/trace --out /tmp/trace-out
     python benchmarks/compare_trace.py --tiny          # a CPU dry run on two small runs it writes
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -103,15 +106,54 @@ def profiled(paths, out_dir: Path, label: str) -> tuple[float, dict]:
     return seconds, summarise(json.loads(trace_path.read_text()), threading.get_native_id())
 
 
-def plain(paths) -> float:
+def plain(paths) -> tuple[float, dict]:
+    """compare's seconds without the profiler, and where the measuring thread and the machine's
+    CPUs were meanwhile (`sched_state` deltas)."""
+    before = sched_state()
     start = time.perf_counter()
     compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = sched_state()
+    return seconds, {k: after[k] - before[k] for k in after if k in before}
 
 
-def report(label: str, size: int, plain_s: float, seconds: float, s: dict) -> list[str]:
+def sched_state() -> dict:
+    """This thread's seconds on a CPU and waiting for one (Linux schedstat), its voluntary and
+    involuntary context switches, and the machine's CPU seconds by state (/proc/stat: user,
+    system, idle, iowait, steal ...); {} where /proc has none of it."""
+    out: dict = {}
+    try:
+        run, delay, _ = Path("/proc/thread-self/schedstat").read_text().split()[:3]
+        out.update(on_cpu_s=int(run) / 1e9, runqueue_s=int(delay) / 1e9)
+        for line in Path("/proc/thread-self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                out[key] = int(value)
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        tick = os.sysconf("SC_CLK_TCK")
+        for name, value in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), fields):
+            out[f"cpus_{name}_s"] = int(value) / tick
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def sched_line(seconds: float, d: dict) -> str:
+    if "on_cpu_s" not in d:
+        return "- (no schedstat here)"
+    blocked = seconds - d["on_cpu_s"] - d["runqueue_s"]
+    cpus = {k[5:-2]: v for k, v in d.items() if k.startswith("cpus_")}
+    total = sum(cpus.values()) or 1.0
+    return (f"- without the profiler, the measuring thread: on a CPU {d['on_cpu_s']:.2f} s, waiting for one "
+            f"{d['runqueue_s']:.2f} s, blocked (GIL, locks, faults) {blocked:.2f} s; context switches "
+            f"{d.get('voluntary_ctxt_switches', 0)} voluntary, {d.get('nonvoluntary_ctxt_switches', 0)} involuntary. "
+            "The machine's CPUs: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cpus.items() if v))
+
+
+def report(label: str, size: int, plain_run: tuple[float, dict], seconds: float, s: dict) -> list[str]:
+    plain_s = plain_run[0]
     lines = [f"## {label}: compare {seconds:.2f} s under the profiler ({size / seconds / 1e9:.2f} GB/s), "
-             f"{plain_s:.2f} s without it ({size / plain_s / 1e9:.2f} GB/s)", ""]
+             f"{plain_s:.2f} s without it ({size / plain_s / 1e9:.2f} GB/s)", "", sched_line(*plain_run)]
     for name, g in s["groups"].items():
         calls = ", ".join(f"{k} {v:.3f}" for k, v in g["runtime_s"].items())
         lines.append(f"- {name} ({g['threads']}): span {g['span_s']:.2f} s, in torch ops {g['in_ops_s']:.2f} s, "
@@ -160,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             part = report(f"{v}, cold", size, cold_plain, *cold) + report(f"{v}, warm", size, warm_plain, *warm)
             print("\n".join(part), flush=True)
             lines += part
-            summary[v] = {"cold": cold[1], "warm": warm[1]}
+            summary[v] = {"cold": cold[1], "warm": warm[1], "cold_sched": cold_plain[1], "warm_sched": warm_plain[1]}
         (out_dir / "summary.md").write_text("\n".join(lines))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     finally:

@@ -41,6 +41,7 @@ STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are
 # to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
 # 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines, BENCHMARKS.md).
 SWITCH_INTERVAL = 5e-4
+READER_NICE = 0  # niceness the reader threads give themselves (0: as the caller; benchmarks/compare_knobs.py)
 
 
 class Arrival:
@@ -88,7 +89,8 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
-    pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
+    pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read",
+                              initializer=_be_nice, initargs=(READER_NICE,))
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
@@ -123,6 +125,14 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
         streaming.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         _handoff.exit()
+
+
+def _be_nice(niceness: int) -> None:
+    """A reader thread's niceness raised by `niceness` (Linux: per thread); nothing where it cannot be."""
+    if niceness and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 def _submit(pool, runs: dict[str, Run | None], p: int, unit: tuple[str, ...], verify: bool, gpu, streaming,
