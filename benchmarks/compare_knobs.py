@@ -12,8 +12,7 @@ The settings (`--variants`, comma list, default all):
   stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
-  nice-readers  as it is, with readahead.READER_NICE = 10: the reader threads yield the CPUs to
-            the measuring thread when they compete for them
+  stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round.
 
@@ -42,13 +41,12 @@ from layerwise import readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "stream-all", "nice-readers")
+VARIANTS = ("as-is", "no-head", "5ms", "neither", "readers4", "stream-all", "stream-64")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
-             readahead.READER_NICE)
+    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -58,12 +56,11 @@ def setting(name: str):
             readahead.READ_WORKERS = 4
         if name == "stream-all":
             readahead.STREAM_BYTES = 1 << 20
-        if name == "nice-readers":
-            readahead.READER_NICE = 10
+        if name == "stream-64":
+            readahead.STREAM_BYTES = 64 << 20
         yield
     finally:
-        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
-         readahead.READER_NICE) = saved
+        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

@@ -21,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -106,15 +107,44 @@ def profiled(paths, out_dir: Path, label: str) -> tuple[float, dict]:
     return seconds, summarise(json.loads(trace_path.read_text()), threading.get_native_id())
 
 
+# Run in a process of its own (no share in this one's GIL): samples a thread's scheduler state and
+# kernel wait channel every 0.5 ms until stopped, then prints {"state wchan": samples} as JSON.
+SAMPLER = """
+import collections, json, signal, sys, time
+task = f"/proc/{sys.argv[1]}/task/{sys.argv[2]}"
+counts, running = collections.Counter(), [True]
+signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+print("ready", flush=True)
+while running[0]:
+    try:
+        state = open(task + "/stat").read().rsplit(")", 1)[1].split()[0]
+        wchan = open(task + "/wchan").read().strip() or "-"
+    except OSError:
+        break
+    counts[state + " " + (wchan if state != "R" else "-")] += 1
+    time.sleep(0.0005)
+print(json.dumps(counts))
+"""
+
+
 def plain(paths) -> tuple[float, dict]:
     """compare's seconds without the profiler, and where the measuring thread and the machine's
-    CPUs were meanwhile (`sched_state` deltas)."""
+    CPUs were meanwhile (`sched_state` deltas; "waits": the thread's sampled state and wait channel)."""
+    sampler = None
+    if Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/wchan").exists():
+        sampler = subprocess.Popen([sys.executable, "-c", SAMPLER, str(os.getpid()), str(threading.get_native_id())],
+                                   stdout=subprocess.PIPE, text=True)
+        sampler.stdout.readline()
     before = sched_state()
     start = time.perf_counter()
     compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
     seconds = time.perf_counter() - start
     after = sched_state()
-    return seconds, {k: after[k] - before[k] for k in after if k in before}
+    out = {k: after[k] - before[k] for k in after if k in before}
+    if sampler is not None:
+        sampler.terminate()
+        out["waits"] = json.loads(sampler.communicate(timeout=10)[0] or "{}")
+    return seconds, out
 
 
 def sched_state() -> dict:
@@ -147,7 +177,18 @@ def sched_line(seconds: float, d: dict) -> str:
     return (f"- without the profiler, the measuring thread: on a CPU {d['on_cpu_s']:.2f} s, waiting for one "
             f"{d['runqueue_s']:.2f} s, blocked (GIL, locks, faults) {blocked:.2f} s; context switches "
             f"{d.get('voluntary_ctxt_switches', 0)} voluntary, {d.get('nonvoluntary_ctxt_switches', 0)} involuntary. "
-            "The machine's CPUs: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cpus.items() if v))
+            "The machine's CPUs: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cpus.items() if v)
+            + _waits_line(d.get("waits") or {}))
+
+
+def _waits_line(waits: dict) -> str:
+    """The measuring thread's sampled states ("S futex_wait_queue": asleep on a futex, the GIL's or
+    a lock's; "D ...": in the kernel, uninterruptible, e.g. on a page's I/O or mmap_lock; "R -": running)."""
+    total = sum(waits.values())
+    if not total:
+        return ""
+    top = sorted(waits.items(), key=lambda kv: -kv[1])[:8]
+    return "\n- its state, sampled every 0.5 ms: " + ", ".join(f"{k} {v / total:.0%}" for k, v in top)
 
 
 def report(label: str, size: int, plain_run: tuple[float, dict], seconds: float, s: dict) -> list[str]:

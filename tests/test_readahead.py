@@ -4,7 +4,6 @@ caller that stops early leaves no reader behind. Streaming is for GPUs; here it 
 CPU, whose path differs only in the copy (tests/gpu/test_gpu_compare.py streams to a GPU)."""
 
 import dataclasses
-import os
 import threading
 import time
 
@@ -209,23 +208,3 @@ def test_paging_the_header_in_first_reads_the_same_tensor_and_the_same_errors(ru
     with pytest.raises(UserError, match=str(path.name)):
         cand.tensor(entry.name, 0)
 
-
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is Linux's")
-def test_readers_give_themselves_the_niceness_asked_and_the_caller_keeps_its_own(runs, monkeypatch):
-    ref = runs[0]
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    seen = []
-    real = readahead._read_whole
-
-    def recording(*args):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return real(*args)
-
-    monkeypatch.setattr(readahead, "_read_whole", recording)
-    monkeypatch.setattr(readahead, "READER_NICE", 3)
-    units = [(e.prompt, (e.name,)) for e in ref.entries()[:4]]
-    assert len(list(readahead.read_units({"ref": ref}, iter(units)))) == 4
-    monkeypatch.setattr(readahead, "READER_NICE", 0)
-    list(readahead.read_units({"ref": ref}, iter(units[:1])))
-    assert seen[:4] == [min(19, mine + 3)] * 4 and seen[4] == mine
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -32,7 +32,11 @@ from .runs import Run
 
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
 READ_WORKERS = 8  # threads reading and hashing them (file reads and digests release the GIL)
-STREAM_BYTES = 64 << 20  # a tensor this large is handed over while it is read
+# A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
+# tensors (25 MB) streamed, compare cold 1.01-1.22 of the raw cold read against 0.84-1.10 read
+# whole through the memory map (64 MiB before; BENCHMARKS.md); 1024-token ones (6 MB) gained
+# nothing streamed and lost warm.
+STREAM_BYTES = 16 << 20
 STREAM_PIECE = 32 << 20  # bytes read, hashed and copied at a time
 STREAM_BUFFERS = 4  # staging buffers of STREAM_PIECE bytes per tensor streamed
 STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are read whole, from a memory map)
@@ -41,7 +45,6 @@ STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are
 # to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
 # 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines, BENCHMARKS.md).
 SWITCH_INTERVAL = 5e-4
-READER_NICE = 0  # niceness the reader threads give themselves (0: as the caller; benchmarks/compare_knobs.py)
 
 
 class Arrival:
@@ -89,8 +92,7 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
-    pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read",
-                              initializer=_be_nice, initargs=(READER_NICE,))
+    pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
@@ -125,14 +127,6 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
         streaming.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         _handoff.exit()
-
-
-def _be_nice(niceness: int) -> None:
-    """A reader thread's niceness raised by `niceness` (Linux: per thread); nothing where it cannot be."""
-    if niceness and hasattr(os, "setpriority"):
-        with contextlib.suppress(OSError):
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 def _submit(pool, runs: dict[str, Run | None], p: int, unit: tuple[str, ...], verify: bool, gpu, streaming,
