@@ -110,20 +110,38 @@ def profiled(paths, out_dir: Path, label: str) -> tuple[float, dict]:
 # Run in a process of its own (no share in this one's GIL): samples a thread's scheduler state and
 # kernel wait channel every 0.5 ms until stopped, then prints {"state wchan": samples} as JSON.
 SAMPLER = """
-import collections, json, signal, sys, time
-task = f"/proc/{sys.argv[1]}/task/{sys.argv[2]}"
-counts, running = collections.Counter(), [True]
+import collections, json, os, signal, sys, time
+pid, main = sys.argv[1], sys.argv[2]
+mine, others, during = collections.Counter(), collections.Counter(), collections.Counter()
+running = [True]
 signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+
+
+def look(tid):
+    task = f"/proc/{pid}/task/{tid}"
+    state = open(task + "/stat").read().rsplit(")", 1)[1].split()[0]
+    return state + " " + ((open(task + "/wchan").read().strip() or "-") if state != "R" else "-")
+
+
 print("ready", flush=True)
 while running[0]:
     try:
-        state = open(task + "/stat").read().rsplit(")", 1)[1].split()[0]
-        wchan = open(task + "/wchan").read().strip() or "-"
+        me = look(main)
     except OSError:
         break
-    counts[state + " " + (wchan if state != "R" else "-")] += 1
+    mine[me] += 1
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if tid != main:
+            try:
+                seen = look(tid)
+            except OSError:
+                continue
+            if not seen.startswith("S "):  # asleep by choice: idle pool threads, timers
+                others[seen] += 1
+                if "futex" in me:
+                    during[seen] += 1
     time.sleep(0.0005)
-print(json.dumps(counts))
+print(json.dumps({"mine": mine, "others": others, "during": during}))
 """
 
 
@@ -182,13 +200,24 @@ def sched_line(seconds: float, d: dict) -> str:
 
 
 def _waits_line(waits: dict) -> str:
-    """The measuring thread's sampled states ("S futex_wait_queue": asleep on a futex, the GIL's or
-    a lock's; "D ...": in the kernel, uninterruptible, e.g. on a page's I/O or mmap_lock; "R -": running)."""
-    total = sum(waits.values())
+    """The sampled states ("S futex_do_wait": asleep on a futex, the GIL's or a lock's; "D ...": in
+    the kernel, uninterruptible, e.g. on a page's I/O or mmap_lock; "R -": running) of the measuring
+    thread; of the other threads (those not asleep by choice), per sample; and of the other threads
+    while the measuring thread slept on a futex."""
+    mine = waits.get("mine") or {}
+    total = sum(mine.values())
     if not total:
         return ""
-    top = sorted(waits.items(), key=lambda kv: -kv[1])[:8]
-    return "\n- its state, sampled every 0.5 ms: " + ", ".join(f"{k} {v / total:.0%}" for k, v in top)
+
+    def top(counts: dict, per: float, as_share: bool) -> str:
+        items = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+        return ", ".join(f"{k} {v / per:.0%}" if as_share else f"{k} {v / per:.2f}" for k, v in items) or "-"
+
+    waiting = sum(v for k, v in mine.items() if "futex" in k)
+    return ("\n- its state, sampled every 0.5 ms: " + top(mine, total, True)
+            + "\n- the other threads not asleep by choice, per sample: " + top(waits.get("others") or {}, total, False)
+            + "\n- the same while it slept on a futex, per such sample: "
+            + top(waits.get("during") or {}, max(1, waiting), False))
 
 
 def report(label: str, size: int, plain_run: tuple[float, dict], seconds: float, s: dict) -> list[str]:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device session 49, one H200: readahead.STREAM_BYTES at 16 MiB (a 4096-token residual tensor
+# Device session 49 (and 51: `bash benchmarks/gpu_session49.sh trace`, the sampler watching every
+# thread), one H200: readahead.STREAM_BYTES at 16 MiB (a 4096-token residual tensor
 # streamed) against 64 MiB, and what compare's measuring thread waits on in the kernel.
 #   part "gputests": tests/gpu/test_gpu_compare.py and tests/test_readahead.py.
 #   part "trace": compare_trace.py (as-is) on 1 GB runs of 1024-token tensors: the measuring
