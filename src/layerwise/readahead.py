@@ -43,8 +43,9 @@ STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are
 # Python's GIL switch interval while runs are read ahead (its default: 5 ms). The measuring thread
 # gives the GIL up at every device sync and kernel wait; with eight readers wanting it, it waited up
 # to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
-# 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines, BENCHMARKS.md).
-SWITCH_INTERVAL = 5e-4
+# 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines); 0.2 ms
+# took 4-10 % more off it than 0.5 ms in three rounds of three, 0.1 ms less (BENCHMARKS.md).
+SWITCH_INTERVAL = 2e-4
 
 
 class Arrival:

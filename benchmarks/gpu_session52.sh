@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Device session 52, one H200: the last commit's compare settings confirmed, and the GPU suite.
+#   part "knobs": compare_knobs.py --variants as-is,0.5ms (readahead.SWITCH_INTERVAL 0.2 ms against
+#     0.5 ms, the value before) on 2 GB runs of 1024-token tensors, $ROUNDS rounds (default 3).
+#   part "gputests": gpu_session40.sh's part: the GPU test suite (tests/gpu), GT seconds at most.
+# Parts run one after another: `bash benchmarks/gpu_session52.sh knobs gputests`. Logs packed into
+# $OUT/session52-<part>.tgz (the suite's: session40-gputests.tgz).
+. "$(dirname "$0")/gpu_parts.sh" 52 knobs "$@"
+case "$PART" in
+knobs)
+    timeout ${EACH:-300} python3 benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds ${ROUNDS:-3} \
+        --variants as-is,0.5ms --dir /tmp/lw-knobs1024 --out "$W/knobs1024.md" > "$W/knobs1024.log" 2>&1
+    echo "=== compare_knobs.py 1024 tokens (exit $?, at $SECONDS s)"; tail -9 "$W/knobs1024.log" ;;
+gputests)
+    bash benchmarks/gpu_session40.sh gputests ;;
+esac
+tar czf "$OUT/session52-$PART.tgz" -C "$W" . 2>/dev/null
