@@ -17,7 +17,8 @@ The settings (`--variants`, comma list, default all):
             hashed and copied from there, as the large ones are, not read through a memory map
   stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
-waiting for the readers and in tensor_metrics. The order of the settings turns each round.
+waiting for the readers and in tensor_metrics. The order of the settings turns each round; one
+compare before the first round is not timed (the process's start-up would fall on one setting).
 
     python benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds 3 --dir /tmp/knobs
     python benchmarks/compare_knobs.py --tiny          # a CPU dry run on two small runs it writes
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         paths, shape = write_runs(root, args.gb, args.tokens, 8)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
+        timed(paths, timers)  # untimed: the process's start-up (CUDA, allocators) falls on no setting
         for r in range(args.rounds):
             drop_page_cache(files)
             raw = raw_read(files)
