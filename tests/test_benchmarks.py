@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit", "plan_time", "compare_trace"}
+               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -379,3 +379,13 @@ def test_compare_trace_union_counts_overlaps_once(monkeypatch):
     union = bench(monkeypatch, "compare_trace").union
     assert union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
     assert union([]) == 0
+
+
+def test_wake_latency_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "wake_latency").main(["--tiny", "--out", str(tmp_path / "wake.md")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = (tmp_path / "wake.md").read_text()
+    assert table.count("| idle |") == 3 and table.count("| 1 spinning process |") == 3
+    with pytest.raises(SystemExit):
+        bench(monkeypatch, "wake_latency").main(["--pairs", "0"])
