@@ -39,3 +39,23 @@ iso_ab() {
         done
     done
 }
+# cmp_trace VARIANTS: compare_trace.py on 1 GB runs of 1024-token tensors under compare_knobs.py's
+# settings VARIANTS (a comma list); trace.log and trace/ (summaries, gzipped traces) under $W.
+cmp_trace() {
+    timeout ${EACH:-240} python3 benchmarks/compare_trace.py --gb 1 --tokens 1024 --variants "$1" \
+        --dir /tmp/lw-trace --out "$W/trace" > "$W/trace.log" 2>&1
+    echo "=== compare_trace.py --variants $1 (exit $?, at $SECONDS s)"
+    grep -v '^wrote\|USDT\|warn' "$W/trace.log" | tail -40
+    gzip -f "$W"/trace/trace-*.json
+}
+# cmp_knobs SHAPE...: compare_knobs.py once per SHAPE (its arguments, --variants among them), none
+# started after $DEADLINE seconds; knobs<shape>.log and .md under $W.
+cmp_knobs() {
+    for shape in "$@"; do
+        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== $shape not started: past $DEADLINE s"; break; }
+        tag=knobs$(echo "$shape" | tr -d ' -,')
+        timeout ${EACH:-300} python3 benchmarks/compare_knobs.py $shape \
+            --dir "/tmp/lw-$(echo "$shape" | cut -d' ' -f1-4 | tr -d ' -')" --out "$W/$tag.md" > "$W/$tag.log" 2>&1
+        echo "=== compare_knobs.py $shape (exit $?, at $SECONDS s)"; tail -12 "$W/$tag.log"
+    done
+}

@@ -11,18 +11,9 @@
 . "$(dirname "$0")/gpu_parts.sh" 47 knobs "$@"
 case "$PART" in
 trace)
-    timeout ${EACH:-240} python3 benchmarks/compare_trace.py --gb 1 --tokens 1024 --variants as-is,stream-all \
-        --dir /tmp/lw-trace --out "$W/trace" > "$W/trace.log" 2>&1
-    echo "=== compare_trace.py (exit $?, at $SECONDS s)"; grep -v '^wrote\|USDT' "$W/trace.log" | tail -30
-    gzip "$W"/trace/trace-*.json ;;
+    cmp_trace as-is,stream-all ;;
 knobs)
     IFS=';' read -ra shapes <<< "${SHAPES:---gb 2 --tokens 1024 --rounds 3;--gb 2 --tokens 4096 --rounds 2}"
-    for shape in "${shapes[@]}"; do
-        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== $shape not started: past $DEADLINE s"; break; }
-        tag=knobs$(echo "$shape" | tr -d ' -')
-        timeout ${EACH:-240} python3 benchmarks/compare_knobs.py $shape --variants ${VARIANTS:-as-is,stream-all} \
-            --dir /tmp/lw-$tag --out "$W/$tag.md" > "$W/$tag.log" 2>&1
-        echo "=== compare_knobs.py $shape (exit $?, at $SECONDS s)"; tail -12 "$W/$tag.log"
-    done ;;
+    cmp_knobs "${shapes[@]/%/ --variants ${VARIANTS:-as-is,stream-all}}" ;;
 esac
 tar czf "$OUT/session47-$PART.tgz" -C "$W" . 2>/dev/null

@@ -16,13 +16,8 @@ gputests)
         tests/test_readahead.py > "$W/gputests.log" 2>&1
     echo "=== GPU tests (exit $?)"; tail -3 "$W/gputests.log" ;;
 trace)
-    timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 1024 --dir /tmp/lw-trace \
-        --out "$W/trace" > "$W/trace.log" 2>&1
-    echo "=== compare_trace.py (exit $?, at $SECONDS s)"; grep -v '^wrote\|USDT\|warn' "$W/trace.log" | tail -20
-    gzip "$W"/trace/trace-*.json ;;
+    cmp_trace as-is ;;
 knobs)
-    timeout ${EACH:-240} python3 benchmarks/compare_knobs.py --gb 2 --tokens 4096 --rounds ${ROUNDS:-3} \
-        --variants as-is,stream-64 --dir /tmp/lw-knobs4096 --out "$W/knobs4096.md" > "$W/knobs4096.log" 2>&1
-    echo "=== compare_knobs.py 4096 tokens (exit $?, at $SECONDS s)"; tail -9 "$W/knobs4096.log" ;;
+    cmp_knobs "--gb 2 --tokens 4096 --rounds ${ROUNDS:-3} --variants as-is,stream-64" ;;
 esac
 tar czf "$OUT/session49-$PART.tgz" -C "$W" . 2>/dev/null

@@ -11,16 +11,10 @@
 . "$(dirname "$0")/gpu_parts.sh" 52 knobs "$@"
 case "$PART" in
 knobs)
-    timeout ${EACH:-300} python3 benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds ${ROUNDS:-3} \
-        --variants as-is,0.5ms --dir /tmp/lw-knobs1024 --out "$W/knobs1024.md" > "$W/knobs1024.log" 2>&1
-    echo "=== compare_knobs.py 1024 tokens (exit $?, at $SECONDS s)"; tail -9 "$W/knobs1024.log" ;;
+    cmp_knobs "--gb 2 --tokens 1024 --rounds ${ROUNDS:-3} --variants as-is,0.5ms" ;;
 knobs2)
-    timeout ${EACH:-300} python3 benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds ${ROUNDS:-3} \
-        --variants as-is,0.5ms --dir /tmp/lw-knobs1024 --out "$W/knobs1024.md" > "$W/knobs1024.log" 2>&1
-    echo "=== compare_knobs.py 1024 tokens (exit $?, at $SECONDS s)"; tail -9 "$W/knobs1024.log"
-    timeout ${EACH:-300} python3 benchmarks/compare_knobs.py --gb 2 --tokens 4096 --rounds 2 \
-        --variants as-is,stream-64 --dir /tmp/lw-knobs4096 --out "$W/knobs4096.md" > "$W/knobs4096.log" 2>&1
-    echo "=== compare_knobs.py 4096 tokens (exit $?, at $SECONDS s)"; tail -6 "$W/knobs4096.log" ;;
+    cmp_knobs "--gb 2 --tokens 1024 --rounds ${ROUNDS:-3} --variants as-is,0.5ms" \
+        "--gb 2 --tokens 4096 --rounds 2 --variants as-is,stream-64" ;;
 gputests)
     bash benchmarks/gpu_session40.sh gputests ;;
 esac
