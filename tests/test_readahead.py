@@ -207,4 +207,3 @@ def test_paging_the_header_in_first_reads_the_same_tensor_and_the_same_errors(ru
     path.unlink()
     with pytest.raises(UserError, match=str(path.name)):
         cand.tensor(entry.name, 0)
-

@@ -33,18 +33,19 @@ from .runs import Run
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
 READ_WORKERS = 8  # threads reading and hashing them (file reads and digests release the GIL)
 # A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
-# tensors (25 MB) streamed, compare cold 1.01-1.22 of the raw cold read against 0.84-1.10 read
-# whole through the memory map (64 MiB before; BENCHMARKS.md); 1024-token ones (6 MB) gained
-# nothing streamed and lost warm.
+# tensors (25 MB) streamed, compare cold 0.82-1.22 of the raw cold read (median 1.04, 9 rounds)
+# against 0.84-1.10 (0.98) read whole through the memory map, warm 4.8-6.4 GB/s against 3.6-4.5
+# (64 MiB before; BENCHMARKS.md); 1024-token ones (6 MB) gained nothing streamed and lost warm.
 STREAM_BYTES = 16 << 20
 STREAM_PIECE = 32 << 20  # bytes read, hashed and copied at a time
 STREAM_BUFFERS = 4  # staging buffers of STREAM_PIECE bytes per tensor streamed
 STREAM_DEVICES = ("cuda",)  # where tensors are streamed to (on the CPU they are read whole, from a memory map)
 # Python's GIL switch interval while runs are read ahead (its default: 5 ms). The measuring thread
-# gives the GIL up at every device sync and kernel wait; with eight readers wanting it, it waited up
+# gives the GIL up at every torch op and device sync; with eight readers wanting it, it waited up
 # to an interval each time to get it back. 0.5 ms, with tensorfile.PAGE_IN_HEAD: compare cold on
 # 1024-token tensors went from 0.51-0.72 of the raw cold read to 0.67-0.82 (two machines); 0.2 ms
-# took 4-10 % more off it than 0.5 ms in three rounds of three, 0.1 ms less (BENCHMARKS.md).
+# was faster than 0.5 ms in 6 of 9 rounds over three calls, by 0.07 s of about 4 s at the median,
+# 0.1 ms no better (BENCHMARKS.md).
 SWITCH_INTERVAL = 2e-4
 
 
