@@ -389,3 +389,25 @@ def test_wake_latency_dry_run(tmp_path, monkeypatch, capsys):
     assert table.count("| idle |") == 3 and table.count("| 1 spinning process |") == 3
     with pytest.raises(SystemExit):
         bench(monkeypatch, "wake_latency").main(["--pairs", "0"])
+
+
+def test_compare_trace_summary_of_a_made_up_trace(monkeypatch):
+    """Top-level ops only (a nested op is not counted twice), stalls over 1 ms (an op or a gap), the
+    runtime calls by name, the GPU's union of kernels and copies."""
+    summarise = bench(monkeypatch, "compare_trace").summarise
+    x = lambda ts, dur, cat, name="op", tid=7: {"ph": "X", "ts": ts, "dur": dur, "cat": cat, "name": name, "tid": tid}  # noqa: E731
+    trace = {"traceEvents": [
+        x(0, 100, "cpu_op"), x(10, 50, "cpu_op", "nested"), x(20, 5, "cuda_runtime", "cudaLaunchKernel"),
+        x(1500, 2000, "cpu_op"),  # a 1.4 ms gap before it, and itself 2 ms long
+        x(3600, 100, "cpu_op"), x(0, 5000, "cpu_op", tid=8),
+        x(100, 300, "kernel"), x(200, 300, "gpu_memcpy"), x(1000, 100, "kernel"),
+        {"ph": "M", "name": "thread_name", "tid": 7},
+    ]}
+    s = summarise(trace, 7)
+    main = s["groups"]["measuring thread"]
+    assert main["threads"] == 1 and main["span_s"] == pytest.approx(3700e-6)
+    assert main["in_ops_s"] == pytest.approx(2200e-6) and main["outside_ops_s"] == pytest.approx(1500e-6)
+    assert main["stalls"] == 2 and main["stalled_s"] == pytest.approx(3400e-6)
+    assert main["runtime_s"] == {"cudaLaunchKernel": pytest.approx(5e-6)}
+    assert s["groups"]["other threads"]["in_ops_s"] == pytest.approx(5000e-6)
+    assert s["gpu"]["busy_s"] == pytest.approx(500e-6) and s["gpu"]["span_s"] == pytest.approx(1000e-6)
