@@ -17,6 +17,8 @@ The settings (`--variants`, comma list, default all):
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
   stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
+  cpu-blocks-32m  as it is, with compare.CHUNK_ELEMENTS = 1 << 22: metrics on the CPU in blocks of
+            32 MiB of float64 per buffer (the value before 4 MiB)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
 waiting for the readers and in tensor_metrics. The order of the settings turns each round; one
 compare before the first round is not timed (the process's start-up would fall on one setting).
@@ -42,17 +44,18 @@ from compare_profile import Timers  # noqa: E402
 from compare_throughput import raw_read, run_files, write_runs  # noqa: E402
 from synthetic import drop_page_cache  # noqa: E402
 
-from layerwise import readahead, tensorfile  # noqa: E402
+from layerwise import compare, readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
 VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers4", "readers2", "readers1",
-            "stream-all", "stream-64")
+            "stream-all", "stream-64", "cpu-blocks-32m")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES
+    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
+             compare.CHUNK_ELEMENTS)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -66,9 +69,12 @@ def setting(name: str):
             readahead.STREAM_BYTES = 1 << 20
         if name == "stream-64":
             readahead.STREAM_BYTES = 64 << 20
+        if name == "cpu-blocks-32m":
+            compare.CHUNK_ELEMENTS = 1 << 22
         yield
     finally:
-        tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES = saved
+        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
+         compare.CHUNK_ELEMENTS) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of each run in GB (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, default=8, help="the head's logits' width (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     timers = Timers()
     rows, cold = [], {v: [] for v in variants}
     try:
-        paths, shape = write_runs(root, args.gb, args.tokens, 8)
+        paths, shape = write_runs(root, args.gb, args.tokens, args.vocab)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
         timed(paths, timers)  # untimed: the process's start-up (CUDA, allocators) falls on no setting

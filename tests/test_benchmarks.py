@@ -291,17 +291,20 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
 
     from layerwise import compare, readahead, tensorfile
 
-    before = (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.SWITCH_INTERVAL,
-              _sys.getswitchinterval())
+    def state():
+        return (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.SWITCH_INTERVAL,
+                readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS, _sys.getswitchinterval())
+
+    before = state()
     out_file = tmp_path / "knobs.md"
-    code = bench(monkeypatch, "compare_knobs").main(["--tiny", "--out", str(out_file)])
+    knobs = bench(monkeypatch, "compare_knobs")
+    code = knobs.main(["--tiny", "--out", str(out_file)])
     out = capsys.readouterr().out
     assert code == 0, out
     table = out_file.read_text()
-    for variant in ("as-is", "no-head", "5ms", "neither", "readers4"):
+    for variant in knobs.VARIANTS:
         assert re.search(rf"\| 1 \| {re.escape(variant)} \| [\d.]+ \| [\d.]+ \([\d.]+ s\) \| \*\*[\d.]+\*\* \|", table), table
-    assert (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.SWITCH_INTERVAL,
-            _sys.getswitchinterval()) == before, "every setting is put back"
+    assert state() == before, "every setting is put back"
     with pytest.raises(SystemExit):
         bench(monkeypatch, "compare_knobs").main(["--tiny", "--variants", "fast"])
 

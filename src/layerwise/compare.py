@@ -246,9 +246,9 @@ def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, 
     if ctx.device.type == "cuda":  # the GPU measures in float64 at HBM speed; the bytes pass by anyway
         sizing = dict(chunk_elements=GPU_CHUNK_ELEMENTS)
     else:
-        sizing = dict(map_fn=ctx.map_fn, parts=ctx.parts)
+        sizing = dict(map_fn=ctx.map_fn, parts=ctx.parts, chunk_elements=CHUNK_ELEMENTS)
     tm = tensor_metrics(a, b, tol.rtol, tol.atol, **sizing)
-    lm = logits_metrics(a, b, ctx.options.logits_topk, chunk_elements=sizing.get("chunk_elements", CHUNK_ELEMENTS)) \
+    lm = logits_metrics(a, b, ctx.options.logits_topk, chunk_elements=sizing["chunk_elements"]) \
         if kind == "logits" else None
     floor = tensor_metrics(a, base, **sizing) if base is not None else None
     return PromptResult(p, tm, lm, None, floor, judge(tol, tm, lm, None, floor, ctx.options.noise_factor))

@@ -28,7 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .metrics import CHUNK_ELEMENTS, as_rows, block_rows
+from .metrics import as_rows, block_rows
+
+# Elements per block of a router's scores: 16,384 tokens of 256 experts, so a prompt's router is
+# one block wherever it is judged (on a GPU each block costs several host syncs).
+ROUTING_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ SAME, AT_TIE, MOVED, INCONSISTENT, UNJUDGED = 0, 1, 2, 3, 4
 
 def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
                     cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                    chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
+                    chunk_elements: int = ROUTING_BLOCK_ELEMENTS, ref_bias: torch.Tensor | None = None,
                     cand_bias: torch.Tensor | None = None) -> RoutingMetrics:
     """Compare the expert choice of two runs (see `routing_flips`)."""
     return routing_flips(ref_ids, cand_ids, ref_logits, cand_logits, tie_threshold, chunk_elements,
@@ -62,7 +66,7 @@ def routing_metrics(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: t
 
 def routing_flips(ref_ids: torch.Tensor, cand_ids: torch.Tensor, ref_logits: torch.Tensor | None = None,
                   cand_logits: torch.Tensor | None = None, tie_threshold: float = 1e-3,
-                  chunk_elements: int = CHUNK_ELEMENTS, ref_bias: torch.Tensor | None = None,
+                  chunk_elements: int = ROUTING_BLOCK_ELEMENTS, ref_bias: torch.Tensor | None = None,
                   cand_bias: torch.Tensor | None = None) -> tuple[RoutingMetrics, torch.Tensor]:
     """Compare the expert choice of two runs; also returns each token's class [tokens] int8:
     SAME, AT_TIE, MOVED, INCONSISTENT or UNJUDGED (how: the module docstring)."""
