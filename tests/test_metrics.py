@@ -168,3 +168,13 @@ def test_logits_empty_and_blocked():
     one, many = logits_metrics(a, b, chunk_elements=1 << 20), logits_metrics(a, b, chunk_elements=11)
     assert (one.top1, one.topk, one.kl_worst_token) == (many.top1, many.topk, many.kl_worst_token)
     assert one.kl_mean == pytest.approx(many.kl_mean, rel=1e-12)
+
+
+def test_a_token_wider_than_a_block_is_cut_into_the_fewest_equal_pieces():
+    from layerwise.metrics import _split
+
+    assert _split(50, 100) == 1 and _split(100, 100) == 1  # it fits
+    assert _split(1000, 100) == 10 and _split(1000, 90) == 20  # 12 to 19 do not divide 1000
+    assert _split(3 * 67, 3) == 67  # more than 64 pieces (the limit before)
+    assert _split((1 << 19) * 1563, 1 << 19) == 1563  # a [4096 x 200,064] row in 512K-element pieces
+    assert _split(1009, 100) == 1  # prime: measured whole

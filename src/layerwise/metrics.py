@@ -123,12 +123,13 @@ class _Sums:
 
 
 def _split(width: int, chunk_elements: int) -> int:
-    """Into how many equal pieces to cut a token wider than a block (1: it fits; a width without
-    a small divisor is left whole)."""
-    pieces = -(-width // max(1, chunk_elements))
-    while pieces > 1 and width % pieces and pieces <= 64:
-        pieces += 1
-    return pieces if pieces > 1 and width % pieces == 0 else 1
+    """Into how many equal pieces to cut a token wider than a block: the fewest that divide it, each
+    piece from a block down to an eighth of one (1: it fits, or no such count divides it, and it
+    is measured whole)."""
+    fewest = -(-width // max(1, chunk_elements))
+    if fewest <= 1:
+        return 1
+    return next((n for n in range(fewest, min(width, 8 * fewest) + 1) if width % n == 0), 1)
 
 
 def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: int, split: int,
