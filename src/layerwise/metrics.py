@@ -21,7 +21,8 @@ import torch
 
 # float64 elements per block on the CPU: 4 MiB per buffer, so a block's passes (conversion, norms,
 # difference, abs) stay in the cores' caches; with 32 MiB blocks (1 << 22) they went to memory
-# each time: tensor metrics 2.2x and logits 1.4x slower on the 2-core machine (BENCHMARKS.md).
+# each time: a layer test's tensors compared 1.2-1.4x slower cold, 1.3-1.7x warm, on the 2-core
+# machine, the logits about alike (BENCHMARKS.md).
 CHUNK_ELEMENTS = 1 << 19
 # On a GPU one block of 256 MiB per buffer: each block costs a few host syncs, not cache misses.
 GPU_CHUNK_ELEMENTS = 1 << 25
