@@ -11,8 +11,8 @@ The settings (`--variants`, comma list, default all):
             the sooner a reader holding the GIL gives it back to the measuring thread, which drops
             it at every torch op
   neither   both off: the code before them
-  readers4, readers2, readers1  as it is, with readahead.READ_WORKERS = 4, 2 or 1 (default 8): fewer
-            threads to share the GIL with the measuring thread, still reading ahead of it
+  readers8, readers4, readers3, readers2, readers1  as it is, with readahead.READ_WORKERS = 8, 4, 3, 2
+            or 1: fewer threads to share the GIL with the measuring thread, still reading ahead of it
   stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
@@ -48,8 +48,8 @@ from layerwise import compare, readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers4", "readers2", "readers1",
-            "stream-all", "stream-64", "cpu-blocks-32m")
+VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers8", "readers4", "readers3",
+            "readers2", "readers1", "stream-all", "stream-64", "cpu-blocks-32m")
 
 
 @contextlib.contextmanager
