@@ -11,8 +11,10 @@ The settings (`--variants`, comma list, default all):
             the sooner a reader holding the GIL gives it back to the measuring thread, which drops
             it at every torch op
   neither   both off: the code before them
-  readers8, readers4, readers3, readers2, readers1  as it is, with readahead.READ_WORKERS = 8, 4, 3, 2
-            or 1: fewer threads to share the GIL with the measuring thread, still reading ahead of it
+  readers8, readers4, readers3, readers2, readers1  as it is, with 8, 4, 3, 2 or 1 reader threads of
+            each kind (readahead.READ_WORKERS, streaming, and WHOLE_READERS, reading whole; 8 and 2 by
+            default): fewer threads to share the GIL with the measuring thread, still reading ahead
+  whole8    as it is, with readahead.WHOLE_READERS = 8 (the value before 2)
   stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
@@ -49,13 +51,13 @@ from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
 VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers8", "readers4", "readers3",
-            "readers2", "readers1", "stream-all", "stream-64", "cpu-blocks-32m")
+            "readers2", "readers1", "whole8", "stream-all", "stream-64", "cpu-blocks-32m")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
-             compare.CHUNK_ELEMENTS)
+    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
+             readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -64,7 +66,9 @@ def setting(name: str):
         if name in ("0.5ms", "0.2ms", "0.1ms"):
             readahead.SWITCH_INTERVAL = float(name[:-2]) * 1e-3
         if name.startswith("readers"):
-            readahead.READ_WORKERS = int(name[len("readers"):])
+            readahead.READ_WORKERS = readahead.WHOLE_READERS = int(name[len("readers"):])
+        if name == "whole8":
+            readahead.WHOLE_READERS = 8
         if name == "stream-all":
             readahead.STREAM_BYTES = 1 << 20
         if name == "stream-64":
@@ -73,8 +77,8 @@ def setting(name: str):
             compare.CHUNK_ELEMENTS = 1 << 22
         yield
     finally:
-        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.STREAM_BYTES,
-         compare.CHUNK_ELEMENTS) = saved
+        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
+         readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

@@ -7,9 +7,10 @@
 #   part "readers": compare_knobs.py on 2 GB runs of 1024-token tensors (as-is, 4, 3, 2 readers),
 #     of 4096-token tensors (streamed: as-is, 4, 2) and of 512-token tensors with logits of a
 #     200,064-token vocabulary (as-is, 2), $ROUNDS rounds (default 3; 2 for the logits).
-#   part "confirm": the committed default against 8 readers (the value before), 1024 and 4096 tokens.
+#   part "confirm": the committed default (2 threads reading whole, 8 streaming) against 8 reading
+#     whole (whole8, the value before), the same three shapes ($ROUNDS rounds; 2 for 4096 and logits).
 #   part "gputests": gpu_session40.sh's part: the GPU test suite (tests/gpu), GT seconds at most.
-# Parts run one after another: `bash benchmarks/gpu_session54.sh readers`. Logs packed into
+# Parts run one after another: `bash benchmarks/gpu_session54.sh readers`, then `... confirm gputests`. Logs packed into
 # $OUT/session54-<part>.tgz (the suite's: session40-gputests.tgz).
 . "$(dirname "$0")/gpu_parts.sh" 54 readers "$@"
 case "$PART" in
@@ -18,8 +19,9 @@ readers)
         "--gb 2 --tokens 4096 --rounds ${ROUNDS:-3} --variants as-is,readers4,readers2" \
         "--gb 2 --tokens 512 --vocab 200064 --rounds 2 --variants as-is,readers2" ;;
 confirm)
-    cmp_knobs "--gb 2 --tokens 1024 --rounds ${ROUNDS:-3} --variants as-is,readers8" \
-        "--gb 2 --tokens 4096 --rounds ${ROUNDS:-3} --variants as-is,readers8" ;;
+    cmp_knobs "--gb 2 --tokens 1024 --rounds ${ROUNDS:-3} --variants as-is,whole8" \
+        "--gb 2 --tokens 4096 --rounds 2 --variants as-is,whole8" \
+        "--gb 2 --tokens 512 --vocab 200064 --rounds 2 --variants as-is,whole8" ;;
 gputests)
     bash benchmarks/gpu_session40.sh gputests ;;
 esac

@@ -292,8 +292,8 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
     from layerwise import compare, readahead, tensorfile
 
     def state():
-        return (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.SWITCH_INTERVAL,
-                readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS, _sys.getswitchinterval())
+        return (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.WHOLE_READERS,
+                readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS, _sys.getswitchinterval())
 
     before = state()
     out_file = tmp_path / "knobs.md"

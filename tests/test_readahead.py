@@ -158,6 +158,48 @@ def test_no_room_on_the_device_reads_the_tensor_whole(runs, monkeypatch, streame
     assert _rows(compare_runs(ref, cand)) == _rows(whole)
 
 
+def test_tensors_read_whole_go_to_fewer_threads_than_streams(runs, monkeypatch):
+    """Tensors read whole are read by at most WHOLE_READERS threads at once (they hold the GIL in
+    part, and the measuring thread waits behind each), streamed ones by up to READ_WORKERS; every
+    unit still arrives, in order, with the same tensors."""
+    ref = runs[0]
+    units = [(e.prompt, (e.name,)) for e in ref.entries()]
+    expected = [(p, names) for p, names in units]
+    monkeypatch.setattr(readahead, "READ_WORKERS", 6)
+    monkeypatch.setattr(readahead, "WHOLE_READERS", 2)
+    seen: dict[str, set] = {"whole": set(), "stream": set()}
+    busy, peak, lock = [0], [0], threading.Lock()
+    read_whole, stream = readahead._read_whole, readahead._stream
+
+    def whole(*args):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+            seen["whole"].add(threading.current_thread().name)
+        time.sleep(0.003)  # long enough for the next units' reads to be waiting
+        try:
+            return read_whole(*args)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    def streamed(*args):
+        seen["stream"].add(threading.current_thread().name)
+        time.sleep(0.003)
+        return stream(*args)
+
+    monkeypatch.setattr(readahead, "_read_whole", whole)
+    got = [(p, unit) for p, unit, _, _ in readahead.read_units({"ref": ref}, iter(units))]
+    assert got == expected and peak[0] == 2 and len(seen["whole"]) == 2 and not seen["stream"]
+
+    _stream_all(monkeypatch, 40)
+    monkeypatch.setattr(readahead, "_stream", streamed)
+    seen["whole"].clear()
+    got = [(p, unit) for p, unit, _, arr in readahead.read_units({"ref": ref}, iter(units), device=torch.device("cpu"))]
+    assert got == expected
+    assert len(seen["stream"]) > 2 and not seen["stream"] & seen["whole"]
+
+
 def test_the_switch_interval_is_short_while_runs_are_read_and_put_back_after(runs):
     """readahead.SWITCH_INTERVAL holds while any read_units runs, two at once included, and the
     interval found before is back after the last ends, whether it ran out or was closed early; a

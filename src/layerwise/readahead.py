@@ -31,7 +31,14 @@ from .errors import UserError
 from .runs import Run
 
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
-READ_WORKERS = 8  # threads reading and hashing them (file reads and digests release the GIL)
+READ_WORKERS = 8  # threads streaming tensors (file reads, digests and copies release the GIL)
+# threads reading tensors whole (through safetensors' memory map, whose reads and parsing hold the
+# GIL in part). Each is one more thread the measuring thread, which gives the GIL up at every torch
+# op, waits behind: on 2 GB runs of 1024-token tensors (one H200), compare cold 0.94-1.04 of the raw
+# cold read with 2 against 0.77-0.88 with 8, 4 or 3 (tensor_metrics 0.6 s against 2.4-3.0 s); with
+# 200,064-token logits streamed beside them 0.77-0.82 against 0.60-0.64. Streams keep READ_WORKERS:
+# 4096-token tensors 1.06-1.18 with 8 against 0.90-0.97 with 2 (BENCHMARKS.md).
+WHOLE_READERS = 2
 # A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
 # tensors (25 MB) streamed, compare cold 0.82-1.22 of the raw cold read (median 1.04, 9 rounds)
 # against 0.84-1.10 (0.98) read whole through the memory map, warm 4.8-6.4 GB/s against 3.6-4.5
@@ -90,11 +97,12 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     and verified, on that device (`_read_whole`) or else on the CPU. With `prefetch`, `workers`
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
-    memory stays bounded. A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
-    Defaults: READ_AHEAD_BYTES, READ_WORKERS, STREAM_*, read at call time."""
+    memory stays bounded; tensors read whole go to WHOLE_READERS threads of their own (fewer: they
+    hold the GIL more). A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
+    Defaults: READ_AHEAD_BYTES, READ_WORKERS, WHOLE_READERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
-    pool = ThreadPoolExecutor(max_workers=workers if prefetch else 1, thread_name_prefix="layerwise-read")
+    pool = _Pools(workers if prefetch else 1, min(WHOLE_READERS, workers) if prefetch else 1)
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
@@ -127,7 +135,7 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
                 held.clear()
     finally:
         streaming.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
         _handoff.exit()
 
 
@@ -139,10 +147,22 @@ def _submit(pool, runs: dict[str, Run | None], p: int, unit: tuple[str, ...], ve
     for side, name in keys:
         if gpu and runs[side].entry(name, p).nbytes >= STREAM_BYTES and streamable(name):
             started = futures.setdefault((side, name), Future())
-            pool.submit(_stream, runs[side], name, p, verify, started, streaming, gpu)
+            pool.streams.submit(_stream, runs[side], name, p, verify, started, streaming, gpu)
         else:
-            futures[(side, name)] = pool.submit(_read_whole, runs[side], name, p, verify, gpu)
+            futures[(side, name)] = pool.whole.submit(_read_whole, runs[side], name, p, verify, gpu)
     return p, unit, futures, sum(runs[side].entry(name, p).nbytes for side, name in keys)
+
+
+class _Pools:
+    """read_units' reader threads: `streams` for tensors streamed, `whole` for tensors read whole."""
+
+    def __init__(self, streams: int, whole: int):
+        self.streams = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="layerwise-stream")
+        self.whole = ThreadPoolExecutor(max_workers=max(1, whole), thread_name_prefix="layerwise-read")
+
+    def shutdown(self) -> None:
+        for pool in (self.whole, self.streams):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Handoff:
