@@ -35,9 +35,10 @@ READ_WORKERS = 8  # threads streaming tensors (file reads, digests and copies re
 # threads reading tensors whole (through safetensors' memory map, whose reads and parsing hold the
 # GIL in part). Each is one more thread the measuring thread, which gives the GIL up at every torch
 # op, waits behind: on 2 GB runs of 1024-token tensors (one H200), compare cold 0.94-1.04 of the raw
-# cold read with 2 against 0.77-0.88 with 8, 4 or 3 (tensor_metrics 0.6 s against 2.4-3.0 s); with
-# 200,064-token logits streamed beside them 0.77-0.82 against 0.60-0.64. Streams keep READ_WORKERS:
-# 4096-token tensors 1.06-1.18 with 8 against 0.90-0.97 with 2 (BENCHMARKS.md).
+# cold read with 2 against 0.77-0.88 with 8, 4 or 3 (tensor_metrics 0.6 s against 2.4-3.0 s), and
+# 0.84-0.99 against 0.73-0.82 in turns with 8 at 289b2d4; with 200,064-token logits streamed beside
+# them 0.77-0.89 against 0.60-0.74. Streams keep READ_WORKERS: 4096-token tensors 1.06-1.18 with 8
+# against 0.90-0.97 with 2 (BENCHMARKS.md).
 WHOLE_READERS = 2
 # A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
 # tensors (25 MB) streamed, compare cold 0.82-1.22 of the raw cold read (median 1.04, 9 rounds)
@@ -94,11 +95,11 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     holds them, in order. A tensor of STREAM_BYTES or more that `streamable` accepts, bound for a
     `device` of a type in STREAM_DEVICES, is streamed there, still arriving, with an Arrival to
     await before use; all are in and verified before the next unit comes. Other tensors come read
-    and verified, on that device (`_read_whole`) or else on the CPU. With `prefetch`, `workers`
+    and verified, on that device (`_read_whole`) or else on the CPU. With `prefetch`, reader
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
-    memory stays bounded; tensors read whole go to WHOLE_READERS threads of their own (fewer: they
-    hold the GIL more). A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
+    memory stays bounded. `workers` threads stream; tensors read whole go to WHOLE_READERS threads
+    of their own (at most `workers`; fewer, as they hold the GIL more). A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
     Defaults: READ_AHEAD_BYTES, READ_WORKERS, WHOLE_READERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     workers = READ_WORKERS if workers is None else workers
