@@ -6,11 +6,16 @@
 #   part "iso": `layerwise check` with each code, then isolated_profile.py with this checkout's
 #     code and $BASE's, taking turns, $RUNS rounds (default 2), none started after $DEADLINE
 #     seconds (default 330).
-# `bash benchmarks/gpu_session55.sh iso`. Logs packed into $OUT/session55-iso.tgz.
+#   part "here": isolated_profile.py with this checkout's code alone, once (a round where the
+#     device time left holds no pair).
+# `bash benchmarks/gpu_session55.sh iso`. Logs packed into $OUT/session55-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 55 iso "$@"
 BASE=${BASE:-.base55}
 case "$PART" in
 iso)
     iso_ab "$BASE" ;;
+here)
+    timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src src --out "$W/here" > "$W/here.log" 2>&1
+    echo "=== isolated profile, src (exit $?, at $SECONDS s)"; tail -12 "$W/here.log" ;;
 esac
 tar czf "$OUT/session55-$PART.tgz" -C "$W" . 2>/dev/null
