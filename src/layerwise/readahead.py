@@ -99,11 +99,12 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
     memory stays bounded. `workers` threads stream; tensors read whole go to WHOLE_READERS threads
-    of their own (at most `workers`; fewer, as they hold the GIL more). A unit is released once yielded. SWITCH_INTERVAL holds meanwhile.
+    of their own (at most `workers`; fewer, as they hold the GIL more). A unit is released once
+    yielded. SWITCH_INTERVAL holds meanwhile.
     Defaults: READ_AHEAD_BYTES, READ_WORKERS, WHOLE_READERS, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
-    workers = READ_WORKERS if workers is None else workers
-    pool = _Pools(workers if prefetch else 1, min(WHOLE_READERS, workers) if prefetch else 1)
+    streams = (READ_WORKERS if workers is None else workers) if prefetch else 1
+    pool = _Pools(streams, min(WHOLE_READERS, streams))
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
     ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
