@@ -237,6 +237,45 @@ def test_the_manifest_a_writer_keeps_equals_its_files_read_back(tmp_path):
     assert second.entries(every=False) == [e for e in runs.index_files(path, sorted(second.written))]
 
 
+def test_manifest_json_is_the_manifest_one_line_per_tensor(tmp_path):
+    """manifest.json parses to the manifest `finish` returns; its facts are indented and each
+    tensor's entry is one line (what grep finds), NaN/Inf records and a resumed file's among them."""
+    path = tmp_path / "run"
+    first = runs.RunWriter(path, INTENT)
+    first.put(1, "model.layers.0", {"model.layers.0:output": torch.tensor([[1.0, float("nan")]])})
+    first.wait()
+    first.abort()
+    writer = runs.RunWriter(path, INTENT)
+    writer.put(0, "model.layers.0", {"model.layers.0:input": torch.randn(2, 4), "model.layers.0:output": torch.ones(2)})
+    manifest = writer.finish({"stats": {"where": tmp_path}})  # a value json cannot encode: written as text
+    text = (path / runs.MANIFEST).read_text()
+    assert json.loads(text) == json.loads(json.dumps(manifest, default=str))
+    assert text.endswith("]\n}\n") and list(json.loads(text)) == list(manifest)  # the keys in their order
+    lines = text.splitlines()
+    lines = lines[lines.index(' "tensors": [') + 1:lines.index(" ]", lines.index(' "tensors": ['))]
+    assert [json.loads(line.rstrip(",")) for line in lines] == manifest["tensors"] and len(lines) == 3
+    assert manifest["nonfinite"] == [{"name": "model.layers.0:output", "prompt": 1, "nan": 1, "inf": 0}]
+    assert json.loads((path / runs.INTENT).read_text()) == INTENT
+    empty = runs.RunWriter(tmp_path / "empty", INTENT).finish()
+    assert json.loads((tmp_path / "empty" / runs.MANIFEST).read_text()) == empty and empty["tensors"] == []
+
+
+def test_library_versions_are_looked_up_once_and_handed_out_as_copies(monkeypatch):
+    from layerwise import manifest
+
+    looked_up = []
+    real = manifest.md.version
+    monkeypatch.setattr(manifest.md, "version", lambda package: looked_up.append(package) or real(package))
+    manifest._versions.cache_clear()
+    try:
+        first = runs.library_versions()
+        first["torch"] = "changed"
+        assert runs.library_versions()["torch"] == torch.__version__ and first["python"]
+        assert looked_up == ["layerwise", "torch", "transformers", "accelerate", "safetensors"]
+    finally:
+        manifest._versions.cache_clear()
+
+
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a layerwise run"):

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -120,6 +121,26 @@ def test_a_shared_buffer_comes_back_to_the_cache_when_its_last_view_is_gone():
     assert pinned.new_buffer(3 << 16, False).data_ptr() != base  # a view is alive: not reused yet
     del view
     assert pinned.new_buffer(3 << 16, False).data_ptr() == base
+
+
+def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_write(tmp_path, traced):
+    """With a writer process, the run writer's own threads are not started (nor stopped at the
+    end) unless a file falls to them; then they write it."""
+    def ours():
+        return [t for t in threading.enumerate() if t.name.startswith("layerwise-writer-") and
+                not t.name.startswith("layerwise-writer-replies")]
+
+    before = set(ours())
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    writer.put(0, "a", {"a:output": in_shared(torch.randn(64, 64))})
+    writer.wait()
+    assert set(ours()) == before and len(traced) == 1
+    big = torch.randn(writerproc.INLINE_BYTES // 4 + 1)
+    writer.put(0, "b", {"b:output": big})  # not in shared memory: this process writes it
+    assert len(set(ours()) - before) == 2
+    writer.finish()
+    assert set(ours()) == before and len(traced) == 1
+    assert torch.equal(runs.open_run(tmp_path / "run").tensor("b:output"), big)
 
 
 def test_threads_only_when_asked(tmp_path, monkeypatch, traced):

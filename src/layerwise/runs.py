@@ -35,7 +35,7 @@ from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
                        build_manifest, entry_digests, file_entries, first_difference, identity, index_files,
-                       library_versions, read_json, tensor_files)
+                       json_text, library_versions, read_json, tensor_files)
 from .paths import inside
 from .schema import check_manifest
 from .writerproc import writer_threads  # noqa: F401 (the writer's default thread count)
@@ -87,12 +87,8 @@ class RunWriter:
         self._dirs: set[Path] = set()  # the prompt directories made so far
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name=f"layerwise-writer-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._threads:
-            t.start()
+        self._bytes, self._lock = 0, threading.Lock()
+        self._thread_count, self._threads = threads, []  # this process's writer threads, started by `put`
 
     def _prepare(self, overwrite: bool) -> None:
         path = self.path
@@ -115,13 +111,13 @@ class RunWriter:
                                     "it, or pick another --out")
                 (path / MANIFEST).unlink(missing_ok=True)  # resuming: the run is incomplete until finish()
         path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
+        write_text_atomic(path / INTENT, json_text(self.intent))
 
     def restate(self, intent: Intent | dict) -> None:
         """Rewrite intent.json: for a producer that learns part of what the run is while recording
         (the vLLM hook learns the prompts as requests arrive). Before `finish`."""
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
-        write_text_atomic(self.path / INTENT, json.dumps(self.intent, indent=1, default=str) + "\n")
+        write_text_atomic(self.path / INTENT, json_text(self.intent))
 
     def _staging(self) -> Path:
         """Where a run replacing another is written: beside it, resumed when a killed replacement
@@ -151,6 +147,12 @@ class RunWriter:
                 self._made(self.path / rel), {"prompt": str(prompt)}, tensors,
                 lambda header, err: self._handed(rel, header, err, on_written)):
             return
+        with self._lock:  # this process's threads start with the first file they are handed (beside a writer
+            if not self._threads:  # process: only for tensors outside shared memory, so mostly never)
+                self._threads = [threading.Thread(target=self._work, name=f"layerwise-writer-{i}", daemon=True)
+                                 for i in range(self._thread_count)]
+                for t in self._threads:
+                    t.start()
         self._queue.put((prompt, group, tensors, on_written))
 
     def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written) -> None:
@@ -253,14 +255,14 @@ class RunWriter:
         for rel, written in sorted(self._headers.items()):
             header = dict(written)
             entries += file_entries(rel, header, header.pop("__metadata__"))
-        others = sorted(set(tensor_files(self.path)) - self._headers.keys()) if every else []
+        others = sorted(self._existing - self._headers.keys()) if every else []  # the files found at the start
         return entries + index_files(self.path, others)
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
         """Wait for the writers, take the files' entries (or `entries`), write manifest.json last."""
         self.close()
         manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
-        write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
+        write_text_atomic(self.path / MANIFEST, json_text(manifest))
         if self._replaced is not None:
             self._replace_target()
         return manifest
