@@ -366,8 +366,8 @@ class WriteTrace:
 
     def __init__(self):
         self.files: list[tuple] = []
-        self.parts = {"nonfinite": 0.0, "digest": 0.0, "writer_close": 0.0, "manifest_build": 0.0,
-                      "manifest_write": 0.0}
+        self.parts = {"nonfinite": 0.0, "digest": 0.0, "writer_close": 0.0, "writer_wait": 0.0, "entries": 0.0,
+                      "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0}
         self.lock = threading.Lock()
         self.origin = self.forward_end = self.capture_end = self.wall = 0.0
 
@@ -375,7 +375,9 @@ class WriteTrace:
         self.forward_end = time.perf_counter() - self.origin
 
     def _timed(self, owner, name: str, part: str | None = None):
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:  # the code of a commit before it (a side-by-side run)
+            return
         trace = self
 
         def timed(*args, **kwargs):
@@ -411,7 +413,10 @@ class WriteTrace:
         tensorfile.write_file = counted
         self._undo.append((tensorfile, "write_file", write_file))
         self._timed(runs.RunWriter, "close", "writer_close")  # after the capture: the files still queued
+        self._timed(runs.RunWriter, "wait", "writer_wait")  # inside close: the last files' replies
+        self._timed(runs.RunWriter, "entries", "entries")
         self._timed(runs, "build_manifest", "manifest_build")
+        self._timed(runs, "json_text", "manifest_text")  # and intent.json's at the start
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture
 
