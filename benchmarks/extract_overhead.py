@@ -451,6 +451,8 @@ class WriteTrace:
         return {"forward_returned_s": r(self.forward_end), "capture_closed_s": r(self.capture_end),
                 "first_file_start_s": r(files[0][0]) if files else None, "last_file_end_s": r(last),
                 "files_after_forward": sum(1 for _, end, _ in files if end > self.forward_end),
+                "files_after_capture": sum(1 for _, end, _ in files if end > self.capture_end),
+                "last_file_start_s": r(max((start for start, _, _ in files), default=0.0)),
                 "writer_busy_s": r(busy), "writer_threads": len({t for *_, t in files}),
                 "files_in_writer_process": sum(1 for *_, t in files if str(t).startswith("process:")),
                 **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},

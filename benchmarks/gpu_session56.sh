@@ -7,8 +7,11 @@
 #   part "e2e": extract_overhead.py's end-to-end extracts only (16 x 256, 16 x 4096, $REPEAT
 #     rounds each, default 5), with this checkout's code and $BASE's (its own copy of the script),
 #     taking turns, $RUNS pairs (default 3), none started after $DEADLINE seconds (default 420).
+#   part "threads": this checkout's end-to-end extracts with 12 writer threads (the default here) and
+#     16, at most 3 a process, side by side, then in the other order ($REPEAT rounds, default 5):
+#     whether the last layer's 16 files (one wave on 16 threads, two on 12) end sooner.
 #   part "gputests": gpu_session40.sh's part: the GPU test suite (tests/gpu), GT seconds at most.
-# `bash benchmarks/gpu_session56.sh e2e gputests`. Logs packed into $OUT/session56-<part>.tgz.
+# `bash benchmarks/gpu_session56.sh e2e gputests`, then `... threads`. Logs packed into $OUT/session56-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 56 e2e "$@"
 BASE=${BASE:-.base56}
 case "$PART" in
@@ -22,6 +25,13 @@ e2e)
                 > "$W/$name.log" 2>&1
             echo "=== $name (exit $?, at $SECONDS s)"; grep '^extract' "$W/$name.log" | cut -c1-420
         done
+    done ;;
+threads)
+    for order in 12,16 16,12; do
+        timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
+            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --writer-threads $order \
+            --process-threads 3 --out "$W/threads$order" > "$W/threads$order.log" 2>&1
+        echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
     done ;;
 gputests)
     bash benchmarks/gpu_session40.sh gputests ;;
