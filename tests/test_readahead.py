@@ -164,7 +164,6 @@ def test_tensors_read_whole_go_to_fewer_threads_than_streams(runs, monkeypatch):
     unit still arrives, in order, with the same tensors."""
     ref = runs[0]
     units = [(e.prompt, (e.name,)) for e in ref.entries()]
-    expected = [(p, names) for p, names in units]
     monkeypatch.setattr(readahead, "READ_WORKERS", 6)
     monkeypatch.setattr(readahead, "WHOLE_READERS", 2)
     seen: dict[str, set] = {"whole": set(), "stream": set()}
@@ -190,13 +189,13 @@ def test_tensors_read_whole_go_to_fewer_threads_than_streams(runs, monkeypatch):
 
     monkeypatch.setattr(readahead, "_read_whole", whole)
     got = [(p, unit) for p, unit, _, _ in readahead.read_units({"ref": ref}, iter(units))]
-    assert got == expected and peak[0] == 2 and len(seen["whole"]) == 2 and not seen["stream"]
+    assert got == units and peak[0] == 2 and len(seen["whole"]) == 2 and not seen["stream"]
 
     _stream_all(monkeypatch, 40)
     monkeypatch.setattr(readahead, "_stream", streamed)
     seen["whole"].clear()
     got = [(p, unit) for p, unit, _, arr in readahead.read_units({"ref": ref}, iter(units), device=torch.device("cpu"))]
-    assert got == expected
+    assert got == units
     assert len(seen["stream"]) > 2 and not seen["stream"] & seen["whole"]
 
 
