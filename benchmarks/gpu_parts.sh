@@ -59,3 +59,19 @@ cmp_knobs() {
         echo "=== compare_knobs.py $shape (exit $?, at $SECONDS s)"; tail -12 "$W/$tag.log"
     done
 }
+# e2e_ab BASE: extract_overhead.py's end-to-end extracts only (16 x 256, 16 x 4096, $REPEAT rounds
+# each, default 5) with this checkout's script and code and with BASE's own copy of both, taking
+# turns, $RUNS pairs (default 3), none started after $DEADLINE seconds (default 420); logs
+# e2e<i>-here.log / e2e<i>-base.log and their directories under $W.
+e2e_ab() {
+    for i in $(seq "${RUNS:-3}"); do
+        for code in . "$1"; do
+            [ "$SECONDS" -gt "${DEADLINE:-420}" ] && { echo "=== $code run $i not started: past ${DEADLINE:-420} s"; return; }
+            name=e2e$i-$([ "$code" = . ] && echo here || echo base)
+            timeout ${EACH:-150} python3 "$code/benchmarks/extract_overhead.py" --gpus 1 --max-batch-tokens 0 \
+                --profile '' --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --out "$W/$name" \
+                > "$W/$name.log" 2>&1
+            echo "=== $name (exit $?, at $SECONDS s)"; grep '^extract' "$W/$name.log" | cut -c1-420
+        done
+    done
+}

@@ -4,7 +4,7 @@
 # manifest's entries without a directory walk, this process's writer threads started only for a
 # file the writer's process cannot write) against $BASE's code (default .base56: 61ded5b's src/
 # and benchmarks/, the commit before; carry it).
-#   part "e2e": extract_overhead.py's end-to-end extracts only (16 x 256, 16 x 4096, $REPEAT
+#   part "e2e" (gpu_parts.sh's e2e_ab): extract_overhead.py's end-to-end extracts only (16 x 256, 16 x 4096, $REPEAT
 #     rounds each, default 5), with this checkout's code and $BASE's (its own copy of the script),
 #     taking turns, $RUNS pairs (default 3), none started after $DEADLINE seconds (default 420).
 #   part "threads": this checkout's end-to-end extracts with 12 writer threads (the default here) and
@@ -16,16 +16,7 @@
 BASE=${BASE:-.base56}
 case "$PART" in
 e2e)
-    for i in $(seq "${RUNS:-3}"); do
-        for code in . "$BASE"; do
-            [ "$SECONDS" -gt "${DEADLINE:-420}" ] && { echo "=== $code run $i not started: past ${DEADLINE:-420} s"; break 2; }
-            name=e2e$i-$([ "$code" = . ] && echo here || echo base)
-            timeout ${EACH:-150} python3 "$code/benchmarks/extract_overhead.py" --gpus 1 --max-batch-tokens 0 \
-                --profile '' --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --out "$W/$name" \
-                > "$W/$name.log" 2>&1
-            echo "=== $name (exit $?, at $SECONDS s)"; grep '^extract' "$W/$name.log" | cut -c1-420
-        done
-    done ;;
+    e2e_ab "$BASE" ;;
 threads)
     for order in 12,16 16,12; do
         timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
