@@ -238,27 +238,3 @@ def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeyp
     assert meta.get("nonfinite:a:router_logits") == ("0,2" if poison == "spread" else None)
     if poison == "spread":
         assert meta["nonfinite:a:output"] == "6,2"
-
-
-def test_a_large_tensor_is_hashed_on_several_threads_to_the_same_digest(tmp_path, monkeypatch):
-    """A tensor of PARALLEL_DIGEST_BYTES or more is hashed as it is written by BLAKE3 on several
-    threads, a smaller one on one; the digests are BLAKE3's of the bytes either way."""
-    monkeypatch.setattr(filebits, "PIECE", 1 << 12)
-    monkeypatch.setattr(filebits, "PARALLEL_DIGEST_BYTES", 1 << 16)
-    made, real = [], blake3.blake3
-
-    def hasher(*args, **kwargs):
-        made.append(kwargs.get("max_threads", 1))
-        return real(*args, **kwargs)
-
-    hasher.AUTO = real.AUTO
-    monkeypatch.setattr(filebits.blake3, "blake3", hasher)
-    g = torch.Generator().manual_seed(5)
-    tensors = {"m:output": torch.randn(1 << 15, generator=g), "m:input": torch.randn(100, generator=g)}
-    header: dict = {}
-    tensorfile.write_file(tmp_path / "f.safetensors", tensors, {"prompt": "0"}, header, nonfinite=True)
-    assert made == [real.AUTO, 1]
-    for name, t in tensors.items():
-        assert header["__metadata__"][f"blake3:{name}"] == real(t.numpy().tobytes()).hexdigest()
-    with safe_open(tmp_path / "f.safetensors", "pt") as f:
-        assert all(torch.equal(f.get_tensor(name), t) for name, t in tensors.items())

@@ -23,10 +23,6 @@ HASH_CHUNK = 64 << 20  # bytes per leaf of the sha256 tree (FORMAT.md); a tensor
 DIGEST = "blake3"
 NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 PIECE = 4 << 20  # bytes of a tensor checked, hashed and written at a time (they stay in the CPU's cache)
-# A tensor this large is hashed on several threads as it is written (BLAKE3's own tree, the same
-# digest): a writer thread alone checks, hashes and writes 1.0-1.7 GB/s, and the last layer's files
-# of a long-prompt extract are written after the forward pass, one thread each (BENCHMARKS.md).
-PARALLEL_DIGEST_BYTES = 16 << 20
 COUNT_ELEMENTS = 1 << 16  # elements of a tensor holding NaN/Inf counted at a time (count_nonfinite)
 _SCRATCH = threading.local()  # each thread's scratch arrays for counting
 
@@ -152,7 +148,7 @@ def _one_pass(fh, tensors: list[tuple], checked: list[bool], spent: dict) -> tup
     (None, True) when the first checked piece holds NaN/Inf (the pass stops there)."""
     digests, found, first = [], False, True
     for (_, code, _, view), check_it in zip(tensors, checked):
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if view.nbytes >= PARALLEL_DIGEST_BYTES else 1)
+        hasher = blake3.blake3()
         for i in range(0, view.nbytes, PIECE):
             piece, start = view[i:i + PIECE], time.perf_counter()
             if check_it and not found:
