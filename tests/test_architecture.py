@@ -34,7 +34,7 @@ FLOORS = {
     1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap schema sharding "
        "flagtypes engines engines.namemap engines.packing engines.shards engines.source rawbytes filebits",
     2: "_boot _prefetch tensorfile atomic machine quiet paths distributed chain pinned engines.files writerchild writerproc",
-    3: "runs manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
+    3: "runs runread manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
     4: "recording collector capture module_points loading layer_loading timings",
     5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook",

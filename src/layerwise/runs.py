@@ -12,20 +12,18 @@ run killed at any point holds only whole files and no manifest, and a resumed ru
 only what is missing. docs/FORMAT.md is the specification; test_runs.py pins it.
 
 `RunWriter` streams files from a background thread pool behind a bounded queue (backpressure,
-never unbounded RAM). `open_run` reads lazily: one tensor at a time, verified on read;
+never unbounded RAM); `open_run` (runread.py) reads a run lazily, one tensor at a time, verified.
 Nothing here knows about models or GPUs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import re
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,10 +32,9 @@ from . import tensorfile, writerproc
 from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
-                       build_manifest, entry_digests, file_entries, first_difference, identity, index_files,
+                       build_manifest, file_entries, first_difference, identity, index_files,
                        json_text, library_versions, read_json, tensor_files)
-from .paths import inside
-from .schema import check_manifest
+from .runread import Run, TensorEntry, open_run  # noqa: F401 (the run format's reader, runread.py)
 from .writerproc import writer_threads  # noqa: F401 (the writer's default thread count)
 
 log = logging.getLogger(__name__)
@@ -297,104 +294,3 @@ class RunWriter:
 def _write_failed(target: Path, err: BaseException) -> UserError:
     return UserError(f"cannot write {target}: {io_reason(err)} (is the disk full?); "
                      "the run is left incomplete, rerun the same command to resume")
-
-
-# ------------------------------------------------------------------------------------- reading
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    module: str
-    role: str
-    prompt: int
-    shape: tuple[int, ...]
-    dtype: str
-    file: str
-    digests: tuple[tuple[str, str], ...]  # (algorithm, hex digest): ("blake3", "…"), FORMAT.md
-
-    @property
-    def nbytes(self) -> int:
-        return tensorfile.nbytes(self.shape, self.dtype)
-
-
-class Run:
-    """A complete run, opened lazily: the manifest is read, tensors only when asked for."""
-
-    def __init__(self, path: Path, manifest: dict):
-        self.path = path
-        self.manifest = manifest
-        self._files: dict[str, Path] = {}
-        self._entries = {(e["name"], e["prompt"]): TensorEntry(
-            e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], entry_digests(e))
-            for e in manifest["tensors"]}
-        self._names = list(dict.fromkeys(e["name"] for e in manifest["tensors"]))
-
-    @property
-    def prompts(self) -> list[dict]:
-        return self.manifest.get("prompts", [])
-
-    @property
-    def names(self) -> list[str]:
-        """Tensor names in model order."""
-        return list(self._names)
-
-    def entry(self, name: str, prompt: int) -> TensorEntry:
-        try:
-            return self._entries[(name, prompt)]
-        except KeyError:
-            raise UserError(f"run {self.path} has no tensor {name} for prompt {prompt}") from None
-
-    def has(self, name: str, prompt: int) -> bool:
-        return (name, prompt) in self._entries
-
-    def entries(self) -> list[TensorEntry]:
-        return list(self._entries.values())
-
-    def file(self, rel: str) -> Path:
-        """A file the manifest names, refused unless it resolves inside the run (symlinks too)."""
-        path = self._files.get(rel)
-        if path is None:
-            path = self._files[rel] = inside(self.path, rel, f"run {self.path}")
-        return path
-
-    def tensor(self, name: str, prompt: int = 0, verify: bool = True, device: str = "cpu") -> torch.Tensor:
-        """One tensor, read without loading the rest of its file. With `verify`, its digest must
-        match the manifest's and its own file header's (a checksum deleted from one still leaves
-        the other; a tensor with neither is refused). A big tensor's digest is hashed on
-        several threads."""
-        e = self.entry(name, prompt)
-        file = self.file(e.file)
-        try:
-            tensor, stored = tensorfile.read_tensor_and_digests(file, name, device)
-        except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
-            if isinstance(err, UserError):
-                raise
-            raise tensorfile.read_failure(name, file, err) from None
-        if verify:
-            claims = e.digests + tuple(stored.items())
-            if not claims:
-                raise UserError(f"tensor {name} in {file} has no digest in the manifest or in its file: it cannot "
-                                "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
-            if not tensorfile.digests_hold(tensor, claims):
-                raise tensorfile.digest_failure(name, file)
-        return tensor
-
-
-def open_run(path: str | os.PathLike) -> Run:
-    """Open a complete run; a directory that is not one, or not yet complete, is a UserError."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a run directory" + (" (it does not exist)" if not path.exists() else ""))
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        if (path / INTENT).is_file():
-            raise UserError(f"run {path} is incomplete (no {MANIFEST}): rerun the command that made it to resume")
-        raise UserError(f"{path} is not a layerwise run (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        why = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-        raise UserError(f"{manifest_path} is not valid JSON ({why}): the run is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{manifest_path} is not a layerwise run manifest")
-    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION, tensorfile.DIGESTS))
