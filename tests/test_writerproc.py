@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -141,6 +142,27 @@ def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_
     writer.finish()
     assert set(ours()) == before and len(traced) == 1
     assert torch.equal(runs.open_run(tmp_path / "run").tensor("b:output"), big)
+
+
+def test_files_are_indexed_while_the_last_are_written_each_once(tmp_path, monkeypatch, traced):
+    """`close` builds the manifest entries of the files the process finished while it waits for
+    the others (the first before the last file is written), each file's once; the manifest equals
+    the files' headers read back."""
+    built = []
+    real = runs.file_entries
+    monkeypatch.setattr(runs, "file_entries", lambda rel, *a: built.append((rel, time.perf_counter())) or real(rel, *a))
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=1)
+    g = torch.Generator().manual_seed(4)
+    tensors = [in_shared(torch.randn(8 << 20, generator=g)) for _ in range(4)]  # 32 MB: 10-50 ms a file
+    for prompt, t in enumerate(tensors):
+        writer.put(prompt, "a", {"a:output": t})
+    manifest = writer.finish()
+    last_file_end = max(timing[1] for timing in traced)
+    assert len(traced) == 4 and sorted(rel for rel, _ in built) == sorted(writer.written)
+    assert min(t for _, t in built) < last_file_end, "indexed only after the last file"
+    writer.entries()
+    assert len(built) == 4, "each file's entries are built once"
+    assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
 
 
 def test_threads_only_when_asked(tmp_path, monkeypatch, traced):

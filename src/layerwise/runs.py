@@ -81,6 +81,7 @@ class RunWriter:
                             "pick a writable --out") from None
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
+        self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_new`)
         self._dirs: set[Path] = set()  # the prompt directories made so far
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
@@ -235,9 +236,22 @@ class RunWriter:
         return self._bytes
 
     def close(self) -> None:
-        """Wait until every queued file is on disk and stop the writers, without a manifest."""
+        """Wait until every queued file is on disk and stop the writers, without a manifest. The
+        files the writer's processes finish meanwhile are indexed (`entries`) as they come: the
+        last ones are still being written, and the manifest then waits only for theirs."""
+        while self._handoff is not None:
+            self._index_new()
+            if self._handoff.wait(one=True):
+                break
         self.wait()
         self._stop()
+
+    def _index_new(self) -> None:
+        """The manifest entries of the files written since the last call (built here, off the
+        writer threads, which the forward pass shares the GIL with)."""
+        for rel in self._headers.keys() - self._index.keys():
+            header = dict(self._headers[rel])
+            self._index[rel] = file_entries(rel, header, header.pop("__metadata__"))
 
     @property
     def written(self) -> set[str]:
@@ -245,13 +259,11 @@ class RunWriter:
         return set(self._headers)
 
     def entries(self, every: bool = True) -> list[dict]:
-        """The manifest entries of the files this writer wrote, from the headers it wrote (built
-        here, off the writer threads), and (`every`) those of the run's other files (a resumed
-        run's), read from their headers; after `close`."""
-        entries = []
-        for rel, written in sorted(self._headers.items()):
-            header = dict(written)
-            entries += file_entries(rel, header, header.pop("__metadata__"))
+        """The manifest entries of the files this writer wrote, from the headers it wrote, and
+        (`every`) those of the run's other files (a resumed run's), read from their headers; after
+        `close`."""
+        self._index_new()
+        entries = [e for rel in sorted(self._index) for e in self._index[rel]]
         others = sorted(self._existing - self._headers.keys()) if every else []  # the files found at the start
         return entries + index_files(self.path, others)
 
