@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 
@@ -194,12 +193,6 @@ def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], chec
                 fh.seek(0)
                 fh.write(head)
                 return header, meta
-    return _write_plain(path, metadata, tensors, checked, algorithm, map_leaves, chunk, spent, digests)
-
-
-def _write_plain(path, metadata, tensors, checked, algorithm, map_leaves, chunk, spent, digests=None):
-    """The file written the plain way: NaN/Inf counted, digested (unless `digests` are known),
-    then the header and the data in one sequential write."""
     start = time.perf_counter()
     counts = [nonfinite(view, code) if check_it else None for (_, code, _, view), check_it in zip(tensors, checked)]
     start = _timed(spent, "nonfinite", start)
@@ -211,56 +204,3 @@ def _write_plain(path, metadata, tensors, checked, algorithm, map_leaves, chunk,
     write_blob(path, head, [view for *_, view in tensors])
     _timed(spent, "write", start)
     return header, meta
-
-
-# -- one file's tensors written by several threads at once (the run writer's process: the last,
-# large files of an extract, which would otherwise each take one thread while others idle) --
-
-def data_starts(metadata: dict[str, str], tensors: list[tuple]) -> list[int]:
-    """Where each of `tensors` (name, dtype code, shape, bytes view) starts in the blake3 file
-    `write_tensor_file` writes of them: the header's length does not depend on the digests."""
-    head, header, _ = file_head(metadata, [(n, c, s, v.nbytes, None, "0" * 64) for n, c, s, v in tensors])
-    return [len(head) + header[name]["data_offsets"][0] for name, *_ in tensors]
-
-
-def tensor_pass(fd: int, at: int, code: str, view: memoryview, check: bool, spent: dict) -> str | None:
-    """One tensor of a file several threads write: its pieces checked for NaN/Inf (`check`), hashed
-    and written at byte `at` of `fd` (pwrite: no shared file position). Its blake3 digest, or None
-    as soon as a piece holds NaN/Inf (`finish_file` then writes the file the plain way)."""
-    check = check and code in NONFINITE_BITS
-    hasher = blake3.blake3()
-    for i in range(0, view.nbytes, PIECE):
-        piece, start = view[i:i + PIECE], time.perf_counter()
-        if check:
-            found = any_nonfinite(piece, code)
-            start = _timed(spent, "nonfinite", start)
-            if found:
-                return None
-        hasher.update(piece)
-        start = _timed(spent, "digest", start)
-        _pwrite_all(fd, piece, at + i)
-        _timed(spent, "write", start)
-    return hasher.hexdigest()
-
-
-def _pwrite_all(fd: int, data, at: int) -> None:
-    data, done = memoryview(data), 0
-    while done < data.nbytes:  # a regular file takes it whole, unless a signal cuts it short
-        done += os.pwrite(fd, data[done:], at + done)
-
-
-def finish_file(path, fd: int, metadata: dict[str, str], tensors: list[tuple], digests: list, check: bool,
-                spent: dict) -> tuple[dict, dict]:
-    """The file whose tensors `tensor_pass` wrote to `fd` (closed here): its header written in
-    front, the same bytes `write_tensor_file` writes; a tensor holding NaN/Inf (a None digest):
-    the whole file written again the plain way, its NaN/Inf counted. Returns its header and metadata."""
-    try:
-        if None not in digests:
-            head, header, meta = file_head(metadata, [(n, c, s, v.nbytes, None, d) for (n, c, s, v), d
-                                                      in zip(tensors, digests)])
-            _pwrite_all(fd, head, 0)
-            return header, meta
-    finally:
-        os.close(fd)
-    checked = [check and code in NONFINITE_BITS for _, code, _, _ in tensors]
-    return _write_plain(path, metadata, tensors, checked, DIGEST, map, HASH_CHUNK, spent)

@@ -15,8 +15,7 @@ between the two processes of one program:
                      | ("pong", seq)
 
 A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
-final name. A large file of several tensors (SPLIT_BYTES) has each tensor written by a thread of
-its own, at its place in the file, and the thread that ends the last one writes the header. The process ignores Ctrl-C (the parent decides) and ends when the socket closes.
+final name. The process ignores Ctrl-C (the parent decides) and ends when the socket closes.
 """
 
 from __future__ import annotations
@@ -36,10 +35,6 @@ except ImportError:  # run as the writer process: this directory is on the path,
     import filebits
 
 _LENGTH = 4
-# A file of this many bytes or more, of two tensors or more, has its tensors written on several of
-# the process's threads at once: an extract's last files (its last layer's, all handed over when the
-# forward pass ends) are large, and whole they take a thread each while the others wait.
-SPLIT_BYTES = 8 << 20
 
 
 class Channel:
@@ -86,8 +81,6 @@ class Child:
         self.channel = channel
         self.regions: dict[int, mmap.mmap] = {}
         self.jobs = ThreadPoolExecutor(threads, thread_name_prefix="writer")
-        self.threads = threads
-        self.splits: set[_Split] = set()  # files whose tensors are being written on several threads
         self.pools: list[ThreadPoolExecutor] = []  # earlier pools (another thread count), finishing their jobs
         self.hashes = ThreadPoolExecutor(min(8, threads), thread_name_prefix="hash")
 
@@ -97,8 +90,6 @@ class Child:
             if message is None:  # the parent is gone: the files being written are finished, no others
                 for pool in self.pools + [self.jobs]:
                     pool.shutdown(wait=True, cancel_futures=True)
-                for split in list(self.splits):  # a file some of whose tensors were never written
-                    split.abandon()
                 break
             if message[0] == "stop":
                 break
@@ -110,132 +101,39 @@ class Child:
             elif kind == "threads":  # jobs handed over before stay on the old pool's threads
                 self.pools.append(self.jobs)
                 self.jobs = ThreadPoolExecutor(message[1], thread_name_prefix="writer")
-                self.threads = message[1]
                 self.pools[-1].shutdown(wait=False)
             elif kind == "job":
-                self.take(*message[1:])
+                self.jobs.submit(self.job, *message[1:])
             elif kind == "ping":
                 self.channel.send(("pong", message[1]))
         for pool in self.pools + [self.jobs]:
             pool.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
-    def take(self, seq, target, tmp, metadata, digest, check, specs) -> None:
-        """A file to write: on one thread, or (a large one of several tensors) a tensor a thread."""
-        if digest[0] != "blake3" or self.threads < 2 or len(specs) < 2 or sum(s[3] for s in specs) < SPLIT_BYTES:
-            self.jobs.submit(self.job, seq, target, tmp, metadata, digest, check, specs)
-            return
-        try:
-            split = _Split(self, seq, target, tmp, metadata, check, specs)
-        except BaseException as err:
-            self.reply_error(seq, err)
-            return
-        self.splits.add(split)
-        for i in range(len(specs)):  # in file order, behind the files handed over before
-            self.jobs.submit(split.run, i)
-
-    def views(self, specs) -> list[memoryview]:
-        return [memoryview(self.regions[source[1]])[source[2]:source[2] + nbytes] if source[0] == "r"
-                else memoryview(source[1]) for *_, nbytes, source in specs]
-
-    def reply_error(self, seq, err: BaseException) -> None:
-        if isinstance(err, OSError):
-            self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
-        else:  # reported to the parent, which fails the run with it
-            self.channel.send(("err", seq, None, f"{type(err).__name__}: {err}", None))
-
     def job(self, seq, target, tmp, metadata, digest, check, specs) -> None:
         algorithm, chunk = digest
         start, spent = time.perf_counter(), {}
         try:
-            views = self.views(specs)
+            views = [memoryview(self.regions[source[1]])[source[2]:source[2] + nbytes] if source[0] == "r"
+                     else memoryview(source[1]) for *_, nbytes, source in specs]
             try:
                 header, meta = filebits.write_tensor_file(
                     tmp, metadata, [(name, code, shape, view) for (name, code, shape, *_), view in zip(specs, views)],
                     check, algorithm, self.hashes.map, chunk, spent)
                 os.replace(tmp, target)
             except BaseException:
-                _unlink(tmp)
-                raise
-            self.channel.send(("ok", seq, header, meta, _timing(start, spent)))
-        except BaseException as err:
-            self.reply_error(seq, err)
-
-
-class _Split:
-    """One large file's tensors written on several of the process's threads at once, each at its
-    place in the file (`filebits.tensor_pass`); the thread that ends the last tensor writes the
-    header in front (`filebits.finish_file`), renames the file and replies. Bytes for bytes the
-    file `Child.job` writes."""
-
-    def __init__(self, child: Child, seq, target, tmp, metadata, check, specs):
-        self.child, self.seq, self.target, self.tmp, self.metadata, self.check = child, seq, target, tmp, metadata, check
-        self.tensors = [(name, code, shape, view) for (name, code, shape, *_), view in zip(specs, child.views(specs))]
-        self.starts = filebits.data_starts(metadata, self.tensors)
-        self.digests: list = [None] * len(specs)
-        self.left, self.lock, self.spent = len(specs), threading.Lock(), {}
-        self.fd: int | None = None
-        self.error: BaseException | None = None
-        self.begun: float | None = None
-
-    def run(self, i: int) -> None:
-        spent, digest = {}, None
-        with self.lock:
-            if self.begun is None:  # the first of its tensors to start creates the file
-                self.begun = time.perf_counter()
                 try:
-                    self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-                except BaseException as err:
-                    self.error = err
-        if self.error is None:
-            try:
-                _, code, _, view = self.tensors[i]
-                digest = filebits.tensor_pass(self.fd, self.starts[i], code, view, self.check, spent)
-            except BaseException as err:
-                with self.lock:
-                    self.error = self.error or err
-        with self.lock:
-            self.digests[i] = digest
-            for part, seconds in spent.items():
-                self.spent[part] = self.spent.get(part, 0.0) + seconds
-            self.left -= 1
-            if self.left:
-                return
-        self.finish()
-
-    def finish(self) -> None:
-        self.child.splits.discard(self)
-        try:
-            if self.error is not None:
-                raise self.error
-            fd, self.fd = self.fd, None
-            header, meta = filebits.finish_file(self.tmp, fd, self.metadata, self.tensors, self.digests, self.check,
-                                                self.spent)
-            os.replace(self.tmp, self.target)
-        except BaseException as err:
-            self.abandon()
-            self.child.reply_error(self.seq, err)
-            return
-        self.child.channel.send(("ok", self.seq, header, meta, _timing(self.begun, self.spent)))
-
-    def abandon(self) -> None:
-        """No file: the descriptor closed, the temporary file gone."""
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            os.close(fd)
-        _unlink(self.tmp)
-
-
-def _timing(start: float, spent: dict) -> tuple:
-    return (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
-            f"{os.getpid()}/{threading.current_thread().name}")
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            timing = (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
+                      f"{os.getpid()}/{threading.current_thread().name}")
+            self.channel.send(("ok", seq, header, meta, timing))
+        except OSError as err:
+            self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
+        except BaseException as err:  # reported to the parent, which fails the run with it
+            self.channel.send(("err", seq, None, f"{type(err).__name__}: {err}", None))
 
 
 def main(fd: int, threads: int) -> None:
