@@ -105,7 +105,7 @@ def sink_for(name: str, targets, tiny: bool):
         return Hooks()
     col = {"hold": Hold, "nowait": NoWait, "spinflush": SpinFlush}.get(name, Collector)(eo.NullWriter(), targets, copy_host_tensors=tiny)
     if name == "samestream" and torch.cuda.is_available():
-        col._streams = {torch.device("cuda", i): torch.cuda.current_stream(i) for i in range(torch.cuda.device_count())}
+        col.copier._streams = {torch.device("cuda", i): torch.cuda.current_stream(i) for i in range(torch.cuda.device_count())}
     return col
 
 

@@ -99,7 +99,7 @@ class NullWriter:
     def __init__(self):
         self.bytes = 0
 
-    def put(self, prompt, group, tensors, on_written=None):
+    def put(self, prompt, group, tensors, on_written=None, finite=frozenset()):
         self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         if on_written:
             on_written()

@@ -35,7 +35,7 @@ FLOORS = {
        "flagtypes engines engines.namemap engines.packing engines.shards engines.source rawbytes filebits",
     2: "_boot _prefetch tensorfile atomic machine quiet paths distributed chain pinned engines.files writerchild writerproc",
     3: "runs runread manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
-    4: "recording collector capture module_points loading layer_loading timings",
+    4: "recording collector hostcopy capture module_points loading layer_loading timings",
     5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook",
     6: "cli arguments plot report __main__ __init__",

@@ -101,10 +101,11 @@ class ListWriter:
     """Collects what a Collector writes, releasing its buffers at once (or never, when held)."""
 
     def __init__(self, hold: bool = False):
-        self.files, self.hold, self.pending = {}, hold, []
+        self.files, self.hold, self.pending, self.finite = {}, hold, [], {}
 
-    def put(self, prompt, group, tensors, on_written=None):
+    def put(self, prompt, group, tensors, on_written=None, finite=frozenset()):
         self.files[(prompt, group)] = {n: t.clone() for n, t in tensors.items()}
+        self.finite[(prompt, group)] = set(finite)
         if on_written:
             (self.pending.append if self.hold else lambda f: f())(on_written)
 
@@ -183,6 +184,42 @@ def test_a_flush_of_mixed_dtypes_keeps_every_host_view_aligned():
         for role, t in (("input", states[k]), ("output", states[k + 1])):
             assert got[f"model.layers.{k}:{role}"].dtype == t.dtype
             assert torch.equal(got[f"model.layers.{k}:{role}"], t[0])
+    assert collector.pool.used == 0, "every buffer came back"
+
+
+@pytest.mark.parametrize("nan, check_bytes", [(False, 0), (True, 0), (False, 1 << 30)])
+def test_a_large_copy_s_float_runs_found_finite_are_not_checked_again(monkeypatch, nan, check_bytes):
+    """A copy of CHECK_BYTES or more carries each float dtype's float64 sum behind its bytes: the
+    files name the tensors of the runs whose sum is finite, so the writer does not check them
+    again; a NaN takes its whole run (every float32 tensor of the flush) out of it; integers are
+    never in it; a padding tail is when its layer input is; a copy under CHECK_BYTES: none. The
+    tensors are the same bytes either way."""
+    from layerwise import hostcopy
+
+    monkeypatch.setattr(hostcopy, "CHECK_BYTES", check_bytes)
+    writer = ListWriter()
+    targets = _targets(3)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True, flush_bytes=1 << 20)
+    g = torch.Generator().manual_seed(1)
+    states = [torch.randn(2, 3, 4, generator=g).to(torch.bfloat16), torch.randn(2, 3, 4, generator=g),
+              torch.randn(2, 3, 4, generator=g), torch.randint(-9, 9, (2, 3, 4), generator=g)]
+    if nan:
+        states[1][1, 2, 3] = float("nan")
+    _three_layers(collector, targets, _batch([3, 2], 3), states)
+    for k in range(3):
+        for prompt, n in ((0, 3), (1, 2)):
+            got = writer.files[(prompt, f"model.layers.{k}")]
+            for role, t in (("input", states[k]), ("output", states[k + 1])):
+                torch.testing.assert_close(got[f"model.layers.{k}:{role}"], t[prompt, :n], rtol=0, atol=0,
+                                           equal_nan=True)
+    expected = {0: {"input", "output"}, 1: {"input", "output"}, 2: {"input"}}
+    if nan:  # states 1 and 2 are the float32 run
+        expected = {0: {"input"}, 1: set(), 2: set()}
+    for k in range(3):
+        want = set() if check_bytes else {f"model.layers.{k}:{role}" for role in expected[k]}
+        assert writer.finite[(0, f"model.layers.{k}")] == want
+        tail = {f"model.layers.{k}:input_padding"} if f"model.layers.{k}:input" in want else set()
+        assert writer.finite[(1, f"model.layers.{k}")] == want | tail
     assert collector.pool.used == 0, "every buffer came back"
 
 
@@ -305,7 +342,7 @@ class ThreadWriter(ListWriter):
         super().__init__()
         self.threads, self.order, self.gate = {}, [], None
 
-    def put(self, prompt, group, tensors, on_written=None):
+    def put(self, prompt, group, tensors, on_written=None, finite=frozenset()):
         if self.gate is not None:
             self.gate.wait(5)
         self.threads[(prompt, group)] = threading.current_thread().name

@@ -88,7 +88,7 @@ class _Sink:
     def __init__(self):
         self.files = {}
 
-    def put(self, prompt, group, tensors, on_written=None):
+    def put(self, prompt, group, tensors, on_written=None, finite=frozenset()):
         self.files[(prompt, group)] = dict(tensors)
         if on_written:
             on_written()

@@ -238,3 +238,23 @@ def test_pieces_checked_hashed_and_written_make_the_plain_file(tmp_path, monkeyp
     assert meta.get("nonfinite:a:router_logits") == ("0,2" if poison == "spread" else None)
     if poison == "spread":
         assert meta["nonfinite:a:output"] == "6,2"
+
+
+def test_tensors_known_finite_are_not_checked_the_others_are(tmp_path):
+    """`finite` names tensors the capture's GPU found finite: no second check of them (no seconds
+    spent checking when it names them all), the same bytes; a tensor it does not name is checked,
+    its NaN/Inf counted as ever."""
+    g = torch.Generator().manual_seed(4)
+    tensors = {"a:input": torch.randn(64, 8, generator=g).to(torch.bfloat16), "a:output": torch.randn(64, 8, generator=g),
+               "a:ids": torch.randint(0, 9, (13,), generator=g)}
+    spent: dict = {}
+    tensorfile.write_file(tmp_path / "checked", tensors, {}, nonfinite=True, spent=spent)
+    assert spent["nonfinite"] > 0
+    spent = {}
+    tensorfile.write_file(tmp_path / "known", tensors, {}, nonfinite=True, spent=spent, finite={"a:input", "a:output"})
+    assert "nonfinite" not in spent
+    assert (tmp_path / "known").read_bytes() == (tmp_path / "checked").read_bytes()
+    tensors["a:output"][3, 1] = float("nan")
+    header: dict = {}
+    tensorfile.write_file(tmp_path / "one", tensors, {}, header, nonfinite=True, finite={"a:input"})
+    assert header["__metadata__"]["nonfinite:a:output"] == "1,0"

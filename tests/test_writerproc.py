@@ -165,6 +165,32 @@ def test_files_are_indexed_while_the_last_are_written_each_once(tmp_path, monkey
     assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
 
 
+@pytest.mark.parametrize("writer_kind", ["process", "threads"])
+def test_tensors_the_capture_found_finite_are_not_checked_again(tmp_path, monkeypatch, traced, writer_kind):
+    """`RunWriter.put(..., finite=names)` reaches whoever writes the file: the writer's process
+    spends no second checking them (its reply's timing), this process's threads hand the names to
+    `tensorfile.write_file`; the files are the same bytes."""
+    handed, write_file = [], tensorfile.write_file
+    if writer_kind == "threads":
+        monkeypatch.setenv(writerproc.ENV, "threads")
+        monkeypatch.setattr(tensorfile, "write_file", lambda *a, **k: handed.append(set(k["finite"])) or write_file(*a, **k))
+    big = {"a:input": torch.randn(1 << 18).to(torch.bfloat16), "a:output": torch.randn(1 << 18)}
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
+    writer.put(0, "a", {name: in_shared(t) for name, t in big.items()})
+    writer.put(1, "a", {name: in_shared(t) for name, t in big.items()}, finite={"a:input", "a:output"})
+    writer.finish()
+    if writer_kind == "process":
+        checking = {timing[1] - timing[0]: timing[2] for timing in traced}
+        assert len(traced) == 2 and sorted(checking.values())[0] == 0.0 < sorted(checking.values())[1]
+    else:
+        assert sorted(map(len, handed)) == [0, 2]
+    write_file(tmp_path / "oracle", big, {"prompt": "1"}, nonfinite=True)
+    assert (tmp_path / "run" / runs.group_file(1, "a")).read_bytes() == (tmp_path / "oracle").read_bytes()
+    run = runs.open_run(tmp_path / "run")
+    for prompt in (0, 1):
+        assert all(torch.equal(run.tensor(name, prompt), t) for name, t in big.items())
+
+
 def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
     monkeypatch.setenv(writerproc.ENV, "threads")
     assert not writerproc.supported() and writerproc.processes(2) is None

@@ -10,17 +10,18 @@ Host memory is bounded by a pinned-buffer budget. `Collector` says why each step
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from dataclasses import dataclass
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
-from .pinned import PinnedPool, SharedBuffer, slab_for
+from .hostcopy import HostCopier
+from .pinned import PinnedPool, SharedBuffer, bins, slab_for
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class _Flush:
     """What one flush hands the completion thread: host copies of the tensors held so far."""
 
     batch: object
-    records: list  # (group, name, host tensor or None, buffer slot or None) in capture order
+    records: list  # (group, name, host tensor or None, buffer slot or None, its check or None) in capture order
     buffers: list  # pinned buffers, one per device copied (empty on the CPU: the tensors themselves)
     done: list  # CUDA events, one per device, recorded after that device's copy
     keep: list  # the device tensors, alive until their copies are done
@@ -87,7 +88,7 @@ class Collector:
         self.pool = PinnedPool(pinned_budget_bytes, pin=gpu, slab_bytes=slab_for(pinned_budget_bytes)) \
             if gpu or copy_host_tensors else None
         self._copy_host = copy_host_tensors
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.copier = HostCopier(self.pool, copy_host_tensors)
         self._batch = None
         self._held: list = []  # (group, name, tensor or None) in capture order
         self._held_bytes = 0  # their bytes (a tensor seen twice counts twice)
@@ -161,74 +162,17 @@ class Collector:
         buffers, done, keep = [], [], []
         for device, pairs in by_device.items():
             if device.type != "cuda" and not self._copy_host:
-                hosts.update((id(t), (t, None)) for t, _ in pairs)  # never written to again
+                hosts.update((id(t), (t, None, None)) for t, _ in pairs)  # never written to again
                 continue
-            for indices in self._bins([t.nbytes for t, _ in pairs]):  # slabs: buffers the pool reuses (and pins ahead)
+            slab = self.pool.slab if self.pool is not None else 0
+            for indices in bins([t.nbytes for t, _ in pairs], slab):  # slabs: buffers the pool reuses (and pins ahead)
                 chosen = [pairs[i] for i in indices]
-                views, event = self._pack(device, chosen, buffers, keep)
-                hosts.update((id(t), (v, len(buffers) - 1)) for (t, _), v in zip(chosen, views))
+                views, checks, event = self.copier.pack(device, chosen, buffers, keep)
+                hosts.update((id(t), (v, len(buffers) - 1, c)) for (t, _), v, c in zip(chosen, views, checks))
                 if event is not None:
                     done.append(event)
-        records = [(group, name, *(hosts[id(t)] if t is not None else (None, None))) for group, name, t in held]
+        records = [(group, name, *(hosts[id(t)] if t is not None else (None, None, None))) for group, name, t in held]
         return _Flush(self._batch, records, buffers, done, keep)
-
-    def _bins(self, sizes: list[int]) -> list[list[int]]:
-        """The items (by index, of these byte sizes) in groups of at most one slab of bytes, first
-        fit, largest first; an item larger than a slab alone (a pool without slabs: all in one)."""
-        slab = self.pool.slab if self.pool is not None else 0
-        if not slab or sum(sizes) <= slab:  # one buffer (what first fit gives when all fit)
-            return [list(range(len(sizes)))]
-        bins: list[tuple[int, list[int]]] = []
-        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            at = next((b for b, (used, _) in enumerate(bins) if used + sizes[i] <= slab), None)
-            if at is None:
-                bins.append((sizes[i], [i]))
-            else:
-                bins[at] = (bins[at][0] + sizes[i], bins[at][1] + [i])
-        return [sorted(indices) for _, indices in bins]
-
-    def _pack(self, device: torch.device, pairs: list, buffers: list, keep: list):
-        """The device's tensors as bytes in one buffer, copied to one pinned buffer on the copy
-        stream. `pairs` are (tensor, the dtype it is stored in). Tensors of one dtype are flattened
-        together (one call, not one view per tensor) and converted there to the stored dtype
-        (top-k ids int64 -> int32: one kernel for all of them, none per tensor on the host), the
-        runs of bytes joined by one `cat` on the compute stream (after their producers), widest
-        dtype first so that every run starts aligned to its elements. Returns the host views (of
-        the stored dtypes), in `pairs` order, and the copy's event (None on the CPU)."""
-        runs: dict[tuple, list[int]] = {}
-        for i, (t, dtype) in enumerate(pairs):
-            runs.setdefault((t.dtype, dtype), []).append(i)
-        order = sorted(runs.items(), key=lambda run: -run[0][1].itemsize)
-        items = [t for t, _ in pairs]
-        flats = []
-        for (source, dtype), indices in order:
-            flat = _flatten_dense_tensors([items[i] for i in indices]).view(-1)
-            flats.append((flat if dtype == source else flat.to(dtype)).view(torch.uint8))
-        packed = torch.cat(flats) if len(flats) > 1 else flats[0]
-        total = packed.numel()
-        buffer = self.pool.take(total, sum(b.numel() for b in buffers))  # this flush's other devices' buffers
-        buffers.append(buffer)
-        event = None
-        if device.type == "cuda":
-            stream = self._streams.get(device)
-            if stream is None:
-                stream = self._streams[device] = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # after the cat
-            with torch.cuda.stream(stream):
-                buffer[:total].copy_(packed, non_blocking=True)
-                event = torch.cuda.Event(blocking=True)  # the completion thread sleeps, not spins
-                event.record(stream)
-            keep.append(packed)
-        else:
-            buffer[:total].copy_(packed)
-        views: list = [None] * len(items)
-        offset = 0
-        for ((_, dtype), indices), flat in zip(order, flats):
-            host = buffer[offset:offset + flat.numel()].view(dtype)
-            for i, view in zip(indices, _unflatten_dense_tensors(host, [items[i] for i in indices])):
-                views[i] = view
-            offset += flat.numel()
-        return views, event
 
     # -- the completion thread -----------------------------------------------------------------
 
@@ -272,20 +216,24 @@ class Collector:
 
     def _assemble(self, item: _Flush, parts: dict) -> None:
         counts = [0] * len(item.buffers)
-        for *_, buf in item.records:
+        for *_, buf, _ in item.records:
             if buf is not None:
                 counts[buf] += 1
         owned = [SharedBuffer(b, self.pool, n) if n else None for b, n in zip(item.buffers, counts)]
         for b, n in zip(item.buffers, counts):
             if not n:  # cannot happen (a buffer holds the flush's tensors), but never leak one
                 self.pool.give(b)
-        for group, name, host, buf in item.records:
+        finite: dict = {}  # id(host sums) -> whether each is finite (read once the copy is done)
+        for group, name, host, buf, check in item.records:
+            if check is not None and id(check[0]) not in finite:
+                finite[id(check[0])] = [math.isfinite(x) for x in check[0].tolist()]
             got = parts.setdefault(group, {})
-            got[name] = (host, owned[buf] if buf is not None else None)
+            got[name] = (host, owned[buf] if buf is not None else None,
+                         check is not None and finite[id(check[0])][check[1]])
             if len(got) == len(self.groups[group]):
                 self._emit(item.batch, group, parts.pop(group))
         if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
-            blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b in got.values() if b is not None}
+            blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b, _ in got.values() if b is not None}
             self.pool.set_blocked(sum(blocked.values()))
 
     def _emit_unfinished(self, batch, parts: dict) -> None:
@@ -295,7 +243,7 @@ class Collector:
             got = parts.pop(group)
             absent = sorted(set(self.groups[group]) - set(got))
             log.warning("%s did not run in this batch: not captured", ", ".join(absent))
-            if any(host is not None for host, _ in got.values()):
+            if any(host is not None for host, *_ in got.values()):
                 self._emit(batch, group, got)
 
     def _drop(self, item) -> None:
@@ -310,11 +258,14 @@ class Collector:
         items = []  # (name, tensor, how): _ROWS [batch, tokens, ...], _FLAT [batch x tokens, ...], _WHOLE
         tails = []  # (tensor, how, its padding tail's name)
         counts: dict = {}  # SharedBuffer -> how many of this file's records it holds
-        for name, (t, b) in parts.items():
+        finite, finite_tails = set(), set()  # names the GPU found finite (the writer does not check them again)
+        for name, (t, b, ok) in parts.items():
             if b is not None:
                 counts[b] = counts.get(b, 0) + 1
             if t is None:
                 continue
+            if ok:
+                finite.add(name)
             stored, is_whole, tail, extra = self._facts[name]
             if stored is not None and t.dtype != stored:  # the CPU's own tensors (a copy is converted on the device)
                 t = t.to(stored)
@@ -328,6 +279,8 @@ class Collector:
             items.append((name, t, how))
             if tail is not None:
                 tails.append((t, how, tail))
+                if ok:
+                    finite_tails.add(tail)
         for b, n in counts.items():
             b.hand_out(len(batch.prompts), n)
         buffers = list(counts)
@@ -348,7 +301,8 @@ class Collector:
                 # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update((tail, t[first + n:first + width] if how == _FLAT else t[row, n:])
                                for t, how, tail in tails)
-            self.writer.put(prompt.index, group, tensors, release)
+            self.writer.put(prompt.index, group, tensors, release,
+                            finite=finite if n == width else finite | finite_tails)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer. When the completion

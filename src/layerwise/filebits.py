@@ -167,11 +167,12 @@ def _one_pass(fh, tensors: list[tuple], checked: list[bool], spent: dict) -> tup
 
 def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], check: bool = True,
                       algorithm: str = DIGEST, map_leaves=map, chunk: int = HASH_CHUNK,
-                      spent: dict | None = None) -> tuple[dict, dict]:
+                      spent: dict | None = None, finite=()) -> tuple[dict, dict]:
     """Write the safetensors file of `tensors`, (name, dtype code, shape, bytes view) in file
     order, each tensor's digest in the metadata and (`check`) its NaN/Inf counts where it holds
-    any: `file_head`'s bytes, then the data. Returns its header and metadata; `spent` gains the
-    seconds in "nonfinite", "digest" and "write".
+    any (but the tensors named in `finite`, known to hold none): `file_head`'s bytes, then the
+    data. Returns its header and metadata; `spent` gains the seconds in "nonfinite", "digest" and
+    "write".
 
     With blake3, each tensor is read once, PIECE bytes at a time: a piece is checked, hashed and
     written while it is in the CPU's cache, behind a header of the same length written last (a
@@ -180,7 +181,7 @@ def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], chec
     when the first checked piece holds it (a run gone wrong from an earlier layer on: every later
     file does), the pass stops there and the file is written once, the plain way."""
     spent = {} if spent is None else spent
-    checked = [check and code in NONFINITE_BITS for _, code, _, _ in tensors]
+    checked = [check and code in NONFINITE_BITS and name not in finite for name, code, _, _ in tensors]
     digests = None
     if algorithm == "blake3":
         head, _, _ = file_head(metadata, [(n, c, s, v.nbytes, None, "0" * 64) for n, c, s, v in tensors], algorithm)

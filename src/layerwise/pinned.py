@@ -73,6 +73,21 @@ def reserve(budget_bytes: int) -> threading.Thread | None:
     return thread
 
 
+def bins(sizes: list[int], slab: int) -> list[list[int]]:
+    """Items (by index, of these byte sizes) in groups of at most `slab` bytes, first fit, largest
+    first; an item larger than a slab alone (`slab` 0: all in one group)."""
+    if not slab or sum(sizes) <= slab:  # one group (what first fit gives when all fit)
+        return [list(range(len(sizes)))]
+    groups: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        at = next((g for g, (used, _) in enumerate(groups) if used + sizes[i] <= slab), None)
+        if at is None:
+            groups.append((sizes[i], [i]))
+        else:
+            groups[at] = (groups[at][0] + sizes[i], groups[at][1] + [i])
+    return [sorted(indices) for _, indices in groups]
+
+
 class PinnedPool:
     """Pinned host buffers recycled by size, within a byte budget; `take` waits when the budget
     is spent (that wait is the backpressure that keeps host memory bounded).

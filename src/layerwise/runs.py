@@ -135,15 +135,17 @@ class RunWriter:
     def has(self, prompt: int, group: str) -> bool:
         return group_file(prompt, group) in self._existing
 
-    def put(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], on_written=None) -> None:
+    def put(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], on_written=None,
+            finite=frozenset()) -> None:
         """Queue one file; blocks while `queue_depth` files wait. `on_written()` runs once the
         tensors were written (the producer may then reuse their memory). The writer process
-        (writerproc) writes it where it can, else this process's writer threads."""
+        (writerproc) writes it where it can, else this process's writer threads. `finite`: names
+        of tensors known to hold no NaN/Inf (the capture's GPU found them so), not checked again."""
         self._raise_if_failed()
         rel = group_file(prompt, group)
         if self._handoff is not None and self._handoff.put(
                 self._made(self.path / rel), {"prompt": str(prompt)}, tensors,
-                lambda header, err: self._handed(rel, header, err, on_written)):
+                lambda header, err: self._handed(rel, header, err, on_written), finite):
             return
         with self._lock:  # this process's threads start with the first file they are handed (beside a writer
             if not self._threads:  # process: only for tensors outside shared memory, so mostly never)
@@ -151,7 +153,7 @@ class RunWriter:
                                  for i in range(self._thread_count)]
                 for t in self._threads:
                     t.start()
-        self._queue.put((prompt, group, tensors, on_written))
+        self._queue.put((prompt, group, tensors, on_written, finite))
 
     def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written) -> None:
         """The writer process wrote file `rel` (its header, with "__metadata__"), or failed (`err`)."""
@@ -173,9 +175,9 @@ class RunWriter:
             try:
                 if item is None:
                     return
-                prompt, group, tensors, on_written = item
+                prompt, group, tensors, on_written, finite = item
                 if self._error is None:
-                    written = self._write(prompt, group, tensors)
+                    written = self._write(prompt, group, tensors, finite)
                     with self._lock:
                         self._bytes += written
                 if on_written is not None:
@@ -185,13 +187,14 @@ class RunWriter:
             finally:
                 self._queue.task_done()
 
-    def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor]) -> int:
+    def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], finite=frozenset()) -> int:
         rel = group_file(prompt, group)
         target = self._made(self.path / rel)
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         header: dict = {}
         try:  # the model's own NaN/Inf are counted into the metadata: recorded, reported, never hidden
-            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)}, header, nonfinite=True)
+            written = tensorfile.write_file(tmp, tensors, {"prompt": str(prompt)}, header, nonfinite=True,
+                                            finite=finite)
             os.replace(tmp, target)
             self._headers[rel] = header  # one call under the GIL: safe from several writer threads
         except BaseException as err:

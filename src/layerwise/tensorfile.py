@@ -291,17 +291,19 @@ def _staging_buffers(pinned: bool):
 # -------------------------------------------------------------------------------------- writing
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-               header_out: dict | None = None, nonfinite: bool = False, spent: dict | None = None) -> int:
+               header_out: dict | None = None, nonfinite: bool = False, spent: dict | None = None,
+               finite=()) -> int:
     """Write a safetensors file with plain buffered writes (they release the GIL, so the forward
     pass keeps running while files are written) and put each tensor's digest (DIGEST) in the
     metadata, and (`nonfinite`) its NaN/Inf counts where it holds any (NONFINITE_KEY): the bytes
     `filebits.write_tensor_file` writes, as in the run writer's own process. Returns the bytes of
     tensor data written; `header_out` receives the header written (as `read_header` returns it)
-    and "__metadata__", its metadata; `spent` the seconds checking, hashing and writing."""
+    and "__metadata__", its metadata; `spent` the seconds checking, hashing and writing; `finite`
+    names tensors known to hold no NaN/Inf (not checked)."""
     views = {name: raw_bytes(t) for name, t in tensors.items()}
     header, meta = filebits.write_tensor_file(
         path, metadata, [(name, code(t.dtype), t.shape, views[name]) for name, t in tensors.items()], nonfinite,
-        DIGEST, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK, spent)
+        DIGEST, _shared_pool("hash", HASH_WORKERS).map, HASH_CHUNK, spent, finite)
     if header_out is not None:
         header_out.update(header, __metadata__=meta)
     return sum(view.nbytes for view in views.values())

@@ -9,7 +9,7 @@ between the two processes of one program:
 
     parent -> child  ("map", region, size) + its fd | ("threads", n) | ("ping", seq) | ("stop",)
                      ("job", seq, target, tmp, metadata, (digest, chunk), nonfinite,
-                      [(name, code, shape, nbytes, source)])
+                      [(name, code, shape, nbytes, source)], names known finite)
                      source: ("r", region, offset) or ("b", bytes)
     child -> parent  ("ok", seq, header, metadata, timing) | ("err", seq, errno or None, message, filename)
                      | ("pong", seq)
@@ -110,7 +110,7 @@ class Child:
             pool.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
-    def job(self, seq, target, tmp, metadata, digest, check, specs) -> None:
+    def job(self, seq, target, tmp, metadata, digest, check, specs, finite=()) -> None:
         algorithm, chunk = digest
         start, spent = time.perf_counter(), {}
         try:
@@ -119,7 +119,7 @@ class Child:
             try:
                 header, meta = filebits.write_tensor_file(
                     tmp, metadata, [(name, code, shape, view) for (name, code, shape, *_), view in zip(specs, views)],
-                    check, algorithm, self.hashes.map, chunk, spent)
+                    check, algorithm, self.hashes.map, chunk, spent, finite)
                 os.replace(tmp, target)
             except BaseException:
                 try:

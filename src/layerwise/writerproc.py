@@ -198,7 +198,7 @@ class WriterProcess:
         self._reader.start()
 
     def submit(self, target: str, tmp: str, metadata: dict, digest: tuple[str, int], specs: list[tuple],
-               done) -> None:
+               done, finite=frozenset()) -> None:
         """Have the process write `specs` (from `sources`) as the file `target` (through `tmp`);
         `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing),
         ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if the process ends."""
@@ -213,7 +213,7 @@ class WriterProcess:
                         self.channel.send(("map", region.id, region.size), (region.fd,))
                         self._mapped.add(region.id)
                 self.channel.send(("job", seq, target, tmp, metadata, digest, True,
-                                   [spec[:5] for spec in specs]))
+                                   [spec[:5] for spec in specs], tuple(finite)))
             except OSError as err:
                 self._jobs.pop(seq, None)
                 raise self._died(err) from None
@@ -307,7 +307,7 @@ class Handoff:
         self._pending = 0
         self._load = [0] * len(procs)  # files outstanding in each process
 
-    def put(self, target: Path, metadata: dict, tensors: dict[str, torch.Tensor], finished) -> bool:
+    def put(self, target: Path, metadata: dict, tensors: dict[str, torch.Tensor], finished, finite=frozenset()) -> bool:
         """Hand the file over unless its tensors are not the process's to write (False): then
         `finished(header, None)` runs once it is written (its header, with "__metadata__"), or
         `finished(None, error)` (an OSError for the system's errors)."""
@@ -338,7 +338,7 @@ class Handoff:
         target = Path(os.path.abspath(target))  # the process's working directory is where it started
         try:
             self.procs[at].submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")),
-                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done)
+                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done, finite)
         except BaseException as err:  # the process is gone (LostProcess): this file fails with it
             done(("lost", None, err))
         return True

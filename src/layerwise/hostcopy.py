@@ -1,0 +1,110 @@
+"""One flush's tensors of a device packed into one buffer and copied to a pinned host buffer.
+
+`Collector` (collector.py) decides what to flush and when; this is how: a handful of launches per
+flush (one flattening per dtype, converted there to the stored dtype, one `cat`, one copy on the
+device's copy stream, its event), host views cut from the buffer, and for a large copy each float
+run's float64 sum copied behind its bytes, so the writer checks for NaN/Inf only what the GPU did
+not find finite.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .pinned import PinnedPool
+
+# A copy of this many bytes or more has its float tensors' NaN/Inf looked for on the GPU (a float64 sum per
+# dtype, beside the copy): the writer then checks only what the GPU did not find finite. Smaller copies
+# (short prompts, bound by kernel launches) launch nothing more; the writer checks them on the CPU.
+CHECK_BYTES = 64 * 2**20
+_SUMMED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+class HostCopier:
+    """Packs and copies a device's tensors into buffers from `pool` (on the CPU: only with
+    `copy_host`, the GPU path's bookkeeping made testable anywhere)."""
+
+    def __init__(self, pool: PinnedPool | None, copy_host: bool = False):
+        self.pool, self._copy_host = pool, copy_host
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def pack(self, device: torch.device, pairs: list, buffers: list, keep: list):
+        """The device's tensors as bytes in one buffer, copied to one pinned buffer on the copy
+        stream. `pairs` are (tensor, the dtype it is stored in). Tensors of one dtype are flattened
+        together (one call, not one view per tensor) and converted there to the stored dtype
+        (top-k ids int64 -> int32: one kernel for all of them, none per tensor on the host), the
+        runs of bytes joined by one `cat` on the compute stream (after their producers), widest
+        dtype first so that every run starts aligned to its elements. A copy of CHECK_BYTES or more
+        also copies each float run's float64 sum behind its bytes (`_summed`). Returns the host
+        views (of the stored dtypes) and their checks ((host sums, index) or None), in `pairs`
+        order, and the copy's event (None on the CPU)."""
+        runs: dict[tuple, list[int]] = {}
+        for i, (t, dtype) in enumerate(pairs):
+            runs.setdefault((t.dtype, dtype), []).append(i)
+        order = sorted(runs.items(), key=lambda run: -run[0][1].itemsize)
+        items = [t for t, _ in pairs]
+        flats = []
+        for (source, dtype), indices in order:
+            flat = _flatten_dense_tensors([items[i] for i in indices]).view(-1)
+            flats.append((flat if dtype == source else flat.to(dtype)).view(torch.uint8))
+        packed = torch.cat(flats) if len(flats) > 1 else flats[0]
+        total = packed.numel()
+        summed, at = self._summed(device, order, flats, total), -(-total // 8) * 8  # the sums go behind, aligned
+        buffer = self.pool.take(at + 8 * len(summed) if summed else total,
+                                sum(b.numel() for b in buffers))  # this flush's other devices' buffers
+        buffers.append(buffer)
+        event = None
+        if device.type == "cuda":
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # after the cat
+            with torch.cuda.stream(stream):
+                buffer[:total].copy_(packed, non_blocking=True)
+                if summed:  # on the copy stream: beside the next layers' compute, not in their way
+                    keep.append(_sums(buffer, at, packed, summed))
+                event = torch.cuda.Event(blocking=True)  # the completion thread sleeps, not spins
+                event.record(stream)
+            keep.append(packed)
+        else:
+            buffer[:total].copy_(packed)
+            if summed:
+                _sums(buffer, at, packed, summed)
+        checks_of = {}  # run -> (the host's sums, its index)
+        if summed:
+            sums = buffer[at:at + 8 * len(summed)].view(torch.float64)
+            checks_of = {run: (sums, k) for k, (*_, run) in enumerate(summed)}
+        views: list = [None] * len(items)
+        checks: list = [None] * len(items)
+        offset = 0
+        for run, (((_, dtype), indices), flat) in enumerate(zip(order, flats)):
+            host = buffer[offset:offset + flat.numel()].view(dtype)
+            for i, view in zip(indices, _unflatten_dense_tensors(host, [items[i] for i in indices])):
+                views[i], checks[i] = view, checks_of.get(run)
+            offset += flat.numel()
+        return views, checks, event
+
+    def _summed(self, device: torch.device, order: list, flats: list, total: int) -> list[tuple]:
+        """The float runs of a copy of CHECK_BYTES or more, (byte offset, bytes, dtype, run index)
+        each, whose float64 sum goes behind the copy (none where the buffer has no room for it).
+        A sum of finite bf16/f16/f32 values cannot overflow a float64, and NaN/Inf carry through
+        any sum: it is finite exactly when every element is (a float64 tensor's may overflow: its
+        files are then checked on the CPU, as without it)."""
+        if total < CHECK_BYTES or (device.type != "cuda" and not self._copy_host):
+            return []
+        summed, offset = [], 0
+        for run, (((_, dtype), _), flat) in enumerate(zip(order, flats)):
+            if dtype in _SUMMED:
+                summed.append((offset, flat.numel(), dtype, run))
+            offset += flat.numel()
+        end = -(-total // 8) * 8 + 8 * len(summed)
+        return summed if self.pool.size_class(end) == self.pool.size_class(total) else []
+
+
+def _sums(buffer: torch.Tensor, at: int, packed: torch.Tensor, summed: list[tuple]) -> torch.Tensor:
+    """Each run's float64 sum, computed where `packed` lies (on the current stream) and copied to
+    `buffer` from byte `at`; the sums on the device (kept until the copy is done)."""
+    sums = torch.stack([packed[o:o + n].view(dtype).sum(dtype=torch.float64) for o, n, dtype, _ in summed])
+    buffer[at:at + sums.nbytes].view(torch.float64).copy_(sums, non_blocking=True)
+    return sums
