@@ -260,6 +260,28 @@ def test_manifest_json_is_the_manifest_one_line_per_tensor(tmp_path):
     assert json.loads((tmp_path / "empty" / runs.MANIFEST).read_text()) == empty and empty["tensors"] == []
 
 
+def test_a_list_s_text_is_used_again_for_that_very_list_only(tmp_path, monkeypatch):
+    """`json_text(document, known)`: a list's text is made once and used again for the same list
+    object (finish writes the intent's prompts as text while the last files are written, and the
+    manifest made from the intent holds the very same list); another list under the same key,
+    even an equal one, is encoded anew."""
+    from layerwise import manifest
+
+    prompts = [dict(p) for p in INTENT["prompts"]]
+    known: dict = {}
+    plain = runs.json_text({"prompts": prompts})
+    assert runs.json_text({"prompts": prompts}, known) == plain and known["prompts"][0] is prompts
+    known["prompts"] = (prompts, "[made before]")
+    assert runs.json_text({"n": 1, "prompts": prompts}, known) == '{\n "n": 1,\n "prompts": [made before]\n}\n'
+    assert runs.json_text({"prompts": [dict(p) for p in prompts]}, known) == plain
+    texts = []
+    json_text = manifest.json_text
+    monkeypatch.setattr(runs, "json_text", lambda doc, known=None: texts.append(known) or json_text(doc, known))
+    written = runs.RunWriter(tmp_path / "run", INTENT).finish()
+    assert texts[-1] is texts[-2] and texts[-1]["prompts"][0] is INTENT["prompts"]  # intent's text, then the manifest's
+    assert json.loads((tmp_path / "run" / runs.MANIFEST).read_text()) == json.loads(json.dumps(written, default=str))
+
+
 def test_library_versions_are_looked_up_once_and_handed_out_as_copies(monkeypatch):
     from layerwise import manifest
 

@@ -271,10 +271,14 @@ class RunWriter:
         return entries + index_files(self.path, others)
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
-        """Wait for the writers, take the files' entries (or `entries`), write manifest.json last."""
+        """Wait for the writers, take the files' entries (or `entries`), write manifest.json last.
+        The intent's lists (the prompts' token ids) are written as text first, while the writer's
+        last files are still being written: the manifest holds the same lists."""
+        known: dict = {}
+        json_text(self.intent, known)  # the producer is done: its intent no longer changes
         self.close()
         manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
-        write_text_atomic(self.path / MANIFEST, json_text(manifest))
+        write_text_atomic(self.path / MANIFEST, json_text(manifest, known))
         if self._replaced is not None:
             self._replace_target()
         return manifest
