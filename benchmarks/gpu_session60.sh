@@ -6,6 +6,7 @@
 #     $RUNS pairs (default 3), $REPEAT rounds each (default 5).
 #   part "ab": capture_ab.py at the short shapes (the capture's bookkeeping) against $BASE/src.
 #   part "gputests": the GPU test suite (tests/gpu).
+#   part "threads": 12 writer threads against 16 (at most 3 a process), in both orders, this checkout.
 # `bash benchmarks/gpu_session60.sh e2e`. Logs packed into $OUT/session60-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 60 e2e "$@"
 BASE=${BASE:-.base60}
@@ -20,5 +21,12 @@ gputests)
     timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
         --tb=short > "$W/gpu_tests.log" 2>&1
     echo "=== gpu tests (exit $?, at $SECONDS s)"; tail -30 "$W/gpu_tests.log" ;;
+threads)
+    for order in 12,16 16,12; do
+        timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
+            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --writer-threads $order \
+            --process-threads 3 --out "$W/threads$order" > "$W/threads$order.log" 2>&1
+        echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
+    done ;;
 esac
 tar czf "$OUT/session60-$PART.tgz" -C "$W" . 2>/dev/null
