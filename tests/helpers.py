@@ -93,3 +93,48 @@ def assert_runs_equal(a, b, names=None, exclude_roles: tuple[str, ...] = ()) -> 
             differ.append(f"{name} prompt {prompt} ({x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}){stats}")
     assert not differ, f"{len(differ)} of {len(keys_a)} tensors differ; first: {differ[0]}"
     return len(keys_a)
+
+
+def nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, prompts, device_map: str, dtype: str):
+    """Every copy's float runs summed (hostcopy.CHECK_BYTES 0; on the CPU the capture's copies
+    made as on a GPU), a flush at every decoder layer, a weight of layer 1 made NaN: the files the
+    capture calls finite hold no NaN/Inf (torch's isfinite on what was read back), and some are
+    (layer 0's flush: a NaN takes its whole run of a flush out); the run is the one written with
+    every tensor checked by the writer (the same digests, the same NaN/Inf records), and those
+    records are torch's own counts."""
+    from layerwise import hostcopy, loading, recording, runs
+    from layerwise.collector import Collector
+    from layerwise.extract import ExtractOptions, extract_model
+
+    on_cpu = device_map == "cpu"
+    monkeypatch.setattr(recording, "Collector",
+                        lambda *a, **k: Collector(*a, flush_bytes=0, copy_host_tensors=on_cpu, **k))
+    loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype=dtype, device_map=device_map,
+                                                                                tokens=512))
+    weight = next(p for n, p in loaded.model.named_parameters() if ".layers.1." in n and p.dim() == 2)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    named, put = [], runs.RunWriter.put
+
+    def noted(self, prompt, group, tensors, on_written=None, finite=frozenset()):
+        named.extend((prompt, name) for name in finite)
+        return put(self, prompt, group, tensors, on_written, finite)
+    monkeypatch.setattr(runs.RunWriter, "put", noted)
+    manifests = {}
+    for check_bytes in (0, 1 << 62):
+        monkeypatch.setattr(hostcopy, "CHECK_BYTES", check_bytes)
+        extract_model(loaded, tmp_path / str(check_bytes), prompts,
+                      ExtractOptions(points="residual,attn,mlp,router,logits", batch_size=3))
+        manifests[check_bytes] = runs.open_run(tmp_path / str(check_bytes)).manifest
+    assert manifests[0]["tensors"] == manifests[1 << 62]["tensors"]
+    assert manifests[0]["nonfinite"] == manifests[1 << 62]["nonfinite"] != []
+    run = runs.open_run(tmp_path / "0")
+    assert named and all(torch.isfinite(run.tensor(name, prompt)).all() for prompt, name in named)
+    records = {(r["name"], r["prompt"]): (r["nan"], r["inf"]) for r in manifests[0]["nonfinite"]}
+    for entry in manifests[0]["tensors"]:
+        t = run.tensor(entry["name"], entry["prompt"])
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            assert records[(entry["name"], entry["prompt"])] == (int(torch.isnan(t).sum()), int(torch.isinf(t).sum()))
+        else:
+            assert (entry["name"], entry["prompt"]) not in records
+

@@ -15,7 +15,7 @@ import torch
 from layerwise import loading, runs, tensorfile
 from layerwise.extract import ExtractOptions, extract_model
 
-from helpers import PROMPTS, assert_one_line_error, run_cli
+from helpers import PROMPTS, assert_one_line_error, nan_inf_found_by_the_capture_as_by_the_writer, run_cli
 
 ALL_POINTS = "embed,residual,attn,mlp,router,norm,logits"
 
@@ -290,3 +290,10 @@ def test_router_selection_bias_is_recorded(tmp_path, minimax_fp32):
     qwen = loading.load_model("builtin:qwen3-moe-tiny", loading.LoadOptions(dtype="fp32"), with_tokenizer=False)
     extract_model(qwen, tmp_path / "qwen", [[1, 2, 3]], ExtractOptions(points="router"))
     assert not any(n.endswith(":score_bias") for n in runs.open_run(tmp_path / "qwen").names)
+
+
+def test_nan_inf_found_by_the_capture_are_counted_as_by_the_writer(tmp_path, monkeypatch):
+    """`nan_inf_found_by_the_capture_as_by_the_writer` (helpers.py) on the CPU (the GPU's path of copies
+    and sums, made on the host)."""
+    nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, PROMPTS, "cpu", "fp32")
+

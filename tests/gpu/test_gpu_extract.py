@@ -68,38 +68,6 @@ def test_streamed_extract_on_gpu_equals_whole_model(tmp_path, monkeypatch):
 
 
 def test_nan_inf_looked_for_on_the_gpu_are_counted_as_on_the_cpu(tmp_path, monkeypatch):
-    """Every copy's float runs summed on the copy stream (CHECK_BYTES 0), a weight of layer 1 made
-    NaN: the files the capture calls finite hold no NaN/Inf (torch's isfinite on what was read
-    back), some are; the run is the one written with every tensor checked on the CPU (the same
-    digests, the same NaN/Inf records), and those records are torch's own counts."""
+    """helpers.nan_inf_found_by_the_capture_as_by_the_writer on the GPU: the sums on the copy stream."""
     need_gpus(1)
-    from layerwise import hostcopy
-
-    loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype="bf16", device_map="cuda:0",
-                                                                                tokens=512))
-    weight = next(p for n, p in loaded.model.named_parameters() if ".layers.1." in n and p.dim() == 2)
-    with torch.no_grad():
-        weight[0, 0] = float("nan")
-    named, put = [], runs.RunWriter.put
-
-    def noted(self, prompt, group, tensors, on_written=None, finite=frozenset()):
-        named.extend((prompt, name) for name in finite)
-        return put(self, prompt, group, tensors, on_written, finite)
-    monkeypatch.setattr(runs.RunWriter, "put", noted)
-    manifests = {}
-    for check_bytes in (0, 1 << 62):
-        monkeypatch.setattr(hostcopy, "CHECK_BYTES", check_bytes)
-        extract_model(loaded, tmp_path / str(check_bytes), PROMPTS,
-                      ExtractOptions(points="residual,attn,mlp,router,logits", batch_size=3))
-        manifests[check_bytes] = runs.open_run(tmp_path / str(check_bytes)).manifest
-    assert manifests[0]["tensors"] == manifests[1 << 62]["tensors"]
-    assert manifests[0]["nonfinite"] == manifests[1 << 62]["nonfinite"] != []
-    run = runs.open_run(tmp_path / "0")
-    assert named and all(torch.isfinite(run.tensor(name, prompt)).all() for prompt, name in named)
-    records = {(r["name"], r["prompt"]): (r["nan"], r["inf"]) for r in manifests[0]["nonfinite"]}
-    for entry in manifests[0]["tensors"]:
-        t = run.tensor(entry["name"], entry["prompt"])
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            assert records[(entry["name"], entry["prompt"])] == (int(torch.isnan(t).sum()), int(torch.isinf(t).sum()))
-        else:
-            assert (entry["name"], entry["prompt"]) not in records
+    helpers.nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, PROMPTS, "cuda:0", "bf16")
