@@ -5,7 +5,7 @@
 #   part "e2e": gpu_parts.sh's e2e_ab: 16 x 256 and 16 x 4096, this checkout and $BASE in turns,
 #     $RUNS pairs (default 3), $REPEAT rounds each (default 5).
 #   part "ab": capture_ab.py at the short shapes (the capture's bookkeeping) against $BASE/src.
-#   part "gputests": the GPU test suite (tests/gpu).
+#   part "gputests": the GPU test suite (tests/gpu); part "gpuextract": its tests/gpu/test_gpu_extract.py.
 #   part "threads": 12 writer threads against 16 (at most 3 a process), in both orders, this checkout.
 # `bash benchmarks/gpu_session60.sh e2e`. Logs packed into $OUT/session60-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 60 e2e "$@"
@@ -21,6 +21,10 @@ gputests)
     timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
         --tb=short > "$W/gpu_tests.log" 2>&1
     echo "=== gpu tests (exit $?, at $SECONDS s)"; tail -30 "$W/gpu_tests.log" ;;
+gpuextract)
+    timeout ${GT:-120} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_extract.py --timeout 100 -rfs \
+        --tb=short > "$W/gpu_extract.log" 2>&1
+    echo "=== gpu extract tests (exit $?, at $SECONDS s)"; tail -12 "$W/gpu_extract.log" ;;
 threads)
     for order in 12,16 16,12; do
         timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
