@@ -350,6 +350,14 @@ def test_writer_threads_share_the_cores_with_the_other_ranks_on_the_machine(monk
     assert runs.writer_threads() == 2
 
 
+def test_the_writer_processes_take_a_thread_per_core_2_to_16(monkeypatch):
+    from layerwise import writerproc
+
+    for cores, threads in ((1, 2), (2, 2), (12, 12), (16, 16), (32, 16)):
+        monkeypatch.setattr(writerproc, "cores_per_process", lambda cores=cores: cores)
+        assert writerproc.process_threads() == threads
+
+
 def test_read_threads_default_and_override(monkeypatch, capsys):
     """Half the cores a process may use, 4 to 8; LAYERWISE_READ_THREADS overrides it, and a bad
     value is one line and exit 2 from the command line."""

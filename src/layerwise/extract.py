@@ -49,7 +49,7 @@ class ExtractOptions:
     chat_template: bool = False
     overwrite: bool = False
     pinned_budget_gib: float = PINNED_BUDGET_BYTES / 2**30  # host memory for in-flight device-to-host copies
-    writer_threads: int | None = None  # None: writerproc.process_threads() over the writer processes, 2 to 12
+    writer_threads: int | None = None  # None: writerproc.process_threads() over the writer processes, 2 to 16
     # (runs.writer_threads(), 2 to 8, in this process where there are none)
     queue_depth: int = QUEUE_DEPTH  # files waiting for the writer threads
 

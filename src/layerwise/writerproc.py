@@ -63,13 +63,15 @@ PROCESS_THREADS = 3  # the most threads one writer process runs: more wait for i
 
 
 def process_threads() -> int:
-    """The default thread count over the writer processes: three quarters of the cores this
-    process may use, 2 to 12, in processes of at most PROCESS_THREADS. One process's threads
-    share its GIL: 128 files of 3.4 MB (a 16 x 256 extract) took 83 ms from 1 process x 8
-    threads (106 ms from 1 x 16), 61 ms from 2 x 4, 42 ms from 4 x 3 and 40 ms from 4 x 4 on an
-    H200's 16-core host; a quarter of the cores stays with the forward pass (BENCHMARKS.md,
-    benchmarks/writer_processes.py)."""
-    return max(2, min(12, cores_per_process() * 3 // 4))
+    """The default thread count over the writer processes: as many as the cores this process
+    may use, 2 to 16, in processes of at most PROCESS_THREADS. One process's threads share its
+    GIL: 128 files of 3.4 MB (a 16 x 256 extract) took 83 ms from 1 process x 8 threads (106 ms
+    from 1 x 16), 61 ms from 2 x 4, 42 ms from 4 x 3 and 40 ms from 4 x 4 on an H200's 16-core
+    host. On that host 16 threads did better end to end than 12 (three quarters of the cores, the
+    rule before) in 8 comparisons of 8, both prompt lengths, two machines: the writer's threads
+    wait on memory and the page cache as much as they compute, and an extract's last layer's 16
+    files went in one wave instead of two (BENCHMARKS.md, benchmarks/writer_processes.py)."""
+    return max(2, min(16, cores_per_process()))
 
 
 def supported() -> bool:
