@@ -4,7 +4,8 @@
 # $BASE's code (default .base60: 7e40644's src/ and benchmarks/, the commit before both; carry it).
 #   part "e2e": gpu_parts.sh's e2e_ab: 16 x 256 and 16 x 4096, this checkout and $BASE in turns,
 #     $RUNS pairs (default 3), $REPEAT rounds each (default 5).
-#   part "ab": capture_ab.py at the short shapes (the capture's bookkeeping) against $BASE/src.
+#   part "ab": capture_ab.py at the short shapes (the capture's bookkeeping) against $BASE/src;
+#     part "ablarge": at 4 x 4096, 16 x 1024 and 16 x 512 (copies of 64 MiB or more: the GPU's sums).
 #   part "gputests": the GPU test suite (tests/gpu); part "gpuextract": its tests/gpu/test_gpu_extract.py.
 #   part "threads": 12 writer threads against 16 (at most 3 a process), in both orders, this checkout.
 # `bash benchmarks/gpu_session60.sh e2e`. Logs packed into $OUT/session60-<part>.tgz.
@@ -17,6 +18,10 @@ ab)
     timeout ${AB:-240} python3 benchmarks/capture_ab.py --base "$BASE/src" --reps 9 --book-profile 20 \
         --out "$W" > "$W/ab.log" 2>&1
     echo "=== capture A/B (exit $?, at $SECONDS s)"; tail -36 "$W/ab.log" ;;
+ablarge)
+    timeout ${AB:-200} python3 benchmarks/capture_ab.py --base "$BASE/src" --shapes 4x4096,16x1024,16x512 --reps 7 \
+        --run-batches 2 --book-rounds 0 --out "$W" > "$W/ablarge.log" 2>&1
+    echo "=== capture A/B, large copies (exit $?, at $SECONDS s)"; tail -8 "$W/ablarge.log" ;;
 gputests)
     timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
         --tb=short > "$W/gpu_tests.log" 2>&1
