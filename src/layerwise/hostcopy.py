@@ -3,7 +3,7 @@
 `Collector` (collector.py) decides what to flush and when; this is how: a handful of launches per
 flush (one flattening per dtype, converted there to the stored dtype, one `cat`, one copy on the
 device's copy stream, its event), host views cut from the buffer, and for a large copy each float
-run's float64 sum copied behind its bytes, so the writer checks for NaN/Inf only what the GPU did
+run's float32 sum copied behind its bytes, so the writer checks for NaN/Inf only what the GPU did
 not find finite.
 """
 
@@ -14,11 +14,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .pinned import PinnedPool
 
-# A copy of this many bytes or more has its float tensors' NaN/Inf looked for on the GPU (a float64 sum per
+# A copy of this many bytes or more has its float tensors' NaN/Inf looked for on the GPU (a float32 sum per
 # dtype, beside the copy): the writer then checks only what the GPU did not find finite. Smaller copies
 # (short prompts, bound by kernel launches) launch nothing more; the writer checks them on the CPU.
 CHECK_BYTES = 64 * 2**20
-_SUMMED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Summed in float32 where they lie: a float64 sum of bf16 first made a float64 copy of the whole run (4 x its
+# bytes, allocated on the copy stream), which cost 4 x 4096 and 16 x 1024 captures 1-2 points (BENCHMARKS.md).
+_SUMMED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class HostCopier:
@@ -36,7 +38,7 @@ class HostCopier:
         (top-k ids int64 -> int32: one kernel for all of them, none per tensor on the host), the
         runs of bytes joined by one `cat` on the compute stream (after their producers), widest
         dtype first so that every run starts aligned to its elements. A copy of CHECK_BYTES or more
-        also copies each float run's float64 sum behind its bytes (`_summed`). Returns the host
+        also copies each float run's float32 sum behind its bytes (`_summed`). Returns the host
         views (of the stored dtypes) and their checks ((host sums, index) or None), in `pairs`
         order, and the copy's event (None on the CPU)."""
         runs: dict[tuple, list[int]] = {}
@@ -51,7 +53,7 @@ class HostCopier:
         packed = torch.cat(flats) if len(flats) > 1 else flats[0]
         total = packed.numel()
         summed, at = self._summed(device, order, flats, total), -(-total // 8) * 8  # the sums go behind, aligned
-        buffer = self.pool.take(at + 8 * len(summed) if summed else total,
+        buffer = self.pool.take(at + 4 * len(summed) if summed else total,
                                 sum(b.numel() for b in buffers))  # this flush's other devices' buffers
         buffers.append(buffer)
         event = None
@@ -73,7 +75,7 @@ class HostCopier:
                 _sums(buffer, at, packed, summed)
         checks_of = {}  # run -> (the host's sums, its index)
         if summed:
-            sums = buffer[at:at + 8 * len(summed)].view(torch.float64)
+            sums = buffer[at:at + 4 * len(summed)].view(torch.float32)
             checks_of = {run: (sums, k) for k, (*_, run) in enumerate(summed)}
         views: list = [None] * len(items)
         checks: list = [None] * len(items)
@@ -87,10 +89,11 @@ class HostCopier:
 
     def _summed(self, device: torch.device, order: list, flats: list, total: int) -> list[tuple]:
         """The float runs of a copy of CHECK_BYTES or more, (byte offset, bytes, dtype, run index)
-        each, whose float64 sum goes behind the copy (none where the buffer has no room for it).
-        A sum of finite bf16/f16/f32 values cannot overflow a float64, and NaN/Inf carry through
-        any sum: it is finite exactly when every element is (a float64 tensor's may overflow: its
-        files are then checked on the CPU, as without it)."""
+        each, whose float32 sum goes behind the copy (none where the buffer has no room for it).
+        NaN/Inf carry through any sum, so a finite sum means every element is finite; an infinite
+        one (a NaN/Inf, or finite values whose sum overflows a float32, far beyond activations)
+        only has the writer check that run's tensors on the CPU, as without it. float64 (and
+        fp8) runs are always checked there."""
         if total < CHECK_BYTES or (device.type != "cuda" and not self._copy_host):
             return []
         summed, offset = [], 0
@@ -98,13 +101,14 @@ class HostCopier:
             if dtype in _SUMMED:
                 summed.append((offset, flat.numel(), dtype, run))
             offset += flat.numel()
-        end = -(-total // 8) * 8 + 8 * len(summed)
+        end = -(-total // 8) * 8 + 4 * len(summed)
         return summed if self.pool.size_class(end) == self.pool.size_class(total) else []
 
 
 def _sums(buffer: torch.Tensor, at: int, packed: torch.Tensor, summed: list[tuple]) -> torch.Tensor:
-    """Each run's float64 sum, computed where `packed` lies (on the current stream) and copied to
-    `buffer` from byte `at`; the sums on the device (kept until the copy is done)."""
-    sums = torch.stack([packed[o:o + n].view(dtype).sum(dtype=torch.float64) for o, n, dtype, _ in summed])
-    buffer[at:at + sums.nbytes].view(torch.float64).copy_(sums, non_blocking=True)
+    """Each run's float32 sum (accumulated in float32 as it reads the run: no copy of it), computed
+    where `packed` lies (on the current stream) and copied to `buffer` from byte `at`; the sums on
+    the device (kept until the copy is done)."""
+    sums = torch.stack([packed[o:o + n].view(dtype).sum(dtype=torch.float32) for o, n, dtype, _ in summed])
+    buffer[at:at + sums.nbytes].view(torch.float32).copy_(sums, non_blocking=True)
     return sums

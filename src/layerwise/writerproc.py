@@ -63,14 +63,12 @@ PROCESS_THREADS = 3  # the most threads one writer process runs: more wait for i
 
 
 def process_threads() -> int:
-    """The default thread count over the writer processes: as many as the cores this process
-    may use, 2 to 16, in processes of at most PROCESS_THREADS. One process's threads share its
-    GIL: 128 files of 3.4 MB (a 16 x 256 extract) took 83 ms from 1 process x 8 threads (106 ms
-    from 1 x 16), 61 ms from 2 x 4, 42 ms from 4 x 3 and 40 ms from 4 x 4 on an H200's 16-core
-    host. On that host 16 threads did better end to end than 12 (three quarters of the cores, the
-    rule before) in 8 comparisons of 8, both prompt lengths, two machines: the writer's threads
-    wait on memory and the page cache as much as they compute, and an extract's last layer's 16
-    files went in one wave instead of two (BENCHMARKS.md, benchmarks/writer_processes.py)."""
+    """The default thread count over the writer processes: a thread per core this process may
+    use, 2 to 16, in processes of at most PROCESS_THREADS (one process's threads share its GIL:
+    128 files of 3.4 MB took 83 ms from 1 process x 8 threads, 106 ms from 1 x 16, 42 ms from
+    4 x 3 on an H200's 16-core host). There 16 threads beat 12 (three quarters of the cores, the
+    rule before) end to end in 8 comparisons of 8, both prompt lengths: the threads wait on
+    memory as much as they compute, and the last layer's 16 files go in one wave (BENCHMARKS.md)."""
     return max(2, min(16, cores_per_process()))
 
 
