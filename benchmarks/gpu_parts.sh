@@ -75,3 +75,14 @@ e2e_ab() {
         done
     done
 }
+# e2e_threads ORDER...: the end-to-end extracts (16 x 256, 16 x 4096, $REPEAT rounds, default 5) with
+# each ORDER's writer thread counts side by side (a comma list, at most 3 a process), this
+# checkout; logs threads<order>.log and directories under $W.
+e2e_threads() {
+    for order in "$@"; do
+        timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
+            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --writer-threads $order \
+            --process-threads 3 --out "$W/threads$order" > "$W/threads$order.log" 2>&1
+        echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
+    done
+}

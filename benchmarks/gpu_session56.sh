@@ -18,12 +18,7 @@ case "$PART" in
 e2e)
     e2e_ab "$BASE" ;;
 threads)
-    for order in 12,16 16,12; do
-        timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
-            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --writer-threads $order \
-            --process-threads 3 --out "$W/threads$order" > "$W/threads$order.log" 2>&1
-        echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
-    done ;;
+    e2e_threads 12,16 16,12 ;;
 gputests)
     bash benchmarks/gpu_session40.sh gputests ;;
 esac

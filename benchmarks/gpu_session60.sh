@@ -31,11 +31,6 @@ gpuextract)
         --tb=short > "$W/gpu_extract.log" 2>&1
     echo "=== gpu extract tests (exit $?, at $SECONDS s)"; tail -12 "$W/gpu_extract.log" ;;
 threads)
-    for order in 12,16 16,12; do
-        timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
-            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --writer-threads $order \
-            --process-threads 3 --out "$W/threads$order" > "$W/threads$order.log" 2>&1
-        echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
-    done ;;
+    e2e_threads 12,16 16,12 ;;
 esac
 tar czf "$OUT/session60-$PART.tgz" -C "$W" . 2>/dev/null
