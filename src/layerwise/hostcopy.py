@@ -52,7 +52,8 @@ class HostCopier:
             flats.append((flat if dtype == source else flat.to(dtype)).view(torch.uint8))
         packed = torch.cat(flats) if len(flats) > 1 else flats[0]
         total = packed.numel()
-        summed, at = self._summed(device, order, flats, total), -(-total // 8) * 8  # the sums go behind, aligned
+        at = -(-total // 8) * 8  # where the sums go: behind the bytes, aligned
+        summed = self._summed(device, order, flats, total, at)
         buffer = self.pool.take(at + 4 * len(summed) if summed else total,
                                 sum(b.numel() for b in buffers))  # this flush's other devices' buffers
         buffers.append(buffer)
@@ -87,9 +88,9 @@ class HostCopier:
             offset += flat.numel()
         return views, checks, event
 
-    def _summed(self, device: torch.device, order: list, flats: list, total: int) -> list[tuple]:
+    def _summed(self, device: torch.device, order: list, flats: list, total: int, at: int) -> list[tuple]:
         """The float runs of a copy of CHECK_BYTES or more, (byte offset, bytes, dtype, run index)
-        each, whose float32 sum goes behind the copy (none where the buffer has no room for it).
+        each, whose float32 sum goes at byte `at` on (none where the buffer has no room for it).
         NaN/Inf carry through any sum, so a finite sum means every element is finite; an infinite
         one (a NaN/Inf, or finite values whose sum overflows a float32, far beyond activations)
         only has the writer check that run's tensors on the CPU, as without it. float64 (and
@@ -101,8 +102,7 @@ class HostCopier:
             if dtype in _SUMMED:
                 summed.append((offset, flat.numel(), dtype, run))
             offset += flat.numel()
-        end = -(-total // 8) * 8 + 4 * len(summed)
-        return summed if self.pool.size_class(end) == self.pool.size_class(total) else []
+        return summed if self.pool.size_class(at + 4 * len(summed)) == self.pool.size_class(total) else []
 
 
 def _sums(buffer: torch.Tensor, at: int, packed: torch.Tensor, summed: list[tuple]) -> torch.Tensor:
