@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,39 @@ def test_the_process_answers_and_takes_another_thread_count(tmp_path, traced):
     first.put(1, "a", {"a:output": torch.zeros(4)})
     first.finish()
     assert len(traced) == 2 and torch.equal(runs.open_run(tmp_path / "first").tensor("a:output", 1), torch.zeros(4))
+
+
+def _nice_of_each_thread(pid: int) -> dict[str, int]:
+    """Each thread's niceness (field 19 of /proc/PID/task/TID/stat), by its thread id."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        found[task.name] = int(fields[16])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="no /proc here")
+def test_the_writer_process_and_its_threads_yield_to_the_forward_pass(tmp_path, traced):
+    """The writer's process runs below the parent's priority, its writer and hash threads too
+    (they start after it lowered it): when every core is busy, the parent's forward thread,
+    which launches the kernels, is not kept waiting behind writes."""
+    from layerwise import writerchild
+
+    [proc] = writerproc.processes(3)
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=3)
+    shared = [in_shared(torch.full((4096, 64), float(i))) for i in range(6)]
+    for prompt, t in enumerate(shared):
+        writer.put(prompt, "a", {"a:output": t})
+    writer.wait()  # the pool's threads exist now: they wrote these files
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    threads = _nice_of_each_thread(proc.proc.pid)
+    writer.finish()
+    assert len(traced) == 6 and len(threads) >= 2, threads
+    assert set(threads.values()) == {min(19, ours + writerchild.NICE)}, threads
+    assert os.getpriority(os.PRIO_PROCESS, 0) == ours, "this process's own priority is unchanged"
 
 
 def test_threads_are_spread_over_processes_and_files_over_them(tmp_path, traced):

@@ -15,7 +15,8 @@ between the two processes of one program:
                      | ("pong", seq)
 
 A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
-final name. The process ignores Ctrl-C (the parent decides) and ends when the socket closes.
+final name. The process ignores Ctrl-C (the parent decides), runs NICE steps below the parent's
+priority (its work yields to the forward pass's threads) and ends when the socket closes.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 try:
     from . import filebits  # imported by writerproc, in the parent
-except ImportError:  # run as the writer process: this directory is on the path, the package is not imported
-    import filebits
+except ImportError:  # run as the writer process (this directory on the path, not the package): main imports it
+    filebits = None
 
 _LENGTH = 4
+NICE = 10  # added to the parent's niceness: when every core is busy, the forward pass's threads run first
 
 
 class Channel:
@@ -136,8 +138,22 @@ class Child:
             self.channel.send(("err", seq, None, f"{type(err).__name__}: {err}", None))
 
 
+def _yield_to_the_parent() -> None:
+    """Run at a lower priority than the parent, before any thread starts (threads inherit it). The
+    parent's forward thread launches kernels between short waits: with every core taken by
+    writer threads it would wait for a time slice, and the GPU with it; the writes only need the
+    cores it leaves idle."""
+    try:
+        os.nice(NICE)
+    except (OSError, AttributeError):  # not permitted, or no nice() on this system: as the parent
+        pass
+
+
 def main(fd: int, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    _yield_to_the_parent()
+    global filebits
+    import filebits  # after: the threads its imports start (numpy's) run at the same priority
     channel = Channel(socket.socket(fileno=fd))
     try:
         Child(channel, threads).serve()
