@@ -226,6 +226,41 @@ def test_the_process_answers_and_takes_another_thread_count(tmp_path, traced):
     assert len(traced) == 2 and torch.equal(runs.open_run(tmp_path / "first").tensor("a:output", 1), torch.zeros(4))
 
 
+def test_the_channel_carries_messages_small_and_large_with_their_fds_in_order():
+    """Length-prefixed pickles over a socket: a message larger than one receive (a file's tensors
+    sent inline) arrives whole among small ones, and each fd is taken in the order it was sent."""
+    import socket
+
+    from layerwise.writerchild import _RECEIVE, Channel
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = Channel(ours), Channel(theirs)
+    big = bytes(range(256)) * (3 * _RECEIVE // 256 + 7)  # three receives and a bit
+    messages = [("ok", 1), ("job", 2, big), ("ok", 3), ("job", 4, big[::-1]), ("pong", 5)]
+    reads, writes = zip(*(os.pipe() for _ in range(2)))
+    got = []
+
+    def send():
+        for i, message in enumerate(messages):
+            sender.send(message, (reads[i // 2],) if i in (0, 2) else ())
+        ours.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    while (message := receiver.receive()) is not None:
+        got.append(message)
+    thread.join()
+    assert got == messages
+    fds = [receiver.take_fd(), receiver.take_fd()]
+    for fd, w, text in zip(fds, writes, (b"first", b"second")):
+        os.write(w, text)
+        assert os.read(fd, 16) == text  # the first fd sent is the first taken
+    for fd in [*fds, *reads, *writes]:
+        os.close(fd)
+    ours.close()
+    theirs.close()
+
+
 def _nice_of_each_thread(pid: int) -> dict[str, int]:
     """Each thread's niceness (field 19 of /proc/PID/task/TID/stat), by its thread id."""
     found = {}
