@@ -75,7 +75,8 @@ def measure(args) -> dict:
                     (where / f"p{p}").mkdir(parents=True)
                 cpu, start = time.process_time(), time.perf_counter()
                 for i, file in enumerate(files):
-                    handoff.put(where / f"p{i // 8}" / f"l{i % 8}.safetensors", {"prompt": str(i // 8)}, file,
+                    handoff.put(os.path.abspath(where / f"p{i // 8}" / f"l{i % 8}.safetensors"),
+                                {"prompt": str(i // 8)}, file,
                                 lambda header, err: None if err is None else print(f"failed: {err}"))
                 handoff.wait()
                 spent[c].append((time.perf_counter() - start, time.process_time() - cpu))

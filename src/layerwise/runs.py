@@ -46,11 +46,16 @@ def prompt_dir(prompt: int) -> str:
     return f"{TENSOR_DIR}/p{prompt:05d}"
 
 
+_GROUPS_CHECKED: set[str] = set()  # module groups found fit for a file name (checked once each)
+
+
 def group_file(prompt: int, group: str) -> str:
     """Relative path of the file holding one module group's tensors for one prompt."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group) or group.strip(".") == "":
-        raise UserError(f"tensors of module {group!r} would go to a file outside the run's directory "
-                        "(a module path holds only letters, digits, '_', '-' and '.'): rename them (--rename)")
+    if group not in _GROUPS_CHECKED:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", group) or group.strip(".") == "":
+            raise UserError(f"tensors of module {group!r} would go to a file outside the run's directory "
+                            "(a module path holds only letters, digits, '_', '-' and '.'): rename them (--rename)")
+        _GROUPS_CHECKED.add(group)
     return f"{prompt_dir(prompt)}/{group}.safetensors"
 
 
@@ -82,7 +87,8 @@ class RunWriter:
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
         self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_new`)
-        self._dirs: set[Path] = set()  # the prompt directories made so far
+        self._dirs: set[str] = set()  # the prompt directories made so far (relative)
+        self._root = os.path.abspath(self.path)  # files go there (a writer process has another working directory)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._bytes, self._lock = 0, threading.Lock()
@@ -144,7 +150,7 @@ class RunWriter:
         self._raise_if_failed()
         rel = group_file(prompt, group)
         if self._handoff is not None and self._handoff.put(
-                self._made(self.path / rel), {"prompt": str(prompt)}, tensors,
+                self._made(rel), {"prompt": str(prompt)}, tensors,
                 lambda header, err: self._handed(rel, header, err, on_written), finite):
             return
         with self._lock:  # this process's threads start with the first file they are handed (beside a writer
@@ -189,7 +195,7 @@ class RunWriter:
 
     def _write(self, prompt: int, group: str, tensors: dict[str, torch.Tensor], finite=frozenset()) -> int:
         rel = group_file(prompt, group)
-        target = self._made(self.path / rel)
+        target = Path(self._made(rel))
         tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
         header: dict = {}
         try:  # the model's own NaN/Inf are counted into the metadata: recorded, reported, never hidden
@@ -204,15 +210,17 @@ class RunWriter:
             raise
         return written
 
-    def _made(self, target: Path) -> Path:
-        """`target`, its folder made (once: a system call less per file, they retake the GIL)."""
-        if target.parent not in self._dirs:
+    def _made(self, rel: str) -> str:
+        """The absolute path of file `rel`, its folder made (once: a system call less per file;
+        strings, not Path objects: `put` runs on the thread the forward pass shares the GIL with)."""
+        folder, _, _ = rel.rpartition("/")
+        if folder not in self._dirs:
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                (self.path / folder).mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise _write_failed(target, err) from None
-            self._dirs.add(target.parent)
-        return target
+                raise _write_failed(self.path / rel, err) from None
+            self._dirs.add(folder)
+        return f"{self._root}/{rel}"
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

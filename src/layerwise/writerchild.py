@@ -36,6 +36,8 @@ except ImportError:  # run as the writer process (this directory on the path, no
     filebits = None
 
 _LENGTH = 4
+_RECEIVE = 1 << 16  # bytes asked of a receive (a buffer that size is allocated for each): a reply takes a few
+# hundred, and the parent's thread reading them holds the GIL while it allocates
 NICE = 10  # added to the parent's niceness: when every core is busy, the forward pass's threads run first
 
 
@@ -68,7 +70,10 @@ class Channel:
                     message = pickle.loads(self._buffer[_LENGTH:_LENGTH + size])
                     del self._buffer[:_LENGTH + size]
                     return message
-            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+                want = _LENGTH + size - len(self._buffer)  # the rest of this message at once
+            else:
+                want = _RECEIVE
+            data, fds, _, _ = socket.recv_fds(self.sock, max(want, _RECEIVE), 16)
             self._fds += fds
             if not data:
                 return None

@@ -307,10 +307,10 @@ class Handoff:
         self._pending = 0
         self._load = [0] * len(procs)  # files outstanding in each process
 
-    def put(self, target: Path, metadata: dict, tensors: dict[str, torch.Tensor], finished, finite=frozenset()) -> bool:
-        """Hand the file over unless its tensors are not the process's to write (False): then
-        `finished(header, None)` runs once it is written (its header, with "__metadata__"), or
-        `finished(None, error)` (an OSError for the system's errors)."""
+    def put(self, target: str, metadata: dict, tensors: dict[str, torch.Tensor], finished, finite=frozenset()) -> bool:
+        """Hand the file `target` (an absolute path) over unless its tensors are not the process's
+        to write (False): then `finished(header, None)` runs once it is written (its header, with
+        "__metadata__"), or `finished(None, error)` (an OSError for the system's errors)."""
         specs = sources(tensors)
         if specs is None:
             return False
@@ -335,9 +335,9 @@ class Handoff:
                     self._pending -= 1
                     self._load[at] -= 1
                     self._idle.notify_all()
-        target = Path(os.path.abspath(target))  # the process's working directory is where it started
+        folder, _, name = target.rpartition("/")
         try:
-            self.procs[at].submit(str(target), str(target.with_name(f".{target.name}.{os.getpid()}.tmp")),
+            self.procs[at].submit(target, f"{folder}/.{name}.{os.getpid()}.tmp",
                                   metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done, finite)
         except BaseException as err:  # the process is gone (LostProcess): this file fails with it
             done(("lost", None, err))
