@@ -54,6 +54,7 @@ from synthetic import build_on_devices, minimax_config  # noqa: E402
 
 from layerwise import capture, loading, models, pinned, placement, runs, writerproc  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
+from layerwise import collector as collector_module  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model, pin_ahead  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
@@ -367,7 +368,8 @@ class WriteTrace:
     def __init__(self):
         self.files: list[tuple] = []
         self.parts = {"nonfinite": 0.0, "digest": 0.0, "writer_close": 0.0, "writer_wait": 0.0, "entries": 0.0,
-                      "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0}
+                      "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0,
+                      "completion_cpu": 0.0, "replies_cpu": 0.0}  # CPU of this process's threads beside the forward
         self.lock = threading.Lock()
         self.origin = self.forward_end = self.capture_end = self.wall = 0.0
 
@@ -434,11 +436,24 @@ class WriteTrace:
             return seconds
         recording.Recording.close_capture = close_capture
         self._undo.append((recording.Recording, "close_capture", close))
+        complete = collector_module.Collector._complete
+
+        def completion(col):  # the completion thread: the capture's copies waited for, files handed over
+            start = time.thread_time()
+            try:
+                return complete(col)
+            finally:
+                with trace.lock:
+                    trace.parts["completion_cpu"] += time.thread_time() - start
+        collector_module.Collector._complete = completion
+        self._undo.append((collector_module.Collector, "_complete", complete))
+        self._replies = replies_cpu()
         self.origin = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.origin
+        self.parts["replies_cpu"] = replies_cpu() - self._replies
         for owner, name, original in reversed(self._undo):
             setattr(owner, name, original)
         return False
@@ -457,6 +472,18 @@ class WriteTrace:
                 "files_in_writer_process": sum(1 for *_, t in files if str(t).startswith("process:")),
                 **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},
                 "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
+
+
+def replies_cpu() -> float:
+    """CPU seconds so far of this process's threads reading the writer processes' replies."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name == "layerwise-writer-replies" and thread.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, AttributeError):  # it ended meanwhile, or no such clock here
+                pass
+    return total
 
 
 def gpu_idle(trace: dict) -> dict:
