@@ -282,6 +282,51 @@ def test_a_list_s_text_is_used_again_for_that_very_list_only(tmp_path, monkeypat
     assert json.loads((tmp_path / "run" / runs.MANIFEST).read_text()) == json.loads(json.dumps(written, default=str))
 
 
+@pytest.mark.parametrize("writer_kind", ["process", "threads"])
+def test_the_manifest_made_from_entries_encoded_as_files_end_is_the_same_text(tmp_path, monkeypatch, writer_kind):
+    """`finish` writes the manifest's tensor list from each entry's text, made as its file was
+    indexed (while the last files were written): the very text of the manifest encoded whole,
+    for files this writer wrote (one holding NaN/Inf, whose counts the manifest lists apart) and a
+    resumed run's files found on disk; each of this writer's entries was encoded once."""
+    from layerwise import manifest, writerproc
+
+    if writer_kind == "threads":
+        monkeypatch.setenv(writerproc.ENV, "threads")
+    path = tmp_path / "run"
+    layers = [f"model.layers.{i}" for i in range(3)]
+
+    def tensors(prompt: int, layer: int) -> dict:
+        out = {f"{layers[layer]}:input": torch.full((prompt + 2, 4), float(layer)),
+               f"{layers[layer]}:output": torch.arange(4.0 * (prompt + 2)).reshape(prompt + 2, 4)}
+        if (prompt, layer) == (1, 2):
+            out[f"{layers[layer]}:output"][0, 1] = float("nan")
+        return out
+
+    first = runs.RunWriter(path, INTENT)
+    first.put(0, layers[0], tensors(0, 0))
+    first.wait()
+    first.abort()  # an interrupted run: its one file is found again by the next writer
+    encoded, seeded = [], []
+    monkeypatch.setattr(runs, "item_text", lambda item: encoded.append(item["file"]) or manifest.item_text(item))
+    monkeypatch.setattr(runs, "json_text", lambda doc, known=None: seeded.append(dict(known or {}))
+                        or manifest.json_text(doc, known))
+    writer = runs.RunWriter(path, INTENT)
+    assert writer.has(0, layers[0])
+    for prompt in (0, 1):
+        for layer in range(3):
+            if (prompt, layer) != (0, 0):
+                writer.put(prompt, layers[layer], tensors(prompt, layer))
+    written = writer.finish({"stats": {"seconds": 0.25}})
+    assert (path / runs.MANIFEST).read_text() == manifest.json_text(written)
+    assert written["nonfinite"] == [{"name": f"{layers[2]}:output", "prompt": 1, "nan": 1, "inf": 0}]
+    assert len(written["tensors"]) == 12 and all("nonfinite" not in e for e in written["tensors"])
+    resumed = runs.group_file(0, layers[0])
+    assert sorted(encoded) == sorted([runs.group_file(p, g) for p in (0, 1) for g in layers] * 2), \
+        "each entry encoded once: this writer's as they were indexed, the resumed file's at the end"
+    assert encoded[-2:] == [resumed, resumed]
+    assert seeded[-1]["tensors"][0] is written["tensors"], "the manifest's tensor list was not encoded again"
+
+
 def test_library_versions_are_looked_up_once_and_handed_out_as_copies(monkeypatch):
     from layerwise import manifest
 

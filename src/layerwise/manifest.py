@@ -152,14 +152,15 @@ def json_text(document: dict, known: dict | None = None) -> str:
     entries on the 2-core VM, more for the prompts' token ids (a line per id), paid at the start
     and the end of every extract. `known` (filled as it goes): each list's text by its key, used
     again for the very same list object (the intent's prompts, in the manifest made from it:
-    16 prompts of 4096 token ids are 4 ms on the VM); the caller vouches it was not changed since."""
+    16 prompts of 4096 token ids are 4 ms on the VM); the caller vouches it was not changed since,
+    or made the text itself (`list_text` of its items' `item_text`)."""
     parts = []
     for key, value in document.items():
         name = _ONE_LINE.encode({key: 0})[1:-2]  # `"key": `, the key as json writes keys
         if isinstance(value, list) and value:
             hit = known.get(key) if known is not None else None
             if hit is None or hit[0] is not value:
-                hit = (value, "[\n  " + ",\n  ".join(map(_ONE_LINE.encode, value)) + "\n ]")
+                hit = (value, list_text(map(_ONE_LINE.encode, value)))
                 if known is not None:
                     known[key] = hit
             parts.append(name + hit[1])
@@ -169,6 +170,19 @@ def json_text(document: dict, known: dict | None = None) -> str:
         else:
             parts.append(name + _ONE_LINE.encode(value))
     return "{\n " + ",\n ".join(parts) + "\n}\n" if parts else "{}\n"
+
+
+def list_text(items) -> str:
+    """A list's text in `json_text`, from its items' texts (each `item_text`'s)."""
+    return "[\n  " + ",\n  ".join(items) + "\n ]"
+
+
+def item_text(item) -> str:
+    """One item of a list's text in `json_text`; for a file's entry (`file_entries`), as the
+    manifest holds it: without its NaN/Inf counts, which `build_manifest` lists apart."""
+    if isinstance(item, dict) and "nonfinite" in item:
+        item = {k: v for k, v in item.items() if k != "nonfinite"}
+    return _ONE_LINE.encode(item)
 
 
 def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:

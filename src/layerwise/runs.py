@@ -33,7 +33,7 @@ from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
                        build_manifest, file_entries, first_difference, identity, index_files,
-                       json_text, library_versions, read_json, tensor_files)
+                       item_text, json_text, library_versions, list_text, read_json, tensor_files)
 from .runread import Run, TensorEntry, open_run  # noqa: F401 (the run format's reader, runread.py)
 from .writerproc import writer_threads  # noqa: F401 (the writer's default thread count)
 
@@ -87,6 +87,7 @@ class RunWriter:
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
         self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_new`)
+        self._texts: dict[tuple[str, str], str] = {}  # (file, name) -> that entry's text in the manifest
         self._dirs: set[str] = set()  # the prompt directories made so far (relative)
         self._root = os.path.abspath(self.path)  # files go there (a writer process has another working directory)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -258,11 +259,12 @@ class RunWriter:
         self._stop()
 
     def _index_new(self) -> None:
-        """The manifest entries of the files written since the last call (built here, off the
-        writer threads, which the forward pass shares the GIL with)."""
+        """The manifest entries of the files written since the last call, and their text (built
+        here, off the writer threads, which the forward pass shares the GIL with)."""
         for rel in self._headers.keys() - self._index.keys():
             header = dict(self._headers[rel])
-            self._index[rel] = file_entries(rel, header, header.pop("__metadata__"))
+            self._index[rel] = entries = file_entries(rel, header, header.pop("__metadata__"))
+            self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
 
     @property
     def written(self) -> set[str]:
@@ -280,12 +282,15 @@ class RunWriter:
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
         """Wait for the writers, take the files' entries (or `entries`), write manifest.json last.
-        The intent's lists (the prompts' token ids) are written as text first, while the writer's
-        last files are still being written: the manifest holds the same lists."""
+        The intent's lists (the prompts' token ids) are written as text first, and the entries of
+        the files already written as they are indexed, while the writer's last files are still
+        being written: the manifest holds the same lists and entries."""
         known: dict = {}
         json_text(self.intent, known)  # the producer is done: its intent no longer changes
         self.close()
         manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
+        tensors, texts = manifest["tensors"], self._texts  # most made while the last files were written
+        known["tensors"] = (tensors, list_text(texts.get((e["file"], e["name"])) or item_text(e) for e in tensors))
         write_text_atomic(self.path / MANIFEST, json_text(manifest, known))
         if self._replaced is not None:
             self._replace_target()
