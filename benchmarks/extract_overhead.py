@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import gzip
 import json
 import os
@@ -55,6 +56,7 @@ from synthetic import build_on_devices, minimax_config  # noqa: E402
 from layerwise import capture, loading, models, pinned, placement, runs, writerproc  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
 from layerwise import collector as collector_module  # noqa: E402
+from layerwise import extract as extract_module  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.extract import ExtractOptions, extract_model, pin_ahead  # noqa: E402
 from layerwise.prompts import Prompt, make_batches  # noqa: E402
@@ -371,7 +373,8 @@ class WriteTrace:
                       "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0,
                       "completion_cpu": 0.0, "replies_cpu": 0.0}  # CPU of this process's threads beside the forward
         self.lock = threading.Lock()
-        self.origin = self.forward_end = self.capture_end = self.wall = 0.0
+        self.ends: dict[str, float] = {}
+        self.origin = self.forward_start = self.forward_end = self.capture_end = self.wall = 0.0
 
     def progress(self, _):
         self.forward_end = time.perf_counter() - self.origin
@@ -393,6 +396,7 @@ class WriteTrace:
                         trace.files.append((start - trace.origin, end - trace.origin, threading.get_ident()))
                     else:
                         trace.parts[part] += end - start
+                        trace.ends[part] = round(end - trace.origin, 6)  # when its last call returned
         setattr(owner, name, timed)
         self._undo.append((owner, name, original))
 
@@ -436,6 +440,13 @@ class WriteTrace:
             return seconds
         recording.Recording.close_capture = close_capture
         self._undo.append((recording.Recording, "close_capture", close))
+        forward = extract_module._forward
+
+        def forward_loop(*args, **kwargs):  # after the run is open (intent.json written, the sink started)
+            trace.forward_start = time.perf_counter() - trace.origin
+            return forward(*args, **kwargs)
+        extract_module._forward = forward_loop
+        self._undo.append((extract_module, "_forward", forward))
         complete = collector_module.Collector._complete
 
         def completion(col):  # the completion thread: the capture's copies waited for, files handed over
@@ -448,6 +459,16 @@ class WriteTrace:
         collector_module.Collector._complete = completion
         self._undo.append((collector_module.Collector, "_complete", complete))
         self._replies = replies_cpu()
+        self.collections: list = []  # (generation, seconds) of each garbage collection in the extract
+        self._gc_start = 0.0
+
+        def collected(phase, info):
+            if phase == "start":
+                trace._gc_start = time.perf_counter()
+            else:
+                trace.collections.append((info["generation"], time.perf_counter() - trace._gc_start))
+        gc.callbacks.append(collected)
+        self._undo.append((None, collected, None))
         self.origin = time.perf_counter()
         return self
 
@@ -455,7 +476,10 @@ class WriteTrace:
         self.wall = time.perf_counter() - self.origin
         self.parts["replies_cpu"] = replies_cpu() - self._replies
         for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
+            if owner is None:  # a garbage collector callback
+                gc.callbacks.remove(name)
+            else:
+                setattr(owner, name, original)
         return False
 
     def summary(self) -> dict:
@@ -463,7 +487,7 @@ class WriteTrace:
         busy = sum(end - start for start, end, _ in files)
         last = max((end for _, end, _ in files), default=0.0)
         r = lambda x: round(x, 6)  # noqa: E731 (a tiny file's digest takes microseconds)
-        return {"forward_returned_s": r(self.forward_end), "capture_closed_s": r(self.capture_end),
+        return {"forward_called_s": r(self.forward_start), "forward_returned_s": r(self.forward_end), "capture_closed_s": r(self.capture_end),
                 "first_file_start_s": r(files[0][0]) if files else None, "last_file_end_s": r(last),
                 "files_after_forward": sum(1 for _, end, _ in files if end > self.forward_end),
                 "files_after_capture": sum(1 for _, end, _ in files if end > self.capture_end),
@@ -471,6 +495,8 @@ class WriteTrace:
                 "writer_busy_s": r(busy), "writer_threads": len({t for *_, t in files}),
                 "files_in_writer_process": sum(1 for *_, t in files if str(t).startswith("process:")),
                 **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},
+                "collections": [sum(1 for g, _ in self.collections if g == gen) for gen in range(3)],
+                "collections_s": r(sum(seconds for _, seconds in self.collections)), "ends_s": dict(self.ends),
                 "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
 
 
