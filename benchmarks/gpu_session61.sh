@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device session 61, one H200: the writer's processes at nice +10, a reply read into 64 KiB (not
-# 1 MiB), a file's path handed over as a string, against $BASE's code (default .base61: 5c84bbc's
-# src/, the commit before the three, with this checkout's benchmarks/; carry it).
+# 1 MiB), a file's path handed over as a string (12bfc4b, e46d45e, f67c2cc), each manifest entry
+# encoded as its file is indexed (2dba831), against $BASE's code (default .base61: 5c84bbc's src/,
+# the commit before them, with this checkout's benchmarks/; carry it).
 #   part "e2e": gpu_parts.sh's e2e_ab: 16 x 256 and 16 x 4096, this checkout's code and $BASE's in
 #     turns (each with this checkout's script: both traces give the CPU of the threads beside the
 #     forward), $RUNS pairs (default 3), $REPEAT rounds each (default 5).
