@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import json
+import os
 import platform
 import time
 from collections.abc import Iterable
@@ -122,7 +123,7 @@ def tensor_files(path: Path) -> list[str]:
 def file_entries(rel: str, header: dict, metadata: dict) -> list[dict]:
     """The manifest entries of the tensor file `rel`, from its header ({name: {dtype, shape, ...}})
     and its header's metadata: what `index_files` reads back, and what a writer knows as it writes."""
-    prompt = int(Path(rel).parent.name[1:])
+    prompt = int(os.path.basename(os.path.dirname(rel))[1:])  # tensors/p00012/...: no Path (thousands of files)
     entries = []
     for name, info in header.items():
         module, role = split_name(name)

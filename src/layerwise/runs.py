@@ -24,6 +24,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -252,19 +253,23 @@ class RunWriter:
         files the writer's processes finish meanwhile are indexed (`entries`) as they come: the
         last ones are still being written, and the manifest then waits only for theirs."""
         while self._handoff is not None:
-            self._index_new()
+            self._index_new(between=True)
             if self._handoff.wait(one=True):
                 break
         self.wait()
         self._stop()
 
-    def _index_new(self) -> None:
+    def _index_new(self, between: bool = False) -> None:
         """The manifest entries of the files written since the last call, and their text (built
-        here, off the writer threads, which the forward pass shares the GIL with)."""
+        here, off the writer threads, which the forward pass shares the GIL with). `between`: the
+        GIL is let go after each file, so that the threads reading the last files' replies take
+        it at once (else they wait out the switch interval, 5 ms, behind this work)."""
         for rel in self._headers.keys() - self._index.keys():
             header = dict(self._headers[rel])
             self._index[rel] = entries = file_entries(rel, header, header.pop("__metadata__"))
             self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
+            if between:
+                time.sleep(0)
 
     @property
     def written(self) -> set[str]:
