@@ -24,7 +24,6 @@ import queue
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -253,23 +252,21 @@ class RunWriter:
         files the writer's processes finish meanwhile are indexed (`entries`) as they come: the
         last ones are still being written, and the manifest then waits only for theirs."""
         while self._handoff is not None:
-            self._index_new(between=True)
+            self._index_new()
             if self._handoff.wait(one=True):
                 break
         self.wait()
         self._stop()
 
-    def _index_new(self, between: bool = False) -> None:
+    def _index_new(self) -> None:
         """The manifest entries of the files written since the last call, and their text (built
-        here, off the writer threads, which the forward pass shares the GIL with). `between`: the
-        GIL is let go after each file, so that the threads reading the last files' replies take
-        it at once (else they wait out the switch interval, 5 ms, behind this work)."""
+        here, off the writer threads, which the forward pass shares the GIL with). Not yielding
+        the GIL between files: time.sleep(0) after each (so that the last files' replies would
+        not wait out the switch interval behind this work) made close end later (BENCHMARKS.md)."""
         for rel in self._headers.keys() - self._index.keys():
             header = dict(self._headers[rel])
             self._index[rel] = entries = file_entries(rel, header, header.pop("__metadata__"))
             self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
-            if between:
-                time.sleep(0)
 
     @property
     def written(self) -> set[str]:
