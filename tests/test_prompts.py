@@ -73,3 +73,13 @@ def test_batches_longest_first_right_padded():
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(batches, again)), "order of input is irrelevant"
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         make_batches(prompts, 0, 0)
+
+
+def test_batches_hold_every_id_exactly_as_int64():
+    """Ids past 32 bits and a prompt of none (make_batches called directly) land as given, padded
+    with the pad id, in int64 (the rows go through an int64 array, not torch.tensor of a tuple)."""
+    ids = (2**40 + 7, 0, 151642, 2**31, 5)
+    [batch] = make_batches([Prompt(0, None, ids), Prompt(1, None, ()), Prompt(2, None, (9,))], 3, pad_id=3)
+    assert batch.input_ids.dtype == torch.long and batch.attention_mask.dtype == torch.long
+    assert batch.input_ids.tolist() == [list(ids), [9, 3, 3, 3, 3], [3] * 5]
+    assert batch.attention_mask.tolist() == [[1] * 5, [1, 0, 0, 0, 0], [0] * 5]

