@@ -281,6 +281,7 @@ class Collector:
                 tails.append((t, how, tail))
                 if ok:
                     finite_tails.add(tail)
+        padded_finite = finite | finite_tails  # a padded prompt's file also holds the tails
         for b, n in counts.items():
             b.hand_out(len(batch.prompts), n)
         buffers = list(counts)
@@ -302,7 +303,7 @@ class Collector:
                 tensors.update((tail, t[first + n:first + width] if how == _FLAT else t[row, n:])
                                for t, how, tail in tails)
             self.writer.put(prompt.index, group, tensors, release,
-                            finite=finite if n == width else finite | finite_tails)
+                            finite=finite if n == width else padded_finite)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer. When the completion
