@@ -468,18 +468,16 @@ class WriteTrace:
             else:
                 trace.collections.append((info["generation"], time.perf_counter() - trace._gc_start))
         gc.callbacks.append(collected)
-        self._undo.append((None, collected, None))
+        self._collected = collected
         self.origin = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.origin
         self.parts["replies_cpu"] = replies_cpu() - self._replies
+        gc.callbacks.remove(self._collected)
         for owner, name, original in reversed(self._undo):
-            if owner is None:  # a garbage collector callback
-                gc.callbacks.remove(name)
-            else:
-                setattr(owner, name, original)
+            setattr(owner, name, original)
         return False
 
     def summary(self) -> dict:
