@@ -111,7 +111,7 @@ class NullWriter:
 class NullRunWriter(NullWriter):
     """RunWriter's interface, writing nothing: extract's cost without the disk."""
 
-    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16):
+    def __init__(self, path, intent, overwrite=False, threads=None, queue_depth=16, intent_later=False):
         super().__init__()
         self.path = self.target = Path(path)
 
@@ -394,9 +394,10 @@ class WriteTrace:
                 with trace.lock:
                     if part is None:
                         trace.files.append((start - trace.origin, end - trace.origin, threading.get_ident()))
-                    else:
-                        trace.parts[part] += end - start
-                        trace.ends[part] = round(end - trace.origin, 6)  # when its last call returned
+                    else:  # intent.json's text and write, on the thread that writes it beside the forward: apart
+                        key = f"intent_{part}" if threading.current_thread().name == "layerwise-intent" else part
+                        trace.parts[key] = trace.parts.get(key, 0.0) + end - start
+                        trace.ends[key] = round(end - trace.origin, 6)  # when its last call returned
         setattr(owner, name, timed)
         self._undo.append((owner, name, original))
 
@@ -422,7 +423,7 @@ class WriteTrace:
         self._timed(runs.RunWriter, "wait", "writer_wait")  # inside close: the last files' replies
         self._timed(runs.RunWriter, "entries", "entries")
         self._timed(runs, "build_manifest", "manifest_build")
-        self._timed(runs, "json_text", "manifest_text")  # and intent.json's at the start
+        self._timed(runs, "json_text", "manifest_text")  # and intent.json's at the start (apart: intent_*)
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture
 
@@ -442,7 +443,7 @@ class WriteTrace:
         self._undo.append((recording.Recording, "close_capture", close))
         forward = extract_module._forward
 
-        def forward_loop(*args, **kwargs):  # after the run is open (intent.json written, the sink started)
+        def forward_loop(*args, **kwargs):  # after the run is open (intent.json under way, the sink started)
             trace.forward_start = time.perf_counter() - trace.origin
             return forward(*args, **kwargs)
         extract_module._forward = forward_loop

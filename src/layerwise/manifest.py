@@ -146,7 +146,7 @@ def entry_digests(entry: dict) -> tuple[tuple[str, str], ...]:
 _ONE_LINE = json.JSONEncoder(default=str, check_circular=False)  # no indent: json's C encoder
 
 
-def json_text(document: dict, known: dict | None = None) -> str:
+def json_text(document: dict, known: dict | None = None, between=None) -> str:
     """The text of a run's intent.json or manifest.json: a key a line at the top and in its
     dicts, a list's items (each tensor, each prompt) a line each, every value written by json's
     C encoder. An indented dump goes through json's pure-Python encoder: 3.7 ms for 640 tensors'
@@ -154,14 +154,16 @@ def json_text(document: dict, known: dict | None = None) -> str:
     and the end of every extract. `known` (filled as it goes): each list's text by its key, used
     again for the very same list object (the intent's prompts, in the manifest made from it:
     16 prompts of 4096 token ids are 4 ms on the VM); the caller vouches it was not changed since,
-    or made the text itself (`list_text` of its items' `item_text`)."""
+    or made the text itself (`list_text` of its items' `item_text`). `between()` runs after each
+    list item is encoded (a background writer's time.sleep(0): the GIL handed back between items)."""
     parts = []
     for key, value in document.items():
         name = _ONE_LINE.encode({key: 0})[1:-2]  # `"key": `, the key as json writes keys
         if isinstance(value, list) and value:
             hit = known.get(key) if known is not None else None
             if hit is None or hit[0] is not value:
-                hit = (value, list_text(map(_ONE_LINE.encode, value)))
+                items = map(_ONE_LINE.encode, value)
+                hit = (value, list_text(items if between is None else _pausing(items, between)))
                 if known is not None:
                     known[key] = hit
             parts.append(name + hit[1])
@@ -171,6 +173,12 @@ def json_text(document: dict, known: dict | None = None) -> str:
         else:
             parts.append(name + _ONE_LINE.encode(value))
     return "{\n " + ",\n ".join(parts) + "\n}\n" if parts else "{}\n"
+
+
+def _pausing(texts, between):
+    for text in texts:
+        yield text
+        between()
 
 
 def list_text(items) -> str:

@@ -1,6 +1,7 @@
 """One run being recorded, from its intent to its manifest: the lifecycle every producer shares.
 
-`Recording(out, intent, targets)` opens the run's writer (runs.RunWriter: intent.json first, an
+`Recording(out, intent, targets)` opens the run's writer (runs.RunWriter: intent.json first,
+written by a thread of its own beside the first forward pass and before any tensor file; an
 existing run of the same intent resumed) and, for capture `targets`, the sink behind the hooks
 (collector.Collector). The producer (extract, streaming, replay, import) runs its forward passes
 inside `with recording:`, then calls `close_capture()` (every captured tensor reaches the writer)
@@ -111,8 +112,9 @@ class Recording:
         self.ranks = ranks if ranks is not None and ranks.world > 1 else None
         intent = intent.as_dict() if isinstance(intent, Intent) else intent
         self.groups = list(groups_of(targets or []))
-        if self.ranks is None:
-            self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth)
+        if self.ranks is None:  # intent.json written beside the first forward pass, before any tensor file
+            self.writer = RunWriter(out, intent, overwrite, threads=writer_threads, queue_depth=queue_depth,
+                                    intent_later=True)
         else:
             self.ranks.agree("the run to write", identity(intent))  # what decides resume vs refuse
             # rank 0 opens the run (replacing one is done beside it); the others write where it writes

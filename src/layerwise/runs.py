@@ -24,6 +24,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -72,15 +73,18 @@ class RunWriter:
     """
 
     def __init__(self, path: str | os.PathLike, intent: Intent | dict, overwrite: bool = False,
-                 threads: int | None = None, queue_depth: int = QUEUE_DEPTH):
+                 threads: int | None = None, queue_depth: int = QUEUE_DEPTH, intent_later: bool = False):
         procs = writerproc.processes(threads)  # where files whose tensors lie in shared memory are written
         threads = threads or writer_threads()
         self._handoff = writerproc.Handoff(procs, queue_depth + sum(p.threads for p in procs)) if procs else None
         self.target = self.path = Path(path)  # path: where files go, beside the target when replacing a run
         self._replaced: Path | None = None  # the old run's directory, when the new one is written beside it
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
+        self._known: dict = {}  # the intent's lists' texts (json_text), made once: the manifest holds them too
+        self._intent_job: threading.Thread | None = None  # writing intent.json (`intent_later`)
+        self._intent_error: BaseException | None = None
         try:
-            self._prepare(overwrite)
+            self._prepare(overwrite, intent_later)
         except OSError as err:
             raise UserError(f"cannot write the run {self.target}: {io_reason(err)} ({err.filename or self.path}); "
                             "pick a writable --out") from None
@@ -95,7 +99,7 @@ class RunWriter:
         self._bytes, self._lock = 0, threading.Lock()
         self._thread_count, self._threads = threads, []  # this process's writer threads, started by `put`
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _prepare(self, overwrite: bool, later: bool) -> None:
         path = self.path
         if path.exists() and not path.is_dir():
             raise UserError(f"output path {path} is a file: pass a directory for the run")
@@ -116,13 +120,36 @@ class RunWriter:
                                     "it, or pick another --out")
                 (path / MANIFEST).unlink(missing_ok=True)  # resuming: the run is incomplete until finish()
         path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / INTENT, json_text(self.intent))
+        if later:  # its text (16 prompts of 4096 token ids: 7 ms) and fsync beside the first forward pass
+            self._intent_job = threading.Thread(target=self._write_intent, name="layerwise-intent")
+            self._intent_job.start()
+        else:
+            write_text_atomic(path / INTENT, json_text(self.intent, self._known))
+
+    def _write_intent(self) -> None:
+        try:  # the GIL handed back after each prompt's text: the forward pass launches meanwhile
+            write_text_atomic(self.path / INTENT, json_text(self.intent, self._known, between=lambda: time.sleep(0)))
+        except BaseException as err:
+            self._intent_error = err
+
+    def intent_written(self) -> None:
+        """Wait until intent.json is on disk (written in the background with `intent_later`: it
+        lands before any tensor file, which waits for it here); raise what stopped it."""
+        if self._intent_job is not None:
+            self._intent_job.join()
+        err = self._intent_error  # raised to every caller (the writer's threads, then finish)
+        if err is not None and not is_io_error(err):
+            raise err
+        if err is not None:
+            raise UserError(f"cannot write the run {self.target}: {io_reason(err)} ({self.path / INTENT}); "
+                            "pick a writable --out") from None
 
     def restate(self, intent: Intent | dict) -> None:
         """Rewrite intent.json: for a producer that learns part of what the run is while recording
         (the vLLM hook learns the prompts as requests arrive). Before `finish`."""
+        self.intent_written()
         self.intent = intent.as_dict() if isinstance(intent, Intent) else intent
-        write_text_atomic(self.path / INTENT, json_text(self.intent))
+        write_text_atomic(self.path / INTENT, json_text(self.intent, self._known))
 
     def _staging(self) -> Path:
         """Where a run replacing another is written: beside it, resumed when a killed replacement
@@ -215,7 +242,8 @@ class RunWriter:
         """The absolute path of file `rel`, its folder made (once: a system call less per file;
         strings, not Path objects: `put` runs on the thread the forward pass shares the GIL with)."""
         folder, _, _ = rel.rpartition("/")
-        if folder not in self._dirs:
+        if folder not in self._dirs:  # the first file of all among them: after intent.json
+            self.intent_written()
             try:
                 (self.path / folder).mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -287,8 +315,8 @@ class RunWriter:
         The intent's lists (the prompts' token ids) are written as text first, and the entries of
         the files already written as they are indexed, while the writer's last files are still
         being written: the manifest holds the same lists and entries."""
-        known: dict = {}
-        json_text(self.intent, known)  # the producer is done: its intent no longer changes
+        self.intent_written()
+        known = self._known  # the intent's lists, as intent.json holds them (the producer changed none since)
         self.close()
         manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
         tensors, texts = manifest["tensors"], self._texts  # most made while the last files were written
@@ -314,6 +342,8 @@ class RunWriter:
 
     def abort(self) -> None:
         """Stop writing; whatever was written stays (for a resume), no manifest is written."""
+        if self._intent_job is not None:
+            self._intent_job.join()  # whole or not there: never written after this returns
         if self._threads:
             self._error = self._error or RuntimeError("aborted")
             while True:  # drop queued work so the writers see the stop marks
