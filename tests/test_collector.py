@@ -353,8 +353,9 @@ class ThreadWriter(ListWriter):
 def test_flush_completes_the_last_copy_itself_when_the_completion_thread_is_idle():
     """`flush` with nothing queued cuts and hands the files on its own thread (no wake-up of
     another thread, then of this one); with a flush still queued it leaves the work to the
-    completion thread: files keep their order whichever thread hands them on."""
-    targets = _targets(1)
+    completion thread: files keep their order whichever thread hands them on. (Layer 1's hooks
+    never fire here: else the batch's last hook would have flushed already.)"""
+    targets = _targets(2)
     writer = ThreadWriter()
     collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True)
     states = [torch.randn(1, 4, 2) for _ in range(2)]
@@ -420,3 +421,64 @@ def test_flattened_router_tensors_are_cut_per_prompt_from_their_token_rows():
             assert torch.equal(got[f"{router}:topk_ids"], ids[r * width:r * width + n].to(torch.int32))
             assert got[f"{router}:topk_ids"].dtype == torch.int32 and torch.equal(got[f"{router}:score_bias"],
                                                                                    torch.ones(5))
+
+
+def test_the_batch_s_last_hook_flushes_at_once_and_a_batch_missing_a_hook_waits_for_its_end():
+    """Once every hook of a batch fired, its last tensors are copied and their files handed on
+    at once (the model's final norm and head run meanwhile), with no `flush` or `close` called;
+    a batch where a hook did not fire (an expert no token chose) keeps what it holds until its
+    end, then writes the same files."""
+    targets = _targets(2)
+    writer = ThreadWriter()
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True,
+                          flush_bytes=1 << 30)  # no decoder layer's input flushes: only the last hook
+    states = [torch.randn(2, 4, 3) for _ in range(3)]
+    for batch in range(2):  # a second batch counts its own hooks
+        collector.start_batch(dataclasses.replace(_batch([4, 4], 4), prompts=(
+            Prompt(2 * batch, None, (0, 1, 2, 3)), Prompt(2 * batch + 1, None, (0, 1, 2, 3)))))
+        for k in range(2):
+            inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
+            collector.take(inp, [states[k]])
+            assert not writer.files.keys() & {(2 * batch, "model.layers.0")}, "flushed before the last hook"
+            collector.take(out, [states[k + 1]])
+        assert not collector._held, "the last hook's tensors still held"
+        deadline = time.monotonic() + 5
+        while len(writer.files) < 4 * (batch + 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(writer.files) == 4 * (batch + 1), "the files were not handed on before the batch ended"
+        assert writer.threads[(2 * batch + 1, "model.layers.1")] == "layerwise-capture"
+    assert torch.equal(writer.files[(3, "model.layers.1")]["model.layers.1:output"], states[2][1])
+    collector.start_batch(dataclasses.replace(_batch([4], 4), prompts=(Prompt(4, None, (0, 1, 2, 3)),)))
+    collector.take(targets[0], [states[0]])
+    collector.take(targets[1], [states[1]])  # layer 1's hooks never fire
+    time.sleep(0.2)
+    assert (4, "model.layers.0") not in writer.files and len(collector._held) == 2
+    _in_thread(collector.close)
+    assert torch.equal(writer.files[(4, "model.layers.0")]["model.layers.0:output"], states[1][0])
+    assert collector.pool.used == 0, "every buffer came back"
+
+
+def test_a_model_s_last_layer_is_flushed_before_its_final_norm_runs(tiny_llama):
+    """In a real forward pass the last hook is the last decoder layer's output: its copy is
+    issued before the model's final norm (and head) run, not after the forward pass returns."""
+    from layerwise import capture, loading
+
+    loaded = loading.load_model(tiny_llama.spec, loading.LoadOptions(device_map="cpu", dtype="float32"))
+    model, anatomy = loaded.model, loaded.anatomy
+    targets = capture.plan_targets(anatomy, ("residual",), tuple(range(anatomy.num_layers)))
+    writer = ThreadWriter()
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 24, copy_host_tensors=True,
+                          flush_bytes=1 << 30)
+    seen = []
+    norm = model.get_submodule(anatomy.norm_path)
+    handle = norm.register_forward_pre_hook(lambda mod, args: seen.append((len(collector._held), collector._queued)))
+    batch = _batch([5, 3], 5)
+    try:
+        with capture.Capture(model, targets, collector), torch.inference_mode():
+            collector.start_batch(batch)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    _in_thread(collector.close)
+    assert seen and seen[0][0] == 0, f"the norm ran with {seen[0][0]} tensors still held (not flushed)"
+    assert len(writer.files) == 2 * anatomy.num_layers

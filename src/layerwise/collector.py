@@ -60,8 +60,13 @@ class Collector:
       buffer (one `cat` per dtype, converted there to the dtype it is stored in, and one joining
       them, on the compute stream, after their producers) and issues one device-to-host copy of
       it on that device's copy stream into a pinned buffer: a handful of launches per flush, and
-      the copies overlap the next layers' compute. `end_batch()`
-      (`start_batch`, `flush` and `close` call it) flushes the rest.
+      the copies overlap the next layers' compute. The batch's last hook (every hook fired:
+      the last layer's output, unless the norm or the logits are captured) flushes at once, so
+      that copy and its files overlap what the model computes after it: the final norm and the
+      head (2 x tokens x hidden x vocabulary FLOPs: 80 TFLOP at 16 x 4096 tokens of MiniMax-M2,
+      a decoder layer's 3 or so). `end_batch()` (`start_batch`, `flush` and `close` call it)
+      flushes the rest (what a hook that fired twice, or a batch whose hooks did not all fire,
+      left held).
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
       into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
       `flush()` does that work itself when the completion thread has nothing queued: a caller
@@ -90,6 +95,7 @@ class Collector:
         self._copy_host = copy_host_tensors
         self.copier = HostCopier(self.pool, copy_host_tensors)
         self._batch = None
+        self._hooks, self._fired = len(targets), 0  # the hooks a forward pass fires; how many did in this batch
         self._held: list = []  # (group, name, tensor or None) in capture order
         self._held_bytes = 0  # their bytes (a tensor seen twice counts twice)
         self.flush_bytes = flush_bytes
@@ -108,18 +114,21 @@ class Collector:
         self.end_batch()
         if self._error is not None:
             raise self._error
-        self._batch = batch
+        self._batch, self._fired = batch, 0
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
         """Keep one hook's tensors; a decoder layer's input flushes what came before it once that
-        is `flush_bytes` or more."""
+        is `flush_bytes` or more, and the batch's last hook flushes at once (the class says why)."""
         held, group = self._held, target.group
         before = len(held)
         for name, t in zip(target.names, tensors):
             held.append((group, name, t))
             if t is not None:
                 self._held_bytes += t.nbytes
-        if before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
+        self._fired += 1
+        if self._fired == self._hooks:  # every hook of the batch fired: nothing more comes before its end
+            self.end_batch(keep_batch=True)
+        elif before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
             self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
     def end_batch(self, keep_batch: bool = False) -> None:
