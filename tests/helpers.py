@@ -97,7 +97,8 @@ def assert_runs_equal(a, b, names=None, exclude_roles: tuple[str, ...] = ()) -> 
 
 def nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, prompts, device_map: str, dtype: str):
     """Every copy's float runs summed (hostcopy.CHECK_BYTES 0; on the CPU the capture's copies
-    made as on a GPU), a flush at every decoder layer, a weight of layer 1 made NaN: the files the
+    made as on a GPU; the batch's last flush summed first, on a GPU on the compute stream), a
+    flush at every decoder layer, a weight of layer 1 made NaN: the files the
     capture calls finite hold no NaN/Inf (torch's isfinite on what was read back), and some are
     (layer 0's flush: a NaN takes its whole run of a flush out); the run is the one written with
     every tensor checked by the writer (the same digests, the same NaN/Inf records), and those
@@ -120,12 +121,16 @@ def nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, prompts
         named.extend((prompt, name) for name in finite)
         return put(self, prompt, group, tensors, on_written, finite)
     monkeypatch.setattr(runs.RunWriter, "put", noted)
+    firsts, pack = [], hostcopy.HostCopier.pack  # the batch's last flush sums first, on the compute stream
+    monkeypatch.setattr(hostcopy.HostCopier, "pack", lambda self, *a, sum_first=False:
+                        firsts.append(sum_first) or pack(self, *a, sum_first=sum_first))
     manifests = {}
     for check_bytes in (0, 1 << 62):
         monkeypatch.setattr(hostcopy, "CHECK_BYTES", check_bytes)
         extract_model(loaded, tmp_path / str(check_bytes), prompts,
                       ExtractOptions(points="residual,attn,mlp,router,logits", batch_size=3))
         manifests[check_bytes] = runs.open_run(tmp_path / str(check_bytes)).manifest
+    assert True in firsts and False in firsts
     assert manifests[0]["tensors"] == manifests[1 << 62]["tensors"]
     assert manifests[0]["nonfinite"] == manifests[1 << 62]["nonfinite"] != []
     run = runs.open_run(tmp_path / "0")

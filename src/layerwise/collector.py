@@ -127,31 +127,32 @@ class Collector:
                 self._held_bytes += t.nbytes
         self._fired += 1
         if self._fired == self._hooks:  # every hook of the batch fired: nothing more comes before its end
-            self.end_batch(keep_batch=True)
+            self.end_batch(keep_batch=True, last=True)
         elif before and target.when == INPUT and not target.extra and self._held_bytes >= self.flush_bytes:
             self.end_batch(keep_batch=True)  # at a decoder layer's input, not a --modules input
 
-    def end_batch(self, keep_batch: bool = False) -> None:
-        """Issue the host copies of everything held and hand them to the completion thread."""
-        item = self._copy_held()
+    def end_batch(self, keep_batch: bool = False, last: bool = False) -> None:
+        """Issue the host copies of everything held and hand them to the completion thread
+        (`last`: at the batch's last hook, the model's own work still to be launched)."""
+        item = self._copy_held(last)
         if item is not None:
             self._put(item)
         if not keep_batch:
             self._batch = None
 
-    def _copy_held(self) -> _Flush | None:
+    def _copy_held(self, last: bool = False) -> _Flush | None:
         """The host copies of everything held (None: nothing is), which is then held no more."""
         if not self._held:
             return None
         held, self._held, self._held_bytes = self._held, [], 0
-        return self._copy(held)
+        return self._copy(held, last)
 
     def _put(self, item) -> None:
         with self._state:
             self._queued += 1
         self._pending.put(item)
 
-    def _copy(self, held: list) -> _Flush:
+    def _copy(self, held: list, last: bool = False) -> _Flush:
         """One packed host copy per device (per slab) of the held tensors, each tensor object once
         (a layer's output is the next layer's input: the same object, seen twice)."""
         stored: dict[int, list] = {}  # id(tensor) -> [it, the dtype every name of it is stored in (None: they differ)]
@@ -176,7 +177,7 @@ class Collector:
             slab = self.pool.slab if self.pool is not None else 0
             for indices in bins([t.nbytes for t, _ in pairs], slab):  # slabs: buffers the pool reuses (and pins ahead)
                 chosen = [pairs[i] for i in indices]
-                views, checks, event = self.copier.pack(device, chosen, buffers, keep)
+                views, checks, event = self.copier.pack(device, chosen, buffers, keep, sum_first=last)
                 hosts.update((id(t), (v, len(buffers) - 1, c)) for (t, _), v, c in zip(chosen, views, checks))
                 if event is not None:
                     done.append(event)
