@@ -39,10 +39,9 @@ class HostCopier:
         runs of bytes joined by one `cat` on the compute stream (after their producers), widest
         dtype first so that every run starts aligned to its elements. A copy of CHECK_BYTES or more
         also copies each float run's float32 sum behind its bytes (`_summed`), summed on the copy
-        stream, beside the next layers' compute, or (`sum_first`: the batch's last flush) on the
-        compute stream before what follows there: on the copy stream, the sums, and so the
-        copy's event, would wait until the model's head, one kernel over every SM, is done
-        (at 16 x 4096 tokens of MiniMax-M2, 80 TFLOP). Returns the host
+        stream beside the next layers' compute, or (`sum_first`: the batch's last flush) on the
+        compute stream first: on the copy stream the sums, and the copy's event, would wait
+        for the model's head (one GEMM over every SM; 80 TFLOP at 16 x 4096). Returns the host
         views (of the stored dtypes) and their checks ((host sums, index) or None), in `pairs`
         order, and the copy's event (None on the CPU)."""
         runs: dict[tuple, list[int]] = {}
