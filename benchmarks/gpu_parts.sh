@@ -86,3 +86,10 @@ e2e_threads() {
         echo "=== writer threads $order (exit $?, at $SECONDS s)"; grep '^extract' "$W/threads$order.log" | cut -c1-330
     done
 }
+# gpu_suite: the GPU test suite (tests/gpu), or the tests matching $GK (pytest -k), for $GT seconds
+# at most (default 300); log gpu_tests.log under $W.
+gpu_suite() {
+    timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
+        --tb=short ${GK:+-k "$GK"} > "$W/gpu_tests.log" 2>&1
+    echo "=== gpu tests (exit $?, at $SECONDS s)"; tail -30 "$W/gpu_tests.log"
+}

@@ -19,8 +19,6 @@ capture)
         --out "$W/capture" > "$W/capture.log" 2>&1
     echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
 gputests)
-    timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
-        --tb=short > "$W/gpu_tests.log" 2>&1
-    echo "=== gpu tests (exit $?, at $SECONDS s)"; tail -30 "$W/gpu_tests.log" ;;
+    gpu_suite ;;
 esac
 tar czf "$OUT/session63-$PART.tgz" -C "$W" . 2>/dev/null

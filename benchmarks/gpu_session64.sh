@@ -12,8 +12,6 @@ case "$PART" in
 e2e)
     e2e_ab "$BASE" ;;
 gputests)
-    timeout ${GT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu --timeout 200 --durations=15 -rfs \
-        --tb=short ${GK:+-k "$GK"} > "$W/gpu_tests.log" 2>&1
-    echo "=== gpu tests (exit $?, at $SECONDS s)"; tail -30 "$W/gpu_tests.log" ;;
+    gpu_suite ;;
 esac
 tar czf "$OUT/session64-$PART.tgz" -C "$W" . 2>/dev/null
