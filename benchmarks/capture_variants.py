@@ -72,7 +72,7 @@ class Hooks:
 class Hold(Collector):
     """Keeps what the hooks saw until the end of the batch, then drops it: no copies."""
 
-    def _copy(self, held):
+    def _copy(self, held, last=False):
         return None
 
 
