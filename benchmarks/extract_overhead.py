@@ -427,9 +427,13 @@ class WriteTrace:
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture
 
+        self._timed(runs.RunWriter, "_handed", "handed")  # a reply taken in: its header kept (indexed)
+
         def in_process(start, end, checking, hashing, thread):  # a file the writer's own process wrote
+            received = time.perf_counter() - trace.origin  # on the thread reading that process's replies
             with trace.lock:
                 trace.files.append((start - trace.origin, end - trace.origin, f"process:{thread}"))
+                trace.replies.append((end - trace.origin, received))
                 trace.parts["nonfinite"] += checking
                 trace.parts["digest"] += hashing
         writerproc.TRACE = in_process
@@ -460,6 +464,7 @@ class WriteTrace:
         collector_module.Collector._complete = completion
         self._undo.append((collector_module.Collector, "_complete", complete))
         self._replies = replies_cpu()
+        self.replies: list = []  # (a file's end in its writer process, its reply received here)
         self.collections: list = []  # (generation, seconds) of each garbage collection in the extract
         self._gc_start = 0.0
 
@@ -496,6 +501,8 @@ class WriteTrace:
                 **{f"{part}_s": r(seconds) for part, seconds in self.parts.items()},
                 "collections": [sum(1 for g, _ in self.collections if g == gen) for gen in range(3)],
                 "collections_s": r(sum(seconds for _, seconds in self.collections)), "ends_s": dict(self.ends),
+                "last_reply_s": r(max((got for _, got in self.replies), default=0.0)),
+                "reply_lag_max_s": r(max((got - end for end, got in self.replies), default=0.0)),
                 "after_last_file_s": r(self.wall - last), "wall_s": r(self.wall)}
 
 
