@@ -145,13 +145,14 @@ def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_
     assert torch.equal(runs.open_run(tmp_path / "run").tensor("b:output"), big)
 
 
-def test_files_are_indexed_while_the_last_are_written_each_once(tmp_path, monkeypatch, traced):
-    """`close` builds the manifest entries of the files the process finished while it waits for
-    the others (the first before the last file is written), each file's once; the manifest equals
-    the files' headers read back."""
+def test_files_are_indexed_as_their_replies_come_each_once(tmp_path, monkeypatch, traced):
+    """Each file's manifest entries are built on the thread reading its writer process's reply,
+    as it comes (the first before the last file is written), each file's once; `close` then only
+    waits. The manifest equals the files' headers read back."""
     built = []
     real = runs.file_entries
-    monkeypatch.setattr(runs, "file_entries", lambda rel, *a: built.append((rel, time.perf_counter())) or real(rel, *a))
+    monkeypatch.setattr(runs, "file_entries", lambda rel, *a: built.append(
+        (rel, time.perf_counter(), threading.current_thread().name)) or real(rel, *a))
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=1)
     g = torch.Generator().manual_seed(4)
     tensors = [in_shared(torch.randn(8 << 20, generator=g)) for _ in range(4)]  # 32 MB: 10-50 ms a file
@@ -159,10 +160,35 @@ def test_files_are_indexed_while_the_last_are_written_each_once(tmp_path, monkey
         writer.put(prompt, "a", {"a:output": t})
     manifest = writer.finish()
     last_file_end = max(timing[1] for timing in traced)
-    assert len(traced) == 4 and sorted(rel for rel, _ in built) == sorted(writer.written)
-    assert min(t for _, t in built) < last_file_end, "indexed only after the last file"
+    assert len(traced) == 4 and sorted(rel for rel, *_ in built) == sorted(writer.written)
+    assert {name for *_, name in built} == {"layerwise-writer-replies"}
+    assert min(t for _, t, _ in built) < last_file_end, "indexed only after the last file"
     writer.entries()
     assert len(built) == 4, "each file's entries are built once"
+    assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
+
+
+def test_a_file_the_reply_thread_cannot_index_is_indexed_by_the_caller(tmp_path, monkeypatch, traced):
+    """Indexing that fails on the reply thread neither stops that thread (the later replies are
+    still taken in: no hang) nor loses the file: `finish` indexes it on its own thread, where an
+    error would be raised."""
+    real = runs.file_entries
+
+    def entries(rel, *a):
+        if threading.current_thread().name == "layerwise-writer-replies":
+            raise ValueError("not here")
+        return real(rel, *a)
+    monkeypatch.setattr(runs, "file_entries", entries)
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=1)
+    for prompt in range(3):
+        writer.put(prompt, "a", {"a:output": in_shared(torch.full((64,), float(prompt)))})
+    done: list = []
+    finishing = threading.Thread(target=lambda: done.append(writer.finish()), daemon=True)
+    finishing.start()
+    finishing.join(timeout=30)
+    assert done, "finish waits for replies no thread takes in any more"
+    manifest = done[0]
+    assert len(traced) == 3 and [e["prompt"] for e in manifest["tensors"]] == [0, 1, 2]
     assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
 
 

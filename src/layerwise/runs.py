@@ -90,7 +90,7 @@ class RunWriter:
                             "pick a writable --out") from None
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
-        self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_new`)
+        self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_file`)
         self._texts: dict[tuple[str, str], str] = {}  # (file, name) -> that entry's text in the manifest
         self._dirs: set[str] = set()  # the prompt directories made so far (relative)
         self._root = os.path.abspath(self.path)  # files go there (a writer process has another working directory)
@@ -202,6 +202,11 @@ class RunWriter:
         finally:
             if on_written is not None:
                 on_written()
+        if err is None:  # indexed as it comes: `close` then waits only for the last files' replies
+            try:
+                self._index_file(rel, header)
+            except Exception:  # left to `entries`, which indexes it again on the caller's thread and raises there
+                pass
 
     def _work(self) -> None:
         while True:
@@ -276,25 +281,27 @@ class RunWriter:
         return self._bytes
 
     def close(self) -> None:
-        """Wait until every queued file is on disk and stop the writers, without a manifest. The
-        files the writer's processes finish meanwhile are indexed (`entries`) as they come: the
-        last ones are still being written, and the manifest then waits only for theirs."""
-        while self._handoff is not None:
-            self._index_new()
-            if self._handoff.wait(one=True):
-                break
+        """Wait until every queued file is on disk and stop the writers, without a manifest (a
+        writer process's files were indexed for it as their replies came)."""
         self.wait()
         self._stop()
 
     def _index_new(self) -> None:
-        """The manifest entries of the files written since the last call, and their text (built
-        here, off the writer threads, which the forward pass shares the GIL with). Not yielding
-        the GIL between files: time.sleep(0) after each (so that the last files' replies would
-        not wait out the switch interval behind this work) made close end later (BENCHMARKS.md)."""
+        """The manifest entries of the files written since the last call that are not indexed
+        yet (those this process's writer threads wrote: a writer process's are indexed as their
+        replies come)."""
         for rel in self._headers.keys() - self._index.keys():
-            header = dict(self._headers[rel])
-            self._index[rel] = entries = file_entries(rel, header, header.pop("__metadata__"))
-            self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
+            self._index_file(rel, self._headers[rel])
+
+    def _index_file(self, rel: str, header: dict) -> None:
+        """File `rel`'s manifest entries and their texts, from its header (with "__metadata__").
+        On the thread reading the writer process's replies, beside the forward pass: 15-30 us a
+        file. Done at the end instead, the last files' replies waited behind the backlog for
+        the GIL (BENCHMARKS.md)."""
+        header = dict(header)
+        entries = file_entries(rel, header, header.pop("__metadata__"))
+        self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
+        self._index[rel] = entries
 
     @property
     def written(self) -> set[str]:
@@ -312,9 +319,8 @@ class RunWriter:
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
         """Wait for the writers, take the files' entries (or `entries`), write manifest.json last.
-        The intent's lists (the prompts' token ids) are written as text first, and the entries of
-        the files already written as they are indexed, while the writer's last files are still
-        being written: the manifest holds the same lists and entries."""
+        The intent's lists (the prompts' token ids) were made into text for intent.json, and each
+        file's entries as its writer process replied: the manifest reuses both texts."""
         self.intent_written()
         known = self._known  # the intent's lists, as intent.json holds them (the producer changed none since)
         self.close()

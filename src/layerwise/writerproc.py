@@ -343,14 +343,11 @@ class Handoff:
             done(("lost", None, err))
         return True
 
-    def wait(self, one: bool = False) -> bool:
-        """Block until every file handed over is written (`one`: or one more is); whether all are."""
+    def wait(self) -> None:
+        """Block until every file handed over is written."""
         with self._idle:
             while self._pending:
                 self._idle.wait()
-                if one:
-                    break
-            return not self._pending
 
 
 _PROCESSES: list[WriterProcess] = []  # this program's writer processes (a later call resizes them)
