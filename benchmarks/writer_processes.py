@@ -77,7 +77,7 @@ def measure(args) -> dict:
                 for i, file in enumerate(files):
                     handoff.put(os.path.abspath(where / f"p{i // 8}" / f"l{i % 8}.safetensors"),
                                 {"prompt": str(i // 8)}, file,
-                                lambda header, err: None if err is None else print(f"failed: {err}"))
+                                lambda header, err, _: None if err is None else print(f"failed: {err}"))
                 handoff.wait()
                 spent[c].append((time.perf_counter() - start, time.process_time() - cpu))
                 shutil.rmtree(where)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerwise import pinned, runs, tensorfile, writerproc
+from layerwise import manifest, pinned, runs, tensorfile, writerproc
 from layerwise.errors import LostProcess, UserError
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
@@ -145,51 +145,42 @@ def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_
     assert torch.equal(runs.open_run(tmp_path / "run").tensor("b:output"), big)
 
 
-def test_files_are_indexed_as_their_replies_come_each_once(tmp_path, monkeypatch, traced):
-    """Each file's manifest entries are built on the thread reading its writer process's reply,
-    as it comes (the first before the last file is written), each file's once; `close` then only
-    waits. The manifest equals the files' headers read back."""
+def test_the_writer_process_indexes_its_files_and_the_manifest_is_the_headers_read_back(tmp_path, monkeypatch, traced):
+    """A writer process sends each file's manifest entries and their texts with its reply: this
+    process builds none (no GIL spent on them), they are in before `close`, and the manifest
+    equals the one made from the files' headers read back."""
     built = []
     real = runs.file_entries
-    monkeypatch.setattr(runs, "file_entries", lambda rel, *a: built.append(
-        (rel, time.perf_counter(), threading.current_thread().name)) or real(rel, *a))
+    monkeypatch.setattr(runs, "file_entries", lambda rel, *a: built.append(rel) or real(rel, *a))
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=1)
     g = torch.Generator().manual_seed(4)
-    tensors = [in_shared(torch.randn(8 << 20, generator=g)) for _ in range(4)]  # 32 MB: 10-50 ms a file
-    for prompt, t in enumerate(tensors):
-        writer.put(prompt, "a", {"a:output": t})
-    manifest = writer.finish()
-    last_file_end = max(timing[1] for timing in traced)
-    assert len(traced) == 4 and sorted(rel for rel, *_ in built) == sorted(writer.written)
-    assert {name for *_, name in built} == {"layerwise-writer-replies"}
-    assert min(t for _, t, _ in built) < last_file_end, "indexed only after the last file"
-    writer.entries()
-    assert len(built) == 4, "each file's entries are built once"
-    assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
+    for prompt in range(4):
+        writer.put(prompt, "a", {"a:output": in_shared(torch.randn(1 << 16, generator=g)),
+                                 "a:input": in_shared(torch.randn(8, 4, generator=g).to(torch.bfloat16))})
+    writer.wait()
+    assert sorted(writer._index) == sorted(writer.written) and len(traced) == 4
+    assert all(writer._texts[(rel, e["name"])] == manifest.item_text(e)
+               for rel, entries in writer._index.items() for e in entries)
+    written = writer.finish()
+    assert built == [], "this process built entries the writer's process had sent"
+    assert written["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
+    assert (writer.path / runs.MANIFEST).read_text() == manifest.json_text(written)
 
 
-def test_a_file_the_reply_thread_cannot_index_is_indexed_by_the_caller(tmp_path, monkeypatch, traced):
-    """Indexing that fails on the reply thread neither stops that thread (the later replies are
-    still taken in: no hang) nor loses the file: `finish` indexes it on its own thread, where an
-    error would be raised."""
-    real = runs.file_entries
-
-    def entries(rel, *a):
-        if threading.current_thread().name == "layerwise-writer-replies":
-            raise ValueError("not here")
-        return real(rel, *a)
-    monkeypatch.setattr(runs, "file_entries", entries)
-    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=1)
-    for prompt in range(3):
-        writer.put(prompt, "a", {"a:output": in_shared(torch.full((64,), float(prompt)))})
-    done: list = []
-    finishing = threading.Thread(target=lambda: done.append(writer.finish()), daemon=True)
-    finishing.start()
-    finishing.join(timeout=30)
-    assert done, "finish waits for replies no thread takes in any more"
-    manifest = done[0]
-    assert len(traced) == 3 and [e["prompt"] for e in manifest["tensors"]] == [0, 1, 2]
-    assert manifest["tensors"] == runs.build_manifest(writer.path, INTENT, {}, None)["tensors"]
+def test_a_file_the_writer_process_cannot_index_is_indexed_here(tmp_path, traced):
+    """A file written whole whose entries the writer's process cannot make (here: a path outside
+    a run's prompt folders) still succeeds, with no entries: the caller indexes it, and reports
+    what is wrong, on its own thread."""
+    procs = writerproc.processes(1)
+    handoff = writerproc.Handoff(procs, 2)
+    got = []
+    tensor = in_shared(torch.arange(64.0))
+    assert handoff.put(str(tmp_path / "x.safetensors"), {"prompt": "0"}, {"a:output": tensor},
+                       lambda header, err, indexed: got.append((header, err, indexed)), index="x.safetensors")
+    handoff.wait()
+    ((header, err, indexed),) = got
+    assert err is None and indexed is None and header["a:output"]["shape"] == [64]
+    assert torch.equal(tensorfile.read_tensor(tmp_path / "x.safetensors", "a:output"), tensor)
 
 
 @pytest.mark.parametrize("writer_kind", ["process", "threads"])
@@ -407,3 +398,21 @@ def test_at_exit_every_writer_process_is_asked_to_stop_before_any_is_waited_for(
     first_wait = next(n for n, (what, _) in enumerate(events) if what == "wait")
     assert asked == [0, 1, 2] and events[:3] == [("ask", i) for i in range(3)] and first_wait == 3, events
     assert all(proc.proc.poll() == 0 for proc in procs)
+
+
+def test_a_finished_callback_that_raises_neither_stops_the_replies_nor_passes_in_silence(tmp_path, traced):
+    """A bug in a `finished` callback is raised by `Handoff.wait`, after every file's reply was
+    taken in (the reply thread goes on: no hang)."""
+    handoff = writerproc.Handoff(writerproc.processes(1), 4)
+    seen = []
+
+    def finished(header, err, indexed):
+        seen.append(header)
+        if len(seen) == 1:
+            raise KeyError("a bug")
+    for i in range(3):
+        assert handoff.put(str(tmp_path / f"{i}.safetensors"), {}, {"a:output": in_shared(torch.ones(8) * i)}, finished)
+    waiting = threading.Thread(target=lambda: seen.append(pytest.raises(KeyError, handoff.wait)), daemon=True)
+    waiting.start()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and len(seen) == 4, "the replies after the failing callback were not taken in"

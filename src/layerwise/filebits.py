@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 
@@ -21,6 +22,16 @@ HASH_CHUNK = 64 << 20  # bytes per leaf of the sha256 tree (FORMAT.md); a tensor
 # entry's field. BLAKE3 hashes 4.7 GB/s a core on the H200 machine's CPUs, sha256 1.2 (BENCHMARKS.md),
 # and every byte an extract writes, or a compare reads, is hashed.
 DIGEST = "blake3"
+# The digests a reader knows, by algorithm name: the name is also the manifest entry's field and,
+# with ":<tensor name>", the file metadata's key. DIGEST is the one written (format version 3);
+# "sha256_tree" is what version 2 wrote, "sha256", one sequential stream, version 1 (FORMAT.md).
+DIGESTS = ("blake3", "sha256_tree", "sha256")
+# safetensors dtype code -> (torch's name for it, bytes an element): the codes a run's files hold
+DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
 NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 PIECE = 4 << 20  # bytes of a tensor checked, hashed and written at a time (they stay in the CPU's cache)
 COUNT_ELEMENTS = 1 << 16  # elements of a tensor holding NaN/Inf counted at a time (count_nonfinite)
@@ -205,3 +216,46 @@ def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], chec
     write_blob(path, head, [view for *_, view in tensors])
     _timed(spent, "write", start)
     return header, meta
+
+
+# ------------------------------------------------------------------- a file's manifest entries
+
+_ONE_LINE = json.JSONEncoder(default=str, check_circular=False)  # no indent: json's C encoder
+
+
+def stored_digests(metadata: dict, name: str) -> dict[str, str]:
+    """{algorithm: hex digest} a file's header metadata holds for tensor `name` ({}: none)."""
+    return {a: metadata[f"{a}:{name}"] for a in DIGESTS if metadata.get(f"{a}:{name}")}
+
+
+def file_entries(rel: str, header: dict, metadata: dict) -> list[dict]:
+    """The manifest entries (FORMAT.md) of the tensor file `rel` (a run's tensors/p<prompt>/...),
+    from its header ({name: {dtype, shape, ...}}) and its header's metadata; the entry of a
+    tensor holding NaN/Inf carries "nonfinite": [nan, inf]."""
+    prompt = int(os.path.basename(os.path.dirname(rel))[1:])  # tensors/p00012/...: no Path (thousands of files)
+    entries = []
+    for name, info in header.items():
+        module, _, role = name.rpartition(":")
+        code = info["dtype"]
+        entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": list(info["shape"]),
+                 "dtype": DTYPES[code][0] if code in DTYPES else code.lower(), "file": rel,
+                 **(stored_digests(metadata, name) or {DIGEST: None})}
+        counts = metadata.get(NONFINITE_KEY + name)
+        if counts:
+            entry["nonfinite"] = [int(x) for x in counts.split(",")]
+        entries.append(entry)
+    return entries
+
+
+def item_text(item) -> str:
+    """One item of a list's text in a run's JSON (manifest.json_text); for a file's entry, as the
+    manifest holds it: without its NaN/Inf counts, which the manifest lists apart."""
+    if isinstance(item, dict) and "nonfinite" in item:
+        item = {k: v for k, v in item.items() if k != "nonfinite"}
+    return _ONE_LINE.encode(item)
+
+
+def indexed(rel: str, header: dict, metadata: dict) -> tuple[list[dict], list[str]]:
+    """File `rel`'s manifest entries and each one's text."""
+    entries = file_entries(rel, header, metadata)
+    return entries, [item_text(e) for e in entries]

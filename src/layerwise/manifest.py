@@ -13,16 +13,16 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import json
-import os
 import platform
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tensorfile
+from . import filebits, tensorfile
 from .errors import UserError
-from .names import Layout, model_order_key, split_name
+from .filebits import file_entries, item_text  # noqa: F401 (a file's entries: the format's, also made in the writer's process)
+from .names import Layout, model_order_key
 
 FORMAT = "layerwise-run"
 FORMAT_VERSION = 3  # 3: tensors carry "blake3" digests (2: "sha256_tree", 1: plain "sha256"); all are read
@@ -120,30 +120,13 @@ def tensor_files(path: Path) -> list[str]:
             if f.parent.name[1:].isdigit()]
 
 
-def file_entries(rel: str, header: dict, metadata: dict) -> list[dict]:
-    """The manifest entries of the tensor file `rel`, from its header ({name: {dtype, shape, ...}})
-    and its header's metadata: what `index_files` reads back, and what a writer knows as it writes."""
-    prompt = int(os.path.basename(os.path.dirname(rel))[1:])  # tensors/p00012/...: no Path (thousands of files)
-    entries = []
-    for name, info in header.items():
-        module, role = split_name(name)
-        entry = {"name": name, "module": module, "role": role, "prompt": prompt, "shape": list(info["shape"]),
-                 "dtype": tensorfile.dtype_name(info["dtype"]), "file": rel,
-                 **(tensorfile.stored_digests(metadata, name) or {tensorfile.DIGEST: None})}
-        counts = metadata.get(tensorfile.NONFINITE_KEY + name)
-        if counts:
-            entry["nonfinite"] = [int(x) for x in counts.split(",")]
-        entries.append(entry)
-    return entries
-
-
 def entry_digests(entry: dict) -> tuple[tuple[str, str], ...]:
     """The (algorithm, hex digest) pairs a manifest entry holds: ("blake3", "…") in a run of this
     version, ("sha256_tree", "…") or ("sha256", "…") in an older one; () when it holds none."""
     return tuple((a, entry[a]) for a in tensorfile.DIGESTS if entry.get(a))
 
 
-_ONE_LINE = json.JSONEncoder(default=str, check_circular=False)  # no indent: json's C encoder
+_ONE_LINE = filebits._ONE_LINE  # no indent: json's C encoder
 
 
 def json_text(document: dict, known: dict | None = None, between=None) -> str:
@@ -184,14 +167,6 @@ def _pausing(texts, between):
 def list_text(items) -> str:
     """A list's text in `json_text`, from its items' texts (each `item_text`'s)."""
     return "[\n  " + ",\n  ".join(items) + "\n ]"
-
-
-def item_text(item) -> str:
-    """One item of a list's text in `json_text`; for a file's entry (`file_entries`), as the
-    manifest holds it: without its NaN/Inf counts, which `build_manifest` lists apart."""
-    if isinstance(item, dict) and "nonfinite" in item:
-        item = {k: v for k, v in item.items() if k != "nonfinite"}
-    return _ONE_LINE.encode(item)
 
 
 def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:

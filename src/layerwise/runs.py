@@ -179,7 +179,7 @@ class RunWriter:
         rel = group_file(prompt, group)
         if self._handoff is not None and self._handoff.put(
                 self._made(rel), {"prompt": str(prompt)}, tensors,
-                lambda header, err: self._handed(rel, header, err, on_written), finite):
+                lambda header, err, indexed: self._handed(rel, header, err, on_written, indexed), finite, rel):
             return
         with self._lock:  # this process's threads start with the first file they are handed (beside a writer
             if not self._threads:  # process: only for tensors outside shared memory, so mostly never)
@@ -189,10 +189,16 @@ class RunWriter:
                     t.start()
         self._queue.put((prompt, group, tensors, on_written, finite))
 
-    def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written) -> None:
-        """The writer process wrote file `rel` (its header, with "__metadata__"), or failed (`err`)."""
+    def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written,
+                indexed: tuple[list[dict], list[str]] | None) -> None:
+        """The writer process wrote file `rel` (its header, with "__metadata__", and its manifest
+        entries with their texts, made there: none of this process's GIL), or failed (`err`)."""
         try:
             if err is None:
+                if indexed is not None:
+                    entries, texts = indexed
+                    self._texts.update(zip([(rel, e["name"]) for e in entries], texts))
+                    self._index[rel] = entries
                 self._headers[rel] = header
                 size = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values() if "dtype" in e)
                 with self._lock:
@@ -202,11 +208,6 @@ class RunWriter:
         finally:
             if on_written is not None:
                 on_written()
-        if err is None:  # indexed as it comes: `close` then waits only for the last files' replies
-            try:
-                self._index_file(rel, header)
-            except Exception:  # left to `entries`, which indexes it again on the caller's thread and raises there
-                pass
 
     def _work(self) -> None:
         while True:
@@ -287,21 +288,12 @@ class RunWriter:
         self._stop()
 
     def _index_new(self) -> None:
-        """The manifest entries of the files written since the last call that are not indexed
-        yet (those this process's writer threads wrote: a writer process's are indexed as their
-        replies come)."""
+        """The manifest entries and their texts of the files not indexed yet: those this
+        process's writer threads wrote (a writer process's came with its replies)."""
         for rel in self._headers.keys() - self._index.keys():
-            self._index_file(rel, self._headers[rel])
-
-    def _index_file(self, rel: str, header: dict) -> None:
-        """File `rel`'s manifest entries and their texts, from its header (with "__metadata__").
-        On the thread reading the writer process's replies, beside the forward pass: 15-30 us a
-        file. Done at the end instead, the last files' replies waited behind the backlog for
-        the GIL (BENCHMARKS.md)."""
-        header = dict(header)
-        entries = file_entries(rel, header, header.pop("__metadata__"))
-        self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
-        self._index[rel] = entries
+            header = dict(self._headers[rel])
+            self._index[rel] = entries = file_entries(rel, header, header.pop("__metadata__"))
+            self._texts.update(((rel, e["name"]), item_text(e)) for e in entries)
 
     @property
     def written(self) -> set[str]:

@@ -33,12 +33,7 @@ from ._boot import READ_THREADS_ENV, read_threads
 from .errors import UserError
 from .rawbytes import raw_bytes
 
-# safetensors dtype code -> (torch dtype name, bytes per element)
-DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-}
+DTYPES = filebits.DTYPES  # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPE_CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}  # torch dtype -> code
 _ITEMSIZE = dict(DTYPES.values())
 HASH_CHUNK = filebits.HASH_CHUNK
@@ -320,10 +315,7 @@ def _forget_pools() -> None:
 os.register_at_fork(after_in_child=_forget_pools)
 
 
-# The digests a reader knows, by algorithm name: the name is also the manifest entry's field and,
-# with ":<tensor name>", the file metadata's key. DIGEST is the one written (format version 3);
-# "sha256_tree" is what version 2 wrote, "sha256", one sequential stream, version 1 (FORMAT.md).
-DIGESTS = ("blake3", "sha256_tree", "sha256")
+DIGESTS = filebits.DIGESTS  # every digest a reader knows (FORMAT.md); DIGEST is the one written
 DIGEST = filebits.DIGEST
 
 
@@ -339,9 +331,7 @@ def digest_key(algorithm: str, name: str) -> str:
     return f"{algorithm}:{name}"
 
 
-def stored_digests(metadata: dict, name: str) -> dict[str, str]:
-    """{algorithm: hex digest} a file's header metadata holds for tensor `name` ({}: none)."""
-    return {a: metadata[digest_key(a, name)] for a in DIGESTS if metadata.get(digest_key(a, name))}
+stored_digests = filebits.stored_digests  # {algorithm: hex digest} of tensor `name` in a file's metadata
 
 
 def read_failure(name: str, file, err: BaseException | str) -> UserError:

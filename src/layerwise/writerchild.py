@@ -9,9 +9,11 @@ between the two processes of one program:
 
     parent -> child  ("map", region, size) + its fd | ("threads", n) | ("ping", seq) | ("stop",)
                      ("job", seq, target, tmp, metadata, (digest, chunk), nonfinite,
-                      [(name, code, shape, nbytes, source)], names known finite)
-                     source: ("r", region, offset) or ("b", bytes)
-    child -> parent  ("ok", seq, header, metadata, timing) | ("err", seq, errno or None, message, filename)
+                      [(name, code, shape, nbytes, source)], names known finite, index)
+                     source: ("r", region, offset) or ("b", bytes); index: the file's path in its
+                     run, whose manifest entries and their texts come back, or None
+    child -> parent  ("ok", seq, header, metadata, timing, (entries, texts) or None)
+                     | ("err", seq, errno or None, message, filename)
                      | ("pong", seq)
 
 A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
@@ -117,7 +119,7 @@ class Child:
             pool.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
-    def job(self, seq, target, tmp, metadata, digest, check, specs, finite=()) -> None:
+    def job(self, seq, target, tmp, metadata, digest, check, specs, finite=(), index=None) -> None:
         algorithm, chunk = digest
         start, spent = time.perf_counter(), {}
         try:
@@ -136,7 +138,11 @@ class Child:
                 raise
             timing = (start, time.perf_counter(), spent.get("nonfinite", 0.0), spent.get("digest", 0.0),
                       f"{os.getpid()}/{threading.current_thread().name}")
-            self.channel.send(("ok", seq, header, meta, timing))
+            try:  # here, not on the parent's GIL
+                entries = filebits.indexed(index, header, meta) if index is not None else None
+            except Exception:  # the file is whole: the parent indexes it, and reports what is wrong
+                entries = None
+            self.channel.send(("ok", seq, header, meta, timing, entries))
         except OSError as err:
             self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
         except BaseException as err:  # reported to the parent, which fails the run with it

@@ -3,13 +3,12 @@
 Every byte an extract writes is checked for NaN/Inf, hashed and written. On the writer's threads
 in this process, that work takes turns of the GIL from the forward pass, which launches its
 kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0-3.4x the forward pass
-end to end written from 8 threads here, 1.8-2.4x from a process of its own (one H200; BENCHMARKS.md). So
-the capture's host buffers are shared
-memory (a memfd, mapped here and, registered with CUDA, the target of the device-to-host copies),
-and processes of their own (`writerchild.py`, no torch) read them there: a file costs this process
-one small message out and one back. A process's threads share its GIL too, so the threads are
-spread over several processes of at most PROCESS_THREADS each, and each file goes to the one with
-the fewest outstanding.
+end to end written from 8 threads here, 1.8-2.4x from a process of its own (one H200; BENCHMARKS.md).
+So the capture's host buffers are shared memory (a memfd, mapped here and, registered with CUDA,
+the target of the device-to-host copies), and processes of their own (`writerchild.py`, no torch)
+read them there and make the files' manifest entries: a file costs this process one small message
+out and one back. A process's threads share its GIL too, so the threads are spread over processes
+of at most PROCESS_THREADS each, and each file goes to the one with the fewest outstanding.
 
 `shared_buffer` makes such buffers (a process-wide cache, like torch's pinned-memory cache: a
 buffer whose tensor is gone is reused, never unmapped); `sources` says where a file's tensors lie
@@ -64,17 +63,14 @@ PROCESS_THREADS = 3  # the most threads one writer process runs: more wait for i
 
 def process_threads() -> int:
     """The default thread count over the writer processes: a thread per core this process may
-    use, 2 to 16, in processes of at most PROCESS_THREADS (one process's threads share its GIL:
-    128 files of 3.4 MB took 83 ms from 1 process x 8 threads, 106 ms from 1 x 16, 42 ms from
-    4 x 3 on an H200's 16-core host). There 16 threads beat 12 (three quarters of the cores, the
-    rule before) end to end in 8 comparisons of 8, both prompt lengths: the threads wait on
-    memory as much as they compute, and the last layer's 16 files go in one wave (BENCHMARKS.md)."""
+    use, 2 to 16, in processes of at most PROCESS_THREADS (they share its GIL: 128 files of 3.4 MB
+    took 83 ms from 1 process x 8 threads, 106 ms from 1 x 16, 42 ms from 4 x 3 on an H200's
+    16-core host, where 16 threads beat 12 end to end in 8 comparisons of 8: BENCHMARKS.md)."""
     return max(2, min(16, cores_per_process()))
 
 
 def supported() -> bool:
-    """Whether files may be written by a writer process reading shared buffers (Linux: memfd and
-    fd passing), unless LAYERWISE_WRITER=threads."""
+    """Whether a writer process may write files from shared buffers (Linux), unless LAYERWISE_WRITER=threads."""
     return (os.environ.get(ENV, "process") != "threads" and sys.platform.startswith("linux")
             and hasattr(os, "memfd_create") and hasattr(socket, "send_fds"))
 
@@ -198,10 +194,11 @@ class WriterProcess:
         self._reader.start()
 
     def submit(self, target: str, tmp: str, metadata: dict, digest: tuple[str, int], specs: list[tuple],
-               done, finite=frozenset()) -> None:
+               done, finite=frozenset(), index: str | None = None) -> None:
         """Have the process write `specs` (from `sources`) as the file `target` (through `tmp`);
-        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing),
-        ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if the process ends."""
+        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing, indexed),
+        ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if the process ends;
+        `indexed`: with `index` (the file's path in its run), filebits.indexed's, else None."""
         with self._lock:  # a region's map message goes before the first job that reads it
             if self.failed is not None:
                 raise self.failed
@@ -213,7 +210,7 @@ class WriterProcess:
                         self.channel.send(("map", region.id, region.size), (region.fd,))
                         self._mapped.add(region.id)
                 self.channel.send(("job", seq, target, tmp, metadata, digest, True,
-                                   [spec[:5] for spec in specs], tuple(finite)))
+                                   [spec[:5] for spec in specs], tuple(finite), index))
             except OSError as err:
                 self._jobs.pop(seq, None)
                 raise self._died(err) from None
@@ -306,11 +303,14 @@ class Handoff:
         self._idle = threading.Condition()
         self._pending = 0
         self._load = [0] * len(procs)  # files outstanding in each process
+        self._broken: BaseException | None = None  # a `finished` that raised (a bug): `wait` raises it
 
-    def put(self, target: str, metadata: dict, tensors: dict[str, torch.Tensor], finished, finite=frozenset()) -> bool:
+    def put(self, target: str, metadata: dict, tensors: dict[str, torch.Tensor], finished, finite=frozenset(),
+            index: str | None = None) -> bool:
         """Hand the file `target` (an absolute path) over unless its tensors are not the process's
-        to write (False): then `finished(header, None)` runs once it is written (its header, with
-        "__metadata__"), or `finished(None, error)` (an OSError for the system's errors)."""
+        to write (False): then `finished(header, None, indexed)` runs once it is written (its
+        header, with "__metadata__"; `indexed`: see `WriterProcess.submit`), or `finished(None,
+        error, None)` (an OSError for the system's errors)."""
         specs = sources(tensors)
         if specs is None:
             return False
@@ -323,12 +323,14 @@ class Handoff:
         def done(reply):
             try:
                 if reply[0] == "ok":
-                    finished({**reply[2], "__metadata__": reply[3]}, None)
+                    finished({**reply[2], "__metadata__": reply[3]}, None, reply[5])
                 elif reply[0] == "lost":
-                    finished(None, reply[2])
+                    finished(None, reply[2], None)
                 else:
                     finished(None, OSError(reply[2], reply[3], reply[4]) if reply[2] is not None else
-                             RuntimeError(f"the run writer's process failed: {reply[3]}"))
+                             RuntimeError(f"the run writer's process failed: {reply[3]}"), None)
+            except BaseException as err:  # not on the reply thread, which the other files' replies need
+                self._broken = self._broken or err
             finally:
                 self._slots.release()
                 with self._idle:
@@ -338,16 +340,18 @@ class Handoff:
         folder, _, name = target.rpartition("/")
         try:
             self.procs[at].submit(target, f"{folder}/.{name}.{os.getpid()}.tmp",
-                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done, finite)
+                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done, finite, index)
         except BaseException as err:  # the process is gone (LostProcess): this file fails with it
             done(("lost", None, err))
         return True
 
     def wait(self) -> None:
-        """Block until every file handed over is written."""
+        """Block until every file handed over is written; raises what a `finished` raised."""
         with self._idle:
             while self._pending:
                 self._idle.wait()
+        if self._broken is not None:
+            raise self._broken
 
 
 _PROCESSES: list[WriterProcess] = []  # this program's writer processes (a later call resizes them)
