@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Device session 66, one H200: the writer's processes make each file's manifest entries and their
+# texts and send them with their replies (this process builds none; this stop's code), against
+# $BASE's (default .base65: 934ebc4's src/, the last stop's,
+# with this checkout's benchmarks/; carry it).
+#   part "e2e": gpu_parts.sh's e2e_ab: 16 x 256 and 16 x 4096, the two codes in turns, $RUNS pairs
+#     (default 3), $REPEAT rounds each (default 5).
+#   part "gputests": the GPU test suite (tests/gpu), or the tests matching $GK (pytest -k).
+# `bash benchmarks/gpu_session66.sh e2e gputests`. Logs packed into $OUT/session66-<part>.tgz.
+. "$(dirname "$0")/gpu_parts.sh" 66 e2e "$@"
+BASE=${BASE:-.base65}
+case "$PART" in
+e2e)
+    e2e_ab "$BASE" ;;
+gputests)
+    gpu_suite ;;
+esac
+tar czf "$OUT/session66-$PART.tgz" -C "$W" . 2>/dev/null
