@@ -5,6 +5,8 @@
 # with this checkout's benchmarks/; carry it).
 #   part "e2e": gpu_parts.sh's e2e_ab: 16 x 256 and 16 x 4096, the two codes in turns, $RUNS pairs
 #     (default 3), $REPEAT rounds each (default 5).
+#   part "e2e2": the same against $BASE2's code (default .base66: 43d48ed's src/, where this process's
+#     reply threads made the entries, with this checkout's benchmarks/; carry it).
 #   part "gputests": the GPU test suite (tests/gpu), or the tests matching $GK (pytest -k).
 # `bash benchmarks/gpu_session66.sh e2e gputests`. Logs packed into $OUT/session66-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 66 e2e "$@"
@@ -12,6 +14,8 @@ BASE=${BASE:-.base65}
 case "$PART" in
 e2e)
     e2e_ab "$BASE" ;;
+e2e2)
+    e2e_ab "${BASE2:-.base66}" ;;
 gputests)
     gpu_suite ;;
 esac
