@@ -220,7 +220,7 @@ def write_tensor_file(path, metadata: dict[str, str], tensors: list[tuple], chec
 
 # ------------------------------------------------------------------- a file's manifest entries
 
-_ONE_LINE = json.JSONEncoder(default=str, check_circular=False)  # no indent: json's C encoder
+ONE_LINE = json.JSONEncoder(default=str, check_circular=False)  # no indent: json's C encoder (manifest.json_text too)
 
 
 def stored_digests(metadata: dict, name: str) -> dict[str, str]:
@@ -252,7 +252,7 @@ def item_text(item) -> str:
     manifest holds it: without its NaN/Inf counts, which the manifest lists apart."""
     if isinstance(item, dict) and "nonfinite" in item:
         item = {k: v for k, v in item.items() if k != "nonfinite"}
-    return _ONE_LINE.encode(item)
+    return ONE_LINE.encode(item)
 
 
 def indexed(rel: str, header: dict, metadata: dict) -> tuple[list[dict], list[str]]:

@@ -126,7 +126,7 @@ def entry_digests(entry: dict) -> tuple[tuple[str, str], ...]:
     return tuple((a, entry[a]) for a in tensorfile.DIGESTS if entry.get(a))
 
 
-_ONE_LINE = filebits._ONE_LINE  # no indent: json's C encoder
+_ONE_LINE = filebits.ONE_LINE  # no indent: json's C encoder
 
 
 def json_text(document: dict, known: dict | None = None, between=None) -> str:

@@ -90,7 +90,7 @@ class RunWriter:
                             "pick a writable --out") from None
         self._existing = set(tensor_files(self.path))
         self._headers: dict[str, dict] = {}  # the files this writer wrote (relative paths): their headers, as written
-        self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's built once (`_index_file`)
+        self._index: dict[str, list[dict]] = {}  # their manifest entries, each file's made once (by its writer process, else `_index_new`)
         self._texts: dict[tuple[str, str], str] = {}  # (file, name) -> that entry's text in the manifest
         self._dirs: set[str] = set()  # the prompt directories made so far (relative)
         self._root = os.path.abspath(self.path)  # files go there (a writer process has another working directory)
