@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency"}
+               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -414,3 +414,18 @@ def test_compare_trace_summary_of_a_made_up_trace(monkeypatch):
     assert main["runtime_s"] == {"cudaLaunchKernel": pytest.approx(5e-6)}
     assert s["groups"]["other threads"]["in_ops_s"] == pytest.approx(5000e-6)
     assert s["gpu"]["busy_s"] == pytest.approx(500e-6) and s["gpu"]["span_s"] == pytest.approx(1000e-6)
+
+
+def test_cold_reads_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "cold_reads").main(
+        ["--tiny", "--dir", str(tmp_path / "files"), "--threads", "1,3", "--chunk-mb", "1", "--repeat", "2",
+         "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "cold_reads.json").read_text())
+    assert data["bytes"] == 32_000_000 and len(data["files"]) == 4
+    assert list(data["results"]) == ["1 thread, one file after another", "1 threads x 1 MiB", "3 threads x 1 MiB"]
+    for rows in data["results"].values():
+        assert len(rows) == 2 and all(r["gbps"] > 0 for r in rows)
+        # what /proc says came from storage (a tmpfs gives none: not asserted cold here)
+        assert all(r["from_storage"] is None or 0 <= r["from_storage"] <= 1.5 for r in rows), rows

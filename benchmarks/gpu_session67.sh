@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device session 67, one H200: does the storage read faster with more requests in flight, and where
+# compare stands at this code.
+#   part "disk": isolated_profile.py once at this checkout (it writes the 24.5 GB checkpoint to
+#     /tmp/lw-isolated-ckpt first), the block device's settings, then cold_reads.py on the first
+#     $GB GB of that checkpoint (default 6): one thread against the prefetch's reader with 4, 8, 16
+#     and 32 threads of 64 MiB reads and 8 and 16 of 8 MiB, $ROUNDS rounds in turns (default 2).
+#   part "cmp": compare_knobs.py's as-is setting (compare / raw cold read) on 2 GB runs of 1024-token
+#     tensors, of 4096-token tensors (streamed) and of 512-token tensors with logits of a
+#     200,064-token vocabulary, $ROUNDS rounds each (default 3), none started after $DEADLINE s.
+# `bash benchmarks/gpu_session67.sh disk cmp`. Logs packed into $OUT/session67-<part>.tgz.
+. "$(dirname "$0")/gpu_parts.sh" 67 disk "$@"
+case "$PART" in
+disk)
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
+    timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src src --no-joint --out "$W/iso" > "$W/iso.log" 2>&1
+    echo "=== isolated profile, src (exit $?, at $SECONDS s)"; tail -12 "$W/iso.log"
+    { lsblk -o NAME,TYPE,SIZE,ROTA,MODEL,SCHED,RQ-SIZE,RA,MIN-IO,OPT-IO; findmnt -T /tmp
+      for q in /sys/block/*/queue; do echo "$q: nr_requests $(cat $q/nr_requests) max_sectors_kb $(cat $q/max_sectors_kb)" \
+        "read_ahead_kb $(cat $q/read_ahead_kb) scheduler $(cat $q/scheduler)"; done; } > "$W/blockdev.txt" 2>&1
+    cat "$W/blockdev.txt"
+    timeout ${COLD:-200} python3 benchmarks/cold_reads.py --dir /tmp/lw-isolated-ckpt --gb ${GB:-6} \
+        --threads 4,8,16,32 --chunk-mb 64 --repeat ${ROUNDS:-2} --out "$W/cold" > "$W/cold.log" 2>&1
+    echo "=== cold_reads.py, 64 MiB (exit $?, at $SECONDS s)"; cat "$W/cold.log"
+    timeout ${COLD:-200} python3 benchmarks/cold_reads.py --dir /tmp/lw-isolated-ckpt --gb ${GB:-6} \
+        --threads 8,16 --chunk-mb 8 --repeat ${ROUNDS:-2} --out "$W/cold8" > "$W/cold8.log" 2>&1
+    echo "=== cold_reads.py, 8 MiB (exit $?, at $SECONDS s)"; cat "$W/cold8.log" ;;
+cmp)
+    R=${ROUNDS:-3}
+    cmp_knobs "--gb 2 --tokens 1024 --rounds $R --variants as-is" "--gb 2 --tokens 4096 --rounds $R --variants as-is" \
+        "--gb 2 --tokens 512 --vocab 200064 --rounds $R --variants as-is" ;;
+esac
+tar czf "$OUT/session67-$PART.tgz" -C "$W" . 2>/dev/null
