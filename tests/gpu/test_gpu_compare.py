@@ -74,3 +74,31 @@ def test_routing_judged_on_the_gpu_as_on_the_cpu(tmp_path):
         if a.rel_l2 is not None:
             assert math.isclose(a.rel_l2, b.rel_l2, rel_tol=1e-9, abs_tol=1e-15), a.name
     assert reports[0].verdict == reports[1].verdict == "pass"
+
+
+def test_tensor_and_logits_metrics_on_gpu_as_on_cpu_nonfinite_included():
+    """The GPU path gathers a block's results in one sync; it must give the CPU's figures, NaN/Inf,
+    the worst token, allclose violations and masked logits included."""
+    import torch
+
+    from layerwise.metrics import GPU_CHUNK_ELEMENTS, logits_metrics, tensor_metrics
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 512, generator=g)
+    b = a + 1e-3 * torch.randn(300, 512, generator=g)
+    b[7, 3], a[11, 5], a[12, 0], b[12, 0] = float("nan"), float("inf"), float("nan"), float("nan")
+    for ref, cand in ((a[20:], b[20:]), (a, b)):  # finite, then with NaN/Inf
+        cpu = tensor_metrics(ref, cand, rtol=1e-3, atol=1e-4)
+        gpu = tensor_metrics(ref.cuda(), cand.cuda(), rtol=1e-3, atol=1e-4, chunk_elements=GPU_CHUNK_ELEMENTS)
+        for field in ("numel", "nan", "inf", "nonfinite_mismatch", "worst_token", "violations", "max_abs"):
+            assert getattr(cpu, field) == getattr(gpu, field), field
+        for field in ("mean_abs", "rel_l2", "cosine", "sqnr_db"):
+            assert math.isclose(getattr(cpu, field), getattr(gpu, field), rel_tol=1e-9), field
+    logits = torch.randn(64, 1000, generator=g)
+    other = logits + 0.1 * torch.randn(64, 1000, generator=g)
+    masked = logits.clone()
+    masked[5, :10] = other[5, :10] = float("-inf")  # a masked vocabulary on both sides: the careful KL
+    for ref, cand in ((logits, other), (masked, other)):
+        cpu, gpu = logits_metrics(ref, cand, 5), logits_metrics(ref.cuda(), cand.cuda(), 5, GPU_CHUNK_ELEMENTS)
+        assert (cpu.top1, cpu.topk, cpu.kl_worst_token) == (gpu.top1, gpu.topk, gpu.kl_worst_token)
+        assert math.isclose(cpu.kl_mean, gpu.kl_mean, rel_tol=1e-9, abs_tol=1e-15)
+        assert math.isclose(cpu.kl_max, gpu.kl_max, rel_tol=1e-9, abs_tol=1e-15)
