@@ -163,3 +163,19 @@ def test_the_budget_is_a_quarter_of_the_memory_available_shared_by_the_machine_s
     assert _prefetch.prefetch_budget(120 * gib, {"LOCAL_WORLD_SIZE": "8"}) == 120 * gib // 32
     assert _prefetch.prefetch_budget(0, {"LOCAL_WORLD_SIZE": "2"}) == 16 * gib  # unknown memory: the cap, shared
 
+
+
+@pytest.mark.parametrize("value, threads", [("6", 6), ("1", 1), ("lots", _prefetch._THREADS), (None, None)])
+def test_the_prefetch_reads_on_as_many_threads_as_the_command(sharded, monkeypatch, value, threads):
+    """LAYERWISE_READ_THREADS sets both; a value that is no thread count leaves the prefetch at its
+    default (the command itself then stops with one line, exit 2); unset: _boot.read_threads()."""
+    if value is None:
+        monkeypatch.delenv("LAYERWISE_READ_THREADS", raising=False)
+        threads = _prefetch.read_threads()
+    else:
+        monkeypatch.setenv("LAYERWISE_READ_THREADS", value)
+    used = []
+    monkeypatch.setattr(_prefetch, "_read", lambda groups, budget, count=None: used.append(count) or 0)
+    thread = _prefetch.prefetch(["test", str(sharded), "--reference", "ref", "--layer", "all"])
+    thread.join(30)
+    assert used == [threads]

@@ -14,8 +14,10 @@ the page cache what the command reads, in the order it reads it:
   final norm, the head).
 
 Each layer's tensors exactly (a shard can interleave several layers' tensors), holes of up to
-_GAP bytes read through, in _CHUNK reads on _THREADS threads (one request at a time does not keep
-a disk busy), until PREFETCH_BYTES or a quarter of the memory the kernel says is available (shared
+_GAP bytes read through, in _CHUNK reads on as many threads as the command reads with
+(`_boot.read_threads`: LAYERWISE_READ_THREADS, else half the cores, 4 to 8; one request at a time
+does not keep a disk busy: a virtio disk gave 1.38-1.53 GB/s to one thread, 1.68-1.80 to 4-32,
+BENCHMARKS.md), until PREFETCH_BYTES or a quarter of the memory the kernel says is available (shared
 by the machine's torchrun ranks): enough that the command's own reads begin where the prefetch's
 end, on a GPU machine whose start-up takes 6-9 s (at 16 GiB the disk sat idle 1.3-1.6 s in a
 command whose start-up took 8 s). The command reads the same bytes again, from memory where they
@@ -35,13 +37,13 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ._boot import host_memory_available, is_command
+from ._boot import host_memory_available, is_command, read_threads
 
 OFF = "LAYERWISE_PREFETCH"
 PREFETCH_BYTES = 32 << 30
 _CHUNK = 64 << 20
 _GAP = 1 << 20
-_THREADS = 4
+_THREADS = 4  # where LAYERWISE_READ_THREADS is not a thread count (the command says so, exit 2)
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings)\.weight$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
@@ -106,7 +108,12 @@ def prefetch(args: list[str]) -> threading.Thread | None:
     if os.environ.get(OFF) == "0" or _target(args) is None:
         return None
     budget = prefetch_budget(host_memory_available(), os.environ)
-    thread = threading.Thread(target=lambda: _read(_planned(args), budget), name="layerwise-prefetch", daemon=True)
+    try:
+        threads = read_threads()
+    except ValueError:
+        threads = _THREADS
+    thread = threading.Thread(target=lambda: _read(_planned(args), budget, threads), name="layerwise-prefetch",
+                              daemon=True)
     thread.start()
     return thread
 
