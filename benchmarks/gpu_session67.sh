@@ -8,6 +8,12 @@
 #   part "cmp": compare_knobs.py's as-is setting (compare / raw cold read) on 2 GB runs of 1024-token
 #     tensors, of 4096-token tensors (streamed) and of 512-token tensors with logits of a
 #     200,064-token vocabulary, $ROUNDS rounds each (default 3), none started after $DEADLINE s.
+#   part "cmpab": compare_knobs.py's as-is setting on the 1024-token and the logits shapes above, this
+#     checkout's code and $BASE's (default .base67: 5b67106's src/, before one sync a metrics block,
+#     with this checkout's benchmarks/; carry it) in turns, $ALT turns (default 2) of $ROUNDS rounds
+#     (default 2) each, none started after $DEADLINE s; then the GPU compare tests (gpu_suite, -k compare).
+#   part "isoab": gpu_parts.sh's iso_ab against $BASE (its prefetch reads on 4 threads, this code's on
+#     8 here; and the metrics' syncs), --no-joint, $RUNS rounds (default 2).
 # `bash benchmarks/gpu_session67.sh disk cmp`. Logs packed into $OUT/session67-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 67 disk "$@"
 case "$PART" in
@@ -29,5 +35,21 @@ cmp)
     R=${ROUNDS:-3}
     cmp_knobs "--gb 2 --tokens 1024 --rounds $R --variants as-is" "--gb 2 --tokens 4096 --rounds $R --variants as-is" \
         "--gb 2 --tokens 512 --vocab 200064 --rounds $R --variants as-is" ;;
+cmpab)
+    for shape in "--tokens 1024" "--tokens 512 --vocab 200064"; do
+        tag=$(echo "$shape" | tr -d ' -')
+        for i in $(seq ${ALT:-2}); do
+            for code in . "${BASE:-.base67}"; do
+                [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== $code $shape turn $i not started: past $DEADLINE s"; continue; }
+                name=$tag-$i-$(basename "$code")
+                timeout ${EACH:-200} python3 "$code/benchmarks/compare_knobs.py" --gb 2 $shape --rounds ${ROUNDS:-2} \
+                    --variants as-is --dir "/tmp/lw-ab$tag" --out "$W/$name.md" > "$W/$name.log" 2>&1
+                echo "=== compare_knobs.py $shape, code $code, turn $i (exit $?, at $SECONDS s)"; tail -4 "$W/$name.log"
+            done
+        done
+    done
+    GK=compare GT=${GT:-200} gpu_suite ;;
+isoab)
+    iso_ab "${BASE:-.base67}" ;;
 esac
 tar czf "$OUT/session67-$PART.tgz" -C "$W" . 2>/dev/null
