@@ -77,8 +77,8 @@ def test_routing_judged_on_the_gpu_as_on_the_cpu(tmp_path):
 
 
 def test_tensor_and_logits_metrics_on_gpu_as_on_cpu_nonfinite_included():
-    """The GPU path gathers a block's results in one sync; it must give the CPU's figures, NaN/Inf,
-    the worst token, allclose violations and masked logits included."""
+    """The GPU's float64 blocks give the CPU's figures, NaN/Inf, the worst token, allclose
+    violations and masked logits included."""
     import torch
 
     from layerwise.metrics import GPU_CHUNK_ELEMENTS, logits_metrics, tensor_metrics
