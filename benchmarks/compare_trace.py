@@ -12,6 +12,7 @@ also timed once without the profiler, for its overhead, with the measuring threa
 a CPU, waiting for one and blocked, and the machine's CPUs by state (steal: the hypervisor's).
 
     python benchmarks/compare_trace.py --gb 1 --tokens 1024 --dir /tmp/trace --out /tmp/trace-out
+    python benchmarks/compare_trace.py --gb 2 --tokens 512 --vocab 200064 ...   # logits-heavy runs
     python benchmarks/compare_trace.py --tiny          # a CPU dry run on two small runs it writes
 """
 
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of each run in GB (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one prompt (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, default=8,
+                        help="logits' vocabulary (default: %(default)s, logits of no weight; 200064: MiniMax-M2's)")
     parser.add_argument("--dir", help="where to write the runs (default: a temporary directory, deleted)")
     parser.add_argument("--out", help="directory for the traces and the summary (default: none kept)")
     parser.add_argument("--variants", default="as-is",
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else Path(scratch.name) / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        paths, shape = write_runs(root, args.gb, args.tokens, 8)
+        paths, shape = write_runs(root, args.gb, args.tokens, args.vocab)
         files = run_files(paths)
         size = sum(f.stat().st_size for f in files)
         lines, summary = [f"# compare_trace: {size / 1e9:.2f} GB, {shape}, two runs", ""], {}

@@ -14,6 +14,9 @@
 #     (default 2) each, none started after $DEADLINE s; then the GPU compare tests (gpu_suite, -k compare).
 #   part "isoab": gpu_parts.sh's iso_ab against $BASE (its prefetch reads on 4 threads, this code's on
 #     8 here; and the metrics' syncs), --no-joint, $RUNS rounds (default 2).
+#   part "trace": compare_trace.py on 1 GB runs of 512-token tensors with logits of a 200,064-token
+#     vocabulary (the shape compare is slowest on), as it is: where the measuring thread's time goes.
+#   part "gputests": the GPU test suite (tests/gpu), $GT seconds at most (default 300).
 # `bash benchmarks/gpu_session67.sh disk cmp`. Logs packed into $OUT/session67-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 67 disk "$@"
 case "$PART" in
@@ -51,5 +54,13 @@ cmpab)
     GK=compare GT=${GT:-200} gpu_suite ;;
 isoab)
     iso_ab "${BASE:-.base67}" ;;
+trace)
+    timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 512 --vocab 200064 --variants as-is \
+        --dir /tmp/lw-trace512 --out "$W/trace" > "$W/trace.log" 2>&1
+    echo "=== compare_trace.py, 512 tokens + logits (exit $?, at $SECONDS s)"
+    grep -v '^wrote\|USDT\|warn' "$W/trace.log" | tail -40
+    gzip -f "$W"/trace/trace-*.json ;;
+gputests)
+    gpu_suite ;;
 esac
 tar czf "$OUT/session67-$PART.tgz" -C "$W" . 2>/dev/null

@@ -365,11 +365,12 @@ def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
 
 
 def test_compare_trace_dry_run(tmp_path, monkeypatch, capsys):
-    code = bench(monkeypatch, "compare_trace").main(["--tiny", "--variants", "as-is,stream-all",
+    code = bench(monkeypatch, "compare_trace").main(["--tiny", "--variants", "as-is,stream-all", "--vocab", "1000",
                                                      "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "## as-is, cold: compare" in out and "## stream-all, warm: compare" in out and "measuring thread (1)" in out
+    assert (tmp_path / "out" / "summary.md").read_text().splitlines()[0].endswith("+ logits, two runs")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     measuring = summary["stream-all"]["warm"]["groups"]["measuring thread"]
     assert measuring["in_ops_s"] > 0 and measuring["span_s"] >= measuring["in_ops_s"] and "stalls" in measuring
