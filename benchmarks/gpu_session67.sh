@@ -17,6 +17,8 @@
 #   part "trace": compare_trace.py on 1 GB runs of 512-token tensors with logits of a 200,064-token
 #     vocabulary (the shape compare is slowest on), as it is: where the measuring thread's time goes.
 #   part "gputests": the GPU test suite (tests/gpu), $GT seconds at most (default 300).
+#   part "mbatch": metrics_batch.py on 116 pairs of 512 x 3072 (one pair a layer of the trace's
+#     runs): tensor_metrics pair by pair against batched passes of 8, 32 and 116 pairs, 7 rounds.
 # `bash benchmarks/gpu_session67.sh disk cmp`. Logs packed into $OUT/session67-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 67 disk "$@"
 case "$PART" in
@@ -62,5 +64,9 @@ trace)
     gzip -f "$W"/trace/trace-*.json ;;
 gputests)
     gpu_suite ;;
+mbatch)
+    timeout ${EACH:-200} python3 benchmarks/metrics_batch.py --pairs 116 --tokens 512 --batch 8,32,116 --rounds 7 \
+        --out "$W/mbatch" > "$W/mbatch.log" 2>&1
+    echo "=== metrics_batch.py (exit $?, at $SECONDS s)"; cat "$W/mbatch.log" ;;
 esac
 tar czf "$OUT/session67-$PART.tgz" -C "$W" . 2>/dev/null

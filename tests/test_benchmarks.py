@@ -24,7 +24,7 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads"}
+               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads", "metrics_batch"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -430,3 +430,23 @@ def test_cold_reads_dry_run(tmp_path, monkeypatch, capsys):
         assert len(rows) == 2 and all(r["gbps"] > 0 for r in rows)
         # what /proc says came from storage (a tmpfs gives none: not asserted cold here)
         assert all(r["from_storage"] is None or 0 <= r["from_storage"] <= 1.5 for r in rows), rows
+
+
+def test_metrics_batch_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "metrics_batch").main(["--tiny", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "metrics_batch.json").read_text())
+    ways = data["ways"]
+    assert list(ways) == ["each", "batched x 2", "batched x 6"]
+    # one batched pass over the 6 pairs costs a fraction of the calls of measuring each pair
+    assert ways["batched x 6"]["aten_calls_per_pair"] * 4 < ways["each"]["aten_calls_per_pair"]
+    assert all(len(w["seconds"]) == 2 for w in ways.values())
+
+
+def test_metrics_batch_refuses_figures_that_differ(tmp_path, monkeypatch):
+    mb = bench(monkeypatch, "metrics_batch")
+    real = mb.batched
+    monkeypatch.setattr(mb, "batched", lambda r, c: [dict(m, rel_l2=m["rel_l2"] * 1.001) for m in real(r, c)])
+    with pytest.raises(RuntimeError, match="differ from tensor_metrics"):
+        mb.main(["--tiny", "--out", str(tmp_path)])
