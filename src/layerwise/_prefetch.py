@@ -16,7 +16,7 @@ the page cache what the command reads, in the order it reads it:
 Each layer's tensors exactly (a shard can interleave several layers' tensors), holes of up to
 _GAP bytes read through, in _CHUNK reads on as many threads as the command reads with
 (`_boot.read_threads`: LAYERWISE_READ_THREADS, else half the cores, 4 to 8; one request at a time
-does not keep a disk busy: a virtio disk gave 1.38-1.53 GB/s to one thread, 1.58-1.99 to 4-32,
+does not keep a disk busy: a virtio disk gave 1.38-1.53 GB/s to one thread, 1.57-1.99 to 4-32,
 BENCHMARKS.md), until PREFETCH_BYTES or a quarter of the memory the kernel says is available (shared
 by the machine's torchrun ranks): enough that the command's own reads begin where the prefetch's
 end, on a GPU machine whose start-up takes 6-9 s (at 16 GiB the disk sat idle 1.3-1.6 s in a
