@@ -29,20 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import drop_page_cache  # noqa: E402
+from synthetic import drop_page_cache, proc_read_bytes  # noqa: E402
 
 from layerwise import _prefetch  # noqa: E402
-
-
-def storage_read_bytes() -> int | None:
-    """This process's bytes read from storage so far (None where /proc cannot say)."""
-    try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def spans(files: list[Path], limit: int) -> list[tuple[Path, int, int]]:
@@ -143,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         for name, read in settings.items():
             drop_page_cache([p[0] for p in parts])
-            before, start = storage_read_bytes(), time.perf_counter()
+            before, start = proc_read_bytes(), time.perf_counter()
             got = read()
             seconds = time.perf_counter() - start
-            after = storage_read_bytes()
+            after = proc_read_bytes()
             if got != size:
                 raise RuntimeError(f"{name}: read {got} bytes of {size}")
             stored = None if before is None or after is None else (after - before) / size

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import (SRC, build_on_devices, drop_page_cache, layerwise_env, minimax_config,  # noqa: E402
-                       write_checkpoint)
+                       proc_read_bytes, write_checkpoint)
 
 from layerwise import runs  # noqa: E402
 
@@ -143,7 +143,7 @@ class StorageReads:
     idle inside a command (None where /proc cannot say)."""
 
     def __init__(self, pid: int, origin: float, every: float = 0.01, gap: float = 0.1):
-        self.path, self.origin, self.every, self.gap = f"/proc/{pid}/io", origin, every, gap
+        self.pid, self.origin, self.every, self.gap = pid, origin, every, gap
         self.samples: list[tuple[float, int]] = []
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -151,11 +151,7 @@ class StorageReads:
 
     def _sample(self) -> None:
         while not self.done.is_set():
-            try:
-                with open(self.path) as f:
-                    value = next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
-            except (OSError, StopIteration, ValueError):  # not started, gone, or not readable
-                value = None
+            value = proc_read_bytes(self.pid)
             if value is not None:
                 self.samples.append((time.perf_counter() - self.origin, value))
             self.done.wait(self.every)

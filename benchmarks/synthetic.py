@@ -178,6 +178,16 @@ def write_fp8_checkpoint(config, directory: Path, device: str, block=(128, 128),
     return total
 
 
+def proc_read_bytes(pid: int | str = "self") -> int | None:
+    """Bytes process `pid` has read from storage so far (/proc/PID/io `read_bytes`: the page-cache
+    misses it caused, its threads together); None where /proc cannot say (not started, gone)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def drop_page_cache(files) -> None:
     """Drop these files from the page cache (fsync, then POSIX_FADV_DONTNEED): the next read comes
     from the disk. Needs no root, unlike /proc/sys/vm/drop_caches."""
