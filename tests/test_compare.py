@@ -19,6 +19,19 @@ def ref(tmp_path_factory):
     return toy_run(tmp_path_factory.mktemp("runs") / "ref")
 
 
+@pytest.fixture(autouse=True, params=["eager", "batched"])
+def metrics_path(request, monkeypatch):
+    """Every test twice: tensor metrics measured as each tensor comes (the CPU's path), and
+    batched over units as on a GPU (measuring.Batch, metricsbatch.py), here on the CPU, the
+    batch measured every 64 KiB of units so that it spans several units and several batches."""
+    if request.param == "batched":
+        from layerwise import measuring
+
+        monkeypatch.setattr(measuring, "BATCH_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(measuring, "BATCH_BYTES", 64 << 10)
+    return request.param
+
+
 def _stats(report):
     return "\n".join(f"{r.name}: rel_l2={r.rel_l2} pass={r.passed}" for r in report.rows)
 
@@ -217,26 +230,38 @@ def test_a_version_1_run_compares_as_before(tmp_path, monkeypatch, digest):
 
 
 @pytest.mark.parametrize("prefetch, ahead, limit", [(False, 1 << 30, 1), (True, 1, 2), (True, 1 << 30, 10**6)])
-def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, prefetch, ahead, limit):
+def test_streams_a_bounded_number_of_tensors(ref, tmp_path, monkeypatch, metrics_path, prefetch, ahead, limit):
     """Memory: without prefetch one reading unit (one tensor, or one router's three) per run is
-    alive; with it, the units read ahead stop at the byte window (1 byte: one unit ahead)."""
-    from layerwise import readahead
+    alive; with it, the units read ahead stop at the byte window (1 byte: one unit ahead). A batch
+    (as on a GPU) holds the units it has not measured yet besides, up to BATCH_BYTES and one unit."""
+    from layerwise import measuring, readahead
 
     monkeypatch.setattr(readahead, "READ_AHEAD_BYTES", ahead)
     cand = toy_run(tmp_path / "cand")
-    alive, peak = [0], [0]
+    alive, peak, held, peak_held, largest = [0], [0], [0], [0], [0]
     read = Run.tensor
 
     def counting(self, name, prompt=0, verify=True, device="cpu"):
         t = read(self, name, prompt, verify, device)
+        nbytes = t.numel() * t.element_size()
         alive[0] += 1
-        peak[0] = max(peak[0], alive[0])
-        weakref.finalize(t, lambda: alive.__setitem__(0, alive[0] - 1))
+        held[0] += nbytes
+        peak[0], peak_held[0], largest[0] = max(peak[0], alive[0]), max(peak_held[0], held[0]), max(largest[0], nbytes)
+
+        def gone():
+            alive[0] -= 1
+            held[0] -= nbytes
+        weakref.finalize(t, gone)
         return t
 
     monkeypatch.setattr(Run, "tensor", counting)
     compare_runs(ref, cand, CompareOptions(prefetch=prefetch))
-    assert 2 <= peak[0] <= limit * 2 * 3, f"peak {peak[0]} tensors alive"
+    if metrics_path == "eager":
+        assert 2 <= peak[0] <= limit * 2 * 3, f"peak {peak[0]} tensors alive"
+    else:
+        unit = 2 * 3 * largest[0]
+        assert peak[0] > limit * 2 * 3 or limit > 10, "the batch should hold several units"
+        assert peak_held[0] <= measuring.BATCH_BYTES + unit * (min(limit, 10**3) + 1), f"peak {peak_held[0]} bytes"
     assert alive[0] == 0
 
 

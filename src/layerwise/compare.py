@@ -3,10 +3,10 @@
 `compare_runs(ref, cand, options, baseline)` aligns the runs (align.py: same prompts and tokens,
 same model, same shapes; what only one run holds is skipped and listed), then streams: for each
 prompt, for each tensor in model order, it reads the reference and candidate tensors (and the
-baseline's) through readahead.read_units, which verifies their digests and keeps at most two groups in
-memory (the one being measured and the next one being read), measures them (metrics.py,
-routing.py) and judges them (tolerances.judge). Rows, verdict and first divergence come back as a frozen `Report`;
-report.py renders it. Nothing here prints or writes files.
+baseline's) through readahead.read_units, which verifies their digests and reads ahead within a
+memory window, measures them and judges them in model order (measuring.py: on a GPU the tensor
+metrics of a few hundred MB of units at a time, in batched passes). Rows, verdict and first
+divergence come back as a frozen `Report`; report.py renders it. Nothing here prints or writes files.
 """
 
 from __future__ import annotations
@@ -19,24 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import torch
 
 from .align import Alignment, align_runs
-from .errors import UserError
 from .formatting import plural
-from .machine import usable_device
-from .metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, LogitsMetrics, TensorMetrics, logits_metrics, pool_logits,
-                      tensor_metrics)
-from .names import (INPUT, JUDGING_ORDER, OUTPUT, ROUTER_LOGITS, ROUTER_ROLES, SCORE_BIAS, TOPK_IDS, TOPK_WEIGHTS,
-                    Layout, format_ranges, layer_of, split_name, tensor_name)
-from .routing import AT_TIE, MOVED, RoutingMetrics, dense_weights, num_experts, pool_routing, routing_flips
-from .readahead import read_units, to_device
+from .measuring import Context, PromptResult, judge_unit, metrics_device, stage_unit
+from .metrics import LogitsMetrics, pool_logits
+from .names import INPUT, OUTPUT, ROUTER_ROLES, Layout, format_ranges, layer_of, split_name, tensor_name
+from .routing import RoutingMetrics, pool_routing
+from .readahead import read_units
 from .runs import Run, open_run
-from .tolerances import DEFAULT_TIE, Tolerance, Tolerances, dtype_class, judge
+from .tolerances import DEFAULT_TIE, Tolerances, dtype_class
 
 log = logging.getLogger(__name__)
-
-_JUDGING_RANK = {role: rank for rank, role in enumerate(JUDGING_ORDER)}
 
 
 @dataclass(frozen=True)
@@ -50,22 +44,6 @@ class CompareOptions:
     prefetch: bool = True  # read the next tensors while measuring the current ones
     threads: int = 0  # threads measuring one tensor's rows in parallel; 0: one per core, at most 8
     device: str | None = None  # where tensor and logits metrics run; None: cuda:0 when a GPU is present, else cpu
-
-
-@dataclass(frozen=True)
-class PromptResult:
-    prompt: int
-    tensor: TensorMetrics | None = None
-    logits: LogitsMetrics | None = None
-    routing: RoutingMetrics | None = None
-    floor: TensorMetrics | None = None  # baseline against reference: the noise floor
-    failures: tuple[str, ...] = ()
-    excused: int = 0  # passes only without this many tokens diverted by benign routing flips
-    judged: TensorMetrics | None = None  # when excused: the metrics without the diverted tokens
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
 
 
 @dataclass(frozen=True)
@@ -165,104 +143,9 @@ def _units(plan: Alignment, prompts: tuple[int, ...]):
             yield p, tuple(unit)
 
 
-# ---------------------------------------------------------------------------------- measuring
-
-@dataclass
-class _Context:
-    ref: Run
-    cand: Run
-    baseline: Run | None
-    options: CompareOptions
-    layout: Layout
-    dtypes: tuple[str | None, str | None]
-    tie_threshold: float
-    map_fn: Callable = map  # measures row ranges of one tensor, in parallel when a pool's map
-    parts: int = 1
-    device: torch.device = torch.device("cpu")  # where tensor and logits metrics run
-    tolerances: dict = field(default_factory=dict)  # name -> (kind, Tolerance)
-    # prompt -> token positions whose expert set flipped at a near-tie or by noise-level score
-    # changes: later tensors that fail only because of them are excused (PromptResult.excused)
-    diverted: dict = field(default_factory=dict)
-
-    def judge_for(self, name: str, prompt: int) -> tuple[str, Tolerance]:
-        if name not in self.tolerances:
-            module, role = split_name(name)
-            kind = ("routing" if role == TOPK_IDS else
-                    "logits" if (module == self.layout.head and role == OUTPUT) else "tensor")
-            dtypes = (*self.dtypes, self.ref.entry(name, prompt).dtype, self.cand.entry(name, prompt).dtype)
-            self.tolerances[name] = (kind, self.options.tolerances.resolve(name, kind, dtypes))
-        return self.tolerances[name]
-
-
 def _compute_dtype(run: Run) -> str | None:
     dtype = (run.manifest.get("settings") or {}).get("dtype")
     return str(dtype) if dtype else None
-
-
-def _measure_unit(ctx: _Context, p: int, unit: tuple[str, ...], t: dict, arrivals: dict) -> dict[str, PromptResult]:
-    """Measure one unit; `arrivals`: its tensors streamed to the metrics' GPU, still arriving."""
-    module = split_name(unit[0])[0]
-    t = {key: x if key in arrivals else x.to(ctx.device) for key, x in t.items()}  # the readers copied most already
-    ids = {side: t.get((side, tensor_name(module, TOPK_IDS))) for side in ("ref", "cand", "base")}
-    logits = {side: t.get((side, tensor_name(module, ROUTER_LOGITS))) for side in ("ref", "cand", "base")}
-    bias = {side: t.get((side, tensor_name(module, SCORE_BIAS))) for side in ("ref", "cand")}
-    out = {}
-    # scores, then ids (routing decides which tokens are diverted), then weights: whatever the model order
-    for name in sorted(unit, key=lambda n: _JUDGING_RANK.get(split_name(n)[1], len(JUDGING_ORDER))):
-        kind, tol = ctx.judge_for(name, p)
-        a, b, base = t[("ref", name)], t[("cand", name)], t.get(("base", name))
-        if kind == "routing":
-            _check_expert_ids(name, p, ids, logits)
-            rm, classes = routing_flips(a, b, logits["ref"], logits["cand"], ctx.tie_threshold,
-                                        ref_bias=bias["ref"], cand_bias=bias["cand"])
-            out[name] = PromptResult(p, routing=rm, failures=judge(tol, None, None, rm, None, ctx.options.noise_factor))
-            scores = out.get(tensor_name(module, ROUTER_LOGITS))
-            if scores is not None and scores.passed:  # flips from noise-level scores divert these tokens
-                benign = ((classes == AT_TIE) | (classes == MOVED)).nonzero().squeeze(1).tolist()
-                ctx.diverted.setdefault(p, set()).update(benign)
-            continue
-        if split_name(name)[1] == TOPK_WEIGHTS and ids["ref"] is not None and ids["cand"] is not None:
-            # Weights sit in the order of their ids, which need not agree: compare per expert.
-            experts = num_experts(ids.values(), logits.values())
-            a, b = dense_weights(a, ids["ref"], experts), dense_weights(b, ids["cand"], experts)
-            base = dense_weights(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
-        arriving = [arrivals.get((side, name)) for side in ("ref", "cand", "base")]
-        result = _measure(ctx, p, kind, tol, a, b, base, arriving)
-        diverted = sorted(ctx.diverted.get(p, ()))
-        if result.failures and diverted and len(diverted) < a.shape[0]:
-            keep = torch.tensor(sorted(set(range(a.shape[0])) - set(diverted)), device=a.device)
-            without = _measure(ctx, p, kind, tol, a[keep], b[keep], None if base is None else base[keep])
-            if without.passed:
-                result = replace(result, failures=(), excused=len(diverted), judged=without.tensor)
-        out[name] = result
-    return out
-
-
-def _measure(ctx: _Context, p: int, kind: str, tol: Tolerance, a: torch.Tensor, b: torch.Tensor,
-             base: torch.Tensor | None, arriving: list | None = None) -> PromptResult:
-    arriving = arriving or [None] * 3
-    a, b = to_device(a, arriving[0], ctx.device), to_device(b, arriving[1], ctx.device)
-    base = to_device(base, arriving[2], ctx.device) if base is not None else None
-    if ctx.device.type == "cuda":  # the GPU measures in float64 at HBM speed; the bytes pass by anyway
-        sizing = dict(chunk_elements=GPU_CHUNK_ELEMENTS)
-    else:
-        sizing = dict(map_fn=ctx.map_fn, parts=ctx.parts, chunk_elements=CHUNK_ELEMENTS)
-    tm = tensor_metrics(a, b, tol.rtol, tol.atol, **sizing)
-    lm = logits_metrics(a, b, ctx.options.logits_topk, chunk_elements=sizing["chunk_elements"]) \
-        if kind == "logits" else None
-    floor = tensor_metrics(a, base, **sizing) if base is not None else None
-    return PromptResult(p, tm, lm, None, floor, judge(tol, tm, lm, None, floor, ctx.options.noise_factor))
-
-
-def _check_expert_ids(name: str, prompt: int, ids: dict, logits: dict) -> None:
-    for side, x in ids.items():
-        if x is None or not x.numel():
-            continue
-        experts = logits[side].shape[-1] if logits[side] is not None else None
-        if int(x.min()) < 0 or (experts is not None and int(x.max()) >= experts):
-            label = {"ref": "REF", "cand": "CAND", "base": "the baseline"}[side]
-            raise UserError(f"{name} (prompt {prompt}) in {label} holds expert ids outside 0-{(experts or 1) - 1}: "
-                            "the run is corrupt (compare without --no-verify to check every file)")
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -280,21 +163,25 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     layout = Layout.of(ref.manifest.get("anatomy"))
     dtypes = (_compute_dtype(ref), _compute_dtype(cand))
     tie = options.tie_threshold if options.tie_threshold is not None else DEFAULT_TIE[dtype_class(dtypes)]
-    ctx = _Context(ref, cand, baseline, options, layout, dtypes, tie, device=metrics_device(options.device))
+    ctx = Context(ref, cand, baseline, options, layout, dtypes, tie, device=metrics_device(options.device))
     results: dict[str, list[PromptResult]] = {name: [] for name in plan.names}
     done = 0
     threads = options.threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads, thread_name_prefix="layerwise-metrics") as pool:
         ctx.map_fn, ctx.parts = (pool.map, threads) if threads > 1 else (map, 1)
         mine = _block(plan.prompts, ranks.rank, ranks.world) if ranks is not None else plan.prompts
+        staged: list[tuple] = []  # units whose tensor metrics ctx.batch measures together (a GPU)
         for p, unit, tensors, arrivals in read_units({"ref": ref, "cand": cand, "base": baseline}, _units(plan, mine),
                                                      options.verify, options.prefetch, device=ctx.device,
                                                      streamable=lambda name: split_name(name)[1] not in ROUTER_ROLES):
-            for name, result in _measure_unit(ctx, p, unit, tensors, arrivals).items():
-                results[name].append(result)
-            done += sum(x.numel() * x.element_size() for x in tensors.values())
+            staged.append(stage_unit(ctx, p, unit, tensors, arrivals))
+            nbytes = sum(x.numel() * x.element_size() for x in tensors.values())
+            if ctx.batch.hold(nbytes):
+                _judge(ctx, staged, results)
+            done += nbytes
             if progress is not None:
                 progress(done, plan.total_bytes)
+        _judge(ctx, staged, results)
     if ranks is not None and ranks.world > 1:
         gathered = ranks.gather((results, done))
         if gathered is None:
@@ -318,14 +205,17 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     )
 
 
-def metrics_device(device: str | None) -> torch.device:
-    """Where metrics run: the device asked for, else cuda:0 when a GPU is present, else the CPU."""
-    if device is None:
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(usable_device(device, "--metrics-device"))
+def _judge(ctx: Context, staged: list[tuple], results: dict[str, list[PromptResult]]) -> None:
+    """Measure the batch, then judge the staged units in order (and forget them)."""
+    ctx.batch.measure()
+    for unit in staged:
+        for name, result in judge_unit(ctx, *unit).items():
+            results[name].append(result)
+    staged.clear()
+    ctx.batch.clear()
 
 
-def _row(name: str, ctx: _Context, results: list[PromptResult], with_baseline: bool) -> Row:
+def _row(name: str, ctx: Context, results: list[PromptResult], with_baseline: bool) -> Row:
     module, role = split_name(name)
     p0 = results[0].prompt
     kind, tol = ctx.judge_for(name, p0)  # measured on another rank, this one may not have judged it yet

@@ -77,14 +77,18 @@ def tensor_metrics(ref: torch.Tensor, cand: torch.Tensor, rtol: float | None = N
     parts = max(1, min(parts, -(-rows * split // step)))  # no range smaller than one block
     bounds = [rows * i // parts * split for i in range(parts + 1)]
     ranges = list(zip(bounds[:-1], bounds[1:]))
-    total = _Sums(violations=0 if allclose else None)
+    total = Sums(violations=0 if allclose else None)
     for part in map_fn(lambda r: _accumulate(a2, b2, r[0], r[1], step, split, rtol, atol, allclose), ranges):
         total.merge(part)
-    t = total
+    return from_sums(ref.numel(), total)
+
+
+def from_sums(numel: int, t: Sums) -> TensorMetrics:
+    """The metrics of a pair from its sums (whoever took them: `tensor_metrics`, metricsbatch.py)."""
     # <a, b> from the three sums of squares: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>.
     sab = (t.saa + t.sbb - t.sdd) / 2.0
     return TensorMetrics(
-        numel=ref.numel(), max_abs=t.max_abs, mean_abs=t.sum_abs / t.count if t.count else 0.0,
+        numel=numel, max_abs=t.max_abs, mean_abs=t.sum_abs / t.count if t.count else 0.0,
         rel_l2=_ratio(math.sqrt(t.sdd), math.sqrt(t.saa)), cosine=_cosine(sab, t.saa, t.sbb, t.sdd),
         sqnr_db=_sqnr_db(t.saa, t.sdd), nan=(t.nan_a, t.nan_b), inf=(t.inf_a, t.inf_b),
         nonfinite_mismatch=t.mismatch, worst_token=t.first_mismatch if t.first_mismatch is not None else t.worst_row,
@@ -93,7 +97,7 @@ def tensor_metrics(ref: torch.Tensor, cand: torch.Tensor, rtol: float | None = N
 
 
 @dataclass
-class _Sums:
+class Sums:
     """Running sums over a range of rows; `merge` adds a later range."""
     count: int = 0  # finite pairs
     sum_abs: float = 0.0
@@ -111,7 +115,7 @@ class _Sums:
     worst_row: int | None = None
     violations: int | None = None
 
-    def merge(self, o: _Sums) -> None:
+    def merge(self, o: Sums) -> None:
         for name in ("count", "sum_abs", "saa", "sbb", "sdd", "nan_a", "nan_b", "inf_a", "inf_b", "mismatch"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.max_abs = max(self.max_abs, o.max_abs)
@@ -134,13 +138,13 @@ def _split(width: int, chunk_elements: int) -> int:
 
 
 def _accumulate(a2: torch.Tensor, b2: torch.Tensor, begin: int, end: int, step: int, split: int,
-                rtol: float | None, atol: float | None, allclose: bool) -> _Sums:
+                rtol: float | None, atol: float | None, allclose: bool) -> Sums:
     """Sums over rows [begin, end), `split` rows per token, converted to float64 `step` rows at
     a time (whole tokens). Only elementwise
     and reduction kernels on blocks below torch's parallel grain size: each kernel runs serially
     in cache (BLAS dot or OpenMP regions on small blocks cost more than they save, and stall
     badly when other processes share the cores)."""
-    s = _Sums(violations=0 if allclose else None)
+    s = Sums(violations=0 if allclose else None)
     x_buf = torch.empty((min(step, end - begin), a2.shape[1]), dtype=torch.float64, device=a2.device)
     y_buf = torch.empty_like(x_buf)
     for start in range(begin, end, step):

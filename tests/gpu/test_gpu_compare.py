@@ -32,7 +32,13 @@ def _assert_same_rows(cpu, gpu):
     assert math.isclose(cpu.logits.overall.kl_mean, gpu.logits.overall.kl_mean, rel_tol=1e-9)
 
 
-def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path):
+@pytest.mark.parametrize("batch_bytes", [256 << 20, 64 << 10, 0])
+def test_metrics_on_gpu_equal_metrics_on_cpu(tmp_path, monkeypatch, batch_bytes):
+    """The GPU's rows are the CPU's with its tensor metrics batched over the whole run (the
+    default, on these small runs), over a few units at a time, and not batched (0)."""
+    from layerwise import measuring
+
+    monkeypatch.setattr(measuring, "BATCH_BYTES", batch_bytes)
     ref, cand = _fp32_and_bf16_runs(tmp_path)
     _assert_same_rows(compare_runs(ref, cand, CompareOptions(device="cpu")),
                       compare_runs(ref, cand, CompareOptions(device="cuda:0")))
@@ -102,3 +108,22 @@ def test_tensor_and_logits_metrics_on_gpu_as_on_cpu_nonfinite_included():
         assert (cpu.top1, cpu.topk, cpu.kl_worst_token) == (gpu.top1, gpu.topk, gpu.kl_worst_token)
         assert math.isclose(cpu.kl_mean, gpu.kl_mean, rel_tol=1e-9, abs_tol=1e-15)
         assert math.isclose(cpu.kl_max, gpu.kl_max, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_batched_metrics_on_gpu_equal_tensor_metrics_on_cpu():
+    """metricsbatch on the GPU: every field of every pair as tensor_metrics gives it on the CPU
+    (NaN/Inf pairs measured alone, allclose violations, the worst token, mixed dtypes)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_metricsbatch import _pairs, _same
+
+    from layerwise.metrics import tensor_metrics
+    from layerwise.metricsbatch import batch_tensor_metrics
+
+    jobs = _pairs(3)
+    on_gpu = [(a.to("cuda:0"), b.to("cuda:0"), rtol, atol) for a, b, rtol, atol in jobs]
+    for elements in (1 << 25, 64):
+        for (a, b, rtol, atol), got in zip(jobs, batch_tensor_metrics(on_gpu, elements), strict=True):
+            _same(tensor_metrics(a, b, rtol, atol), got)
