@@ -19,10 +19,12 @@ The settings (`--variants`, comma list, default all):
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
   stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
-  cpu-blocks-32m  as it is, with compare.CHUNK_ELEMENTS = 1 << 22: metrics on the CPU in blocks of
+  cpu-blocks-32m  as it is, with measuring.CHUNK_ELEMENTS = 1 << 22: metrics on the CPU in blocks of
             32 MiB of float64 per buffer (the value before 4 MiB)
+  unbatched as it is, with measuring.BATCH_BYTES = 0: on a GPU every tensor measured by tensor_metrics
+            as it comes (the path before tensor metrics were batched over units)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
-waiting for the readers and in tensor_metrics. The order of the settings turns each round; one
+waiting for the readers and in tensor_metrics (batched or not). The order of the settings turns each round; one
 compare before the first round is not timed (the process's start-up would fall on one setting).
 
     python benchmarks/compare_knobs.py --gb 2 --tokens 1024 --rounds 3 --dir /tmp/knobs
@@ -46,18 +48,19 @@ from compare_profile import Timers  # noqa: E402
 from compare_throughput import raw_read, run_files, write_runs  # noqa: E402
 from synthetic import drop_page_cache  # noqa: E402
 
-from layerwise import compare, readahead, tensorfile  # noqa: E402
+from layerwise import measuring, readahead, tensorfile  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
 VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers8", "readers4", "readers3",
-            "readers2", "readers1", "whole8", "stream-all", "stream-64", "cpu-blocks-32m")
+            "readers2", "readers1", "whole8", "stream-all", "stream-64", "cpu-blocks-32m",
+            "unbatched")
 
 
 @contextlib.contextmanager
 def setting(name: str):
     saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
-             readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS)
+             readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -74,21 +77,24 @@ def setting(name: str):
         if name == "stream-64":
             readahead.STREAM_BYTES = 64 << 20
         if name == "cpu-blocks-32m":
-            compare.CHUNK_ELEMENTS = 1 << 22
+            measuring.CHUNK_ELEMENTS = 1 << 22
+        if name == "unbatched":
+            measuring.BATCH_BYTES = 0
         yield
     finally:
         (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
-         readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS) = saved
+         readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:
-    """compare's seconds, the measuring thread's seconds waiting for the readers and in tensor_metrics."""
+    """compare's seconds, the measuring thread's seconds waiting for the readers and in tensor_metrics (batched or not)."""
     timers.clear()
     start = time.perf_counter()
     report = compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))
     seconds = time.perf_counter() - start
     assert report.rows, "nothing compared"
-    return seconds, timers.seconds["waiting for the readers"], timers.seconds["tensor_metrics"]
+    return (seconds, timers.seconds["waiting for the readers"],
+            timers.seconds["tensor_metrics"] + timers.seconds["batch_tensor_metrics"])
 
 
 def main(argv: list[str] | None = None) -> int:

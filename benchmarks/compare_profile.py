@@ -26,12 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layerwise import compare, readahead  # noqa: E402
+from layerwise import compare, measuring, readahead  # noqa: E402
 from layerwise.compare import CompareOptions, compare_runs  # noqa: E402
 from layerwise.runs import open_run  # noqa: E402
 
-TIMED = ("to_device", "tensor_metrics", "logits_metrics", "_measure_unit", "_measure", "routing_flips",
-         "_check_expert_ids", "dense_weights", "align_runs", "_row")
+TIMED = ("to_device", "tensor_metrics", "batch_tensor_metrics", "logits_metrics", "stage_unit", "judge_unit", "measure",
+         "routing_flips", "check_expert_ids", "dense_weights", "align_runs", "_row")
+MODULES = (compare, measuring)  # where compare_runs finds them
 
 
 class Timers:
@@ -39,10 +40,11 @@ class Timers:
 
     def __init__(self):
         self.seconds, self.calls = collections.Counter(), collections.Counter()
-        self.saved = {name: getattr(compare, name) for name in TIMED + ("read_units",) if hasattr(compare, name)}
-        for name in TIMED:
-            if hasattr(compare, name):
-                setattr(compare, name, self._timed(name, getattr(compare, name)))
+        self.saved = [(module, name, getattr(module, name)) for module in MODULES for name in TIMED + ("read_units",)
+                      if hasattr(module, name)]
+        for module, name, fn in self.saved:
+            if name != "read_units":
+                setattr(module, name, self._timed(name, fn))
         compare.read_units = self._reading(compare.read_units)
 
     def _timed(self, name, fn):
@@ -79,8 +81,8 @@ class Timers:
                 f"{self.calls['tensors']} tensors; {parts}")
 
     def restore(self):
-        for name, fn in self.saved.items():
-            setattr(compare, name, fn)
+        for module, name, fn in self.saved:
+            setattr(module, name, fn)
 
     def clear(self):
         self.seconds.clear()

@@ -8,12 +8,13 @@ count of calls, not the arithmetic, bounds it. This measures the same figures (t
 max and mean |a - b|, rel_l2, cosine, SQNR, the worst token) both ways:
 
   each     `tensor_metrics(a, b)` for each pair, on the metrics' device (GPU blocks on a GPU)
-  batched  the K pairs stacked [K, tokens, width], converted to float64 once, every sum taken
-           along the pair axis, all K pairs' figures brought back in one list (one sync)
+  batched  `metricsbatch.batch_tensor_metrics`, what compare does on a GPU: K pairs stacked
+           [K, tokens, width], converted to float64 once, every sum taken along the pair axis,
+           all K pairs' figures brought back in one list (one sync)
 
 and checks that the batched figures equal the per-pair ones (relative 1e-9: the sums' order
 differs) before timing them. The aten calls each way are counted with a dispatch mode. The pairs
-are finite: NaN/Inf handling (a masked re-measure per pair) is not part of the batched pass here.
+are finite (a pair holding NaN/Inf is measured alone, by tensor_metrics).
 
     python benchmarks/metrics_batch.py --pairs 116 --tokens 512 --batch 8,32,116 --device cuda:0
     python benchmarks/metrics_batch.py --tiny          # a CPU dry run (tests/test_benchmarks.py)
@@ -36,8 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from layerwise.metrics import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, _cosine, _ratio, _sqnr_db,  # noqa: E402
-                               tensor_metrics)
+from layerwise.metrics import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, TensorMetrics, tensor_metrics  # noqa: E402
+from layerwise.metricsbatch import batch_tensor_metrics  # noqa: E402
 
 
 class Calls(TorchDispatchMode):
@@ -52,44 +53,21 @@ class Calls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def batched(refs: list[torch.Tensor], cands: list[torch.Tensor]) -> list[dict]:
-    """The per-pair figures of K same-shaped [tokens, width] pairs in one pass and one sync."""
-    a = torch.stack(refs).to(torch.float64)
-    b = torch.stack(cands).to(torch.float64)
-    k = a.shape[0]
-    norms = torch.linalg.vector_norm(torch.stack([a, b]).view(2, k, -1), 2, dim=2)  # [2, K]
-    d = b.sub_(a)
-    per_token = d.square().sum(dim=2)  # [K, tokens]
-    worst, worst_at = per_token.max(dim=1)
-    d.abs_()
-    sums = torch.stack([norms[0], norms[1], per_token.sum(dim=1), worst, worst_at.to(torch.float64),
-                        d.view(k, -1).amax(dim=1), d.view(k, -1).sum(dim=1)])  # [7, K]
-    out = []
-    numel = a[0].numel()
-    for na, nb, sdd, w, at, max_abs, sum_abs in zip(*sums.tolist()):
-        saa, sbb = na * na, nb * nb
-        sab = (saa + sbb - sdd) / 2.0
-        out.append(dict(max_abs=max_abs, mean_abs=sum_abs / numel, rel_l2=_ratio(math.sqrt(sdd), math.sqrt(saa)),
-                        cosine=_cosine(sab, saa, sbb, sdd), sqnr_db=_sqnr_db(saa, sdd),
-                        worst_token=int(at) if sdd > 0 else None))
-    return out
+def batched(refs: list[torch.Tensor], cands: list[torch.Tensor], size: int) -> list[TensorMetrics]:
+    """The pairs `size` at a time through layerwise's own batched pass (metricsbatch.py)."""
+    elements = size * refs[0].numel()
+    return batch_tensor_metrics([(a, b, None, None) for a, b in zip(refs, cands)], elements)
 
 
-def each(refs, cands, chunk: int) -> list[dict]:
-    out = []
-    for a, b in zip(refs, cands):
-        m = tensor_metrics(a, b, chunk_elements=chunk)
-        out.append(dict(max_abs=m.max_abs, mean_abs=m.mean_abs, rel_l2=m.rel_l2, cosine=m.cosine,
-                        sqnr_db=m.sqnr_db, worst_token=m.worst_token))
-    return out
+def each(refs, cands, chunk: int) -> list[TensorMetrics]:
+    return [tensor_metrics(a, b, chunk_elements=chunk) for a, b in zip(refs, cands)]
 
 
-def same(x: list[dict], y: list[dict]) -> bool:
+def same(x: list[TensorMetrics], y: list[TensorMetrics]) -> bool:
     for p, q in zip(x, y, strict=True):
-        if p["worst_token"] != q["worst_token"]:
-            return False
-        for key in ("max_abs", "mean_abs", "rel_l2", "cosine", "sqnr_db"):
-            if not math.isclose(p[key], q[key], rel_tol=1e-9, abs_tol=1e-300):
+        for key in TensorMetrics.__dataclass_fields__:
+            u, v = getattr(p, key), getattr(q, key)
+            if u != v and not (isinstance(u, float) and math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-300)):
                 return False
     return True
 
@@ -124,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.batch.split(",")]
     ways = {"each": lambda: each(refs, cands, chunk)}
     for size in sizes:
-        ways[f"batched x {size}"] = lambda size=size: [m for i in range(0, len(refs), size)
-                                                       for m in batched(refs[i:i + size], cands[i:i + size])]
+        ways[f"batched x {size}"] = lambda size=size: batched(refs, cands, size)
     oracle = ways["each"]()
     result = {"device": str(device), "pairs": args.pairs, "tokens": args.tokens, "width": args.width,
               "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "ways": {}}

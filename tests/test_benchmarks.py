@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -275,25 +276,26 @@ def test_tensor_reads_dry_run(tmp_path, monkeypatch, capsys):
 
 
 def test_compare_profile_dry_run(monkeypatch, capsys):
-    from layerwise import compare
+    from layerwise import measuring
 
-    before = compare.tensor_metrics
+    before = measuring.tensor_metrics
     code = bench(monkeypatch, "compare_profile").main(["--tiny", "--readers", "2:64", "--top", "5"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"verify=True: [\d.]+ s, [\d.]+ GB, \d+ units, \d+ tensors; .*tensor_metrics [\d.]+ s \(\d+\)", out)
     assert "2 readers, 64 MiB ahead:" in out and "Ordered by: internal time" in out
-    assert compare.tensor_metrics is before, "the timers are taken off again"
+    assert measuring.tensor_metrics is before, "the timers are taken off again"
 
 
 def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
     import sys as _sys
 
-    from layerwise import compare, readahead, tensorfile
+    from layerwise import measuring, readahead, tensorfile
 
     def state():
-        return (compare.tensor_metrics, tensorfile.PAGE_IN_HEAD, readahead.READ_WORKERS, readahead.WHOLE_READERS,
-                readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES, compare.CHUNK_ELEMENTS, _sys.getswitchinterval())
+        return (measuring.tensor_metrics, measuring.batch_tensor_metrics, tensorfile.PAGE_IN_HEAD,
+                readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES,
+                measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES, _sys.getswitchinterval())
 
     before = state()
     out_file = tmp_path / "knobs.md"
@@ -447,6 +449,6 @@ def test_metrics_batch_dry_run(tmp_path, monkeypatch, capsys):
 def test_metrics_batch_refuses_figures_that_differ(tmp_path, monkeypatch):
     mb = bench(monkeypatch, "metrics_batch")
     real = mb.batched
-    monkeypatch.setattr(mb, "batched", lambda r, c: [dict(m, rel_l2=m["rel_l2"] * 1.001) for m in real(r, c)])
+    monkeypatch.setattr(mb, "batched", lambda r, c, k: [replace(m, rel_l2=m.rel_l2 * 1.001) for m in real(r, c, k)])
     with pytest.raises(RuntimeError, match="differ from tensor_metrics"):
         mb.main(["--tiny", "--out", str(tmp_path)])

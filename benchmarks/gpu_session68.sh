@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device session 68, one H200: compare with its tensor metrics batched over units (measuring.py,
+# metricsbatch.py) against the same code measuring each tensor as it comes (compare_knobs.py's
+# "unbatched": measuring.BATCH_BYTES = 0), in turns in one process.
+#   part "tests": the GPU tests of compare and of the batched metrics (gpu_suite, -k compare).
+#   part "mbatch": metrics_batch.py on 116 pairs of 512 x 3072 (one pair a layer of the logits-heavy
+#     runs): tensor_metrics pair by pair against layerwise's batched pass of 8, 32 and 116 pairs.
+#   part "ab": compare_knobs.py --variants as-is,unbatched (compare / raw cold read) on 2 GB runs of
+#     512-token tensors with logits of a 200,064-token vocabulary ($R1 rounds, default 5), of
+#     1024-token tensors ($R2, default 3) and of 4096-token tensors ($R3, default 2), none started
+#     after $DEADLINE s.
+#   part "trace": compare_trace.py --variants as-is,unbatched on 1 GB runs of 512-token tensors
+#     with logits: the measuring thread's torch calls and the GPU's idle share, each way.
+# `bash benchmarks/gpu_session68.sh tests mbatch ab`. Logs packed into $OUT/session68-<part>.tgz.
+. "$(dirname "$0")/gpu_parts.sh" 68 ab "$@"
+case "$PART" in
+tests)
+    GK="compare" GT=${GT:-200} gpu_suite ;;
+mbatch)
+    timeout ${EACH:-120} python3 benchmarks/metrics_batch.py --pairs 116 --tokens 512 --batch 8,32,116 --rounds 7 \
+        --out "$W/mbatch" > "$W/mbatch.log" 2>&1
+    echo "=== metrics_batch.py (exit $?, at $SECONDS s)"; cat "$W/mbatch.log" ;;
+ab)
+    cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-5} --variants as-is,unbatched" \
+        "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,unbatched" \
+        "--gb 2 --tokens 4096 --rounds ${R3:-2} --variants as-is,unbatched" ;;
+trace)
+    timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 512 --vocab 200064 \
+        --variants as-is,unbatched --dir /tmp/lw-trace512 --out "$W/trace" > "$W/trace.log" 2>&1
+    echo "=== compare_trace.py, 512 tokens + logits (exit $?, at $SECONDS s)"
+    grep -v '^wrote\|USDT\|warn' "$W/trace.log" | tail -60
+    gzip -f "$W"/trace/trace-*.json ;;
+esac
+tar czf "$OUT/session68-$PART.tgz" -C "$W" . 2>/dev/null
