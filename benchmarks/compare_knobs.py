@@ -21,6 +21,9 @@ The settings (`--variants`, comma list, default all):
   stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
   cpu-blocks-32m  as it is, with measuring.CHUNK_ELEMENTS = 1 << 22: metrics on the CPU in blocks of
             32 MiB of float64 per buffer (the value before 4 MiB)
+  mmap-reads  as it is, with tensorfile.PLAIN_READS = False: tensors read whole through safetensors'
+            memory map (the path before plain reads), which holds the GIL while it faults pages in
+  whole4    as it is, with readahead.WHOLE_READERS = 4
   unbatched as it is, with measuring.BATCH_BYTES = 0: on a GPU every tensor measured by tensor_metrics
             as it comes (the path before tensor metrics were batched over units)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
@@ -54,13 +57,13 @@ from layerwise.runs import open_run  # noqa: E402
 
 VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers8", "readers4", "readers3",
             "readers2", "readers1", "whole8", "stream-all", "stream-64", "cpu-blocks-32m",
-            "unbatched")
+            "unbatched", "mmap-reads", "whole4")
 
 
 @contextlib.contextmanager
 def setting(name: str):
-    saved = (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
-             readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES)
+    saved = (tensorfile.PLAIN_READS, tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS,
+             readahead.WHOLE_READERS, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -70,8 +73,10 @@ def setting(name: str):
             readahead.SWITCH_INTERVAL = float(name[:-2]) * 1e-3
         if name.startswith("readers"):
             readahead.READ_WORKERS = readahead.WHOLE_READERS = int(name[len("readers"):])
-        if name == "whole8":
-            readahead.WHOLE_READERS = 8
+        if name in ("whole8", "whole4"):
+            readahead.WHOLE_READERS = int(name[len("whole"):])
+        if name == "mmap-reads":
+            tensorfile.PLAIN_READS = False
         if name == "stream-all":
             readahead.STREAM_BYTES = 1 << 20
         if name == "stream-64":
@@ -82,12 +87,13 @@ def setting(name: str):
             measuring.BATCH_BYTES = 0
         yield
     finally:
-        (tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS, readahead.WHOLE_READERS,
-         readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES) = saved
+        (tensorfile.PLAIN_READS, tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS,
+         readahead.WHOLE_READERS, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:
-    """compare's seconds, the measuring thread's seconds waiting for the readers and in tensor_metrics (batched or not)."""
+    """compare's seconds, the measuring thread's seconds waiting for the readers and in tensor_metrics
+    (batched or not)."""
     timers.clear()
     start = time.perf_counter()
     report = compare_runs(open_run(paths[0]), open_run(paths[1]), CompareOptions(verify=True))

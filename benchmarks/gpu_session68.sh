@@ -9,6 +9,10 @@
 #     512-token tensors with logits of a 200,064-token vocabulary ($R1 rounds, default 5), of
 #     1024-token tensors ($R2, default 3) and of 4096-token tensors ($R3, default 2), none started
 #     after $DEADLINE s.
+#   part "reads": compare_knobs.py with plain reads (the code) against safetensors' memory map
+#     ("mmap-reads"), four threads reading whole ("whole4") and every tensor of 1 MiB or more streamed
+#     ("stream-all") on the logits-heavy runs ($R1 rounds, default 4), then as-is, mmap-reads and
+#     unbatched on the 1024-token ($R2, default 3) and 4096-token runs ($R3, default 2).
 #   part "trace": compare_trace.py --variants as-is,unbatched on 1 GB runs of 512-token tensors
 #     with logits: the measuring thread's torch calls and the GPU's idle share, each way.
 # `bash benchmarks/gpu_session68.sh tests mbatch ab`. Logs packed into $OUT/session68-<part>.tgz.
@@ -24,6 +28,10 @@ ab)
     cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-5} --variants as-is,unbatched" \
         "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,unbatched" \
         "--gb 2 --tokens 4096 --rounds ${R3:-2} --variants as-is,unbatched" ;;
+reads)
+    cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-4} --variants as-is,mmap-reads,whole4,stream-all" \
+        "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,mmap-reads,unbatched" \
+        "--gb 2 --tokens 4096 --rounds ${R3:-2} --variants as-is,mmap-reads,unbatched" ;;
 trace)
     timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 512 --vocab 200064 \
         --variants as-is,unbatched --dir /tmp/lw-trace512 --out "$W/trace" > "$W/trace.log" 2>&1

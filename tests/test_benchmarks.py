@@ -293,7 +293,8 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
     from layerwise import measuring, readahead, tensorfile
 
     def state():
-        return (measuring.tensor_metrics, measuring.batch_tensor_metrics, tensorfile.PAGE_IN_HEAD,
+        return (measuring.tensor_metrics, measuring.batch_tensor_metrics, tensorfile.PLAIN_READS,
+                tensorfile.PAGE_IN_HEAD,
                 readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES,
                 measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES, _sys.getswitchinterval())
 

@@ -258,3 +258,30 @@ def test_tensors_known_finite_are_not_checked_the_others_are(tmp_path):
     header: dict = {}
     tensorfile.write_file(tmp_path / "one", tensors, {}, header, nonfinite=True, finite={"a:input"})
     assert header["__metadata__"]["nonfinite:a:output"] == "1,0"
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (), (0, 4), (5,)])
+def test_plain_reads_give_what_safetensors_reads(tmp_path, monkeypatch, shape):
+    """A tensor read with plain file reads (PLAIN_READS) is safetensors' own, bit for bit, in
+    every dtype and shape (0-d and empty too), with the same stored digests; a missing tensor and a
+    file cut short in its data are errors."""
+    numel = int(torch.tensor(shape, dtype=torch.int64).prod())
+    tensors = {f"t.{code}": torch.arange(numel, dtype=torch.float32).reshape(shape).to(getattr(torch, name))
+               for code, (name, _) in tensorfile.DTYPES.items()}
+    path = tmp_path / "all.safetensors"
+    tensorfile.write_file(path, tensors, {})
+    for name, t in tensors.items():
+        monkeypatch.setattr(tensorfile, "PLAIN_READS", False)
+        theirs, their_digests = tensorfile.read_tensor_and_digests(path, name)
+        monkeypatch.setattr(tensorfile, "PLAIN_READS", True)
+        ours, our_digests = tensorfile.read_tensor_and_digests(path, name)
+        assert ours.dtype == theirs.dtype == t.dtype and ours.shape == theirs.shape == t.shape, name
+        flat = [x.reshape(-1).view(torch.uint8) for x in (ours, theirs)]
+        assert torch.equal(*flat) and our_digests == their_digests != {}, name
+    with pytest.raises(ValueError, match="holds no tensor"):
+        tensorfile.read_tensor_and_digests(path, "absent")
+    last = max(tensorfile.read_header(path).items(), key=lambda item: item[1]["data_offsets"][1])[0]
+    if numel:
+        path.write_bytes(path.read_bytes()[:-1])  # the header still fits: the last tensor's data is cut short
+        with pytest.raises(UserError, match="truncated"):  # read_header sees it first
+            tensorfile.read_tensor_and_digests(path, last)

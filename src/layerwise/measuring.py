@@ -161,8 +161,8 @@ def stage_unit(ctx: Context, p: int, unit: tuple[str, ...], t: dict, arrivals: d
             experts = num_experts(ids.values(), logits.values())
             a, b = dense_weights(a, ids["ref"], experts), dense_weights(b, ids["cand"], experts)
             base = dense_weights(base, ids["base"], experts) if base is not None and ids["base"] is not None else None
-        a, b = to_device(a, arrivals.get(("ref", name)), ctx.device), to_device(b, arrivals.get(("cand", name)), ctx.device)
-        base = to_device(base, arrivals.get(("base", name)), ctx.device) if base is not None else None
+        a, b, base = (to_device(x, arrivals.get((side, name)), ctx.device) if x is not None else None
+                      for side, x in zip(_SIDES, (a, b, base)))
         staged.append(Staged(name, kind, tol, a, b, base, ctx.batch.ask(a, b, tol.rtol, tol.atol),
                              ctx.batch.ask(a, base) if base is not None else None,
                              logits_metrics(a, b, ctx.options.logits_topk, ctx.sizing()["chunk_elements"])

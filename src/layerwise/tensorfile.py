@@ -126,6 +126,8 @@ def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple
     """One tensor and the digests its own file's header metadata holds for it ({}: none)."""
     from safetensors import safe_open
 
+    if PLAIN_READS and str(device) == "cpu":
+        return _read_plain(path, name)
     if PAGE_IN_HEAD:
         _page_in_head(path)
     with safe_open(str(path), framework="pt", device=device) as fh:
@@ -133,6 +135,35 @@ def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple
 
 
 PAGE_IN_HEAD = True  # read a file's header with plain reads before safe_open opens it (BENCHMARKS.md)
+# Read a tensor into memory of its own with plain file reads, which release the GIL for the whole
+# read, not through safetensors' memory map: its copy out of the map faults the pages in from a
+# cold disk while holding the GIL, stopping every other thread (compare's readers and measuring
+# thread) for each read (BENCHMARKS.md).
+PLAIN_READS = True
+
+
+def _read_plain(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """`read_tensor_and_digests` on the CPU with plain reads: the header checked (read_header),
+    then the tensor's bytes read into a tensor of its own."""
+    metadata: dict = {}
+    info = read_header(path, metadata).get(name)
+    if info is None:
+        raise ValueError(f"the file holds no tensor {name}")
+    if info["dtype"] not in DTYPES:
+        raise ValueError(f"dtype {info['dtype']} is not one layerwise reads")
+    begin, end = info["data_offsets"]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(data.numpy())
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(8 + int.from_bytes(fh.read(8), "little") + begin)
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"the file ends {len(view) - got} bytes into the tensor's data")
+            got += n
+    tensor = data.view(getattr(torch, DTYPES[info["dtype"]][0])).reshape(info["shape"])
+    return tensor, stored_digests(metadata, name)
 
 
 def _page_in_head(path: Path) -> None:
