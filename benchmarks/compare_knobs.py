@@ -12,10 +12,11 @@ The settings (`--variants`, comma list, default all):
             it at every torch op
   neither   both off: the code before them
   readers8, readers4, readers3, readers2, readers1  as it is, with 8, 4, 3, 2 or 1 reader threads of
-            each kind (readahead.READ_WORKERS, streaming, and WHOLE_READERS, reading whole; 8 and 2 by
-            default): fewer threads to share the GIL with the measuring thread, still reading ahead
-  whole8    as it is, with readahead.WHOLE_READERS = 8 (the value before 2)
-  stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 64 MiB): every tensor of 1 MiB
+            each kind (readahead.READ_WORKERS, streaming, and WHOLE_READERS*, reading whole; 8, and 4 or 2,
+            by default): fewer threads to share the GIL with the measuring thread, still reading ahead
+  whole8, whole4, whole2  as it is, with 8 (the value before 2), 4 or 2 threads reading whole
+            (readahead.WHOLE_READERS and WHOLE_READERS_CPU, 4 and 2 by default)
+  stream-all  as it is, with readahead.STREAM_BYTES = 1 MiB (default 16 MiB): every tensor of 1 MiB
             or more bound for a GPU (routers' aside) read with pread into pinned staging buffers,
             hashed and copied from there, as the large ones are, not read through a memory map
   stream-64 as it is, with readahead.STREAM_BYTES = 64 MiB (the value before 16 MiB)
@@ -23,7 +24,6 @@ The settings (`--variants`, comma list, default all):
             32 MiB of float64 per buffer (the value before 4 MiB)
   mmap-reads  as it is, with tensorfile.PLAIN_READS = False: tensors read whole through safetensors'
             memory map (the path before plain reads), which holds the GIL while it faults pages in
-  whole4    as it is, with readahead.WHOLE_READERS = 4
   unbatched as it is, with measuring.BATCH_BYTES = 0: on a GPU every tensor measured by tensor_metrics
             as it comes (the path before tensor metrics were batched over units)
 Each compare is timed by function as compare_profile.py does: the measuring thread's seconds
@@ -57,13 +57,14 @@ from layerwise.runs import open_run  # noqa: E402
 
 VARIANTS = ("as-is", "no-head", "5ms", "0.5ms", "0.2ms", "0.1ms", "neither", "readers8", "readers4", "readers3",
             "readers2", "readers1", "whole8", "stream-all", "stream-64", "cpu-blocks-32m",
-            "unbatched", "mmap-reads", "whole4")
+            "unbatched", "mmap-reads", "whole4", "whole2")
 
 
 @contextlib.contextmanager
 def setting(name: str):
     saved = (tensorfile.PLAIN_READS, tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS,
-             readahead.WHOLE_READERS, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES)
+             readahead.WHOLE_READERS, readahead.WHOLE_READERS_CPU, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS,
+             measuring.BATCH_BYTES)
     try:
         if name in ("no-head", "neither"):
             tensorfile.PAGE_IN_HEAD = False
@@ -72,9 +73,9 @@ def setting(name: str):
         if name in ("0.5ms", "0.2ms", "0.1ms"):
             readahead.SWITCH_INTERVAL = float(name[:-2]) * 1e-3
         if name.startswith("readers"):
-            readahead.READ_WORKERS = readahead.WHOLE_READERS = int(name[len("readers"):])
-        if name in ("whole8", "whole4"):
-            readahead.WHOLE_READERS = int(name[len("whole"):])
+            readahead.READ_WORKERS = readahead.WHOLE_READERS = readahead.WHOLE_READERS_CPU = int(name[len("readers"):])
+        if name in ("whole8", "whole4", "whole2"):
+            readahead.WHOLE_READERS = readahead.WHOLE_READERS_CPU = int(name[len("whole"):])
         if name == "mmap-reads":
             tensorfile.PLAIN_READS = False
         if name == "stream-all":
@@ -88,7 +89,8 @@ def setting(name: str):
         yield
     finally:
         (tensorfile.PLAIN_READS, tensorfile.PAGE_IN_HEAD, readahead.SWITCH_INTERVAL, readahead.READ_WORKERS,
-         readahead.WHOLE_READERS, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES) = saved
+         readahead.WHOLE_READERS, readahead.WHOLE_READERS_CPU, readahead.STREAM_BYTES, measuring.CHUNK_ELEMENTS,
+         measuring.BATCH_BYTES) = saved
 
 
 def timed(paths, timers: Timers) -> tuple[float, float, float]:

@@ -112,16 +112,16 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             compare_runs(open_run(ref), open_run(cand), CompareOptions(verify=verify))
             print(timers.line(f"verify={verify}", time.perf_counter() - start), flush=True)
-        saved = readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.READ_AHEAD_BYTES
+        saved = readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.WHOLE_READERS_CPU, readahead.READ_AHEAD_BYTES
         for spec in filter(None, args.readers.split(",")):
             workers, mib = (int(v) for v in spec.split(":"))
-            readahead.READ_WORKERS = readahead.WHOLE_READERS = workers
+            readahead.READ_WORKERS = readahead.WHOLE_READERS = readahead.WHOLE_READERS_CPU = workers
             readahead.READ_AHEAD_BYTES = mib << 20
             timers.clear()
             start = time.perf_counter()
             compare_runs(open_run(ref), open_run(cand), CompareOptions(verify=True))
             print(timers.line(f"{workers} readers, {mib} MiB ahead", time.perf_counter() - start), flush=True)
-        readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.READ_AHEAD_BYTES = saved
+        readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.WHOLE_READERS_CPU, readahead.READ_AHEAD_BYTES = saved
         profile = cProfile.Profile()
         profile.enable()
         compare_runs(open_run(ref), open_run(cand), CompareOptions(verify=True))

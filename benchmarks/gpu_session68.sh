@@ -13,6 +13,9 @@
 #     ("mmap-reads"), four threads reading whole ("whole4") and every tensor of 1 MiB or more streamed
 #     ("stream-all") on the logits-heavy runs ($R1 rounds, default 4), then as-is, mmap-reads and
 #     unbatched on the 1024-token ($R2, default 3) and 4096-token runs ($R3, default 2).
+#   part "confirm": compare_knobs.py as-is (four threads reading whole) against whole2 (two, the value
+#     before) and unbatched, on the logits-heavy runs ($R1 rounds, default 4) and the 1024-token runs
+#     ($R2, default 3); then the whole GPU test suite ($GT s at most, default 300).
 #   part "trace": compare_trace.py --variants as-is,unbatched on 1 GB runs of 512-token tensors
 #     with logits: the measuring thread's torch calls and the GPU's idle share, each way.
 # `bash benchmarks/gpu_session68.sh tests mbatch ab`. Logs packed into $OUT/session68-<part>.tgz.
@@ -32,6 +35,10 @@ reads)
     cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-4} --variants as-is,mmap-reads,whole4,stream-all" \
         "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,mmap-reads,unbatched" \
         "--gb 2 --tokens 4096 --rounds ${R3:-2} --variants as-is,mmap-reads,unbatched" ;;
+confirm)
+    cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-4} --variants as-is,whole2,unbatched" \
+        "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,whole2,unbatched"
+    GK= GT=${GT:-300} gpu_suite ;;
 trace)
     timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 512 --vocab 200064 \
         --variants as-is,unbatched --dir /tmp/lw-trace512 --out "$W/trace" > "$W/trace.log" 2>&1

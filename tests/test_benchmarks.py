@@ -295,7 +295,7 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
     def state():
         return (measuring.tensor_metrics, measuring.batch_tensor_metrics, tensorfile.PLAIN_READS,
                 tensorfile.PAGE_IN_HEAD,
-                readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES,
+                readahead.READ_WORKERS, readahead.WHOLE_READERS, readahead.WHOLE_READERS_CPU, readahead.SWITCH_INTERVAL, readahead.STREAM_BYTES,
                 measuring.CHUNK_ELEMENTS, measuring.BATCH_BYTES, _sys.getswitchinterval())
 
     before = state()

@@ -32,14 +32,19 @@ from .runs import Run
 
 READ_AHEAD_BYTES = 1 << 30  # tensors read and verified ahead of the one being measured
 READ_WORKERS = 8  # threads streaming tensors (file reads, digests and copies release the GIL)
-# threads reading tensors whole (through safetensors' memory map, whose reads and parsing hold the
-# GIL in part). Each is one more thread the measuring thread, which gives the GIL up at every torch
-# op, waits behind: on 2 GB runs of 1024-token tensors (one H200), compare cold 0.94-1.04 of the raw
-# cold read with 2 against 0.77-0.88 with 8, 4 or 3 (tensor_metrics 0.6 s against 2.4-3.0 s), and
-# 0.84-0.99 against 0.73-0.82 in turns with 8 at 289b2d4; with 200,064-token logits streamed beside
-# them 0.77-0.89 against 0.60-0.74. Streams keep READ_WORKERS: 4096-token tensors 1.06-1.18 with 8
-# against 0.90-0.97 with 2 (BENCHMARKS.md).
-WHOLE_READERS = 2
+# threads reading tensors whole. Each was one more thread the measuring thread, which gives the GIL
+# up at every torch op, waited behind, while tensors were read through safetensors' memory map
+# (which holds the GIL as it faults pages in): 2 beat 8, 4 or 3 at 289b2d4 (BENCHMARKS.md). With
+# plain reads (tensorfile.PLAIN_READS) and the GPU's metrics batched (measuring.py) the measuring
+# thread makes a few calls a layer and the readers wait for the disk, not the GIL: on runs of
+# 512-token tensors with 200,064-token logits (one H200) compare cold 0.92-1.18 of the raw cold read
+# with 4 against 0.75-1.06 with 2, in turns, 4 rounds. Streams keep READ_WORKERS: 4096-token
+# tensors 1.06-1.18 with 8 against 0.90-0.97 with 2.
+WHOLE_READERS = 4
+# ... and when the metrics run on the CPU, where the measuring thread computes instead of waiting:
+# on 2 cores, 1024-token tensors compared cold at 0.40-0.43 of the raw cold read with 2 against
+# 0.38-0.41 with 4, in turns, 3 rounds.
+WHOLE_READERS_CPU = 2
 # A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
 # tensors (25 MB) streamed, compare cold 0.82-1.22 of the raw cold read (median 1.04, 9 rounds)
 # against 0.84-1.10 (0.98) read whole through the memory map, warm 4.8-6.4 GB/s against 3.6-4.5
@@ -99,15 +104,16 @@ def read_units(runs: dict[str, Run | None], units: Iterator[tuple[int, tuple[str
     threads read and verify the following units while the caller works on this one, up to
     `ahead_bytes` ahead (at least one unit): the disk stays busy, the hashing spreads over cores,
     memory stays bounded. `workers` threads stream; tensors read whole go to WHOLE_READERS threads
-    of their own (at most `workers`; fewer, as they hold the GIL more). A unit is released once
+    of their own (WHOLE_READERS_CPU without a GPU; at most `workers`). A unit is released once
     yielded. SWITCH_INTERVAL holds meanwhile.
-    Defaults: READ_AHEAD_BYTES, READ_WORKERS, WHOLE_READERS, STREAM_*, read at call time."""
+    Defaults: READ_AHEAD_BYTES, READ_WORKERS, WHOLE_READERS*, STREAM_*, read at call time."""
     ahead_bytes = READ_AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     streams = (READ_WORKERS if workers is None else workers) if prefetch else 1
-    pool = _Pools(streams, min(WHOLE_READERS, streams))
+    gpu = device if device is not None and device.type in STREAM_DEVICES else None
+    pool = _Pools(streams, min(WHOLE_READERS if gpu else WHOLE_READERS_CPU, streams))
     window: deque = deque()  # (prompt, names, futures, bytes)
     streaming = _Streaming()  # every Arrival being read: cancelled if the caller stops early
-    ahead, gpu = 0, device if device is not None and device.type in STREAM_DEVICES else None
+    ahead = 0
 
     _handoff.enter()
     try:
