@@ -16,6 +16,9 @@
 #   part "confirm": compare_knobs.py as-is (four threads reading whole) against whole2 (two, the value
 #     before) and unbatched, on the logits-heavy runs ($R1 rounds, default 4) and the 1024-token runs
 #     ($R2, default 3); then the whole GPU test suite ($GT s at most, default 300).
+#   part "final": compare_knobs.py as-is against unbatched on the 4096-token runs ($R3 rounds, default
+#     3); compare_trace.py as-is against unbatched on the logits-heavy runs (part "trace"); then, if
+#     started before $DEADLINE s (default 330), isolated_profile.py once (--no-joint).
 #   part "trace": compare_trace.py --variants as-is,unbatched on 1 GB runs of 512-token tensors
 #     with logits: the measuring thread's torch calls and the GPU's idle share, each way.
 # `bash benchmarks/gpu_session68.sh tests mbatch ab`. Logs packed into $OUT/session68-<part>.tgz.
@@ -39,6 +42,14 @@ confirm)
     cmp_knobs "--gb 2 --tokens 512 --vocab 200064 --rounds ${R1:-4} --variants as-is,whole2,unbatched" \
         "--gb 2 --tokens 1024 --rounds ${R2:-3} --variants as-is,whole2,unbatched"
     GK= GT=${GT:-300} gpu_suite ;;
+final)
+    cmp_knobs "--gb 2 --tokens 4096 --rounds ${R3:-3} --variants as-is,unbatched"
+    bash "$0" trace  # its logs: $OUT/session68-trace.tgz
+    if [ "$SECONDS" -gt "${DEADLINE:-330}" ]; then echo "=== isolated profile not started: past ${DEADLINE:-330} s"
+    else
+        timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src src --no-joint --out "$W/iso" > "$W/iso.log" 2>&1
+        echo "=== isolated profile (exit $?, at $SECONDS s)"; tail -14 "$W/iso.log"
+    fi ;;
 trace)
     timeout ${EACH:-200} python3 benchmarks/compare_trace.py --gb 1 --tokens 512 --vocab 200064 \
         --variants as-is,unbatched --dir /tmp/lw-trace512 --out "$W/trace" > "$W/trace.log" 2>&1
