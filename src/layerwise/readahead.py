@@ -41,9 +41,9 @@ READ_WORKERS = 8  # threads streaming tensors (file reads, digests and copies re
 # with 4 against 0.75-1.06 with 2, in turns, 4 rounds. Streams keep READ_WORKERS: 4096-token
 # tensors 1.06-1.18 with 8 against 0.90-0.97 with 2.
 WHOLE_READERS = 4
-# ... and when the metrics run on the CPU, where the measuring thread computes instead of waiting:
-# on 2 cores, 1024-token tensors compared cold at 0.40-0.43 of the raw cold read with 2 against
-# 0.38-0.41 with 4, in turns, 3 rounds.
+# ... and when the metrics run on the CPU, the value before: there the measuring thread computes
+# rather than waits (on 2 cores, 1024-token tensors: 0.34-0.42 of the raw cold read with 2 against
+# 0.32-0.47 with 4, in turns, 3 rounds: no difference).
 WHOLE_READERS_CPU = 2
 # A tensor this large is handed over while it is read. 16 MiB: a layer test's 4096-token residual
 # tensors (25 MB) streamed, compare cold 0.82-1.22 of the raw cold read (median 1.04, 9 rounds)

@@ -4,7 +4,8 @@ A safetensors file is an 8-byte little-endian header length, a JSON header {name
 data_offsets}} with an optional "__metadata__" of strings, then the tensors' raw bytes in C order.
 `read_header` checks a file against its own header (a truncated download is caught before any
 data is read); `read_tensors` pulls named tensors out of one file straight onto a device in large
-sequential reads; `read_tensor` reads one tensor with safetensors' own reader; `write_file` writes
+sequential reads; `read_tensor` reads one tensor (with plain reads on the CPU, else through
+safetensors' own reader); `write_file` writes
 one file with plain buffered writes and each tensor's digest in the metadata. `DTYPES` is the one
 table of the format's dtype codes. `digest` is the one home of the digests a run's tensors carry:
 "blake3" (written), "sha256_tree" (format version 2: the sha256 of the sha256s of 64 MiB chunks,
