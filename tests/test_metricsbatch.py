@@ -1,13 +1,17 @@
 """metricsbatch.batch_tensor_metrics gives tensor_metrics' figures, in far fewer torch calls."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from layerwise.metrics import tensor_metrics
 from layerwise.metricsbatch import batch_tensor_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from metrics_batch import Calls  # noqa: E402  (the benchmark's counter of aten calls)
 
 
 def _pairs(seed: int = 0) -> list[tuple]:
@@ -61,24 +65,14 @@ def test_shapes_must_agree():
         batch_tensor_metrics([(torch.zeros(2, 3), torch.zeros(3, 2), None, None)])
 
 
-class _Calls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_batch_costs_a_few_torch_calls_not_a_few_per_pair():
     """What batching is for: 32 pairs of 512-token rows in well under 2 aten calls a pair,
     against over 20 a pair one by one (in one block each, as on a GPU)."""
     g = torch.Generator().manual_seed(1)
     jobs = [(torch.randn(512, 64, generator=g), torch.randn(512, 64, generator=g), 1e-2, 1e-3) for _ in range(32)]
-    with _Calls() as batched:
+    with Calls() as batched:
         batch_tensor_metrics(jobs, 1 << 25)
-    with _Calls() as each:
+    with Calls() as each:
         for a, b, rtol, atol in jobs:
             tensor_metrics(a, b, rtol, atol, chunk_elements=1 << 25)
     assert batched.count / len(jobs) < 2 and each.count / len(jobs) > 20, (batched.count, each.count)
