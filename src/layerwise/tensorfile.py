@@ -154,17 +154,25 @@ def _read_plain(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise ValueError(f"dtype {info['dtype']} is not one layerwise reads")
     begin, end = info["data_offsets"]
     data = torch.empty(end - begin, dtype=torch.uint8)
-    view = memoryview(data.numpy())
     with open(path, "rb", buffering=0) as fh:
-        fh.seek(8 + int.from_bytes(fh.read(8), "little") + begin)
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise ValueError(f"the file ends {len(view) - got} bytes into the tensor's data")
-            got += n
+        start = 8 + int.from_bytes(fh.read(8), "little") + begin
+        got = _pread_exact(fh.fileno(), memoryview(data.numpy()), start)
+    if got != end - begin:
+        raise ValueError(f"the file ends {end - begin - got} bytes into the tensor's data")
     tensor = data.view(getattr(torch, DTYPES[info["dtype"]][0])).reshape(info["shape"])
     return tensor, stored_digests(metadata, name)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `fd` at `offset` (plain reads: the GIL is released while each runs); the
+    bytes read, fewer only where the file ends. Reads may come back short; 0 bytes is the end."""
+    got = 0
+    while got < len(view):
+        more = os.preadv(fd, [view[got:]], offset + got)
+        if more <= 0:
+            break
+        got += more
+    return got
 
 
 def _page_in_head(path: Path) -> None:
@@ -272,14 +280,7 @@ def _read_pieces(path: str, pieces: list, device: torch.device, after) -> None:
             staging = buffers[turn]
             if events[turn] is not None:
                 events[turn].synchronize()  # the copies out of this buffer are done
-            view = memoryview(staging.numpy())[:size]
-            got = 0
-            while got < size:  # reads may come back short; 0 bytes is the end of the file
-                more = os.preadv(fd, [view[got:]], offset + got)
-                if more <= 0:
-                    break
-                got += more
-            if got != size:
+            if _pread_exact(fd, memoryview(staging.numpy())[:size], offset) != size:
                 raise UserError(f"{path} is truncated: re-download it")
             with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
                 for begin, end, dst in spans:
