@@ -212,7 +212,6 @@ def _judge(ctx: Context, staged: list[tuple], results: dict[str, list[PromptResu
         for name, result in judge_unit(ctx, *unit).items():
             results[name].append(result)
     staged.clear()
-    ctx.batch.clear()
 
 
 def _row(name: str, ctx: Context, results: list[PromptResult], with_baseline: bool) -> Row:

@@ -67,7 +67,7 @@ class Batch:
         if self.eager:
             return tensor_metrics(a, b, rtol, atol, **self.sizing())
         self.jobs.append((a, b, rtol, atol))
-        return len(self.results) + len(self.jobs) - 1
+        return len(self.jobs) - 1
 
     def hold(self, nbytes: int) -> bool:
         """Count a staged unit's bytes; True when the batch should be measured now."""
@@ -75,15 +75,13 @@ class Batch:
         return self.eager or self.nbytes >= BATCH_BYTES
 
     def measure(self) -> None:
-        self.results += batch_tensor_metrics(self.jobs, self.sizing()["chunk_elements"])
-        self.jobs.clear()
+        """Measure what was asked since the last time; `get` answers for it until the next."""
+        self.results = batch_tensor_metrics(self.jobs, self.sizing()["chunk_elements"])
+        self.jobs = []
         self.nbytes = 0
 
     def get(self, asked) -> TensorMetrics | None:
         return self.results[asked] if isinstance(asked, int) else asked
-
-    def clear(self) -> None:
-        self.results.clear()
 
 
 @dataclass
