@@ -143,6 +143,16 @@ def _set(path: str, value):
 DELETE = object()
 
 
+def _tensor_file_edit(change: Callable[[dict, str], dict]):
+    """A manifest edit that rewrites the file of the run's first tensor: `change(tensors, name)`
+    maps the file's {name: tensor} to what it holds instead (the manifest left as it was)."""
+    def edit(manifest, path):
+        entry = manifest["tensors"][0]
+        file = path / entry["file"]
+        save_file(change(load_file(file), entry["name"]), file)
+    return edit
+
+
 def _compare(edit=None, raw=None, *extra):
     return lambda lab: ["compare", lab.ref, lab.run(edit, raw), *extra]
 
@@ -246,6 +256,9 @@ TRACEBACKS = [
          "its tensor shapes do not fit its config.json"),
     Case("shard header of the wrong structure", lambda lab: ["load", lab.checkpoint(_corrupt_header)],
          "has a corrupt safetensors header"),
+    Case("run file lacks a tensor its manifest names", _compare(_tensor_file_edit(
+        lambda tensors, name: {k: v for k, v in tensors.items() if k != name} or {"other": torch.zeros(1)})),
+        "holds no tensor"),
     Case("manifest without tensors", _compare(_set("tensors", DELETE)), "it has no tensors list"),
     Case("manifest version a string", _compare(_set("format_version", "1")), "format_version is '1'"),
     Case("manifest entry without shape", _compare(_set("tensors.0.shape", DELETE)), "has no 'shape'"),
