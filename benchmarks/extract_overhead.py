@@ -67,9 +67,12 @@ def sync():
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(variants: dict, reps: int, warmup: int = 2, passes: int = 1) -> dict[str, list[float]]:
     """Seconds per round of each variant, rounds interleaved (A B C A B C ...) so that drift hits
-    every variant alike. A variant is a callable or a (setup, call, teardown) triple."""
+    every variant alike. A variant is a callable or a (setup, call, teardown) triple. A round times
+    `passes` calls of the variant back to back (each a whole forward pass, a capture's copies on the
+    host before the next starts) and counts their mean: a short pass's jitter (a 128-token forward
+    pass takes 18 ms) is then averaged over several before the rounds are paired."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + reps):
         for name, variant in variants.items():
@@ -77,9 +80,10 @@ def interleaved(variants: dict, reps: int, warmup: int = 2) -> dict[str, list[fl
             state = setup() if setup else None
             sync()
             t0 = time.perf_counter()
-            call()
+            for _ in range(passes):
+                call()
             sync()
-            elapsed = time.perf_counter() - t0
+            elapsed = (time.perf_counter() - t0) / passes
             if teardown:
                 teardown(state)
             if round_ >= warmup:
@@ -229,19 +233,19 @@ class Bench:
         self._each = each
         return variants, collector, store, captured, hooks
 
-    def overhead(self, batch_size: int, tokens: int, reps: int) -> dict:
+    def overhead(self, batch_size: int, tokens: int, reps: int, passes: int = 1) -> dict:
         batch, ids, mask = self.inputs(batch_size, tokens)
         sink = NullWriter()
         variants, collector, store, _, _ = self.variants(batch, ids, mask, sink)
-        times = interleaved(variants, reps)
+        times = interleaved(variants, reps, passes=passes)
         collector.close()
         self._each.close()
-        row = {"batch": batch_size, "tokens": tokens}
+        row = {"batch": batch_size, "tokens": tokens, "passes": passes}
         for name, values in times.items():
             row[f"{name}_ms"] = spread([v * 1e3 for v in values])
             if name != "plain":
                 row[f"{name}_x"] = spread([v / p for v, p in zip(values, times["plain"])])
-        row["lw_bytes"] = sink.bytes // (reps + 2)
+        row["lw_bytes"] = sink.bytes // ((reps + 2) * passes)
         row["seed_bytes"] = sum(v.numel() * v.element_size() for v in store.values())
         return row
 
@@ -536,13 +540,14 @@ def gpu_idle(trace: dict) -> dict:
 
 def table(rows: list[dict], card: str, gpus: int) -> str:
     lines = [f"capture overhead, {card} x{gpus}: median (min-max) of paired rounds",
-             "batch  tokens   plain ms   output_hidden_states   seed .cpu() hook      layerwise (residual+router)"
+             "batch  tokens  passes   plain ms   output_hidden_states   seed .cpu() hook      layerwise (residual+router)"
              "   flush at every layer"]
     for r in rows:
         def x(name):
             s = r[f"{name}_x"]
             return f"{s['median']:.3f}x ({s['min']:.3f}-{s['max']:.3f})"
-        lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r['plain_ms']['median']:>9.2f}   {x('hidden'):>20}  "
+        lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r.get('passes', 1):>6}  {r['plain_ms']['median']:>9.2f}   "
+                     f"{x('hidden'):>20}  "
                      f"{x('seed'):>20}  {x('lw'):>26}  {x('lw_each'):>22}")
     return "\n".join(lines)
 
@@ -555,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--max-batch-tokens", type=int, default=65536, help="skip batch x tokens above this")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--passes", default="1", help="forward passes timed back to back in each round of each "
+                    "variant, their mean counted (e.g. 1,8: each shape measured both ways, side by side)")
     ap.add_argument("--profile", default="1x512", help="BxT for the where-the-time-goes part ('' to skip)")
     ap.add_argument("--e2e", default="16x256,16x4096", help="end-to-end extracts, PxT ('' to skip)")
     ap.add_argument("--writer-threads", default="", help="the end-to-end extracts' writer threads, e.g. 4,8,16 "
@@ -594,10 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in map(int, args.batches.split(",")):
         for t in map(int, args.tokens.split(",")):
-            if b * t <= args.max_batch_tokens:
-                rows.append(bench.overhead(b, t, args.reps))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k.endswith("_x") or k in ("batch", "tokens")}),
-                      flush=True)
+            for passes in map(int, args.passes.split(",")):
+                if b * t <= args.max_batch_tokens:
+                    rows.append(bench.overhead(b, t, args.reps, passes))
+                    print(json.dumps({k: v for k, v in rows[-1].items()
+                                      if k.endswith("_x") or k in ("batch", "tokens", "passes")}), flush=True)
     profile = None
     if args.profile:
         b, t = map(int, args.profile.split("x"))

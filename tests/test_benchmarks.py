@@ -59,15 +59,19 @@ def test_fp8_dry_run(tmp_path, monkeypatch, capsys, part):
 @pytest.mark.slow
 def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "extract_overhead").main(
-        ["--tiny", "--layers", "2", "--tokens", "16,32", "--batches", "1,2", "--reps", "1", "--profile", "1x16",
+        ["--tiny", "--layers", "2", "--tokens", "16,32", "--batches", "1,2", "--reps", "1", "--passes", "1,3",
+         "--profile", "1x16",
          "--e2e", "2x32", "--e2e-repeat", "2", "--writer-threads", "2,3", "--switch-interval", "5,1",
          "--writer", "process,threads", "--process-threads", "1", "--out", str(tmp_path / "out"),
          "--work", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "extract_overhead_1gpu.json").read_text())
-    assert [(r["batch"], r["tokens"]) for r in data["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    assert [(r["batch"], r["tokens"], r["passes"]) for r in data["rows"]] == [
+        (b, t, n) for b in (1, 2) for t in (16, 32) for n in (1, 3)]
     assert data["rows"][0]["lw_bytes"] > 0
+    # three passes a round capture what one does, each pass: the bytes are counted per pass
+    assert [r["lw_bytes"] for r in data["rows"][::2]] == [r["lw_bytes"] for r in data["rows"][1::2]]
     ends = data["end_to_end"]
     settings = [(w, n, i) for w in ("process", "threads") for n in (2, 3) for i in (5, 1)]
     assert [(e["writer"], e["writer_threads"], e["switch_interval_ms"]) for e in ends] == settings
