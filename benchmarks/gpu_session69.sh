@@ -10,7 +10,11 @@
 #   part "short": extract_overhead.py on the short shapes (1 and 4 prompts of 128 and 512 tokens, $REPS
 #     rounds, default 7), each timed one forward pass a round and 8 passes a round (--passes 1,8) in
 #     the same run, $RUNS runs (default 2), none started after $DEADLINE s; the first with the
-#     where-the-time-goes profile of 1 x 128 (cProfile of the forward thread, torch.profiler traces).
+#     where-the-time-goes profile of $PROFILE (default 1x128; '' for none: cProfile of the forward
+#     thread, torch.profiler traces).
+#   part "iso": `layerwise check` (the bytecode cache filled), then isolated_profile.py (with the one-read
+#     path, --record-reference) $RUNS times (default 2), none started after $DEADLINE s (default 200),
+#     each within $ISO s (default 200).
 # `bash benchmarks/gpu_session69.sh confirm short`. Logs packed into $OUT/session69-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 69 confirm "$@"
 case "$PART" in
@@ -23,11 +27,18 @@ deep)
 short)
     for i in $(seq "${RUNS:-2}"); do
         [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== short run $i not started: past $DEADLINE s"; break; }
-        profile=$([ "$i" = 1 ] && echo 1x128 || echo '')
+        profile=$([ "$i" = 1 ] && echo "${PROFILE-1x128}" || echo '')
         timeout ${EACH:-200} python3 benchmarks/extract_overhead.py --gpus 1 --tokens 128,512 --batches 1,4 \
             --reps "${REPS:-7}" --passes 1,8 --profile "$profile" --e2e '' --out "$W/short$i" > "$W/short$i.log" 2>&1
         echo "=== short shapes, run $i (exit $?, at $SECONDS s)"; grep -v '^{' "$W/short$i.log" | tail -12
         grep '"forward_wall_ms"' "$W/short$i.log" | cut -c1-1500
+    done ;;
+iso)
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
+    for i in $(seq "${RUNS:-2}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-200}" ] && { echo "=== isolated profile $i not started: past ${DEADLINE:-200} s"; break; }
+        timeout ${ISO:-200} python3 benchmarks/isolated_profile.py --src src --out "$W/iso$i" > "$W/iso$i.log" 2>&1
+        echo "=== isolated profile $i (exit $?, at $SECONDS s)"; tail -14 "$W/iso$i.log"
     done ;;
 esac
 tar czf "$OUT/session69-$PART.tgz" -C "$W" . 2>/dev/null
