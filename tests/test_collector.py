@@ -482,3 +482,80 @@ def test_a_model_s_last_layer_is_flushed_before_its_final_norm_runs(tiny_llama):
     _in_thread(collector.close)
     assert seen and seen[0][0] == 0, f"the norm ran with {seen[0][0]} tensors still held (not flushed)"
     assert len(writer.files) == 2 * anatomy.num_layers
+
+
+@pytest.mark.parametrize("check_bytes", [1 << 30, 0])
+def test_a_flush_is_cut_while_its_copy_is_under_way_and_handed_on_once_it_is_done(monkeypatch, check_bytes):
+    """The forward thread that launches a flush's copy makes no host views (only the layout); the
+    completion thread makes them and cuts the files while the copy is under way, and hands them
+    on once it is done. A copy carrying its float runs' sums (CHECK_BYTES 0) is waited for before
+    the cut, which reads the sums. The files are the same tensors either way."""
+    from layerwise import collector as collector_module
+    from layerwise import hostcopy
+
+    monkeypatch.setattr(hostcopy, "CHECK_BYTES", check_bytes)
+    steps: list = []
+
+    class CopyDone:  # the copy's event: on the CPU a copy is done as it is made, so this one only tells when
+        def synchronize(self):
+            steps.append(("copy waited", threading.current_thread().name))
+
+    pack, views, emit = hostcopy.HostCopier.pack, hostcopy.HostLayout.views, Collector._emit
+    monkeypatch.setattr(hostcopy.HostCopier, "pack", lambda self, *a, **k: (pack(self, *a, **k)[0], CopyDone()))
+    monkeypatch.setattr(hostcopy.HostLayout, "views", lambda self: steps.append(
+        ("views", threading.current_thread().name)) or views(self))
+    monkeypatch.setattr(collector_module.Collector, "_emit", lambda self, *a: steps.append(
+        ("cut", threading.current_thread().name)) or emit(self, *a))
+
+    class Writer(ListWriter):
+        def put(self, *a, **k):
+            steps.append(("put", threading.current_thread().name))
+            super().put(*a, **k)
+
+    writer = Writer()
+    targets = _targets(3)
+    collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True, flush_bytes=1 << 20)
+    g = torch.Generator().manual_seed(2)
+    states = [torch.randn(1, 4, 2, generator=g) for _ in range(4)]
+    collector.start_batch(_batch([4], 4))
+    for k in range(3):  # the last hook flushes at once, on this thread, and hands the copy to the completion thread
+        inp, out = [t for t in targets if t.group == f"model.layers.{k}"]
+        collector.take(inp, [states[k]])
+        collector.take(out, [states[k + 1]])
+    _in_thread(collector.flush)
+    collector.close()
+    assert {thread for _, thread in steps} == {"layerwise-capture"}, steps
+    order = [step for step, _ in steps]
+    if check_bytes:
+        assert order == ["views", "cut", "cut", "cut", "copy waited", "put", "put", "put"]
+    else:
+        assert order == ["views", "copy waited", "cut", "cut", "cut", "put", "put", "put"]
+    for k in range(3):
+        got = writer.files[(0, f"model.layers.{k}")]
+        assert torch.equal(got[f"model.layers.{k}:input"], states[k][0])
+        assert torch.equal(got[f"model.layers.{k}:output"], states[k + 1][0])
+    assert collector.pool.used == 0, "every buffer came back"
+
+
+def test_host_layout_views_are_the_packed_tensors():
+    """HostLayout's views of a packed buffer, for every dtype width and 0-d, empty and strided
+    tensors, are the tensors packed (against torch's own flattening of the same tensors)."""
+    from layerwise.hostcopy import HostCopier
+
+    pool = PinnedPool(1 << 20, pin=False)
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(3, 5, generator=g).to(torch.bfloat16), torch.tensor(7, dtype=torch.int64),
+               torch.randn(0, 4, generator=g), torch.randn(4, 6, generator=g)[:, ::2],
+               torch.randint(0, 255, (5,), generator=g, dtype=torch.uint8), torch.randn(2, 2, 2, generator=g),
+               torch.randint(-9, 9, (3, 2), generator=g, dtype=torch.int64)]
+    stored = [t.dtype if t.dtype != torch.int64 else torch.int32 for t in tensors]
+    buffers: list = []
+    layout, event = HostCopier(pool, copy_host=True).pack(torch.device("cpu"), list(zip(tensors, stored)),
+                                                          buffers, [])
+    assert event is None and len(buffers) == 1 and layout.buffer is buffers[0]
+    views, checks = layout.views()
+    assert checks == [None] * len(tensors)  # a copy under CHECK_BYTES carries no sums
+    for t, want, view in zip(tensors, stored, views):
+        assert view.dtype == want and view.shape == t.shape and view.is_contiguous()
+        assert torch.equal(view, t.to(want))
+        assert view.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
