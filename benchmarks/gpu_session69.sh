@@ -15,6 +15,11 @@
 #   part "iso": `layerwise check` (the bytecode cache filled), then isolated_profile.py (with the one-read
 #     path, --record-reference) $RUNS times (default 2), none started after $DEADLINE s (default 200),
 #     each within $ISO s (default 200).
+#   part "capab": capture_ab.py, this code's capture (db53f9a, 08d7df9: the host views and the cutting on
+#     the completion thread, while the copy is under way) against $BASE's (default .base69: 87909eb's
+#     src/, carried) in one process, interleaved rounds ($REPS, default 9), short shapes and one long.
+#   part "e2e": gpu_parts.sh's e2e_ab against $BASE: 16 x 256 and 16 x 4096, $RUNS pairs (default 1).
+#   part "gputests": the GPU tests of the capture, extract and replay (gpu_suite, -k $GK).
 # `bash benchmarks/gpu_session69.sh confirm short`. Logs packed into $OUT/session69-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 69 confirm "$@"
 case "$PART" in
@@ -33,6 +38,15 @@ short)
         echo "=== short shapes, run $i (exit $?, at $SECONDS s)"; grep -v '^{' "$W/short$i.log" | tail -12
         grep '"forward_wall_ms"' "$W/short$i.log" | cut -c1-1500
     done ;;
+capab)
+    timeout ${CAP:-260} python3 benchmarks/capture_ab.py --base "${BASE:-.base69}/src" \
+        --shapes ${SHAPES:-1x128,1x512,4x128,16x128,1x1024,4x4096} --reps ${REPS:-9} --book-rounds 3 \
+        --out "$W/capture" > "$W/capture.log" 2>&1
+    echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
+e2e)
+    RUNS=${RUNS:-1} e2e_ab "${BASE:-.base69}" ;;
+gputests)
+    GK=${GK-extract or replay or capture} GT=${GT:-150} gpu_suite ;;
 iso)
     python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
     for i in $(seq "${RUNS:-2}"); do
