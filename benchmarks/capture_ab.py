@@ -50,9 +50,8 @@ from layerwise import capture, collector, loading, placement  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 
 BASE_NAME = "layerwise_base"
-# the bookkeeping's stages: the hooks' `take`s, the flush's packing and copy launch (`_copy`; the host
-# views too before db53f9a), waiting for the device-to-host copy, (the host views,) cutting into prompts
-# and handing the files on (`_finish`)
+# the bookkeeping's stages: the hooks' `take`s, the flush's packing, copy launch and host views
+# (`_copy`), waiting for the device-to-host copy, cutting into prompts and handing the files on
 STAGES = ("take", "pack_and_launch", "copy_wait", "cut_and_hand")
 
 
@@ -144,7 +143,7 @@ def bookkeeping(bench, codes: dict, rounds: int, batches: int, profile_top: int 
         for event in item.done:  # on a GPU: the copies land before the buffers go back to the pool
             event.synchronize()
         t3 = time.perf_counter()
-        col._finish(item)  # the host views (made here since db53f9a), the cutting, the hand-over
+        col._assemble(item, {})
         t4 = time.perf_counter()
         for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             stages[stage] += seconds

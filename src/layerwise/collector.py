@@ -21,7 +21,7 @@ import torch
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
-from .hostcopy import HostCopier
+from .hostcopy import HostCopier, with_views
 from .pinned import PinnedPool, SharedBuffer, bins, slab_for
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,10 @@ class _Flush:
 
     batch: object
     records: list  # (group, name, host tensor or None, buffer slot or None, its check or None) in capture order;
-    # a copy's host tensor is first (HostLayout, index): the completion thread makes the views (`_assemble`)
+    # a copy's host tensor is first (HostLayout, index): the completion thread makes the views (`with_views`)
     buffers: list  # pinned buffers, one per device copied (empty on the CPU: the tensors themselves)
     done: list  # CUDA events, one per device, recorded after that device's copy
     keep: list  # the device tensors, alive until their copies are done
-    summed: bool = False  # a copy carries its float runs' sums (read before the files are cut)
 
 
 class Collector:
@@ -175,7 +174,7 @@ class Collector:
         for t, want in stored.values():
             by_device.setdefault(t.device, []).append((t, want or t.dtype))
         hosts: dict[int, tuple] = {}  # id(tensor) -> (host tensor, buffer slot or None)
-        buffers, done, keep, summed = [], [], [], False
+        buffers, done, keep = [], [], []
         for device, pairs in by_device.items():
             if device.type != "cuda" and not self._copy_host:
                 hosts.update((id(t), (t, None, None)) for t, _ in pairs)  # never written to again
@@ -184,12 +183,12 @@ class Collector:
             for indices in bins([t.nbytes for t, _ in pairs], slab):  # slabs: buffers the pool reuses (and pins ahead)
                 chosen = [pairs[i] for i in indices]
                 layout, event = self.copier.pack(device, chosen, buffers, keep, sum_first=last)
-                slot, summed = len(buffers) - 1, summed or layout.summed
+                slot = len(buffers) - 1
                 hosts.update((id(t), ((layout, j), slot, None)) for j, (t, _) in enumerate(chosen))
                 if event is not None:
                     done.append(event)
         records = [(group, name, *(hosts[id(t)] if t is not None else (None, None, None))) for group, name, t in held]
-        return _Flush(self._batch, records, buffers, done, keep, summed)
+        return _Flush(self._batch, records, buffers, done, keep)
 
     # -- the completion thread -----------------------------------------------------------------
 
@@ -227,11 +226,13 @@ class Collector:
             if item.batch is not self._parts_batch:
                 self._emit_unfinished(self._parts_batch, self._parts)
                 self._parts_batch = item.batch
-            if item.summed:
+            item.records = with_views(item.records)
+            summed = any(check is not None for *_, check in item.records)
+            if summed:
                 self._wait(item)
             files: list = []
             self._assemble(item, self._parts, files)
-            if not item.summed:
+            if not summed:
                 self._wait(item)
             for prompt, group, tensors, release, finite in files:
                 self.writer.put(prompt, group, tensors, release, finite=finite)
@@ -257,13 +258,7 @@ class Collector:
             if not n:  # cannot happen (a buffer holds the flush's tensors), but never leak one
                 self.pool.give(b)
         finite: dict = {}  # id(host sums) -> whether each is finite (read once the copy is done)
-        made: dict = {}  # id(HostLayout) -> its (views, checks), made once
         for group, name, host, buf, check in item.records:
-            if type(host) is tuple:  # (HostLayout, index): a copy's view, made here, not on the forward thread
-                views = made.get(id(host[0]))
-                if views is None:
-                    views = made[id(host[0])] = host[0].views()
-                host, check = views[0][host[1]], views[1][host[1]]
             if check is not None and id(check[0]) not in finite:
                 finite[id(check[0])] = [math.isfinite(x) for x in check[0].tolist()]
             got = parts.setdefault(group, {})

@@ -10,8 +10,10 @@ not find finite.
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors
 
 from .pinned import PinnedPool
 
@@ -112,34 +114,37 @@ class HostLayout:
     its check, (host sums, index) or None). The forward thread that launched the copy records only
     the runs and the shapes; the completion thread makes the views, while the copy is under way."""
 
-    __slots__ = ("buffer", "runs", "count", "summed")
+    __slots__ = ("buffer", "runs", "count")
 
     def __init__(self, buffer: torch.Tensor, runs: list[tuple], count: int):
         self.buffer, self.runs, self.count = buffer, runs, count  # runs: (byte offset, bytes, dtype,
         # the pairs' indices, their shapes, the run's check)
-        self.summed = any(run[5] is not None for run in runs)
 
     def views(self) -> tuple[list, list]:
         views: list = [None] * self.count
         checks: list = [None] * self.count
         for offset, nbytes, dtype, indices, shapes, check in self.runs:
             flat = self.buffer[offset:offset + nbytes].view(dtype)
-            for i, view in zip(indices, _unflatten_dense_tensors(flat, [_template(shape) for shape in shapes])):
-                views[i], checks[i] = view, check
+            pieces = flat.split_with_sizes([math.prod(shape) for shape in shapes])
+            for i, piece, shape in zip(indices, pieces, shapes):
+                views[i], checks[i] = piece.view(shape), check
         return views, checks
 
 
-_TEMPLATES: dict = {}  # shape -> a tensor of it on the meta device (no memory): what torch's unflattening
-# reads the shapes from, in one call a run (a view a tensor from Python would cost twice as much)
-
-
-def _template(shape: torch.Size) -> torch.Tensor:
-    t = _TEMPLATES.get(shape)
-    if t is None:
-        if len(_TEMPLATES) >= 4096:  # prompts of many lengths: a bounded cache
-            _TEMPLATES.clear()
-        t = _TEMPLATES[shape] = torch.empty(shape, device="meta")
-    return t
+def with_views(records: list) -> list:
+    """`records` ((group, name, host, buffer slot, check) each) with every (HostLayout, index) host
+    made its view and check (each layout's views made once)."""
+    made: dict = {}
+    out = []
+    for group, name, host, buf, check in records:
+        if type(host) is tuple:
+            layout, i = host
+            views = made.get(id(layout))
+            if views is None:
+                views = made[id(layout)] = layout.views()
+            host, check = views[0][i], views[1][i]
+        out.append((group, name, host, buf, check))
+    return out
 
 
 def _device_sums(packed: torch.Tensor, summed: list[tuple]) -> torch.Tensor:
