@@ -2,9 +2,8 @@
 
 A hook only keeps a reference to what it sees; at a decoder layer's input once what it holds
 reaches FLUSH_BYTES, and at the end of a batch, the forward thread packs it into one
-device-to-host copy per device; the completion thread cuts the batch into prompts while the copies
-are under way, waits for them and hands whole files to the run writer (`RunWriter.put`); it never
-opens a file itself.
+device-to-host copy per device; the completion thread waits for the copies, cuts the batch into
+prompts and hands whole files to the run writer (`RunWriter.put`); it never opens a file itself.
 Host memory is bounded by a pinned-buffer budget. `Collector` says why each step is where it is.
 """
 
@@ -21,7 +20,7 @@ import torch
 from .capture import Target, groups_of
 from .errors import UserError
 from .names import INPUT, STORED_DTYPES, WHOLE_ROLES, pad_name, split_name
-from .hostcopy import HostCopier, with_views
+from .hostcopy import HostCopier
 from .pinned import PinnedPool, SharedBuffer, bins, slab_for
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ class _Flush:
     """What one flush hands the completion thread: host copies of the tensors held so far."""
 
     batch: object
-    records: list  # (group, name, host tensor or None, buffer slot or None, its check or None) in capture order;
-    # a copy's host tensor is first (HostLayout, index): the completion thread makes the views (`with_views`)
+    records: list  # (group, name, host tensor or None, buffer slot or None, its check or None) in capture order
     buffers: list  # pinned buffers, one per device copied (empty on the CPU: the tensors themselves)
     done: list  # CUDA events, one per device, recorded after that device's copy
     keep: list  # the device tensors, alive until their copies are done
@@ -69,11 +67,8 @@ class Collector:
       a decoder layer's 3 or so). `end_batch()` (`start_batch`, `flush` and `close` call it)
       flushes the rest (what a hook that fired twice, or a batch whose hooks did not all fire,
       left held).
-    - the forward thread records only where each tensor lands in the host buffer; the completion
-      thread makes the host views and cuts the batch into prompts while the copy is under way (a
-      view needs none of the bytes), waits for the copy (sleeping, GIL released) and hands whole
-      files to `writer.put(prompt, group, {name: tensor}, on_written)`: after the batch's last
-      copy only the hand-over is left. (A copy carrying its runs' sums is waited for first.)
+    - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
+      into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
       `flush()` does that work itself when the completion thread has nothing queued: a caller
       waiting for the host copies is not also waiting for two threads to wake in turn.
     - each tensor name's facts (stored dtype, whole or per token, padding tail) are worked out
@@ -182,9 +177,8 @@ class Collector:
             slab = self.pool.slab if self.pool is not None else 0
             for indices in bins([t.nbytes for t, _ in pairs], slab):  # slabs: buffers the pool reuses (and pins ahead)
                 chosen = [pairs[i] for i in indices]
-                layout, event = self.copier.pack(device, chosen, buffers, keep, sum_first=last)
-                slot = len(buffers) - 1
-                hosts.update((id(t), ((layout, j), slot, None)) for j, (t, _) in enumerate(chosen))
+                views, checks, event = self.copier.pack(device, chosen, buffers, keep, sum_first=last)
+                hosts.update((id(t), (v, len(buffers) - 1, c)) for (t, _), v, c in zip(chosen, views, checks))
                 if event is not None:
                     done.append(event)
         records = [(group, name, *(hosts[id(t)] if t is not None else (None, None, None))) for group, name, t in held]
@@ -214,11 +208,7 @@ class Collector:
             self._error = self._error or err
 
     def _finish(self, item: _Flush) -> None:
-        """Cut a flush into prompts, wait for its copies, hand whole files on (under `_state`).
-        The cutting (views of the host buffers, each file's tensors) needs none of the copied
-        bytes, so it is done while the copy is under way, and only the hand-over waits; but a
-        flush whose copy carries its float runs' sums reads them first (which files the writer
-        need not check for NaN/Inf)."""
+        """Wait for a flush's copies, cut it into prompts, hand whole files on (under `_state`)."""
         try:
             if self._error is not None:
                 self._drop(item)
@@ -226,29 +216,15 @@ class Collector:
             if item.batch is not self._parts_batch:
                 self._emit_unfinished(self._parts_batch, self._parts)
                 self._parts_batch = item.batch
-            item.records = with_views(item.records)
-            summed = any(check is not None for *_, check in item.records)
-            if summed:
-                self._wait(item)
-            files: list = []
-            self._assemble(item, self._parts, files)
-            if not summed:
-                self._wait(item)
-            for prompt, group, tensors, release, finite in files:
-                self.writer.put(prompt, group, tensors, release, finite=finite)
+            for event in item.done:
+                event.synchronize()  # sleeps with the GIL released while the copy engines work
+            item.keep.clear()  # the device tensors may go back to the allocator now
+            self._assemble(item, self._parts)
         except BaseException as err:
             self._error = self._error or err
             self._drop(item)
 
-    @staticmethod
-    def _wait(item: _Flush) -> None:
-        for event in item.done:
-            event.synchronize()  # sleeps with the GIL released while the copy engines work
-        item.done = []
-        item.keep.clear()  # the device tensors may go back to the allocator now
-
-    def _assemble(self, item: _Flush, parts: dict, files: list) -> None:
-        """Each record into its file's parts; a file whose parts are all in is cut into `files`."""
+    def _assemble(self, item: _Flush, parts: dict) -> None:
         counts = [0] * len(item.buffers)
         for *_, buf, _ in item.records:
             if buf is not None:
@@ -265,7 +241,7 @@ class Collector:
             got[name] = (host, owned[buf] if buf is not None else None,
                          check is not None and finite[id(check[0])][check[1]])
             if len(got) == len(self.groups[group]):
-                self._emit(item.batch, group, parts.pop(group), files)
+                self._emit(item.batch, group, parts.pop(group))
         if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
             blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b, _ in got.values() if b is not None}
             self.pool.set_blocked(sum(blocked.values()))
@@ -278,22 +254,16 @@ class Collector:
             absent = sorted(set(self.groups[group]) - set(got))
             log.warning("%s did not run in this batch: not captured", ", ".join(absent))
             if any(host is not None for host, *_ in got.values()):
-                files: list = []
-                self._emit(batch, group, got, files)
-                for prompt, group_, tensors, release, finite in files:
-                    self.writer.put(prompt, group_, tensors, release, finite=finite)
+                self._emit(batch, group, got)
 
     def _drop(self, item) -> None:
         if isinstance(item, _Flush) and self.pool is not None:
-            for event in item.done:  # a buffer goes back only once nothing copies into it
-                event.synchronize()
             for buffer in item.buffers:
                 self.pool.give(buffer)
 
-    def _emit(self, batch, group: str, parts: dict, files: list) -> None:
-        """One file per prompt into `files`, (prompt, group, tensors, release, finite) each, for
-        the writer: each tensor's rows of that prompt (padding dropped, a decoder-layer input's
-        padding tail under its own name), a whole one as is."""
+    def _emit(self, batch, group: str, parts: dict) -> None:
+        """Hand one file per prompt to the writer: each tensor's rows of that prompt (padding
+        dropped, a decoder-layer input's padding tail under its own name), a whole one as is."""
         rows, width = batch.input_ids.shape
         items = []  # (name, tensor, how): _ROWS [batch, tokens, ...], _FLAT [batch x tokens, ...], _WHOLE
         tails = []  # (tensor, how, its padding tail's name)
@@ -342,7 +312,8 @@ class Collector:
                 # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update((tail, t[first + n:first + width] if how == _FLAT else t[row, n:])
                                for t, how, tail in tails)
-            files.append((prompt.index, group, tensors, release, finite if n == width else padded_finite))
+            self.writer.put(prompt.index, group, tensors, release,
+                            finite=finite if n == width else padded_finite)
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer. When the completion

@@ -2,18 +2,15 @@
 
 `Collector` (collector.py) decides what to flush and when; this is how: a handful of launches per
 flush (one flattening per dtype, converted there to the stored dtype, one `cat`, one copy on the
-device's copy stream, its event), where each tensor lands in the host buffer (`HostLayout`,
-whose views the completion thread makes, not the forward thread), and for a large copy each float
+device's copy stream, its event), host views cut from the buffer, and for a large copy each float
 run's float32 sum copied behind its bytes, so the writer checks for NaN/Inf only what the GPU did
 not find finite.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch._utils import _flatten_dense_tensors
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .pinned import PinnedPool
 
@@ -44,9 +41,9 @@ class HostCopier:
         also copies each float run's float32 sum behind its bytes (`_summed`), summed on the copy
         stream beside the next layers' compute, or (`sum_first`: the batch's last flush) on the
         compute stream first: on the copy stream the sums, and the copy's event, would wait
-        for the model's head (one GEMM over every SM; 80 TFLOP at 16 x 4096). Returns the
-        layout of the host buffer (`HostLayout`: the views, of the stored dtypes, and their
-        checks, in `pairs` order) and the copy's event (None on the CPU)."""
+        for the model's head (one GEMM over every SM; 80 TFLOP at 16 x 4096). Returns the host
+        views (of the stored dtypes) and their checks ((host sums, index) or None), in `pairs`
+        order, and the copy's event (None on the CPU)."""
         runs: dict[tuple, list[int]] = {}
         for i, (t, dtype) in enumerate(pairs):
             runs.setdefault((t.dtype, dtype), []).append(i)
@@ -85,12 +82,15 @@ class HostCopier:
         if summed:
             sums = buffer[at:at + 4 * len(summed)].view(torch.float32)
             checks_of = {run: (sums, k) for k, (*_, run) in enumerate(summed)}
-        runs_at, offset = [], 0
+        views: list = [None] * len(items)
+        checks: list = [None] * len(items)
+        offset = 0
         for run, (((_, dtype), indices), flat) in enumerate(zip(order, flats)):
-            runs_at.append((offset, flat.numel(), dtype, indices, [items[i].shape for i in indices],
-                            checks_of.get(run)))
+            host = buffer[offset:offset + flat.numel()].view(dtype)
+            for i, view in zip(indices, _unflatten_dense_tensors(host, [items[i] for i in indices])):
+                views[i], checks[i] = view, checks_of.get(run)
             offset += flat.numel()
-        return HostLayout(buffer, runs_at, len(items)), event
+        return views, checks, event
 
     def _summed(self, device: torch.device, order: list, flats: list, total: int, at: int) -> list[tuple]:
         """The float runs of a copy of CHECK_BYTES or more, (byte offset, bytes, dtype, run index)
@@ -107,44 +107,6 @@ class HostCopier:
                 summed.append((offset, flat.numel(), dtype, run))
             offset += flat.numel()
         return summed if self.pool.size_class(at + 4 * len(summed)) == self.pool.size_class(total) else []
-
-
-class HostLayout:
-    """Where one copy's tensors land in its host buffer: `views()` makes them (and pairs each with
-    its check, (host sums, index) or None). The forward thread that launched the copy records only
-    the runs and the shapes; the completion thread makes the views, while the copy is under way."""
-
-    __slots__ = ("buffer", "runs", "count")
-
-    def __init__(self, buffer: torch.Tensor, runs: list[tuple], count: int):
-        self.buffer, self.runs, self.count = buffer, runs, count  # runs: (byte offset, bytes, dtype,
-        # the pairs' indices, their shapes, the run's check)
-
-    def views(self) -> tuple[list, list]:
-        views: list = [None] * self.count
-        checks: list = [None] * self.count
-        for offset, nbytes, dtype, indices, shapes, check in self.runs:
-            flat = self.buffer[offset:offset + nbytes].view(dtype)
-            pieces = flat.split_with_sizes([math.prod(shape) for shape in shapes])
-            for i, piece, shape in zip(indices, pieces, shapes):
-                views[i], checks[i] = piece.view(shape), check
-        return views, checks
-
-
-def with_views(records: list) -> list:
-    """`records` ((group, name, host, buffer slot, check) each) with every (HostLayout, index) host
-    made its view and check (each layout's views made once)."""
-    made: dict = {}
-    out = []
-    for group, name, host, buf, check in records:
-        if type(host) is tuple:
-            layout, i = host
-            views = made.get(id(layout))
-            if views is None:
-                views = made[id(layout)] = layout.views()
-            host, check = views[0][i], views[1][i]
-        out.append((group, name, host, buf, check))
-    return out
 
 
 def _device_sums(packed: torch.Tensor, summed: list[tuple]) -> torch.Tensor:
