@@ -19,6 +19,8 @@
 #     the completion thread, while the copy is under way) against $BASE's (default .base69: 87909eb's
 #     src/, carried) in one process, interleaved rounds ($REPS, default 9), short shapes and one long.
 #   part "e2e": gpu_parts.sh's e2e_ab against $BASE: 16 x 256 and 16 x 4096, $RUNS pairs (default 1).
+#   part "e2ehere": extract_overhead.py's end-to-end extracts only (16 x 256, 16 x 4096, $REPEAT rounds
+#     each, default 5), this checkout's code, $RUNS times (default 2), none started after $DEADLINE s.
 #   part "gputests": the GPU tests of the capture, extract and replay (gpu_suite, -k $GK).
 # `bash benchmarks/gpu_session69.sh confirm short`. Logs packed into $OUT/session69-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 69 confirm "$@"
@@ -45,6 +47,13 @@ capab)
     echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
 e2e)
     RUNS=${RUNS:-1} e2e_ab "${BASE:-.base69}" ;;
+e2ehere)
+    for i in $(seq "${RUNS:-2}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-99999}" ] && { echo "=== e2e run $i not started: past $DEADLINE s"; break; }
+        timeout ${EACH:-120} python3 benchmarks/extract_overhead.py --gpus 1 --max-batch-tokens 0 --profile '' \
+            --e2e 16x256,16x4096 --e2e-repeat "${REPEAT:-5}" --writer process --out "$W/e2e$i" > "$W/e2e$i.log" 2>&1
+        echo "=== e2e run $i (exit $?, at $SECONDS s)"; grep '^extract' "$W/e2e$i.log" | cut -c1-420
+    done ;;
 gputests)
     GK=${GK-extract or replay or capture} GT=${GT:-150} gpu_suite ;;
 iso)
