@@ -457,3 +457,30 @@ def test_metrics_batch_refuses_figures_that_differ(tmp_path, monkeypatch):
     monkeypatch.setattr(mb, "batched", lambda r, c, k: [replace(m, rel_l2=m.rel_l2 * 1.001) for m in real(r, c, k)])
     with pytest.raises(RuntimeError, match="differ from tensor_metrics"):
         mb.main(["--tiny", "--out", str(tmp_path)])
+
+
+def test_device_session_scripts_parse_and_pass_only_flags_their_benchmarks_take():
+    """A device session's script runs where device time is short: every one in benchmarks/ parses
+    (`bash -n`), and every benchmark it starts exists and takes each flag it is given (up to a
+    `--`, after which the flags are the layerwise command's). A flag renamed in a script's argparse
+    fails here, not on the GPU machine."""
+    import subprocess
+
+    scripts = sorted(BENCH.glob("*.sh"))
+    assert len(scripts) > 50
+    wrong = []
+    for sh in scripts:
+        parsed = subprocess.run(["bash", "-n", str(sh)], capture_output=True, text=True)
+        if parsed.returncode:
+            wrong.append(f"{sh.name}: {parsed.stderr.strip()}")
+        text = sh.read_text().replace("\\\n", " ")
+        for m in re.finditer(r'python3 "?\$?\S*?benchmarks/(\w+)\.py"?([^\n;|>&]*)', text):
+            script = BENCH / f"{m.group(1)}.py"
+            if not script.is_file():
+                wrong.append(f"{sh.name}: {script.name} does not exist")
+                continue
+            source = script.read_text()
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group(2).split(" -- ")[0]):
+                if f'"{flag}"' not in source:
+                    wrong.append(f"{sh.name}: {script.name} takes no {flag}")
+    assert not wrong, "\n".join(wrong)
