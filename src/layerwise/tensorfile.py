@@ -76,6 +76,11 @@ def read_header(path: Path, metadata: dict | None = None) -> dict:
     """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
     is not a safetensors file or is shorter than its header says (truncated). The header's
     string metadata is copied into `metadata` when a dict is given."""
+    return _header_and_data_start(path, metadata)[0]
+
+
+def _header_and_data_start(path: Path, metadata: dict | None = None) -> tuple[dict, int]:
+    """`read_header`'s header, and the byte its tensors' data starts at (data_offsets count from it)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -98,7 +103,7 @@ def read_header(path: Path, metadata: dict | None = None) -> dict:
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + length + end > size:
         raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
-    return header
+    return header, 8 + length
 
 
 def _entry_ok(info) -> bool:
@@ -147,16 +152,16 @@ def _read_plain(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]]:
     """`read_tensor_and_digests` on the CPU with plain reads: the header checked (read_header),
     then the tensor's bytes read into a tensor of its own."""
     metadata: dict = {}
-    info = read_header(path, metadata).get(name)
+    header, data_start = _header_and_data_start(path, metadata)
+    info = header.get(name)
     if info is None:
         raise ValueError(f"the file holds no tensor {name}")
     if info["dtype"] not in DTYPES:
         raise ValueError(f"dtype {info['dtype']} is not one layerwise reads")
     begin, end = info["data_offsets"]
     data = torch.empty(end - begin, dtype=torch.uint8)
-    with open(path, "rb", buffering=0) as fh:
-        start = 8 + int.from_bytes(fh.read(8), "little") + begin
-        got = _pread_exact(fh.fileno(), memoryview(data.numpy()), start)
+    with open(path, "rb", buffering=0) as fh:  # the header's length as read_header read it: not read again
+        got = _pread_exact(fh.fileno(), memoryview(data.numpy()), data_start + begin)
     if got != end - begin:
         raise ValueError(f"the file ends {end - begin - got} bytes into the tensor's data")
     tensor = data.view(getattr(torch, DTYPES[info["dtype"]][0])).reshape(info["shape"])
