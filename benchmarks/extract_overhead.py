@@ -546,7 +546,7 @@ def table(rows: list[dict], card: str, gpus: int) -> str:
         def x(name):
             s = r[f"{name}_x"]
             return f"{s['median']:.3f}x ({s['min']:.3f}-{s['max']:.3f})"
-        lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r.get('passes', 1):>6}  {r['plain_ms']['median']:>9.2f}   "
+        lines.append(f"{r['batch']:>5}  {r['tokens']:>6}  {r['passes']:>6}  {r['plain_ms']['median']:>9.2f}   "
                      f"{x('hidden'):>20}  "
                      f"{x('seed'):>20}  {x('lw'):>26}  {x('lw_each'):>22}")
     return "\n".join(lines)
@@ -601,11 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in map(int, args.batches.split(",")):
         for t in map(int, args.tokens.split(",")):
+            if b * t > args.max_batch_tokens:
+                continue
             for passes in map(int, args.passes.split(",")):
-                if b * t <= args.max_batch_tokens:
-                    rows.append(bench.overhead(b, t, args.reps, passes))
-                    print(json.dumps({k: v for k, v in rows[-1].items()
-                                      if k.endswith("_x") or k in ("batch", "tokens", "passes")}), flush=True)
+                rows.append(bench.overhead(b, t, args.reps, passes))
+                print(json.dumps({k: v for k, v in rows[-1].items()
+                                  if k.endswith("_x") or k in ("batch", "tokens", "passes")}), flush=True)
     profile = None
     if args.profile:
         b, t = map(int, args.profile.split("x"))
