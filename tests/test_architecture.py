@@ -33,7 +33,8 @@ PACKAGES = {m for m in MODULES if (PACKAGE / m.replace(".", "/")).is_dir()}
 FLOORS = {
     1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap schema sharding "
        "flagtypes engines engines.namemap engines.packing engines.shards engines.source rawbytes filebits metricsbatch",
-    2: "_boot _prefetch tensorfile atomic machine quiet paths distributed chain pinned engines.files writerchild writerproc",
+    2: "_boot _prefetch tensorfile atomic machine quiet paths distributed chain pinned engines.files writerchild writerproc "
+       "shmbuffers",
     3: "runs runread manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
     4: "recording collector hostcopy capture module_points loading layer_loading timings",
     5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "

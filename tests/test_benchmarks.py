@@ -363,10 +363,11 @@ def test_writer_processes_dry_run(tmp_path, monkeypatch, capsys):
         pytest.skip("no writer processes here")
     for nonfinite in ([], ["--nonfinite"]):
         code = bench(monkeypatch, "writer_processes").main(["--tiny", "--out", str(tmp_path), "--work", str(tmp_path),
-                                                            *nonfinite])
+                                                            "--batches", "1,4", *nonfinite])
         assert code == 0, capsys.readouterr().out
     data = json.loads((tmp_path / "writer_processes.json").read_text())
-    assert data["nonfinite"] and [(r["processes"], r["threads_each"]) for r in data["rows"]] == [(1, 2), (2, 1)]
+    assert data["nonfinite"] and [(r["processes"], r["threads_each"], r["batch"]) for r in data["rows"]] == [
+        (1, 2, 1), (1, 2, 4), (2, 1, 1), (2, 1, 4)]
     assert all(r["files"] == 8 and r["wall_s"]["median"] > 0 for r in data["rows"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lw-writers-")] == [], "its files are gone"
 

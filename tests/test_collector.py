@@ -482,3 +482,38 @@ def test_a_model_s_last_layer_is_flushed_before_its_final_norm_runs(tiny_llama):
     _in_thread(collector.close)
     assert seen and seen[0][0] == 0, f"the norm ran with {seen[0][0]} tensors still held (not flushed)"
     assert len(writer.files) == 2 * anatomy.num_layers
+
+
+def test_a_flush_s_files_reach_a_writer_that_takes_many_in_one_call():
+    """A writer with `put_many` (the run writer: one message to each writer process for them all)
+    gets a flush's files in one call, in the order `put` would have had them; one without it
+    gets them one by one."""
+    class ManyWriter(ListWriter):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.order = [], []
+
+        def put_many(self, files):
+            self.calls.append(len(files))
+            for prompt, group, tensors, on_written, finite in files:
+                self.order.append((prompt, group))
+                self.put(prompt, group, tensors, on_written, finite)
+
+    g = torch.Generator().manual_seed(7)
+    states = [torch.randn(2, 3, 4, generator=g) for _ in range(4)]
+    targets = _targets(3)
+    got = {}
+    batched = ManyWriter()
+    for writer in (batched, ListWriter()):
+        collector = Collector(writer, targets, pinned_budget_bytes=1 << 20, copy_host_tensors=True,
+                              flush_bytes=1 << 20)
+        _three_layers(collector, targets, _batch([3, 2], 3), states)  # one flush, at the batch's last hook
+        assert collector.pool.used == 0, "every buffer came back"
+        got[type(writer).__name__] = writer.files
+    assert batched.calls == [6]  # 3 layers x 2 prompts
+    assert batched.order == [(p, f"model.layers.{k}") for k in range(3) for p in (0, 1)]
+    many = got["ManyWriter"]
+    assert many.keys() == got["ListWriter"].keys()
+    for key, tensors in many.items():
+        assert tensors.keys() == got["ListWriter"][key].keys()
+        assert all(torch.equal(t, got["ListWriter"][key][n]) for n, t in tensors.items())

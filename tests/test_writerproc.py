@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerwise import manifest, pinned, runs, tensorfile, writerproc
+from layerwise import manifest, pinned, runs, shmbuffers, tensorfile, writerproc
 from layerwise.errors import LostProcess, UserError
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
@@ -74,7 +74,7 @@ def test_the_process_writes_the_bytes_this_process_writes(tmp_path, monkeypatch,
 def test_what_the_process_cannot_read_is_written_here(tmp_path, traced):
     """A big tensor outside shared memory is written by this process's threads; a big one in a
     shared buffer by the writer's process."""
-    big = torch.randn(writerproc.INLINE_BYTES // 4 + 1)
+    big = torch.randn(shmbuffers.INLINE_BYTES // 4 + 1)
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
     writer.put(0, "a", {"a:output": big})
     writer.put(0, "c", {"c:output": in_shared(big)})
@@ -119,7 +119,7 @@ def test_a_shared_buffer_comes_back_to_the_cache_when_its_last_view_is_gone():
     base = buffer.data_ptr()
     view = buffer[10:20]
     del buffer
-    assert writerproc._region_of(view, 10) is not None
+    assert shmbuffers._region_of(view, 10) is not None
     assert pinned.new_buffer(3 << 16, False).data_ptr() != base  # a view is alive: not reused yet
     del view
     assert pinned.new_buffer(3 << 16, False).data_ptr() == base
@@ -137,7 +137,7 @@ def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_
     writer.put(0, "a", {"a:output": in_shared(torch.randn(64, 64))})
     writer.wait()
     assert set(ours()) == before and len(traced) == 1
-    big = torch.randn(writerproc.INLINE_BYTES // 4 + 1)
+    big = torch.randn(shmbuffers.INLINE_BYTES // 4 + 1)
     writer.put(0, "b", {"b:output": big})  # not in shared memory: this process writes it
     assert len(set(ours()) - before) == 2
     writer.finish()
@@ -212,7 +212,7 @@ def test_tensors_the_capture_found_finite_are_not_checked_again(tmp_path, monkey
 def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
     monkeypatch.setenv(writerproc.ENV, "threads")
     assert not writerproc.supported() and writerproc.processes(2) is None
-    assert pinned.new_buffer(1 << 16, False).data_ptr() not in writerproc._REGIONS
+    assert pinned.new_buffer(1 << 16, False).data_ptr() not in shmbuffers._REGIONS
     writer = runs.RunWriter(tmp_path / "run", INTENT, threads=2)
     writer.put(0, "a", {"a:output": torch.ones(4)})
     writer.finish()
@@ -416,3 +416,90 @@ def test_a_finished_callback_that_raises_neither_stops_the_replies_nor_passes_in
     waiting.start()
     waiting.join(timeout=30)
     assert not waiting.is_alive() and len(seen) == 4, "the replies after the failing callback were not taken in"
+
+
+def test_a_batch_of_files_goes_in_one_message_to_each_process_and_comes_back_in_one(tmp_path, monkeypatch):
+    """`put_many` (a flush's files): one "jobs" message to each writer process it uses and one
+    "replies" message back from each, against one each way per file with `put`; the same bytes
+    written either way, every file's `finished` called once, with its entries."""
+    from layerwise import writerchild
+
+    sent, received = [], []
+    send, receive = writerchild.Channel.send, writerchild.Channel.receive
+    monkeypatch.setattr(writerchild.Channel, "send", lambda self, message, fds=(): (
+        sent.append(message[0]), send(self, message, fds))[1])
+    monkeypatch.setattr(writerchild.Channel, "receive", lambda self: (
+        lambda m: (received.append(m[0]) if m is not None else None, m)[1])(receive(self)))
+    procs = [writerproc.WriterProcess(2), writerproc.WriterProcess(2)]  # fresh: their channels count
+    try:
+        assert all(p.ready(timeout=30) for p in procs)
+        g = torch.Generator().manual_seed(5)
+        shared = [in_shared(torch.randn(64, 8, generator=g)) for _ in range(10)]
+        for way in ("many", "one"):
+            (tmp_path / way).mkdir()
+            sent.clear(), received.clear()
+            done: list = []
+            files = [(str(tmp_path / way / f"{p}.safetensors"), {"prompt": str(p)},
+                      {"a:output": shared[p], "a:ids": torch.arange(p + 1)},
+                      lambda header, err, indexed, p=p: done.append((p, err, indexed is not None)), frozenset(),
+                      runs.group_file(p, "a")) for p in range(10)]
+            handoff = writerproc.Handoff(procs, 32)
+            if way == "many":
+                assert handoff.put_many(files) == [True] * 10
+            else:
+                assert all(handoff.put(*f) for f in files)
+            handoff.wait()
+            assert sorted(done) == [(p, None, True) for p in range(10)]
+            jobs, replies = (2, 2) if way == "many" else (10, 10)
+            assert sent.count("jobs") == jobs and received.count("replies") == replies, (way, sent, received)
+        for p in range(10):
+            assert (tmp_path / "many" / f"{p}.safetensors").read_bytes() == \
+                (tmp_path / "one" / f"{p}.safetensors").read_bytes()
+            assert torch.equal(tensorfile.read_tensor(tmp_path / "many" / f"{p}.safetensors", "a:output"), shared[p])
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_a_run_writer_s_batch_sends_what_the_processes_cannot_read_to_its_threads(tmp_path, traced):
+    """`RunWriter.put_many`: the files in shared memory go to the writer processes, one holding a
+    big tensor outside it to this process's threads, in the same batch; the run holds them all."""
+    g = torch.Generator().manual_seed(6)
+    shared = [in_shared(torch.randn(64, 8, generator=g)) for _ in range(6)]
+    big = torch.randn(shmbuffers.INLINE_BYTES // 4 + 1, generator=g)
+    written: list = []
+    files = [(p, "a", {"a:output": shared[p]}, lambda p=p: written.append(p), frozenset()) for p in range(6)]
+    files.insert(3, (6, "a", {"a:output": big}, lambda: written.append(6), frozenset()))
+    writer = runs.RunWriter(tmp_path / "run", INTENT, threads=4)
+    writer.put_many(files)
+    writer.finish()
+    assert sorted(written) == list(range(7)) and len(traced) == 6  # the big one written here
+    run = runs.open_run(tmp_path / "run")
+    assert all(torch.equal(run.tensor("a:output", p), shared[p]) for p in range(6))
+    assert torch.equal(run.tensor("a:output", 6), big)
+
+
+def test_a_batch_larger_than_the_slots_hands_over_what_it_holds_before_it_waits(tmp_path, traced):
+    """With fewer slots than the batch has files, `put_many` sends the files it holds before it
+    waits for a slot (their replies free the slots): no deadlock, every file written."""
+    procs = writerproc.processes(2)
+    handoff = writerproc.Handoff(procs, 2)
+    shared = [in_shared(torch.full((16, 4), float(p))) for p in range(9)]
+    done = []
+    (tmp_path / "d").mkdir()
+    handed = _in_thread(lambda: handoff.put_many([
+        (str(tmp_path / "d" / f"{p}.safetensors"), {"prompt": str(p)}, {"x:output": t},
+         lambda header, err, indexed, p=p: done.append((p, err)), frozenset(), None) for p, t in enumerate(shared)]))
+    handoff.wait()
+    assert handed == [True] * 9 and sorted(done) == [(p, None) for p in range(9)]
+    for p, t in enumerate(shared):
+        assert torch.equal(tensorfile.read_tensor(tmp_path / "d" / f"{p}.safetensors", "x:output"), t)
+
+
+def _in_thread(fn, timeout: float = 30.0):
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), f"still blocked after {timeout} s"
+    return out[0]

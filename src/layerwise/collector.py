@@ -68,7 +68,8 @@ class Collector:
       flushes the rest (what a hook that fired twice, or a batch whose hooks did not all fire,
       left held).
     - the completion thread waits for a flush's copy (sleeping, GIL released), cuts the batch
-      into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`.
+      into prompts and hands whole files to `writer.put(prompt, group, {name: tensor}, on_written)`,
+      a flush's files at once where the writer takes them so (`put_many`).
       `flush()` does that work itself when the completion thread has nothing queued: a caller
       waiting for the host copies is not also waiting for two threads to wake in turn.
     - each tensor name's facts (stored dtype, whole or per token, padding tail) are worked out
@@ -219,12 +220,24 @@ class Collector:
             for event in item.done:
                 event.synchronize()  # sleeps with the GIL released while the copy engines work
             item.keep.clear()  # the device tensors may go back to the allocator now
-            self._assemble(item, self._parts)
+            files: list = []
+            self._assemble(item, self._parts, files)
+            self._hand(files)
         except BaseException as err:
             self._error = self._error or err
             self._drop(item)
 
-    def _assemble(self, item: _Flush, parts: dict) -> None:
+    def _hand(self, files: list) -> None:
+        """A flush's files to the writer at once (`put_many`: one message to each writer process
+        and one back, not one per file), or one by one to a writer that takes them so."""
+        put_many = getattr(self.writer, "put_many", None)
+        if put_many is not None and len(files) > 1:
+            put_many(files)
+            return
+        for prompt, group, tensors, release, finite in files:
+            self.writer.put(prompt, group, tensors, release, finite=finite)
+
+    def _assemble(self, item: _Flush, parts: dict, files: list) -> None:
         counts = [0] * len(item.buffers)
         for *_, buf, _ in item.records:
             if buf is not None:
@@ -241,7 +254,7 @@ class Collector:
             got[name] = (host, owned[buf] if buf is not None else None,
                          check is not None and finite[id(check[0])][check[1]])
             if len(got) == len(self.groups[group]):
-                self._emit(item.batch, group, parts.pop(group))
+                self._emit(item.batch, group, parts.pop(group), files)
         if self.pool is not None:  # what waits in unfinished files cannot come back before more copies
             blocked = {id(b): b.buffer.numel() for got in parts.values() for _, b, _ in got.values() if b is not None}
             self.pool.set_blocked(sum(blocked.values()))
@@ -254,16 +267,19 @@ class Collector:
             absent = sorted(set(self.groups[group]) - set(got))
             log.warning("%s did not run in this batch: not captured", ", ".join(absent))
             if any(host is not None for host, *_ in got.values()):
-                self._emit(batch, group, got)
+                files: list = []
+                self._emit(batch, group, got, files)
+                self._hand(files)
 
     def _drop(self, item) -> None:
         if isinstance(item, _Flush) and self.pool is not None:
             for buffer in item.buffers:
                 self.pool.give(buffer)
 
-    def _emit(self, batch, group: str, parts: dict) -> None:
-        """Hand one file per prompt to the writer: each tensor's rows of that prompt (padding
-        dropped, a decoder-layer input's padding tail under its own name), a whole one as is."""
+    def _emit(self, batch, group: str, parts: dict, files: list) -> None:
+        """One file per prompt into `files`, (prompt, group, tensors, release, finite) each, for
+        the writer: each tensor's rows of that prompt (padding dropped, a decoder-layer input's
+        padding tail under its own name), a whole one as is."""
         rows, width = batch.input_ids.shape
         items = []  # (name, tensor, how): _ROWS [batch, tokens, ...], _FLAT [batch x tokens, ...], _WHOLE
         tails = []  # (tensor, how, its padding tail's name)
@@ -312,8 +328,7 @@ class Collector:
                 # a layer's input at the padding positions: a replay rebuilds the batch bit for bit
                 tensors.update((tail, t[first + n:first + width] if how == _FLAT else t[row, n:])
                                for t, how, tail in tails)
-            self.writer.put(prompt.index, group, tensors, release,
-                            finite=finite if n == width else padded_finite)
+            files.append((prompt.index, group, tensors, release, finite if n == width else padded_finite))
 
     def flush(self) -> None:
         """Block until everything captured so far has reached the writer. When the completion

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import writerproc
+from . import shmbuffers, writerproc
 
 
 SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
@@ -34,7 +34,7 @@ _RESERVE_LOCK = threading.Lock()
 def new_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """A uint8 host buffer of `nbytes` (page-locked when `pin`): shared memory that the run
     writer's own process reads the files from (writerproc), where it runs; else torch's."""
-    buffer = writerproc.shared_buffer(nbytes, pin) if writerproc.supported() else None
+    buffer = shmbuffers.shared_buffer(nbytes, pin) if writerproc.supported() else None
     if buffer is None:
         with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)

@@ -175,19 +175,31 @@ class RunWriter:
         tensors were written (the producer may then reuse their memory). The writer process
         (writerproc) writes it where it can, else this process's writer threads. `finite`: names
         of tensors known to hold no NaN/Inf (the capture's GPU found them so), not checked again."""
+        self.put_many([(prompt, group, tensors, on_written, finite)])
+
+    def put_many(self, files: list[tuple]) -> None:
+        """`put` of each (prompt, group, tensors, on_written, finite): to the writer processes in
+        one message to each (a flush's files), the rest to this process's threads."""
         self._raise_if_failed()
-        rel = group_file(prompt, group)
-        if self._handoff is not None and self._handoff.put(
-                self._made(rel), {"prompt": str(prompt)}, tensors,
-                lambda header, err, indexed: self._handed(rel, header, err, on_written, indexed), finite, rel):
-            return
-        with self._lock:  # this process's threads start with the first file they are handed (beside a writer
-            if not self._threads:  # process: only for tensors outside shared memory, so mostly never)
-                self._threads = [threading.Thread(target=self._work, name=f"layerwise-writer-{i}", daemon=True)
-                                 for i in range(self._thread_count)]
-                for t in self._threads:
-                    t.start()
-        self._queue.put((prompt, group, tensors, on_written, finite))
+        handed = [False] * len(files)
+        if self._handoff is not None:
+            rels = [group_file(prompt, group) for prompt, group, *_ in files]
+            handed = self._handoff.put_many([
+                (self._made(rel), {"prompt": str(prompt)}, tensors, self._reply_to(rel, on_written), finite, rel)
+                for rel, (prompt, group, tensors, on_written, finite) in zip(rels, files)])
+        for item, ok in zip(files, handed):
+            if ok:
+                continue
+            with self._lock:  # this process's threads start with the first file they are handed (beside a writer
+                if not self._threads:  # process: only for tensors outside shared memory, so mostly never)
+                    self._threads = [threading.Thread(target=self._work, name=f"layerwise-writer-{i}", daemon=True)
+                                     for i in range(self._thread_count)]
+                    for t in self._threads:
+                        t.start()
+            self._queue.put(tuple(item))
+
+    def _reply_to(self, rel: str, on_written):
+        return lambda header, err, indexed: self._handed(rel, header, err, on_written, indexed)
 
     def _handed(self, rel: str, header: dict | None, err: BaseException | None, on_written,
                 indexed: tuple[list[dict], list[str]] | None) -> None:

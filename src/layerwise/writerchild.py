@@ -8,12 +8,14 @@ forward pass needs to launch kernels. One socket carries both ways length-prefix
 between the two processes of one program:
 
     parent -> child  ("map", region, size) + its fd | ("threads", n) | ("ping", seq) | ("stop",)
-                     ("job", seq, target, tmp, metadata, (digest, chunk), nonfinite,
-                      [(name, code, shape, nbytes, source)], names known finite, index)
+                     ("jobs", [job, ...]), a job: (seq, target, tmp, metadata, (digest, chunk),
+                      nonfinite, [(name, code, shape, nbytes, source)], names known finite, index)
                      source: ("r", region, offset) or ("b", bytes); index: the file's path in its
                      run, whose manifest entries and their texts come back, or None
-    child -> parent  ("ok", seq, header, metadata, timing, (entries, texts) or None)
-                     | ("err", seq, errno or None, message, filename)
+    child -> parent  ("replies", [reply, ...]): one message for a "jobs" message, once every one
+                      of its jobs is done, a reply each, in the order they were done:
+                      ("ok", seq, header, metadata, timing, (entries, texts) or None)
+                      | ("err", seq, errno or None, message, filename)
                      | ("pong", seq)
 
 A job writes `tmp` and renames it to `target`: a killed writer leaves no partial file under a
@@ -111,15 +113,18 @@ class Child:
                 self.pools.append(self.jobs)
                 self.jobs = ThreadPoolExecutor(message[1], thread_name_prefix="writer")
                 self.pools[-1].shutdown(wait=False)
-            elif kind == "job":
-                self.jobs.submit(self.job, *message[1:])
+            elif kind == "jobs":
+                gathered = _Gathered(len(message[1]), self.channel)
+                for job in message[1]:  # bound now: the next message's gathering is another
+                    self.jobs.submit(lambda job=job, gathered=gathered: gathered.add(self.job(*job)))
             elif kind == "ping":
                 self.channel.send(("pong", message[1]))
         for pool in self.pools + [self.jobs]:
             pool.shutdown(wait=True)  # the files already handed over are written whole
         self.hashes.shutdown(wait=True)
 
-    def job(self, seq, target, tmp, metadata, digest, check, specs, finite=(), index=None) -> None:
+    def job(self, seq, target, tmp, metadata, digest, check, specs, finite=(), index=None) -> tuple:
+        """Write one file; its reply."""
         algorithm, chunk = digest
         start, spent = time.perf_counter(), {}
         try:
@@ -142,11 +147,27 @@ class Child:
                 entries = filebits.indexed(index, header, meta) if index is not None else None
             except Exception:  # the file is whole: the parent indexes it, and reports what is wrong
                 entries = None
-            self.channel.send(("ok", seq, header, meta, timing, entries))
+            return ("ok", seq, header, meta, timing, entries)
         except OSError as err:
-            self.channel.send(("err", seq, err.errno, err.strerror or str(err), err.filename))
+            return ("err", seq, err.errno, err.strerror or str(err), err.filename)
         except BaseException as err:  # reported to the parent, which fails the run with it
-            self.channel.send(("err", seq, None, f"{type(err).__name__}: {err}", None))
+            return ("err", seq, None, f"{type(err).__name__}: {err}", None)
+
+
+class _Gathered:
+    """The replies of one "jobs" message, sent back together once the last of its jobs is done."""
+
+    def __init__(self, count: int, channel: Channel):
+        self.left, self.replies, self.channel = count, [], channel
+        self.lock = threading.Lock()
+
+    def add(self, reply: tuple) -> None:
+        with self.lock:
+            self.replies.append(reply)
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.channel.send(("replies", self.replies))
 
 
 def _yield_to_the_parent() -> None:

@@ -1,37 +1,30 @@
-"""The run writer's own processes, and the shared host memory they read the captured tensors from.
+"""The run writer's own processes, which read the captured tensors from shared host memory.
 
 Every byte an extract writes is checked for NaN/Inf, hashed and written. On the writer's threads
 in this process, that work takes turns of the GIL from the forward pass, which launches its
 kernels from Python: 16 prompts x 256 tokens of 8 MiniMax-M2 layers took 3.0-3.4x the forward pass
 end to end written from 8 threads here, 1.8-2.4x from a process of its own (one H200; BENCHMARKS.md).
-So the capture's host buffers are shared memory (a memfd, mapped here and, registered with CUDA,
-the target of the device-to-host copies), and processes of their own (`writerchild.py`, no torch)
-read them there and make the files' manifest entries: a file costs this process one small message
-out and one back. A process's threads share its GIL too, so the threads are spread over processes
-of at most PROCESS_THREADS each, and each file goes to the one with the fewest outstanding.
-
-`shared_buffer` makes such buffers (a process-wide cache, like torch's pinned-memory cache: a
-buffer whose tensor is gone is reused, never unmapped); `sources` says where a file's tensors lie
-(in a shared buffer, or small enough to send); `processes()` are the program's writer processes,
-started on first use. LAYERWISE_WRITER=threads turns all of it off (the writer's threads in this
-process do everything, as on platforms without memfd or fd passing).
+So the capture's host buffers are shared memory (`shmbuffers`), and processes of their own
+(`writerchild.py`, no torch) read them there and make the files' manifest entries: a file costs
+this process a small message out and one back, and a batch of files (`Handoff.put_many`: a
+flush's) one message out to each process and one back. A process's threads share its GIL too, so
+the threads are spread over processes of at most PROCESS_THREADS each, and each file goes to the
+one with the fewest outstanding. `processes()` are the program's writer processes, started on
+first use. LAYERWISE_WRITER=threads turns all of it off (the writer's threads in this process do
+everything, as on platforms without memfd or fd passing).
 """
 
 from __future__ import annotations
 
 import atexit
-import bisect
-import ctypes
 import itertools
 import logging
-import mmap
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import weakref
 from pathlib import Path
 
 import torch
@@ -39,13 +32,12 @@ import torch
 from . import tensorfile
 from ._boot import cores_per_process
 from .errors import LostProcess
-from .rawbytes import raw_bytes
+from .shmbuffers import sources
 from .writerchild import Channel
 
 log = logging.getLogger(__name__)
 
 ENV = "LAYERWISE_WRITER"  # "threads": no writer process, no shared buffers
-INLINE_BYTES = 1 << 20  # a tensor outside shared memory up to this size is sent with its file's message
 _HERE = str(Path(__file__).resolve().parent)
 TRACE = None  # a benchmark's callable(start, end, nonfinite seconds, digest seconds, thread) per file written there
 
@@ -75,97 +67,6 @@ def supported() -> bool:
             and hasattr(os, "memfd_create") and hasattr(socket, "send_fds"))
 
 
-# ---------------------------------------------------------------------------------- shared buffers
-
-class _Region:
-    __slots__ = ("id", "fd", "size", "memory", "base", "pinned")
-
-
-_REGIONS: dict[int, _Region] = {}  # base address -> region (every region made: none is unmapped)
-_BASES: list[int] = []  # sorted
-_CACHE: dict[tuple[int, bool], list[_Region]] = {}  # (size, pinned) -> regions whose tensor is gone
-_LOCK = threading.Lock()
-_IDS = itertools.count()
-
-
-def _new_region(nbytes: int, pin: bool) -> _Region:
-    fd = os.memfd_create("layerwise-host-buffer", os.MFD_CLOEXEC)
-    memory = None
-    try:
-        os.ftruncate(fd, nbytes)
-        memory = mmap.mmap(fd, nbytes)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-        if pin:  # page-locked for the copy engines, as torch's pin_memory (about a second per GB)
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(base, nbytes, 1))  # 1: portable (every GPU)
-    except BaseException:
-        if memory is not None:
-            memory.close()
-        os.close(fd)
-        raise
-    region = _Region()
-    region.id, region.fd, region.size, region.memory, region.pinned, region.base = \
-        next(_IDS), fd, nbytes, memory, pin, base
-    with _LOCK:
-        _REGIONS[region.base] = region
-        bisect.insort(_BASES, region.base)
-    return region
-
-
-def shared_buffer(nbytes: int, pin: bool) -> torch.Tensor | None:
-    """A uint8 CPU tensor of `nbytes` in shared memory (page-locked and registered with CUDA when
-    `pin`), the writer process's to read; None where that cannot be made (the caller allocates
-    as before)."""
-    with _LOCK:
-        cached = _CACHE.get((nbytes, pin))
-        region = cached.pop() if cached else None
-    if region is None:
-        try:
-            region = _new_region(nbytes, pin)
-        except (OSError, RuntimeError) as err:
-            log.debug("no shared host buffer of %d bytes (%s): the writer's threads write its files", nbytes, err)
-            return None
-    memory = memoryview(region.memory)  # the tensor's storage holds it until the last view is gone
-    with torch.inference_mode(False):  # a normal tensor: reused later outside inference mode too
-        tensor = torch.frombuffer(memory, dtype=torch.uint8)
-    weakref.finalize(memory, _came_back, region)  # then, and not before, the region may be handed out again
-    return tensor
-
-
-def _came_back(region: _Region) -> None:
-    with _LOCK:
-        _CACHE.setdefault((region.size, region.pinned), []).append(region)
-
-
-def _region_of(tensor: torch.Tensor, nbytes: int) -> tuple[_Region, int] | None:
-    ptr = tensor.data_ptr()
-    with _LOCK:
-        at = bisect.bisect_right(_BASES, ptr) - 1
-        region = _REGIONS[_BASES[at]] if at >= 0 else None
-    if region is None or ptr + nbytes > region.base + region.size:
-        return None
-    return region, ptr - region.base
-
-
-def sources(tensors: dict[str, torch.Tensor]) -> list[tuple] | None:
-    """Where the writer process finds a file's tensors: (name, dtype code, shape, bytes, source,
-    region or None) each, the source ("r", region id, offset) in a shared buffer or ("b", bytes);
-    None when a tensor is neither there nor small (this process writes that file)."""
-    specs = []
-    for name, t in tensors.items():
-        code = tensorfile.DTYPE_CODES.get(t.dtype)
-        if code is None or t.device.type != "cpu":  # this process says why it cannot write it
-            return None
-        nbytes = t.numel() * t.element_size()
-        found = _region_of(t, nbytes) if _BASES and nbytes and t.is_contiguous() else None
-        if found is not None:
-            specs.append((name, code, tuple(t.shape), nbytes, ("r", found[0].id, found[1]), found[0]))
-        elif nbytes <= INLINE_BYTES:
-            specs.append((name, code, tuple(t.shape), nbytes, ("b", bytes(raw_bytes(t))), None))
-        else:
-            return None
-    return specs
-
-
 # ---------------------------------------------------------------------------------- the process
 
 class WriterProcess:
@@ -193,26 +94,33 @@ class WriterProcess:
         self._reader = threading.Thread(target=self._read, name="layerwise-writer-replies", daemon=True)
         self._reader.start()
 
-    def submit(self, target: str, tmp: str, metadata: dict, digest: tuple[str, int], specs: list[tuple],
-               done, finite=frozenset(), index: str | None = None) -> None:
-        """Have the process write `specs` (from `sources`) as the file `target` (through `tmp`);
-        `done(reply)` runs on the reply thread with ("ok", seq, header, metadata, timing, indexed),
-        ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if the process ends;
-        `indexed`: with `index` (the file's path in its run), filebits.indexed's, else None."""
+    def submit(self, jobs: list[tuple]) -> None:
+        """Have the process write each job's `specs` (from `sources`) as the file `target`
+        (through `tmp`), in one message; a job is (target, tmp, metadata, digest, specs, done,
+        finite, index). `done(reply)` runs on the reply thread with ("ok", seq, header, metadata,
+        timing, indexed), ("err", seq, errno, message, filename), or ("lost", seq, LostProcess) if
+        the process ends; `indexed`: with `index` (the file's path in its run), filebits.indexed's,
+        else None. The replies come back in one message too, once every job of it is done."""
         with self._lock:  # a region's map message goes before the first job that reads it
             if self.failed is not None:
                 raise self.failed
-            seq = next(self._seq)
-            self._jobs[seq] = done
+            seqs, message = [], []
+            for target, tmp, metadata, digest, specs, done, finite, index in jobs:
+                seq = next(self._seq)
+                self._jobs[seq] = done
+                seqs.append(seq)
+                message.append((seq, target, tmp, metadata, digest, True, [spec[:5] for spec in specs],
+                                tuple(finite), index))
             try:
-                for *_, region in specs:
-                    if region is not None and region.id not in self._mapped:
-                        self.channel.send(("map", region.id, region.size), (region.fd,))
-                        self._mapped.add(region.id)
-                self.channel.send(("job", seq, target, tmp, metadata, digest, True,
-                                   [spec[:5] for spec in specs], tuple(finite), index))
+                for *_, specs, _, _, _ in jobs:
+                    for *_, region in specs:
+                        if region is not None and region.id not in self._mapped:
+                            self.channel.send(("map", region.id, region.size), (region.fd,))
+                            self._mapped.add(region.id)
+                self.channel.send(("jobs", message))
             except OSError as err:
-                self._jobs.pop(seq, None)
+                for seq in seqs:
+                    self._jobs.pop(seq, None)
                 raise self._died(err) from None
 
     def ready(self, timeout: float = 60.0) -> bool:
@@ -245,15 +153,17 @@ class WriterProcess:
     def _read(self) -> None:
         try:
             while True:
-                reply = self.channel.receive()
-                if reply is None:
+                message = self.channel.receive()
+                if message is None:
                     break
+                replies = message[1] if message[0] == "replies" else (message,)  # a job message's, or a pong
                 with self._lock:
-                    done = self._jobs.pop(reply[1], None)
-                if reply[0] == "ok" and TRACE is not None:
-                    TRACE(*reply[4])
-                if done is not None:
-                    done(reply)
+                    dones = [self._jobs.pop(reply[1], None) for reply in replies]
+                for reply, done in zip(replies, dones):
+                    if reply[0] == "ok" and TRACE is not None:
+                        TRACE(*reply[4])
+                    if done is not None:
+                        done(reply)
         except OSError:
             pass
         with self._lock:
@@ -311,15 +221,43 @@ class Handoff:
         to write (False): then `finished(header, None, indexed)` runs once it is written (its
         header, with "__metadata__"; `indexed`: see `WriterProcess.submit`), or `finished(None,
         error, None)` (an OSError for the system's errors)."""
-        specs = sources(tensors)
-        if specs is None:
-            return False
-        self._slots.acquire()
-        with self._idle:
-            self._pending += 1
-            at = self._load.index(min(self._load))
-            self._load[at] += 1
+        return self.put_many([(target, metadata, tensors, finished, finite, index)])[0]
 
+    def put_many(self, files: list[tuple]) -> list[bool]:
+        """`put` of each (target, metadata, tensors, finished, finite, index), in one message to
+        each process they go to (a flush's files: fewer messages each way). Whether each was
+        handed over."""
+        handed = [False] * len(files)
+        batches: dict[int, list] = {}
+        for k, (target, metadata, tensors, finished, finite, index) in enumerate(files):
+            specs = sources(tensors)
+            if specs is None:
+                continue
+            if not self._slots.acquire(blocking=False):  # the files held here go first: their replies free slots
+                self._submit(batches)
+                self._slots.acquire()
+            with self._idle:
+                self._pending += 1
+                at = self._load.index(min(self._load))
+                self._load[at] += 1
+            folder, _, name = target.rpartition("/")
+            batches.setdefault(at, []).append((target, f"{folder}/.{name}.{os.getpid()}.tmp", metadata,
+                                               (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs,
+                                               self._done(at, finished), finite, index))
+            handed[k] = True
+        self._submit(batches)
+        return handed
+
+    def _submit(self, batches: dict[int, list]) -> None:
+        for at, jobs in batches.items():
+            try:
+                self.procs[at].submit(jobs)
+            except BaseException as err:  # the process is gone (LostProcess): these files fail with it
+                for job in jobs:
+                    job[5](("lost", None, err))
+        batches.clear()
+
+    def _done(self, at: int, finished):
         def done(reply):
             try:
                 if reply[0] == "ok":
@@ -337,13 +275,7 @@ class Handoff:
                     self._pending -= 1
                     self._load[at] -= 1
                     self._idle.notify_all()
-        folder, _, name = target.rpartition("/")
-        try:
-            self.procs[at].submit(target, f"{folder}/.{name}.{os.getpid()}.tmp",
-                                  metadata, (tensorfile.DIGEST, tensorfile.HASH_CHUNK), specs, done, finite, index)
-        except BaseException as err:  # the process is gone (LostProcess): this file fails with it
-            done(("lost", None, err))
-        return True
+        return done
 
     def wait(self) -> None:
         """Block until every file handed over is written; raises what a `finished` raised."""
@@ -392,8 +324,8 @@ def _stop_at_exit() -> None:
 
 def _forget_in_child() -> None:
     """In a forked child: the parent's writer processes, sockets and reply threads are not its own."""
-    global _PROCESSES, _PROCESS_LOCK, _LOCK
-    _PROCESSES, _PROCESS_LOCK, _LOCK = [], threading.Lock(), threading.Lock()
+    global _PROCESSES, _PROCESS_LOCK
+    _PROCESSES, _PROCESS_LOCK = [], threading.Lock()
 
 
 atexit.register(_stop_at_exit)
