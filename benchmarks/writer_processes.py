@@ -6,8 +6,10 @@ bf16 [256, 3072], router logits fp32 [256, 256], top-k weights and ids [256, 8])
 host buffers the capture's copies land in. This script lays out --files such files in one shared
 buffer, and for each --configs entry PxT (P writer processes of T threads, `writerproc`) hands
 them all to one `Handoff` over those processes (each file to the one with the fewest outstanding,
-as a run writer does) and waits until every file is written: wall time, GB/s, and this process's
-CPU seconds; the buffer's bytes are rewritten before each (fresh from memory, as after a copy;
+as a run writer does), --batches at a time (1: `Handoff.put`, one message each way a file; 16: a
+flush's 16 files by `put_many`, one message to each process and one back), with their manifest
+entries made there as a run's are, and waits until every file is written: wall time, GB/s, and this
+process's CPU seconds; the buffer's bytes are rewritten before each (fresh from memory, as after a copy;
 finite values, or with --nonfinite any bytes: NaN and Inf in every file, which the writer counts),
 configurations taking turns for --rounds rounds. Median (min-max). JSON to --out.
 
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from layerwise import writerproc  # noqa: E402
+from layerwise.runs import group_file  # noqa: E402
 from layerwise.pinned import new_buffer  # noqa: E402
 
 
@@ -53,11 +56,12 @@ def layout(files: int, tokens: int, hidden: int, experts: int):
 
 
 def measure(args) -> dict:
-    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",") if c]
+    configs = [(*map(int, c.split("x")), b) for c in args.configs.split(",") if c
+               for b in map(int, args.batches.split(","))]
     buffer, files = layout(args.files, args.tokens, args.hidden, args.experts)
     if writerproc.processes(1) is None:
         raise SystemExit("no writer processes here (not Linux, or LAYERWISE_WRITER=threads)")
-    procs = {c: [writerproc.WriterProcess(c[1]) for _ in range(c[0])] for c in configs}
+    procs = {c: [writerproc.WriterProcess(c[1]) for _ in range(c[0])] for c in configs}  # each its own
     for group in procs.values():
         for proc in group:
             assert proc.ready(60), "a writer process did not start"
@@ -70,14 +74,18 @@ def measure(args) -> dict:
                 # bytes, NaN and Inf in every file (a run gone wrong from some layer on)
                 buffer.random_(0, 256 if args.nonfinite else 100)
                 handoff = writerproc.Handoff(procs[c], 16 + c[0] * c[1])
-                where = root / f"r{round_}-{c[0]}x{c[1]}"
+                where = root / f"r{round_}-{c[0]}x{c[1]}b{c[2]}"
                 for p in range(-(-len(files) // 8)):
                     (where / f"p{p}").mkdir(parents=True)
+                jobs = [(os.path.abspath(where / f"p{i // 8}" / f"l{i % 8}.safetensors"), {"prompt": str(i // 8)},
+                         file, lambda header, err, _: None if err is None else print(f"failed: {err}"), frozenset(),
+                         group_file(i // 8, f"model.layers.{i % 8}")) for i, file in enumerate(files)]
                 cpu, start = time.process_time(), time.perf_counter()
-                for i, file in enumerate(files):
-                    handoff.put(os.path.abspath(where / f"p{i // 8}" / f"l{i % 8}.safetensors"),
-                                {"prompt": str(i // 8)}, file,
-                                lambda header, err, _: None if err is None else print(f"failed: {err}"))
+                for at in range(0, len(jobs), c[2]):
+                    if c[2] == 1:
+                        handoff.put(*jobs[at])
+                    else:
+                        handoff.put_many(jobs[at:at + c[2]])
                 handoff.wait()
                 spent[c].append((time.perf_counter() - start, time.process_time() - cpu))
                 shutil.rmtree(where)
@@ -90,11 +98,11 @@ def measure(args) -> dict:
     rows = []
     for c, values in spent.items():
         walls = [w for w, _ in values]
-        rows.append({"processes": c[0], "threads_each": c[1], "gb": gb, "files": len(files),
+        rows.append({"processes": c[0], "threads_each": c[1], "batch": c[2], "gb": gb, "files": len(files),
                      "wall_s": {"median": statistics.median(walls), "min": min(walls), "max": max(walls)},
                      "gbps": gb / statistics.median(walls), "parent_cpu_s": statistics.median(u for _, u in values)})
         r = rows[-1]
-        print(f"{c[0]} process(es) x {c[1]} threads: {gb:.2f} GB in {len(files)} files in "
+        print(f"{c[0]} process(es) x {c[1]} threads, files handed {c[2]} at a time: {gb:.2f} GB in {len(files)} files in "
               f"{r['wall_s']['median'] * 1e3:.1f} ms ({r['wall_s']['min'] * 1e3:.1f}-{r['wall_s']['max'] * 1e3:.1f}), "
               f"{r['gbps']:.2f} GB/s; this process's CPU {r['parent_cpu_s'] * 1e3:.1f} ms", flush=True)
     return {"cores": os.cpu_count(), "rounds": args.rounds, "nonfinite": args.nonfinite, "rows": rows}
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="1x8,2x4,4x3,4x4,1x16", help="processes x threads each, comma list")
     ap.add_argument("--files", type=int, default=128)
+    ap.add_argument("--batches", default="1", help="files handed over at a time, comma list (e.g. 1,16: side by side)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--experts", type=int, default=256)
