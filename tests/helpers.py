@@ -115,12 +115,12 @@ def nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, prompts
     weight = next(p for n, p in loaded.model.named_parameters() if ".layers.1." in n and p.dim() == 2)
     with torch.no_grad():
         weight[0, 0] = float("nan")
-    named, put = [], runs.RunWriter.put
+    named, put_many = [], runs.RunWriter.put_many  # `put` hands its one file to `put_many` too
 
-    def noted(self, prompt, group, tensors, on_written=None, finite=frozenset()):
-        named.extend((prompt, name) for name in finite)
-        return put(self, prompt, group, tensors, on_written, finite)
-    monkeypatch.setattr(runs.RunWriter, "put", noted)
+    def noted(self, files):
+        named.extend((prompt, name) for prompt, _, _, _, finite in files for name in finite)
+        return put_many(self, files)
+    monkeypatch.setattr(runs.RunWriter, "put_many", noted)
     firsts, pack = [], hostcopy.HostCopier.pack  # the batch's last flush sums first, on the compute stream
     monkeypatch.setattr(hostcopy.HostCopier, "pack", lambda self, *a, sum_first=False:
                         firsts.append(sum_first) or pack(self, *a, sum_first=sum_first))
