@@ -419,3 +419,31 @@ def test_read_threads_default_and_override(monkeypatch, capsys):
     monkeypatch.setenv("LAYERWISE_READ_THREADS", "lots")
     code, _, err = run_cli(capsys, "plan", "builtin:minimax-m2-tiny", "--gpus", "1x80GB")
     assert_one_line_error(code, err, "LAYERWISE_READ_THREADS='lots' is not a thread count")
+
+
+def test_build_manifest_orders_by_prompt_then_model_order_and_leaves_its_entries_alone(tmp_path):
+    """Entries in any order come out by prompt, then in model order (layer 10 after layer 2, a
+    layer's input first, its output last), the same order a plain sort by (prompt,
+    `model_order_key`) gives; the tensors holding NaN/Inf are listed, in that order, with their
+    counts taken out of their entries, and the caller's entries are not changed."""
+    import random
+    from layerwise.names import model_order_key
+    names = [f"model.layers.{i}{part}" for i in (0, 2, 10) for part in (
+        ":input", ".self_attn:output", ".mlp.gate:router_logits", ".mlp:output", ":output")]
+    names += ["model.embed_tokens:output", "model.norm:output", "lm_head:output"]
+    entries = [{"name": n, "prompt": p, "file": f"tensors/p{p:05d}/x.safetensors", "shape": [1]}
+               for p in (0, 1, 12) for n in names]
+    entries[7]["nonfinite"], entries[3]["nonfinite"], entries[40]["nonfinite"] = [2, 0], [0, 5], [1, 1]
+    random.Random(1).shuffle(entries)
+    before = [dict(e) for e in entries]
+    manifest = runs.build_manifest(tmp_path, INTENT, {}, entries)
+    assert entries == before  # not changed, "nonfinite" still in the caller's
+    expected = sorted(before, key=lambda e: (e["prompt"], model_order_key(e["name"])))
+    assert manifest["tensors"] == [{k: v for k, v in e.items() if k != "nonfinite"} for e in expected]
+    assert [e["name"] for e in manifest["tensors"][:3]] == ["model.embed_tokens:output", "model.layers.0:input",
+                                                            "model.layers.0.self_attn:output"]
+    assert manifest["tensors"][-1] == {"name": "lm_head:output", "prompt": 12, "file": "tensors/p00012/x.safetensors",
+                                       "shape": [1]}
+    flagged = [e for e in expected if e.get("nonfinite")]
+    assert manifest["nonfinite"] == [{"name": e["name"], "prompt": e["prompt"], "nan": e["nonfinite"][0],
+                                      "inf": e["nonfinite"][1]} for e in flagged] and len(flagged) == 3

@@ -171,25 +171,29 @@ def list_text(items) -> str:
 
 def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:
     """The manifest of a run: `entries` (default: every tensor file indexed, headers only) in
-    model order, and the tensors that hold NaN/Inf."""
+    model order, and the tensors that hold NaN/Inf. Each name's place in model order is worked
+    out once (every prompt has the same names) and an entry sorts by one integer, (prompt, place)
+    folded together; an entry is copied only to take its NaN/Inf counts out (the caller's
+    entries are never changed)."""
     layout = Layout.of(intent.get("anatomy"))
-
-    keys: dict[str, tuple] = {}  # a name's place, worked out once (every prompt has the same names)
-
-    def order(e: dict) -> tuple:
-        key = keys.get(e["name"])
-        if key is None:
-            key = keys[e["name"]] = model_order_key(e["name"], layout.layers_path, layout.embed, layout.norm,
-                                                    layout.head)
-        return e["prompt"], key
-
-    entries = [dict(e) for e in (index_files(path) if entries is None else entries)]
-    nonfinite = []
+    entries = index_files(path) if entries is None else entries
+    names = sorted({e["name"] for e in entries}, key=lambda n: model_order_key(
+        n, layout.layers_path, layout.embed, layout.norm, layout.head))
+    place = {n: i for i, n in enumerate(names)}
+    width = len(names)
+    nonfinite, kept = [], []
     for e in entries:
-        counts = e.pop("nonfinite", None)
-        if counts:
-            nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
-    entries.sort(key=order)
+        counts = e.get("nonfinite")
+        if counts is not None:
+            e = {k: v for k, v in e.items() if k != "nonfinite"}
+            if counts:
+                nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
+        kept.append(e)
+
+    def order(e: dict) -> int:
+        return e["prompt"] * width + place[e["name"]]
+    kept.sort(key=order)
+    entries = kept
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

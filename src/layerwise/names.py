@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # ------------------------------------------------------------------------------------- roles
 
@@ -108,6 +109,7 @@ def part_in_layer(module: str, role: str, layer: int | None) -> str:
     return (sub + (":" + short if short else "")) if sub else (short or "output")
 
 
+@lru_cache(maxsize=1 << 16)  # a run's few hundred names, asked for again by every manifest, compare and report
 def model_order_key(name: str, layers_path: str = Layout.layers_path, embed: str = Layout.embed,
                     norm: str = Layout.norm, head: str = Layout.head) -> tuple:
     """Sort key placing tensors in the order the forward pass produces them: embedding, each
