@@ -517,3 +517,54 @@ def test_a_flush_s_files_reach_a_writer_that_takes_many_in_one_call():
     for key, tensors in many.items():
         assert tensors.keys() == got["ListWriter"][key].keys()
         assert all(torch.equal(t, got["ListWriter"][key][n]) for n, t in tensors.items())
+
+
+def test_no_garbage_collection_while_a_batch_s_layers_run_and_it_is_given_back(tiny_llama):
+    """In a real forward pass the garbage collector is off from `start_batch` through every
+    decoder layer, on again when the norm runs (after the last hook), after `flush`, after
+    `abort` mid-batch, and never turned on by a capture when the caller had it off. Batches that
+    do not fire every hook (streaming) turn it off no more once one has ended so."""
+    import gc
+
+    from layerwise import capture, loading
+
+    loaded = loading.load_model(tiny_llama.spec, loading.LoadOptions(device_map="cpu", dtype="float32"))
+    model, anatomy = loaded.model, loaded.anatomy
+    targets = capture.plan_targets(anatomy, ("residual",), tuple(range(anatomy.num_layers)))
+    batch = _batch([5, 3], 5)
+    seen = []
+    layers = [model.get_submodule(anatomy.layer(i)) for i in range(anatomy.num_layers)]
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(("layer", gc.isenabled()))) for m in layers]
+    handles.append(model.get_submodule(anatomy.norm_path).register_forward_pre_hook(
+        lambda mod, args: seen.append(("norm", gc.isenabled()))))
+    assert gc.isenabled()
+    try:
+        for caller_had_it_on in (True, False):
+            if not caller_had_it_on:
+                gc.disable()
+            seen.clear()
+            collector = Collector(ThreadWriter(), targets, pinned_budget_bytes=1 << 24, copy_host_tensors=True)
+            with capture.Capture(model, targets, collector), torch.inference_mode():
+                collector.start_batch(batch)
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                collector.flush()
+                assert gc.isenabled() == caller_had_it_on
+                collector.start_batch(batch)  # a batch that fails half-way: the capture is aborted
+                assert not gc.isenabled()
+                collector.abort()
+                assert gc.isenabled() == caller_had_it_on
+            assert seen == [("layer", False)] * anatomy.num_layers + [("norm", caller_had_it_on)]
+        gc.enable()
+        # batches that fire only some hooks (streaming: a layer at a time): after the first, it stays on
+        collector = Collector(ThreadWriter(), targets, pinned_budget_bytes=1 << 24, copy_host_tensors=True)
+        on = []
+        for _ in range(3):
+            collector.start_batch(batch)
+            collector.take(targets[0], [torch.zeros(2, 5, 4)])
+            on.append(gc.isenabled())
+        _in_thread(collector.close)
+        assert on == [False, True, True] and gc.isenabled()
+    finally:
+        gc.enable()
+        for h in handles:
+            h.remove()

@@ -9,6 +9,7 @@ Host memory is bounded by a pinned-buffer budget. `Collector` says why each step
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import queue
@@ -75,6 +76,10 @@ class Collector:
     - each tensor name's facts (stored dtype, whole or per token, padding tail) are worked out
       once; a prompt's part of a tensor is one view (a router's [batch x tokens, ...] outputs
       are cut by rows, not reshaped first).
+    - no garbage collection while a batch's layers are launched (`gc.disable` from `start_batch`
+      to its last hook, unless it was off): a collection holds the GIL 0.1 ms or more, taken from
+      the launches, and the bookkeeping allocates enough for several a batch. It may run after the
+      last hook, while the GPU finishes. Batches not firing every hook (streaming) leave it on.
     Host memory is bounded by the pinned budget: when the disk is slower than the GPU, the
     writer queue fills, buffers stop coming back and the next flush waits (backpressure).
     On the CPU the captured tensors themselves are written (no copy).
@@ -106,16 +111,28 @@ class Collector:
         self._parts: dict[str, dict] = {}  # group -> {name: (host tensor, SharedBuffer or None)} until whole
         self._parts_batch = None  # the batch `_parts` belong to
         self._error: BaseException | None = None
+        # whether this collector turned the garbage collector off (start_batch) and owes it back; whether it may
+        self._gc_held, self._gc_pause = False, True  # (until a batch ends without its last hook: the class says why)
         self._thread = threading.Thread(target=self._complete, name="layerwise-capture", daemon=True)
         self._thread.start()
 
     # -- called on the forward-pass thread ---------------------------------------------------
 
     def start_batch(self, batch) -> None:
+        if self._batch is not None and self._fired < self._hooks:  # a batch not fired whole (streaming: a
+            self._gc_pause = False  # layer at a time) never turns the collector off again: no batch would end it
         self.end_batch()
         if self._error is not None:
             raise self._error
         self._batch, self._fired = batch, 0
+        if self._gc_pause and gc.isenabled():  # on again at the batch's last hook, its end, or the capture's
+            gc.disable()
+            self._gc_held = True
+
+    def _release_gc(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            gc.enable()
 
     def take(self, target: Target, tensors: list[torch.Tensor | None]) -> None:
         """Keep one hook's tensors; a decoder layer's input flushes what came before it once that
@@ -138,6 +155,8 @@ class Collector:
         item = self._copy_held(last)
         if item is not None:
             self._put(item)
+        if last or not keep_batch:
+            self._release_gc()  # after the last copy is launched
         if not keep_batch:
             self._batch = None
 
@@ -334,6 +353,7 @@ class Collector:
         """Block until everything captured so far has reached the writer. When the completion
         thread has nothing left to do, this thread completes the last flush itself: no hand-over
         to a thread that must first wake, then wake this one."""
+        self._release_gc()
         item = self._copy_held()
         with self._state:
             idle = self._queued == 0
@@ -359,6 +379,7 @@ class Collector:
             raise self._error
 
     def abort(self) -> None:
+        self._release_gc()
         self._error = self._error or RuntimeError("capture aborted")
         self._held, self._held_bytes = [], 0
         if self.pool is not None:
