@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Device session 71, one H200: no garbage collection while a batch's layers are launched (afbe9ae)
+# and the manifest sorted by one integer an entry (2c9c231), against the code before both
+# (bf5146a), carried as $BASE (default .base71: `git archive bf5146a src benchmarks`, git-ignored).
+#   part "capab": capture_ab.py, this code's capture against $BASE's in one process, interleaved
+#     rounds ($REPS, default 9), short shapes and one long, 8 batches in a row too, the bookkeeping
+#     alone ($CAP s at most, default 260).
+#   part "ab": gpu_parts.sh's e2e_ab against $BASE: the end-to-end extracts (16 x 256, 16 x 4096,
+#     $REPEAT rounds each, default 5) with this checkout's code and the base's taking turns, $RUNS
+#     pairs (default 2), none started after $DEADLINE s.
+#   part "gputests": the GPU tests of the capture, extract and replay (gpu_suite, -k $GK).
+# `bash benchmarks/gpu_session71.sh capab ab`. Logs packed into $OUT/session71-<part>.tgz.
+. "$(dirname "$0")/gpu_parts.sh" 71 ab "$@"
+case "$PART" in
+capab)
+    timeout ${CAP:-260} python3 benchmarks/capture_ab.py --base "${BASE:-.base71}/src" \
+        --shapes ${SHAPES:-1x128,1x512,4x128,16x128,1x1024,4x4096} --reps ${REPS:-9} --book-rounds 3 \
+        --out "$W/capture" > "$W/capture.log" 2>&1
+    echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
+ab)
+    RUNS=${RUNS:-2} e2e_ab "${BASE:-.base71}" ;;
+gputests)
+    GK=${GK-extract or replay or capture} GT=${GT:-200} gpu_suite ;;
+esac
+tar czf "$OUT/session71-$PART.tgz" -C "$W" . 2>/dev/null
