@@ -9,6 +9,10 @@
 #     $REPEAT rounds each, default 5) with this checkout's code and the base's taking turns, $RUNS
 #     pairs (default 2), none started after $DEADLINE s.
 #   part "gputests": the GPU tests of the capture, extract and replay (gpu_suite, -k $GK).
+#   part "table": gpu_parts.sh's capture_table on 1 GPU, $RUNS runs (default 1): the capture table
+#     (11 shapes, 5 rounds) and the end-to-end extracts (3 rounds each), this checkout's code.
+#   part "iso": `layerwise check` (the bytecode cache filled), then isolated_profile.py $RUNS times
+#     (default 1), none started after $DEADLINE s (default 200), each within $ISO s (default 200).
 # `bash benchmarks/gpu_session71.sh capab ab`. Logs packed into $OUT/session71-<part>.tgz.
 . "$(dirname "$0")/gpu_parts.sh" 71 ab "$@"
 case "$PART" in
@@ -21,5 +25,14 @@ ab)
     RUNS=${RUNS:-2} e2e_ab "${BASE:-.base71}" ;;
 gputests)
     GK=${GK-extract or replay or capture} GT=${GT:-200} gpu_suite ;;
+table)
+    capture_table 1 1 ;;
+iso)
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
+    for i in $(seq "${RUNS:-1}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-200}" ] && { echo "=== isolated profile $i not started: past ${DEADLINE:-200} s"; break; }
+        timeout ${ISO:-200} python3 benchmarks/isolated_profile.py --src src --out "$W/iso$i" > "$W/iso$i.log" 2>&1
+        echo "=== isolated profile $i (exit $?, at $SECONDS s)"; tail -14 "$W/iso$i.log"
+    done ;;
 esac
 tar czf "$OUT/session71-$PART.tgz" -C "$W" . 2>/dev/null
