@@ -39,6 +39,27 @@ iso_ab() {
         done
     done
 }
+# capture_vs BASE: capture_ab.py, this checkout's capture against BASE's src/ in one process,
+# interleaved rounds ($REPS, default 9), the short shapes and one long ($SHAPES), 8 batches in a row
+# too, the bookkeeping alone, $CAP seconds at most (default 260); capture.log and capture/ under $W.
+capture_vs() {
+    timeout ${CAP:-260} python3 benchmarks/capture_ab.py --base "$1/src" \
+        --shapes ${SHAPES:-1x128,1x512,4x128,16x128,1x1024,4x4096} --reps ${REPS:-9} --book-rounds 3 \
+        --out "$W/capture" > "$W/capture.log" 2>&1
+    echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log"
+}
+# iso_runs RUNS: `layerwise check` (fills the bytecode cache, as a second command finds it), then
+# isolated_profile.py with this checkout's code $RUNS times (default RUNS), none started after
+# $DEADLINE seconds (default 200), each within $ISO seconds (default 200); logs iso<i>.log and
+# iso<i>/ under $W.
+iso_runs() {
+    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
+    for i in $(seq "${RUNS:-$1}"); do
+        [ "$SECONDS" -gt "${DEADLINE:-200}" ] && { echo "=== isolated profile $i not started: past ${DEADLINE:-200} s"; break; }
+        timeout ${ISO:-200} python3 benchmarks/isolated_profile.py --src src --out "$W/iso$i" > "$W/iso$i.log" 2>&1
+        echo "=== isolated profile $i (exit $?, at $SECONDS s)"; tail -14 "$W/iso$i.log"
+    done
+}
 # cmp_trace VARIANTS: compare_trace.py on 1 GB runs of 1024-token tensors under compare_knobs.py's
 # settings VARIANTS (a comma list); trace.log and trace/ (summaries, gzipped traces) under $W.
 cmp_trace() {

@@ -41,10 +41,7 @@ short)
         grep '"forward_wall_ms"' "$W/short$i.log" | cut -c1-1500
     done ;;
 capab)
-    timeout ${CAP:-260} python3 benchmarks/capture_ab.py --base "${BASE:-.base69}/src" \
-        --shapes ${SHAPES:-1x128,1x512,4x128,16x128,1x1024,4x4096} --reps ${REPS:-9} --book-rounds 3 \
-        --out "$W/capture" > "$W/capture.log" 2>&1
-    echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
+    capture_vs "${BASE:-.base69}" ;;
 e2e)
     RUNS=${RUNS:-1} e2e_ab "${BASE:-.base69}" ;;
 e2ehere)
@@ -57,11 +54,6 @@ e2ehere)
 gputests)
     GK=${GK-extract or replay or capture} GT=${GT:-150} gpu_suite ;;
 iso)
-    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
-    for i in $(seq "${RUNS:-2}"); do
-        [ "$SECONDS" -gt "${DEADLINE:-200}" ] && { echo "=== isolated profile $i not started: past ${DEADLINE:-200} s"; break; }
-        timeout ${ISO:-200} python3 benchmarks/isolated_profile.py --src src --out "$W/iso$i" > "$W/iso$i.log" 2>&1
-        echo "=== isolated profile $i (exit $?, at $SECONDS s)"; tail -14 "$W/iso$i.log"
-    done ;;
+    iso_runs 2 ;;
 esac
 tar czf "$OUT/session69-$PART.tgz" -C "$W" . 2>/dev/null

@@ -20,10 +20,7 @@
 . "$(dirname "$0")/gpu_parts.sh" 71 ab "$@"
 case "$PART" in
 capab)
-    timeout ${CAP:-260} python3 benchmarks/capture_ab.py --base "${BASE:-.base71}/src" \
-        --shapes ${SHAPES:-1x128,1x512,4x128,16x128,1x1024,4x4096} --reps ${REPS:-9} --book-rounds 3 \
-        --out "$W/capture" > "$W/capture.log" 2>&1
-    echo "=== capture_ab (exit $?, at $SECONDS s)"; tail -25 "$W/capture.log" ;;
+    capture_vs "${BASE:-.base71}" ;;
 ab)
     RUNS=${RUNS:-2} e2e_ab "${BASE:-.base71}" ;;
 gputests)
@@ -41,11 +38,6 @@ shortab)
         done
     done ;;
 iso)
-    python3 -m layerwise check builtin:minimax-m2 > "$W/check.log" 2>&1
-    for i in $(seq "${RUNS:-1}"); do
-        [ "$SECONDS" -gt "${DEADLINE:-200}" ] && { echo "=== isolated profile $i not started: past ${DEADLINE:-200} s"; break; }
-        timeout ${ISO:-200} python3 benchmarks/isolated_profile.py --src src --out "$W/iso$i" > "$W/iso$i.log" 2>&1
-        echo "=== isolated profile $i (exit $?, at $SECONDS s)"; tail -14 "$W/iso$i.log"
-    done ;;
+    iso_runs 1 ;;
 esac
 tar czf "$OUT/session71-$PART.tgz" -C "$W" . 2>/dev/null

@@ -4,6 +4,7 @@ purpose, the CLI runner, run writing, and assertions whose messages carry diff s
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -143,3 +144,13 @@ def nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, prompts
         else:
             assert (entry["name"], entry["prompt"]) not in records
 
+
+
+def in_thread(fn, timeout: float = 5.0):
+    """Run fn in a thread; fail (not hang) if it has not returned within `timeout` seconds."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), f"still blocked after {timeout} s"
+    return out[0]

@@ -12,15 +12,9 @@ from layerwise.collector import Collector
 from layerwise.pinned import PinnedPool
 from layerwise.prompts import Prompt, make_batches
 
+from helpers import in_thread as _in_thread
 
-def _in_thread(fn, timeout: float = 5.0):
-    """Run fn in a thread; fail (not hang) if it has not returned within `timeout` seconds."""
-    out: list = []
-    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), f"still blocked after {timeout} s"
-    return out[0]
+
 
 
 def test_closing_the_pool_fails_a_waiting_take():

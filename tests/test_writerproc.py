@@ -3,7 +3,6 @@
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 
 from layerwise import manifest, pinned, runs, shmbuffers, tensorfile, writerproc
 from layerwise.errors import LostProcess, UserError
+
+from helpers import in_thread
 
 INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
 
@@ -487,19 +488,10 @@ def test_a_batch_larger_than_the_slots_hands_over_what_it_holds_before_it_waits(
     shared = [in_shared(torch.full((16, 4), float(p))) for p in range(9)]
     done = []
     (tmp_path / "d").mkdir()
-    handed = _in_thread(lambda: handoff.put_many([
+    handed = in_thread(lambda: handoff.put_many([
         (str(tmp_path / "d" / f"{p}.safetensors"), {"prompt": str(p)}, {"x:output": t},
-         lambda header, err, indexed, p=p: done.append((p, err)), frozenset(), None) for p, t in enumerate(shared)]))
+         lambda header, err, indexed, p=p: done.append((p, err)), frozenset(), None) for p, t in enumerate(shared)]), timeout=30.0)
     handoff.wait()
     assert handed == [True] * 9 and sorted(done) == [(p, None) for p in range(9)]
     for p, t in enumerate(shared):
         assert torch.equal(tensorfile.read_tensor(tmp_path / "d" / f"{p}.safetensors", "x:output"), t)
-
-
-def _in_thread(fn, timeout: float = 30.0):
-    out: list = []
-    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), f"still blocked after {timeout} s"
-    return out[0]
