@@ -25,7 +25,8 @@ def test_every_script_has_a_dry_run_here():
     covered = {"single_layer_gpu", "fp8_minimax", "extract_overhead", "streaming", "compare_throughput", "full_depth",
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
-               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads", "metrics_batch"}
+               "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads", "metrics_batch",
+               "gc_counts"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -458,6 +459,17 @@ def test_metrics_batch_refuses_figures_that_differ(tmp_path, monkeypatch):
     monkeypatch.setattr(mb, "batched", lambda r, c, k: [replace(m, rel_l2=m.rel_l2 * 1.001) for m in real(r, c, k)])
     with pytest.raises(RuntimeError, match="differ from tensor_metrics"):
         mb.main(["--tiny", "--out", str(tmp_path)])
+
+
+def test_gc_counts_dry_run(tmp_path, monkeypatch, capsys):
+    code = bench(monkeypatch, "gc_counts").main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "gc_counts.json").read_text())["rows"]
+    assert [(r["batch"], r["pause"]) for r in rows] == [(1, True), (1, False)]
+    assert all(r["collections"] == sum(r["by_phase_generation"].values()) == sum(r["by_thread"].values())
+               for r in rows)
+    assert not any(k.startswith("layers:") for k in rows[0]["by_phase_generation"]), "collected while paused"
 
 
 def test_device_session_scripts_parse_and_pass_only_flags_their_benchmarks_take():
