@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ import extract_overhead as eo  # noqa: E402
 from layerwise import capture  # noqa: E402
 from layerwise.anatomy import find_anatomy  # noqa: E402
 from layerwise.collector import Collector  # noqa: E402
-from synthetic import build_on_devices, minimax_config  # noqa: E402
+from synthetic import build_on_devices, minimax_config, write_json  # noqa: E402
 
 
 def count(model, anatomy, config, device: str, batch_size: int, tokens: int, passes: int, pause: bool) -> dict:
@@ -95,9 +94,7 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>3} x {r['tokens']:<5} {'pause' if r['pause'] else 'no pause':>8}: {r['collections']} "
               f"collections in {r['passes']} captured + {r['passes']} plain passes; by phase:generation "
               f"{r['by_phase_generation']}; by thread {r['by_thread']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gc_counts.json").write_text(json.dumps({"device": device, "layers": args.layers, "rows": rows}, indent=1))
+    write_json(args.out, "gc_counts.json", {"device": device, "layers": args.layers, "rows": rows})
     return 0
 
 

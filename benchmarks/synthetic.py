@@ -10,6 +10,7 @@ environment a benchmark runs layerwise commands in, `drop_page_cache` evicts fil
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -205,3 +206,11 @@ def layerwise_env(src: str | os.PathLike = SRC, **extra: str) -> dict:
     first on PYTHONPATH, and `extra` variables: what a benchmark's child commands run in."""
     path = os.pathsep.join(filter(None, [str(Path(src).resolve()), os.environ.get("PYTHONPATH")]))
     return {**os.environ, **extra, "PYTHONPATH": path}
+
+
+def write_json(out: str | os.PathLike, name: str, data: dict) -> Path:
+    """`data` as `name` (indented JSON) in the directory `out`, made if missing; its path."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
