@@ -81,11 +81,8 @@ def measure(args) -> dict:
                          file, lambda header, err, _: None if err is None else print(f"failed: {err}"), frozenset(),
                          group_file(i // 8, f"model.layers.{i % 8}")) for i, file in enumerate(files)]
                 cpu, start = time.process_time(), time.perf_counter()
-                for at in range(0, len(jobs), c[2]):
-                    if c[2] == 1:
-                        handoff.put(*jobs[at])
-                    else:
-                        handoff.put_many(jobs[at:at + c[2]])
+                for at in range(0, len(jobs), c[2]):  # a batch of 1 is `Handoff.put`'s own message
+                    handoff.put_many(jobs[at:at + c[2]])
                 handoff.wait()
                 spent[c].append((time.perf_counter() - start, time.process_time() - cpu))
                 shutil.rmtree(where)

@@ -250,11 +250,11 @@ class Collector:
         """A flush's files to the writer at once (`put_many`: one message to each writer process
         and one back, not one per file), or one by one to a writer that takes them so."""
         put_many = getattr(self.writer, "put_many", None)
-        if put_many is not None and len(files) > 1:
+        if put_many is None:
+            for prompt, group, tensors, release, finite in files:
+                self.writer.put(prompt, group, tensors, release, finite=finite)
+        elif files:
             put_many(files)
-            return
-        for prompt, group, tensors, release, finite in files:
-            self.writer.put(prompt, group, tensors, release, finite=finite)
 
     def _assemble(self, item: _Flush, parts: dict, files: list) -> None:
         counts = [0] * len(item.buffers)
@@ -281,14 +281,14 @@ class Collector:
     def _emit_unfinished(self, batch, parts: dict) -> None:
         """A batch is over: files whose modules did not all run (a --modules module the forward
         pass skipped, such as an expert no token chose) are written with what did run."""
+        files: list = []
         for group in list(parts):
             got = parts.pop(group)
             absent = sorted(set(self.groups[group]) - set(got))
             log.warning("%s did not run in this batch: not captured", ", ".join(absent))
             if any(host is not None for host, *_ in got.values()):
-                files: list = []
                 self._emit(batch, group, got, files)
-                self._hand(files)
+        self._hand(files)
 
     def _drop(self, item) -> None:
         if isinstance(item, _Flush) and self.pool is not None:
