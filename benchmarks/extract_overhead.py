@@ -374,7 +374,7 @@ class WriteTrace:
     def __init__(self):
         self.files: list[tuple] = []
         self.parts = {"nonfinite": 0.0, "digest": 0.0, "writer_close": 0.0, "writer_wait": 0.0, "entries": 0.0,
-                      "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0,
+                      "manifest_draft": 0.0, "manifest_build": 0.0, "manifest_text": 0.0, "manifest_write": 0.0,
                       "completion_cpu": 0.0, "replies_cpu": 0.0}  # CPU of this process's threads beside the forward
         self.lock = threading.Lock()
         self.ends: dict[str, float] = {}
@@ -426,7 +426,11 @@ class WriteTrace:
         self._timed(runs.RunWriter, "close", "writer_close")  # after the capture: the files still queued
         self._timed(runs.RunWriter, "wait", "writer_wait")  # inside close: the last files' replies
         self._timed(runs.RunWriter, "entries", "entries")
-        self._timed(runs, "build_manifest", "manifest_build")
+        self._timed(runs, "build_manifest", "manifest_build")  # a base's code (before 2 below)
+        self._timed(runs.RunWriter, "_draft", "manifest_draft")  # the files written so far: beside the last ones
+        self._timed(runs.RunWriter, "_drafted", "manifest_build")  # the rest, once every file is written
+        if hasattr(runs, "ManifestDraft"):
+            self._timed(runs.ManifestDraft, "text", "manifest_text")
         self._timed(runs, "json_text", "manifest_text")  # and intent.json's at the start (apart: intent_*)
         self._timed(runs, "write_text_atomic", "manifest_write")  # fsynced
         close = recording.Recording.close_capture

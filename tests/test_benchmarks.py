@@ -82,6 +82,9 @@ def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
         trace = e["median_round"]["trace"]
         assert 0 < trace["first_file_start_s"] <= trace["last_file_end_s"] <= trace["wall_s"], trace
         assert 1 <= trace["writer_threads"] <= e["writer_threads"] and trace["digest_s"] > 0
+        ends_s = trace["ends_s"]  # the manifest drafted, completed, encoded and written, in that order
+        assert ends_s["manifest_draft"] <= ends_s["manifest_build"] <= ends_s["manifest_write"], ends_s
+        assert trace["manifest_draft_s"] > 0 and trace["manifest_text_s"] > 0, trace
         # the tiny model's CPU tensors are small: the writer's process writes every file, or none
         assert trace["files_in_writer_process"] == (e["files"] if e["writer"] == "process" else 0), trace
     assert data["profile"]["layerwise_functions"], "the profile found no layerwise function"

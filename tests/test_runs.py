@@ -307,7 +307,10 @@ def test_the_manifest_made_from_entries_encoded_as_files_end_is_the_same_text(tm
     first.wait()
     first.abort()  # an interrupted run: its one file is found again by the next writer
     encoded, seeded = [], []
-    monkeypatch.setattr(runs, "item_text", lambda item: encoded.append(item["file"]) or manifest.item_text(item))
+    original = manifest.item_text
+    counted = lambda item: encoded.append(item["file"]) or original(item)  # noqa: E731
+    monkeypatch.setattr(runs, "item_text", counted)  # this process's threads' files, as they are indexed
+    monkeypatch.setattr(manifest, "item_text", counted)  # an entry without a text, in the manifest's
     monkeypatch.setattr(runs, "json_text", lambda doc, known=None: seeded.append(dict(known or {}))
                         or manifest.json_text(doc, known))
     writer = runs.RunWriter(path, INTENT)
@@ -447,3 +450,59 @@ def test_build_manifest_orders_by_prompt_then_model_order_and_leaves_its_entries
     flagged = [e for e in expected if e.get("nonfinite")]
     assert manifest["nonfinite"] == [{"name": e["name"], "prompt": e["prompt"], "nan": e["nonfinite"][0],
                                       "inf": e["nonfinite"][1]} for e in flagged] and len(flagged) == 3
+
+
+def test_a_manifest_drafted_in_parts_is_the_one_made_at_once(tmp_path):
+    """`ManifestDraft` takes entries in parts (a run's files written during the forward pass,
+    then its last ones, whose names the first part may lack): the same manifest as one
+    `build_manifest` of them all, its tensor list's text the entries' own (json reads it back to
+    them), using a text made where a file was written where one is given."""
+    import json
+    import random
+    from layerwise import manifest
+
+    names = [f"model.layers.{i}{part}" for i in (0, 2, 10) for part in (":input", ".mlp.gate:router_logits", ":output")]
+    names += ["model.embed_tokens:output", "model.norm:output", "lm_head:output"]
+    entries = [{"name": n, "prompt": p, "file": f"tensors/p{p:05d}/{n.split(':')[0]}.safetensors", "shape": [p + 1]}
+               for p in (0, 1, 12) for n in names]
+    entries[4]["nonfinite"], entries[20]["nonfinite"], entries[-1]["nonfinite"] = [1, 0], [0, 0], [0, 3]
+    random.Random(2).shuffle(entries)
+    late = [e for e in entries if e["name"].startswith(("model.layers.10", "lm_head")) or e["prompt"] == 12]
+    early = [e for e in entries if e not in late]
+    texts = {(e["file"], e["name"]): manifest.item_text(e) for e in early}
+    marked = early[5]
+    texts[(marked["file"], marked["name"])] = manifest.item_text({**marked, "shape": [99]})  # shows it was used
+    draft = manifest.ManifestDraft(INTENT)
+    draft.add(early, texts)
+    draft.add(late)
+    drafted, whole = draft.manifest({"stats": {}}), runs.build_manifest(tmp_path, INTENT, {"stats": {}}, entries)
+    assert {**drafted, "created": 0} == {**whole, "created": 0}
+    assert len(drafted["nonfinite"]) == 3 and [e["name"] for e in drafted["tensors"][:2]] == [
+        "model.embed_tokens:output", "model.layers.0:input"]
+    expected = [{**e, "shape": [99]} if (e["file"], e["name"]) == (marked["file"], marked["name"]) else e
+                for e in whole["tensors"]]
+    assert json.loads(draft.text()) == expected
+
+
+@pytest.mark.parametrize("writer_kind", ["process", "threads"])
+def test_finish_drafts_the_files_already_written_and_adds_the_last(tmp_path, monkeypatch, writer_kind):
+    """`finish` puts the entries of the files written before it into the manifest's draft while
+    the last files are written (a layer the drafted files lack among them); the manifest is the
+    one made from the files' headers read back."""
+    from layerwise import writerproc
+
+    if writer_kind == "threads":
+        monkeypatch.setenv(writerproc.ENV, "threads")
+    drafted: list = []
+    draft = runs.RunWriter._draft
+    monkeypatch.setattr(runs.RunWriter, "_draft", lambda self, d: drafted.append(draft(self, d)) or drafted[-1])
+    writer = runs.RunWriter(tmp_path / "run", INTENT)
+    for layer in range(3):
+        writer.put(0, f"model.layers.{layer}", {f"model.layers.{layer}:output": torch.full((3, 4), float(layer))})
+    writer.wait()
+    for layer in range(4):
+        writer.put(1, f"model.layers.{layer}", {f"model.layers.{layer}:output": torch.full((2, 4), float(layer))})
+    written = writer.finish({"stats": {}})
+    assert {runs.group_file(0, f"model.layers.{layer}") for layer in range(3)} <= drafted[0]
+    assert {**written, "created": 0} == {**runs.build_manifest(writer.path, INTENT, {"stats": {}}), "created": 0}
+    assert len(written["tensors"]) == 7 and written["tensors"][-1]["name"] == "model.layers.3:output"

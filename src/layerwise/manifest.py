@@ -171,31 +171,65 @@ def list_text(items) -> str:
 
 def build_manifest(path: Path, intent: dict, extra: dict, entries: list[dict] | None = None) -> dict:
     """The manifest of a run: `entries` (default: every tensor file indexed, headers only) in
-    model order, and the tensors that hold NaN/Inf. Each name's place in model order is worked
-    out once (every prompt has the same names) and an entry sorts by one integer, (prompt, place)
-    folded together; an entry is copied only to take its NaN/Inf counts out (the caller's
-    entries are never changed)."""
-    layout = Layout.of(intent.get("anatomy"))
-    entries = index_files(path) if entries is None else entries
-    names = sorted({e["name"] for e in entries}, key=lambda n: model_order_key(
-        n, layout.layers_path, layout.embed, layout.norm, layout.head))
-    place = {n: i for i, n in enumerate(names)}
-    width = len(names)
-    nonfinite, kept = [], []
-    for e in entries:
-        counts = e.get("nonfinite")
-        if counts is not None:
-            e = {k: v for k, v in e.items() if k != "nonfinite"}
-            if counts:
-                nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
-        kept.append(e)
+    model order, and the tensors that hold NaN/Inf (`ManifestDraft`, all entries at once; the
+    caller's entries are never changed)."""
+    draft = ManifestDraft(intent)
+    draft.add(index_files(path) if entries is None else entries)
+    return draft.manifest(extra)
 
-    def order(e: dict) -> int:
-        return e["prompt"] * width + place[e["name"]]
-    kept.sort(key=order)
-    entries = kept
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **intent, **extra, "nonfinite": sorted(nonfinite, key=order), "tensors": entries,
-    }
+
+class ManifestDraft:
+    """A manifest's tensors in model order, each with its text, made as a run's files come: an
+    extract orders and encodes the entries of the files written during its forward pass while
+    its last files are still being written, and `add`s only theirs once they are (a sort that
+    merges two ordered runs). Each name's place in model order is worked out once, and an entry
+    sorts by one integer, (prompt, place) folded together; an entry is copied only to take its
+    NaN/Inf counts out (the caller's entries are never changed)."""
+
+    def __init__(self, intent: dict):
+        layout = Layout.of(intent.get("anatomy"))
+        self._intent = intent
+        self._where = (layout.layers_path, layout.embed, layout.norm, layout.head)
+        self._place: dict[str, int] = {}  # name -> its place among the names added, in model order
+        self._entries: list[dict] = []  # as the manifest holds them, in order once `add` returns
+        self._texts: list[str | None] = []  # each entry's text, where it came with one
+        self._nonfinite: list[dict] = []  # the "nonfinite" items
+
+    def add(self, entries: Iterable[dict], texts: dict | None = None) -> None:
+        """Entries (a file's, with "file" and "name"); `texts`: (file, name) -> an entry's text
+        (`item_text`), made where the file was written; one missing is made by `text`. Kept in
+        lists, no object the garbage collector tracks made per entry (a tuple each: collections
+        over every entry of a large run, several times the sort)."""
+        kept, known = self._entries, len(self._entries)
+        for e in entries:
+            counts = e.get("nonfinite")
+            if counts is not None:
+                e = {k: v for k, v in e.items() if k != "nonfinite"}
+                if counts:
+                    self._nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
+            kept.append(e)
+        self._texts += [texts.get((e["file"], e["name"])) for e in kept[known:]] if texts else [None] * (len(kept) - known)
+        names = {e["name"] for e in kept[known:]}
+        if not names <= self._place.keys():  # places of new names: the earlier entries keep their order
+            where = self._where
+            order = sorted(names | self._place.keys(), key=lambda n: model_order_key(n, *where))
+            self._place = {n: i for i, n in enumerate(order)}
+        key = self._order()  # the entries already in order and the new ones: merged
+        perm = sorted(range(len(kept)), key=lambda i: key(kept[i]))
+        self._entries, self._texts = [kept[i] for i in perm], [self._texts[i] for i in perm]
+
+    def _order(self):
+        place, width = self._place, len(self._place)
+        return lambda e: e["prompt"] * width + place[e["name"]]
+
+    def manifest(self, extra: dict) -> dict:
+        """The manifest: the intent, `extra`, the NaN/Inf list and the entries added, in model order."""
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **self._intent, **extra,
+            "nonfinite": sorted(self._nonfinite, key=self._order()), "tensors": list(self._entries),
+        }
+
+    def text(self) -> str:
+        """The "tensors" list's text in `json_text` (`list_text` of each entry's)."""
+        return list_text(text or item_text(e) for e, text in zip(self._entries, self._texts))

@@ -33,8 +33,8 @@ from . import tensorfile, writerproc
 from .atomic import io_reason, is_io_error, swap_directories, write_text_atomic
 from .errors import UserError
 from .manifest import (FORMAT, FORMAT_VERSION, INTENT, MANIFEST, TENSOR_DIR, Intent,  # noqa: F401 (the format's names)
-                       build_manifest, file_entries, first_difference, identity, index_files,
-                       item_text, json_text, library_versions, list_text, read_json, tensor_files)
+                       ManifestDraft, build_manifest, file_entries, first_difference, identity, index_files,
+                       item_text, json_text, library_versions, read_json, tensor_files)
 from .runread import Run, TensorEntry, open_run  # noqa: F401 (the run format's reader, runread.py)
 from .writerproc import writer_threads  # noqa: F401 (the writer's default thread count)
 
@@ -323,18 +323,40 @@ class RunWriter:
 
     def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
         """Wait for the writers, take the files' entries (or `entries`), write manifest.json last.
-        The intent's lists (the prompts' token ids) were made into text for intent.json, and each
-        file's entries as its writer process replied: the manifest reuses both texts."""
+        The entries of the files written so far are put in model order and made into text while
+        the last files are written (`_draft`), theirs after; the intent's lists (the prompts' token
+        ids) were made into text for intent.json, each file's entries as its writer process
+        replied: the manifest reuses both texts."""
         self.intent_written()
-        known = self._known  # the intent's lists, as intent.json holds them (the producer changed none since)
+        draft = ManifestDraft(self.intent)
+        drafted = self._draft(draft) if entries is None else set()
         self.close()
-        manifest = build_manifest(self.path, self.intent, extra or {}, self.entries() if entries is None else entries)
-        tensors, texts = manifest["tensors"], self._texts  # most made while the last files were written
-        known["tensors"] = (tensors, list_text(texts.get((e["file"], e["name"])) or item_text(e) for e in tensors))
+        manifest = self._drafted(draft, drafted, entries, extra or {})
+        known = self._known  # the intent's lists, as intent.json holds them (the producer changed none since)
+        known["tensors"] = (manifest["tensors"], draft.text())
         write_text_atomic(self.path / MANIFEST, json_text(manifest, known))
         if self._replaced is not None:
             self._replace_target()
         return manifest
+
+    def _draft(self, draft: ManifestDraft) -> set[str]:
+        """The entries of the files written so far (their replies taken in) into `draft`, while
+        the last files are written; the files drafted."""
+        self._index_new()  # this process's writer threads' files (a writer process's came indexed)
+        done = list(self._index.items())  # one call: the threads taking the replies add to it meanwhile
+        draft.add([e for _, entries in done for e in entries], self._texts)
+        return {rel for rel, _ in done}
+
+    def _drafted(self, draft: ManifestDraft, drafted: set[str], entries: list[dict] | None, extra: dict) -> dict:
+        """The manifest, once every file is written: `draft` with the entries not in it yet (the
+        files' not `drafted`, a resumed run's earlier files'), or with `entries`."""
+        if entries is not None:
+            draft.add(entries, self._texts)
+        else:
+            self._index_new()
+            draft.add([e for rel in sorted(self._index.keys() - drafted) for e in self._index[rel]], self._texts)
+            draft.add(index_files(self.path, sorted(self._existing - self._headers.keys())))
+        return draft.manifest(extra)
 
     def _replace_target(self) -> None:
         """The new run is complete beside the old one: swap them, then remove the old one."""
