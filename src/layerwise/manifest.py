@@ -209,13 +209,16 @@ class ManifestDraft:
                     self._nonfinite.append({"name": e["name"], "prompt": e["prompt"], "nan": counts[0], "inf": counts[1]})
             kept.append(e)
         self._texts += [texts.get((e["file"], e["name"])) for e in kept[known:]] if texts else [None] * (len(kept) - known)
+        if len(kept) == known:
+            return
         names = {e["name"] for e in kept[known:]}
         if not names <= self._place.keys():  # places of new names: the earlier entries keep their order
             where = self._where
             order = sorted(names | self._place.keys(), key=lambda n: model_order_key(n, *where))
             self._place = {n: i for i, n in enumerate(order)}
-        key = self._order()  # the entries already in order and the new ones: merged
-        perm = sorted(range(len(kept)), key=lambda i: key(kept[i]))
+        place, width = self._place, len(self._place)
+        keys = [e["prompt"] * width + place[e["name"]] for e in kept]  # one integer an entry, no call each
+        perm = sorted(range(len(kept)), key=keys.__getitem__)  # the entries in order and the new ones: merged
         self._entries, self._texts = [kept[i] for i in perm], [self._texts[i] for i in perm]
 
     def _order(self):
@@ -230,6 +233,12 @@ class ManifestDraft:
             "nonfinite": sorted(self._nonfinite, key=self._order()), "tensors": list(self._entries),
         }
 
+    def encode(self) -> None:
+        """Encode each entry that came without a text (`item_text`), once."""
+        if None in self._texts:
+            self._texts = [item_text(e) if t is None else t for e, t in zip(self._entries, self._texts)]
+
     def text(self) -> str:
         """The "tensors" list's text in `json_text` (`list_text` of each entry's)."""
-        return list_text(text or item_text(e) for e, text in zip(self._entries, self._texts))
+        self.encode()
+        return list_text(self._texts)

@@ -345,6 +345,7 @@ class RunWriter:
         self._index_new()  # this process's writer threads' files (a writer process's came indexed)
         done = list(self._index.items())  # one call: the threads taking the replies add to it meanwhile
         draft.add([e for _, entries in done for e in entries], self._texts)
+        draft.encode()
         return {rel for rel, _ in done}
 
     def _drafted(self, draft: ManifestDraft, drafted: set[str], entries: list[dict] | None, extra: dict) -> dict:
