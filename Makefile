@@ -52,8 +52,10 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q "$(LLAMA_CPP)"
 	touch $@
 
+# Two workers (pytest-xdist), each test file's tests on one of them, in their order (docs/ENGINES.md
+# has the suite's times); most of a test's time is its subprocesses importing torch and transformers.
 test: install llamacpp
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache
