@@ -297,3 +297,24 @@ def test_nan_inf_found_by_the_capture_are_counted_as_by_the_writer(tmp_path, mon
     and sums, made on the host)."""
     nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, PROMPTS, "cpu", "fp32")
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_manifest_counts_every_byte_written_with_replies_still_in_flight(tmp_path, capsys, monkeypatch, stream):
+    """The manifest's stats.bytes is every tensor byte the call wrote, the last files' too: counted
+    once every file is written, not when the capture closes (each writer-process reply is held
+    back here, so at the capture's close most files are not counted yet)."""
+    handed = runs.RunWriter._handed
+
+    def late(self, *args, **kwargs):
+        time.sleep(0.02)
+        return handed(self, *args, **kwargs)
+    monkeypatch.setattr(runs.RunWriter, "_handed", late)
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "extract", "builtin:minimax-m2-tiny", "--out", out, "--prompt", "hello there",
+                           "--prompt", "a second prompt", "--batch-size", "1", *(["--stream"] if stream else []))
+    assert code == 0, err
+    run = runs.open_run(out)
+    tensors = [run.tensor(e.name, e.prompt) for e in run.entries()]
+    written = sum(t.numel() * t.element_size() for t in tensors)
+    assert len(tensors) > 10 and run.manifest["stats"]["bytes"] == written

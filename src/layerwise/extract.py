@@ -158,7 +158,7 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
             dict(getattr(model, "hf_device_map", None) or loaded.plan.device_map)
         run.finish({
             "placement": placement, "fixes": [asdict(f) for f in loaded.config_fixes], "versions": library_versions(),
-            "stats": {"seconds": seconds, "forward_seconds": forward, "bytes": run.writer.bytes_written,
+            "stats": {"seconds": seconds, "forward_seconds": forward,
                       "batches": len(batches), "batches_computed": len(todo)},
         })
     return run.result(len(prompts), forward, resumed_batches=len(batches) - len(todo))

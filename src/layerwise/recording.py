@@ -162,7 +162,8 @@ class Recording:
         if self.ranks is None:
             if capture:
                 extra = {**extra, "stats": {**(extra.get("stats") or {}), **capture}}
-            self.manifest = self.writer.finish(extra)
+            # the bytes once every file is written: a file still in a writer process is not counted yet
+            self.manifest = self.writer.finish(extra, late=lambda: {"bytes": self.writer.bytes_written})
             self.tensors, self.bytes = len(self.manifest["tensors"]), self.writer.bytes_written
             return self.manifest
         self.writer.close()  # this rank's files are all renamed into place

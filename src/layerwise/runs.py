@@ -321,8 +321,9 @@ class RunWriter:
         others = sorted(self._existing - self._headers.keys()) if every else []  # the files found at the start
         return entries + index_files(self.path, others)
 
-    def finish(self, extra: dict | None = None, entries: list[dict] | None = None) -> dict:
-        """Wait for the writers, take the files' entries (or `entries`), write manifest.json last.
+    def finish(self, extra: dict | None = None, entries: list[dict] | None = None, late=None) -> dict:
+        """Wait for the writers, take the files' entries (or `entries`), write manifest.json last;
+        `late()`: items for the manifest's stats known only once every file is written (the bytes).
         The entries of the files written so far are put in model order and made into text while
         the last files are written (`_draft`), theirs after; the intent's lists (the prompts' token
         ids) were made into text for intent.json, each file's entries as its writer process
@@ -331,7 +332,10 @@ class RunWriter:
         draft = ManifestDraft(self.intent)
         drafted = self._draft(draft) if entries is None else set()
         self.close()
-        manifest = self._drafted(draft, drafted, entries, extra or {})
+        extra = extra or {}
+        if late is not None:
+            extra = {**extra, "stats": {**(extra.get("stats") or {}), **late()}}
+        manifest = self._drafted(draft, drafted, entries, extra)
         known = self._known  # the intent's lists, as intent.json holds them (the producer changed none since)
         known["tensors"] = (manifest["tensors"], draft.text())
         write_text_atomic(self.path / MANIFEST, json_text(manifest, known))

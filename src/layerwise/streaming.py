@@ -142,7 +142,7 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
         run.finish({
             "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes], "versions": library_versions(),
-            "stats": {"seconds": seconds, "bytes": run.writer.bytes_written, "streamed": True,
+            "stats": {"seconds": seconds, "streamed": True,
                       "batches": len(batches), "batches_computed": len(todo),
                       "weights_read_bytes": reads.bytes, "weights_read_seconds": reads.seconds,
                       "weights_wait_seconds": reads.wait_seconds, "peak_device_bytes": peak},
