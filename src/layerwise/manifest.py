@@ -197,7 +197,7 @@ class ManifestDraft:
 
     def add(self, entries: Iterable[dict], texts: dict | None = None) -> None:
         """Entries (a file's, with "file" and "name"); `texts`: (file, name) -> an entry's text
-        (`item_text`), made where the file was written; one missing is made by `text`. Kept in
+        (`item_text`), made where the file was written; one missing is made by `encode`. Kept in
         lists, no object the garbage collector tracks made per entry (a tuple each: collections
         over every entry of a large run, several times the sort)."""
         kept, known = self._entries, len(self._entries)
