@@ -636,16 +636,18 @@ def main(argv: list[str] | None = None) -> int:
                 pinned._RESERVE.clear()  # the reserve is refilled with buffers of this kind
             try:
                 ends.append(bench.end_to_end(loaded, p, t, work, args.e2e_repeat, threads))
-            finally:
+                ends[-1]["writer"] = "process" if writerproc.supported() else "threads"
+            finally:  # the settings put back even when the extract fails (the next caller runs with them)
                 sys.setswitchinterval(default)
                 writerproc.PROCESS_THREADS = kept
+                if mode is None:
+                    os.environ.pop(writerproc.ENV, None)
+                else:
+                    os.environ[writerproc.ENV] = mode
+                if where is not None:
+                    pinned._RESERVE.clear()  # buffers of the kind the setting put back
             ends[-1]["switch_interval_ms"] = (interval if interval is not None else default * 1e3)
             ends[-1]["process_threads"] = per_process
-            ends[-1]["writer"] = "process" if writerproc.supported() else "threads"
-            if mode is None:
-                os.environ.pop(writerproc.ENV, None)
-            else:
-                os.environ[writerproc.ENV] = mode
             print(json.dumps(ends[-1]), flush=True)
     text = table(rows, card, len(devices))
     for e in ends:

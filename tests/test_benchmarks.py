@@ -90,6 +90,23 @@ def test_extract_overhead_dry_run(tmp_path, monkeypatch, capsys):
     assert data["profile"]["layerwise_functions"], "the profile found no layerwise function"
 
 
+def test_extract_overhead_puts_settings_back_when_an_extract_fails(tmp_path, monkeypatch, capsys):
+    module = bench(monkeypatch, "extract_overhead")
+    monkeypatch.delenv("LAYERWISE_WRITER", raising=False)
+    interval = sys.getswitchinterval()
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("the extract failed")
+
+    monkeypatch.setattr(module.Bench, "end_to_end", fail)
+    with pytest.raises(RuntimeError, match="the extract failed"):
+        module.main(["--tiny", "--layers", "1", "--tokens", "8", "--batches", "1", "--reps", "1", "--profile", "",
+                     "--e2e", "1x8", "--writer", "threads", "--switch-interval", "1", "--out", str(tmp_path / "out"),
+                     "--work", str(tmp_path / "work")])
+    assert "LAYERWISE_WRITER" not in os.environ, "a failed extract leaves the writer setting it ran with"
+    assert sys.getswitchinterval() == interval
+
+
 @pytest.mark.slow
 def test_streaming_dry_run(tmp_path, monkeypatch, capsys):
     code = bench(monkeypatch, "streaming").main(
