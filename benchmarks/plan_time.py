@@ -1,6 +1,9 @@
 """How long `layerwise plan` of the real MiniMax-M2 configuration takes, quiet and with every core
-busy: fresh processes, wall time from launch to exit, this checkout's code taking turns with
---base's (another commit's src/, e.g. `git archive COMMIT src | tar x -C .base`).
+busy: fresh processes, wall time from launch to exit, in turns: the first plan of the model (no
+inputs kept: LAYERWISE_PLAN_CACHE=0, the model built on the meta device, its inputs kept), a plan
+of it once planned before (answered from the kept inputs, _fastplan.py), and --base's code
+(another commit's src/, e.g. `git archive COMMIT src | tar x -C .base`), all with a cache
+directory of their own (--cache, default a new temporary one).
 
     python benchmarks/plan_time.py --rounds 3 --base .base46/src   # quiet, then loaded
     python benchmarks/plan_time.py --tiny                          # CPU dry run (tests/test_benchmarks.py)
@@ -15,9 +18,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,22 +35,21 @@ def _spin() -> None:
         pass
 
 
-def timed(src: Path, argv: list[str]) -> float:
-    env = layerwise_env(src)
+def timed(src: Path, argv: list[str], env: dict) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "layerwise", "plan", *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "layerwise", "plan", *argv], env=layerwise_env(src, **env),
+                          capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"plan with {src} exited {done.returncode}: {done.stderr.strip()[-400:]}")
     return wall
 
 
-def rounds(codes: dict[str, Path], argv: list[str], count: int) -> dict[str, list[float]]:
+def rounds(codes: dict[str, tuple[Path, dict]], argv: list[str], count: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {name: [] for name in codes}
     for _ in range(count):
-        for name, src in codes.items():
-            out[name].append(timed(src, argv))
+        for name, (src, env) in codes.items():
+            out[name].append(timed(src, argv, env))
     return out
 
 
@@ -55,15 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", help="another commit's src/ directory, timed in turns with this checkout's")
     ap.add_argument("--no-load", action="store_true", help="quiet rounds only")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--cache", help="LAYERWISE_CACHE of every plan (default: a new temporary directory)")
     ap.add_argument("--tiny", action="store_true", help="plan builtin:minimax-m2-tiny, for a dry run")
     args = ap.parse_args(argv)
     model = "builtin:minimax-m2-tiny" if args.tiny else "builtin:minimax-m2"
     command = [model, "--gpus", "8x141GB"]
-    codes = {"this checkout": SRC}
+    if args.base and not (Path(args.base) / "layerwise").is_dir():
+        ap.error(f"--base {args.base} holds no layerwise package")
+    cache = {"LAYERWISE_CACHE": args.cache or tempfile.mkdtemp(prefix="lw-plan-")}
+    try:
+        return _measure(args, command, cache)
+    finally:
+        if not args.cache:
+            shutil.rmtree(cache["LAYERWISE_CACHE"], ignore_errors=True)
+
+
+def _measure(args, command: list[str], cache: dict) -> int:
+    codes = {"first plan": (SRC, {**cache, "LAYERWISE_PLAN_CACHE": "0"}), "planned before": (SRC, cache)}
     if args.base:
-        if not (Path(args.base) / "layerwise").is_dir():
-            ap.error(f"--base {args.base} holds no layerwise package")
-        codes["base"] = Path(args.base).resolve()
+        codes["base"] = (Path(args.base).resolve(), cache)
+    timed(SRC, command, cache)  # the inputs kept for "planned before"
     results = {"command": ["layerwise", "plan", *command], "cores": os.cpu_count(),
                "load_before": os.getloadavg(), "quiet": rounds(codes, command, args.rounds)}
     if not args.no_load:
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
              f"(min / median / max of {args.rounds}):"]
     for when in ("quiet", "loaded"):
         for name, walls in results.get(when, {}).items():
-            lines.append(f"  {when:6} {name:13} {min(walls):.2f} / {statistics.median(walls):.2f} / {max(walls):.2f} s  "
+            lines.append(f"  {when:6} {name:14} {min(walls):.2f} / {statistics.median(walls):.2f} / {max(walls):.2f} s  "
                          f"({', '.join(f'{w:.2f}' for w in walls)})")
     print("\n".join(lines))
     return 0

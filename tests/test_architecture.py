@@ -32,14 +32,15 @@ PACKAGES = {m for m in MODULES if (PACKAGE / m.replace(".", "/")).is_dir()}
 # (type-only imports aside). Floor 1, the pure core, imports nothing of layerwise but itself.
 FLOORS = {
     1: "names errors formatting sizes quant metrics routing tolerances align anatomy devicemap schema sharding "
-       "flagtypes engines engines.namemap engines.packing engines.shards engines.source rawbytes filebits metricsbatch",
+       "flagtypes engines engines.namemap engines.packing engines.shards engines.source rawbytes filebits metricsbatch "
+       "placetree planning planflags",
     2: "_boot _prefetch tensorfile atomic machine quiet paths distributed chain pinned engines.files writerchild writerproc "
        "shmbuffers",
     3: "runs runread manifest readahead weights checkpoint placement fp8 models zoo prompts engines.sglang engines.vllm",
     4: "recording collector hostcopy capture module_points loading layer_loading timings",
     5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook measuring",
-    6: "cli arguments plot report __main__ __init__",
+    6: "cli arguments plot report _fastplan __main__ __init__",
 }
 FLOOR = {module: floor for floor, names in FLOORS.items() for module in names.split()}
 CORE = set(FLOORS[1].split())

@@ -187,16 +187,16 @@ def test_distributed_test_part_per_read_thread_count(monkeypatch):
 
 
 def test_plan_time_dry_run(tmp_path, monkeypatch, capsys):
-    """plan in fresh processes, quiet and with every core busy, this checkout's code against a base."""
+    """plan in fresh processes, quiet and with every core busy: the first plan, one planned before, a base."""
     base = Path(__file__).resolve().parents[1] / "src"
     code = bench(monkeypatch, "plan_time").main(["--tiny", "--rounds", "1", "--base", str(base),
                                                  "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "plan_time.json").read_text())
-    assert set(data["quiet"]) == set(data["loaded"]) == {"this checkout", "base"}
+    assert set(data["quiet"]) == set(data["loaded"]) == {"first plan", "planned before", "base"}
     assert all(0 < w < 120 for walls in data["quiet"].values() for w in walls), data
-    assert "loaded this checkout" in out
+    assert "loaded planned before" in out
     with pytest.raises(SystemExit) as usage:
         bench(monkeypatch, "plan_time").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
     assert usage.value.code == 2

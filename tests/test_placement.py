@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from layerwise import devicemap, models, placement
+from layerwise import devicemap, models, placement, planning
 from layerwise.errors import UserError
 from layerwise.sizes import parse_gpus, parse_max_memory
 
@@ -119,7 +119,7 @@ def test_tiny_split_over_two_gpus(tiny_meta):
 def test_summarize_modules(tiny_meta, names, expected):
     from layerwise.anatomy import find_anatomy
 
-    assert placement.summarize_modules(names, find_anatomy(tiny_meta)) == expected
+    assert planning.summarize_modules(names, find_anatomy(tiny_meta)) == expected
 
 
 def test_device_map_file(tmp_path, tiny_meta):

@@ -10,10 +10,12 @@ is the module, `layerwise.extract_model` the function. docs/ARCHITECTURE.md maps
 __version__ = "0.1.0"
 
 from ._boot import cache_bytecode
+from ._fastplan import answer as answer_plan
 from ._prefetch import prefetch_command
 
 cache_bytecode()  # a command only, and before torch is imported (_boot.py)
 prefetch_command()  # a command's first layer read from disk while it imports (_prefetch.py)
+answer_plan()  # `layerwise plan` of a model planned before: printed, and the process ends (_fastplan.py)
 
 
 from .compare import CompareOptions, Report, compare_paths, compare_runs

@@ -5,17 +5,20 @@ rotary embedding beside them, and an output head. Inside a layer there is an att
 an MLP (or MoE) block and, for MoE models, a router. `find_anatomy` names them by their real
 `named_modules()` paths (`model.layers`, `model.layers.7.mlp.gate`), which is how layerwise
 names every tensor it captures. Works on meta, CPU and dispatched models alike; loads nothing.
+`Anatomy` itself is plain data: torch is imported where a module tree is walked, so that a plan
+kept as data (planning.PlanInputs) is read without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .names import Layout
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
@@ -67,6 +70,8 @@ def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
 
 
 def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    from torch import nn
+
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -98,6 +103,9 @@ def router_class_name(model: nn.Module) -> str | None:
 
 
 def _find_router(layer: nn.Module, mlp_name: str | None, router_class: str | None, num_experts: int | None) -> str | None:
+    import torch
+    from torch import nn
+
     for name, module in layer.named_modules():
         if router_class and type(module).__name__ == router_class:
             return name

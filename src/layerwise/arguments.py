@@ -23,12 +23,13 @@ from .importer import DECODES, FORMATS
 from .layer_test import TEST_TYPES, TestOptions
 from .loading import LoadOptions
 from .names import BadSelection, parse_indices
-from .quant import FP8_BACKENDS, QUANT_MODES, DEFAULT_FP8_BACKEND
+from .planflags import add_plan as _plan, compute_flags as _compute, placement_flags as _placement, quant_flag as _quant
+from .quant import FP8_BACKENDS, DEFAULT_FP8_BACKEND
 from .readiness import CheckOptions
 from .replay import ReplayOptions
 from .streaming import StreamOptions
 from .tolerances import build_tolerances
-from .zoo import BUILTINS, DEFAULT_MODEL
+from .zoo import BUILTINS
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not a usage block."""
@@ -55,34 +56,6 @@ class _Renamed(argparse.Action):
 
 
 # --------------------------------------------------------------------------------- option groups
-
-def _placement(g, offload: bool = True) -> None:
-    g.add_argument("--device-map", help="auto, balanced, balanced_low_0, sequential, cuda:N, cpu, or a JSON file "
-                                        f"{{module: device}} (default: {LoadOptions.device_map})")
-    g.add_argument("--max-memory", help='per-device limit, weights plus forward pass: "40GB" (every GPU), '
-                                        '"0:60GB,1:40GB", "cpu:200GB"')
-    g.add_argument("--tokens", type=count, help="forward-pass size (batch x sequence) to leave GPU room for "
-                                              f"(default: {LoadOptions.tokens})")
-    if offload:
-        g.add_argument("--offload-folder", help="where weights that spill to disk go")
-        g.add_argument("--no-spill", action="store_true",
-                       help="refuse to load when any weight would land on cpu or disk")
-
-
-def _compute(g, default: str | None = None, attn: bool = True) -> None:
-    """--dtype, --attn-implementation, --quant; `default` names where unset ones come from."""
-    g.add_argument("--dtype", help=f"compute dtype: bf16, fp16, fp32 (default: {default or LoadOptions.dtype})")
-    if attn:
-        chosen = default or "transformers' choice"
-        g.add_argument("--attn-implementation", help=f"eager, sdpa or flash_attention_2 (default: {chosen})")
-    _quant(g, default or "dequantize")
-
-
-def _quant(g, default: str) -> None:
-    g.add_argument("--quant", choices=QUANT_MODES,
-                   help="FP8 checkpoints: dequantize (weights e4m3 x scale in the compute dtype, the reference) or "
-                        f"fp8 (W8A8 block FP8 as vLLM/SGLang compute it) (default: {default})")
-
 
 def _fp8_backend(g) -> None:
     g.add_argument("--fp8-backend", choices=FP8_BACKENDS,
@@ -176,16 +149,6 @@ def _check(sub) -> None:
     _quant(p, "dequantize")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     _torchrun(p, gpus=False)
-
-
-def _plan(sub) -> None:
-    p = sub.add_parser("plan", help="where the weights would go, without weights or GPUs; exit 0 fits / 1 spills")
-    p.add_argument("model", help=f"MODEL (e.g. builtin:minimax-m2, default model {DEFAULT_MODEL})")
-    p.add_argument("--gpus", help="simulate a machine: 8x80GB or 0:80GB,1:141GB (default: the GPUs present)")
-    g = p.add_argument_group("placement")
-    _placement(g, offload=False)
-    _compute(g, attn=False)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _load(sub) -> None:

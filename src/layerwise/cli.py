@@ -21,7 +21,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import _boot, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
+from . import _boot, _fastplan, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths
 from .errors import UserError
@@ -96,10 +96,13 @@ def cmd_plan(args) -> int:
     ref = models.resolve_model(args.model)
     config = models.load_config(ref).config
     gpu_bytes = parse_gpus(args.gpus) if args.gpus else None
+    kept: list = []
     try:
-        plan = loading.plan_load(ref, config, arguments.load_options(args), gpu_bytes=gpu_bytes)
+        plan = loading.plan_load(ref, config, arguments.load_options(args), gpu_bytes=gpu_bytes, keep=kept)
     except NoGpu as err:
         raise UserError(f"{err}, or simulate a machine with --gpus (e.g. --gpus 8x80GB)") from None
+    if gpu_bytes is not None and ref.kind != "gguf" and kept:  # the next plan of it answered without torch
+        _fastplan.keep(args.model, args.dtype, args.quant, *kept[0], plan)
     if args.json:
         _emit_json(report.plan_json(plan), None)
     else:

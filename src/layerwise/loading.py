@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, distributed, machine, models, placement, quant
+from . import checkpoint, distributed, machine, models, placement, planning, quant
 from .anatomy import Anatomy, find_anatomy
 from .devicemap import DEFAULT_DEVICE_MAP, device_name, device_of
 from .errors import UserError
@@ -88,10 +88,12 @@ def gpu_capacities() -> list[int]:
     return [g.free_bytes for g in machine.gpus()]
 
 
-def plan_load(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None) -> Plan:
-    """The placement loading would use, for the GPUs present (or `gpu_bytes`, simulated)."""
+def plan_load(ref: models.ModelRef, config, options: LoadOptions, gpu_bytes: list[int] | None = None,
+              keep: list | None = None) -> Plan:
+    """The placement loading would use, for the GPUs present (or `gpu_bytes`, simulated);
+    `keep` as placement.plan_for's."""
     return placement.plan_for(ref.spec, config, gpu_capacities() if gpu_bytes is None else gpu_bytes,
-                              machine.host_memory_available(), **options.plan_settings())
+                              machine.host_memory_available(), **options.plan_settings(), keep=keep)
 
 
 def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: bool = True,
@@ -283,7 +285,7 @@ def placement_rows(loaded: LoadedModel) -> list[DeviceRow]:
     for key in sorted(by_device, key=_device_order):
         names = by_device[key]
         weight = sum(sizes.get(n, 0) for n in names)
-        summary = placement.summarize_modules([n for n in names if sizes.get(n, 0) > 0], loaded.anatomy)
+        summary = planning.summarize_modules([n for n in names if sizes.get(n, 0) > 0], loaded.anatomy)
         if key.startswith("cuda:"):
             index = int(key[5:])
             mem = live.get(index)

@@ -27,6 +27,7 @@ import torch
 
 from . import zoo
 from .errors import UserError
+from .planflags import DEFAULT_DTYPE  # noqa: F401 - the compute dtype unless told (--dtype)
 from .quant import QuantScheme, scheme_of
 from .paths import hf_cache_root, inside
 from .quiet import loading_errors, quiet_transformers
@@ -40,7 +41,6 @@ FP32_ROUTER_PATTERNS = {
     "minimax_m2": ("mlp.gate.weight", "mlp.e_score_correction_bias"),
 }
 
-DEFAULT_DTYPE = "bf16"  # the compute dtype unless told (--dtype)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

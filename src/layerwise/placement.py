@@ -2,9 +2,10 @@
 
 The model is built on the meta device (sizes and dtypes, no storage), then transformers' own
 device-map routine (`_get_device_map`, what `from_pretrained(device_map="auto")` runs) places it
-under per-GPU budgets. The budgets leave room for what the forward pass needs beyond the weights
-(`forward_reserve`): activations for `tokens` tokens, the logits on the head's GPU, and CUDA's
-own context. Loading reuses the very map planned here, so what is loaded is what was planned.
+under per-GPU budgets that leave room for what the forward pass needs beyond the weights
+(planning.py: the budgets, the plan and its rows). Loading reuses the very map planned here, so
+what is loaded is what was planned. `plan_inputs` turns the meta model into plain data
+(planning.PlanInputs, with its placetree.PlaceTree), which `layerwise plan` keeps (_fastplan.py).
 
 `plan_for` plans from a config and the command line's settings, `plan_placement` from a meta
 model. Pure: takes a config or meta model and numbers, returns a `Plan`. Knows nothing of real
@@ -15,90 +16,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import dataclass, field
 
 import torch
 
 from . import fp8, models
-from .anatomy import Anatomy, find_anatomy
-from .devicemap import DEFAULT_DEVICE_MAP, SPILL_DEVICES, describe_map, device_of, parse_device_map
-from .errors import UserError
+from .anatomy import find_anatomy
+from .devicemap import DEFAULT_DEVICE_MAP
+from .planning import CUDA_OVERHEAD_BYTES, DEFAULT_TOKENS, Plan, PlanInputs, Reserve, plan_from, plan_parsed, shape_of
+from .placetree import Node, PlaceTree
 from .quiet import quiet_transformers
-from .names import stage_of
 from .quant import FP8_DTYPE, resolve_mode, scheme_of
-from .sizes import format_bytes, parse_max_memory
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TOKENS = 4096  # the forward-pass size (batch x sequence) a plan leaves room for, unless told
-# Per GPU, what CUDA and the caching allocator take beyond tensors (context, fragmentation).
-CUDA_OVERHEAD_BYTES = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    device: str  # "cuda:0", "cpu", "disk"
-    capacity_bytes: int | None  # what the device offers (None: unbounded, disk)
-    weight_bytes: int
-    reserve_bytes: int  # forward-pass working memory layerwise keeps free on this device
-    modules: tuple[str, ...]  # device-map keys placed here, in model order
-    summary: str  # "embed_tokens + layers 0-7"
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.reserve_bytes
-
-
-@dataclass(frozen=True)
-class Plan:
-    model: str
-    dtype: str
-    strategy: str
-    tokens: int
-    devices: tuple[DevicePlan, ...]
-    device_map: dict  # module path -> int GPU index | "cpu" | "disk"
-    total_weight_bytes: int
-    spilled_bytes: int  # weights placed on cpu or disk
-    overflow_bytes: int  # what GPUs would need beyond their capacity (an explicit map can overfill)
-    num_layers: int
-    layers_on_gpu: int
-    gpu_count: int
-    gpus_needed: int | None  # GPUs of the first GPU's size that the whole model needs
-    shortfall_bytes: int  # weights + forward reserves beyond the GPUs' total capacity (0 if enough)
-    notes: tuple[str, ...] = field(default_factory=tuple)
-    quant: str | None = None  # an FP8 checkpoint held as "fp8" (e4m3 + scales) or "dequantize" (the dtype)
-
-    @property
-    def weights_label(self) -> str:
-        """What the weights are held as: "bfloat16", "FP8 (e4m3 + scales, rest bfloat16)"."""
-        return f"FP8 (e4m3 + scales, rest {self.dtype})" if self.quant == "fp8" else self.dtype
-
-    @property
-    def fits(self) -> bool:
-        return self.gpu_count > 0 and self.spilled_bytes == 0 and self.overflow_bytes == 0
-
-    @property
-    def verdict(self) -> str:
-        if self.fits:
-            return (f"fits: all {self.num_layers} layers on {self.gpu_count} GPU(s), "
-                    f"{format_bytes(self.total_weight_bytes)} of {self.weights_label} weights")
-        if self.gpu_count == 0:
-            return "no GPU present or simulated: everything would run from cpu/disk (pass --gpus to simulate a machine)"
-        need = f"; needs {self.gpus_needed} such GPUs" if self.gpus_needed else ""
-        if self.spilled_bytes == 0:
-            return (f"does NOT fit: the GPUs would need {format_bytes(self.overflow_bytes)} more than they have "
-                    f"(weights plus the forward pass of {self.tokens} tokens){need}")
-        short = (f"{format_bytes(self.shortfall_bytes)} short of what the model needs on GPUs; "
-                 if self.shortfall_bytes else "")
-        return (f"does NOT fit on the GPUs in {self.weights_label}: {short}this placement spills {format_bytes(self.spilled_bytes)} "
-                f"of weights ({self.num_layers - self.layers_on_gpu} of {self.num_layers} layers) to cpu/disk{need}")
-
-
-@dataclass(frozen=True)
-class Reserve:
-    per_gpu_bytes: int  # activations of one layer's forward + CUDA overhead, on every GPU
-    head_bytes: int  # logits, on the GPU that holds the output head
 
 
 def _dtype_size(dtype: torch.dtype) -> int:
@@ -107,35 +36,10 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 def forward_reserve(config, tokens: int, dtype: torch.dtype, attn_implementation: str = "sdpa",
                     overhead_bytes: int = CUDA_OVERHEAD_BYTES) -> Reserve:
-    """Bytes the forward pass of `tokens` tokens needs beyond the weights (an estimate).
+    """planning.forward_reserve for a config and a torch dtype."""
+    from .planning import forward_reserve as reserve
 
-    One decoder layer runs at a time per GPU, so the working set is the largest of:
-    attention (q, k, v, output, plus the [heads, T, T] scores when attention is eager) and the
-    MLP (gate and up projections; for MoE the router logits and the expert mask too), plus a few
-    copies of the residual stream. The head's GPU also holds the logits [T, vocab].
-    """
-    size = _dtype_size(dtype)
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    residual = 4 * tokens * hidden * size  # input, normed, block output, sum
-    attn = tokens * (2 * heads + 2 * kv_heads) * head_dim * size
-    if attn_implementation == "eager":
-        attn += heads * tokens * tokens * (size + 4)  # scores, fp32 softmax
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
-    if experts:
-        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-        top_k = getattr(config, "num_experts_per_tok", 1)
-        mlp = tokens * experts * 4 * 2  # fp32 router logits and scores
-        mlp += tokens * top_k * (experts + 1) * 8  # one-hot expert mask (int64)
-        mlp += tokens * top_k * 3 * inter * size  # gate/up/act of the routed tokens
-    else:
-        mlp = tokens * 3 * config.intermediate_size * size
-    per_gpu = residual + max(attn, mlp) + overhead_bytes
-    head = tokens * config.vocab_size * size
-    return Reserve(per_gpu_bytes=int(per_gpu), head_bytes=int(head))
-
+    return reserve(shape_of(config), tokens, _dtype_size(dtype), attn_implementation, overhead_bytes)
 
 def meta_model(config, dtype: torch.dtype, quant_mode: str | None = None):
     """The model built on the meta device with the dtypes loading would give it: the compute
@@ -155,6 +59,38 @@ def meta_model(config, dtype: torch.dtype, quant_mode: str | None = None):
     return model
 
 
+def tree_of(model) -> PlaceTree:
+    """The model's tree as transformers' placement sees it (placetree.py): every module,
+    parameter and buffer in torch's order, with transformers' own byte counts."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    sizes, _ = compute_module_sizes(model, None, only_modules=False)
+    named = {n for n, _ in model.named_parameters()}  # each parameter once, under its first name
+    nodes: list = []
+
+    def add(name: str, obj, kind: str) -> int:
+        index = len(nodes)
+        nodes.append(None)
+        if kind != "m":
+            nodes[index] = Node(name, kind, "", int(sizes.get(name, 0)))
+            return index
+        prefix = name + "." if name else ""
+        params = tuple(add(prefix + n, p, "p" if prefix + n in named else "r")
+                       for n, p in obj.named_parameters(recurse=False))
+        children = tuple(add(prefix + n, c, "m") for n, c in obj.named_children())
+        buffers = tuple(add(prefix + n, b, "b") for n, b in obj.named_buffers(recurse=False))
+        nodes[index] = Node(name, "m", type(obj).__name__, int(sizes.get(name, 0)), params, children, buffers)
+        return index
+
+    add("", model, "m")
+    no_split = model._no_split_modules
+    no_split = () if no_split is None else tuple(no_split) if isinstance(no_split, (list, tuple, set)) else (no_split,)
+    tied = tuple((str(k), str(v)) for k, v in (getattr(model, "all_tied_weights_keys", None) or {}).items())
+    no_placement = getattr(model, "_no_placement_params", None)
+    return PlaceTree(tuple(nodes), tuple(str(c) for c in no_split), tied,
+                     None if no_placement is None else tuple(no_placement))
+
+
 def module_sizes(model) -> dict[str, int]:
     from transformers.integrations.accelerate import compute_module_sizes
 
@@ -162,24 +98,38 @@ def module_sizes(model) -> dict[str, int]:
     return dict(sizes)
 
 
+def _inputs(model, config, dtype: torch.dtype, quant_mode: str | None, load_working_bytes: int) -> PlanInputs:
+    return PlanInputs(tree_of(model), find_anatomy(model), shape_of(config), models.dtype_name(dtype),
+                      _dtype_size(dtype), quant_mode, load_working_bytes)
+
+
 def plan_for(model_name: str, config, gpu_bytes: list[int], cpu_bytes: int, *, device_map: str,
              max_memory: str | None, dtype: str, tokens: int, attn_implementation: str | None,
-             quant: str | None) -> Plan:
+             quant: str | None, keep: list | None = None) -> Plan:
     """The placement of a model of `config` on GPUs of `gpu_bytes` free bytes each (present or
     simulated) and `cpu_bytes` of host RAM, for these settings as the command line gives them
-    (`--device-map`, `--max-memory`, `--dtype`, `--tokens`, `--attn-implementation`, `--quant`)."""
+    (`--device-map`, `--max-memory`, `--dtype`, `--tokens`, `--attn-implementation`, `--quant`).
+    `keep`: a list (the plan's inputs, plan_from's settings) is appended to (`layerwise plan`
+    keeps them: _fastplan.py)."""
     torch_dtype = models.parse_dtype(dtype)
     mode = resolve_mode(scheme_of(config), quant)
-    parsed = parse_device_map(device_map)
-    limits = parse_max_memory(max_memory, len(gpu_bytes)) if max_memory else None
-    if isinstance(parsed, str) and not gpu_bytes:
-        parsed = {"": "cpu"}  # no GPU: a strategy word means "run on the CPU"
     meta = meta_model(config, torch_dtype, mode)
-    return plan_placement(
-        meta, gpu_bytes, parsed, limits, cpu_bytes=cpu_bytes, tokens=tokens, dtype=torch_dtype,
-        model_name=model_name, attn_implementation=attn_implementation or "sdpa", quant_mode=mode,
-        load_working_bytes=_fp8_build_bytes(meta, torch_dtype) if mode == "fp8" else 0,
-    )
+    inputs = _inputs(meta, config, torch_dtype, mode, _fp8_build_bytes(meta, torch_dtype) if mode == "fp8" else 0)
+    settings = {"gpu_bytes": gpu_bytes, "cpu_bytes": cpu_bytes, "device_map": device_map, "max_memory": max_memory,
+                "tokens": tokens, "attn_implementation": attn_implementation, "model_name": model_name}
+    if keep is not None:
+        keep.append((inputs, settings))
+    return plan_from(inputs, **settings, place=_transformers_placer(meta))
+
+
+def _transformers_placer(model):
+    """transformers' own placement of the meta `model` (its `_get_device_map`)."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    def place(strategy: str, max_memory: dict) -> dict:
+        with quiet_transformers():
+            return dict(_get_device_map(model, strategy, max_memory, None))
+    return place
 
 
 def _fp8_build_bytes(meta, dtype: torch.dtype) -> int:
@@ -209,158 +159,9 @@ def plan_placement(
     quant_mode: str | None = None,
     load_working_bytes: int = 0,
 ) -> Plan:
-    """Place a meta `model` on GPUs of `gpu_bytes` capacity (then cpu, then disk).
-
-    `max_memory` (from parse_max_memory) caps what layerwise lets each device use in total,
-    weights and forward-pass reserve together; GPUs it does not name are left out.
-    `load_working_bytes`: memory loading itself needs on a GPU at a time (an FP8 layer being
-    built); each GPU keeps the larger of it and the forward pass's working set free.
-    """
-    config = model.config
-    anatomy = find_anatomy(model)
-    reserve = forward_reserve(config, tokens, dtype, attn_implementation, overhead_bytes)
-    if load_working_bytes + overhead_bytes > reserve.per_gpu_bytes:
-        reserve = Reserve(load_working_bytes + overhead_bytes, reserve.head_bytes)
-    sizes = module_sizes(model)
-    capacity = {i: b for i, b in enumerate(gpu_bytes)}
-    if max_memory:
-        named_gpus = [k for k in max_memory if isinstance(k, int)]
-        if named_gpus:
-            capacity = {i: min(capacity[i], max_memory[i]) for i in named_gpus}
-        if "cpu" in max_memory:
-            cpu_bytes = max_memory["cpu"]
-    if isinstance(device_map, dict):
-        for key, dev in device_map.items():
-            if isinstance(dev, int) and dev not in capacity:
-                raise UserError(f"device map puts {key or 'the model'!r} on GPU {dev}, "
-                                f"which is not present or simulated (GPUs: {sorted(capacity) or 'none'})")
-        final_map = _check_map_covers(device_map, model)
-    else:
-        final_map = _plan_strategy(model, device_map, capacity, cpu_bytes, reserve, sizes, anatomy)
-    devices = _device_rows(final_map, sizes, capacity, cpu_bytes, reserve, anatomy)
-    overfull = [r for r in devices if r.device.startswith("cuda:") and r.total_bytes > (r.capacity_bytes or 0)]
-    notes = [f"{r.device} needs {format_bytes(r.total_bytes)} but has {format_bytes(r.capacity_bytes or 0)}" for r in overfull]
-    total = sizes[""]
-    spilled = sum(r.weight_bytes for r in devices if r.device in SPILL_DEVICES)
-    layers_on_gpu = sum(1 for i in range(anatomy.num_layers)
-                        if device_of(final_map, anatomy.layer(i)) not in SPILL_DEVICES)
-    return Plan(
-        model=model_name, dtype=models.dtype_name(dtype), strategy=device_map if isinstance(device_map, str) else describe_map(device_map),
-        tokens=tokens, devices=tuple(devices), device_map=final_map, total_weight_bytes=total,
-        spilled_bytes=spilled, overflow_bytes=sum(r.total_bytes - (r.capacity_bytes or 0) for r in overfull),
-        num_layers=anatomy.num_layers, layers_on_gpu=layers_on_gpu,
-        gpu_count=len(capacity), gpus_needed=_gpus_needed(total, gpu_bytes, reserve) if (spilled or overfull) else None,
-        shortfall_bytes=max(0, total + reserve.head_bytes + reserve.per_gpu_bytes * len(capacity) - sum(capacity.values())),
-        notes=tuple(notes), quant=quant_mode,
-    )
-
-
-def _plan_strategy(model, strategy: str, capacity: dict[int, int], cpu_bytes: int | None, reserve: Reserve,
-                   sizes: dict[str, int], anatomy: Anatomy) -> dict:
-    """Run transformers' placement with budgets shrunk by the reserve; shrink again where the
-    head's logits or a split layer overflow a GPU, until every GPU holds."""
-    from transformers.integrations.accelerate import _get_device_map
-
-    budgets = {i: max(0, c - reserve.per_gpu_bytes) for i, c in capacity.items()}
-    device_map: dict = {}
-    for _ in range(8):
-        max_memory: dict = dict(budgets)
-        max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 0
-        with quiet_transformers():
-            device_map = dict(_get_device_map(model, strategy, max_memory, None))
-        used = _weights_per_device(device_map, sizes)
-        head_device = device_of(device_map, anatomy.head_path)
-        over = False
-        for gpu, cap in capacity.items():
-            need = used.get(gpu, 0) + reserve.per_gpu_bytes + (reserve.head_bytes if gpu == head_device else 0)
-            if need > cap and budgets[gpu] > 0:
-                budgets[gpu] = max(0, budgets[gpu] - (need - cap))
-                over = True
-        if not over:
-            break
-    return device_map
-
-
-def _check_map_covers(device_map: dict, model) -> dict:
-    if "" in device_map:
-        return dict(device_map)
-    names = [n for n, _ in model.named_parameters()]
-    uncovered = [n for n in names if device_of(device_map, n) is None]
-    if uncovered:
-        raise UserError(f"device map leaves {len(uncovered)} parameters unplaced (first: {uncovered[0]}): "
-                        "map every module, or add an entry for \"\"")
-    return dict(device_map)
-
-
-def _weights_per_device(device_map: dict, sizes: dict[str, int]) -> dict:
-    used: dict = {}
-    for name, device in device_map.items():
-        used[device] = used.get(device, 0) + sizes.get(name, 0)
-    return used
-
-
-def _device_rows(device_map, sizes, capacity, cpu_bytes, reserve: Reserve, anatomy: Anatomy) -> list[DevicePlan]:
-    by_device: dict = {}
-    for name, device in device_map.items():
-        by_device.setdefault(device, []).append(name)
-    head_device = device_of(device_map, anatomy.head_path)
-    order = sorted(by_device, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else SPILL_DEVICES.index(d)))
-    rows = []
-    for device in order:
-        names = by_device[device]
-        weight = sum(sizes.get(n, 0) for n in names)
-        if isinstance(device, int):
-            res = reserve.per_gpu_bytes + (reserve.head_bytes if device == head_device else 0)
-            label, cap = f"cuda:{device}", capacity.get(device)
-        else:
-            res, label, cap = 0, device, (cpu_bytes if device == "cpu" else None)
-        shown = [n for n in names if sizes.get(n, 0) > 0]
-        rows.append(DevicePlan(label, cap, weight, res, tuple(names), summarize_modules(shown, anatomy)))
-    return rows
-
-
-def summarize_modules(names: list[str], anatomy: Anatomy) -> str:
-    """["model.embed_tokens", "model.layers.0", ..., "model.layers.7"] -> "embed_tokens + layers 0-7"."""
-    base = anatomy.base_path + "." if anatomy.base_path else ""
-    layer_prefix = anatomy.layers_path + "."
-    parts: list[str] = []
-    run: list[int] = []
-
-    def flush():
-        if run:
-            parts.append(f"layers {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}")
-            run.clear()
-
-    expanded = []
-    for name in names:  # a whole layer list on one device reads as its layer range
-        expanded.extend([f"{layer_prefix}{i}" for i in range(anatomy.num_layers)] if name == anatomy.layers_path else [name])
-    layout = anatomy.layout
-    for name in sorted(expanded, key=lambda n: _summary_rank(stage_of(n, layout))):
-        if name == "":
-            parts.append("whole model")
-            continue
-        rest = name[len(layer_prefix):] if name.startswith(layer_prefix) else None
-        if rest is not None and rest.isdigit():
-            index = int(rest)
-            if run and index != run[-1] + 1:
-                flush()
-            run.append(index)
-            continue
-        flush()
-        parts.append(name[len(base):] if base and name.startswith(base) else name)
-    flush()
-    return " + ".join(parts) if parts else "(nothing)"
-
-
-def _summary_rank(stage: str | int) -> tuple[int, int]:
-    """Model order for a device's module list: embedding, layers by index, the rest as given."""
-    return (0, 0) if stage == "embed" else (2, 0) if stage == "final" else (1, stage)
-
-
-def _gpus_needed(total_weight: int, gpu_bytes: list[int], reserve: Reserve) -> int | None:
-    if not gpu_bytes:
-        return None
-    usable = gpu_bytes[0] - reserve.per_gpu_bytes
-    if usable <= 0:
-        return None
-    return math.ceil((total_weight + reserve.head_bytes) / usable)
+    """Place a meta `model` on GPUs of `gpu_bytes` capacity (then cpu, then disk) with
+    transformers' own routine: planning.plan_parsed (`device_map` and `max_memory` parsed)."""
+    inputs = _inputs(model, model.config, dtype, quant_mode, load_working_bytes)
+    return plan_parsed(inputs, gpu_bytes, device_map, max_memory, cpu_bytes, tokens=tokens, model_name=model_name,
+                       attn_implementation=attn_implementation, overhead_bytes=overhead_bytes,
+                       place=_transformers_placer(model))

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .planflags import QUANT_MODES  # noqa: F401 - --quant's choices, defined where plan parses them
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 AMAX_EPS = 1e-10  # vLLM/SGLang clamp a group's absmax to this before dividing (an all-zero group)
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")  # per-block (DeepSeek/MiniMax) or per-tensor; both multiply
-QUANT_MODES = ("dequantize", "fp8")
 SCALED_MM_ROWS = 16  # block-scaled scaled_mm takes activations in whole groups of this many rows (padded)
 # --fp8-backend: scaled_mm where it runs else the exact emulation; torch's scaled_mm; the emulation
 FP8_BACKENDS = ("auto", "scaled_mm", "emulate")
