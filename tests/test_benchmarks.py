@@ -340,7 +340,7 @@ def test_compare_knobs_dry_run(tmp_path, monkeypatch, capsys):
 def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
     src = Path(__file__).resolve().parents[1] / "src"
     code = bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(src), "--shapes", "1x8", "--reps", "1",
-                                                  "--run-batches", "2", "--book-rounds", "1", "--book-profile", "5",
+                                                  "--run-batches", "2", "--book-rounds", "1", "--book-profile", "15",
                                                   "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -352,7 +352,8 @@ def test_capture_ab_dry_run(tmp_path, monkeypatch, capsys):
     stages = data["bookkeeping"]["stages_ms"]["new"]
     assert list(stages) == ["take", "pack_and_launch", "copy_wait", "cut_and_hand"] and stages["cut_and_hand"] > 0
     top = data["bookkeeping"]["profile_ms_per_batch"]
-    assert len(top) == 5 and any("collector.py" in fn for fn, *_ in top) and all(own > 0 for _, _, own, _ in top)
+    # the top 15 by own time: on a busy machine waits and torch's own calls can fill the first few
+    assert len(top) == 15 and any("collector.py" in fn for fn, *_ in top) and all(own > 0 for _, _, own, _ in top)
     assert not [m for m in sys.modules if m.startswith("layerwise_base")], "the base copy is forgotten with its directory"
     with pytest.raises(SystemExit) as usage:
         bench(monkeypatch, "capture_ab").main(["--tiny", "--base", str(tmp_path), "--out", str(tmp_path)])
