@@ -1,7 +1,7 @@
 """`layerwise plan` answered before torch is imported, from what an earlier plan of the model kept.
 
 A plan's own work takes milliseconds; building the model on the meta device needs torch and
-transformers' model code: seconds of imports (5-9 s on a 2-core VM, BENCHMARKS.md). So a plan
+transformers' model code: seconds of imports (4-9 s on a 2-core VM, BENCHMARKS.md). So a plan
 keeps its inputs (planning.PlanInputs: the placement tree, the anatomy, the sizes the forward
 pass depends on) under <cache>/plans/, once the tree alone placed the model as transformers did
 (`keep`, from cli.cmd_plan), and `answer` (run by layerwise/__init__.py right after the bytecode
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from ._boot import cache_root, host_memory_available, is_command, read_threads
@@ -79,6 +78,8 @@ def key(spec: str, dtype: str | None, quant: str | None) -> str | None:
 
 
 def _version(package: str) -> str | None:
+    from importlib import metadata  # here: every command imports this module, only plan needs it
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
