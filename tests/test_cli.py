@@ -35,6 +35,7 @@ def test_load_prints_placement(capsys):
     (["plan", "builtin:minimax-m2", "--gpus", "2x80GB", "--max-memory", "5:80GB"], "names GPU 5 but only 2"),
     (["plan", "builtin:minimax-m2", "--gpus", "2x80GB", "--max-memory", "0:0GB"], "larger than zero"),
     (["plan", "builtin:minimax-m2", "--gpus", "8xlots"], "not a size"),
+    (["plan", "builtin:minimax-m2", "--gpus", "100000x80GB"], "give 1 to 1024"),  # hung in the placement
     (["plan", "builtin:minimax-m2", "--dtype", "fp4"], "unknown dtype"),
     (["plan"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),

@@ -93,14 +93,17 @@ def parse_max_memory(text: str, gpu_count: int) -> dict[int | str, int]:
     return limits
 
 
+MAX_GPUS = 1024  # a simulated machine's GPUs (transformers' placement walks every one: 10^5 took minutes)
+
+
 def parse_gpus(text: str) -> list[int]:
     """Parse --gpus, a simulated machine: "8x80GB" or "0:80GB,1:141GB" -> bytes per GPU."""
     text = text.strip()
     match = re.match(r"^(\d+)\s*[xX]\s*(.+)$", text)
     if match:
         count = int(match.group(1))
-        if count < 1:
-            raise UserError(f"--gpus {text!r} asks for {count} GPUs: give at least one, e.g. 8x80GB")
+        if count < 1 or count > MAX_GPUS:
+            raise UserError(f"--gpus {text!r} asks for {count} GPUs: give 1 to {MAX_GPUS}, e.g. 8x80GB")
         return [parse_size(match.group(2), "--gpus")] * count
     if ":" in text:
         sizes: dict[int, int] = {}
@@ -111,6 +114,8 @@ def parse_gpus(text: str) -> list[int]:
             if int(index_text) in sizes:
                 raise UserError(f"--gpus {text!r} names GPU {int(index_text)} twice: give each GPU once")
             sizes[int(index_text)] = parse_size(size_text, "--gpus")
+        if len(sizes) > MAX_GPUS:
+            raise UserError(f"--gpus {text!r} names {len(sizes)} GPUs: give 1 to {MAX_GPUS}")
         if sorted(sizes) != list(range(len(sizes))):
             raise UserError(f"--gpus {text!r} must number GPUs 0, 1, 2, ... without gaps")
         return [sizes[i] for i in range(len(sizes))]
