@@ -4,7 +4,7 @@ The model is built on the meta device (sizes and dtypes, no storage), then trans
 device-map routine (`_get_device_map`, what `from_pretrained(device_map="auto")` runs) places it
 under per-GPU budgets that leave room for what the forward pass needs beyond the weights
 (planning.py: the budgets, the plan and its rows). Loading reuses the very map planned here, so
-what is loaded is what was planned. `plan_inputs` turns the meta model into plain data
+what is loaded is what was planned. `plan_for` also turns the meta model into plain data
 (planning.PlanInputs, with its placetree.PlaceTree), which `layerwise plan` keeps (_fastplan.py).
 
 `plan_for` plans from a config and the command line's settings, `plan_placement` from a meta
