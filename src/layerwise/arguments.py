@@ -18,7 +18,7 @@ from .compare import CompareOptions
 from .distributed import DistOptions
 from .errors import UserError
 from .extract import ExtractOptions
-from .flagtypes import amount, cosine, count, limit
+from .flagtypes import amount, cosine, count, limit, wait_seconds
 from .importer import DECODES, FORMATS
 from .layer_test import TEST_TYPES, TestOptions
 from .loading import LoadOptions
@@ -65,7 +65,8 @@ def _fp8_backend(g) -> None:
 
 def _prompts(g) -> None:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--prompts", action="append", help="a file: one prompt per line, or JSONL with text or token_ids")
+    g.add_argument("--prompts", action="append", help="a file: one prompt per line (.txt), or JSONL with text or "
+                                                      "token_ids (.jsonl, .json, or a first line that is an object)")
     g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g.add_argument("--max-tokens", type=count, help="refuse prompts longer than this")
     g.add_argument("--points", help=f"what to capture, comma list of {','.join(POINTS)} "
@@ -76,7 +77,7 @@ def _prompts(g) -> None:
 def _torchrun(p, gpus: bool = True, tp: bool = False) -> None:
     """Flags that matter when torchrun starts several ranks (docs/MULTI_GPU_GUIDE.md)."""
     g = p.add_argument_group("under torchrun (several ranks, one node or many)")
-    g.add_argument("--dist-timeout", type=amount, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=wait_seconds, metavar="SECONDS",
                    help="the longest a rank waits for the others (joining, every exchange) before failing "
                         f"(default: {DistOptions.timeout_s:g})")
     if gpus:

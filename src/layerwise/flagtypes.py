@@ -46,3 +46,16 @@ def cosine(text: str) -> float:
     if not -1 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not a cosine: give a number from -1 to 1")
     return value
+
+
+# The longest wait a timeout flag takes: a week (torch's stores count milliseconds in 64 bits, and
+# datetime.timedelta overflows near 1e14 s; a longer wait is a hang by another name).
+MAX_WAIT_S = 7 * 24 * 3600
+
+
+def wait_seconds(text: str) -> float:
+    """A timeout in seconds: above 0, at most a week."""
+    value = amount(text)
+    if value > MAX_WAIT_S:
+        raise argparse.ArgumentTypeError(f"{text} s is more than a week ({MAX_WAIT_S} s): give a shorter wait")
+    return value

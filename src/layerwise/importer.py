@@ -111,7 +111,10 @@ def _local_source(src: Path, fmt: str, name_map: NameMap, rename) -> ImportSourc
             entries.append((int(d.name), found))
     else:
         if any(p.is_dir() and p.name.isdigit() for p in src.iterdir()):
-            raise UserError(f"{src} mixes per-prompt directories and .safetensors files: use one layout")
+            files = any(p.suffix == ".safetensors" for p in src.iterdir())
+            raise UserError(f"{src} mixes per-prompt directories and .safetensors files: use one layout" if files else
+                            f"{src} holds per-prompt directories, the dirs layout, not 0.safetensors, ...: "
+                            "use --from dirs")
         from safetensors import safe_open
 
         for f in sorted((listed_inside(src, p, where) for p in src.glob("*.safetensors") if p.stem.isdigit()),

@@ -28,6 +28,7 @@ from .devicemap import DEFAULT_DEVICE_MAP, device_name, device_of
 from .errors import UserError
 from .layer_loading import LayerOptions, open_layers
 from .placement import Plan
+from .prompts import BrokenTokenizer
 from .quiet import loading_errors, quiet_transformers
 from .sizes import format_bytes
 
@@ -234,6 +235,10 @@ def _set_submodule(model, path: str, module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+# Files whose presence says the model has a tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(ref: models.ModelRef):
     from transformers import AutoTokenizer
 
@@ -242,8 +247,11 @@ def load_tokenizer(ref: models.ModelRef):
             if ref.kind == "gguf":
                 return AutoTokenizer.from_pretrained(str(ref.directory), gguf_file=ref.path.name)
             return AutoTokenizer.from_pretrained(str(ref.path))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # the tokenizers library raises plain Exception on a malformed tokenizer.json
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        present = [name for name in TOKENIZER_FILES if ref.kind != "gguf" and (ref.path / name).is_file()]
+        if present:  # files that should load and do not: say so when text prompts need them
+            return BrokenTokenizer(f"{', '.join(present)} in {ref.path}: {reason[:200]}")
         # not a warning: prompts given as token ids need none, and text prompts fail saying so
         log.info("no tokenizer for %s (%s): prompts must be given as token ids", ref.spec, reason)
         return None

@@ -171,6 +171,20 @@ def _check_config_json(path: Path) -> None:
     for key in _SIZES:
         if raw.get(key) is not None and not (is_int(raw[key]) and raw[key] >= 1):
             raise UserError(f"{path}: {key} is {raw[key]!r}, not a whole number >= 1: fix or re-download it")
+    _check_config_relations(path, raw)
+
+
+def _check_config_relations(path: Path, raw: dict) -> None:
+    """Sizes that must agree with each other (the forward pass fails deep inside otherwise)."""
+    experts = raw.get("num_local_experts") or raw.get("num_experts")
+    top_k = raw.get("num_experts_per_tok")
+    if is_int(experts) and is_int(top_k) and top_k > experts:
+        raise UserError(f"{path}: num_experts_per_tok is {top_k}, more than the {experts} experts: "
+                        "fix or re-download it")
+    heads, kv_heads = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
+    if is_int(heads) and is_int(kv_heads) and heads % kv_heads:
+        raise UserError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: "
+                        "fix or re-download it")
 
 
 def _first_line(err: Exception) -> str:

@@ -62,6 +62,7 @@ def module_targets(paths: list[str], specs: tuple[ModuleSpec, ...], anatomy: Ana
     for spec in specs:
         matched = [p for p in paths if p and spec.pattern.fullmatch(p)]
         if not matched:
+            _bad_roles(spec, paths)
             raise UserError(f"--modules {spec.text!r} matches no module of this model (paths look like "
                             f"{anatomy.layer(0)}.{anatomy.attn_name or 'self_attn'}; regexes must match the "
                             "whole path)")
@@ -74,3 +75,19 @@ def module_targets(paths: list[str], specs: tuple[ModuleSpec, ...], anatomy: Ana
             for role in spec.roles:
                 out.append(Target(path, role, (tensor_name(path, role),), group, extra=True))
     return list({t.names[0]: t for t in out}.values())
+
+
+def _bad_roles(spec: ModuleSpec, paths: list[str]) -> None:
+    """A spec that matched nothing because its ":tail" names no role ("...mlp:outputs"), while the
+    regex before the colon matches modules: say so, rather than "matches no module"."""
+    regex, sep, tail = spec.text.rpartition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z_]+(\s*,\s*[A-Za-z_]+)*", tail):
+        return
+    try:
+        pattern = re.compile(regex)
+    except re.error:
+        return
+    if any(p and pattern.fullmatch(p) for p in paths):
+        bad = [r.strip() for r in tail.split(",") if r.strip() not in _MODULE_ROLES]
+        raise UserError(f"--modules {spec.text!r}: {bad[0]!r} is not a role: give {INPUT}, {OUTPUT} or "
+                        f"{INPUT},{OUTPUT} after the last ':'")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +31,34 @@ class Prompt:
     token_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class BrokenTokenizer:
+    """A model whose tokenizer files are there but do not load: text prompts fail naming why
+    (token-id prompts need no tokenizer)."""
+    reason: str
+
+
 def read_prompt_file(path: str) -> list[str | list[int]]:
     """Plain text (one prompt per non-empty line) or JSONL ({"text": ...} or {"token_ids": [...]})."""
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"prompts file {path} " + ("is not a file" if file.exists() else "does not exist"))
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        regular = stat.S_ISREG(os.stat(file).st_mode)
+    except OSError as err:  # missing, a symbolic-link loop, no permission to look
+        raise UserError(f"prompts file {path} " + ("does not exist" if err.errno == errno.ENOENT
+                                                   else f"cannot be opened: {err.strerror or err}")) from None
+    if not regular:
+        raise UserError(f"prompts file {path} is not a file")
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as err:
         line = file.read_bytes()[:err.start].count(b"\n") + 1
         raise UserError(f"prompts file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} on line {line}): "
                         "save it as UTF-8") from None
     except OSError as err:
         raise UserError(f"cannot read prompts file {path}: {err.strerror or err}") from None
-    jsonl = file.suffix.lower() in (".jsonl", ".json") or (lines and lines[0].lstrip().startswith("{"))
+    # .txt is text whatever its lines hold; a file with another name is JSONL when its first line is an object
+    suffix = file.suffix.lower()
+    jsonl = suffix in (".jsonl", ".json") or (suffix != ".txt" and bool(lines) and lines[0].lstrip().startswith("{"))
     items: list[str | list[int]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -71,13 +88,23 @@ def _tokenized(index: int, item: str | list[int], tokenizer, chat_template: bool
         return Prompt(index, None, tuple(item))
     if not item.strip():
         raise UserError(f"prompt {index} is empty")
+    if isinstance(tokenizer, BrokenTokenizer):
+        raise UserError(f"this model's tokenizer does not load ({tokenizer.reason}): fix its files, or give "
+                        "prompts as token ids (JSONL with token_ids)")
     if tokenizer is None:
         raise UserError("this model has no tokenizer: give prompts as token ids (JSONL with token_ids)")
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--chat-template asked for, but the tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], tokenize=True,
-                                            add_generation_prompt=True)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], tokenize=True,
+                                                add_generation_prompt=True)
+        except Exception as err:  # the template is code: jinja's syntax errors and raise_exception()
+            if not type(err).__module__.startswith("jinja2"):
+                raise
+            raise UserError(f"the tokenizer's chat template fails on prompt {index}: {type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''} (fix the template "
+                            "in the model's files, or leave out --chat-template)") from None
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     else:
         ids = tokenizer(item)["input_ids"]

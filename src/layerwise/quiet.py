@@ -50,13 +50,17 @@ def loading_errors(what: str, hint: str | None = None):
         yield
     except UserError:
         raise
-    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error) as err:
+    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error,
+            ImportError) as err:
         frames = traceback.extract_tb(err.__traceback__)
         if not any(reader in f.filename for f in frames for reader in _READERS):
             raise
         text = one_line(err).split(". ")[0].replace(" For details look at the above report!", "")
         mismatch = "its tensor shapes do not fit its config.json; " if "mismatched_sizes" in text else ""
-        if "attn_implementation" in text:
+        if isinstance(err, ImportError):  # an optional package the model or the settings need (flash-attn...)
+            hint = "install the package it names" + (", or choose another --attn-implementation"
+                                                     if "attention" in text.lower() else "")
+        elif "attn_implementation" in text:
             hint = "choose another --attn-implementation"
         hint = hint or f"layerwise check {what} checks its files; re-download or fix them"
         raise UserError(f"cannot load {what}: {mismatch}{text} ({hint})") from None

@@ -172,9 +172,14 @@ def tiny_checkpoint(name: str) -> Path:
     target = cache_dir() / f"{name}-v{TINY_RECIPE_VERSION}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing built-in checkpoint %s to %s", name, target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    except OSError as err:  # LAYERWISE_CACHE names a file, a read-only or a pseudo file system
+        reason = "it is a file, not a directory" if target.parent.is_file() else (err.strerror or str(err))
+        raise UserError(f"cannot write built-in checkpoint {name} to {target.parent}: {reason} "
+                        "(set LAYERWISE_CACHE to a writable directory)") from None
     try:
         try:
             if builtin.fp8_of:
