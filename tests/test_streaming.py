@@ -90,3 +90,31 @@ def test_unstreamable_architecture_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(streaming, "_NOT_STREAMABLE", ("minimax_m2",))
     with pytest.raises(UserError, match="streaming would not reproduce them"):
         streaming.stream_extract("builtin:minimax-m2-tiny", tmp_path / "r", ["x"])
+
+
+@pytest.mark.parametrize("points, prefetch, tail", [
+    ("residual,logits", True, "read while the last layer runs"),
+    ("residual,norm", False, "read after the layers"),
+    ("residual,router", True, None),
+])
+def test_norm_and_head_read_ahead_or_not_at_all(tmp_path, monkeypatch, points, prefetch, tail):
+    """The final norm and head are read on the reader thread during the last layer (with prefetch),
+    after the layers without it, and not at all when nothing after the layers is captured; the
+    run is the whole-model extract's either way."""
+    import threading
+
+    calls, real = [], layer_loading.LayerSource.load_shared
+
+    def load_shared(self, parts=layer_loading.SHARED_PARTS):
+        calls.append((parts, threading.current_thread() is threading.main_thread()))
+        return real(self, parts)
+
+    monkeypatch.setattr(layer_loading.LayerSource, "load_shared", load_shared)
+    options = ExtractOptions(points=points, batch_size=3)
+    streaming.stream_extract("builtin:minimax-m2-tiny", tmp_path / "stream", PROMPTS, options,
+                             streaming.StreamOptions(dtype="fp32", prefetch=prefetch))
+    heads = [on_main for parts, on_main in calls if "head" in parts]
+    assert heads == ([] if tail is None else [not prefetch]), f"{tail}: {calls}"
+    loaded = loading.load_model("builtin:minimax-m2-tiny", loading.LoadOptions(dtype="fp32"))
+    extract_model(loaded, tmp_path / "full", PROMPTS, options)
+    assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))

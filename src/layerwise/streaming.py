@@ -135,8 +135,11 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         with torch.inference_mode():
             if mine:
                 hidden = _embed(source, mine, run.collector, by_stage.get("embed", []), stream)
-                hidden = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done, alongside)
-                _norm_and_head(source, mine, hidden, run.collector, by_stage.get("final", []))
+                final = by_stage.get("final", [])  # nothing captured after the layers: no norm, no head
+                hidden, shared = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done,
+                                                 alongside, tail=bool(final))
+                if final:
+                    _norm_and_head(source, mine, hidden, run.collector, final, shared)
         seconds = run.close_capture()
         run.timings["startup"] = timings.startup()  # this rank's, into its stats
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
@@ -164,10 +167,11 @@ def _embed(source: LayerSource, batches, collector, targets, stream: StreamOptio
 
 
 def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, stream: StreamOptions,
-                    reads: _Reads, done, alongside=None) -> list[torch.Tensor]:
+                    reads: _Reads, done, alongside=None, tail: bool = False) -> tuple[list[torch.Tensor], dict | None]:
     """Every decoder layer over every batch, one layer at a time; the next one is read in the
-    background while this one computes (with `stream.prefetch`). `done(k)` after layer k;
-    `alongside.layer(k, weights, inputs)` after layer k ran, before its raw weights go."""
+    background while this one computes (with `stream.prefetch`), and after the last one the final
+    norm and head (with `tail`: returned beside the hidden states, else None). `done(k)` after
+    layer k; `alongside.layer(k, weights, inputs)` after layer k ran, before its raw weights go."""
     anatomy, device = source.anatomy, str(source.device)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(source.read, 0)
@@ -188,6 +192,8 @@ def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, s
             last = k + 1 == anatomy.num_layers
             if stream.prefetch and not last:
                 pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
+            elif stream.prefetch and tail:  # the head (1.2 GB for MiniMax-M2) read while the last layer runs
+                pending = pool.submit(source.load_shared, ("norm", "head"))
             inputs, hidden = hidden, run_layer(layer, layer.module, anatomy.layer(k), batches, hidden,
                                                run.collector, by_stage.get(k, []), device)
             del layer
@@ -199,12 +205,13 @@ def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, s
             if not stream.prefetch and not last:
                 pending = pool.submit(source.read, k + 1)
             done(k)
-    return hidden
+        shared = (pending.result() if stream.prefetch else source.load_shared(("norm", "head"))) if tail else None
+    return hidden, shared
 
 
-def _norm_and_head(source: LayerSource, batches, hidden, collector, targets) -> None:
-    """The final norm (if the model has one) and the head over every batch, captured."""
-    shared = source.load_shared(("norm", "head"))
+def _norm_and_head(source: LayerSource, batches, hidden, collector, targets, shared: dict) -> None:
+    """The final norm (if the model has one) and the head (`shared`, from load_shared) over every
+    batch, captured."""
     norm, head = shared.get("norm"), shared["head"]
     by_module = {source.anatomy.head_path: head}
     if norm is not None:
