@@ -125,3 +125,14 @@ def test_import_dirs_layout_named_for_safetensors(tmp_path, capsys):
                            "--model", MODEL)
     assert_one_line_error(code, err, "holds per-prompt directories, the dirs layout")
     assert "use --from dirs" in err
+
+
+def test_cpu_limit_below_the_model_with_no_gpu(capsys):
+    """With no GPU the whole model runs on the CPU: a --max-memory cpu limit below its weights is
+    refused by load, and plan's verdict says so (it used to load anyway, the limit ignored)."""
+    code, _, err = run_cli(capsys, "load", MODEL, "--max-memory", "cpu:1KB")
+    assert_one_line_error(code, err, "exceed the 1.0 KB the CPU may hold")
+    code, out, _ = run_cli(capsys, "plan", MODEL, "--max-memory", "cpu:1KB")
+    assert "exceed the 1.0 KB the CPU may hold" in " ".join(out.split())
+    code, out, err = run_cli(capsys, "load", MODEL, "--max-memory", "cpu:10GB")
+    assert code == 0, err

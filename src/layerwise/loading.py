@@ -109,6 +109,8 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
     if ref.kind == "checkpoint":
         checkpoint.require_complete(ref.path, mc.quant)
     plan = plan_load(ref, mc.config, options)
+    if plan.cpu_over_limit is not None:
+        raise UserError(f"refusing to load: {plan.verdict}")
     spill = [d for d in plan.devices if d.device in ("cpu", "disk")]
     notes = []
     if spill and plan.gpu_count:

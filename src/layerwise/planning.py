@@ -76,11 +76,23 @@ class Plan:
         return self.gpu_count > 0 and self.spilled_bytes == 0 and self.overflow_bytes == 0
 
     @property
+    def cpu_over_limit(self) -> "DevicePlan | None":
+        """With no GPU: the CPU's row when its weights exceed what the CPU may hold, else None."""
+        return next((d for d in self.devices if self.gpu_count == 0 and d.device == "cpu"
+                     and d.capacity_bytes is not None and d.weight_bytes > d.capacity_bytes), None)
+
+    @property
     def verdict(self) -> str:
         if self.fits:
             return (f"fits: all {self.num_layers} layers on {self.gpu_count} GPU(s), "
                     f"{format_bytes(self.total_weight_bytes)} of {self.weights_label} weights")
         if self.gpu_count == 0:
+            cpu = self.cpu_over_limit
+            if cpu is not None:
+                return (f"no GPU present or simulated, so the whole model runs on the CPU, and its "
+                        f"{format_bytes(cpu.weight_bytes)} of weights exceed the {format_bytes(cpu.capacity_bytes or 0)} "
+                        "the CPU may hold (host memory available, or --max-memory cpu:...): raise that, "
+                        "or pass --gpus to simulate a machine")
             return "no GPU present or simulated: everything would run from cpu/disk (pass --gpus to simulate a machine)"
         need = f"; needs {self.gpus_needed} such GPUs" if self.gpus_needed else ""
         if self.spilled_bytes == 0:
