@@ -103,7 +103,7 @@ def test_prompt_files(tmp_path):
     assert read_prompt_file(str(tmp_path / "noext")) == ["x"], "no suffix: an object on line 1 means JSONL"
     os.symlink(tmp_path / "b", tmp_path / "a")
     os.symlink(tmp_path / "a", tmp_path / "b")
-    with pytest.raises(Exception, match="cannot be opened: Too many levels of symbolic links"):
+    with pytest.raises(Exception, match="cannot be read: Too many levels of symbolic links"):
         read_prompt_file(str(tmp_path / "a"))
 
 
@@ -136,3 +136,26 @@ def test_cpu_limit_below_the_model_with_no_gpu(capsys):
     assert "exceed the 1.0 KB the CPU may hold" in " ".join(out.split())
     code, out, err = run_cli(capsys, "load", MODEL, "--max-memory", "cpu:10GB")
     assert code == 0, err
+
+
+def test_prompts_from_stdin_and_pipes(tmp_path, monkeypatch):
+    """`--prompts -` reads the standard input, a named pipe reads as a file does; a directory is
+    still "not a file", and under torchrun the standard input is refused (one rank would get it)."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"text": "a"}\n{"token_ids": [1, 2]}\n')))
+    assert read_prompt_file("-") == ["a", [1, 2]]
+    fifo = tmp_path / "p.fifo"
+    os.mkfifo(fifo)
+    import threading
+
+    writer = threading.Thread(target=lambda: fifo.write_text("one\ntwo\n"))
+    writer.start()
+    assert read_prompt_file(str(fifo)) == ["one", "two"]
+    writer.join()
+    with pytest.raises(Exception, match="is not a file"):
+        read_prompt_file(str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="reaches one rank only under torchrun"):
+        read_prompt_file("-")

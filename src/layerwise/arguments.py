@@ -66,7 +66,8 @@ def _fp8_backend(g) -> None:
 def _prompts(g) -> None:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", action="append", help="a file: one prompt per line (.txt), or JSONL with text or "
-                                                      "token_ids (.jsonl, .json, or a first line that is an object)")
+                                                      "token_ids (.jsonl, .json, or a first line that is an object); - reads the "
+                                                      "standard input")
     g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g.add_argument("--max-tokens", type=count, help="refuse prompts longer than this")
     g.add_argument("--points", help=f"what to capture, comma list of {','.join(POINTS)} "

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,23 +40,10 @@ class BrokenTokenizer:
 
 
 def read_prompt_file(path: str) -> list[str | list[int]]:
-    """Plain text (one prompt per non-empty line) or JSONL ({"text": ...} or {"token_ids": [...]})."""
+    """Plain text (one prompt per non-empty line) or JSONL ({"text": ...} or {"token_ids": [...]});
+    "-" is the standard input, a pipe or /dev/stdin reads as a file does."""
     file = Path(path)
-    try:
-        regular = stat.S_ISREG(os.stat(file).st_mode)
-    except OSError as err:  # missing, a symbolic-link loop, no permission to look
-        raise UserError(f"prompts file {path} " + ("does not exist" if err.errno == errno.ENOENT
-                                                   else f"cannot be opened: {err.strerror or err}")) from None
-    if not regular:
-        raise UserError(f"prompts file {path} is not a file")
-    try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading byte-order mark is dropped
-    except UnicodeDecodeError as err:
-        line = file.read_bytes()[:err.start].count(b"\n") + 1
-        raise UserError(f"prompts file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} on line {line}): "
-                        "save it as UTF-8") from None
-    except OSError as err:
-        raise UserError(f"cannot read prompts file {path}: {err.strerror or err}") from None
+    lines = _prompt_text(path).splitlines()
     # .txt is text whatever its lines hold; a file with another name is JSONL when its first line is an object
     suffix = file.suffix.lower()
     jsonl = suffix in (".jsonl", ".json") or (suffix != ".txt" and bool(lines) and lines[0].lstrip().startswith("{"))
@@ -80,6 +68,30 @@ def read_prompt_file(path: str) -> list[str | list[int]]:
     if not items:
         raise UserError(f"prompts file {path} holds no prompt")
     return items
+
+
+def _prompt_text(path: str) -> str:
+    """The text of a prompts file, a pipe or the standard input ("-"), a byte-order mark dropped."""
+    try:
+        if path == "-":
+            if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # torchrun's ranks do not share a stdin
+                raise UserError("--prompts - (the standard input) reaches one rank only under torchrun: "
+                                "give a file every rank can read")
+            data = sys.stdin.buffer.read()
+        else:
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+                raise UserError(f"prompts file {path} is not a file")
+            data = Path(path).read_bytes()
+    except OSError as err:  # missing, a symbolic-link loop, no permission
+        raise UserError(f"prompts file {path} " + ("does not exist" if err.errno == errno.ENOENT
+                                                   else f"cannot be read: {err.strerror or err}")) from None
+    try:
+        return data.decode("utf-8-sig")  # -sig: a leading byte-order mark is not text
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UserError(f"prompts file {path} is not UTF-8 text (byte {data[err.start]:#04x} on line {line}): "
+                        "save it as UTF-8") from None
 
 
 def _tokenized(index: int, item: str | list[int], tokenizer, chat_template: bool) -> Prompt:
