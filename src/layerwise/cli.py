@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import _boot, _fastplan, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
 from .atomic import io_reason, write_text_atomic
-from .compare import compare_paths
+from .compare import compare_paths, unmatched_note
 from .errors import UserError
 from .formatting import plural, wrap
 from .extract import extract, gather_prompts
@@ -79,6 +79,14 @@ def _print(line: str, file=None) -> None:
 def _warn(notes) -> None:
     for note in notes:
         print(f"layerwise: warning: {note}", file=sys.stderr)
+
+
+def _warn_unmatched(reports) -> None:
+    """A tolerance rule that judged no tensor of any report is said on stderr too (a shared
+    tolerance file may hold rules for tensors these runs lack: a warning, not an error)."""
+    first, *rest = list(reports) or [None]
+    _warn(unmatched_note(rule) for rule in (first.unmatched_rules if first else ())
+          if all(rule in r.unmatched_rules for r in rest))
 
 
 def cmd_check(args) -> int:
@@ -232,6 +240,7 @@ def cmd_test(args) -> int:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
         print(report.layer_test_text(tested, per_prompt=args.per_prompt))
+    _warn_unmatched(tested.reports.values())
     main_report = tested.reports.get(tested.decides) if tested.decides else None
     if main_report is not None:
         _write_pictures(main_report, args)
@@ -247,6 +256,7 @@ def cmd_compare(args) -> int:
         _emit_json(report.report_json(result), args.json)
     if args.json != "-":
         print(report.report_text(result, per_prompt=args.per_prompt))
+    _warn_unmatched([result])
     _write_pictures(result, args)
     return EXIT_OK if result.passed else EXIT_FAIL
 
