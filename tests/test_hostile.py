@@ -240,6 +240,11 @@ TRACEBACKS = [
     Case("compare --metrics-device not there", lambda lab: ["compare", lab.ref, lab.ref,
                                                              "--metrics-device", "cuda:99"],
          "--metrics-device cuda:99 is not usable here"),
+    Case("compare --metrics-device meta", lambda lab: ["compare", lab.ref, lab.ref, "--metrics-device", "meta"],
+         "--metrics-device meta holds no data"),
+    Case("extract --stream --device meta", lambda lab: [
+        "extract", MODEL, "--out", lab.new("r"), "--prompt", "hi", "--stream", "--device", "meta"],
+        "--device meta holds no data"),
     Case(".gguf cut inside its header", lambda lab: ["plan", lab.file("short.gguf", b"GGUF\x03\x00\x00\x00")],
          "re-download it"),
     Case("extract --engine llama.cpp of a garbage .gguf", lambda lab: [
@@ -413,6 +418,18 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     Case("index weight_map value a number", lambda lab: ["load", lab.checkpoint(_index_edit(
         lambda m: {**m, sorted(m)[0]: 5}))], "not a valid safetensors index"),
 ]
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
+    """cuda:7 on a machine of one GPU is one line naming the GPUs there, before torch is asked."""
+    from layerwise.errors import UserError
+    from layerwise.machine import usable_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"--metrics-device cuda:7 is not usable here: this machine has 1 GPU "
+                                        r"\(cuda:0-0\); give one of them or cpu"):
+        usable_device("cuda:7", "--metrics-device")
 
 
 @pytest.mark.parametrize("case", BAD_VALUES, ids=lambda c: c.id)

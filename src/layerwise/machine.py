@@ -62,6 +62,13 @@ def usable_device(device: str | None, flag: str = "--device") -> str:
     naming `flag`."""
     device = device or default_device()
     try:
+        where = torch.device(device)
+        if where.type == "meta":  # shapes only: nothing can be read back from it
+            raise UserError(f"{flag} meta holds no data (only shapes): give cpu or cuda:N")
+        if where.type == "cuda" and torch.cuda.is_available() and (where.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise UserError(f"{flag} {device} is not usable here: this machine has {count} GPU"
+                            f"{'s' if count > 1 else ''} (cuda:0-{count - 1}); give one of them or cpu")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as err:
         raise UserError(f"{flag} {device} is not usable here ({str(err).splitlines()[0]})") from None
