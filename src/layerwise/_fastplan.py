@@ -44,6 +44,12 @@ class _Decline(Exception):
 class _Parser(argparse.ArgumentParser):
     """plan's grammar, declining where argparse would print or exit (the command does that)."""
 
+    def __init__(self, *args, **kwargs):
+        from .flagtypes import text
+
+        super().__init__(*args, **kwargs)
+        self.register("type", None, text)  # an empty value: the command refuses it, as arguments.Parser
+
     def error(self, message):
         raise _Decline(message)
 
@@ -172,7 +178,9 @@ def _plan_text(args: list[str]) -> tuple[str, int]:
     from .sizes import parse_gpus
 
     parser = _Parser(prog="layerwise")
-    add_plan(parser.add_subparsers(dest="command", parser_class=_Parser))
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.type = str  # the words after the command are plan's to check
+    add_plan(sub)
     ns = parser.parse_args(args)
     if not ns.gpus:
         raise _Decline("the GPUs present")
