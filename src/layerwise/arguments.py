@@ -280,7 +280,8 @@ def load_options(args) -> LoadOptions:
                    offload_folder=getattr(args, "offload_folder", None),
                    allow_spill=not getattr(args, "no_spill", False),
                    attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
-                   quant=args.quant, tensor_parallel=getattr(args, "tp", None))
+                   quant=args.quant, fp8_backend=getattr(args, "fp8_backend", None),
+                   tensor_parallel=getattr(args, "tp", None))
 
 
 def distributed_options(args) -> DistOptions:

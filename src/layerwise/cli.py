@@ -21,7 +21,8 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import _boot, _fastplan, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
+from . import (_boot, _fastplan, arguments, combinations, distributed, loading, machine, models, plot, readiness,
+               recording, report, timings)
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths, unmatched_note
 from .errors import UserError
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments.build_parser()
     try:
         args = parser.parse_args(argv)
+        combinations.refuse_idle(args)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         code = COMMANDS[args.command](args)
@@ -319,6 +321,7 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
     args, problem = None, None
     try:
         args = arguments.build_parser().parse_args(argv)
+        combinations.refuse_idle(args)
         logging.basicConfig(level=logging.INFO if args.verbose and env.rank == 0 else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if args.command not in RANKED:
