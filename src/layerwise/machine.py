@@ -92,11 +92,16 @@ def host_memory_total() -> int:
         return 0
 
 
-def disk_free(path: str) -> int:
+def existing_ancestor(path: str) -> str:
+    """`path` made absolute, or its nearest parent that exists (what a directory made there lands on)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def disk_free(path: str) -> int:
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def peer_access() -> dict[tuple[int, int], bool]:
