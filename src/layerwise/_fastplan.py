@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._boot import cache_root, host_memory_available, is_command, read_threads
+from ._boot import cache_root, host_memory_available, is_command, read_threads, writer_mode
 
 OFF = "LAYERWISE_PLAN_CACHE"
 FORMAT = 1
@@ -157,7 +157,7 @@ def answer(argv: list[str] | None = None) -> None:
     if argv is None and not is_command():
         return
     try:
-        read_threads()  # a bad LAYERWISE_READ_THREADS is the command's to report
+        read_threads(), writer_mode()  # a bad LAYERWISE_READ_THREADS or LAYERWISE_WRITER is the command's to report
         text, code = _plan_text(args)
     except Exception:  # noqa: BLE001 - any doubt: the command runs, and reports what is wrong
         return

@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     timings.mark("imported")
     try:
         _boot.read_threads()
+        _boot.writer_mode()
     except ValueError as err:
         return _print_error(str(err), EXIT_USAGE)
     try:
