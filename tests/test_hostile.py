@@ -415,6 +415,9 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
          "hidden_size is '64'"),
     Case("config vocab_size true", lambda lab: ["plan", lab.checkpoint(_config_edit(vocab_size=True))],
          "vocab_size is True"),
+    Case("device map names no module", lambda lab: ["plan", MODEL, "--device-map",
+                                                    lab.file("m.json", '{"model.nope": "cpu", "": "cpu"}')],
+         "device map names 'model.nope', which is not a module of this model"),
     Case("device map true", lambda lab: ["plan", MODEL, "--device-map", lab.file("m.json", '{"": true}')],
          "is not a device"),
     Case("import a tensor twice (.npy and .pt)", lambda lab: ["import", lab.source({
