@@ -28,6 +28,18 @@ def reference(tmp_path_factory):
     return open_run(path)
 
 
+def test_a_tolerance_rule_no_test_run_matches_is_a_warning(capsys, tmp_path, reference):
+    """A single test compares decoder layers only: a rule for the head judged nothing in either run,
+    and says so on stderr (once); a rule the isolated run matches is not named."""
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t",
+                             "--layer", "1", "--tolerance", "lm_head:output=kl<1",
+                             "--tolerance", "model.layers.*:output=rel_l2<1")
+    assert code == 0, err
+    assert err.splitlines() == ["layerwise: warning: no tensor compared matches the tolerance rule --tolerance "
+                                "'lm_head:output=kl<1', which judged nothing: check its pattern against the names "
+                                "in the table"], err
+
+
 def _max_output_error(reference, candidate) -> float:
     worst = 0.0
     for name in candidate.names:
