@@ -6,10 +6,11 @@
     python test_layer_by_layer_gpu.py --test-type multi --layers 0-7     # a chain of layers
     python test_layer_by_layer_gpu.py --test-type full --device-map balanced --max-memory 0:60GB,1:40GB
 
-Defaults are the seed's: --device-map auto, the reference in runs/reference (extract-all writes
-it there, the other tests read it and write runs/test-TYPE), a few built-in prompts. Every other
-flag is `layerwise test`'s (see `layerwise test --help` and docs/LAYER_TESTS.md). Not a pytest
-file (conftest.py ignores it).
+Defaults are the seed's: --device-map auto (for full and extract-all, which place the whole model;
+single and multi run on --device, or on a --device-map of one device), the reference in
+runs/reference (extract-all writes it there, the other tests read it and write runs/test-TYPE), a
+few built-in prompts. Every other flag is `layerwise test`'s (see `layerwise test --help` and
+docs/LAYER_TESTS.md). Not a pytest file (conftest.py ignores it).
 """
 
 import argparse
@@ -28,13 +29,16 @@ def translate(argv: list[str]) -> list[str]:
     parser.add_argument("--test-type", default="extract-all")
     parser.add_argument("--reference", default="runs/reference")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--device-map", default="auto")
+    parser.add_argument("--device-map")
     parser.add_argument("--prompt", action="append")
     parser.add_argument("--prompts", action="append")
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         return ["test", "--help"]
-    args = ["test", known.model, "--test-type", known.test_type, "--device-map", known.device_map]
+    args = ["test", known.model, "--test-type", known.test_type]
+    whole = known.test_type in ("full", "extract-all")  # a single layer goes to --device, not a map
+    if known.device_map or whole:
+        args += ["--device-map", known.device_map or "auto"]
     if known.test_type == "extract-all":
         args += ["--out", known.out or known.reference]
         prompts = [("--prompt", p) for p in known.prompt or []] + [("--prompts", f) for f in known.prompts or []]

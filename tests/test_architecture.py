@@ -40,7 +40,7 @@ FLOORS = {
     4: "recording collector hostcopy capture module_points loading layer_loading timings",
     5: "layer_test replay rebatch pipeline streaming joint extract importer compare tokenmap readiness engines.llamacpp "
        "engines.vllm_hook measuring",
-    6: "cli arguments plot report _fastplan __main__ __init__",
+    6: "cli arguments combinations plot report _fastplan __main__ __init__",
 }
 FLOOR = {module: floor for floor, names in FLOORS.items() for module in names.split()}
 CORE = set(FLOORS[1].split())

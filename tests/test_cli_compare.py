@@ -151,6 +151,9 @@ def test_corrupt_expert_ids_without_verify(capsys, tmp_path, runs):
     (["--prompts", "0"], "--prompts is now --prompt-index"),
     (["--tolerance-file", "/no/such.toml"], "cannot read tolerance file"),
     (["--max-rel-l2", "-1"], "argument --max-rel-l2: -1 is negative"),
+    (["--tolerance", "lm_head:output=top1>=2"], "'lm_head:output=top1>=2' (--tolerance): top1 lies from 0 to 1"),
+    (["--tolerance", "*=cosine>1.5"], "cosine lies from -1 to 1, so cosine>1.5 can never hold"),
+    (["--tolerance", "*.gate:topk_ids=jaccard>=3"], "jaccard lies from 0 to 1, so jaccard>=3 can never hold"),
 ])
 def test_bad_options(capsys, runs, args, fragment):
     code, _, err = run_cli(capsys, "compare", runs["ref"], runs["same"], *args)
@@ -174,3 +177,39 @@ def test_tolerance_rule_and_file_through_cli(capsys, runs, tmp_path):
     assert code == 0
     code, out, _ = run_cli(capsys, "compare", runs["ref"], runs["bf16"], "--max-rel-l2", "1e-4")
     assert code == 1 and "model.embed_tokens:output" in out
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("t.toml", '[rules]\n"model.layers.*:output" = "cosine>2"\n', "cosine lies from -1 to 1, so cosine>2 can never hold"),
+    ("t.json", '{"rules": {"model.layers.*:output": "cosine>2"}}', "cosine lies from -1 to 1, so cosine>2 can never hold"),
+    ("t.json", '{"min_cosine": 2}', "min_cosine = 2: cosine lies from -1 to 1"),
+    ("t.toml", "", "holds no limits and no rules"),
+    ("t.json", "{}", "holds no limits and no rules"),
+])
+def test_tolerance_files_are_checked_like_flags(capsys, runs, tmp_path, name, text, fragment):
+    """A limit no run can meet, or a file that judges nothing, is refused before any tensor is read."""
+    pytest.importorskip("tomllib")
+    file = tmp_path / name
+    file.write_text(text)
+    code, out, err = run_cli(capsys, "compare", runs["ref"], runs["same"], "--tolerance-file", file)
+    assert_one_line_error(code, err, fragment)
+    assert out == ""
+
+
+def test_a_rule_that_matches_no_tensor_is_a_warning_and_a_note(capsys, runs, tmp_path):
+    """A shared tolerance file may hold rules for tensors these runs lack, so a rule that judged
+    nothing passes with a warning on stderr and a note in the report, not an error."""
+    file = tmp_path / "t.json"
+    file.write_text(json.dumps({"rules": {"model.layers.*:output": "rel_l2<0.1", "model.layrs.*": "rel_l2<1"}}))
+    report = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "compare", runs["ref"], runs["same"], "--tolerance", "lm_hed:output=kl<1",
+                             "--tolerance", "model.layers.*:output=top1>=0.9", "--tolerance-file", file,
+                             "--json", report)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line]
+    assert warned == [f"layerwise: warning: no tensor compared matches the tolerance rule {rule}, which judged "
+                      "nothing: check its pattern against the names in the table" for rule in (
+                          "--tolerance 'lm_hed:output=kl<1'", "--tolerance 'model.layers.*:output=top1>=0.9'",
+                          f"{file} 'model.layrs.*=rel_l2<1'")], err
+    assert "matches the tolerance rule --tolerance 'lm_hed:output=kl<1'" in out.replace("\n", " ")
+    assert sum("judged nothing" in note for note in json.loads(report.read_text())["notes"]) == 3

@@ -103,7 +103,9 @@ def test_nothing_is_kept_where_the_tree_places_otherwise(cache, capsys, monkeypa
     (["plan", "builtin:minimax-m2", "--gpus", "8x80GB"], {"LAYERWISE_PLAN_CACHE": "0"}),
     (["plan", "builtin:minimax-m2", "--gpus", "8x80GB"], {"WORLD_SIZE": "2"}),
     (["plan", "builtin:minimax-m2", "--gpus", "8x80GB"], {"LAYERWISE_READ_THREADS": "many"}),
+    (["plan", "builtin:minimax-m2", "--gpus", "8x80GB"], {"LAYERWISE_WRITER": "bogus"}),
     (["-v", "plan", "builtin:minimax-m2", "--gpus", "8x80GB"], {}),
+    (["plan", "builtin:minimax-m2", "--gpus", "8x80GB", "--device-map", ""], {}),  # the command refuses it
     (["load", "builtin:minimax-m2", "--gpus", "8x80GB"], {}),
 ])
 def test_the_command_runs_as_before(cache, capsys, monkeypatch, argv, env):

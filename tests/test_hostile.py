@@ -240,6 +240,11 @@ TRACEBACKS = [
     Case("compare --metrics-device not there", lambda lab: ["compare", lab.ref, lab.ref,
                                                              "--metrics-device", "cuda:99"],
          "--metrics-device cuda:99 is not usable here"),
+    Case("compare --metrics-device meta", lambda lab: ["compare", lab.ref, lab.ref, "--metrics-device", "meta"],
+         "--metrics-device meta holds no data"),
+    Case("extract --stream --device meta", lambda lab: [
+        "extract", MODEL, "--out", lab.new("r"), "--prompt", "hi", "--stream", "--device", "meta"],
+        "--device meta holds no data"),
     Case(".gguf cut inside its header", lambda lab: ["plan", lab.file("short.gguf", b"GGUF\x03\x00\x00\x00")],
          "re-download it"),
     Case("extract --engine llama.cpp of a garbage .gguf", lambda lab: [
@@ -370,11 +375,21 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     ("test", "--logits-topk", "0", "at least 1"), ("test", "--max-rel-l2", "nan", "NaN"),
     ("compare", "--prompt-index", "0-99999999999", "expected prompt indices"),
     ("compare", "--tolerance", "*=rel_l2<nan", "cannot be NaN"),
-    ("compare", "--tolerance", "*=rel_l2<-1", "never negative"),
+    ("compare", "--tolerance", "*=rel_l2<-1", "rel_l2 lies from 0 up"),
+    ("compare", "--tolerance", "lm_head:output=top1>=2", "top1 lies from 0 to 1"),
     ("plan", "--gpus", "0:80GB,0:40GB", "names GPU 0 twice"), ("plan", "--gpus", "0x80GB", "give 1 to 1024"),
     ("plan", "--gpus", "2x0GB", "larger than zero"), ("plan", "--max-memory", "cpu:1GB,cpu:2GB", "twice"),
     ("extract", "--layers", "0-99999999999", "layers"), ("test", "--layer", "-1", "not a layer number"),
 ]] + [
+    Case("extract --points ''", lambda lab: ["extract", MODEL, "--out", lab.new("r"), "--prompt", "hi", "--points", ""],
+         "argument --points: '' is empty: give a value"),
+    Case("extract --layers ''", lambda lab: ["extract", MODEL, "--out", lab.new("r"), "--prompt", "hi", "--layers", " "],
+         "argument --layers: ' ' is empty"),
+    Case("test --layers ''", lambda lab: ["test", MODEL, "--reference", lab.ref, "--test-type", "multi",
+                                          "--layers", ""], "argument --layers: '' is empty"),
+    Case("compare --metrics-device ''", lambda lab: ["compare", lab.ref, lab.ref, "--metrics-device", ""],
+         "argument --metrics-device: '' is empty"),
+    Case("plan --device-map ''", lambda lab: ["plan", MODEL, "--device-map", ""], "argument --device-map: '' is empty"),
     Case("token_ids [true, 2]", _prompts('{"token_ids": [true, 2]}'), "not a non-negative integer"),
     Case("token_ids [1.5]", _prompts('{"token_ids": [1.5]}'), "not a non-negative integer"),
     Case("token_ids [-1]", _prompts('{"token_ids": [-1]}'), "not a non-negative integer"),
@@ -382,7 +397,7 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     Case("token_ids a string", _prompts('{"token_ids": "5"}'), "non-empty list"),
     Case("tolerance file NaN", _tolerance_file('{"max_rel_l2": NaN}'), "must be a finite number"),
     Case("tolerance file true", _tolerance_file('{"max_rel_l2": true}'), "must be a finite number"),
-    Case("tolerance file cosine 2", _tolerance_file('{"min_cosine": 2}'), "not a cosine"),
+    Case("tolerance file cosine 2", _tolerance_file('{"min_cosine": 2}'), "cosine lies from -1 to 1"),
     Case("tolerance file rule NaN", _tolerance_file('{"rules": {"*": "rel_l2<NaN"}}'), "cannot be NaN"),
     Case("manifest prompt index true", _compare(_set("tensors.0.prompt", True)), "prompt is True"),
     Case("manifest token_ids [true]", _compare(_set("prompts.0.token_ids", [True])), "not a non-negative integer"),
@@ -400,6 +415,9 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
          "hidden_size is '64'"),
     Case("config vocab_size true", lambda lab: ["plan", lab.checkpoint(_config_edit(vocab_size=True))],
          "vocab_size is True"),
+    Case("device map names no module", lambda lab: ["plan", MODEL, "--device-map",
+                                                    lab.file("m.json", '{"model.nope": "cpu", "": "cpu"}')],
+         "device map names 'model.nope', which is not a module of this model"),
     Case("device map true", lambda lab: ["plan", MODEL, "--device-map", lab.file("m.json", '{"": true}')],
          "is not a device"),
     Case("import a tensor twice (.npy and .pt)", lambda lab: ["import", lab.source({
@@ -412,6 +430,18 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     Case("index weight_map value a number", lambda lab: ["load", lab.checkpoint(_index_edit(
         lambda m: {**m, sorted(m)[0]: 5}))], "not a valid safetensors index"),
 ]
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
+    """cuda:7 on a machine of one GPU is one line naming the GPUs there, before torch is asked."""
+    from layerwise.errors import UserError
+    from layerwise.machine import usable_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"--metrics-device cuda:7 is not usable here: this machine has 1 GPU "
+                                        r"\(cuda:0-0\); give one of them or cpu"):
+        usable_device("cuda:7", "--metrics-device")
 
 
 @pytest.mark.parametrize("case", BAD_VALUES, ids=lambda c: c.id)

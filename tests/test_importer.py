@@ -96,6 +96,27 @@ def test_import_errors(tmp_path, capsys, setup, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--layers", "abc"], "--layers names the layers vLLM hidden-states files hold, and {src} is dirs: drop --layers"),
+    (["--layers", "2,16"], "--layers names the layers vLLM hidden-states files hold"),
+    (["--decode", "include"], "--decode is for SGLang dumps' decode steps, and {src} is dirs: drop --decode"),
+    (["--model", "builtin:nope"], "unknown built-in model --model 'builtin:nope': choose one of builtin:minimax-m2"),
+])
+def test_flags_that_do_not_apply_are_refused(tmp_path, capsys, flags, fragment):
+    """A flag of another layout, or a built-in model that does not exist, was recorded or dropped
+    silently: now one line, and no run written."""
+    src = tmp_path / "src"
+    (src / "0").mkdir(parents=True)
+    np.save(src / "0" / "tokens.npy", np.array([1, 2, 3]))
+    np.save(src / "0" / "model.layers.0.output.npy", np.zeros((3, 4), dtype=np.float32))
+    code, _, err = run_cli(capsys, "import", src, "--out", tmp_path / "run", *flags)
+    assert_one_line_error(code, err, fragment.format(src=src))
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, "import", src, "--out", tmp_path / "ok", "--model", "builtin:llama-tiny")
+    assert code == 0, err
+    assert runs.open_run(tmp_path / "ok").manifest["model"]["spec"] == "builtin:llama-tiny"
+
+
 def test_bad_rename_rule(tmp_path, capsys):
     code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "([=x")
     assert_one_line_error(code, err, "bad regular expression")

@@ -21,8 +21,7 @@ FP8 = "builtin:minimax-m2-tiny-fp8"
 def two_commands(tmp_path, model, candidate: ReplayOptions, layers, batch_size=2, chained=True):
     """What the user ran before: a streamed extract, then the layer test against it."""
     ref = tmp_path / "two" / "ref"
-    stream_extract(model, ref, PROMPTS, ExtractOptions(batch_size=batch_size),
-                   StreamOptions(device="cpu", fp8_backend=candidate.fp8_backend))
+    stream_extract(model, ref, PROMPTS, ExtractOptions(batch_size=batch_size), StreamOptions(device="cpu"))
     result = replay.replay(model, ref, layers, candidate, isolated=tmp_path / "two" / "iso",
                            chained=tmp_path / "two" / "chain" if chained else None)
     return open_run(ref), result

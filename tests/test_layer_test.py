@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from layerwise import layer_test, open_run
+from layerwise import arguments, combinations, layer_test, open_run
 from layerwise.errors import UserError
 
 from helpers import assert_one_line_error, assert_runs_equal, copy_checkpoint, run_cli
@@ -26,6 +26,18 @@ def reference(tmp_path_factory):
                  "--points", "residual,attn,mlp,router,norm,logits"])
     assert code == 0
     return open_run(path)
+
+
+def test_a_tolerance_rule_no_test_run_matches_is_a_warning(capsys, tmp_path, reference):
+    """A single test compares decoder layers only: a rule for the head judged nothing in either run,
+    and says so on stderr (once); a rule the isolated run matches is not named."""
+    code, out, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t",
+                             "--layer", "1", "--tolerance", "lm_head:output=kl<1",
+                             "--tolerance", "model.layers.*:output=rel_l2<1")
+    assert code == 0, err
+    assert err.splitlines() == ["layerwise: warning: no tensor compared matches the tolerance rule --tolerance "
+                                "'lm_head:output=kl<1', which judged nothing: check its pattern against the names "
+                                "in the table"], err
 
 
 def _max_output_error(reference, candidate) -> float:
@@ -146,10 +158,17 @@ def test_seed_wrapper_translates_flags():
     spec.loader.exec_module(wrapper)
     assert wrapper.translate(["--test-type", "extract-all"])[:8] == [
         "test", MINIMAX, "--test-type", "extract-all", "--device-map", "auto", "--out", "runs/reference"]
-    args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1",
-                              "--max-memory", "40GB"])
+    args = wrapper.translate(["--test-type", "single", "--layer", "3", "--device-map", "cuda:1"])
     assert args == ["test", MINIMAX, "--test-type", "single", "--device-map", "cuda:1", "--reference", "runs/reference",
-                    "--out", "runs/test-single", "--layer", "3", "--max-memory", "40GB"]
+                    "--out", "runs/test-single", "--layer", "3"]
+    args = wrapper.translate(["--test-type", "multi", "--layers", "0-7"])  # the seed's auto map places no layer
+    assert args == ["test", MINIMAX, "--test-type", "multi", "--reference", "runs/reference", "--out",
+                    "runs/test-multi", "--layers", "0-7"]
+    args = wrapper.translate(["--test-type", "full", "--max-memory", "40GB"])
+    assert args[:6] == ["test", MINIMAX, "--test-type", "full", "--device-map", "auto"]
+    for argv in (["--test-type", "single", "--layer", "all"], ["--test-type", "multi"], ["--test-type", "full"],
+                 ["--test-type", "extract-all"], ["--test-type", "full", "--max-memory", "0:60GB,1:40GB"]):
+        combinations.refuse_idle(arguments.build_parser().parse_args(wrapper.translate(argv)))  # none is refused
 
 
 def _bad_layer_module(tmp_path, monkeypatch):

@@ -137,6 +137,26 @@ def test_device_map_file_must_cover_model(tmp_path, tiny_meta):
         placement.plan_placement(tiny_meta, [GB], {"model.layers": 0}, cpu_bytes=GB)
 
 
+@pytest.mark.parametrize("device_map, fragment", [
+    ({"model.nope": "cpu", "": 0}, "device map names 'model.nope', which is not a module of this model (beside it: "
+                                   "model.embed_tokens, model.layers, model.norm, model.rotary_emb)"),
+    ({"model.layers.9": "cpu", "": 0}, "names 'model.layers.9', which is not a module of this model (beside it: "
+                                       "model.layers.0, model.layers.1"),
+    ({"model": 0, "lm_head": 0, "model.bogus": "cpu"}, "names 'model.bogus'"),
+])
+def test_device_map_naming_no_module_is_refused(tiny_meta, device_map, fragment):
+    """A misspelt module in a --device-map file placed nothing and was accepted in silence."""
+    with pytest.raises(UserError) as info:
+        placement.plan_placement(tiny_meta, [GB], device_map, cpu_bytes=GB)
+    assert fragment in str(info.value)
+
+
+def test_device_map_may_name_a_submodule_or_a_weight(tiny_meta):
+    plan = placement.plan_placement(tiny_meta, [GB], {"model.layers.0.mlp.gate": "cpu", "lm_head.weight": "cpu",
+                                                      "": 0}, cpu_bytes=GB, overhead_bytes=0)
+    assert [d.device for d in plan.devices] == ["cuda:0", "cpu"]
+
+
 def test_device_map_on_missing_gpu(tiny_meta):
     with pytest.raises(UserError, match="GPU 3, which is not present"):
         placement.plan_placement(tiny_meta, [GB], {"": 3}, cpu_bytes=GB)

@@ -95,6 +95,24 @@ def test_check_cli_json(capsys, monkeypatch):
     assert code == 1 and "NOT READY" in out
 
 
+def test_check_out_judges_where_runs_would_be_written(tmp_path, monkeypatch, capsys):
+    """--out is where extract would write runs: a file there, or under a file, is a FAIL (it passed,
+    the disk measured at the file); a directory not made yet is measured where it would be made."""
+    monkeypatch.setattr(readiness.machine, "gpus", lambda: [])
+    (tmp_path / "f").write_text("x")
+    for out, status, detail in [
+        (tmp_path / "f", "FAIL", f"--out {tmp_path / 'f'} is a file, not a directory: runs are directories"),
+        (tmp_path / "f" / "run", "FAIL", f"--out {tmp_path / 'f' / 'run'} cannot be made: {tmp_path / 'f'} is a file"),
+        (tmp_path / "new" / "run", "PASS", f"free at {tmp_path / 'new' / 'run'} (not there yet: measured at "
+                                           f"{tmp_path}, where it would be made)"),
+        (tmp_path, "PASS", f"free at {tmp_path}"),
+    ]:
+        disk = by_name(readiness.check_machine(CheckOptions(cpu=True, out_dir=str(out))))["disk"]
+        assert disk.status == status and detail in disk.detail, disk
+    code, out, _ = run_cli(capsys, "check", "--cpu", "--out", tmp_path / "f")
+    assert code == 1 and "NOT READY" in out
+
+
 def test_root_wrapper_script(monkeypatch, capsys):
     import runpy
     import sys

@@ -68,6 +68,67 @@ def test_unparseable_rules_name_the_rule(text, fragment):
     assert fragment in message and repr(text) in message and "\n" not in message
 
 
+@pytest.mark.parametrize("text", ["x=top1>=1", "x=cosine>=-1", "x=cosine>-1", "x=rel_l2<=0", "x=flips<=0",
+                                  "x=jaccard>0", "x=sqnr_db>=-20", "x=rel_l2<inf", "x=same_set>=0"])
+def test_limits_at_the_edge_of_a_metric_range_are_accepted(text):
+    assert parse_rule(text).tolerance.checks
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("lm_head:output=top1>=2", "top1 lies from 0 to 1, so top1>=2 can never hold"),
+    ("x=cosine>1.5", "cosine lies from -1 to 1, so cosine>1.5 can never hold"),
+    ("x=jaccard>=3", "jaccard lies from 0 to 1, so jaccard>=3 can never hold"),
+    ("x=same_set>1", "same_set>1 can never hold"),
+    ("x=cosine>1", "cosine>1 can never hold"),
+    ("x=topk>=inf", "topk>=inf can never hold"),
+    ("x=rel_l2<0", "rel_l2 lies from 0 up, so rel_l2<0 can never hold"),
+    ("x=kl<-1", "kl<-1 can never hold"),
+    ("x=flips_moved<0", "flips_moved<0 can never hold"),
+    ("x=sqnr_db>inf", "sqnr_db>inf can never hold"),
+    ("x=top1>=-0.5", "top1 lies from 0 to 1, so top1>=-0.5 always holds"),
+    ("x=cosine>=-2", "cosine>=-2 always holds"),
+])
+def test_limits_outside_a_metric_range_are_refused(text, fragment):
+    """A limit a metric cannot reach fails every run (or passes every one): one line naming the
+    rule and the range, from the command line and from a file alike."""
+    with pytest.raises(UserError) as info:
+        parse_rule(text)
+    message = str(info.value)
+    assert fragment in message and repr(text) in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("name, content", [("t.json", '{"rules": {"x": "cosine>2"}}'),
+                                           ("t.toml", '[rules]\n"x" = "cosine>2"\n')])
+def test_tolerance_file_rules_are_range_checked(tmp_path, name, content):
+    pytest.importorskip("tomllib")
+    file = tmp_path / name
+    file.write_text(content)
+    with pytest.raises(UserError, match=f"tolerance rule 'x=cosine>2' \\({file}\\): cosine lies from -1 to 1"):
+        load_tolerance_file(file)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"min_cosine": 2}', "min_cosine = 2: cosine lies from -1 to 1, so cosine>=2 can never hold"),
+    ('{"max_kl": -1}', "max_kl = -1: kl lies from 0 up, so kl<=-1 can never hold"),
+    ('{"rtol": -1}', "rtol = -1 cannot be negative"),
+])
+def test_tolerance_file_limits_are_range_checked(tmp_path, content, fragment):
+    file = tmp_path / "t.json"
+    file.write_text(content)
+    with pytest.raises(UserError, match=fragment):
+        load_tolerance_file(file)
+
+
+@pytest.mark.parametrize("name, content", [("t.toml", ""), ("t.toml", "[rules]\n"), ("t.json", "{}"),
+                                           ("t.json", '{"rules": {}}')])
+def test_an_empty_tolerance_file_is_refused(tmp_path, name, content):
+    pytest.importorskip("tomllib")
+    file = tmp_path / name
+    file.write_text(content)
+    with pytest.raises(UserError, match="holds no limits and no rules"):
+        load_tolerance_file(file)
+
+
 def test_check_semantics():
     assert Check("rel_l2", "<", 1.0).holds(0.5) and not Check("rel_l2", "<", 1.0).holds(1.0)
     assert Check("rel_l2", "<=", 1.0).holds(1.0)
@@ -144,8 +205,10 @@ def test_bad_tolerance_files(tmp_path, content, name, fragment):
 def test_missing_file_and_negative_limit(tmp_path):
     with pytest.raises(UserError, match="cannot read tolerance file"):
         load_tolerance_file(tmp_path / "nope.json")
-    with pytest.raises(UserError, match="--max-rel-l2 cannot be negative"):
+    with pytest.raises(UserError, match="--max-rel-l2 -1: rel_l2 lies from 0 up, so rel_l2<=-1 can never hold"):
         build_tolerances(max_rel_l2=-1.0)
+    with pytest.raises(UserError, match="--min-cosine 1.5: cosine lies from -1 to 1"):
+        build_tolerances(min_cosine=1.5)
 
 
 def _tm(ref, cand, **kw):

@@ -220,6 +220,22 @@ def test_threads_only_when_asked(tmp_path, monkeypatch, traced):
     assert traced == []
 
 
+@pytest.mark.parametrize("value", ["bogus", "thread", "0"])
+def test_a_writer_setting_that_is_none_is_one_line(tmp_path, monkeypatch, capsys, value):
+    """LAYERWISE_WRITER=bogus silently meant the writer processes; now every command stops with one
+    line before any work (test_fastplan: `plan`'s fast answer leaves it to the command)."""
+    from layerwise import _boot
+
+    from helpers import assert_one_line_error, run_cli
+
+    monkeypatch.setenv(writerproc.ENV, value)
+    code, out, err = run_cli(capsys, "extract", "builtin:minimax-m2-tiny", "--out", tmp_path / "r", "--prompt", "hi")
+    assert_one_line_error(code, err, f"LAYERWISE_WRITER={value!r} is not a writer: set it to threads")
+    assert out == "" and not (tmp_path / "r").exists()
+    assert [_boot.writer_mode(env) for env in ({writerproc.ENV: "threads"}, {writerproc.ENV: "process"},
+                                               {writerproc.ENV: " "}, {})] == ["threads", "process", "process", "process"]
+
+
 def test_a_relative_run_path_is_this_process_s_not_the_writer_process_s(tmp_path, monkeypatch, traced):
     """The writer's process keeps the working directory it started in."""
     writerproc.processes(2)

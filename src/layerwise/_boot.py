@@ -8,8 +8,8 @@ every command and every torchrun rank. When that is the case and no PYTHONPYCACH
 for a program that imports layerwise) points Python's bytecode cache at layerwise's own cache
 directory, never beside the sources: the first command compiles and writes, the next ones load.
 LAYERWISE_BYTECODE_CACHE=0 turns it off. Standard library only: it runs before torch is imported
-(so do `pyc_valid`, `host_memory_available`, `cores_per_process` and `read_threads`, which other
-modules share).
+(so do `pyc_valid`, `host_memory_available`, `cores_per_process`, `read_threads` and `writer_mode`,
+which other modules share).
 """
 
 from __future__ import annotations
@@ -108,6 +108,21 @@ def read_threads(environ=None) -> int:
                              "from 1 to 256, or unset it")
         return int(value)
     return max(4, min(8, cores_per_process(environ) // 2))
+
+
+WRITER_ENV = "LAYERWISE_WRITER"
+WRITER_MODES = ("process", "threads")  # the run writer's processes (the default, where supported), or threads here
+
+
+def writer_mode(environ=None) -> str:
+    """LAYERWISE_WRITER (writerproc.py): "process" unless set; another value than WRITER_MODES is
+    a ValueError naming the fix (it silently meant "process")."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(WRITER_ENV, "").strip() or WRITER_MODES[0]
+    if value not in WRITER_MODES:
+        raise ValueError(f"{WRITER_ENV}={value!r} is not a writer: set it to threads (the writer's threads in the "
+                         "command's own process) or process (the default), or unset it")
+    return value
 
 
 def _has_bytecode(name: str) -> bool:

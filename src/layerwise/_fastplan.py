@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._boot import cache_root, host_memory_available, is_command, read_threads
+from ._boot import cache_root, host_memory_available, is_command, read_threads, writer_mode
 
 OFF = "LAYERWISE_PLAN_CACHE"
 FORMAT = 1
@@ -43,6 +43,12 @@ class _Decline(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """plan's grammar, declining where argparse would print or exit (the command does that)."""
+
+    def __init__(self, *args, **kwargs):
+        from .flagtypes import text
+
+        super().__init__(*args, **kwargs)
+        self.register("type", None, text)  # an empty value: the command refuses it, as arguments.Parser
 
     def error(self, message):
         raise _Decline(message)
@@ -151,7 +157,7 @@ def answer(argv: list[str] | None = None) -> None:
     if argv is None and not is_command():
         return
     try:
-        read_threads()  # a bad LAYERWISE_READ_THREADS is the command's to report
+        read_threads(), writer_mode()  # a bad LAYERWISE_READ_THREADS or LAYERWISE_WRITER is the command's to report
         text, code = _plan_text(args)
     except Exception:  # noqa: BLE001 - any doubt: the command runs, and reports what is wrong
         return
@@ -172,7 +178,9 @@ def _plan_text(args: list[str]) -> tuple[str, int]:
     from .sizes import parse_gpus
 
     parser = _Parser(prog="layerwise")
-    add_plan(parser.add_subparsers(dest="command", parser_class=_Parser))
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.type = str  # the words after the command are plan's to check
+    add_plan(sub)
     ns = parser.parse_args(args)
     if not ns.gpus:
         raise _Decline("the GPUs present")

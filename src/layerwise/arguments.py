@@ -18,7 +18,7 @@ from .compare import CompareOptions
 from .distributed import DistOptions
 from .errors import UserError
 from .extract import ExtractOptions
-from .flagtypes import amount, cosine, count, limit, wait_seconds
+from .flagtypes import amount, cosine, count, limit, text, wait_seconds
 from .importer import DECODES, FORMATS
 from .layer_test import TEST_TYPES, TestOptions
 from .loading import LoadOptions
@@ -32,7 +32,16 @@ from .tolerances import build_tolerances
 from .zoo import BUILTINS
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not a usage block."""
+    """argparse, but a usage error is one line, not a usage block, and no flag takes an empty text."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", None, text)  # the type of every flag declared without one
+
+    def add_argument(self, *names, **kwargs):
+        if names and not names[0].startswith("-"):  # a positional (a model, a run): its reader says what to give
+            kwargs.setdefault("type", str)
+        return super().add_argument(*names, **kwargs)
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -135,6 +144,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"layerwise {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.type = str  # the words after the command are the subcommand's to check, not `text`'s
     for add in (_check, _plan, _load, _extract, _import, _compare, _test):
         add(sub)
     return parser
@@ -272,7 +282,8 @@ def load_options(args) -> LoadOptions:
                    offload_folder=getattr(args, "offload_folder", None),
                    allow_spill=not getattr(args, "no_spill", False),
                    attn_implementation=getattr(args, "attn_implementation", None), tokens=args.tokens,
-                   quant=args.quant, tensor_parallel=getattr(args, "tp", None))
+                   quant=args.quant, fp8_backend=getattr(args, "fp8_backend", None),
+                   tensor_parallel=getattr(args, "tp", None))
 
 
 def distributed_options(args) -> DistOptions:

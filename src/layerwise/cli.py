@@ -21,9 +21,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import _boot, _fastplan, arguments, distributed, loading, machine, models, plot, readiness, recording, report, timings
+from . import (_boot, _fastplan, arguments, combinations, distributed, loading, machine, models, plot, readiness,
+               recording, report, timings)
 from .atomic import io_reason, write_text_atomic
-from .compare import compare_paths
+from .compare import compare_paths, unmatched_note
 from .errors import UserError
 from .formatting import plural, wrap
 from .extract import extract, gather_prompts
@@ -79,6 +80,14 @@ def _print(line: str, file=None) -> None:
 def _warn(notes) -> None:
     for note in notes:
         print(f"layerwise: warning: {note}", file=sys.stderr)
+
+
+def _warn_unmatched(reports) -> None:
+    """A tolerance rule that judged no tensor of any report is said on stderr too (a shared
+    tolerance file may hold rules for tensors these runs lack: a warning, not an error)."""
+    first, *rest = list(reports) or [None]
+    _warn(unmatched_note(rule) for rule in (first.unmatched_rules if first else ())
+          if all(rule in r.unmatched_rules for r in rest))
 
 
 def cmd_check(args) -> int:
@@ -232,6 +241,7 @@ def cmd_test(args) -> int:
         _emit_json(report.layer_test_json(tested), args.json)
     if args.json != "-":
         print(report.layer_test_text(tested, per_prompt=args.per_prompt))
+    _warn_unmatched(tested.reports.values())
     main_report = tested.reports.get(tested.decides) if tested.decides else None
     if main_report is not None:
         _write_pictures(main_report, args)
@@ -247,6 +257,7 @@ def cmd_compare(args) -> int:
         _emit_json(report.report_json(result), args.json)
     if args.json != "-":
         print(report.report_text(result, per_prompt=args.per_prompt))
+    _warn_unmatched([result])
     _write_pictures(result, args)
     return EXIT_OK if result.passed else EXIT_FAIL
 
@@ -264,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     timings.mark("imported")
     try:
         _boot.read_threads()
+        _boot.writer_mode()
     except ValueError as err:
         return _print_error(str(err), EXIT_USAGE)
     try:
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments.build_parser()
     try:
         args = parser.parse_args(argv)
+        combinations.refuse_idle(args)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         code = COMMANDS[args.command](args)
@@ -309,6 +322,7 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
     args, problem = None, None
     try:
         args = arguments.build_parser().parse_args(argv)
+        combinations.refuse_idle(args)
         logging.basicConfig(level=logging.INFO if args.verbose and env.rank == 0 else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if args.command not in RANKED:

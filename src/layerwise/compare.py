@@ -104,6 +104,7 @@ class Report:
     bytes_read: int = 0
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    unmatched_rules: tuple[str, ...] = ()  # where each tolerance rule that judged no tensor came from
 
     @property
     def passed(self) -> bool:
@@ -191,6 +192,7 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
     rows = [_row(name, ctx, results[name], baseline is not None) for name in plan.names]
     rows = _with_growth(rows, layout.layers_path, layout.embed)
     first = next((r for r in rows if not r.passed), None)
+    unmatched = tuple(r.tolerance.source for r in options.tolerances.unmatched((r.name, r.kind) for r in rows))
     logits_rows = [r for r in rows if r.kind == "logits"]
     seconds = time.perf_counter() - started
     log.info("compared %d tensors over %d prompts: %.2f GB in %.2f s", len(rows), len(plan.prompts), done / 1e9,
@@ -201,7 +203,7 @@ def compare_runs(ref: Run, cand: Run, options: CompareOptions = CompareOptions()
         routing=tuple(r for r in rows if r.kind == "routing"), skipped=plan.skipped,
         reference=str(ref.path), candidate=str(cand.path), baseline=str(baseline.path) if baseline else None,
         prompts=plan.prompts, dtypes=ctx.dtypes, options=options, tie_threshold=tie, bytes_read=done, seconds=seconds,
-        notes=_notes(rows),
+        notes=_notes(rows, unmatched), unmatched_rules=unmatched,
     )
 
 
@@ -274,8 +276,14 @@ def _logits_report(row: Row) -> LogitsReport:
     return LogitsReport(overall, tuple(per_prompt), worst)
 
 
-def _notes(rows: list[Row]) -> tuple[str, ...]:
-    notes = []
+def unmatched_note(rule: str) -> str:
+    """What a report says of a tolerance rule (where it came from) that judged no tensor."""
+    return (f"no tensor compared matches the tolerance rule {rule}, which judged nothing: check its pattern against "
+            "the names in the table")
+
+
+def _notes(rows: list[Row], unmatched: tuple[str, ...] = ()) -> tuple[str, ...]:
+    notes = [unmatched_note(rule) for rule in unmatched]
     biased = [r.layer for r in rows if r.routing is not None and r.routing.selection_not_topk]
     if biased:
         notes.append(f"routers of layers {format_ranges(sorted(x for x in biased if x is not None))} do not choose the "

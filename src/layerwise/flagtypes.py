@@ -1,5 +1,6 @@
-"""The numeric types of the command line's flags: a value that cannot mean anything (a negative
-tolerance, zero tokens, NaN, a cosine above 1) is refused by argparse with what to give instead."""
+"""The types of the command line's flags: a value that cannot mean anything (a negative
+tolerance, zero tokens, NaN, a cosine above 1, an empty text) is refused by argparse with what to
+give instead."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def cosine(text: str) -> float:
     value = _parse_number(text, float)
     if not -1 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not a cosine: give a number from -1 to 1")
+    return value
+
+
+def text(value: str) -> str:
+    """Any flag's text unless it has a type of its own (`Parser` makes it the default): an empty
+    value would silently mean the default (`--points ""`), so it is refused."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is empty: give a value (a flag left out takes its default)")
     return value
 
 

@@ -26,6 +26,7 @@ from .engines import namemap, sglang, vllm
 from .engines.namemap import NameMap, combine_into, load_map
 from .engines.source import ImportSource
 from .errors import UserError
+from .models import check_spec
 from .engines.files import first_line, load_array
 from .names import INPUT, OUTPUT, ROLES, WHOLE_ROLES, file_group, split_name, tensor_name
 from .paths import listed_inside
@@ -161,14 +162,18 @@ def _token_ids(value: torch.Tensor, where: str) -> list[int]:
     return token_ids(value.reshape(-1).tolist(), where)
 
 
-def open_source(src: Path, fmt: str | None, map_file: str | None, rename, decode: str,
+def open_source(src: Path, fmt: str | None, map_file: str | None, rename, decode: str | None,
                 layer_ids: str | None) -> ImportSource:
     load_map(map_file)  # a bad map file is refused before anything is read
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
         raise UserError(f"--from {fmt!r}: choose from {', '.join(FORMATS)}")
+    if layer_ids is not None and fmt != "vllm":  # a flag of another layout would change nothing
+        raise UserError(f"--layers names the layers vLLM hidden-states files hold, and {src} is {fmt}: drop --layers")
+    if decode is not None and fmt != "sglang":
+        raise UserError(f"--decode is for SGLang dumps' decode steps, and {src} is {fmt}: drop --decode")
     if fmt == "sglang":
-        return sglang.read_dump(src, import_map(map_file, fmt), rename, decode)
+        return sglang.read_dump(src, import_map(map_file, fmt), rename, decode or DECODES[0])
     if fmt == "vllm":
         return vllm.read_hidden_states(src, layer_ids, import_map(map_file, fmt), rename)
     return _local_source(src, fmt, import_map(map_file, fmt), rename)
@@ -198,13 +203,17 @@ def _checked(name: str, tensor: torch.Tensor, seq: int, prompt: int) -> torch.Te
 
 def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: bool = False,
                model: str | None = None, *, source_format: str | None = None, map_file: str | None = None,
-               decode: str = DECODES[0], layer_ids: str | None = None) -> dict:
-    """Write a run from foreign tensors; returns its manifest (its "notes" say what was skipped)."""
+               decode: str | None = None, layer_ids: str | None = None) -> dict:
+    """Write a run from foreign tensors; returns its manifest (its "notes" say what was skipped).
+    `decode` (SGLang; default DECODES[0]) and `layer_ids` (vLLM) are refused for other layouts;
+    `model`, the spec recorded, may name a checkpoint elsewhere, but not a built-in that is none."""
     source_dir = Path(src)
     if not source_dir.is_dir():
         raise UserError(f"import source {src} is not a directory")
-    if decode not in DECODES:
+    if decode is not None and decode not in DECODES:
         raise UserError(f"--decode {decode!r}: choose {' or '.join(DECODES)}")
+    if model is not None:
+        check_spec(model, "--model")
     source = open_source(source_dir, source_format, map_file, renamer(parse_renames(renames)), decode, layer_ids)
     settings = {"source": str(source_dir.resolve()), "format": source.format, "renames": list(renames or []),
                 "map": str(Path(map_file).resolve()) if map_file else None, **source.settings}

@@ -63,10 +63,10 @@ def record_and_test(model: str, reference: str | Path, layers: list[int], items:
         raise UserError("chained layers must be a contiguous range A-B")
     factory = load_candidate(options.candidate) if options.candidate else None
     device = usable_device(options.device)
-    source = open_layers(model, LayerOptions(models.DEFAULT_DTYPE, device, None, None, options.fp8_backend))
+    source = open_layers(model, LayerOptions(models.DEFAULT_DTYPE, device))  # the reference's: the default backend
     settings = resolve_settings({"dtype": models.DEFAULT_DTYPE, "quant": source.quant_mode}, options)
     candidate = source.variant(dtype=settings["dtype"], attn_implementation=settings["attn_implementation"],
-                               quant=settings["quant"])
+                               quant=settings["quant"], fp8_backend=options.fp8_backend)
     for index in layers:
         candidate.check_index(index)
     outputs = {kind: Path(path) for kind, path in (("isolated", isolated), ("chained", chained)) if path is not None}

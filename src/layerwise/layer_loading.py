@@ -158,8 +158,9 @@ class LayerSource:
         options = dataclasses.replace(self.options, **changes)
         dtype = models.parse_dtype(options.dtype)  # the meta model `build` checks a layer against, in its dtype
         meta = self._meta if dtype == self.dtype else meta_model(copy.deepcopy(self.config), dtype)
-        return dataclasses.replace(self, options=options, quant_mode=quant.resolve_mode(self.scheme, options.quant),
-                                   _meta=meta)
+        mode = quant.resolve_mode(self.scheme, options.quant)
+        quant.check_backend(mode, options.fp8_backend)
+        return dataclasses.replace(self, options=options, quant_mode=mode, _meta=meta)
 
     def check_index(self, index: int) -> None:
         if not 0 <= index < self.num_layers:
@@ -335,6 +336,7 @@ def open_layers(spec: str, options: LayerOptions = LayerOptions(), store: Memory
     dtype = models.parse_dtype(options.dtype)
     mc = models.load_config(ref)
     mode = quant.resolve_mode(mc.quant, options.quant)
+    quant.check_backend(mode, options.fp8_backend)
     if ref.kind == "gguf" and store is None:
         source_store = None
     else:

@@ -185,7 +185,7 @@ def _full(model, reference: Run, options: TestOptions, out: Path, progress) -> T
     settings = reference.manifest.get("settings", {}) or {}
     load = replace(options.load, dtype=candidate.dtype or settings.get("dtype") or options.load.dtype,
                    attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"),
-                   quant=candidate.quant or settings.get("quant"))
+                   quant=candidate.quant or settings.get("quant"), fp8_backend=candidate.fp8_backend)
     d = options.extract
     points = ",".join(settings.get("points") or []) or d.points
     layers = options.layers or (format_ranges(list(settings["layers"])) if settings.get("layers") else None)

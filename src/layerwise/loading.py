@@ -29,6 +29,7 @@ from .errors import UserError
 from .layer_loading import LayerOptions, open_layers
 from .placement import Plan
 from .prompts import BrokenTokenizer
+from .quant import DEFAULT_FP8_BACKEND
 from .quiet import loading_errors, quiet_transformers
 from .sizes import format_bytes
 
@@ -45,6 +46,7 @@ class LoadOptions:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     tokens: int = placement.DEFAULT_TOKENS  # forward-pass size (batch x sequence) the placement leaves room for
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"; plain checkpoints: None
+    fp8_backend: str = DEFAULT_FP8_BACKEND  # --quant fp8's matmul: quant.FP8_BACKENDS
     tensor_parallel: bool = False  # under torchrun: the ranks share the model (transformers' tp_plan="auto")
 
     def plan_settings(self) -> dict:
@@ -106,6 +108,7 @@ def load_model(spec: str, options: LoadOptions = LoadOptions(), with_tokenizer: 
                         "or load builtin:minimax-m2-tiny")
     mc = models.load_config(ref)
     mode = quant.resolve_mode(mc.quant, options.quant)
+    quant.check_backend(mode, options.fp8_backend)
     if ref.kind == "checkpoint":
         checkpoint.require_complete(ref.path, mc.quant)
     plan = plan_load(ref, mc.config, options)
@@ -199,7 +202,8 @@ def _assemble_fp8(ref, mc, plan, options: LoadOptions):
     swapped for FP8 ones, the dequantized copy dropped), then dispatched like from_pretrained does."""
     dtype = models.parse_dtype(options.dtype)
     source = open_layers(ref.spec, LayerOptions(dtype=options.dtype, device="cpu",
-                                                attn_implementation=options.attn_implementation, quant="fp8"))
+                                                attn_implementation=options.attn_implementation, quant="fp8",
+                                                fp8_backend=options.fp8_backend))
     model = placement.meta_model(mc.config, dtype, "fp8")
     anatomy = find_anatomy(model)
     layers = model.get_submodule(anatomy.layers_path)

@@ -62,6 +62,13 @@ def usable_device(device: str | None, flag: str = "--device") -> str:
     naming `flag`."""
     device = device or default_device()
     try:
+        where = torch.device(device)
+        if where.type == "meta":  # shapes only: nothing can be read back from it
+            raise UserError(f"{flag} meta holds no data (only shapes): give cpu or cuda:N")
+        if where.type == "cuda" and torch.cuda.is_available() and (where.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise UserError(f"{flag} {device} is not usable here: this machine has {count} GPU"
+                            f"{'s' if count > 1 else ''} (cuda:0-{count - 1}); give one of them or cpu")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as err:
         raise UserError(f"{flag} {device} is not usable here ({str(err).splitlines()[0]})") from None
@@ -85,11 +92,16 @@ def host_memory_total() -> int:
         return 0
 
 
-def disk_free(path: str) -> int:
+def existing_ancestor(path: str) -> str:
+    """`path` made absolute, or its nearest parent that exists (what a directory made there lands on)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def disk_free(path: str) -> int:
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def peer_access() -> dict[tuple[int, int], bool]:

@@ -98,18 +98,26 @@ class ModelConfig:
     quant: QuantScheme | None = None  # the checkpoint's quantization (None: plain weights)
 
 
-def resolve_model(spec: str) -> ModelRef:
-    """Check a model argument and say what it is; bad ones raise UserError."""
+def check_spec(spec: str, flag: str = "model") -> str:
+    """A model argument's text, stripped; a blank one or an unknown `builtin:NAME` is a UserError
+    (a path is not looked at: resolve_model does that where the model is used)."""
     if spec is None or not str(spec).strip():
-        raise UserError("no model given: pass a checkpoint directory, a .gguf file or builtin:NAME "
+        raise UserError(f"no {flag} given: pass a checkpoint directory, a .gguf file or builtin:NAME "
                         f"(built-ins: {', '.join(zoo.BUILTINS)})")
     spec = str(spec).strip()
+    if spec.startswith(BUILTIN_PREFIX) and spec[len(BUILTIN_PREFIX):] not in zoo.BUILTINS:
+        where = "" if flag == "model" else f"{flag} "
+        raise UserError(f"unknown built-in model {where}{spec!r}: choose one of "
+                        + ", ".join(BUILTIN_PREFIX + n for n in zoo.BUILTINS))
+    return spec
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Check a model argument and say what it is; bad ones raise UserError."""
+    spec = check_spec(spec)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
-        builtin = zoo.BUILTINS.get(name)
-        if builtin is None:
-            raise UserError(f"unknown built-in model {spec!r}: choose one of "
-                            + ", ".join(BUILTIN_PREFIX + n for n in zoo.BUILTINS))
+        builtin = zoo.BUILTINS[name]
         if builtin.kind == "config":
             return ModelRef(spec, "config", None, name)
         if builtin.kind == "gguf":

@@ -260,6 +260,14 @@ def _plan_strategy(place: Placer, strategy: str, capacity: dict[int, int], cpu_b
 
 
 def _check_map_covers(device_map: dict, tree: PlaceTree) -> dict:
+    names = tree.sizes()  # every module and tensor with weights
+    for key in device_map:  # a misspelt module would place nothing, silently
+        if key and key not in names and not any(n.startswith(key + ".") for n in names):
+            parent = key.rpartition(".")[0]
+            near = sorted(n for n in names if n.rpartition(".")[0] == parent and n.count(".") == key.count("."))
+            hint = f" (beside it: {', '.join(near[:4])})" if near else ""
+            raise UserError(f"device map names {key!r}, which is not a module of this model{hint}: fix the name, "
+                            "or drop the entry")
     if "" in device_map:
         return dict(device_map)
     uncovered = [n for n in tree.param_names() if device_of(device_map, n) is None]

@@ -116,6 +116,16 @@ def resolve_mode(scheme: QuantScheme | None, mode: str | None) -> str | None:
     return mode or "dequantize"
 
 
+def check_backend(mode: str | None, backend: str) -> None:
+    """`--fp8-backend` is the arithmetic of `--quant fp8`: a backend other than the default where
+    the model computes otherwise (`mode`, resolve_mode's) would change nothing, so it is refused."""
+    if backend not in FP8_BACKENDS:
+        raise UserError(f"unknown --fp8-backend {backend!r}: choose from {', '.join(FP8_BACKENDS)}")
+    if backend != DEFAULT_FP8_BACKEND and mode != "fp8":
+        why = "the model computes with dequantized weights: add --quant fp8" if mode else "this checkpoint is not FP8"
+        raise UserError(f"--fp8-backend {backend} is the arithmetic of --quant fp8, and {why}, or drop --fp8-backend")
+
+
 # ------------------------------------------------------------------------------ weights
 
 def _scale_grid(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] | None) -> tuple[int, int]:
@@ -257,8 +267,8 @@ def quantized_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_sca
     n = wq.shape[0]
     runs_mm = scaled_mm_supported(xq.device, block, k, n)
     if backend == "scaled_mm" and not runs_mm:
-        raise UserError(f"FP8 scaled_mm cannot run a [{m}, {k}] x [{n}, {k}] matmul with blocks {block} on "
-                        f"{xq.device}: use the emulation")
+        raise UserError(f"--fp8-backend scaled_mm cannot run a [{m}, {k}] x [{n}, {k}] matmul with blocks {block} on "
+                        f"{xq.device} (it needs a Hopper GPU and 128x128 blocks): use --fp8-backend emulate or auto")
     if backend != "emulate" and runs_mm:
         return scaled_mm_fp8(xq, xs, wq, w_scale, out_dtype)
     return emulated_fp8_matmul(xq, xs, wq, w_scale, block, out_dtype)

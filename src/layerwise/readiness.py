@@ -206,19 +206,36 @@ def check_fit(ref: models.ModelRef, config, options: CheckOptions, found: list[m
     return [Check("fit", PASS if plan.fits else FAIL, plan.verdict + label)] + checks
 
 
+def out_place(out_dir: str) -> tuple[str | None, str]:
+    """(what makes `out_dir` unusable for runs, or None; how to name it): a directory that takes
+    files, or a path whose nearest existing parent is one (extract makes the rest)."""
+    probe = machine.existing_ancestor(out_dir)
+    if probe == os.path.abspath(out_dir) and not os.path.isdir(probe):
+        return f"--out {out_dir} is a file, not a directory: runs are directories; give a directory", out_dir
+    if not os.path.isdir(probe):
+        return f"--out {out_dir} cannot be made: {probe} is a file, not a directory", out_dir
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out_dir}: {probe} is not writable: give a directory you can write", out_dir
+    made = probe != os.path.abspath(out_dir)
+    return None, f"{out_dir} (not there yet: measured at {probe}, where it would be made)" if made else out_dir
+
+
 def check_host(options: CheckOptions, config) -> list[Check]:
     ram = machine.host_memory_available()
     total = machine.host_memory_total()
-    disk = machine.disk_free(options.out_dir)
     checks = [Check("host-ram", PASS, f"{format_bytes(ram)} available of {format_bytes(total)}")]
+    problem, where = out_place(options.out_dir)
+    if problem:
+        return checks + [Check("disk", FAIL, problem)]
+    disk = machine.disk_free(options.out_dir)
     if config is not None:
         tokens = options.load.tokens
         dump = dump_bytes_estimate(config, tokens, models.parse_dtype(options.load.dtype))
         status = PASS if disk > 2 * dump else WARN
-        checks.append(Check("disk", status, f"{format_bytes(disk)} free at {options.out_dir}; one extract of "
+        checks.append(Check("disk", status, f"{format_bytes(disk)} free at {where}; one extract of "
                                             f"{tokens} tokens (residual+router+logits) writes about {format_bytes(dump)}"))
     else:
-        checks.append(Check("disk", PASS, f"{format_bytes(disk)} free at {options.out_dir}"))
+        checks.append(Check("disk", PASS, f"{format_bytes(disk)} free at {where}"))
     return checks
 
 

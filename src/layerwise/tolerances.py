@@ -56,7 +56,9 @@ METRICS = {
 KIND_FAMILIES = {"tensor": {"tensor"}, "logits": {"tensor", "logits"}, "routing": {"routing"}}
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _CHECK = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>|=)\s*([^\s,]+)\s*$")
-_SIGNED = ("cosine", "sqnr_db")  # the metrics that can be negative
+# The values each metric can take (low, high); the others are errors, KL divergences and counts: 0 up.
+_RANGES = {"cosine": (-1.0, 1.0), "sqnr_db": (-math.inf, math.inf), "top1": (0.0, 1.0), "topk": (0.0, 1.0),
+           "same_set": (0.0, 1.0), "jaccard": (0.0, 1.0)}
 _EXAMPLE = "e.g. 'model.layers.*:output=rel_l2<3e-2' or 'lm_head:output=kl<1e-3,top1>=0.99'"
 
 
@@ -126,6 +128,12 @@ class Tolerances:
         if glob is not None and _applies(glob, kind):
             return _restrict(glob, kind)
         return default_tolerance(kind, dtypes)
+
+    def unmatched(self, tensors) -> tuple[Rule, ...]:
+        """The rules that judge none of `tensors` ((name, kind) pairs): a misspelt pattern, or a
+        rule for tensors these runs do not hold."""
+        tensors = list(tensors)
+        return tuple(r for r in (*self.rules, *self.file_rules) if not any(r.matches(n, k) for n, k in tensors))
 
     def _global(self) -> Tolerance | None:
         checks = []
@@ -215,7 +223,35 @@ def _number(text: str, raw: str) -> float:
     return value
 
 
-def _parse_checks(body: str, text: str) -> tuple[tuple[Check, ...], float | None, float | None]:
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values `metric` can take: cosine -1 to 1, agreements and Jaccard 0 to 1, sqnr_db any,
+    errors, KL divergences and flip counts 0 up."""
+    return _RANGES.get(metric, (0.0, math.inf))
+
+
+def _span(metric: str) -> str:
+    low, high = metric_range(metric)
+    if low == -math.inf:
+        return "any number"
+    return f"from {low:g} to {high:g}" if high < math.inf else f"from {low:g} up"
+
+
+def check_limit(metric: str, op: str, value: float, where: str) -> None:
+    """A limit outside what `metric` can take, or on its edge with a strict comparison, either
+    can never hold (every run fails) or always holds (nothing is checked): refused, naming `where`."""
+    low, high = metric_range(metric)
+    if op in (">", ">="):  # a lower limit
+        never, always = value > high or (op == ">" and value == high), value < low
+    else:
+        never, always = value < low or (op == "<" and value == low), value > high
+    if never or always:
+        fate = "can never hold" if never else "always holds"
+        raise UserError(f"{where}: {metric} lies {_span(metric)}, so {metric}{op}{value:g} {fate}: "
+                        f"give a limit {_span(metric)}")
+
+
+def _parse_checks(body: str, text: str, source: str = "--tolerance") -> tuple[tuple[Check, ...], float | None,
+                                                                              float | None]:
     checks: list[Check] = []
     rtol = atol = None
     for part in body.split(","):
@@ -235,12 +271,11 @@ def _parse_checks(body: str, text: str) -> tuple[tuple[Check, ...], float | None
             known = ", ".join(list(METRICS) + ["rtol", "atol"])
             raise _bad(text, f"unknown metric {metric!r} (known: {known})")
         direction = METRICS[metric][1]
-        if value < 0 and metric not in _SIGNED:
-            raise _bad(text, f"{metric} is never negative: a limit of {raw} cannot hold")
         if op == "=" or (direction == "max") != (op in ("<", "<=")):
             want = "<" if direction == "max" else ">"
             bound = "an upper" if direction == "max" else "a lower"
             raise _bad(text, f"{metric} needs {bound} limit: {metric}{want}{raw}")
+        check_limit(metric, op, value, f"tolerance rule {text!r} ({source})")
         checks.append(Check(metric, op, value))
     if rtol is not None or atol is not None:
         rtol, atol = rtol or 0.0, atol or 0.0
@@ -255,11 +290,25 @@ def parse_rule(text: str, source: str = "--tolerance") -> Rule:
         raise _bad(text, "expected PATTERN=CHECK")
     if pattern.rstrip()[-1:] in "<>":  # "rel_l2<=3" without a pattern
         raise _bad(text, "the rule has no tensor name pattern before '='")
-    checks, rtol, atol = _parse_checks(body, text)
+    checks, rtol, atol = _parse_checks(body, text, source)
     return Rule(pattern.strip(), Tolerance(checks, rtol, atol, source=f"{source} {text!r}"), text)
 
 
-_GLOBAL_KEYS = ("rtol", "atol", "max_rel_l2", "min_cosine", "max_abs", "max_kl")
+# The global limits, and the check each is (rtol and atol: allclose's terms, 0 up).
+_GLOBAL_CHECKS = {"rtol": None, "atol": None, "max_rel_l2": ("rel_l2", "<="), "min_cosine": ("cosine", ">="),
+                  "max_abs": ("max_abs", "<="), "max_kl": ("kl", "<=")}
+_GLOBAL_KEYS = tuple(_GLOBAL_CHECKS)
+
+
+def _check_global(key: str, value: float, where: str) -> None:
+    if math.isnan(value):
+        raise UserError(f"{where} cannot be NaN (a NaN limit fails every tensor, the reference's own too)")
+    metric, op = _GLOBAL_CHECKS[key] or (key, None)
+    if op is None:
+        if value < 0:
+            raise UserError(f"{where} cannot be negative (got {value:g}): give a number from 0 up")
+        return
+    check_limit(metric, op, value, where)
 
 
 def load_tolerance_file(path: str | Path) -> tuple[dict, tuple[Rule, ...]]:
@@ -285,24 +334,23 @@ def load_tolerance_file(path: str | Path) -> tuple[dict, tuple[Rule, ...]]:
             if not is_number(data[key]):
                 raise UserError(f"{path}: {key} must be a finite number, not {data[key]!r}")
             limits[key] = float(data[key])
+            _check_global(key, limits[key], f"{path}: {key} = {data[key]!r}")
     rules = data.get("rules", {})
     if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
         raise UserError(f'{path}: rules must map a pattern to a string of checks, e.g. "rel_l2<3e-2"')
+    if not limits and not rules:  # a file that judges nothing would leave the defaults in force unsaid
+        raise UserError(f"{path} holds no limits and no rules: add e.g. max_rel_l2 = 1e-2 or a [rules] table "
+                        '("PATTERN" = "CHECKS"), or drop --tolerance-file')
     return limits, tuple(parse_rule(f"{pattern}={checks}", source=str(path)) for pattern, checks in rules.items())
 
 
 def build_tolerances(rules: list[str] | tuple[str, ...] = (), file: str | Path | None = None, **limits) -> Tolerances:
     """Tolerances from command-line rules, a file and global limits (flags override the file)."""
-    file_limits, file_rules = load_tolerance_file(file) if file else ({}, ())
-    merged = {**file_limits, **{k: v for k, v in limits.items() if v is not None}}
-    for key, value in merged.items():
+    given = {k: v for k, v in limits.items() if v is not None}
+    for key, value in given.items():
         if key not in _GLOBAL_KEYS:
             raise TypeError(f"unknown limit {key}")
-        flag = f"--{key.replace('_', '-')}"
-        if math.isnan(value):
-            raise UserError(f"{flag} cannot be NaN (a NaN limit fails every tensor, the reference's own too)")
-        if value < 0 and key != "min_cosine":
-            raise UserError(f"{flag} cannot be negative (got {value:g})")
-        if key == "min_cosine" and not -1 <= value <= 1:
-            raise UserError(f"{flag} {value:g} is not a cosine: give a number from -1 to 1")
+        _check_global(key, value, f"--{key.replace('_', '-')} {value:g}")
+    file_limits, file_rules = load_tolerance_file(file) if file else ({}, ())
+    merged = {**file_limits, **given}
     return Tolerances(rules=tuple(parse_rule(r) for r in rules), file_rules=file_rules, **merged)

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 from . import tensorfile
-from ._boot import cores_per_process
+from ._boot import WRITER_ENV, cores_per_process, writer_mode
 from .errors import LostProcess
 from .shmbuffers import sources
 from .writerchild import Channel
 
 log = logging.getLogger(__name__)
 
-ENV = "LAYERWISE_WRITER"  # "threads": no writer process, no shared buffers
+ENV = WRITER_ENV  # "threads": no writer process, no shared buffers (_boot.writer_mode reads it)
 _HERE = str(Path(__file__).resolve().parent)
 TRACE = None  # a benchmark's callable(start, end, nonfinite seconds, digest seconds, thread) per file written there
 
@@ -63,7 +63,7 @@ def process_threads() -> int:
 
 def supported() -> bool:
     """Whether a writer process may write files from shared buffers (Linux), unless LAYERWISE_WRITER=threads."""
-    return (os.environ.get(ENV, "process") != "threads" and sys.platform.startswith("linux")
+    return (writer_mode() == "process" and sys.platform.startswith("linux")
             and hasattr(os, "memfd_create") and hasattr(socket, "send_fds"))
 
 
