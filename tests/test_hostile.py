@@ -195,6 +195,12 @@ def _garble_run_file_header(manifest, path):
     file.write_bytes(bytes(data))
 
 
+def _fifo(lab) -> Path:
+    path = lab.new("fifo")
+    os.mkfifo(path)
+    return path
+
+
 def _index_edit(change: Callable[[dict], dict]):
     def edit(path):
         index = path / "model.safetensors.index.json"
@@ -536,6 +542,12 @@ MESSAGES = [  # (case, words the line must not hold)
      _no("re-download", "shard")),
     (Case("run file header not an object", _compare(_garble_run_file_header), "the run is corrupt, re-extract it"),
      _no("re-download", "shard")),
+    (Case("--json ''", lambda lab: ["compare", lab.ref, lab.ref, "--json", ""], "is given an empty file name"),
+     _no("is a directory")),
+    (Case("--json /proc/version", lambda lab: ["compare", lab.ref, lab.ref, "--json", "/proc/version"],
+          "directory /proc takes no new files"), _no("No such file")),
+    (Case("--json a named pipe", lambda lab: ["compare", lab.ref, lab.ref, "--json", _fifo(lab)],
+          "is not a regular file"), ()),
 ]
 
 
