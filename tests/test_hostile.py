@@ -157,6 +157,50 @@ def _compare(edit=None, raw=None, *extra):
     return lambda lab: ["compare", lab.ref, lab.run(edit, raw), *extra]
 
 
+def _self_compare(edit, *extra):
+    """A run, its manifest edited, compared with itself (what only its files say is read)."""
+    def argv(lab):
+        run = lab.run(edit)
+        return ["compare", run, run, *extra]
+    return argv
+
+
+def _as_extract_without_anatomy(manifest, _):
+    manifest["producer"] = "layerwise extract"
+    del manifest["anatomy"]
+
+
+def _test_on_edited(edit, *extra):
+    """`layerwise test` of layer 1 on a copy of the tiny MiniMax's reference, its manifest edited."""
+    def argv(lab):
+        reference = lab.new("ref")
+        shutil.copytree(_minimax_ref(lab), reference)
+        manifest = json.loads((reference / MANIFEST).read_text())
+        edit(manifest, reference)
+        (reference / MANIFEST).write_text(json.dumps(manifest))
+        return ["test", MODEL, "--reference", reference, "--out", lab.new("test"), "--layer", "1", *extra]
+    return argv
+
+
+def _cut_run_file(manifest, path):
+    """The run's first tensor file cut short (its manifest untouched)."""
+    file = path / manifest["tensors"][0]["file"]
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+def _garble_run_file_header(manifest, path):
+    file = path / manifest["tensors"][0]["file"]
+    data = bytearray(file.read_bytes())
+    data[8] = ord("[")  # the header's JSON is no longer an object
+    file.write_bytes(bytes(data))
+
+
+def _fifo(lab) -> Path:
+    path = lab.new("fifo")
+    os.mkfifo(path)
+    return path
+
+
 def _index_edit(change: Callable[[dict], dict]):
     def edit(path):
         index = path / "model.safetensors.index.json"
@@ -406,6 +450,33 @@ BAD_VALUES = [Case(f"{command} {flag} {value}", _flag(command, flag, value), fra
     Case("manifest sha256 not hex", _compare(_set("tensors.0.sha256", "xyz")), "sha256 'xyz' is not a hex digest"),
     Case("manifest sha256_tree short", _compare(_set("tensors.0.sha256_tree", "ab" * 31)), "is not a hex digest"),
     Case("manifest format_version true", _compare(_set("format_version", True)), "format_version is True"),
+    Case("manifest without model", _compare(_set("model", DELETE)), "it has no 'model'"),
+    Case("manifest without settings", _compare(_set("settings", DELETE)), "it has no 'settings'"),
+    Case("manifest without prompts", _compare(_set("prompts", DELETE)), "it has no 'prompts'"),
+    Case("manifest of an extract without anatomy", _compare(_as_extract_without_anatomy),
+         "it has no 'anatomy', which layerwise extract always writes"),
+    Case("manifest anatomy layers_path 5", _compare(_set("anatomy.layers_path", 5)), "anatomy.layers_path is 5"),
+    Case("manifest model num_layers '4'", _compare(_set("model.num_layers", "4")), "model.num_layers is '4'"),
+    Case("manifest entry dtype banana", _compare(_set("tensors.0.dtype", "banana")),
+         "has dtype 'banana', not a torch dtype name"),
+    Case("manifest entry dtype a list", _compare(_set("tensors.0.dtype", ["float32"])), "not a torch dtype name"),
+    Case("manifest entry dtype float64, file float32", _compare(_set("tensors.0.dtype", "float64")),
+         "is float64 [8, 32], but"),
+    Case("manifest entry dtype float64, file float32 (--no-verify)",
+         _compare(_set("tensors.0.dtype", "float64"), None, "--no-verify"), "holds float32 [8, 32]"),
+    Case("manifest entry shape not the file's", _self_compare(_set("tensors.0.shape", [8, 16])),
+         "holds float32 [8, 32]"),
+    Case("manifest entry of prompt 99", _compare(_set("tensors.0.prompt", 99)), "is of prompt 99, which the run's"),
+    Case("manifest prompt listed twice", _compare(lambda m, _: m["prompts"].append(dict(m["prompts"][0]))),
+         "prompt 0 is listed twice"),
+    Case("manifest settings.dtype banana", _compare(_set("settings.dtype", "banana")),
+         "settings.dtype is 'banana', not a dtype name"),
+    Case("manifest settings.attn_implementation 5", _compare(_set("settings.attn_implementation", 5)),
+         "settings.attn_implementation is 5"),
+    Case("manifest settings.attn_implementation 5 (test)", _test_on_edited(_set("settings.attn_implementation", 5)),
+         "settings.attn_implementation is 5"),
+    Case("manifest settings.quant banana (test)", _test_on_edited(_set("settings.quant", "banana")),
+         "settings.quant is 'banana'"),
     Case("import tokens booleans", _tokens(np.array([True, False])), "not integer token ids"),
     Case("import tokens floats", _tokens(np.array([1.5, 2.0])), "not integer token ids"),
     Case("import tokens negative", _tokens(np.array([3, -1])), "not a non-negative integer"),
@@ -497,6 +568,16 @@ MESSAGES = [  # (case, words the line must not hold)
     (Case("compare --prompts (renamed)", _flag("compare", "--prompts", "0"), "is now --prompt-index"), ()),
     (Case("unknown attention implementation", _flag("load", "--attn-implementation", "bogus"),
           "choose another --attn-implementation"), _no("checks its files")),
+    (Case("truncated run file", _compare(_cut_run_file), "the run is corrupt, re-extract it"),
+     _no("re-download", "shard")),
+    (Case("run file header not an object", _compare(_garble_run_file_header), "the run is corrupt, re-extract it"),
+     _no("re-download", "shard")),
+    (Case("--json ''", lambda lab: ["compare", lab.ref, lab.ref, "--json", ""], "is given an empty file name"),
+     _no("is a directory")),
+    (Case("--json /proc/version", lambda lab: ["compare", lab.ref, lab.ref, "--json", "/proc/version"],
+          "directory /proc takes no new files"), _no("No such file")),
+    (Case("--json a named pipe", lambda lab: ["compare", lab.ref, lab.ref, "--json", _fifo(lab)],
+          "is not a regular file"), ()),
 ]
 
 

@@ -73,6 +73,24 @@ def test_pt_files(tmp_path):
     assert runs.open_run(tmp_path / "run").tensor("model.layers.0:output").shape == (3, 4)
 
 
+def test_an_imported_run_has_no_anatomy_and_a_corrupt_one_says_re_import(tmp_path, capsys):
+    """An imported run carries no "anatomy" (FORMAT.md: readers take transformers' spelling) and is
+    read; a file of it cut short is a run to import again, not a download."""
+    d = tmp_path / "src" / "0"
+    d.mkdir(parents=True)
+    np.save(d / "tokens.npy", np.array([1, 2, 3]))
+    np.save(d / "model.layers.0.output.npy", np.ones((3, 4), dtype=np.float32))
+    manifest = import_run(str(tmp_path / "src"), str(tmp_path / "run"))
+    assert "anatomy" not in manifest
+    run = runs.open_run(tmp_path / "run")
+    assert torch.equal(run.tensor("model.layers.0:output"), torch.ones(3, 4))
+    file = run.path / run.entry("model.layers.0:output", 0).file
+    file.write_bytes(file.read_bytes()[:-3])
+    code, _, err = run_cli(capsys, "compare", tmp_path / "run", tmp_path / "run")
+    assert_one_line_error(code, err, "truncated")
+    assert err.strip().endswith("the run is corrupt, re-import it") and "re-download" not in err, err
+
+
 @pytest.mark.parametrize("setup, fragment", [
     ("no_tokens", "has no tokens"),
     ("bad_name", "'layer7' is not named <module path>:<role>"),

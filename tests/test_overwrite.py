@@ -4,7 +4,9 @@ The new run is written beside the old one (`.RUN.replacing`) and swapped in when
 every moment RUN is one whole run: the old one, or the new one. Tested by SIGKILL at random
 points of `import --overwrite` and `extract --overwrite` (subprocesses), a full disk (a file
 size limit, and a tiny tmpfs where one can be mounted), a swap that fails and an old run that
-cannot be removed.
+cannot be removed. And no command writes into a run it reads: a report inside REF, CAND or the
+baseline, a layer test's runs in or around its reference, an import into a directory holding
+its source are refused before any work, the runs left byte for byte as they were.
 """
 
 import json
@@ -18,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from synthetic_runs import toy_run
 
 from helpers import assert_one_line_error, run_cli
 from layerwise import runs
@@ -241,3 +244,97 @@ def test_the_writer_swaps_runs_in_one_step(tmp_path):
     (b / "x").write_text("old")
     swap_directories(a, b)
     assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"
+
+
+# ------------------------------------------------------------------------- no writes into a run read
+
+def _files(directory) -> dict:
+    """Every file under `directory` (relative path -> bytes): a run as it lies on disk."""
+    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toys")
+    return {what: toy_run(root / what).path for what in ("REF", "CAND", "baseline")}
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "manifest.json"), ("--html", "r.html"),
+                                        ("--plot", "tensors/p00000/r.png")])
+@pytest.mark.parametrize("what", ["REF", "CAND", "baseline"])
+def test_a_compare_report_inside_a_run_it_reads_is_refused(toy_runs, capsys, flag, name, what):
+    before = {k: _files(v) for k, v in toy_runs.items()}
+    target = toy_runs[what] / name
+    code, _, err = run_cli(capsys, "compare", toy_runs["REF"], toy_runs["CAND"], "--baseline", toy_runs["baseline"],
+                           flag, target)
+    assert_one_line_error(code, err, f"{flag} {target} lies inside the {what} run")
+    assert {k: _files(v) for k, v in toy_runs.items()} == before
+
+
+def test_a_report_through_a_link_to_a_run_is_refused(toy_runs, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(toy_runs["CAND"])
+    before = _files(toy_runs["CAND"])
+    code, _, err = run_cli(capsys, "compare", toy_runs["REF"], toy_runs["CAND"], "--json", tmp_path / "link" / "r.json")
+    assert_one_line_error(code, err, "lies inside the CAND run")
+    assert _files(toy_runs["CAND"]) == before
+    assert run_cli(capsys, "compare", toy_runs["REF"], toy_runs["CAND"], "--json", tmp_path / "r.json")[0] == 0
+
+
+@pytest.fixture(scope="module")
+def minimax_ref(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("minimax") / "ref"
+    from layerwise.cli import main
+    assert main(["extract", MODEL, "--out", str(ref), "--prompt", "Hi", "--dtype", "fp32"]) == 0
+    return ref
+
+
+def _layer_test_cases(ref, tmp):
+    """(what, argv after `layerwise test MODEL`, fragment, the runs that must stay as they are)."""
+    inside = tmp / "o" / "isolated"
+    shutil.copytree(ref, inside)
+    full = tmp / "f" / "full"
+    shutil.copytree(ref, full)
+    other = tmp / "other"
+    shutil.copytree(ref, other)
+    return [
+        ("--out the reference", ["--reference", ref, "--out", ref, "--layer", "1"], "is a run directory", [ref]),
+        ("--out inside the reference", ["--reference", ref, "--out", ref / "t", "--layer", "1"],
+         "the test would write into its own reference", [ref]),
+        ("the reference is --out's isolated run", ["--reference", inside, "--out", tmp / "o", "--layer", "1",
+                                                   "--overwrite"], "the test would write into its own reference",
+         [inside]),
+        ("the reference is --out's full run", ["--reference", full, "--out", full.parent, "--test-type", "full"],
+         "the test would write into its own reference", [full]),
+        ("extract-all over the reference", ["--reference", ref, "--out", ref, "--test-type", "extract-all",
+                                            "--overwrite"], "the test would write into its own reference", [ref]),
+        ("--record-reference into --out's chained run", ["--record-reference", "--reference", tmp / "o2" / "chained",
+                                                         "--out", tmp / "o2", "--prompt", "Hi"],
+         "the test would write into its own reference", []),
+        ("--out another run", ["--reference", ref, "--out", other, "--layer", "1"], "is a run directory", [other]),
+        ("--json inside the reference", ["--reference", ref, "--out", tmp / "t", "--layer", "1", "--json",
+                                         ref / "r.json"], "lies inside the reference run", [ref]),
+        ("--html inside a candidate run", ["--reference", ref, "--out", tmp / "t", "--layer", "1", "--html",
+                                           tmp / "t" / "isolated" / "r.html"], "lies inside the isolated candidate run",
+         [ref]),
+    ]
+
+
+def test_a_layer_test_never_writes_into_its_reference(minimax_ref, tmp_path, capsys):
+    for what, argv, fragment, kept in _layer_test_cases(minimax_ref, tmp_path):
+        before = [_files(k) for k in kept]
+        code, _, err = run_cli(capsys, "test", MODEL, *argv)
+        assert_one_line_error(code, err, fragment)
+        assert [_files(k) for k in kept] == before, what
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "t").exists()
+
+
+def test_import_refuses_an_out_that_holds_its_source(tmp_path, capsys):
+    """`import RUN/dump --out RUN --overwrite` would import the dump, then delete it with the old run."""
+    out = tmp_path / "run"
+    assert run_cli(capsys, *_extract_args(out, "--dtype", "fp32"))[0] == 0
+    source = _import_source(out / "dump", seed=0, prompts=2)
+    before = _files(out)
+    for src, target in ((source, out), (source, source)):
+        code, _, err = run_cli(capsys, "import", src, "--out", target, "--overwrite")
+        assert_one_line_error(code, err, f"import source {src} lies in --out {target}")
+        assert _files(out) == before

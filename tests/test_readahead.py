@@ -4,6 +4,7 @@ caller that stops early leaves no reader behind. Streaming is for GPUs; here it 
 CPU, whose path differs only in the copy (tests/gpu/test_gpu_compare.py streams to a GPU)."""
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -15,6 +16,7 @@ from layerwise import readahead, tensorfile
 from layerwise.compare import CompareOptions, compare_runs
 from layerwise.errors import UserError
 from layerwise.names import ROUTER_ROLES
+from layerwise.runs import open_run
 
 
 def _stream_all(monkeypatch, piece: int) -> None:
@@ -83,8 +85,27 @@ def test_a_truncated_file_is_one_clear_error(runs, tmp_path, streamed):
     cand = toy_run(tmp_path / "cand")
     path = cand.path / cand.entry("model.layers.1:output", 0).file
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(UserError, match=r"^run file .* truncated.*: the run is corrupt, re-extract it$"):
         compare_runs(runs[0], cand)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("field, value", [("dtype", "float64"), ("shape", [8, 16])])
+def test_a_manifest_that_disagrees_with_its_file_is_refused(runs, tmp_path, monkeypatch, stream, field, value):
+    """An entry's dtype or shape edited: the tensor as its file holds it is not what the manifest
+    says, refused when it is read (streamed or whole), with or without digest checks."""
+    if stream:
+        _stream_all(monkeypatch, 40)
+    cand = toy_run(tmp_path / "cand")
+    manifest = json.loads((cand.path / "manifest.json").read_text())
+    entry = next(e for e in manifest["tensors"] if e["name"] == "model.layers.1:output" and e["prompt"] == 0)
+    entry[field] = value
+    (cand.path / "manifest.json").write_text(json.dumps(manifest))
+    edited = open_run(cand.path)
+    for verify in (True, False):
+        with pytest.raises(UserError, match=r"says tensor model.layers.1:output \(prompt 0\) is .*, but .* holds "
+                                            r"float32 \[8, 32\]: the run was edited or is corrupt, re-extract it"):
+            compare_runs(edited, edited, CompareOptions(verify=verify))
 
 
 def test_pieces_arrive_in_order_and_the_tensor_is_exact(runs, monkeypatch):

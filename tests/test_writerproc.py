@@ -13,7 +13,8 @@ from layerwise.errors import LostProcess, UserError
 
 from helpers import in_thread
 
-INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {}, "prompts": []}
+INTENT = {"producer": "test", "model": {"spec": "m", "model_type": "llama"}, "settings": {},
+          "prompts": [{"index": i, "token_ids": [1]} for i in range(16)]}  # a manifest's tensors are of its prompts
 
 pytestmark = pytest.mark.skipif(not writerproc.supported(), reason="no memfd / fd passing here")
 

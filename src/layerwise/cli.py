@@ -31,7 +31,8 @@ from .extract import extract, gather_prompts
 from .engines.namemap import to_toml
 from .importer import import_map, import_run
 from .recording import nonfinite_notes
-from .layer_test import compare_layer_test, run_layer_test
+from .layer_test import compare_layer_test, run_layer_test, written_runs
+from .paths import check_output_file
 from .runs import MANIFEST
 from .sizes import NoGpu, format_bytes, parse_gpus
 from .streaming import stream_extract
@@ -56,20 +57,6 @@ def _writing(path: str, flag: str):
         yield
     except OSError as err:
         raise UserError(f"cannot write {flag} {path}: {io_reason(err)}") from None
-
-
-def _check_writable(path: str | None, flag: str) -> None:
-    """Before any work: an output file's directory must exist and take files."""
-    if path in (None, "-"):
-        return
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        why = "does not exist" if not parent.exists() else ("is not a directory" if not parent.is_dir()
-                                                             else "is not writable")
-        raise UserError(f"cannot write {flag} {path}: {parent} {why}")
 
 
 def _print(line: str, file=None) -> None:
@@ -219,19 +206,21 @@ def _write_pictures(result, args) -> None:
             plot.write_html(result, args.html, token_map(result))
 
 
-def _check_outputs(args) -> None:
-    """Before reading gigabytes: matplotlib for pictures, and every output file writable."""
+def _check_outputs(args, runs: list[tuple[str, str | None]]) -> None:
+    """Before reading gigabytes: matplotlib for pictures, and every output file writable and
+    outside the `runs` the command reads and writes ((what, directory))."""
     if args.plot or args.html:
         plot.require_matplotlib()
     for flag in ("json", "plot", "html"):
-        _check_writable(getattr(args, flag), f"--{flag}")
+        check_output_file(getattr(args, flag), f"--{flag}", runs)
 
 
 def cmd_test(args) -> int:
     options = arguments.test_options(args)
     prompts = gather_prompts(args.prompt, args.prompts) if (args.prompt or args.prompts) else None
     compare = arguments.compare_options(args)
-    _check_outputs(args)
+    _check_outputs(args, [("reference", args.reference)] + [(f"{kind} candidate", str(path))
+                                                             for kind, path in written_runs(options).items()])
     result = run_layer_test(args.model, options, prompts)
     tested = compare_layer_test(result, compare, progress=_progress_line if sys.stderr.isatty() else None,
                                 ranks=distributed.session())  # under torchrun every rank compares its share
@@ -250,7 +239,7 @@ def cmd_test(args) -> int:
 
 def cmd_compare(args) -> int:
     options = arguments.compare_options(args, args.prompt_index)
-    _check_outputs(args)
+    _check_outputs(args, [("REF", args.reference), ("CAND", args.candidate), ("baseline", args.baseline)])
     progress = _progress_line if sys.stderr.isatty() else None
     result = compare_paths(args.reference, args.candidate, options, args.baseline, progress=progress)
     if args.json:

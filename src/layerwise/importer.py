@@ -29,7 +29,7 @@ from .errors import UserError
 from .models import check_spec
 from .engines.files import first_line, load_array
 from .names import INPUT, OUTPUT, ROLES, WHOLE_ROLES, file_group, split_name, tensor_name
-from .paths import listed_inside
+from .paths import listed_inside, within
 from .schema import token_ids
 from .recording import Recording
 from .runs import Intent, library_versions
@@ -210,6 +210,9 @@ def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: 
     source_dir = Path(src)
     if not source_dir.is_dir():
         raise UserError(f"import source {src} is not a directory")
+    if within(source_dir, (Path(out),)):
+        raise UserError(f"import source {src} lies in --out {out}: the run written there would replace or change "
+                        "the source; give --out a directory apart from it")
     if decode is not None and decode not in DECODES:
         raise UserError(f"--decode {decode!r}: choose {' or '.join(DECODES)}")
     if model is not None:

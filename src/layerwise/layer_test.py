@@ -34,10 +34,11 @@ from .extract import ExtractOptions, extract
 from .joint import record_and_test
 from .loading import LoadOptions
 from .names import OUTPUT, BadSelection, Layout, format_ranges, parse_indices
+from .paths import overlaps
 from .pipeline import Pipeline
 from .recording import ExtractResult
 from .replay import ReplayOptions, ReplayResult, replay
-from .runs import Run, open_run
+from .runs import INTENT, MANIFEST, Run, open_run
 from .streaming import StreamOptions, stream_extract
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
     extract-all, which otherwise takes the reference's."""
     if options.test_type not in TEST_TYPES:
         raise UserError(f"unknown --test-type {options.test_type!r}: choose from {', '.join(TEST_TYPES)}")
+    check_places(options)
     out = Path(options.out)
     if options.test_type == "extract-all":
         return _extract_all(model, options, out, prompts, progress)
@@ -112,6 +114,29 @@ def run_layer_test(model: str, options: TestOptions = TestOptions(), prompts: li
     candidates = {k: v for k, v in (("isolated", result.isolated), ("chained", result.chained)) if v is not None}
     return TestResult(options.test_type, Path(options.reference), candidates, result.layers, replay=result,
                       notes=(*result.notes, *notes))
+
+
+def written_runs(options: TestOptions) -> dict[str, Path]:
+    """The run directories a test may write, by kind (single writes "chained" only with every layer)."""
+    out = Path(options.out)
+    kinds = {"single": ("isolated", "chained"), "multi": ("chained",), "full": ("full",)}.get(options.test_type)
+    return {"extract-all": out} if kinds is None else {kind: out / kind for kind in kinds}
+
+
+def check_places(options: TestOptions) -> None:
+    """Before any work: no run the test writes is its reference, lies inside it or holds it; runs
+    written into --out's subdirectories are not written into a run."""
+    out = Path(options.out)
+    if options.test_type != "extract-all" and ((out / MANIFEST).is_file() or (out / INTENT).is_file()):
+        raise UserError(f"--out {out} is a run directory, and a {options.test_type} test writes its runs into "
+                        "subdirectories of --out: give a directory that is not a run")
+    if not options.reference:
+        return
+    for kind, path in written_runs(options).items():
+        if overlaps(path, options.reference):
+            raise UserError(f"--out {options.out} puts the {kind} run in {path}, which is, holds or lies inside "
+                            f"the reference {options.reference}: the test would write into its own reference; "
+                            "give --out a directory apart from the reference's")
 
 
 def _schedule(options: TestOptions) -> Pipeline | None:

@@ -110,8 +110,11 @@ def index_files(path: Path, files: Iterable[str] | None = None) -> list[dict]:
     entries = []
     for rel in sorted(tensor_files(path) if files is None else files):
         metadata: dict = {}
-        entries += file_entries(rel, tensorfile.read_header(path / rel, metadata), metadata)
+        entries += file_entries(rel, tensorfile.read_header(path / rel, metadata, _KEPT_FILE), metadata)
     return entries
+
+
+_KEPT_FILE = ("run file", "delete it and rerun the same command to write it again")  # a resumed run's
 
 
 def tensor_files(path: Path) -> list[str]:

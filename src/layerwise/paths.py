@@ -1,16 +1,23 @@
 """Paths read from files, kept inside their root: a run's tensor files, a checkpoint's shards,
-an import source's tensors.
+an import source's tensors; and the paths a command writes, kept out of the runs it reads.
 
 A name read from a file (a manifest's `file`, an index's `weight_map` value) or found by listing
 a directory is joined to its root and resolved on disk, symlinks followed; what lands outside
 the root is refused in one line (exit 2), before anything is opened. A Hugging Face cache
-snapshot links its files to the repository's `blobs/`: its root is the repository.
+snapshot links its files to the repository's `blobs/`: its root is the repository. An output
+file (a report) is checked before any work: a file name, in a directory that takes new files,
+outside every run the command reads or writes (a report there would change the run).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+from .atomic import io_reason
 from .errors import UserError
 from .schema import relative_path
 
@@ -44,3 +51,43 @@ def listed_inside(root: Path, path: Path, where: str) -> Path:
     if not within(path, (Path(root),)):
         raise UserError(f"{where}: {path} is a link to {path.resolve()}, outside {root}; refusing to read it")
     return path
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether directories `a` and `b`, resolved (symlinks followed), are one, or one lies inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_file(path: str | None, flag: str, runs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> None:
+    """Before any work: `flag`'s output file (None or '-': none, stdout) names a file, not a
+    directory nor a device, in a directory that exists and takes new files, and lies outside
+    each of `runs` ((what, run directory): those the command reads or writes). The file is
+    written by a rename in its directory (atomic.py): a link in its place is replaced, not followed."""
+    if path in (None, "-"):
+        return
+    to_print = " ('-' prints it)" if flag == "--json" else ""
+    if not path:
+        raise UserError(f"{flag} is given an empty file name: give a file name{to_print}")
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    if target.exists() and not target.is_file():
+        raise UserError(f"{flag} {path} is not a regular file (a device, pipe or socket): give a file name{to_print}")
+    landing = parent.resolve() / target.name
+    for what, run in runs:
+        root = Path(run).resolve() if run else None
+        if root is not None and (landing == root or root in landing.parents):
+            raise UserError(f"{flag} {path} lies inside the {what} run {run}: writing it there would change the "
+                            "run; write the report outside every run directory")
+    if not parent.is_dir():
+        why = "does not exist" if not parent.exists() else "is not a directory"
+        raise UserError(f"cannot write {flag} {path}: {parent} {why}")
+    try:  # the directory must take a new file (the report's temporary one): not read-only, not /proc
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:  # ENOENT: a filesystem of the kernel's own (/proc, /sys) that makes no files
+        why = "" if err.errno == errno.ENOENT else f" ({io_reason(err)})"
+        raise UserError(f"cannot write {flag} {path}: directory {parent} takes no new files{why}") from None

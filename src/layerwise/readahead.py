@@ -245,7 +245,9 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         entry = run.entry(name, prompt)
         file = run.file(entry.file)
         metadata: dict = {}
-        info = tensorfile.read_header(file, metadata).get(name)
+        info = tensorfile.read_header(file, metadata, run.file_kind).get(name)
+        if info is not None:
+            run.check_stored(entry, tensorfile.dtype_name(info["dtype"]), tuple(info["shape"]), file)
         dtype = getattr(torch, tensorfile.dtype_name(info["dtype"]), None) if info else None
         claims = entry.digests + tuple(tensorfile.stored_digests(metadata, name).items())
         begin, end = info["data_offsets"] if info else (0, 0)
@@ -253,7 +255,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
             started.set_result(run.tensor(name, prompt, verify))  # Run.tensor reads it, or says what is wrong
             return
         if end - begin != math.prod(info["shape"]) * dtype.itemsize:
-            raise tensorfile.read_failure(name, file, "its size disagrees with its shape")
+            raise run.read_failure(name, file, "its size disagrees with its shape")
         try:
             arrival = Arrival(torch.empty(info["shape"], dtype=dtype, device=device))
         except torch.OutOfMemoryError:  # no room on the device now: read whole, copied when it is measured
@@ -261,7 +263,7 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
             return
     except BaseException as err:  # noqa: BLE001 - the caller gets it
         started.set_exception(err if isinstance(err, UserError) or file is None else
-                              tensorfile.read_failure(name, file, err))
+                              run.read_failure(name, file, err))
         return
     streaming.add(arrival)
     started.set_result(arrival)
@@ -271,10 +273,10 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         if arrival.cancelled:
             raise UserError(f"reading {name} from {file} was cancelled")
         if verify and not tensorfile.digests_hold(arrival.tensor, claims, {"blake3": hasher.hexdigest()}):
-            raise tensorfile.digest_failure(name, file)
+            raise run.digest_failure(name, file)
         arrival._publish(verified=True)
     except BaseException as err:  # noqa: BLE001 - the caller gets it from the Arrival
-        arrival._publish(error=err if isinstance(err, UserError) else tensorfile.read_failure(name, file, err))
+        arrival._publish(error=err if isinstance(err, UserError) else run.read_failure(name, file, err))
 
 
 def _pour(file, begin: int, end: int, arrival: Arrival, hasher) -> None:

@@ -14,9 +14,15 @@ import torch
 
 from . import tensorfile
 from .errors import UserError
+from .tolerances import DTYPE_NAMES
 from .manifest import FORMAT, FORMAT_VERSION, INTENT, MANIFEST, entry_digests
 from .paths import inside
 from .schema import check_manifest
+
+
+STORED_DTYPES = frozenset(name for name, _ in tensorfile.DTYPES.values())  # the dtypes a run's files hold
+# What to do about a corrupt run, by its producer (a run is extracted or imported, never downloaded).
+REMEDIES = {"layerwise import": "re-import", "layerwise test": "rerun the layer test that wrote"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class Run:
             e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], entry_digests(e))
             for e in manifest["tensors"]}
         self._names = list(dict.fromkeys(e["name"] for e in manifest["tensors"]))
+        self.fix = REMEDIES.get(manifest.get("producer"), "re-extract") + " it"  # what to do about a corrupt file
+        self.file_kind = ("run file", f"the run is corrupt, {self.fix}")  # tensorfile.read_header's `kind`
 
     @property
     def prompts(self) -> list[dict]:
@@ -83,19 +91,36 @@ class Run:
         e = self.entry(name, prompt)
         file = self.file(e.file)
         try:
-            tensor, stored = tensorfile.read_tensor_and_digests(file, name, device)
+            tensor, stored = tensorfile.read_tensor_and_digests(file, name, device, self.file_kind)
         except (OSError, ValueError, Exception) as err:  # safetensors raises its own error type
             if isinstance(err, UserError):
                 raise
-            raise tensorfile.read_failure(name, file, err) from None
+            raise self.read_failure(name, file, err) from None
+        self.check_stored(e, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), file)
         if verify:
             claims = e.digests + tuple(stored.items())
             if not claims:
                 raise UserError(f"tensor {name} in {file} has no digest in the manifest or in its file: it cannot "
-                                "be verified (re-extract the run, or pass --no-verify to read it unchecked)")
+                                f"be verified ({self.fix[:-3]} the run, or pass --no-verify to read it "
+                                "unchecked)")
             if not tensorfile.digests_hold(tensor, claims):
-                raise tensorfile.digest_failure(name, file)
+                raise self.digest_failure(name, file)
         return tensor
+
+    def check_stored(self, e: TensorEntry, dtype: str, shape: tuple[int, ...], file: Path) -> None:
+        """The tensor `e` as its file stores it (torch dtype name, shape) must be what the manifest says."""
+        if (dtype, tuple(shape)) != (e.dtype, e.shape):
+            raise UserError(f"{self.path / MANIFEST} says tensor {e.name} (prompt {e.prompt}) is {e.dtype} "
+                            f"{list(e.shape)}, but {file} holds {dtype} {list(shape)}: the run was edited or is "
+                            f"corrupt, {self.fix}")
+
+    def read_failure(self, name: str, file, err: BaseException | str) -> UserError:
+        """The error of a tensor that cannot be read from its file (`err`: why)."""
+        return UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; {self.fix})")
+
+    def digest_failure(self, name: str, file) -> UserError:
+        """The error of a tensor whose bytes do not match a digest claimed for them."""
+        return UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, {self.fix}")
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -115,4 +140,5 @@ def open_run(path: str | os.PathLike) -> Run:
         raise UserError(f"{manifest_path} is not valid JSON ({why}): the run is corrupt") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not a layerwise run manifest")
-    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION, tensorfile.DIGESTS))
+    return Run(path, check_manifest(manifest, str(manifest_path), FORMAT_VERSION, tensorfile.DIGESTS,
+                                    STORED_DTYPES, DTYPE_NAMES))

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import UserError
 from .names import split_name
+from .planflags import QUANT_MODES
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -54,9 +55,18 @@ def relative_path(text, where: str) -> str:
 
 # ---------------------------------------------------------------------------------- manifests
 
+# The sections every layerwise writer has written since format version 1 (docs/FORMAT.md); a
+# manifest without one was edited. "anatomy" is required of the producers that write it: an
+# imported run has none (its readers take transformers' spelling of the parts).
+REQUIRED = {"model": (dict, "'model' (what the run is of)"), "settings": (dict, "'settings' (how it was computed)"),
+            "prompts": (list, "'prompts' (what was computed)"), "tensors": (list, "tensors list")}
+ANATOMY_WRITERS = ("layerwise extract", "layerwise test", "layerwise vllm_hook")
+_ANATOMY = ("layers_path", "embed", "norm", "head")
+
+
 def _manifest_error(where: str, problem: str) -> UserError:
-    return UserError(f"{where}: {problem}: the run is corrupt (re-extract it), or its producer does not "
-                     "write docs/FORMAT.md")
+    return UserError(f"{where}: {problem}: the run was edited or is corrupt (re-extract or re-import it), or its "
+                     "producer does not write docs/FORMAT.md")
 
 
 def _optional(data: dict, key: str, kind: type, where: str) -> None:
@@ -64,9 +74,12 @@ def _optional(data: dict, key: str, kind: type, where: str) -> None:
         raise _manifest_error(where, f"{key} is a {type(data[key]).__name__}, not a {kind.__name__}")
 
 
-def check_manifest(manifest, where: str, newest_version: int, digests: tuple[str, ...]) -> dict:
-    """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file and
-    `digests` the entries' digest fields (tensorfile.DIGESTS), each 64 hex digits or null."""
+def check_manifest(manifest, where: str, newest_version: int, digests: tuple[str, ...],
+                   dtypes: frozenset[str], compute_dtypes: frozenset[str]) -> dict:
+    """Check a parsed manifest.json (docs/FORMAT.md) and return it; `where` names the file,
+    `digests` the entries' digest fields (tensorfile.DIGESTS), each 64 hex digits or null,
+    `dtypes` the torch dtype names a run's tensor files hold, `compute_dtypes` the names
+    settings.dtype may take (tolerances know them)."""
     if not isinstance(manifest, dict):
         raise _manifest_error(where, f"the manifest is a JSON {type(manifest).__name__}, not an object")
     version = manifest.get("format_version")
@@ -75,31 +88,64 @@ def check_manifest(manifest, where: str, newest_version: int, digests: tuple[str
     if version > newest_version:
         raise UserError(f"{where} has format version {version}; this layerwise reads up to {newest_version}: "
                         "upgrade layerwise")
-    for key in ("model", "settings", "anatomy", "reference"):
-        _optional(manifest, key, dict, where)
-    _optional(manifest, "prompts", list, where)
-    _check_settings(manifest.get("settings") or {}, where)
-    for i, prompt in enumerate(manifest.get("prompts") or []):
+    _check_sections(manifest, where)
+    _check_model(manifest["model"], where)
+    _check_settings(manifest["settings"], where, compute_dtypes)
+    indices: set[int] = set()
+    for i, prompt in enumerate(manifest["prompts"]):
         _check_prompt(prompt, f"{where} prompts[{i}]")
-    tensors = manifest.get("tensors")
-    if not isinstance(tensors, list):
-        problem = "it has no tensors list" if tensors is None else f"tensors is a {type(tensors).__name__}"
-        raise _manifest_error(where, problem)
+        if prompt["index"] in indices:
+            raise _manifest_error(where, f"prompt {prompt['index']} is listed twice")
+        indices.add(prompt["index"])
     seen: set = set()
-    for i, entry in enumerate(tensors):
-        key = _check_entry(entry, f"{where} tensors[{i}]", digests)
+    for i, entry in enumerate(manifest["tensors"]):
+        key = _check_entry(entry, f"{where} tensors[{i}]", digests, dtypes)
         if key in seen:
             raise _manifest_error(where, f"tensor {key[0]} of prompt {key[1]} is listed twice")
+        if key[1] not in indices:
+            raise _manifest_error(where, f"tensor {key[0]!r} is of prompt {key[1]}, which the run's prompts "
+                                         f"({len(indices)} listed) do not hold")
         seen.add(key)
     return manifest
 
 
-def _check_settings(settings: dict, where: str) -> None:
-    for key, ok in (("batch_size", lambda v: is_int(v) and v >= 1), ("dtype", lambda v: isinstance(v, str)),
-                    ("points", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)),
-                    ("layers", lambda v: isinstance(v, list) and all(is_int(x) and x >= 0 for x in v))):
+def _check_sections(manifest: dict, where: str) -> None:
+    """The required sections present and of their type; the optional ones of theirs where present."""
+    for key, (kind, what) in REQUIRED.items():
+        if manifest.get(key) is None:
+            raise _manifest_error(where, f"it has no {what}")
+        _optional(manifest, key, kind, where)
+    for key in ("anatomy", "reference"):
+        _optional(manifest, key, dict, where)
+    anatomy = manifest.get("anatomy")
+    if anatomy is None and manifest.get("producer") in ANATOMY_WRITERS:
+        raise _manifest_error(where, f"it has no 'anatomy', which {manifest['producer']} always writes")
+    for key in _ANATOMY:
+        if (anatomy or {}).get(key) is not None and not isinstance(anatomy[key], str):
+            raise _manifest_error(where, f"anatomy.{key} is {anatomy[key]!r}, not a module path")
+
+
+def _check_model(model: dict, where: str) -> None:
+    for key in ("model_type", "architecture"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise _manifest_error(where, f"model.{key} is {model[key]!r}, not a string")
+    for key in ("num_layers", "hidden_size"):
+        if model.get(key) is not None and not (is_int(model[key]) and model[key] >= 1):
+            raise _manifest_error(where, f"model.{key} is {model[key]!r}, not a whole number >= 1")
+
+
+def _check_settings(settings: dict, where: str, compute_dtypes: frozenset[str]) -> None:
+    dtype = settings.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in compute_dtypes):
+        raise _manifest_error(where, f"settings.dtype is {dtype!r}, not a dtype name (float32, bfloat16, float16, ...)")
+    for key, ok, what in (
+            ("batch_size", lambda v: is_int(v) and v >= 1, "a whole number >= 1"),
+            ("points", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of names"),
+            ("layers", lambda v: isinstance(v, list) and all(is_int(x) and x >= 0 for x in v), "a list of layers"),
+            ("attn_implementation", lambda v: isinstance(v, str) and v != "", "an attention implementation's name"),
+            ("quant", lambda v: v in QUANT_MODES, " or ".join(QUANT_MODES))):
         if settings.get(key) is not None and not ok(settings[key]):
-            raise _manifest_error(where, f"settings.{key} is {settings[key]!r}")
+            raise _manifest_error(where, f"settings.{key} is {settings[key]!r}, not {what}")
 
 
 def _check_prompt(prompt, where: str) -> None:
@@ -113,7 +159,7 @@ def _check_prompt(prompt, where: str) -> None:
         raise _manifest_error(where, "text is not a string")
 
 
-def _check_entry(entry, where: str, digests: tuple[str, ...]) -> tuple[str, int]:
+def _check_entry(entry, where: str, digests: tuple[str, ...], dtypes: frozenset[str]) -> tuple[str, int]:
     if not isinstance(entry, dict):
         raise _manifest_error(where, f"an entry is a {type(entry).__name__}, not an object")
     for key in ("name", "prompt", "shape", "dtype", "file"):
@@ -127,8 +173,9 @@ def _check_entry(entry, where: str, digests: tuple[str, ...]) -> tuple[str, int]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
         raise _manifest_error(where, f"shape {shape!r} is not a list of sizes")
-    if not isinstance(entry["dtype"], str):
-        raise _manifest_error(where, f"dtype {entry['dtype']!r} is not a dtype name")
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in dtypes:
+        raise _manifest_error(where, f"tensor {name!r} has dtype {entry['dtype']!r}, not a torch dtype name that "
+                                     "a run's files hold (float32, bfloat16, int32, ...)")
     for field in digests:
         digest = entry.get(field)
         if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):

@@ -72,37 +72,40 @@ def nbytes(shape, dtype: str, unknown_itemsize: int = 4) -> int:
 
 # -------------------------------------------------------------------------------------- reading
 
-def read_header(path: Path, metadata: dict | None = None) -> dict:
+SHARD = ("shard", "re-download it")  # what a file is and what to do about a corrupt one (a run's: run_file)
+
+
+def read_header(path: Path, metadata: dict | None = None, kind: tuple[str, str] = SHARD) -> dict:
     """A safetensors header: {name: {dtype, shape, data_offsets}}; raises UserError when the file
-    is not a safetensors file or is shorter than its header says (truncated). The header's
-    string metadata is copied into `metadata` when a dict is given."""
-    return _header_and_data_start(path, metadata)[0]
+    is not a safetensors file or is shorter than its header says (truncated), naming it and what to
+    do as `kind` says. The header's string metadata is copied into `metadata` when a dict is given."""
+    return _header_and_data_start(path, metadata, kind)[0]
 
 
-def _header_and_data_start(path: Path, metadata: dict | None = None) -> tuple[dict, int]:
+def _header_and_data_start(path: Path, metadata: dict | None = None, kind=SHARD) -> tuple[dict, int]:
     """`read_header`'s header, and the byte its tensors' data starts at (data_offsets count from it)."""
-    size = path.stat().st_size
+    (what, fix), size = kind, path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise UserError(f"shard {path} is truncated ({size} bytes): re-download it")
+            raise UserError(f"{what} {path} is truncated ({size} bytes): {fix}")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > HEADER_LIMIT:
-            raise UserError(f"shard {path} is truncated or not a safetensors file (header of {length} bytes, "
-                            f"file of {size}): re-download it")
+            raise UserError(f"{what} {path} is truncated or not a safetensors file (header of {length} bytes, "
+                            f"file of {size}): {fix}")
         try:
             header = json.loads(fh.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"shard {path} has a corrupt header: re-download it") from None
+            raise UserError(f"{what} {path} has a corrupt header: {fix}") from None
     found = header.pop("__metadata__", None) or {} if isinstance(header, dict) else None
     if not isinstance(found, dict) or not all(_entry_ok(t) for t in header.values()):
-        raise UserError(f"{path} has a corrupt safetensors header (not {{name: {{dtype, shape, data_offsets}}}}): "
-                        "re-download or re-extract it")
+        raise UserError(f"{what} {path} has a corrupt safetensors header (not {{name: {{dtype, shape, data_offsets}}}}): "
+                        f"{fix}")
     if metadata is not None:
         metadata.update(found)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + length + end > size:
-        raise UserError(f"shard {path} is truncated: {size} bytes, its header needs {8 + length + end}: re-download it")
+        raise UserError(f"{what} {path} is truncated: {size} bytes, its header needs {8 + length + end}: {fix}")
     return header, 8 + length
 
 
@@ -128,12 +131,13 @@ def read_tensor(path: Path, name: str, device: str = "cpu") -> torch.Tensor:
     return read_tensor_and_digests(path, name, device)[0]
 
 
-def read_tensor_and_digests(path: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, dict[str, str]]:
+def read_tensor_and_digests(path: Path, name: str, device: str = "cpu",
+                            kind: tuple[str, str] = SHARD) -> tuple[torch.Tensor, dict[str, str]]:
     """One tensor and the digests its own file's header metadata holds for it ({}: none)."""
     from safetensors import safe_open
 
     if PLAIN_READS and str(device) == "cpu":
-        return _read_plain(path, name)
+        return _read_plain(path, name, kind)
     if PAGE_IN_HEAD:
         _page_in_head(path)
     with safe_open(str(path), framework="pt", device=device) as fh:
@@ -148,11 +152,11 @@ PAGE_IN_HEAD = True  # read a file's header with plain reads before safe_open op
 PLAIN_READS = True
 
 
-def _read_plain(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]]:
+def _read_plain(path: Path, name: str, kind=SHARD) -> tuple[torch.Tensor, dict[str, str]]:
     """`read_tensor_and_digests` on the CPU with plain reads: the header checked (read_header),
     then the tensor's bytes read into a tensor of its own."""
     metadata: dict = {}
-    header, data_start = _header_and_data_start(path, metadata)
+    header, data_start = _header_and_data_start(path, metadata, kind)
     info = header.get(name)
     if info is None:
         raise ValueError(f"the file holds no tensor {name}")
@@ -370,16 +374,6 @@ def digest_key(algorithm: str, name: str) -> str:
 
 
 stored_digests = filebits.stored_digests  # {algorithm: hex digest} of tensor `name` in a file's metadata
-
-
-def read_failure(name: str, file, err: BaseException | str) -> UserError:
-    """The error of a tensor that cannot be read from its file (`err`: why)."""
-    return UserError(f"cannot read {name} from {file}: {err} (the run is corrupt; re-extract it)")
-
-
-def digest_failure(name: str, file) -> UserError:
-    """The error of a tensor whose bytes do not match a digest claimed for them."""
-    return UserError(f"tensor {name} in {file} fails its digest check: the file is corrupt, re-extract it")
 
 
 def digests_hold(tensor: torch.Tensor, claims: Iterable[tuple[str, str]], known: dict[str, str] | None = None) -> bool:

@@ -38,6 +38,7 @@ _DTYPE_CLASS = {
     "tf32": "fp16", "float16": "fp16", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
     "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "float8_e4m3fnuz": "fp8", "float8_e5m2fnuz": "fp8", "fp8": "fp8",
 }
+DTYPE_NAMES = frozenset(_DTYPE_CLASS)  # the compute dtypes a run's settings.dtype may name (schema.check_manifest)
 # Margin of a near-tie between router scores s = sigmoid(logit), per dtype class: about twice the
 # score change the class's rounding causes (bf16: ~2^-8 relative error on logits of a few units).
 DEFAULT_TIE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2, "fp8": 5e-2}
