@@ -572,7 +572,7 @@ MESSAGES = [  # (case, words the line must not hold)
      _no("re-download", "shard")),
     (Case("run file header not an object", _compare(_garble_run_file_header), "the run is corrupt, re-extract it"),
      _no("re-download", "shard")),
-    (Case("--json ''", lambda lab: ["compare", lab.ref, lab.ref, "--json", ""], "is given an empty file name"),
+    (Case("--json ''", lambda lab: ["compare", lab.ref, lab.ref, "--json", ""], "argument --json: '' is empty: give a value"),
      _no("is a directory")),
     (Case("--json /proc/version", lambda lab: ["compare", lab.ref, lab.ref, "--json", "/proc/version"],
           "directory /proc takes no new files"), _no("No such file")),

@@ -159,3 +159,11 @@ def test_prompts_from_stdin_and_pipes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exception, match="reaches one rank only under torchrun"):
         read_prompt_file("-")
+
+
+def test_empty_report_name_refused_by_the_library_too(tmp_path):
+    """The CLI refuses `--json ""` at parsing; the library's own check says the same to callers."""
+    from layerwise.paths import check_output_file
+
+    with pytest.raises(Exception, match="is given an empty file name"):
+        check_output_file("", "--json")
