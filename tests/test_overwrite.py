@@ -110,9 +110,9 @@ def test_import_overwrite_killed_at_random_points_keeps_a_whole_run(tmp_path):
     files = len(runs.open_run(out).entries())  # one tensor per file here
     kills, seen = _alternate(tmp_path, commands, states, _triggers(16, files, seconds, seed=13))
     rng, extra = random.Random(14), 0
-    while kills < 6 and extra < 8:  # a busy machine makes late triggers miss: kill early in more rounds
-        order = commands[extra % 2:] + commands[:extra % 2]  # alternate the commands still
-        more, again = _alternate(tmp_path, order, states, [("files", rng.randint(0, files // 2))])
+    while kills < 6 and extra < 8:  # a busy machine starves the file-count poller: kill by the clock in more
+        order = commands[extra % 2:] + commands[:extra % 2]  # rounds (the loaded command runs longer too)
+        more, again = _alternate(tmp_path, order, states, [("time", rng.uniform(0.4, 0.95) * seconds)])
         kills, seen, extra = kills + more, seen | again, extra + 1
     assert kills >= 6, f"only {kills} of {16 + extra} rounds were killed before they ended"
     assert seen == {0, 1}, "the rounds never replaced the run"
