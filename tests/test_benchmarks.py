@@ -26,7 +26,7 @@ def test_every_script_has_a_dry_run_here():
                "distributed", "isolated_profile", "manifest_cost", "first_forward", "digest_speed",
                "read_paths", "tensor_reads", "compare_profile", "compare_knobs", "capture_ab", "writer_processes",
                "capture_variants", "command_exit", "plan_time", "compare_trace", "wake_latency", "cold_reads", "metrics_batch",
-               "gc_counts"}
+               "gc_counts", "exit_teardown"}
     assert scripts == covered, f"benchmarks without a dry run in this file: {sorted(scripts - covered)}"
 
 
@@ -214,6 +214,16 @@ def test_command_exit_dry_run(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as usage:  # neither a command nor --tiny
         bench(monkeypatch, "command_exit").main(["--out", str(tmp_path)])
     assert usage.value.code == 2
+
+
+def test_exit_teardown_dry_run(tmp_path, monkeypatch, capsys):
+    """A fresh process's teardown after os._exit, timed by its parent."""
+    code = bench(monkeypatch, "exit_teardown").main(["--tiny", "--rounds", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "exit_teardown.json").read_text())["results"]["host"]
+    assert len(rows) == 2 and all(0 <= r["teardown_s"] < 30 and r["free_s"] is None for r in rows), rows
+    assert "host" in out and "teardown" in out
 
 
 @pytest.mark.slow
