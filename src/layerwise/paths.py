@@ -55,8 +55,7 @@ def listed_inside(root: Path, path: Path, where: str) -> Path:
 
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether directories `a` and `b`, resolved (symlinks followed), are one, or one lies inside the other."""
-    a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a in b.parents or b in a.parents
+    return within(Path(a), (Path(b),)) or within(Path(b), (Path(a),))
 
 
 def check_output_file(path: str | None, flag: str, runs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> None:

@@ -52,7 +52,8 @@ class Run:
             e["name"], e["module"], e["role"], e["prompt"], tuple(e["shape"]), e["dtype"], e["file"], entry_digests(e))
             for e in manifest["tensors"]}
         self._names = list(dict.fromkeys(e["name"] for e in manifest["tensors"]))
-        self.fix = REMEDIES.get(manifest.get("producer"), "re-extract") + " it"  # what to do about a corrupt file
+        self.remedy = REMEDIES.get(manifest.get("producer"), "re-extract")  # what to do about a corrupt run
+        self.fix = f"{self.remedy} it"
         self.file_kind = ("run file", f"the run is corrupt, {self.fix}")  # tensorfile.read_header's `kind`
 
     @property
@@ -101,7 +102,7 @@ class Run:
             claims = e.digests + tuple(stored.items())
             if not claims:
                 raise UserError(f"tensor {name} in {file} has no digest in the manifest or in its file: it cannot "
-                                f"be verified ({self.fix[:-3]} the run, or pass --no-verify to read it "
+                                f"be verified ({self.remedy} the run, or pass --no-verify to read it "
                                 "unchecked)")
             if not tensorfile.digests_hold(tensor, claims):
                 raise self.digest_failure(name, file)
