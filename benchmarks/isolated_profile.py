@@ -196,7 +196,7 @@ def command_timeline(reads: dict, stats: dict, manifest: Path, wall: float) -> d
 
 
 def timeline_line(name: str, t: dict, cold_gbps: float) -> str:
-    stages = ", ".join(f"{s} {at:.1f}" for s, at in t["stages"])
+    stages = ", ".join(f"{s} {at:.2f}" for s, at in t["stages"])
     if t.get("read_gb") is None:
         reads = "reads from storage not seen (/proc/PID/io)"
     else:

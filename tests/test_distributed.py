@@ -112,7 +112,8 @@ def test_data_parallel_extract_equals_one_process(work, tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["files"] > 0 for r in ranks)  # both computed batches
     for r in ranks:  # each rank's start-up, stage by stage
         assert [s for s, _ in r["startup"]["stages"]] == ["imported", "joined", "agreed", "model loaded",
-                                                         "run started"], r["startup"]
+                                                         "run started", "forward done", "capture closed",
+                                                         "files written"], r["startup"]
 
 
 def test_streamed_extract_on_four_ranks_one_idle(work, tmp_path):
@@ -199,8 +200,10 @@ def test_data_parallel_layer_tests_equal_one_process(work, tmp_path):
     for r in ranks:  # each rank's start-up, stage by stage, all of it before its replay
         stages = r["startup"]["stages"]
         assert [s for s, _ in stages] == ["imported", "joined", "agreed", "reference opened", "layers opened",
-                                          "reference checked", "runs started"], stages
-        assert stages[-1][1] <= r["timeline_origin_unix"] - r["startup"]["process_start_unix"] + 0.02, r
+                                          "reference checked", "runs started", "layers computed", "capture closed",
+                                          "files written"], stages
+        replay_began = r["timeline_origin_unix"] - r["startup"]["process_start_unix"]
+        assert stages[-4][1] <= replay_began + 0.02 < stages[-3][1], r  # the start-up before the replay, its end after
     # on one clock (the ranks' unix origins), the chain runs layer after layer across the ranks
     chain = sorted((r["timeline_origin_unix"] + start, r["timeline_origin_unix"] + end, layer)
                    for r in ranks for phase, layer, start, end in r["timeline"] if phase == "chain")

@@ -80,10 +80,14 @@ def test_stream_cli(tmp_path, capsys):
     assert code == 0 and "one layer at a time" in out
     run = runs.open_run(tmp_path / "r")
     assert run.names[-1] == "lm_head:output"
-    startup = run.manifest["stats"]["startup"]  # what came before the recording, in seconds since the process began
-    assert [stage for stage, _ in startup["stages"]][-3:] == ["imported", "layers opened", "run started"], startup
+    startup = run.manifest["stats"]["startup"]  # before the recording and its end, in seconds since the process began
+    assert [stage for stage, _ in startup["stages"]][-7:] == [
+        "imported", "layers opened", "run started", "layers computed", "head computed", "capture closed",
+        "files written"], startup
     seconds = [at for _, at in startup["stages"]]
-    assert 0 < seconds[-3] and seconds == sorted(seconds), startup
+    assert 0 < seconds[-7] and seconds == sorted(seconds), startup
+    manifest_at = (tmp_path / "r" / "manifest.json").stat().st_mtime - startup["process_start_unix"]
+    assert seconds[-1] <= manifest_at + 0.01, (seconds, manifest_at)  # the files, then the manifest
 
 
 def test_unstreamable_architecture_is_refused(monkeypatch, tmp_path):

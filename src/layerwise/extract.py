@@ -152,6 +152,7 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
                                   run.elapsed()))
 
         forward = _forward(loaded, mine, run.collector, targets, done)
+        timings.mark("forward done")
         seconds = run.close_capture()
         run.timings["startup"] = timings.startup()  # this rank's, into its stats
         placement = {"": f"tensor parallel over {loaded.tensor_parallel} ranks"} if tp else \

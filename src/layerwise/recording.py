@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import models
+from . import models, timings
 from .capture import Target, groups_of
 from .collector import PINNED_BUDGET_BYTES, Collector
 from .distributed import Session
@@ -153,7 +153,19 @@ class Recording:
         if self.collector is not None:
             self.collector.close()
         self.seconds = self.elapsed()
+        timings.mark("capture closed")
         return self.seconds
+
+    def _late(self) -> dict:
+        """The stats known once every file is written: the bytes (a file still in a writer process
+        is not counted before), and the process's stages with `files written` among them."""
+        return {"bytes": self.writer.bytes_written, **self._written()}
+
+    def _written(self) -> dict:
+        """Every file is written: that stage marked, and the process's stages anew (where the
+        producer put them into the stats)."""
+        timings.mark("files written")
+        return {"startup": timings.startup()} if "startup" in self.timings else {}
 
     def finish(self, extra: dict) -> dict | None:
         """Write the manifest last (with `extra` beside the intent); returns it (None on ranks
@@ -163,13 +175,13 @@ class Recording:
             if capture:
                 extra = {**extra, "stats": {**(extra.get("stats") or {}), **capture}}
             # the bytes once every file is written: a file still in a writer process is not counted yet
-            self.manifest = self.writer.finish(extra, late=lambda: {"bytes": self.writer.bytes_written})
+            self.manifest = self.writer.finish(extra, late=self._late)
             self.tensors, self.bytes = len(self.manifest["tensors"]), self.writer.bytes_written
             return self.manifest
         self.writer.close()  # this rank's files are all renamed into place
         mine = self.writer.entries(every=self.ranks.is_main)  # rank 0 also lists what a killed run left
         stats = {"rank": self.ranks.rank, "files": len(self.writer.written), "bytes": self.writer.bytes_written,
-                 "seconds": self.seconds, **capture}
+                 "seconds": self.seconds, **capture, **self._written()}
         gathered = self.ranks.gather((mine, stats))
         summary = None
         if self.ranks.is_main:

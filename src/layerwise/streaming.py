@@ -138,8 +138,10 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
                 final = by_stage.get("final", [])  # nothing captured after the layers: no norm, no head
                 hidden, shared = _decoder_layers(source, mine, hidden, run, by_stage, stream, reads, layer_done,
                                                  alongside, tail=bool(final))
+                timings.mark("layers computed")
                 if final:
                     _norm_and_head(source, mine, hidden, run.collector, final, shared)
+                    timings.mark("head computed")
         seconds = run.close_capture()
         run.timings["startup"] = timings.startup()  # this rank's, into its stats
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
