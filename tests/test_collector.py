@@ -329,6 +329,23 @@ def test_reserve_pins_a_fixed_count_and_only_slabs_a_pool_will_take(monkeypatch)
     assert made == [(pinned.SLAB_BYTES, True)] * 2 and len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES
 
 
+def test_reserve_for_a_capture_expected_small_pins_only_the_slabs_it_will_hold(monkeypatch):
+    """A layer test's capture holds a few layer outputs in flight: the process pins slabs for
+    those (rounded up), not a whole RESERVE_BYTES it would then tear down; never more than the
+    reserve for a large one."""
+    from layerwise import pinned
+
+    monkeypatch.setattr(pinned.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pinned, "_RESERVE", [])
+    made = []
+    monkeypatch.setattr(pinned, "new_buffer", lambda n, pin: made.append((n, pin)) or torch.empty(1))
+    pinned.reserve(4 << 30, pinned.SLAB_BYTES + 1).join()
+    assert made == [(pinned.SLAB_BYTES, True)] * 2
+    assert pinned.reserve(4 << 30, 10) is None and len(made) == 2  # it holds enough already
+    pinned.reserve(4 << 30, 100 << 30).join()
+    assert len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES
+
+
 class ThreadWriter(ListWriter):
     """A ListWriter that notes which thread handed it each file, and can hold one put until told."""
 

@@ -40,6 +40,26 @@ def test_a_tolerance_rule_no_test_run_matches_is_a_warning(capsys, tmp_path, ref
                                 "in the table"], err
 
 
+def test_the_capture_s_host_buffers_are_pinned_ahead_for_one_layer_not_a_whole_reserve(capsys, tmp_path, reference,
+                                                                                      monkeypatch):
+    """The GPU warm-up pins the capture's first host buffers while layer 0 is read: as many as
+    one layer's tensors take in the reference, for each output run, twice over (a few MB for
+    these prompts), not the extract's 1 GiB, which the process would then tear down."""
+    from layerwise import rebatch
+
+    asked = []
+    monkeypatch.setattr(rebatch, "warm_device", lambda device, dtype, capture_bytes=None: asked.append(capture_bytes))
+    code, _, err = run_cli(capsys, "test", MINIMAX, "--reference", reference.path, "--out", tmp_path / "t",
+                           "--layer", "1")
+    assert code == 0, err
+    one = sum(e.nbytes for e in reference.entries() if e.module.startswith("model.layers.1.") or
+              e.module == "model.layers.1")
+    tracks = len(list((tmp_path / "t").glob("*/manifest.json")))
+    assert 0 < one < 1 << 20 and tracks and asked == [2 * tracks * one], (asked, one, tracks)
+    assert rebatch.layer_capture_bytes(reference, "model.layers.1", 1) == 2 * one
+    assert rebatch.layer_capture_bytes(reference, "model.layers.9", 1) == 0  # no such layer: nothing
+
+
 def _max_output_error(reference, candidate) -> float:
     worst = 0.0
     for name in candidate.names:
@@ -63,11 +83,13 @@ def test_single_all_makes_isolated_and_chained_runs(capsys, tmp_path, reference)
     stats = isolated.manifest["stats"]
     startup = stats["startup"]
     stages = [stage for stage, _ in startup["stages"]]
-    assert stages[-5:] == ["imported", "reference opened", "layers opened", "reference checked", "runs started"], startup
+    assert stages[-8:] == ["imported", "reference opened", "layers opened", "reference checked", "runs started",
+                           "layers computed", "capture closed", "files written"], startup
     seconds = [at for _, at in startup["stages"]]
-    assert 0 < seconds[-5] and seconds == sorted(seconds), startup
+    assert 0 < seconds[-8] and seconds == sorted(seconds), startup
     replay_began = stats["timeline_origin_unix"] - startup["process_start_unix"]
-    assert seconds[-1] <= replay_began + 0.02 and replay_began < time.time() - startup["process_start_unix"], startup
+    assert seconds[-4] <= replay_began + 0.02 < seconds[-3], startup  # the start-up before the replay, its end after
+    assert replay_began < time.time() - startup["process_start_unix"], startup
 
 
 def test_multi_and_full(capsys, tmp_path, reference):

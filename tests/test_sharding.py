@@ -178,6 +178,22 @@ def test_exit_process_skips_only_the_interpreters_teardown(tmp_path, how):
     assert (tmp_path / "teardown").exists() is (how in ("program", "profiled"))
 
 
+def test_a_command_unpins_its_host_buffers_when_its_work_ended_whatever_the_verdict(monkeypatch, capsys, tmp_path):
+    """A layerwise command (not a program calling it) makes its page-locked buffers pageable once
+    its work ended, passed (0) or failed its verdict (1); never after an error (exit 2 here: a
+    copy may still be in flight then)."""
+    from layerwise import cli, shmbuffers
+
+    unpinned = []
+    monkeypatch.setattr(shmbuffers, "unpin_all", lambda: unpinned.append(1) or 0)
+    assert cli.main(["plan", "builtin:minimax-m2-tiny", "--gpus", "1x80GB"]) == 0 and unpinned == []  # a program
+    monkeypatch.setattr(cli._boot, "is_command", lambda: True)
+    assert cli.main(["plan", "builtin:minimax-m2-tiny", "--gpus", "1x80GB"]) == 0 and unpinned == [1]
+    assert cli.main(["plan", "builtin:minimax-m2", "--gpus", "1x1GB"]) == 1 and unpinned == [1, 1]  # does not fit
+    assert cli.main(["plan", str(tmp_path / "nothing")]) == 2 and unpinned == [1, 1]
+    capsys.readouterr()
+
+
 def test_exit_process_in_a_program_raises_system_exit():
     """Called in-process (a program, this test runner), the exit is Python's: catchable."""
     with pytest.raises(SystemExit) as exit_info:

@@ -127,6 +127,29 @@ def test_a_shared_buffer_comes_back_to_the_cache_when_its_last_view_is_gone():
     assert pinned.new_buffer(3 << 16, False).data_ptr() == base
 
 
+def test_unpin_all_makes_every_registered_region_pageable_once_and_never_hands_it_out_as_locked(monkeypatch):
+    """At a command's end its page-locked regions are unregistered (the teardown frees pageable
+    memory faster): each once, the cached ones moved to the pageable cache; one the driver
+    refuses to unregister stays page-locked. (On a GPU: tests/gpu, the copies themselves.)"""
+    calls, refused = [], []  # the driver refuses the second region
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: type("R", (), {"cudaHostUnregister": staticmethod(
+        lambda base: calls.append(base) or int(base in refused))}))
+    monkeypatch.setattr(shmbuffers, "_REGIONS", {})
+    monkeypatch.setattr(shmbuffers, "_BASES", [])
+    monkeypatch.setattr(shmbuffers, "_CACHE", {})
+    size = 5 << 16  # no other test's region has it
+    regions = [shmbuffers._new_region(size, False) for _ in range(3)]
+    for region in regions[:2]:
+        region.pinned = True  # as cudaHostRegister left them (no GPU here)
+    refused.append(regions[1].base)
+    shmbuffers._CACHE[size, True] = [regions[0]]
+    shmbuffers._CACHE[size, False] = [regions[2]]
+    assert shmbuffers.unpin_all() == size
+    assert calls == [regions[0].base, regions[1].base] and [r.pinned for r in regions] == [False, True, False]
+    assert shmbuffers._CACHE == {(size, False): [regions[2], regions[0]]}
+    assert shmbuffers.unpin_all() == 0 and calls[2:] == [regions[1].base]  # only the one still page-locked
+
+
 def test_this_process_s_writer_threads_start_only_for_a_file_the_process_cannot_write(tmp_path, traced):
     """With a writer process, the run writer's own threads are not started (nor stopped at the
     end) unless a file falls to them; then they write it."""

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from . import (_boot, _fastplan, arguments, combinations, distributed, loading, machine, models, plot, readiness,
-               recording, report, timings)
+               recording, report, shmbuffers, timings)
 from .atomic import io_reason, write_text_atomic
 from .compare import compare_paths, unmatched_note
 from .errors import UserError
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         combinations.refuse_idle(args)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        code = COMMANDS[args.command](args)
+        code = _ended(COMMANDS[args.command](args))
         sys.stdout.flush()  # a reader gone away (| head) shows here, not at interpreter exit
         return code
     except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
@@ -290,6 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _ended(code: int) -> int:
+    """A command's work ended, whatever its verdict: in a layerwise process, about to exit, its
+    page-locked host buffers are made pageable first (shmbuffers.unpin_all), which the kernel's
+    teardown of the process then frees faster. Not after a failure: copies may still be in flight."""
+    if _boot.is_command():
+        shmbuffers.unpin_all()
+    return code
 
 
 def _print_error(message: str, code: int = EXIT_FAIL) -> int:
@@ -327,7 +336,7 @@ def _main_ranked(argv: list[str] | None, env: distributed.Env) -> int:
         return _print_error(str(err)) if env.rank == 0 else EXIT_FAIL
     timings.mark("joined")
     try:
-        return _run_ranked(ranks, args, problem, layout)
+        return _ended(_run_ranked(ranks, args, problem, layout))
     except UserError as err:  # a CandidateError (the candidate under test failed) exits 1
         return _failed(ranks, str(err), err.exit_code)
     except distributed.RankFailed as err:

@@ -32,6 +32,7 @@ DTYPES = {
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
     "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
+CODES = {name: code for code, (name, _) in DTYPES.items()}  # torch dtype name -> safetensors dtype code
 NONFINITE_KEY = "nonfinite:"  # "nonfinite:<tensor name>" -> "<NaN count>,<Inf count>" (only when any)
 PIECE = 4 << 20  # bytes of a tensor checked, hashed and written at a time (they stay in the CPU's cache)
 COUNT_ELEMENTS = 1 << 16  # elements of a tensor holding NaN/Inf counted at a time (count_nonfinite)

@@ -48,16 +48,19 @@ def slab_for(budget_bytes: int) -> int:
     return slab if slab >= MIN_BYTES else 0
 
 
-def reserve(budget_bytes: int) -> threading.Thread | None:
+def reserve(budget_bytes: int, wanted: int | None = None) -> threading.Thread | None:
     """Pin SLAB_BYTES slabs in the background, for the pool of a capture of `budget_bytes`, until
-    the process holds min(RESERVE_BYTES, budget) of them. None: nothing to pin (no GPU, or a
-    budget whose pool would not use slabs of that size). Pinning costs about a second per GB,
-    which a capture would otherwise pay on the forward thread at its first flushes; started
-    before a model loads, it is paid while the loading waits for the disk."""
+    the process holds min(RESERVE_BYTES, budget, `wanted` rounded up to slabs) of them. None:
+    nothing to pin (no GPU, or a budget whose pool would not use slabs of that size). Pinning
+    costs about a second per GB, which a capture would otherwise pay on the forward thread at its
+    first flushes; started before a model loads, it is paid while the loading waits for the disk.
+    `wanted`: what the capture is expected to hold in flight (a layer test's few layer outputs),
+    where the process should not pin, then tear down, a whole RESERVE_BYTES."""
     if not torch.cuda.is_available() or slab_for(budget_bytes) != SLAB_BYTES:
         return None
+    ahead = RESERVE_BYTES if wanted is None else -(-max(wanted, 1) // SLAB_BYTES) * SLAB_BYTES
     with _RESERVE_LOCK:
-        missing = min(RESERVE_BYTES, budget_bytes) // SLAB_BYTES - len(_RESERVE)
+        missing = min(ahead, RESERVE_BYTES, budget_bytes) // SLAB_BYTES - len(_RESERVE)
     if missing <= 0:
         return None
 

@@ -38,11 +38,12 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
+from . import timings
 from .chain import Link
 from .distributed import Session
 from .errors import CandidateError, user_code
 from .layer_loading import LayerSource
-from .rebatch import determinism, ReadAhead, head_start, input_of
+from .rebatch import determinism, ReadAhead, head_start, input_of, layer_capture_bytes
 from .replay import _candidate
 from .sharding import deal
 from .streaming import run_layer
@@ -67,6 +68,7 @@ class Pipeline:
         stage = _Stage(self.ranks, link, run, source, batches, tracks, targets, options, factory)
         stage.check_determinism = options.check_determinism and owner[layers[0]] == self.ranks.rank
         stage.run(layers, owner)
+        timings.mark("layers computed")
         stage.clock.into(tracks)
         checked = self.ranks.broadcast(stage.determinism)
         totals = self.ranks.all_gather((stage.load_seconds, stage.bytes_read))
@@ -98,7 +100,9 @@ class _Stage:
             pending = reader.submit(mine[0], inputs(mine[0]))
             with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer:
                 warming = warmer.submit(head_start, self.clock, self.source, mine[0],
-                                        tuple(self.batches[0].attention_mask.shape))
+                                        tuple(self.batches[0].attention_mask.shape),
+                                        layer_capture_bytes(self.run_, self.source.anatomy.layer(mine[0]),
+                                                            (self.isolated is not None) + (self.chained is not None)))
                 with self.clock("connect", mine[0]):  # while the first layer is read and the GPU warms
                     self.link.warm(self.source.device)
                 with self.clock("warm_wait", mine[0]):

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import blake3
 import torch
 
-from . import tensorfile
+from . import shmbuffers, tensorfile
 from .errors import UserError
 from .runs import Run
 
@@ -287,8 +287,8 @@ def _pour(file, begin: int, end: int, arrival: Arrival, hasher) -> None:
     done. `arrived` counts only bytes whose copy is complete."""
     cuda = arrival.tensor.device.type == "cuda"
     total = end - begin
-    buffers = [torch.empty(min(STREAM_PIECE, total), dtype=torch.uint8, pin_memory=cuda)
-               for _ in range(STREAM_BUFFERS)]
+    buffers = [shmbuffers.locked_buffer(min(STREAM_PIECE, total)) if cuda else
+               torch.empty(min(STREAM_PIECE, total), dtype=torch.uint8) for _ in range(STREAM_BUFFERS)]
     free: queue.Queue = queue.Queue()
     full: queue.Queue = queue.Queue()
     for k in range(len(buffers)):

@@ -82,13 +82,22 @@ def stacked_input(run: Run, layer_path: str, batch: Batch) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def head_start(clock, source, index: int, shape: tuple[int, int]) -> None:
+def head_start(clock, source, index: int, shape: tuple[int, int], capture_bytes: int | None = None) -> None:
     """What a process pays once on its first forward pass, paid on a thread of its own while
-    layer `index` is read (and, under torchrun, while the ranks connect): `warm_device`, then
-    `rehearse` over a batch of `shape`. Nothing else on the process may draw random numbers
-    meanwhile (the rehearsal forks the generators' state and puts it back)."""
-    clock.timed("warm", index, warm_device, source.device, source.dtype)
+    layer `index` is read (and, under torchrun, while the ranks connect): `warm_device` (its
+    capture's host buffers for `capture_bytes`, `layer_capture_bytes`), then `rehearse` over a
+    batch of `shape`. Nothing else on the process may draw random numbers meanwhile (the
+    rehearsal forks the generators' state and puts it back)."""
+    clock.timed("warm", index, warm_device, source.device, source.dtype, capture_bytes)
     clock.timed("rehearse", index, rehearse, source, index, shape)
+
+
+def layer_capture_bytes(run: Run, path: str, tracks: int) -> int:
+    """What a layer test's capture holds in flight, about: the reference's tensors of layer `path`
+    (what each track records of it), for every track, twice (a layer written while the next one
+    is captured)."""
+    one = sum(e.nbytes for e in run.entries() if e.module == path or e.module.startswith(path + "."))
+    return 2 * tracks * one
 
 
 INPUTS_AHEAD_BYTES = 1 << 30  # a layer's recorded inputs held ahead on the host; the rest are read when used

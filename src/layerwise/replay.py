@@ -51,8 +51,8 @@ from .names import INPUT, tensor_name
 from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
-from .rebatch import (deterministic, ReadAhead, head_start, input_of, recorded_points, reference_batches,
-                      run_twice)
+from .rebatch import (deterministic, ReadAhead, head_start, input_of, layer_capture_bytes, recorded_points,
+                      reference_batches, run_twice)
 from .streaming import run_layer
 from .timings import Timings
 
@@ -284,7 +284,8 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
     with ReadAhead(clock, source, run, batches) as reader:
         pending = reader.submit(layers[0], True)
         with ThreadPoolExecutor(1, thread_name_prefix="layerwise-warm") as warmer, clock("warm_wait", layers[0]):
-            warmer.submit(head_start, clock, source, layers[0], tuple(batches[0].attention_mask.shape)).result()
+            warmer.submit(head_start, clock, source, layers[0], tuple(batches[0].attention_mask.shape),
+                          layer_capture_bytes(run, source.anatomy.layer(layers[0]), len(tracks))).result()
         for i, index in enumerate(layers):
             with clock("read_wait", index):
                 weights, stacked = reader.result(pending)
@@ -303,6 +304,7 @@ def _run_layers(run: Run, source: LayerSource, layers: list[int], batches, track
                                                                           source.device))
             determinism = checked or determinism
             del loaded, stacked
+    timings.mark("layers computed")
     clock.into(tracks)
     return load_seconds, bytes_read, determinism
 

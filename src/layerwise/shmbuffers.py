@@ -5,7 +5,10 @@ CUDA, the target of the device-to-host copies), so that the run writer's own pro
 (`writerproc`, `writerchild`) read the tensors where the copies put them. `shared_buffer` makes
 such buffers (a process-wide cache, like torch's pinned-memory cache: a buffer whose tensor is gone
 is reused, never unmapped); `sources` says where a file's tensors lie (in a shared buffer, or
-small enough to send with the file's message).
+small enough to send with the file's message). The readers' staging buffers for host-to-device
+copies are such regions too (`locked_buffer`), so that when a command's work has ended
+`unpin_all` can make every page-locked byte of the process pageable again, which the kernel's
+teardown of the process frees faster than torch's pinned memory (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import weakref
 
 import torch
 
-from . import tensorfile
+from . import filebits
 from .rawbytes import raw_bytes
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,41 @@ def shared_buffer(nbytes: int, pin: bool) -> torch.Tensor | None:
     return tensor
 
 
+def locked_buffer(nbytes: int) -> torch.Tensor:
+    """A page-locked uint8 CPU tensor of at least `nbytes`, for staging host-to-device copies: a
+    registered shared region (`unpin_all` makes it pageable at the end) of a power of two from 64
+    KiB, so regions are reused across sizes; where that cannot be made, torch's pinned memory."""
+    size = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+    buffer = shared_buffer(size, True)
+    if buffer is None:
+        with torch.inference_mode(False):
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    return buffer
+
+
+def unpin_all() -> int:
+    """Make every registered region pageable again (cudaHostUnregister, about 15 ms per GB), once
+    nothing will copy from or into them: a process's teardown frees page-locked memory at about
+    0.1 s per GB more than pageable memory (BENCHMARKS.md), after the work is done. The GPUs
+    holding memory are synchronized first (no copy may be in flight). Returns the bytes unpinned."""
+    with _LOCK:
+        pinned = [region for region in _REGIONS.values() if region.pinned]
+    if not pinned:
+        return 0
+    for index in range(torch.cuda.device_count()):
+        if torch.cuda.memory_reserved(index):
+            torch.cuda.synchronize(index)
+    unregister, unpinned = torch.cuda.cudart().cudaHostUnregister, 0
+    with _LOCK:
+        for region in pinned:
+            if int(unregister(region.base)) == 0:  # else it stays page-locked: the teardown frees it
+                region.pinned, unpinned = False, unpinned + region.size
+        for key in [key for key in _CACHE if key[1]]:  # a region unpinned is never handed out as page-locked
+            for region in _CACHE.pop(key):
+                _CACHE.setdefault((region.size, region.pinned), []).append(region)
+    return unpinned
+
+
 def _came_back(region: _Region) -> None:
     with _LOCK:
         _CACHE.setdefault((region.size, region.pinned), []).append(region)
@@ -104,7 +142,7 @@ def sources(tensors: dict[str, torch.Tensor]) -> list[tuple] | None:
     None when a tensor is neither there nor small (this process writes that file)."""
     specs = []
     for name, t in tensors.items():
-        code = tensorfile.DTYPE_CODES.get(t.dtype)
+        code = filebits.CODES.get(str(t.dtype).removeprefix("torch."))
         if code is None or t.device.type != "cpu":  # this process says why it cannot write it
             return None
         nbytes = t.numel() * t.element_size()

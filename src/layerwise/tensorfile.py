@@ -17,7 +17,6 @@ Knows nothing about checkpoints, runs or models: a file, names, bytes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from . import filebits
+from . import filebits, shmbuffers
 from ._boot import READ_THREADS_ENV, read_threads
 from .errors import UserError
 from .rawbytes import raw_bytes
 
 DTYPES = filebits.DTYPES  # safetensors dtype code -> (torch dtype name, bytes per element)
-DTYPE_CODES = {getattr(torch, name): code for code, (name, _) in DTYPES.items()}  # torch dtype -> code
+DTYPE_CODES = {getattr(torch, name): code for name, code in filebits.CODES.items()}  # torch dtype -> code
 _ITEMSIZE = dict(DTYPES.values())
 HASH_CHUNK = filebits.HASH_CHUNK
 HASH_WORKERS = min(8, os.cpu_count() or 1)  # threads hashing the chunks of big tensors, shared by every caller
@@ -320,7 +319,7 @@ def _staging_buffers(pinned: bool):
     key = "pinned" if pinned else "plain"
     buffers = getattr(_staging, key, None)
     if buffers is None or buffers[0].numel() < _CHUNK:
-        buffers = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        buffers = [shmbuffers.locked_buffer(_CHUNK) if pinned else torch.empty(_CHUNK, dtype=torch.uint8) for _ in range(2)]
         setattr(_staging, key, buffers)
     return buffers
 

@@ -93,13 +93,14 @@ def process_start_unix() -> float | None:
         return None
 
 
-def warm_device(device: torch.device, dtype: torch.dtype) -> None:
+def warm_device(device: torch.device, dtype: torch.dtype, capture_bytes: int | None = None) -> None:
     """On a GPU: pin the capture's first host buffers in the background (pinned.reserve: the
-    first RESERVE_BYTES of the pool's budget; with them, tests of 8 MiniMax-M2 layers on 2 H200s
-    pinned at most 0.07 s on their forward threads) and run one small matrix product (cuBLAS's
-    handle and workspace are made on the first one)."""
+    first RESERVE_BYTES of the pool's budget, or the `capture_bytes` expected in flight where
+    fewer; with them, tests of 8 MiniMax-M2 layers on 2 H200s pinned at most 0.07 s on their
+    forward threads) and run one small matrix product (cuBLAS's handle and workspace are made on
+    the first one)."""
     if device.type != "cuda":
         return
-    pinned.reserve(PINNED_BUDGET_BYTES)
+    pinned.reserve(PINNED_BUDGET_BYTES, capture_bytes)
     square = torch.ones(256, 256, device=device, dtype=dtype)
     torch.matmul(square, square).sum().item()

@@ -71,3 +71,23 @@ def test_nan_inf_looked_for_on_the_gpu_are_counted_as_on_the_cpu(tmp_path, monke
     """helpers.nan_inf_found_by_the_capture_as_by_the_writer on the GPU: the sums on the copy stream."""
     need_gpus(1)
     helpers.nan_inf_found_by_the_capture_as_by_the_writer(tmp_path, monkeypatch, PROMPTS, "cuda:0", "bf16")
+
+
+def test_staging_buffers_are_page_locked_copy_as_such_and_are_unpinned_at_a_command_s_end():
+    """The readers' staging buffers are registered shared regions (a power of two), the source of
+    asynchronous copies as torch's pinned memory is; `unpin_all` (a command's end) makes them
+    pageable, and a buffer asked for afterwards is page-locked again (a new region)."""
+    from layerwise import shmbuffers
+
+    staging = shmbuffers.locked_buffer(3 << 20)
+    assert staging.numel() == 4 << 20 and staging.is_pinned()
+    staging.copy_(torch.arange(staging.numel(), dtype=torch.int32).to(torch.uint8))
+    on_device = torch.empty(staging.numel(), dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        on_device.copy_(staging, non_blocking=True)
+    side.synchronize()
+    assert torch.equal(on_device.cpu(), staging)
+    assert shmbuffers.unpin_all() >= staging.numel() and not staging.is_pinned()
+    again = shmbuffers.locked_buffer(3 << 20)
+    assert again.is_pinned() and again.data_ptr() != staging.data_ptr()
