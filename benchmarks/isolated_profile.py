@@ -192,7 +192,22 @@ def command_timeline(reads: dict, stats: dict, manifest: Path, wall: float) -> d
     timeline = {"stages": stages, **reads, "manifest_s": manifest.stat().st_mtime - launched, "wall_s": wall}
     if reads.get("read_gb") is not None:
         timeline["after_last_read_s"] = wall - reads["last_read_s"]
+    if stats.get("timeline_origin_unix") is not None:  # its phases per layer (the manifest's timeline)
+        shift = stats["timeline_origin_unix"] - launched
+        timeline["phases"] = [[p, k, round(a + shift, 3), round(b + shift, 3)] for p, k, a, b in stats["timeline"]]
     return timeline
+
+
+def last_layers_line(t: dict) -> str:
+    """The phases of a command's last two layers (a streamed extract's last: its norm and head),
+    seconds after its launch."""
+    phases = t.get("phases") or []
+    last = max((k for _, k, _, _ in phases), default=None)
+    if last is None:
+        return ""
+    parts = [f"layer {k}: " + ", ".join(f"{p} {a:.2f}-{b:.2f}" for p, kk, a, b in phases if kk == k)
+             for k in (last - 1, last) if k >= 0]
+    return "    " + "; ".join(parts)
 
 
 def timeline_line(name: str, t: dict, cold_gbps: float) -> str:
@@ -205,7 +220,8 @@ def timeline_line(name: str, t: dict, cold_gbps: float) -> str:
                  f"({t['read_gb'] / span if span > 0 else 0:.2f} GB/s against the cold read's {cold_gbps:.2f}; "
                  f"{t['idle_s']:.2f} s idle in {len(t['idle_gaps'])} gaps), "
                  f"{t['after_last_read_s']:.2f} s after the last read")
-    return f"  {name}: {stages}; manifest {t['manifest_s']:.2f}, exit {t['wall_s']:.2f} s; {reads}"
+    line = f"  {name}: {stages}; manifest {t['manifest_s']:.2f}, exit {t['wall_s']:.2f} s; {reads}"
+    return line + ("\n" + last_layers_line(t) if t.get("phases") else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,23 @@ def rel_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_stream_timeline(stats: dict, layers: int) -> None:
+    """A streamed extract's stats: each layer read, built and computed in that order (the norm and
+    head as layer `layers`: read, then computed), phases and their seconds consistent."""
+    by = {}
+    for phase, layer, start, end in stats["timeline"]:
+        assert 0 <= start <= end, (phase, layer, start, end)
+        by.setdefault(phase, {})[layer] = (start, end)
+    assert sorted(by["compute"]) == sorted(by["read"]) == list(range(layers + 1)), by
+    assert sorted(by["build"]) == list(range(layers)) and 0 in by["rehearse"], by
+    for k in range(layers + 1):
+        assert by["read"][k][1] <= by["compute"][k][0], (k, by)  # computed after its weights arrived
+    for k in range(layers):
+        assert by["read"][k][1] <= by["build"][k][0] <= by["build"][k][1] <= by["compute"][k][0], (k, by)
+    total = sum(end - start for start, end in by["compute"].values())
+    assert abs(stats["compute_seconds"] - total) < 1e-3 * (layers + 1), (stats["compute_seconds"], total)
+
+
 def assert_runs_equal(a, b, names=None, exclude_roles: tuple[str, ...] = ()) -> int:
     """Two runs hold the same tensors (name, prompt, shape, dtype) with the same bits; with `names`,
     only those names are compared (both runs must hold them for the same prompts). The message

@@ -8,7 +8,7 @@ from layerwise import layer_loading, loading, runs, streaming
 from layerwise.errors import UserError
 from layerwise.extract import ExtractOptions, extract_model
 
-from helpers import PROMPTS, assert_runs_equal, run_cli
+from helpers import PROMPTS, assert_runs_equal, assert_stream_timeline, run_cli
 
 ALL = ExtractOptions(points="embed,residual,attn,mlp,router,norm,logits", batch_size=3)
 
@@ -86,6 +86,7 @@ def test_stream_cli(tmp_path, capsys):
         "files written"], startup
     seconds = [at for _, at in startup["stages"]]
     assert 0 < seconds[-7] and seconds == sorted(seconds), startup
+    assert_stream_timeline(run.manifest["stats"], 4)
     manifest_at = (tmp_path / "r" / "manifest.json").stat().st_mtime - startup["process_start_unix"]
     assert seconds[-1] <= manifest_at + 0.01, (seconds, manifest_at)  # the files, then the manifest
 

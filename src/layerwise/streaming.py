@@ -28,7 +28,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -43,6 +43,7 @@ from .names import stage_of
 from .quiet import quiet_transformers
 from .recording import ExtractResult, Progress
 from .runs import library_versions
+from .timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,14 @@ def stream_extract(spec: str, out, items, options: ExtractOptions = ExtractOptio
 
 @dataclass
 class _Reads:
-    """The weights read so far, and how long the compute thread waited for them."""
+    """The weights read so far, how long the compute thread waited for them, and the clock of each
+    layer's read, build and compute (its GPU work done), the norm and head's as layer N (the number
+    of layers): the run's stats `timeline`, as a layer test's."""
 
     bytes: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
+    clock: Timings = field(default_factory=Timings)
 
 
 def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: StreamOptions,
@@ -140,10 +144,13 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
                                                  alongside, tail=bool(final))
                 timings.mark("layers computed")
                 if final:
+                    start = time.perf_counter()
                     _norm_and_head(source, mine, hidden, run.collector, final, shared)
+                    reads.clock.until_done("compute", anatomy.num_layers, start, source.device)
                     timings.mark("head computed")
         seconds = run.close_capture()
-        run.timings["startup"] = timings.startup()  # this rank's, into its stats
+        reads.clock.settle()
+        run.timings.update({**reads.clock.stats(), "startup": timings.startup()})  # this rank's, into its stats
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
         run.finish({
             "placement": {"": device}, "fixes": [asdict(f) for f in source.fixes], "versions": library_versions(),
@@ -174,30 +181,36 @@ def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, s
     background while this one computes (with `stream.prefetch`), and after the last one the final
     norm and head (with `tail`: returned beside the hidden states, else None). `done(k)` after
     layer k; `alongside.layer(k, weights, inputs)` after layer k ran, before its raw weights go."""
-    anatomy, device = source.anatomy, str(source.device)
+    anatomy, device, clock = source.anatomy, str(source.device), reads.clock
+    n = anatomy.num_layers
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, 0)
+        pending = pool.submit(clock.timed, "read", 0, source.read, 0)
         if batches:  # the first forward pass's one-off costs, paid while layer 0 is read
-            rehearse(source, 0, tuple(batches[0].attention_mask.shape))
+            with clock("rehearse", 0):
+                rehearse(source, 0, tuple(batches[0].attention_mask.shape))
             if alongside is not None:
                 alongside.rehearse(tuple(batches[0].attention_mask.shape))
-        for k in range(anatomy.num_layers):
+        for k in range(n):
             t0 = time.perf_counter()
-            weights = pending.result()
+            with clock("read_wait", k):
+                weights = pending.result()
             reads.wait_seconds += time.perf_counter() - t0
             reads.seconds += weights.seconds
             reads.bytes += weights.bytes_read
-            layer = source.build(weights)
+            with clock("build", k):
+                layer = source.build(weights)
             if alongside is None:
                 weights.tensors.clear()  # the raw tensors go now, not at some later garbage collection,
                 del weights  # before the next layer's arrive: ~2 layers resident
-            last = k + 1 == anatomy.num_layers
+            last = k + 1 == n
             if stream.prefetch and not last:
-                pending = pool.submit(source.read, k + 1)  # overlaps this layer's compute
+                pending = pool.submit(clock.timed, "read", k + 1, source.read, k + 1)  # overlaps this layer's compute
             elif stream.prefetch and tail:  # the head (1.2 GB for MiniMax-M2) read while the last layer runs
-                pending = pool.submit(source.load_shared, ("norm", "head"))
+                pending = pool.submit(clock.timed, "read", n, source.load_shared, ("norm", "head"))
+            start = time.perf_counter()
             inputs, hidden = hidden, run_layer(layer, layer.module, anatomy.layer(k), batches, hidden,
                                                run.collector, by_stage.get(k, []), device)
+            clock.until_done("compute", k, start, source.device)
             del layer
             if alongside is not None:
                 alongside.layer(k, weights, inputs)  # the candidate, built from the same tensors
@@ -205,9 +218,14 @@ def _decoder_layers(source: LayerSource, batches, hidden, run, by_stage: dict, s
                 del weights
             del inputs
             if not stream.prefetch and not last:
-                pending = pool.submit(source.read, k + 1)
+                pending = pool.submit(clock.timed, "read", k + 1, source.read, k + 1)
             done(k)
-        shared = (pending.result() if stream.prefetch else source.load_shared(("norm", "head"))) if tail else None
+        shared = None
+        if tail and stream.prefetch:
+            with clock("read_wait", n):
+                shared = pending.result()
+        elif tail:  # after the layers, here
+            shared = clock.timed("read", n, source.load_shared, ("norm", "head"))
     return hidden, shared
 
 

@@ -26,12 +26,15 @@ class Timings:
     track's manifest stats as `<phase>_seconds`: where a layer test's time went. With the layer,
     each interval also goes into the stats' `timeline` as [phase, layer, start, end] (seconds
     since the schedule began, at `timeline_origin_unix`): which layer waited on what, and when.
-    `timed` runs a call on another thread (the layer reader) into the timeline only."""
+    `timed` runs a call on another thread (the layer reader) into the timeline only; `until_done`
+    ends a phase when the GPU has done its work (`settle` reads when, at the end)."""
 
     def __init__(self):
         self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
         self.seconds: dict[str, float] = {}
         self.timeline: list[list] = []
+        self._gpu = None  # (an event the GPU reached, this clock's time then)
+        self._open: list[tuple] = []  # (phase, layer, start, event) until settled
 
     @contextlib.contextmanager
     def __call__(self, phase: str, layer: int | None = None):
@@ -39,9 +42,7 @@ class Timings:
         try:
             yield
         finally:
-            end = time.perf_counter()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
-            self._mark(phase, layer, start, end)
+            self._close(phase, layer, start, time.perf_counter())
 
     def timed(self, phase: str, layer: int, call, *args):
         start = time.perf_counter()
@@ -50,15 +51,44 @@ class Timings:
         finally:
             self._mark(phase, layer, start, time.perf_counter())
 
+    def until_done(self, phase: str, layer: int, start: float, device: torch.device) -> None:
+        """Phase `phase` of `layer`, begun at `start` (this clock) on this thread, ends when the GPU
+        has done what this thread queued on `device` so far: an event, read by `settle`, no wait
+        here. On a CPU it ends now."""
+        if device.type != "cuda":
+            return self._close(phase, layer, start, time.perf_counter())
+        if self._gpu is None:  # the GPU's clock against this one: an event it reaches at once
+            reached = torch.cuda.Event(enable_timing=True)
+            reached.record()
+            reached.synchronize()
+            self._gpu = (reached, time.perf_counter())
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        self._open.append((phase, layer, start, done))
+
+    def settle(self) -> None:
+        """End the phases `until_done` left open when their GPU work was done (waits for it)."""
+        for phase, layer, start, done in self._open:
+            done.synchronize()
+            self._close(phase, layer, start, max(start, self._gpu[1] + self._gpu[0].elapsed_time(done) / 1000))
+        self._open.clear()
+
+    def _close(self, phase: str, layer: int | None, start: float, end: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
+        self._mark(phase, layer, start, end)
+
     def _mark(self, phase: str, layer: int | None, start: float, end: float) -> None:
         if layer is not None:  # list.append: one call under the GIL, safe from the reader thread
             self.timeline.append([phase, layer, round(start - self.origin, 4), round(end - self.origin, 4)])
 
+    def stats(self) -> dict:
+        """`<phase>_seconds`, `timeline` and `timeline_origin_unix`, as the manifest's stats hold them."""
+        return {**{f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()},
+                "timeline": sorted(self.timeline, key=lambda e: e[2]), "timeline_origin_unix": round(self.origin_unix, 4)}
+
     def into(self, tracks) -> None:
         for track in tracks:
-            track.recording.timings.update({f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()})
-            track.recording.timings["timeline"] = sorted(self.timeline, key=lambda e: e[2])
-            track.recording.timings["timeline_origin_unix"] = round(self.origin_unix, 4)
+            track.recording.timings.update(self.stats())
             track.recording.timings["startup"] = startup()
 
 

@@ -65,6 +65,7 @@ def test_streamed_extract_on_gpu_equals_whole_model(tmp_path, monkeypatch):
     stream_extract("builtin:minimax-m2-tiny", tmp_path / "stream", PROMPTS, options,
                    StreamOptions(device="cuda:0", dtype="bf16"))
     helpers.assert_runs_equal(runs.open_run(tmp_path / "full"), runs.open_run(tmp_path / "stream"))
+    helpers.assert_stream_timeline(runs.open_run(tmp_path / "stream").manifest["stats"], 4)  # compute: GPU events
 
 
 def test_nan_inf_looked_for_on_the_gpu_are_counted_as_on_the_cpu(tmp_path, monkeypatch):
