@@ -346,6 +346,33 @@ def test_reserve_for_a_capture_expected_small_pins_only_the_slabs_it_will_hold(m
     assert len(pinned._RESERVE) == pinned.RESERVE_BYTES // pinned.SLAB_BYTES
 
 
+def test_the_largest_batch_s_logits_buffer_is_pinned_ahead_and_the_pool_takes_it(monkeypatch):
+    """An extract's logits are over a slab: their buffer (the pool's size class for them) is
+    pinned in the background while the layers run, once, within the budget beside the slabs,
+    and the pool hands it out instead of pinning on the forward thread."""
+    from types import SimpleNamespace
+
+    from layerwise import extract, pinned
+    from layerwise.extract import ExtractOptions
+
+    monkeypatch.setattr(pinned.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pinned, "_LARGE", {})
+    made = []
+    monkeypatch.setattr(pinned, "new_buffer", lambda n, pin: made.append(n) or torch.empty(n, dtype=torch.uint8))
+    batches = [SimpleNamespace(input_ids=torch.zeros(2, 100)), SimpleNamespace(input_ids=torch.zeros(3, 90))]
+    options = ExtractOptions(pinned_budget_gib=4)
+    assert extract.pin_head_ahead(options, ("residual",), batches, 200_000, torch.bfloat16) is None  # no logits
+    extract.pin_head_ahead(options, ("residual", "logits"), batches, 200_000, torch.bfloat16).join()
+    size = 1 << (270 * 200_000 * 2 - 1).bit_length()  # 3 x 90 tokens: the largest batch
+    assert made == [size] and [t.numel() for t in pinned._LARGE[size]] == [size]
+    assert pinned.reserve_large(4 << 30, size) is None and made == [size]  # held already
+    assert pinned.reserve_large(4 << 30, pinned.SLAB_BYTES) is None  # a slab's: the slab reserve
+    assert pinned.reserve_large(4 << 30, 3 << 30) is None  # with the slabs, over the budget
+    pool = PinnedPool(budget_bytes=4 << 30, pin=True, slab_bytes=pinned.SLAB_BYTES)
+    taken = pool.take(270 * 200_000 * 2 + 40)  # the logits and their sums
+    assert taken.numel() == size and pinned._LARGE[size] == [] and pool.alloc_seconds == 0 and made == [size]
+
+
 class ThreadWriter(ListWriter):
     """A ListWriter that notes which thread handed it each file, and can hold one put until told."""
 

@@ -76,6 +76,16 @@ def pin_ahead(options: ExtractOptions) -> threading.Thread | None:
     return pinned.reserve(int(options.pinned_budget_gib * 2**30))
 
 
+def pin_head_ahead(options: ExtractOptions, points, batches, vocab_size: int,
+                   dtype: torch.dtype) -> threading.Thread | None:
+    """Pin the host buffer of the largest batch's logits in the background (a GPU only) while the
+    layers run, where logits are captured (pinned.reserve_large); the thread (None: nothing to pin)."""
+    if "logits" not in points or not batches:
+        return None
+    tokens = max(batch.input_ids.numel() for batch in batches)
+    return pinned.reserve_large(int(options.pinned_budget_gib * 2**30), tokens * vocab_size * dtype.itemsize)
+
+
 def prepare(tokenizer, config, anatomy, items, options: ExtractOptions):
     """Capture points, layers, tokenized prompts and their batches (the same for every way of running)."""
     points = capture.parse_points(options.points)
@@ -128,6 +138,9 @@ def extract_model(loaded: LoadedModel, out: str, items: list[str | list[int]],
     compute every batch together and rank 0 records."""
     model, anatomy, config = loaded.model, loaded.anatomy, loaded.config or loaded.model.config
     points, layers, prompts, batches = prepare(loaded.tokenizer, config, anatomy, items, options)
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.device.type == "cuda":
+        pin_head_ahead(options, points, batches, head.weight.shape[0], head.weight.dtype)
     extra = module_targets([name for name, _ in model.named_modules()], parse_modules(options.modules), anatomy,
                            layers)
     targets = capture.plan_targets(anatomy, points, layers, extra)

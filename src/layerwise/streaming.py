@@ -35,7 +35,7 @@ import torch
 from . import capture, distributed, models, timings
 from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
-from .extract import ExtractOptions, extract_intent, pin_ahead, prepare, record, todo_batches
+from .extract import ExtractOptions, extract_intent, pin_ahead, pin_head_ahead, prepare, record, todo_batches
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, one_layer_config, open_layers
 from .loading import load_tokenizer
 from .machine import usable_device
@@ -112,6 +112,8 @@ def _stream(source: LayerSource, out, items, options: ExtractOptions, stream: St
         raise UserError(f"{config.model_type} models do more than embed -> layers -> norm -> head in their forward: "
                         "streaming would not reproduce them; use extract without --stream")
     points, layers, prompts, batches = prepare(load_tokenizer(source.ref), config, anatomy, items, options)
+    if source.device.type == "cuda":
+        pin_head_ahead(options, points, batches, config.vocab_size, source.dtype)
     targets = capture.plan_targets(anatomy, points, layers)
     settings = {"dtype": str(source.dtype).removeprefix("torch."),
                 "attn_implementation": source.options.attn_implementation, "device_map": device,
