@@ -23,14 +23,18 @@ capture_table() {
 }
 # iso_ab BASE: `layerwise check` with this checkout's src/ and BASE's (fills the bytecode cache, as a
 # second command finds it), then isolated_profile.py with each, taking turns, $RUNS rounds (default
-# 2), none started after $DEADLINE seconds (default 330); $ISO_ARGS go to isolated_profile.py; logs
-# iso<i>-<code>.log and iso<i>-<code>/ under $W.
+# 2), none started after $DEADLINE seconds (default 330); which goes first alternates by round (this
+# checkout's in odd rounds; BASE's with BASE_FIRST=1), since a call's first round runs right after
+# the checkpoint was written; $ISO_ARGS go to isolated_profile.py; logs iso<i>-<code>.log and
+# iso<i>-<code>/ under $W.
 iso_ab() {
     for src in src "$1/src"; do
         PYTHONPATH=$PWD/$src:$PYTHONPATH python3 -m layerwise check builtin:minimax-m2 > "$W/check-${src//\//_}.log" 2>&1
     done
     for i in $(seq "${RUNS:-2}"); do
-        for src in src "$1/src"; do
+        order=(src "$1/src")
+        [ $(( (i + ${BASE_FIRST:-0}) % 2 )) -eq 0 ] && order=("$1/src" src)
+        for src in "${order[@]}"; do
             [ "$SECONDS" -gt "${DEADLINE:-330}" ] && { echo "=== $src round $i not started: past ${DEADLINE:-330} s"; return; }
             name=iso$i-${src//\//_}
             timeout ${ISO:-240} python3 benchmarks/isolated_profile.py --src "$src" ${ISO_ARGS:-} --out "$W/$name" \

@@ -6,7 +6,7 @@
 #   part "gputests": the GPU tests of this change (-k $GK, default the staging buffers' test and
 #     every command in a fresh process), $GT seconds at most (default 200).
 #   part "isoab": gpu_parts.sh's iso_ab against $BASE, $RUNS rounds (default 1), none started
-#     after $DEADLINE s.
+#     after $DEADLINE s (the order alternates by round; BASE_FIRST=1 puts the base first).
 #   part "exit": command_exit.py on the isolated profile's checkpoint (made by part "isoab"): the
 #     streamed extract, then the layer test, this checkout's code and $BASE's taking turns,
 #     $ROUNDS fresh processes each (default 2): each step after the manifest, and what was still
