@@ -82,18 +82,19 @@ def test_fp8_backend_takes_effect_in_a_whole_model_extract(capsys, tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.parametrize("backend", ["emulate", "auto"])
 @pytest.mark.parametrize("model, fragment", [
-    (MODEL, "--fp8-backend emulate is the arithmetic of --quant fp8, and this checkpoint is not FP8"),
-    (FP8, "--fp8-backend emulate is the arithmetic of --quant fp8, and the model computes with dequantized weights: "
-          "add --quant fp8"),
+    (MODEL, "is the arithmetic of --quant fp8, and this checkpoint is not FP8"),
+    (FP8, "is the arithmetic of --quant fp8, and the model computes with dequantized weights: add --quant fp8"),
 ])
-def test_fp8_backend_without_fp8_where_the_reference_decides(capsys, tmp_path, model, fragment):
+def test_fp8_backend_without_fp8_where_the_reference_decides(capsys, tmp_path, model, fragment, backend):
     """test takes the reference's --quant unless told: the library refuses a backend that the
-    layers it builds would not use."""
+    layers it builds would not use, the default's name given too (`auto`: the library tells a
+    backend given from none)."""
     ref = tmp_path / "ref"
     code, _, err = run_cli(capsys, "extract", model, "--out", ref, "--prompt", "hi", "--device-map", "cpu",
                            "--points", "residual")
     assert code == 0, err
     code, _, err = run_cli(capsys, "test", model, "--reference", ref, "--out", tmp_path / "t", "--device", "cpu",
-                           "--layer", "0", "--fp8-backend", "emulate")
-    assert_one_line_error(code, err, fragment)
+                           "--layer", "0", "--fp8-backend", backend)
+    assert_one_line_error(code, err, f"--fp8-backend {backend} {fragment}")

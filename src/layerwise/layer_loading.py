@@ -68,7 +68,7 @@ class LayerOptions:
     device: str = "cpu"  # "cuda:0", "cpu"
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8" (W8A8 as serving engines)
-    fp8_backend: str = DEFAULT_FP8_BACKEND  # --quant fp8: quant.FP8_BACKENDS
+    fp8_backend: str | None = None  # --quant fp8: quant.FP8_BACKENDS (None: not chosen, DEFAULT_FP8_BACKEND)
 
 
 @dataclass
@@ -248,7 +248,8 @@ class LayerSource:
                         index, len(unexpected), unexpected[0])
         del tensors
         if self.quant_mode == "fp8":
-            fp8.to_fp8(layer, weights.tensors, layer_path + ".", self.scheme, self.options.fp8_backend)
+            fp8.to_fp8(layer, weights.tensors, layer_path + ".", self.scheme,
+                       self.options.fp8_backend or DEFAULT_FP8_BACKEND)
         rotary = model.get_submodule(self.anatomy.rotary_path) if self.anatomy.rotary_path else None
         seconds = weights.seconds + time.perf_counter() - start
         # model.config, not `config`: from_pretrained works on its own copy (attention implementation set there)

@@ -29,7 +29,6 @@ from .errors import UserError
 from .layer_loading import LayerOptions, open_layers
 from .placement import Plan
 from .prompts import BrokenTokenizer
-from .quant import DEFAULT_FP8_BACKEND
 from .quiet import loading_errors, quiet_transformers
 from .sizes import format_bytes
 
@@ -46,7 +45,7 @@ class LoadOptions:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (None: transformers' default)
     tokens: int = placement.DEFAULT_TOKENS  # forward-pass size (batch x sequence) the placement leaves room for
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"; plain checkpoints: None
-    fp8_backend: str = DEFAULT_FP8_BACKEND  # --quant fp8's matmul: quant.FP8_BACKENDS
+    fp8_backend: str | None = None  # --quant fp8's matmul: quant.FP8_BACKENDS (None: not chosen, DEFAULT_FP8_BACKEND)
     tensor_parallel: bool = False  # under torchrun: the ranks share the model (transformers' tp_plan="auto")
 
     def plan_settings(self) -> dict:

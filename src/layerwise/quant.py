@@ -116,12 +116,15 @@ def resolve_mode(scheme: QuantScheme | None, mode: str | None) -> str | None:
     return mode or "dequantize"
 
 
-def check_backend(mode: str | None, backend: str) -> None:
-    """`--fp8-backend` is the arithmetic of `--quant fp8`: a backend other than the default where
-    the model computes otherwise (`mode`, resolve_mode's) would change nothing, so it is refused."""
+def check_backend(mode: str | None, backend: str | None) -> None:
+    """`--fp8-backend` is the arithmetic of `--quant fp8`: a backend chosen (None: not chosen, the
+    default) where the model computes otherwise (`mode`, resolve_mode's) would change nothing, so
+    it is refused, the default's name too."""
+    if backend is None:
+        return
     if backend not in FP8_BACKENDS:
         raise UserError(f"unknown --fp8-backend {backend!r}: choose from {', '.join(FP8_BACKENDS)}")
-    if backend != DEFAULT_FP8_BACKEND and mode != "fp8":
+    if mode != "fp8":
         why = "the model computes with dequantized weights: add --quant fp8" if mode else "this checkpoint is not FP8"
         raise UserError(f"--fp8-backend {backend} is the arithmetic of --quant fp8, and {why}, or drop --fp8-backend")
 

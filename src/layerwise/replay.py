@@ -48,7 +48,6 @@ from .errors import CandidateError, UserError, origin, user_code
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, open_layers
 from .machine import usable_device
 from .names import INPUT, tensor_name
-from .quant import DEFAULT_FP8_BACKEND
 from .recording import Recording, config_sha256, model_record, nonfinite_notes
 from .runs import Intent, Run, library_versions, open_run
 from .rebatch import (deterministic, ReadAhead, head_start, input_of, layer_capture_bytes, recorded_points,
@@ -66,7 +65,7 @@ class ReplayOptions:
     device: str | None = None  # None: cuda:0 when a GPU is present, else cpu
     candidate: str | None = None  # "package.module:factory" or "path/file.py:factory"
     quant: str | None = None  # FP8 checkpoints: "dequantize" or "fp8" (None: the reference's)
-    fp8_backend: str = DEFAULT_FP8_BACKEND
+    fp8_backend: str | None = None  # None: not chosen (quant.DEFAULT_FP8_BACKEND)
     allow_config_mismatch: bool = False  # the model is a variant of the reference's (quantized, converted)
     overwrite: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for the replay

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import capture, distributed, models, timings
-from .quant import DEFAULT_FP8_BACKEND
 from .errors import UserError
 from .extract import ExtractOptions, extract_intent, pin_ahead, pin_head_ahead, prepare, record, todo_batches
 from .layer_loading import LayerOptions, LayerSource, LoadedLayer, one_layer_config, open_layers
@@ -58,7 +57,7 @@ class StreamOptions:
     dtype: str = models.DEFAULT_DTYPE
     attn_implementation: str | None = None
     quant: str | None = None  # FP8 checkpoints: "dequantize" (default) or "fp8"
-    fp8_backend: str = DEFAULT_FP8_BACKEND
+    fp8_backend: str | None = None  # None: not chosen (quant.DEFAULT_FP8_BACKEND)
     prefetch: bool = True  # read layer K+1 while layer K computes
     activations_on_device_fraction: float = 0.25  # above this share of free device memory, keep them on the host
 
