@@ -70,9 +70,20 @@ def test_where_each_flag_takes_effect_it_is_accepted(argv):
     combinations.refuse_idle(arguments.build_parser().parse_args(argv))
 
 
-def test_fp8_backend_takes_effect_in_a_whole_model_extract(capsys, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_fp8_backend_takes_effect_in_a_whole_model_extract(capsys, tmp_path, stream, monkeypatch):
     """--quant fp8 without --stream ran the default backend whatever --fp8-backend said: scaled_mm
-    on the CPU was emulated silently. It now reaches the FP8 layers, which refuse it there."""
+    on the CPU was emulated silently. It now reaches the FP8 layers, which refuse it there; on a
+    machine without a GPU, before any weight is read."""
+    from layerwise import quant
+
+    how = ["--stream", "--device", "cpu"] if stream else ["--device-map", "cpu"]
+    code, _, err = run_cli(capsys, "extract", FP8, "--out", tmp_path / "r", "--prompt", "hi", *how,
+                           "--quant", "fp8", "--fp8-backend", "scaled_mm")
+    assert_one_line_error(code, err, "--fp8-backend scaled_mm runs on a Hopper GPU and this machine has none: "
+                                     "use --fp8-backend emulate (or auto)")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(quant, "gpu_present", lambda: True)  # a GPU machine, the model placed on its CPU
     code, _, err = run_cli(capsys, "extract", FP8, "--out", tmp_path / "r", "--prompt", "hi", "--device-map", "cpu",
                            "--quant", "fp8", "--fp8-backend", "scaled_mm")
     assert_one_line_error(code, err, "--fp8-backend scaled_mm cannot run a [2, 64] x [64, 64] matmul with blocks "

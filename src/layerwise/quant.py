@@ -116,6 +116,10 @@ def resolve_mode(scheme: QuantScheme | None, mode: str | None) -> str | None:
     return mode or "dequantize"
 
 
+def gpu_present() -> bool:
+    return torch.cuda.is_available()
+
+
 def check_backend(mode: str | None, backend: str | None) -> None:
     """`--fp8-backend` is the arithmetic of `--quant fp8`: a backend chosen (None: not chosen, the
     default) where the model computes otherwise (`mode`, resolve_mode's) would change nothing, so
@@ -124,6 +128,9 @@ def check_backend(mode: str | None, backend: str | None) -> None:
         return
     if backend not in FP8_BACKENDS:
         raise UserError(f"unknown --fp8-backend {backend!r}: choose from {', '.join(FP8_BACKENDS)}")
+    if backend == "scaled_mm" and not gpu_present():  # said before any weight is read
+        raise UserError("--fp8-backend scaled_mm runs on a Hopper GPU and this machine has none: "
+                        "use --fp8-backend emulate (or auto)")
     if mode != "fp8":
         why = "the model computes with dequantized weights: add --quant fp8" if mode else "this checkpoint is not FP8"
         raise UserError(f"--fp8-backend {backend} is the arithmetic of --quant fp8, and {why}, or drop --fp8-backend")
