@@ -136,7 +136,7 @@ def test_flags_that_do_not_apply_are_refused(tmp_path, capsys, flags, fragment):
 
 
 def test_bad_rename_rule(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "([=x")
+    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--rename", "([=x")
     assert_one_line_error(code, err, "bad regular expression")
 
 
@@ -152,7 +152,7 @@ def test_rename_rules(rule, pattern, replacement):
 
 
 def test_bad_sed_rule(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--rename", "s|a|b")
+    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--rename", "s|a|b")
     assert_one_line_error(code, err, "must read s|REGEX|REPLACEMENT|")
 
 

@@ -338,3 +338,7 @@ def test_import_refuses_an_out_that_holds_its_source(tmp_path, capsys):
         code, _, err = run_cli(capsys, "import", src, "--out", target, "--overwrite")
         assert_one_line_error(code, err, f"import source {src} lies in --out {target}")
         assert _files(out) == before
+    inside = source / "imported"  # the other way round: the run among the source's tensors
+    code, _, err = run_cli(capsys, "import", source, "--out", inside)
+    assert_one_line_error(code, err, f"--out {inside} lies in the import source {source}")
+    assert _files(out) == before and not inside.exists()

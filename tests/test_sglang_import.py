@@ -320,7 +320,7 @@ def test_name_map_file_and_show_map(tmp_path, capsys):
     ({"tokens": {"ids": "x"}}, "[tokens] maps"),
 ])
 def test_bad_name_maps(tmp_path, capsys, data, fragment):
-    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path / "run", "--map", _write(tmp_path / "m.json", data))
+    code, _, err = run_cli(capsys, "import", tmp_path, "--out", tmp_path.parent / f"{tmp_path.name}-run", "--map", _write(tmp_path / "m.json", data))
     assert_one_line_error(code, err, fragment)
 
 

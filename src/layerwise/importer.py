@@ -213,6 +213,9 @@ def import_run(src: str, out: str, renames: list[str] | None = None, overwrite: 
     if within(source_dir, (Path(out),)):
         raise UserError(f"import source {src} lies in --out {out}: the run written there would replace or change "
                         "the source; give --out a directory apart from it")
+    if within(Path(out), (source_dir,)):
+        raise UserError(f"--out {out} lies in the import source {src}: the run would be written among the tensors "
+                        "it is made from; give --out a directory apart from it")
     if decode is not None and decode not in DECODES:
         raise UserError(f"--decode {decode!r}: choose {' or '.join(DECODES)}")
     if model is not None:
