@@ -35,6 +35,31 @@ def test_missing_attention_package_is_one_line(tmp_path, capsys, command):
     assert "choose another --attn-implementation" in err and not (tmp_path / "r" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("attn", ["flash_attention_2", "kernels-community/flash-attn"])
+def test_a_reference_s_attention_this_machine_lacks_is_named_with_its_origin(tmp_path, capsys, monkeypatch, attn):
+    """A test takes the reference's attention unless told: one this machine cannot load is
+    refused before any layer is built, saying it came from the reference and how to test anyway;
+    --attn-implementation given is the user's choice, not checked here."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_kernels_available", lambda: False)
+    ref = tmp_path / "ref"
+    code, _, err = run_cli(capsys, "extract", MODEL, "--out", ref, "--prompt", "hi", "--points", "residual",
+                           "--dtype", "fp32")
+    assert code == 0, err
+    manifest = json.loads((ref / "manifest.json").read_text())
+    manifest["settings"]["attn_implementation"] = attn  # as a machine with the package recorded it
+    (ref / "manifest.json").write_text(json.dumps(manifest))
+    for kind in (["--layer", "0"], ["--test-type", "full"]):
+        code, _, err = run_cli(capsys, "test", MODEL, "--reference", ref, "--out", tmp_path / "t", *kind)
+        assert_one_line_error(code, err, f"the reference ran with attn_implementation {attn}, which needs ")
+        assert "give --attn-implementation sdpa" in err and not (tmp_path / "t").exists()
+    code, _, err = run_cli(capsys, "test", MODEL, "--reference", ref, "--out", tmp_path / "t", "--layer", "0",
+                           "--attn-implementation", "sdpa")
+    assert code in (0, 1) and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("cache, fragment", [
     ("file", "it is a file, not a directory"),
     ("under-file", "Not a directory"),

@@ -209,7 +209,8 @@ def _full(model, reference: Run, options: TestOptions, out: Path, progress) -> T
         raise UserError("--candidate replaces one decoder layer: use it with --test-type single or multi")
     settings = reference.manifest.get("settings", {}) or {}
     load = replace(options.load, dtype=candidate.dtype or settings.get("dtype") or options.load.dtype,
-                   attn_implementation=candidate.attn_implementation or settings.get("attn_implementation"),
+                   attn_implementation=models.reference_attention(candidate.attn_implementation,
+                                                                  settings.get("attn_implementation")),
                    quant=candidate.quant or settings.get("quant"), fp8_backend=candidate.fp8_backend)
     d = options.extract
     points = ",".join(settings.get("points") or []) or d.points

@@ -277,3 +277,28 @@ def fp32_router_tensors(model) -> dict[str, torch.dtype]:
         if any(name.endswith(p) for p in patterns):
             found[name] = t.dtype
     return found
+
+
+_ATTENTION_NEEDS = {  # attn_implementation -> (transformers' check, what it needs)
+    "flash_attention_2": ("is_flash_attn_2_available", "the flash-attn package (and a GPU it supports)"),
+    "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (and a Hopper GPU)"),
+    "flash_attention_4": ("is_flash_attn_4_available", "flash-attn 4 (and a GPU it supports)"),
+    "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention"),
+}
+
+
+def reference_attention(options_attn: str | None, recorded: str | None) -> str | None:
+    """The attention a test runs: `--attn-implementation`, else the reference's (`recorded`). One
+    the reference ran with that this machine cannot load is refused up front, naming where it
+    came from (transformers would say only that a package is missing, at the first layer)."""
+    if options_attn is not None or recorded is None:
+        return options_attn or recorded
+    import transformers.utils as available
+
+    check, needs = _ATTENTION_NEEDS.get(recorded, ("is_kernels_available", "the kernels package")
+                                        if "/" in recorded else (None, None))
+    if check is not None and not getattr(available, check, lambda: True)():
+        raise UserError(f"the reference ran with attn_implementation {recorded}, which needs {needs}, not found "
+                        f"here: install it, or give --attn-implementation sdpa (the test then also measures how "
+                        "the attention kernels differ)")
+    return recorded

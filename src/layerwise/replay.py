@@ -340,7 +340,8 @@ def resolve_settings(ref: dict, options: ReplayOptions) -> dict:
     models.parse_dtype(dtype)
     device = usable_device(options.device)
     return {"dtype": models.dtype_name(models.parse_dtype(dtype)),
-            "attn_implementation": options.attn_implementation or ref.get("attn_implementation"),
+            "attn_implementation": models.reference_attention(options.attn_implementation,
+                                                              ref.get("attn_implementation")),
             "device": device, "candidate": options.candidate, "quant": options.quant or ref.get("quant")}
 
 
