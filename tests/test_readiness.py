@@ -106,11 +106,13 @@ def test_check_out_judges_where_runs_would_be_written(tmp_path, monkeypatch, cap
         (tmp_path / "new" / "run", "PASS", f"free at {tmp_path / 'new' / 'run'} (not there yet: measured at "
                                            f"{tmp_path}, where it would be made)"),
         (tmp_path, "PASS", f"free at {tmp_path}"),
+        ("/proc/lw-run", "FAIL", "--out /proc/lw-run: /proc takes no new directories: give a directory on a disk"),
     ]:
         disk = by_name(readiness.check_machine(CheckOptions(cpu=True, out_dir=str(out))))["disk"]
         assert disk.status == status and detail in disk.detail, disk
     code, out, _ = run_cli(capsys, "check", "--cpu", "--out", tmp_path / "f")
     assert code == 1 and "NOT READY" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]  # the probe left nothing
 
 
 def test_root_wrapper_script(monkeypatch, capsys):
