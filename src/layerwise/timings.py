@@ -33,8 +33,8 @@ class Timings:
         self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
         self.seconds: dict[str, float] = {}
         self.timeline: list[list] = []
-        self._gpu = None  # (an event the GPU reached, this clock's time then)
-        self._open: list[tuple] = []  # (phase, layer, start, event) until settled
+        self._gpu: dict = {}  # device -> (an event its GPU reached, this clock's time then)
+        self._open: list[tuple] = []  # (phase, layer, start, event, device) until settled
 
     @contextlib.contextmanager
     def __call__(self, phase: str, layer: int | None = None):
@@ -57,20 +57,22 @@ class Timings:
         here. On a CPU it ends now."""
         if device.type != "cuda":
             return self._close(phase, layer, start, time.perf_counter())
-        if self._gpu is None:  # the GPU's clock against this one: an event it reaches at once
+        stream = torch.cuda.current_stream(device)
+        if device not in self._gpu:  # the GPU's clock against this one: an event it reaches at once
             reached = torch.cuda.Event(enable_timing=True)
-            reached.record()
+            reached.record(stream)
             reached.synchronize()
-            self._gpu = (reached, time.perf_counter())
+            self._gpu[device] = (reached, time.perf_counter())
         done = torch.cuda.Event(enable_timing=True)
-        done.record()
-        self._open.append((phase, layer, start, done))
+        done.record(stream)
+        self._open.append((phase, layer, start, done, device))
 
     def settle(self) -> None:
         """End the phases `until_done` left open when their GPU work was done (waits for it)."""
-        for phase, layer, start, done in self._open:
+        for phase, layer, start, done, device in self._open:
             done.synchronize()
-            self._close(phase, layer, start, max(start, self._gpu[1] + self._gpu[0].elapsed_time(done) / 1000))
+            reached, at = self._gpu[device]
+            self._close(phase, layer, start, max(start, at + reached.elapsed_time(done) / 1000))
         self._open.clear()
 
     def _close(self, phase: str, layer: int | None, start: float, end: float) -> None:
