@@ -1,12 +1,15 @@
-"""Where a layer test's time goes, and what a process pays once on a GPU, paid early.
+"""Where a layer test's or a streamed extract's time goes, and what a process pays once on a
+GPU, paid early.
 
-`Timings` is a layer test's clock (replay._run_layers, pipeline._Stage): seconds per phase, and
-per layer a timeline, into the runs' manifest stats. `warm_device` makes what the first forward
-pass on a GPU would otherwise make on the test's path (cuBLAS's handle and workspace, the capture's
-first pinned host buffers) while the first layer is still being read (and streaming.rehearse
-the kernels of the layer's own first forward pass). `mark` notes the stages of a process's
-start-up (imports, joining a torchrun job, opening runs and models), `startup` lists them in
-seconds since the process began, into the same stats: where the time before the work went.
+`Timings` is their clock (replay._run_layers, pipeline._Stage, streaming._decoder_layers):
+seconds per phase, and per layer a timeline, into the runs' manifest stats; a phase whose work is
+on a GPU can end when the GPU has done it (an event, read at the end). `warm_device` makes what
+the first forward pass on a GPU would otherwise make on the test's path (cuBLAS's handle and
+workspace, the capture's first pinned host buffers) while the first layer is still being read (and
+streaming.rehearse the kernels of the layer's own first forward pass). `mark` notes the stages a
+process reaches, from its start-up (imports, joining a torchrun job, opening runs and models) to
+its work's end (capture closed, files written), `startup` lists them in seconds since the process
+began, into the same stats: where the time before and after the work went.
 """
 
 from __future__ import annotations
