@@ -295,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 def _ended(code: int) -> int:
     """A command's work ended, whatever its verdict: in a layerwise process, about to exit, its
     page-locked host buffers are made pageable first (shmbuffers.unpin_all), which the kernel's
-    teardown of the process then frees faster. Not after a failure: copies may still be in flight."""
+    teardown of the process then frees faster. Not after a failure: copies may still be in flight.
+    A GPU that fails the synchronization first (a sticky CUDA error) leaves them to the teardown."""
     if _boot.is_command():
-        shmbuffers.unpin_all()
+        with contextlib.suppress(RuntimeError):
+            shmbuffers.unpin_all()
     return code
 
 
