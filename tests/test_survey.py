@@ -35,8 +35,13 @@ def test_missing_attention_package_is_one_line(tmp_path, capsys, command):
     assert "choose another --attn-implementation" in err and not (tmp_path / "r" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("attn", ["flash_attention_2", "kernels-community/flash-attn"])
-def test_a_reference_s_attention_this_machine_lacks_is_named_with_its_origin(tmp_path, capsys, monkeypatch, attn):
+@pytest.mark.parametrize("attn, fragment", [
+    ("flash_attention_2", "which needs the flash-attn package"),
+    ("kernels-community/flash-attn", "which needs the kernels package"),
+    ("bogus", "which this transformers does not know (it knows eager, "),
+])
+def test_a_reference_s_attention_this_machine_lacks_is_named_with_its_origin(tmp_path, capsys, monkeypatch, attn,
+                                                                             fragment):
     """A test takes the reference's attention unless told: one this machine cannot load is
     refused before any layer is built, saying it came from the reference and how to test anyway;
     --attn-implementation given is the user's choice, not checked here."""
@@ -53,7 +58,7 @@ def test_a_reference_s_attention_this_machine_lacks_is_named_with_its_origin(tmp
     (ref / "manifest.json").write_text(json.dumps(manifest))
     for kind in (["--layer", "0"], ["--test-type", "full"]):
         code, _, err = run_cli(capsys, "test", MODEL, "--reference", ref, "--out", tmp_path / "t", *kind)
-        assert_one_line_error(code, err, f"the reference ran with attn_implementation {attn}, which needs ")
+        assert_one_line_error(code, err, f"the reference ran with attn_implementation {attn}, {fragment}")
         assert "give --attn-implementation sdpa" in err and not (tmp_path / "t").exists()
     code, _, err = run_cli(capsys, "test", MODEL, "--reference", ref, "--out", tmp_path / "t", "--layer", "0",
                            "--attn-implementation", "sdpa")

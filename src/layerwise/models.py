@@ -297,8 +297,20 @@ def reference_attention(options_attn: str | None, recorded: str | None) -> str |
 
     check, needs = _ATTENTION_NEEDS.get(recorded, ("is_kernels_available", "the kernels package")
                                         if "/" in recorded else (None, None))
+    way = "give --attn-implementation sdpa (the test then also measures how the attention kernels differ)"
     if check is not None and not getattr(available, check, lambda: True)():
         raise UserError(f"the reference ran with attn_implementation {recorded}, which needs {needs}, not found "
-                        f"here: install it, or give --attn-implementation sdpa (the test then also measures how "
-                        "the attention kernels differ)")
+                        f"here: install it, or {way}")
+    known = _known_attention()
+    if known and "/" not in recorded and recorded.split("|")[-1] not in known:
+        raise UserError(f"the reference ran with attn_implementation {recorded}, which this transformers does not "
+                        f"know (it knows {', '.join(sorted(known))}): {way}")
     return recorded
+
+
+def _known_attention() -> set[str]:
+    """The attention implementations this transformers registers (empty where it cannot say)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    keys = getattr(ALL_ATTENTION_FUNCTIONS, "valid_keys", None)
+    return {"eager", *(k.split("|")[-1] for k in keys())} if keys is not None else set()
