@@ -251,7 +251,9 @@ def test_isolated_profile_dry_run(tmp_path, monkeypatch, capsys):
             timeline  # the start-up's stages, then the work's end
         assert timeline["stages"][-1][1] < timeline["manifest_s"] + 0.01 <= timeline["wall_s"] + 0.01, timeline
         assert timeline["wall_s"] == data[f"{name}_s"], timeline
-    assert out.count("  extract: imported") == 3, out
+        phases = {(phase, layer) for phase, layer, start, end in timeline["phases"] if 0 < start <= end}
+        assert {("read", 0), ("compute", 0)} <= phases, timeline  # each layer's, from the run's stats
+    assert out.count("  extract: imported") == 3 and out.count("    layer 1: ") >= 3, out
     code = bench(monkeypatch, "isolated_profile").main(
         ["--tiny", "--layers", "2", "--tokens", "16", "--dir", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
          "--out", str(tmp_path / "out2"), "--no-joint"])
