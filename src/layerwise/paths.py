@@ -83,10 +83,22 @@ def check_output_file(path: str | None, flag: str, runs: Iterable[tuple[str, str
     if not parent.is_dir():
         why = "does not exist" if not parent.exists() else "is not a directory"
         raise UserError(f"cannot write {flag} {path}: {parent} {why}")
-    try:  # the directory must take a new file (the report's temporary one): not read-only, not /proc
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:  # ENOENT: a filesystem of the kernel's own (/proc, /sys) that makes no files
-        why = "" if err.errno == errno.ENOENT else f" ({io_reason(err)})"
-        raise UserError(f"cannot write {flag} {path}: directory {parent} takes no new files{why}") from None
+    why = refuses_new(parent)  # the directory must take a new file (the report's temporary one)
+    if why is not None:
+        raise UserError(f"cannot write {flag} {path}: directory {parent} takes no new files{why}")
+
+
+def refuses_new(directory: str | os.PathLike, what: str = "file") -> str | None:
+    """None where `directory` takes a new `what` ("file" or "directory"; one is made and removed at
+    once: os.access cannot say it for root), else why, to append to a message: "" for a filesystem
+    of the kernel's own (/proc, /sys) that makes none, else the reason in parentheses (read-only...)."""
+    try:
+        if what == "file":
+            fd, probe = tempfile.mkstemp(prefix=".layerwise-probe.", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".layerwise-probe.", dir=directory))
+    except OSError as err:  # ENOENT: the kernel's own filesystems make no files
+        return "" if err.errno == errno.ENOENT else f" ({io_reason(err)})"
+    return None

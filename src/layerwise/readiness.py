@@ -11,24 +11,22 @@ only judges. A machine is ready when no check FAILs.
 
 from __future__ import annotations
 
-import errno
 import importlib.metadata as md
 import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import _boot, checkpoint, machine, models, quant
-from .atomic import io_reason
 from .distributed import Session
 from .errors import UserError
 from .loading import LoadOptions
 from .placement import meta_model, plan_for
 from .names import format_ranges
+from .paths import refuses_new
 from .sizes import format_bytes
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -219,10 +217,8 @@ def out_place(out_dir: str) -> tuple[str | None, str]:
         return f"--out {out_dir} cannot be made: {probe} is a file, not a directory", out_dir
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"--out {out_dir}: {probe} is not writable: give a directory you can write", out_dir
-    try:  # what os.access cannot say for root: a read-only mount, a filesystem of the kernel's own (/proc, /sys)
-        os.rmdir(tempfile.mkdtemp(prefix=".layerwise-probe.", dir=probe))
-    except OSError as err:
-        why = "" if err.errno == errno.ENOENT else f" ({io_reason(err)})"
+    why = refuses_new(probe, "directory")  # what os.access cannot say for root: a read-only mount, /proc, /sys
+    if why is not None:
         return f"--out {out_dir}: {probe} takes no new directories{why}: give a directory on a disk you can write", \
             out_dir
     made = probe != os.path.abspath(out_dir)
