@@ -22,7 +22,7 @@ from . import shmbuffers, writerproc
 
 
 SLAB_BYTES = 64 * 2**20  # the one size class of buffers up to it (a flush packs its tensors into slabs)
-MIN_BYTES = 1 << 16
+MIN_BYTES = shmbuffers.MIN_BYTES
 # Pinned ahead by `reserve`. The whole default budget (4 GiB) was tried on 2 H200s: it took the
 # 0.2-0.6 s of pinning off the forward thread of a 6 GB recording, but the recordings were no
 # faster (the pool then filled its budget and waited for the writer), so 1 GiB it stays.
@@ -84,7 +84,7 @@ def reserve_large(budget_bytes: int, nbytes: int) -> threading.Thread | None:
     MiniMax-M2's vocabulary), unless the process holds one, or it would not fit the budget beside
     the slabs. Pinned on the forward thread when the head's output is copied, it held the end of a
     run up by about a second per GB. None: nothing to pin."""
-    size = 1 << (max(nbytes, 1) - 1).bit_length()  # PinnedPool.size_class over a slab
+    size = shmbuffers.size_class(nbytes)  # PinnedPool.size_class over a slab
     if not torch.cuda.is_available() or slab_for(budget_bytes) != SLAB_BYTES or nbytes <= SLAB_BYTES or \
             size + min(RESERVE_BYTES, budget_bytes) > budget_bytes:
         return None
@@ -150,7 +150,7 @@ class PinnedPool:
     def size_class(self, nbytes: int) -> int:
         """What `take(nbytes)` hands out: one slab up to its size, else a power of two from 64 KiB,
         so buffers are reused across prompt lengths (allocating pinned memory is slow)."""
-        return self.slab if nbytes <= self.slab else max(MIN_BYTES, 1 << (max(nbytes, 1) - 1).bit_length())
+        return self.slab if nbytes <= self.slab else shmbuffers.size_class(nbytes)
 
     def take(self, nbytes: int, own: int = 0) -> torch.Tensor:
         """A buffer of at least `nbytes` (`size_class`), from the free ones, else from the

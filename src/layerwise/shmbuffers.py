@@ -86,11 +86,20 @@ def shared_buffer(nbytes: int, pin: bool) -> torch.Tensor | None:
     return tensor
 
 
+MIN_BYTES = 1 << 16  # the smallest size class
+
+
+def size_class(nbytes: int) -> int:
+    """The power of two from MIN_BYTES that holds `nbytes`: buffers of one class are reused across
+    sizes (making page-locked memory is slow)."""
+    return max(MIN_BYTES, 1 << (max(nbytes, 1) - 1).bit_length())
+
+
 def locked_buffer(nbytes: int) -> torch.Tensor:
-    """A page-locked uint8 CPU tensor of at least `nbytes`, for staging host-to-device copies: a
-    registered shared region (`unpin_all` makes it pageable at the end) of a power of two from 64
-    KiB, so regions are reused across sizes; where that cannot be made, torch's pinned memory."""
-    size = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+    """A page-locked uint8 CPU tensor of at least `nbytes` (its `size_class`), for staging
+    host-to-device copies: a registered shared region (`unpin_all` makes it pageable at the end);
+    where that cannot be made, torch's pinned memory."""
+    size = size_class(nbytes)
     buffer = shared_buffer(size, True)
     if buffer is None:
         with torch.inference_mode(False):
