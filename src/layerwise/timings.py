@@ -36,7 +36,6 @@ class Timings:
         self.origin, self.origin_unix = time.perf_counter(), time.time()  # the unix time lines up ranks
         self.seconds: dict[str, float] = {}
         self.timeline: list[list] = []
-        self._gpu: dict = {}  # device -> (an event its GPU reached, this clock's time then)
         self._open: list[tuple] = []  # (phase, layer, start, event, device) until settled
 
     @contextlib.contextmanager
@@ -60,22 +59,23 @@ class Timings:
         here. On a CPU it ends now."""
         if device.type != "cuda":
             return self._close(phase, layer, start, time.perf_counter())
-        stream = torch.cuda.current_stream(device)
-        if device not in self._gpu:  # the GPU's clock against this one: an event it reaches at once
-            reached = torch.cuda.Event(enable_timing=True)
-            reached.record(stream)
-            reached.synchronize()
-            self._gpu[device] = (reached, time.perf_counter())
         done = torch.cuda.Event(enable_timing=True)
-        done.record(stream)
+        done.record(torch.cuda.current_stream(device))
         self._open.append((phase, layer, start, done, device))
 
     def settle(self) -> None:
-        """End the phases `until_done` left open when their GPU work was done (waits for it)."""
+        """End the phases `until_done` left open when their GPU work was done. Waits for the GPU;
+        called when its work is over, so an event recorded now completes at once and ties the GPU's
+        clock to this one (no wait on the way)."""
+        anchors: dict = {}
         for phase, layer, start, done, device in self._open:
-            done.synchronize()
-            reached, at = self._gpu[device]
-            self._close(phase, layer, start, max(start, at + reached.elapsed_time(done) / 1000))
+            if device not in anchors:
+                now = torch.cuda.Event(enable_timing=True)
+                now.record(torch.cuda.current_stream(device))
+                now.synchronize()
+                anchors[device] = (now, time.perf_counter())
+            now, at = anchors[device]
+            self._close(phase, layer, start, max(start, at - done.elapsed_time(now) / 1000))
         self._open.clear()
 
     def _close(self, phase: str, layer: int | None, start: float, end: float) -> None:
