@@ -246,9 +246,10 @@ def _stream(run: Run, name: str, prompt: int, verify: bool, started: Future, str
         file = run.file(entry.file)
         metadata: dict = {}
         info = tensorfile.read_header(file, metadata, run.file_kind).get(name)
+        stored = tensorfile.dtype_name(info["dtype"]) if info else None
         if info is not None:
-            run.check_stored(entry, tensorfile.dtype_name(info["dtype"]), tuple(info["shape"]), file)
-        dtype = getattr(torch, tensorfile.dtype_name(info["dtype"]), None) if info else None
+            run.check_stored(entry, stored, tuple(info["shape"]), file)
+        dtype = getattr(torch, stored, None) if info else None
         claims = entry.digests + tuple(tensorfile.stored_digests(metadata, name).items())
         begin, end = info["data_offsets"] if info else (0, 0)
         if not (isinstance(dtype, torch.dtype) and any(a == "blake3" for a, _ in claims) and end > begin):

@@ -20,7 +20,7 @@ from .paths import inside
 from .schema import check_manifest
 
 
-STORED_DTYPES = frozenset(name for name, _ in tensorfile.DTYPES.values())  # the dtypes a run's files hold
+STORED_DTYPES = frozenset(tensorfile.DTYPE_NAMES)  # the torch dtype names a run's files hold
 # What to do about a corrupt run, by its producer (a run is extracted or imported, never downloaded).
 REMEDIES = {"layerwise import": "re-import", "layerwise test": "rerun the layer test that wrote"}
 

@@ -34,7 +34,8 @@ from .errors import UserError
 from .rawbytes import raw_bytes
 
 DTYPES = filebits.DTYPES  # safetensors dtype code -> (torch dtype name, bytes per element)
-DTYPE_CODES = {getattr(torch, name): code for name, code in filebits.CODES.items()}  # torch dtype -> code
+DTYPE_NAMES = filebits.CODES  # torch dtype name -> safetensors dtype code
+DTYPE_CODES = {getattr(torch, name): code for name, code in DTYPE_NAMES.items()}  # torch dtype -> code
 _ITEMSIZE = dict(DTYPES.values())
 HASH_CHUNK = filebits.HASH_CHUNK
 HASH_WORKERS = min(8, os.cpu_count() or 1)  # threads hashing the chunks of big tensors, shared by every caller
@@ -98,8 +99,8 @@ def _header_and_data_start(path: Path, metadata: dict | None = None, kind=SHARD)
             raise UserError(f"{what} {path} has a corrupt header: {fix}") from None
     found = header.pop("__metadata__", None) or {} if isinstance(header, dict) else None
     if not isinstance(found, dict) or not all(_entry_ok(t) for t in header.values()):
-        raise UserError(f"{what} {path} has a corrupt safetensors header (not {{name: {{dtype, shape, data_offsets}}}}): "
-                        f"{fix}")
+        raise UserError(f"{what} {path} has a corrupt safetensors header "
+                        f"(not {{name: {{dtype, shape, data_offsets}}}}): {fix}")
     if metadata is not None:
         metadata.update(found)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
@@ -319,7 +320,8 @@ def _staging_buffers(pinned: bool):
     key = "pinned" if pinned else "plain"
     buffers = getattr(_staging, key, None)
     if buffers is None or buffers[0].numel() < _CHUNK:
-        buffers = [shmbuffers.locked_buffer(_CHUNK) if pinned else torch.empty(_CHUNK, dtype=torch.uint8) for _ in range(2)]
+        buffers = [shmbuffers.locked_buffer(_CHUNK) if pinned else torch.empty(_CHUNK, dtype=torch.uint8)
+                   for _ in range(2)]
         setattr(_staging, key, buffers)
     return buffers
 

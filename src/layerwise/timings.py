@@ -89,7 +89,8 @@ class Timings:
     def stats(self) -> dict:
         """`<phase>_seconds`, `timeline` and `timeline_origin_unix`, as the manifest's stats hold them."""
         return {**{f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()},
-                "timeline": sorted(self.timeline, key=lambda e: e[2]), "timeline_origin_unix": round(self.origin_unix, 4)}
+                "timeline": sorted(self.timeline, key=lambda e: e[2]),
+                "timeline_origin_unix": round(self.origin_unix, 4)}
 
     def into(self, tracks) -> None:
         for track in tracks:
