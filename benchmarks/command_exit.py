@@ -12,6 +12,7 @@ registered regions `shmbuffers.unpin_all` did not unpin): what the teardown has 
 --rounds fresh processes; min / median / max.
 
     python benchmarks/command_exit.py --run /tmp/w/ref -- extract CKPT --stream --prompts P --out /tmp/w/ref --overwrite
+    python benchmarks/command_exit.py --cold CKPT --run ... -- ...   # the checkpoint read from the disk
     python benchmarks/command_exit.py --tiny          # CPU dry run (tests/test_benchmarks.py)
     python benchmarks/command_exit.py --src .base75/src --run ... -- ...   # another checkout's code
 
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import layerwise_env  # noqa: E402
+from synthetic import drop_page_cache, layerwise_env  # noqa: E402
 
 STEPS = ("main returned", "threads joined", "atexit run", "process ended")
 
@@ -58,6 +59,8 @@ os._exit(code)
 def one(args, wrapper: Path, env: dict) -> dict:
     """One fresh process: its steps in seconds after the run's manifest was written."""
     manifest = Path(args.run) / "manifest.json"
+    if args.cold:
+        drop_page_cache(f for f in Path(args.cold).rglob("*") if f.is_file())
     launched = time.time()
     done = subprocess.run([sys.executable, str(wrapper), *args.command], env=env, capture_output=True, text=True,
                           timeout=args.command_timeout)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tiny", action="store_true", help="a streamed extract of builtin:minimax-m2-tiny on the CPU")
     ap.add_argument("--src", help="the layerwise code the command runs (default: this checkout's src/)")
+    ap.add_argument("--cold", help="a directory (the checkpoint) whose files are dropped from the page cache "
+                                   "before each process: the command reads them from the disk")
     args = ap.parse_args(argv[:split])
     args.command = argv[split + 1:]
     out = Path(args.out)

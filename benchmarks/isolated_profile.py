@@ -5,14 +5,17 @@ A MiniMax-M2-shaped checkpoint (real dimensions, --layers layers, seeded random 
 written to --dir once, and --prompts prompts of --tokens random ids. With the checkpoint's pages
 dropped before each step (POSIX_FADV_DONTNEED, no root needed), it times:
 
-  cold_read  every shard read once (the floor: the bytes every step must read at least once)
+  cold_read  every shard read once by one reader, 64 MiB at a time (the floor: the bytes every step
+             must read at least once), and again by 4 readers taking 64 MiB pieces in turn (a deeper
+             queue: the stricter floor where the disk rewards it)
   startup    `python -c "import layerwise.cli; torch.cuda.init()"`: imports and CUDA, no work
   extract    `layerwise extract CKPT --stream` (process wall time; its own recording seconds)
   test       `layerwise test CKPT --reference REF --test-type single --layer all`
   joint      `layerwise test CKPT --record-reference --reference REF2 --prompts ... --layer all`: both
              from one read of the checkpoint
 
-and the goal's ratio (extract + test) / cold_read (< 2), and joint / cold_read. For each command,
+and the goal's ratio (extract + test) / cold_read (< 2), the same against the faster of the two cold
+reads, and joint / cold_read. For each command,
 in seconds after its launch: its start-up stages (its manifest's), what it read from storage when
 (its /proc/PID/io sampled every 10 ms: the first and last read, the gaps of over 0.1 s without one,
 where the disk sat idle), when its manifest was written and when it exited. With --no-prefetch
@@ -90,6 +93,36 @@ class Bench:
             with open(f, "rb", buffering=0) as fh:
                 while fh.read(64 << 20):
                     pass
+        return time.perf_counter() - start
+
+    def cold_read_parallel(self, readers: int = 4, chunk: int = 64 << 20) -> float:
+        """The shards read once by `readers` threads taking 64 MiB pieces in turn (positioned
+        reads, which release the GIL): the disk's pace with a deeper queue than one reader's, the
+        stricter floor (a command that reads in parallel can beat the single reader)."""
+        drop_page_cache(self.shards())
+        pieces = [(f, at) for f in self.shards() for at in range(0, f.stat().st_size, chunk)]
+        lock, start = threading.Lock(), time.perf_counter()
+
+        def read() -> None:
+            buffer = bytearray(chunk)
+            fds = {}
+            try:
+                while True:
+                    with lock:
+                        if not pieces:
+                            return
+                        f, at = pieces.pop(0)
+                    fd = fds.get(f) or fds.setdefault(f, os.open(f, os.O_RDONLY))
+                    os.preadv(fd, [buffer], at)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         return time.perf_counter() - start
 
     def timed(self, argv: list, profile: Path | None = None, env: dict | None = None) -> tuple[float, str, dict]:
@@ -255,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_joint:
         del commands["joint"]
     results["cold_read_s"] = bench.cold_read()
-    print(f"cold read: {results['cold_read_s']:.2f} s", flush=True)
+    results["cold_read_parallel_s"] = bench.cold_read_parallel()
+    print(f"cold read: {results['cold_read_s']:.2f} s; 4 readers {results['cold_read_parallel_s']:.2f} s", flush=True)
 
     def timed(prefix: str, name: str, env: dict | None) -> None:
         results[f"{prefix}{name}_s"], printed, reads = bench.timed(commands[name], env=env)
@@ -277,14 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}{name}: {results[f'{prefix}{name}_s']:.2f} s", flush=True)
         save()
 
+    fastest = min(results["cold_read_s"], results["cold_read_parallel_s"])
+
     def steps(*variants: tuple[str, dict | None]) -> None:
         """Every command once per variant (prefix, environment), the variants taking turns."""
         for name in commands:
             for prefix, env in variants:
                 timed(prefix, name, env)
         for prefix, _ in variants:
-            results[f"{prefix}ratio"] = (results[f"{prefix}extract_s"] + results[f"{prefix}test_s"]) / \
-                results["cold_read_s"]
+            both = results[f"{prefix}extract_s"] + results[f"{prefix}test_s"]
+            results[f"{prefix}ratio"] = both / results["cold_read_s"]
+            results[f"{prefix}ratio_fastest"] = both / fastest
             if f"{prefix}joint_s" in results:
                 results[f"{prefix}joint_ratio"] = results[f"{prefix}joint_s"] / results["cold_read_s"]
 
@@ -303,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     save()
     s = results["setup"]
     lines = [f"isolated profile: {s['layers']} MiniMax-M2 layers ({s['checkpoint_gb']:.1f} GB bf16), {s['prompts']} "
-             f"prompts x {s['tokens']} tokens; {s['card']}; cold read {results['cold_read_s']:.2f} s"]
+             f"prompts x {s['tokens']} tokens; {s['card']}; cold read {results['cold_read_s']:.2f} s "
+             f"({s['checkpoint_gb'] / results['cold_read_s']:.2f} GB/s), with 4 readers "
+             f"{results['cold_read_parallel_s']:.2f} s ({s['checkpoint_gb'] / results['cold_read_parallel_s']:.2f} GB/s)"]
     gbps = s["checkpoint_gb"] / results["cold_read_s"]
     for prefix, what in (("", "as the environment runs"), ("noprefetch_", "without the first layer's prefetch "
                          "(LAYERWISE_PREFETCH=0)"), ("cached_", "with a bytecode cache")):
@@ -315,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  extract --stream {r('extract_s'):.2f} s (recording {r('extract_recording_s'):.2f} s); "
                   f"test single all {r('test_s'):.2f} s (replay {r('test_replay_s'):.2f} s, "
                   f"reading and building {r('test_load_s'):.2f} s)",
-                  f"  (extract + test) / cold read = {r('ratio'):.2f}x (goal < {GOAL:.0f}x)"]
+                  f"  (extract + test) / cold read = {r('ratio'):.2f}x (goal < {GOAL:.0f}x); against the faster "
+                  f"of the two cold reads {r('ratio_fastest'):.2f}x"]
         if f"{prefix}joint_s" in results:
             lines.append(f"  test --record-reference (one read for both) {r('joint_s'):.2f} s (reference and test "
                          f"{r('joint_test_s'):.2f} s): {r('joint_ratio'):.2f}x the cold read")
@@ -324,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"{prefix}{name}_timeline" in results]
     for name in ("extract", "test"):
         if f"{name}_profile" in results:
-            lines += [f"", f"{name} under cProfile, most cumulative time:"] + results[f"{name}_profile"]
+            lines += ["", f"{name} under cProfile, most cumulative time:"] + results[f"{name}_profile"]
     text = "\n".join(lines)
     print(text, flush=True)
     (out / "isolated_profile.md").write_text(text + "\n")
