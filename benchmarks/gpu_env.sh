@@ -8,4 +8,4 @@ if ! python3 -c "import blake3" 2> /dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpus.txt" 2>&1
 nvidia-smi topo -m >> "$W/gpus.txt" 2>&1; nproc >> "$W/gpus.txt"; python3 -VV >> "$W/gpus.txt"
-{ lscpu | grep -E "^Model name|^CPU\(s\)|^CPU max MHz|^Thread"; uptime; } >> "$W/gpus.txt" 2>&1
+{ lscpu | grep -E "^Model name|^CPU max MHz|^Thread"; uptime; } >> "$W/gpus.txt" 2>&1
